@@ -1,0 +1,33 @@
+"""Attention backends by name; concrete backends are imported only when created."""
+
+from __future__ import annotations
+
+from kvtier.attention.base import AttentionBackend, AttentionMetadata
+
+BACKENDS = ("torch", "triton")
+
+
+def create_backend(name: str, device_type: str) -> AttentionBackend:
+    """`auto` picks triton on CUDA when it imports, else the torch reference backend."""
+    if name == "auto":
+        name = "torch"
+        if device_type == "cuda":
+            try:
+                import triton  # noqa: F401
+
+                from kvtier.attention import triton_backend  # noqa: F401
+                name = "triton"
+            except ImportError:
+                name = "torch"
+    if name == "torch":
+        from kvtier.attention.torch_ref import TorchAttentionBackend
+        return TorchAttentionBackend()
+    if name == "triton":
+        if device_type != "cuda":
+            raise ValueError("attention backend 'triton' needs a CUDA device")
+        from kvtier.attention.triton_backend import TritonAttentionBackend
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+
+
+__all__ = ["AttentionBackend", "AttentionMetadata", "create_backend", "BACKENDS"]

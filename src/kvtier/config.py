@@ -1,0 +1,208 @@
+"""Engine configuration: one frozen, validated dataclass per subsystem, and the aggregate.
+
+Owns the names of every engine argument. The same names are used as keyword arguments of
+`kvtier.LLM(...)` and, with dashes, as CLI flags (`enable_prefix_caching` <->
+`--enable-prefix-caching`). No I/O happens here; values computed at run time (the number of KV
+blocks, the model's shape) live in the objects that compute them, never back in a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+STORE_POLICIES = ("lazy", "write-through")
+
+
+class ConfigError(ValueError):
+    """An engine argument has a bad value; the message names the argument and the value."""
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+          "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse '8GiB', '512MB', '1.5G' or a plain byte count into bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ConfigError(f"cannot parse size {text!r} (expected e.g. 8GiB, 512MB or 1000000)")
+    number, unit = match.groups()
+    unit = (unit or "").lower().rstrip("b")
+    return int(float(number) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and how."""
+
+    model: str | None = None
+    """HF directory, a .gguf file, `random:<architecture>`, or None for the embedded default."""
+    dtype: str = "auto"
+    """float32 / bfloat16 / float16, or auto (bfloat16 on CUDA, float32 on the CPU)."""
+    seed: int = 0
+    """Seed for random weights and for requests that set no seed of their own."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The device KV block pool and its prefix cache."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    enable_prefix_caching: bool = True
+    kv_cache_memory_bytes: int | None = None
+    """Bytes for the device KV pool; None = from gpu_memory_utilization (CUDA) or 2 GiB (CPU)."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory the engine may use (weights + activations + KV), like vLLM."""
+    num_gpu_blocks_override: int | None = None
+    """Exact number of device KV blocks, to create pressure on purpose (also on the CPU)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ConfigError(f"block_size {self.block_size} must be a power of two in 1..128")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"gpu_memory_utilization {self.gpu_memory_utilization} must be in (0, 1]")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ConfigError(
+                f"num_gpu_blocks_override {self.num_gpu_blocks_override} must be >= 1")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ConfigError(
+                f"kv_cache_memory_bytes {self.kv_cache_memory_bytes} must be positive")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (prefill chunks + decodes)."""
+    max_num_seqs: int = 256
+    """Most requests running at once."""
+    max_model_len: int | None = None
+    """Longest prompt + output; None = the model's context length."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(
+                f"max_num_batched_tokens {self.max_num_batched_tokens} must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs {self.max_num_seqs} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len {self.max_model_len} must be >= 1")
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """One tier below the device pool, parsed from `--kv-tier cpu:8GiB` or `disk:/path:100GiB`."""
+
+    kind: str
+    capacity_bytes: int
+    path: str | None = None
+    url: str | None = None
+    eviction: str = "lru"
+
+    @staticmethod
+    def parse(text: str) -> TierSpec:
+        """Parse `cpu:SIZE[:policy]`, `disk:PATH:SIZE[:policy]`, `redis:URL:SIZE[:policy]`."""
+        kind, _, rest = text.partition(":")
+        kind = kind.strip().lower()
+        parts = rest.split(":") if rest else []
+        policy = "lru"
+        if parts and parts[-1].lower() in ("lru", "s3fifo", "arc"):
+            policy = parts.pop().lower()
+        if kind == "cpu" and len(parts) == 1:
+            return TierSpec("cpu", parse_size(parts[0]), eviction=policy)
+        if kind == "disk" and len(parts) >= 2:
+            return TierSpec("disk", parse_size(parts[-1]), path=":".join(parts[:-1]),
+                            eviction=policy)
+        if kind == "redis" and len(parts) >= 2:
+            return TierSpec("redis", parse_size(parts[-1]), url=":".join(parts[:-1]),
+                            eviction=policy)
+        raise ConfigError(
+            f"kv tier {text!r}: expected cpu:SIZE, disk:PATH:SIZE or redis:URL:SIZE "
+            "(optionally :lru, :s3fifo or :arc)")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """The tier stack under the device prefix cache (empty = no tiers)."""
+
+    kv_tiers: tuple[TierSpec, ...] = ()
+    kv_tier_chunk_tokens: int = 256
+    kv_store_policy: str = "lazy"
+    kv_store_min_hits: int = 1
+    """Store a prefix only once it has been seen this many times."""
+
+    def __post_init__(self) -> None:
+        if self.kv_store_policy not in STORE_POLICIES:
+            raise ConfigError(
+                f"kv_store_policy {self.kv_store_policy!r} is not one of "
+                f"{', '.join(STORE_POLICIES)}")
+        if self.kv_tier_chunk_tokens < 1:
+            raise ConfigError(f"kv_tier_chunk_tokens {self.kv_tier_chunk_tokens} must be >= 1")
+        if self.kv_store_min_hits < 1:
+            raise ConfigError(f"kv_store_min_hits {self.kv_store_min_hits} must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine is configured with."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tiers: TierConfig = field(default_factory=TierConfig)
+    attention_backend: str = "auto"
+    """torch (reference, CPU and CUDA), triton (CUDA), or auto."""
+
+    @staticmethod
+    def from_kwargs(**kwargs: Any) -> EngineConfig:
+        """Build from flat engine arguments (`LLM(**kwargs)`, CLI); unknown names raise."""
+        sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        top: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            section = _FIELD_SECTION.get(key)
+            if section is None:
+                if key in ("attention_backend",):
+                    top[key] = value
+                    continue
+                known = ", ".join(sorted([*_FIELD_SECTION, "attention_backend"]))
+                raise ConfigError(f"unknown engine argument {key!r}; known: {known}")
+            sections[section][key] = value
+        tiers = sections["tiers"]
+        if "kv_tiers" in tiers:
+            tiers["kv_tiers"] = tuple(
+                spec if isinstance(spec, TierSpec) else TierSpec.parse(spec)
+                for spec in tiers["kv_tiers"] or ())
+        cache = sections["cache"]
+        if cache.get("kv_cache_memory_bytes") is not None:
+            cache["kv_cache_memory_bytes"] = parse_size(cache["kv_cache_memory_bytes"])
+        return EngineConfig(
+            model=ModelConfig(**sections["model"]),
+            cache=CacheConfig(**cache),
+            scheduler=SchedulerConfig(**sections["scheduler"]),
+            tiers=TierConfig(**tiers),
+            **top,
+        )
+
+
+_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+             "tiers": TierConfig}
+_FIELD_SECTION = {f.name: name for name, cls in _SECTIONS.items()
+                  for f in dataclasses.fields(cls)}

@@ -1,0 +1,1 @@
+"""The engine: the synchronous core (`LLMEngine`) and the offline API (`LLM`)."""

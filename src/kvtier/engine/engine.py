@@ -1,0 +1,190 @@
+"""The synchronous engine: add requests, step, abort. One thread drives it.
+
+    add_request -> validate -> Scheduler.waiting
+    step        -> Scheduler.schedule -> ModelRunner.execute -> Scheduler.update_from_output
+                -> OutputProcessor (text, stop strings) -> RequestOutputs
+
+Every bad input is rejected in `add_request` with `InvalidRequestError` before anything is
+queued, so a bad request never costs other requests anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtier.attention import create_backend
+from kvtier.config import EngineConfig
+from kvtier.engine.output_processor import OutputProcessor
+from kvtier.kv import BlockPool, KVCacheManager, root_block_hash
+from kvtier.model.builder import build_model
+from kvtier.model.loader import ModelSource, resolve_model
+from kvtier.request import Request
+from kvtier.runner.memory import plan_kv_blocks, resolve_device, resolve_dtype
+from kvtier.runner.model_runner import ModelRunner
+from kvtier.scheduler import Scheduler
+from kvtier.types import FinishReason, InvalidRequestError, RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Counters since start (monotonic) and gauges (now), for logs and /metrics."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_prefix_cache_queried_tokens: int = 0
+    num_prefix_cache_hit_tokens: int = 0
+    num_preemptions: int = 0
+    num_finished: dict[str, int] = field(default_factory=dict)
+    num_steps: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        started = time.monotonic()
+        self.source: ModelSource = resolve_model(config.model.model, seed=config.model.seed)
+        self.tokenizer = self.source.tokenizer
+        self.spec = self.source.spec
+        self.device = resolve_device(config.model)
+        self.dtype = resolve_dtype(config.model, self.spec, self.device)
+        backend = create_backend(config.attention_backend, self.device.type)
+        self.model = build_model(self.source, backend, self.device, self.dtype)
+        plan = plan_kv_blocks(config.cache, self.spec, self.device, self.dtype,
+                              activation_bytes=self._activation_reserve())
+        block_size = config.cache.block_size
+        self.pool = BlockPool(plan.num_blocks, config.cache.enable_prefix_caching)
+        root = root_block_hash(self.source.model_id, str(self.dtype).removeprefix("torch."),
+                               f"block_size={block_size}")
+        self.kv_manager = KVCacheManager(self.pool, block_size, root)
+        model_len = config.scheduler.max_model_len or self.spec.max_position_embeddings
+        # One request must always fit in the pool by itself, or preemption could never end.
+        self.max_model_len = min(model_len, plan.num_blocks * block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        self.runner = ModelRunner(self.model, backend, plan.num_blocks, block_size, self.device,
+                                  self.dtype, config.model.seed)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
+            self.spec.eos_token_ids)
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        logger.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, "
+                    "backend %s", time.monotonic() - started, self.source.name, self.device,
+                    self.dtype, plan.num_blocks, block_size, backend.name)
+
+    def _activation_reserve(self) -> int:
+        """Rough peak activation bytes of the largest step (CUDA budget only)."""
+        if self.device.type != "cuda":
+            return 0
+        tokens = self.config.scheduler.max_num_batched_tokens
+        width = max(self.spec.intermediate_size * 2, self.spec.vocab_size // 8)
+        element = torch.empty(0, dtype=self.dtype).element_size()
+        return 4 * tokens * width * element + 512 * 1024**2
+
+    @property
+    def model_name(self) -> str:
+        return self.source.name
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise InvalidRequestError("prompt must be a string or a list of token ids")
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        """Validate and queue a request; returns its id. Raises InvalidRequestError."""
+        params = params or SamplingParams()
+        token_ids = self.tokenize_prompt(prompt)
+        self._validate(token_ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.scheduler.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids,
+                          max_model_len=self.max_model_len,
+                          prompt=prompt if isinstance(prompt, str) else None)
+        if arrival_time is not None:
+            request.arrival_time = request.metrics.arrival_time = arrival_time
+        self.outputs.add_request(request)
+        self.scheduler.add_request(request)
+        return request_id
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(token_ids)} tokens, but max_model_len is {self.max_model_len} "
+                "(prompt + at least one output token must fit)")
+        vocab = self.spec.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final output if it was live."""
+        request = self.scheduler.finish_request(request_id, FinishReason.ABORT)
+        if request is None:
+            return None
+        self._count_finished(request)
+        output = self.outputs.make_output(request, finished=True)
+        return output
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- stepping ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns outputs of requests that produced a token or finished."""
+        scheduled = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduled)
+        updated = self.scheduler.update_from_output(scheduled, runner_output)
+        self._count_step(updated)
+        results = []
+        for request in updated:
+            stop = self.outputs.detokenize(request)
+            if stop is not None and not request.is_finished:
+                self.scheduler.finish_request(request.request_id, FinishReason.STOP, stop)
+            elif stop is not None:  # finished by a token in the same step; the string wins
+                request.finish_reason, request.stop_reason = FinishReason.STOP, stop
+            if request.is_finished:
+                self._count_finished(request)
+            results.append(self.outputs.make_output(request, finished=request.is_finished))
+        return results
+
+    def _count_step(self, updated: list[Request]) -> None:
+        stats = self.stats
+        stats.num_steps += 1
+        stats.num_generation_tokens += len(updated)
+        for request in updated:
+            if request.num_output_tokens == 1:  # its prefill just finished
+                stats.num_prompt_tokens += request.num_prompt_tokens
+                stats.num_prefix_cache_queried_tokens += request.num_prompt_tokens
+                stats.num_prefix_cache_hit_tokens += request.metrics.num_cached_tokens
+        stats.num_preemptions = self.scheduler.num_preemptions
+
+    def _count_finished(self, request: Request) -> None:
+        reason = request.finish_reason.value if request.finish_reason else "unknown"
+        self.stats.num_finished[reason] = self.stats.num_finished.get(reason, 0) + 1
+
+    def get_stats(self) -> EngineStats:
+        self.stats.num_running = self.scheduler.num_running
+        self.stats.num_waiting = self.scheduler.num_waiting
+        self.stats.kv_usage = self.pool.usage
+        return self.stats

@@ -1,0 +1,94 @@
+"""Turns sampled tokens into text: incremental detokenisation, stop strings, RequestOutputs.
+
+While a request streams, text that could still turn out to be the start of a stop string is
+held back (at most the longest stop string minus one character), so a client never receives
+text that is later cut off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvtier.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from kvtier.request import Request
+from kvtier.types import CompletionOutput, RequestOutput
+
+
+@dataclass
+class _TextState:
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    """Output text so far, after any stop-string truncation."""
+    num_detokenized_tokens: int = 0
+    num_sent_chars: int = 0
+    num_sent_tokens: int = 0
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._states: dict[str, _TextState] = {}
+
+    def add_request(self, request: Request) -> None:
+        self._states[request.request_id] = _TextState(
+            IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids))
+
+    def drop(self, request_id: str) -> None:
+        self._states.pop(request_id, None)
+
+    def detokenize(self, request: Request) -> str | None:
+        """Detokenise the request's new tokens; returns the stop string found in the new text,
+        if any (the text is cut there, and the caller finishes the request)."""
+        state = self._states[request.request_id]
+        old_len = len(state.text)
+        state.text += state.detokenizer.add(
+            request.output_token_ids[state.num_detokenized_tokens:])
+        state.num_detokenized_tokens = request.num_output_tokens
+        stops = request.sampling_params.stop
+        if not stops:
+            return None
+        # A new match must end inside the new text.
+        search_from = max(0, old_len - max(len(s) for s in stops) + 1)
+        best: tuple[int, str] | None = None
+        for stop in stops:
+            index = state.text.find(stop, search_from)
+            if index != -1 and (best is None or index < best[0]):
+                best = (index, stop)
+        if best is None:
+            return None
+        index, stop = best
+        if request.sampling_params.include_stop_str_in_output:
+            index += len(stop)
+        state.text = state.text[:index]
+        return stop
+
+    def make_output(self, request: Request, finished: bool) -> RequestOutput:
+        state = self._states[request.request_id]
+        visible = len(state.text)
+        stops = request.sampling_params.stop
+        if not finished and stops:
+            visible = max(state.num_sent_chars, visible - (max(len(s) for s in stops) - 1))
+        new_text = state.text[state.num_sent_chars:visible]
+        new_token_ids = request.output_token_ids[state.num_sent_tokens:]
+        state.num_sent_chars = visible
+        state.num_sent_tokens = request.num_output_tokens
+        reason = request.finish_reason.value if finished and request.finish_reason else None
+        completion = CompletionOutput(
+            index=0,
+            text=state.text if finished else state.text[:visible],
+            token_ids=list(request.output_token_ids),
+            finish_reason=reason,
+            stop_reason=request.stop_reason if finished else None,
+        )
+        if finished:
+            self.drop(request.request_id)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[completion],
+            finished=finished,
+            metrics=request.metrics,
+            new_text=new_text,
+            new_token_ids=new_token_ids,
+        )

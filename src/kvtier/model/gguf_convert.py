@@ -1,0 +1,330 @@
+"""Turn a llama-architecture GGUF file into an ordinary Hugging Face model directory.
+
+Owns: dequantising every tensor (`gguf.quants.dequantize`), renaming llama.cpp tensors to HF
+parameter names, undoing llama.cpp's Q/K row permutation, rebuilding a `tokenizer.json` from the
+GGUF's byte-level BPE vocabulary, and the on-disk conversion cache (`ensure_converted`).
+
+The output directory (`model.safetensors` in float32, `config.json`, `generation_config.json`,
+`tokenizer.json`, `tokenizer_config.json`) loads with `transformers` too, which is how the tests
+check it against transformers' own GGUF loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from safetensors.numpy import save_file
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as BackendTokenizer
+
+from kvtier.model.spec import ModelLoadError, ModelSpec
+
+CONVERTER_VERSION = 1
+"""Bumped when the output changes, so stale cache entries are not reused."""
+
+_GGUF_MAGIC = b"GGUF"
+_TOKEN_TYPE_CONTROL = 3
+_TOKEN_TYPE_USER_DEFINED = 4
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_SKIPPED_TENSORS = {"rope_freqs.weight"}
+"""Llama-3 GGUFs store precomputed rope frequencies; HF recomputes them from rope_scaling."""
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def ensure_converted(gguf_path: Path, cache_root: Path) -> Path:
+    """Return the HF directory for `gguf_path`, converting it on first use.
+
+    The directory is `cache_root/gguf/<stem>-<digest>`; it is written under a temporary name and
+    renamed into place, so a crash never leaves a half-written entry that a later run would trust.
+    Concurrent converters race benignly: the first rename wins and the loser's copy is removed.
+    """
+    target = cache_root / "gguf" / f"{gguf_path.stem}-{gguf_digest(gguf_path)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        convert_gguf(gguf_path, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def gguf_digest(path: Path, sample_bytes: int = 1 << 20) -> str:
+    """A cheap identity for a GGUF: size plus the first and last MiB, and the converter version.
+
+    Hashing a multi-GB file on every start would cost more than loading the converted copy.
+    """
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"v{CONVERTER_VERSION}:{size}".encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(sample_bytes))
+        f.seek(max(0, size - sample_bytes))
+        digest.update(f.read(sample_bytes))
+    return digest.hexdigest()[:16]
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> ModelSpec:
+    """Write the HF files for `gguf_path` into the existing directory `out_dir`."""
+    reader = open_gguf(gguf_path)
+    meta = _Metadata(reader, gguf_path)
+    spec = _spec_from_metadata(meta, reader)
+    tensors = _hf_tensors(reader, spec, gguf_path)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(out_dir / "config.json", spec.to_hf_config())
+    _write_json(out_dir / "generation_config.json", {
+        "bos_token_id": spec.bos_token_id, "eos_token_id": spec.to_hf_config()["eos_token_id"]})
+    _build_tokenizer(meta).save(str(out_dir / "tokenizer.json"))
+    _write_json(out_dir / "tokenizer_config.json", _tokenizer_config(meta, spec))
+    return spec
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    """Open and sanity-check a GGUF file; a truncated or foreign file raises ModelLoadError."""
+    with open(path, "rb") as f:
+        if f.read(4) != _GGUF_MAGIC:
+            raise ModelLoadError(f"{path}: not a GGUF file (bad magic)")
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
+        raise ModelLoadError(f"{path}: corrupt or truncated GGUF file: {exc}") from exc
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise ModelLoadError(f"{path}: truncated GGUF file (tensor {tensor.name} ends past "
+                                 f"the end of the file)")
+    return reader
+
+
+class _Metadata:
+    """Typed access to the GGUF key/value section."""
+
+    def __init__(self, reader: GGUFReader, path: Path) -> None:
+        self._fields = reader.fields
+        self.path = path
+        self.arch = self.get("general.architecture")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self._fields.get(key)
+        return default if field is None else field.contents()
+
+    def require(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise ModelLoadError(f"{self.path}: GGUF metadata lacks {key}")
+        return value
+
+
+def _spec_from_metadata(meta: _Metadata, reader: GGUFReader) -> ModelSpec:
+    if meta.arch != "llama":
+        raise ModelLoadError(f"{meta.path}: GGUF architecture {meta.arch!r} is not supported "
+                             "(supported: llama)")
+    a = meta.arch
+    num_heads = int(meta.require(f"{a}.attention.head_count"))
+    hidden = int(meta.require(f"{a}.embedding_length"))
+    tokens = meta.require("tokenizer.ggml.tokens")
+    head_dim = meta.get(f"{a}.rope.dimension_count") or meta.get(f"{a}.attention.key_length")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    names = {t.name for t in reader.tensors}
+    return ModelSpec(
+        model_type="llama",
+        vocab_size=int(meta.get(f"{a}.vocab_size") or len(tokens)),
+        hidden_size=hidden,
+        intermediate_size=int(meta.require(f"{a}.feed_forward_length")),
+        num_hidden_layers=int(meta.require(f"{a}.block_count")),
+        num_attention_heads=num_heads,
+        num_key_value_heads=int(meta.get(f"{a}.attention.head_count_kv") or num_heads),
+        head_dim=int(head_dim or hidden // num_heads),
+        # GGUF stores eps as float32; round so config.json shows 1e-05, not 9.99999974e-06.
+        rms_norm_eps=float(np.format_float_positional(
+            np.float32(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)), unique=True)),
+        rope_theta=float(meta.get(f"{a}.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(meta.get(f"{a}.context_length", 4096)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (int(eos),),
+        torch_dtype="float32",
+    )
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """HF parameter name for a llama.cpp tensor name; None for tensors HF does not keep."""
+    if gguf_name in _SKIPPED_TENSORS:
+        return None
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if match is None or match.group(2) not in _LAYER_NAMES:
+        raise ModelLoadError(f"GGUF tensor {gguf_name!r} has no known HF name")
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+
+
+def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of q_proj/k_proj output rows (weights and biases).
+
+    HF rotates the two halves of each head (`rotate_half`); llama.cpp rotates adjacent pairs. Its
+    converter therefore interleaves each head's rows so both compute the same attention:
+
+        HF rows of one head:        0 1 ... d/2-1 | d/2 d/2+1 ... d-1
+        llama.cpp rows of the head: 0 d/2 1 d/2+1 2 d/2+2 ...
+
+    Viewing the llama.cpp head as (d/2, 2) and transposing to (2, d/2) restores HF order. For
+    k_proj `num_heads` is the number of KV heads.
+    """
+    head_dim = weight.shape[0] // num_heads
+    rows = weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
+    return np.ascontiguousarray(rows.swapaxes(1, 2).reshape(weight.shape))
+
+
+def _hf_tensors(reader: GGUFReader, spec: ModelSpec, path: Path) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        if name is None:
+            continue
+        try:
+            weight = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: cannot read tensor {tensor.name}: {exc}") from exc
+        expected = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest-first
+        if weight.shape != expected:
+            raise ModelLoadError(f"{path}: tensor {tensor.name} has shape {weight.shape}, "
+                                 f"expected {expected}")
+        if ".self_attn.q_proj." in name:
+            weight = unpermute_rotary_rows(weight, spec.num_attention_heads)
+        elif ".self_attn.k_proj." in name:
+            weight = unpermute_rotary_rows(weight, spec.num_key_value_heads)
+        out[name] = np.ascontiguousarray(weight)
+    return out
+
+
+# -- tokenizer ----------------------------------------------------------------------------------
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the spelling of byte-level BPE vocabularies)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _pre_tokenizer(pre: str | None, path: Path) -> tuple[Any, Any]:
+    """(normalizer, pre_tokenizer) matching llama.cpp's `tokenizer.ggml.pre` split rules."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    raw_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if pre in (None, "default", "gpt-2", "gpt2"):
+        return None, byte_level
+    if pre in ("smollm", "starcoder", "refact", "codeshell"):
+        # llama.cpp splits every digit first, then applies GPT-2's regex; so does SmolLM2's own
+        # tokenizer.json (Digits(individual_digits) + ByteLevel).
+        return None, pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3"):
+        return None, pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"), raw_bytes])
+    if pre in ("qwen2", "deepseek-r1-qwen"):
+        return normalizers.NFC(), pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"), raw_bytes])
+    raise ModelLoadError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported "
+                         "(supported: default, smollm, llama-bpe, qwen2)")
+
+
+def _build_tokenizer(meta: _Metadata) -> BackendTokenizer:
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise ModelLoadError(f"{meta.path}: GGUF tokenizer {meta.get('tokenizer.ggml.model')!r} "
+                             "is not supported (supported: gpt2 byte-level BPE)")
+    alphabet = _byte_level_alphabet()
+    spelled = set(alphabet.values())
+    tokens = [t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8"))
+              for t in meta.require("tokenizer.ggml.tokens")]
+    merges = [tuple(m.split(" ", 1)) for m in meta.require("tokenizer.ggml.merges")]
+    backend = BackendTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                          merges=merges, ignore_merges=False))
+    normalizer, pre = _pre_tokenizer(meta.get("tokenizer.ggml.pre"), meta.path)
+    if normalizer is not None:
+        backend.normalizer = normalizer
+    backend.pre_tokenizer = pre
+    backend.decoder = decoders.ByteLevel()
+    raw_tokens = meta.require("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type") or []
+    backend.add_special_tokens([AddedToken(raw_tokens[i], special=True, normalized=False)
+                                for i, t in enumerate(types) if t == _TOKEN_TYPE_CONTROL])
+    backend.add_tokens([AddedToken(raw_tokens[i], special=False, normalized=False)
+                        for i, t in enumerate(types) if t == _TOKEN_TYPE_USER_DEFINED])
+    return backend
+
+
+def _tokenizer_config(meta: _Metadata, spec: ModelSpec) -> dict[str, Any]:
+    tokens = meta.require("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type") or []
+
+    def token(key: str) -> str | None:
+        index = meta.get(f"tokenizer.ggml.{key}")
+        return None if index is None else tokens[int(index)]
+
+    config: dict[str, Any] = {
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "pad_token": token("padding_token_id"),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": spec.max_position_embeddings,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": {
+            str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": t == _TOKEN_TYPE_CONTROL}
+            for i, t in enumerate(types)
+            if t in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)},
+    }
+    template = meta.get("tokenizer.chat_template")
+    if template:
+        config["chat_template"] = template
+    return config
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,162 @@
+"""One decoder for the Llama family (Llama 2/3, SmolLM2, Mistral) and Qwen2 (q/k/v bias).
+
+Runs a flattened batch: `input_ids` and `positions` are (num_tokens,), every sequence's tokens
+concatenated; attention goes through the backend given at construction, which reads and writes
+the paged KV cache. Weights arrive with Hugging Face names and are fused on load
+(q/k/v -> qkv_proj, gate/up -> gate_up_proj).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from kvtier.attention.base import AttentionBackend, AttentionMetadata
+from kvtier.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from kvtier.model.spec import ModelLoadError, ModelSpec
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads = spec.num_attention_heads
+        self.num_kv_heads = spec.num_key_value_heads
+        self.head_dim = spec.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=spec.attention_bias)
+        # Llama's attention_bias covers o_proj too; Qwen2 biases q/k/v only.
+        self.o_proj = nn.Linear(self.q_size, spec.hidden_size,
+                                bias=spec.attention_bias and spec.model_type != "qwen2")
+        self.backend = backend
+
+    def forward(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, k, *rotary)
+        out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, backend)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size)
+
+    def forward(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rotary, kv_cache,
+                                         metadata)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, backend)
+                                    for _ in range(spec.num_hidden_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings,
+                                      spec.rope_theta, spec.rope_scaling)
+        self.lm_head = (None if spec.tie_word_embeddings
+                        else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states (num_tokens, hidden_size), after the last norm."""
+        hidden = self.embed_tokens(input_ids)
+        rotary = self.rotary(positions, hidden.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(hidden, rotary, kv_cache, metadata)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, hidden_size) -> float32 logits (n, vocab_size)."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.matmul(hidden, weight.t()).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the fused parameters; every parameter must be covered."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            target = _map_hf_name(hf_name, self.spec)
+            if target is None:
+                continue
+            name, shard = target
+            if name not in params:
+                raise ModelLoadError(f"weight {hf_name!r} does not fit this model ({name})")
+            param = params[name]
+            rows = param.data if shard is None else param.data.narrow(0, *shard)
+            if rows.shape != tensor.shape:
+                raise ModelLoadError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(rows.shape)}")
+            rows.copy_(tensor)
+            loaded.add(f"{name}:{shard}")
+        missing = [n for n in _expected_slots(self.spec, params) if n not in loaded]
+        if missing:
+            raise ModelLoadError(f"{len(missing)} weights missing from the checkpoint, "
+                                 f"e.g. {missing[:3]}")
+
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def _map_hf_name(hf_name: str, spec: ModelSpec) -> tuple[str, tuple[int, int] | None] | None:
+    """HF parameter name -> (our parameter, (row offset, rows) within a fused one, or None)."""
+    if hf_name == "model.embed_tokens.weight":
+        return "embed_tokens.weight", None
+    if hf_name == "model.norm.weight":
+        return "norm.weight", None
+    if hf_name == "lm_head.weight":
+        return (None if spec.tie_word_embeddings else ("lm_head.weight", None))
+    match = _LAYER_RE.match(hf_name)
+    if match is None or "rotary_emb" in hf_name:
+        return None
+    layer, rest = match.groups()
+    prefix = f"layers.{layer}."
+    q = spec.num_attention_heads * spec.head_dim
+    kv = spec.num_key_value_heads * spec.head_dim
+    f = spec.intermediate_size
+    fused = {
+        "self_attn.q_proj": ("self_attn.qkv_proj", (0, q)),
+        "self_attn.k_proj": ("self_attn.qkv_proj", (q, kv)),
+        "self_attn.v_proj": ("self_attn.qkv_proj", (q + kv, kv)),
+        "mlp.gate_proj": ("mlp.gate_up_proj", (0, f)),
+        "mlp.up_proj": ("mlp.gate_up_proj", (f, f)),
+    }
+    module, _, kind = rest.rpartition(".")
+    if module in fused:
+        name, shard = fused[module]
+        return f"{prefix}{name}.{kind}", shard
+    return prefix + rest, None
+
+
+def _expected_slots(spec: ModelSpec, params: dict[str, nn.Parameter]) -> list[str]:
+    """Every (parameter, shard) that a complete checkpoint fills, in `loaded`'s format."""
+    q = spec.num_attention_heads * spec.head_dim
+    kv = spec.num_key_value_heads * spec.head_dim
+    f = spec.intermediate_size
+    slots = []
+    for name in params:
+        if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+            slots += [f"{name}:{s}" for s in ((0, q), (q, kv), (q + kv, kv))]
+        elif name.endswith("gate_up_proj.weight"):
+            slots += [f"{name}:{s}" for s in ((0, f), (f, f))]
+        else:
+            slots.append(f"{name}:None")
+    return slots

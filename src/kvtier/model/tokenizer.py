@@ -1,0 +1,349 @@
+"""Text <-> token ids for a model directory, with transformers' semantics but without transformers.
+
+Owns: reading `tokenizer.json` / `tokenizer_config.json` (plus eos ids from `config.json` and
+`generation_config.json`), encoding and decoding through the `tokenizers` library, rendering the
+model's jinja chat template exactly the way `transformers.PreTrainedTokenizer.apply_chat_template`
+does, and streaming detokenization (`IncrementalDetokenizer`).
+
+Parity with `AutoTokenizer` is what the tests check; where transformers has a rule that changes ids
+(it rebuilds the post-processor when `add_bos_token`/`add_eos_token` are stated), it is copied here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import processors
+
+from kvtier.model.spec import ModelLoadError
+
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                        "cls_token", "mask_token")
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the few settings from `tokenizer_config.json` that matter.
+
+    Immutable after construction; safe to share between threads for encode/decode.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, config: Mapping[str, Any],
+                 extra_eos_token_ids: Iterable[int] = ()) -> None:
+        self.backend = backend
+        self.chat_template: str | None = _pick_chat_template(config.get("chat_template"))
+        self.special_tokens = {name: token for name in _SPECIAL_TOKEN_NAMES
+                               if (token := _token_content(config.get(name))) is not None}
+        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        self._special_ids = frozenset(
+            i for i, tok in backend.get_added_tokens_decoder().items() if tok.special)
+        if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
+            # transformers' TokenizersBackend rebuilds the post-processor in exactly this case.
+            self._set_post_processor(bool(config.get("add_bos_token", False)),
+                                     bool(config.get("add_eos_token", False)))
+        self.bos_token_id = self._token_id(self.special_tokens.get("bos_token"))
+        self.eos_token_id = self._token_id(self.special_tokens.get("eos_token"))
+        eos_ids = {int(i) for i in extra_eos_token_ids}
+        if self.eos_token_id is not None:
+            eos_ids.add(self.eos_token_id)
+        self.eos_token_ids: frozenset[int] = frozenset(eos_ids)
+        if self.eos_token_id is None and eos_ids:
+            self.eos_token_id = min(eos_ids)
+
+    @staticmethod
+    def from_dir(path: str | Path, *, chat_template: str | None = None,
+                 extra_eos_token_ids: Iterable[int] = ()) -> Tokenizer:
+        """Load `path/tokenizer.json` and friends.
+
+        `chat_template` is used only when the directory has none (e.g. a base model's tokenizer
+        serving a random-weight model); `extra_eos_token_ids` adds stop ids that a config
+        outside the directory declares.
+        """
+        path = Path(path)
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ModelLoadError(f"{path}: no tokenizer.json (only fast tokenizers are supported)")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # the Rust error type is not importable
+            raise ModelLoadError(f"{tokenizer_file}: cannot be parsed: {exc}") from exc
+        config = dict(_read_json(path / "tokenizer_config.json") or {})
+        template_file = path / "chat_template.jinja"
+        if not config.get("chat_template") and template_file.is_file():
+            config["chat_template"] = template_file.read_text(encoding="utf-8")
+        if not config.get("chat_template") and chat_template is not None:
+            config["chat_template"] = chat_template
+        eos_ids = set(extra_eos_token_ids)
+        for name in ("config.json", "generation_config.json"):
+            eos_ids.update(_as_id_list((_read_json(path / name) or {}).get("eos_token_id")))
+        return Tokenizer(backend, config, eos_ids)
+
+    # -- ids ----------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer can produce, added tokens included (= len(HF tok))."""
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of added tokens flagged special; `decode(skip_special_tokens=True)` drops these."""
+        return self._special_ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Ids the tokenizer does not know (e.g. a model's padded vocab rows) decode to nothing."""
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._clean_up(text)
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
+        """Vocabulary spelling of each id (byte-level BPE shows a space as 'Ġ'); None if unknown."""
+        return [self.backend.id_to_token(int(i)) for i in ids]
+
+    def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
+        decoder = self.backend.decoder
+        text = decoder.decode(list(tokens)) if decoder is not None else " ".join(tokens)
+        return self._clean_up(text)
+
+    # -- chat ---------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                            add_generation_prompt: bool = True, *,
+                            tools: Sequence[Mapping[str, Any]] | None = None,
+                            template_kwargs: Mapping[str, Any] | None = None) -> str:
+        """Render `messages` as transformers' `apply_chat_template(..., tokenize=False)` would.
+
+        Keys whose value is None are dropped from each message first (as transformers does), so
+        OpenAI-style `{"content": None, "tool_calls": [...]}` messages render correctly.
+        Raises ModelLoadError when the model has no template, and jinja2.TemplateError when the
+        template itself rejects the conversation (its `raise_exception`).
+        """
+        if not self.chat_template:
+            raise ModelLoadError("this model's tokenizer has no chat template; use the completions "
+                                 "API with a raw prompt instead")
+        if not messages:
+            raise ValueError("cannot apply a chat template to an empty conversation")
+        chat = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
+        variables: dict[str, Any] = dict(self.special_tokens)
+        variables.update(template_kwargs or {})
+        template = _compile_template(self.chat_template)
+        return template.render(messages=chat, tools=list(tools) if tools is not None else None,
+                               documents=None, add_generation_prompt=add_generation_prompt,
+                               **variables)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _token_id(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        token_id = self.backend.token_to_id(token)
+        return None if token_id is None else int(token_id)
+
+    def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
+        bos = self.special_tokens.get("bos_token")
+        eos = self.special_tokens.get("eos_token")
+        add_bos = add_bos and bos is not None and self._token_id(bos) is not None
+        add_eos = add_eos and eos is not None and self._token_id(eos) is not None
+        single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+        pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+        special = [(t, self._token_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+        self.backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=special)
+
+    def _clean_up(self, text: str) -> str:
+        # transformers ignores clean_up_tokenization_spaces for BPE models: it corrupts them.
+        if not self.clean_up_tokenization_spaces or isinstance(self.backend.model,
+                                                               tokenizers.models.BPE):
+            return text
+        for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                              (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+                              (" 're", "'re")):
+            text = text.replace(before, after)
+        return text
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of generated ids into text deltas without re-decoding the whole output.
+
+    vLLM's prefix/read-offset scheme over the vocabulary spellings of the ids:
+
+        tokens:  ... | prefix_offset ......... read_offset ......... len(tokens)
+                       \\__ already emitted __/ \\__ not yet emitted __/
+
+    Each `add` decodes tokens[prefix_offset:] and tokens[prefix_offset:read_offset]; the
+    difference is new text. It is held back while it ends in U+FFFD (a UTF-8 sequence split across
+    tokens), so a multi-byte character is emitted whole. The work per call is bounded by the
+    window, not by the output length.
+
+    The last few prompt tokens seed the window, so a decoder that drops a leading space at the
+    start of a text (sentencepiece) still streams it; for byte-level BPE the concatenated deltas
+    plus `finish()` equal `tokenizer.decode(output_ids)`. Not thread-safe: one per request.
+    """
+
+    _NUM_PROMPT_CONTEXT_TOKENS = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int],
+                 skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        context = self._to_tokens(prompt_token_ids[-self._NUM_PROMPT_CONTEXT_TOKENS:])
+        if tokenizer.convert_tokens_to_string(context).endswith(_REPLACEMENT_CHAR):
+            # A prompt that ends mid-character would swallow the first output bytes; start clean.
+            context = []
+        self._tokens: list[str] = context
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._num_context = len(context)
+        self._pieces: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """Output text emitted so far (the concatenation of every delta returned)."""
+        return "".join(self._pieces)
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """Append newly generated ids; return the text that became stable (often "")."""
+        self._tokens.extend(self._to_tokens(token_ids))
+        to_string = self._tokenizer.convert_tokens_to_string
+        prefix_text = to_string(self._tokens[self._prefix_offset:self._read_offset])
+        new_text = to_string(self._tokens[self._prefix_offset:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
+            return ""
+        delta = new_text[len(prefix_text):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
+        self._pieces.append(delta)
+        return delta
+
+    def finish(self) -> str:
+        """Emit whatever `add` held back (an incomplete character decodes as U+FFFD)."""
+        to_string = self._tokenizer.convert_tokens_to_string
+        prefix_text = to_string(self._tokens[self._prefix_offset:self._read_offset])
+        new_text = to_string(self._tokens[self._prefix_offset:])
+        delta = new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
+        self._prefix_offset = self._read_offset = len(self._tokens)
+        if delta:
+            self._pieces.append(delta)
+        return delta
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens seen (ids unknown to the tokenizer or skipped as special not counted)."""
+        return len(self._tokens) - self._num_context
+
+    def _to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        special = self._tokenizer.special_token_ids if self._skip_special else frozenset()
+        tokens = self._tokenizer.convert_ids_to_tokens(
+            [i for i in token_ids if i not in special])
+        return [t for t in tokens if t is not None]
+
+
+# -- chat template machinery (mirrors transformers.utils.chat_template_utils) -------------------
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """Accepts `{% generation %}...{% endgeneration %}` (assistant-mask markers) and renders the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.CallBlock:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(
+            lineno)
+
+    def _render(self, caller: Any) -> str:
+        return str(caller())
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """`namespace()` that refuses dunder-ish attribute names, like transformers' sandbox."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 -- jinja's signature trick
+        self, rest = args[0], args[1:]
+        attrs = dict(*rest, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"chat templates cannot store underscore attributes on a namespace: {name!r}")
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # jinja's own tojson HTML-escapes '<' and '&', which would change the prompt text.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["namespace"] = _TemplateNamespace
+    return env.from_string(source)
+
+
+# -- config helpers -----------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return data
+
+
+def _token_content(value: Any) -> str | None:
+    """tokenizer_config writes a special token as a string or as a serialised AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _pick_chat_template(value: Any) -> str | None:
+    """A template is a string, or a list of {"name", "template"} of which "default" is used."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) and value else None
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [int(v) for v in value]
+    return [int(value)]

@@ -1,0 +1,64 @@
+"""Where the engine runs and how much KV it can hold: device, dtype, number of KV blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.config import CacheConfig, ConfigError, ModelConfig
+from kvtier.model.spec import ModelSpec
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CPU_KV_BYTES = 2 * 1024**3
+
+
+def resolve_device(config: ModelConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {config.device!r} asked for, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(config: ModelConfig, spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """auto: the checkpoint's half dtype on CUDA (bfloat16 if it declares float32), float32 on
+    the CPU, where half-precision matmuls are slow."""
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.float16 if spec.torch_dtype == "float16" else torch.bfloat16
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    num_blocks: int
+    block_bytes: int
+    """Bytes of one block across all layers, K and V."""
+
+
+def plan_kv_blocks(cache: CacheConfig, spec: ModelSpec, device: torch.device,
+                   dtype: torch.dtype, activation_bytes: int) -> KVPlan:
+    """Number of device KV blocks: the override, else the memory budget over the block size.
+
+    On CUDA the budget is `gpu_memory_utilization` of the card minus what is already used
+    (weights, other processes) and `activation_bytes` for the largest step.
+    """
+    element = torch.empty(0, dtype=dtype).element_size()
+    block_bytes = spec.kv_bytes_per_token(element) * cache.block_size
+    if cache.num_gpu_blocks_override is not None:
+        return KVPlan(cache.num_gpu_blocks_override, block_bytes)
+    if cache.kv_cache_memory_bytes is not None:
+        budget = cache.kv_cache_memory_bytes
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(total * cache.gpu_memory_utilization) - (total - free) - activation_bytes
+    else:
+        budget = DEFAULT_CPU_KV_BYTES
+    num_blocks = budget // block_bytes
+    if num_blocks < 1:
+        raise ConfigError(f"no memory left for the KV cache (budget {budget} bytes); raise "
+                          "gpu_memory_utilization or kv_cache_memory_bytes")
+    return KVPlan(int(num_blocks), block_bytes)

@@ -1,0 +1,103 @@
+"""Runs one scheduler step on the device: flatten the batch, forward, sample.
+
+Owns the paged KV cache tensor, laid out (num_layers, 2, num_blocks, block_size, kv_heads,
+head_dim) so that one block of every layer can be gathered with a single index for tier copies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvtier.attention.base import AttentionBackend, AttentionMetadata
+from kvtier.model.llama import LlamaForCausalLM
+from kvtier.runner.sampler import Sampler
+from kvtier.types import ModelRunnerOutput, SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, num_blocks: int,
+                 block_size: int, device: torch.device, dtype: torch.dtype, seed: int) -> None:
+        spec = model.spec
+        self.model = model
+        self.backend = backend
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        # Zero-filled: padded gathers read unused slots, which must hold finite values.
+        self.kv_cache = torch.zeros(spec.num_hidden_layers, 2, num_blocks, block_size,
+                                    spec.num_key_value_heads, spec.head_dim, dtype=dtype,
+                                    device=device)
+        self.kv_caches = list(self.kv_cache.unbind(0))
+        self.sampler = Sampler(device, seed)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_cache.numel() * self.kv_cache.element_size()
+
+    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        self.sampler.forget(step.finished_request_ids + step.preempted_request_ids)
+        if not step.requests:
+            return ModelRunnerOutput({})
+        input_ids, positions, metadata = self._prepare_inputs(step)
+        sampling = [(i, s) for i, s in enumerate(step.requests) if s.sample]
+        with torch.inference_mode():
+            hidden = self.model(input_ids, positions, self.kv_caches, metadata)
+            last_rows = torch.tensor([metadata.query_start_loc_cpu[i + 1] - 1 for i, _ in sampling],
+                                     device=self.device)
+            logits = self.model.compute_logits(hidden[last_rows])
+            tokens = self.sampler.sample(logits, [s.request_id for _, s in sampling],
+                                         [s.sampling_params for _, s in sampling])
+        return ModelRunnerOutput({s.request_id: t for (_, s), t in zip(sampling, tokens,
+                                                                       strict=True)})
+
+    def _prepare_inputs(self, step: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor,
+                                                               AttentionMetadata]:
+        bs = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        for s in step.requests:
+            start, n = s.num_computed_tokens, len(s.token_ids)
+            token_ids.extend(s.token_ids)
+            span = range(start, start + n)
+            positions.extend(span)
+            table = s.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in span)
+            query_start_loc.append(query_start_loc[-1] + n)
+            seq_lens.append(start + n)
+        num_decodes = 0
+        for s in step.requests:
+            if len(s.token_ids) != 1:
+                break
+            num_decodes += 1
+        max_blocks = max(len(s.block_ids) for s in step.requests)
+        block_table = [s.block_ids + [0] * (max_blocks - len(s.block_ids))
+                       for s in step.requests]
+        device = self.device
+        metadata = AttentionMetadata(
+            num_tokens=len(token_ids),
+            num_seqs=len(step.requests),
+            num_decodes=num_decodes,
+            query_start_loc=_to_device(query_start_loc, torch.int32, device),
+            seq_lens=_to_device(seq_lens, torch.int32, device),
+            block_table=_to_device(block_table, torch.int32, device),
+            slot_mapping=_to_device(slots, torch.int64, device),
+            query_start_loc_cpu=query_start_loc,
+            seq_lens_cpu=seq_lens,
+            max_query_len=max(len(s.token_ids) for s in step.requests),
+            max_seq_len=max(seq_lens),
+            block_size=bs,
+        )
+        self.backend.prepare(metadata)
+        return (_to_device(token_ids, torch.int64, device),
+                _to_device(positions, torch.int64, device), metadata)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor

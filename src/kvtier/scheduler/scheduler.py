@@ -1,0 +1,179 @@
+"""Continuous batching with chunked prefill, prefix-cache reuse and preemption by recompute.
+
+Each `schedule()` fills one step's token budget in priority order:
+
+1. running requests, oldest first: one token for a decode, the next chunk for a prefill;
+   when blocks run out, the newest running request is preempted (its blocks freed, its
+   progress reset to zero; the prefix cache usually gives most of it back on resumption);
+2. waiting requests, FCFS, each starting after its longest cached prefix, while the budget,
+   `max_num_seqs` and free blocks allow (not in a step that had to preempt).
+
+`update_from_output()` then advances computed-token counts, registers newly full blocks in the
+prefix cache, appends sampled tokens and finishes requests on token-level stop conditions.
+No torch here: the runner receives a `SchedulerOutput` of ids and counts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from kvtier.config import SchedulerConfig
+from kvtier.kv.manager import KVCacheManager
+from kvtier.request import Request, RequestStatus
+from kvtier.types import (FinishReason, ModelRunnerOutput, ScheduledRequest, SchedulerOutput)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._freed_since_last_step: list[str] = []
+        self.num_preemptions = 0
+
+    # -- request lifecycle -------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_request(self, request_id: str, reason: FinishReason,
+                       stop_reason: str | int | None = None) -> Request | None:
+        """Finish a live request (abort, stop string); frees its blocks at once."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return None
+        if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.waiting.remove(request)
+        else:
+            self.running.remove(request)
+        request.stop_reason = stop_reason
+        self._finish(request, reason)
+        return request
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.metrics.finished_time = time.monotonic()
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        self._freed_since_last_step.append(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- scheduling --------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_new, preempted):
+                continue
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled)
+        # Decodes first: the runner batches single-token queries together.
+        scheduled.sort(key=lambda s: len(s.token_ids) != 1 or not s.sample)
+        finished, self._freed_since_last_step = self._freed_since_last_step, []
+        return SchedulerOutput(
+            requests=scheduled,
+            num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+            preempted_request_ids=preempted,
+            finished_request_ids=finished,
+        )
+
+    def _allocate_or_preempt(self, request: Request, num_new: int,
+                             preempted: list[str]) -> bool:
+        """Allocate for `request`, preempting the newest running requests until it fits."""
+        while not self.kv.allocate_slots(request, num_new):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            if not self.kv.allocate_slots(request, num_new, hit_blocks):
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_hit_tokens
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = time.monotonic()
+                request.metrics.num_cached_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+        return budget
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start:start + num_new],
+            num_computed_tokens=start,
+            block_ids=list(self.kv.block_table(request.request_id)),
+            sample=start + num_new == request.num_tokens,
+            sampling_params=request.sampling_params,
+            num_output_tokens=request.num_output_tokens,
+        )
+
+    # -- results -----------------------------------------------------------------------------
+
+    def update_from_output(self, output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[Request]:
+        """Apply a step's results; returns the requests that got a new token (some finished)."""
+        now = time.monotonic()
+        updated: list[Request] = []
+        for scheduled in output.requests:
+            request = self.requests.get(scheduled.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += len(scheduled.token_ids)
+            self.kv.cache_computed_blocks(request)
+            if not scheduled.sample:
+                continue
+            request.append_output_token(runner_output.sampled_token_ids[request.request_id])
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            reason = request.check_stop_token()
+            if reason is not None:
+                self.running.remove(request)
+                self._finish(request, reason)
+            updated.append(request)
+        return updated

@@ -1,0 +1,166 @@
+"""Plain data passed between layers: sampling parameters, scheduler and runner outputs, results.
+
+Nothing here imports torch. The scheduler hands the runner a `SchedulerOutput` of ids and counts;
+the runner answers with a `ModelRunnerOutput`; the engine turns those into `RequestOutput`s.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NewType
+
+BlockId = NewType("BlockId", int)
+BlockHash = NewType("BlockHash", bytes)
+
+
+class InvalidRequestError(ValueError):
+    """A request cannot be served as given; the message names the bad value. Nothing was queued."""
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop; validated on construction (vLLM names and defaults)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 or 0 = all tokens."""
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(message: str) -> InvalidRequestError:
+            return InvalidRequestError(message)
+
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) \
+                or self.max_tokens < 1:
+            raise bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0 \
+                or self.temperature != self.temperature:
+            raise bad(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise bad(f"top_k must be -1 (disabled) or an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise bad(f"seed must be an integer, got {self.seed!r}")
+        if self.n != 1:
+            raise bad(f"n must be 1, got {self.n!r}")
+        for stop in self.stop:
+            if not isinstance(stop, str) or not stop:
+                raise bad(f"stop strings must be non-empty strings, got {stop!r}")
+        for token_id in self.stop_token_ids:
+            if not isinstance(token_id, int) or token_id < 0:
+                raise bad(f"stop_token_ids must be non-negative integers, got {token_id!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step.
+
+    `token_ids` are the tokens computed this step, at positions
+    `num_computed_tokens .. num_computed_tokens + len(token_ids) - 1`; `block_ids` is the whole
+    block table after this step's allocation. `sample` is set when the step reaches the end of
+    the known tokens, so the runner samples the next one.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_ids: list[int]
+    sample: bool
+    sampling_params: SamplingParams
+    num_output_tokens: int
+    """Output tokens already generated (seeds per-request RNG streams reproducibly)."""
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """What the runner computes in one step. Decodes come first, then prefill chunks."""
+
+    requests: list[ScheduledRequest]
+    num_scheduled_tokens: int
+    preempted_request_ids: list[str] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)
+    """Requests freed since the last step (the runner drops their sampler state)."""
+
+
+@dataclass(frozen=True)
+class ModelRunnerOutput:
+    """Sampled token per request that sampled this step."""
+
+    sampled_token_ids: dict[str, int]
+
+
+@dataclass
+class RequestMetrics:
+    """Timings (seconds, monotonic clock) and counts for one request."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (device and tiers) on first scheduling."""
+    num_tier_hit_tokens: dict[str, int] = field(default_factory=dict)
+    """Prompt tokens loaded from each lower tier ("cpu", "disk", "redis")."""
+    num_preemptions: int = 0
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step; `finished` once it will produce nothing more."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+    new_text: str = ""
+    """Text added by this step (streaming)."""
+    new_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self.metrics.num_cached_tokens
