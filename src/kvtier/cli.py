@@ -1,0 +1,87 @@
+"""The `kvtier` command: generate, demo (and, as they land, serve, bench, lab)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from kvtier.config import ConfigError
+from kvtier.types import InvalidRequestError
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--sampling-seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kvtier.engine.args import add_engine_args
+
+    parser = argparse.ArgumentParser(prog="kvtier", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    add_engine_args(gen)
+    _add_sampling_args(gen)
+
+    demo = sub.add_parser("demo", help="chat answers, a prefix-cache hit and throughput on the "
+                                       "embedded model")
+    add_engine_args(demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "demo":
+            from kvtier.demo import run_demo
+            return run_demo(args)
+    except (ConfigError, InvalidRequestError, ValueError, FileNotFoundError) as exc:
+        print(f"kvtier {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from kvtier import LLM, SamplingParams
+    from kvtier.engine.args import engine_kwargs
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.sampling_seed,
+                            stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos)
+    llm = LLM(**engine_kwargs(args))
+    if args.chat:
+        output = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+    else:
+        output = llm.generate(args.prompt, params)[0]
+    completion = output.outputs[0]
+    print(completion.text)
+    m = output.metrics
+    elapsed = (m.finished_time or 0) - m.arrival_time
+    ttft = (m.time_to_first_token or 0) * 1000
+    print(f"[{m.num_prompt_tokens} prompt tokens ({m.num_cached_tokens} cached), "
+          f"{len(completion.token_ids)} output tokens, finish={completion.finish_reason}, "
+          f"TTFT {ttft:.0f} ms, {len(completion.token_ids) / max(elapsed, 1e-9):.1f} tok/s]",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Engine arguments as CLI flags: one definition shared by `generate`, `serve` and the lab.
+
+Flag names are the config field names with dashes (vLLM's names where vLLM has the knob), so
+`LLM(enable_prefix_caching=False)` and `--no-enable-prefix-caching` mean the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from kvtier.config import DTYPES, STORE_POLICIES
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="HF directory, .gguf file or random:<architecture>; default: the "
+                        "embedded SmolLM2-135M-Instruct")
+    g.add_argument("--dtype", choices=DTYPES, default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True)
+    g.add_argument("--kv-cache-memory-bytes", default=None,
+                   help="device KV pool size, e.g. 4GiB (default: from "
+                        "--gpu-memory-utilization on CUDA, 2GiB on the CPU)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="exact number of device KV blocks (to create pressure on purpose)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-model-len", type=int, default=None)
+    t = parser.add_argument_group("kv tiers")
+    t.add_argument("--kv-tier", dest="kv_tiers", action="append", default=None,
+                   metavar="SPEC", help="cpu:SIZE | disk:PATH:SIZE | redis:URL:SIZE, optionally "
+                   ":lru/:s3fifo/:arc; repeat in tier order (e.g. --kv-tier cpu:8GiB "
+                   "--kv-tier disk:/var/kv:100GiB)")
+    t.add_argument("--kv-tier-chunk-tokens", type=int, default=256)
+    t.add_argument("--kv-store-policy", choices=STORE_POLICIES, default="lazy")
+    t.add_argument("--kv-store-min-hits", type=int, default=1)
+
+
+ENGINE_ARG_NAMES = (
+    "model", "dtype", "seed", "device", "attention_backend", "block_size",
+    "enable_prefix_caching", "kv_cache_memory_bytes", "gpu_memory_utilization",
+    "num_gpu_blocks_override", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
+    "kv_tiers", "kv_tier_chunk_tokens", "kv_store_policy", "kv_store_min_hits",
+)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs = {name: getattr(args, name) for name in ENGINE_ARG_NAMES}
+    kwargs["kv_tiers"] = tuple(kwargs["kv_tiers"] or ())
+    return kwargs

@@ -1,0 +1,134 @@
+"""Scheduler: token budgets, chunked prefill, prefix reuse and preemption, without a model.
+
+The 'model' here is a deterministic function of the token sequence, so any schedule must
+produce the same tokens; what these tests check is the bookkeeping around it.
+"""
+
+from __future__ import annotations
+
+from kvtier.config import SchedulerConfig
+from kvtier.kv import BlockPool, KVCacheManager, root_block_hash
+from kvtier.request import Request
+from kvtier.scheduler import Scheduler
+from kvtier.types import FinishReason, ModelRunnerOutput, SamplingParams, SchedulerOutput
+
+BLOCK = 4
+
+
+def make_scheduler(num_blocks: int = 64, budget: int = 64, max_seqs: int = 8,
+                   caching: bool = True) -> Scheduler:
+    pool = BlockPool(num_blocks, enable_caching=caching)
+    kv = KVCacheManager(pool, BLOCK, root_block_hash("m"))
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), kv)
+
+
+def make_request(rid: str, prompt: list[int], max_tokens: int = 4) -> Request:
+    return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                               ignore_eos=True))
+
+
+def next_token(tokens: list[int]) -> int:
+    return (sum(tokens) * 31 + len(tokens)) % 1000
+
+
+def run_step(scheduler: Scheduler) -> SchedulerOutput:
+    out = scheduler.schedule()
+    sampled = {}
+    for s in out.requests:
+        if s.sample:
+            request = scheduler.requests[s.request_id]
+            sampled[s.request_id] = next_token(request.all_token_ids)
+    scheduler.update_from_output(out, ModelRunnerOutput(sampled))
+    scheduler.kv.pool.check_integrity()
+    return out
+
+
+def run_to_end(scheduler: Scheduler, max_steps: int = 1000) -> list[SchedulerOutput]:
+    steps = []
+    while scheduler.has_unfinished_requests():
+        steps.append(run_step(scheduler))
+        assert len(steps) < max_steps, "scheduler made no progress"
+    return steps
+
+
+def test_prefill_is_chunked_to_the_budget_and_samples_only_at_the_end() -> None:
+    scheduler = make_scheduler(budget=16)
+    request = make_request("a", list(range(1, 41)), max_tokens=2)
+    scheduler.add_request(request)
+    chunks = [[(len(s.token_ids), s.sample) for s in step.requests] for step in
+              run_to_end(scheduler)]
+    assert chunks == [[(16, False)], [(16, False)], [(8, True)], [(1, True)]]
+    assert request.num_output_tokens == 2 and request.finish_reason is FinishReason.LENGTH
+
+
+def test_decodes_come_first_and_share_the_budget_with_new_prefills() -> None:
+    scheduler = make_scheduler(budget=10)
+    scheduler.add_request(make_request("a", [1, 2, 3], max_tokens=5))
+    run_step(scheduler)  # a: prefill, samples its first token
+    scheduler.add_request(make_request("b", list(range(20))))
+    step = run_step(scheduler)
+    assert [(s.request_id, len(s.token_ids)) for s in step.requests] == [("a", 1), ("b", 9)]
+    assert step.num_scheduled_tokens == 10
+
+
+def test_max_num_seqs_limits_running_requests() -> None:
+    scheduler = make_scheduler(max_seqs=2)
+    for i in range(3):
+        scheduler.add_request(make_request(str(i), [i + 1] * 5))
+    run_step(scheduler)
+    assert scheduler.num_running == 2 and scheduler.num_waiting == 1
+
+
+def test_second_request_reuses_the_cached_prefix() -> None:
+    scheduler = make_scheduler()
+    prefix = list(range(100, 132))  # 8 full blocks
+    scheduler.add_request(make_request("a", prefix + [1, 2], max_tokens=1))
+    run_to_end(scheduler)
+    b = make_request("b", prefix + [3, 4, 5], max_tokens=1)
+    scheduler.add_request(b)
+    first = run_step(scheduler).requests[0]
+    assert first.num_computed_tokens == 32 and len(first.token_ids) == 3
+    assert b.metrics.num_cached_tokens == 32
+
+
+def test_fully_cached_prompt_still_computes_its_last_block() -> None:
+    scheduler = make_scheduler()
+    prompt = list(range(16))
+    scheduler.add_request(make_request("a", prompt, max_tokens=1))
+    run_to_end(scheduler)
+    scheduler.add_request(make_request("b", prompt, max_tokens=1))
+    step = run_step(scheduler)
+    assert step.requests[0].num_computed_tokens == 12 and step.requests[0].sample
+
+
+def test_preemption_under_a_tiny_pool_finishes_everything_with_the_same_tokens() -> None:
+    prompts = {str(i): [i + 1] * 6 + list(range(i, i + 5)) for i in range(6)}
+
+    def outputs(num_blocks: int) -> tuple[dict[str, list[int]], int]:
+        scheduler = make_scheduler(num_blocks=num_blocks, budget=32)
+        requests = [make_request(rid, p, max_tokens=12) for rid, p in prompts.items()]
+        for request in requests:
+            scheduler.add_request(request)
+        run_to_end(scheduler)
+        pool = scheduler.kv.pool
+        assert pool.num_free_blocks == pool.num_blocks, "blocks leaked"
+        return {r.request_id: r.output_token_ids for r in requests}, scheduler.num_preemptions
+
+    roomy, roomy_preemptions = outputs(num_blocks=64)
+    tight, tight_preemptions = outputs(num_blocks=8)
+    assert roomy_preemptions == 0 and tight_preemptions > 0
+    assert tight == roomy
+
+
+def test_finish_request_frees_blocks_of_waiting_and_running_requests() -> None:
+    scheduler = make_scheduler(max_seqs=1)
+    scheduler.add_request(make_request("run", [1] * 9, max_tokens=50))
+    scheduler.add_request(make_request("wait", [2] * 9, max_tokens=50))
+    run_step(scheduler)
+    assert scheduler.finish_request("run", FinishReason.ABORT) is not None
+    assert scheduler.finish_request("wait", FinishReason.ABORT) is not None
+    assert scheduler.finish_request("wait", FinishReason.ABORT) is None
+    assert not scheduler.has_unfinished_requests()
+    pool = scheduler.kv.pool
+    assert pool.num_free_blocks == pool.num_blocks
+    assert scheduler.schedule().finished_request_ids == ["run", "wait"]
