@@ -104,10 +104,12 @@ def sample_sharegpt(
     to tokenizing one entry at a time.
     """
     samples: list[SampleRequest] = []
-    for start in range(0, len(entries), _TOKENIZE_WINDOW):
-        if len(samples) >= num_requests:
-            break
-        window = entries[start:start + _TOKENIZE_WINDOW]
+    start = 0
+    while start < len(entries) and len(samples) < num_requests:
+        # about twice the entries still needed (most pass the filters), 16 to 256 at a time
+        size = min(max(2 * (num_requests - len(samples)), 16), _TOKENIZE_WINDOW)
+        window = entries[start:start + size]
+        start += size
         prompts = [str(e["conversations"][0]["value"]) for e in window]
         completions = [str(e["conversations"][1]["value"]) for e in window]
         prompt_ids = _encode_many(tokenizer, prompts)

