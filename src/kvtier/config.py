@@ -124,7 +124,7 @@ class TierSpec:
         kind = kind.strip().lower()
         parts = rest.split(":") if rest else []
         policy = "lru"
-        if parts and parts[-1].lower() in ("lru", "s3fifo", "arc"):
+        if parts and parts[-1].lower() in ("lru", "s3fifo"):
             policy = parts.pop().lower()
         if kind == "cpu" and len(parts) == 1:
             return TierSpec("cpu", parse_size(parts[0]), eviction=policy)
@@ -136,7 +136,7 @@ class TierSpec:
                             eviction=policy)
         raise ConfigError(
             f"kv tier {text!r}: expected cpu:SIZE, disk:PATH:SIZE or redis:URL:SIZE "
-            "(optionally :lru, :s3fifo or :arc)")
+            "(optionally :lru or :s3fifo)")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,10 @@ class Request:
     stop_reason: str | int | None = None
     block_hashes: list[BlockHash] = field(default_factory=list)
     """Hashes of the full blocks of all_token_ids computed so far (memoised by the KV manager)."""
+    num_tier_handled_blocks: int = 0
+    """Blocks already offered to the tiers by write-through."""
+    tier_noted: bool = False
+    """Whether the tiers counted this request's chunks for admission."""
     metrics: RequestMetrics = field(init=False)
 
     def __post_init__(self) -> None:

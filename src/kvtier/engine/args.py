@@ -36,7 +36,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     t = parser.add_argument_group("kv tiers")
     t.add_argument("--kv-tier", dest="kv_tiers", action="append", default=None,
                    metavar="SPEC", help="cpu:SIZE | disk:PATH:SIZE | redis:URL:SIZE, optionally "
-                   ":lru/:s3fifo/:arc; repeat in tier order (e.g. --kv-tier cpu:8GiB "
+                   ":lru or :s3fifo; repeat in tier order (e.g. --kv-tier cpu:8GiB "
                    "--kv-tier disk:/var/kv:100GiB)")
     t.add_argument("--kv-tier-chunk-tokens", type=int, default=256)
     t.add_argument("--kv-store-policy", choices=STORE_POLICIES, default="lazy")

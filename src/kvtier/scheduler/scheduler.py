@@ -2,11 +2,14 @@
 
 Each `schedule()` fills one step's token budget in priority order:
 
+0. loads from the KV tiers that finished since the last step turn their requests RUNNING;
 1. running requests, oldest first: one token for a decode, the next chunk for a prefill;
    when blocks run out, the newest running request is preempted (its blocks freed, its
    progress reset to zero; the prefix cache usually gives most of it back on resumption);
 2. waiting requests, FCFS, each starting after its longest cached prefix, while the budget,
-   `max_num_seqs` and free blocks allow (not in a step that had to preempt).
+   `max_num_seqs` and free blocks allow (not in a step that had to preempt). When the KV
+   tiers hold more of the prefix and loading it pays, the request instead gets blocks for it
+   and waits LOADING (off the budget) while the transfer runs and the batch keeps stepping.
 
 `update_from_output()` then advances computed-token counts, registers newly full blocks in the
 prefix cache, appends sampled tokens and finishes requests on token-level stop conditions.
@@ -21,15 +24,19 @@ from collections import deque
 from kvtier.config import SchedulerConfig
 from kvtier.kv.manager import KVCacheManager
 from kvtier.request import Request, RequestStatus
-from kvtier.types import (FinishReason, ModelRunnerOutput, ScheduledRequest, SchedulerOutput)
+from kvtier.tiers.manager import TierManager
+from kvtier.types import FinishReason, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
+                 tiers: TierManager | None = None) -> None:
         self.config = config
         self.kv = kv_manager
+        self.tiers = tiers
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.loading: dict[str, Request] = {}
         self.requests: dict[str, Request] = {}
         self._freed_since_last_step: list[str] = []
         self.num_preemptions = 0
@@ -48,24 +55,35 @@ class Scheduler:
         request = self.requests.get(request_id)
         if request is None or request.is_finished:
             return None
+        request.stop_reason = stop_reason
+        if request.status is RequestStatus.LOADING:
+            # A transfer is still writing its blocks: they are freed when it reports done.
+            self._finish(request, reason, free_blocks=False)
+            return request
         if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
         else:
             self.running.remove(request)
-        request.stop_reason = stop_reason
         self._finish(request, reason)
         return request
 
-    def _finish(self, request: Request, reason: FinishReason) -> None:
+    def _finish(self, request: Request, reason: FinishReason, free_blocks: bool = True) -> None:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.metrics.finished_time = time.monotonic()
-        self.kv.free(request)
+        if free_blocks:
+            self._free_blocks(request)
         del self.requests[request.request_id]
         self._freed_since_last_step.append(request.request_id)
 
+    def _free_blocks(self, request: Request) -> None:
+        if self.tiers is not None and self.kv.enable_caching:
+            self.tiers.on_request_freed(self.kv.block_hashes(request),
+                                        request.num_computed_tokens // self.kv.block_size)
+        self.kv.free(request)
+
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or bool(self.loading)
 
     @property
     def num_running(self) -> int:
@@ -79,6 +97,11 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        if self.tiers is not None:
+            self._finish_loads()
+            # Blocks the step may evict: copy down lazy-store candidates among them first.
+            self.tiers.store_lookahead(budget // self.kv.block_size + len(self.running)
+                                       + self.tiers.chunk_blocks)
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
         for request in list(self.running):
@@ -116,7 +139,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.kv.free(request)
+        self._free_blocks(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.metrics.num_preemptions += 1
@@ -124,22 +147,76 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0
+               and len(self.running) + len(self.loading) < self.config.max_num_seqs):
             request = self.waiting[0]
             hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
+            if self.tiers is not None and self.kv.enable_caching:
+                started = self._try_tier_load(request, hit_blocks)
+                if started is None:
+                    break  # its next blocks are being loaded for another request: wait
+                if started:
+                    continue
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             if not self.kv.allocate_slots(request, num_new, hit_blocks):
                 break
             self.waiting.popleft()
-            request.num_computed_tokens = num_hit_tokens
-            if request.metrics.first_scheduled_time is None:
-                request.metrics.first_scheduled_time = time.monotonic()
-                request.metrics.num_cached_tokens = num_hit_tokens
-            request.status = RequestStatus.RUNNING
+            self._start(request, num_hit_tokens, RequestStatus.RUNNING)
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         return budget
+
+    def _start(self, request: Request, num_hit_tokens: int, status: RequestStatus) -> None:
+        request.num_computed_tokens = num_hit_tokens
+        if request.metrics.first_scheduled_time is None:
+            request.metrics.first_scheduled_time = time.monotonic()
+            request.metrics.num_cached_tokens = num_hit_tokens
+            request.metrics.num_tier_hit_tokens["device"] = num_hit_tokens
+        request.status = status
+
+    def _try_tier_load(self, request: Request, hit_blocks: list[int]) -> bool | None:
+        """Start loading the prefix beyond the device hit from the tiers if that pays.
+        True: started (request now LOADING); False: nothing to load; None: must wait."""
+        assert self.tiers is not None
+        hashes = self.kv.block_hashes(request)
+        if not request.tier_noted:
+            request.tier_noted = True
+            self.tiers.note_request(hashes)
+        first = len(hit_blocks)
+        max_blocks = (request.num_tokens - 1) // self.kv.block_size
+        if first >= max_blocks:
+            return False
+        if self.tiers.is_loading(hashes[first]):
+            return None
+        plan = self.tiers.lookup(hashes, first, max_blocks)
+        if plan is None:
+            return False
+        if not self.kv.allocate_slots(request, plan.num_blocks * self.kv.block_size, hit_blocks):
+            return False
+        self.waiting.popleft()
+        self._start(request, len(hit_blocks) * self.kv.block_size, RequestStatus.LOADING)
+        self.loading[request.request_id] = request
+        table = self.kv.block_table(request.request_id)
+        self.tiers.start_load(request.request_id, plan, table[first:first + plan.num_blocks],
+                              hashes[first:])
+        return True
+
+    def _finish_loads(self) -> None:
+        assert self.tiers is not None
+        for result in self.tiers.poll():
+            request = self.loading.pop(result.request_id)
+            if request.is_finished:  # aborted while its blocks were being written
+                self.kv.free(request)
+                continue
+            loaded = result.num_loaded_blocks * self.kv.block_size
+            request.num_computed_tokens += loaded
+            self.kv.cache_computed_blocks(request)
+            request.metrics.num_cached_tokens += loaded
+            for tier, blocks in result.hit_blocks_per_tier.items():
+                request.metrics.num_tier_hit_tokens[tier] = blocks * self.kv.block_size
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
@@ -166,6 +243,11 @@ class Scheduler:
                 continue
             request.num_computed_tokens += len(scheduled.token_ids)
             self.kv.cache_computed_blocks(request)
+            if self.tiers is not None and self.kv.enable_caching:
+                request.num_tier_handled_blocks = self.tiers.on_blocks_computed(
+                    self.kv.block_hashes(request),
+                    request.num_computed_tokens // self.kv.block_size,
+                    request.num_tier_handled_blocks)
             if not scheduled.sample:
                 continue
             request.append_output_token(runner_output.sampled_token_ids[request.request_id])

@@ -1,0 +1,279 @@
+"""The tier-store interface: what a KV tier below the device pool must do, and its contract.
+
+An entry is the KV of a run of consecutive full blocks (a chunk, `--kv-tier-chunk-tokens`,
+or a shorter trailing run), stored as one contiguous byte payload laid out
+(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim) in the engine's dtype. Its key
+is the chained hash of its last block, which identifies the whole prefix up to that block;
+every block hash of the entry is indexed, so a lookup can enter an entry at any block.
+
+Contract (every store, local or networked):
+- `locate` / `has` only consult the index: cheap, never block on I/O.
+- Stores are two-phase: `prepare_store` reserves capacity (evicting by policy, never exceeding
+  `capacity_bytes`) and returns a buffer to fill; `complete_store` publishes or drops it.
+  A prepared entry is invisible to lookups until completed.
+- `read` returns the payload or raises `TierError` (I/O error, corrupt, truncated, checksum
+  mismatch); the store drops such an entry itself and counts the error.
+- `pin(key)` protects an entry from eviction while a transfer reads it; `unpin` releases it.
+- Methods may be called from the scheduler thread and from transfer threads: stores lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtier.tiers.policy import EvictionPolicy
+from kvtier.types import BlockHash
+
+
+class TierError(Exception):
+    """A tier could not serve or take an entry; the caller treats it as a miss."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What an entry's bytes mean. Its digest namespaces every key, local or remote."""
+
+    model_id: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype_bytes: int
+
+    @property
+    def block_bytes(self) -> int:
+        return (2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
+                * self.dtype_bytes)
+
+    @property
+    def namespace(self) -> str:
+        text = (f"{self.model_id}|{self.dtype}|L{self.num_layers}|H{self.num_kv_heads}|"
+                f"D{self.head_dim}|B{self.block_size}")
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class EntryMeta:
+    key: BlockHash
+    """Hash of the entry's last block."""
+    block_hashes: tuple[BlockHash, ...]
+    num_bytes: int
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_hashes)
+
+
+@dataclass
+class TierStats:
+    """Counters since start, per tier."""
+
+    num_stored_entries: int = 0
+    num_stored_bytes: int = 0
+    num_loaded_bytes: int = 0
+    num_hit_blocks: int = 0
+    num_evictions: int = 0
+    num_never_read_evictions: int = 0
+    """Entries that left the tier without ever being read."""
+    num_errors: int = 0
+    num_rejected: int = 0
+    """Stores refused (no evictable capacity, or the tier is unusable)."""
+
+
+@dataclass
+class _Entry:
+    meta: EntryMeta
+    location: object
+    """Store-specific: a slot id, a file path, a remote key."""
+    pins: int = 0
+    num_reads: int = 0
+    ready: bool = False
+
+
+@dataclass
+class StoreHandle:
+    """A reserved, not yet published entry; fill `buffer` (uint8, meta.num_bytes) and complete."""
+
+    meta: EntryMeta
+    buffer: torch.Tensor
+    location: object = None
+    extra: dict = field(default_factory=dict)
+
+
+EvictCallback = Callable[[EntryMeta, torch.Tensor], None]
+"""Called with an entry and its payload as it is evicted (demotion to the next tier)."""
+
+
+class TierStore(ABC):
+    """Shared index, capacity and eviction logic; subclasses move the bytes."""
+
+    name = "base"
+
+    def __init__(self, layout: KVLayout, capacity_bytes: int, policy: EvictionPolicy) -> None:
+        self.layout = layout
+        self.capacity_bytes = capacity_bytes
+        self.policy = policy
+        self.stats = TierStats()
+        self.on_evict: EvictCallback | None = None
+        self._lock = threading.RLock()
+        self._entries: dict[BlockHash, _Entry] = {}
+        self._block_index: dict[BlockHash, tuple[BlockHash, int]] = {}
+        self.used_bytes = 0
+
+    # -- index -------------------------------------------------------------------------------
+
+    def locate(self, block_hash: BlockHash) -> tuple[EntryMeta, int] | None:
+        """The ready entry holding this block and the block's index in it, or None."""
+        with self._lock:
+            found = self._block_index.get(block_hash)
+            if found is None:
+                return None
+            entry = self._entries[found[0]]
+            return (entry.meta, found[1]) if entry.ready else None
+
+    def has(self, key: BlockHash) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry is not None and entry.ready
+
+    def has_block(self, block_hash: BlockHash) -> bool:
+        """Any entry (ready or being stored) already holds this block."""
+        with self._lock:
+            return block_hash in self._block_index
+
+    @property
+    def num_entries(self) -> int:
+        return len(self._entries)
+
+    def pin(self, key: BlockHash) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or not entry.ready:
+                return False
+            entry.pins += 1
+            return True
+
+    def unpin(self, key: BlockHash) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.pins -= 1
+                assert entry.pins >= 0
+
+    # -- capacity ----------------------------------------------------------------------------
+
+    def _entry_bytes(self, meta: EntryMeta) -> int:
+        """Capacity an entry occupies (a slot store rounds up to its slot size)."""
+        return meta.num_bytes
+
+    def _reserve(self, meta: EntryMeta, location: object) -> bool:
+        """Make room (evicting) and register a not-ready entry; False if it cannot fit."""
+        size = self._entry_bytes(meta)
+        if size > self.capacity_bytes:
+            return False
+        while self.used_bytes + size > self.capacity_bytes or not self._has_room(meta):
+            if not self._evict_one():
+                return False
+        self._entries[meta.key] = _Entry(meta, location)
+        for index, block_hash in enumerate(meta.block_hashes):
+            self._block_index.setdefault(block_hash, (meta.key, index))
+        self.used_bytes += size
+        return True
+
+    def _has_room(self, meta: EntryMeta) -> bool:
+        """Store-specific extra condition (a free slot); capacity is checked separately."""
+        return True
+
+    def _evict_one(self) -> bool:
+        def evictable(key: object) -> bool:
+            entry = self._entries.get(key)  # type: ignore[call-overload]
+            return entry is not None and entry.ready and entry.pins == 0
+        victim = self.policy.victim(evictable)
+        if victim is None:
+            return False
+        entry = self._entries[victim]  # type: ignore[index]
+        if self.on_evict is not None:
+            try:
+                self.on_evict(entry.meta, self._payload_for_demotion(entry))
+            except TierError:
+                pass
+        self.stats.num_evictions += 1
+        self.stats.num_never_read_evictions += entry.num_reads == 0
+        self._drop(entry.meta.key)
+        return True
+
+    def _drop(self, key: BlockHash) -> None:
+        """Forget an entry and free its storage (caller holds the lock)."""
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        for block_hash in entry.meta.block_hashes:
+            if self._block_index.get(block_hash, (None,))[0] == key:
+                del self._block_index[block_hash]
+        self.policy.remove(key)
+        self.used_bytes -= self._entry_bytes(entry.meta)
+        self._release(entry)
+
+    def remove(self, key: BlockHash) -> None:
+        with self._lock:
+            self._drop(key)
+
+    # -- store-specific ----------------------------------------------------------------------
+
+    @abstractmethod
+    def prepare_store(self, meta: EntryMeta) -> StoreHandle | None:
+        """Reserve room for `meta`; None if it cannot be stored now (counted as rejected)."""
+
+    @abstractmethod
+    def complete_store(self, handle: StoreHandle, success: bool) -> None:
+        """Publish the filled entry (or drop it when success is False or writing fails)."""
+
+    @abstractmethod
+    def read(self, meta: EntryMeta) -> torch.Tensor:
+        """The entry's payload (uint8, meta.num_bytes); raises TierError and drops the entry on
+        any failure. Call between pin and unpin."""
+
+    @abstractmethod
+    def _release(self, entry: _Entry) -> None:
+        """Free the storage behind a forgotten entry."""
+
+    def _payload_for_demotion(self, entry: _Entry) -> torch.Tensor:
+        """The payload of an entry being evicted, valid during the on_evict callback."""
+        return self.read(entry.meta)
+
+    def _mark_read(self, meta: EntryMeta) -> None:
+        with self._lock:
+            entry = self._entries.get(meta.key)
+            if entry is not None:
+                entry.num_reads += 1
+                self.policy.access(meta.key)
+            self.stats.num_loaded_bytes += meta.num_bytes
+
+    def _fail(self, meta: EntryMeta, reason: str) -> TierError:
+        with self._lock:
+            self.stats.num_errors += 1
+            self._drop(meta.key)
+        return TierError(f"{self.name} tier: {reason}")
+
+    def close(self) -> None:
+        """Release resources (files, memory)."""
+
+    def check_integrity(self) -> None:
+        with self._lock:
+            size = sum(self._entry_bytes(e.meta) for e in self._entries.values())
+            assert size == self.used_bytes, f"used_bytes {self.used_bytes} != {size}"
+            assert self.used_bytes <= self.capacity_bytes, "capacity exceeded"
+            assert all(e.pins >= 0 for e in self._entries.values())
+            for block_hash, (key, index) in self._block_index.items():
+                entry = self._entries.get(key)
+                assert entry is not None, "index points at a missing entry"
+                assert entry.meta.block_hashes[index] == block_hash
+            assert len(self.policy) == sum(e.ready for e in self._entries.values()), \
+                "policy and ready entries disagree"

@@ -1,0 +1,183 @@
+"""Disk tier: one checksummed file per entry under `<path>/<layout namespace>/`.
+
+File format (little-endian):
+
+    b"KVTIER01" | u32 header length | JSON header | payload
+    header = {"namespace", "block_hashes": [hex...], "num_bytes", "crc32"}
+
+Files are written to a temporary name and renamed, so a crash never leaves a half entry under a
+real name. The index is rebuilt from the headers on start (oldest first), which is what lets
+cached prefixes survive an engine restart. Any failure to read (missing, truncated, corrupt
+header, checksum mismatch) drops the entry and counts an error; the engine recomputes.
+`complete_store` and `read` do blocking I/O: call them from a transfer thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import torch
+
+from kvtier.tiers.base import EntryMeta, KVLayout, StoreHandle, TierError, TierStore, _Entry
+from kvtier.tiers.policy import EvictionPolicy
+from kvtier.types import BlockHash
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"KVTIER01"
+_LEN = struct.Struct("<I")
+_SUFFIX = ".kvt"
+
+
+def _header(meta: EntryMeta, namespace: str, crc: int) -> bytes:
+    return json.dumps({"namespace": namespace,
+                       "block_hashes": [h.hex() for h in meta.block_hashes],
+                       "num_bytes": meta.num_bytes, "crc32": crc}).encode()
+
+
+def _header_bytes(meta: EntryMeta, namespace: str) -> int:
+    return len(MAGIC) + _LEN.size + len(_header(meta, namespace, 0xFFFFFFFF))
+
+
+class DiskStore(TierStore):
+    name = "disk"
+
+    def __init__(self, layout: KVLayout, capacity_bytes: int, policy: EvictionPolicy,
+                 path: str) -> None:
+        super().__init__(layout, capacity_bytes, policy)
+        self.root = Path(path) / layout.namespace
+        self.broken: str | None = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.root, os.W_OK):
+                raise PermissionError(f"{self.root} is not writable")
+        except OSError as exc:
+            self.broken = str(exc)
+            self.stats.num_errors += 1
+            logger.error("disk tier disabled: %s", exc)
+            return
+        self._rebuild_index()
+
+    def _path(self, key: BlockHash) -> Path:
+        return self.root / f"{key.hex()}{_SUFFIX}"
+
+    def _entry_bytes(self, meta: EntryMeta) -> int:
+        return _header_bytes(meta, self.layout.namespace) + meta.num_bytes
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def _rebuild_index(self) -> None:
+        for tmp in self.root.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        files = sorted(self.root.glob(f"*{_SUFFIX}"), key=lambda p: p.stat().st_mtime)
+        for path in files:
+            try:
+                meta, _ = self._read_header(path)
+            except (OSError, TierError, ValueError) as exc:
+                logger.warning("disk tier: dropping unreadable %s: %s", path.name, exc)
+                self.stats.num_errors += 1
+                path.unlink(missing_ok=True)
+                continue
+            with self._lock:
+                if not self._reserve(meta, path):
+                    path.unlink(missing_ok=True)
+                    continue
+                self._entries[meta.key].ready = True
+                self.policy.insert(meta.key)
+        logger.info("disk tier %s: %d entries, %d bytes", self.root, self.num_entries,
+                    self.used_bytes)
+
+    def _read_header(self, path: Path) -> tuple[EntryMeta, int]:
+        """Parse and validate a file's header; returns the entry and its crc32."""
+        with open(path, "rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:
+                raise TierError(f"{path.name}: bad magic")
+            (length,) = _LEN.unpack(f.read(_LEN.size))
+            header = json.loads(f.read(length))
+        if header["namespace"] != self.layout.namespace:
+            raise TierError(f"{path.name}: namespace mismatch")
+        hashes = tuple(BlockHash(bytes.fromhex(h)) for h in header["block_hashes"])
+        meta = EntryMeta(hashes[-1], hashes, int(header["num_bytes"]))
+        if path.stat().st_size != len(MAGIC) + _LEN.size + length + meta.num_bytes:
+            raise TierError(f"{path.name}: truncated")
+        if path.name != f"{meta.key.hex()}{_SUFFIX}":
+            raise TierError(f"{path.name}: name does not match its key")
+        return meta, int(header["crc32"])
+
+    # -- store -------------------------------------------------------------------------------
+
+    def prepare_store(self, meta: EntryMeta) -> StoreHandle | None:
+        with self._lock:
+            if meta.key in self._entries:
+                return None
+            if self.broken or not self._reserve(meta, self._path(meta.key)):
+                self.stats.num_rejected += 1
+                return None
+        return StoreHandle(meta, torch.empty(meta.num_bytes, dtype=torch.uint8),
+                           self._path(meta.key))
+
+    def complete_store(self, handle: StoreHandle, success: bool) -> None:
+        meta = handle.meta
+        if success:
+            success = self._write(handle)
+        with self._lock:
+            entry = self._entries.get(meta.key)
+            if entry is None:
+                return
+            if not success:
+                self._drop(meta.key)
+                return
+            entry.ready = True
+            self.policy.insert(meta.key)
+            self.stats.num_stored_entries += 1
+            self.stats.num_stored_bytes += meta.num_bytes
+
+    def _write(self, handle: StoreHandle) -> bool:
+        path = Path(str(handle.location))
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+        payload = handle.buffer.numpy().data
+        header = _header(handle.meta, self.layout.namespace, zlib.crc32(payload))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(MAGIC + _LEN.pack(len(header)) + header)
+                f.write(payload)
+            os.replace(tmp, path)
+            return True
+        except OSError as exc:
+            logger.warning("disk tier: write of %s failed: %s", path.name, exc)
+            with self._lock:
+                self.stats.num_errors += 1
+            tmp.unlink(missing_ok=True)
+            return False
+
+    # -- load --------------------------------------------------------------------------------
+
+    def read(self, meta: EntryMeta) -> torch.Tensor:
+        path = self._path(meta.key)
+        try:
+            stored, crc = self._read_header(path)
+            if stored != meta:
+                raise TierError("header does not match the index")
+            buffer = torch.empty(meta.num_bytes, dtype=torch.uint8)
+            view = buffer.numpy().data
+            with open(path, "rb") as f:
+                f.seek(-meta.num_bytes, os.SEEK_END)
+                if f.readinto(view) != meta.num_bytes:
+                    raise TierError("short read")
+            if zlib.crc32(view) != crc:
+                raise TierError("checksum mismatch")
+        except (OSError, TierError, ValueError, KeyError) as exc:
+            raise self._fail(meta, f"{path.name}: {exc}") from exc
+        self._mark_read(meta)
+        return buffer
+
+    def _release(self, entry: _Entry) -> None:
+        try:
+            Path(str(entry.location)).unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("disk tier: cannot delete %s: %s", entry.location, exc)

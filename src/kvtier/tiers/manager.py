@@ -1,0 +1,360 @@
+"""The tier stack under the device prefix cache: lookups, asynchronous loads and stores.
+
+Called from the scheduler thread only; data moves in transfer threads, and their completions
+come back through `poll()`, which the scheduler calls at the start of every step.
+
+    lookup(request, after the device hit) -> LoadPlan (consecutive tier hits that pay off)
+    start_load(plan, destination blocks)  -> transfer thread: read entry, scatter into blocks
+    poll()                                -> finished loads (their blocks are now valid KV)
+
+Stores keep to the store policy and admission gates:
+- lazy: a request's chunks become candidates when it frees its blocks; just before the device
+  pool evicts a candidate's blocks (`store_lookahead`, the next blocks in eviction order), the
+  whole chunk is copied down;
+- write-through: each chunk is copied down as soon as its last block is computed;
+- admission: chunks of prefixes seen fewer than `kv_store_min_hits` times, and chunks whose load
+  would not beat recomputing them, are never stored.
+Entries go to the first tier; the first tier's evictions are demoted to the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from kvtier.config import TierConfig
+from kvtier.kv.block_pool import BlockPool
+from kvtier.tiers.base import EntryMeta, TierError, TierStore
+from kvtier.tiers.cost import CostModel
+from kvtier.tiers.transfer import KVTransfer
+from kvtier.types import BlockHash
+
+logger = logging.getLogger(__name__)
+
+_MAX_SEEN = 1 << 20
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive blocks served by one entry of one tier."""
+
+    tier: int
+    meta: EntryMeta
+    first: int
+    """Index of the first needed block inside the entry."""
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    segments: tuple[Segment, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(s.num_blocks for s in self.segments)
+
+
+@dataclass
+class LoadResult:
+    request_id: str
+    num_loaded_blocks: int
+    """Blocks from the start of the plan that are valid now (fewer after a tier error)."""
+    hit_blocks_per_tier: dict[str, int]
+    seconds: float
+
+
+@dataclass
+class ManagerStats:
+    num_loads: int = 0
+    load_seconds: float = 0.0
+    num_rejected_min_hits: int = 0
+    """Chunks not stored because their prefix was seen fewer than kv_store_min_hits times."""
+    num_rejected_cost: int = 0
+    """Chunks not stored, or hits not loaded, because recomputing was predicted cheaper."""
+    num_evicted_unsaved_blocks: int = 0
+    """Device blocks evicted with no copy in any tier."""
+    hit_tokens: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Chunk:
+    block_hashes: tuple[BlockHash, ...]
+
+    @property
+    def key(self) -> BlockHash:
+        return self.block_hashes[-1]
+
+
+class TierManager:
+    def __init__(self, config: TierConfig, stores: list[TierStore], transfer: KVTransfer,
+                 pool: BlockPool, block_size: int, cost: CostModel) -> None:
+        if not stores:
+            raise ValueError("a tier manager needs at least one store")
+        self.config = config
+        self.stores = stores
+        self.transfer = transfer
+        self.pool = pool
+        self.block_size = block_size
+        self.chunk_blocks = max(1, config.kv_tier_chunk_tokens // block_size)
+        self.cost = cost
+        self.stats = ManagerStats(hit_tokens={s.name: 0 for s in stores})
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtier-tier")
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-demote")
+        self._loading: dict[str, tuple[LoadPlan, list[BlockHash]]] = {}
+        self._finished_loads: list[LoadResult] = []
+        self._loading_blocks: dict[BlockHash, str] = {}
+        self._storing: dict[BlockHash, list[int]] = {}
+        """Entry key -> device blocks pinned for its copy (released in poll)."""
+        self._candidates: dict[BlockHash, _Chunk] = {}
+        self._seen: OrderedDict[BlockHash, int] = OrderedDict()
+        for upper, lower in zip(stores, stores[1:], strict=False):
+            upper.on_evict = self._demoter(lower)
+
+    # -- lookups and loads -------------------------------------------------------------------
+
+    def is_loading(self, block_hash: BlockHash) -> bool:
+        """Another request's in-flight load is bringing this block in (wait instead)."""
+        return block_hash in self._loading_blocks
+
+    def note_request(self, block_hashes: list[BlockHash]) -> None:
+        """Count one more request containing each of these chunks (admission by reuse)."""
+        for chunk in self._chunks(block_hashes, 0, len(block_hashes)):
+            self._seen[chunk.key] = self._seen.pop(chunk.key, 0) + 1
+        while len(self._seen) > _MAX_SEEN:
+            self._seen.popitem(last=False)
+
+    def lookup(self, block_hashes: list[BlockHash], first_block: int,
+               max_blocks: int) -> LoadPlan | None:
+        """Consecutive tier hits from `first_block` (below `max_blocks`) whose load pays off."""
+        segments: list[Segment] = []
+        index = first_block
+        while index < max_blocks:
+            found = self._locate(block_hashes[index])
+            if found is None:
+                break
+            tier, meta, first = found
+            count = 1
+            while (index + count < max_blocks and first + count < meta.num_blocks
+                   and meta.block_hashes[first + count] == block_hashes[index + count]):
+                count += 1
+            store = self.stores[tier]
+            num_bytes = count * store.layout.block_bytes
+            if not self.cost.load_pays(store.name, num_bytes, count * self.block_size):
+                self.stats.num_rejected_cost += 1
+                break
+            segments.append(Segment(tier, meta, first, count))
+            index += count
+        return LoadPlan(tuple(segments)) if segments else None
+
+    def _locate(self, block_hash: BlockHash) -> tuple[int, EntryMeta, int] | None:
+        for tier, store in enumerate(self.stores):
+            found = store.locate(block_hash)
+            if found is not None:
+                return tier, found[0], found[1]
+        return None
+
+    def start_load(self, request_id: str, plan: LoadPlan, block_ids: list[int],
+                   block_hashes: list[BlockHash]) -> None:
+        """Begin loading the plan into `block_ids` (already allocated to the request).
+        `block_hashes` are the hashes those blocks will hold."""
+        pinned = [s for s in plan.segments if self.stores[s.tier].pin(s.meta.key)]
+        if len(pinned) != len(plan.segments):  # an entry vanished since lookup
+            plan = LoadPlan(tuple(plan.segments[:len(pinned)]))
+        hashes = block_hashes[:plan.num_blocks]
+        self._loading[request_id] = (plan, hashes)
+        for block_hash in hashes:
+            self._loading_blocks[block_hash] = request_id
+        self._workers.submit(self._run_load, request_id, plan, block_ids)
+
+    def _run_load(self, request_id: str, plan: LoadPlan, block_ids: list[int]) -> None:
+        started = time.monotonic()
+        done, per_tier, offset = 0, {s.name: 0 for s in self.stores}, 0
+        try:
+            for segment in plan.segments:
+                store = self.stores[segment.tier]
+                seg_start = time.monotonic()
+                payload = store.read(segment.meta)
+                self.transfer.copy_in(payload, segment.meta.num_blocks, segment.first,
+                                      block_ids[offset:offset + segment.num_blocks])
+                self.cost.observe_load(store.name, segment.num_blocks * store.layout.block_bytes,
+                                       time.monotonic() - seg_start)
+                offset += segment.num_blocks
+                done += segment.num_blocks
+                per_tier[store.name] += segment.num_blocks
+        except TierError as exc:
+            logger.warning("load for %s stopped after %d blocks: %s", request_id, done, exc)
+        except Exception:  # never lose a request to an unexpected transfer bug
+            logger.exception("load for %s failed", request_id)
+        self._done.put(("load", LoadResult(request_id, done, per_tier,
+                                           time.monotonic() - started)))
+
+    # -- completions -------------------------------------------------------------------------
+
+    def poll(self) -> list[LoadResult]:
+        """Finish completed transfers (unpin what they held); return the finished loads."""
+        self._absorb()
+        results, self._finished_loads = self._finished_loads, []
+        return results
+
+    def _absorb(self) -> None:
+        while True:
+            try:
+                kind, value = self._done.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "store":
+                for block_id in self._storing.pop(value, []):
+                    self.pool.unpin(block_id)
+                continue
+            plan, hashes = self._loading.pop(value.request_id)
+            for segment in plan.segments:
+                self.stores[segment.tier].unpin(segment.meta.key)
+            for block_hash in hashes:
+                self._loading_blocks.pop(block_hash, None)
+            self.stats.num_loads += 1
+            self.stats.load_seconds += value.seconds
+            for name, blocks in value.hit_blocks_per_tier.items():
+                self.stats.hit_tokens[name] += blocks * self.block_size
+            self._finished_loads.append(value)
+
+    @property
+    def has_inflight_loads(self) -> bool:
+        return bool(self._loading)
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Block until every submitted transfer has finished (tests, shutdown); finished
+        loads stay queued for the next `poll`."""
+        deadline = time.monotonic() + timeout
+        self._absorb()
+        while (self._loading or self._storing) and time.monotonic() < deadline:
+            time.sleep(0.001)
+            self._absorb()
+
+    # -- stores ------------------------------------------------------------------------------
+
+    def _chunks(self, block_hashes: list[BlockHash], start: int, end: int) -> list[_Chunk]:
+        """Chunk-aligned runs of blocks [start, end), the last possibly shorter."""
+        first = start - start % self.chunk_blocks
+        return [_Chunk(tuple(block_hashes[i:min(i + self.chunk_blocks, end)]))
+                for i in range(first, end, self.chunk_blocks) if i < end]
+
+    def _admit(self, chunk: _Chunk) -> bool:
+        if any(store.has_block(chunk.key) for store in self.stores) or chunk.key in self._storing:
+            return False
+        if self._seen.get(chunk.key, 0) < self.config.kv_store_min_hits:
+            self.stats.num_rejected_min_hits += 1
+            return False
+        store = self.stores[0]
+        num_bytes = len(chunk.block_hashes) * store.layout.block_bytes
+        if not self.cost.load_pays(store.name, num_bytes,
+                                   len(chunk.block_hashes) * self.block_size):
+            self.stats.num_rejected_cost += 1
+            return False
+        return True
+
+    def on_blocks_computed(self, block_hashes: list[BlockHash], num_computed_blocks: int,
+                           num_stored_blocks: int) -> int:
+        """Write-through: store chunks completed since `num_stored_blocks`; returns the new
+        count of blocks handled."""
+        if self.config.kv_store_policy != "write-through":
+            return num_computed_blocks
+        full_end = num_computed_blocks - num_computed_blocks % self.chunk_blocks
+        if full_end <= num_stored_blocks:
+            return num_stored_blocks
+        for chunk in self._chunks(block_hashes, num_stored_blocks, full_end):
+            self._store_chunk(chunk)
+        return full_end
+
+    def on_request_freed(self, block_hashes: list[BlockHash], num_computed_blocks: int) -> None:
+        """A request is freeing its blocks: its chunks become lazy candidates; write-through
+        stores its trailing partial chunk now."""
+        if num_computed_blocks == 0:
+            return
+        chunks = self._chunks(block_hashes, 0, num_computed_blocks)
+        if self.config.kv_store_policy == "write-through":
+            if len(chunks[-1].block_hashes) < self.chunk_blocks:
+                self._store_chunk(chunks[-1])
+            return
+        for chunk in chunks:
+            for block_hash in chunk.block_hashes:
+                self._candidates[block_hash] = chunk
+
+    def on_evict(self, evicted: list[tuple[BlockHash, int]]) -> None:
+        """BlockPool listener: these device blocks are about to be reused."""
+        for block_hash, _ in evicted:
+            chunk = self._candidates.pop(block_hash, None)
+            if not any(s.has_block(block_hash) for s in self.stores):
+                self.stats.num_evicted_unsaved_blocks += 1
+            if chunk is not None:
+                for other in chunk.block_hashes:
+                    self._candidates.pop(other, None)
+
+    def store_lookahead(self, num_blocks: int) -> None:
+        """Lazy policy: copy down candidates among the next `num_blocks` to be evicted."""
+        if self.config.kv_store_policy != "lazy" or not self._candidates:
+            return
+        seen = 0
+        for block_hash, _ in self.pool.eviction_order():
+            if seen >= num_blocks:
+                break
+            seen += 1
+            chunk = self._candidates.get(block_hash)
+            if chunk is None:
+                continue
+            for other in chunk.block_hashes:
+                self._candidates.pop(other, None)
+            self._store_chunk(chunk)
+
+    def _store_chunk(self, chunk: _Chunk) -> None:
+        if not self._admit(chunk):
+            return
+        block_ids = [self.pool.get_cached_block(h) for h in chunk.block_hashes]
+        if any(b is None for b in block_ids):
+            return  # part of the chunk already left the device
+        ids = [b for b in block_ids if b is not None]
+        gathered = self.transfer.gather(ids)
+        pinned = ids if self.transfer.pins_blocks_during_store else []
+        for block_id in pinned:
+            self.pool.pin(block_id)
+        self._storing[chunk.key] = pinned
+        meta = EntryMeta(chunk.key, chunk.block_hashes,
+                         len(ids) * self.stores[0].layout.block_bytes)
+        self._workers.submit(self._run_store, meta, gathered)
+
+    def _run_store(self, meta: EntryMeta, gathered: object) -> None:
+        store = self.stores[0]
+        try:
+            handle = store.prepare_store(meta)
+            if handle is not None:
+                ok = True
+                try:
+                    self.transfer.copy_out(gathered, handle.buffer)  # type: ignore[arg-type]
+                except Exception:
+                    logger.exception("store copy failed")
+                    ok = False
+                store.complete_store(handle, ok)
+        except Exception:
+            logger.exception("store of %s failed", meta.key.hex())
+        self._done.put(("store", meta.key))
+
+    def _demoter(self, lower: TierStore):  # noqa: ANN202 - closure type
+        def demote(meta: EntryMeta, payload) -> None:  # noqa: ANN001
+            if lower.has_block(meta.key):
+                return
+            handle = lower.prepare_store(meta)
+            if handle is None:
+                return
+            handle.buffer.copy_(payload)
+            self._io.submit(lower.complete_store, handle, True)
+        return demote
+
+    def close(self) -> None:
+        self._workers.shutdown(wait=True)
+        self._io.shutdown(wait=True)
+        for store in self.stores:
+            store.close()

@@ -1,0 +1,98 @@
+"""Moving KV blocks between the device cache and host buffers (the only torch code in tiers).
+
+One copy per entry, never one per layer per block: the entry's blocks of every layer are
+gathered into one contiguous buffer (layout (layers, 2, blocks, block_size, kv_heads, dim)) and
+moved in one copy.
+
+On CUDA:
+- store: the gather is enqueued on the *compute* stream from the scheduler thread, so it is
+  ordered before any later forward pass that could overwrite those blocks; the device->host copy
+  then runs on its own stream after an event, in a transfer thread. No block stays pinned.
+- load: host->device copy and scatter run on a load stream in a transfer thread, which waits
+  for them; the scheduler only lets the request run after the transfer thread reported done.
+On the CPU the copies are plain tensor copies in the transfer thread (torch releases the GIL);
+the blocks involved stay pinned in the block pool until the copy ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GatheredBlocks:
+    """Blocks captured for a store: on CUDA a device tensor plus the event after the gather;
+    on the CPU just the block ids (read later from the cache, while pinned)."""
+
+    block_ids: list[int]
+    data: torch.Tensor | None = None
+    event: torch.cuda.Event | None = None
+
+
+class KVTransfer:
+    def __init__(self, kv_cache: torch.Tensor) -> None:
+        """kv_cache: (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)."""
+        self.kv_cache = kv_cache
+        self.device = kv_cache.device
+        self.is_cuda = self.device.type == "cuda"
+        self.block_shape = kv_cache.shape[3:]
+        if self.is_cuda:
+            self.store_stream = torch.cuda.Stream(self.device)
+            self.load_stream = torch.cuda.Stream(self.device)
+
+    @property
+    def pins_blocks_during_store(self) -> bool:
+        """Whether stored blocks must stay pinned until `copy_out` ends (CPU only)."""
+        return not self.is_cuda
+
+    def entry_view(self, payload: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        """A uint8 payload seen as (layers, 2, num_blocks, block_size, kv_heads, dim)."""
+        shape = (self.kv_cache.shape[0], 2, num_blocks, *self.block_shape)
+        return payload.view(self.kv_cache.dtype).view(shape)
+
+    def _index(self, block_ids: list[int]) -> torch.Tensor:
+        return torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+
+    # -- store: device -> host ---------------------------------------------------------------
+
+    def gather(self, block_ids: list[int]) -> GatheredBlocks:
+        """Scheduler thread, before the next forward pass."""
+        if not self.is_cuda:
+            return GatheredBlocks(block_ids)
+        data = self.kv_cache.index_select(2, self._index(block_ids))
+        event = torch.cuda.Event()
+        event.record()
+        return GatheredBlocks(block_ids, data, event)
+
+    def copy_out(self, gathered: GatheredBlocks, payload: torch.Tensor) -> None:
+        """Transfer thread: write the gathered blocks into a host payload buffer; blocks until
+        the copy is done."""
+        dest = self.entry_view(payload, len(gathered.block_ids))
+        if not self.is_cuda:
+            torch.index_select(self.kv_cache, 2, self._index(gathered.block_ids), out=dest)
+            return
+        assert gathered.data is not None and gathered.event is not None
+        with torch.cuda.stream(self.store_stream):
+            self.store_stream.wait_event(gathered.event)
+            dest.copy_(gathered.data, non_blocking=True)
+            gathered.data.record_stream(self.store_stream)
+        self.store_stream.synchronize()
+        gathered.data = None
+
+    # -- load: host -> device ----------------------------------------------------------------
+
+    def copy_in(self, payload: torch.Tensor, entry_blocks: int, first: int,
+                block_ids: list[int]) -> None:
+        """Transfer thread: scatter blocks first..first+len(block_ids)-1 of an entry's payload
+        into the given device blocks; returns once the data is in place."""
+        source = self.entry_view(payload, entry_blocks)[:, :, first:first + len(block_ids)]
+        index = self._index(block_ids)
+        if not self.is_cuda:
+            self.kv_cache.index_copy_(2, index, source)
+            return
+        with torch.cuda.stream(self.load_stream):
+            staged = self.entry_view(payload, entry_blocks).to(self.device, non_blocking=True)
+            self.kv_cache.index_copy_(2, index, staged[:, :, first:first + len(block_ids)])
+        self.load_stream.synchronize()
