@@ -27,7 +27,11 @@ from kvtier.request import Request
 from kvtier.runner.memory import plan_kv_blocks, resolve_device, resolve_dtype
 from kvtier.runner.model_runner import ModelRunner
 from kvtier.scheduler import Scheduler
-from kvtier.types import FinishReason, InvalidRequestError, RequestOutput, SamplingParams
+from kvtier.tiers.base import KVLayout
+from kvtier.tiers.manager import TierManager
+from kvtier.tiers.stack import build_tier_manager
+from kvtier.types import (FinishReason, InvalidRequestError, RequestOutput, SamplingParams,
+                          ScheduledRequest, SchedulerOutput)
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +73,13 @@ class LLMEngine:
         model_len = config.scheduler.max_model_len or self.spec.max_position_embeddings
         # One request must always fit in the pool by itself, or preemption could never end.
         self.max_model_len = min(model_len, plan.num_blocks * block_size)
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.runner = ModelRunner(self.model, backend, plan.num_blocks, block_size, self.device,
                                   self.dtype, config.model.seed)
+        self.tiers: TierManager | None = None
+        if config.tiers.kv_tiers:
+            self.tiers = build_tier_manager(config.tiers, self._kv_layout(), self.runner.kv_cache,
+                                            self.pool, self._probe_prefill_rate())
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.tiers)
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
             self.spec.eos_token_ids)
@@ -80,6 +88,32 @@ class LLMEngine:
         logger.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, "
                     "backend %s", time.monotonic() - started, self.source.name, self.device,
                     self.dtype, plan.num_blocks, block_size, backend.name)
+
+    def _kv_layout(self) -> KVLayout:
+        return KVLayout(model_id=self.source.model_id,
+                        dtype=str(self.dtype).removeprefix("torch."),
+                        num_layers=self.spec.num_hidden_layers,
+                        num_kv_heads=self.spec.num_key_value_heads, head_dim=self.spec.head_dim,
+                        block_size=self.config.cache.block_size,
+                        dtype_bytes=self.runner.kv_cache.element_size())
+
+    def _probe_prefill_rate(self) -> float:
+        """Prefill tokens per second from a short warm-up forward (before any request)."""
+        block_size = self.config.cache.block_size
+        num_tokens = min(256, self.config.scheduler.max_num_batched_tokens,
+                         self.pool.num_blocks * block_size)
+        blocks = list(range(-(-num_tokens // block_size)))
+        step = SchedulerOutput([ScheduledRequest("warmup", [0] * num_tokens, 0, blocks, True,
+                                                 SamplingParams(max_tokens=1), 0)], num_tokens)
+        rate = 0.0
+        for _ in range(2):  # the first run warms kernels up
+            started = time.perf_counter()
+            self.runner.execute(step)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            rate = num_tokens / max(time.perf_counter() - started, 1e-9)
+        self.runner.sampler.forget(["warmup"])
+        return rate
 
     def _activation_reserve(self) -> int:
         """Rough peak activation bytes of the largest step (CUDA budget only)."""
@@ -153,7 +187,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns outputs of requests that produced a token or finished."""
         scheduled = self.scheduler.schedule()
+        started = time.perf_counter()
         runner_output = self.runner.execute(scheduled)
+        if self.tiers is not None:
+            self._observe_prefill(scheduled, time.perf_counter() - started)
         updated = self.scheduler.update_from_output(scheduled, runner_output)
         self._count_step(updated)
         results = []
@@ -167,6 +204,13 @@ class LLMEngine:
                 self._count_finished(request)
             results.append(self.outputs.make_output(request, finished=request.is_finished))
         return results
+
+    def _observe_prefill(self, scheduled: SchedulerOutput, seconds: float) -> None:
+        """Feed the tiers' cost model with prefill-dominated steps."""
+        assert self.tiers is not None
+        num_prefill = sum(len(s.token_ids) for s in scheduled.requests if len(s.token_ids) > 1)
+        if num_prefill >= 32 and 2 * num_prefill >= scheduled.num_scheduled_tokens:
+            self.tiers.cost.observe_prefill(num_prefill, seconds)
 
     def _count_step(self, updated: list[Request]) -> None:
         stats = self.stats
@@ -182,6 +226,18 @@ class LLMEngine:
     def _count_finished(self, request: Request) -> None:
         reason = request.finish_reason.value if request.finish_reason else "unknown"
         self.stats.num_finished[reason] = self.stats.num_finished.get(reason, 0) + 1
+
+    def shutdown(self) -> None:
+        """Store what lazy tiers still hold only on the device, wait for transfers to finish
+        and release tier resources."""
+        if self.tiers is not None:
+            self.tiers.flush_candidates()
+            self.tiers.wait_idle()
+            self.tiers.close()
+
+    def reset_prefix_cache(self) -> int:
+        """Forget the device prefix cache (lower tiers keep theirs); returns blocks dropped."""
+        return self.pool.reset_prefix_cache()
 
     def get_stats(self) -> EngineStats:
         self.stats.num_running = self.scheduler.num_running

@@ -186,6 +186,9 @@ class BlockPool:
     def reset_prefix_cache(self) -> int:
         """Forget every free cached block's hash; returns how many were dropped."""
         dropped = [b for b in self._free_cached if not self.blocks[b].pin_cnt]
+        if dropped and self.eviction_listener is not None:
+            self.eviction_listener.on_evict(
+                [(self.blocks[b].block_hash, b) for b in dropped])  # type: ignore[misc]
         for block_id in dropped:
             del self._free_cached[block_id]
             block = self.blocks[block_id]

@@ -18,16 +18,17 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from gguf import GGUFReader
-from gguf.quants import dequantize
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from kvtier.model.spec import ModelLoadError, ModelSpec
+
+if TYPE_CHECKING:  # gguf is imported only when a GGUF is converted (GPU hosts may lack it)
+    from gguf import GGUFReader
 
 CONVERTER_VERSION = 1
 """Bumped when the output changes, so stale cache entries are not reused."""
@@ -119,6 +120,10 @@ def open_gguf(path: Path) -> GGUFReader:
     with open(path, "rb") as f:
         if f.read(4) != _GGUF_MAGIC:
             raise ModelLoadError(f"{path}: not a GGUF file (bad magic)")
+    try:
+        from gguf import GGUFReader
+    except ImportError as exc:
+        raise ModelLoadError(f"{path}: converting GGUF files needs the gguf package") from exc
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
@@ -214,13 +219,17 @@ def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def _hf_tensors(reader: GGUFReader, spec: ModelSpec, path: Path) -> dict[str, np.ndarray]:
+    from gguf.quants import dequantize
+
     out: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
         if name is None:
             continue
         try:
-            weight = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+            # A plain ndarray view: numpy's memmap subclass costs ~1 s per call here otherwise.
+            raw = np.asarray(tensor.data).view(np.ndarray)
+            weight = dequantize(raw, tensor.tensor_type).astype(np.float32, copy=False)
         except Exception as exc:
             raise ModelLoadError(f"{path}: cannot read tensor {tensor.name}: {exc}") from exc
         expected = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest-first
@@ -237,7 +246,7 @@ def _hf_tensors(reader: GGUFReader, spec: ModelSpec, path: Path) -> dict[str, np
 
 # -- tokenizer ----------------------------------------------------------------------------------
 
-def _byte_level_alphabet() -> dict[int, str]:
+def byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character table (the spelling of byte-level BPE vocabularies)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
@@ -256,7 +265,7 @@ def _pre_tokenizer(pre: str | None, path: Path) -> tuple[Any, Any]:
     raw_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     if pre in (None, "default", "gpt-2", "gpt2"):
         return None, byte_level
-    if pre in ("smollm", "starcoder", "refact", "codeshell"):
+    if pre in ("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva"):
         # llama.cpp splits every digit first, then applies GPT-2's regex; so does SmolLM2's own
         # tokenizer.json (Digits(individual_digits) + ByteLevel).
         return None, pre_tokenizers.Sequence(
@@ -275,7 +284,7 @@ def _build_tokenizer(meta: _Metadata) -> BackendTokenizer:
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise ModelLoadError(f"{meta.path}: GGUF tokenizer {meta.get('tokenizer.ggml.model')!r} "
                              "is not supported (supported: gpt2 byte-level BPE)")
-    alphabet = _byte_level_alphabet()
+    alphabet = byte_level_alphabet()
     spelled = set(alphabet.values())
     tokens = [t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8"))
               for t in meta.require("tokenizer.ggml.tokens")]

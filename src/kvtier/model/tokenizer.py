@@ -35,13 +35,17 @@ _REPLACEMENT_CHAR = "\ufffd"
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the few settings from `tokenizer_config.json` that matter.
 
-    Immutable after construction; safe to share between threads for encode/decode.
+    Takes ownership of `backend` (its post-processor may be rebuilt, as transformers does).
+    Immutable after construction; safe to share between threads. `eos_token_id` is the
+    tokenizer config's eos (as in transformers); when that is unset it falls back to the
+    smallest of `eos_token_ids`, the set a generation loop should stop on.
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, config: Mapping[str, Any],
                  extra_eos_token_ids: Iterable[int] = ()) -> None:
         self.backend = backend
         self.chat_template: str | None = _pick_chat_template(config.get("chat_template"))
+        self._compiled_template: jinja2.Template | None = None
         self.special_tokens = {name: token for name in _SPECIAL_TOKEN_NAMES
                                if (token := _token_content(config.get(name))) is not None}
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
@@ -138,10 +142,11 @@ class Tokenizer:
         chat = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
         variables: dict[str, Any] = dict(self.special_tokens)
         variables.update(template_kwargs or {})
-        template = _compile_template(self.chat_template)
-        return template.render(messages=chat, tools=list(tools) if tools is not None else None,
-                               documents=None, add_generation_prompt=add_generation_prompt,
-                               **variables)
+        if self._compiled_template is None:  # compiling costs milliseconds; rendering does not
+            self._compiled_template = _compile_template(self.chat_template)
+        return self._compiled_template.render(
+            messages=chat, tools=list(tools) if tools is not None else None, documents=None,
+            add_generation_prompt=add_generation_prompt, **variables)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -157,7 +162,9 @@ class Tokenizer:
         add_bos = add_bos and bos is not None and self._token_id(bos) is not None
         add_eos = add_eos and eos is not None and self._token_id(eos) is not None
         single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-        pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+        second_bos = f" {bos}:1" if add_bos else ""
+        second_eos = f" {eos}:1" if add_eos else ""
+        pair = f"{single}{second_bos} $B:1{second_eos}"
         special = [(t, self._token_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
         self.backend.post_processor = processors.TemplateProcessing(
             single=single, pair=pair, special_tokens=special)
@@ -189,7 +196,9 @@ class IncrementalDetokenizer:
 
     The last few prompt tokens seed the window, so a decoder that drops a leading space at the
     start of a text (sentencepiece) still streams it; for byte-level BPE the concatenated deltas
-    plus `finish()` equal `tokenizer.decode(output_ids)`. Not thread-safe: one per request.
+    plus `finish()` equal `tokenizer.decode(output_ids)`. As in vLLM, a run of bytes that never
+    forms valid UTF-8 holds text back until a later token resolves it (or `finish()`); with
+    real vocabularies this is at most a couple of tokens. Not thread-safe: one per request.
     """
 
     _NUM_PROMPT_CONTEXT_TOKENS = 5
@@ -252,7 +261,7 @@ class IncrementalDetokenizer:
 # -- chat template machinery (mirrors transformers.utils.chat_template_utils) -------------------
 
 class _GenerationBlock(jinja2.ext.Extension):
-    """Accepts `{% generation %}...{% endgeneration %}` (assistant-mask markers) and renders the body."""
+    """`{% generation %}...{% endgeneration %}` (assistant-mask markers): renders the body."""
 
     tags = {"generation"}
 

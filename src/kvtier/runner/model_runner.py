@@ -43,8 +43,10 @@ class ModelRunner:
         sampling = [(i, s) for i, s in enumerate(step.requests) if s.sample]
         with torch.inference_mode():
             hidden = self.model(input_ids, positions, self.kv_caches, metadata)
+            if not sampling:
+                return ModelRunnerOutput({})
             last_rows = torch.tensor([metadata.query_start_loc_cpu[i + 1] - 1 for i, _ in sampling],
-                                     device=self.device)
+                                     dtype=torch.int64, device=self.device)
             logits = self.model.compute_logits(hidden[last_rows])
             tokens = self.sampler.sample(logits, [s.request_id for _, s in sampling],
                                          [s.sampling_params for _, s in sampling])

@@ -310,6 +310,13 @@ class TierManager:
                 self._candidates.pop(other, None)
             self._store_chunk(chunk)
 
+    def flush_candidates(self) -> None:
+        """Store every lazy candidate still on the device (graceful shutdown: a disk tier
+        then keeps what the device held)."""
+        for chunk in {id(c): c for c in self._candidates.values()}.values():
+            self._store_chunk(chunk)
+        self._candidates.clear()
+
     def _store_chunk(self, chunk: _Chunk) -> None:
         if not self._admit(chunk):
             return

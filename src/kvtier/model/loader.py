@@ -1,0 +1,276 @@
+"""Resolve a `--model` value to weights, a spec and a tokenizer: the only place that reads them.
+
+    --model value         what happens
+    (none)                the embedded SmolLM2-135M-Instruct GGUF, converted once into the cache
+    path/to/dir           an HF directory: config.json, *.safetensors (sharded or not), tokenizer
+    path/to/file.gguf     converted once into cache_dir()/gguf/<stem>-<digest>/, then as a dir
+    random:<arch>         a real architecture (see architectures.py) with seeded random weights
+
+Problems are found when resolving, not halfway through loading: missing files, unknown
+architectures, unsupported model types, and truncated or corrupt safetensors/GGUF files all raise
+`ModelLoadError` naming the path and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from kvtier.model.architectures import (
+    embedded_gguf_path,
+    get_architecture,
+    load_architecture_tokenizer,
+)
+from kvtier.model.gguf_convert import ensure_converted
+from kvtier.model.spec import ModelLoadError, ModelSpec
+from kvtier.model.tokenizer import Tokenizer
+
+__all__ = ["ModelSource", "cache_dir", "embedded_gguf_path", "expected_weight_shapes",
+           "resolve_model"]
+
+RANDOM_PREFIX = "random:"
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+_RANDOM_STD = 0.02
+_MAX_SAFETENSORS_HEADER_BYTES = 100 << 20
+_QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d\w*|F16|BF16|F32)$", re.IGNORECASE)
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: identity, shape, tokenizer, and a way to stream its weights."""
+
+    model_id: str
+    """Stable identity for KV-cache hashes: name + digest of config and weight files (+ seed)."""
+    name: str
+    """What /v1/models reports."""
+    spec: ModelSpec
+    tokenizer: Tokenizer
+    path: Path | None
+    """The HF directory the weights are read from (the cache entry for a GGUF); None if random."""
+    weight_files: tuple[Path, ...] = ()
+    seed: int = 0
+    """Seed of random weights (unused for checkpoints)."""
+
+    def iter_weights(self, device: torch.device,
+                     dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF parameter name, tensor on `device` in `dtype`), one tensor at a time.
+
+        Tied models yield no `lm_head.weight`; tensors HF does not keep as parameters (rotary
+        caches) are skipped. Random weights are generated on `device` itself, so an 8B model can
+        be built on a GPU without staging it in host memory; values depend on (seed, name, device
+        type), not on the order of iteration.
+        """
+        if self.path is None:
+            yield from _random_weights(self.spec, self.seed, device, dtype)
+        else:
+            yield from _checkpoint_weights(self.spec, self.weight_files, device, dtype)
+
+
+def cache_dir() -> Path:
+    """Where converted GGUFs live: $KVTIER_CACHE_DIR, else ~/.cache/kvtier."""
+    configured = os.environ.get("KVTIER_CACHE_DIR")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "kvtier"
+
+
+def resolve_model(model: str | None, *, seed: int = 0) -> ModelSource:
+    """Turn a --model value into a ModelSource (see the module docstring for the forms)."""
+    if model is None:
+        return _from_gguf(embedded_gguf_path(), name=EMBEDDED_MODEL_NAME)
+    if model.startswith(RANDOM_PREFIX):
+        return _from_random(model[len(RANDOM_PREFIX):], seed)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{model}: no such file or directory (give an HF model directory, "
+                             f"a .gguf file, or {RANDOM_PREFIX}<architecture>)")
+    if path.is_dir():
+        return _from_dir(path, name=path.resolve().name)
+    if path.suffix.lower() == ".gguf":
+        return _from_gguf(path, name=_QUANT_SUFFIX.sub("", path.stem))
+    raise ModelLoadError(f"{model}: expected an HF model directory or a .gguf file")
+
+
+def expected_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every HF parameter name a checkpoint of `spec` must provide, with its shape."""
+    h, f, v, d = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.head_dim
+    q, kv = spec.num_attention_heads * d, spec.num_key_value_heads * d
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    mlp_bias = bool(spec.extra.get("mlp_bias", False))
+    for i in range(spec.num_hidden_layers):
+        p = f"model.layers.{i}."
+        layer: dict[str, tuple[int, ...]] = {
+            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+            "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+            "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
+            "mlp.down_proj.weight": (h, f)}
+        if spec.attention_bias:
+            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                          "self_attn.v_proj.bias": (kv,)})
+            if spec.model_type != "qwen2":  # Llama's attention_bias covers o_proj too
+                layer["self_attn.o_proj.bias"] = (h,)
+        if mlp_bias:
+            layer.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,),
+                          "mlp.down_proj.bias": (h,)})
+        shapes.update({p + k: s for k, s in layer.items()})
+    shapes["model.norm.weight"] = (h,)
+    if not spec.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+# -- sources ------------------------------------------------------------------------------------
+
+def _from_gguf(path: Path, name: str) -> ModelSource:
+    # A truncated or altered file has another size/digest, so it never hits a stale cache entry.
+    return _from_dir(ensure_converted(path, cache_dir()), name=name)
+
+
+def _from_dir(path: Path, name: str) -> ModelSource:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path}: not a model directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ModelLoadError(f"{config_file}: not valid JSON: {exc}") from exc
+    spec = ModelSpec.from_hf_config(config)
+    files = _weight_files(path)
+    _check_weights(spec, files)
+    tokenizer = Tokenizer.from_dir(path, extra_eos_token_ids=spec.eos_token_ids)
+    _warn_if_tokenizer_too_big(tokenizer, spec, path)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for file in files:
+        digest.update(f"{file.name}:{file.stat().st_size};".encode())
+    return ModelSource(model_id=f"{name}@{digest.hexdigest()[:16]}", name=name, spec=spec,
+                       tokenizer=tokenizer, path=path, weight_files=tuple(files))
+
+
+def _from_random(arch_name: str, seed: int) -> ModelSource:
+    arch = get_architecture(arch_name)
+    spec = arch.spec
+    tokenizer = load_architecture_tokenizer(arch, cache_dir())
+    digest = hashlib.sha256(json.dumps(dict(arch.config), sort_keys=True).encode()).hexdigest()
+    name = f"{RANDOM_PREFIX}{arch.name}"
+    return ModelSource(model_id=f"{name}@seed{seed}-{digest[:16]}", name=name, spec=spec,
+                       tokenizer=tokenizer, path=None, seed=seed)
+
+
+def _warn_if_tokenizer_too_big(tokenizer: Tokenizer, spec: ModelSpec, path: Path) -> None:
+    if tokenizer.vocab_size > spec.vocab_size:
+        warnings.warn(f"{path}: the tokenizer has {tokenizer.vocab_size} ids but the model "
+                      f"only {spec.vocab_size}; prompts using the extra ids will fail",
+                      stacklevel=3)
+
+
+# -- safetensors checkpoints --------------------------------------------------------------------
+
+def _weight_files(path: Path) -> list[Path]:
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{index_file}: not a valid safetensors index: {exc}") from exc
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{path}: shards named in {index_file.name} are missing: "
+                                 f"{', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in path.glob("*.bin")) + sorted(
+            p.name for p in path.glob("*.pt"))
+        hint = f" (found {', '.join(others)}; only safetensors is supported)" if others else ""
+        raise ModelLoadError(f"{path}: no *.safetensors weights{hint}")
+    return files
+
+
+def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} from a safetensors header, checking the file is long enough.
+
+    A download cut short leaves a valid header over missing data; comparing the largest data
+    offset with the file size catches that without reading the tensors.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ModelLoadError(f"{file}: truncated safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > _MAX_SAFETENSORS_HEADER_BYTES or 8 + header_len > size:
+            raise ModelLoadError(f"{file}: corrupt or truncated safetensors header")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as exc:
+            raise ModelLoadError(f"{file}: corrupt safetensors header: {exc}") from exc
+    header.pop("__metadata__", None)
+    data_end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    if 8 + header_len + data_end > size:
+        raise ModelLoadError(f"{file}: truncated safetensors file: data ends at byte "
+                             f"{8 + header_len + data_end} but the file has {size}")
+    return {name: (t["dtype"], tuple(t["shape"])) for name, t in header.items()}
+
+
+def _check_weights(spec: ModelSpec, files: list[Path]) -> None:
+    found: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        found.update({name: shape for name, (_, shape) in read_safetensors_header(file).items()})
+    for name, shape in expected_weight_shapes(spec).items():
+        if name not in found:
+            raise ModelLoadError(f"{files[0].parent}: weight {name} is missing")
+        if tuple(found[name]) != shape:
+            raise ModelLoadError(f"{files[0].parent}: weight {name} has shape "
+                                 f"{tuple(found[name])}, config.json implies {shape}")
+
+
+def _checkpoint_weights(spec: ModelSpec, files: tuple[Path, ...], device: torch.device,
+                        dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    wanted = expected_weight_shapes(spec)
+    # Loading straight onto the GPU skips a host copy; safetensors accepts "cuda:N" strings.
+    load_device = str(device) if device.type == "cuda" else "cpu"
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device=load_device) as f:
+                for name in f.keys():  # noqa: SIM118 -- safe_open is not a dict
+                    if name in wanted:
+                        yield name, f.get_tensor(name).to(device=device, dtype=dtype)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # safetensors raises its own SafetensorError
+            raise ModelLoadError(f"{file}: cannot read weights: {exc}") from exc
+
+
+# -- random weights -----------------------------------------------------------------------------
+
+def _random_weights(spec: ModelSpec, seed: int, device: torch.device,
+                    dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """N(0, 0.02) matrices, ones for norm weights, zeros for biases (HF's initialisation).
+
+    Each tensor gets its own generator seeded from (seed, name), so one tensor's values do not
+    depend on which others were generated; they are drawn in float32, then cast.
+    """
+    for name, shape in expected_weight_shapes(spec).items():
+        if name.endswith(".bias"):
+            yield name, torch.zeros(shape, device=device, dtype=dtype)
+        elif "norm" in name:
+            yield name, torch.ones(shape, device=device, dtype=dtype)
+        else:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(_tensor_seed(seed, name))
+            values = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+            yield name, values.mul_(_RANDOM_STD).to(dtype)
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1

@@ -1,0 +1,90 @@
+"""Builds the configured tier stack and measures its starting rates (a short probe)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kvtier.config import ConfigError, TierConfig, TierSpec
+from kvtier.kv.block_pool import BlockPool
+from kvtier.tiers.base import KVLayout, TierStore
+from kvtier.tiers.cost import CostModel, TierRate
+from kvtier.tiers.cpu import CPUStore
+from kvtier.tiers.disk import DiskStore
+from kvtier.tiers.manager import TierManager
+from kvtier.tiers.policy import create_policy
+from kvtier.tiers.transfer import KVTransfer
+
+logger = logging.getLogger(__name__)
+
+
+def build_store(spec: TierSpec, layout: KVLayout, chunk_blocks: int,
+                pin_memory: bool) -> TierStore:
+    policy = create_policy(spec.eviction)
+    if spec.kind == "cpu":
+        return CPUStore(layout, spec.capacity_bytes, policy, chunk_blocks, pin_memory)
+    if spec.kind == "disk":
+        assert spec.path is not None
+        return DiskStore(layout, spec.capacity_bytes, policy, spec.path)
+    raise ConfigError(f"kv tier kind {spec.kind!r} is not available in this build")
+
+
+def build_tier_manager(config: TierConfig, layout: KVLayout, kv_cache: torch.Tensor,
+                       pool: BlockPool, prefill_tokens_per_s: float) -> TierManager:
+    chunk_blocks = max(1, config.kv_tier_chunk_tokens // layout.block_size)
+    stores = [build_store(spec, layout, chunk_blocks, kv_cache.is_cuda)
+              for spec in config.kv_tiers]
+    transfer = KVTransfer(kv_cache)
+    rates = {store.name: probe_rate(store, transfer, chunk_blocks) for store in stores}
+    for name, rate in rates.items():
+        logger.info("tier %s: %.2f GB/s, latency %.3f ms", name, rate.bytes_per_s / 1e9,
+                    rate.latency_s * 1e3)
+    manager = TierManager(config, stores, transfer, pool, layout.block_size,
+                          CostModel(prefill_tokens_per_s, rates))
+    pool.eviction_listener = manager
+    return manager
+
+
+def probe_rate(store: TierStore, transfer: KVTransfer, chunk_blocks: int) -> TierRate:
+    """Time moving one chunk from this kind of tier into the (still empty) device cache."""
+    num_blocks = min(chunk_blocks, transfer.kv_cache.shape[2])
+    num_bytes = num_blocks * store.layout.block_bytes
+    payload = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=transfer.is_cuda)
+    block_ids = list(range(num_blocks))
+    if store.name == "cpu":
+        transfer.copy_in(payload, num_blocks, 0, block_ids)  # warm-up
+        started = time.perf_counter()
+        transfer.copy_in(payload, num_blocks, 0, block_ids)
+        return TierRate(num_bytes / max(time.perf_counter() - started, 1e-9), latency_s=0.0)
+    if store.name == "disk":
+        return _probe_disk(store, transfer, payload, num_blocks)
+    return TierRate(1e9, latency_s=1e-3)
+
+
+def _probe_disk(store: TierStore, transfer: KVTransfer, payload: torch.Tensor,
+                num_blocks: int) -> TierRate:
+    root = getattr(store, "root", None)
+    if getattr(store, "broken", None) or root is None:
+        return TierRate(1.0, latency_s=1.0)  # unusable: never worth loading from
+    try:
+        with tempfile.NamedTemporaryFile(dir=Path(root), suffix=".probe") as f:
+            f.write(payload.numpy().tobytes())
+            f.flush()
+            started = time.perf_counter()
+            f.seek(0)
+            f.read(4096)
+            latency = time.perf_counter() - started
+            started = time.perf_counter()
+            f.seek(0)
+            data = f.read()
+            transfer.copy_in(torch.frombuffer(bytearray(data), dtype=torch.uint8), num_blocks,
+                             0, list(range(num_blocks)))
+            elapsed = time.perf_counter() - started
+    except OSError as exc:
+        logger.warning("disk tier probe failed: %s", exc)
+        return TierRate(1.0, latency_s=1.0)
+    return TierRate(payload.numel() / max(elapsed, 1e-9), latency_s=latency)

@@ -1,0 +1,195 @@
+"""The tier stack inside the engine: same tokens with every tier setup, hits served from the
+tiers, restarts over a disk directory, faults that only cost a recompute, admission by reuse.
+
+Uses `random:tiny-llama` (2 layers, SmolLM2's vocabulary) with a device pool far smaller than
+the prefix working set, so prefixes are evicted between uses and must come back from a tier.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from kvtier import LLM, SamplingParams
+
+BLOCK = 16
+NUM_PREFIXES, PREFIX_LEN = 4, 256
+POOL_BLOCKS = 48  # 768 tokens of device KV for a 1,024-token prefix working set
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+def workload(seed: int = 0, num_requests: int = 12) -> list[list[int]]:
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(200, 40_000) for _ in range(PREFIX_LEN)]
+                for _ in range(NUM_PREFIXES)]
+    return [prefixes[i % NUM_PREFIXES] + [rng.randrange(200, 40_000) for _ in range(20)]
+            for i in range(num_requests)]
+
+
+def make_llm(**tier_args: object) -> LLM:
+    return LLM("random:tiny-llama", num_gpu_blocks_override=POOL_BLOCKS,
+               max_num_batched_tokens=128, kv_tier_chunk_tokens=64, **tier_args)
+
+
+def run(llm: LLM, prompts: list[list[int]], concurrent: bool = False) -> list[list[int]]:
+    if concurrent:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+    return [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
+
+
+def finish(llm: LLM) -> None:
+    """Shut the tiers down and check nothing leaked."""
+    engine = llm.engine
+    engine.shutdown()
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks, "device blocks leaked"
+    engine.pool.check_integrity()
+    for store in engine.tiers.stores if engine.tiers else []:
+        store.check_integrity()
+        assert all(entry.pins == 0 for entry in store._entries.values()), "tier pins leaked"
+
+
+@pytest.fixture(scope="module")
+def baseline() -> tuple[list[list[int]], list[list[int]]]:
+    llm = make_llm()
+    outputs = run(llm, workload()), run(llm, workload(seed=1, num_requests=8), concurrent=True)
+    finish(llm)
+    return outputs
+
+
+TIER_SETUPS = {
+    "cpu-lazy": {"kv_tiers": ("cpu:64MiB",)},
+    "cpu-write-through": {"kv_tiers": ("cpu:64MiB",), "kv_store_policy": "write-through"},
+    "cpu+disk-lazy": {"kv_tiers": ("cpu:128KiB", "disk:{tmp}:64MiB")},
+    "cpu+disk-write-through": {"kv_tiers": ("cpu:128KiB", "disk:{tmp}:64MiB"),
+                               "kv_store_policy": "write-through"},
+    "cpu-s3fifo": {"kv_tiers": ("cpu:2MiB:s3fifo",)},
+}
+
+
+@pytest.mark.parametrize("setup", sorted(TIER_SETUPS))
+def test_greedy_tokens_are_identical_with_and_without_tiers(
+        setup: str, baseline: tuple[list[list[int]], list[list[int]]], tmp_path: Path) -> None:
+    args = dict(TIER_SETUPS[setup])
+    args["kv_tiers"] = tuple(t.format(tmp=tmp_path) for t in args["kv_tiers"])  # type: ignore
+    llm = make_llm(**args)
+    sequential = run(llm, workload())
+    concurrent = run(llm, workload(seed=1, num_requests=8), concurrent=True)
+    stats = llm.engine.tiers.stats
+    finish(llm)
+    assert (sequential, concurrent) == baseline
+    assert sum(stats.hit_tokens.values()) > 0, "no prefix came back from a tier"
+
+
+def test_evicted_prefix_is_served_from_cpu_faster_than_recomputing() -> None:
+    """SmolLM2 (30 layers): recomputing 1,024 tokens costs far more than copying them back."""
+    rng = random.Random(5)
+    doc, other = ([rng.randrange(200, 40_000) for _ in range(1024)] for _ in range(2))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    def ttft_of_return(**tier_args: object) -> tuple[float, dict[str, int], list[int]]:
+        llm = LLM(num_gpu_blocks_override=80, **tier_args)  # 1,280 tokens: one document fits
+        llm.generate([doc + [11]], params)
+        llm.generate([other + [12]], params)  # evicts `doc` from the device
+        output = llm.generate([doc + [13]], params)[0]
+        finish(llm)
+        m = output.metrics
+        return m.time_to_first_token or 0.0, m.num_tier_hit_tokens, output.outputs[0].token_ids
+
+    recompute_ttft, recompute_hits, recompute_tokens = ttft_of_return()
+    tier_ttft, tier_hits, tier_tokens = ttft_of_return(kv_tiers=("cpu:256MiB",))
+    # The device keeps the document's first blocks (freed last, evicted last) in both runs.
+    assert recompute_hits["device"] == tier_hits["device"] < 512
+    assert "cpu" not in recompute_hits
+    assert tier_hits["device"] + tier_hits["cpu"] >= 1024 - BLOCK
+    assert tier_tokens == recompute_tokens
+    assert tier_ttft < recompute_ttft
+
+
+def test_prefix_comes_from_disk_when_cpu_is_too_small(tmp_path: Path) -> None:
+    llm = make_llm(kv_tiers=("cpu:128KiB", f"disk:{tmp_path}:64MiB"))
+    prompts = workload()
+    run(llm, prompts)
+    disk_hits = llm.engine.tiers.stats.hit_tokens["disk"]
+    disk_stats = llm.engine.tiers.stores[1].stats
+    finish(llm)
+    assert disk_hits > 0 and disk_stats.num_stored_entries > 0
+
+
+@pytest.mark.parametrize("policy", ["lazy", "write-through"])
+def test_new_engine_serves_a_prefix_computed_by_the_previous_one(policy: str,
+                                                                 tmp_path: Path) -> None:
+    prompt = workload()[0]
+    first = make_llm(kv_tiers=(f"disk:{tmp_path}:64MiB",), kv_store_policy=policy)
+    expected = run(first, [prompt])
+    finish(first)  # graceful shutdown: lazy candidates are written down too
+    second = make_llm(kv_tiers=(f"disk:{tmp_path}:64MiB",), kv_store_policy=policy)
+    output = second.generate([prompt], GREEDY)[0]
+    finish(second)
+    assert output.metrics.num_tier_hit_tokens.get("disk", 0) >= PREFIX_LEN
+    assert output.outputs[0].token_ids == expected[0]
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "truncated", "missing"])
+def test_damaged_disk_entries_cost_a_recompute_not_a_wrong_token(fault: str,
+                                                                 tmp_path: Path) -> None:
+    prompt = workload()[0]
+    llm = make_llm(kv_tiers=(f"disk:{tmp_path}:64MiB",), kv_store_policy="write-through")
+    expected = run(llm, [prompt])
+    llm.engine.tiers.wait_idle()
+    llm.engine.reset_prefix_cache()
+    files = sorted(Path(tmp_path).rglob("*.kvt"))
+    assert files
+    for path in files:
+        if fault == "corrupt":
+            data = bytearray(path.read_bytes())
+            data[-3] ^= 0x5A
+            path.write_bytes(bytes(data))
+        elif fault == "truncated":
+            path.write_bytes(path.read_bytes()[:-100])
+        else:
+            path.unlink()
+    again = run(llm, [prompt])
+    store = llm.engine.tiers.stores[0]
+    finish(llm)
+    assert again == expected
+    assert store.stats.num_errors >= 1
+
+
+def test_unusable_disk_directory_leaves_the_engine_correct(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    llm = make_llm(kv_tiers=(f"disk:{blocker}:64MiB",), kv_store_policy="write-through")
+    outputs = run(llm, workload()[:4])
+    store = llm.engine.tiers.stores[0]
+    finish(llm)
+    reference = make_llm()
+    assert outputs == run(reference, workload()[:4])
+    finish(reference)
+    assert store.stats.num_errors >= 1 and store.stats.num_stored_entries == 0
+
+
+def test_full_cpu_tier_evicts_and_never_exceeds_capacity() -> None:
+    llm = make_llm(kv_tiers=("cpu:600KiB",), kv_store_policy="write-through")
+    run(llm, workload())
+    store = llm.engine.tiers.stores[0]
+    finish(llm)
+    assert store.stats.num_evictions > 0
+    assert store.used_bytes <= store.capacity_bytes <= 600 * 1024
+
+
+def test_min_hits_two_never_stores_a_prefix_seen_once() -> None:
+    prompts = workload(num_requests=NUM_PREFIXES)  # each prefix exactly once
+    llm = make_llm(kv_tiers=("cpu:64MiB",), kv_store_policy="write-through",
+                   kv_store_min_hits=2)
+    run(llm, prompts)
+    llm.engine.tiers.wait_idle()
+    store = llm.engine.tiers.stores[0]
+    assert store.stats.num_stored_entries == 0
+    assert llm.engine.tiers.stats.num_rejected_min_hits > 0
+    run(llm, [prompts[0][:PREFIX_LEN] + [7] * 20])  # the first prefix, seen a second time
+    llm.engine.tiers.wait_idle()
+    stored = store.stats.num_stored_entries
+    finish(llm)
+    assert stored > 0

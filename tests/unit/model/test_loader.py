@@ -1,0 +1,223 @@
+"""resolve_model: every --model form, random architectures, and every error it promises."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvtier.model.architectures import ARCHITECTURES
+from kvtier.model.loader import cache_dir, expected_weight_shapes, resolve_model
+from kvtier.model.spec import ModelLoadError
+from tests.unit.model.conftest import write_tiny_model_dir
+
+CPU = torch.device("cpu")
+SHARED_QWEN_CONFIG = Path(__file__).parents[3] / "shared/peer-vllm/tools/qwen2.5-1.5b-config.json"
+PEER_QWEN_CONFIG = Path("/work/shared/peer-vllm/tools/qwen2.5-1.5b-config.json")
+REAL_PARAMETER_COUNTS = {
+    "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
+    "smollm2-135m": 134_515_008, "llama-3.1-8b": 8_030_261_248}
+
+
+@pytest.fixture()
+def tiny_dir(tmp_path: Path, smollm_dir: Path) -> Path:
+    return write_tiny_model_dir(tmp_path / "tiny-model", smollm_dir)
+
+
+def test_embedded_model_and_its_gguf_path_resolve_to_smollm2(gguf_path: Path,
+                                                             smollm_dir: Path) -> None:
+    """--model unset and --model <the .gguf> give SmolLM2-135M-Instruct from the cache, with
+    the same stable model_id; a warm resolve takes well under two seconds."""
+    started = time.perf_counter()
+    source = resolve_model(None)
+    assert time.perf_counter() - started < 2.0
+    assert source.name == "SmolLM2-135M-Instruct"
+    assert source.path == smollm_dir
+    assert source.spec.num_hidden_layers == 30 and source.spec.tie_word_embeddings
+    assert source.tokenizer.eos_token_ids == {2}
+    by_path = resolve_model(str(gguf_path))
+    assert by_path.name == source.name
+    assert by_path.model_id == source.model_id and source.model_id.startswith(source.name + "@")
+
+
+def test_embedded_weights_stream_with_hf_names_in_the_requested_dtype() -> None:
+    source = resolve_model(None)
+    weights = dict(source.iter_weights(CPU, torch.bfloat16))
+    assert set(weights) == set(expected_weight_shapes(source.spec))
+    assert "lm_head.weight" not in weights  # tied
+    assert all(t.dtype == torch.bfloat16 for t in weights.values())
+    assert weights["model.embed_tokens.weight"].shape == (49152, 576)
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_hf_directory_single_file_and_sharded_load_the_written_weights(
+        tmp_path: Path, smollm_dir: Path, num_shards: int) -> None:
+    """A directory with model.safetensors, or shards + model.safetensors.index.json, yields
+    exactly the tensors that were saved; name is the directory name."""
+    directory = write_tiny_model_dir(tmp_path / "my-model", smollm_dir, num_shards)
+    source = resolve_model(str(directory))
+    assert source.name == "my-model"
+    assert len(source.weight_files) == num_shards
+    expected = dict(resolve_model("random:tiny-llama", seed=3).iter_weights(CPU, torch.float32))
+    got = dict(source.iter_weights(CPU, torch.float32))
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_model_id_changes_with_config_or_weights(tiny_dir: Path) -> None:
+    """model_id goes into KV-cache hashes, so a changed config or weight file must change it."""
+    first = resolve_model(str(tiny_dir)).model_id
+    assert resolve_model(str(tiny_dir)).model_id == first
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config["rope_theta"] = 5000.0
+    (tiny_dir / "config.json").write_text(json.dumps(config))
+    assert resolve_model(str(tiny_dir)).model_id != first
+
+
+@pytest.mark.parametrize("name", sorted(REAL_PARAMETER_COUNTS))
+def test_random_architectures_have_the_real_models_shapes(name: str) -> None:
+    """Parameter counts equal the published ones, so memory and KV sizing are realistic."""
+    spec = ARCHITECTURES[name].spec
+    shapes = expected_weight_shapes(spec)
+    assert sum(math.prod(s) for s in shapes.values()) == REAL_PARAMETER_COUNTS[name]
+    assert spec.num_parameters == REAL_PARAMETER_COUNTS[name]
+    assert ("lm_head.weight" in shapes) == (not spec.tie_word_embeddings)
+
+
+def test_qwen25_15b_config_is_the_real_one() -> None:
+    """random:qwen2.5-1.5b carries Qwen2.5-1.5B-Instruct's config.json values exactly."""
+    path = SHARED_QWEN_CONFIG if SHARED_QWEN_CONFIG.is_file() else PEER_QWEN_CONFIG
+    if not path.is_file():
+        pytest.skip("the reference config is not in shared/")
+    real = json.loads(path.read_text())
+    real.pop("transformers_version")
+    assert dict(ARCHITECTURES["qwen2.5-1.5b"].config) == real
+
+
+def test_llama31_8b_has_llama3_rope_scaling() -> None:
+    spec = ARCHITECTURES["llama-3.1-8b"].spec
+    assert spec.rope_scaling == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+    assert (spec.rope_theta, spec.max_position_embeddings) == (500000.0, 131072)
+    assert spec.eos_token_ids == (128001, 128008, 128009)
+
+
+def test_random_weights_are_seeded_per_tensor_and_initialised_like_hf() -> None:
+    """Same seed -> same values; another seed -> other values; norms are ones, biases zeros,
+    matrices N(0, 0.02); shapes and names as the architecture requires."""
+    source = resolve_model("random:tiny-qwen2", seed=7)
+    assert source.path is None and source.name == "random:tiny-qwen2"
+    first = dict(source.iter_weights(CPU, torch.float32))
+    again = dict(source.iter_weights(CPU, torch.float32))
+    other = dict(replace(source, seed=8).iter_weights(CPU, torch.float32))
+    assert {n: tuple(t.shape) for n, t in first.items()} == expected_weight_shapes(source.spec)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    embed = first["model.embed_tokens.weight"]
+    assert not torch.equal(embed, other["model.embed_tokens.weight"])
+    assert abs(embed.std().item() - 0.02) < 0.001
+    assert torch.equal(first["model.norm.weight"], torch.ones(64))
+    assert torch.equal(first["model.layers.1.self_attn.k_proj.bias"], torch.zeros(32))
+    assert resolve_model("random:tiny-llama", seed=8).model_id != resolve_model(
+        "random:tiny-llama", seed=7).model_id
+    half = dict(source.iter_weights(CPU, torch.float16))
+    assert torch.equal(half["lm_head.weight"], first["lm_head.weight"].half())
+
+
+def test_cache_dir_honours_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    monkeypatch.setenv("KVTIER_CACHE_DIR", str(tmp_path))
+    assert cache_dir() == tmp_path
+    monkeypatch.delenv("KVTIER_CACHE_DIR")
+    assert cache_dir() == Path.home() / ".cache" / "kvtier"
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+def test_missing_path_and_unknown_architecture_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no such file or directory"):
+        resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="unknown architecture 'gpt-5'.*qwen2.5-1.5b"):
+        resolve_model("random:gpt-5")
+    text_file = tmp_path / "weights.txt"
+    text_file.write_text("hello")
+    with pytest.raises(ModelLoadError, match="expected an HF model directory or a .gguf"):
+        resolve_model(str(text_file))
+
+
+def test_directory_without_config_weights_or_tokenizer_is_rejected(tiny_dir: Path) -> None:
+    (tiny_dir / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match="no tokenizer.json"):
+        resolve_model(str(tiny_dir))
+    (tiny_dir / "model.safetensors").rename(tiny_dir / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="no \\*.safetensors.*pytorch_model.bin"):
+        resolve_model(str(tiny_dir))
+    (tiny_dir / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model(str(tiny_dir))
+
+
+def test_unsupported_model_type_and_wrong_shapes_are_rejected(tiny_dir: Path) -> None:
+    config = json.loads((tiny_dir / "config.json").read_text())
+    (tiny_dir / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="model_type 'gpt2' is not supported"):
+        resolve_model(str(tiny_dir))
+    (tiny_dir / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(ModelLoadError, match="gate_proj.weight has shape"):
+        resolve_model(str(tiny_dir))
+    (tiny_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ModelLoadError, match="model.layers.2.* is missing"):
+        resolve_model(str(tiny_dir))
+
+
+def test_truncated_and_corrupt_safetensors_are_detected_at_resolve(tiny_dir: Path) -> None:
+    """A download cut short, a garbage header, or a file too short for its header all fail
+    when resolving, before any tensor is read."""
+    weights = tiny_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1000])
+    with pytest.raises(ModelLoadError, match="truncated safetensors file"):
+        resolve_model(str(tiny_dir))
+    weights.write_bytes(struct.pack("<Q", 20) + b"{this is not json!!}" + data[28:])
+    with pytest.raises(ModelLoadError, match="corrupt safetensors header"):
+        resolve_model(str(tiny_dir))
+    weights.write_bytes(data[:5])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        resolve_model(str(tiny_dir))
+
+
+def test_unreadable_tensor_data_fails_while_streaming_weights(tiny_dir: Path) -> None:
+    """A header whose offsets are inconsistent passes the size check but fails in
+    iter_weights with the file named."""
+    weights = tiny_dir / "model.safetensors"
+    data = weights.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])
+    name = "model.norm.weight"
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin, end - 4]  # 255 floats' bytes for 256 floats
+    encoded = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
+    weights.write_bytes(data[:8] + encoded + data[8 + header_len:])
+    source = resolve_model(str(tiny_dir))
+    with pytest.raises(ModelLoadError, match="model.safetensors: cannot read weights"):
+        dict(source.iter_weights(CPU, torch.float32))
+
+
+def test_index_naming_a_missing_shard_is_rejected(tmp_path: Path, smollm_dir: Path) -> None:
+    directory = write_tiny_model_dir(tmp_path / "sharded", smollm_dir, num_shards=2)
+    (directory / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="missing: model-00002-of-00002.safetensors"):
+        resolve_model(str(directory))
+
+
+def test_corrupt_gguf_is_rejected(tmp_path: Path) -> None:
+    bad = tmp_path / "broken-Q4_0.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(ModelLoadError, match="broken-Q4_0.gguf: corrupt or truncated GGUF"):
+        resolve_model(str(bad))
+    assert not list((cache_dir() / "gguf").glob("broken*"))

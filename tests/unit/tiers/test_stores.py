@@ -1,0 +1,225 @@
+"""Tier stores: index, capacity and pins stay consistent; every disk fault is a clean miss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from kvtier.kv.hashing import hash_block_tokens, root_block_hash
+from kvtier.tiers.base import EntryMeta, KVLayout, TierError, TierStore
+from kvtier.tiers.cpu import CPUStore
+from kvtier.tiers.disk import DiskStore
+from kvtier.tiers.policy import create_policy
+
+LAYOUT = KVLayout("test-model", "float32", num_layers=2, num_kv_heads=1, head_dim=4,
+                  block_size=2, dtype_bytes=4)
+CHUNK_BLOCKS = 2
+ROOT = root_block_hash("test-model")
+
+
+def make_meta(seed: int, num_blocks: int = CHUNK_BLOCKS) -> EntryMeta:
+    hashes, parent = [], ROOT
+    for i in range(num_blocks):
+        parent = hash_block_tokens(parent, [seed, i])
+        hashes.append(parent)
+    return EntryMeta(hashes[-1], tuple(hashes), num_blocks * LAYOUT.block_bytes)
+
+
+def payload_for(meta: EntryMeta) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(int.from_bytes(meta.key[:4], "little"))
+    return torch.randint(0, 256, (meta.num_bytes,), dtype=torch.uint8, generator=generator)
+
+
+def put(store: TierStore, meta: EntryMeta) -> bool:
+    handle = store.prepare_store(meta)
+    if handle is None:
+        return False
+    handle.buffer.copy_(payload_for(meta))
+    store.complete_store(handle, True)
+    return True
+
+
+def cpu_store(capacity_entries: int = 4, policy: str = "lru") -> CPUStore:
+    return CPUStore(LAYOUT, capacity_entries * CHUNK_BLOCKS * LAYOUT.block_bytes,
+                    create_policy(policy), CHUNK_BLOCKS, pin_memory=False)
+
+
+def disk_store(path: Path, capacity_entries: int = 4) -> DiskStore:
+    probe = DiskStore(LAYOUT, 1 << 20, create_policy("lru"), str(path / "probe"))
+    per_entry = probe._entry_bytes(make_meta(0))  # payload plus its JSON header
+    return DiskStore(LAYOUT, capacity_entries * per_entry, create_policy("lru"), str(path))
+
+
+@pytest.mark.parametrize("kind", ["cpu", "disk"])
+def test_round_trip_and_block_level_lookup(kind: str, tmp_path: Path) -> None:
+    store = cpu_store() if kind == "cpu" else disk_store(tmp_path)
+    meta = make_meta(1)
+    assert put(store, meta)
+    assert store.locate(meta.block_hashes[0]) == (meta, 0)
+    assert store.locate(meta.block_hashes[1]) == (meta, 1)
+    assert store.pin(meta.key)
+    assert torch.equal(store.read(meta), payload_for(meta))
+    store.unpin(meta.key)
+    assert store.stats.num_loaded_bytes == meta.num_bytes
+    store.check_integrity()
+
+
+@pytest.mark.parametrize("kind", ["cpu", "disk"])
+def test_capacity_is_never_exceeded_and_pinned_entries_survive(kind: str,
+                                                               tmp_path: Path) -> None:
+    store = cpu_store(2) if kind == "cpu" else disk_store(tmp_path, 2)
+    first, second, third = make_meta(1), make_meta(2), make_meta(3)
+    assert put(store, first) and put(store, second)
+    store.pin(first.key)
+    assert put(store, third)  # evicts `second`, the only unpinned entry
+    assert store.has(first.key) and not store.has(second.key) and store.has(third.key)
+    store.pin(third.key)
+    assert not put(store, make_meta(4))  # everything pinned: refused, counted
+    assert store.stats.num_rejected == 1
+    assert store.used_bytes <= store.capacity_bytes
+    store.check_integrity()
+
+
+def test_disk_index_survives_a_restart(tmp_path: Path) -> None:
+    meta = make_meta(7)
+    assert put(disk_store(tmp_path), meta)
+    reopened = disk_store(tmp_path)
+    assert reopened.locate(meta.block_hashes[0]) == (meta, 0)
+    assert torch.equal(reopened.read(meta), payload_for(meta))
+    reopened.check_integrity()
+
+
+def entry_file(store: DiskStore, meta: EntryMeta) -> Path:
+    return store.root / f"{meta.key.hex()}.kvt"
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "truncated", "missing", "bad-header"])
+def test_disk_faults_are_misses_that_drop_the_entry(fault: str, tmp_path: Path) -> None:
+    store = disk_store(tmp_path)
+    meta = make_meta(9)
+    assert put(store, meta)
+    path = entry_file(store, meta)
+    data = bytearray(path.read_bytes())
+    if fault == "corrupt":
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif fault == "truncated":
+        path.write_bytes(bytes(data[:-7]))
+    elif fault == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(b"garbage" + bytes(data[7:]))
+    store.pin(meta.key)
+    with pytest.raises(TierError):
+        store.read(meta)
+    store.unpin(meta.key)
+    assert not store.has(meta.key) and store.locate(meta.block_hashes[0]) is None
+    assert store.stats.num_errors == 1
+    store.check_integrity()
+
+
+def test_corrupt_files_are_dropped_when_the_index_is_rebuilt(tmp_path: Path) -> None:
+    store = disk_store(tmp_path)
+    good, bad = make_meta(1), make_meta(2)
+    assert put(store, good) and put(store, bad)
+    entry_file(store, bad).write_bytes(b"KVTIER01\x05\x00\x00\x00{oops")
+    reopened = disk_store(tmp_path)
+    assert reopened.has(good.key) and not reopened.has(bad.key)
+    assert reopened.stats.num_errors == 1
+    assert not entry_file(reopened, bad).exists()
+
+
+def test_a_path_that_is_a_file_disables_the_tier_without_crashing(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    store = disk_store(blocker)
+    assert store.broken is not None
+    assert not put(store, make_meta(1))
+    assert store.stats.num_errors == 1 and store.stats.num_rejected == 1
+
+
+def test_failed_write_is_counted_and_leaves_no_entry(tmp_path: Path) -> None:
+    store = disk_store(tmp_path)
+    meta = make_meta(3)
+    handle = store.prepare_store(meta)
+    assert handle is not None
+    store.root.rename(tmp_path / "moved-away")  # the write's directory vanishes
+    store.complete_store(handle, True)
+    assert not store.has(meta.key) and store.stats.num_errors == 1
+    store.check_integrity()
+
+
+def test_cpu_store_rejects_a_capacity_smaller_than_one_chunk() -> None:
+    with pytest.raises(ValueError, match="cannot hold one chunk"):
+        CPUStore(LAYOUT, 10, create_policy("lru"), CHUNK_BLOCKS, pin_memory=False)
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """Random store / read / pin / unpin / remove / abandon sequences on a tiny store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = cpu_store(3, policy="s3fifo")
+        self.pins: dict[bytes, int] = {}
+
+    @rule(seed=st.integers(0, 12), blocks=st.integers(1, CHUNK_BLOCKS))
+    def store_entry(self, seed: int, blocks: int) -> None:
+        meta = make_meta(seed, blocks)
+        was_there = self.store.has(meta.key)
+        stored = put(self.store, meta)
+        if stored:
+            assert self.store.has(meta.key)
+        elif not was_there:
+            assert all(self.pins.get(k, 0) for k in self.store._entries), \
+                "refused although an unpinned entry could have been evicted"
+
+    @rule(seed=st.integers(0, 12))
+    def abandon_store(self, seed: int) -> None:
+        handle = self.store.prepare_store(make_meta(seed))
+        if handle is not None:
+            self.store.complete_store(handle, False)
+            assert not self.store.has(handle.meta.key)
+
+    @rule(seed=st.integers(0, 12), blocks=st.integers(1, CHUNK_BLOCKS))
+    def read(self, seed: int, blocks: int) -> None:
+        meta = make_meta(seed, blocks)
+        if self.store.pin(meta.key):
+            assert torch.equal(self.store.read(meta), payload_for(meta))
+            self.store.unpin(meta.key)
+
+    @rule(seed=st.integers(0, 12), blocks=st.integers(1, CHUNK_BLOCKS))
+    def pin(self, seed: int, blocks: int) -> None:
+        meta = make_meta(seed, blocks)
+        if self.store.pin(meta.key):
+            self.pins[meta.key] = self.pins.get(meta.key, 0) + 1
+
+    @rule(data=st.data())
+    def unpin(self, data: st.DataObject) -> None:
+        pinned = sorted(k for k, n in self.pins.items() if n)
+        if pinned:
+            key = data.draw(st.sampled_from(pinned))
+            self.store.unpin(key)
+            self.pins[key] -= 1
+
+    @rule(seed=st.integers(0, 12), blocks=st.integers(1, CHUNK_BLOCKS))
+    def remove_unpinned(self, seed: int, blocks: int) -> None:
+        meta = make_meta(seed, blocks)
+        if not self.pins.get(meta.key):
+            self.store.remove(meta.key)
+            assert not self.store.has(meta.key)
+
+    @invariant()
+    def consistent(self) -> None:
+        self.store.check_integrity()
+        for key, pins in self.pins.items():
+            if pins:
+                assert self.store.has(key), "a pinned entry was evicted"
+
+
+TestStoreMachine = StoreMachine.TestCase
+TestStoreMachine.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
