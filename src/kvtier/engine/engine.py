@@ -28,7 +28,8 @@ from kvtier.runner.memory import plan_kv_blocks, resolve_device, resolve_dtype
 from kvtier.runner.model_runner import ModelRunner
 from kvtier.scheduler import Scheduler
 from kvtier.tiers.base import KVLayout
-from kvtier.tiers.manager import TierManager
+from kvtier.tiers.base import TierStats
+from kvtier.tiers.manager import ManagerStats, TierManager
 from kvtier.tiers.stack import build_tier_manager
 from kvtier.types import (FinishReason, InvalidRequestError, RequestOutput, SamplingParams,
                           ScheduledRequest, SchedulerOutput)
@@ -50,6 +51,11 @@ class EngineStats:
     num_preemptions: int = 0
     num_finished: dict[str, int] = field(default_factory=dict)
     num_steps: int = 0
+    num_loading: int = 0
+    tiers: dict[str, TierStats] = field(default_factory=dict)
+    """Per lower tier (cpu, disk, ...): bytes stored/loaded, evictions, errors, ..."""
+    tier_manager: ManagerStats | None = None
+    """Hit tokens per tier, loads, admission rejections, device evictions without a copy."""
 
 
 class LLMEngine:
@@ -242,5 +248,9 @@ class LLMEngine:
     def get_stats(self) -> EngineStats:
         self.stats.num_running = self.scheduler.num_running
         self.stats.num_waiting = self.scheduler.num_waiting
+        self.stats.num_loading = len(self.scheduler.loading)
         self.stats.kv_usage = self.pool.usage
+        if self.tiers is not None:
+            self.stats.tiers = {store.name: store.stats for store in self.tiers.stores}
+            self.stats.tier_manager = self.tiers.stats
         return self.stats

@@ -44,6 +44,8 @@ class OutputProcessor:
         state.text += state.detokenizer.add(
             request.output_token_ids[state.num_detokenized_tokens:])
         state.num_detokenized_tokens = request.num_output_tokens
+        if request.is_finished:  # flush text held back for an incomplete character
+            state.text += state.detokenizer.finish()
         stops = request.sampling_params.stop
         if not stops:
             return None

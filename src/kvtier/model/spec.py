@@ -55,7 +55,10 @@ class ModelSpec:
             hidden = int(config["hidden_size"])
             eos = config.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-            rope_scaling = config.get("rope_scaling")
+            # transformers 5 folds rope_theta and rope_scaling into `rope_parameters`.
+            rope_parameters = config.get("rope_parameters") or {}
+            rope_theta = config.get("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+            rope_scaling = config.get("rope_scaling") or rope_parameters or None
             if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (
                     "default", None):
                 rope_scaling = None
@@ -69,7 +72,7 @@ class ModelSpec:
                 num_key_value_heads=int(config.get("num_key_value_heads") or num_heads),
                 head_dim=int(config.get("head_dim") or hidden // num_heads),
                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(config.get("rope_theta", 10000.0)),
+                rope_theta=float(rope_theta),
                 max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
                 attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
@@ -132,5 +135,6 @@ _OWN_KEYS = {
     "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
     "rope_theta", "max_position_embeddings", "tie_word_embeddings", "attention_bias",
-    "rope_scaling", "bos_token_id", "eos_token_id", "torch_dtype", "dtype", "hidden_act",
+    "rope_scaling", "rope_parameters", "bos_token_id", "eos_token_id", "torch_dtype", "dtype",
+    "hidden_act",
 }

@@ -75,12 +75,12 @@ def test_unpermute_inverts_llama_cpp_rotary_permutation() -> None:
 
 
 @pytest.fixture(scope="module")
-def hf_gguf_tokenizer(gguf_path: Path):  # noqa: ANN201 -- transformers type
+def hf_gguf_tokenizer(gguf_path: Path):
     return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
 
 
 def test_tokenizer_ids_equal_transformers_gguf_tokenizer(smollm_tokenizer: Tokenizer,
-                                                         hf_gguf_tokenizer) -> None:  # noqa: ANN001
+                                                         hf_gguf_tokenizer) -> None:
     """On code, unicode, digits and chat markup our converted tokenizer gives transformers'
     GGUF tokenizer's ids and text, and the same special tokens and chat template."""
     comparable = [t for t in TEXTS if not _splits_numbers_differently(t)]
@@ -108,7 +108,7 @@ def _splits_numbers_differently(text: str) -> bool:
 
 
 def test_whitespace_before_digits_follows_llama_cpp_smollm_split(
-        smollm_tokenizer: Tokenizer, hf_gguf_tokenizer) -> None:  # noqa: ANN001
+        smollm_tokenizer: Tokenizer, hf_gguf_tokenizer) -> None:
     """Known divergence: transformers ignores tokenizer.ggml.pre == "smollm" (every \\p{N}
     split off first, as llama.cpp and SmolLM2's own tokenizer.json do), so the space before a
     number sticks to it: "a  12" -> a,Ġ,Ġ,1,2 and "a ½" -> a,ĠÂ,½ there; llama.cpp and we

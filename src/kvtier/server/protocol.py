@@ -1,0 +1,227 @@
+"""OpenAI wire format: pydantic models of the requests we accept and the responses we send.
+
+Field names, defaults and shapes follow OpenAI's API (and vLLM's extras: `top_k`,
+`stop_token_ids`, `ignore_eos`, `include_stop_str_in_output`). Unknown fields are ignored, as
+OpenAI does. Range checks that pydantic can express live on the fields (and so in
+`/openapi.json`); features we do not implement are refused with a clear 400 by
+`unsupported_fields`, never silently ignored when they would change the output.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+MAX_STOP_SEQUENCES = 16
+
+TokenId = Annotated[StrictInt, Field(ge=0)]
+StopList = Annotated[list[StrictStr], Field(max_length=MAX_STOP_SEQUENCES)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Request):
+    """Fields shared by completions and chat completions."""
+
+    model: str | None = Field(None, description="A name from /v1/models; omitted = the first.")
+    temperature: float | None = Field(None, ge=0, description="0 = greedy; default 1.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="-1 or 0 = all tokens.")
+    seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
+    stop: StrictStr | StopList | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=256)] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, description="Must be 1.")
+    frequency_penalty: float | None = Field(None, description="Only 0 is supported.")
+    presence_penalty: float | None = Field(None, description="Only 0 is supported.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported.")
+    user: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions. `prompt` is text, token ids, or a one-element list of either."""
+
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool | None = Field(False, description="Must be false.")
+    logprobs: int | None = Field(None, description="Not supported.")
+    best_of: int | None = Field(None, description="Must be 1 if given.")
+    suffix: str | None = Field(None, description="Not supported.")
+
+
+class TextContentPart(_Request):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextContentPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions, rendered with the model's chat template."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; still read.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens.")
+    logprobs: bool | None = Field(None, description="Not supported.")
+    top_logprobs: int | None = Field(None, description="Not supported.")
+
+
+def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple[str, str] | None:
+    """(param, message) for the first field set to something we cannot honour, else None."""
+    checks: list[tuple[str, bool, str]] = [
+        ("n", body.n != 1, "n must be 1: kvtier returns one choice per request"),
+        ("frequency_penalty", bool(body.frequency_penalty),
+         "frequency_penalty is not supported (only 0)"),
+        ("presence_penalty", bool(body.presence_penalty),
+         "presence_penalty is not supported (only 0)"),
+        ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
+        ("logprobs", body.logprobs not in (None, False), "logprobs are not supported"),
+    ]
+    if isinstance(body, CompletionRequest):
+        checks += [
+            ("echo", bool(body.echo), "echo is not supported (must be false)"),
+            ("best_of", body.best_of not in (None, 1), "best_of must be 1"),
+            ("suffix", body.suffix is not None, "suffix is not supported"),
+        ]
+    else:
+        checks.append(("top_logprobs", body.top_logprobs is not None,
+                       "top_logprobs is not supported"))
+    return next(((param, message) for param, bad, message in checks if bad), None)
+
+
+# -- responses -------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (device or a lower tier)."""
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    """vLLM's extra: the stop string or stop token id that ended the output, if any."""
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "kvtier"
+    root: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

