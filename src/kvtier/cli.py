@@ -1,4 +1,4 @@
-"""The `kvtier` command: generate, demo (and, as they land, serve, bench, lab)."""
+"""The `kvtier` command: generate, serve, demo (and, as they land, bench, lab)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from kvtier.engine.args import add_engine_args
+    from kvtier.server.args import add_server_args
 
     parser = argparse.ArgumentParser(prog="kvtier", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
@@ -35,9 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     _add_sampling_args(gen)
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
+                                         "/v1/chat/completions, /metrics)")
+    add_engine_args(serve)
+    add_server_args(serve)
+
     demo = sub.add_parser("demo", help="chat answers, a prefix-cache hit and throughput on the "
                                        "embedded model")
     add_engine_args(demo)
+
+    from kvtier.lab.bench_cli import add_bench_parser
+    from kvtier.lab.lab_cli import add_lab_parser
+
+    add_bench_parser(sub)
+    add_lab_parser(sub)
     return parser
 
 
@@ -49,9 +61,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            from kvtier.server.launch import run_server
+            return run_server(args)
         if args.command == "demo":
             from kvtier.demo import run_demo
             return run_demo(args)
+        if args.command == "bench":
+            from kvtier.lab.bench_cli import run_bench
+            return run_bench(args)
+        if args.command == "lab":
+            from kvtier.lab.lab_cli import run_lab
+            return run_lab(args)
     except (ConfigError, InvalidRequestError, ValueError, FileNotFoundError) as exc:
         print(f"kvtier {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -62,8 +62,9 @@ class SamplingParams:
             raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             raise bad(f"top_k must be -1 (disabled) or an integer >= 0, got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise bad(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -(2**63) <= self.seed < 2**64):
+            raise bad(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if self.n != 1:
             raise bad(f"n must be 1, got {self.n!r}")
         for stop in self.stop:

@@ -6,14 +6,10 @@
         │ acceptance future                          expire timed-out requests
         └── RequestStream ◄── call_soon_threadsafe ◄─ publish snapshot, then deliver outputs
 
-The LLMEngine is not thread-safe, so every call to it (construction included) happens on the
-engine thread; the asyncio side only appends commands and reads published snapshots. The thread
-sleeps on the condition when there is nothing to do, so an idle server costs no CPU.
-
-Errors reach the caller before any response is started: `add_request` returns only once the
-engine thread has queued the request (or raises `InvalidRequestError`, `QueueFullError`,
-`EngineClosedError`). A `RequestStream` that is closed before its request finished (client gone,
-task cancelled) aborts the request, which frees its KV blocks at once.
+The LLMEngine is not thread-safe: every call to it (construction included) happens on the engine
+thread, which sleeps on the condition when idle. `add_request` returns only once the engine
+accepted the request, so errors reach the caller before any response starts. Closing a
+`RequestStream` early (client gone, task cancelled) aborts its request and frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -31,6 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kvtier.engine.engine import EngineStats, LLMEngine
+from kvtier.model.tokenizer import Tokenizer
 from kvtier.types import RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -86,7 +84,11 @@ class _Sink:
     """Where a request's outputs go: its stream's queue, on the loop that awaits it."""
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
+    queue: asyncio.Queue[RequestOutput | BaseException] = dataclasses.field(
+        default_factory=asyncio.Queue)
+
+
+_Batch = list[tuple[_Sink, RequestOutput]]
 
 
 @dataclass
@@ -171,8 +173,11 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._snapshot: EngineSnapshot | None = None
         self.engine: LLMEngine | None = None
-        """Set once started; touch it only from the engine thread (read-only attributes such
-        as `tokenizer`, `model_name` and `max_model_len` are fine from anywhere)."""
+        """Set once started; call it only from the engine thread."""
+        self.model_name = ""
+        self.max_model_len = 0
+        self.tokenizer: Tokenizer | None = None
+        """Read-only (encode, chat template), so the server may use it from another thread."""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -187,6 +192,9 @@ class AsyncEngine:
         ready.wait()
         if failure:
             raise failure[0]
+        assert self.engine is not None
+        self.model_name, self.max_model_len = self.engine.model_name, self.engine.max_model_len
+        self.tokenizer = self.engine.tokenizer
         self._accepting = True
 
     @property
@@ -222,9 +230,9 @@ class AsyncEngine:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     def _has_live(self) -> bool:
-        with self._cond:
-            pending = self._num_pending_adds
-        return pending > 0 or (self._snapshot is not None and self._snapshot.num_live_requests > 0)
+        snapshot = self._snapshot
+        return self._num_pending_adds > 0 or (snapshot is not None
+                                              and snapshot.num_live_requests > 0)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -237,7 +245,7 @@ class AsyncEngine:
         """
         loop = asyncio.get_running_loop()
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        sink = _Sink(loop, asyncio.Queue())
+        sink = _Sink(loop)
         command = _Add(request_id, prompt, params, arrival_time or time.monotonic(), sink,
                        loop.create_future())
         with self._cond:
@@ -292,7 +300,10 @@ class AsyncEngine:
         finally:
             with self._cond:
                 self._accepting = False
-            self._fail_pending_adds()
+            with self._cond:
+                leftover = list(self._commands)
+                self._commands.clear()
+            self._refuse_adds(leftover)
             try:
                 self.engine.shutdown()
             except Exception:
@@ -311,8 +322,9 @@ class AsyncEngine:
                 self._commands.clear()
                 stop = self._stop
             if stop:
+                self._refuse_adds(commands)
                 self._fail_all("shutdown")
-                self._publish(engine)
+                self._publish(engine, sum(isinstance(c, _Add) for c in commands))
                 return
             num_adds = self._apply(engine, commands)
             self._expire(engine)
@@ -324,8 +336,7 @@ class AsyncEngine:
                 idle_step = not outputs and time.perf_counter() - started < 0.0005
             has_work = engine.has_unfinished_requests()
             batches = self._route(outputs)
-            if commands or outputs or has_work:
-                self._publish(engine, num_adds)
+            self._publish(engine, num_adds)  # we only get here with commands or work
             for loop, batch in batches.items():
                 _call_soon(loop, _put_all, batch)
 
@@ -341,17 +352,16 @@ class AsyncEngine:
         return num_adds
 
     def _apply_add(self, engine: LLMEngine, command: _Add) -> None:
-        loop = command.sink.loop
+        error: Exception | None = None
         try:
             engine.add_request(command.prompt, command.params, command.request_id,
                                command.arrival_time)
+            self._sinks[command.request_id] = command.sink
+            if self.request_timeout_s is not None:
+                self._deadlines[command.request_id] = command.arrival_time + self.request_timeout_s
         except Exception as exc:  # InvalidRequestError and anything unexpected: to the caller
-            _call_soon(loop, _settle, command.accepted, exc)
-            return
-        self._sinks[command.request_id] = command.sink
-        if self.request_timeout_s is not None:
-            self._deadlines[command.request_id] = command.arrival_time + self.request_timeout_s
-        _call_soon(loop, _settle, command.accepted, None)
+            error = exc
+        _call_soon(command.sink.loop, _settle, command.accepted, error)
 
     def _apply_abort(self, engine: LLMEngine, command: _Abort) -> None:
         output = engine.abort_request(command.request_id)
@@ -365,8 +375,6 @@ class AsyncEngine:
                 command.reason, output, _ABORT_MESSAGES[command.reason]))
 
     def _expire(self, engine: LLMEngine) -> None:
-        if not self._deadlines:
-            return
         now = time.monotonic()
         for request_id in [r for r, deadline in self._deadlines.items() if deadline <= now]:
             self._apply_abort(engine, _Abort(request_id, "timeout"))
@@ -383,20 +391,17 @@ class AsyncEngine:
         return outputs
 
     def _notify_listeners(self, outputs: list[RequestOutput]) -> None:
-        if not outputs:
-            return
         now = time.monotonic()
-        for listener in self._listeners:
+        for listener in self._listeners if outputs else ():
             try:
                 listener(outputs, now)
             except Exception:
                 logger.exception("output listener %r failed", listener)
 
-    def _route(self, outputs: list[RequestOutput],
-               ) -> dict[asyncio.AbstractEventLoop, list[tuple[_Sink, RequestOutput]]]:
+    def _route(self, outputs: list[RequestOutput]) -> dict[asyncio.AbstractEventLoop, _Batch]:
         """Group outputs by event loop (one wake-up per loop, not per output) and forget the
         finished requests before the snapshot counts live ones."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Sink, RequestOutput]]] = {}
+        batches: dict[asyncio.AbstractEventLoop, _Batch] = {}
         for output in outputs:
             sink = self._sinks.get(output.request_id)
             if sink is None:
@@ -432,10 +437,7 @@ class AsyncEngine:
                            RequestAbortedError(reason, None, _ABORT_MESSAGES[reason]))
         self._deadlines.clear()
 
-    def _fail_pending_adds(self) -> None:
-        with self._cond:
-            commands = list(self._commands)
-            self._commands.clear()
+    def _refuse_adds(self, commands: list[_Add | _Abort]) -> None:
         for command in commands:
             if isinstance(command, _Add):
                 _call_soon(command.sink.loop, _settle, command.accepted,
@@ -450,13 +452,13 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
     if future.done():  # the caller was cancelled meanwhile
-        return
-    if error is None:
+        pass
+    elif error is None:
         future.set_result(None)
     else:
         future.set_exception(error)
 
 
-def _put_all(batch: list[tuple[_Sink, RequestOutput]]) -> None:
+def _put_all(batch: _Batch) -> None:
     for sink, output in batch:
         sink.queue.put_nowait(output)

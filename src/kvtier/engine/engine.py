@@ -27,12 +27,17 @@ from kvtier.request import Request
 from kvtier.runner.memory import plan_kv_blocks, resolve_device, resolve_dtype
 from kvtier.runner.model_runner import ModelRunner
 from kvtier.scheduler import Scheduler
-from kvtier.tiers.base import KVLayout
-from kvtier.tiers.base import TierStats
+from kvtier.tiers.base import KVLayout, TierStats
 from kvtier.tiers.manager import ManagerStats, TierManager
 from kvtier.tiers.stack import build_tier_manager
-from kvtier.types import (FinishReason, InvalidRequestError, RequestOutput, SamplingParams,
-                          ScheduledRequest, SchedulerOutput)
+from kvtier.types import (
+    FinishReason,
+    InvalidRequestError,
+    RequestOutput,
+    SamplingParams,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,17 @@ OpenAI does. Range checks that pydantic can express live on the fields (and so i
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictInt,
+    StrictStr,
+    model_serializer,
+)
 
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 MAX_STOP_SEQUENCES = 16
@@ -172,8 +180,15 @@ class ChatCompletionResponse(BaseModel):
 
 
 class DeltaMessage(BaseModel):
+    """Only the fields that changed: `{"role": "assistant", "content": ""}` first, then
+    `{"content": "..."}`, and `{}` in a final chunk that only carries the finish reason."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChatStreamChoice(BaseModel):

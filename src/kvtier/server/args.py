@@ -1,0 +1,50 @@
+"""`kvtier serve` flags beyond the engine's (which come from `kvtier.engine.args`).
+
+Kept free of heavy imports so that building the CLI parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from kvtier.config import parse_size
+
+DEFAULT_MAX_WAITING_REQUESTS = 4096
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server)")
+    g.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged)")
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="names clients may send as `model` (first one answers); default: the "
+                        "model's name")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: the "
+                        "KVTIER_API_KEY environment variable, else no key)")
+    g.add_argument("--max-waiting-requests", type=_positive_int,
+                   default=DEFAULT_MAX_WAITING_REQUESTS,
+                   help="requests allowed to wait for their first schedule; past it new ones "
+                        "get 503 with Retry-After (default %(default)s)")
+    g.add_argument("--request-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="abort requests still running this long after arrival (default: none)")
+    g.add_argument("--max-request-body-bytes", type=parse_size, default=4 * 1024 * 1024,
+                   help="larger request bodies get 413 (default 4MiB)")
+    g.add_argument("--shutdown-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long in-flight requests may finish before they "
+                        "are aborted")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value

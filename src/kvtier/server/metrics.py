@@ -1,0 +1,166 @@
+"""Prometheus metrics for `/metrics`, named like vLLM's with a `kvtier:` prefix.
+
+Two sources, one per-app `CollectorRegistry` (no global registry, so several apps can live in
+one process, e.g. in tests):
+
+- counters and gauges are read at scrape time from the engine's last published snapshot
+  (`EngineStats`, its tier stats and the KV pool), so they can never drift from the engine;
+- latency histograms (TTFT, inter-token, end-to-end, queue time) are observed by an output
+  listener on the engine thread, before the outputs reach their clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvtier.engine.async_engine import EngineSnapshot
+from kvtier.types import RequestOutput
+
+PREFIX = "kvtier:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# vLLM's buckets, so dashboards built for vLLM read ours the same way.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+               120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+# (metric suffix, TierStats field, help) for each lower tier, labelled tier="cpu" etc.
+_TIER_COUNTERS = (
+    ("tier_stored_bytes", "num_stored_bytes", "Bytes written to the tier."),
+    ("tier_stored_entries", "num_stored_entries", "Entries written to the tier."),
+    ("tier_loaded_bytes", "num_loaded_bytes", "Bytes read back from the tier."),
+    ("tier_hit_blocks", "num_hit_blocks", "KV blocks served from the tier."),
+    ("tier_evictions", "num_evictions", "Entries evicted from the tier."),
+    ("tier_never_read_evictions", "num_never_read_evictions",
+     "Entries evicted from the tier without ever being read."),
+    ("tier_errors", "num_errors", "Failed tier operations (each cost a recompute)."),
+    ("tier_rejected_stores", "num_rejected", "Stores the tier refused."),
+)
+_MANAGER_COUNTERS = (
+    ("tier_loads", "num_loads", "Loads from lower tiers into device KV blocks."),
+    ("tier_load_seconds", "load_seconds", "Seconds spent loading from lower tiers."),
+    ("tier_rejected_min_hits", "num_rejected_min_hits",
+     "Chunks not stored: their prefix was seen fewer than kv_store_min_hits times."),
+    ("tier_rejected_cost", "num_rejected_cost",
+     "Chunks not stored or hits not loaded because recomputing was predicted cheaper."),
+    ("evicted_unsaved_blocks", "num_evicted_unsaved_blocks",
+     "Device blocks evicted with no copy in any tier."),
+)
+
+
+class _SnapshotCollector(Collector):
+    """Counters and gauges straight from the engine's published snapshot."""
+
+    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        stats = snap.stats
+        yield _gauge("num_requests_running", "Requests in the running batch.", stats.num_running)
+        yield _gauge("num_requests_waiting", "Requests waiting to be scheduled.",
+                     stats.num_waiting)
+        yield _gauge("num_requests_loading", "Requests waiting for KV from a lower tier.",
+                     stats.num_loading)
+        yield _gauge("kv_cache_usage_perc", "Fraction of device KV blocks held by requests "
+                     "(1 = full).", stats.kv_usage)
+        yield _gauge("kv_cache_free_blocks", "Device KV blocks free to allocate (cached but "
+                     "unreferenced blocks included).", snap.num_free_blocks)
+        yield _gauge("kv_cache_total_blocks", "Device KV blocks in the pool.",
+                     snap.num_total_blocks)
+        yield _counter("prompt_tokens", "Prompt tokens prefilled or served from cache.",
+                       stats.num_prompt_tokens)
+        yield _counter("generation_tokens", "Generated tokens.", stats.num_generation_tokens)
+        yield _counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                       stats.num_prefix_cache_queried_tokens)
+        yield _counter("prefix_cache_hits", "Prompt tokens served from the prefix cache "
+                       "(device and tiers).", stats.num_prefix_cache_hit_tokens)
+        yield _counter("num_preemptions", "Requests preempted for KV space.",
+                       stats.num_preemptions)
+        finished = CounterMetricFamily(PREFIX + "request_success", "Finished requests by reason.",
+                                       labels=["finished_reason"])
+        for reason, count in _finished_by_reason(stats.num_finished).items():
+            finished.add_metric([reason], count)
+        yield finished
+        yield from self._tiers(snap)
+
+    def _tiers(self, snap: EngineSnapshot) -> Iterator[Metric]:
+        stats = snap.stats
+        for suffix, field, help_text in _TIER_COUNTERS:
+            family = CounterMetricFamily(PREFIX + suffix, help_text, labels=["tier"])
+            for tier, tier_stats in sorted(stats.tiers.items()):
+                family.add_metric([tier], float(getattr(tier_stats, field)))
+            yield family
+        hits = CounterMetricFamily(PREFIX + "tier_hit_tokens", "Prompt tokens served from each "
+                                   "lower tier.", labels=["tier"])
+        manager = stats.tier_manager
+        for tier, count in sorted((manager.hit_tokens if manager else {}).items()):
+            hits.add_metric([tier], float(count))
+        yield hits
+        if manager is not None:
+            for suffix, field, help_text in _MANAGER_COUNTERS:
+                yield _counter(suffix, help_text, float(getattr(manager, field)))
+
+
+def _finished_by_reason(num_finished: dict[str, int]) -> dict[str, int]:
+    """Every reason shows up from the start (0), so rate() works on the first increment."""
+    return {"stop": 0, "length": 0, "abort": 0, **num_finished}
+
+
+def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, help_text, value=float(value))
+
+
+def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, help_text, value=float(value))
+
+
+class ServerMetrics:
+    """The app's registry: snapshot collector plus latency histograms."""
+
+    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_SnapshotCollector(snapshot))
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
+                              "Arrival to first generated token.", buckets=TTFT_BUCKETS,
+                              registry=self.registry)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
+                             "Time between two generated tokens of one request.",
+                             buckets=ITL_BUCKETS, registry=self.registry)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds",
+                             "Arrival to the request's end (any finish reason).",
+                             buckets=E2E_BUCKETS, registry=self.registry)
+        self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
+                                    "Arrival to first scheduled.", buckets=TTFT_BUCKETS,
+                                    registry=self.registry)
+        self._last_token_time: dict[str, float] = {}
+
+    def observe(self, outputs: list[RequestOutput], now: float) -> None:
+        """Output listener (engine thread): one call per step with that step's outputs."""
+        for output in outputs:
+            request_id, metrics = output.request_id, output.metrics
+            if output.new_token_ids:
+                last = self._last_token_time.get(request_id)
+                if last is None:
+                    if metrics.first_token_time is not None:
+                        self.ttft.observe(metrics.first_token_time - metrics.arrival_time)
+                    if metrics.first_scheduled_time is not None:
+                        self.queue_time.observe(metrics.first_scheduled_time
+                                                - metrics.arrival_time)
+                else:
+                    self.itl.observe(now - last)
+                self._last_token_time[request_id] = now
+            if output.finished:
+                self._last_token_time.pop(request_id, None)
+                end = metrics.finished_time if metrics.finished_time is not None else now
+                self.e2e.observe(end - metrics.arrival_time)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,325 @@
+"""The OpenAI completion routes: request -> token ids and SamplingParams -> engine -> response.
+
+Everything that can be wrong with a request is found before the engine sees it or, at the
+latest, when the engine thread accepts it; only then does a response start. Tokenisation and
+chat templating run on one worker thread, so a long prompt never blocks the event loop nor
+the engine thread.
+
+Streams follow OpenAI's SSE format (`data: {json}\\n\\n`, ending `data: [DONE]\\n\\n`) and send
+each step's text as soon as the engine produced it. Like vLLM, the chat role chunk goes out
+with the first token, so clients measure TTFT from the first chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from kvtier.engine.async_engine import AsyncEngine, RequestAbortedError, RequestStream
+from kvtier.server.errors import OpenAIError, from_engine_error
+from kvtier.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    PromptTokensDetails,
+    Usage,
+    unsupported_fields,
+)
+from kvtier.types import InvalidRequestError, RequestOutput, SamplingParams
+
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every chunk of one response repeats."""
+
+    response_id: str
+    model: str
+    created: int
+    include_usage: bool
+
+
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that always closes its generator, which aborts the request when
+    the client left mid-stream (Starlette only cancels the task that awaits the client)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+class OpenAIServing:
+    """Turns validated request bodies into engine requests and engine outputs into responses."""
+
+    def __init__(self, engine: AsyncEngine, served_model_names: tuple[str, ...]) -> None:
+        self.engine = engine
+        self.model_names = served_model_names
+        assert engine.tokenizer is not None, "start() the engine first"
+        self.max_model_len = engine.max_model_len
+        self._tokenizer = engine.tokenizer
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-tokenize")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- routes -------------------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
+        model = self._check(body)
+        prompt = _single_prompt(body.prompt)
+        if isinstance(prompt, str):
+            token_ids = await self._run(self._tokenizer.encode, prompt, "prompt")
+        else:
+            token_ids = prompt
+        params = self._params(body, body.max_tokens or 16, len(token_ids), "prompt",
+                              explicit=body.max_tokens is not None)
+        ctx, headers = _context(request, "cmpl", model, body.include_usage)
+        stream = await self._add(token_ids, params, arrival, ctx)
+        if body.stream:
+            return SSEResponse(_completion_events(stream, ctx), media_type="text/event-stream",
+                               headers=headers)
+        output = await _collect(stream, request)
+        completion = output.outputs[0]
+        response = CompletionResponse(id=ctx.response_id, model=model, usage=_usage(output),
+                                      choices=[CompletionChoice(
+                                          text=completion.text,
+                                          finish_reason=completion.finish_reason,
+                                          stop_reason=completion.stop_reason)])
+        return Response(response.model_dump_json(), media_type="application/json",
+                        headers=headers)
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
+        model = self._check(body)
+        messages = [{"role": m.role, "content": m.text(), "name": m.name} for m in body.messages]
+        token_ids = await self._run(self._render_chat, messages, "messages")
+        requested = body.max_completion_tokens or body.max_tokens
+        params = self._params(body, requested or self.max_model_len, len(token_ids), "messages",
+                              explicit=requested is not None)
+        ctx, headers = _context(request, "chatcmpl", model, body.include_usage)
+        stream = await self._add(token_ids, params, arrival, ctx)
+        if body.stream:
+            return SSEResponse(_chat_events(stream, ctx), media_type="text/event-stream",
+                               headers=headers)
+        output = await _collect(stream, request)
+        completion = output.outputs[0]
+        response = ChatCompletionResponse(id=ctx.response_id, model=model, usage=_usage(output),
+                                          choices=[ChatChoice(
+                                              message=ChatResponseMessage(content=completion.text),
+                                              finish_reason=completion.finish_reason,
+                                              stop_reason=completion.stop_reason)])
+        return Response(response.model_dump_json(), media_type="application/json",
+                        headers=headers)
+
+    # -- request preparation ------------------------------------------------------------------
+
+    def _check(self, body: CompletionRequest | ChatCompletionRequest) -> str:
+        """The served model name to answer with; refuses unknown models and features."""
+        if body.model is not None and body.model not in self.model_names:
+            raise OpenAIError(404, f"the model {body.model!r} does not exist; see /v1/models",
+                              param="model", code="model_not_found")
+        unsupported = unsupported_fields(body)
+        if unsupported is not None:
+            param, message = unsupported
+            raise OpenAIError(400, message, param=param, code="unsupported_parameter")
+        return body.model or self.model_names[0]
+
+    def _render_chat(self, messages: list[dict[str, str | None]]) -> list[int]:
+        text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # The template already holds any BOS token: encode without adding special tokens.
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    async def _run(self, fn: Callable[..., list[int]], arg: object, param: str) -> list[int]:
+        """Tokenise on the worker thread; any failure there is the input's fault (400)."""
+        loop = asyncio.get_running_loop()
+        try:
+            token_ids = await loop.run_in_executor(self._executor, fn, arg)
+        except Exception as exc:
+            raise OpenAIError(400, f"cannot tokenize the {param}: {type(exc).__name__}: {exc}",
+                              param=param) from exc
+        if not token_ids:
+            raise OpenAIError(400, f"the {param} is empty", param=param)
+        return token_ids
+
+    def _params(self, body: CompletionRequest | ChatCompletionRequest, max_tokens: int,
+                num_prompt_tokens: int, param: str, explicit: bool) -> SamplingParams:
+        """SamplingParams with max_tokens fitted to the context (refused if asked for)."""
+        room = self.max_model_len - num_prompt_tokens
+        if room < 1:
+            raise OpenAIError(400, f"this model's maximum context length is "
+                              f"{self.max_model_len} tokens, but the {param} has "
+                              f"{num_prompt_tokens} tokens (prompt + at least one output token "
+                              "must fit)", param=param, code="context_length_exceeded")
+        if explicit and max_tokens > room:
+            raise OpenAIError(400, f"this model's maximum context length is "
+                              f"{self.max_model_len} tokens, but {num_prompt_tokens + max_tokens}"
+                              f" were requested ({num_prompt_tokens} in the {param}, "
+                              f"{max_tokens} to generate)", param="max_tokens",
+                              code="context_length_exceeded")
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        try:
+            return SamplingParams(
+                max_tokens=min(max_tokens, room),
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=-1 if body.top_k is None else body.top_k, seed=body.seed, stop=stop,
+                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+                include_stop_str_in_output=body.include_stop_str_in_output)
+        except InvalidRequestError as exc:
+            raise OpenAIError(400, str(exc)) from exc
+
+    async def _add(self, token_ids: list[int], params: SamplingParams, arrival: float,
+                   ctx: _Context) -> RequestStream:
+        engine_id = f"{ctx.response_id}-{uuid.uuid4().hex[:8]}"
+        try:
+            return await self.engine.add_request(token_ids, params, engine_id, arrival)
+        except Exception as exc:
+            raise from_engine_error(exc) from exc
+
+
+def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:
+    """OpenAI allows a batch of prompts; we serve one per request (a one-element list too)."""
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise OpenAIError(400, f"got {len(prompt)} prompts; send one prompt per request",
+                              param="prompt")
+        return prompt[0]  # type: ignore[return-value]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def _context(request: Request, kind: str, model: str,
+             include_usage: bool) -> tuple[_Context, dict[str, str]]:
+    """Response id from the `x-request-id` header (as vLLM does), echoed back as a header."""
+    given = request.headers.get("x-request-id", "")[:128]
+    request_id = given or uuid.uuid4().hex
+    ctx = _Context(f"{kind}-{request_id}", model, int(time.time()), include_usage)
+    return ctx, {"X-Request-Id": request_id}
+
+
+def _usage(output: RequestOutput) -> Usage:
+    num_prompt = len(output.prompt_token_ids)
+    num_completion = len(output.outputs[0].token_ids)
+    return Usage(prompt_tokens=num_prompt, completion_tokens=num_completion,
+                 total_tokens=num_prompt + num_completion,
+                 prompt_tokens_details=PromptTokensDetails(
+                     cached_tokens=output.metrics.num_cached_tokens))
+
+
+async def _collect(stream: RequestStream, request: Request) -> RequestOutput:
+    """The final output of a non-streaming request; aborts it if the client goes away."""
+
+    async def last_output() -> RequestOutput:
+        final: RequestOutput | None = None
+        async for output in stream:
+            final = output
+        assert final is not None and final.finished
+        return final
+
+    async with stream:
+        result = asyncio.ensure_future(last_output())
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not result.done():
+                result.cancel()
+        if not result.done() or result.cancelled():
+            raise OpenAIError(499, "the client closed the connection", code="client_closed")
+        exc = result.exception()
+        if exc is not None:
+            raise from_engine_error(exc) if isinstance(exc, Exception) else exc
+        return result.result()
+
+
+async def _client_gone(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse(chunk: CompletionChunk | ChatCompletionChunk, ctx: _Context) -> str:
+    exclude = None if ctx.include_usage else {"usage"}
+    return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+
+
+def _error_event(exc: Exception) -> str:
+    error = from_engine_error(exc)
+    return f"data: {json.dumps(error.body(), ensure_ascii=True)}\n\n"
+
+
+async def _completion_events(stream: RequestStream, ctx: _Context) -> AsyncIterator[str]:
+    last: RequestOutput | None = None
+    try:
+        async with stream:
+            async for output in stream:
+                last = output
+                completion = output.outputs[0]
+                if output.new_text or output.finished:
+                    yield _sse(CompletionChunk(
+                        id=ctx.response_id, created=ctx.created, model=ctx.model,
+                        choices=[CompletionChoice(text=output.new_text,
+                                                  finish_reason=completion.finish_reason,
+                                                  stop_reason=completion.stop_reason)]), ctx)
+    except RequestAbortedError as exc:
+        yield _error_event(exc)
+    else:
+        if ctx.include_usage and last is not None:
+            yield _sse(CompletionChunk(id=ctx.response_id, created=ctx.created, model=ctx.model,
+                                       choices=[], usage=_usage(last)), ctx)
+    yield DONE
+
+
+async def _chat_events(stream: RequestStream, ctx: _Context) -> AsyncIterator[str]:
+    last: RequestOutput | None = None
+
+    def chunk(delta: DeltaMessage, finish: str | None = None,
+              stop_reason: str | int | None = None) -> str:
+        return _sse(ChatCompletionChunk(
+            id=ctx.response_id, created=ctx.created, model=ctx.model,
+            choices=[ChatStreamChoice(delta=delta, finish_reason=finish,
+                                      stop_reason=stop_reason)]), ctx)
+
+    try:
+        async with stream:
+            async for output in stream:
+                if last is None:
+                    yield chunk(DeltaMessage(role="assistant", content=""))
+                last = output
+                completion = output.outputs[0]
+                if output.finished:
+                    delta = DeltaMessage(content=output.new_text or None)
+                    yield chunk(delta, completion.finish_reason, completion.stop_reason)
+                elif output.new_text:
+                    yield chunk(DeltaMessage(content=output.new_text))
+    except RequestAbortedError as exc:
+        yield _error_event(exc)
+    else:
+        if ctx.include_usage and last is not None:
+            yield _sse(ChatCompletionChunk(id=ctx.response_id, created=ctx.created,
+                                           model=ctx.model, choices=[], usage=_usage(last)), ctx)
+    yield DONE

@@ -1,0 +1,95 @@
+"""records.py and server_stats.py: what a run keeps, JSON/CSV files, kvtier counters."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from kvtier.lab.records import (
+    SERVER_FAILED,
+    RunRecord,
+    read_results_json,
+    write_results_csv,
+    write_results_json,
+)
+from kvtier.lab.server_stats import format_stats, split_key, summarize
+from tests.unit.lab.helpers import kvtier_stats, record
+
+
+def test_from_result_keeps_successful_latencies_and_errors():
+    r = record("off", "P", [0.1, 0.2], failed=1)
+    assert r.ttfts_ms == pytest.approx([100.0, 200.0])
+    assert r.itls_ms == pytest.approx([10.0] * 6)
+    assert r.result["completed"] == 2 and r.result["failed"] == 1
+    assert "ttfts" not in r.result  # per-request arrays stay out of results.json
+    assert "HTTP 500" in r.error and r.succeeded
+    assert r.metric("mean_ttft_ms") == pytest.approx(150.0)
+    assert r.metric("nonexistent") is None
+
+
+def test_results_json_is_strict_and_reads_back(tmp_path: Path):
+    good = record("off", "P", [0.1], kvtier=kvtier_stats(100, 50, 25))
+    bad = RunRecord("on", "P", status=SERVER_FAILED, error="exited with code 1")
+    path = tmp_path / "results.json"
+    write_results_json(path, {"name": "x", "workloads": [{"request_rate": float("inf")}]},
+                       [good, bad])
+    text = path.read_text()
+    assert "Infinity" not in text
+    data = json.loads(text)
+    assert data["experiment"]["workloads"][0]["request_rate"] == "inf"
+    assert data["machine"]["cpu_count"] >= 1
+    back = read_results_json(path)
+    assert [r.status for r in back] == ["ok", SERVER_FAILED]
+    assert back[0].kvtier == good.kvtier and back[0].ttfts_ms == good.ttfts_ms
+
+
+def test_csv_has_one_row_per_run_with_tier_columns(tmp_path: Path):
+    records = [record("off", "P", [0.1], kvtier=kvtier_stats(100, 50, 0), device_kv_tokens=512,
+                      prefix_working_set_tokens=2048),
+               record("on", "P", [0.1], kvtier=kvtier_stats(100, 50, 25), device_kv_tokens=512),
+               RunRecord("on", "S", status=SERVER_FAILED, error="boom")]
+    records[0].kvtier["tier_hit_tokens"].pop("cpu")  # type: ignore[index]
+    path = tmp_path / "results.csv"
+    write_results_csv(path, records)
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["server"], r["workload"], r["status"]) for r in rows] == [
+        ("off", "P", "ok"), ("on", "P", "ok"), ("on", "S", SERVER_FAILED)]
+    assert rows[0]["hit_tokens_device"] == "50" and rows[0]["hit_tokens_cpu"] == ""
+    assert rows[1]["hit_tokens_cpu"] == "25" and rows[0]["device_kv_tokens"] == "512"
+    assert rows[0]["prefix_working_set_tokens"] == "2048"
+    assert float(rows[0]["mean_ttft_ms"]) == pytest.approx(100.0)
+    assert rows[2]["error"] == "boom" and rows[2]["mean_ttft_ms"] == ""
+
+
+DIFF = {
+    "kvtier:prompt_tokens_total": 1000.0, "kvtier:generation_tokens_total": 64.0,
+    "kvtier:prefix_cache_hits_total": 700.0, "kvtier:num_preemptions_total": 2.0,
+    'kvtier:tier_hit_tokens_total{tier="cpu"}': 400.0,
+    'kvtier:tier_hit_tokens_total{tier="disk"}': 100.0,
+    'kvtier:tier_loaded_bytes_total{tier="cpu"}': 2.0 * 2**20,
+    'kvtier:tier_stored_bytes_total{tier="cpu"}': 3.0 * 2**20,
+    'kvtier:request_success_total{finished_reason="length"}': 8.0,
+    'kvtier:request_success_total{finished_reason="stop"}': 0.0,
+    "kvtier:time_to_first_token_seconds_count": 8.0,
+}
+
+
+def test_summarize_splits_matched_tokens_by_tier():
+    stats = summarize(DIFF)
+    assert stats is not None
+    assert stats.tier_hit_tokens == {"device": 200, "cpu": 400, "disk": 100}
+    assert (stats.prompt_tokens, stats.matched_tokens, stats.computed_tokens) == (1000, 700, 300)
+    assert stats.num_requests == 8 and stats.num_preemptions == 2
+    assert stats.tier_loaded_bytes == {"cpu": 2 * 2**20}
+    text = format_stats(stats, client_prompt_tokens=1000)
+    assert "700 (70.0%)" in text and "hit tokens, cpu:" in text and "2.0 / 3.0" in text
+    assert summarize({"vllm:prompt_tokens_total": 5.0}) is None
+    assert summarize(None) is None
+
+
+def test_split_key_reads_labels():
+    assert split_key('a{tier="cpu",x="1"}') == ("a", {"tier": "cpu", "x": "1"})
+    assert split_key("plain") == ("plain", {})

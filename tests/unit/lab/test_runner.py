@@ -1,0 +1,126 @@
+"""server.py and runner.py against fake OpenAI servers started through `launch` templates.
+
+The fakes (fake_openai.py) stream instantly, so a whole experiment runs in seconds: a kvtier-like
+server (its /metrics has kvtier: counters), one that fails every third request, and one whose
+command exits at once. Failures must be recorded while the other runs go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvtier.lab.experiment import Experiment, ServerSpec, WorkloadSpec
+from kvtier.lab.runner import check_engine_flags, run_experiment
+from kvtier.lab.server import (
+    ServerStartError,
+    running_server,
+    server_command,
+    slug,
+    stop_process,
+)
+
+FAKE = Path(__file__).with_name("fake_openai.py")
+TOKENIZER = "Qwen/Qwen2.5-1.5B-Instruct"
+
+
+def fake(name: str, *flags: str) -> ServerSpec:
+    command = f"{sys.executable} {FAKE} --port {{port}} {' '.join(flags)}"
+    return ServerSpec(name=name, launch=command, startup_timeout_s=30)
+
+
+def workload(name: str = "R", num_prompts: int = 6) -> WorkloadSpec:
+    return WorkloadSpec(name, {"dataset_name": "random", "random_input_len": 32,
+                               "random_output_len": 4, "num_prompts": num_prompts,
+                               "max_concurrency": 2})
+
+
+def test_server_command_forms():
+    kv = ServerSpec("a", engine=("--num-gpu-blocks-override", "8"), model="random:tiny-llama")
+    argv = server_command(kv, 1234)
+    assert argv[1:4] == ["-m", "kvtier.cli", "serve"]
+    assert argv[4:] == ["--model", "random:tiny-llama", "--num-gpu-blocks-override", "8",
+                        "--host", "127.0.0.1", "--port", "1234"]
+    launch = ServerSpec("b", launch="serve {model} --host {host} --port {port}", model="m")
+    assert server_command(launch, 7) == ["/bin/sh", "-c", "serve m --host 127.0.0.1 --port 7"]
+    assert slug("+ CPU tier / 16GiB") == "cpu-tier-16gib"
+
+
+def test_running_server_is_healthy_then_torn_down(tmp_path: Path):
+    with running_server(fake("f"), tmp_path) as server:
+        assert server.process is not None and server.process.poll() is None
+        assert server.start_seconds > 0 and server.base_url.startswith("http://127.0.0.1:")
+        process = server.process
+    assert process.poll() is not None  # SIGTERM reached the launcher's child too
+    assert (tmp_path / "f.log").read_text().startswith("$ /bin/sh -c")
+
+
+def test_a_server_that_exits_reports_its_log(tmp_path: Path):
+    spec = ServerSpec("dies", launch="echo cannot start on {port}; exit 3", startup_timeout_s=10)
+    with pytest.raises(ServerStartError, match=r"(?s)exited with code 3.*cannot start on"):
+        with running_server(spec, tmp_path):
+            pass
+
+
+def test_stop_process_kills_what_ignores_sigterm():
+    process = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal("
+                                "signal.SIGTERM, signal.SIG_IGN); print('x', flush=True); "
+                                "time.sleep(60)"], stdout=subprocess.PIPE,
+                               start_new_session=True)
+    assert process.stdout is not None and process.stdout.readline()
+    start = time.perf_counter()
+    assert stop_process(process, grace_s=0.5) == -9
+    assert time.perf_counter() - start < 5
+
+
+def test_experiment_keeps_going_past_failures_and_writes_everything(tmp_path: Path):
+    experiment = Experiment(
+        name="unit", tokenizer=TOKENIZER,
+        servers=(fake("kvtier-like", "--kvtier"), fake("flaky", "--fail-every", "3"),
+                 ServerSpec("broken", launch="exit 3 # {port}", startup_timeout_s=10)),
+        workloads=(workload("R"), workload("R2", 3)))
+    messages: list[str] = []
+    lab = run_experiment(experiment, tmp_path, log=messages.append)
+    got = {(r.server, r.workload): r for r in lab.records}
+    assert len(got) == 6
+    ok = got[("kvtier-like", "R")]
+    assert ok.status == "ok" and ok.result["completed"] == 6
+    assert ok.kvtier is not None and ok.kvtier["tier_hit_tokens"]["cpu"] > 0
+    assert ok.device_kv_tokens == 64 * 16  # kvtier:kv_cache_total_blocks × block size
+    flaky = got[("flaky", "R")]
+    assert flaky.status == "ok" and flaky.result["failed"] >= 1 and "HTTP 500" in flaky.error
+    assert got[("broken", "R")].status == "server-failed"
+    assert "exited with code 3" in got[("broken", "R2")].error
+    assert any("broken" in m for m in messages)
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(rows) == 6
+    assert len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 6
+    report = (tmp_path / "report.md").read_text()
+    assert "### R" in report and "server-failed" in report
+    assert {p.name for p in (tmp_path / "plots").iterdir()} >= {
+        "ttft_cdf_r.png", "itl_r.png", "throughput.png", "regime_map.png"}
+
+
+def test_restart_per_workload_starts_a_server_per_workload(tmp_path: Path):
+    experiment = Experiment(name="unit", tokenizer=TOKENIZER, restart_per_workload=True,
+                            servers=(fake("kvtier-like", "--kvtier"),),
+                            workloads=(workload("A", 2), workload("B", 2)))
+    messages: list[str] = []
+    lab = run_experiment(experiment, tmp_path, log=messages.append)
+    assert [r.status for r in lab.records] == ["ok", "ok"]
+    assert sum("starting" in m for m in messages) == 2
+
+
+def test_engine_flags_are_checked_by_kvtiers_own_parser():
+    good = Experiment(name="x", servers=(ServerSpec("a", engine=("--max-num-seqs", "4")),),
+                      workloads=(workload(),))
+    check_engine_flags(good)
+    bad = good.replace(servers=(good.servers[0], ServerSpec("b", engine=("--bogus-flag", "1"))))
+    with pytest.raises(ValueError, match=r"servers\[1\] \('b'\)\.engine: .*--bogus-flag"):
+        check_engine_flags(bad)

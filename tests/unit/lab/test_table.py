@@ -1,0 +1,89 @@
+"""table.py: the article's rows, units, and % change vs the first configuration."""
+
+from __future__ import annotations
+
+from kvtier.lab.records import FAILED
+from kvtier.lab.table import (
+    ARTICLE_ROWS,
+    MISSING,
+    comparison_grid,
+    format_tables,
+    format_value,
+    percent_change,
+    render_markdown,
+    render_text,
+    tier_grid,
+)
+from tests.unit.lab.helpers import kvtier_stats, record
+
+
+def test_values_print_like_the_article():
+    assert format_value(924.29, "ms") == "924.29 ms"
+    assert format_value(41350.0, "ms") == "41.35 s"
+    assert format_value(34416.64, "rate") == "34,416.64"
+    assert format_value(1813232, "count") == "1,813,232"
+    assert format_value(None, "ms") == MISSING
+
+
+def test_percent_change_signs_and_missing_base():
+    assert percent_change(38.47, 41.35) == "−7.0%"
+    assert percent_change(2.05, 2.05) == "+0.0%"
+    assert percent_change(120.0, 100.0) == "+20.0%"
+    assert percent_change(1.0, 0.0) == MISSING
+    assert percent_change(None, 1.0) == MISSING
+
+
+def test_comparison_grid_has_the_article_rows_and_changes():
+    # base: TTFTs 1,2,3 s over 10 s; tier: 0.5,1,1.5 s -> mean TTFT halves.
+    base = record("off", "P", [1.0, 2.0, 3.0])
+    tier = record("on", "P", [0.5, 1.0, 1.5])
+    grid = comparison_grid([base, tier], ["off", "on"])
+    assert grid[0] == ["metric", "off", "on", "change"]
+    assert [row[0] for row in grid[1:]] == [label for label, _, _ in ARTICLE_ROWS]
+    rows = {row[0]: row[1:] for row in grid[1:]}
+    assert rows["Requests/sec"] == ["0.30", "0.30", "+0.0%"]
+    assert rows["Mean TTFT"] == ["2.00 s", "1.00 s", "−50.0%"]
+    assert rows["Median TTFT"][2] == "−50.0%"
+    assert rows["Mean ITL"] == ["10.00 ms", "10.00 ms", "+0.0%"]
+
+
+def test_three_configs_name_their_change_columns_and_failed_runs_show_dashes():
+    base = record("a", "P", [1.0])
+    broken = record("b", "P", [1.0])
+    broken.status = FAILED
+    grid = comparison_grid([base, broken, None], ["a", "b", "c"])
+    assert grid[0][-2:] == ["b vs a", "c vs a"]
+    assert grid[1][2:] == [MISSING, MISSING, MISSING, MISSING]
+
+
+def test_tier_grid_lists_hit_tokens_per_tier():
+    base = record("off", "P", [1.0], kvtier=kvtier_stats(1000, 200, 0))
+    tier = record("on", "P", [1.0], kvtier=kvtier_stats(1000, 200, 600))
+    base.kvtier["tier_hit_tokens"].pop("cpu")  # type: ignore[index]
+    grid = tier_grid([base, tier], ["off", "on"])
+    assert grid is not None
+    rows = {row[0]: row[1:] for row in grid[1:]}
+    assert rows["Matched, all caches"] == ["200", "800"]
+    assert rows["  hit tokens: device"] == ["200", "200"]
+    assert rows["  hit tokens: cpu"] == [MISSING, "600"]
+    assert rows["Computed (prefilled)"] == ["800", "200"]
+    assert tier_grid([record("x", "P", [1.0])], ["x"]) is None
+
+
+def test_renderers_align_text_and_emit_markdown():
+    grid = [["metric", "a", "change"], ["Requests/sec", "1.00", "+5.0%"]]
+    text = render_text(grid).splitlines()
+    assert text[0] == "metric           a  change"
+    assert text[1].startswith("------------")
+    assert text[2] == "Requests/sec  1.00   +5.0%"
+    assert render_markdown(grid).splitlines()[:2] == ["| metric | a | change |",
+                                                      "|---|---:|---:|"]
+
+
+def test_format_tables_covers_each_workload_and_reports_failures():
+    records = [record("off", "P", [1.0]), record("on", "P", [0.5]),
+               record("off", "S", [1.0], failed=2)]
+    text = format_tables(records, ["off", "on"], ["P", "S", "unused"])
+    assert "== P ==" in text and "== S ==" in text and "unused" not in text
+    markdown = format_tables(records, ["off", "on"], ["P"], markdown=True)
+    assert markdown.startswith("### P\n\n| metric |")

@@ -1,0 +1,145 @@
+"""A stand-in for `LLMEngine` with the same surface the AsyncEngine and the server use.
+
+Each step gives every running request one token `t<n> ` (n = output index); at most
+`max_running` requests run, the rest wait, like the real scheduler's max_num_seqs. It records
+the thread of every call, so tests can check the one-thread rule.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, cast
+
+from kvtier.engine.async_engine import AsyncEngine
+from kvtier.engine.engine import EngineStats, LLMEngine
+from kvtier.types import (
+    CompletionOutput,
+    InvalidRequestError,
+    RequestMetrics,
+    RequestOutput,
+    SamplingParams,
+)
+
+
+class FakeTokenizer:
+    """One token per character (ids = code points)."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True) -> str:
+        if any(m["role"] == "tool" for m in messages):
+            raise ValueError("this template has no tool role")
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+@dataclass
+class _Req:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    tokens: list[int] = field(default_factory=list)
+    num_sent: int = 0
+
+
+class FakeEngine:
+    model_name = "fake-model"
+    max_model_len = 64
+
+    def __init__(self, max_running: int = 8, step_delay_s: float = 0.002,
+                 fail_steps: int = 0) -> None:
+        self.tokenizer = FakeTokenizer()
+        self.pool = SimpleNamespace(num_free_blocks=100, num_blocks=100)
+        self.max_running = max_running
+        self.step_delay_s = step_delay_s
+        self.fail_steps = fail_steps
+        self.requests: dict[str, _Req] = {}
+        self.stats = EngineStats()
+        self.threads: set[int] = set()
+        self.num_calls = 0
+        self.aborted: list[str] = []
+        self.shut_down = False
+
+    def _touch(self) -> None:
+        self.threads.add(threading.get_ident())
+        self.num_calls += 1
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        self._touch()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError("prompt too long")
+        request_id = request_id or f"r{len(self.requests)}"
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        metrics = RequestMetrics(arrival_time=arrival_time or time.monotonic(),
+                                 num_prompt_tokens=len(ids))
+        self.requests[request_id] = _Req(request_id, ids, params, metrics)
+        return request_id
+
+    def step(self) -> list[RequestOutput]:
+        self._touch()
+        if self.fail_steps:
+            self.fail_steps -= 1
+            raise RuntimeError("injected step failure")
+        time.sleep(self.step_delay_s)
+        outputs = []
+        for req in list(self.requests.values())[:self.max_running]:
+            now = time.monotonic()
+            req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or now
+            req.metrics.first_token_time = req.metrics.first_token_time or now
+            req.tokens.append(len(req.tokens))
+            finished = len(req.tokens) >= req.params.max_tokens
+            if finished:
+                del self.requests[req.request_id]
+                req.metrics.finished_time = now
+            self.stats.num_generation_tokens += 1
+            outputs.append(self._output(req, "length" if finished else None))
+        return outputs
+
+    def _output(self, req: _Req, reason: str | None) -> RequestOutput:
+        new = req.tokens[req.num_sent:]
+        req.num_sent = len(req.tokens)
+        text = "".join(f"t{t} " for t in req.tokens)
+        if reason is not None:
+            self.stats.num_finished[reason] = self.stats.num_finished.get(reason, 0) + 1
+        return RequestOutput(req.request_id, None, req.prompt_ids,
+                             [CompletionOutput(0, text, list(req.tokens), reason)],
+                             finished=reason is not None, metrics=req.metrics,
+                             new_text="".join(f"t{t} " for t in new), new_token_ids=new)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        self._touch()
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.aborted.append(request_id)
+        return self._output(req, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        self._touch()
+        return bool(self.requests)
+
+    def get_stats(self) -> EngineStats:
+        self._touch()
+        self.stats.num_running = min(len(self.requests), self.max_running)
+        self.stats.num_waiting = max(0, len(self.requests) - self.max_running)
+        return self.stats
+
+    def shutdown(self) -> None:
+        self._touch()
+        self.shut_down = True
+
+
+def start_async_engine(fake: FakeEngine, **kwargs: Any) -> AsyncEngine:
+    engine = AsyncEngine(lambda: cast(LLMEngine, fake), **kwargs)
+    engine.start()
+    return engine

@@ -1,0 +1,185 @@
+"""The app in-process over a fake engine: wire format, errors, timeouts, guards, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvtier.engine.async_engine import AsyncEngine
+from kvtier.server.app import ServerSettings, create_app
+from kvtier.tiers.base import TierStats
+from kvtier.tiers.manager import ManagerStats
+from tests.unit.server.fakes import FakeEngine, start_async_engine
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def engine() -> Iterator[AsyncEngine]:
+    engine = start_async_engine(FakeEngine())
+    yield engine
+    asyncio.run(engine.shutdown(drain=False))
+
+
+def call(target: AsyncEngine | FastAPI, method: str, path: str,
+         settings: ServerSettings | None = None, **kwargs: Any) -> httpx.Response:
+    """One request to `target` (an app, or a fresh app around an engine)."""
+    app = target if isinstance(target, FastAPI) else create_app(target, settings)
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.request(method, path, **kwargs)
+            await response.aread()
+            return response
+
+    return asyncio.run(go())
+
+
+def sse_events(body: str) -> list[Any]:
+    assert body.endswith("data: [DONE]\n\n")
+    blocks = body.split("\n\n")[:-2]
+    assert all(b.startswith("data: ") for b in blocks)
+    return [json.loads(b.removeprefix("data: ")) for b in blocks]
+
+
+def test_completion_and_usage(engine: AsyncEngine) -> None:
+    response = call(engine, "POST", "/v1/completions",
+                    json={"prompt": "abc", "max_tokens": 3, "model": "fake-model"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "text_completion" and body["model"] == "fake-model"
+    assert body["choices"][0] == {"index": 0, "text": "t0 t1 t2 ", "logprobs": None,
+                                  "finish_reason": "length", "stop_reason": None}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def test_completion_stream_format(engine: AsyncEngine) -> None:
+    response = call(engine, "POST", "/v1/completions", json={
+        "prompt": [5, 6], "max_tokens": 2, "stream": True,
+        "stream_options": {"include_usage": True}})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response.text)
+    assert [e["choices"][0]["text"] for e in events[:-1]] == ["t0 ", "t1 "]
+    assert [e["choices"][0]["finish_reason"] for e in events[:-1]] == [None, "length"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == 4
+    no_usage = call(engine, "POST", "/v1/completions",
+                    json={"prompt": "x", "max_tokens": 1, "stream": True})
+    assert all("usage" not in e for e in sse_events(no_usage.text))
+
+
+def test_chat_stream_role_first_then_deltas_then_finish(engine: AsyncEngine) -> None:
+    response = call(engine, "POST", "/v1/chat/completions", headers={"x-request-id": "r1"},
+                    json={"messages": [{"role": "user", "content": [
+                        {"type": "text", "text": "hi"}]}], "max_completion_tokens": 2,
+                          "stream": True, "stream_options": {"include_usage": True}})
+    assert response.headers["x-request-id"] == "r1"
+    events = sse_events(response.text)
+    assert all(e["id"] == "chatcmpl-r1" for e in events)
+    assert [e["choices"][0]["delta"] for e in events[:-1]] == [
+        {"role": "assistant", "content": ""}, {"content": "t0 "}, {"content": "t1 "}]
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["usage"]["prompt_tokens"] == len("<user>hi<assistant>")
+
+
+def test_chat_without_max_tokens_fills_the_context(engine: AsyncEngine) -> None:
+    response = call(engine, "POST", "/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": "hi"}]})
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 64  # the fake's context
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "x", "n": 2}, "n"), ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"prompt": "x", "max_tokens": 64}, "max_tokens"), ({"prompt": "x" * 64}, "prompt"),
+    ({"prompt": "x", "seed": 2**64}, "seed"), ({"prompt": "x", "top_p": 0}, "top_p"),
+])
+def test_bad_completion_params_name_the_param(engine: AsyncEngine, body: dict[str, Any],
+                                              param: str) -> None:
+    response = call(engine, "POST", "/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_template_failure_is_a_400(engine: AsyncEngine) -> None:
+    response = call(engine, "POST", "/v1/chat/completions",
+                    json={"messages": [{"role": "tool", "content": "x"}]})
+    assert response.status_code == 400 and "messages" in response.json()["error"]["message"]
+
+
+def test_timeouts_are_408_or_an_error_event() -> None:
+    engine = start_async_engine(FakeEngine(step_delay_s=0.01), request_timeout_s=0.1)
+    plain = call(engine, "POST", "/v1/completions", json={"prompt": "x", "max_tokens": 60})
+    assert plain.status_code == 408 and plain.json()["error"]["code"] == "request_timeout"
+    streamed = call(engine, "POST", "/v1/completions",
+                    json={"prompt": "x", "max_tokens": 60, "stream": True})
+    events = sse_events(streamed.text)
+    assert events[-1]["error"]["code"] == "request_timeout"
+    assert events[0]["choices"][0]["text"] == "t0 "
+    asyncio.run(engine.shutdown(drain=False))
+
+
+def test_body_cap_with_and_without_content_length(engine: AsyncEngine) -> None:
+    settings = ServerSettings(max_request_body_bytes=100)
+    big = json.dumps({"prompt": "x" * 200}).encode()
+    assert call(engine, "POST", "/v1/completions", settings, content=big).status_code == 413
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(big), 50):
+            yield big[i:i + 50]
+
+    response = call(engine, "POST", "/v1/completions", settings, content=chunks())
+    assert response.status_code == 413 and response.json()["error"]["code"] == \
+        "request_too_large"
+    small = call(engine, "POST", "/v1/completions", settings, json={"prompt": "x"})
+    assert small.status_code == 200
+
+
+def test_api_key_guards_v1_only(engine: AsyncEngine) -> None:
+    settings = ServerSettings(api_key="k")
+    assert call(engine, "GET", "/v1/models", settings).status_code == 401
+    assert call(engine, "GET", "/v1/models", settings,
+                headers={"Authorization": "Bearer k"}).status_code == 200
+    for path in ("/health", "/metrics", "/version", "/openapi.json"):
+        assert call(engine, "GET", path, settings).status_code == 200, path
+
+
+def test_metrics_names_and_tier_labels(engine: AsyncEngine) -> None:
+    app = create_app(engine)
+    call(app, "POST", "/v1/completions", json={"prompt": "abc", "max_tokens": 2})
+    snapshot = engine.snapshot()
+    snapshot.stats.tiers = {"cpu": TierStats(num_loaded_bytes=10, num_errors=1)}
+    snapshot.stats.tier_manager = ManagerStats(hit_tokens={"cpu": 32})
+    text = call(app, "GET", "/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("kvtier:generation_tokens_total", ())] == 2
+    assert samples[("kvtier:request_success_total", (("finished_reason", "length"),))] == 1
+    assert samples[("kvtier:time_to_first_token_seconds_count", ())] == 1
+    assert samples[("kvtier:inter_token_latency_seconds_count", ())] == 1
+    assert samples[("kvtier:tier_hit_tokens_total", (("tier", "cpu"),))] == 32
+    assert samples[("kvtier:tier_loaded_bytes_total", (("tier", "cpu"),))] == 10
+    assert samples[("kvtier:tier_errors_total", (("tier", "cpu"),))] == 1
+    assert samples[("kvtier:kv_cache_total_blocks", ())] == 100
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                 "prefix_cache_hits_total", "prefix_cache_queries_total", "prompt_tokens_total"):
+        assert ("kvtier:" + name, ()) in samples, name
+
+
+def test_health_turns_503_when_the_engine_stops(engine: AsyncEngine) -> None:
+    assert call(engine, "GET", "/health").status_code == 200
+    asyncio.run(engine.shutdown(drain=False))
+    assert call(engine, "GET", "/health").status_code == 503
+    late = call(engine, "POST", "/v1/completions", json={"prompt": "x"})
+    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"

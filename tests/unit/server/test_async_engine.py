@@ -1,0 +1,189 @@
+"""AsyncEngine over a fake engine: delivery, admission, aborts, timeouts, failures, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from kvtier.engine.async_engine import (
+    AsyncEngine,
+    EngineClosedError,
+    QueueFullError,
+    RequestAbortedError,
+)
+from kvtier.types import InvalidRequestError, RequestOutput, SamplingParams
+from tests.unit.server.fakes import FakeEngine, start_async_engine
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def params(max_tokens: int = 3) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+
+async def collect(engine: AsyncEngine, prompt: str, max_tokens: int = 3) -> list[RequestOutput]:
+    return [out async for out in engine.generate(prompt, params(max_tokens))]
+
+
+def test_generate_streams_every_token_then_finishes() -> None:
+    fake = FakeEngine()
+    engine = start_async_engine(fake)
+    outputs = asyncio.run(collect(engine, "hello", 4))
+    assert [o.new_text for o in outputs] == ["t0 ", "t1 ", "t2 ", "t3 "]
+    assert [o.finished for o in outputs] == [False, False, False, True]
+    assert outputs[-1].outputs[0].finish_reason == "length"
+    asyncio.run(engine.shutdown())
+    assert fake.shut_down
+    assert fake.threads == {engine._thread.ident}  # every engine call on the engine thread
+
+
+def test_concurrent_requests_from_one_loop() -> None:
+    engine = start_async_engine(FakeEngine(max_running=4))
+
+    async def many() -> list[list[RequestOutput]]:
+        return await asyncio.gather(*(collect(engine, f"p{i}", 5) for i in range(20)))
+
+    results = asyncio.run(many())
+    assert all(len(r) == 5 and r[-1].finished for r in results)
+    asyncio.run(engine.shutdown())
+
+
+def test_invalid_request_raises_before_any_output() -> None:
+    fake = FakeEngine()
+    engine = start_async_engine(fake)
+    with pytest.raises(InvalidRequestError, match="empty"):
+        asyncio.run(collect(engine, ""))
+    assert not fake.requests
+    assert engine.snapshot().num_live_requests == 0
+    asyncio.run(engine.shutdown())
+
+
+def test_queue_full_then_recovers() -> None:
+    fake = FakeEngine(max_running=1, step_delay_s=0.01)
+    engine = start_async_engine(fake, max_waiting_requests=2)
+
+    async def scenario() -> None:
+        runner = await engine.add_request("runner", params(1000))
+        await anext(runner)
+        waiters = [await engine.add_request(f"w{i}", params(2)) for i in range(2)]
+        with pytest.raises(QueueFullError) as info:
+            await engine.add_request("too many", params(2))
+        assert info.value.retry_after_s >= 1
+        runner.close()
+        for waiter in waiters:
+            assert [o async for o in waiter][-1].finished
+        assert (await anext(await engine.add_request("again", params(1)))).finished
+
+    asyncio.run(scenario())
+    assert fake.aborted == [fake.aborted[0]] and fake.aborted[0].startswith("req-")
+    asyncio.run(engine.shutdown())
+
+
+def test_closing_or_cancelling_a_stream_aborts_the_request() -> None:
+    fake = FakeEngine(step_delay_s=0.01)
+    engine = start_async_engine(fake)
+
+    async def scenario() -> None:
+        stream = await engine.add_request("closed early", params(1000), "a")
+        await anext(stream)
+        stream.close()
+
+        async def consume() -> None:
+            async for _ in engine.generate("cancelled", params(1000), "b"):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if not fake.requests:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert sorted(fake.aborted) == ["a", "b"] and not fake.requests
+    asyncio.run(engine.shutdown())
+
+
+def test_request_timeout_aborts_with_partial_output() -> None:
+    fake = FakeEngine(step_delay_s=0.01)
+    engine = start_async_engine(fake, request_timeout_s=0.1)
+
+    async def scenario() -> RequestAbortedError:
+        with pytest.raises(RequestAbortedError) as info:
+            await collect(engine, "slow", 10_000)
+        return info.value
+
+    error = asyncio.run(scenario())
+    assert error.reason == "timeout"
+    assert error.output is not None and error.output.outputs[0].finish_reason == "abort"
+    assert not fake.requests
+    asyncio.run(engine.shutdown())
+
+
+def test_failed_step_fails_live_requests_and_engine_keeps_serving() -> None:
+    fake = FakeEngine(fail_steps=1)
+    engine = start_async_engine(fake)
+    with pytest.raises(RequestAbortedError) as info:
+        asyncio.run(collect(engine, "unlucky"))
+    assert info.value.reason == "error"
+    assert asyncio.run(collect(engine, "lucky"))[-1].finished
+    asyncio.run(engine.shutdown())
+
+
+def test_shutdown_drains_then_aborts_the_rest() -> None:
+    fake = FakeEngine(step_delay_s=0.01)
+    engine = start_async_engine(fake)
+
+    async def scenario() -> tuple[list[RequestOutput], BaseException]:
+        short = asyncio.ensure_future(collect(engine, "short", 5))
+        long = asyncio.ensure_future(collect(engine, "long", 100_000))
+        await asyncio.sleep(0.02)
+        await engine.shutdown(drain=True, timeout_s=0.3)
+        with pytest.raises(EngineClosedError):
+            await engine.add_request("late", params())
+        results = await asyncio.gather(short, long, return_exceptions=True)
+        assert isinstance(results[0], list)
+        assert isinstance(results[1], BaseException)
+        return results[0], results[1]
+
+    short, long_error = asyncio.run(scenario())
+    assert short[-1].finished and short[-1].outputs[0].finish_reason == "length"
+    assert isinstance(long_error, RequestAbortedError) and long_error.reason == "shutdown"
+    assert fake.shut_down and not engine.is_alive and not fake.requests
+
+
+def test_listener_sees_outputs_before_the_consumer() -> None:
+    engine = start_async_engine(FakeEngine())
+    seen: list[str] = []
+    engine.add_listener(lambda outputs, now: seen.extend(o.new_text for o in outputs))
+
+    async def scenario() -> None:
+        async for output in engine.generate("x", params(3)):
+            assert output.new_text in seen
+
+    asyncio.run(scenario())
+    asyncio.run(engine.shutdown())
+
+
+def test_construction_error_is_reraised_by_start() -> None:
+    def broken() -> FakeEngine:
+        raise FileNotFoundError("no such model")
+
+    engine = AsyncEngine(broken)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError):
+        engine.start()
+
+
+def test_idle_engine_thread_sleeps() -> None:
+    fake = FakeEngine()
+    engine = start_async_engine(fake)
+    asyncio.run(collect(engine, "wake up"))
+    calls = fake.num_calls
+    threading.Event().wait(0.2)
+    assert fake.num_calls == calls  # no polling while there is nothing to do
+    asyncio.run(engine.shutdown())

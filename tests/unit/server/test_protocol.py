@@ -1,0 +1,80 @@
+"""Pure parts: request models, unsupported features, error mapping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from kvtier.engine.async_engine import EngineClosedError, QueueFullError, RequestAbortedError
+from kvtier.server.errors import from_engine_error, validation_message
+from kvtier.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DeltaMessage,
+    unsupported_fields,
+)
+from kvtier.types import InvalidRequestError
+
+
+@pytest.mark.parametrize("prompt", ["text", [1, 2], ["text"], [[1, 2]]])
+def test_prompt_shapes_accepted(prompt: object) -> None:
+    assert CompletionRequest.model_validate({"prompt": prompt}).prompt == prompt
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": [1, True]}, {"prompt": [1.5]}, {"prompt": 3}, {"prompt": "x", "top_p": 0},
+    {"prompt": "x", "temperature": float("inf")}, {"prompt": "x", "seed": 2**64},
+    {"prompt": "x", "stop": ["a"] * 17}, {"prompt": "x", "stop_token_ids": [-1]},
+    {"prompt": "x", "max_tokens": 0},
+])
+def test_bad_completion_fields_rejected(body: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate(body)
+
+
+def test_unknown_fields_ignored_and_defaults() -> None:
+    body = CompletionRequest.model_validate({"prompt": "x", "frobnicate": 1})
+    assert body.max_tokens == 16 and body.temperature is None and not body.include_usage
+    chat = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": None}], "stream_options": {
+            "include_usage": True}})
+    assert chat.messages[0].text() == "" and chat.include_usage
+
+
+def test_unsupported_fields_name_the_param() -> None:
+    assert unsupported_fields(CompletionRequest.model_validate({"prompt": "x"})) is None
+    assert unsupported_fields(CompletionRequest.model_validate(
+        {"prompt": "x", "frequency_penalty": 0.0, "echo": False, "best_of": 1})) is None
+    found = unsupported_fields(ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}))
+    assert found is not None and found[0] == "top_logprobs"
+
+
+def test_delta_drops_unset_fields() -> None:
+    assert json.loads(DeltaMessage().model_dump_json()) == {}
+    assert json.loads(DeltaMessage(content="a").model_dump_json()) == {"content": "a"}
+
+
+def test_validation_message_points_at_the_param() -> None:
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate({"prompt": "x", "max_tokens": "lots"})
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in info.value.errors()]
+    message, param = validation_message(errors)
+    assert param == "max_tokens" and message.startswith("max_tokens: ")
+    assert validation_message([{"type": "json_invalid", "loc": ("body", 3)}])[1] is None
+    assert validation_message([{"type": "missing", "loc": ("body", "prompt")}]) == (
+        "missing required parameter 'prompt'", "prompt")
+
+
+def test_engine_errors_map_to_statuses() -> None:
+    assert from_engine_error(InvalidRequestError("bad")).status == 400
+    full = from_engine_error(QueueFullError(7, retry_after_s=2))
+    assert full.status == 503 and full.headers["Retry-After"] == "2"
+    assert from_engine_error(EngineClosedError("bye")).status == 503
+    assert from_engine_error(RequestAbortedError("timeout", None, "slow")).status == 408
+    assert from_engine_error(RequestAbortedError("shutdown", None, "bye")).status == 503
+    assert from_engine_error(RuntimeError("bug")).status == 500
+    body = from_engine_error(InvalidRequestError("\ud800 lone surrogate")).response().body
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
