@@ -170,6 +170,8 @@ class EngineConfig:
     tiers: TierConfig = field(default_factory=TierConfig)
     attention_backend: str = "auto"
     """torch (reference, CPU and CUDA), triton (CUDA), or auto."""
+    enforce_eager: bool = False
+    """Never capture CUDA graphs (like vLLM's --enforce-eager)."""
 
     @staticmethod
     def from_kwargs(**kwargs: Any) -> EngineConfig:
@@ -179,10 +181,10 @@ class EngineConfig:
         for key, value in kwargs.items():
             section = _FIELD_SECTION.get(key)
             if section is None:
-                if key in ("attention_backend",):
+                if key in ("attention_backend", "enforce_eager"):
                     top[key] = value
                     continue
-                known = ", ".join(sorted([*_FIELD_SECTION, "attention_backend"]))
+                known = ", ".join(sorted([*_FIELD_SECTION, "attention_backend", "enforce_eager"]))
                 raise ConfigError(f"unknown engine argument {key!r}; known: {known}")
             sections[section][key] = value
         tiers = sections["tiers"]

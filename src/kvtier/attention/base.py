@@ -50,6 +50,9 @@ class AttentionBackend(ABC):
     """Paged attention for one engine; stateless across steps except for caches it owns."""
 
     name: str = "base"
+    supports_cuda_graphs: bool = False
+    """Decode-only steps can be captured: `forward` reads only metadata tensors, and `prepare`
+    for a decode-only batch depends only on its shape and `max_seq_len` (an upper bound)."""
 
     @abstractmethod
     def prepare(self, metadata: AttentionMetadata) -> None:

@@ -24,7 +24,12 @@ from kvtier.kv import BlockPool, KVCacheManager, root_block_hash
 from kvtier.model.builder import build_model
 from kvtier.model.loader import ModelSource, resolve_model
 from kvtier.request import Request
-from kvtier.runner.memory import plan_kv_blocks, resolve_device, resolve_dtype
+from kvtier.runner.memory import (
+    plan_kv_blocks,
+    profile_activation_bytes,
+    resolve_device,
+    resolve_dtype,
+)
 from kvtier.runner.model_runner import ModelRunner
 from kvtier.scheduler import Scheduler
 from kvtier.tiers.base import KVLayout, TierStats
@@ -74,8 +79,13 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.model, self.spec, self.device)
         backend = create_backend(config.attention_backend, self.device.type)
         self.model = build_model(self.source, backend, self.device, self.dtype)
-        plan = plan_kv_blocks(config.cache, self.spec, self.device, self.dtype,
-                              activation_bytes=self._activation_reserve())
+        activation_bytes = 0
+        if self.device.type == "cuda" and config.cache.num_gpu_blocks_override is None:
+            activation_bytes = profile_activation_bytes(
+                self.model, backend, self.device, self.dtype,
+                config.scheduler.max_num_batched_tokens, config.cache.block_size,
+                config.scheduler.max_num_seqs, self.spec.vocab_size)
+        plan = plan_kv_blocks(config.cache, self.spec, self.device, self.dtype, activation_bytes)
         block_size = config.cache.block_size
         self.pool = BlockPool(plan.num_blocks, config.cache.enable_prefix_caching)
         root = root_block_hash(self.source.model_id, str(self.dtype).removeprefix("torch."),
@@ -91,6 +101,10 @@ class LLMEngine:
             self.tiers = build_tier_manager(config.tiers, self._kv_layout(), self.runner.kv_cache,
                                             self.pool, self._probe_prefill_rate())
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.tiers)
+        if (self.device.type == "cuda" and backend.supports_cuda_graphs
+                and not config.enforce_eager):
+            self.runner.capture_decode_graphs(min(config.scheduler.max_num_seqs, 512),
+                                              self.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
             self.spec.eos_token_ids)
@@ -125,15 +139,6 @@ class LLMEngine:
             rate = num_tokens / max(time.perf_counter() - started, 1e-9)
         self.runner.sampler.forget(["warmup"])
         return rate
-
-    def _activation_reserve(self) -> int:
-        """Rough peak activation bytes of the largest step (CUDA budget only)."""
-        if self.device.type != "cuda":
-            return 0
-        tokens = self.config.scheduler.max_num_batched_tokens
-        width = max(self.spec.intermediate_size * 2, self.spec.vocab_size // 8)
-        element = torch.empty(0, dtype=self.dtype).element_size()
-        return 4 * tokens * width * element + 512 * 1024**2
 
     @property
     def model_name(self) -> str:

@@ -1,4 +1,4 @@
-"""The offline API, shaped like vLLM's: `LLM(model=..., **engine_args).generate(prompts, params)`."""
+"""The offline API, shaped like vLLM's: `LLM(model, **engine_args).generate(prompts, params)`."""
 
 from __future__ import annotations
 

@@ -39,6 +39,32 @@ class KVPlan:
     """Bytes of one block across all layers, K and V."""
 
 
+def profile_activation_bytes(model: torch.nn.Module, backend: object, device: torch.device,
+                             dtype: torch.dtype, num_tokens: int, block_size: int,
+                             max_batch: int, vocab_size: int) -> int:
+    """Peak CUDA memory of the largest step (a dummy prefill of `num_tokens`) beyond the
+    weights, plus room for decode-graph logits."""
+    from kvtier.runner.model_runner import ModelRunner
+    from kvtier.types import SamplingParams, ScheduledRequest, SchedulerOutput
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    num_blocks = -(-num_tokens // block_size)
+    runner = ModelRunner(model, backend, num_blocks, block_size, device, dtype,  # type: ignore
+                         seed=0)
+    kv_bytes = runner.kv_cache_bytes
+    step = SchedulerOutput([ScheduledRequest("profile", [0] * num_tokens, 0,
+                                             list(range(num_blocks)), True,
+                                             SamplingParams(max_tokens=1), 0)], num_tokens)
+    runner.execute(step)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base - kv_bytes
+    del runner
+    torch.cuda.empty_cache()
+    return peak + 2 * max_batch * vocab_size * 4
+
+
 def plan_kv_blocks(cache: CacheConfig, spec: ModelSpec, device: torch.device,
                    dtype: torch.dtype, activation_bytes: int) -> KVPlan:
     """Number of device KV blocks: the override, else the memory budget over the block size.

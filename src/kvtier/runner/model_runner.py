@@ -1,7 +1,8 @@
 """Runs one scheduler step on the device: flatten the batch, forward, sample.
 
-Owns the paged KV cache tensor, laid out (num_layers, 2, num_blocks, block_size, kv_heads,
+Owns the paged KV cache tensor, laid out (num_layers, 2, num_blocks + 1, block_size, kv_heads,
 head_dim) so that one block of every layer can be gathered with a single index for tier copies.
+The extra last block is scratch space that no request owns (CUDA-graph padding writes there).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 
 from kvtier.attention.base import AttentionBackend, AttentionMetadata
 from kvtier.model.llama import LlamaForCausalLM
+from kvtier.runner.cuda_graph import DecodeGraphs
 from kvtier.runner.sampler import Sampler
 from kvtier.types import ModelRunnerOutput, SchedulerOutput
 
@@ -25,11 +27,21 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         # Zero-filled: padded gathers read unused slots, which must hold finite values.
-        self.kv_cache = torch.zeros(spec.num_hidden_layers, 2, num_blocks, block_size,
+        self.kv_cache = torch.zeros(spec.num_hidden_layers, 2, num_blocks + 1, block_size,
                                     spec.num_key_value_heads, spec.head_dim, dtype=dtype,
                                     device=device)
         self.kv_caches = list(self.kv_cache.unbind(0))
+        self.scratch_block = num_blocks
         self.sampler = Sampler(device, seed)
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Capture CUDA graphs for decode batches up to `max_batch` (CUDA backends only)."""
+        max_blocks = -(-max_model_len // self.block_size)
+        graphs = DecodeGraphs(self.model, self.backend, self.kv_caches, self.scratch_block,
+                              max_batch, max_blocks, self.block_size)
+        graphs.capture()
+        self.graphs = graphs
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -39,6 +51,8 @@ class ModelRunner:
         self.sampler.forget(step.finished_request_ids + step.preempted_request_ids)
         if not step.requests:
             return ModelRunnerOutput({})
+        if self._can_replay(step):
+            return self._execute_graph(step)
         input_ids, positions, metadata = self._prepare_inputs(step)
         sampling = [(i, s) for i, s in enumerate(step.requests) if s.sample]
         with torch.inference_mode():
@@ -52,6 +66,26 @@ class ModelRunner:
                                          [s.sampling_params for _, s in sampling])
         return ModelRunnerOutput({s.request_id: t for (_, s), t in zip(sampling, tokens,
                                                                        strict=True)})
+
+    def _can_replay(self, step: SchedulerOutput) -> bool:
+        return self.graphs is not None and all(
+            len(s.token_ids) == 1 and s.sample for s in step.requests) and self.graphs.fits(
+            len(step.requests), max(len(s.block_ids) for s in step.requests))
+
+    def _execute_graph(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        assert self.graphs is not None
+        bs = self.block_size
+        positions = [s.num_computed_tokens for s in step.requests]
+        logits = self.graphs.run(
+            token_ids=[s.token_ids[0] for s in step.requests],
+            positions=positions,
+            slots=[s.block_ids[p // bs] * bs + p % bs for s, p in zip(step.requests, positions,
+                                                                   strict=True)],
+            block_tables=[s.block_ids for s in step.requests],
+            seq_lens=[p + 1 for p in positions])
+        ids = [s.request_id for s in step.requests]
+        tokens = self.sampler.sample(logits, ids, [s.sampling_params for s in step.requests])
+        return ModelRunnerOutput(dict(zip(ids, tokens, strict=True)))
 
     def _prepare_inputs(self, step: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor,
                                                                AttentionMetadata]:

@@ -1,0 +1,112 @@
+"""CUDA graphs for decode-only steps: one graph per captured batch size, replayed padded.
+
+A decode step launches a few hundred small kernels; replaying a captured graph removes their
+launch cost. Every graph reads static buffers (token ids, positions, slot mapping, block table,
+sequence lengths) that `run` refills in place before replay. Padding rows write their K/V into
+a scratch block that no request owns and attend only to it; their logits are discarded.
+
+Needs an attention backend whose decode path is capturable (`supports_cuda_graphs`): its
+`prepare` runs once at capture, with `max_seq_len` set to the longest context a graph serves,
+and its `forward` reads only metadata tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvtier.attention.base import AttentionBackend, AttentionMetadata
+from kvtier.model.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_batch: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_batch]
+    sizes += list(range(16, max_batch + 1, 16))
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend,
+                 kv_caches: list[torch.Tensor], scratch_block: int, max_batch: int,
+                 max_blocks_per_seq: int, block_size: int) -> None:
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.max_blocks = max_blocks_per_seq
+        device = kv_caches[0].device
+        self.sizes = capture_sizes(max_batch)
+        n = self.sizes[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), scratch_block * block_size, dtype=torch.int64,
+                                       device=device)
+        self.block_table = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.int32,
+                                      device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+
+    def _metadata(self, n: int) -> AttentionMetadata:
+        max_len = self.max_blocks * self.block_size
+        metadata = AttentionMetadata(
+            num_tokens=n, num_seqs=n, num_decodes=n,
+            query_start_loc=self.query_start_loc[:n + 1], seq_lens=self.seq_lens[:n],
+            block_table=self.block_table[:n], slot_mapping=self.slot_mapping[:n],
+            query_start_loc_cpu=list(range(n + 1)), seq_lens_cpu=[max_len] * n,
+            max_query_len=1, max_seq_len=max_len, block_size=self.block_size)
+        self.backend.prepare(metadata)
+        return metadata
+
+    def _forward(self, n: int, metadata: AttentionMetadata) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, metadata)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        for n in reversed(self.sizes):  # largest first: later graphs reuse its memory
+            metadata = self._metadata(n)
+            for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels)
+                self._forward(n, metadata)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._logits[n] = self._forward(n, metadata)
+            self._graphs[n] = graph
+        torch.cuda.synchronize()
+        logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+
+    def fits(self, num_seqs: int, max_blocks: int) -> bool:
+        return num_seqs <= self.sizes[-1] and max_blocks <= self.max_blocks
+
+    @torch.inference_mode()
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int],
+            block_tables: list[list[int]], seq_lens: list[int]) -> torch.Tensor:
+        """Replay for a decode batch; returns logits (n, vocab) for the real rows."""
+        n = len(token_ids)
+        size = next(s for s in self.sizes if s >= n)
+        pad = size - n
+        width = self.max_blocks
+        table = [row + [self.scratch_block] * (width - len(row)) for row in block_tables]
+        table += [[self.scratch_block] * width] * pad
+        scratch_slot = self.scratch_block * self.block_size
+        host = torch.tensor(token_ids + [0] * pad, dtype=torch.int64).pin_memory()
+        self.input_ids[:size].copy_(host, non_blocking=True)
+        host = torch.tensor(positions + [0] * pad, dtype=torch.int64).pin_memory()
+        self.positions[:size].copy_(host, non_blocking=True)
+        host = torch.tensor(slots + [scratch_slot] * pad, dtype=torch.int64).pin_memory()
+        self.slot_mapping[:size].copy_(host, non_blocking=True)
+        host = torch.tensor(seq_lens + [1] * pad, dtype=torch.int32).pin_memory()
+        self.seq_lens[:size].copy_(host, non_blocking=True)
+        host = torch.tensor(table, dtype=torch.int32).pin_memory()
+        self.block_table[:size].copy_(host, non_blocking=True)
+        self._graphs[size].replay()
+        return self._logits[size][:n]
