@@ -11,11 +11,11 @@ from kvtier.types import SamplingParams, ScheduledRequest, SchedulerOutput
 
 
 def full_logits(model: LlamaForCausalLM, token_ids: list[int], block_size: int = 16,
-                chunk: int | None = None) -> torch.Tensor:
+                chunk: int | None = None, device: torch.device | None = None) -> torch.Tensor:
     """Logits at every position of one sequence, through the paged path, in prefill chunks."""
     num_blocks = len(token_ids) // block_size + 2
     runner = ModelRunner(model, model.layers[0].self_attn.backend, num_blocks, block_size,
-                         torch.device("cpu"), next(model.parameters()).dtype, seed=0)
+                         device or torch.device("cpu"), next(model.parameters()).dtype, seed=0)
     block_ids = list(range(num_blocks))
     chunk = chunk or len(token_ids)
     rows = []
