@@ -150,6 +150,8 @@ class Scheduler:
         while (self.waiting and budget > 0
                and len(self.running) + len(self.loading) < self.config.max_num_seqs):
             request = self.waiting[0]
+            if self.running and self.kv.num_free_blocks < self._watermark_blocks():
+                break  # keep room for running requests to grow instead of preempting them
             hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
             if self.tiers is not None and self.kv.enable_caching:
                 started = self._try_tier_load(request, hit_blocks)
@@ -166,6 +168,10 @@ class Scheduler:
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         return budget
+
+    def _watermark_blocks(self) -> int:
+        """Free blocks kept back from new requests: one decode block per running request."""
+        return len(self.running)
 
     def _start(self, request: Request, num_hit_tokens: int, status: RequestStatus) -> None:
         request.num_computed_tokens = num_hit_tokens

@@ -36,6 +36,8 @@ from kvtier.types import BlockHash
 logger = logging.getLogger(__name__)
 
 _MAX_SEEN = 1 << 20
+_MAX_INFLIGHT_STORES = 64
+"""Bounds the device memory held by gathered-but-not-yet-copied chunks (CUDA)."""
 
 
 @dataclass(frozen=True)
@@ -177,12 +179,9 @@ class TierManager:
         try:
             for segment in plan.segments:
                 store = self.stores[segment.tier]
-                seg_start = time.monotonic()
                 payload = store.read(segment.meta)
                 self.transfer.copy_in(payload, segment.meta.num_blocks, segment.first,
                                       block_ids[offset:offset + segment.num_blocks])
-                self.cost.observe_load(store.name, segment.num_blocks * store.layout.block_bytes,
-                                       time.monotonic() - seg_start)
                 offset += segment.num_blocks
                 done += segment.num_blocks
                 per_tier[store.name] += segment.num_blocks
@@ -190,8 +189,16 @@ class TierManager:
             logger.warning("load for %s stopped after %d blocks: %s", request_id, done, exc)
         except Exception:  # never lose a request to an unexpected transfer bug
             logger.exception("load for %s failed", request_id)
-        self._done.put(("load", LoadResult(request_id, done, per_tier,
-                                           time.monotonic() - started)))
+        try:
+            self.transfer.wait_loads()
+        except Exception:  # a failed device copy: report nothing loaded, recompute all
+            logger.exception("load for %s failed on the device", request_id)
+            done, per_tier = 0, {s.name: 0 for s in self.stores}
+        elapsed = time.monotonic() - started
+        for tier, blocks in per_tier.items():  # one observation per tier used
+            if blocks and blocks == done:
+                self.cost.observe_load(tier, blocks * self.stores[0].layout.block_bytes, elapsed)
+        self._done.put(("load", LoadResult(request_id, done, per_tier, elapsed)))
 
     # -- completions -------------------------------------------------------------------------
 
@@ -306,6 +313,8 @@ class TierManager:
             chunk = self._candidates.get(block_hash)
             if chunk is None:
                 continue
+            if len(self._storing) >= _MAX_INFLIGHT_STORES:
+                break
             for other in chunk.block_hashes:
                 self._candidates.pop(other, None)
             self._store_chunk(chunk)

@@ -86,13 +86,19 @@ class KVTransfer:
     def copy_in(self, payload: torch.Tensor, entry_blocks: int, first: int,
                 block_ids: list[int]) -> None:
         """Transfer thread: scatter blocks first..first+len(block_ids)-1 of an entry's payload
-        into the given device blocks; returns once the data is in place."""
+        into the given device blocks. On CUDA the copy is only enqueued on the load stream
+        (the payload must stay valid until `wait_loads`); on the CPU it is done on return."""
         source = self.entry_view(payload, entry_blocks)[:, :, first:first + len(block_ids)]
-        index = self._index(block_ids)
         if not self.is_cuda:
-            self.kv_cache.index_copy_(2, index, source)
+            self.kv_cache.index_copy_(2, self._index(block_ids), source)
             return
         with torch.cuda.stream(self.load_stream):
+            index = torch.tensor(block_ids, dtype=torch.int64).pin_memory().to(
+                self.device, non_blocking=True)
             staged = self.entry_view(payload, entry_blocks).to(self.device, non_blocking=True)
             self.kv_cache.index_copy_(2, index, staged[:, :, first:first + len(block_ids)])
-        self.load_stream.synchronize()
+
+    def wait_loads(self) -> None:
+        """Transfer thread: block until every enqueued `copy_in` has landed."""
+        if self.is_cuda:
+            self.load_stream.synchronize()
