@@ -18,7 +18,7 @@ class InvalidRequestError(ValueError):
     """A request cannot be served as given; the message names the bad value. Nothing was queued."""
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
