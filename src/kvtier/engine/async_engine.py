@@ -17,17 +17,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import dataclasses
 import logging
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Literal
 
-from kvtier.engine.engine import EngineStats, LLMEngine
+from kvtier.engine.async_types import (
+    ABORT_MESSAGES,
+    AbortCommand,
+    AbortReason,
+    AddCommand,
+    EngineClosedError,
+    EngineSnapshot,
+    OutputBatch,
+    OutputSink,
+    QueueFullError,
+    RequestAbortedError,
+)
+from kvtier.engine.engine import LLMEngine
 from kvtier.model.tokenizer import Tokenizer
 from kvtier.types import RequestOutput, SamplingParams
 
@@ -37,77 +46,6 @@ OutputListener = Callable[[list[RequestOutput], float], None]
 """Called on the engine thread with each batch of outputs and `time.monotonic()`, before the
 outputs are delivered (metrics observe here, so a client never sees a token the metrics lack)."""
 
-AbortReason = Literal["timeout", "shutdown", "error"]
-_ABORT_MESSAGES: dict[str, str] = {
-    "timeout": "the request ran past the server's request timeout and was aborted",
-    "shutdown": "the server shut down before the request finished",
-    "error": "the engine failed while running the request",
-}
-
-
-class QueueFullError(RuntimeError):
-    """Too many requests wait for their first schedule; retry after `retry_after_s` seconds."""
-
-    def __init__(self, num_waiting: int, retry_after_s: int = 1) -> None:
-        super().__init__(f"the server is overloaded: {num_waiting} requests are already waiting")
-        self.retry_after_s = retry_after_s
-
-
-class EngineClosedError(RuntimeError):
-    """The engine is shutting down (or its thread died) and accepts no new requests."""
-
-
-class RequestAbortedError(RuntimeError):
-    """The server aborted a live request: it timed out, the server shut down, or a step failed.
-
-    `output` holds what the request had produced up to the abort (None if nothing)."""
-
-    def __init__(self, reason: AbortReason, output: RequestOutput | None, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.output = output
-
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """What the engine thread last published (copied, so readers never race the engine)."""
-
-    stats: EngineStats
-    num_free_blocks: int
-    num_total_blocks: int
-    num_live_requests: int
-    """Requests accepted and not yet finished (waiting, loading or running)."""
-
-
-@dataclass
-class _Sink:
-    """Where a request's outputs go: its stream's queue, on the loop that awaits it."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException] = dataclasses.field(
-        default_factory=asyncio.Queue)
-
-
-_Batch = list[tuple[_Sink, RequestOutput]]
-
-
-@dataclass
-class _Add:
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    arrival_time: float
-    sink: _Sink
-    accepted: asyncio.Future[None]
-
-
-@dataclass
-class _Abort:
-    request_id: str
-    reason: AbortReason | None
-    """None: the client went away, nobody is listening for the final output."""
-
-
 class RequestStream:
     """Async iterator over one request's outputs; the last one has `finished` set.
 
@@ -115,7 +53,7 @@ class RequestStream:
     `async with` block) before the request finished aborts the request.
     """
 
-    def __init__(self, engine: AsyncEngine, request_id: str, sink: _Sink) -> None:
+    def __init__(self, engine: AsyncEngine, request_id: str, sink: OutputSink) -> None:
         self.request_id = request_id
         self._engine = engine
         self._sink = sink
@@ -162,13 +100,13 @@ class AsyncEngine:
         self.max_waiting_requests = max_waiting_requests
         self.request_timeout_s = request_timeout_s
         self._cond = threading.Condition()
-        self._commands: deque[_Add | _Abort] = deque()
+        self._commands: deque[AddCommand | AbortCommand] = deque()
         self._num_pending_adds = 0  # under _cond: posted, not yet drained
         self._num_waiting = 0  # under _cond: the scheduler's waiting queue, last drain
         self._accepting = False
         self._stop = False
         self._listeners: tuple[OutputListener, ...] = ()
-        self._sinks: dict[str, _Sink] = {}  # engine thread only
+        self._sinks: dict[str, OutputSink] = {}  # engine thread only
         self._deadlines: dict[str, float] = {}  # engine thread only
         self._thread: threading.Thread | None = None
         self._snapshot: EngineSnapshot | None = None
@@ -245,8 +183,8 @@ class AsyncEngine:
         """
         loop = asyncio.get_running_loop()
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        sink = _Sink(loop)
-        command = _Add(request_id, prompt, params, arrival_time or time.monotonic(), sink,
+        sink = OutputSink(loop)
+        command = AddCommand(request_id, prompt, params, arrival_time or time.monotonic(), sink,
                        loop.create_future())
         with self._cond:
             if not self._accepting or not self.is_alive:
@@ -278,7 +216,7 @@ class AsyncEngine:
         """Abort a request (no-op if it already finished); its blocks are freed on the engine
         thread's next turn, which this call wakes."""
         with self._cond:
-            self._commands.append(_Abort(request_id, None))
+            self._commands.append(AbortCommand(request_id, None))
             self._cond.notify()
 
     # -- engine thread ------------------------------------------------------------------------
@@ -324,7 +262,7 @@ class AsyncEngine:
             if stop:
                 self._refuse_adds(commands)
                 self._fail_all("shutdown")
-                self._publish(engine, sum(isinstance(c, _Add) for c in commands))
+                self._publish(engine, sum(isinstance(c, AddCommand) for c in commands))
                 return
             num_adds = self._apply(engine, commands)
             self._expire(engine)
@@ -340,18 +278,18 @@ class AsyncEngine:
             for loop, batch in batches.items():
                 _call_soon(loop, _put_all, batch)
 
-    def _apply(self, engine: LLMEngine, commands: list[_Add | _Abort]) -> int:
+    def _apply(self, engine: LLMEngine, commands: list[AddCommand | AbortCommand]) -> int:
         """Run the commands in order; returns the number of adds (accepted or not)."""
         num_adds = 0
         for command in commands:
-            if isinstance(command, _Add):
+            if isinstance(command, AddCommand):
                 num_adds += 1
                 self._apply_add(engine, command)
             else:
                 self._apply_abort(engine, command)
         return num_adds
 
-    def _apply_add(self, engine: LLMEngine, command: _Add) -> None:
+    def _apply_add(self, engine: LLMEngine, command: AddCommand) -> None:
         error: Exception | None = None
         try:
             engine.add_request(command.prompt, command.params, command.request_id,
@@ -363,7 +301,7 @@ class AsyncEngine:
             error = exc
         _call_soon(command.sink.loop, _settle, command.accepted, error)
 
-    def _apply_abort(self, engine: LLMEngine, command: _Abort) -> None:
+    def _apply_abort(self, engine: LLMEngine, command: AbortCommand) -> None:
         output = engine.abort_request(command.request_id)
         sink = self._sinks.pop(command.request_id, None)
         self._deadlines.pop(command.request_id, None)
@@ -372,12 +310,12 @@ class AsyncEngine:
         self._notify_listeners([output])
         if sink is not None and command.reason is not None:
             _call_soon(sink.loop, sink.queue.put_nowait, RequestAbortedError(
-                command.reason, output, _ABORT_MESSAGES[command.reason]))
+                command.reason, output, ABORT_MESSAGES[command.reason]))
 
     def _expire(self, engine: LLMEngine) -> None:
         now = time.monotonic()
         for request_id in [r for r, deadline in self._deadlines.items() if deadline <= now]:
-            self._apply_abort(engine, _Abort(request_id, "timeout"))
+            self._apply_abort(engine, AbortCommand(request_id, "timeout"))
 
     def _step(self, engine: LLMEngine) -> list[RequestOutput]:
         try:
@@ -398,10 +336,10 @@ class AsyncEngine:
             except Exception:
                 logger.exception("output listener %r failed", listener)
 
-    def _route(self, outputs: list[RequestOutput]) -> dict[asyncio.AbstractEventLoop, _Batch]:
+    def _route(self, outputs: list[RequestOutput]) -> dict[asyncio.AbstractEventLoop, OutputBatch]:
         """Group outputs by event loop (one wake-up per loop, not per output) and forget the
         finished requests before the snapshot counts live ones."""
-        batches: dict[asyncio.AbstractEventLoop, _Batch] = {}
+        batches: dict[asyncio.AbstractEventLoop, OutputBatch] = {}
         for output in outputs:
             sink = self._sinks.get(output.request_id)
             if sink is None:
@@ -428,18 +366,18 @@ class AsyncEngine:
         for request_id in list(self._sinks):
             try:
                 assert self.engine is not None
-                self._apply_abort(self.engine, _Abort(request_id, reason))
+                self._apply_abort(self.engine, AbortCommand(request_id, reason))
             except Exception:
                 logger.exception("abort of %s failed", request_id)
             sink = self._sinks.pop(request_id, None)
             if sink is not None:
                 _call_soon(sink.loop, sink.queue.put_nowait,
-                           RequestAbortedError(reason, None, _ABORT_MESSAGES[reason]))
+                           RequestAbortedError(reason, None, ABORT_MESSAGES[reason]))
         self._deadlines.clear()
 
-    def _refuse_adds(self, commands: list[_Add | _Abort]) -> None:
+    def _refuse_adds(self, commands: list[AddCommand | AbortCommand]) -> None:
         for command in commands:
-            if isinstance(command, _Add):
+            if isinstance(command, AddCommand):
                 _call_soon(command.sink.loop, _settle, command.accepted,
                            EngineClosedError("the server is shutting down"))
 
@@ -459,6 +397,6 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_exception(error)
 
 
-def _put_all(batch: _Batch) -> None:
+def _put_all(batch: OutputBatch) -> None:
     for sink, output in batch:
         sink.queue.put_nowait(output)
