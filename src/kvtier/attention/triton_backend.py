@@ -1,0 +1,239 @@
+"""Triton paged-attention backend: host side (tile configs, split choice, launches).
+
+Per layer `forward` launches, without a host synchronisation:
+
+    kv_write_kernel        all tokens            grid (num_tokens,)
+    decode_partial_kernel  decodes [0, nd)       grid (nd, num_kv_heads, num_splits)
+    decode_reduce_kernel   (when num_splits > 1) grid (nd, num_heads)
+    prefill_kernel         prefills [nd, n)      grid (num_heads, m_tiles, n - nd)
+
+CUDA graphs (decode-only steps): `prepare` runs once at capture, with `max_seq_len` an upper
+bound on the contexts the graph will serve; it fixes `num_splits` from the batch shape alone.
+Between replays the caller may change, in place: the contents of `block_table` (entries past
+a sequence's last block are never read), `seq_lens` (splits are laid out on the device; 0
+gives a zero output), `slot_mapping` (a negative slot skips the write) and `query_start_loc`
+(unused by decode), and the query/key/value values. It must not change num_decodes,
+num_tokens, the table width or the tensors' identities. The split workspace is allocated inside
+`forward` (fixed size per shape), so under capture it comes from the graph's private pool and
+lives as long as the graph; a buffer made in `prepare` would die with its metadata object while
+the graph still wrote to it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from kvtier.attention.base import AttentionBackend, AttentionMetadata
+from kvtier.attention.triton_kernels import (
+    decode_partial_kernel,
+    decode_reduce_kernel,
+    kv_write_kernel,
+    prefill_kernel,
+)
+
+LOG2E = 1.4426950408889634
+MIN_KEYS_PER_SPLIT = 128
+"""A decode split reads at least this many keys (two BLOCK_N=64 tiles) unless the context is
+shorter: below that the reduce and the per-program setup cost more than the split saves."""
+MAX_SPLITS = 128
+DEFAULT_NUM_SMS = 132
+"""H100 SXM; used only when the device is not CUDA (Triton's interpreter)."""
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_prefill_config(head_dim: int) -> PrefillConfig:
+    """Hopper tiles: 128 query rows x 64 keys, two warpgroups (each owns 64 rows of wgmma).
+    Compiled for sm_90 with Triton 3.6 (cuobjdump): d=128 uses 176 registers and 96 KB of
+    shared memory, d=64 120 and 48 KB, d=256 (64 x 32 tiles) 166 and 96 KB, no spills, HGMMA.
+    One warpgroup at 128 x 64 spills at d=128 and sits at 254 registers at d=64."""
+    if head_dim <= 128:
+        return PrefillConfig(128, 64, 8, 3)
+    return PrefillConfig(64, 32, 8, 2)
+
+
+def default_decode_config(head_dim: int) -> DecodeConfig:
+    """Memory-bound: 64-key tiles (16 KB of K and of V at d=128 bf16) loaded with 16-byte
+    cp.async, 3 stages in flight; 106-122 registers, 38 KB of shared memory at d=128 (sm_90).
+    The 16-row group tile (GROUP <= 16 heads) runs on mma.sync, not wgmma: decode is bound by
+    reading K/V, not by math."""
+    if head_dim <= 128:
+        return DecodeConfig(64, 4, 3)
+    return DecodeConfig(32, 4, 2)
+
+
+def choose_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
+                      num_sms: int) -> int:
+    """Splits per decode so that the partial kernel runs about two programs per SM, each over
+    at least MIN_KEYS_PER_SPLIT keys of the longest context; 1 skips the reduce kernel."""
+    useful = triton.cdiv(max(max_seq_len, 1), MIN_KEYS_PER_SPLIT)
+    wanted = triton.cdiv(2 * num_sms, max(num_decodes * num_kv_heads, 1))
+    return max(1, min(useful, wanted, MAX_SPLITS))
+
+
+@dataclass
+class TritonStepData:
+    num_decodes: int
+    """Decodes are sequences [0, num_decodes); prefills follow."""
+    num_prefills: int
+    max_prefill_query_len: int
+    max_seq_len: int
+    """Host-known upper bound on decode contexts, for the split choice."""
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self, prefill_config: PrefillConfig | None = None,
+                 decode_config: DecodeConfig | None = None,
+                 num_decode_splits: int | None = None, num_sms: int | None = None) -> None:
+        """Configs default per head dim; num_decode_splits fixes the split count (else chosen
+        per step by `choose_num_splits`); num_sms defaults to the device's."""
+        self.prefill_config = prefill_config
+        self.decode_config = decode_config
+        self.num_decode_splits = num_decode_splits
+        self.num_sms = num_sms
+        self.interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+    def prepare(self, metadata: AttentionMetadata) -> None:
+        nd = metadata.num_decodes
+        starts = metadata.query_start_loc_cpu
+        max_prefill = max((starts[i + 1] - starts[i] for i in range(nd, metadata.num_seqs)),
+                          default=0)
+        if self.num_sms is None:
+            device = metadata.block_table.device
+            self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                            if device.type == "cuda" else DEFAULT_NUM_SMS)
+        metadata.backend_data = TritonStepData(nd, metadata.num_seqs - nd, max_prefill,
+                                               metadata.max_seq_len)
+
+    def num_splits(self, data: TritonStepData, num_kv_heads: int) -> int:
+        if self.num_decode_splits is not None:
+            return self.num_decode_splits
+        return choose_num_splits(data.num_decodes, num_kv_heads, data.max_seq_len,
+                                 self.num_sms or DEFAULT_NUM_SMS)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        data: TritonStepData = metadata.backend_data
+        num_tokens, num_heads, head_dim = query.shape
+        _check_shapes(query, key, kv_cache, metadata.block_size)
+        query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
+        write_kv(key, value, kv_cache, metadata.slot_mapping, metadata.block_size)
+        out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype,
+                          device=query.device)
+        if data.num_decodes:
+            self._decode(query, kv_cache, metadata, data, out, scale)
+        if data.num_prefills:
+            config = self.prefill_config or default_prefill_config(head_dim)
+            run_prefill(query, kv_cache, metadata, data, out, scale, config, self.interpret)
+        return out
+
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                data: TritonStepData, out: torch.Tensor, scale: float) -> None:
+        config = self.decode_config or default_decode_config(query.shape[2])
+        splits = self.num_splits(data, kv_cache.shape[3])
+        run_decode(query, kv_cache, metadata, out, scale, splits, config, self.interpret)
+
+
+def _check_shapes(query: torch.Tensor, key: torch.Tensor, kv_cache: torch.Tensor,
+                  block_size: int) -> None:
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = key.shape[1]
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        raise ValueError(f"triton attention needs a power-of-two head_dim in [16, 256], "
+                         f"got {head_dim}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
+    if kv_cache.shape[2] != block_size or kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache must be (2, num_blocks, block_size, kv_heads, head_dim) "
+                         "with a contiguous last dim")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, block_size: int) -> None:
+    """key, value: (T, KVH, D) -> kv_cache[0/1] at slot_mapping (T,) int64; slot < 0 skips."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    kv_write_kernel[(num_tokens,)](
+        key, value, kv_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        NUM_KV_HEADS=num_kv_heads, BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=1 if num_kv_heads <= 2 else 2)
+
+
+def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                data: TritonStepData, out: torch.Tensor, scale: float, config: PrefillConfig,
+                interpret: bool = False) -> None:
+    """Attention for prefill sequences [num_decodes, num_seqs) into out; (T, H, D) tensors."""
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    group = num_heads // kv_cache.shape[3]
+    table = metadata.block_table
+    grid = (num_heads, triton.cdiv(data.max_prefill_query_len, config.block_m),
+            data.num_prefills)
+    prefill_kernel[grid](
+        query, out, kv_cache, table, metadata.query_start_loc, metadata.seq_lens,
+        data.num_decodes, scale * LOG2E,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        table.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=metadata.block_size,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, UPCAST=interpret,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def run_decode(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+               out: torch.Tensor, scale: float, num_splits: int, config: DecodeConfig,
+               interpret: bool = False) -> None:
+    """Attention for decodes [0, num_decodes) (query token b of sequence b) into out."""
+    nd = metadata.num_decodes
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    direct = num_splits == 1
+    if direct:
+        part = lse = out  # unused by the kernel
+    else:
+        # One allocation: partial outputs (nd, H, S, D) then log-sum-exps (nd, H, S), fp32.
+        rows = nd * num_heads * num_splits
+        workspace = torch.empty(rows * (head_dim + 1), dtype=torch.float32, device=query.device)
+        part, lse = workspace[:rows * head_dim], workspace[rows * head_dim:]
+    table = metadata.block_table
+    decode_partial_kernel[(nd, num_kv_heads, num_splits)](
+        query, out, part, lse, kv_cache, table, metadata.seq_lens, num_splits, scale * LOG2E,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        table.stride(0),
+        NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_SIZE=metadata.block_size, BLOCK_N=config.block_n,
+        DIRECT=direct, UPCAST=interpret, num_warps=config.num_warps,
+        num_stages=config.num_stages)
+    if not direct:
+        decode_reduce_kernel[(nd, num_heads)](
+            part, lse, out, num_splits, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+            BLOCK_S=triton.next_power_of_2(num_splits), CHUNK=16, num_warps=4)
