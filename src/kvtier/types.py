@@ -85,7 +85,8 @@ class ScheduledRequest:
 
     `token_ids` are the tokens computed this step, at positions
     `num_computed_tokens .. num_computed_tokens + len(token_ids) - 1`; `block_ids` is the whole
-    block table after this step's allocation. `sample` is set when the step reaches the end of
+    block table after this step's allocation (the scheduler's own list: read it before the next
+    `schedule()`, never modify it). `sample` is set when the step reaches the end of
     the known tokens, so the runner samples the next one.
     """
 
@@ -144,6 +145,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
+    """All output ids; while the request streams this is the engine's live list."""
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 

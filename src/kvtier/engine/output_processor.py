@@ -78,7 +78,8 @@ class OutputProcessor:
         completion = CompletionOutput(
             index=0,
             text=state.text if finished else state.text[:visible],
-            token_ids=list(request.output_token_ids),
+            # Streaming outputs share the live list (a copy per step would be O(n^2)).
+            token_ids=list(request.output_token_ids) if finished else request.output_token_ids,
             finish_reason=reason,
             stop_reason=request.stop_reason if finished else None,
         )

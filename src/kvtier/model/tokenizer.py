@@ -11,6 +11,7 @@ Parity with `AutoTokenizer` is what the tests check; where transformers has a ru
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -44,6 +45,7 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer, config: Mapping[str, Any],
                  extra_eos_token_ids: Iterable[int] = ()) -> None:
         self.backend = backend
+        self._token_bytes_table: list[bytes | None] | None = None
         self.chat_template: str | None = _pick_chat_template(config.get("chat_template"))
         self._compiled_template: jinja2.Template | None = None
         self.special_tokens = {name: token for name in _SPECIAL_TOKEN_NAMES
@@ -169,6 +171,13 @@ class Tokenizer:
         self.backend.post_processor = processors.TemplateProcessing(
             single=single, pair=pair, special_tokens=special)
 
+    def token_bytes(self) -> list[bytes | None] | None:
+        """The UTF-8 bytes each id decodes to, for byte-level BPE tokenizers (GPT-2 style:
+        Qwen, Llama 3, SmolLM2); None for others. Special tokens map to None. Built once."""
+        if self._token_bytes_table is None:
+            self._token_bytes_table = _byte_level_table(self.backend, self._special_ids)
+        return self._token_bytes_table or None
+
     def _clean_up(self, text: str) -> str:
         # transformers ignores clean_up_tokenization_spaces for BPE models: it corrupts them.
         if not self.clean_up_tokenization_spaces or isinstance(self.backend.model,
@@ -207,6 +216,11 @@ class IncrementalDetokenizer:
                  skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        # Byte-level BPE: each id is a fixed byte string, so an incremental UTF-8 decoder gives
+        # the same text as decode() at O(1) per token (the window scheme below is general).
+        table = tokenizer.token_bytes() if skip_special_tokens else None
+        self._bytes = table
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         context = self._to_tokens(prompt_token_ids[-self._NUM_PROMPT_CONTEXT_TOKENS:])
         if tokenizer.convert_tokens_to_string(context).endswith(_REPLACEMENT_CHAR):
             # A prompt that ends mid-character would swallow the first output bytes; start clean.
@@ -216,6 +230,7 @@ class IncrementalDetokenizer:
         self._read_offset = len(context)
         self._num_context = len(context)
         self._pieces: list[str] = []
+        self._num_fast_tokens = 0
 
     @property
     def text(self) -> str:
@@ -224,6 +239,15 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: Sequence[int]) -> str:
         """Append newly generated ids; return the text that became stable (often "")."""
+        if self._bytes is not None:
+            table, size = self._bytes, len(self._bytes)
+            data = b"".join(b for b in (table[i] if 0 <= i < size else None for i in token_ids)
+                            if b is not None)
+            delta = self._utf8.decode(data)
+            if delta:
+                self._pieces.append(delta)
+            self._num_fast_tokens += len(token_ids)
+            return delta
         self._tokens.extend(self._to_tokens(token_ids))
         to_string = self._tokenizer.convert_tokens_to_string
         prefix_text = to_string(self._tokens[self._prefix_offset:self._read_offset])
@@ -237,6 +261,11 @@ class IncrementalDetokenizer:
 
     def finish(self) -> str:
         """Emit whatever `add` held back (an incomplete character decodes as U+FFFD)."""
+        if self._bytes is not None:
+            delta = self._utf8.decode(b"", final=True)
+            if delta:
+                self._pieces.append(delta)
+            return delta
         to_string = self._tokenizer.convert_tokens_to_string
         prefix_text = to_string(self._tokens[self._prefix_offset:self._read_offset])
         new_text = to_string(self._tokens[self._prefix_offset:])
@@ -249,13 +278,51 @@ class IncrementalDetokenizer:
     @property
     def num_output_tokens(self) -> int:
         """Output tokens seen (ids unknown to the tokenizer or skipped as special not counted)."""
-        return len(self._tokens) - self._num_context
+        return len(self._tokens) - self._num_context + self._num_fast_tokens
 
     def _to_tokens(self, token_ids: Sequence[int]) -> list[str]:
         special = self._tokenizer.special_token_ids if self._skip_special else frozenset()
         tokens = self._tokenizer.convert_ids_to_tokens(
             [i for i in token_ids if i not in special])
         return [t for t in tokens if t is not None]
+
+
+def _byte_level_table(backend: tokenizers.Tokenizer,
+                      special_ids: frozenset[int]) -> list[bytes | None]:
+    """Per-id bytes for a byte-level BPE tokenizer, or [] when the tokenizer is not one (or has
+    a normalizer/decoder step that a byte table cannot reproduce)."""
+    if not isinstance(backend.decoder, tokenizers.decoders.ByteLevel) \
+            or not isinstance(backend.model, tokenizers.models.BPE):
+        return []
+    byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
+    added = {token.content: token for token in backend.get_added_tokens_decoder().values()}
+    table: list[bytes | None] = []
+    for token_id in range(backend.get_vocab_size(with_added_tokens=True)):
+        token = backend.id_to_token(token_id)
+        if token is None or token_id in special_ids:
+            table.append(None)
+        elif token in added:
+            table.append(token.encode())
+        else:
+            try:
+                table.append(bytes(byte_of[char] for char in token))
+            except KeyError:
+                return []  # not a pure byte-level vocabulary: use the general path
+    return table
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
 
 
 # -- chat template machinery (mirrors transformers.utils.chat_template_utils) -------------------

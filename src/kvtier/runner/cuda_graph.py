@@ -43,13 +43,21 @@ class DecodeGraphs:
         device = kv_caches[0].device
         self.sizes = capture_sizes(max_batch)
         n = self.sizes[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), scratch_block * block_size, dtype=torch.int64,
-                                       device=device)
+        # Token ids, positions, slots and sequence lengths travel in one int64 host->device
+        # copy; the graph itself casts the lengths to the int32 the kernels read.
+        self._device_vectors = torch.zeros((4, n), dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self._device_vectors[:3]
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_table = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.int32,
                                       device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self._host_vectors_t = torch.zeros((4, n), dtype=torch.int64, pin_memory=True)
+        self._host_vectors = self._host_vectors_t.numpy()
+        self._host_table_t = torch.full((n, max_blocks_per_seq), scratch_block,
+                                        dtype=torch.int32, pin_memory=True)
+        self._host_table = self._host_table_t.numpy()
+        # Padding rows: token 0 at position 0, writing the scratch slot, context length 1.
+        self._padding = torch.tensor([[0], [0], [scratch_block * block_size], [1]]).expand(
+            4, n).numpy()
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
@@ -66,6 +74,7 @@ class DecodeGraphs:
         return metadata
 
     def _forward(self, n: int, metadata: AttentionMetadata) -> torch.Tensor:
+        self.seq_lens[:n].copy_(self._device_vectors[3, :n])  # captured: runs on every replay
         hidden = self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, metadata)
         return self.model.compute_logits(hidden)
 
@@ -90,23 +99,27 @@ class DecodeGraphs:
     @torch.inference_mode()
     def run(self, token_ids: list[int], positions: list[int], slots: list[int],
             block_tables: list[list[int]], seq_lens: list[int]) -> torch.Tensor:
-        """Replay for a decode batch; returns logits (n, vocab) for the real rows."""
+        """Replay for a decode batch; returns logits (n, vocab) for the real rows.
+
+        Only the block-table columns this batch uses are refreshed: the kernels read a row
+        only up to its sequence length. The host staging buffers are reused, which is safe
+        because every step waits for its sampled tokens before the next one starts.
+        """
         n = len(token_ids)
         size = next(s for s in self.sizes if s >= n)
-        pad = size - n
-        width = self.max_blocks
-        table = [row + [self.scratch_block] * (width - len(row)) for row in block_tables]
-        table += [[self.scratch_block] * width] * pad
-        scratch_slot = self.scratch_block * self.block_size
-        host = torch.tensor(token_ids + [0] * pad, dtype=torch.int64).pin_memory()
-        self.input_ids[:size].copy_(host, non_blocking=True)
-        host = torch.tensor(positions + [0] * pad, dtype=torch.int64).pin_memory()
-        self.positions[:size].copy_(host, non_blocking=True)
-        host = torch.tensor(slots + [scratch_slot] * pad, dtype=torch.int64).pin_memory()
-        self.slot_mapping[:size].copy_(host, non_blocking=True)
-        host = torch.tensor(seq_lens + [1] * pad, dtype=torch.int32).pin_memory()
-        self.seq_lens[:size].copy_(host, non_blocking=True)
-        host = torch.tensor(table, dtype=torch.int32).pin_memory()
-        self.block_table[:size].copy_(host, non_blocking=True)
+        width = max(len(row) for row in block_tables)
+        vectors = self._host_vectors
+        vectors[:, n:size] = self._padding[:, :size - n]
+        vectors[0, :n] = token_ids
+        vectors[1, :n] = positions
+        vectors[2, :n] = slots
+        vectors[3, :n] = seq_lens
+        table = self._host_table
+        table[n:size, 0] = self.scratch_block
+        for i, row in enumerate(block_tables):
+            table[i, :len(row)] = row
+        self._device_vectors[:, :size].copy_(self._host_vectors_t[:, :size], non_blocking=True)
+        self.block_table[:size, :width].copy_(self._host_table_t[:size, :width],
+                                              non_blocking=True)
         self._graphs[size].replay()
         return self._logits[size][:n]

@@ -230,7 +230,7 @@ class Scheduler:
             request_id=request.request_id,
             token_ids=request.all_token_ids[start:start + num_new],
             num_computed_tokens=start,
-            block_ids=list(self.kv.block_table(request.request_id)),
+            block_ids=self.kv.block_table(request.request_id),
             sample=start + num_new == request.num_tokens,
             sampling_params=request.sampling_params,
             num_output_tokens=request.num_output_tokens,

@@ -208,26 +208,41 @@ class TierManager:
         results, self._finished_loads = self._finished_loads, []
         return results
 
+    def wait_for_load(self, timeout_s: float) -> None:
+        """Block (without holding the GIL) until a transfer finishes or `timeout_s` passes.
+        For a caller with nothing else to do: spinning would starve the transfer threads."""
+        if not self._loading or self._finished_loads:
+            return
+        try:
+            item = self._done.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        self._handle(*item)
+
     def _absorb(self) -> None:
         while True:
             try:
                 kind, value = self._done.get_nowait()
             except queue.Empty:
                 return
-            if kind == "store":
-                for block_id in self._storing.pop(value, []):
-                    self.pool.unpin(block_id)
-                continue
-            plan, hashes = self._loading.pop(value.request_id)
-            for segment in plan.segments:
-                self.stores[segment.tier].unpin(segment.meta.key)
-            for block_hash in hashes:
-                self._loading_blocks.pop(block_hash, None)
-            self.stats.num_loads += 1
-            self.stats.load_seconds += value.seconds
-            for name, blocks in value.hit_blocks_per_tier.items():
-                self.stats.hit_tokens[name] += blocks * self.block_size
-            self._finished_loads.append(value)
+            self._handle(kind, value)
+
+    def _handle(self, kind: str, value: object) -> None:
+        if kind == "store":
+            for block_id in self._storing.pop(value, []):  # type: ignore[call-overload]
+                self.pool.unpin(block_id)
+            return
+        assert isinstance(value, LoadResult)
+        plan, hashes = self._loading.pop(value.request_id)
+        for segment in plan.segments:
+            self.stores[segment.tier].unpin(segment.meta.key)
+        for block_hash in hashes:
+            self._loading_blocks.pop(block_hash, None)
+        self.stats.num_loads += 1
+        self.stats.load_seconds += value.seconds
+        for name, blocks in value.hit_blocks_per_tier.items():
+            self.stats.hit_tokens[name] += blocks * self.block_size
+        self._finished_loads.append(value)
 
     @property
     def has_inflight_loads(self) -> bool:
