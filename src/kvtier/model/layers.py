@@ -1,17 +1,35 @@
 """Building blocks of the decoder: RMSNorm, rotary embedding, gated MLP.
 
 Numerics follow HF transformers' Llama/Qwen2 code (norms in float32, rotate-half rotary with
-float32 cos/sin tables), so logits match within float32 rounding.
+float32 cos/sin tables), so logits match within float32 rounding. On CUDA each block runs as one
+fused Triton kernel (`triton_ops`); elsewhere as the plain torch reference below.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import cache
+from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@cache
+def _fused_ops() -> ModuleType | None:
+    """The Triton kernels, or None where Triton is missing."""
+    try:
+        from kvtier.model import triton_ops
+    except ImportError:
+        return None
+    return triton_ops
+
+
+def _fused(x: torch.Tensor) -> ModuleType | None:
+    return _fused_ops() if x.is_cuda else None
 
 
 class RMSNorm(nn.Module):
@@ -20,11 +38,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); without a residual, (norm(x), x).
+        The fused kernel updates `residual` in place."""
+        ops = _fused(x)
+        if ops is not None:
+            out = ops.add_rmsnorm(x, residual, self.weight, self.eps)
+            return out, (x if residual is None else residual)
+        if residual is not None:
+            x = x + residual
         dtype = x.dtype
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32.to(dtype), x
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -67,16 +94,30 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((positions[:, None] * inv_freq[None, :],) * 2, dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def forward(self, positions: torch.Tensor,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for each position: (T, 1, D) in `dtype`, shared by every layer of a step."""
-        return (self.cos[positions].to(dtype)[:, None, :],
-                self.sin[positions].to(dtype)[:, None, :])
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryInputs:
+        """What every layer of a step needs to rotate its queries and keys."""
+        if _fused(positions) is not None:
+            return RotaryInputs(positions, self.cos, self.sin)
+        return RotaryInputs(positions, self.cos[positions].to(dtype)[:, None, :],
+                            self.sin[positions].to(dtype)[:, None, :])
 
 
-def apply_rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """query (T, H, D), key (T, KVH, D) -> rotated, same shapes and dtype."""
+@dataclass
+class RotaryInputs:
+    positions: torch.Tensor
+    cos: torch.Tensor
+    """Fused path: the float32 table (max_positions, D); torch path: (T, 1, D) rows."""
+    sin: torch.Tensor
+
+
+def apply_rotary(query: torch.Tensor, key: torch.Tensor,
+                 rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """query (T, H, D), key (T, KVH, D) -> rotated (in place on CUDA), same shapes and dtype."""
+    ops = _fused(query)
+    if ops is not None:
+        ops.rotary_inplace(query, key, rotary.positions, rotary.cos, rotary.sin)
+        return query, key
+    cos, sin = rotary.cos, rotary.sin
     return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
 
 
@@ -95,5 +136,9 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        ops = _fused(gate_up)
+        if ops is not None:
+            return self.down_proj(ops.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)

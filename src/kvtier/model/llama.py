@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kvtier.attention.base import AttentionBackend, AttentionMetadata
-from kvtier.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from kvtier.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, RotaryInputs, apply_rotary
 from kvtier.model.spec import ModelLoadError, ModelSpec
 
 
@@ -35,14 +35,14 @@ class Attention(nn.Module):
                                 bias=spec.attention_bias and spec.model_type != "qwen2")
         self.backend = backend
 
-    def forward(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rotary: RotaryInputs, kv_cache: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, *rotary)
+        q, k = apply_rotary(q, k, rotary)
         out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -55,11 +55,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size)
 
-    def forward(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rotary, kv_cache,
-                                         metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rotary: RotaryInputs,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream kept apart, so each add fuses into the next norm:
+        returns (mlp output, residual) whose sum is the layer's output."""
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, rotary, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -80,9 +84,10 @@ class LlamaForCausalLM(nn.Module):
         """Final hidden states (num_tokens, hidden_size), after the last norm."""
         hidden = self.embed_tokens(input_ids)
         rotary = self.rotary(positions, hidden.dtype)
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, rotary, kv_cache, metadata)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, rotary, kv_cache, metadata)
+        return self.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, hidden_size) -> float32 logits (n, vocab_size)."""
