@@ -6,7 +6,7 @@ An experiment file (or a built-in preset under `presets/`) looks like this:
     description = "..."
     model = "random:tiny-llama"        # optional: `--model` of every kvtier server
     tokenizer = "path/tokenizer.json"   # optional: else resolved from the model name
-    restart_per_workload = false        # true: a fresh server (cold caches) per workload
+    restart_per_workload = false        # true: per workload, a fresh server of each config
 
     [bench]                             # BenchConfig fields shared by every workload
     seed = 0
@@ -132,7 +132,8 @@ class Experiment:
     model: str | None = None
     tokenizer: str | None = None
     restart_per_workload: bool = False
-    """Start a fresh server for every workload, so no workload inherits a warm cache."""
+    """Per workload, start a fresh server of each configuration in turn (workload-major):
+    no workload inherits a warm cache, and the runs compared are adjacent in time."""
     source: str = ""
 
     def replace(self, **changes: Any) -> Experiment:

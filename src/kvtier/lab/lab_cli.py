@@ -86,10 +86,14 @@ def run_lab(args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
+    import textwrap
+
     from kvtier.lab.experiment import list_presets
 
     for name, description in list_presets().items():
-        print(f"{name:<12} {description.splitlines()[0] if description else ''}")
+        print(name)
+        print(textwrap.fill(" ".join(description.split()), width=96, initial_indent="    ",
+                            subsequent_indent="    "))
     return 0
 
 

@@ -109,11 +109,12 @@ class _Runner:
         self.lab.records.append(record)
         self.save()
 
-    def run_server(self, spec: ServerSpec, workloads: Sequence[WorkloadSpec]) -> None:
+    def run_server(self, spec: ServerSpec, workloads: Sequence[WorkloadSpec],
+                   log_name: str | None = None) -> None:
         """Start one configuration, run `workloads`, stop it; failures become records."""
         self.log(f"[lab] starting {spec.name!r} ({spec.kind})")
         try:
-            with running_server(spec, self.out_dir / "logs") as server:
+            with running_server(spec, self.out_dir / "logs", log_name) as server:
                 self.log(f"[lab] {spec.name!r} healthy at {server.base_url} after "
                          f"{server.start_seconds:.1f} s")
                 warm_up(server.base_url)
@@ -223,11 +224,14 @@ def run_experiment(experiment: Experiment, out_dir: Path, new_task: TaskFactory 
     runner = _Runner(experiment, out_dir, new_task, log)
     runner.save()
     try:
-        for spec in experiment.servers:
-            if experiment.restart_per_workload:
-                for workload in experiment.workloads:
-                    runner.run_server(spec, [workload])
-            else:
+        if experiment.restart_per_workload:
+            # Workload-major: the runs compared with each other are adjacent in time, so a
+            # shared machine's load drift does not masquerade as a configuration's effect.
+            for workload in experiment.workloads:
+                for spec in experiment.servers:
+                    runner.run_server(spec, [workload], log_name=f"{spec.name}--{workload.name}")
+        else:
+            for spec in experiment.servers:
                 runner.run_server(spec, experiment.workloads)
     finally:
         runner.lab.wall_s = time.perf_counter() - start

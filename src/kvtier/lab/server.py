@@ -73,14 +73,18 @@ def log_tail(path: Path | None, num_lines: int = 25) -> str:
 
 
 @contextlib.contextmanager
-def running_server(spec: ServerSpec, log_dir: Path) -> Iterator[RunningServer]:
-    """Yield a healthy server for `spec`; tear it down on exit (even on errors/Ctrl-C)."""
+def running_server(spec: ServerSpec, log_dir: Path,
+                   log_name: str | None = None) -> Iterator[RunningServer]:
+    """Yield a healthy server for `spec`; tear it down on exit (even on errors/Ctrl-C).
+
+    The log is `log_dir/<slug of log_name or the server name>.log`.
+    """
     if spec.kind == "url":
         assert spec.base_url is not None
         yield RunningServer(spec, spec.base_url.rstrip("/"))
         return
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{slug(spec.name)}.log"
+    log_path = log_dir / f"{slug(log_name or spec.name)}.log"
     port = free_port()
     command = server_command(spec, port)
     with log_path.open("wb") as log:

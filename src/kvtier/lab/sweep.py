@@ -2,9 +2,10 @@
 
 The sweep derives an ordinary experiment from a base one (a preset or file): two of its server
 configurations (tier off, tier on; by default the first two) and one workload (by default the
-first prefix_repetition one). Workload knobs become one workload per value (each server starts
-once); the device-pool knob becomes one server pair per value. Each value uses its own seed
-(base seed + index), so no value's prefixes are warm in the cache from an earlier value.
+first prefix_repetition one). Workload knobs become one workload per value (each value gets
+a fresh pair of servers, off then on, so the two runs compared are adjacent in time); the
+device-pool knob becomes one server pair per value. Each value uses its own seed (base seed +
+index). A value "pays" only where the tiers served tokens: a gain without tier hits is noise.
 
     knob             what changes
     num_prefixes     prefix_repetition_num_prefixes
@@ -109,7 +110,9 @@ def plan_sweep(base: Experiment, knob: str, values: tuple[int, ...], off: str | 
             {**chosen.fields, field: v, "seed": seed + i}, f"{knob}={v}"))
             for i, v in enumerate(values))
         pairs = tuple((off_spec.name, on_spec.name, w.name) for w in workloads)
-        experiment = replace(base, name=name, servers=(off_spec, on_spec), workloads=workloads)
+        # A fresh server pair per value, off then on: adjacent in time, cold caches.
+        experiment = replace(base, name=name, servers=(off_spec, on_spec), workloads=workloads,
+                             restart_per_workload=True)
         return SweepPlan(knob, values, experiment, off_spec.name, on_spec.name, pairs)
     for spec in (off_spec, on_spec):
         if spec.kind != "kvtier":
@@ -170,8 +173,9 @@ def sweep_grid(plan: SweepPlan, records: list[RunRecord]) -> list[list[str]]:
             return r.metric(key) if r is not None and r.succeeded else None
 
         ttft_off, ttft_on = metric(off, "mean_ttft_ms"), metric(on, "mean_ttft_ms")
-        pool = (on or off).device_kv_tokens if (on or off) else None
-        ws = (on or off).prefix_working_set_tokens if (on or off) else None
+        ref = on or off
+        pool = ref.device_kv_tokens if ref else None
+        ws = ref.prefix_working_set_tokens if ref else None
         ratio = f"{ws / pool:.2f}×" if ws and pool else "—"
         gain = f"{ttft_off / ttft_on:.2f}×" if ttft_off and ttft_on else "—"
         grid.append([str(value), ratio, format_value(ttft_off, "ms"), format_value(ttft_on, "ms"),
@@ -182,12 +186,16 @@ def sweep_grid(plan: SweepPlan, records: list[RunRecord]) -> list[list[str]]:
     return grid
 
 
+def _tier_tokens(record: RunRecord | None) -> int:
+    """Prompt tokens that lower tiers (not the device cache) served in this run."""
+    stats = (record.kvtier or {}) if record is not None else {}
+    return sum(v for k, v in stats.get("tier_hit_tokens", {}).items() if k != "device")
+
+
 def _tier_share(record: RunRecord | None) -> str:
     stats = (record.kvtier or {}) if record is not None else {}
     sent = stats.get("prompt_tokens") or 0
-    hits = stats.get("tier_hit_tokens", {})
-    tiers = sum(v for k, v in hits.items() if k != "device")
-    return f"{tiers / sent:.0%}" if sent else "—"
+    return f"{_tier_tokens(record) / sent:.0%}" if sent else "—"
 
 
 def where_it_pays(plan: SweepPlan, records: list[RunRecord]) -> str:
@@ -195,7 +203,8 @@ def where_it_pays(plan: SweepPlan, records: list[RunRecord]) -> str:
     for value, (off, on) in zip(plan.values, paired_records(plan, records), strict=True):
         if off and on and off.succeeded and on.succeeded:
             ttft_off, ttft_on = off.metric("mean_ttft_ms"), on.metric("mean_ttft_ms")
-            if ttft_off and ttft_on and ttft_off / ttft_on >= PAYS_THRESHOLD:
+            served = _tier_tokens(on) > 0  # without tier hits a "gain" is noise
+            if served and ttft_off and ttft_on and ttft_off / ttft_on >= PAYS_THRESHOLD:
                 return (f"the tier starts to pay at {plan.knob}={value}: mean TTFT "
                         f"{ttft_off / ttft_on:.2f}× lower than without it")
     return (f"the tier never cut mean TTFT by {PAYS_THRESHOLD - 1:.0%} or more over "

@@ -21,6 +21,8 @@ from kvtier.model.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
+SPLIT_HORIZON_TOKENS = 4096
+
 
 def capture_sizes(max_batch: int) -> list[int]:
     sizes = [s for s in (1, 2, 4, 8) if s <= max_batch]
@@ -63,7 +65,10 @@ class DecodeGraphs:
         self._logits: dict[int, torch.Tensor] = {}
 
     def _metadata(self, n: int) -> AttentionMetadata:
-        max_len = self.max_blocks * self.block_size
+        # Sized for a typical context, not the longest: a backend that splits long contexts
+        # would otherwise bake in splits that stay empty (but cost launches) on most steps.
+        # Longer contexts stay correct, with fewer splits than ideal.
+        max_len = min(self.max_blocks * self.block_size, SPLIT_HORIZON_TOKENS)
         metadata = AttentionMetadata(
             num_tokens=n, num_seqs=n, num_decodes=n,
             query_start_loc=self.query_start_loc[:n + 1], seq_lens=self.seq_lens[:n],

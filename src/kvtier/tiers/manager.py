@@ -177,11 +177,12 @@ class TierManager:
         started = time.monotonic()
         done, per_tier, offset = 0, {s.name: 0 for s in self.stores}, 0
         try:
+            index = self.transfer.load_index(block_ids[:plan.num_blocks])
             for segment in plan.segments:
                 store = self.stores[segment.tier]
                 payload = store.read(segment.meta)
                 self.transfer.copy_in(payload, segment.meta.num_blocks, segment.first,
-                                      block_ids[offset:offset + segment.num_blocks])
+                                      index[offset:offset + segment.num_blocks])
                 offset += segment.num_blocks
                 done += segment.num_blocks
                 per_tier[store.name] += segment.num_blocks

@@ -54,11 +54,13 @@ def probe_rate(store: TierStore, transfer: KVTransfer, chunk_blocks: int) -> Tie
     num_blocks = min(chunk_blocks, transfer.kv_cache.shape[2])
     num_bytes = num_blocks * store.layout.block_bytes
     payload = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=transfer.is_cuda)
-    block_ids = list(range(num_blocks))
+    index = transfer.load_index(list(range(num_blocks)))
     if store.name == "cpu":
-        transfer.copy_in(payload, num_blocks, 0, block_ids)  # warm-up
+        transfer.copy_in(payload, num_blocks, 0, index)  # warm-up
+        transfer.wait_loads()
         started = time.perf_counter()
-        transfer.copy_in(payload, num_blocks, 0, block_ids)
+        transfer.copy_in(payload, num_blocks, 0, index)
+        transfer.wait_loads()
         return TierRate(num_bytes / max(time.perf_counter() - started, 1e-9), latency_s=0.0)
     if store.name == "disk":
         return _probe_disk(store, transfer, payload, num_blocks)
@@ -82,7 +84,8 @@ def _probe_disk(store: TierStore, transfer: KVTransfer, payload: torch.Tensor,
             f.seek(0)
             data = f.read()
             transfer.copy_in(torch.frombuffer(bytearray(data), dtype=torch.uint8), num_blocks,
-                             0, list(range(num_blocks)))
+                             0, transfer.load_index(list(range(num_blocks))))
+            transfer.wait_loads()
             elapsed = time.perf_counter() - started
     except OSError as exc:
         logger.warning("disk tier probe failed: %s", exc)

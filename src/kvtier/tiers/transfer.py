@@ -83,20 +83,28 @@ class KVTransfer:
 
     # -- load: host -> device ----------------------------------------------------------------
 
-    def copy_in(self, payload: torch.Tensor, entry_blocks: int, first: int,
-                block_ids: list[int]) -> None:
-        """Transfer thread: scatter blocks first..first+len(block_ids)-1 of an entry's payload
-        into the given device blocks. On CUDA the copy is only enqueued on the load stream
-        (the payload must stay valid until `wait_loads`); on the CPU it is done on return."""
-        source = self.entry_view(payload, entry_blocks)[:, :, first:first + len(block_ids)]
+    def load_index(self, block_ids: list[int]) -> torch.Tensor:
+        """Destination block ids of a whole load, uploaded once (on the load stream)."""
         if not self.is_cuda:
-            self.kv_cache.index_copy_(2, self._index(block_ids), source)
+            return self._index(block_ids)
+        with torch.cuda.stream(self.load_stream):
+            return torch.tensor(block_ids, dtype=torch.int64).pin_memory().to(
+                self.device, non_blocking=True)
+
+    def copy_in(self, payload: torch.Tensor, entry_blocks: int, first: int,
+                index: torch.Tensor) -> None:
+        """Transfer thread: scatter blocks first..first+len(index)-1 of an entry's payload
+        into the device blocks `index` (from `load_index`). On CUDA the copy is only enqueued
+        on the load stream (the payload must stay valid until `wait_loads`); on the CPU it is
+        done on return."""
+        count = index.numel()
+        if not self.is_cuda:
+            source = self.entry_view(payload, entry_blocks)[:, :, first:first + count]
+            self.kv_cache.index_copy_(2, index, source)
             return
         with torch.cuda.stream(self.load_stream):
-            index = torch.tensor(block_ids, dtype=torch.int64).pin_memory().to(
-                self.device, non_blocking=True)
             staged = self.entry_view(payload, entry_blocks).to(self.device, non_blocking=True)
-            self.kv_cache.index_copy_(2, index, staged[:, :, first:first + len(block_ids)])
+            self.kv_cache.index_copy_(2, index, staged[:, :, first:first + count])
 
     def wait_loads(self) -> None:
         """Transfer thread: block until every enqueued `copy_in` has landed."""
