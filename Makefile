@@ -23,7 +23,7 @@ $(VENV)/.test: $(VENV)/.base
 	@touch $@
 
 run: $(VENV)/.base
-	$(VENV)/bin/kvtier demo
+	$(VENV)/bin/kvtier lab seed-cpu
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q

@@ -19,7 +19,7 @@ from aiohttp import web
 class Fake:
     def __init__(self, delay_s: float, fail_every: int, kvtier: bool) -> None:
         self.delay_s, self.fail_every, self.kvtier = delay_s, fail_every, kvtier
-        self.requests = self.prompt_tokens = self.generated = 0
+        self.requests = self.succeeded = self.prompt_tokens = self.generated = 0
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "random:tiny-llama"}]})
@@ -35,7 +35,7 @@ class Fake:
                  f"kvtier:generation_tokens_total {self.generated}",
                  f"kvtier:prefix_cache_hits_total {hits + self.prompt_tokens // 4}",
                  f'kvtier:tier_hit_tokens_total{{tier="cpu"}} {self.prompt_tokens // 4}',
-                 f'kvtier:request_success_total{{finished_reason="length"}} {self.requests}',
+                 f'kvtier:request_success_total{{finished_reason="length"}} {self.succeeded}',
                  "kvtier:kv_cache_total_blocks 64"]
         return web.Response(text="\n".join(lines) + "\n")
 
@@ -58,6 +58,7 @@ class Fake:
         await response.write(b"data: [DONE]\n\n")
         self.prompt_tokens += n_prompt
         self.generated += n_out
+        self.succeeded += 1
         return response
 
 

@@ -63,9 +63,9 @@ def test_running_server_is_healthy_then_torn_down(tmp_path: Path):
 
 def test_a_server_that_exits_reports_its_log(tmp_path: Path):
     spec = ServerSpec("dies", launch="echo cannot start on {port}; exit 3", startup_timeout_s=10)
-    with pytest.raises(ServerStartError, match=r"(?s)exited with code 3.*cannot start on"):
-        with running_server(spec, tmp_path):
-            pass
+    with (pytest.raises(ServerStartError, match=r"(?s)exited with code 3.*cannot start on"),
+          running_server(spec, tmp_path)):
+        pass
 
 
 def test_stop_process_kills_what_ignores_sigterm():
@@ -107,14 +107,17 @@ def test_experiment_keeps_going_past_failures_and_writes_everything(tmp_path: Pa
         "ttft_cdf_r.png", "itl_r.png", "throughput.png", "regime_map.png"}
 
 
-def test_restart_per_workload_starts_a_server_per_workload(tmp_path: Path):
+def test_restart_per_workload_runs_workload_major_on_fresh_servers(tmp_path: Path):
     experiment = Experiment(name="unit", tokenizer=TOKENIZER, restart_per_workload=True,
-                            servers=(fake("kvtier-like", "--kvtier"),),
+                            servers=(fake("s1", "--kvtier"), fake("s2")),
                             workloads=(workload("A", 2), workload("B", 2)))
     messages: list[str] = []
     lab = run_experiment(experiment, tmp_path, log=messages.append)
-    assert [r.status for r in lab.records] == ["ok", "ok"]
-    assert sum("starting" in m for m in messages) == 2
+    assert [(r.server, r.workload, r.status) for r in lab.records] == [
+        ("s1", "A", "ok"), ("s2", "A", "ok"), ("s1", "B", "ok"), ("s2", "B", "ok")]
+    assert sum("starting" in m for m in messages) == 4
+    assert {p.name for p in (tmp_path / "logs").iterdir()} == {
+        "s1-a.log", "s2-a.log", "s1-b.log", "s2-b.log"}
 
 
 def test_engine_flags_are_checked_by_kvtiers_own_parser():

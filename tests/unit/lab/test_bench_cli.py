@@ -1,0 +1,101 @@
+"""bench_cli.py / bench_run.py: every BenchConfig field is a flag; errors name the value;
+a run against a fake kvtier-like server prints vLLM's summary, the tier counters and saves
+vLLM's JSON."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvtier.bench.config import BenchConfig
+from kvtier.cli import build_parser
+from kvtier.lab.bench_cli import config_from_args, result_filename
+from kvtier.lab.experiment import ServerSpec
+from kvtier.lab.server import running_server
+from tests.unit.lab.test_runner import FAKE, TOKENIZER
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["bench", *argv])
+
+
+def test_every_benchconfig_field_is_a_flag_with_its_default():
+    args = parse()
+    for field in dataclasses.fields(BenchConfig):
+        assert hasattr(args, field.name), field.name
+    assert config_from_args(args) == BenchConfig()
+
+
+def test_flags_map_to_the_config():
+    args = parse("--base-url", "http://h:1", "--dataset", "prefix_repetition",
+                 "--prefix-repetition-prefix-len", "64", "--request-rate", "inf",
+                 "--max-concurrency", "3", "--goodput", "ttft:500", "tpot:50",
+                 "--header", "x-a=1", "--extra-body", '{"top_k": 5}', "--ignore-eos",
+                 "--no-scrape-metrics", "--backend", "openai-chat")
+    config = config_from_args(args)
+    assert config.dataset_name == "prefix_repetition" and config.prefix_repetition_prefix_len == 64
+    assert config.max_concurrency == 3 and config.goodput == ("ttft:500", "tpot:50")
+    assert config.header == {"x-a": "1"} and config.extra_body == {"top_k": 5}
+    assert config.ignore_eos and not config.scrape_metrics and config.is_chat
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
+    (["--burstiness", "-1"], "--burstiness must be > 0"),
+    (["--header", "novalue"], "--header: 'novalue' is not KEY=VALUE"),
+    (["--extra-body", "[1]"], "--extra-body: expected a JSON object"),
+    (["--goodput", "ttft"], "goodput SLO 'ttft' is not KEY:VALUE"),
+])
+def test_bad_values_are_named(argv: list[str], message: str):
+    with pytest.raises(ValueError, match=message):
+        config_from_args(parse(*argv))
+
+
+def test_unknown_dataset_is_an_argparse_error(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit):
+        parse("--dataset-name", "nope")
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_result_filename_is_vllms():
+    name = result_filename(BenchConfig(max_concurrency=4), "org/Some-Model")
+    assert name.startswith("openai-infqps-concurrency4-Some-Model-") and name.endswith(".json")
+    assert result_filename(BenchConfig(request_rate=2.5, label="x"), "m").startswith("x-2.5qps-m-")
+
+
+def bench(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "--disable-tqdm", *argv],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_unreachable_server_is_one_clear_line():
+    done = bench("--base-url", "http://127.0.0.1:9", "--dataset-name", "random")
+    assert done.returncode == 1
+    assert "cannot reach the server at http://127.0.0.1:9" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_run_against_a_fake_kvtier_server(tmp_path: Path):
+    spec = ServerSpec("fake", launch=f"{sys.executable} {FAKE} --port {{port}} --kvtier "
+                                     "--fail-every 4", startup_timeout_s=30)
+    with running_server(spec, tmp_path / "logs") as server:
+        done = bench("--base-url", server.base_url, "--dataset-name", "random",
+                     "--random-input-len", "16", "--random-output-len", "3",
+                     "--num-prompts", "8", "--tokenizer", TOKENIZER, "--save-result",
+                     "--result-dir", str(tmp_path), "--result-filename", "r.json",
+                     "--metadata", "run=unit")
+    assert done.returncode == 0, done.stderr
+    assert "Serving Benchmark Result" in done.stdout
+    assert "Failed requests:                         2" in done.stdout
+    assert "failed ×2: HTTP 500" in done.stdout
+    assert "hit tokens, cpu:" in done.stdout and "hit tokens, device:" in done.stdout
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["completed"] == 6 and data["failed"] == 2 and data["run"] == "unit"
+    assert data["request_rate"] == "inf" and "mean_ttft_ms" in data and "p99_itl_ms" in data
+    assert data["kvtier_server"]["num_requests"] == 6 and "ttfts" not in data
