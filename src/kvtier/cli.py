@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     from kvtier.server.args import add_server_args
 
     parser = argparse.ArgumentParser(prog="kvtier", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default=None,
+                        help="DEBUG, INFO, WARNING (default: INFO for serve, else WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text for one prompt")
@@ -56,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
+    # A server reports its engine's throughput every few seconds, like vLLM's; other commands
+    # stay quiet unless asked.
+    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "generate":

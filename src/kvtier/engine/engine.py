@@ -68,6 +68,28 @@ class EngineStats:
     """Hit tokens per tier, loads, admission rejections, device evictions without a copy."""
 
 
+@dataclass
+class _StatsWindow:
+    """Step counters since the last throughput log line."""
+
+    start: float
+    queried_at_start: int = 0
+    hits_at_start: int = 0
+    steps: int = 0
+    decode_only: int = 0
+    runner_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    def add(self, scheduled: SchedulerOutput, runner_s: float) -> None:
+        self.steps += 1
+        self.runner_s += runner_s
+        decodes = sum(1 for s in scheduled.requests if len(s.token_ids) == 1 and s.sample)
+        self.decode_only += bool(scheduled.requests) and decodes == len(scheduled.requests)
+        self.prompt_tokens += scheduled.num_scheduled_tokens - decodes
+        self.generated_tokens += sum(1 for s in scheduled.requests if s.sample)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -105,10 +127,16 @@ class LLMEngine:
                 and not config.enforce_eager):
             self.runner.capture_decode_graphs(min(config.scheduler.max_num_seqs, 512),
                                               self.max_model_len)
+            # A graph replays a decode step for a fraction of an eager step's launch cost, so
+            # decodes run in steps of their own instead of riding along with prefill chunks.
+            self.scheduler.separate_prefill_steps = True
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
             self.spec.eos_token_ids)
         self.stats = EngineStats()
+        self.log_stats_interval_s: float | None = None
+        """Log a throughput line this often (the server sets it; offline runs stay quiet)."""
+        self._window = _StatsWindow(time.monotonic())
         self._ids = itertools.count()
         logger.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, "
                     "backend %s", time.monotonic() - started, self.source.name, self.device,
@@ -209,10 +237,15 @@ class LLMEngine:
             self.tiers.wait_for_load(timeout_s=0.01)
         started = time.perf_counter()
         runner_output = self.runner.execute(scheduled)
+        runner_s = time.perf_counter() - started
         if self.tiers is not None:
-            self._observe_prefill(scheduled, time.perf_counter() - started)
+            self._observe_prefill(scheduled, runner_s)
         updated = self.scheduler.update_from_output(scheduled, runner_output)
         self._count_step(updated)
+        if self.log_stats_interval_s is not None:
+            self._window.add(scheduled, runner_s)
+            if time.monotonic() - self._window.start >= self.log_stats_interval_s:
+                self._log_window()
         results = []
         for request in updated:
             stop = self.outputs.detokenize(request)
@@ -246,6 +279,27 @@ class LLMEngine:
     def _count_finished(self, request: Request) -> None:
         reason = request.finish_reason.value if request.finish_reason else "unknown"
         self.stats.num_finished[reason] = self.stats.num_finished.get(reason, 0) + 1
+
+    def _log_window(self) -> None:
+        window, now = self._window, time.monotonic()
+        elapsed = max(now - window.start, 1e-9)
+        stats = self.get_stats()
+        queried = stats.num_prefix_cache_queried_tokens - window.queried_at_start
+        hits = stats.num_prefix_cache_hit_tokens - window.hits_at_start
+        tier = ""
+        if stats.tier_manager is not None:
+            tier = " | tier hit tokens " + ", ".join(
+                f"{name} {tokens}" for name, tokens in stats.tier_manager.hit_tokens.items())
+        logger.info(
+            "%d steps (%.1f ms on the runner, %d decode-only) | prompt %.0f tok/s, generation "
+            "%.0f tok/s | running %d, waiting %d, loading %d | KV %.0f%% | prefix hits %.0f%%%s"
+            " | preemptions %d", window.steps, 1e3 * window.runner_s / max(window.steps, 1),
+            window.decode_only, window.prompt_tokens / elapsed,
+            window.generated_tokens / elapsed, stats.num_running, stats.num_waiting,
+            stats.num_loading, 100 * stats.kv_usage, 100 * hits / max(queried, 1), tier,
+            stats.num_preemptions)
+        self._window = _StatsWindow(now, stats.num_prefix_cache_queried_tokens,
+                                    stats.num_prefix_cache_hit_tokens)
 
     def shutdown(self) -> None:
         """Store what lazy tiers still hold only on the device, wait for transfers to finish

@@ -40,6 +40,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._freed_since_last_step: list[str] = []
         self.num_preemptions = 0
+        self.separate_prefill_steps = False
+        """Set by the engine when decode-only steps are much cheaper (CUDA graphs): steps then
+        carry either prefill chunks or decodes, alternating while both are pending."""
+        self._last_step_prefilled = False
 
     # -- request lifecycle -------------------------------------------------------------------
 
@@ -104,18 +108,14 @@ class Scheduler:
                                        + self.tiers.chunk_blocks)
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
-        for request in list(self.running):
-            if budget == 0:
-                break
-            if request.status is not RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, preempted):
-                continue
-            scheduled.append(self._scheduled(request, num_new))
-            budget -= num_new
-        if not preempted:
+        kinds = self._step_kinds()
+        budget = self._schedule_running(budget, kinds, scheduled, preempted)
+        if not preempted and "prefill" in kinds:
             budget = self._admit_waiting(budget, scheduled)
+        if not scheduled and kinds == ("prefill",):  # nothing could be admitted after all
+            budget = self._schedule_running(budget, ("decode",), scheduled, preempted)
+        self._last_step_prefilled = any(not s.sample or len(s.token_ids) > 1
+                                        for s in scheduled)
         # Decodes first: the runner batches single-token queries together.
         scheduled.sort(key=lambda s: len(s.token_ids) != 1 or not s.sample)
         finished, self._freed_since_last_step = self._freed_since_last_step, []
@@ -125,6 +125,34 @@ class Scheduler:
             preempted_request_ids=preempted,
             finished_request_ids=finished,
         )
+
+    def _step_kinds(self) -> tuple[str, ...]:
+        """Which work this step takes: both (mixed steps), or prefill or decode alone."""
+        if not self.separate_prefill_steps:
+            return ("decode", "prefill")
+        has_decodes = any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        has_prefills = bool(self.waiting) or any(
+            r.num_tokens - r.num_computed_tokens > 1 for r in self.running)
+        if has_prefills and not (has_decodes and self._last_step_prefilled):
+            return ("prefill",)
+        return ("decode",)
+
+    def _schedule_running(self, budget: int, kinds: tuple[str, ...],
+                          scheduled: list[ScheduledRequest], preempted: list[str]) -> int:
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            remaining = request.num_tokens - request.num_computed_tokens
+            if ("decode" if remaining == 1 else "prefill") not in kinds:
+                continue
+            num_new = min(remaining, budget)
+            if not self._allocate_or_preempt(request, num_new, preempted):
+                continue
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+        return budget
 
     def _allocate_or_preempt(self, request: Request, num_new: int,
                              preempted: list[str]) -> bool:

@@ -27,6 +27,9 @@ from kvtier.engine.async_engine import AsyncEngine
 from kvtier.engine.engine import LLMEngine
 from kvtier.server.app import ServerSettings, create_app
 
+STATS_LOG_INTERVAL_S = 5.0
+"""How often the server logs its engine's throughput (at INFO)."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -88,7 +91,7 @@ def run_server(args: argparse.Namespace) -> int:
         max_request_body_bytes=args.max_request_body_bytes)
     # A signal while the model loads: nothing is in flight, so just leave.
     previous = {sig: signal.signal(sig, _exit_now) for sig in (signal.SIGTERM, signal.SIGINT)}
-    engine = AsyncEngine(lambda: LLMEngine(config),
+    engine = AsyncEngine(lambda: _serving_engine(config),
                          max_waiting_requests=args.max_waiting_requests,
                          request_timeout_s=args.request_timeout)
     engine.start()
@@ -112,3 +115,9 @@ def run_server(args: argparse.Namespace) -> int:
 
 def _exit_now(sig: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
+
+
+def _serving_engine(config: EngineConfig) -> LLMEngine:
+    engine = LLMEngine(config)
+    engine.log_stats_interval_s = STATS_LOG_INTERVAL_S
+    return engine

@@ -26,9 +26,11 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from kvtier.config import TierConfig
 from kvtier.kv.block_pool import BlockPool
-from kvtier.tiers.base import EntryMeta, TierError, TierStore
+from kvtier.tiers.base import EntryMeta, StoreHandle, TierError, TierStore
 from kvtier.tiers.cost import CostModel
 from kvtier.tiers.transfer import KVTransfer
 from kvtier.types import BlockHash
@@ -105,7 +107,9 @@ class TierManager:
         self.cost = cost
         self.stats = ManagerStats(hit_tokens={s.name: 0 for s in stores})
         self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtier-tier")
+        self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-store")
+        self._loaders = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
+        """Loads never queue behind stores: a waiting request's TTFT depends on them."""
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-demote")
         self._loading: dict[str, tuple[LoadPlan, list[BlockHash]]] = {}
         self._finished_loads: list[LoadResult] = []
@@ -113,6 +117,10 @@ class TierManager:
         self._storing: dict[BlockHash, list[int]] = {}
         """Entry key -> device blocks pinned for its copy (released in poll)."""
         self._candidates: dict[BlockHash, _Chunk] = {}
+        self._inline = transfer.is_cuda
+        """CUDA: memory-tier copies are enqueued here and tracked by events (see transfer)."""
+        self._event_loads: list[tuple[torch.cuda.Event, LoadResult, float]] = []
+        self._event_stores: list[tuple[torch.cuda.Event, StoreHandle, BlockHash]] = []
         self._seen: OrderedDict[BlockHash, int] = OrderedDict()
         for upper, lower in zip(stores, stores[1:], strict=False):
             upper.on_evict = self._demoter(lower)
@@ -171,7 +179,30 @@ class TierManager:
         self._loading[request_id] = (plan, hashes)
         for block_hash in hashes:
             self._loading_blocks[block_hash] = request_id
-        self._workers.submit(self._run_load, request_id, plan, block_ids)
+        if self._inline and all(self.stores[s.tier].name == "cpu" for s in plan.segments):
+            self._start_event_load(request_id, plan, block_ids)
+        else:
+            self._loaders.submit(self._run_load, request_id, plan, block_ids)
+
+    def _start_event_load(self, request_id: str, plan: LoadPlan, block_ids: list[int]) -> None:
+        """CUDA + host-memory tier: enqueue every copy now; `poll` sees the event complete."""
+        started = time.monotonic()
+        done, per_tier, offset = 0, {s.name: 0 for s in self.stores}, 0
+        index = self.transfer.load_index(block_ids[:plan.num_blocks])
+        for segment in plan.segments:
+            store = self.stores[segment.tier]
+            try:
+                payload = store.read(segment.meta)
+            except TierError as exc:
+                logger.warning("load for %s stopped after %d blocks: %s", request_id, done, exc)
+                break
+            self.transfer.copy_in(payload, segment.meta.num_blocks, segment.first,
+                                  index[offset:offset + segment.num_blocks])
+            offset += segment.num_blocks
+            done += segment.num_blocks
+            per_tier[store.name] += segment.num_blocks
+        result = LoadResult(request_id, done, per_tier, 0.0)
+        self._event_loads.append((self.transfer.load_done_event(), result, started))
 
     def _run_load(self, request_id: str, plan: LoadPlan, block_ids: list[int]) -> None:
         started = time.monotonic()
@@ -214,6 +245,10 @@ class TierManager:
         For a caller with nothing else to do: spinning would starve the transfer threads."""
         if not self._loading or self._finished_loads:
             return
+        if self._event_loads:
+            self._event_loads[0][0].synchronize()  # a host-memory load: milliseconds
+            self._check_events()
+            return
         try:
             item = self._done.get(timeout=timeout_s)
         except queue.Empty:
@@ -221,12 +256,28 @@ class TierManager:
         self._handle(*item)
 
     def _absorb(self) -> None:
+        self._check_events()
         while True:
             try:
                 kind, value = self._done.get_nowait()
             except queue.Empty:
                 return
             self._handle(kind, value)
+
+    def _check_events(self) -> None:
+        """Complete event-tracked copies whose events have fired (in order of submission)."""
+        while self._event_loads and self._event_loads[0][0].query():
+            _, result, started = self._event_loads.pop(0)
+            result.seconds = time.monotonic() - started
+            for tier, blocks in result.hit_blocks_per_tier.items():
+                if blocks:
+                    self.cost.observe_load(tier, blocks * self.stores[0].layout.block_bytes,
+                                           result.seconds)
+            self._handle("load", result)
+        while self._event_stores and self._event_stores[0][0].query():
+            _, handle, key = self._event_stores.pop(0)
+            self.stores[0].complete_store(handle, True)
+            self._handle("store", key)
 
     def _handle(self, kind: str, value: object) -> None:
         if kind == "store":
@@ -356,6 +407,14 @@ class TierManager:
         self._storing[chunk.key] = pinned
         meta = EntryMeta(chunk.key, chunk.block_hashes,
                          len(ids) * self.stores[0].layout.block_bytes)
+        if self._inline and self.stores[0].name == "cpu":
+            handle = self.stores[0].prepare_store(meta)
+            if handle is None:
+                self._handle("store", chunk.key)
+                return
+            event = self.transfer.copy_out_async(gathered, handle.buffer)
+            self._event_stores.append((event, handle, chunk.key))
+            return
         self._workers.submit(self._run_store, meta, gathered)
 
     def _run_store(self, meta: EntryMeta, gathered: object) -> None:
@@ -386,6 +445,7 @@ class TierManager:
         return demote
 
     def close(self) -> None:
+        self._loaders.shutdown(wait=True)
         self._workers.shutdown(wait=True)
         self._io.shutdown(wait=True)
         for store in self.stores:

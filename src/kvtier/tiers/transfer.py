@@ -4,12 +4,13 @@ One copy per entry, never one per layer per block: the entry's blocks of every l
 gathered into one contiguous buffer (layout (layers, 2, blocks, block_size, kv_heads, dim)) and
 moved in one copy.
 
-On CUDA:
-- store: the gather is enqueued on the *compute* stream from the scheduler thread, so it is
-  ordered before any later forward pass that could overwrite those blocks; the device->host copy
-  then runs on its own stream after an event, in a transfer thread. No block stays pinned.
-- load: host->device copy and scatter run on a load stream in a transfer thread, which waits
-  for them; the scheduler only lets the request run after the transfer thread reported done.
+On CUDA everything is enqueued from the scheduler thread and tracked with events (no transfer
+thread: a thread would wait on the GIL behind the busy scheduler for milliseconds per copy):
+- store: the gather is enqueued on the *compute* stream, so it is ordered before any later
+  forward pass that could overwrite those blocks; the device->host copy then runs on the store
+  stream after an event. No block stays pinned.
+- load: host->device copy and scatter run on the load stream; the request runs only once the
+  scheduler saw the load's event complete. (Disk reads still go through a transfer thread.)
 On the CPU the copies are plain tensor copies in the transfer thread (torch releases the GIL);
 the blocks involved stay pinned in the block pool until the copy ends.
 """
@@ -80,6 +81,26 @@ class KVTransfer:
             gathered.data.record_stream(self.store_stream)
         self.store_stream.synchronize()
         gathered.data = None
+
+    def copy_out_async(self, gathered: GatheredBlocks, payload: torch.Tensor) -> torch.cuda.Event:
+        """CUDA, scheduler thread: enqueue the device->host copy of gathered blocks into a
+        pinned payload on the store stream; returns the event that marks it done."""
+        assert gathered.data is not None and gathered.event is not None
+        dest = self.entry_view(payload, len(gathered.block_ids))
+        with torch.cuda.stream(self.store_stream):
+            self.store_stream.wait_event(gathered.event)
+            dest.copy_(gathered.data, non_blocking=True)
+            gathered.data.record_stream(self.store_stream)
+            done = torch.cuda.Event()
+            done.record()
+        gathered.data = None
+        return done
+
+    def load_done_event(self) -> torch.cuda.Event:
+        """CUDA: an event after everything enqueued on the load stream so far."""
+        event = torch.cuda.Event()
+        event.record(self.load_stream)
+        return event
 
     # -- load: host -> device ----------------------------------------------------------------
 

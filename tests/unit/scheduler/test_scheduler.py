@@ -132,3 +132,29 @@ def test_finish_request_frees_blocks_of_waiting_and_running_requests() -> None:
     pool = scheduler.kv.pool
     assert pool.num_free_blocks == pool.num_blocks
     assert scheduler.schedule().finished_request_ids == ["run", "wait"]
+
+
+def test_separate_prefill_steps_alternate_with_decodes_and_keep_the_tokens() -> None:
+    prompts = {str(i): list(range(10 * i + 1, 10 * i + 30)) for i in range(6)}
+
+    def run(separate: bool) -> tuple[dict[str, list[int]], list[set[str]]]:
+        scheduler = make_scheduler(num_blocks=64, budget=32)
+        scheduler.separate_prefill_steps = separate
+        requests = [make_request(rid, p, max_tokens=5) for rid, p in prompts.items()]
+        for request in requests:
+            scheduler.add_request(request)
+        kinds = []
+        for step in run_to_end(scheduler):
+            kinds.append({"decode" if len(s.token_ids) == 1 and s.sample else "prefill"
+                          for s in step.requests})
+        return {r.request_id: r.output_token_ids for r in requests}, kinds
+
+    mixed_tokens, mixed_kinds = run(separate=False)
+    tokens, kinds = run(separate=True)
+    assert tokens == mixed_tokens
+    assert any(len(k) == 2 for k in mixed_kinds)  # the default mixes decodes and prefills
+    assert all(len(k) == 1 for k in kinds)  # separate: each step is one or the other
+    pairs = list(zip(kinds, kinds[1:], strict=False))
+    decodes_waiting = [i for i, (a, b) in enumerate(pairs) if a == b == {"prefill"}]
+    for i in decodes_waiting:  # back-to-back prefills only before any request decodes
+        assert all(k == {"prefill"} for k in kinds[:i + 1])
