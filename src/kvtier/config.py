@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCHEDULING_POLICIES = ("fcfs", "lpm")
 STORE_POLICIES = ("lazy", "write-through")
 
 
@@ -96,8 +97,15 @@ class SchedulerConfig:
     """Most requests running at once."""
     max_model_len: int | None = None
     """Longest prompt + output; None = the model's context length."""
+    scheduling_policy: str = "fcfs"
+    """Order of admission: fcfs, or lpm (longest prefix match first, like SGLang's: waiting
+    requests that share the most KV with the device cache go first, so shared prefix blocks
+    serve many requests at once; a request waiting too long goes first regardless)."""
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(f"scheduling_policy {self.scheduling_policy!r} is not one of "
+                              f"{', '.join(SCHEDULING_POLICIES)}")
         if self.max_num_batched_tokens < 1:
             raise ConfigError(
                 f"max_num_batched_tokens {self.max_num_batched_tokens} must be >= 1")

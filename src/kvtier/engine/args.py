@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kvtier.config import DTYPES, STORE_POLICIES
+from kvtier.config import DTYPES, SCHEDULING_POLICIES, STORE_POLICIES
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +35,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
+                   help="fcfs, or lpm: longest device-cache prefix match first (with aging)")
     t = parser.add_argument_group("kv tiers")
     t.add_argument("--kv-tier", dest="kv_tiers", action="append", default=None,
                    metavar="SPEC", help="cpu:SIZE | disk:PATH:SIZE | redis:URL:SIZE, optionally "
@@ -49,6 +51,7 @@ ENGINE_ARG_NAMES = (
     "model", "dtype", "seed", "device", "attention_backend", "enforce_eager", "block_size",
     "enable_prefix_caching", "kv_cache_memory_bytes", "gpu_memory_utilization",
     "num_gpu_blocks_override", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
+    "scheduling_policy",
     "kv_tiers", "kv_tier_chunk_tokens", "kv_store_policy", "kv_store_min_hits",
 )
 

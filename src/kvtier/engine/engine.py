@@ -78,6 +78,7 @@ class _StatsWindow:
     steps: int = 0
     decode_only: int = 0
     runner_s: float = 0.0
+    decode_runner_s: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
 
@@ -85,7 +86,9 @@ class _StatsWindow:
         self.steps += 1
         self.runner_s += runner_s
         decodes = sum(1 for s in scheduled.requests if len(s.token_ids) == 1 and s.sample)
-        self.decode_only += bool(scheduled.requests) and decodes == len(scheduled.requests)
+        decode_only = bool(scheduled.requests) and decodes == len(scheduled.requests)
+        self.decode_only += decode_only
+        self.decode_runner_s += runner_s if decode_only else 0.0
         self.prompt_tokens += scheduled.num_scheduled_tokens - decodes
         self.generated_tokens += sum(1 for s in scheduled.requests if s.sample)
 
@@ -291,10 +294,12 @@ class LLMEngine:
             tier = " | tier hit tokens " + ", ".join(
                 f"{name} {tokens}" for name, tokens in stats.tier_manager.hit_tokens.items())
         logger.info(
-            "%d steps (%.1f ms on the runner, %d decode-only) | prompt %.0f tok/s, generation "
+            "%d steps (%.1f ms on the runner; %d decode-only, %.1f ms) | prompt %.0f tok/s, "
+            "generation "
             "%.0f tok/s | running %d, waiting %d, loading %d | KV %.0f%% | prefix hits %.0f%%%s"
             " | preemptions %d", window.steps, 1e3 * window.runner_s / max(window.steps, 1),
-            window.decode_only, window.prompt_tokens / elapsed,
+            window.decode_only, 1e3 * window.decode_runner_s / max(window.decode_only, 1),
+            window.prompt_tokens / elapsed,
             window.generated_tokens / elapsed, stats.num_running, stats.num_waiting,
             stats.num_loading, 100 * stats.kv_usage, 100 * hits / max(queried, 1), tier,
             stats.num_preemptions)

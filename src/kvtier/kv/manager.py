@@ -57,6 +57,24 @@ class KVCacheManager:
             hit.append(block_id)
         return hit, len(hit) * self.block_size
 
+    def estimate_cached_blocks(self, request: Request) -> int:
+        """How many leading blocks of the request the device cache holds, by binary search.
+
+        Cheap enough to rank many waiting requests each step. Exact when the cached blocks of a
+        prefix form a prefix themselves, which LRU eviction of tail-first freed blocks keeps
+        true almost always; `get_computed_blocks` is the exact walk."""
+        if not self.enable_caching:
+            return 0
+        hashes = self.block_hashes(request)
+        low, high = 0, min(len(hashes), (request.num_tokens - 1) // self.block_size)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.pool.get_cached_block(hashes[middle - 1]) is not None:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: list[int] | None = None) -> bool:
         """Grow the block table to hold `num_new_tokens` more tokens after the computed ones.

@@ -27,6 +27,11 @@ from kvtier.request import Request, RequestStatus
 from kvtier.tiers.manager import TierManager
 from kvtier.types import FinishReason, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
+LPM_WINDOW = 128
+"""Waiting requests the lpm policy ranks per admission (bounds the per-step cost)."""
+LPM_MAX_WAIT_S = 5.0
+"""Under lpm, a request waiting longer than this is admitted next regardless of its prefix."""
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
@@ -174,10 +179,27 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
+    def _admission_order(self) -> list[Request]:
+        """FCFS: the waiting queue as it is. LPM: the first LPM_WINDOW waiting requests ranked
+        by how much of their prefix the device holds (ties keep arrival order), then the rest;
+        a preempted or long-waiting head stays first. Ranked once per step."""
+        waiting = list(self.waiting)
+        head = waiting[0]
+        if (self.config.scheduling_policy == "fcfs" or len(waiting) == 1
+                or head.status is RequestStatus.PREEMPTED
+                or time.monotonic() - head.arrival_time > LPM_MAX_WAIT_S):
+            return waiting
+        window = waiting[:LPM_WINDOW]
+        hits = {id(r): self.kv.estimate_cached_blocks(r) for r in window}
+        window.sort(key=lambda r: -hits[id(r)])  # stable: ties keep arrival order
+        return window + waiting[LPM_WINDOW:]
+
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
-        while (self.waiting and budget > 0
-               and len(self.running) + len(self.loading) < self.config.max_num_seqs):
-            request = self.waiting[0]
+        if not self.waiting:
+            return budget
+        for request in self._admission_order():
+            if budget <= 0 or len(self.running) + len(self.loading) >= self.config.max_num_seqs:
+                break
             if self.running and self.kv.num_free_blocks < self._watermark_blocks():
                 break  # keep room for running requests to grow instead of preempting them
             hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
@@ -190,7 +212,7 @@ class Scheduler:
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             if not self.kv.allocate_slots(request, num_new, hit_blocks):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             self._start(request, num_hit_tokens, RequestStatus.RUNNING)
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new))
@@ -228,7 +250,7 @@ class Scheduler:
             return False
         if not self.kv.allocate_slots(request, plan.num_blocks * self.kv.block_size, hit_blocks):
             return False
-        self.waiting.popleft()
+        self.waiting.remove(request)
         self._start(request, len(hit_blocks) * self.kv.block_size, RequestStatus.LOADING)
         self.loading[request.request_id] = request
         table = self.kv.block_table(request.request_id)

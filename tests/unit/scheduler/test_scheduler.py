@@ -158,3 +158,29 @@ def test_separate_prefill_steps_alternate_with_decodes_and_keep_the_tokens() -> 
     decodes_waiting = [i for i, (a, b) in enumerate(pairs) if a == b == {"prefill"}]
     for i in decodes_waiting:  # back-to-back prefills only before any request decodes
         assert all(k == {"prefill"} for k in kinds[:i + 1])
+
+
+def test_lpm_admits_the_request_sharing_the_cached_prefix_first_but_ages_others() -> None:
+    def scheduler_with_cached_prefix() -> tuple[Scheduler, list[int]]:
+        pool = BlockPool(64)
+        kv = KVCacheManager(pool, BLOCK, root_block_hash("m"))
+        config = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=1,
+                                 scheduling_policy="lpm")
+        scheduler = Scheduler(config, kv)
+        shared = list(range(500, 532))
+        scheduler.add_request(make_request("warm", shared + [1], max_tokens=1))
+        run_to_end(scheduler)
+        return scheduler, shared
+
+    scheduler, shared = scheduler_with_cached_prefix()
+    scheduler.add_request(make_request("cold", list(range(900, 940))))
+    scheduler.add_request(make_request("hot", shared + [2, 3]))
+    first = run_step(scheduler).requests[0]
+    assert first.request_id == "hot" and first.num_computed_tokens == 32
+
+    scheduler, shared = scheduler_with_cached_prefix()
+    cold = make_request("cold", list(range(900, 940)))
+    cold.arrival_time -= 60  # has waited far longer than the lpm limit
+    scheduler.add_request(cold)
+    scheduler.add_request(make_request("hot", shared + [2, 3]))
+    assert run_step(scheduler).requests[0].request_id == "cold"
