@@ -193,3 +193,22 @@ def test_min_hits_two_never_stores_a_prefix_seen_once() -> None:
     stored = store.stats.num_stored_entries
     finish(llm)
     assert stored > 0
+
+
+def test_two_requests_needing_the_same_evicted_prefix_share_one_load() -> None:
+    prompts = workload()
+    llm = make_llm(kv_tiers=("cpu:64MiB",), kv_store_policy="write-through")
+    run(llm, prompts[:NUM_PREFIXES])  # every prefix computed once and written down
+    llm.engine.tiers.wait_idle()
+    llm.engine.reset_prefix_cache()
+    loads_before = llm.engine.tiers.stats.num_loads
+    twins = [prompts[0][:PREFIX_LEN] + [11] * 20, prompts[0][:PREFIX_LEN] + [12] * 20]
+    outputs = llm.generate(twins, GREEDY)  # both arrive in the same step
+    stats = llm.engine.tiers.stats
+    finish(llm)
+    assert stats.num_loads - loads_before == 1
+    first, second = (o.metrics for o in outputs)
+    assert first.num_tier_hit_tokens.get("cpu", 0) >= PREFIX_LEN - BLOCK
+    # The twin waited for that load, then found the prefix on the device.
+    assert second.num_tier_hit_tokens.get("device", 0) >= PREFIX_LEN - BLOCK
+    assert "cpu" not in second.num_tier_hit_tokens
