@@ -14,7 +14,6 @@ from __future__ import annotations
 import codecs
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,9 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.parser
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import processors
 
+from kvtier.model.chat_template import compile_chat_template
 from kvtier.model.spec import ModelLoadError
 
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
@@ -145,7 +144,7 @@ class Tokenizer:
         variables: dict[str, Any] = dict(self.special_tokens)
         variables.update(template_kwargs or {})
         if self._compiled_template is None:  # compiling costs milliseconds; rendering does not
-            self._compiled_template = _compile_template(self.chat_template)
+            self._compiled_template = compile_chat_template(self.chat_template)
         return self._compiled_template.render(
             messages=chat, tools=list(tools) if tools is not None else None, documents=None,
             add_generation_prompt=add_generation_prompt, **variables)
@@ -323,69 +322,6 @@ def _bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return dict(zip(printable, map(chr, chars), strict=True))
-
-
-# -- chat template machinery (mirrors transformers.utils.chat_template_utils) -------------------
-
-class _GenerationBlock(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (assistant-mask markers): renders the body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.CallBlock:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(
-            lineno)
-
-    def _render(self, caller: Any) -> str:
-        return str(caller())
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """`namespace()` that refuses dunder-ish attribute names, like transformers' sandbox."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 -- jinja's signature trick
-        self, rest = args[0], args[1:]
-        attrs = dict(*rest, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(
-                f"chat templates cannot store underscore attributes on a namespace: {name!r}")
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # jinja's own tojson HTML-escapes '<' and '&', which would change the prompt text.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["namespace"] = _TemplateNamespace
-    return env.from_string(source)
 
 
 # -- config helpers -----------------------------------------------------------------------------

@@ -22,75 +22,23 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
 from kvtier.config import TierConfig
 from kvtier.kv.block_pool import BlockPool
 from kvtier.tiers.base import EntryMeta, StoreHandle, TierError, TierStore
+from kvtier.tiers.chunks import Chunk, ReuseCounter, chunk_runs
 from kvtier.tiers.cost import CostModel
+from kvtier.tiers.records import LoadPlan, LoadResult, ManagerStats, Segment
 from kvtier.tiers.transfer import KVTransfer
 from kvtier.types import BlockHash
 
 logger = logging.getLogger(__name__)
 
-_MAX_SEEN = 1 << 20
 _MAX_INFLIGHT_STORES = 64
 """Bounds the device memory held by gathered-but-not-yet-copied chunks (CUDA)."""
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Consecutive blocks served by one entry of one tier."""
-
-    tier: int
-    meta: EntryMeta
-    first: int
-    """Index of the first needed block inside the entry."""
-    num_blocks: int
-
-
-@dataclass(frozen=True)
-class LoadPlan:
-    segments: tuple[Segment, ...]
-
-    @property
-    def num_blocks(self) -> int:
-        return sum(s.num_blocks for s in self.segments)
-
-
-@dataclass
-class LoadResult:
-    request_id: str
-    num_loaded_blocks: int
-    """Blocks from the start of the plan that are valid now (fewer after a tier error)."""
-    hit_blocks_per_tier: dict[str, int]
-    seconds: float
-
-
-@dataclass
-class ManagerStats:
-    num_loads: int = 0
-    load_seconds: float = 0.0
-    num_rejected_min_hits: int = 0
-    """Chunks not stored because their prefix was seen fewer than kv_store_min_hits times."""
-    num_rejected_cost: int = 0
-    """Chunks not stored, or hits not loaded, because recomputing was predicted cheaper."""
-    num_evicted_unsaved_blocks: int = 0
-    """Device blocks evicted with no copy in any tier."""
-    hit_tokens: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class _Chunk:
-    block_hashes: tuple[BlockHash, ...]
-
-    @property
-    def key(self) -> BlockHash:
-        return self.block_hashes[-1]
 
 
 class TierManager:
@@ -116,12 +64,12 @@ class TierManager:
         self._loading_blocks: dict[BlockHash, str] = {}
         self._storing: dict[BlockHash, list[int]] = {}
         """Entry key -> device blocks pinned for its copy (released in poll)."""
-        self._candidates: dict[BlockHash, _Chunk] = {}
+        self._candidates: dict[BlockHash, Chunk] = {}
         self._inline = transfer.is_cuda
         """CUDA: memory-tier copies are enqueued here and tracked by events (see transfer)."""
         self._event_loads: list[tuple[torch.cuda.Event, LoadResult, float]] = []
         self._event_stores: list[tuple[torch.cuda.Event, StoreHandle, BlockHash]] = []
-        self._seen: OrderedDict[BlockHash, int] = OrderedDict()
+        self._reuse = ReuseCounter()
         for upper, lower in zip(stores, stores[1:], strict=False):
             upper.on_evict = self._demoter(lower)
 
@@ -133,10 +81,7 @@ class TierManager:
 
     def note_request(self, block_hashes: list[BlockHash]) -> None:
         """Count one more request containing each of these chunks (admission by reuse)."""
-        for chunk in self._chunks(block_hashes, 0, len(block_hashes)):
-            self._seen[chunk.key] = self._seen.pop(chunk.key, 0) + 1
-        while len(self._seen) > _MAX_SEEN:
-            self._seen.popitem(last=False)
+        self._reuse.note(self._chunks(block_hashes, 0, len(block_hashes)))
 
     def lookup(self, block_hashes: list[BlockHash], first_block: int,
                max_blocks: int) -> LoadPlan | None:
@@ -311,16 +256,13 @@ class TierManager:
 
     # -- stores ------------------------------------------------------------------------------
 
-    def _chunks(self, block_hashes: list[BlockHash], start: int, end: int) -> list[_Chunk]:
-        """Chunk-aligned runs of blocks [start, end), the last possibly shorter."""
-        first = start - start % self.chunk_blocks
-        return [_Chunk(tuple(block_hashes[i:min(i + self.chunk_blocks, end)]))
-                for i in range(first, end, self.chunk_blocks) if i < end]
+    def _chunks(self, block_hashes: list[BlockHash], start: int, end: int) -> list[Chunk]:
+        return chunk_runs(block_hashes, start, end, self.chunk_blocks)
 
-    def _admit(self, chunk: _Chunk) -> bool:
+    def _admit(self, chunk: Chunk) -> bool:
         if any(store.has_block(chunk.key) for store in self.stores) or chunk.key in self._storing:
             return False
-        if self._seen.get(chunk.key, 0) < self.config.kv_store_min_hits:
+        if self._reuse.count(chunk) < self.config.kv_store_min_hits:
             self.stats.num_rejected_min_hits += 1
             return False
         store = self.stores[0]
@@ -393,7 +335,7 @@ class TierManager:
             self._store_chunk(chunk)
         self._candidates.clear()
 
-    def _store_chunk(self, chunk: _Chunk) -> None:
+    def _store_chunk(self, chunk: Chunk) -> None:
         if not self._admit(chunk):
             return
         block_ids = [self.pool.get_cached_block(h) for h in chunk.block_hashes]
