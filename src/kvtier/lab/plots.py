@@ -91,6 +91,8 @@ def plot_itl(records: Sequence[RunRecord], servers: Sequence[str], workload: str
         bins = np.geomspace(max(min(positive), 1e-3), max(positive) * 1.01, 40)
         for record in present:
             values = np.asarray([v for v in record.itls_ms if v > 0])
+            if values.size == 0:  # every chunk arrived in the same clock tick
+                continue
             ax.hist(values, bins=bins, histtype="step", density=False, linewidth=1.5,
                     label=f"{record.server} (median {np.median(values):,.1f} ms, "
                           f"p99 {np.percentile(values, 99):,.1f} ms)")

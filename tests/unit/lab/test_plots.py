@@ -65,3 +65,18 @@ def test_report_links_plots_and_names_configurations(tmp_path: Path):
     assert "![regime_map](plots/regime_map.png)" in text
     assert "! on: server-failed: exited with code 1" in text
     assert (tmp_path / "plots" / "ttft_cdf_p.png").is_file()
+
+
+def test_itl_plot_skips_a_run_whose_chunks_all_arrived_at_once(tmp_path: Path):
+    """A fast server can stream every chunk in one clock tick: all its ITLs are 0 ms.
+
+    The histogram must still be drawn for the other run instead of taking a percentile of nothing.
+    """
+    from dataclasses import replace
+
+    from kvtier.lab.plots import plot_itl
+    slow, instant = records()[0], records()[1]
+    slow = replace(slow, itls_ms=[4.0, 5.0, 6.0])
+    instant = replace(instant, itls_ms=[0.0, 0.0])
+    path = plot_itl([slow, instant], ["off", "on"], "P", tmp_path / "itl.png")
+    assert path.read_bytes()[:4] == PNG
