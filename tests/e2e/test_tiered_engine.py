@@ -212,3 +212,33 @@ def test_two_requests_needing_the_same_evicted_prefix_share_one_load() -> None:
     # The twin waited for that load, then found the prefix on the device.
     assert second.num_tier_hit_tokens.get("device", 0) >= PREFIX_LEN - BLOCK
     assert "cpu" not in second.num_tier_hit_tokens
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "background"])
+def test_a_small_cpu_tier_load_on_the_cpu_is_computed_in_the_same_step(
+        inline: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host-memory load of a few blocks is a memcpy: on a CPU device it runs inside the
+    scheduler step, so the request prefills its suffix in that very step instead of waiting
+    LOADING for the next one. Forced into the background, it takes a step more."""
+    from kvtier.tiers import manager
+    if not inline:
+        monkeypatch.setattr(manager, "INLINE_LOAD_S", 0.0)
+    prompts = workload()
+    llm = make_llm(kv_tiers=("cpu:64MiB",), kv_store_policy="write-through")
+    run(llm, prompts[:1])
+    llm.engine.tiers.wait_idle()
+    llm.engine.reset_prefix_cache()
+    engine = llm.engine
+    request_id = engine.add_request(prompts[0][:PREFIX_LEN] + [13] * 20, GREEDY)
+    steps = 0
+    while engine.scheduler.requests[request_id].num_output_tokens == 0:
+        engine.step()
+        steps += 1
+        if not inline and steps == 1:
+            engine.tiers.wait_idle()  # the background copy has landed; it is seen next step
+    metrics = engine.scheduler.requests[request_id].metrics
+    assert metrics.num_tier_hit_tokens.get("cpu", 0) >= PREFIX_LEN - BLOCK
+    assert steps == (1 if inline else 2)
+    while engine.has_unfinished_requests():
+        engine.step()
+    finish(llm)

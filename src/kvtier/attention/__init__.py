@@ -21,7 +21,9 @@ def create_backend(name: str, device_type: str) -> AttentionBackend:
                 name = "torch"
     if name == "torch":
         from kvtier.attention.torch_ref import TorchAttentionBackend
-        return TorchAttentionBackend()
+        # Contiguous decode K/V pays on the CPU, where gathers run at memory speed; on CUDA the
+        # torch backend is the oracle and stays as simple as possible.
+        return TorchAttentionBackend(contiguous_decode=device_type == "cpu")
     if name == "triton":
         if device_type != "cuda":
             raise ValueError("attention backend 'triton' needs a CUDA device")

@@ -42,6 +42,9 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    seq_ids: list[str] | None = None
+    """Request id of each sequence, when the caller has them: lets a backend keep per-sequence
+    state across consecutive steps."""
     backend_data: Any = None
     """Whatever the backend's `prepare` derived for this step."""
 

@@ -4,6 +4,9 @@ Context K/V are gathered block-wise (one index per block, not per token) from th
 Decodes are batched into one grouped-query matmul per layer under a padding mask (a single query
 per sequence makes SDPA's kernels pay more in setup than in math); prefill chunks go through
 SDPA one sequence at a time, against their cached prefix plus the chunk itself.
+
+With `contiguous_decode` (the default on the CPU) decodes attend out of a `DecodeMirror` that
+keeps the running decodes' K/V contiguous across steps instead of gathering them every step.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kvtier.attention.base import AttentionBackend, AttentionMetadata
+from kvtier.attention.decode_mirror import DecodeMirror, MirrorStep, attend
 
 
 @dataclass
@@ -34,6 +38,7 @@ class _StepData:
     decode_mask: torch.Tensor | None
     """(num_decodes, 1, 1, max_blocks * block_size) bool, True = real token."""
     prefills: list[_PrefillSeq]
+    mirror: MirrorStep | None = None
 
 
 def gather_context(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -46,11 +51,20 @@ def gather_context(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Ten
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
+    def __init__(self, contiguous_decode: bool = False) -> None:
+        self._mirror = DecodeMirror() if contiguous_decode else None
+
     def prepare(self, metadata: AttentionMetadata) -> None:
         nd, bs = metadata.num_decodes, metadata.block_size
         device = metadata.block_table.device
-        decode_blocks = decode_mask = None
-        if nd:
+        decode_blocks = decode_mask = mirror = None
+        if self._mirror is not None:
+            if nd and metadata.seq_ids is not None:
+                mirror = self._mirror.plan(metadata.seq_ids[:nd], metadata.seq_lens_cpu[:nd],
+                                           device)
+            else:
+                self._mirror.forget_rows()
+        if nd and mirror is None:
             max_blocks = -(-max(metadata.seq_lens_cpu[:nd]) // bs)
             decode_blocks = metadata.block_table[:nd, :max_blocks].to(torch.int64)
             positions = torch.arange(max_blocks * bs, device=device)
@@ -66,17 +80,24 @@ class TorchAttentionBackend(AttentionBackend):
                 query_pos = torch.arange(seq_len - query_len, seq_len, device=device)
                 mask = key_pos[None, :] <= query_pos[:, None]
             prefills.append(_PrefillSeq(start, end, seq_len, blocks, mask))
-        metadata.backend_data = _StepData(decode_blocks, decode_mask, prefills)
+        metadata.backend_data = _StepData(decode_blocks, decode_mask, prefills, mirror)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         num_kv_heads, head_dim = key.shape[1], key.shape[2]
+        if self._mirror is not None and not self._mirror.pool_tokens:
+            self._mirror.pool_tokens = kv_cache.shape[1] * kv_cache.shape[2]
         kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, key)
         kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, value)
         data: _StepData = metadata.backend_data
         out = torch.empty_like(query)
         nd = metadata.num_decodes
-        if nd:
+        if data.mirror is not None:
+            assert self._mirror is not None
+            mirror_kv = self._mirror.update(data.mirror, kv_cache, key, value,
+                                            metadata.block_table)
+            out[:nd] = attend(query[:nd], mirror_kv, data.mirror, scale)
+        elif nd:
             out[:nd] = _decode(query[:nd], kv_cache, data, scale)
         for seq in data.prefills:
             q = query[seq.start:seq.end].transpose(0, 1)

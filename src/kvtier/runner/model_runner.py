@@ -126,6 +126,7 @@ class ModelRunner:
             max_query_len=max(len(s.token_ids) for s in step.requests),
             max_seq_len=max(seq_lens),
             block_size=bs,
+            seq_ids=[s.request_id for s in step.requests],
         )
         self.backend.prepare(metadata)
         return (_to_device(token_ids, torch.int64, device),

@@ -9,7 +9,8 @@ Each `schedule()` fills one step's token budget in priority order:
 2. waiting requests, FCFS, each starting after its longest cached prefix, while the budget,
    `max_num_seqs` and free blocks allow (not in a step that had to preempt). When the KV
    tiers hold more of the prefix and loading it pays, the request instead gets blocks for it
-   and waits LOADING (off the budget) while the transfer runs and the batch keeps stepping.
+   and waits LOADING (off the budget) while the transfer runs and the batch keeps stepping
+   (a load that finished inline, see `tiers.manager.INLINE_LOAD_S`, is scheduled at once).
 
 `update_from_output()` then advances computed-token counts, registers newly full blocks in the
 prefix cache, appends sampled tokens and finishes requests on token-level stop conditions.
@@ -208,6 +209,8 @@ class Scheduler:
                 if started is None:
                     break  # its next blocks are being loaded for another request: wait
                 if started:
+                    if request.status is RequestStatus.RUNNING:  # loaded inline: go on now
+                        budget = self._schedule_loaded(request, budget, scheduled)
                     continue
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             if not self.kv.allocate_slots(request, num_new, hit_blocks):
@@ -218,6 +221,15 @@ class Scheduler:
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         return budget
+
+    def _schedule_loaded(self, request: Request, budget: int,
+                         scheduled: list[ScheduledRequest]) -> int:
+        """Schedule the rest of the prompt of a request whose tier load finished inline."""
+        num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+        if num_new > 0 and self.kv.allocate_slots(request, num_new):
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+        return budget  # otherwise it waits in `running` for the next step
 
     def _watermark_blocks(self) -> int:
         """Free blocks kept back from new requests: one decode block per running request."""
@@ -254,8 +266,9 @@ class Scheduler:
         self._start(request, len(hit_blocks) * self.kv.block_size, RequestStatus.LOADING)
         self.loading[request.request_id] = request
         table = self.kv.block_table(request.request_id)
-        self.tiers.start_load(request.request_id, plan, table[first:first + plan.num_blocks],
-                              hashes[first:])
+        if self.tiers.start_load(request.request_id, plan, table[first:first + plan.num_blocks],
+                                 hashes[first:]):
+            self._finish_loads()
         return True
 
     def _finish_loads(self) -> None:

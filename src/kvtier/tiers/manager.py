@@ -5,6 +5,7 @@ come back through `poll()`, which the scheduler calls at the start of every step
 
     lookup(request, after the device hit) -> LoadPlan (consecutive tier hits that pay off)
     start_load(plan, destination blocks)  -> transfer thread: read entry, scatter into blocks
+                                             (a small host-memory load on a CPU device: inline)
     poll()                                -> finished loads (their blocks are now valid KV)
 
 Stores keep to the store policy and admission gates:
@@ -39,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 _MAX_INFLIGHT_STORES = 64
 """Bounds the device memory held by gathered-but-not-yet-copied chunks (CUDA)."""
+INLINE_LOAD_S = 0.01
+"""CPU device: a host-memory load predicted to take less than this runs in the scheduler step.
+It is a memcpy either way; run in the background it costs the request one more step of TTFT
+(and on a machine with few cores it competes with the forward anyway)."""
 
 
 class TierManager:
@@ -114,9 +119,10 @@ class TierManager:
         return None
 
     def start_load(self, request_id: str, plan: LoadPlan, block_ids: list[int],
-                   block_hashes: list[BlockHash]) -> None:
+                   block_hashes: list[BlockHash]) -> bool:
         """Begin loading the plan into `block_ids` (already allocated to the request).
-        `block_hashes` are the hashes those blocks will hold."""
+        `block_hashes` are the hashes those blocks will hold. Returns True when the load
+        already finished (a small host-memory load on a CPU device): `poll` returns it now."""
         pinned = [s for s in plan.segments if self.stores[s.tier].pin(s.meta.key)]
         if len(pinned) != len(plan.segments):  # an entry vanished since lookup
             plan = LoadPlan(tuple(plan.segments[:len(pinned)]))
@@ -124,10 +130,20 @@ class TierManager:
         self._loading[request_id] = (plan, hashes)
         for block_hash in hashes:
             self._loading_blocks[block_hash] = request_id
-        if self._inline and all(self.stores[s.tier].name == "cpu" for s in plan.segments):
+        host_only = all(self.stores[s.tier].name == "cpu" for s in plan.segments)
+        if self._inline and host_only:
             self._start_event_load(request_id, plan, block_ids)
+        elif host_only and self._predicted_load_s(plan) < INLINE_LOAD_S:
+            self._run_load(request_id, plan, block_ids)
+            return True
         else:
             self._loaders.submit(self._run_load, request_id, plan, block_ids)
+        return False
+
+    def _predicted_load_s(self, plan: LoadPlan) -> float:
+        block_bytes = self.stores[0].layout.block_bytes
+        return sum(self.cost.load_s(self.stores[s.tier].name, s.num_blocks * block_bytes)
+                   for s in plan.segments)
 
     def _start_event_load(self, request_id: str, plan: LoadPlan, block_ids: list[int]) -> None:
         """CUDA + host-memory tier: enqueue every copy now; `poll` sees the event complete."""
