@@ -57,14 +57,14 @@ def bench_hf(model, batch: list[list[int]], max_tokens: int, pad_id: int) -> flo
 def gemm_rate(weights: list[torch.Tensor], rows: int, repeats: int = 3) -> float:
     """FLOP/s of multiplying `rows` activations by every weight matrix in turn, as one forward
     does (weights stream from memory, they do not sit in cache)."""
-    inputs = {w.shape[0]: torch.randn(rows, w.shape[0]) for w in weights}
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
     flops = sum(2 * rows * w.numel() for w in weights)
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
             started = time.perf_counter()
             for w in weights:
-                torch.mm(inputs[w.shape[0]], w)
+                torch.mm(inputs[w.shape[1]], w.t())  # (out, in) weights, as F.linear uses them
             best = min(best, time.perf_counter() - started)
     return flops / best
 

@@ -7,6 +7,8 @@ An experiment file (or a built-in preset under `presets/`) looks like this:
     model = "random:tiny-llama"        # optional: `--model` of every kvtier server
     tokenizer = "path/tokenizer.json"   # optional: else resolved from the model name
     restart_per_workload = false        # true: per workload, a fresh server of each config
+    repeats = 1                         # >1: run everything that many times, interleaved;
+                                        # the report shows medians (noisy machines)
 
     [bench]                             # BenchConfig fields shared by every workload
     seed = 0
@@ -47,7 +49,7 @@ from kvtier.bench.config import BenchConfig
 
 PRESETS_PACKAGE = "kvtier.lab.presets"
 _EXPERIMENT_KEYS = {"name", "description", "model", "tokenizer", "bench", "servers",
-                    "workloads", "restart_per_workload"}
+                    "workloads", "restart_per_workload", "repeats"}
 _SERVER_KEYS = {"name", "engine", "args", "base_url", "launch", "model", "env", "health_path",
                 "startup_timeout_s", "device_kv_tokens", "block_size"}
 _PLACEHOLDERS = ("{host}", "{port}", "{model}")
@@ -134,6 +136,9 @@ class Experiment:
     restart_per_workload: bool = False
     """Per workload, start a fresh server of each configuration in turn (workload-major):
     no workload inherits a warm cache, and the runs compared are adjacent in time."""
+    repeats: int = 1
+    """Run every configuration × workload this many times, round-robin over configurations,
+    so slow drift of a shared machine hits each configuration alike; reports use medians."""
     source: str = ""
 
     def replace(self, **changes: Any) -> Experiment:
@@ -174,6 +179,14 @@ def _read_toml(text: str, source: str) -> dict[str, Any]:
         raise ExperimentError(f"{source}: not valid TOML: {exc}") from exc
 
 
+def _repeats(data: Mapping[str, Any]) -> int:
+    repeats = data.get("repeats", 1)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or not 1 <= repeats <= 100:
+        raise ExperimentError(f"experiment.repeats: expected an integer from 1 to 100, "
+                              f"got {repeats!r}")
+    return repeats
+
+
 def parse_experiment(data: Mapping[str, Any], source: str = "") -> Experiment:
     """Validate a parsed TOML document into an Experiment; raises ExperimentError."""
     _no_unknown(data, _EXPERIMENT_KEYS, "experiment")
@@ -189,6 +202,7 @@ def parse_experiment(data: Mapping[str, Any], source: str = "") -> Experiment:
         model=model, tokenizer=_typed(data, "tokenizer", str, "experiment", default=None),
         restart_per_workload=_typed(data, "restart_per_workload", bool, "experiment",
                                     default=False),
+        repeats=_repeats(data),
         servers=tuple(_parse_server(s, f"servers[{i}]", model) for i, s in enumerate(servers)),
         workloads=tuple(_parse_workload(w, f"workloads[{i}]", shared)
                         for i, w in enumerate(workloads)),

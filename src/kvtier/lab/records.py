@@ -10,9 +10,11 @@ with its error, so partial results survive and the report says what went wrong.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import platform
+import statistics
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -50,6 +52,8 @@ class RunRecord:
     server_log: str = ""
     params: dict[str, Any] = field(default_factory=dict)
     """Free-form coordinates, e.g. the sweep's {"knob": ..., "value": ...}."""
+    repeat: int = 0
+    """Which repetition of this configuration × workload (experiments with `repeats`)."""
 
     @classmethod
     def from_result(cls, server: str, workload: str, result: BenchmarkResult,
@@ -73,6 +77,42 @@ class RunRecord:
     @property
     def succeeded(self) -> bool:
         return self.status == OK and bool(self.result.get("completed"))
+
+
+REPEATED_METRICS = ("request_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms")
+"""Per-run values kept (as `<metric>_runs`) when repeats are combined: the spread."""
+
+
+def combine_repeats(records: list[RunRecord]) -> list[RunRecord]:
+    """One record per configuration × workload: numeric result fields are the median of the
+    successful repeats, latency samples are pooled, the kvtier counters are the median-
+    throughput run's. A single run passes through unchanged."""
+    groups: dict[tuple[str, str, str], list[RunRecord]] = {}
+    for record in records:
+        key = (record.server, record.workload, json.dumps(record.params, sort_keys=True))
+        groups.setdefault(key, []).append(record)
+    combined = []
+    for group in groups.values():
+        good = [r for r in group if r.succeeded]
+        if len(group) == 1 or not good:
+            combined.append(group[0])
+            continue
+        by_throughput = sorted(good, key=lambda r: r.metric("request_throughput") or 0.0)
+        middle = by_throughput[(len(by_throughput) - 1) // 2]
+        result = dict(middle.result)
+        for key, value in middle.result.items():
+            values = [r.metric(key) for r in good]
+            if isinstance(value, int | float) and not isinstance(value, bool) and None not in \
+                    values:
+                result[key] = statistics.median(values)  # type: ignore[arg-type]
+        for key in REPEATED_METRICS:
+            result[f"{key}_runs"] = [r.metric(key) for r in good]
+        combined.append(dataclasses.replace(
+            middle, result=result, ttfts_ms=[t for r in good for t in r.ttfts_ms],
+            itls_ms=[t for r in good for t in r.itls_ms], repeat=-1,
+            run_s=sum(r.run_s for r in group),
+            error="; ".join(sorted({r.error for r in group if r.error}))[:1000]))
+    return combined
 
 
 def machine_info() -> dict[str, Any]:
@@ -126,7 +166,8 @@ def csv_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
     tiers = tier_names(records)
     rows = []
     for r in records:
-        row: dict[str, Any] = {"server": r.server, "workload": r.workload, "status": r.status}
+        row: dict[str, Any] = {"server": r.server, "workload": r.workload, "repeat": r.repeat,
+                               "status": r.status}
         row.update({k: r.result.get(k, "") for k in _CSV_METRICS})
         stats = r.kvtier or {}
         row.update({f"server_{k}": stats.get(k, "") for k in _KVTIER_COLUMNS})

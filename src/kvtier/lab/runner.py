@@ -99,6 +99,7 @@ class _Runner:
         self.lab = LabRun(experiment, out_dir)
         self._tokenizers: dict[tuple[str | None, str | None], TokenizerLike] = {}
         self._workloads: dict[tuple[str, int], Workload] = {}
+        self.repeat = 0
 
     def save(self) -> None:
         write_results_json(self.out_dir / "results.json", experiment_summary(self.experiment),
@@ -106,6 +107,7 @@ class _Runner:
         write_results_csv(self.out_dir / "results.csv", self.lab.records)
 
     def add(self, record: RunRecord) -> None:
+        record.repeat = self.repeat
         self.lab.records.append(record)
         self.save()
 
@@ -179,6 +181,11 @@ class _Runner:
         return self._tokenizers[key]
 
 
+def _log_name(server: str, workload: str | None, repeat: int) -> str | None:
+    parts = [server] + ([workload] if workload else []) + ([f"run{repeat + 1}"] if repeat else [])
+    return "--".join(parts) if len(parts) > 1 else None
+
+
 def warm_up(base_url: str) -> None:
     """One short completion, so first-request costs (lazy init, allocator) hit no workload.
 
@@ -228,11 +235,17 @@ def run_experiment(experiment: Experiment, out_dir: Path, new_task: TaskFactory 
             # Workload-major: the runs compared with each other are adjacent in time, so a
             # shared machine's load drift does not masquerade as a configuration's effect.
             for workload in experiment.workloads:
-                for spec in experiment.servers:
-                    runner.run_server(spec, [workload], log_name=f"{spec.name}--{workload.name}")
+                for repeat in range(experiment.repeats):
+                    runner.repeat = repeat
+                    for spec in experiment.servers:
+                        runner.run_server(spec, [workload],
+                                          log_name=_log_name(spec.name, workload.name, repeat))
         else:
-            for spec in experiment.servers:
-                runner.run_server(spec, experiment.workloads)
+            for repeat in range(experiment.repeats):
+                runner.repeat = repeat
+                for spec in experiment.servers:
+                    runner.run_server(spec, experiment.workloads,
+                                      log_name=_log_name(spec.name, None, repeat))
     finally:
         runner.lab.wall_s = time.perf_counter() - start
         write_report(runner.lab)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvtier.lab.records import RunRecord, tier_names
+from kvtier.lab.records import RunRecord, combine_repeats, tier_names
 
 ARTICLE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("Requests/sec", "request_throughput", "rate"),
@@ -110,9 +110,27 @@ def render_markdown(grid: Grid) -> str:
 
 def workload_records(records: Sequence[RunRecord], servers: Sequence[str],
                      workload: str) -> list[RunRecord | None]:
-    """The record of each server for `workload` (None where it is missing)."""
-    by_server = {r.server: r for r in records if r.workload == workload}
+    """The record of each server for `workload` (None where it is missing); repeated runs
+    are combined into their medians."""
+    combined = combine_repeats([r for r in records if r.workload == workload])
+    by_server = {r.server: r for r in combined}
     return [by_server.get(s) for s in servers]
+
+
+def spread_lines(row: Sequence[RunRecord | None]) -> list[str]:
+    """Per-run values behind medians of repeated runs: one line per configuration."""
+    lines = []
+    for record in row:
+        runs = record.result.get("request_throughput_runs") if record else None
+        if record is None or not runs:
+            continue
+        ttft = record.result.get("mean_ttft_ms_runs") or []
+        itl = record.result.get("mean_itl_ms_runs") or []
+        lines.append(f"{record.server}: median of {len(runs)} runs; req/s "
+                     f"{', '.join(f'{v:.3f}' for v in runs)}; mean TTFT ms "
+                     f"{', '.join(f'{v:.0f}' for v in ttft)}; mean ITL ms "
+                     f"{', '.join(f'{v:.1f}' for v in itl)}")
+    return lines
 
 
 def format_tables(records: Sequence[RunRecord], servers: Sequence[str],
@@ -129,6 +147,9 @@ def format_tables(records: Sequence[RunRecord], servers: Sequence[str],
         tiers = tier_grid(row, servers)
         if tiers is not None:
             blocks.append(render(tiers))
+        spread = spread_lines(row)
+        if spread:
+            blocks.append("\n".join(f"- {line}" if markdown else line for line in spread))
         failures = [f"{r.server}: {r.status}: {r.error}" for r in row
                     if r is not None and not r.succeeded]
         if failures:

@@ -106,6 +106,9 @@ def test_false_becomes_no_flag_and_host_port_are_refused():
     ('name = "remote"', 'nmae = "remote"', r"servers\[3\]\.nmae: unknown field"),
     ('args = ["--max-num-seqs", "4"]', "args = [4]", r"servers\[1\]\.args: expected a list"),
     ("[bench]\nseed = 3", "[bench]\nseed = 3\nbase_url = 'x'", r"base_url: unknown benchmark"),
+    ('name = "demo"', 'name = "demo"\nrepeats = 0', r"experiment\.repeats: .* got 0"),
+    ('name = "demo"', 'name = "demo"\nrepeats = "3"', r"experiment\.repeats: .* got '3'"),
+    ('name = "demo"', 'name = "demo"\nrepeats = true', r"experiment\.repeats: .* got True"),
 ])
 def test_malformed_experiments_name_the_field(old: str, new: str, message: str):
     with pytest.raises(ExperimentError, match=message):
@@ -152,3 +155,8 @@ def test_seed_gpu_is_the_peers_setup():
         "sharegpt", 1000, True)
     assert (q["prefix_repetition_output_len"], q["num_prompts"], q["max_concurrency"]) == (
         32, 256, 4)
+
+
+def test_repeats_default_to_one_and_parse():
+    assert parse(VALID).repeats == 1
+    assert parse(with_change('name = "demo"', 'name = "demo"\nrepeats = 3')).repeats == 3

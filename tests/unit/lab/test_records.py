@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvtier.lab.records import (
+    combine_repeats,
     SERVER_FAILED,
     RunRecord,
     read_results_json,
@@ -93,3 +94,21 @@ def test_summarize_splits_matched_tokens_by_tier():
 def test_split_key_reads_labels():
     assert split_key('a{tier="cpu",x="1"}') == ("a", {"tier": "cpu", "x": "1"})
     assert split_key("plain") == ("plain", {})
+
+
+def test_repeated_runs_combine_into_medians_with_pooled_latencies_and_their_spread():
+    runs = [record("on", "P", [1.0, 1.0], duration_s=10.0),   # 0.2 req/s, TTFT 1000 ms
+            record("on", "P", [3.0, 3.0], duration_s=5.0),    # 0.4 req/s, TTFT 3000 ms
+            record("on", "P", [2.0, 2.0], duration_s=4.0),    # 0.5 req/s, TTFT 2000 ms
+            record("on", "P", [9.0], duration_s=1.0, failed=1),
+            record("off", "P", [5.0], duration_s=10.0)]
+    runs[3].status = "failed"
+    combined = combine_repeats(runs)
+    assert [(r.server, r.workload) for r in combined] == [("on", "P"), ("off", "P")]
+    on, off = combined
+    assert off is runs[4]  # a single run passes through unchanged
+    assert on.metric("request_throughput") == pytest.approx(0.4)
+    assert on.metric("mean_ttft_ms") == pytest.approx(2000.0)  # median of 1000, 3000, 2000
+    assert on.result["mean_ttft_ms_runs"] == pytest.approx([1000.0, 3000.0, 2000.0])
+    assert len(on.ttfts_ms) == 6 and 9000.0 not in on.ttfts_ms  # the failed run is left out
+    assert on.repeat == -1 and combine_repeats([on]) == [on]

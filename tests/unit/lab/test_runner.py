@@ -120,6 +120,21 @@ def test_restart_per_workload_runs_workload_major_on_fresh_servers(tmp_path: Pat
         "s1-a.log", "s2-a.log", "s1-b.log", "s2-b.log"}
 
 
+def test_repeats_interleave_configurations_and_the_report_shows_medians(tmp_path: Path):
+    experiment = Experiment(name="unit", tokenizer=TOKENIZER, restart_per_workload=True,
+                            repeats=2, servers=(fake("s1", "--kvtier"), fake("s2")),
+                            workloads=(workload("A", 2),))
+    lab = run_experiment(experiment, tmp_path, log=lambda _: None)
+    assert [(r.server, r.repeat, r.status) for r in lab.records] == [
+        ("s1", 0, "ok"), ("s2", 0, "ok"), ("s1", 1, "ok"), ("s2", 1, "ok")]
+    assert {p.name for p in (tmp_path / "logs").iterdir()} == {
+        "s1-a.log", "s2-a.log", "s1-a-run2.log", "s2-a-run2.log"}
+    report = (tmp_path / "report.md").read_text()
+    assert "- s1: median of 2 runs; req/s" in report and "- s2: median of 2 runs" in report
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [row["repeat"] for row in rows] == ["0", "0", "1", "1"]
+
+
 def test_engine_flags_are_checked_by_kvtiers_own_parser():
     good = Experiment(name="x", servers=(ServerSpec("a", engine=("--max-num-seqs", "4")),),
                       workloads=(workload(),))
