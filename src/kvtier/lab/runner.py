@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import subprocess
 import sys
@@ -114,6 +115,13 @@ class _Runner:
     def run_server(self, spec: ServerSpec, workloads: Sequence[WorkloadSpec],
                    log_name: str | None = None) -> None:
         """Start one configuration, run `workloads`, stop it; failures become records."""
+        # `{repeat}` in an engine flag value or a launch command (a disk tier's directory)
+        # gives each repetition its own, so a repeat is not served from what the previous one
+        # left behind.
+        tag = str(self.repeat)
+        spec = dataclasses.replace(
+            spec, engine=tuple(arg.replace("{repeat}", tag) for arg in spec.engine),
+            launch=spec.launch.replace("{repeat}", tag) if spec.launch else spec.launch)
         self.log(f"[lab] starting {spec.name!r} ({spec.kind})")
         try:
             with running_server(spec, self.out_dir / "logs", log_name) as server:

@@ -122,13 +122,17 @@ def test_restart_per_workload_runs_workload_major_on_fresh_servers(tmp_path: Pat
 
 def test_repeats_interleave_configurations_and_the_report_shows_medians(tmp_path: Path):
     experiment = Experiment(name="unit", tokenizer=TOKENIZER, restart_per_workload=True,
-                            repeats=2, servers=(fake("s1", "--kvtier"), fake("s2")),
+                            repeats=2,
+                            servers=(fake("s1", "--kvtier"), fake("s2", "# r{repeat}")),
                             workloads=(workload("A", 2),))
     lab = run_experiment(experiment, tmp_path, log=lambda _: None)
     assert [(r.server, r.repeat, r.status) for r in lab.records] == [
         ("s1", 0, "ok"), ("s2", 0, "ok"), ("s1", 1, "ok"), ("s2", 1, "ok")]
     assert {p.name for p in (tmp_path / "logs").iterdir()} == {
         "s1-a.log", "s2-a.log", "s1-a-run2.log", "s2-a-run2.log"}
+    # `{repeat}` in a launch command (or an engine flag value) is the run's index
+    assert "# r0" in (tmp_path / "logs" / "s2-a.log").read_text().splitlines()[0]
+    assert "# r1" in (tmp_path / "logs" / "s2-a-run2.log").read_text().splitlines()[0]
     report = (tmp_path / "report.md").read_text()
     assert "- s1: median of 2 runs; req/s" in report and "- s2: median of 2 runs" in report
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
