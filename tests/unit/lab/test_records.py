@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from kvtier.lab.records import (
-    combine_repeats,
     SERVER_FAILED,
     RunRecord,
+    combine_repeats,
     read_results_json,
     write_results_csv,
     write_results_json,
