@@ -242,3 +242,35 @@ def test_a_small_cpu_tier_load_on_the_cpu_is_computed_in_the_same_step(
     while engine.has_unfinished_requests():
         engine.step()
     finish(llm)
+
+
+def test_waiting_for_a_transfer_sleeps_until_a_store_lands(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine with nothing to run but stores in flight (their blocks pinned) sleeps on the
+    next completion instead of spinning, which would starve the store thread of the GIL.
+    Each copy is slowed to 30 ms (a real model's chunk) so there is something to wait for."""
+    import time
+
+    from kvtier.tiers.transfer import KVTransfer
+    copy_out = KVTransfer.copy_out
+
+    def slow_copy_out(self, gathered, payload):  # noqa: ANN001, ANN202
+        time.sleep(0.03)
+        return copy_out(self, gathered, payload)
+
+    monkeypatch.setattr(KVTransfer, "copy_out", slow_copy_out)
+    llm = make_llm(kv_tiers=("cpu:64MiB",), kv_store_policy="write-through")
+    tiers = llm.engine.tiers
+    llm.engine.add_request(workload()[0], GREEDY)
+    llm.engine.step()  # the prefill's full chunks are written through: stores in flight
+    assert tiers.has_inflight_transfers
+    started, calls = time.monotonic(), 0
+    while tiers.has_inflight_transfers and calls < 50:
+        tiers.wait_for_transfer(timeout_s=1.0)
+        calls += 1
+    assert not tiers.has_inflight_transfers
+    assert calls <= PREFIX_LEN // 64 + 1  # one wake-up per landed store, no busy polling
+    assert time.monotonic() - started >= 0.025
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    finish(llm)

@@ -234,10 +234,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns outputs of requests that produced a token or finished."""
         scheduled = self.scheduler.schedule()
-        if not scheduled.requests and self.tiers is not None and self.tiers.has_inflight_loads:
-            # Only loads are in flight: sleep on their completion rather than spin, which
-            # would starve the transfer threads of the GIL.
-            self.tiers.wait_for_load(timeout_s=0.01)
+        if not scheduled.requests and self.tiers is not None and \
+                self.tiers.has_inflight_transfers:
+            # Nothing could run: every request waits for a load, or for blocks that in-flight
+            # stores still pin. Sleep on a transfer's completion rather than spin, which would
+            # starve the transfer threads of the GIL.
+            self.tiers.wait_for_transfer(timeout_s=0.01)
         started = time.perf_counter()
         runner_output = self.runner.execute(scheduled)
         runner_s = time.perf_counter() - started

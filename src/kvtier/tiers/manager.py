@@ -201,13 +201,16 @@ class TierManager:
         results, self._finished_loads = self._finished_loads, []
         return results
 
-    def wait_for_load(self, timeout_s: float) -> None:
-        """Block (without holding the GIL) until a transfer finishes or `timeout_s` passes.
-        For a caller with nothing else to do: spinning would starve the transfer threads."""
-        if not self._loading or self._finished_loads:
+    def wait_for_transfer(self, timeout_s: float) -> None:
+        """Block (without holding the GIL) until a load or store finishes or `timeout_s`
+        passes. For a caller with nothing else to do (every request is waiting for a load, or
+        for blocks that in-flight stores still pin): spinning would starve the transfer
+        threads of the GIL and delay the very transfer it waits for."""
+        if not self.has_inflight_transfers or self._finished_loads:
             return
-        if self._event_loads:
-            self._event_loads[0][0].synchronize()  # a host-memory load: milliseconds
+        events = self._event_loads or self._event_stores
+        if events:
+            events[0][0].synchronize()  # a host-memory copy: milliseconds
             self._check_events()
             return
         try:
@@ -260,6 +263,10 @@ class TierManager:
     @property
     def has_inflight_loads(self) -> bool:
         return bool(self._loading)
+
+    @property
+    def has_inflight_transfers(self) -> bool:
+        return bool(self._loading or self._storing)
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Block until every submitted transfer has finished (tests, shutdown); finished
