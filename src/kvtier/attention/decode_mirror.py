@@ -57,8 +57,8 @@ class DecodeMirror:
     """Row bookkeeping (scheduler thread, once per step) and per-layer buffers."""
 
     def __init__(self) -> None:
-        self._rows: dict[str, int] = {}
-        self._lengths: dict[str, int] = {}
+        self._rows: dict[str, tuple[int, int]] = {}
+        """Sequence id -> (its row, the tokens that row holds) after the previous step."""
         self._serial = 0
         self._buffers: dict[int, _LayerBuffer] = {}
         self._row_capacity = 0
@@ -89,8 +89,8 @@ class DecodeMirror:
         rows: list[int | None] = [None] * n
         kept: dict[int, int] = {}  # decode index -> its valid row from the previous step
         for i, (seq_id, length) in enumerate(zip(seq_ids, seq_lens, strict=True)):
-            row = self._rows.get(seq_id)
-            if row is not None and self._lengths[seq_id] == length - 1:
+            row, held = self._rows.get(seq_id, (None, 0))
+            if row is not None and held == length - 1:
                 kept[i] = row
         free = sorted(set(range(n)) - {r for r in kept.values() if r < n}, reverse=True)
         moves: list[tuple[int, int]] = []
@@ -109,8 +109,8 @@ class DecodeMirror:
             if rows[i] is None:
                 rows[i] = free.pop()
                 fills.append((i, rows[i], seq_lens[i]))
-        self._rows = {seq_id: row for seq_id, row in zip(seq_ids, rows, strict=True)}
-        self._lengths = dict(zip(seq_ids, seq_lens, strict=True))
+        self._rows = {seq_id: (row, length)
+                      for seq_id, row, length in zip(seq_ids, rows, seq_lens, strict=True)}
 
         row_tensor = torch.tensor(rows, dtype=torch.int64)
         order = torch.empty_like(row_tensor)
@@ -128,7 +128,6 @@ class DecodeMirror:
     def forget_rows(self) -> None:
         """A step without decodes: no row stays valid across it (keeps the buffers)."""
         self._rows.clear()
-        self._lengths.clear()
 
     def reset(self) -> None:
         self.forget_rows()

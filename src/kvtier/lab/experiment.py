@@ -181,10 +181,9 @@ def _read_toml(text: str, source: str) -> dict[str, Any]:
 
 
 def _repeats(data: Mapping[str, Any]) -> int:
-    repeats = data.get("repeats", 1)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or not 1 <= repeats <= 100:
-        raise ExperimentError(f"experiment.repeats: expected an integer from 1 to 100, "
-                              f"got {repeats!r}")
+    repeats = _typed(data, "repeats", int, "experiment", default=1)
+    if not 1 <= repeats <= 100:
+        raise ExperimentError(f"experiment.repeats: expected 1 to 100, got {repeats!r}")
     return repeats
 
 

@@ -261,10 +261,6 @@ class TierManager:
         self._finished_loads.append(value)
 
     @property
-    def has_inflight_loads(self) -> bool:
-        return bool(self._loading)
-
-    @property
     def has_inflight_transfers(self) -> bool:
         return bool(self._loading or self._storing)
 

@@ -155,4 +155,4 @@ def test_rows_stay_compact_when_sequences_leave(seed: int):
     h.step(seqs[5:])  # rows of the first five are freed; the rest move down
     h.step(seqs[5:] + seqs[:2])
     mirror = h.backends["mirror"]._mirror
-    assert mirror is not None and sorted(mirror._rows.values()) == list(range(5))
+    assert mirror is not None and sorted(row for row, _ in mirror._rows.values()) == list(range(5))
