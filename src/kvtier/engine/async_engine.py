@@ -1,34 +1,34 @@
-"""`AsyncEngine`: the synchronous `LLMEngine` stepping in its own thread, driven from asyncio.
+"""`AsyncEngine`: the engine core (`engine_core.EngineCore` around an `LLMEngine`) driven from
+asyncio, on a thread of this process or in an engine process of its own.
 
-    asyncio side (any loop)                      engine thread (owns the LLMEngine)
-    add_request ──admission──► commands ──────►  drain commands: add / abort
-        ▲                      (deque + Condition)   step() while there is work
-        │ acceptance future                          expire timed-out requests
-        └── RequestStream ◄── call_soon_threadsafe ◄─ publish snapshot, then deliver outputs
+    asyncio side (any loop)                     engine core (thread, or process via a pipe)
+    add_request ──admission──► AddRequest ────►  take commands: add / abort
+        ▲                                        step() while there is work
+        │ acceptance future                      expire timed-out requests
+        └── RequestStream ◄── dispatch ◄──────── CoreUpdate: accepted, output deltas, aborts,
+                              (listeners first)  stats snapshot
 
-The LLMEngine is not thread-safe: every call to it (construction included) happens on the engine
-thread, which sleeps on the condition when idle. `add_request` returns only once the engine
-accepted the request, so errors reach the caller before any response starts. Closing a
-`RequestStream` early (client gone, task cancelled) aborts its request and frees its KV blocks.
+`AsyncEngine(factory)` runs the core on a thread (tests, embedding); `AsyncEngine.spawn(config)`
+runs it in a child process (`kvtier serve`), so HTTP work never competes with steps for the
+GIL. Either way every LLMEngine call happens on the core's thread, `add_request` returns only
+once the engine accepted the request (errors reach the caller before any response starts), and
+closing a `RequestStream` early (client gone, task cancelled) aborts its request and frees its
+KV blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 
+from kvtier.config import EngineConfig
 from kvtier.engine.async_types import (
     ABORT_MESSAGES,
-    AbortCommand,
-    AbortReason,
-    AddCommand,
     EngineClosedError,
     EngineSnapshot,
     OutputBatch,
@@ -36,15 +36,26 @@ from kvtier.engine.async_types import (
     QueueFullError,
     RequestAbortedError,
 )
+from kvtier.engine.core_messages import (
+    AbortRequest,
+    AddRequest,
+    Command,
+    CoreUpdate,
+    StopCore,
+    StreamState,
+)
 from kvtier.engine.engine import LLMEngine
+from kvtier.engine.engine_core import CommandInbox, EngineCore
+from kvtier.engine.engine_process import EngineProcess, EngineProcessSpec
 from kvtier.model.tokenizer import Tokenizer
 from kvtier.types import RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 OutputListener = Callable[[list[RequestOutput], float], None]
-"""Called on the engine thread with each batch of outputs and `time.monotonic()`, before the
-outputs are delivered (metrics observe here, so a client never sees a token the metrics lack)."""
+"""Called with each batch of outputs and the `time.monotonic()` they were produced at, before
+the outputs are delivered (metrics observe here, so a client never sees a token the metrics
+lack). It runs on the thread that dispatches the core's updates."""
 
 class RequestStream:
     """Async iterator over one request's outputs; the last one has `finished` set.
@@ -87,43 +98,72 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Owns an LLMEngine on a dedicated thread; the asyncio-facing serving API."""
+    """Owns the engine core (on a thread, or in a process); the asyncio-facing serving API."""
 
-    def __init__(self, engine_factory: Callable[[], LLMEngine], *,
+    def __init__(self, engine_factory: Callable[[], LLMEngine] | None, *,
                  max_waiting_requests: int | None = None,
-                 request_timeout_s: float | None = None) -> None:
+                 request_timeout_s: float | None = None,
+                 process_spec: EngineProcessSpec | None = None) -> None:
+        """Core on a thread built by `engine_factory`, or in a process (`spawn`)."""
         if max_waiting_requests is not None and max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
         if request_timeout_s is not None and request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
+        if (engine_factory is None) == (process_spec is None):
+            raise ValueError("give either an engine factory or a process spec")
         self._factory = engine_factory
+        self._process_spec = process_spec
         self.max_waiting_requests = max_waiting_requests
         self.request_timeout_s = request_timeout_s
-        self._cond = threading.Condition()
-        self._commands: deque[AddCommand | AbortCommand] = deque()
-        self._num_pending_adds = 0  # under _cond: posted, not yet drained
-        self._num_waiting = 0  # under _cond: the scheduler's waiting queue, last drain
+        self._lock = threading.Lock()
+        # Under _lock: admission state, acceptance futures, the latest snapshot.
         self._accepting = False
-        self._stop = False
-        self._listeners: tuple[OutputListener, ...] = ()
-        self._sinks: dict[str, OutputSink] = {}  # engine thread only
-        self._deadlines: dict[str, float] = {}  # engine thread only
-        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._num_pending_adds = 0  # sent to the core, not yet taken by it
+        self._num_waiting = 0  # the scheduler's waiting queue, last snapshot
+        self._pending: dict[str, tuple[OutputSink, asyncio.Future[None]]] = {}
         self._snapshot: EngineSnapshot | None = None
+        self._streams: dict[str, tuple[OutputSink, StreamState]] = {}  # dispatch thread only
+        self._listeners: tuple[OutputListener, ...] = ()
+        self._inbox: CommandInbox | None = None
+        self._process: EngineProcess | None = None
+        self._thread: threading.Thread | None = None
+        """The core's thread, or (process mode) the thread that dispatches its updates."""
         self.engine: LLMEngine | None = None
-        """Set once started; call it only from the engine thread."""
+        """Thread mode, once started; call it only from the engine thread."""
         self.model_name = ""
         self.max_model_len = 0
         self.tokenizer: Tokenizer | None = None
-        """Read-only (encode, chat template), so the server may use it from another thread."""
+        """Read-only (encode, chat template), so the server may use it from any thread."""
+
+    @classmethod
+    def spawn(cls, config: EngineConfig, *, max_waiting_requests: int | None = None,
+              request_timeout_s: float | None = None, log_stats_interval_s: float | None = None,
+              log_level: int | None = None) -> AsyncEngine:
+        """An AsyncEngine whose core runs in a spawned engine process."""
+        spec = EngineProcessSpec(
+            config, request_timeout_s=request_timeout_s,
+            log_stats_interval_s=log_stats_interval_s,
+            log_level=logging.getLogger().level if log_level is None else log_level)
+        return cls(None, max_waiting_requests=max_waiting_requests,
+                   request_timeout_s=request_timeout_s, process_spec=spec)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Build the engine on its thread and start stepping; blocks until it is ready and
-        re-raises whatever the construction raised."""
+        """Build the engine and start its core; blocks until it is ready and re-raises
+        whatever the construction raised."""
+        if self._process_spec is not None:
+            self._start_process(self._process_spec)
+        else:
+            self._start_thread()
+        with self._lock:
+            self._accepting = True
+
+    def _start_thread(self) -> None:
         ready = threading.Event()
         failure: list[BaseException] = []
+        self._inbox = CommandInbox()
         self._thread = threading.Thread(target=self._thread_main, args=(ready, failure),
                                         name="kvtier-engine", daemon=True)
         self._thread.start()
@@ -133,11 +173,54 @@ class AsyncEngine:
         assert self.engine is not None
         self.model_name, self.max_model_len = self.engine.model_name, self.engine.max_model_len
         self.tokenizer = self.engine.tokenizer
-        self._accepting = True
+
+    def _thread_main(self, ready: threading.Event, failure: list[BaseException]) -> None:
+        assert self._factory is not None and self._inbox is not None
+        try:
+            self.engine = self._factory()
+            core = EngineCore(self.engine, self._inbox, self._dispatch,
+                              request_timeout_s=self.request_timeout_s)
+            self._dispatch(core.initial_update())
+        except BaseException as exc:  # handed to start(), which re-raises it
+            failure.append(exc)
+            ready.set()
+            return
+        ready.set()
+        try:
+            core.run()
+        except BaseException:
+            pass  # the core logged it and closed: its last update failed every request
+        finally:
+            self._on_core_gone()
+
+    def _start_process(self, spec: EngineProcessSpec) -> None:
+        from kvtier.model.loader import resolve_model
+        process = EngineProcess(spec)
+        ready, first = process.start()
+        self._process = process
+        self.model_name, self.max_model_len = ready.model_name, ready.max_model_len
+        # After the child is ready: it converted (and cached) the model files, if needed.
+        self.tokenizer = resolve_model(spec.config.model.model,
+                                       seed=spec.config.model.seed).tokenizer
+        self._dispatch(first)
+        self._thread = threading.Thread(target=self._receive, name="kvtier-engine-updates",
+                                        daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        assert self._process is not None
+        try:
+            for update in self._process.updates():
+                self._dispatch(update)
+        except BaseException:
+            logger.exception("dispatching the engine's updates failed")
+        finally:
+            self._on_core_gone()
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and (self._process is None or self._process.is_alive)
 
     @property
     def is_accepting(self) -> bool:
@@ -147,7 +230,7 @@ class AsyncEngine:
         self._listeners = (*self._listeners, listener)
 
     def snapshot(self) -> EngineSnapshot:
-        """The latest published stats (updated after every drain and step)."""
+        """The latest published stats (updated after every turn of the core)."""
         if self._snapshot is None:
             raise EngineClosedError("the engine has not started")
         return self._snapshot
@@ -155,17 +238,21 @@ class AsyncEngine:
     async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
         """Stop accepting; with `drain`, let live requests finish for up to `timeout_s`; abort
         the rest (their streams raise RequestAbortedError("shutdown")); then shut the engine
-        down on its thread and join it."""
-        with self._cond:
+        down and wait for its thread (and process)."""
+        with self._lock:
             self._accepting = False
         deadline = time.monotonic() + timeout_s
         while drain and self.is_alive and time.monotonic() < deadline and self._has_live():
             await asyncio.sleep(0.02)
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
+        if self._inbox is not None:
+            self._inbox.stop()
+        if self._process is not None:
+            self._process.send(StopCore())
+        loop = asyncio.get_running_loop()
         if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            await loop.run_in_executor(None, self._thread.join)
+        if self._process is not None:
+            await loop.run_in_executor(None, self._process.close)
 
     def _has_live(self) -> bool:
         snapshot = self._snapshot
@@ -184,20 +271,19 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         sink = OutputSink(loop)
-        command = AddCommand(request_id, prompt, params, arrival_time or time.monotonic(), sink,
-                       loop.create_future())
-        with self._cond:
-            if not self._accepting or not self.is_alive:
+        accepted: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if not self._accepting or self._closed or not self.is_alive:
                 raise EngineClosedError("the server is shutting down")
             limit = self.max_waiting_requests
             num_waiting = self._num_pending_adds + self._num_waiting
             if limit is not None and num_waiting >= limit:
                 raise QueueFullError(num_waiting)
             self._num_pending_adds += 1
-            self._commands.append(command)
-            self._cond.notify()
+            self._pending[request_id] = (sink, accepted)
+        self._send(AddRequest(request_id, prompt, params, arrival_time or time.monotonic()))
         try:
-            await command.accepted
+            await accepted
         except asyncio.CancelledError:
             self.abort(request_id)  # commands run in order: this abort follows the add
             raise
@@ -213,177 +299,94 @@ class AsyncEngine:
                 yield output
 
     def abort(self, request_id: str) -> None:
-        """Abort a request (no-op if it already finished); its blocks are freed on the engine
-        thread's next turn, which this call wakes."""
-        with self._cond:
-            self._commands.append(AbortCommand(request_id, None))
-            self._cond.notify()
+        """Abort a request (no-op if it already finished); its blocks are freed on the core's
+        next turn, which this call wakes."""
+        self._send(AbortRequest(request_id, None))
 
-    # -- engine thread ------------------------------------------------------------------------
+    def _send(self, command: Command) -> None:
+        if self._inbox is not None:
+            self._inbox.put(command)
+        elif self._process is not None:
+            self._process.send(command)  # a dead child: _on_core_gone settles everything
 
-    def _thread_main(self, ready: threading.Event, failure: list[BaseException]) -> None:
-        try:
-            self.engine = self._factory()
-            self._publish(self.engine)
-        except BaseException as exc:  # handed to start(), which re-raises it
-            failure.append(exc)
-            ready.set()
-            return
-        ready.set()
-        try:
-            self._loop(self.engine)
-        except BaseException:
-            logger.exception("the engine thread died")
-            self._fail_all("error")
-        finally:
-            with self._cond:
+    # -- the core's updates (engine thread, or the process's update thread) -------------------
+
+    def _dispatch(self, update: CoreUpdate) -> None:
+        with self._lock:
+            accepted = [(a, self._pending.pop(a.request_id, None)) for a in update.accepted]
+        for acceptance, pending in accepted:
+            if pending is None:
+                continue
+            sink, future = pending
+            if acceptance.error is None:
+                self._streams[acceptance.request_id] = (sink, StreamState())
+            _call_soon(sink.loop, _settle, future, acceptance.error)
+        outputs: list[RequestOutput] = []
+        batches: dict[asyncio.AbstractEventLoop, OutputBatch] = {}
+        for delta in update.outputs:
+            entry = self._streams.get(delta.request_id)
+            if entry is None:
+                continue
+            sink, state = entry
+            output = state.apply(delta)
+            if delta.finished:
+                del self._streams[delta.request_id]
+            outputs.append(output)
+            batches.setdefault(sink.loop, []).append((sink, output))
+        failures: list[tuple[OutputSink, RequestAbortedError]] = []
+        for aborted in update.aborted:
+            entry = self._streams.pop(aborted.request_id, None)
+            if entry is None:
+                continue
+            sink, state = entry
+            final = None if aborted.final is None else state.apply(aborted.final)
+            if final is not None:
+                outputs.append(final)
+            if aborted.reason is not None:
+                failures.append((sink, RequestAbortedError(aborted.reason, final,
+                                                           ABORT_MESSAGES[aborted.reason])))
+        self._notify_listeners(outputs, update.time)
+        with self._lock:
+            self._num_pending_adds -= update.num_adds_drained
+            if update.snapshot is not None:
+                self._num_waiting = update.snapshot.stats.num_waiting
+                self._snapshot = update.snapshot
+            if update.closed:
                 self._accepting = False
-            with self._cond:
-                leftover = list(self._commands)
-                self._commands.clear()
-            self._refuse_adds(leftover)
-            try:
-                self.engine.shutdown()
-            except Exception:
-                logger.exception("engine shutdown failed")
+                self._closed = True
+        for loop, batch in batches.items():
+            _call_soon(loop, _put_all, batch)
+        for sink, error in failures:
+            _call_soon(sink.loop, sink.queue.put_nowait, error)
 
-    def _loop(self, engine: LLMEngine) -> None:
-        """Drain commands, step while there is work, sleep when idle; returns on stop."""
-        has_work = idle_step = False
-        while True:
-            with self._cond:
-                while not self._commands and not has_work and not self._stop:
-                    self._cond.wait()
-                if idle_step and not self._commands and not self._stop:
-                    self._cond.wait(0.001)  # only tier loads in flight: do not spin
-                commands = list(self._commands)
-                self._commands.clear()
-                stop = self._stop
-            if stop:
-                self._refuse_adds(commands)
-                self._fail_all("shutdown")
-                self._publish(engine, sum(isinstance(c, AddCommand) for c in commands))
-                return
-            num_adds = self._apply(engine, commands)
-            self._expire(engine)
-            outputs: list[RequestOutput] = []
-            if engine.has_unfinished_requests():
-                started = time.perf_counter()
-                outputs = self._step(engine)
-                # A step that produced nothing and took no time scheduled nothing.
-                idle_step = not outputs and time.perf_counter() - started < 0.0005
-            has_work = engine.has_unfinished_requests()
-            batches = self._route(outputs)
-            self._publish(engine, num_adds)  # we only get here with commands or work
-            for loop, batch in batches.items():
-                _call_soon(loop, _put_all, batch)
-
-    def _apply(self, engine: LLMEngine, commands: list[AddCommand | AbortCommand]) -> int:
-        """Run the commands in order; returns the number of adds (accepted or not)."""
-        num_adds = 0
-        for command in commands:
-            if isinstance(command, AddCommand):
-                num_adds += 1
-                self._apply_add(engine, command)
-            else:
-                self._apply_abort(engine, command)
-        return num_adds
-
-    def _apply_add(self, engine: LLMEngine, command: AddCommand) -> None:
-        error: Exception | None = None
-        try:
-            engine.add_request(command.prompt, command.params, command.request_id,
-                               command.arrival_time)
-            self._sinks[command.request_id] = command.sink
-            if self.request_timeout_s is not None:
-                self._deadlines[command.request_id] = command.arrival_time + self.request_timeout_s
-        except Exception as exc:  # InvalidRequestError and anything unexpected: to the caller
-            error = exc
-        _call_soon(command.sink.loop, _settle, command.accepted, error)
-
-    def _apply_abort(self, engine: LLMEngine, command: AbortCommand) -> None:
-        output = engine.abort_request(command.request_id)
-        sink = self._sinks.pop(command.request_id, None)
-        self._deadlines.pop(command.request_id, None)
-        if output is None:
-            return
-        self._notify_listeners([output])
-        if sink is not None and command.reason is not None:
-            _call_soon(sink.loop, sink.queue.put_nowait, RequestAbortedError(
-                command.reason, output, ABORT_MESSAGES[command.reason]))
-
-    def _expire(self, engine: LLMEngine) -> None:
-        now = time.monotonic()
-        for request_id in [r for r, deadline in self._deadlines.items() if deadline <= now]:
-            self._apply_abort(engine, AbortCommand(request_id, "timeout"))
-
-    def _step(self, engine: LLMEngine) -> list[RequestOutput]:
-        try:
-            outputs = engine.step()
-        except Exception:
-            # An engine bug must not take the server down: fail the live requests, keep going.
-            logger.exception("engine step failed; aborting %d live requests", len(self._sinks))
-            self._fail_all("error")
-            return []
-        self._notify_listeners(outputs)
-        return outputs
-
-    def _notify_listeners(self, outputs: list[RequestOutput]) -> None:
-        now = time.monotonic()
+    def _notify_listeners(self, outputs: list[RequestOutput], now: float) -> None:
         for listener in self._listeners if outputs else ():
             try:
                 listener(outputs, now)
             except Exception:
                 logger.exception("output listener %r failed", listener)
 
-    def _route(self, outputs: list[RequestOutput]) -> dict[asyncio.AbstractEventLoop, OutputBatch]:
-        """Group outputs by event loop (one wake-up per loop, not per output) and forget the
-        finished requests before the snapshot counts live ones."""
-        batches: dict[asyncio.AbstractEventLoop, OutputBatch] = {}
-        for output in outputs:
-            sink = self._sinks.get(output.request_id)
-            if sink is None:
-                continue
-            if output.finished:
-                del self._sinks[output.request_id]
-                self._deadlines.pop(output.request_id, None)
-            batches.setdefault(sink.loop, []).append((sink, output))
-        return batches
-
-    def _publish(self, engine: LLMEngine, num_adds_drained: int = 0) -> None:
-        """Publish a stats copy, and move drained adds from `pending` to the engine's own
-        waiting count in one step, so admission never undercounts."""
-        stats = copy.deepcopy(engine.get_stats())
-        snapshot = EngineSnapshot(stats, engine.pool.num_free_blocks, engine.pool.num_blocks,
-                                  num_live_requests=len(self._sinks))
-        with self._cond:
-            self._num_pending_adds -= num_adds_drained
-            self._num_waiting = stats.num_waiting
-            self._snapshot = snapshot
-
-    def _fail_all(self, reason: AbortReason) -> None:
-        """Abort every live request; an abort the engine refuses still ends the stream."""
-        for request_id in list(self._sinks):
-            try:
-                assert self.engine is not None
-                self._apply_abort(self.engine, AbortCommand(request_id, reason))
-            except Exception:
-                logger.exception("abort of %s failed", request_id)
-            sink = self._sinks.pop(request_id, None)
-            if sink is not None:
-                _call_soon(sink.loop, sink.queue.put_nowait,
-                           RequestAbortedError(reason, None, ABORT_MESSAGES[reason]))
-        self._deadlines.clear()
-
-    def _refuse_adds(self, commands: list[AddCommand | AbortCommand]) -> None:
-        for command in commands:
-            if isinstance(command, AddCommand):
-                _call_soon(command.sink.loop, _settle, command.accepted,
-                           EngineClosedError("the server is shutting down"))
+    def _on_core_gone(self) -> None:
+        """The core stopped (or its process died): refuse adds it never took, end every
+        stream it left open."""
+        with self._lock:
+            self._accepting = False
+            self._closed = True
+            pending, self._pending = self._pending, {}
+            self._num_pending_adds = 0
+        for sink, future in pending.values():
+            _call_soon(sink.loop, _settle, future,
+                       EngineClosedError("the server is shutting down"))
+        streams, self._streams = self._streams, {}
+        if streams:
+            logger.error("the engine stopped with %d requests live", len(streams))
+        for sink, _ in streams.values():
+            _call_soon(sink.loop, sink.queue.put_nowait,
+                       RequestAbortedError("error", None, ABORT_MESSAGES["error"]))
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: object) -> None:
-    """Schedule `fn` on `loop` from the engine thread; a closed loop has nobody to tell."""
+    """Schedule `fn` on `loop` from another thread; a closed loop has nobody to tell."""
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(fn, *args)
 

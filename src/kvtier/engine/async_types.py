@@ -1,5 +1,5 @@
 """Plain records around `AsyncEngine`: the errors and stats snapshot it gives its callers, and
-the commands and output sinks that cross from asyncio to the engine thread."""
+the output sinks that carry a request's outputs to its event loop."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kvtier.engine.engine import EngineStats
-from kvtier.types import RequestOutput, SamplingParams
+from kvtier.types import RequestOutput
 
 AbortReason = Literal["timeout", "shutdown", "error"]
 ABORT_MESSAGES: dict[str, str] = {
@@ -63,20 +63,3 @@ class OutputSink:
 
 
 OutputBatch = list[tuple[OutputSink, RequestOutput]]
-
-
-@dataclass
-class AddCommand:
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    arrival_time: float
-    sink: OutputSink
-    accepted: asyncio.Future[None]
-
-
-@dataclass
-class AbortCommand:
-    request_id: str
-    reason: AbortReason | None
-    """None: the client went away, nobody is listening for the final output."""

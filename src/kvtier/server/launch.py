@@ -4,7 +4,7 @@ Shutdown order on the first signal:
   1. stop listening (new connections are refused; requests on open connections get 503);
   2. let in-flight requests finish for up to --shutdown-timeout, then abort the rest (their
      streams end with an error event and `data: [DONE]`, non-streaming ones get 503);
-  3. shut the engine down on its thread (tiers flush), then let uvicorn close the connections.
+  3. shut the engine process down (tiers flush), then let uvicorn close the connections.
 The process then exits 0. A second SIGINT exits at once.
 """
 
@@ -24,12 +24,11 @@ import uvicorn
 from kvtier.config import EngineConfig
 from kvtier.engine.args import engine_kwargs
 from kvtier.engine.async_engine import AsyncEngine
-from kvtier.engine.engine import LLMEngine
 from kvtier.server.app import ServerSettings, create_app
 
 STATS_LOG_INTERVAL_S = 5.0
-SWITCH_INTERVAL_S = 0.0005
 """How often the server logs its engine's throughput (at INFO)."""
+SWITCH_INTERVAL_S = 0.0005
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +84,9 @@ class _DrainingServer(uvicorn.Server):
 
 def run_server(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
-    # The engine thread and the HTTP thread share the GIL. At Python's default 5 ms switch
-    # interval, the engine could wait that long for the GIL after every GPU step while the
-    # HTTP side streams tokens; 0.5 ms keeps the hand-over well under a decode step.
+    # The engine runs in its own process; here the event loop shares the GIL with the thread
+    # that dispatches the engine's updates. At Python's default 5 ms switch interval a step's
+    # tokens could wait that long behind HTTP work; 0.5 ms keeps the hand-over under a step.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     config = EngineConfig.from_kwargs(**engine_kwargs(args))
     settings = ServerSettings(
@@ -96,9 +95,9 @@ def run_server(args: argparse.Namespace) -> int:
         max_request_body_bytes=args.max_request_body_bytes)
     # A signal while the model loads: nothing is in flight, so just leave.
     previous = {sig: signal.signal(sig, _exit_now) for sig in (signal.SIGTERM, signal.SIGINT)}
-    engine = AsyncEngine(lambda: _serving_engine(config),
-                         max_waiting_requests=args.max_waiting_requests,
-                         request_timeout_s=args.request_timeout)
+    engine = AsyncEngine.spawn(config, max_waiting_requests=args.max_waiting_requests,
+                               request_timeout_s=args.request_timeout,
+                               log_stats_interval_s=STATS_LOG_INTERVAL_S)
     engine.start()
     for sig, handler in previous.items():
         signal.signal(sig, handler)
@@ -120,9 +119,3 @@ def run_server(args: argparse.Namespace) -> int:
 
 def _exit_now(sig: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
-
-
-def _serving_engine(config: EngineConfig) -> LLMEngine:
-    engine = LLMEngine(config)
-    engine.log_stats_interval_s = STATS_LOG_INTERVAL_S
-    return engine

@@ -1,0 +1,127 @@
+"""What crosses between the serving front end and the engine core (a thread or a process).
+
+Front end -> core: `AddRequest`, `AbortRequest` (and, to end, `StopCore`).
+Core -> front end: one `CoreUpdate` per turn of the core's loop: acceptances, output deltas,
+aborts, and a stats snapshot. Everything here pickles, so the same messages serve the
+in-thread core and the engine process; outputs travel as deltas (new tokens and text, the
+prompt only once) so a step's message stays small however long the prompts are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvtier.engine.async_types import AbortReason, EngineSnapshot
+from kvtier.types import CompletionOutput, RequestMetrics, RequestOutput, SamplingParams
+
+
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    arrival_time: float
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+    reason: AbortReason | None
+    """None: the client went away, nobody is listening for the final output."""
+
+
+@dataclass
+class StopCore:
+    """Refuse what is queued, abort what is live ("shutdown"), shut the engine down."""
+
+
+Command = AddRequest | AbortRequest
+
+
+@dataclass
+class Accepted:
+    """The engine took the request (error None) or refused it (error says why)."""
+
+    request_id: str
+    error: BaseException | None = None
+
+
+@dataclass
+class OutputDelta:
+    """One request's progress in one step: what is new since its previous delta."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    stop_reason: str | int | None
+    metrics: RequestMetrics
+    final_text: str | None = None
+    """The whole output text, on the last delta only."""
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    """On the request's first delta only."""
+
+
+@dataclass
+class Aborted:
+    """A live request was aborted; `reason` None means its client left (nobody to tell)."""
+
+    request_id: str
+    reason: AbortReason | None
+    final: OutputDelta | None
+
+
+@dataclass
+class CoreUpdate:
+    snapshot: EngineSnapshot | None
+    """Set just before the update is emitted."""
+    num_adds_drained: int
+    """Adds taken from the inbox this turn (accepted or refused), for admission counting."""
+    time: float
+    """time.monotonic() when the outputs were produced (one clock for all processes)."""
+    accepted: list[Accepted] = field(default_factory=list)
+    outputs: list[OutputDelta] = field(default_factory=list)
+    aborted: list[Aborted] = field(default_factory=list)
+    closed: bool = False
+    """The core's last update: it stopped and shut its engine down."""
+
+
+def output_delta(output: RequestOutput, with_prompt: bool) -> OutputDelta:
+    completion = output.outputs[0]
+    return OutputDelta(
+        request_id=output.request_id, new_token_ids=list(output.new_token_ids),
+        new_text=output.new_text, finished=output.finished,
+        finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
+        metrics=output.metrics, final_text=completion.text if output.finished else None,
+        prompt=output.prompt if with_prompt else None,
+        prompt_token_ids=output.prompt_token_ids if with_prompt else None)
+
+
+@dataclass
+class StreamState:
+    """The front end's copy of one request's output, rebuilt from its deltas."""
+
+    prompt: str | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+    def apply(self, delta: OutputDelta) -> RequestOutput:
+        if delta.prompt_token_ids is not None:
+            self.prompt, self.prompt_token_ids = delta.prompt, delta.prompt_token_ids
+        self.token_ids.extend(delta.new_token_ids)
+        self.text += delta.new_text
+        if delta.final_text is not None:
+            self.text = delta.final_text
+        completion = CompletionOutput(
+            index=0, text=self.text,
+            # Streaming outputs share the live list (a copy per step would be O(n^2)).
+            token_ids=list(self.token_ids) if delta.finished else self.token_ids,
+            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+        return RequestOutput(
+            request_id=delta.request_id, prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids, outputs=[completion],
+            finished=delta.finished, metrics=delta.metrics, new_text=delta.new_text,
+            new_token_ids=delta.new_token_ids)

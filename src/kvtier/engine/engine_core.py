@@ -1,0 +1,228 @@
+"""The engine core's loop: take commands, step while there is work, report each turn.
+
+    inbox (AddRequest / AbortRequest / stop) ─► EngineCore.run ─► emit(CoreUpdate)
+
+It runs on the AsyncEngine's engine thread, or as the main loop of the engine process
+(`engine_process`), where it has a GIL of its own: there the HTTP front end's parsing,
+tokenisation and streaming never delay a step. The LLMEngine is not thread-safe: only this loop
+calls it. Request timeouts are enforced here, where the clock and the engine meet.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from kvtier.engine.async_types import EngineClosedError, EngineSnapshot
+from kvtier.engine.core_messages import (
+    Aborted,
+    AbortRequest,
+    Accepted,
+    AddRequest,
+    Command,
+    CoreUpdate,
+    output_delta,
+)
+from kvtier.engine.engine import LLMEngine
+from kvtier.types import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.001
+"""With only tier transfers in flight (a step scheduled nothing), wait this long for a
+command before stepping again, instead of spinning."""
+
+
+class CommandInbox:
+    """Commands for the core, in order, and the stop flag; any thread may put."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._commands: deque[Command] = deque()
+        self._stopped = False
+
+    def put(self, command: Command) -> None:
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def take(self, wait_s: float | None) -> tuple[list[Command], bool]:
+        """Everything queued and whether to stop; waits up to `wait_s` (None: forever, 0: not
+        at all) while both are absent."""
+        with self._cond:
+            if not self._commands and not self._stopped and wait_s != 0:
+                self._cond.wait_for(lambda: self._commands or self._stopped, wait_s)
+            commands = list(self._commands)
+            self._commands.clear()
+            return commands, self._stopped
+
+
+class EngineCore:
+    def __init__(self, engine: LLMEngine, inbox: CommandInbox,
+                 emit: Callable[[CoreUpdate], None], *, request_timeout_s: float | None = None,
+                 separate_process: bool = False) -> None:
+        """`emit` gets one update per turn. In a `separate_process` the updates are pickled:
+        refusals other than InvalidRequestError become RuntimeErrors (which always unpickle)
+        and stats are not deep-copied. `on_outputs` sees each step's outputs first (the
+        in-thread listeners)."""
+        self.engine = engine
+        self.inbox = inbox
+        self.emit = emit
+        self.request_timeout_s = request_timeout_s
+        self.separate_process = separate_process
+        self._deadlines: dict[str, float | None] = {}
+        """Live requests (accepted, not finished) and their timeout deadline, if any."""
+        self._announced: set[str] = set()
+        """Live requests whose prompt went out with a delta already."""
+
+    def initial_update(self) -> CoreUpdate:
+        """The snapshot before any command, for the front end's start-up."""
+        update = self._update(0)
+        update.snapshot = self._snapshot()
+        return update
+
+    def run(self) -> None:
+        """Loop until stopped; a crash of the loop itself fails every live request."""
+        try:
+            self._loop()
+        except BaseException:
+            logger.exception("the engine loop died")
+            update = self._update(0)
+            self._fail_all(update, "error")
+            self._finish(update)
+            raise
+
+    def _loop(self) -> None:
+        has_work = idle_step = False
+        while True:
+            wait_s = IDLE_WAIT_S if idle_step else (0 if has_work else None)
+            commands, stop = self.inbox.take(wait_s)
+            num_adds = sum(isinstance(c, AddRequest) for c in commands)
+            update = self._update(num_adds)
+            if stop:
+                self._refuse(update, commands)
+                self._fail_all(update, "shutdown")
+                self._finish(update)
+                return
+            self._apply(update, commands)
+            self._expire(update)
+            if self.engine.has_unfinished_requests():
+                started = time.perf_counter()
+                self._step(update)
+                # A step that produced nothing and took no time scheduled nothing.
+                idle_step = not update.outputs and time.perf_counter() - started < 0.0005
+            has_work = self.engine.has_unfinished_requests()
+            update.snapshot = self._snapshot()
+            self.emit(update)
+
+    def _update(self, num_adds: int) -> CoreUpdate:
+        return CoreUpdate(snapshot=None, num_adds_drained=num_adds, time=time.monotonic())
+
+    def _finish(self, update: CoreUpdate) -> None:
+        """The last update: refuse late commands, shut the engine down, report closed."""
+        late, _ = self.inbox.take(0)
+        self._refuse(update, late)
+        update.num_adds_drained += sum(isinstance(c, AddRequest) for c in late)
+        try:
+            self.engine.shutdown()
+        except Exception:
+            logger.exception("engine shutdown failed")
+        update.snapshot = self._snapshot()
+        update.closed = True
+        self.emit(update)
+
+    def _snapshot(self) -> EngineSnapshot:
+        stats = self.engine.get_stats()
+        if not self.separate_process:  # in-thread readers need a copy; pickling makes one
+            stats = copy.deepcopy(stats)
+        pool = self.engine.pool
+        return EngineSnapshot(stats, pool.num_free_blocks, pool.num_blocks,
+                              num_live_requests=len(self._deadlines))
+
+    def _apply(self, update: CoreUpdate, commands: list[Command]) -> None:
+        for command in commands:
+            if isinstance(command, AddRequest):
+                self._add(update, command)
+            else:
+                self._abort(update, command)
+
+    def _add(self, update: CoreUpdate, command: AddRequest) -> None:
+        try:
+            self.engine.add_request(command.prompt, command.params, command.request_id,
+                                    command.arrival_time)
+        except Exception as exc:  # InvalidRequestError and anything unexpected: to the caller
+            update.accepted.append(Accepted(command.request_id, self._portable(exc)))
+            return
+        deadline = (None if self.request_timeout_s is None
+                    else command.arrival_time + self.request_timeout_s)
+        self._deadlines[command.request_id] = deadline
+        update.accepted.append(Accepted(command.request_id))
+
+    def _portable(self, exc: Exception) -> Exception:
+        if not self.separate_process or isinstance(exc, InvalidRequestError):
+            return exc
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+    def _abort(self, update: CoreUpdate, command: AbortRequest) -> None:
+        output = self.engine.abort_request(command.request_id)
+        live = command.request_id in self._deadlines
+        self._forget(command.request_id)
+        if output is None and not live:
+            return
+        final = None if output is None else output_delta(output, with_prompt=True)
+        update.aborted.append(Aborted(command.request_id, command.reason, final))
+
+    def _expire(self, update: CoreUpdate) -> None:
+        now = time.monotonic()
+        expired = [r for r, deadline in self._deadlines.items()
+                   if deadline is not None and deadline <= now]
+        for request_id in expired:
+            self._abort(update, AbortRequest(request_id, "timeout"))
+
+    def _step(self, update: CoreUpdate) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            # An engine bug must not take the server down: fail the live requests, keep going.
+            logger.exception("engine step failed; aborting %d live requests",
+                             len(self._deadlines))
+            self._fail_all(update, "error")
+            return
+        update.time = time.monotonic()
+        for output in outputs:
+            request_id = output.request_id
+            if request_id not in self._deadlines:
+                continue
+            update.outputs.append(output_delta(output, request_id not in self._announced))
+            self._announced.add(request_id)
+            if output.finished:
+                self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._deadlines.pop(request_id, None)
+        self._announced.discard(request_id)
+
+    def _fail_all(self, update: CoreUpdate, reason: str) -> None:
+        """Abort every live request; one the engine cannot abort still ends its stream."""
+        for request_id in list(self._deadlines):
+            try:
+                self._abort(update, AbortRequest(request_id, reason))  # type: ignore[arg-type]
+            except Exception:
+                logger.exception("abort of %s failed", request_id)
+                self._forget(request_id)
+                update.aborted.append(Aborted(request_id, reason, None))  # type: ignore[arg-type]
+
+    def _refuse(self, update: CoreUpdate, commands: list[Command]) -> None:
+        for command in commands:
+            if isinstance(command, AddRequest):
+                update.accepted.append(Accepted(
+                    command.request_id, EngineClosedError("the server is shutting down")))

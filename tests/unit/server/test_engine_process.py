@@ -1,0 +1,147 @@
+"""AsyncEngine.spawn: the engine core in a child process, with a real (tiny, random) model.
+
+What crosses the pipe must rebuild the same outputs as the offline API; refusals, aborts,
+timeouts and a dead child must end every caller's wait with the right error, and leave no KV
+blocks behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kvtier import LLM
+from kvtier.config import EngineConfig
+from kvtier.engine.async_engine import (
+    AsyncEngine,
+    EngineClosedError,
+    RequestAbortedError,
+)
+from kvtier.model.spec import ModelLoadError
+from kvtier.types import InvalidRequestError, RequestOutput, SamplingParams
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+MODEL = "random:tiny-llama"
+ENGINE_ARGS = {"max_model_len": 256, "num_gpu_blocks_override": 256}
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def spawn(**kwargs: object) -> AsyncEngine:
+    engine = AsyncEngine.spawn(EngineConfig.from_kwargs(model=MODEL, **ENGINE_ARGS), **kwargs)
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[AsyncEngine]:
+    engine = spawn()
+    yield engine
+    asyncio.run(engine.shutdown())
+    assert not engine.is_alive
+
+
+async def collect(engine: AsyncEngine, prompt: str | list[int],
+                  params: SamplingParams = GREEDY) -> list[RequestOutput]:
+    return [out async for out in engine.generate(prompt, params)]
+
+
+def wait_idle(engine: AsyncEngine, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snap = engine.snapshot()
+        if snap.num_live_requests == 0 and snap.num_free_blocks == snap.num_total_blocks:
+            return
+        assert time.monotonic() < deadline, f"never idle: {snap}"
+        time.sleep(0.02)
+
+
+def test_streams_rebuild_the_offline_outputs(engine: AsyncEngine) -> None:
+    prompts = ["The tiny model says", [5, 17, 99, 3, 250, 7], "another prompt, longer than one"]
+    offline = LLM(MODEL, **ENGINE_ARGS).generate(prompts, GREEDY)
+
+    async def all_streams() -> list[list[RequestOutput]]:
+        return await asyncio.gather(*(collect(engine, p) for p in prompts))
+
+    for streamed, expected in zip(asyncio.run(all_streams()), offline, strict=True):
+        final = streamed[-1]
+        assert final.finished and [o.finished for o in streamed[:-1]] == [False] * (
+            len(streamed) - 1)
+        assert final.outputs[0].token_ids == expected.outputs[0].token_ids
+        assert final.outputs[0].text == expected.outputs[0].text
+        assert "".join(o.new_text for o in streamed) == expected.outputs[0].text
+        assert sum(len(o.new_token_ids) for o in streamed) == len(expected.outputs[0].token_ids)
+        assert final.prompt_token_ids == expected.prompt_token_ids
+        assert final.outputs[0].finish_reason == "length"
+    assert engine.tokenizer is not None and engine.max_model_len == 256
+    wait_idle(engine)
+
+
+def test_bad_request_is_refused_before_any_output(engine: AsyncEngine) -> None:
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        asyncio.run(collect(engine, [10**9]))
+    with pytest.raises(InvalidRequestError, match="max_model_len"):
+        asyncio.run(collect(engine, list(range(300))))
+    wait_idle(engine)
+
+
+def test_closing_a_stream_aborts_and_frees_its_blocks(engine: AsyncEngine) -> None:
+    async def scenario() -> None:
+        stream = await engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=200,
+                                                                        ignore_eos=True))
+        await anext(stream)
+        stream.close()
+
+    asyncio.run(scenario())
+    wait_idle(engine)
+
+
+def test_timeout_aborts_with_partial_output() -> None:
+    engine = spawn(request_timeout_s=0.05)
+
+    async def timed_out() -> RequestAbortedError:
+        with pytest.raises(RequestAbortedError) as info:
+            # 250 decode steps take far longer than the 50 ms allowed.
+            async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=250,
+                                                                     ignore_eos=True)):
+                pass
+        return info.value
+
+    error = asyncio.run(timed_out())
+    assert error.reason == "timeout"
+    assert error.output is not None and error.output.outputs[0].finish_reason == "abort"
+    wait_idle(engine)
+    asyncio.run(engine.shutdown())
+
+
+def test_dead_child_ends_every_wait() -> None:
+    engine = spawn()
+    params = SamplingParams(max_tokens=240, ignore_eos=True)
+
+    async def killed() -> None:
+        stream = await engine.add_request([4, 5, 6], params)
+        await anext(stream)
+        assert engine._process is not None and engine._process._process is not None
+        os.kill(engine._process._process.pid, signal.SIGKILL)
+        with pytest.raises(RequestAbortedError) as info:
+            async for _ in stream:
+                pass
+        assert info.value.reason == "error"
+        with pytest.raises(EngineClosedError):
+            await engine.add_request([7], params)
+
+    asyncio.run(killed())
+    assert not engine.is_alive
+    asyncio.run(engine.shutdown(drain=False))
+
+
+def test_construction_error_is_reraised_by_start(tmp_path: object) -> None:
+    engine = AsyncEngine.spawn(EngineConfig.from_kwargs(model=f"{tmp_path}/missing"))
+    with pytest.raises(ModelLoadError, match="no such file"):
+        engine.start()
+    assert not engine.is_alive
