@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import queue
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +34,6 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 3600.0
 """Model loading, warm-up and CUDA-graph capture happen before the child reports ready."""
 JOIN_TIMEOUT_S = 60.0
-SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -145,9 +142,6 @@ class EngineProcess:
 def run_engine_process(spec: EngineProcessSpec, conn: Connection) -> None:
     """The child's main: build the engine, then run the core until stopped or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Three threads share this GIL (core, command reader, update sender): hand it over
-    # quickly, or a step could wait the default 5 ms behind a pickling sender.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     logging.basicConfig(level=spec.log_level, format=spec.log_format)
     try:
         engine = LLMEngine(spec.config)
@@ -158,31 +152,16 @@ def run_engine_process(spec: EngineProcessSpec, conn: Connection) -> None:
         conn.close()
         return
     inbox = CommandInbox()
-    outbox: queue.SimpleQueue[CoreUpdate | None] = queue.SimpleQueue()
-    core = EngineCore(engine, inbox, outbox.put, request_timeout_s=spec.request_timeout_s,
+    core = EngineCore(engine, inbox, conn.send, request_timeout_s=spec.request_timeout_s,
                       separate_process=True)
     conn.send(Ready(engine.model_name, engine.max_model_len))
     conn.send(core.initial_update())
     threading.Thread(target=_read_commands, args=(conn, inbox), name="kvtier-commands",
                      daemon=True).start()
-    sender = threading.Thread(target=_send_updates, args=(conn, outbox), name="kvtier-updates")
-    sender.start()
     try:
         core.run()
     finally:
-        outbox.put(None)
-        sender.join()
         conn.close()
-
-
-def _send_updates(conn: Connection, outbox: queue.SimpleQueue[CoreUpdate | None]) -> None:
-    """Child side: pickle and send the core's updates, in order. On its own thread, so the
-    pickling runs while the core waits for the device (which releases the GIL)."""
-    while (update := outbox.get()) is not None:
-        try:
-            conn.send(update)
-        except (OSError, ValueError):
-            return  # the front end is gone; the reader thread stops the core
 
 
 def _read_commands(conn: Connection, inbox: CommandInbox) -> None:
