@@ -165,7 +165,6 @@ class PhaseTimer:
         self.totals: collections.Counter[str] = collections.Counter()
 
     def wrap(self, owner: Any, attr: str, name: str) -> None:
-        """Time `owner.attr` (an instance's method, or a class's function for all instances)."""
         original = getattr(owner, attr)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -181,7 +180,6 @@ def p_replay(report: dict, num_prompts: int, tiers: tuple[str, ...], model: str 
              prefix_len: int = 4096, output_len: int = 128) -> None:
     """Workload P in-process: 64 prefixes x 4,096 + 256, output 128, concurrency 64."""
     from kvtier import LLM, SamplingParams
-    from kvtier.runner.model_runner import PendingOutput
     extra = {"kv_tiers": tiers} if tiers else {}
     llm = LLM(model, num_gpu_blocks_override=4096, max_num_batched_tokens=8192,
               max_num_seqs=256, scheduling_policy="lpm", **extra)
@@ -189,9 +187,10 @@ def p_replay(report: dict, num_prompts: int, tiers: tuple[str, ...], model: str 
     timer = PhaseTimer()
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.scheduler, "update_from_output", "update")
-    timer.wrap(engine.runner, "launch", "launch")
-    timer.wrap(PendingOutput, "wait", "wait_device")
-    timer.wrap(engine, "_make_outputs", "outputs")
+    timer.wrap(engine.runner, "execute", "runner")
+    timer.wrap(engine.runner.sampler, "sample", "sample_sync")
+    timer.wrap(engine.outputs, "detokenize", "detokenize")
+    timer.wrap(engine.outputs, "make_output", "make_output")
     rng = random.Random(0)
     prefixes = [[rng.randrange(1000, 30_000) for _ in range(prefix_len)] for _ in range(64)]
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)

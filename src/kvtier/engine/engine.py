@@ -141,8 +141,6 @@ class LLMEngine:
         """Log a throughput line this often (the server sets it; offline runs stay quiet)."""
         self._window = _StatsWindow(time.monotonic())
         self._ids = itertools.count()
-        self._unreported: list[Request] = []
-        """Requests that got a token in the last step, turned into outputs by the next one."""
         logger.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, "
                     "backend %s", time.monotonic() - started, self.source.name, self.device,
                     self.dtype, plan.num_blocks, block_size, backend.name)
@@ -229,49 +227,32 @@ class LLMEngine:
         return output
 
     def has_unfinished_requests(self) -> bool:
-        """Requests still to run, or outputs still to return (see `step`)."""
-        return self.scheduler.has_unfinished_requests() or bool(self._unreported)
+        return self.scheduler.has_unfinished_requests()
 
     # -- stepping ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; returns outputs of requests that produced a token or finished.
-
-        Pipelined by one step on the host: while the device runs this step, the host turns
-        the previous step's tokens into outputs (detokenisation, stop strings), so those are
-        what this call returns. A request finished by a stop string in that text may already
-        be in this step: its extra token is dropped. Call until `has_unfinished_requests()` is
-        False to collect every output.
-        """
+        """Run one batch; returns outputs of requests that produced a token or finished."""
         scheduled = self.scheduler.schedule()
-        if (not scheduled.requests and not self._unreported and self.tiers is not None
-                and self.tiers.has_inflight_transfers):
+        if not scheduled.requests and self.tiers is not None and \
+                self.tiers.has_inflight_transfers:
             # Nothing could run: every request waits for a load, or for blocks that in-flight
             # stores still pin. Sleep on a transfer's completion rather than spin, which would
             # starve the transfer threads of the GIL.
             self.tiers.wait_for_transfer(timeout_s=0.01)
         started = time.perf_counter()
-        pending = self.runner.launch(scheduled)
-        unreported, self._unreported = self._unreported, []
-        results = self._make_outputs(unreported)  # overlaps the device's work
-        runner_output = pending.wait()
+        runner_output = self.runner.execute(scheduled)
         runner_s = time.perf_counter() - started
         if self.tiers is not None:
             self._observe_prefill(scheduled, runner_s)
         updated = self.scheduler.update_from_output(scheduled, runner_output)
         self._count_step(updated)
-        self._unreported = updated
         if self.log_stats_interval_s is not None:
             self._window.add(scheduled, runner_s)
             if time.monotonic() - self._window.start >= self.log_stats_interval_s:
                 self._log_window()
-        return results
-
-    def _make_outputs(self, updated: list[Request]) -> list[RequestOutput]:
         results = []
         for request in updated:
-            if not self.outputs.is_tracking(request.request_id):
-                continue  # aborted since: its final output already went out
             stop = self.outputs.detokenize(request)
             if stop is not None and not request.is_finished:
                 self.scheduler.finish_request(request.request_id, FinishReason.STOP, stop)

@@ -7,8 +7,6 @@ The extra last block is scratch space that no request owns (CUDA-graph padding w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from kvtier.attention.base import AttentionBackend, AttentionMetadata
@@ -16,24 +14,6 @@ from kvtier.model.llama import LlamaForCausalLM
 from kvtier.runner.cuda_graph import DecodeGraphs
 from kvtier.runner.sampler import Sampler
 from kvtier.types import ModelRunnerOutput, SchedulerOutput
-
-
-@dataclass
-class PendingOutput:
-    """A launched step's sampled tokens, on their way to the host."""
-
-    request_ids: list[str]
-    tokens: torch.Tensor | None
-    """On the host (pinned, filled once `event` completes), or None when nothing is sampled."""
-    event: torch.cuda.Event | None = None
-
-    def wait(self) -> ModelRunnerOutput:
-        """Block until the tokens are on the host (the GIL is released while waiting)."""
-        if self.tokens is None:
-            return ModelRunnerOutput({})
-        if self.event is not None:
-            self.event.synchronize()
-        return ModelRunnerOutput(dict(zip(self.request_ids, self.tokens.tolist(), strict=True)))
 
 
 class ModelRunner:
@@ -54,7 +34,6 @@ class ModelRunner:
         self.scratch_block = num_blocks
         self.sampler = Sampler(device, seed)
         self.graphs: DecodeGraphs | None = None
-        self._host_tokens = torch.empty(0, dtype=torch.int64)
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture CUDA graphs for decode batches up to `max_batch` (CUDA backends only)."""
@@ -69,51 +48,31 @@ class ModelRunner:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        """Run the step and wait for its sampled tokens."""
-        return self.launch(step).wait()
-
-    def launch(self, step: SchedulerOutput) -> PendingOutput:
-        """Queue the step's work on the device and return at once (on CUDA); the host may
-        do other work until `wait()` on the result."""
         self.sampler.forget(step.finished_request_ids + step.preempted_request_ids)
         if not step.requests:
-            return PendingOutput([], None)
+            return ModelRunnerOutput({})
         if self._can_replay(step):
-            return self._launch_graph(step)
+            return self._execute_graph(step)
         input_ids, positions, metadata = self._prepare_inputs(step)
         sampling = [(i, s) for i, s in enumerate(step.requests) if s.sample]
-        # Copied before the forward: a blocking copy after it would wait for the whole step.
-        last_rows = _to_device([metadata.query_start_loc_cpu[i + 1] - 1 for i, _ in sampling],
-                               torch.int64, self.device)
         with torch.inference_mode():
             hidden = self.model(input_ids, positions, self.kv_caches, metadata)
             if not sampling:
-                return PendingOutput([], None)
+                return ModelRunnerOutput({})
+            last_rows = torch.tensor([metadata.query_start_loc_cpu[i + 1] - 1 for i, _ in sampling],
+                                     dtype=torch.int64, device=self.device)
             logits = self.model.compute_logits(hidden[last_rows])
-            tokens = self.sampler.sample_tensor(logits, [s.request_id for _, s in sampling],
-                                                [s.sampling_params for _, s in sampling])
-        return self._pending([s.request_id for _, s in sampling], tokens)
-
-    def _pending(self, request_ids: list[str], tokens: torch.Tensor) -> PendingOutput:
-        if tokens.device.type != "cuda":
-            return PendingOutput(request_ids, tokens)
-        n = tokens.numel()
-        if self._host_tokens.numel() < n:
-            self._host_tokens = torch.empty(max(n, 2 * self._host_tokens.numel()),
-                                            dtype=torch.int64, pin_memory=True)
-        # Reused every step: each step's tokens are read (wait) before the next launch.
-        host = self._host_tokens[:n]
-        host.copy_(tokens, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return PendingOutput(request_ids, host, event)
+            tokens = self.sampler.sample(logits, [s.request_id for _, s in sampling],
+                                         [s.sampling_params for _, s in sampling])
+        return ModelRunnerOutput({s.request_id: t for (_, s), t in zip(sampling, tokens,
+                                                                       strict=True)})
 
     def _can_replay(self, step: SchedulerOutput) -> bool:
         return self.graphs is not None and all(
             len(s.token_ids) == 1 and s.sample for s in step.requests) and self.graphs.fits(
             len(step.requests), max(len(s.block_ids) for s in step.requests))
 
-    def _launch_graph(self, step: SchedulerOutput) -> PendingOutput:
+    def _execute_graph(self, step: SchedulerOutput) -> ModelRunnerOutput:
         assert self.graphs is not None
         bs = self.block_size
         positions = [s.num_computed_tokens for s in step.requests]
@@ -125,8 +84,8 @@ class ModelRunner:
             block_tables=[s.block_ids for s in step.requests],
             seq_lens=[p + 1 for p in positions])
         ids = [s.request_id for s in step.requests]
-        tokens = self.sampler.sample_tensor(logits, ids, [s.sampling_params for s in step.requests])
-        return self._pending(ids, tokens)
+        tokens = self.sampler.sample(logits, ids, [s.sampling_params for s in step.requests])
+        return ModelRunnerOutput(dict(zip(ids, tokens, strict=True)))
 
     def _prepare_inputs(self, step: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor,
                                                                AttentionMetadata]:
