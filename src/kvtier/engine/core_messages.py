@@ -56,7 +56,9 @@ class OutputDelta:
     finished: bool
     finish_reason: str | None
     stop_reason: str | int | None
-    metrics: RequestMetrics
+    metrics: RequestMetrics | None
+    """On the first and the last delta (they change in between only when preempted, which
+    the last one reports), so a step's update does not pickle a copy per request."""
     final_text: str | None = None
     """The whole output text, on the last delta only."""
     prompt: str | None = None
@@ -94,7 +96,8 @@ def output_delta(output: RequestOutput, with_prompt: bool) -> OutputDelta:
         request_id=output.request_id, new_token_ids=list(output.new_token_ids),
         new_text=output.new_text, finished=output.finished,
         finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
-        metrics=output.metrics, final_text=completion.text if output.finished else None,
+        metrics=output.metrics if with_prompt or output.finished else None,
+        final_text=completion.text if output.finished else None,
         prompt=output.prompt if with_prompt else None,
         prompt_token_ids=output.prompt_token_ids if with_prompt else None)
 
@@ -107,10 +110,14 @@ class StreamState:
     prompt_token_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    metrics: RequestMetrics | None = None
 
     def apply(self, delta: OutputDelta) -> RequestOutput:
         if delta.prompt_token_ids is not None:
             self.prompt, self.prompt_token_ids = delta.prompt, delta.prompt_token_ids
+        if delta.metrics is not None:
+            self.metrics = delta.metrics
+        assert self.metrics is not None, "a request's first delta carries its metrics"
         self.token_ids.extend(delta.new_token_ids)
         self.text += delta.new_text
         if delta.final_text is not None:
@@ -123,5 +130,5 @@ class StreamState:
         return RequestOutput(
             request_id=delta.request_id, prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids, outputs=[completion],
-            finished=delta.finished, metrics=delta.metrics, new_text=delta.new_text,
+            finished=delta.finished, metrics=self.metrics, new_text=delta.new_text,
             new_token_ids=delta.new_token_ids)

@@ -82,6 +82,11 @@ class KVCacheManager:
         `new_computed_blocks` (prefix hits, only before the request's first step) are appended
         first and referenced. Returns False, changing nothing, when the pool lacks blocks.
         """
+        if not new_computed_blocks:
+            table = self._block_tables.get(request.request_id)
+            if table is not None and (request.num_computed_tokens + num_new_tokens
+                                      <= len(table) * self.block_size):
+                return True  # the common decode step: its slot is in a block it holds
         hits = new_computed_blocks or []
         table = self._block_tables.setdefault(request.request_id, [])
         assert not hits or (not table and request.num_computed_tokens == 0)

@@ -240,8 +240,11 @@ class IncrementalDetokenizer:
         """Append newly generated ids; return the text that became stable (often "")."""
         if self._bytes is not None:
             table, size = self._bytes, len(self._bytes)
-            data = b"".join(b for b in (table[i] if 0 <= i < size else None for i in token_ids)
-                            if b is not None)
+            if len(token_ids) == 1:  # the usual decode step
+                data = (table[token_ids[0]] if 0 <= token_ids[0] < size else None) or b""
+            else:
+                data = b"".join(b for b in (table[i] if 0 <= i < size else None
+                                            for i in token_ids) if b is not None)
             delta = self._utf8.decode(data)
             if delta:
                 self._pieces.append(delta)

@@ -78,6 +78,10 @@ def test_streams_rebuild_the_offline_outputs(engine: AsyncEngine) -> None:
         assert sum(len(o.new_token_ids) for o in streamed) == len(expected.outputs[0].token_ids)
         assert final.prompt_token_ids == expected.prompt_token_ids
         assert final.outputs[0].finish_reason == "length"
+        # Metrics cross only with the first and the last delta; every output still has them.
+        assert all(o.metrics.first_token_time is not None for o in streamed)
+        assert final.metrics.finished_time is not None
+        assert final.metrics.num_prompt_tokens == len(expected.prompt_token_ids)
     assert engine.tokenizer is not None and engine.max_model_len == 256
     wait_idle(engine)
 
