@@ -58,6 +58,9 @@ class EngineStats:
     num_generation_tokens: int = 0
     num_prefix_cache_queried_tokens: int = 0
     num_prefix_cache_hit_tokens: int = 0
+    num_tier_hit_tokens: dict[str, int] = field(default_factory=dict)
+    """Per lower tier: the part of num_prefix_cache_hit_tokens that tier served (counted at
+    each request's first token, like the hits; reloads after a preemption are not hits)."""
     num_preemptions: int = 0
     num_finished: dict[str, int] = field(default_factory=dict)
     num_steps: int = 0
@@ -126,6 +129,9 @@ class LLMEngine:
             self.tiers = build_tier_manager(config.tiers, self._kv_layout(), self.runner.kv_cache,
                                             self.pool, self._probe_prefill_rate())
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.tiers)
+        self.stats = EngineStats()
+        if self.tiers is not None:
+            self.stats.num_tier_hit_tokens = {store.name: 0 for store in self.tiers.stores}
         if (self.device.type == "cuda" and backend.supports_cuda_graphs
                 and not config.enforce_eager):
             self.runner.capture_decode_graphs(min(config.scheduler.max_num_seqs, 512),
@@ -136,7 +142,6 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
             self.spec.eos_token_ids)
-        self.stats = EngineStats()
         self.log_stats_interval_s: float | None = None
         """Log a throughput line this often (the server sets it; offline runs stay quiet)."""
         self._window = _StatsWindow(time.monotonic())
@@ -279,6 +284,10 @@ class LLMEngine:
                 stats.num_prompt_tokens += request.num_prompt_tokens
                 stats.num_prefix_cache_queried_tokens += request.num_prompt_tokens
                 stats.num_prefix_cache_hit_tokens += request.metrics.num_cached_tokens
+                for tier, tokens in request.metrics.num_tier_hit_tokens.items():
+                    if tier != "device":
+                        stats.num_tier_hit_tokens[tier] = (
+                            stats.num_tier_hit_tokens.get(tier, 0) + tokens)
         stats.num_preemptions = self.scheduler.num_preemptions
 
     def _count_finished(self, request: Request) -> None:
@@ -292,9 +301,9 @@ class LLMEngine:
         queried = stats.num_prefix_cache_queried_tokens - window.queried_at_start
         hits = stats.num_prefix_cache_hit_tokens - window.hits_at_start
         tier = ""
-        if stats.tier_manager is not None:
+        if stats.num_tier_hit_tokens:
             tier = " | tier hit tokens " + ", ".join(
-                f"{name} {tokens}" for name, tokens in stats.tier_manager.hit_tokens.items())
+                f"{name} {tokens}" for name, tokens in stats.num_tier_hit_tokens.items())
         logger.info(
             "%d steps (%.1f ms on the runner; %d decode-only, %.1f ms) | prompt %.0f tok/s, "
             "generation "

@@ -239,8 +239,11 @@ class Scheduler:
         request.num_computed_tokens = num_hit_tokens
         if request.metrics.first_scheduled_time is None:
             request.metrics.first_scheduled_time = time.monotonic()
+        if request.num_output_tokens == 0:
+            # The admission that yields the first token is the one its counts describe; an
+            # earlier one (preempted before that token) is forgotten, not added to.
             request.metrics.num_cached_tokens = num_hit_tokens
-            request.metrics.num_tier_hit_tokens["device"] = num_hit_tokens
+            request.metrics.num_tier_hit_tokens = {"device": num_hit_tokens}
         request.status = status
 
     def _try_tier_load(self, request: Request, hit_blocks: list[int]) -> bool | None:
@@ -281,9 +284,10 @@ class Scheduler:
             loaded = result.num_loaded_blocks * self.kv.block_size
             request.num_computed_tokens += loaded
             self.kv.cache_computed_blocks(request)
-            request.metrics.num_cached_tokens += loaded
-            for tier, blocks in result.hit_blocks_per_tier.items():
-                request.metrics.num_tier_hit_tokens[tier] = blocks * self.kv.block_size
+            if request.num_output_tokens == 0:  # see _start
+                request.metrics.num_cached_tokens += loaded
+                for tier, blocks in result.hit_blocks_per_tier.items():
+                    request.metrics.num_tier_hit_tokens[tier] = blocks * self.kv.block_size
             request.status = RequestStatus.RUNNING
             self.running.append(request)
 

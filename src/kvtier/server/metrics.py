@@ -100,10 +100,10 @@ class _SnapshotCollector(Collector):
             yield family
         hits = CounterMetricFamily(PREFIX + "tier_hit_tokens", "Prompt tokens served from each "
                                    "lower tier.", labels=["tier"])
-        manager = stats.tier_manager
-        for tier, count in sorted((manager.hit_tokens if manager else {}).items()):
+        for tier, count in sorted(stats.num_tier_hit_tokens.items()):
             hits.add_metric([tier], float(count))
         yield hits
+        manager = stats.tier_manager
         if manager is not None:
             for suffix, field, help_text in _MANAGER_COUNTERS:
                 yield _counter(suffix, help_text, float(getattr(manager, field)))

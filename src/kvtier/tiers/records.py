@@ -47,3 +47,5 @@ class ManagerStats:
     num_evicted_unsaved_blocks: int = 0
     """Device blocks evicted with no copy in any tier."""
     hit_tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens loaded from each tier, reloads of preempted requests included (the engine's
+    `num_tier_hit_tokens` counts prompt tokens served, once per request)."""

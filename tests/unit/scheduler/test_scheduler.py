@@ -6,10 +6,15 @@ produce the same tokens; what these tests check is the bookkeeping around it.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
+
 from kvtier.config import SchedulerConfig
 from kvtier.kv import BlockPool, KVCacheManager, root_block_hash
 from kvtier.request import Request
 from kvtier.scheduler import Scheduler
+from kvtier.tiers.records import LoadResult
 from kvtier.types import FinishReason, ModelRunnerOutput, SamplingParams, SchedulerOutput
 
 BLOCK = 4
@@ -184,3 +189,75 @@ def test_lpm_admits_the_request_sharing_the_cached_prefix_first_but_ages_others(
     scheduler.add_request(cold)
     scheduler.add_request(make_request("hot", shared + [2, 3]))
     assert run_step(scheduler).requests[0].request_id == "cold"
+
+
+class InlineTiers:
+    """Stands in for the TierManager: keeps the hash of every block ever computed or freed,
+    and serves any run of them with a load that finishes at once."""
+
+    chunk_blocks = 1
+
+    def __init__(self) -> None:
+        self.held: set[object] = set()
+        self.results: list[LoadResult] = []
+        self.loaded_blocks = 0
+
+    def note_request(self, hashes: list[object]) -> None:
+        pass
+
+    def is_loading(self, block_hash: object) -> bool:
+        return False
+
+    def lookup(self, hashes: list[object], first: int, max_blocks: int) -> SimpleNamespace | None:
+        n = 0
+        while first + n < max_blocks and hashes[first + n] in self.held:
+            n += 1
+        return SimpleNamespace(num_blocks=n) if n else None
+
+    def start_load(self, request_id: str, plan: SimpleNamespace, block_ids: list[int],
+                   hashes: list[object]) -> bool:
+        self.loaded_blocks += plan.num_blocks
+        self.results.append(LoadResult(request_id, plan.num_blocks, {"cpu": plan.num_blocks},
+                                       0.0))
+        return True
+
+    def poll(self) -> list[LoadResult]:
+        results, self.results = self.results, []
+        return results
+
+    def store_lookahead(self, num_blocks: int) -> None:
+        pass
+
+    def on_blocks_computed(self, hashes: list[object], num_full: int, handled: int) -> int:
+        self.held.update(hashes[:num_full])
+        return num_full
+
+    def on_request_freed(self, hashes: list[object], num_full: int) -> None:
+        self.held.update(hashes[:num_full])
+
+
+@pytest.mark.parametrize("after_first_token", [False, True])
+def test_a_reload_after_preemption_is_not_counted_as_a_second_hit(after_first_token: bool) -> None:
+    pool = BlockPool(64, enable_caching=True)
+    tiers = InlineTiers()
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8),
+                          KVCacheManager(pool, BLOCK, root_block_hash("m")), tiers)  # type: ignore[arg-type]
+    prefix = list(range(100, 112))  # three blocks
+    scheduler.add_request(make_request("first", prefix + [1]))
+    run_to_end(scheduler)
+    pool.reset_prefix_cache()  # the prefix now lives only in the "tier"
+    request = make_request("again", prefix + [7, 8, 9, 10], max_tokens=4)
+    scheduler.add_request(request)
+    if after_first_token:
+        run_step(scheduler)
+        assert request.num_output_tokens == 1
+    else:
+        scheduler.schedule()  # admitted (its load ran inline), preempted before its step
+    assert tiers.loaded_blocks == 3
+    scheduler._preempt(request)
+    pool.reset_prefix_cache()  # so the second admission loads again
+    run_to_end(scheduler)
+    assert tiers.loaded_blocks > 3, "the second admission must load from the tier again"
+    assert request.metrics.num_cached_tokens == 12
+    assert request.metrics.num_tier_hit_tokens == {"device": 0, "cpu": 12}
+    assert request.num_output_tokens == 4 and pool.num_free_blocks == pool.num_blocks

@@ -160,7 +160,8 @@ def test_metrics_names_and_tier_labels(engine: AsyncEngine) -> None:
     call(app, "POST", "/v1/completions", json={"prompt": "abc", "max_tokens": 2})
     snapshot = engine.snapshot()
     snapshot.stats.tiers = {"cpu": TierStats(num_loaded_bytes=10, num_errors=1)}
-    snapshot.stats.tier_manager = ManagerStats(hit_tokens={"cpu": 32})
+    snapshot.stats.tier_manager = ManagerStats(hit_tokens={"cpu": 48})  # reloads included
+    snapshot.stats.num_tier_hit_tokens = {"cpu": 32}  # prompt tokens served, once each
     text = call(app, "GET", "/metrics").text
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
