@@ -26,25 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_check import cuda_time  # scripts/ is on sys.path when this runs as a script
 from torch.profiler import ProfilerActivity, profile
 
 MODEL = "random:qwen2.5-1.5b"
 KV_BYTES_PER_TOKEN = 28 * 2 * 2 * 128 * 2
 """Qwen2.5-1.5B: 28 layers x (K, V) x 2 KV heads x 128 dims x bf16."""
-
-
-def cuda_time(fn: Callable[[], Any], repeat: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def copy_gbs() -> float:
@@ -108,7 +95,7 @@ def decode_section(report: dict, gbs: float) -> None:
             engine.step()
             walls.append(time.perf_counter() - started)
         size = next(s for s in graphs.sizes if s >= batch)
-        replay_s = cuda_time(graphs._graphs[size].replay)
+        replay_s = cuda_time(graphs._graphs[size].replay, repeat=20)
         floor_s = (weight_bytes + batch * context * KV_BYTES_PER_TOKEN) / (gbs * 1e9)
         key = f"decode_b{batch}_ctx{context}"
         report[key] = {"graph_ms": replay_s * 1e3, "step_wall_ms": statistics.median(walls) * 1e3,
