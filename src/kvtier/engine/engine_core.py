@@ -72,8 +72,7 @@ class EngineCore:
                  separate_process: bool = False) -> None:
         """`emit` gets one update per turn. In a `separate_process` the updates are pickled:
         refusals other than InvalidRequestError become RuntimeErrors (which always unpickle)
-        and stats are not deep-copied. `on_outputs` sees each step's outputs first (the
-        in-thread listeners)."""
+        and stats are not deep-copied."""
         self.engine = engine
         self.inbox = inbox
         self.emit = emit

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import pickle
 import signal
 import threading
 from collections.abc import Iterator
@@ -179,7 +180,6 @@ def _read_commands(conn: Connection, inbox: CommandInbox) -> None:
 
 
 def _picklable(exc: BaseException) -> BaseException | None:
-    import pickle
     try:
         pickle.loads(pickle.dumps(exc))
     except Exception:
