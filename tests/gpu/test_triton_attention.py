@@ -34,6 +34,7 @@ from kvtier.attention.triton_backend import (  # noqa: E402
     PrefillConfig,
     TritonAttentionBackend,
     choose_num_splits,
+    choose_prefill_splits,
     default_decode_config,
     default_prefill_config,
 )
@@ -241,6 +242,33 @@ def test_write_skips_negative_slots(device: torch.device) -> None:
                        step.kv_cache[:, second // bs, second % bs])
 
 
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 7])
+def test_extend_kv_splits(device: torch.device, num_splits: int | None) -> None:
+    """Short chunks after long cached prefixes (the tier's extend step), with the keys of each
+    tile split (None: the backend's choice): rows before a split's first key see none of it,
+    and the shortest prefix leaves later splits empty."""
+    prefills = sizes([(4096, 256), (1000, 3), (30, 200)], [(700, 40), (200, 3), (30, 70)])
+    step = make_step([90], prefills, (12, 2, 128), 16, torch.bfloat16, device, seed=10)
+    check(step, device, TritonAttentionBackend(num_prefill_splits=num_splits))
+
+
+def test_extend_kv_splits_small_tiles_sharp_softmax(device: torch.device) -> None:
+    """16x16 tiles over 5 splits with scores beyond exp2's fp32 range: each split's running
+    max starts at -inf for rows that see nothing yet."""
+    backend = TritonAttentionBackend(prefill_config=PrefillConfig(16, 16, 2, 1),
+                                     num_prefill_splits=5)
+    step = make_step([], [(100, 37), (7, 20)], (8, 2, 64), 16, torch.float16, device, seed=11)
+    step.query.mul_(60.0)
+    check(step, device, backend)
+
+
+def test_choose_prefill_splits() -> None:
+    assert choose_prefill_splits(12 * 64, 8192, 132) == 1  # a long prompt fills the GPU
+    assert choose_prefill_splits(24, 4352, 132) == 11  # extend 256 after 4,096: 264 programs
+    assert choose_prefill_splits(24, 600, 132) == 3  # capped by 256 keys per split
+    assert choose_prefill_splits(1, 1 << 20, 132) == 16  # capped by MAX_PREFILL_SPLITS
+
+
 def test_choose_num_splits() -> None:
     assert choose_num_splits(256, 2, 4096, 132) == 1
     assert choose_num_splits(1, 2, 4096, 132) == 32  # capped by 128 keys per split
@@ -322,12 +350,13 @@ def test_default_configs_compile_for_hopper(head_dim: int) -> None:
           "query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "part_ptr": "*fp32",
           "lse_ptr": "*fp32", "qk_scale": "fp32"}
     pc = default_prefill_config(head_dim)
-    res, sass = _compile_sm90(triton_kernels.prefill_kernel, io, dict(
-        GROUP=6, HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_M=pc.block_m, BLOCK_N=pc.block_n,
-        UPCAST=False), pc.num_warps, pc.num_stages)
-    assert res["STACK"] == 0 and res["LOCAL"] == 0, res
-    assert res["shared_dynamic"] <= 227 * 1024, res
-    assert "HGMMA" in sass
+    for direct in (False, True):
+        res, sass = _compile_sm90(triton_kernels.prefill_kernel, io, dict(
+            NUM_HEADS=12, GROUP=6, HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_M=pc.block_m,
+            BLOCK_N=pc.block_n, DIRECT=direct, UPCAST=False), pc.num_warps, pc.num_stages)
+        assert res["STACK"] == 0 and res["LOCAL"] == 0, res
+        assert res["shared_dynamic"] <= 227 * 1024, res
+        assert "HGMMA" in sass
     dc = default_decode_config(head_dim)
     for direct in (False, True):
         res, _ = _compile_sm90(triton_kernels.decode_partial_kernel, io, dict(

@@ -5,7 +5,8 @@ Per layer `forward` launches, without a host synchronisation:
     kv_write_kernel        all tokens            grid (num_tokens,)
     decode_partial_kernel  decodes [0, nd)       grid (nd, num_kv_heads, num_splits)
     decode_reduce_kernel   (when num_splits > 1) grid (nd, num_heads)
-    prefill_kernel         prefills [nd, n)      grid (num_heads, m_tiles, n - nd)
+    prefill_kernel         prefills [nd, n)      grid (num_heads, m_tiles, (n - nd) * kv_splits)
+    decode_reduce_kernel   (when kv_splits > 1)  grid (prefill tokens, num_heads)
 
 CUDA graphs (decode-only steps): `prepare` runs once at capture, with `max_seq_len` an upper
 bound on the contexts the graph will serve; it fixes `num_splits` from the batch shape alone.
@@ -40,6 +41,10 @@ MIN_KEYS_PER_SPLIT = 128
 """A decode split reads at least this many keys (two BLOCK_N=64 tiles) unless the context is
 shorter: below that the reduce and the per-program setup cost more than the split saves."""
 MAX_SPLITS = 128
+MIN_KEYS_PER_PREFILL_SPLIT = 256
+"""A prefill KV split attends at least this many keys (four BLOCK_N=64 tiles of 128 rows):
+the partial outputs it writes and the reduce cost about what two tiles of attention do."""
+MAX_PREFILL_SPLITS = 16
 DEFAULT_NUM_SMS = 132
 """H100 SXM; used only when the device is not CUDA (Triton's interpreter)."""
 
@@ -88,6 +93,17 @@ def choose_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
     return max(1, min(useful, wanted, MAX_SPLITS))
 
 
+def choose_prefill_splits(num_programs: int, max_context: int, num_sms: int) -> int:
+    """KV splits per prefill tile: 1 when the tiles alone fill the GPU (long prompts); else
+    enough for about two programs per SM, each over >= MIN_KEYS_PER_PREFILL_SPLIT keys.
+    num_programs: heads x query tiles of the step's prefills."""
+    if num_programs >= num_sms:
+        return 1
+    useful = triton.cdiv(max(max_context, 1), MIN_KEYS_PER_PREFILL_SPLIT)
+    wanted = triton.cdiv(2 * num_sms, max(num_programs, 1))
+    return max(1, min(useful, wanted, MAX_PREFILL_SPLITS))
+
+
 @dataclass
 class TritonStepData:
     num_decodes: int
@@ -96,6 +112,13 @@ class TritonStepData:
     max_prefill_query_len: int
     max_seq_len: int
     """Host-known upper bound on decode contexts, for the split choice."""
+    first_prefill_token: int = 0
+    num_prefill_tokens: int = 0
+    prefill_query_lens: tuple[int, ...] = ()
+    max_prefill_context: int = 0
+    prefill_splits: int | None = None
+    """KV splits of the prefill kernel; chosen by the first layer's `forward`, which knows the
+    head count and tile size."""
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -104,12 +127,15 @@ class TritonAttentionBackend(AttentionBackend):
 
     def __init__(self, prefill_config: PrefillConfig | None = None,
                  decode_config: DecodeConfig | None = None,
-                 num_decode_splits: int | None = None, num_sms: int | None = None) -> None:
-        """Configs default per head dim; num_decode_splits fixes the split count (else chosen
-        per step by `choose_num_splits`); num_sms defaults to the device's."""
+                 num_decode_splits: int | None = None, num_sms: int | None = None,
+                 num_prefill_splits: int | None = None) -> None:
+        """Configs default per head dim; num_decode_splits / num_prefill_splits fix the split
+        counts (else chosen per step by `choose_num_splits` / `choose_prefill_splits`);
+        num_sms defaults to the device's."""
         self.prefill_config = prefill_config
         self.decode_config = decode_config
         self.num_decode_splits = num_decode_splits
+        self.num_prefill_splits = num_prefill_splits
         self.num_sms = num_sms
         self.interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -122,8 +148,14 @@ class TritonAttentionBackend(AttentionBackend):
             device = metadata.block_table.device
             self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                             if device.type == "cuda" else DEFAULT_NUM_SMS)
-        metadata.backend_data = TritonStepData(nd, metadata.num_seqs - nd, max_prefill,
-                                               metadata.max_seq_len)
+        data = TritonStepData(nd, metadata.num_seqs - nd, max_prefill, metadata.max_seq_len)
+        if data.num_prefills:
+            data.first_prefill_token = starts[nd]
+            data.num_prefill_tokens = starts[metadata.num_seqs] - starts[nd]
+            data.prefill_query_lens = tuple(starts[i + 1] - starts[i]
+                                            for i in range(nd, metadata.num_seqs))
+            data.max_prefill_context = max(metadata.seq_lens_cpu[nd:])
+        metadata.backend_data = data
 
     def num_splits(self, data: TritonStepData, num_kv_heads: int) -> int:
         if self.num_decode_splits is not None:
@@ -144,8 +176,18 @@ class TritonAttentionBackend(AttentionBackend):
             self._decode(query, kv_cache, metadata, data, out, scale)
         if data.num_prefills:
             config = self.prefill_config or default_prefill_config(head_dim)
+            if data.prefill_splits is None:
+                data.prefill_splits = self._prefill_splits(data, num_heads, config)
             run_prefill(query, kv_cache, metadata, data, out, scale, config, self.interpret)
         return out
+
+    def _prefill_splits(self, data: TritonStepData, num_heads: int,
+                        config: PrefillConfig) -> int:
+        if self.num_prefill_splits is not None:
+            return self.num_prefill_splits
+        tiles = sum(triton.cdiv(n, config.block_m) for n in data.prefill_query_lens)
+        return choose_prefill_splits(num_heads * tiles, data.max_prefill_context,
+                                     self.num_sms or DEFAULT_NUM_SMS)
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 data: TritonStepData, out: torch.Tensor, scale: float) -> None:
@@ -193,17 +235,33 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
     num_heads, head_dim = query.shape[1], query.shape[2]
     group = num_heads // kv_cache.shape[3]
     table = metadata.block_table
+    splits = data.prefill_splits or 1
+    direct = splits == 1
+    first_token = data.first_prefill_token
+    if direct:
+        part = lse = out  # unused by the kernel
+    else:
+        # One allocation: partial outputs (tokens, H, S, D) then log-sum-exps (tokens, H, S).
+        rows = data.num_prefill_tokens * num_heads * splits
+        workspace = torch.empty(rows * (head_dim + 1), dtype=torch.float32, device=query.device)
+        part, lse = workspace[:rows * head_dim], workspace[rows * head_dim:]
     grid = (num_heads, triton.cdiv(data.max_prefill_query_len, config.block_m),
-            data.num_prefills)
+            data.num_prefills * splits)
     prefill_kernel[grid](
-        query, out, kv_cache, table, metadata.query_start_loc, metadata.seq_lens,
-        data.num_decodes, scale * LOG2E,
+        query, out, part, lse, kv_cache, table, metadata.query_start_loc, metadata.seq_lens,
+        data.num_decodes, first_token, splits, scale * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         table.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=metadata.block_size,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, UPCAST=interpret,
+        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=metadata.block_size,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, DIRECT=direct, UPCAST=interpret,
         num_warps=config.num_warps, num_stages=config.num_stages)
+    if not direct:
+        prefill_out = out[first_token:first_token + data.num_prefill_tokens]
+        decode_reduce_kernel[(data.num_prefill_tokens, num_heads)](
+            part, lse, prefill_out, splits, prefill_out.stride(0), prefill_out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+            BLOCK_S=triton.next_power_of_2(splits), CHUNK=16, num_warps=4)
 
 
 def run_decode(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,

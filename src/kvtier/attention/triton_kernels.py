@@ -102,8 +102,14 @@ def _attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start_n, kv_end, q
     elif BOUNDS_MASK:
         s = tl.where(in_bounds[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    if CAUSAL_MASK:
+        # A row may have seen no key yet (a KV split that starts past its position): subtract
+        # 0 instead of -inf so exp2 gives 0, not NaN; m_new itself stays -inf.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.math.exp2(s - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     if BOUNDS_MASK:
         v = tl.load(v_base + kv_offsets, mask=in_bounds[:, None], other=0.0)
@@ -113,24 +119,34 @@ def _attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start_n, kv_end, q
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["first_seq", "stride_table"])
-def prefill_kernel(q_ptr, out_ptr, cache_ptr, block_table_ptr, query_start_ptr, seq_lens_ptr,
-                   first_seq, qk_scale,
+@triton.jit(do_not_specialize=["first_seq", "first_token", "num_kv_splits", "stride_table"])
+def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr, query_start_ptr,
+                   seq_lens_ptr, first_seq, first_token, num_kv_splits, qk_scale,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_kv, stride_block, stride_slot, stride_head, stride_table,
-                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                   NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DIRECT: tl.constexpr, UPCAST: tl.constexpr):
     """Causal attention of prefill/extend chunks over their whole paged context (FA2 style).
 
-    Grid: (num_heads, cdiv(max_query_len, BLOCK_M), num_prefill_seqs); program (h, t, s) computes
-    query rows [t * BLOCK_M, (t + 1) * BLOCK_M) of head h of sequence first_seq + s. Query tiles
-    are walked last-first so the longest (causal) programs start first.
+    Grid: (num_heads, cdiv(max_query_len, BLOCK_M), num_prefill_seqs * num_kv_splits); program
+    (h, t, s * num_kv_splits + k) computes query rows [t * BLOCK_M, (t + 1) * BLOCK_M) of head h
+    of sequence first_seq + s over split k of the keys the tile sees. Query tiles are walked
+    last-first so the longest (causal) programs start first.
     q, out: (num_tokens, num_heads, HEAD_DIM); the chunk's own K/V must already be in the cache.
     Query row i sits at position prefix + i with prefix = seq_len - query_len.
+
+    DIRECT (num_kv_splits == 1): write the normalised output to out. Otherwise the tile's keys
+    [0, causal_end) are cut into num_kv_splits ranges of whole BLOCK_N tiles, and each program
+    writes, for token t (counted from first_token), part: (tokens, NUM_HEADS, num_kv_splits,
+    HEAD_DIM) fp32 and lse: (tokens, NUM_HEADS, num_kv_splits) fp32 in the layout that
+    `decode_reduce_kernel` merges. Splitting keeps every SM busy when a few short chunks attend
+    to a long cached prefix (an extend of 256 tokens after 4,096 is 24 programs per layer).
     """
     head = tl.program_id(0)
     m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
-    seq = first_seq + tl.program_id(2)
+    seq = first_seq + tl.program_id(2) // num_kv_splits
+    split = tl.program_id(2) % num_kv_splits
     q_start = tl.load(query_start_ptr + seq)
     query_len = tl.load(query_start_ptr + seq + 1) - q_start
     if m_tile * BLOCK_M >= query_len:
@@ -139,7 +155,8 @@ def prefill_kernel(q_ptr, out_ptr, cache_ptr, block_table_ptr, query_start_ptr, 
     prefix = seq_len - query_len
     offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
-    row_mask = (offs_m < query_len)[:, None]
+    row_valid = offs_m < query_len
+    row_mask = row_valid[:, None]
     q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + dims[None, :],
                 mask=row_mask, other=0.0)
     q_pos = prefix + offs_m
@@ -151,22 +168,42 @@ def prefill_kernel(q_ptr, out_ptr, cache_ptr, block_table_ptr, query_start_ptr, 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    # Keys below full_end are visible to every row of the tile: no mask at all.
+    # Keys below full_end are visible to every row of the tile: no mask at all. Keys in
+    # [full_end, causal_end) are the diagonal: causal mask, and keys past seq_len for the
+    # tile's padding rows.
     first_row_pos = prefix + m_tile * BLOCK_M
     full_end = (first_row_pos + 1) // BLOCK_N * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
+    causal_end = tl.minimum(seq_len, first_row_pos + BLOCK_M)
+    if DIRECT:
+        lo = 0
+        hi = causal_end
+    else:
+        split_len = tl.cdiv(tl.cdiv(causal_end, num_kv_splits), BLOCK_N) * BLOCK_N
+        lo = split * split_len
+        hi = tl.minimum(lo + split_len, causal_end)
+    for start_n in range(lo, tl.minimum(hi, full_end), BLOCK_N):
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start_n,
                                      seq_len, q_pos, qk_scale, stride_block, stride_slot,
                                      False, False, HEAD_DIM, BLOCK_SIZE, BLOCK_N, UPCAST)
-    # The diagonal: causal mask, and keys past seq_len for the tile's padding rows.
-    causal_end = tl.minimum(seq_len, first_row_pos + BLOCK_M)
-    for start_n in range(full_end, causal_end, BLOCK_N):
+    for start_n in range(tl.maximum(lo, full_end), hi, BLOCK_N):
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start_n,
                                      seq_len, q_pos, qk_scale, stride_block, stride_slot,
                                      True, True, HEAD_DIM, BLOCK_SIZE, BLOCK_N, UPCAST)
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_mask)
+    if DIRECT:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh
+                 + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask)
+    else:
+        # A row that saw no key of this split (it sits before the split's first key) has
+        # l_i == 0: its lse is -inf and the reduce skips it.
+        has_keys = l_i > 0.0
+        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        row = ((q_start + offs_m - first_token) * NUM_HEADS + head) * num_kv_splits + split
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + dims[None, :], out,
+                 mask=row_mask & has_keys[:, None])
+        lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)),
+                       float("-inf"))
+        tl.store(lse_ptr + row, lse, mask=row_valid)
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_table"])
@@ -231,8 +268,9 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_ta
 def decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, num_splits, stride_ot, stride_oh,
                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
                          CHUNK: tl.constexpr):
-    """Flash-decoding, second pass: merge the splits of one (sequence, head). Grid:
-    (num_decodes, NUM_HEADS); shapes as in `decode_partial_kernel`, BLOCK_S >= num_splits.
+    """Flash-decoding, second pass: merge the splits of one (row, head). Grid: (rows,
+    NUM_HEADS), a row being a decode or a prefill token of a split `prefill_kernel`; shapes as
+    in `decode_partial_kernel`, BLOCK_S >= num_splits.
     Partial outputs are read CHUNK splits at a time so the tile stays in registers."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
