@@ -230,6 +230,8 @@ def main() -> None:
     parser.add_argument("--out", default="profile.json")
     parser.add_argument("--num-prompts", type=int, default=640)
     parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--tier", action="append", default=[],
+                        help="also replay P with this tier stack (e.g. cpu:16GiB); repeatable")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check of the in-process replay: embedded model, tiny P")
     args = parser.parse_args()
@@ -249,6 +251,9 @@ def main() -> None:
         torch.cuda.empty_cache()
     p_replay(report, args.num_prompts, ())
     torch.cuda.empty_cache()
+    for tier in args.tier:
+        p_replay(report, args.num_prompts, (tier,))
+        torch.cuda.empty_cache()
     Path(args.out).write_text(json.dumps(report, indent=1))
 
 

@@ -180,6 +180,15 @@ class EngineConfig:
     """torch (reference, CPU and CUDA), triton (CUDA), or auto."""
     enforce_eager: bool = False
     """Never capture CUDA graphs (like vLLM's --enforce-eager)."""
+    max_cudagraph_capture_size: int = 1024
+    """Largest step (in tokens) with prefill chunks that runs as piecewise CUDA graphs around
+    attention (vLLM's compilation-config knob of that name); 0 runs such steps eagerly.
+    Decode-only steps have their own full graphs either way."""
+
+    def __post_init__(self) -> None:
+        if self.max_cudagraph_capture_size < 0:
+            raise ConfigError(f"max_cudagraph_capture_size {self.max_cudagraph_capture_size} "
+                              "must be >= 0")
 
     @staticmethod
     def from_kwargs(**kwargs: Any) -> EngineConfig:
@@ -189,10 +198,10 @@ class EngineConfig:
         for key, value in kwargs.items():
             section = _FIELD_SECTION.get(key)
             if section is None:
-                if key in ("attention_backend", "enforce_eager"):
+                if key in _TOP_LEVEL:
                     top[key] = value
                     continue
-                known = ", ".join(sorted([*_FIELD_SECTION, "attention_backend", "enforce_eager"]))
+                known = ", ".join(sorted([*_FIELD_SECTION, *_TOP_LEVEL]))
                 raise ConfigError(f"unknown engine argument {key!r}; known: {known}")
             sections[section][key] = value
         tiers = sections["tiers"]
@@ -212,6 +221,7 @@ class EngineConfig:
         )
 
 
+_TOP_LEVEL = ("attention_backend", "enforce_eager", "max_cudagraph_capture_size")
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
              "tiers": TierConfig}
 _FIELD_SECTION = {f.name: name for name, cls in _SECTIONS.items()

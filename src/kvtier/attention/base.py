@@ -63,10 +63,13 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         """Write key/value into kv_cache at metadata.slot_mapping, then attend causally.
 
         query: (num_tokens, num_heads, head_dim); key, value: (num_tokens, num_kv_heads, head_dim)
         kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim), mutated in place.
-        Returns (num_tokens, num_heads, head_dim).
+        Returns (num_tokens, num_heads, head_dim), written into `out` when given.
+        A backend that `supports_cuda_graphs` also takes tensors with padding rows past
+        metadata.num_tokens (slot -1): it skips their write and leaves their output unset.
         """

@@ -83,14 +83,16 @@ class TorchAttentionBackend(AttentionBackend):
         metadata.backend_data = _StepData(decode_blocks, decode_mask, prefills, mirror)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         num_kv_heads, head_dim = key.shape[1], key.shape[2]
         if self._mirror is not None and not self._mirror.pool_tokens:
             self._mirror.pool_tokens = kv_cache.shape[1] * kv_cache.shape[2]
         kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, key)
         kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, value)
         data: _StepData = metadata.backend_data
-        out = torch.empty_like(query)
+        if out is None:
+            out = torch.empty_like(query)
         nd = metadata.num_decodes
         if data.mirror is not None:
             assert self._mirror is not None

@@ -164,14 +164,16 @@ class TritonAttentionBackend(AttentionBackend):
                                  self.num_sms or DEFAULT_NUM_SMS)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         data: TritonStepData = metadata.backend_data
         num_tokens, num_heads, head_dim = query.shape
         _check_shapes(query, key, kv_cache, metadata.block_size)
         query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
         write_kv(key, value, kv_cache, metadata.slot_mapping, metadata.block_size)
-        out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype,
-                          device=query.device)
+        if out is None:
+            out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype,
+                              device=query.device)
         if data.num_decodes:
             self._decode(query, kv_cache, metadata, data, out, scale)
         if data.num_prefills:

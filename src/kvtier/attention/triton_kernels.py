@@ -102,7 +102,7 @@ def _attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start_n, kv_end, q
     elif BOUNDS_MASK:
         s = tl.where(in_bounds[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if CAUSAL_MASK:
+    if CAUSAL_MASK:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
         # A row may have seen no key yet (a KV split that starts past its position): subtract
         # 0 instead of -inf so exp2 gives 0, not NaN; m_new itself stays -inf.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -22,7 +22,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
     g.add_argument("--enforce-eager", action="store_true",
-                   help="never capture CUDA graphs for decode steps")
+                   help="never capture CUDA graphs")
+    g.add_argument("--max-cudagraph-capture-size", type=int, default=1024,
+                   help="largest step (tokens) with prefill chunks run as piecewise CUDA "
+                        "graphs around attention; 0: such steps run eagerly")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True)
@@ -48,7 +51,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 ENGINE_ARG_NAMES = (
-    "model", "dtype", "seed", "device", "attention_backend", "enforce_eager", "block_size",
+    "model", "dtype", "seed", "device", "attention_backend", "enforce_eager",
+    "max_cudagraph_capture_size", "block_size",
     "enable_prefix_caching", "kv_cache_memory_bytes", "gpu_memory_utilization",
     "num_gpu_blocks_override", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
     "scheduling_policy",

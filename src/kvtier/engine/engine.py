@@ -31,6 +31,7 @@ from kvtier.runner.memory import (
     resolve_dtype,
 )
 from kvtier.runner.model_runner import ModelRunner
+from kvtier.runner.piecewise_graph import estimate_bytes as estimate_piecewise_bytes
 from kvtier.scheduler import Scheduler
 from kvtier.tiers.base import KVLayout, TierStats
 from kvtier.tiers.manager import ManagerStats, TierManager
@@ -113,6 +114,10 @@ class LLMEngine:
                 self.model, backend, self.device, self.dtype,
                 config.scheduler.max_num_batched_tokens, config.cache.block_size,
                 config.scheduler.max_num_seqs, self.spec.vocab_size)
+            if backend.supports_cuda_graphs and not config.enforce_eager:
+                activation_bytes += estimate_piecewise_bytes(
+                    self.spec, self._piecewise_max_tokens(),
+                    torch.empty(0, dtype=self.dtype).element_size())
         plan = plan_kv_blocks(config.cache, self.spec, self.device, self.dtype, activation_bytes)
         block_size = config.cache.block_size
         self.pool = BlockPool(plan.num_blocks, config.cache.enable_prefix_caching)
@@ -136,6 +141,8 @@ class LLMEngine:
                 and not config.enforce_eager):
             self.runner.capture_decode_graphs(min(config.scheduler.max_num_seqs, 512),
                                               self.max_model_len)
+            if self._piecewise_max_tokens():
+                self.runner.capture_piecewise_graphs(self._piecewise_max_tokens())
             # A graph replays a decode step for a fraction of an eager step's launch cost, so
             # decodes run in steps of their own instead of riding along with prefill chunks.
             self.scheduler.separate_prefill_steps = True
@@ -149,6 +156,11 @@ class LLMEngine:
         logger.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, "
                     "backend %s", time.monotonic() - started, self.source.name, self.device,
                     self.dtype, plan.num_blocks, block_size, backend.name)
+
+    def _piecewise_max_tokens(self) -> int:
+        """Largest step captured as piecewise graphs (0: none)."""
+        return min(self.config.max_cudagraph_capture_size,
+                   self.config.scheduler.max_num_batched_tokens)
 
     def _kv_layout(self) -> KVLayout:
         return KVLayout(model_id=self.source.model_id,

@@ -35,16 +35,37 @@ class Attention(nn.Module):
                                 bias=spec.attention_bias and spec.model_type != "qwen2")
         self.backend = backend
 
-    def forward(self, hidden: torch.Tensor, rotary: RotaryInputs, kv_cache: torch.Tensor,
-                metadata: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
+    def project(self, hidden: torch.Tensor, rotary: RotaryInputs,
+                qkv_out: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries (T, H, D) and keys, values (T, KVH, D): views of one fused
+        projection, written into `qkv_out` (T, q_size + 2 * kv_size) when given."""
+        qkv = self.qkv_proj(hidden) if qkv_out is None else _linear_into(self.qkv_proj, hidden,
+                                                                         qkv_out)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, rotary)
-        out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return (*apply_rotary(q, k, rotary), v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+               metadata: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.backend.forward(q, k, v, kv_cache, metadata, self.scale, out=out)
+
+    def output(self, attention: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(attention.reshape(-1, self.q_size))
+
+    def forward(self, hidden: torch.Tensor, rotary: RotaryInputs, kv_cache: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.project(hidden, rotary)
+        return self.output(self.attend(q, k, v, kv_cache, metadata))
+
+
+def _linear_into(linear: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """linear(x) written into out: the same cuBLAS call as F.linear (addmm with bias)."""
+    if linear.bias is None:
+        return torch.mm(x, linear.weight.t(), out=out)
+    return torch.addmm(linear.bias, x, linear.weight.t(), out=out)
 
 
 class DecoderLayer(nn.Module):
@@ -60,8 +81,22 @@ class DecoderLayer(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream kept apart, so each add fuses into the next norm:
         returns (mlp output, residual) whose sum is the layer's output."""
+        q, k, v, residual = self.pre_attention(hidden, residual, rotary)
+        attention = self.self_attn.attend(q, k, v, kv_cache, metadata)
+        return self.post_attention(attention, residual)
+
+    # The two halves around attention: piecewise CUDA graphs capture them and run attention,
+    # whose launches depend on the batch's composition, eagerly in between.
+    def pre_attention(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                      rotary: RotaryInputs, qkv_out: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v, residual) for this layer's attention."""
         hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, rotary, kv_cache, metadata)
+        return (*self.self_attn.project(hidden, rotary, qkv_out), residual)
+
+    def post_attention(self, attention: torch.Tensor,
+                       residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.self_attn.output(attention)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -82,12 +117,16 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:
         """Final hidden states (num_tokens, hidden_size), after the last norm."""
-        hidden = self.embed_tokens(input_ids)
-        rotary = self.rotary(positions, hidden.dtype)
+        hidden, rotary = self.embed(input_ids, positions)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, rotary, kv_cache, metadata)
         return self.norm(hidden, residual)[0]
+
+    def embed(self, input_ids: torch.Tensor,
+              positions: torch.Tensor) -> tuple[torch.Tensor, RotaryInputs]:
+        hidden = self.embed_tokens(input_ids)
+        return hidden, self.rotary(positions, hidden.dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, hidden_size) -> float32 logits (n, vocab_size)."""

@@ -12,6 +12,7 @@ import torch
 from kvtier.attention.base import AttentionBackend, AttentionMetadata
 from kvtier.model.llama import LlamaForCausalLM
 from kvtier.runner.cuda_graph import DecodeGraphs
+from kvtier.runner.piecewise_graph import PiecewiseGraphs
 from kvtier.runner.sampler import Sampler
 from kvtier.types import ModelRunnerOutput, SchedulerOutput
 
@@ -34,6 +35,7 @@ class ModelRunner:
         self.scratch_block = num_blocks
         self.sampler = Sampler(device, seed)
         self.graphs: DecodeGraphs | None = None
+        self.piecewise: PiecewiseGraphs | None = None
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture CUDA graphs for decode batches up to `max_batch` (CUDA backends only)."""
@@ -42,6 +44,12 @@ class ModelRunner:
                               max_batch, max_blocks, self.block_size)
         graphs.capture()
         self.graphs = graphs
+
+    def capture_piecewise_graphs(self, max_tokens: int) -> None:
+        """Capture the model around attention for steps of up to max_tokens (CUDA only)."""
+        graphs = PiecewiseGraphs(self.model, self.kv_caches, max_tokens)
+        graphs.capture()
+        self.piecewise = graphs
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -53,14 +61,20 @@ class ModelRunner:
             return ModelRunnerOutput({})
         if self._can_replay(step):
             return self._execute_graph(step)
-        input_ids, positions, metadata = self._prepare_inputs(step)
+        num_tokens = sum(len(s.token_ids) for s in step.requests)
+        padded = self.piecewise.size_for(num_tokens) if self.piecewise is not None else None
+        input_ids, positions, metadata = self._prepare_inputs(step, padded)
         sampling = [(i, s) for i, s in enumerate(step.requests) if s.sample]
         with torch.inference_mode():
-            hidden = self.model(input_ids, positions, self.kv_caches, metadata)
+            if padded is not None:
+                assert self.piecewise is not None
+                hidden = self.piecewise.run(input_ids, positions, metadata)
+            else:
+                hidden = self.model(input_ids, positions, self.kv_caches, metadata)
             if not sampling:
                 return ModelRunnerOutput({})
-            last_rows = torch.tensor([metadata.query_start_loc_cpu[i + 1] - 1 for i, _ in sampling],
-                                     dtype=torch.int64, device=self.device)
+            last_rows = _to_device([metadata.query_start_loc_cpu[i + 1] - 1 for i, _ in sampling],
+                                   torch.int64, self.device)
             logits = self.model.compute_logits(hidden[last_rows])
             tokens = self.sampler.sample(logits, [s.request_id for _, s in sampling],
                                          [s.sampling_params for _, s in sampling])
@@ -87,8 +101,10 @@ class ModelRunner:
         tokens = self.sampler.sample(logits, ids, [s.sampling_params for s in step.requests])
         return ModelRunnerOutput(dict(zip(ids, tokens, strict=True)))
 
-    def _prepare_inputs(self, step: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor,
-                                                               AttentionMetadata]:
+    def _prepare_inputs(self, step: SchedulerOutput, padded_tokens: int | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flattened inputs, padded to padded_tokens rows if given (token 0 at position 0,
+        slot -1)."""
         bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
@@ -104,6 +120,11 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in span)
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(start + n)
+        num_tokens = len(token_ids)
+        padding = (padded_tokens or num_tokens) - num_tokens
+        token_ids.extend([0] * padding)
+        positions.extend([0] * padding)
+        slots.extend([-1] * padding)
         num_decodes = 0
         for s in step.requests:
             if len(s.token_ids) != 1:
@@ -114,7 +135,7 @@ class ModelRunner:
                        for s in step.requests]
         device = self.device
         metadata = AttentionMetadata(
-            num_tokens=len(token_ids),
+            num_tokens=num_tokens,
             num_seqs=len(step.requests),
             num_decodes=num_decodes,
             query_start_loc=_to_device(query_start_loc, torch.int32, device),
