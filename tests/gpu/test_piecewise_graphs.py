@@ -102,3 +102,46 @@ def test_engine_outputs_agree_with_eager_steps(llm: LLM) -> None:
     finally:
         engine.runner.piecewise = saved
     assert with_graphs == eager
+
+
+def test_decode_graph_block_tables_follow_changing_batches(llm: LLM) -> None:
+    """Decode-graph replays whose rows change between steps: a request that leaves (later
+    rows shift up), one whose block list grew, one re-admitted with a new list, a new one.
+    Each replay's logits match the eager forward of the same batch."""
+    runner = llm.engine.runner
+    graphs = runner.graphs
+    assert graphs is not None
+    bs = runner.block_size
+    runner.kv_cache.normal_()
+    free = torch.randperm(runner.num_blocks, generator=torch.Generator().manual_seed(3)).tolist()
+
+    def blocks(n: int) -> list[int]:
+        return [free.pop() for _ in range(n)]
+
+    lists = {"a": blocks(10), "b": blocks(5), "c": blocks(20), "d": blocks(3)}
+    steps = [[("a", 150), ("b", 70), ("c", 300)],
+             [("a", 160), ("c", 301), ("d", 40)]]
+    lists_after_first = {"a": lists["a"]}
+    for step_index, batch in enumerate([*steps, [("a", 90), ("c", 302)]]):
+        if step_index == 1:
+            lists["a"].append(free.pop())  # grew by a block: the same list object
+        if step_index == 2:
+            lists["a"] = blocks(6)  # re-admitted: a new list
+            assert lists["a"] is not lists_after_first["a"]
+        requests = [ScheduledRequest(name, [1000 + pos], pos, lists[name], True,
+                                     SamplingParams(temperature=0.0), 1)
+                    for name, pos in batch]
+        step = SchedulerOutput(requests, len(requests))
+        with torch.inference_mode():
+            graph_logits = graphs.run(
+                token_ids=[r.token_ids[0] for r in requests],
+                positions=[r.num_computed_tokens for r in requests],
+                slots=[r.block_ids[r.num_computed_tokens // bs] * bs
+                       + r.num_computed_tokens % bs for r in requests],
+                block_tables=[r.block_ids for r in requests],
+                seq_lens=[r.num_computed_tokens + 1 for r in requests]).clone()
+            ids, positions, metadata = runner._prepare_inputs(step)
+            eager_logits = runner.model.compute_logits(
+                runner.model(ids, positions, runner.kv_caches, metadata))
+        torch.testing.assert_close(graph_logits, eager_logits, atol=0.1, rtol=0.05)
+        assert torch.equal(graph_logits.argmax(-1), eager_logits.argmax(-1))

@@ -61,6 +61,11 @@ class DecodeGraphs:
         self._padding = torch.tensor([[0], [0], [scratch_block * block_size], [1]]).expand(
             4, n).numpy()
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        # What each host table row holds: (the block list it was copied from, entries copied).
+        # The KV manager only appends to a request's list while the request holds its blocks
+        # and starts a new list when it frees them, so the same list object means the copied
+        # entries are still right and only the new tail needs writing.
+        self._row_sources: list[tuple[list[int] | None, int]] = [(None, 0)] * n
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
 
@@ -106,8 +111,9 @@ class DecodeGraphs:
             block_tables: list[list[int]], seq_lens: list[int]) -> torch.Tensor:
         """Replay for a decode batch; returns logits (n, vocab) for the real rows.
 
-        Only the block-table columns this batch uses are refreshed: the kernels read a row
-        only up to its sequence length. The host staging buffers are reused, which is safe
+        Only the block-table columns this batch uses are copied to the device, and only the
+        entries a row gained since the last step are written on the host: the kernels read a
+        row only up to its sequence length. The host staging buffers are reused, which is safe
         because every step waits for its sampled tokens before the next one starts.
         """
         n = len(token_ids)
@@ -121,8 +127,16 @@ class DecodeGraphs:
         vectors[3, :n] = seq_lens
         table = self._host_table
         table[n:size, 0] = self.scratch_block
+        sources = self._row_sources
         for i, row in enumerate(block_tables):
-            table[i, :len(row)] = row
+            source, copied = sources[i]
+            if source is not row or copied > len(row):
+                copied = 0
+            if copied < len(row):
+                table[i, copied:len(row)] = row[copied:]
+                sources[i] = (row, len(row))
+        for i in range(n, size):
+            sources[i] = (None, 0)  # padding overwrote column 0
         self._device_vectors[:, :size].copy_(self._host_vectors_t[:, :size], non_blocking=True)
         self.block_table[:size, :width].copy_(self._host_table_t[:size, :width],
                                               non_blocking=True)

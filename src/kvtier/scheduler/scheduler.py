@@ -196,13 +196,13 @@ class Scheduler:
         return window + waiting[LPM_WINDOW:]
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
-        if not self.waiting:
+        # Checked before ranking too: under KV pressure most steps admit nothing, and LPM's
+        # ranking hashes every request in its window.
+        if not self.waiting or self._admission_blocked(budget):
             return budget
         for request in self._admission_order():
-            if budget <= 0 or len(self.running) + len(self.loading) >= self.config.max_num_seqs:
+            if self._admission_blocked(budget):
                 break
-            if self.running and self.kv.num_free_blocks < self._watermark_blocks():
-                break  # keep room for running requests to grow instead of preempting them
             hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
             if self.tiers is not None and self.kv.enable_caching:
                 started = self._try_tier_load(request, hit_blocks)
@@ -221,6 +221,12 @@ class Scheduler:
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         return budget
+
+    def _admission_blocked(self, budget: int) -> bool:
+        if budget <= 0 or len(self.running) + len(self.loading) >= self.config.max_num_seqs:
+            return True
+        # Keep room for running requests to grow instead of preempting them.
+        return bool(self.running) and self.kv.num_free_blocks < self._watermark_blocks()
 
     def _schedule_loaded(self, request: Request, budget: int,
                          scheduled: list[ScheduledRequest]) -> int:
