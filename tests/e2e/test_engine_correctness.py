@@ -250,6 +250,15 @@ def test_unknown_engine_argument_is_rejected() -> None:
         LLM("random:tiny-llama", enable_prefix_cache=False)
 
 
+def test_cudagraph_capture_size_is_an_engine_argument() -> None:
+    """Accepted by name (the top-level knobs are matched by hand), and a negative size is a
+    clear error naming the value. The CPU engine captures no graphs either way."""
+    from kvtier.config import EngineConfig
+    assert EngineConfig.from_kwargs(max_cudagraph_capture_size=0).max_cudagraph_capture_size == 0
+    with pytest.raises(ValueError, match="max_cudagraph_capture_size -1 must be >= 0"):
+        EngineConfig.from_kwargs(max_cudagraph_capture_size=-1)
+
+
 def test_truncated_weights_are_a_clear_error(tmp_path: Path) -> None:
     directory = tiny_qwen2_dir(tmp_path / "m")
     weights = directory / "model.safetensors"
