@@ -196,6 +196,9 @@ def test_chat_applies_the_template_and_stops_at_end_of_turn(smollm: LLM) -> None
     ("", SamplingParams(), "prompt is empty"),
     ([], SamplingParams(), "prompt is empty"),
     ([1, 2, 10**9], SamplingParams(), "outside the vocabulary"),
+    ([5, -1, 7], SamplingParams(), "token id -1 is outside the vocabulary"),
+    ([1, True, 3], SamplingParams(), "list of token ids"),
+    ([1, 2.0, 3], SamplingParams(), "list of token ids"),
     ("x " * 3000, SamplingParams(), "max_model_len"),
 ])
 def test_bad_requests_are_rejected_and_the_engine_stays_usable(prompt, params, message) -> None:  # noqa: ANN001

@@ -1,0 +1,141 @@
+"""Host time per engine turn with the model stubbed out (issue 6): what the GPU waits for.
+
+On the H200 a decode step of workload P took ~3 ms on the runner but ~4.7 ms per turn of the
+engine process: scheduling, tier bookkeeping, state updates, detokenisation and the pickled
+update to the front end ran between steps while the GPU idled. This drives the engine core's
+turn (commands in, launch, previous outputs out as one pickled `CoreUpdate`, complete) on
+workload P's shape with a runner whose launch returns a token per sampled request at once, so
+everything measured is host work (on a GPU, the outputs part overlaps the device's step).
+The embedded model stands in for Qwen (the KV layout only changes tier copy sizes).
+
+    .venv/bin/python scripts/bench_host_cpu.py [--tier cpu:2GiB] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import io
+import json
+import pickle
+import pstats
+import random
+import time
+from typing import Any
+
+import torch
+
+from kvtier import LLM, SamplingParams
+from kvtier.engine.core_messages import AddRequest
+from kvtier.engine.engine_core import CommandInbox, EngineCore
+from kvtier.runner.model_runner import PendingOutput
+from kvtier.types import SchedulerOutput
+
+
+def stub_launch(step: SchedulerOutput) -> PendingOutput:
+    sampled = [s for s in step.requests if s.sample]
+    return PendingOutput([s.request_id for s in sampled],
+                         torch.tensor([1000 + len(s.token_ids) % 7 for s in sampled]))
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.totals: collections.Counter[str] = collections.Counter()
+
+    def wrap(self, owner: Any, attr: str, name: str) -> None:
+        original = getattr(owner, attr)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.totals[name] += time.perf_counter() - started
+        setattr(owner, attr, timed)
+
+
+def run(args: argparse.Namespace) -> dict:
+    extra = {"kv_tiers": (args.tier,)} if args.tier else {}
+    llm = LLM(None, num_gpu_blocks_override=args.num_blocks, max_num_batched_tokens=8192,
+              max_num_seqs=256, scheduling_policy="lpm", **extra)
+    engine = llm.engine
+    engine.runner.launch = stub_launch  # type: ignore[method-assign]
+    if engine.tiers is not None:  # the stub's instant "prefills" must not teach the cost model
+        engine.tiers.cost.observe_prefill = lambda *a: None  # type: ignore[method-assign]
+    timer = Timer()
+    timer.wrap(engine.scheduler, "schedule", "schedule")
+    timer.wrap(engine.scheduler, "update_from_output", "update")
+    timer.wrap(engine, "complete_step", "complete_step")
+    timer.wrap(engine, "make_outputs", "make_outputs")
+    sent = [0]
+
+    def emit(update: Any) -> None:
+        started = time.perf_counter()
+        sent[0] += len(pickle.dumps(update, protocol=pickle.HIGHEST_PROTOCOL))
+        timer.totals["pickle_update"] += time.perf_counter() - started
+
+    core = EngineCore(engine, CommandInbox(), emit, separate_process=True)
+    rng = random.Random(0)
+    prefixes = [[rng.randrange(1000, 30_000) for _ in range(args.prefix_len)]
+                for _ in range(args.num_prefixes)]
+    queued = [prefixes[rng.randrange(args.num_prefixes)]
+              + [rng.randrange(1000, 30_000) for _ in range(256)]
+              for _ in range(args.num_prompts)]
+    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    in_flight = done = turns = 0
+    completed: list = []
+    ids = iter(range(10**9))
+    started = time.perf_counter()
+    while done < args.num_prompts:
+        update = core._update(0)
+        while in_flight < 64 and queued:
+            core._apply(update, [AddRequest(f"r{next(ids)}", queued.pop(), params,
+                                            time.monotonic())])
+            in_flight += 1
+        # The core's turn (EngineCore._loop): launch, deliver the previous step's outputs,
+        # send, complete the launched step.
+        launched = core._launch(update)
+        core._deliver(update, completed)
+        update.snapshot = core._snapshot()
+        emit(update)
+        completed = core._complete(launched) if launched is not None else []
+        turns += 1
+        finished = sum(1 for o in update.outputs if o.finished)
+        done += finished
+        in_flight -= finished
+    wall = time.perf_counter() - started
+    if engine.tiers is not None:
+        hits = dict(engine.tiers.stats.hit_tokens)
+        engine.shutdown()
+    else:
+        hits = {}
+    return {"turns": turns, "wall_s": round(wall, 3), "ms_per_turn": 1e3 * wall / turns,
+            "phase_ms_per_turn": {k: round(1e3 * v / turns, 4) for k, v in timer.totals.items()},
+            "update_bytes_per_turn": sent[0] // turns, "tier_hit_tokens": hits}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tier", default=None, help="e.g. cpu:2GiB")
+    parser.add_argument("--num-prompts", type=int, default=320)
+    parser.add_argument("--num-prefixes", type=int, default=32)
+    parser.add_argument("--prefix-len", type=int, default=4096)
+    parser.add_argument("--num-blocks", type=int, default=4096)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    if not args.profile:
+        print(json.dumps(run(args), indent=1))
+        return
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = run(args)
+    profiler.disable()
+    print(json.dumps(result, indent=1))
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(35)
+    print(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()
