@@ -3,9 +3,8 @@
 On the H200 a decode step of workload P took ~3 ms on the runner but ~4.7 ms per turn of the
 engine process: scheduling, tier bookkeeping, state updates, detokenisation and the pickled
 update to the front end ran between steps while the GPU idled. This drives the engine core's
-turn (commands in, launch, previous outputs out as one pickled `CoreUpdate`, complete) on
-workload P's shape with a runner whose launch returns a token per sampled request at once, so
-everything measured is host work (on a GPU, the outputs part overlaps the device's step).
+turn (commands in, `engine.step()`, one pickled `CoreUpdate` out) on workload P's shape with a
+runner that returns a token per sampled request at once, so everything measured is host work.
 The embedded model stands in for Qwen (the KV layout only changes tier copy sizes).
 
     .venv/bin/python scripts/bench_host_cpu.py [--tier cpu:2GiB] [--profile]
@@ -24,19 +23,15 @@ import random
 import time
 from typing import Any
 
-import torch
-
 from kvtier import LLM, SamplingParams
 from kvtier.engine.core_messages import AddRequest
 from kvtier.engine.engine_core import CommandInbox, EngineCore
-from kvtier.runner.model_runner import PendingOutput
-from kvtier.types import SchedulerOutput
+from kvtier.types import ModelRunnerOutput, SchedulerOutput
 
 
-def stub_launch(step: SchedulerOutput) -> PendingOutput:
-    sampled = [s for s in step.requests if s.sample]
-    return PendingOutput([s.request_id for s in sampled],
-                         torch.tensor([1000 + len(s.token_ids) % 7 for s in sampled]))
+def stub_execute(step: SchedulerOutput) -> ModelRunnerOutput:
+    return ModelRunnerOutput({s.request_id: 1000 + len(s.token_ids) % 7
+                              for s in step.requests if s.sample})
 
 
 class Timer:
@@ -60,14 +55,14 @@ def run(args: argparse.Namespace) -> dict:
     llm = LLM(None, num_gpu_blocks_override=args.num_blocks, max_num_batched_tokens=8192,
               max_num_seqs=256, scheduling_policy="lpm", **extra)
     engine = llm.engine
-    engine.runner.launch = stub_launch  # type: ignore[method-assign]
+    engine.runner.execute = stub_execute  # type: ignore[method-assign]
     if engine.tiers is not None:  # the stub's instant "prefills" must not teach the cost model
         engine.tiers.cost.observe_prefill = lambda *a: None  # type: ignore[method-assign]
     timer = Timer()
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.scheduler, "update_from_output", "update")
-    timer.wrap(engine, "complete_step", "complete_step")
-    timer.wrap(engine, "make_outputs", "make_outputs")
+    timer.wrap(engine.outputs, "detokenize", "detokenize")
+    timer.wrap(engine.outputs, "make_output", "make_output")
     sent = [0]
 
     def emit(update: Any) -> None:
@@ -84,7 +79,6 @@ def run(args: argparse.Namespace) -> dict:
               for _ in range(args.num_prompts)]
     params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
     in_flight = done = turns = 0
-    completed: list = []
     ids = iter(range(10**9))
     started = time.perf_counter()
     while done < args.num_prompts:
@@ -93,13 +87,9 @@ def run(args: argparse.Namespace) -> dict:
             core._apply(update, [AddRequest(f"r{next(ids)}", queued.pop(), params,
                                             time.monotonic())])
             in_flight += 1
-        # The core's turn (EngineCore._loop): launch, deliver the previous step's outputs,
-        # send, complete the launched step.
-        launched = core._launch(update)
-        core._deliver(update, completed)
+        core._step(update)  # the core's turn (EngineCore._loop): step, then one update out
         update.snapshot = core._snapshot()
         emit(update)
-        completed = core._complete(launched) if launched is not None else []
         turns += 1
         finished = sum(1 for o in update.outputs if o.finished)
         done += finished

@@ -27,8 +27,7 @@ from kvtier.engine.core_messages import (
     CoreUpdate,
     output_delta,
 )
-from kvtier.engine.engine import LaunchedStep, LLMEngine
-from kvtier.request import Request
+from kvtier.engine.engine import LLMEngine
 from kvtier.types import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -102,62 +101,27 @@ class EngineCore:
             raise
 
     def _loop(self) -> None:
-        # Each turn launches a step and, while the device runs it, turns the previous step's
-        # results into this turn's update; the step's tokens are applied at the end of the
-        # turn, so commands and scheduling always see a settled engine.
-        completed: list[Request] = []
-        """Requests the previous step updated, their outputs not yet made."""
-        idle_step = False
+        has_work = idle_step = False
         while True:
-            has_work = self.engine.has_unfinished_requests() or bool(completed)
             wait_s = IDLE_WAIT_S if idle_step else (0 if has_work else None)
             commands, stop = self.inbox.take(wait_s)
             num_adds = sum(isinstance(c, AddRequest) for c in commands)
             update = self._update(num_adds)
             if stop:
-                self._deliver(update, completed)
                 self._refuse(update, commands)
                 self._fail_all(update, "shutdown")
                 self._finish(update)
                 return
-            # Finished requests first: an abort or a timeout must not overtake a finish.
-            self._deliver(update, [r for r in completed if r.is_finished])
             self._apply(update, commands)
             self._expire(update)
-            launched = None
-            started = time.perf_counter()
             if self.engine.has_unfinished_requests():
-                launched = self._launch(update)
-            self._deliver(update, completed)
+                started = time.perf_counter()
+                self._step(update)
+                # A step that produced nothing and took no time scheduled nothing.
+                idle_step = not update.outputs and time.perf_counter() - started < 0.0005
+            has_work = self.engine.has_unfinished_requests()
             update.snapshot = self._snapshot()
             self.emit(update)
-            completed = [] if launched is None else self._complete(launched)
-            # A step that produced nothing and took no time scheduled nothing (requests wait
-            # on transfers): poll the inbox with a short sleep instead of spinning.
-            idle_step = (launched is not None and not completed
-                         and time.perf_counter() - started < 0.0005)
-
-    def _launch(self, update: CoreUpdate) -> LaunchedStep | None:
-        try:
-            return self.engine.launch_step()
-        except Exception:
-            # An engine bug must not take the server down: fail the live requests, keep going.
-            logger.exception("engine step failed; aborting %d live requests",
-                             len(self._deadlines))
-            self._fail_all(update, "error")
-            return None
-
-    def _complete(self, launched: LaunchedStep) -> list[Request]:
-        try:
-            return self.engine.complete_step(launched)
-        except Exception:
-            logger.exception("engine step failed; aborting %d live requests",
-                             len(self._deadlines))
-            update = self._update(0)
-            self._fail_all(update, "error")
-            update.snapshot = self._snapshot()
-            self.emit(update)
-            return []
 
     def _update(self, num_adds: int) -> CoreUpdate:
         return CoreUpdate(snapshot=None, num_adds_drained=num_adds, time=time.monotonic())
@@ -223,12 +187,17 @@ class EngineCore:
         for request_id in expired:
             self._abort(update, AbortRequest(request_id, "timeout"))
 
-    def _deliver(self, update: CoreUpdate, completed: list[Request]) -> None:
-        """The completed step's outputs, as deltas, for requests still live."""
-        if not completed:
+    def _step(self, update: CoreUpdate) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            # An engine bug must not take the server down: fail the live requests, keep going.
+            logger.exception("engine step failed; aborting %d live requests",
+                             len(self._deadlines))
+            self._fail_all(update, "error")
             return
         update.time = time.monotonic()
-        for output in self.engine.make_outputs(completed):
+        for output in outputs:
             request_id = output.request_id
             if request_id not in self._deadlines:
                 continue
