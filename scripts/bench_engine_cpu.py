@@ -25,7 +25,8 @@ import torch
 
 def prompts(tokenizer, count: int, length: int, seed: int) -> list[list[int]]:  # noqa: ANN001
     rng = random.Random(seed)
-    words = "the of and to in is was for on that with as by at from it an be this are".split()
+    words = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as",
+             "by", "at", "from", "it", "an", "be", "this", "are"]
     out = []
     for _ in range(count):
         text = " ".join(rng.choice(words) for _ in range(length * 2))
