@@ -106,7 +106,11 @@ class Tokenizer:
         return self._special_ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        # encode_batch, not encode: the same ids, but it releases the GIL while it runs
+        # (~23 ms for a 4,300-token prompt). The server tokenises on worker threads; with
+        # encode, each long prompt froze its event loop, and every stream with it.
+        encoding = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        return list(encoding.ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Ids the tokenizer does not know (e.g. a model's padded vocab rows) decode to nothing."""
