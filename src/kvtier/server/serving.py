@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -70,6 +71,9 @@ class SSEResponse(StreamingResponse):
                 await aclose()
 
 
+TOKENIZER_WORKERS = max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
 class OpenAIServing:
     """Turns validated request bodies into engine requests and engine outputs into responses."""
 
@@ -79,7 +83,11 @@ class OpenAIServing:
         assert engine.tokenizer is not None, "start() the engine first"
         self.max_model_len = engine.max_model_len
         self._tokenizer = engine.tokenizer
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-tokenize")
+        # Tokenisation releases the GIL (Tokenizer.encode), so a few workers tokenise prompts
+        # in parallel while the event loop streams; the tokeniser is only read, never
+        # reconfigured, so sharing it across threads is safe.
+        self._executor = ThreadPoolExecutor(max_workers=TOKENIZER_WORKERS,
+                                            thread_name_prefix="kvtier-tokenize")
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

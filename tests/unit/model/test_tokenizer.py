@@ -224,3 +224,18 @@ def test_byte_fallback_tokenizer_round_trips_text_and_knows_llama_specials() -> 
     assert chat_ids[0] == tokenizer.bos_token_id == 256
     assert tokenizer.eos_token_id in chat_ids and max(chat_ids) < tokenizer.vocab_size == 261
     assert tokenizer.eos_token_ids == {257, 260}
+
+
+def test_concurrent_encodes_from_threads_match_sequential_ones(qwen_tokenizer: Tokenizer) -> None:
+    """The server tokenises on several worker threads with one shared tokenizer (its encode
+    releases the GIL): interleaved calls give exactly the ids of one-at-a-time calls."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(TEXTS) for _ in range(rng.randrange(1, 40))) for _ in range(32)]
+    expected = [qwen_tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda t: qwen_tokenizer.encode(t, add_special_tokens=False),
+                            texts * 3))
+    assert got == expected * 3
