@@ -13,7 +13,6 @@ The embedded model stands in for Qwen (the KV layout only changes tier copy size
 from __future__ import annotations
 
 import argparse
-import collections
 import cProfile
 import io
 import json
@@ -22,6 +21,8 @@ import pstats
 import random
 import time
 from typing import Any
+
+from profile_gpu_engine import PhaseTimer  # scripts/ is on sys.path when run as a script
 
 from kvtier import LLM, SamplingParams
 from kvtier.engine.core_messages import AddRequest
@@ -34,22 +35,6 @@ def stub_execute(step: SchedulerOutput) -> ModelRunnerOutput:
                               for s in step.requests if s.sample})
 
 
-class Timer:
-    def __init__(self) -> None:
-        self.totals: collections.Counter[str] = collections.Counter()
-
-    def wrap(self, owner: Any, attr: str, name: str) -> None:
-        original = getattr(owner, attr)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.totals[name] += time.perf_counter() - started
-        setattr(owner, attr, timed)
-
-
 def run(args: argparse.Namespace) -> dict:
     extra = {"kv_tiers": (args.tier,)} if args.tier else {}
     llm = LLM(None, num_gpu_blocks_override=args.num_blocks, max_num_batched_tokens=8192,
@@ -58,7 +43,7 @@ def run(args: argparse.Namespace) -> dict:
     engine.runner.execute = stub_execute  # type: ignore[method-assign]
     if engine.tiers is not None:  # the stub's instant "prefills" must not teach the cost model
         engine.tiers.cost.observe_prefill = lambda *a: None  # type: ignore[method-assign]
-    timer = Timer()
+    timer = PhaseTimer()
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.scheduler, "update_from_output", "update")
     timer.wrap(engine.outputs, "detokenize", "detokenize")

@@ -183,7 +183,9 @@ class EngineConfig:
     max_cudagraph_capture_size: int = 1024
     """Largest step (in tokens) with prefill chunks that runs as piecewise CUDA graphs around
     attention (vLLM's compilation-config knob of that name); 0 runs such steps eagerly.
-    Decode-only steps have their own full graphs either way."""
+    Decode-only steps have their own full graphs either way. Above 1,024 tokens a step's
+    kernels (~4 ms for a 1.5B model) hide most of the eager launch cost, and padding to coarser
+    sizes would waste more."""
 
     def __post_init__(self) -> None:
         if self.max_cudagraph_capture_size < 0:

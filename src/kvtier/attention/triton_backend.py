@@ -142,18 +142,17 @@ class TritonAttentionBackend(AttentionBackend):
     def prepare(self, metadata: AttentionMetadata) -> None:
         nd = metadata.num_decodes
         starts = metadata.query_start_loc_cpu
-        max_prefill = max((starts[i + 1] - starts[i] for i in range(nd, metadata.num_seqs)),
-                          default=0)
+        query_lens = tuple(starts[i + 1] - starts[i] for i in range(nd, metadata.num_seqs))
         if self.num_sms is None:
             device = metadata.block_table.device
             self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                             if device.type == "cuda" else DEFAULT_NUM_SMS)
-        data = TritonStepData(nd, metadata.num_seqs - nd, max_prefill, metadata.max_seq_len)
-        if data.num_prefills:
+        data = TritonStepData(nd, len(query_lens), max(query_lens, default=0),
+                              metadata.max_seq_len)
+        if query_lens:
             data.first_prefill_token = starts[nd]
-            data.num_prefill_tokens = starts[metadata.num_seqs] - starts[nd]
-            data.prefill_query_lens = tuple(starts[i + 1] - starts[i]
-                                            for i in range(nd, metadata.num_seqs))
+            data.num_prefill_tokens = sum(query_lens)
+            data.prefill_query_lens = query_lens
             data.max_prefill_context = max(metadata.seq_lens_cpu[nd:])
         metadata.backend_data = data
 

@@ -27,11 +27,6 @@ from kvtier.model.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 1024
-"""Largest captured step. Above it a step's kernels (~4 ms at 1,024 tokens of a 1.5B model)
-hide most of the eager launch cost, and padding to a coarse size would waste more."""
-
-
 def piecewise_sizes(max_tokens: int) -> list[int]:
     """Captured token counts: fine steps where a step is bound by reading the weights (padding
     is nearly free), coarser ones where it becomes compute-bound."""
