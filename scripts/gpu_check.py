@@ -157,6 +157,7 @@ def tier_load_ms(report: dict) -> None:
     manager = llm.engine.tiers.stats
     report["tier_load_hit_tokens"] = out.metrics.num_tier_hit_tokens.get("cpu", 0)
     report["tier_load_ms"] = manager.load_seconds / max(manager.num_loads, 1) * 1e3
+    report["tier_load_copy_ms"] = manager.load_copy_seconds / max(manager.num_loads, 1) * 1e3
     report["tier_load_ttft_ms"] = (out.metrics.time_to_first_token or 0) * 1e3
     report["tier_load_bytes"] = report["tier_load_hit_tokens"] * 28_672
     llm.engine.shutdown()

@@ -16,6 +16,7 @@ from typing import Any
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULING_POLICIES = ("fcfs", "lpm")
 STORE_POLICIES = ("lazy", "write-through")
+LOAD_TIMINGS = ("same-step", "next-step")
 
 
 class ConfigError(ValueError):
@@ -156,8 +157,18 @@ class TierConfig:
     kv_store_policy: str = "lazy"
     kv_store_min_hits: int = 1
     """Store a prefix only once it has been seen this many times."""
+    kv_load_timing: str = "same-step"
+    """CUDA, host-memory tiers: `same-step` enqueues a hit's copy and has the step's forward
+    wait for it on the device, so the request's prefill runs in the step that admitted it
+    (the step grows by the part of a ~2 ms copy its host preparation does not hide);
+    `next-step` runs the request only after the scheduler has seen the copy finish (the copy
+    overlaps a whole step of other requests' compute; the request waits one step more).
+    Disk and remote tiers always load in the background."""
 
     def __post_init__(self) -> None:
+        if self.kv_load_timing not in LOAD_TIMINGS:
+            raise ConfigError(
+                f"kv_load_timing {self.kv_load_timing!r} is not one of {', '.join(LOAD_TIMINGS)}")
         if self.kv_store_policy not in STORE_POLICIES:
             raise ConfigError(
                 f"kv_store_policy {self.kv_store_policy!r} is not one of "

@@ -269,3 +269,12 @@ def test_truncated_weights_are_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model.safetensors"):
         LLM(str(directory))
     json.loads((directory / "config.json").read_text())  # the directory is otherwise intact
+
+
+def test_kv_load_timing_is_validated_by_name() -> None:
+    """Both timings parse (the CLI offers the same two); anything else names the bad value."""
+    from kvtier.config import LOAD_TIMINGS, EngineConfig
+    for timing in LOAD_TIMINGS:
+        assert EngineConfig.from_kwargs(kv_load_timing=timing).tiers.kv_load_timing == timing
+    with pytest.raises(ValueError, match="kv_load_timing 'later' is not one of same-step"):
+        EngineConfig.from_kwargs(kv_load_timing="later")

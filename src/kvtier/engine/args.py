@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kvtier.config import DTYPES, SCHEDULING_POLICIES, STORE_POLICIES
+from kvtier.config import DTYPES, LOAD_TIMINGS, SCHEDULING_POLICIES, STORE_POLICIES
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +48,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--kv-tier-chunk-tokens", type=int, default=256)
     t.add_argument("--kv-store-policy", choices=STORE_POLICIES, default="lazy")
     t.add_argument("--kv-store-min-hits", type=int, default=1)
+    t.add_argument("--kv-load-timing", choices=LOAD_TIMINGS, default="same-step",
+                   help="CUDA + cpu tier: run a hit's prefill in the step that starts its copy "
+                   "(the forward waits for the copy on the device), or in the step after the "
+                   "copy is seen done")
 
 
 ENGINE_ARG_NAMES = (
@@ -57,6 +61,7 @@ ENGINE_ARG_NAMES = (
     "num_gpu_blocks_override", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
     "scheduling_policy",
     "kv_tiers", "kv_tier_chunk_tokens", "kv_store_policy", "kv_store_min_hits",
+    "kv_load_timing",
 )
 
 

@@ -317,6 +317,12 @@ class LLMEngine:
         if stats.num_tier_hit_tokens:
             tier = " | tier hit tokens " + ", ".join(
                 f"{name} {tokens}" for name, tokens in stats.num_tier_hit_tokens.items())
+        if self.tiers is not None:  # why hits are not loaded, when they are not
+            cost = self.tiers.cost
+            tier += " (" + ", ".join(
+                f"{name} {rate.bytes_per_s / 1e9:.1f} GB/s" for name, rate in
+                cost.tier_rates.items()) + f"; prefill {cost.prefill_tokens_per_s:.0f} tok/s; " \
+                f"{self.tiers.stats.num_rejected_cost} refused by cost)"
         logger.info(
             "%d steps (%.1f ms on the runner; %d decode-only, %.1f ms) | prompt %.0f tok/s, "
             "generation "

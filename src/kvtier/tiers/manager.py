@@ -24,6 +24,7 @@ import logging
 import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +45,20 @@ INLINE_LOAD_S = 0.01
 """CPU device: a host-memory load predicted to take less than this runs in the scheduler step.
 It is a memcpy either way; run in the background it costs the request one more step of TTFT
 (and on a machine with few cores it competes with the forward anyway)."""
+
+
+@dataclass
+class _EventLoad:
+    """A CUDA load enqueued on the load stream: timing events around its copies."""
+
+    copy_started: torch.cuda.Event
+    done: torch.cuda.Event
+    result: LoadResult
+    started: float
+    """time.monotonic() when it was enqueued (its wall time runs until the host notices)."""
+    reported_plan: LoadPlan | None
+    """Same-step timing: the plan of a load already reported to the scheduler (its entries
+    stay pinned until `done`); None while the request still waits for this event."""
 
 
 class TierManager:
@@ -72,7 +87,7 @@ class TierManager:
         self._candidates: dict[BlockHash, Chunk] = {}
         self._inline = transfer.is_cuda
         """CUDA: memory-tier copies are enqueued here and tracked by events (see transfer)."""
-        self._event_loads: list[tuple[torch.cuda.Event, LoadResult, float]] = []
+        self._event_loads: list[_EventLoad] = []
         self._event_stores: list[tuple[torch.cuda.Event, StoreHandle, BlockHash]] = []
         self._reuse = ReuseCounter()
         for upper, lower in zip(stores, stores[1:], strict=False):
@@ -104,7 +119,8 @@ class TierManager:
                 count += 1
             store = self.stores[tier]
             num_bytes = count * store.layout.block_bytes
-            if not self.cost.load_pays(store.name, num_bytes, count * self.block_size):
+            if not (self.cost.load_pays(store.name, num_bytes, count * self.block_size)
+                    or self.cost.grant_retry(store.name)):
                 self.stats.num_rejected_cost += 1
                 break
             segments.append(Segment(tier, meta, first, count))
@@ -121,23 +137,27 @@ class TierManager:
     def start_load(self, request_id: str, plan: LoadPlan, block_ids: list[int],
                    block_hashes: list[BlockHash]) -> bool:
         """Begin loading the plan into `block_ids` (already allocated to the request).
-        `block_hashes` are the hashes those blocks will hold. Returns True when the load
-        already finished (a small host-memory load on a CPU device): `poll` returns it now."""
-        pinned = [s for s in plan.segments if self.stores[s.tier].pin(s.meta.key)]
-        if len(pinned) != len(plan.segments):  # an entry vanished since lookup
-            plan = LoadPlan(tuple(plan.segments[:len(pinned)]))
+        `block_hashes` are the hashes those blocks will hold. Returns True when the request
+        may run now (`poll` returns its result at once): a small host-memory load on a CPU
+        device that already ran, or on CUDA with `same-step` timing, a copy that the device
+        orders before every later forward pass."""
+        pinned: list[Segment] = []
+        for segment in plan.segments:
+            if not self.stores[segment.tier].pin(segment.meta.key):
+                break  # this entry vanished since lookup: load the consecutive part before it
+            pinned.append(segment)
+        plan = LoadPlan(tuple(pinned))
         hashes = block_hashes[:plan.num_blocks]
         self._loading[request_id] = (plan, hashes)
         for block_hash in hashes:
             self._loading_blocks[block_hash] = request_id
         host_only = all(self.stores[s.tier].name == "cpu" for s in plan.segments)
         if self._inline and host_only:
-            self._start_event_load(request_id, plan, block_ids)
-        elif host_only and self._predicted_load_s(plan) < INLINE_LOAD_S:
+            return self._start_event_load(request_id, plan, block_ids)
+        if host_only and self._predicted_load_s(plan) < INLINE_LOAD_S:
             self._run_load(request_id, plan, block_ids)
             return True
-        else:
-            self._loaders.submit(self._run_load, request_id, plan, block_ids)
+        self._loaders.submit(self._run_load, request_id, plan, block_ids)
         return False
 
     def _predicted_load_s(self, plan: LoadPlan) -> float:
@@ -145,9 +165,12 @@ class TierManager:
         return sum(self.cost.load_s(self.stores[s.tier].name, s.num_blocks * block_bytes)
                    for s in plan.segments)
 
-    def _start_event_load(self, request_id: str, plan: LoadPlan, block_ids: list[int]) -> None:
-        """CUDA + host-memory tier: enqueue every copy now; `poll` sees the event complete."""
+    def _start_event_load(self, request_id: str, plan: LoadPlan, block_ids: list[int]) -> bool:
+        """CUDA + host-memory tier: enqueue every copy now; `poll` sees the event complete.
+        With `same-step` timing the compute stream waits for the copy, and the request is
+        reported loaded at once; its entries stay pinned until the copy's event fires."""
         started = time.monotonic()
+        copy_started = self.transfer.load_event()
         done, per_tier, offset = 0, {s.name: 0 for s in self.stores}, 0
         index = self.transfer.load_index(block_ids[:plan.num_blocks])
         for segment in plan.segments:
@@ -163,7 +186,14 @@ class TierManager:
             done += segment.num_blocks
             per_tier[store.name] += segment.num_blocks
         result = LoadResult(request_id, done, per_tier, 0.0)
-        self._event_loads.append((self.transfer.load_done_event(), result, started))
+        copied = self.transfer.load_event()
+        same_step = self.config.kv_load_timing == "same-step"
+        if same_step:
+            self.transfer.order_compute_after(copied)
+            plan = self._report_load(result)
+        self._event_loads.append(
+            _EventLoad(copy_started, copied, result, started, plan if same_step else None))
+        return same_step
 
     def _run_load(self, request_id: str, plan: LoadPlan, block_ids: list[int]) -> None:
         started = time.monotonic()
@@ -208,9 +238,10 @@ class TierManager:
         threads of the GIL and delay the very transfer it waits for."""
         if not self.has_inflight_transfers or self._finished_loads:
             return
-        events = self._event_loads or self._event_stores
-        if events:
-            events[0][0].synchronize()  # a host-memory copy: milliseconds
+        if self._event_loads or self._event_stores:
+            # A host-memory copy: milliseconds.
+            (self._event_loads[0].done if self._event_loads
+             else self._event_stores[0][0]).synchronize()
             self._check_events()
             return
         try:
@@ -230,14 +261,21 @@ class TierManager:
 
     def _check_events(self) -> None:
         """Complete event-tracked copies whose events have fired (in order of submission)."""
-        while self._event_loads and self._event_loads[0][0].query():
-            _, result, started = self._event_loads.pop(0)
-            result.seconds = time.monotonic() - started
-            for tier, blocks in result.hit_blocks_per_tier.items():
-                if blocks:
-                    self.cost.observe_load(tier, blocks * self.stores[0].layout.block_bytes,
-                                           result.seconds)
-            self._handle("load", result)
+        while self._event_loads and self._event_loads[0].done.query():
+            load = self._event_loads.pop(0)
+            result = load.result
+            result.seconds = time.monotonic() - load.started
+            copy_s = load.copy_started.elapsed_time(load.done) / 1e3
+            self.stats.load_copy_seconds += copy_s
+            num_bytes = result.num_loaded_blocks * self.stores[0].layout.block_bytes
+            tiers_used = [t for t, blocks in result.hit_blocks_per_tier.items() if blocks]
+            if len(tiers_used) == 1:  # one observation, for the tier that did all the copying
+                self.cost.observe_load(tiers_used[0], num_bytes, copy_s)
+            if load.reported_plan is None:
+                self._handle("load", result)
+            else:  # the request already runs; the copy no longer reads the entries
+                self.stats.load_seconds += result.seconds
+                self._release_entries(load.reported_plan)
         while self._event_stores and self._event_stores[0][0].query():
             _, handle, key = self._event_stores.pop(0)
             self.stores[0].complete_store(handle, True)
@@ -249,27 +287,35 @@ class TierManager:
                 self.pool.unpin(block_id)
             return
         assert isinstance(value, LoadResult)
-        plan, hashes = self._loading.pop(value.request_id)
-        for segment in plan.segments:
-            self.stores[segment.tier].unpin(segment.meta.key)
+        self.stats.load_seconds += value.seconds
+        self._release_entries(self._report_load(value))
+
+    def _report_load(self, result: LoadResult) -> LoadPlan:
+        """The request's blocks are loaded (or ordered before any later forward pass): hand
+        the result to the next `poll`. Returns the plan, whose entries the caller unpins."""
+        plan, hashes = self._loading.pop(result.request_id)
         for block_hash in hashes:
             self._loading_blocks.pop(block_hash, None)
         self.stats.num_loads += 1
-        self.stats.load_seconds += value.seconds
-        for name, blocks in value.hit_blocks_per_tier.items():
+        for name, blocks in result.hit_blocks_per_tier.items():
             self.stats.hit_tokens[name] += blocks * self.block_size
-        self._finished_loads.append(value)
+        self._finished_loads.append(result)
+        return plan
+
+    def _release_entries(self, plan: LoadPlan) -> None:
+        for segment in plan.segments:
+            self.stores[segment.tier].unpin(segment.meta.key)
 
     @property
     def has_inflight_transfers(self) -> bool:
-        return bool(self._loading or self._storing)
+        return bool(self._loading or self._storing or self._event_loads)
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Block until every submitted transfer has finished (tests, shutdown); finished
         loads stay queued for the next `poll`."""
         deadline = time.monotonic() + timeout
         self._absorb()
-        while (self._loading or self._storing) and time.monotonic() < deadline:
+        while self.has_inflight_transfers and time.monotonic() < deadline:
             time.sleep(0.001)
             self._absorb()
 

@@ -40,6 +40,9 @@ class LoadResult:
 class ManagerStats:
     num_loads: int = 0
     load_seconds: float = 0.0
+    """From a load's start until the scheduler saw it finish."""
+    load_copy_seconds: float = 0.0
+    """CUDA: the copies' own time on the load stream (from timing events)."""
     num_rejected_min_hits: int = 0
     """Chunks not stored because their prefix was seen fewer than kv_store_min_hits times."""
     num_rejected_cost: int = 0

@@ -49,19 +49,33 @@ def build_tier_manager(config: TierConfig, layout: KVLayout, kv_cache: torch.Ten
     return manager
 
 
+PROBE_CHUNKS = 8
+"""The cpu probe moves this many chunks at once, about one long prefix: a single chunk is
+small enough that launch overhead would halve the measured rate."""
+
+
 def probe_rate(store: TierStore, transfer: KVTransfer, chunk_blocks: int) -> TierRate:
-    """Time moving one chunk from this kind of tier into the (still empty) device cache."""
-    num_blocks = min(chunk_blocks, transfer.kv_cache.shape[2])
+    """Time moving data from this kind of tier into the (still empty) device cache."""
+    num_blocks = min(chunk_blocks * (PROBE_CHUNKS if store.name == "cpu" else 1),
+                     transfer.kv_cache.shape[2])
     num_bytes = num_blocks * store.layout.block_bytes
     payload = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=transfer.is_cuda)
     index = transfer.load_index(list(range(num_blocks)))
     if store.name == "cpu":
         transfer.copy_in(payload, num_blocks, 0, index)  # warm-up
         transfer.wait_loads()
-        started = time.perf_counter()
-        transfer.copy_in(payload, num_blocks, 0, index)
-        transfer.wait_loads()
-        return TierRate(num_bytes / max(time.perf_counter() - started, 1e-9), latency_s=0.0)
+        if transfer.is_cuda:
+            started = transfer.load_event()
+            transfer.copy_in(payload, num_blocks, 0, index)
+            finished = transfer.load_event()
+            finished.synchronize()
+            seconds = started.elapsed_time(finished) / 1e3
+        else:
+            started_s = time.perf_counter()
+            transfer.copy_in(payload, num_blocks, 0, index)
+            transfer.wait_loads()
+            seconds = time.perf_counter() - started_s
+        return TierRate(num_bytes / max(seconds, 1e-9), latency_s=0.0)
     if store.name == "disk":
         return _probe_disk(store, transfer, payload, num_blocks)
     return TierRate(1e9, latency_s=1e-3)

@@ -96,11 +96,18 @@ class KVTransfer:
         gathered.data = None
         return done
 
-    def load_done_event(self) -> torch.cuda.Event:
-        """CUDA: an event after everything enqueued on the load stream so far."""
-        event = torch.cuda.Event()
+    def load_event(self) -> torch.cuda.Event:
+        """CUDA: a timing event after everything enqueued on the load stream so far. One
+        before a load's copies and one after give the copy's own time: the host notices the
+        completion only at its next step, which can be tens of milliseconds later."""
+        event = torch.cuda.Event(enable_timing=True)
         event.record(self.load_stream)
         return event
+
+    def order_compute_after(self, event: torch.cuda.Event) -> None:
+        """CUDA: work enqueued on the compute stream from now on waits for `event` (a load's
+        copies), without blocking the host."""
+        torch.cuda.current_stream(self.device).wait_event(event)
 
     # -- load: host -> device ----------------------------------------------------------------
 

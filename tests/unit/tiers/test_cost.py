@@ -1,0 +1,79 @@
+"""Load-or-recompute: the cost model follows observed rates, and a tier it judged too slow gets
+re-measured instead of being shut out for good."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.tiers.cost import CostModel, TierRate
+
+MB = 1_000_000
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def model(clock: FakeClock, gb_per_s: float = 50.0) -> CostModel:
+    # 100k prompt tokens/s: recomputing 4,096 tokens takes 41 ms.
+    return CostModel(100_000.0, {"cpu": TierRate(gb_per_s * 1e9)}, clock=clock)
+
+
+def test_load_pays_when_the_copy_is_faster_than_the_prefill() -> None:
+    cost = model(FakeClock())
+    assert cost.load_pays("cpu", 117 * MB, 4096)       # 2.3 ms against 41 ms
+    assert not cost.load_pays("cpu", 117 * MB, 16)     # 2.3 ms against 0.16 ms
+
+
+def test_slow_observations_turn_loads_off() -> None:
+    cost = model(FakeClock())
+    for _ in range(30):
+        cost.observe_load("cpu", 117 * MB, 0.5)        # 0.23 GB/s
+    assert cost.tier_rates["cpu"].bytes_per_s < 1e9
+    assert not cost.load_pays("cpu", 117 * MB, 4096)
+
+
+def test_a_refused_tier_is_retried_once_per_interval() -> None:
+    clock = FakeClock()
+    cost = model(clock, gb_per_s=0.1)                  # 1.2 s per 117 MB: never pays
+    assert not cost.load_pays("cpu", 117 * MB, 4096)
+    assert not cost.grant_retry("cpu")                 # measured (probed) just now
+    clock.now += CostModel.RETRY_AFTER_S
+    assert cost.grant_retry("cpu")
+    assert not cost.grant_retry("cpu")                 # one retry per interval
+    clock.now += CostModel.RETRY_AFTER_S / 2
+    assert not cost.grant_retry("cpu")
+    clock.now += CostModel.RETRY_AFTER_S / 2
+    assert cost.grant_retry("cpu")
+
+
+def test_a_retry_that_measures_a_fast_copy_turns_loads_back_on() -> None:
+    clock = FakeClock()
+    cost = model(clock, gb_per_s=0.1)
+    clock.now += CostModel.RETRY_AFTER_S
+    assert cost.grant_retry("cpu")
+    for _ in range(20):                                # the retried loads copy at 50 GB/s
+        cost.observe_load("cpu", 117 * MB, 117 * MB / 50e9)
+    assert cost.load_pays("cpu", 117 * MB, 4096)
+
+
+def test_an_observation_postpones_the_next_retry() -> None:
+    clock = FakeClock()
+    cost = model(clock, gb_per_s=0.1)
+    clock.now += 0.9 * CostModel.RETRY_AFTER_S
+    cost.observe_load("cpu", 1 * MB, 0.01)
+    clock.now += 0.5 * CostModel.RETRY_AFTER_S
+    assert not cost.grant_retry("cpu")
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0])
+def test_observations_without_time_are_ignored(seconds: float) -> None:
+    cost = model(FakeClock())
+    cost.observe_load("cpu", 117 * MB, seconds)
+    cost.observe_prefill(4096, seconds)
+    assert cost.tier_rates["cpu"].bytes_per_s == 50e9
+    assert cost.prefill_tokens_per_s == 100_000.0
