@@ -22,17 +22,20 @@ import random
 import time
 from typing import Any
 
+import torch
 from profile_gpu_engine import PhaseTimer  # scripts/ is on sys.path when run as a script
 
 from kvtier import LLM, SamplingParams
 from kvtier.engine.core_messages import AddRequest
 from kvtier.engine.engine_core import CommandInbox, EngineCore
-from kvtier.types import ModelRunnerOutput, SchedulerOutput
+from kvtier.runner.model_runner import PendingOutput
+from kvtier.types import SchedulerOutput
 
 
-def stub_execute(step: SchedulerOutput) -> ModelRunnerOutput:
-    return ModelRunnerOutput({s.request_id: 1000 + len(s.token_ids) % 7
-                              for s in step.requests if s.sample})
+def stub_launch(step: SchedulerOutput) -> PendingOutput:
+    sampled = [s for s in step.requests if s.sample]
+    return PendingOutput([s.request_id for s in sampled],
+                         torch.tensor([1000 + len(s.token_ids) % 7 for s in sampled]))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> dict:
     llm = LLM(None, num_gpu_blocks_override=args.num_blocks, max_num_batched_tokens=8192,
               max_num_seqs=256, scheduling_policy="lpm", **extra)
     engine = llm.engine
-    engine.runner.execute = stub_execute  # type: ignore[method-assign]
+    engine.runner.launch = stub_launch  # type: ignore[method-assign]
     if engine.tiers is not None:  # the stub's instant "prefills" must not teach the cost model
         engine.tiers.cost.observe_prefill = lambda *a: None  # type: ignore[method-assign]
     timer = PhaseTimer()
@@ -72,7 +75,9 @@ def run(args: argparse.Namespace) -> dict:
             core._apply(update, [AddRequest(f"r{next(ids)}", queued.pop(), params,
                                             time.monotonic())])
             in_flight += 1
-        core._step(update)  # the core's turn (EngineCore._loop): step, then one update out
+        # The core's synchronous turn (EngineCore._loop): step, then one update out.
+        launched = core._launch(update)
+        core._deliver(update, core._complete(launched) if launched is not None else [])
         update.snapshot = core._snapshot()
         emit(update)
         turns += 1

@@ -173,11 +173,11 @@ def p_replay(report: dict, num_prompts: int, tiers: tuple[str, ...], model: str 
     engine = llm.engine
     timer = PhaseTimer()
     timer.wrap(engine.scheduler, "schedule", "schedule")
+    timer.wrap(engine.runner, "launch", "runner_launch")
+    timer.wrap(engine, "complete_step", "complete (waits for tokens)")
     timer.wrap(engine.scheduler, "update_from_output", "update")
-    timer.wrap(engine.runner, "execute", "runner")
-    timer.wrap(engine.runner.sampler, "sample", "sample_sync")
     timer.wrap(engine.outputs, "detokenize", "detokenize")
-    timer.wrap(engine.outputs, "make_output", "make_output")
+    timer.wrap(engine, "make_outputs", "make_outputs")
     rng = random.Random(0)
     prefixes = [[rng.randrange(1000, 30_000) for _ in range(prefix_len)] for _ in range(64)]
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)

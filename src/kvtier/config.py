@@ -198,6 +198,11 @@ class EngineConfig:
     kernels (~4 ms for a 1.5B model) hide most of the eager launch cost, and padding to coarser
     sizes would waste more."""
 
+    overlap_outputs: bool = False
+    """Server engine core: build and send step N's outputs while the device runs step N+1
+    (scheduling still waits for step N's tokens). Off by default: on an H200 it served P
+    5-10% faster, but one Q run had a worse TTFT with it (BENCHMARKS.md)."""
+
     def __post_init__(self) -> None:
         if self.max_cudagraph_capture_size < 0:
             raise ConfigError(f"max_cudagraph_capture_size {self.max_cudagraph_capture_size} "
@@ -234,7 +239,8 @@ class EngineConfig:
         )
 
 
-_TOP_LEVEL = ("attention_backend", "enforce_eager", "max_cudagraph_capture_size")
+_TOP_LEVEL = ("attention_backend", "enforce_eager", "max_cudagraph_capture_size",
+              "overlap_outputs")
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
              "tiers": TierConfig}
 _FIELD_SECTION = {f.name: name for name, cls in _SECTIONS.items()

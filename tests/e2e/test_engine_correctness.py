@@ -278,3 +278,19 @@ def test_kv_load_timing_is_validated_by_name() -> None:
         assert EngineConfig.from_kwargs(kv_load_timing=timing).tiers.kv_load_timing == timing
     with pytest.raises(ValueError, match="kv_load_timing 'later' is not one of same-step"):
         EngineConfig.from_kwargs(kv_load_timing="later")
+
+
+def test_serve_flags_reach_the_engine_config() -> None:
+    """`kvtier serve --overlap-outputs --kv-load-timing next-step` lands in EngineConfig;
+    without the flags the defaults hold."""
+    import argparse
+
+    from kvtier.config import EngineConfig
+    from kvtier.engine.args import add_engine_args, engine_kwargs
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    config = EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args(
+        ["--overlap-outputs", "--kv-load-timing", "next-step"])))
+    assert config.overlap_outputs and config.tiers.kv_load_timing == "next-step"
+    config = EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args([])))
+    assert not config.overlap_outputs and config.tiers.kv_load_timing == "same-step"

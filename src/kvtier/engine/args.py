@@ -26,6 +26,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-cudagraph-capture-size", type=int, default=1024,
                    help="largest step (tokens) with prefill chunks run as piecewise CUDA "
                         "graphs around attention; 0: such steps run eagerly")
+    g.add_argument("--overlap-outputs", action="store_true",
+                   help="server: build and send a step's outputs while the device runs the "
+                        "next step")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True)
@@ -56,7 +59,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 ENGINE_ARG_NAMES = (
     "model", "dtype", "seed", "device", "attention_backend", "enforce_eager",
-    "max_cudagraph_capture_size", "block_size",
+    "max_cudagraph_capture_size", "overlap_outputs", "block_size",
     "enable_prefix_caching", "kv_cache_memory_bytes", "gpu_memory_utilization",
     "num_gpu_blocks_override", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
     "scheduling_policy",

@@ -179,7 +179,8 @@ class AsyncEngine:
         try:
             self.engine = self._factory()
             core = EngineCore(self.engine, self._inbox, self._dispatch,
-                              request_timeout_s=self.request_timeout_s)
+                              request_timeout_s=self.request_timeout_s,
+                              overlap_outputs=self.engine.config.overlap_outputs)
             self._dispatch(core.initial_update())
         except BaseException as exc:  # handed to start(), which re-raises it
             failure.append(exc)

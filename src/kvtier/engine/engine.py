@@ -30,7 +30,7 @@ from kvtier.runner.memory import (
     resolve_device,
     resolve_dtype,
 )
-from kvtier.runner.model_runner import ModelRunner
+from kvtier.runner.model_runner import ModelRunner, PendingOutput
 from kvtier.runner.piecewise_graph import estimate_bytes as estimate_piecewise_bytes
 from kvtier.scheduler import Scheduler
 from kvtier.tiers.base import KVLayout, TierStats
@@ -95,6 +95,15 @@ class _StatsWindow:
         self.decode_runner_s += runner_s if decode_only else 0.0
         self.prompt_tokens += scheduled.num_scheduled_tokens - decodes
         self.generated_tokens += sum(1 for s in scheduled.requests if s.sample)
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device, its tokens not yet read."""
+
+    scheduled: SchedulerOutput
+    pending: PendingOutput
+    started: float
 
 
 class LLMEngine:
@@ -251,6 +260,16 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns outputs of requests that produced a token or finished."""
+        return self.make_outputs(self.complete_step(self.launch_step()))
+
+    # A step in three parts, so that a caller (the engine core) can turn the previous step's
+    # results into outputs and send them while the device runs the next one:
+    #     launched = launch_step(); outputs = make_outputs(previous); previous = complete_step(
+    #     launched)
+    # Scheduling still waits for the previous step's tokens; only output building overlaps.
+
+    def launch_step(self) -> LaunchedStep:
+        """Schedule a batch and queue it on the device."""
         scheduled = self.scheduler.schedule()
         if not scheduled.requests and self.tiers is not None and \
                 self.tiers.has_inflight_transfers:
@@ -259,8 +278,16 @@ class LLMEngine:
             # starve the transfer threads of the GIL.
             self.tiers.wait_for_transfer(timeout_s=0.01)
         started = time.perf_counter()
-        runner_output = self.runner.execute(scheduled)
-        runner_s = time.perf_counter() - started
+        return LaunchedStep(scheduled, self.runner.launch(scheduled), started)
+
+    def complete_step(self, launched: LaunchedStep) -> list[Request]:
+        """Wait for a launched step's tokens and apply them: request state, stop tokens and
+        strings (finishing requests now, before the next schedule), counters. Returns the
+        requests that got a token or finished, for `make_outputs`."""
+        scheduled = launched.scheduled
+        runner_output = launched.pending.result()
+        # Launch to tokens: the step's device time plus any host work done in between.
+        runner_s = time.perf_counter() - launched.started
         if self.tiers is not None:
             self._observe_prefill(scheduled, runner_s)
         updated = self.scheduler.update_from_output(scheduled, runner_output)
@@ -269,7 +296,6 @@ class LLMEngine:
             self._window.add(scheduled, runner_s)
             if time.monotonic() - self._window.start >= self.log_stats_interval_s:
                 self._log_window()
-        results = []
         for request in updated:
             stop = self.outputs.detokenize(request)
             if stop is not None and not request.is_finished:
@@ -278,8 +304,13 @@ class LLMEngine:
                 request.finish_reason, request.stop_reason = FinishReason.STOP, stop
             if request.is_finished:
                 self._count_finished(request)
-            results.append(self.outputs.make_output(request, finished=request.is_finished))
-        return results
+        return updated
+
+    def make_outputs(self, updated: list[Request]) -> list[RequestOutput]:
+        """RequestOutputs of completed-step requests (those aborted since are skipped: their
+        abort already returned their final output)."""
+        return [self.outputs.make_output(request, finished=request.is_finished)
+                for request in updated if self.outputs.is_tracking(request.request_id)]
 
     def _observe_prefill(self, scheduled: SchedulerOutput, seconds: float) -> None:
         """Feed the tiers' cost model with prefill-dominated steps."""

@@ -27,7 +27,8 @@ from kvtier.engine.core_messages import (
     CoreUpdate,
     output_delta,
 )
-from kvtier.engine.engine import LLMEngine
+from kvtier.engine.engine import LaunchedStep, LLMEngine
+from kvtier.request import Request
 from kvtier.types import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class CommandInbox:
 class EngineCore:
     def __init__(self, engine: LLMEngine, inbox: CommandInbox,
                  emit: Callable[[CoreUpdate], None], *, request_timeout_s: float | None = None,
-                 separate_process: bool = False) -> None:
+                 separate_process: bool = False, overlap_outputs: bool = False) -> None:
         """`emit` gets one update per turn. In a `separate_process` the updates are pickled:
         refusals other than InvalidRequestError become RuntimeErrors (which always unpickle)
         and stats are not deep-copied."""
@@ -78,6 +79,8 @@ class EngineCore:
         self.emit = emit
         self.request_timeout_s = request_timeout_s
         self.separate_process = separate_process
+        self.overlap_outputs = overlap_outputs
+        """Turn step N's results into outputs while the device runs step N+1 (see _loop)."""
         self._deadlines: dict[str, float | None] = {}
         """Live requests (accepted, not finished) and their timeout deadline, if any."""
         self._announced: set[str] = set()
@@ -101,27 +104,72 @@ class EngineCore:
             raise
 
     def _loop(self) -> None:
-        has_work = idle_step = False
+        # Each turn launches a step. Synchronous turns wait for its tokens and send its
+        # outputs in the same turn. Overlapped turns (`overlap_outputs`) instead turn the
+        # previous step's results into this turn's update while the device runs this step,
+        # and apply this step's tokens at the end of the turn; either way, commands and
+        # scheduling always see a settled engine.
+        completed: list[Request] = []
+        """Requests the previous step updated, their outputs not yet made (overlapped)."""
+        idle_step = False
         while True:
+            has_work = self.engine.has_unfinished_requests() or bool(completed)
             wait_s = IDLE_WAIT_S if idle_step else (0 if has_work else None)
             commands, stop = self.inbox.take(wait_s)
             num_adds = sum(isinstance(c, AddRequest) for c in commands)
             update = self._update(num_adds)
             if stop:
+                self._deliver(update, completed)
                 self._refuse(update, commands)
                 self._fail_all(update, "shutdown")
                 self._finish(update)
                 return
+            # Finished requests first: an abort or a timeout must not overtake a finish.
+            self._deliver(update, [r for r in completed if r.is_finished])
             self._apply(update, commands)
             self._expire(update)
+            launched = None
+            started = time.perf_counter()
             if self.engine.has_unfinished_requests():
-                started = time.perf_counter()
-                self._step(update)
-                # A step that produced nothing and took no time scheduled nothing.
-                idle_step = not update.outputs and time.perf_counter() - started < 0.0005
-            has_work = self.engine.has_unfinished_requests()
+                launched = self._launch(update)
+            if self.overlap_outputs:
+                self._deliver(update, completed)  # the previous step's, while this one runs
+                update.snapshot = self._snapshot()
+                self.emit(update)
+                completed = [] if launched is None else self._complete(launched)
+                produced = bool(completed)
+            else:
+                completed = [] if launched is None else self._complete(launched)
+                self._deliver(update, completed)
+                update.snapshot = self._snapshot()
+                self.emit(update)
+                produced, completed = bool(completed), []
+            # A step that produced nothing and took no time scheduled nothing (requests wait
+            # on transfers): poll the inbox with a short sleep instead of spinning.
+            idle_step = (launched is not None and not produced
+                         and time.perf_counter() - started < 0.0005)
+
+    def _launch(self, update: CoreUpdate) -> LaunchedStep | None:
+        try:
+            return self.engine.launch_step()
+        except Exception:
+            # An engine bug must not take the server down: fail the live requests, keep going.
+            logger.exception("engine step failed; aborting %d live requests",
+                             len(self._deadlines))
+            self._fail_all(update, "error")
+            return None
+
+    def _complete(self, launched: LaunchedStep) -> list[Request]:
+        try:
+            return self.engine.complete_step(launched)
+        except Exception:
+            logger.exception("engine step failed; aborting %d live requests",
+                             len(self._deadlines))
+            update = self._update(0)
+            self._fail_all(update, "error")
             update.snapshot = self._snapshot()
             self.emit(update)
+            return []
 
     def _update(self, num_adds: int) -> CoreUpdate:
         return CoreUpdate(snapshot=None, num_adds_drained=num_adds, time=time.monotonic())
@@ -187,17 +235,12 @@ class EngineCore:
         for request_id in expired:
             self._abort(update, AbortRequest(request_id, "timeout"))
 
-    def _step(self, update: CoreUpdate) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception:
-            # An engine bug must not take the server down: fail the live requests, keep going.
-            logger.exception("engine step failed; aborting %d live requests",
-                             len(self._deadlines))
-            self._fail_all(update, "error")
+    def _deliver(self, update: CoreUpdate, completed: list[Request]) -> None:
+        """The completed step's outputs, as deltas, for requests still live."""
+        if not completed:
             return
         update.time = time.monotonic()
-        for output in outputs:
+        for output in self.engine.make_outputs(completed):
             request_id = output.request_id
             if request_id not in self._deadlines:
                 continue

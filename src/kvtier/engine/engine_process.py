@@ -154,7 +154,7 @@ def run_engine_process(spec: EngineProcessSpec, conn: Connection) -> None:
         return
     inbox = CommandInbox()
     core = EngineCore(engine, inbox, conn.send, request_timeout_s=spec.request_timeout_s,
-                      separate_process=True)
+                      separate_process=True, overlap_outputs=spec.config.overlap_outputs)
     conn.send(Ready(engine.model_name, engine.max_model_len))
     conn.send(core.initial_update())
     threading.Thread(target=_read_commands, args=(conn, inbox), name="kvtier-commands",

@@ -33,6 +33,10 @@ class OutputProcessor:
         self._states[request.request_id] = _TextState(
             IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids))
 
+    def is_tracking(self, request_id: str) -> bool:
+        """Whether the request's final output is still to be made."""
+        return request_id in self._states
+
     def drop(self, request_id: str) -> None:
         self._states.pop(request_id, None)
 

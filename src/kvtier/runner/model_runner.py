@@ -56,9 +56,15 @@ class ModelRunner:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        """Run the step and wait for its sampled tokens."""
+        return self.launch(step).result()
+
+    def launch(self, step: SchedulerOutput) -> PendingOutput:
+        """Queue the step's kernels (on CUDA the host returns before the device finishes);
+        `result()` of the returned handle waits for the sampled tokens."""
         self.sampler.forget(step.finished_request_ids + step.preempted_request_ids)
         if not step.requests:
-            return ModelRunnerOutput({})
+            return PendingOutput([], None)
         if self._can_replay(step):
             return self._execute_graph(step)
         num_tokens = sum(len(s.token_ids) for s in step.requests)
@@ -72,21 +78,21 @@ class ModelRunner:
             else:
                 hidden = self.model(input_ids, positions, self.kv_caches, metadata)
             if not sampling:
-                return ModelRunnerOutput({})
+                return PendingOutput([], None)
             last_rows = _to_device([metadata.query_start_loc_cpu[i + 1] - 1 for i, _ in sampling],
                                    torch.int64, self.device)
             logits = self.model.compute_logits(hidden[last_rows])
-            tokens = self.sampler.sample(logits, [s.request_id for _, s in sampling],
-                                         [s.sampling_params for _, s in sampling])
-        return ModelRunnerOutput({s.request_id: t for (_, s), t in zip(sampling, tokens,
-                                                                       strict=True)})
+            ids = [s.request_id for _, s in sampling]
+            tokens = self.sampler.sample_async(logits, ids,
+                                               [s.sampling_params for _, s in sampling])
+        return PendingOutput(ids, tokens)
 
     def _can_replay(self, step: SchedulerOutput) -> bool:
         return self.graphs is not None and all(
             len(s.token_ids) == 1 and s.sample for s in step.requests) and self.graphs.fits(
             len(step.requests), max(len(s.block_ids) for s in step.requests))
 
-    def _execute_graph(self, step: SchedulerOutput) -> ModelRunnerOutput:
+    def _execute_graph(self, step: SchedulerOutput) -> PendingOutput:
         assert self.graphs is not None
         bs = self.block_size
         positions = [s.num_computed_tokens for s in step.requests]
@@ -98,8 +104,8 @@ class ModelRunner:
             block_tables=[s.block_ids for s in step.requests],
             seq_lens=[p + 1 for p in positions])
         ids = [s.request_id for s in step.requests]
-        tokens = self.sampler.sample(logits, ids, [s.sampling_params for s in step.requests])
-        return ModelRunnerOutput(dict(zip(ids, tokens, strict=True)))
+        return PendingOutput(ids, self.sampler.sample_async(
+            logits, ids, [s.sampling_params for s in step.requests]))
 
     def _prepare_inputs(self, step: SchedulerOutput, padded_tokens: int | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -152,6 +158,20 @@ class ModelRunner:
         self.backend.prepare(metadata)
         return (_to_device(token_ids, torch.int64, device),
                 _to_device(positions, torch.int64, device), metadata)
+
+
+class PendingOutput:
+    """A launched step's sampled tokens, still on the device until `result()`."""
+
+    def __init__(self, request_ids: list[str], tokens: torch.Tensor | None) -> None:
+        self.request_ids = request_ids
+        self.tokens = tokens
+
+    def result(self) -> ModelRunnerOutput:
+        """Wait for the tokens (the step's one host synchronisation)."""
+        if self.tokens is None:
+            return ModelRunnerOutput({})
+        return ModelRunnerOutput(dict(zip(self.request_ids, self.tokens.tolist(), strict=True)))
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -37,6 +37,12 @@ class Sampler:
     def sample(self, logits: torch.Tensor, request_ids: list[str],
                params: list[SamplingParams]) -> list[int]:
         """logits: (n, vocab) float32, one row per request -> one token id per row."""
+        return self.sample_async(logits, request_ids, params).tolist()
+
+    def sample_async(self, logits: torch.Tensor, request_ids: list[str],
+                     params: list[SamplingParams]) -> torch.Tensor:
+        """As `sample`, but the tokens stay on the logits' device: (n,) int64, not yet
+        synchronised with the host."""
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         for row in random_rows:
@@ -44,7 +50,7 @@ class Sampler:
             probs = _filtered_probs(logits[row], p)
             generator = self._generator(request_ids[row], p)
             tokens[row] = torch.multinomial(probs, 1, generator=generator)[0]
-        return tokens.tolist()
+        return tokens
 
 
 def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

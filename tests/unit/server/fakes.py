@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, cast
 
+from kvtier.config import EngineConfig
 from kvtier.engine.async_engine import AsyncEngine
 from kvtier.engine.engine import EngineStats, LLMEngine
 from kvtier.types import (
@@ -47,12 +48,24 @@ class _Req:
     num_sent: int = 0
 
 
+@dataclass
+class _Completed:
+    output: RequestOutput
+
+    @property
+    def is_finished(self) -> bool:
+        return self.output.finished
+
+
 class FakeEngine:
     model_name = "fake-model"
     max_model_len = 64
+    overlap_outputs = False
+    """The engine core's turn for new fakes (tests run the core both ways)."""
 
     def __init__(self, max_running: int = 8, step_delay_s: float = 0.002,
                  fail_steps: int = 0) -> None:
+        self.config = EngineConfig(overlap_outputs=self.overlap_outputs)
         self.tokenizer = FakeTokenizer()
         self.pool = SimpleNamespace(num_free_blocks=100, num_blocks=100)
         self.max_running = max_running
@@ -85,7 +98,21 @@ class FakeEngine:
         self.requests[request_id] = _Req(request_id, ids, params, metrics)
         return request_id
 
+    # The engine core's three-part step (see LLMEngine.launch_step): here all work happens
+    # at launch; completion wraps the outputs, and outputs of requests aborted in between are
+    # dropped, as the real engine's make_outputs does.
     def step(self) -> list[RequestOutput]:
+        return self.make_outputs(self.complete_step(self.launch_step()))
+
+    def complete_step(self, launched: list[RequestOutput]) -> list[_Completed]:
+        self._touch()
+        return [_Completed(output) for output in launched]
+
+    def make_outputs(self, completed: list[_Completed]) -> list[RequestOutput]:
+        self._touch()
+        return [c.output for c in completed if c.output.request_id not in self.aborted]
+
+    def launch_step(self) -> list[RequestOutput]:
         self._touch()
         if self.fail_steps:
             self.fail_steps -= 1

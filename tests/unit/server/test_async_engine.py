@@ -19,6 +19,15 @@ from tests.unit.server.fakes import FakeEngine, start_async_engine
 pytestmark = pytest.mark.timeout(30)
 
 
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync-turn", "overlapped-turn"])
+def core_turn(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every test runs with the engine core's synchronous turn and with `overlap_outputs`
+    (a step's outputs sent while the next step runs): delivery, aborts, timeouts and failures
+    must not depend on it."""
+    monkeypatch.setattr(FakeEngine, "overlap_outputs", request.param)
+    return request.param
+
+
 def params(max_tokens: int = 3) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0)
 

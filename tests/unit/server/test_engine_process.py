@@ -32,15 +32,19 @@ ENGINE_ARGS = {"max_model_len": 256, "num_gpu_blocks_override": 256}
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-def spawn(**kwargs: object) -> AsyncEngine:
-    engine = AsyncEngine.spawn(EngineConfig.from_kwargs(model=MODEL, **ENGINE_ARGS), **kwargs)
+def spawn(overlap_outputs: bool = False, **kwargs: object) -> AsyncEngine:
+    config = EngineConfig.from_kwargs(model=MODEL, overlap_outputs=overlap_outputs,
+                                      **ENGINE_ARGS)
+    engine = AsyncEngine.spawn(config, **kwargs)
     engine.start()
     return engine
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[AsyncEngine]:
-    engine = spawn()
+@pytest.fixture(scope="module", params=[False, True], ids=["sync-turn", "overlapped-turn"])
+def engine(request: pytest.FixtureRequest) -> Iterator[AsyncEngine]:
+    """The engine core's synchronous turn, and `overlap_outputs` (a step's outputs are sent
+    while the next step runs): the streams must be the same."""
+    engine = spawn(overlap_outputs=request.param)
     yield engine
     asyncio.run(engine.shutdown())
     assert not engine.is_alive
