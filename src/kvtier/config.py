@@ -102,8 +102,15 @@ class SchedulerConfig:
     """Order of admission: fcfs, or lpm (longest prefix match first, like SGLang's: waiting
     requests that share the most KV with the device cache go first, so shared prefix blocks
     serve many requests at once; a request waiting too long goes first regardless)."""
+    long_prefill_token_threshold: int = 0
+    """Most prompt tokens one request may prefill in a step (vLLM's knob of that name); 0 = up
+    to the step budget. A cap keeps one long prefill from holding up short ones (a prefix
+    loaded from a tier, then a short extend) for a whole long step."""
 
     def __post_init__(self) -> None:
+        if self.long_prefill_token_threshold < 0:
+            raise ConfigError(f"long_prefill_token_threshold "
+                              f"{self.long_prefill_token_threshold} must be >= 0")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ConfigError(f"scheduling_policy {self.scheduling_policy!r} is not one of "
                               f"{', '.join(SCHEDULING_POLICIES)}")

@@ -130,6 +130,18 @@ def test_greedy_output_is_invariant_to_caching_chunking_and_batching(
     assert pool.num_free_blocks == pool.num_blocks
 
 
+def test_greedy_output_is_invariant_to_a_long_prefill_threshold(
+        invariance_reference: tuple[list[list[int]], list[list[int]]]) -> None:
+    """Prompts of ~80 tokens prefilled 24 at a time, beside others' decodes: the same tokens
+    as each prompt alone, and no leaked block."""
+    prompts, alone = invariance_reference
+    llm = LLM(max_num_batched_tokens=512, long_prefill_token_threshold=24)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts[:8], params)][:4] == alone
+    pool = llm.engine.pool
+    assert pool.num_free_blocks == pool.num_blocks
+
+
 def test_second_request_computes_only_its_suffix(smollm: LLM) -> None:
     rng = random.Random(11)
     prefix = [rng.randrange(200, 40_000) for _ in range(512)]
@@ -281,8 +293,9 @@ def test_kv_load_timing_is_validated_by_name() -> None:
 
 
 def test_serve_flags_reach_the_engine_config() -> None:
-    """`kvtier serve --overlap-outputs --kv-load-timing next-step` lands in EngineConfig;
-    without the flags the defaults hold."""
+    """`kvtier serve --overlap-outputs --kv-load-timing next-step
+    --long-prefill-token-threshold 1024` lands in EngineConfig; without the flags the defaults
+    hold."""
     import argparse
 
     from kvtier.config import EngineConfig
@@ -290,7 +303,10 @@ def test_serve_flags_reach_the_engine_config() -> None:
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     config = EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args(
-        ["--overlap-outputs", "--kv-load-timing", "next-step"])))
+        ["--overlap-outputs", "--kv-load-timing", "next-step",
+         "--long-prefill-token-threshold", "1024"])))
     assert config.overlap_outputs and config.tiers.kv_load_timing == "next-step"
+    assert config.scheduler.long_prefill_token_threshold == 1024
     config = EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args([])))
     assert not config.overlap_outputs and config.tiers.kv_load_timing == "same-step"
+    assert config.scheduler.long_prefill_token_threshold == 0

@@ -153,12 +153,18 @@ class Scheduler:
             remaining = request.num_tokens - request.num_computed_tokens
             if ("decode" if remaining == 1 else "prefill") not in kinds:
                 continue
-            num_new = min(remaining, budget)
+            num_new = self._chunk(remaining, budget)
             if not self._allocate_or_preempt(request, num_new, preempted):
                 continue
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         return budget
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens a request computes this step: the rest of its prompt (or its one decode
+        token), capped by `long_prefill_token_threshold` and the step's budget."""
+        cap = self.config.long_prefill_token_threshold
+        return min(cap if 0 < cap < remaining else remaining, budget)
 
     def _allocate_or_preempt(self, request: Request, num_new: int,
                              preempted: list[str]) -> bool:
@@ -212,7 +218,7 @@ class Scheduler:
                     if request.status is RequestStatus.RUNNING:  # loaded inline: go on now
                         budget = self._schedule_loaded(request, budget, scheduled)
                     continue
-            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            num_new = self._chunk(request.num_tokens - num_hit_tokens, budget)
             if not self.kv.allocate_slots(request, num_new, hit_blocks):
                 break
             self.waiting.remove(request)
@@ -231,7 +237,7 @@ class Scheduler:
     def _schedule_loaded(self, request: Request, budget: int,
                          scheduled: list[ScheduledRequest]) -> int:
         """Schedule the rest of the prompt of a request whose tier load finished inline."""
-        num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+        num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
         if num_new > 0 and self.kv.allocate_slots(request, num_new):
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new

@@ -66,6 +66,35 @@ def test_prefill_is_chunked_to_the_budget_and_samples_only_at_the_end() -> None:
     assert request.num_output_tokens == 2 and request.finish_reason is FinishReason.LENGTH
 
 
+def test_long_prefill_threshold_caps_each_chunk_and_lets_short_prompts_in() -> None:
+    """A 40-token prompt prefills 12 tokens a step although the budget is 64; a 5-token prompt
+    admitted beside it runs whole in the first step. The tokens match an uncapped run."""
+    def run(threshold: int) -> tuple[list[list[tuple[str, int]]], list[list[int]]]:
+        pool = BlockPool(64, enable_caching=True)
+        kv = KVCacheManager(pool, BLOCK, root_block_hash("m"))
+        scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64,
+                                              long_prefill_token_threshold=threshold), kv)
+        requests = [make_request("a", list(range(1, 41)), max_tokens=3),
+                    make_request("b", [7, 8, 9, 10, 11], max_tokens=3)]
+        for request in requests:
+            scheduler.add_request(request)
+        steps = [[(s.request_id, len(s.token_ids)) for s in step.requests]
+                 for step in run_to_end(scheduler)]
+        return steps, [r.output_token_ids for r in requests]
+
+    capped, capped_tokens = run(12)
+    assert capped[0] == [("a", 12), ("b", 5)]
+    assert [n for step in capped for rid, n in step if rid == "a" and n > 1] == [12, 12, 12, 4]
+    uncapped, tokens = run(0)
+    assert uncapped[0] == [("a", 40), ("b", 5)]
+    assert capped_tokens == tokens
+
+
+def test_long_prefill_threshold_is_validated() -> None:
+    with pytest.raises(ValueError, match="long_prefill_token_threshold -1 must be >= 0"):
+        SchedulerConfig(long_prefill_token_threshold=-1)
+
+
 def test_decodes_come_first_and_share_the_budget_with_new_prefills() -> None:
     scheduler = make_scheduler(budget=10)
     scheduler.add_request(make_request("a", [1, 2, 3], max_tokens=5))
