@@ -139,7 +139,7 @@ class EngineCore:
                 completed = [] if launched is None else self._complete(launched)
                 produced = bool(completed)
             else:
-                completed = [] if launched is None else self._complete(launched)
+                completed = [] if launched is None else self._complete(launched, update)
                 self._deliver(update, completed)
                 update.snapshot = self._snapshot()
                 self.emit(update)
@@ -153,23 +153,29 @@ class EngineCore:
         try:
             return self.engine.launch_step()
         except Exception:
-            # An engine bug must not take the server down: fail the live requests, keep going.
-            logger.exception("engine step failed; aborting %d live requests",
-                             len(self._deadlines))
-            self._fail_all(update, "error")
+            self._step_failed(update)
             return None
 
-    def _complete(self, launched: LaunchedStep) -> list[Request]:
+    def _complete(self, launched: LaunchedStep,
+                  update: CoreUpdate | None = None) -> list[Request]:
+        """`update`: this turn's update, not yet sent; None once it has gone out (overlapped
+        turn), and a failure then goes out in an update of its own."""
         try:
             return self.engine.complete_step(launched)
         except Exception:
-            logger.exception("engine step failed; aborting %d live requests",
-                             len(self._deadlines))
+            if update is not None:
+                self._step_failed(update)
+                return []
             update = self._update(0)
-            self._fail_all(update, "error")
+            self._step_failed(update)
             update.snapshot = self._snapshot()
             self.emit(update)
             return []
+
+    def _step_failed(self, update: CoreUpdate) -> None:
+        # An engine bug must not take the server down: fail the live requests, keep going.
+        logger.exception("engine step failed; aborting %d live requests", len(self._deadlines))
+        self._fail_all(update, "error")
 
     def _update(self, num_adds: int) -> CoreUpdate:
         return CoreUpdate(snapshot=None, num_adds_drained=num_adds, time=time.monotonic())

@@ -67,8 +67,8 @@ class ModelRunner:
             return PendingOutput([], None)
         if self._can_replay(step):
             return self._execute_graph(step)
-        num_tokens = sum(len(s.token_ids) for s in step.requests)
-        padded = self.piecewise.size_for(num_tokens) if self.piecewise is not None else None
+        padded = (self.piecewise.size_for(step.num_scheduled_tokens)
+                  if self.piecewise is not None else None)
         input_ids, positions, metadata = self._prepare_inputs(step, padded)
         sampling = [(i, s) for i, s in enumerate(step.requests) if s.sample]
         with torch.inference_mode():

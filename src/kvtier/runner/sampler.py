@@ -34,15 +34,10 @@ class Sampler:
             self._per_request[request_id] = generator
         return generator
 
-    def sample(self, logits: torch.Tensor, request_ids: list[str],
-               params: list[SamplingParams]) -> list[int]:
-        """logits: (n, vocab) float32, one row per request -> one token id per row."""
-        return self.sample_async(logits, request_ids, params).tolist()
-
     def sample_async(self, logits: torch.Tensor, request_ids: list[str],
                      params: list[SamplingParams]) -> torch.Tensor:
-        """As `sample`, but the tokens stay on the logits' device: (n,) int64, not yet
-        synchronised with the host."""
+        """logits: (n, vocab) float32, one row per request -> one token id per row, (n,) int64
+        on the logits' device, not yet synchronised with the host."""
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         for row in random_rows:
