@@ -10,6 +10,8 @@
 #
 #   bash scripts/device_lab.sh benchmarks/q-prefill-threshold.toml
 #   bash scripts/device_lab.sh .gpu/seed-gpu-device.toml --workloads P,Q
+#   bash scripts/device_lab.sh benchmarks/q-prefill-threshold.toml --servers "a,b"  (names
+#       without commas)
 set -uo pipefail
 experiment=$1
 shift
@@ -22,7 +24,7 @@ name=$(basename "$experiment" .toml)
 python3 -m kvtier.cli lab "$experiment" "$@" --output "/tmp/lab-$name" --no-progress \
     > "/tmp/lab-$name.txt" 2>&1
 status=$?
-grep -v "tokens/sec" "/tmp/lab-$name.txt" | grep -A14 "^== "
+grep -v "tokens/sec" "/tmp/lab-$name.txt" | grep -A26 "^== "
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 cp "/tmp/lab-$name/report.md" "$out/$name-report.md"

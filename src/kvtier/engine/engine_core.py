@@ -125,15 +125,24 @@ class EngineCore:
                 self._finish(update)
                 return
             # Finished requests first: an abort or a timeout must not overtake a finish.
-            self._deliver(update, [r for r in completed if r.is_finished])
+            # First tokens go with them: a client's TTFT (and, at low concurrency, when it
+            # sends its next request) must not wait for the next step's launch.
+            urgent = [r for r in completed
+                      if r.is_finished or r.request_id not in self._announced]
+            self._deliver(update, urgent)
             self._apply(update, commands)
             self._expire(update)
+            if self.overlap_outputs and update.outputs:
+                self.emit(update)  # snapshot None: the next update brings the stats
+                update = self._update(0)
             launched = None
             started = time.perf_counter()
             if self.engine.has_unfinished_requests():
                 launched = self._launch(update)
             if self.overlap_outputs:
-                self._deliver(update, completed)  # the previous step's, while this one runs
+                urgent_ids = {r.request_id for r in urgent}
+                # The previous step's other outputs, while this one runs.
+                self._deliver(update, [r for r in completed if r.request_id not in urgent_ids])
                 update.snapshot = self._snapshot()
                 self.emit(update)
                 completed = [] if launched is None else self._complete(launched)

@@ -35,6 +35,14 @@ class KvtierRunStats:
     tier_loaded_bytes: dict[str, int] = field(default_factory=dict)
     tier_stored_bytes: dict[str, int] = field(default_factory=dict)
     num_preemptions: int = 0
+    ttft_s: float = 0.0
+    """Sum over requests of the server's TTFT (arrival at the HTTP handler, before
+    tokenisation, to the first token applied in the engine core)."""
+    queue_time_s: float = 0.0
+    """Sum over requests of arrival to first scheduled (tokenisation, the hop to the engine
+    core, and the wait for a step that takes the request)."""
+    num_first_tokens: int = 0
+    """Requests the two sums cover."""
 
     @property
     def computed_tokens(self) -> int:
@@ -45,9 +53,19 @@ class KvtierRunStats:
     def matched_fraction(self) -> float:
         return self.matched_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
+    @property
+    def mean_server_ttft_ms(self) -> float | None:
+        return 1e3 * self.ttft_s / self.num_first_tokens if self.num_first_tokens else None
+
+    @property
+    def mean_queue_time_ms(self) -> float | None:
+        return 1e3 * self.queue_time_s / self.num_first_tokens if self.num_first_tokens else None
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(computed_tokens=self.computed_tokens, matched_fraction=self.matched_fraction)
+        data.update(computed_tokens=self.computed_tokens, matched_fraction=self.matched_fraction,
+                    mean_server_ttft_ms=self.mean_server_ttft_ms,
+                    mean_queue_time_ms=self.mean_queue_time_ms)
         return data
 
 
@@ -73,16 +91,23 @@ def summarize(diff: Mapping[str, float] | None) -> KvtierRunStats | None:
         name, labels = split_key(key)
         if not name.startswith(PREFIX):
             continue
-        _fold(stats, name[len(PREFIX):], labels, int(round(value)))
+        _fold(stats, name[len(PREFIX):], labels, value)
     stats.num_requests = sum(stats.finished_by_reason.values())
     device = stats.matched_tokens - sum(stats.tier_hit_tokens.values())
     stats.tier_hit_tokens = {"device": device, **stats.tier_hit_tokens}
     return stats
 
 
-def _fold(stats: KvtierRunStats, name: str, labels: dict[str, str], value: int) -> None:
+def _fold(stats: KvtierRunStats, name: str, labels: dict[str, str], sample: float) -> None:
     tier = labels.get("tier", "")
-    if name == "prompt_tokens_total":
+    value = int(round(sample))  # counters of tokens, bytes and events
+    if name == "time_to_first_token_seconds_sum":
+        stats.ttft_s = sample
+    elif name == "time_to_first_token_seconds_count":
+        stats.num_first_tokens = value
+    elif name == "request_queue_time_seconds_sum":
+        stats.queue_time_s = sample
+    elif name == "prompt_tokens_total":
         stats.prompt_tokens = value
     elif name == "generation_tokens_total":
         stats.generation_tokens = value

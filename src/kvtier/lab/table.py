@@ -65,18 +65,23 @@ def tier_grid(records: Sequence[RunRecord | None], names: Sequence[str]) -> Grid
     if not present:
         return None
     tiers = tier_names(present)
-    rows: list[tuple[str, str | None]] = [("Prompt tokens (server)", "prompt_tokens"),
+    rows: list[tuple[str, str]] = [("Prompt tokens (server)", "prompt_tokens"),
                                           ("Matched, all caches", "matched_tokens")]
     rows += [(f"  hit tokens: {t}", t) for t in tiers]
     rows += [("Computed (prefilled)", "computed_tokens"), ("Preemptions", "num_preemptions")]
+    # Where a client's TTFT goes: the server's own TTFT starts at the HTTP handler and ends
+    # when the engine core applies the first token; queue time ends at the first schedule.
+    latency_rows = [("Server mean TTFT", "mean_server_ttft_ms"),
+                    ("  of which to first schedule", "mean_queue_time_ms")]
     grid = [["kvtier counters", *names]]
-    for label, key in rows:
+    for label, key in rows + latency_rows:
+        unit = "ms" if key.endswith("_ms") else "count"
         cells = []
         for r in records:
             stats = (r.kvtier or {}) if r is not None else {}
             value = (stats.get("tier_hit_tokens", {}).get(key) if key in tiers
-                     else stats.get(key or ""))
-            cells.append(format_value(value, "count") if stats else MISSING)
+                     else stats.get(key))
+            cells.append(format_value(value, unit) if stats else MISSING)
         grid.append([label, *cells])
     return grid
 

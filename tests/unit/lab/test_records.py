@@ -75,6 +75,8 @@ DIFF = {
     'kvtier:request_success_total{finished_reason="length"}': 8.0,
     'kvtier:request_success_total{finished_reason="stop"}': 0.0,
     "kvtier:time_to_first_token_seconds_count": 8.0,
+    "kvtier:time_to_first_token_seconds_sum": 0.4,
+    "kvtier:request_queue_time_seconds_sum": 0.1,
 }
 
 
@@ -85,6 +87,10 @@ def test_summarize_splits_matched_tokens_by_tier():
     assert (stats.prompt_tokens, stats.matched_tokens, stats.computed_tokens) == (1000, 700, 300)
     assert stats.num_requests == 8 and stats.num_preemptions == 2
     assert stats.tier_loaded_bytes == {"cpu": 2 * 2**20}
+    # Latency sums are seconds (not rounded like the counters), averaged per first token.
+    assert stats.mean_server_ttft_ms == pytest.approx(50.0)
+    assert stats.mean_queue_time_ms == pytest.approx(12.5)
+    assert stats.to_json()["mean_queue_time_ms"] == pytest.approx(12.5)
     text = format_stats(stats, client_prompt_tokens=1000)
     assert "700 (70.0%)" in text and "hit tokens, cpu:" in text and "2.0 / 3.0" in text
     assert summarize({"vllm:prompt_tokens_total": 5.0}) is None

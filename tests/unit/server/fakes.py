@@ -56,6 +56,10 @@ class _Completed:
     def is_finished(self) -> bool:
         return self.output.finished
 
+    @property
+    def request_id(self) -> str:
+        return self.output.request_id
+
 
 class FakeEngine:
     model_name = "fake-model"
