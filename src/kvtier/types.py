@@ -123,6 +123,9 @@ class RequestMetrics:
     """Timings (seconds, monotonic clock) and counts for one request."""
 
     arrival_time: float
+    queued_time: float | None = None
+    """When the engine core received the request (vLLM's queued timestamp): after the front
+    end's parsing and tokenisation and the hop to the core."""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None

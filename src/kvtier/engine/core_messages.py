@@ -21,6 +21,8 @@ class AddRequest:
     prompt: str | list[int]
     params: SamplingParams
     arrival_time: float
+    received_time: float | None = None
+    """Stamped by the core's inbox when it takes the command (its metrics' queued time)."""
 
 
 @dataclass

@@ -215,8 +215,10 @@ class LLMEngine:
         return list(prompt)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None) -> str:
-        """Validate and queue a request; returns its id. Raises InvalidRequestError."""
+                    request_id: str | None = None, arrival_time: float | None = None,
+                    queued_time: float | None = None) -> str:
+        """Validate and queue a request; returns its id. Raises InvalidRequestError.
+        `queued_time`: when the engine core received it (default: now)."""
         params = params or SamplingParams()
         token_ids = self.tokenize_prompt(prompt)
         self._validate(token_ids, params)
@@ -228,6 +230,7 @@ class LLMEngine:
                           prompt=prompt if isinstance(prompt, str) else None)
         if arrival_time is not None:
             request.arrival_time = request.metrics.arrival_time = arrival_time
+        request.metrics.queued_time = time.monotonic() if queued_time is None else queued_time
         self.outputs.add_request(request)
         self.scheduler.add_request(request)
         return request_id

@@ -47,6 +47,8 @@ class CommandInbox:
         self._stopped = False
 
     def put(self, command: Command) -> None:
+        if isinstance(command, AddRequest):
+            command.received_time = time.monotonic()
         with self._cond:
             self._commands.append(command)
             self._cond.notify()
@@ -220,7 +222,7 @@ class EngineCore:
     def _add(self, update: CoreUpdate, command: AddRequest) -> None:
         try:
             self.engine.add_request(command.prompt, command.params, command.request_id,
-                                    command.arrival_time)
+                                    command.arrival_time, command.received_time)
         except Exception as exc:  # InvalidRequestError and anything unexpected: to the caller
             update.accepted.append(Accepted(command.request_id, self._portable(exc)))
             return

@@ -39,10 +39,12 @@ class KvtierRunStats:
     """Sum over requests of the server's TTFT (arrival at the HTTP handler, before
     tokenisation, to the first token applied in the engine core)."""
     queue_time_s: float = 0.0
-    """Sum over requests of arrival to first scheduled (tokenisation, the hop to the engine
-    core, and the wait for a step that takes the request)."""
+    """Sum over requests of vLLM's queue time: received by the engine core to first
+    scheduled (waiting for the step in flight, then for one that takes the request)."""
+    prefill_time_s: float = 0.0
+    """Sum over requests of first scheduled to first token (tier loads included)."""
     num_first_tokens: int = 0
-    """Requests the two sums cover."""
+    """Requests the sums cover."""
 
     @property
     def computed_tokens(self) -> int:
@@ -61,11 +63,26 @@ class KvtierRunStats:
     def mean_queue_time_ms(self) -> float | None:
         return 1e3 * self.queue_time_s / self.num_first_tokens if self.num_first_tokens else None
 
+    @property
+    def mean_prefill_time_ms(self) -> float | None:
+        return (1e3 * self.prefill_time_s / self.num_first_tokens if self.num_first_tokens
+                else None)
+
+    @property
+    def mean_front_end_ms(self) -> float | None:
+        """The rest of the server's TTFT: parsing, tokenisation, the hop to the core."""
+        if not self.num_first_tokens:
+            return None
+        rest = self.ttft_s - self.queue_time_s - self.prefill_time_s
+        return 1e3 * rest / self.num_first_tokens
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(computed_tokens=self.computed_tokens, matched_fraction=self.matched_fraction,
                     mean_server_ttft_ms=self.mean_server_ttft_ms,
-                    mean_queue_time_ms=self.mean_queue_time_ms)
+                    mean_queue_time_ms=self.mean_queue_time_ms,
+                    mean_prefill_time_ms=self.mean_prefill_time_ms,
+                    mean_front_end_ms=self.mean_front_end_ms)
         return data
 
 
@@ -107,6 +124,8 @@ def _fold(stats: KvtierRunStats, name: str, labels: dict[str, str], sample: floa
         stats.num_first_tokens = value
     elif name == "request_queue_time_seconds_sum":
         stats.queue_time_s = sample
+    elif name == "request_prefill_time_seconds_sum":
+        stats.prefill_time_s = sample
     elif name == "prompt_tokens_total":
         stats.prompt_tokens = value
     elif name == "generation_tokens_total":

@@ -70,9 +70,11 @@ def tier_grid(records: Sequence[RunRecord | None], names: Sequence[str]) -> Grid
     rows += [(f"  hit tokens: {t}", t) for t in tiers]
     rows += [("Computed (prefilled)", "computed_tokens"), ("Preemptions", "num_preemptions")]
     # Where a client's TTFT goes: the server's own TTFT starts at the HTTP handler and ends
-    # when the engine core applies the first token; queue time ends at the first schedule.
+    # when the engine core applies the first token (vLLM's split of it below).
     latency_rows = [("Server mean TTFT", "mean_server_ttft_ms"),
-                    ("  of which to first schedule", "mean_queue_time_ms")]
+                    ("  front end (parse, tokenise, to the core)", "mean_front_end_ms"),
+                    ("  queued in the engine core", "mean_queue_time_ms"),
+                    ("  first scheduled to first token", "mean_prefill_time_ms")]
     grid = [["kvtier counters", *names]]
     for label, key in rows + latency_rows:
         unit = "ms" if key.endswith("_ms") else "count"

@@ -137,9 +137,15 @@ class ServerMetrics:
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds",
                              "Arrival to the request's end (any finish reason).",
                              buckets=E2E_BUCKETS, registry=self.registry)
+        # vLLM's split of the server's TTFT: queued in the engine core -> first scheduled ->
+        # first token; what comes before "queued" is the front end's (parsing, tokenisation,
+        # the hop to the core's process).
         self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
-                                    "Arrival to first scheduled.", buckets=TTFT_BUCKETS,
-                                    registry=self.registry)
+                                    "Received by the engine core to first scheduled.",
+                                    buckets=TTFT_BUCKETS, registry=self.registry)
+        self.prefill_time = Histogram(PREFIX + "request_prefill_time_seconds",
+                                      "First scheduled to first token (tier loads included).",
+                                      buckets=TTFT_BUCKETS, registry=self.registry)
         self._last_token_time: dict[str, float] = {}
 
     def observe(self, outputs: list[RequestOutput], now: float) -> None:
@@ -151,9 +157,12 @@ class ServerMetrics:
                 if last is None:
                     if metrics.first_token_time is not None:
                         self.ttft.observe(metrics.first_token_time - metrics.arrival_time)
-                    if metrics.first_scheduled_time is not None:
-                        self.queue_time.observe(metrics.first_scheduled_time
-                                                - metrics.arrival_time)
+                    scheduled = metrics.first_scheduled_time
+                    if scheduled is not None:
+                        queued = metrics.queued_time or metrics.arrival_time
+                        self.queue_time.observe(scheduled - queued)
+                        if metrics.first_token_time is not None:
+                            self.prefill_time.observe(metrics.first_token_time - scheduled)
                 else:
                     self.itl.observe(now - last)
                 self._last_token_time[request_id] = now

@@ -77,6 +77,7 @@ DIFF = {
     "kvtier:time_to_first_token_seconds_count": 8.0,
     "kvtier:time_to_first_token_seconds_sum": 0.4,
     "kvtier:request_queue_time_seconds_sum": 0.1,
+    "kvtier:request_prefill_time_seconds_sum": 0.2,
 }
 
 
@@ -90,6 +91,8 @@ def test_summarize_splits_matched_tokens_by_tier():
     # Latency sums are seconds (not rounded like the counters), averaged per first token.
     assert stats.mean_server_ttft_ms == pytest.approx(50.0)
     assert stats.mean_queue_time_ms == pytest.approx(12.5)
+    assert stats.mean_prefill_time_ms == pytest.approx(25.0)
+    assert stats.mean_front_end_ms == pytest.approx(12.5)  # 50 - 12.5 - 25
     assert stats.to_json()["mean_queue_time_ms"] == pytest.approx(12.5)
     text = format_stats(stats, client_prompt_tokens=1000)
     assert "700 (70.0%)" in text and "hit tokens, cpu:" in text and "2.0 / 3.0" in text

@@ -72,7 +72,7 @@ def test_tier_grid_lists_hit_tokens_per_tier():
     tier.kvtier.update(mean_server_ttft_ms=42.5, mean_queue_time_ms=7.25)  # type: ignore[union-attr]
     rows = {row[0]: row[1:] for row in tier_grid([base, tier], ["off", "on"])[1:]}  # type: ignore[index]
     assert rows["Server mean TTFT"] == [MISSING, "42.50 ms"]
-    assert rows["  of which to first schedule"] == [MISSING, "7.25 ms"]
+    assert rows["  queued in the engine core"] == [MISSING, "7.25 ms"]
     assert tier_grid([record("x", "P", [1.0])], ["x"]) is None
 
 

@@ -87,7 +87,8 @@ class FakeEngine:
         self.num_calls += 1
 
     def add_request(self, prompt: str | list[int], params: SamplingParams,
-                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+                    request_id: str | None = None, arrival_time: float | None = None,
+                    queued_time: float | None = None) -> str:
         self._touch()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -98,7 +99,7 @@ class FakeEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         metrics = RequestMetrics(arrival_time=arrival_time or time.monotonic(),
-                                 num_prompt_tokens=len(ids))
+                                 queued_time=queued_time, num_prompt_tokens=len(ids))
         self.requests[request_id] = _Req(request_id, ids, params, metrics)
         return request_id
 
