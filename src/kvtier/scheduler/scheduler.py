@@ -328,7 +328,8 @@ class Scheduler:
                 continue
             request.num_computed_tokens += len(scheduled.token_ids)
             self.kv.cache_computed_blocks(request)
-            if self.tiers is not None and self.kv.enable_caching:
+            if (self.tiers is not None and self.tiers.stores_on_compute
+                    and self.kv.enable_caching):
                 request.num_tier_handled_blocks = self.tiers.on_blocks_computed(
                     self.kv.block_hashes(request),
                     request.num_computed_tokens // self.kv.block_size,

@@ -338,6 +338,13 @@ class TierManager:
             return False
         return True
 
+    @property
+    def stores_on_compute(self) -> bool:
+        """Write-through: blocks go down as they are computed (`on_blocks_computed`); the lazy
+        policy stores only what is about to be evicted, so the scheduler skips the call (and
+        the block hashes it needs) for every request of every step."""
+        return self.config.kv_store_policy == "write-through"
+
     def on_blocks_computed(self, block_hashes: list[BlockHash], num_computed_blocks: int,
                            num_stored_blocks: int) -> int:
         """Write-through: store chunks completed since `num_stored_blocks`; returns the new
@@ -377,20 +384,19 @@ class TierManager:
 
     def store_lookahead(self, num_blocks: int) -> None:
         """Lazy policy: copy down candidates among the next `num_blocks` to be evicted."""
-        if self.config.kv_store_policy != "lazy" or not self._candidates:
+        candidates = self._candidates
+        if self.config.kv_store_policy != "lazy" or not candidates:
             return
-        seen = 0
-        for block_hash, _ in self.pool.eviction_order():
-            if seen >= num_blocks:
-                break
-            seen += 1
-            chunk = self._candidates.get(block_hash)
+        # Runs every step: filter in one comprehension, then loop over the few candidates.
+        upcoming = [h for h in self.pool.next_evictions(num_blocks) if h in candidates]
+        for block_hash in upcoming:
+            chunk = candidates.get(block_hash)
             if chunk is None:
-                continue
+                continue  # stored just now, with an earlier block of its chunk
             if len(self._storing) >= _MAX_INFLIGHT_STORES:
                 break
             for other in chunk.block_hashes:
-                self._candidates.pop(other, None)
+                candidates.pop(other, None)
             self._store_chunk(chunk)
 
     def flush_candidates(self) -> None:

@@ -225,6 +225,7 @@ class InlineTiers:
     and serves any run of them with a load that finishes at once."""
 
     chunk_blocks = 1
+    stores_on_compute = True  # like write-through: every computed block is "stored"
 
     def __init__(self) -> None:
         self.held: set[object] = set()
