@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> dict:
               max_num_seqs=256, scheduling_policy="lpm", **extra)
     engine = llm.engine
     engine.runner.launch = stub_launch  # type: ignore[method-assign]
+    # As on CUDA, where decode graphs exist: steps carry prefill chunks or decodes.
+    engine.scheduler.separate_prefill_steps = True
     if engine.tiers is not None:  # the stub's instant "prefills" must not teach the cost model
         engine.tiers.cost.observe_prefill = lambda *a: None  # type: ignore[method-assign]
     timer = PhaseTimer()

@@ -109,12 +109,16 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         if self.tiers is not None:
             self._finish_loads()
-            # Blocks the step may evict: copy down lazy-store candidates among them first.
-            self.tiers.store_lookahead(budget // self.kv.block_size + len(self.running)
-                                       + self.tiers.chunk_blocks)
+        kinds = self._step_kinds()
+        if self.tiers is not None:
+            # Blocks the step may evict: copy down lazy-store candidates among them first. A
+            # step without prefill work takes at most a block per running request (most steps
+            # under KV pressure), so it looks ~40 blocks ahead instead of ~600.
+            may_allocate = len(self.running) + (budget // self.kv.block_size
+                                                if self._may_prefill(kinds, budget) else 0)
+            self.tiers.store_lookahead(may_allocate + self.tiers.chunk_blocks)
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
-        kinds = self._step_kinds()
         budget = self._schedule_running(budget, kinds, scheduled, preempted)
         if not preempted and "prefill" in kinds:
             budget = self._admit_waiting(budget, scheduled)
@@ -142,6 +146,15 @@ class Scheduler:
         if has_prefills and not (has_decodes and self._last_step_prefilled):
             return ("prefill",)
         return ("decode",)
+
+    def _may_prefill(self, kinds: tuple[str, ...], budget: int) -> bool:
+        """Whether this step can take prompt tokens: a running prefill to continue, or a
+        waiting request that admission would let in."""
+        if "prefill" not in kinds:
+            return False
+        if any(r.num_tokens - r.num_computed_tokens > 1 for r in self.running):
+            return True
+        return bool(self.waiting) and not self._admission_blocked(budget)
 
     def _schedule_running(self, budget: int, kinds: tuple[str, ...],
                           scheduled: list[ScheduledRequest], preempted: list[str]) -> int:

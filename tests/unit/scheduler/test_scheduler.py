@@ -291,3 +291,53 @@ def test_a_reload_after_preemption_is_not_counted_as_a_second_hit(after_first_to
     assert request.metrics.num_cached_tokens == 12
     assert request.metrics.num_tier_hit_tokens == {"device": 0, "cpu": 12}
     assert request.num_output_tokens == 4 and pool.num_free_blocks == pool.num_blocks
+
+
+class LookaheadTiers(InlineTiers):
+    """Never holds anything to load; records how far ahead each step asks to store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows: list[int] = []
+
+    def lookup(self, hashes: list[object], first: int, max_blocks: int) -> None:
+        return None
+
+    def store_lookahead(self, num_blocks: int) -> None:
+        self.windows.append(num_blocks)
+
+
+def test_store_lookahead_covers_every_block_a_step_allocates() -> None:
+    # Lazy stores copy down candidates among the blocks a step may evict before it evicts
+    # them; a step without prefill work asks for fewer (one block per running request).
+    pool = BlockPool(40, enable_caching=True)
+    tiers = LookaheadTiers()
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8),
+                          KVCacheManager(pool, BLOCK, root_block_hash("m")), tiers)  # type: ignore[arg-type]
+    scheduler.separate_prefill_steps = True
+    for i in range(6):
+        scheduler.add_request(make_request(str(i), list(range(50 * i + 1, 50 * i + 30)),
+                                           max_tokens=12))
+    allocated: list[int] = []
+    allocate = pool.allocate
+
+    def counting_allocate(num_blocks: int) -> list[int]:
+        allocated[-1] += num_blocks
+        return allocate(num_blocks)
+
+    pool.allocate = counting_allocate  # type: ignore[method-assign]
+    running_before: list[int] = []
+    while scheduler.has_unfinished_requests():
+        allocated.append(0)
+        running_before.append(scheduler.num_running)
+        run_step(scheduler)
+        assert len(allocated) < 1000
+    assert len(tiers.windows) == len(allocated)
+    for window, blocks in zip(tiers.windows, allocated, strict=True):
+        assert blocks <= window
+    pairs = list(zip(tiers.windows, running_before, strict=True))
+    decode_windows = [w for w, running in pairs if w == running + tiers.chunk_blocks]
+    prefill_windows = [w for w, running in pairs
+                       if w == running + 32 // BLOCK + tiers.chunk_blocks]
+    assert decode_windows and prefill_windows
+    assert len(decode_windows) + len(prefill_windows) == len(pairs)
