@@ -310,3 +310,17 @@ def test_serve_flags_reach_the_engine_config() -> None:
     config = EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args([])))
     assert not config.overlap_outputs and config.tiers.kv_load_timing == "same-step"
     assert config.scheduler.long_prefill_token_threshold == 0
+
+
+def test_start_up_warm_up_steps_leave_no_trace() -> None:
+    """CUDA engines run WARMUP_STEPS at start (Triton compiles its variants then); the same
+    code on the CPU must leave the pool, the prefix cache and greedy tokens untouched."""
+    prompts = [[(7 * i + j) % 900 + 10 for j in range(40 + 9 * i)] for i in range(4)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    reference = LLM("random:tiny-llama", num_gpu_blocks_override=64)
+    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+    warmed = LLM("random:tiny-llama", num_gpu_blocks_override=64)
+    pool = warmed.engine.pool
+    warmed.engine.warm_up_prefill_kernels()  # the pool (1,024 tokens) caps every step
+    assert pool.num_free_blocks == pool.num_blocks and pool.reset_prefix_cache() == 0
+    assert [o.outputs[0].token_ids for o in warmed.generate(prompts, params)] == expected
