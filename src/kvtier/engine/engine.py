@@ -161,7 +161,10 @@ class LLMEngine:
             # A graph replays a decode step for a fraction of an eager step's launch cost, so
             # decodes run in steps of their own instead of riding along with prefill chunks.
             self.scheduler.separate_prefill_steps = True
-            self.warm_up_prefill_kernels()
+            try:
+                self.warm_up_prefill_kernels()
+            except Exception:  # an optimisation only: the kernels then compile on first use
+                logger.warning("prefill warm-up failed", exc_info=True)
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
             self.spec.eos_token_ids)
