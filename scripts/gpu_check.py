@@ -163,6 +163,8 @@ def tier_load_ms(report: dict) -> None:
     report["tier_load_copy_ms"] = manager.load_copy_seconds / max(manager.num_loads, 1) * 1e3
     report["tier_load_ttft_ms"] = (out.metrics.time_to_first_token or 0) * 1e3
     report["tier_load_bytes"] = report["tier_load_hit_tokens"] * 28_672
+    report["tier_load_floor_ms"] = report["tier_load_bytes"] / (
+        report["pinned_h2d_gbs"] * 1e9) * 1e3
     llm.engine.shutdown()
 
 
@@ -222,10 +224,7 @@ def main() -> None:
     print(json.dumps(report, indent=1), flush=True)
     if args.only_tier_load:
         tier_load_ms(report)
-        report["tier_load_floor_ms"] = report["tier_load_bytes"] / (
-            report["pinned_h2d_gbs"] * 1e9) * 1e3
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print(json.dumps(report, indent=1), flush=True)
+        write_report(report, args.out)
         return
 
     llm = LLM(MODEL, max_num_batched_tokens=8192, max_num_seqs=256,
@@ -259,10 +258,12 @@ def main() -> None:
     del llm
     torch.cuda.empty_cache()
     tier_load_ms(report)
-    report["tier_load_floor_ms"] = report["tier_load_bytes"] / (
-        report["pinned_h2d_gbs"] * 1e9) * 1e3
     greedy_tiers_identical(report)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    write_report(report, args.out)
+
+
+def write_report(report: dict, path: str) -> None:
+    Path(path).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1), flush=True)
 
 
