@@ -115,33 +115,37 @@ def summarize(diff: Mapping[str, float] | None) -> KvtierRunStats | None:
     return stats
 
 
+_SCALARS = {
+    "prompt_tokens_total": "prompt_tokens",
+    "generation_tokens_total": "generation_tokens",
+    "prefix_cache_hits_total": "matched_tokens",
+    "num_preemptions_total": "num_preemptions",
+    "time_to_first_token_seconds_count": "num_first_tokens",
+}
+"""Counters of tokens and events: whole numbers."""
+_SECONDS = {
+    "time_to_first_token_seconds_sum": "ttft_s",
+    "request_queue_time_seconds_sum": "queue_time_s",
+    "request_prefill_time_seconds_sum": "prefill_time_s",
+}
+"""Latency sums: kept as they are."""
+_PER_TIER = {
+    "tier_hit_tokens_total": "tier_hit_tokens",
+    "tier_loaded_bytes_total": "tier_loaded_bytes",
+    "tier_stored_bytes_total": "tier_stored_bytes",
+}
+
+
 def _fold(stats: KvtierRunStats, name: str, labels: dict[str, str], sample: float) -> None:
     tier = labels.get("tier", "")
-    value = int(round(sample))  # counters of tokens, bytes and events
-    if name == "time_to_first_token_seconds_sum":
-        stats.ttft_s = sample
-    elif name == "time_to_first_token_seconds_count":
-        stats.num_first_tokens = value
-    elif name == "request_queue_time_seconds_sum":
-        stats.queue_time_s = sample
-    elif name == "request_prefill_time_seconds_sum":
-        stats.prefill_time_s = sample
-    elif name == "prompt_tokens_total":
-        stats.prompt_tokens = value
-    elif name == "generation_tokens_total":
-        stats.generation_tokens = value
-    elif name == "prefix_cache_hits_total":
-        stats.matched_tokens = value
-    elif name == "num_preemptions_total":
-        stats.num_preemptions = value
+    if name in _SCALARS:
+        setattr(stats, _SCALARS[name], int(round(sample)))
+    elif name in _SECONDS:
+        setattr(stats, _SECONDS[name], sample)
+    elif name in _PER_TIER and tier:
+        getattr(stats, _PER_TIER[name])[tier] = int(round(sample))
     elif name == "request_success_total":
-        stats.finished_by_reason[labels.get("finished_reason", "?")] = value
-    elif name == "tier_hit_tokens_total" and tier:
-        stats.tier_hit_tokens[tier] = value
-    elif name == "tier_loaded_bytes_total" and tier:
-        stats.tier_loaded_bytes[tier] = value
-    elif name == "tier_stored_bytes_total" and tier:
-        stats.tier_stored_bytes[tier] = value
+        stats.finished_by_reason[labels.get("finished_reason", "?")] = int(round(sample))
 
 
 def format_stats(stats: KvtierRunStats, client_prompt_tokens: int | None = None) -> str:
