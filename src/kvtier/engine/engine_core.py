@@ -129,8 +129,11 @@ class EngineCore:
             # Finished requests first: an abort or a timeout must not overtake a finish.
             # First tokens go with them: a client's TTFT (and, at low concurrency, when it
             # sends its next request) must not wait for the next step's launch.
-            urgent = [r for r in completed
-                      if r.is_finished or r.request_id not in self._announced]
+            urgent: list[Request] = []
+            rest: list[Request] = []
+            for request in completed:
+                first = request.request_id not in self._announced
+                (urgent if request.is_finished or first else rest).append(request)
             self._deliver(update, urgent)
             self._apply(update, commands)
             self._expire(update)
@@ -142,9 +145,7 @@ class EngineCore:
             if self.engine.has_unfinished_requests():
                 launched = self._launch(update)
             if self.overlap_outputs:
-                urgent_ids = {r.request_id for r in urgent}
-                # The previous step's other outputs, while this one runs.
-                self._deliver(update, [r for r in completed if r.request_id not in urgent_ids])
+                self._deliver(update, rest)  # the previous step's other outputs, meanwhile
                 update.snapshot = self._snapshot()
                 self.emit(update)
                 completed = [] if launched is None else self._complete(launched)

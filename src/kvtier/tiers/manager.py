@@ -349,7 +349,7 @@ class TierManager:
                            num_stored_blocks: int) -> int:
         """Write-through: store chunks completed since `num_stored_blocks`; returns the new
         count of blocks handled."""
-        if self.config.kv_store_policy != "write-through":
+        if not self.stores_on_compute:
             return num_computed_blocks
         full_end = num_computed_blocks - num_computed_blocks % self.chunk_blocks
         if full_end <= num_stored_blocks:
