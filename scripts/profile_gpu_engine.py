@@ -230,6 +230,8 @@ def main() -> None:
     parser.add_argument("--out", default="profile.json")
     parser.add_argument("--num-prompts", type=int, default=640)
     parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--no-replay", action="store_true",
+                        help="kernel tables only: skip the in-process replays of P")
     parser.add_argument("--tier", action="append", default=[],
                         help="also replay P with this tier stack (e.g. cpu:16GiB); repeatable")
     parser.add_argument("--smoke", action="store_true",
@@ -249,6 +251,9 @@ def main() -> None:
     if not args.skip_kernels:
         decode_section(report, gbs)
         torch.cuda.empty_cache()
+    if args.no_replay:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        return
     p_replay(report, args.num_prompts, ())
     torch.cuda.empty_cache()
     for tier in args.tier:

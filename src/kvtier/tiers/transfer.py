@@ -9,8 +9,11 @@ thread: a thread would wait on the GIL behind the busy scheduler for millisecond
 - store: the gather is enqueued on the *compute* stream, so it is ordered before any later
   forward pass that could overwrite those blocks; the device->host copy then runs on the store
   stream after an event. No block stays pinned.
-- load: host->device copy and scatter run on the load stream; the request runs only once the
-  scheduler saw the load's event complete. (Disk reads still go through a transfer thread.)
+- load: each chunk's host->device copy runs on the load stream and its scatter into the
+  paged cache on a scatter stream, after the copy's event, so the copy engine moves the next
+  chunk while the SMs scatter this one (on one stream it idled during every scatter: ~20% of
+  a long load). The request runs only once the scheduler saw the load's event complete.
+  (Disk reads still go through a transfer thread.)
 On the CPU the copies are plain tensor copies in the transfer thread (torch releases the GIL);
 the blocks involved stay pinned in the block pool until the copy ends.
 """
@@ -42,6 +45,7 @@ class KVTransfer:
         if self.is_cuda:
             self.store_stream = torch.cuda.Stream(self.device)
             self.load_stream = torch.cuda.Stream(self.device)
+            self.scatter_stream = torch.cuda.Stream(self.device)
 
     @property
     def pins_blocks_during_store(self) -> bool:
@@ -97,11 +101,12 @@ class KVTransfer:
         return done
 
     def load_event(self) -> torch.cuda.Event:
-        """CUDA: a timing event after everything enqueued on the load stream so far. One
-        before a load's copies and one after give the copy's own time: the host notices the
-        completion only at its next step, which can be tens of milliseconds later."""
+        """CUDA: a timing event after everything enqueued for loads so far (copies and
+        scatters). One before a load's copies and one after give the copy's own time: the host
+        notices the completion only at its next step, which can be tens of milliseconds later."""
         event = torch.cuda.Event(enable_timing=True)
-        event.record(self.load_stream)
+        self.scatter_stream.wait_stream(self.load_stream)  # a load ends with its last scatter
+        event.record(self.scatter_stream)
         return event
 
     def order_compute_after(self, event: torch.cuda.Event) -> None:
@@ -122,9 +127,9 @@ class KVTransfer:
     def copy_in(self, payload: torch.Tensor, entry_blocks: int, first: int,
                 index: torch.Tensor) -> None:
         """Transfer thread: scatter blocks first..first+len(index)-1 of an entry's payload
-        into the device blocks `index` (from `load_index`). On CUDA the copy is only enqueued
-        on the load stream (the payload must stay valid until `wait_loads`); on the CPU it is
-        done on return."""
+        into the device blocks `index` (from `load_index`). On CUDA the copy and scatter are only
+        enqueued (the payload must stay valid until `wait_loads`); on the CPU they are done on
+        return."""
         count = index.numel()
         if not self.is_cuda:
             source = self.entry_view(payload, entry_blocks)[:, :, first:first + count]
@@ -132,9 +137,17 @@ class KVTransfer:
             return
         with torch.cuda.stream(self.load_stream):
             staged = self.entry_view(payload, entry_blocks).to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        self.scatter_stream.wait_event(copied)
+        with torch.cuda.stream(self.scatter_stream):
             self.kv_cache.index_copy_(2, index, staged[:, :, first:first + count])
+        # Both were allocated on the load stream: keep them until the scatter has read them.
+        staged.record_stream(self.scatter_stream)
+        index.record_stream(self.scatter_stream)
 
     def wait_loads(self) -> None:
         """Transfer thread: block until every enqueued `copy_in` has landed."""
         if self.is_cuda:
             self.load_stream.synchronize()
+            self.scatter_stream.synchronize()
