@@ -37,6 +37,7 @@ from kvtier.attention.triton_backend import (  # noqa: E402
     choose_prefill_splits,
     default_decode_config,
     default_prefill_config,
+    long_prompt_prefill_config,
 )
 from kvtier.attention.triton_kernels import fix_interpreter_scalar_index  # noqa: E402
 
@@ -219,6 +220,20 @@ def test_causal_tile_boundaries(device: torch.device, config: PrefillConfig | No
     check(step, device, TritonAttentionBackend(prefill_config=config))
 
 
+def test_long_prompt_config(device: torch.device) -> None:
+    """Steps without a KV split run `long_prompt_prefill_config` (128-key tiles at d=128):
+    few SMs force that choice here, with prompts and prefixes around 128-key boundaries."""
+    assert long_prompt_prefill_config(128) != default_prefill_config(128)
+    prefills = sizes([(0, 1000), (127, 300), (128, 257), (1000, 129)],
+                     [(0, 200), (127, 30), (128, 129), (250, 9)])
+    step = make_step([], prefills, (12, 2, 128), 16, torch.bfloat16, device, seed=10)
+    backend = TritonAttentionBackend(num_sms=4)
+    metadata = step.metadata(device)
+    backend.prepare(metadata)
+    assert backend._prefill_splits(metadata.backend_data, 12, default_prefill_config(128)) == 1
+    check(step, device, backend)
+
+
 def test_sharp_softmax(device: torch.device) -> None:
     """Scores far beyond exp2's fp32 range: every max subtraction (tiles, splits) is needed."""
     step = make_step([700, 90], [(30, 40)], (8, 2, 64), 16, torch.float16, device, seed=9)
@@ -349,8 +364,10 @@ def test_default_configs_compile_for_hopper(head_dim: int) -> None:
     io = {"q_ptr": bf16, "out_ptr": bf16, "cache_ptr": bf16, "block_table_ptr": "*i32",
           "query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "part_ptr": "*fp32",
           "lse_ptr": "*fp32", "qk_scale": "fp32"}
-    pc = default_prefill_config(head_dim)
-    for direct in (False, True):
+    long_prompt = long_prompt_prefill_config(head_dim)
+    assert long_prompt.block_m == default_prefill_config(head_dim).block_m  # same tile count
+    for pc, direct in ((default_prefill_config(head_dim), False),
+                       (default_prefill_config(head_dim), True), (long_prompt, True)):
         res, sass = _compile_sm90(triton_kernels.prefill_kernel, io, dict(
             NUM_HEADS=12, GROUP=6, HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_M=pc.block_m,
             BLOCK_N=pc.block_n, DIRECT=direct, UPCAST=False), pc.num_warps, pc.num_stages)
