@@ -33,6 +33,7 @@ from kvtier.attention.triton_backend import (  # noqa: E402
     DecodeConfig,
     PrefillConfig,
     TritonAttentionBackend,
+    TritonStepData,
     choose_num_splits,
     choose_prefill_splits,
     default_decode_config,
@@ -230,8 +231,23 @@ def test_long_prompt_config(device: torch.device) -> None:
     backend = TritonAttentionBackend(num_sms=4)
     metadata = step.metadata(device)
     backend.prepare(metadata)
-    assert backend._prefill_splits(metadata.backend_data, 12, default_prefill_config(128)) == 1
+    backend._choose_prefill_tiles(metadata.backend_data, 12, 128)
+    assert metadata.backend_data.prefill_config == long_prompt_prefill_config(128)
+    assert metadata.backend_data.prefill_splits == 1
     check(step, device, backend)
+
+
+def test_split_steps_use_split_tiles() -> None:
+    """An extend after a long prefix is split over its keys, with the split tiles; a long
+    prompt fills the GPU with long-prompt tiles and no split."""
+    backend = TritonAttentionBackend(num_sms=132)
+    extend = TritonStepData(0, 1, 256, 4352, 0, 256, (256,), 4352)
+    backend._choose_prefill_tiles(extend, 12, 128)
+    assert extend.prefill_config == default_prefill_config(128)
+    assert extend.prefill_splits == choose_prefill_splits(12 * 4, 4352, 132) > 1
+    prompt = TritonStepData(0, 1, 8192, 8192, 0, 8192, (8192,), 8192)
+    backend._choose_prefill_tiles(prompt, 12, 128)
+    assert (prompt.prefill_config, prompt.prefill_splits) == (long_prompt_prefill_config(128), 1)
 
 
 def test_sharp_softmax(device: torch.device) -> None:
@@ -364,10 +380,9 @@ def test_default_configs_compile_for_hopper(head_dim: int) -> None:
     io = {"q_ptr": bf16, "out_ptr": bf16, "cache_ptr": bf16, "block_table_ptr": "*i32",
           "query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "part_ptr": "*fp32",
           "lse_ptr": "*fp32", "qk_scale": "fp32"}
-    long_prompt = long_prompt_prefill_config(head_dim)
-    assert long_prompt.block_m == default_prefill_config(head_dim).block_m  # same tile count
     for pc, direct in ((default_prefill_config(head_dim), False),
-                       (default_prefill_config(head_dim), True), (long_prompt, True)):
+                       (default_prefill_config(head_dim), True),
+                       (long_prompt_prefill_config(head_dim), True)):
         res, sass = _compile_sm90(triton_kernels.prefill_kernel, io, dict(
             NUM_HEADS=12, GROUP=6, HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_M=pc.block_m,
             BLOCK_N=pc.block_n, DIRECT=direct, UPCAST=False), pc.num_warps, pc.num_stages)

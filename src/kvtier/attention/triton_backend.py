@@ -65,25 +65,28 @@ class DecodeConfig:
 
 
 def default_prefill_config(head_dim: int) -> PrefillConfig:
-    """Hopper tiles: 128 query rows x 64 keys, two warpgroups (each owns 64 rows of wgmma).
-    Compiled for sm_90 with Triton 3.6 (cuobjdump): d=128 uses 176 registers and 96 KB of
-    shared memory, d=64 120 and 48 KB, d=256 (64 x 32 tiles) 166 and 96 KB, no spills, HGMMA.
-    One warpgroup at 128 x 64 spills at d=128 and sits at 254 registers at d=64."""
+    """Tiles of steps whose prefill work is split over the keys (extends after a long cached
+    prefix, short prompts): 64 query rows x 64 keys, one warpgroup. On an H200
+    (scripts/tune_attention.py, one layer, bf16, graph-timed) four 256-token extends after
+    4,096 cached tokens took 0.119 ms against 0.166 ms with 128 x 64 tiles (twice the programs,
+    so fewer splits and partial outputs); one such extend 0.050 against 0.048 ms.
+    Longer head dims: 64 x 32 tiles (d=256 at 64 x 64 does not fit in registers)."""
     if head_dim <= 128:
-        return PrefillConfig(128, 64, 8, 3)
+        return PrefillConfig(64, 64, 4, 3)
     return PrefillConfig(64, 32, 8, 2)
 
 
 def long_prompt_prefill_config(head_dim: int) -> PrefillConfig:
-    """Steps whose query tiles alone fill the GPU (no KV split: whole long prompts, as in the
-    8,192-token prefill target and Q's first uses). 128-key tiles halve the online-softmax
-    rescales per key; on an H200 (scripts/tune_attention.py, one layer, bf16) the causal
-    kernel took 0.60 against 0.79 ms at 8,192 tokens and 0.24 against 0.30 ms at 4,352. Split
-    extends keep 64-key tiles, which were faster there (0.11 against 0.18 ms for 256 tokens
-    after 4,096). d=128: 248 registers and 161 KB of shared memory on sm_90, no spills."""
+    """Steps whose query tiles alone fill the GPU without a KV split (whole long prompts, as in
+    the 8,192-token prefill target and Q's first uses): 128 query rows, two warpgroups (each
+    owns 64 rows of wgmma). At d=128, 128-key tiles: 8,192 tokens took 0.547 ms per layer
+    against 0.631 with 64-key tiles, and 4,352 tokens 0.181 against 0.205 (H200, as above);
+    248 registers and 161 KB of shared memory on sm_90, no spills. d=64: 128 x 64 tiles."""
     if head_dim == 128:
         return PrefillConfig(128, 128, 8, 3)
-    return default_prefill_config(head_dim)
+    if head_dim < 128:
+        return PrefillConfig(128, 64, 8, 3)
+    return PrefillConfig(64, 32, 8, 2)
 
 
 def default_decode_config(head_dim: int) -> DecodeConfig:
@@ -129,8 +132,9 @@ class TritonStepData:
     prefill_query_lens: tuple[int, ...] = ()
     max_prefill_context: int = 0
     prefill_splits: int | None = None
-    """KV splits of the prefill kernel; chosen by the first layer's `forward`, which knows the
-    head count and tile size."""
+    """KV splits of the prefill kernel; chosen with `prefill_config` by the first layer's
+    `forward`, which knows the head count and head dim."""
+    prefill_config: PrefillConfig | None = None
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -188,13 +192,23 @@ class TritonAttentionBackend(AttentionBackend):
         if data.num_decodes:
             self._decode(query, kv_cache, metadata, data, out, scale)
         if data.num_prefills:
-            config = self.prefill_config or default_prefill_config(head_dim)
-            if data.prefill_splits is None:
-                data.prefill_splits = self._prefill_splits(data, num_heads, config)
-            if self.prefill_config is None and data.prefill_splits == 1:
-                config = long_prompt_prefill_config(head_dim)  # same BLOCK_M: same tiles
-            run_prefill(query, kv_cache, metadata, data, out, scale, config, self.interpret)
+            if data.prefill_config is None:
+                self._choose_prefill_tiles(data, num_heads, head_dim)
+            assert data.prefill_config is not None
+            run_prefill(query, kv_cache, metadata, data, out, scale, data.prefill_config,
+                        self.interpret)
         return out
+
+    def _choose_prefill_tiles(self, data: TritonStepData, num_heads: int,
+                              head_dim: int) -> None:
+        """Long-prompt tiles when their programs fill the GPU without a KV split, else the
+        split tiles (each with its own split count: the tile height sets the program count)."""
+        config = self.prefill_config or long_prompt_prefill_config(head_dim)
+        splits = self._prefill_splits(data, num_heads, config)
+        if splits > 1 and self.prefill_config is None:
+            config = default_prefill_config(head_dim)
+            splits = self._prefill_splits(data, num_heads, config)
+        data.prefill_config, data.prefill_splits = config, splits
 
     def _prefill_splits(self, data: TritonStepData, num_heads: int,
                         config: PrefillConfig) -> int:
