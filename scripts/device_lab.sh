@@ -29,6 +29,7 @@ out=${OUT:-/tmp/out}
 mkdir -p "$out"
 cp "/tmp/lab-$name/report.md" "$out/$name-report.md"
 cp "/tmp/lab-$name/results.csv" "$out/$name-results.csv"
+cp "/tmp/lab-$name/results.json" "$out/$name-results.json"  # per-request TTFTs
 for log in "/tmp/lab-$name"/logs/*.log; do
     echo "== $(basename "$log")"
     grep -h "tiers.stack: tier" "$log"  # the start-up probe of each tier
