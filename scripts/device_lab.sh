@@ -34,6 +34,7 @@ for log in "/tmp/lab-$name"/logs/*.log; do
     echo "== $(basename "$log")"
     grep -h "tiers.stack: tier" "$log"  # the start-up probe of each tier
     grep -h "warm" "$log"  # start-up warm-ups (and a failed one's warning)
+    grep -h "gc: " "$log" | head -n 20  # frozen start-up heap, long collector passes
     grep -h " steps (" "$log" | tail -n 3
 done > "$out/$name-logs.txt"
 exit $status

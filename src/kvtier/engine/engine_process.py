@@ -29,6 +29,7 @@ from kvtier.config import EngineConfig
 from kvtier.engine.core_messages import Command, CoreUpdate, StopCore
 from kvtier.engine.engine import LLMEngine
 from kvtier.engine.engine_core import CommandInbox, EngineCore
+from kvtier.utils.gc_pauses import freeze_startup_heap, log_long_gc_pauses
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,9 @@ def run_engine_process(spec: EngineProcessSpec, conn: Connection) -> None:
         conn.send(StartFailed(f"{type(exc).__name__}: {exc}", _picklable(exc)))
         conn.close()
         return
+    frozen = freeze_startup_heap()
+    log_long_gc_pauses()
+    logger.info("gc: froze %d start-up objects", frozen)
     inbox = CommandInbox()
     core = EngineCore(engine, inbox, conn.send, request_timeout_s=spec.request_timeout_s,
                       separate_process=True, overlap_outputs=spec.config.overlap_outputs)

@@ -1,0 +1,55 @@
+"""The engine core's garbage collector: freeze what start-up built, and log long pauses.
+
+A full collection walks every object the collector tracks, and it stops the engine core's
+thread while it does: every running request waits. After start-up most of those objects are
+torch, the model and the tokenizer, which live until the process exits. Freezing them (as
+vLLM's engine core does once it has started) leaves later full passes only what serving
+created. Passes of LONG_GC_PAUSE_S or more are logged, so a stall in a latency tail can be told
+apart from a slow step.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LONG_GC_PAUSE_S = 0.005
+
+
+def freeze_startup_heap() -> int:
+    """Collect start-up garbage, then move every surviving object to the permanent generation
+    (never scanned again); returns how many objects were frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+class GCPauseLog:
+    """A `gc.callbacks` hook that logs collections lasting `threshold_s` or more."""
+
+    def __init__(self, threshold_s: float = LONG_GC_PAUSE_S) -> None:
+        self.threshold_s = threshold_s
+        self.num_long_pauses = 0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        elapsed = time.perf_counter() - self._started
+        if elapsed >= self.threshold_s:
+            self.num_long_pauses += 1
+            logger.info("gc: generation %d pass took %.1f ms (%d objects collected)",
+                        info.get("generation", -1), elapsed * 1e3, info.get("collected", 0))
+
+
+def log_long_gc_pauses(threshold_s: float = LONG_GC_PAUSE_S) -> GCPauseLog:
+    """Install a `GCPauseLog` for this process; returns it (remove it from `gc.callbacks`
+    to stop)."""
+    hook = GCPauseLog(threshold_s)
+    gc.callbacks.append(hook)
+    return hook

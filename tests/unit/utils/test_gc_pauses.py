@@ -1,0 +1,41 @@
+"""The engine core's GC set-up: start-up objects frozen, long collections logged."""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import pytest
+
+from kvtier.utils.gc_pauses import GCPauseLog, freeze_startup_heap, log_long_gc_pauses
+
+
+@pytest.fixture
+def unfrozen():
+    yield
+    gc.unfreeze()
+
+
+def test_freeze_moves_live_objects_out_of_collection(unfrozen: None) -> None:
+    survivor = [[i] for i in range(1000)]
+    frozen = freeze_startup_heap()
+    assert frozen == gc.get_freeze_count() >= len(survivor)
+    assert not any(obj is survivor for obj in gc.get_objects())  # no generation scans it
+
+
+def test_a_pass_over_the_threshold_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    hook = log_long_gc_pauses(threshold_s=0.0)
+    try:
+        with caplog.at_level(logging.INFO, logger="kvtier.utils.gc_pauses"):
+            gc.collect(1)
+    finally:
+        gc.callbacks.remove(hook)
+    assert hook.num_long_pauses == 1
+    assert "gc: generation 1 pass took" in caplog.text
+
+
+def test_a_short_pass_is_not_logged() -> None:
+    hook = GCPauseLog(threshold_s=60.0)
+    hook("start", {"generation": 0})
+    hook("stop", {"generation": 0, "collected": 3})
+    assert hook.num_long_pauses == 0
