@@ -82,29 +82,32 @@ def test_greedy_tokens_are_identical_with_and_without_tiers(
     assert sum(stats.hit_tokens.values()) > 0, "no prefix came back from a tier"
 
 
-def test_evicted_prefix_is_served_from_cpu_faster_than_recomputing() -> None:
-    """SmolLM2 (30 layers): recomputing 1,024 tokens costs far more than copying them back."""
+def test_evicted_prefix_is_served_from_cpu_instead_of_recomputed() -> None:
+    """SmolLM2 (30 layers): an evicted 1,024-token document comes back from the cpu tier, not
+    recomputed, with the same tokens. (That loading beats recomputing is a speed claim: the
+    benchmarks measure it, `benchmarks/tiers-cpu.toml` and `scripts/gpu_check.py`; comparing
+    two wall-clock TTFTs here failed under load.)"""
     rng = random.Random(5)
     doc, other = ([rng.randrange(200, 40_000) for _ in range(1024)] for _ in range(2))
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
-    def ttft_of_return(**tier_args: object) -> tuple[float, dict[str, int], list[int]]:
+    def return_of_doc(**tier_args: object) -> tuple[dict[str, int], list[int]]:
         llm = LLM(num_gpu_blocks_override=80, **tier_args)  # 1,280 tokens: one document fits
         llm.generate([doc + [11]], params)
         llm.generate([other + [12]], params)  # evicts `doc` from the device
         output = llm.generate([doc + [13]], params)[0]
         finish(llm)
-        m = output.metrics
-        return m.time_to_first_token or 0.0, m.num_tier_hit_tokens, output.outputs[0].token_ids
+        return output.metrics.num_tier_hit_tokens, output.outputs[0].token_ids
 
-    recompute_ttft, recompute_hits, recompute_tokens = ttft_of_return()
-    tier_ttft, tier_hits, tier_tokens = ttft_of_return(kv_tiers=("cpu:256MiB",))
+    recompute_hits, recompute_tokens = return_of_doc()
+    tier_hits, tier_tokens = return_of_doc(kv_tiers=("cpu:256MiB",))
     # The device keeps the document's first blocks (freed last, evicted last) in both runs.
     assert recompute_hits["device"] == tier_hits["device"] < 512
     assert "cpu" not in recompute_hits
+    # Without the tier more than 512 of the document's tokens are prefilled again; with it at
+    # most its last partial block.
     assert tier_hits["device"] + tier_hits["cpu"] >= 1024 - BLOCK
     assert tier_tokens == recompute_tokens
-    assert tier_ttft < recompute_ttft
 
 
 def test_prefix_comes_from_disk_when_cpu_is_too_small(tmp_path: Path) -> None:
