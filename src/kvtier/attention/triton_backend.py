@@ -69,7 +69,7 @@ def default_prefill_config(head_dim: int) -> PrefillConfig:
     prefix, short prompts): 64 query rows x 64 keys, one warpgroup. On an H200
     (scripts/tune_attention.py, one layer, bf16, graph-timed) four 256-token extends after
     4,096 cached tokens took 0.119 ms against 0.166 ms with 128 x 64 tiles (twice the programs,
-    so fewer splits and partial outputs); one such extend 0.050 against 0.048 ms.
+    so fewer splits and partial outputs); one such extend 0.050-0.054 against 0.046-0.048 ms.
     Longer head dims: 64 x 32 tiles (d=256 at 64 x 64 does not fit in registers)."""
     if head_dim <= 128:
         return PrefillConfig(64, 64, 4, 3)

@@ -49,9 +49,10 @@ logger = logging.getLogger(__name__)
 
 WARMUP_STEPS = ((0, 4352), (4096, 64), (4096, 256), (4096, 384), (4096, 768), (4096, 1024),
                 (512, 64))
-"""(cached context, new tokens) of the steps run once at start-up on CUDA: a whole prompt, and
-extends whose query tiles and context pick each class of prefill split (16, 9-15, 5-8, 2-4,
-direct), so Triton compiles those kernel variants before the first request does."""
+"""(cached context, new tokens) of the steps run once at start-up on CUDA, so Triton compiles
+the prefill kernel's variants before the first request does: a whole prompt (long-prompt
+tiles), and extends that run the split tiles split (reduce buckets 16, 8 and 4: 64, 256 and 384
+new tokens after 4,096; 64 after 512) and unsplit (768 and 1,024 after 4,096)."""
 
 
 @dataclass
