@@ -122,7 +122,8 @@ class ModelRunner:
             if len(s.token_ids) != 1:
                 break
             num_decodes += 1
-        query_start_loc = [0, *itertools.accumulate(len(s.token_ids) for s in requests)]
+        query_lens = [len(s.token_ids) for s in requests]
+        query_start_loc = [0, *itertools.accumulate(query_lens)]
         num_tokens = query_start_loc[-1]
         rows = padded_tokens or num_tokens
         token_ids = np.zeros(rows, dtype=np.int64)
@@ -132,7 +133,7 @@ class ModelRunner:
         block_table = np.zeros((len(requests), max_blocks), dtype=np.int32)
         for i, s in enumerate(requests):
             block_table[i, :len(s.block_ids)] = s.block_ids
-        seq_lens = [s.num_computed_tokens + len(s.token_ids) for s in requests]
+        seq_lens = [s.num_computed_tokens + n for s, n in zip(requests, query_lens, strict=True)]
         if num_decodes:  # one token each: per-request numpy calls would cost more than lists
             decodes = requests[:num_decodes]
             decode_positions = [s.num_computed_tokens for s in decodes]
@@ -158,7 +159,7 @@ class ModelRunner:
             slot_mapping=_array_to_device(slots, device),
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
-            max_query_len=max(len(s.token_ids) for s in requests),
+            max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             block_size=bs,
             seq_ids=[s.request_id for s in requests],

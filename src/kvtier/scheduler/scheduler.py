@@ -109,13 +109,15 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         if self.tiers is not None:
             self._finish_loads()
-        kinds = self._step_kinds()
+        running_prefill = any(r.num_tokens - r.num_computed_tokens > 1 for r in self.running)
+        kinds = self._step_kinds(running_prefill)
         if self.tiers is not None:
             # Blocks the step may evict: copy down lazy-store candidates among them first. A
             # step without prefill work takes at most a block per running request (most steps
             # under KV pressure), so it looks ~40 blocks ahead instead of ~600.
             may_allocate = len(self.running) + (budget // self.kv.block_size
-                                                if self._may_prefill(kinds, budget) else 0)
+                                                if self._may_prefill(kinds, budget,
+                                                                     running_prefill) else 0)
             self.tiers.store_lookahead(may_allocate + self.tiers.chunk_blocks)
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
@@ -136,23 +138,23 @@ class Scheduler:
             finished_request_ids=finished,
         )
 
-    def _step_kinds(self) -> tuple[str, ...]:
-        """Which work this step takes: both (mixed steps), or prefill or decode alone."""
+    def _step_kinds(self, running_prefill: bool) -> tuple[str, ...]:
+        """Which work this step takes: both (mixed steps), or prefill or decode alone.
+        `running_prefill`: a running request still has prompt tokens to compute."""
         if not self.separate_prefill_steps:
             return ("decode", "prefill")
         has_decodes = any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
-        has_prefills = bool(self.waiting) or any(
-            r.num_tokens - r.num_computed_tokens > 1 for r in self.running)
+        has_prefills = bool(self.waiting) or running_prefill
         if has_prefills and not (has_decodes and self._last_step_prefilled):
             return ("prefill",)
         return ("decode",)
 
-    def _may_prefill(self, kinds: tuple[str, ...], budget: int) -> bool:
+    def _may_prefill(self, kinds: tuple[str, ...], budget: int, running_prefill: bool) -> bool:
         """Whether this step can take prompt tokens: a running prefill to continue, or a
         waiting request that admission would let in."""
         if "prefill" not in kinds:
             return False
-        if any(r.num_tokens - r.num_computed_tokens > 1 for r in self.running):
+        if running_prefill:
             return True
         return bool(self.waiting) and not self._admission_blocked(budget)
 

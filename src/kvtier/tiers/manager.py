@@ -364,7 +364,7 @@ class TierManager:
         if num_computed_blocks == 0:
             return
         chunks = self._chunks(block_hashes, 0, num_computed_blocks)
-        if self.config.kv_store_policy == "write-through":
+        if self.stores_on_compute:
             if len(chunks[-1].block_hashes) < self.chunk_blocks:
                 self._store_chunk(chunks[-1])
             return
