@@ -314,7 +314,9 @@ class LLMEngine:
             # starve the transfer threads of the GIL.
             self.tiers.wait_for_transfer(timeout_s=0.01)
         started = time.perf_counter()
-        return LaunchedStep(scheduled, self.runner.launch(scheduled), started)
+        pending = self.runner.launch(scheduled)
+        self.scheduler.store_ahead()
+        return LaunchedStep(scheduled, pending, started)
 
     def complete_step(self, launched: LaunchedStep) -> list[Request]:
         """Wait for a launched step's tokens and apply them: request state, stop tokens and

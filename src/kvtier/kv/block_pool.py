@@ -82,11 +82,15 @@ class BlockPool:
         return self.blocks[block_id].ref_cnt == 0 and block_id in self._free_cached
 
     def next_evictions(self, num_blocks: int) -> list[BlockHash]:
-        """Hashes of the next `num_blocks` free cached blocks in eviction order (for proactive
-        tier stores). One comprehension: the scheduler asks every step, for ~600 blocks."""
+        """Hashes of the cached blocks that the next `num_blocks` allocated blocks would evict,
+        in eviction order (for proactive tier stores): none while never-used blocks last, as
+        `allocate` takes those first. One comprehension: the scheduler asks every step."""
+        num_evicted = num_blocks - len(self._free_clean)
+        if num_evicted <= 0:
+            return []
         blocks = self.blocks
         return [blocks[block_id].block_hash  # type: ignore[misc]
-                for block_id in itertools.islice(self._free_cached, num_blocks)]
+                for block_id in itertools.islice(self._free_cached, num_evicted)]
 
     # -- mutations ---------------------------------------------------------------------------
 

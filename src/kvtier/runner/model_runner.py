@@ -174,11 +174,21 @@ class PendingOutput:
     def __init__(self, request_ids: list[str], tokens: torch.Tensor | None) -> None:
         self.request_ids = request_ids
         self.tokens = tokens
+        self._copied: torch.cuda.Event | None = None
+        if tokens is not None and tokens.is_cuda:
+            # Copy now, so that `result()` waits for the tokens only, not for work enqueued
+            # after them (the next step's tier stores gather blocks on the same stream).
+            self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.tokens.copy_(tokens, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
 
     def result(self) -> ModelRunnerOutput:
         """Wait for the tokens (the step's one host synchronisation)."""
         if self.tokens is None:
             return ModelRunnerOutput({})
+        if self._copied is not None:
+            self._copied.synchronize()
         return ModelRunnerOutput(dict(zip(self.request_ids, self.tokens.tolist(), strict=True)))
 
 

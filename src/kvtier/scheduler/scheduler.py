@@ -138,6 +138,17 @@ class Scheduler:
             finished_request_ids=finished,
         )
 
+    def store_ahead(self) -> None:
+        """Lazy tier stores for the next step, once this step is launched: the device runs the
+        step meanwhile, so copying down the candidates the next step may evict costs no time
+        between steps (a missed prompt under KV pressure evicts ~17 chunks' worth of blocks).
+        The window is the most a step can allocate; the lookahead in `schedule` then finds
+        them stored, and stays to catch what this one missed."""
+        if self.tiers is None:
+            return
+        self.tiers.store_lookahead(len(self.running) + self.tiers.chunk_blocks
+                                   + self.config.max_num_batched_tokens // self.kv.block_size)
+
     def _step_kinds(self, running_prefill: bool) -> tuple[str, ...]:
         """Which work this step takes: both (mixed steps), or prefill or decode alone.
         `running_prefill`: a running request still has prompt tokens to compute."""

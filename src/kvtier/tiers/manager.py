@@ -34,7 +34,7 @@ from kvtier.tiers.base import EntryMeta, StoreHandle, TierError, TierStore
 from kvtier.tiers.chunks import Chunk, ReuseCounter, chunk_runs
 from kvtier.tiers.cost import CostModel
 from kvtier.tiers.records import LoadPlan, LoadResult, ManagerStats, Segment
-from kvtier.tiers.transfer import KVTransfer
+from kvtier.tiers.transfer import GatheredBlocks, KVTransfer
 from kvtier.types import BlockHash
 
 logger = logging.getLogger(__name__)
@@ -354,8 +354,7 @@ class TierManager:
         full_end = num_computed_blocks - num_computed_blocks % self.chunk_blocks
         if full_end <= num_stored_blocks:
             return num_stored_blocks
-        for chunk in self._chunks(block_hashes, num_stored_blocks, full_end):
-            self._store_chunk(chunk)
+        self._store_chunks(self._chunks(block_hashes, num_stored_blocks, full_end))
         return full_end
 
     def on_request_freed(self, block_hashes: list[BlockHash], num_computed_blocks: int) -> None:
@@ -366,7 +365,7 @@ class TierManager:
         chunks = self._chunks(block_hashes, 0, num_computed_blocks)
         if self.stores_on_compute:
             if len(chunks[-1].block_hashes) < self.chunk_blocks:
-                self._store_chunk(chunks[-1])
+                self._store_chunks(chunks[-1:])
             return
         for chunk in chunks:
             for block_hash in chunk.block_hashes:
@@ -389,31 +388,43 @@ class TierManager:
             return
         # Runs every step: filter in one comprehension, then loop over the few candidates.
         upcoming = [h for h in self.pool.next_evictions(num_blocks) if h in candidates]
+        room = _MAX_INFLIGHT_STORES - len(self._storing)
+        chunks: list[Chunk] = []
         for block_hash in upcoming:
             chunk = candidates.get(block_hash)
             if chunk is None:
-                continue  # stored just now, with an earlier block of its chunk
-            if len(self._storing) >= _MAX_INFLIGHT_STORES:
+                continue  # taken just now, with an earlier block of its chunk
+            if len(chunks) >= room:
                 break
             for other in chunk.block_hashes:
                 candidates.pop(other, None)
-            self._store_chunk(chunk)
+            chunks.append(chunk)
+        self._store_chunks(chunks)
 
     def flush_candidates(self) -> None:
         """Store every lazy candidate still on the device (graceful shutdown: a disk tier
         then keeps what the device held)."""
-        for chunk in {id(c): c for c in self._candidates.values()}.values():
-            self._store_chunk(chunk)
+        self._store_chunks(list({id(c): c for c in self._candidates.values()}.values()))
         self._candidates.clear()
 
-    def _store_chunk(self, chunk: Chunk) -> None:
-        if not self._admit(chunk):
+    def _store_chunks(self, chunks: list[Chunk]) -> None:
+        """Copy admitted chunks, whose blocks are all still on the device, down to the first
+        tier: one gather for all of them (on CUDA one index upload, and one event)."""
+        ready: list[tuple[Chunk, list[int]]] = []
+        for chunk in chunks:
+            if not self._admit(chunk):
+                continue
+            block_ids = [self.pool.get_cached_block(h) for h in chunk.block_hashes]
+            if any(b is None for b in block_ids):
+                continue  # part of the chunk already left the device
+            ready.append((chunk, [b for b in block_ids if b is not None]))
+        if not ready:
             return
-        block_ids = [self.pool.get_cached_block(h) for h in chunk.block_hashes]
-        if any(b is None for b in block_ids):
-            return  # part of the chunk already left the device
-        ids = [b for b in block_ids if b is not None]
-        gathered = self.transfer.gather(ids)
+        gathered_chunks = self.transfer.gather([ids for _, ids in ready])
+        for (chunk, ids), gathered in zip(ready, gathered_chunks, strict=True):
+            self._start_store(chunk, ids, gathered)
+
+    def _start_store(self, chunk: Chunk, ids: list[int], gathered: GatheredBlocks) -> None:
         pinned = ids if self.transfer.pins_blocks_during_store else []
         for block_id in pinned:
             self.pool.pin(block_id)

@@ -60,16 +60,30 @@ class KVTransfer:
     def _index(self, block_ids: list[int]) -> torch.Tensor:
         return torch.tensor(block_ids, dtype=torch.int64, device=self.device)
 
+    def _upload_index(self, block_ids: list[int]) -> torch.Tensor:
+        """Block ids on the device, uploaded from pinned memory without blocking the host
+        (a pageable upload would wait for the compute stream to drain)."""
+        return torch.tensor(block_ids, dtype=torch.int64).pin_memory().to(
+            self.device, non_blocking=True)
+
     # -- store: device -> host ---------------------------------------------------------------
 
-    def gather(self, block_ids: list[int]) -> GatheredBlocks:
-        """Scheduler thread, before the next forward pass."""
+    def gather(self, chunks: list[list[int]]) -> list[GatheredBlocks]:
+        """Scheduler thread, before the next forward pass that may overwrite the blocks:
+        capture the blocks of several chunks. On CUDA one index upload serves them all, each
+        chunk is one `index_select` on the compute stream, and one event follows the last."""
         if not self.is_cuda:
-            return GatheredBlocks(block_ids)
-        data = self.kv_cache.index_select(2, self._index(block_ids))
+            return [GatheredBlocks(block_ids) for block_ids in chunks]
+        index = self._upload_index([b for block_ids in chunks for b in block_ids])
+        data = []
+        start = 0
+        for block_ids in chunks:
+            data.append(self.kv_cache.index_select(2, index[start:start + len(block_ids)]))
+            start += len(block_ids)
         event = torch.cuda.Event()
         event.record()
-        return GatheredBlocks(block_ids, data, event)
+        return [GatheredBlocks(block_ids, chunk_data, event)
+                for block_ids, chunk_data in zip(chunks, data, strict=True)]
 
     def copy_out(self, gathered: GatheredBlocks, payload: torch.Tensor) -> None:
         """Transfer thread: write the gathered blocks into a host payload buffer; blocks until
@@ -121,8 +135,7 @@ class KVTransfer:
         if not self.is_cuda:
             return self._index(block_ids)
         with torch.cuda.stream(self.load_stream):
-            return torch.tensor(block_ids, dtype=torch.int64).pin_memory().to(
-                self.device, non_blocking=True)
+            return self._upload_index(block_ids)
 
     def copy_in(self, payload: torch.Tensor, entry_blocks: int, first: int,
                 index: torch.Tensor) -> None:

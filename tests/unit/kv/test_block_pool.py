@@ -41,6 +41,21 @@ def test_allocate_prefers_clean_blocks_then_evicts_least_recently_freed() -> Non
     pool.check_integrity()
 
 
+def test_next_evictions_names_no_block_while_clean_blocks_last() -> None:
+    # Lazy tier stores copy down the blocks that the next allocations evict; allocation
+    # takes never-used (clean) blocks first, so those stores start only under pressure.
+    pool = BlockPool(6)
+    blocks = pool.allocate(6)
+    for i, block in enumerate(blocks[:4]):
+        pool.cache_block(block, h(i))
+    pool.free(blocks[:4])  # cached, evicted in this order
+    pool.free(blocks[4:])  # clean
+    assert pool.next_evictions(2) == []
+    assert pool.next_evictions(3) == [h(0)]
+    assert pool.next_evictions(5) == [h(0), h(1), h(2)]
+    assert pool.next_evictions(9) == [h(0), h(1), h(2), h(3)]
+
+
 def test_touch_revives_a_freed_cached_block() -> None:
     pool = BlockPool(2)
     (a,) = pool.allocate(1)
@@ -122,6 +137,7 @@ class BlockPoolMachine(RuleBasedStateMachine):
             assert self.pool.num_free_blocks == free_before
             return
         evicted_before = len(self.listener.evicted)
+        predicted = self.pool.next_evictions(n)  # what lazy tier stores copy down first
         for block in self.pool.allocate(n):
             assert self.refs.get(block, 0) == 0
             assert self.pins.get(block, 0) == 0, "a pinned block was handed out"
@@ -131,6 +147,9 @@ class BlockPoolMachine(RuleBasedStateMachine):
                 assert self.pool.blocks[block].block_hash is not None, "pinned block lost its hash"
         for _, block in self.listener.evicted[evicted_before:]:
             assert self.pool.blocks[block].block_hash is None
+        evicted = [block_hash for block_hash, _ in self.listener.evicted[evicted_before:]]
+        if not any(self.pins.values()):  # pinned blocks are skipped by eviction only
+            assert evicted == predicted
 
     @precondition(lambda self: any(self.refs.values()))
     @rule(data=st.data())

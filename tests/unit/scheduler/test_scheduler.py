@@ -341,3 +341,42 @@ def test_store_lookahead_covers_every_block_a_step_allocates() -> None:
                        if w == running + 32 // BLOCK + tiers.chunk_blocks]
     assert decode_windows and prefill_windows
     assert len(decode_windows) + len(prefill_windows) == len(pairs)
+
+
+def test_store_ahead_covers_the_next_step_even_when_a_request_arrives_meanwhile() -> None:
+    # The engine calls store_ahead once a step is launched, so the lazy stores for the next
+    # step run while the device works; the window must hold whatever that step allocates,
+    # including a prompt that arrives between the launch and the next schedule.
+    pool = BlockPool(40, enable_caching=True)
+    tiers = LookaheadTiers()
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8),
+                          KVCacheManager(pool, BLOCK, root_block_hash("m")), tiers)  # type: ignore[arg-type]
+    allocated: list[int] = []
+    allocate = pool.allocate
+
+    def counting_allocate(num_blocks: int) -> list[int]:
+        allocated[-1] += num_blocks
+        return allocate(num_blocks)
+
+    pool.allocate = counting_allocate  # type: ignore[method-assign]
+    scheduler.add_request(make_request("0", list(range(1, 30)), max_tokens=12))
+    ahead: list[int] = []
+    step = 0
+    while scheduler.has_unfinished_requests():
+        allocated.append(0)
+        out = scheduler.schedule()
+        del tiers.windows[:]  # the lookahead in schedule itself is checked elsewhere
+        scheduler.store_ahead()
+        ahead.extend(tiers.windows)
+        step += 1
+        if step % 3 == 0 and step < 30:  # arrives while the step runs
+            scheduler.add_request(make_request(f"late{step}", list(range(50 * step, 50 * step
+                                                                         + 29)), max_tokens=4))
+        sampled = {s.request_id: next_token(scheduler.requests[s.request_id].all_token_ids)
+                   for s in out.requests if s.sample}
+        scheduler.update_from_output(out, ModelRunnerOutput(sampled))
+        assert step < 1000
+    assert len(ahead) == len(allocated)
+    assert sum(allocated[1:]) > 0
+    for window, blocks in zip(ahead, allocated[1:], strict=False):
+        assert blocks <= window

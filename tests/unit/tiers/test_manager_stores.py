@@ -1,0 +1,86 @@
+"""TierManager's lazy stores: what the next allocations evict is copied down, in one gather."""
+
+from __future__ import annotations
+
+import torch
+
+from kvtier.config import TierConfig
+from kvtier.kv.block_pool import BlockPool
+from kvtier.kv.hashing import hash_block_tokens, root_block_hash
+from kvtier.tiers.base import KVLayout
+from kvtier.tiers.cost import CostModel, TierRate
+from kvtier.tiers.cpu import CPUStore
+from kvtier.tiers.manager import TierManager
+from kvtier.tiers.policy import create_policy
+from kvtier.tiers.transfer import GatheredBlocks, KVTransfer
+
+LAYOUT = KVLayout("test-model", "float32", num_layers=2, num_kv_heads=1, head_dim=4,
+                  block_size=2, dtype_bytes=4)
+NUM_BLOCKS = 16
+CHUNK_BLOCKS = 2
+
+
+class CountingTransfer(KVTransfer):
+    def __init__(self, kv_cache: torch.Tensor) -> None:
+        super().__init__(kv_cache)
+        self.gathers: list[list[list[int]]] = []
+
+    def gather(self, chunks: list[list[int]]) -> list[GatheredBlocks]:
+        self.gathers.append(chunks)
+        return super().gather(chunks)
+
+
+def make_manager() -> tuple[TierManager, BlockPool, CountingTransfer, CPUStore]:
+    kv_cache = torch.randn(LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size,
+                           LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    pool = BlockPool(NUM_BLOCKS, enable_caching=True)
+    store = CPUStore(LAYOUT, 8 * CHUNK_BLOCKS * LAYOUT.block_bytes, create_policy("lru"),
+                     CHUNK_BLOCKS, pin_memory=False)
+    transfer = CountingTransfer(kv_cache)
+    # Loads always pay: recomputing runs at 1 token/s, the tier at 1 GB/s.
+    cost = CostModel(1.0, {"cpu": TierRate(1e9, latency_s=0.0)})
+    config = TierConfig(kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size)
+    manager = TierManager(config, [store], transfer, pool, LAYOUT.block_size, cost)
+    pool.eviction_listener = manager
+    return manager, pool, transfer, store
+
+
+def finished_prefix(pool: BlockPool, manager: TierManager, seed: int,
+                    num_blocks: int) -> tuple[list[bytes], list[int]]:
+    """A request's computed, cached blocks, then freed (they become lazy candidates)."""
+    blocks = pool.allocate(num_blocks)
+    hashes, parent = [], root_block_hash("test-model")
+    for i, block in enumerate(blocks):
+        parent = hash_block_tokens(parent, [seed, i])
+        hashes.append(parent)
+        pool.cache_block(block, parent)
+    manager.note_request(hashes)
+    manager.on_request_freed(hashes, num_blocks)
+    pool.free(list(reversed(blocks)))
+    return hashes, blocks
+
+
+def test_lookahead_stores_every_chunk_the_next_allocations_evict_in_one_gather() -> None:
+    manager, pool, transfer, store = make_manager()
+    hashes, blocks = finished_prefix(pool, manager, seed=1, num_blocks=8)
+    # 8 clean blocks remain: allocating 8 evicts nothing, so nothing is copied yet.
+    manager.store_lookahead(8)
+    assert transfer.gathers == []
+    # Allocating 12 would evict 4 cached blocks, the prefix's last two chunks (freed
+    # last-first): both go down in one gather.
+    manager.store_lookahead(12)
+    manager.wait_idle()
+    manager.poll()
+    assert len(transfer.gathers) == 1 and len(transfer.gathers[0]) == 2
+    assert sorted(b for chunk in transfer.gathers[0] for b in chunk) == sorted(blocks[4:])
+    assert [store.has_block(h) for h in hashes] == [False] * 4 + [True] * 4
+    # The stored bytes are the blocks' KV, entry by entry.
+    for first in (4, 6):
+        found = store.locate(hashes[first])
+        assert found is not None
+        meta, _ = found
+        stored = transfer.entry_view(store.read(meta), CHUNK_BLOCKS)
+        expected = transfer.kv_cache[:, :, blocks[first:first + CHUNK_BLOCKS]]
+        assert torch.equal(stored, expected)
+    pool.check_integrity()
+    manager.close()
