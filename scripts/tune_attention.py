@@ -34,6 +34,9 @@ PREFILL_CONFIGS = [None, PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 128, 8
                    PrefillConfig(128, 64, 8, 2), PrefillConfig(128, 64, 4, 3),
                    PrefillConfig(64, 64, 4, 3)]
 """None: the backend's own choice (the first row, and the reference of the others)."""
+PROMPT_CONFIGS = [None, PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 128, 8, 2),
+                  PrefillConfig(128, 64, 4, 3), PrefillConfig(128, 64, 8, 4),
+                  PrefillConfig(64, 64, 4, 3)]
 DECODE_CONFIGS = [None, DecodeConfig(64, 4, 3), DecodeConfig(128, 4, 3), DecodeConfig(64, 8, 3),
                   DecodeConfig(32, 4, 4), DecodeConfig(128, 8, 2), DecodeConfig(64, 4, 4),
                   DecodeConfig(32, 2, 4)]
@@ -120,6 +123,7 @@ def sweep(name: str, new_tokens: list[int], cached: list[int], num_decodes: int,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="tune.json")
+    parser.add_argument("--only-prefill", action="store_true", help="skip the decode sweeps")
     args = parser.parse_args()
     report: dict = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
                     "default_prefill": str(default_prefill_config(HEAD_DIM)),
@@ -131,11 +135,23 @@ def main() -> None:
 
     def decode_backend(config: DecodeConfig) -> TritonAttentionBackend:
         return TritonAttentionBackend(decode_config=config)
-    sweep("prefill_8192", [8192], [0], 0, PREFILL_CONFIGS, prefill_backend, report)
-    sweep("prefill_4352", [4352], [0], 0, PREFILL_CONFIGS, prefill_backend, report)
+    def paged_prompt_backend(config: PrefillConfig) -> TritonAttentionBackend:
+        return TritonAttentionBackend(prefill_config=config, own_kv_prompts=False)
+    # Whole prompts read K/V from the step's own key/value rows (prompt_kernel); the paged
+    # rows are the same prompts gathered from the cache (prefill_kernel), for comparison.
+    sweep("prefill_8192", [8192], [0], 0, PROMPT_CONFIGS, prefill_backend, report)
+    sweep("prefill_8192_paged", [8192], [0], 0, PREFILL_CONFIGS, paged_prompt_backend, report)
+    sweep("prefill_4352", [4352], [0], 0, PROMPT_CONFIGS, prefill_backend, report)
+    sweep("prefill_4352_paged", [4352], [0], 0, PREFILL_CONFIGS[:3], paged_prompt_backend,
+          report)
+    sweep("prefill_2x4352", [4352, 3840], [0, 0], 0, PROMPT_CONFIGS[:3], prefill_backend,
+          report)
     sweep("extend_256_after_4096", [256], [4096], 0, PREFILL_CONFIGS, prefill_backend, report)
     sweep("extend_4x256_after_4096", [256] * 4, [4096] * 4, 0, PREFILL_CONFIGS,
           prefill_backend, report)
+    if args.only_prefill:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        return
     for batch in (1, 16, 32):
         sweep(f"decode_b{batch}_4352", [1] * batch, [4351] * batch, batch, DECODE_CONFIGS,
               decode_backend, report)

@@ -237,6 +237,29 @@ def test_long_prompt_config(device: torch.device) -> None:
     check(step, device, backend)
 
 
+@pytest.mark.parametrize("config", [None, PrefillConfig(16, 16, 2, 1)], ids=["default", "16x16"])
+def test_whole_prompts_read_their_own_kv(device: torch.device, config: PrefillConfig | None,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step whose prefills are all whole prompts reads K/V from the step's key/value rows
+    (`prompt_kernel`): lengths around tile boundaries, a one-token prompt, decodes before
+    them, a prompt's keys followed by the next prompt's (which it must not see)."""
+    from kvtier.attention import triton_backend
+
+    prompts = sizes([(0, 1000), (0, 127), (0, 128), (0, 1), (0, 257)],
+                    [(0, 200), (0, 15), (0, 16), (0, 1), (0, 129)])
+    step = make_step([40, 7], prompts, (12, 2, 128), 16, torch.bfloat16, device, seed=11)
+    calls = []
+    real = triton_backend.run_prompts
+    monkeypatch.setattr(triton_backend, "run_prompts",
+                        lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    check(step, device, TritonAttentionBackend(prefill_config=config, num_sms=4))
+    assert calls, "the step did not take the own-KV path"
+    paged, _ = run_triton(step, TritonAttentionBackend(prefill_config=config, num_sms=4,
+                                                       own_kv_prompts=False), device)
+    own, _ = run_triton(step, TritonAttentionBackend(prefill_config=config, num_sms=4), device)
+    torch.testing.assert_close(own.float(), paged.float(), atol=1e-2, rtol=1e-2)
+
+
 def test_split_steps_use_split_tiles() -> None:
     """An extend after a long prefix is split over its keys, with the split tiles; a long
     prompt fills the GPU with long-prompt tiles and no split."""
@@ -389,6 +412,15 @@ def test_default_configs_compile_for_hopper(head_dim: int) -> None:
         assert res["STACK"] == 0 and res["LOCAL"] == 0, res
         assert res["shared_dynamic"] <= 227 * 1024, res
         assert "HGMMA" in sass
+    pc = long_prompt_prefill_config(head_dim)
+    descriptor = f"tensordesc<bf16[{pc.block_n}, {head_dim}]>"
+    res, sass = _compile_sm90(triton_kernels.prompt_kernel, {
+        **io, "k_desc": descriptor, "v_desc": descriptor}, dict(
+        GROUP=6, HEAD_DIM=head_dim, BLOCK_M=pc.block_m, BLOCK_N=pc.block_n, UPCAST=False),
+        pc.num_warps, pc.num_stages)
+    assert res["STACK"] == 0 and res["LOCAL"] == 0, res
+    assert res["shared_dynamic"] <= 227 * 1024, res
+    assert "HGMMA" in sass and "UTMALDG" in sass  # K/V tiles come by TMA
     dc = default_decode_config(head_dim)
     for direct in (False, True):
         res, _ = _compile_sm90(triton_kernels.decode_partial_kernel, io, dict(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kvtier.attention.base import AttentionBackend, AttentionMetadata
 from kvtier.attention.triton_kernels import (
@@ -34,6 +35,7 @@ from kvtier.attention.triton_kernels import (
     decode_reduce_kernel,
     kv_write_kernel,
     prefill_kernel,
+    prompt_kernel,
 )
 
 LOG2E = 1.4426950408889634
@@ -131,6 +133,8 @@ class TritonStepData:
     num_prefill_tokens: int = 0
     prefill_query_lens: tuple[int, ...] = ()
     max_prefill_context: int = 0
+    whole_prompts: bool = False
+    """No prefill sequence has a cached prefix: all keys are the step's own."""
     prefill_splits: int | None = None
     """KV splits of the prefill kernel; chosen with `prefill_config` by the first layer's
     `forward`, which knows the head count and head dim."""
@@ -144,15 +148,17 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(self, prefill_config: PrefillConfig | None = None,
                  decode_config: DecodeConfig | None = None,
                  num_decode_splits: int | None = None, num_sms: int | None = None,
-                 num_prefill_splits: int | None = None) -> None:
+                 num_prefill_splits: int | None = None, own_kv_prompts: bool = True) -> None:
         """Configs default per head dim; num_decode_splits / num_prefill_splits fix the split
         counts (else chosen per step by `choose_num_splits` / `choose_prefill_splits`);
-        num_sms defaults to the device's."""
+        num_sms defaults to the device's. own_kv_prompts: steps of whole prompts read K/V
+        from the step's key/value tensors (`prompt_kernel`) rather than from the cache."""
         self.prefill_config = prefill_config
         self.decode_config = decode_config
         self.num_decode_splits = num_decode_splits
         self.num_prefill_splits = num_prefill_splits
         self.num_sms = num_sms
+        self.own_kv_prompts = own_kv_prompts
         self.interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
     def prepare(self, metadata: AttentionMetadata) -> None:
@@ -170,6 +176,8 @@ class TritonAttentionBackend(AttentionBackend):
             data.num_prefill_tokens = sum(query_lens)
             data.prefill_query_lens = query_lens
             data.max_prefill_context = max(metadata.seq_lens_cpu[nd:])
+            data.whole_prompts = all(
+                n == s for n, s in zip(query_lens, metadata.seq_lens_cpu[nd:], strict=True))
         metadata.backend_data = data
 
     def num_splits(self, data: TritonStepData, num_kv_heads: int) -> int:
@@ -195,8 +203,13 @@ class TritonAttentionBackend(AttentionBackend):
             if data.prefill_config is None:
                 self._choose_prefill_tiles(data, num_heads, head_dim)
             assert data.prefill_config is not None
-            run_prefill(query, kv_cache, metadata, data, out, scale, data.prefill_config,
-                        self.interpret)
+            if (self.own_kv_prompts and data.whole_prompts and data.prefill_splits == 1
+                    and own_kv_readable(key, value)):
+                run_prompts(query, key, value, metadata, data, out, scale, data.prefill_config,
+                            self.interpret)
+            else:
+                run_prefill(query, kv_cache, metadata, data, out, scale, data.prefill_config,
+                            self.interpret)
         return out
 
     def _choose_prefill_tiles(self, data: TritonStepData, num_heads: int,
@@ -291,6 +304,32 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
             part, lse, prefill_out, splits, prefill_out.stride(0), prefill_out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim,
             BLOCK_S=triton.next_power_of_2(splits), CHUNK=16, num_warps=4)
+
+
+def own_kv_readable(key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether tensor descriptors can read key/value (T, KVH, D) as (T, KVH * D) rows: heads
+    adjacent within a token, 16-byte aligned base and row stride (TMA's rules)."""
+    return all(t.stride(1) == t.shape[2] and t.data_ptr() % 16 == 0
+               and t.stride(0) * t.element_size() % 16 == 0 for t in (key, value))
+
+
+def run_prompts(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                metadata: AttentionMetadata, data: TritonStepData, out: torch.Tensor,
+                scale: float, config: PrefillConfig, interpret: bool = False) -> None:
+    """Attention for whole prompts [num_decodes, num_seqs) into out, K/V from key/value."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    k_desc, v_desc = (TensorDescriptor(t, [num_tokens, num_kv_heads * head_dim],
+                                       [t.stride(0), 1], [config.block_n, head_dim])
+                      for t in (key, value))
+    grid = (num_heads, triton.cdiv(data.max_prefill_query_len, config.block_m),
+            data.num_prefills)
+    prompt_kernel[grid](
+        query, out, k_desc, v_desc, metadata.query_start_loc, data.num_decodes,
+        scale * LOG2E, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, UPCAST=interpret, num_warps=config.num_warps,
+        num_stages=config.num_stages)
 
 
 def run_decode(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,

@@ -206,6 +206,81 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
         tl.store(lse_ptr + row, lse, mask=row_valid)
 
 
+@triton.jit
+def _attend_own_tile(acc, l_i, m_i, q, k_desc, v_desc, key_row, kv_col, start_n, offs_m,
+                     query_len, qk_scale, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    """One online-softmax step of `prompt_kernel` over keys start_n .. start_n + BLOCK_N - 1
+    of the sequence, read with tensor descriptors (TMA on sm_90) from the step's key/value
+    rows key_row + start_n ... The scale is folded into the exp2's FMA; DIAGONAL applies the
+    causal mask (and hides keys past the prompt, which belong to the next sequence)."""
+    k = k_desc.load([key_row + start_n, kv_col])
+    s = _dot(q, tl.trans(k), UPCAST)
+    if DIAGONAL:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n < query_len)[None, :]
+        s = tl.where(visible, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = v_desc.load([key_row + start_n, kv_col])
+    acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+    return acc, l_i, m_new
+
+
+@triton.jit(do_not_specialize=["first_seq"])
+def prompt_kernel(q_ptr, out_ptr, k_desc, v_desc, query_start_ptr, first_seq, qk_scale,
+                  stride_qt, stride_qh, stride_ot, stride_oh,
+                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Causal attention of whole prompts (no cached prefix): every key is one of the step's
+    own, so K/V are read from the step's key/value tensors, contiguous rows per sequence,
+    instead of gathered page by page from the cache (which `kv_write_kernel` fills as well).
+
+    Grid: (num_heads, cdiv(max_query_len, BLOCK_M), num_prompts), query tiles walked
+    last-first as in `prefill_kernel`. q, out: (num_tokens, num_heads, HEAD_DIM); k_desc,
+    v_desc: descriptors of (num_tokens, num_kv_heads * HEAD_DIM) with blocks
+    [BLOCK_N, HEAD_DIM]. Row 0 of every query tile sees at least key 0, so no row's running
+    max stays -inf.
+    """
+    head = tl.program_id(0)
+    m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    seq = first_seq + tl.program_id(2)
+    q_start = tl.load(query_start_ptr + seq)
+    query_len = tl.load(query_start_ptr + seq + 1) - q_start
+    if m_tile * BLOCK_M >= query_len:
+        return
+    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    row_mask = (offs_m < query_len)[:, None]
+    q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                mask=row_mask, other=0.0)
+    kv_col = (head // GROUP) * HEAD_DIM
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Keys below full_end are visible to every row of the tile; [full_end, causal_end) is
+    # the diagonal.
+    first_row = m_tile * BLOCK_M
+    full_end = (first_row + 1) // BLOCK_N * BLOCK_N
+    causal_end = tl.minimum(query_len, first_row + BLOCK_M)
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_own_tile(acc, l_i, m_i, q, k_desc, v_desc, q_start, kv_col,
+                                         start_n, offs_m, query_len, qk_scale,
+                                         False, BLOCK_N, UPCAST)
+    for start_n in range(full_end, causal_end, BLOCK_N):
+        acc, l_i, m_i = _attend_own_tile(acc, l_i, m_i, q, k_desc, v_desc, q_start, kv_col,
+                                         start_n, offs_m, query_len, qk_scale,
+                                         True, BLOCK_N, UPCAST)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh
+             + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
 @triton.jit(do_not_specialize=["num_splits", "stride_table"])
 def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr,
                           seq_lens_ptr, num_splits, qk_scale,
