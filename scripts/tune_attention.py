@@ -78,7 +78,9 @@ def attention_flops(new_tokens: list[int], cached: list[int]) -> float:
 def sweep(name: str, new_tokens: list[int], cached: list[int], num_decodes: int,
           configs: list, make_backend, report: dict) -> None:  # noqa: ANN001
     device = torch.device("cuda")
-    num_blocks = sum(-(-(c + n) // BLOCK_SIZE) for c, n in zip(cached, new_tokens, strict=True))
+    # Every table row is as wide as the longest sequence's, each from distinct pages.
+    num_blocks = len(new_tokens) * max(-(-(c + n) // BLOCK_SIZE)
+                                       for c, n in zip(cached, new_tokens, strict=True))
     metadata, kv_cache = make_step(new_tokens, cached, num_decodes, num_blocks + 8, device)
     total = sum(new_tokens)
     q = torch.randn(total, NUM_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)

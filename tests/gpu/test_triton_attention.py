@@ -271,6 +271,15 @@ def test_split_steps_use_split_tiles() -> None:
     prompt = TritonStepData(0, 1, 8192, 8192, 0, 8192, (8192,), 8192)
     backend._choose_prefill_tiles(prompt, 12, 128)
     assert (prompt.prefill_config, prompt.prefill_splits) == (long_prompt_prefill_config(128), 1)
+    # The same prompt known to be whole (no cached prefix) goes to prompt_kernel, whose best
+    # tiles are the split ones; the paged kernel keeps the long-prompt tiles.
+    whole = TritonStepData(0, 1, 8192, 8192, 0, 8192, (8192,), 8192, whole_prompts=True)
+    backend._choose_prefill_tiles(whole, 12, 128)
+    assert (whole.prefill_config, whole.prefill_splits) == (default_prefill_config(128), 1)
+    paged = TritonAttentionBackend(num_sms=132, own_kv_prompts=False)
+    whole.prefill_config = None
+    paged._choose_prefill_tiles(whole, 12, 128)
+    assert (whole.prefill_config, whole.prefill_splits) == (long_prompt_prefill_config(128), 1)
 
 
 def test_sharp_softmax(device: torch.device) -> None:
@@ -412,7 +421,7 @@ def test_default_configs_compile_for_hopper(head_dim: int) -> None:
         assert res["STACK"] == 0 and res["LOCAL"] == 0, res
         assert res["shared_dynamic"] <= 227 * 1024, res
         assert "HGMMA" in sass
-    pc = long_prompt_prefill_config(head_dim)
+    pc = default_prefill_config(head_dim)
     descriptor = f"tensordesc<bf16[{pc.block_n}, {head_dim}]>"
     res, sass = _compile_sm90(triton_kernels.prompt_kernel, {
         **io, "k_desc": descriptor, "v_desc": descriptor}, dict(

@@ -72,6 +72,9 @@ def default_prefill_config(head_dim: int) -> PrefillConfig:
     (scripts/tune_attention.py, one layer, bf16, graph-timed) four 256-token extends after
     4,096 cached tokens took 0.119 ms against 0.166 ms with 128 x 64 tiles (twice the programs,
     so fewer splits and partial outputs); one such extend 0.050-0.054 against 0.046-0.048 ms.
+    Whole prompts read by `prompt_kernel` (K/V by TMA) use them too: 8,192 tokens took 0.416
+    ms per layer against 0.441 with 128 x 128 tiles, 4,352 tokens 0.132 against 0.144
+    (the paged kernel: 0.539 and 0.178 at its best tiles).
     Longer head dims: 64 x 32 tiles (d=256 at 64 x 64 does not fit in registers)."""
     if head_dim <= 128:
         return PrefillConfig(64, 64, 4, 3)
@@ -214,8 +217,15 @@ class TritonAttentionBackend(AttentionBackend):
 
     def _choose_prefill_tiles(self, data: TritonStepData, num_heads: int,
                               head_dim: int) -> None:
-        """Long-prompt tiles when their programs fill the GPU without a KV split, else the
-        split tiles (each with its own split count: the tile height sets the program count)."""
+        """Whole prompts that `prompt_kernel` can take without a KV split: the split tiles.
+        Otherwise long-prompt tiles when their programs fill the GPU without a KV split, else
+        the split tiles (each with its own split count: the tile height sets the program
+        count)."""
+        if self.prefill_config is None and self.own_kv_prompts and data.whole_prompts:
+            config = default_prefill_config(head_dim)
+            if self._prefill_splits(data, num_heads, config) == 1:
+                data.prefill_config, data.prefill_splits = config, 1
+                return
         config = self.prefill_config or long_prompt_prefill_config(head_dim)
         splits = self._prefill_splits(data, num_heads, config)
         if splits > 1 and self.prefill_config is None:
