@@ -34,7 +34,7 @@ from kvtier.tiers.base import EntryMeta, StoreHandle, TierError, TierStore
 from kvtier.tiers.chunks import Chunk, ReuseCounter, chunk_runs
 from kvtier.tiers.cost import CostModel
 from kvtier.tiers.records import LoadPlan, LoadResult, ManagerStats, Segment
-from kvtier.tiers.transfer import GatheredBlocks, KVTransfer
+from kvtier.tiers.transfer import GatheredBlocks, KVTransfer, LoadPart
 from kvtier.types import BlockHash
 
 logger = logging.getLogger(__name__)
@@ -171,8 +171,8 @@ class TierManager:
         reported loaded at once; its entries stay pinned until the copy's event fires."""
         started = time.monotonic()
         copy_started = self.transfer.load_event()
-        done, per_tier, offset = 0, {s.name: 0 for s in self.stores}, 0
-        index = self.transfer.load_index(block_ids[:plan.num_blocks])
+        done, per_tier = 0, {s.name: 0 for s in self.stores}
+        parts: list[LoadPart] = []
         for segment in plan.segments:
             store = self.stores[segment.tier]
             try:
@@ -180,11 +180,11 @@ class TierManager:
             except TierError as exc:
                 logger.warning("load for %s stopped after %d blocks: %s", request_id, done, exc)
                 break
-            self.transfer.copy_in(payload, segment.meta.num_blocks, segment.first,
-                                  index[offset:offset + segment.num_blocks])
-            offset += segment.num_blocks
+            parts.append(LoadPart(payload, segment.meta.num_blocks, segment.first,
+                                  segment.num_blocks))
             done += segment.num_blocks
             per_tier[store.name] += segment.num_blocks
+        self.transfer.copy_in_parts(parts, self.transfer.load_index(block_ids[:done]))
         result = LoadResult(request_id, done, per_tier, 0.0)
         copied = self.transfer.load_event()
         same_step = self.config.kv_load_timing == "same-step"

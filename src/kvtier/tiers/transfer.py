@@ -20,9 +20,26 @@ the blocks involved stay pinned in the block pool until the copy ends.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class LoadPart:
+    """Blocks first..first+count-1 of an entry's host payload (of entry_blocks blocks)."""
+
+    payload: torch.Tensor
+    entry_blocks: int
+    first: int
+    count: int
+
+
+LOAD_GROUP_PARTS = 4
+"""`copy_in_parts` scatters a load's parts in groups of this many, each group after its
+copies' event: the copy engine moves the next group while the SMs scatter this one, and the
+host records one event per group instead of one per chunk."""
 
 
 @dataclass
@@ -158,6 +175,41 @@ class KVTransfer:
         # Both were allocated on the load stream: keep them until the scatter has read them.
         staged.record_stream(self.scatter_stream)
         index.record_stream(self.scatter_stream)
+
+    def copy_in_parts(self, parts: list[LoadPart], index: torch.Tensor) -> None:
+        """Scheduler thread: enqueue a whole load into the device blocks `index` (from
+        `load_index`, in the parts' order). Every payload is copied into one staging buffer
+        on the load stream; the scatter stream scatters them group by group. A long load is
+        ~64 chunks, so the host work per chunk is kept to one copy and one scatter call: with
+        a stream switch, an allocation and an event per chunk, a slow host fell behind the
+        copy engine (16,384 tokens at 35 instead of 55 GB/s). On the CPU the same steps run
+        synchronously (tests)."""
+        if not parts:
+            return
+        cuda = self.is_cuda
+        with torch.cuda.stream(self.load_stream) if cuda else contextlib.nullcontext():
+            staged = torch.empty(sum(p.payload.numel() for p in parts), dtype=torch.uint8,
+                                 device=self.device)
+            offset, block = 0, 0
+            for start in range(0, len(parts), LOAD_GROUP_PARTS):
+                group = []
+                for part in parts[start:start + LOAD_GROUP_PARTS]:
+                    end = offset + part.payload.numel()
+                    staged[offset:end].copy_(part.payload, non_blocking=True)
+                    source = self.entry_view(staged[offset:end], part.entry_blocks)
+                    group.append((source[:, :, part.first:part.first + part.count],
+                                  index[block:block + part.count]))
+                    offset, block = end, block + part.count
+                if cuda:
+                    copied = torch.cuda.Event()
+                    copied.record()
+                    self.scatter_stream.wait_event(copied)
+                with torch.cuda.stream(self.scatter_stream) if cuda else contextlib.nullcontext():
+                    for source, blocks in group:
+                        self.kv_cache.index_copy_(2, blocks, source)
+        if cuda:  # both were allocated on the load stream: keep them for the scatters
+            staged.record_stream(self.scatter_stream)
+            index.record_stream(self.scatter_stream)
 
     def wait_loads(self) -> None:
         """Transfer thread: block until every enqueued `copy_in` has landed."""

@@ -12,7 +12,7 @@ from kvtier.tiers.cost import CostModel, TierRate
 from kvtier.tiers.cpu import CPUStore
 from kvtier.tiers.manager import TierManager
 from kvtier.tiers.policy import create_policy
-from kvtier.tiers.transfer import GatheredBlocks, KVTransfer
+from kvtier.tiers.transfer import GatheredBlocks, KVTransfer, LoadPart
 
 LAYOUT = KVLayout("test-model", "float32", num_layers=2, num_kv_heads=1, head_dim=4,
                   block_size=2, dtype_bytes=4)
@@ -84,3 +84,25 @@ def test_lookahead_stores_every_chunk_the_next_allocations_evict_in_one_gather()
         assert torch.equal(stored, expected)
     pool.check_integrity()
     manager.close()
+
+
+def test_a_load_of_many_parts_lands_every_block_where_the_index_says() -> None:
+    # copy_in_parts stages every part of a load in one buffer and scatters them in groups:
+    # parts that start mid-entry and end early, more parts than a group, blocks in any order.
+    kv_cache = torch.zeros(LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size,
+                           LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    transfer = KVTransfer(kv_cache)
+    entry_blocks = 3
+    shape = (LAYOUT.num_layers, 2, entry_blocks, LAYOUT.block_size, LAYOUT.num_kv_heads,
+             LAYOUT.head_dim)
+    entries = [torch.randn(shape) for _ in range(6)]
+    spans = [(0, 3), (1, 2), (0, 1), (2, 1), (0, 3), (1, 1)]  # (first, count) per entry
+    parts = [LoadPart(entry.view(-1).view(torch.uint8), entry_blocks, first, count)
+             for entry, (first, count) in zip(entries, spans, strict=True)]
+    destinations = torch.randperm(NUM_BLOCKS)[:sum(c for _, c in spans)].tolist()
+    transfer.copy_in_parts(parts, transfer.load_index(destinations))
+    expected = torch.cat([entry[:, :, first:first + count]
+                          for entry, (first, count) in zip(entries, spans, strict=True)], dim=2)
+    assert torch.equal(kv_cache[:, :, destinations], expected)
+    untouched = sorted(set(range(NUM_BLOCKS)) - set(destinations))
+    assert not kv_cache[:, :, untouched].any()
