@@ -307,17 +307,13 @@ class LookaheadTiers(InlineTiers):
         self.windows.append(num_blocks)
 
 
-def test_store_lookahead_covers_every_block_a_step_allocates() -> None:
-    # Lazy stores copy down candidates among the blocks a step may evict before it evicts
-    # them; a step without prefill work asks for fewer (one block per running request).
+def lookahead_scheduler() -> tuple[Scheduler, LookaheadTiers, list[int]]:
+    """A scheduler over a 40-block pool with LookaheadTiers, and the blocks each step
+    allocates (the caller appends a 0 before each step)."""
     pool = BlockPool(40, enable_caching=True)
     tiers = LookaheadTiers()
     scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8),
                           KVCacheManager(pool, BLOCK, root_block_hash("m")), tiers)  # type: ignore[arg-type]
-    scheduler.separate_prefill_steps = True
-    for i in range(6):
-        scheduler.add_request(make_request(str(i), list(range(50 * i + 1, 50 * i + 30)),
-                                           max_tokens=12))
     allocated: list[int] = []
     allocate = pool.allocate
 
@@ -326,6 +322,17 @@ def test_store_lookahead_covers_every_block_a_step_allocates() -> None:
         return allocate(num_blocks)
 
     pool.allocate = counting_allocate  # type: ignore[method-assign]
+    return scheduler, tiers, allocated
+
+
+def test_store_lookahead_covers_every_block_a_step_allocates() -> None:
+    # Lazy stores copy down candidates among the blocks a step may evict before it evicts
+    # them; a step without prefill work asks for fewer (one block per running request).
+    scheduler, tiers, allocated = lookahead_scheduler()
+    scheduler.separate_prefill_steps = True
+    for i in range(6):
+        scheduler.add_request(make_request(str(i), list(range(50 * i + 1, 50 * i + 30)),
+                                           max_tokens=12))
     running_before: list[int] = []
     while scheduler.has_unfinished_requests():
         allocated.append(0)
@@ -347,18 +354,7 @@ def test_store_ahead_covers_the_next_step_even_when_a_request_arrives_meanwhile(
     # The engine calls store_ahead once a step is launched, so the lazy stores for the next
     # step run while the device works; the window must hold whatever that step allocates,
     # including a prompt that arrives between the launch and the next schedule.
-    pool = BlockPool(40, enable_caching=True)
-    tiers = LookaheadTiers()
-    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8),
-                          KVCacheManager(pool, BLOCK, root_block_hash("m")), tiers)  # type: ignore[arg-type]
-    allocated: list[int] = []
-    allocate = pool.allocate
-
-    def counting_allocate(num_blocks: int) -> list[int]:
-        allocated[-1] += num_blocks
-        return allocate(num_blocks)
-
-    pool.allocate = counting_allocate  # type: ignore[method-assign]
+    scheduler, tiers, allocated = lookahead_scheduler()
     scheduler.add_request(make_request("0", list(range(1, 30)), max_tokens=12))
     ahead: list[int] = []
     step = 0
