@@ -143,8 +143,9 @@ class Scheduler:
         step meanwhile, so copying down the candidates the next step may evict costs no time
         between steps (a missed prompt under KV pressure evicts ~17 chunks' worth of blocks).
         The window is the most a step can allocate; the lookahead in `schedule` then finds
-        them stored, and stays to catch what this one missed."""
-        if self.tiers is None:
+        them stored, and stays to catch what this one missed. Only where the device runs the
+        step without the host (CUDA): on the CPU it would only widen the window."""
+        if self.tiers is None or not self.tiers.stores_overlap_compute:
             return
         self.tiers.store_lookahead(len(self.running) + self.tiers.chunk_blocks
                                    + self.config.max_num_batched_tokens // self.kv.block_size)

@@ -345,6 +345,13 @@ class TierManager:
         the block hashes it needs) for every request of every step."""
         return self.config.kv_store_policy == "write-through"
 
+    @property
+    def stores_overlap_compute(self) -> bool:
+        """Whether a store's host work (the gather's launch, the copy's enqueue) can run while
+        the device computes a step: on CUDA; on the CPU the forward and the copies share the
+        cores."""
+        return self.transfer.is_cuda
+
     def on_blocks_computed(self, block_hashes: list[BlockHash], num_computed_blocks: int,
                            num_stored_blocks: int) -> int:
         """Write-through: store chunks completed since `num_stored_blocks`; returns the new

@@ -296,6 +296,8 @@ def test_a_reload_after_preemption_is_not_counted_as_a_second_hit(after_first_to
 class LookaheadTiers(InlineTiers):
     """Never holds anything to load; records how far ahead each step asks to store."""
 
+    stores_overlap_compute = True  # as on CUDA: store_ahead runs
+
     def __init__(self) -> None:
         super().__init__()
         self.windows: list[int] = []
@@ -376,3 +378,7 @@ def test_store_ahead_covers_the_next_step_even_when_a_request_arrives_meanwhile(
     assert sum(allocated[1:]) > 0
     for window, blocks in zip(ahead, allocated[1:], strict=False):
         assert blocks <= window
+    # On the CPU nothing runs while the host works: store_ahead leaves it to schedule().
+    tiers.stores_overlap_compute = False  # type: ignore[misc]
+    scheduler.store_ahead()
+    assert tiers.windows == ahead[-1:]
