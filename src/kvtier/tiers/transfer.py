@@ -6,14 +6,16 @@ moved in one copy.
 
 On CUDA everything is enqueued from the scheduler thread and tracked with events (no transfer
 thread: a thread would wait on the GIL behind the busy scheduler for milliseconds per copy):
-- store: the gather is enqueued on the *compute* stream, so it is ordered before any later
-  forward pass that could overwrite those blocks; the device->host copy then runs on the store
-  stream after an event. No block stays pinned.
-- load: each chunk's host->device copy runs on the load stream and its scatter into the
-  paged cache on a scatter stream, after the copy's event, so the copy engine moves the next
-  chunk while the SMs scatter this one (on one stream it idled during every scatter: ~20% of
-  a long load). The request runs only once the scheduler saw the load's event complete.
-  (Disk reads still go through a transfer thread.)
+- store: the gathers of a step's chunks are enqueued on the *compute* stream (one index upload,
+  one event), so they are ordered before any later forward pass that could overwrite those
+  blocks; each device->host copy then runs on the store stream after that event. No block
+  stays pinned.
+- load: the chunks' host->device copies run on the load stream and their scatters into the
+  paged cache on a scatter stream, a group of chunks after its copies' event, so the copy
+  engine moves the next group while the SMs scatter this one (on one stream it idled during
+  every scatter: ~20% of a long load). The request runs once the load's event completed, or
+  at once with its forward ordered after that event (`same-step`). (Disk reads still go
+  through a transfer thread.)
 On the CPU the copies are plain tensor copies in the transfer thread (torch releases the GIL);
 the blocks involved stay pinned in the block pool until the copy ends.
 """
