@@ -208,17 +208,18 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
 
 @triton.jit
 def _attend_own_tile(acc, l_i, m_i, q, k_desc, v_desc, key_row, kv_col, start_n, offs_m,
-                     query_len, qk_scale, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                     qk_scale, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
                      UPCAST: tl.constexpr):
     """One online-softmax step of `prompt_kernel` over keys start_n .. start_n + BLOCK_N - 1
     of the sequence, read with tensor descriptors (TMA on sm_90) from the step's key/value
     rows key_row + start_n ... The scale is folded into the exp2's FMA; DIAGONAL applies the
-    causal mask (and hides keys past the prompt, which belong to the next sequence)."""
+    causal mask. Keys past the prompt (the next sequence's rows, or TMA's zero fill past the
+    tensor) are then visible only to the tile's padding rows, which are never stored."""
     k = k_desc.load([key_row + start_n, kv_col])
     s = _dot(q, tl.trans(k), UPCAST)
     if DIAGONAL:
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n < query_len)[None, :]
+        visible = offs_n[None, :] <= offs_m[:, None]
         s = tl.where(visible, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -270,11 +271,11 @@ def prompt_kernel(q_ptr, out_ptr, k_desc, v_desc, query_start_ptr, first_seq, qk
     causal_end = tl.minimum(query_len, first_row + BLOCK_M)
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_own_tile(acc, l_i, m_i, q, k_desc, v_desc, q_start, kv_col,
-                                         start_n, offs_m, query_len, qk_scale,
+                                         start_n, offs_m, qk_scale,
                                          False, BLOCK_N, UPCAST)
     for start_n in range(full_end, causal_end, BLOCK_N):
         acc, l_i, m_i = _attend_own_tile(acc, l_i, m_i, q, k_desc, v_desc, q_start, kv_col,
-                                         start_n, offs_m, query_len, qk_scale,
+                                         start_n, offs_m, qk_scale,
                                          True, BLOCK_N, UPCAST)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh
