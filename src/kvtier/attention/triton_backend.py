@@ -142,6 +142,8 @@ class TritonStepData:
     """KV splits of the prefill kernel; chosen with `prefill_config` by the first layer's
     `forward`, which knows the head count and head dim."""
     prefill_config: PrefillConfig | None = None
+    reads_own_kv: bool = False
+    """Whole prompts without a KV split: `prompt_kernel` (where the layer's K/V allow TMA)."""
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -206,8 +208,7 @@ class TritonAttentionBackend(AttentionBackend):
             if data.prefill_config is None:
                 self._choose_prefill_tiles(data, num_heads, head_dim)
             assert data.prefill_config is not None
-            if (self.own_kv_prompts and data.whole_prompts and data.prefill_splits == 1
-                    and own_kv_readable(key, value)):
+            if data.reads_own_kv and own_kv_readable(key, value):
                 run_prompts(query, key, value, metadata, data, out, scale, data.prefill_config,
                             self.interpret)
             else:
@@ -217,14 +218,16 @@ class TritonAttentionBackend(AttentionBackend):
 
     def _choose_prefill_tiles(self, data: TritonStepData, num_heads: int,
                               head_dim: int) -> None:
-        """Whole prompts that `prompt_kernel` can take without a KV split: the split tiles.
-        Otherwise long-prompt tiles when their programs fill the GPU without a KV split, else
+        """Whole prompts that `prompt_kernel` can take without a KV split: the split tiles (or
+        the backend's fixed config), and `reads_own_kv`. Otherwise long-prompt tiles when their programs fill the GPU without a KV split, else
         the split tiles (each with its own split count: the tile height sets the program
         count)."""
-        if self.prefill_config is None and self.own_kv_prompts and data.whole_prompts:
-            config = default_prefill_config(head_dim)
+        data.reads_own_kv = False
+        if self.own_kv_prompts and data.whole_prompts:
+            config = self.prefill_config or default_prefill_config(head_dim)
             if self._prefill_splits(data, num_heads, config) == 1:
                 data.prefill_config, data.prefill_splits = config, 1
+                data.reads_own_kv = True
                 return
         config = self.prefill_config or long_prompt_prefill_config(head_dim)
         splits = self._prefill_splits(data, num_heads, config)

@@ -115,10 +115,8 @@ class Scheduler:
             # Blocks the step may evict: copy down lazy-store candidates among them first. A
             # step without prefill work takes at most a block per running request (most steps
             # under KV pressure), so it looks ~40 blocks ahead instead of ~600.
-            may_allocate = len(self.running) + (budget // self.kv.block_size
-                                                if self._may_prefill(kinds, budget,
-                                                                     running_prefill) else 0)
-            self.tiers.store_lookahead(may_allocate + self.tiers.chunk_blocks)
+            self.tiers.store_lookahead(self._lazy_store_window(
+                self._may_prefill(kinds, budget, running_prefill)))
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
         budget = self._schedule_running(budget, kinds, scheduled, preempted)
@@ -147,8 +145,15 @@ class Scheduler:
         step without the host (CUDA): on the CPU it would only widen the window."""
         if self.tiers is None or not self.tiers.stores_overlap_compute:
             return
-        self.tiers.store_lookahead(len(self.running) + self.tiers.chunk_blocks
-                                   + self.config.max_num_batched_tokens // self.kv.block_size)
+        self.tiers.store_lookahead(self._lazy_store_window(may_prefill=True))
+
+    def _lazy_store_window(self, may_prefill: bool) -> int:
+        """Blocks a step may allocate, plus a chunk: a block per running request, and the
+        token budget's worth when it may take prompt tokens."""
+        assert self.tiers is not None
+        prefill_blocks = (self.config.max_num_batched_tokens // self.kv.block_size
+                          if may_prefill else 0)
+        return len(self.running) + prefill_blocks + self.tiers.chunk_blocks
 
     def _step_kinds(self, running_prefill: bool) -> tuple[str, ...]:
         """Which work this step takes: both (mixed steps), or prefill or decode alone.

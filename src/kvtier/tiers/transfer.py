@@ -94,15 +94,14 @@ class KVTransfer:
         if not self.is_cuda:
             return [GatheredBlocks(block_ids) for block_ids in chunks]
         index = self._upload_index([b for block_ids in chunks for b in block_ids])
-        data = []
-        start = 0
+        event = torch.cuda.Event()  # recorded after the last gather
+        gathered, start = [], 0
         for block_ids in chunks:
-            data.append(self.kv_cache.index_select(2, index[start:start + len(block_ids)]))
+            data = self.kv_cache.index_select(2, index[start:start + len(block_ids)])
+            gathered.append(GatheredBlocks(block_ids, data, event))
             start += len(block_ids)
-        event = torch.cuda.Event()
         event.record()
-        return [GatheredBlocks(block_ids, chunk_data, event)
-                for block_ids, chunk_data in zip(chunks, data, strict=True)]
+        return gathered
 
     def copy_out(self, gathered: GatheredBlocks, payload: torch.Tensor) -> None:
         """Transfer thread: write the gathered blocks into a host payload buffer; blocks until
@@ -163,20 +162,11 @@ class KVTransfer:
         enqueued (the payload must stay valid until `wait_loads`); on the CPU they are done on
         return."""
         count = index.numel()
-        if not self.is_cuda:
+        if not self.is_cuda:  # straight from the payload: no staging copy
             source = self.entry_view(payload, entry_blocks)[:, :, first:first + count]
             self.kv_cache.index_copy_(2, index, source)
             return
-        with torch.cuda.stream(self.load_stream):
-            staged = self.entry_view(payload, entry_blocks).to(self.device, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-        self.scatter_stream.wait_event(copied)
-        with torch.cuda.stream(self.scatter_stream):
-            self.kv_cache.index_copy_(2, index, staged[:, :, first:first + count])
-        # Both were allocated on the load stream: keep them until the scatter has read them.
-        staged.record_stream(self.scatter_stream)
-        index.record_stream(self.scatter_stream)
+        self.copy_in_parts([LoadPart(payload, entry_blocks, first, count)], index)
 
     def copy_in_parts(self, parts: list[LoadPart], index: torch.Tensor) -> None:
         """Scheduler thread: enqueue a whole load into the device blocks `index` (from
