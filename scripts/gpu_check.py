@@ -142,6 +142,31 @@ def decode_step_ms(llm, batch: int, context: int = 512) -> float:  # noqa: ANN00
     return statistics.median(times[5:]) * 1e3
 
 
+def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
+    """Decode graph replays at batch 1, 4 and 16 with `small_linear` (the engine's graphs) and
+    without it (graphs captured again with nn.Linear and the separate norm and SiLU kernels),
+    over the same inputs: the contexts of decode_step_ms's last step."""
+    runner = llm.engine.runner
+    fused = runner.graphs
+    sizes = [s for s in (1, 4, 16) if s in fused.sizes]
+    timings = {"fused": {s: cuda_time(fused._graphs[s].replay, repeat=50) * 1e3 for s in sizes}}
+    runner.model.set_small_batch_fusion(False)
+    try:
+        runner.capture_decode_graphs(max(sizes), llm.engine.max_model_len)
+        unfused = runner.graphs
+        n = unfused.sizes[-1]
+        unfused._device_vectors.copy_(fused._device_vectors[:, :n])
+        unfused.seq_lens.copy_(fused.seq_lens[:n])
+        unfused.block_table.copy_(fused.block_table[:n])
+        timings["unfused"] = {s: cuda_time(unfused._graphs[s].replay, repeat=50) * 1e3
+                              for s in sizes}
+    finally:
+        runner.model.set_small_batch_fusion(True)
+        runner.graphs = fused
+    report["decode_graph_ms_by_fusion"] = timings
+    print("decode graph ms by fusion:", timings, flush=True)
+
+
 def tier_load_ms(report: dict) -> None:
     """Load a 16,384-token prefix from the cpu tier: time of the transfer itself."""
     from kvtier import LLM, SamplingParams
@@ -248,6 +273,8 @@ def main() -> None:
     # A copy moves each byte twice; its rate is the memory's total (read + write) bandwidth,
     # which a pure read stream of the weights can use whole.
     report["decode_b1_floor_ms"] = weight_bytes / (report["device_copy_gbs_rw"] * 1e9) * 1e3
+    if graphs is not None:
+        decode_fusion_ab(llm, report)
     report["tok_s_32"] = decode_tok_s(llm, 32)
     report["tok_s_256"] = decode_tok_s(llm, 256)
     print(json.dumps(report, indent=1), flush=True)

@@ -14,11 +14,7 @@ hopper`, without TRITON_INTERPRET).
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +23,8 @@ from kvtier.attention.base import AttentionMetadata
 from kvtier.attention.torch_ref import TorchAttentionBackend
 
 triton = pytest.importorskip("triton")
+
+from sm90 import compile_sm90  # noqa: E402  (tests/gpu is on sys.path)
 
 from kvtier.attention import triton_kernels  # noqa: E402
 from kvtier.attention.triton_backend import (  # noqa: E402
@@ -373,36 +371,6 @@ def test_decode_cuda_graph_replay(device: torch.device) -> None:
     torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)
 
 
-def _compile_sm90(fn: triton.JITFunction, pointers: dict[str, str], constexprs: dict,
-                  num_warps: int, num_stages: int) -> tuple[dict[str, int], str]:
-    """Compile a kernel for sm_90 without a GPU (Triton's bundled ptxas); returns its resource
-    usage from `cuobjdump -res-usage` (REG, STACK, ...) and its SASS."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = fn.arg_names
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
-    # Pointers and strides arrive 16-aligned in practice (Triton specialises on that).
-    aligned = [(names.index(n),) for n in names
-               if n.endswith("_ptr") or (n.startswith("stride_") and n != "stride_table")]
-    source = ASTSource(fn, signature, constexprs={(names.index(k),): v
-                                                  for k, v in constexprs.items()},
-                       attrs={i: [["tt.divisibility", 16]] for i in aligned})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([tool, "-sass", cubin.name], capture_output=True, text=True,
-                              check=True).stdout
-    resources = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
-    resources["shared_dynamic"] = kernel.metadata.shared
-    return resources, sass
-
-
 @pytest.mark.skipif(INTERPRET, reason="the interpreter replaces compiled kernels")
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_default_configs_compile_for_hopper(head_dim: int) -> None:
@@ -415,7 +383,7 @@ def test_default_configs_compile_for_hopper(head_dim: int) -> None:
     for pc, direct in ((default_prefill_config(head_dim), False),
                        (default_prefill_config(head_dim), True),
                        (long_prompt_prefill_config(head_dim), True)):
-        res, sass = _compile_sm90(triton_kernels.prefill_kernel, io, dict(
+        res, sass = compile_sm90(triton_kernels.prefill_kernel, io, dict(
             NUM_HEADS=12, GROUP=6, HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_M=pc.block_m,
             BLOCK_N=pc.block_n, DIRECT=direct, UPCAST=False), pc.num_warps, pc.num_stages)
         assert res["STACK"] == 0 and res["LOCAL"] == 0, res
@@ -423,7 +391,7 @@ def test_default_configs_compile_for_hopper(head_dim: int) -> None:
         assert "HGMMA" in sass
     pc = default_prefill_config(head_dim)
     descriptor = f"tensordesc<bf16[{pc.block_n}, {head_dim}]>"
-    res, sass = _compile_sm90(triton_kernels.prompt_kernel, {
+    res, sass = compile_sm90(triton_kernels.prompt_kernel, {
         **io, "k_desc": descriptor, "v_desc": descriptor}, dict(
         GROUP=6, HEAD_DIM=head_dim, BLOCK_M=pc.block_m, BLOCK_N=pc.block_n, UPCAST=False),
         pc.num_warps, pc.num_stages)
@@ -432,10 +400,10 @@ def test_default_configs_compile_for_hopper(head_dim: int) -> None:
     assert "HGMMA" in sass and "UTMALDG" in sass  # K/V tiles come by TMA
     dc = default_decode_config(head_dim)
     for direct in (False, True):
-        res, _ = _compile_sm90(triton_kernels.decode_partial_kernel, io, dict(
+        res, _ = compile_sm90(triton_kernels.decode_partial_kernel, io, dict(
             NUM_HEADS=12, GROUP=6, BLOCK_G=16, HEAD_DIM=head_dim, BLOCK_SIZE=16,
             BLOCK_N=dc.block_n, DIRECT=direct, UPCAST=False), dc.num_warps, dc.num_stages)
         assert res["STACK"] == 0 and res["LOCAL"] == 0, res
-    res, _ = _compile_sm90(triton_kernels.decode_reduce_kernel, io, dict(
+    res, _ = compile_sm90(triton_kernels.decode_reduce_kernel, io, dict(
         NUM_HEADS=12, HEAD_DIM=head_dim, BLOCK_S=128, CHUNK=16), 4, 1)
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res

@@ -32,6 +32,24 @@ def _fused(x: torch.Tensor) -> ModuleType | None:
     return _fused_ops() if x.is_cuda else None
 
 
+@cache
+def _small_linear_ops() -> ModuleType | None:
+    try:
+        from kvtier.model import triton_linear
+    except ImportError:
+        return None
+    return triton_linear
+
+
+def small_linear_ops(x: torch.Tensor) -> ModuleType | None:
+    """`triton_linear` when x (rows, features) is a CUDA batch small enough for it, else None
+    (the projections then run as nn.Linear, with the norms and SiLU as their own kernels)."""
+    if not x.is_cuda:
+        return None
+    ops = _small_linear_ops()
+    return ops if ops is not None and x.shape[0] <= ops.MAX_ROWS else None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()

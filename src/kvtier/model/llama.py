@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from kvtier.attention.base import AttentionBackend, AttentionMetadata
-from kvtier.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, RotaryInputs, apply_rotary
+from kvtier.model.layers import (
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    RotaryInputs,
+    apply_rotary,
+    small_linear_ops,
+)
 from kvtier.model.spec import ModelLoadError, ModelSpec
 
 
@@ -42,6 +50,11 @@ class Attention(nn.Module):
         projection, written into `qkv_out` (T, q_size + 2 * kv_size) when given."""
         qkv = self.qkv_proj(hidden) if qkv_out is None else _linear_into(self.qkv_proj, hidden,
                                                                          qkv_out)
+        return self.split_and_rotate(qkv, rotary)
+
+    def split_and_rotate(self, qkv: torch.Tensor, rotary: RotaryInputs,
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection's q, k, v as head views, q and k rotated."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -69,6 +82,11 @@ def _linear_into(linear: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> torch
 
 
 class DecoderLayer(nn.Module):
+    fuse_small_batches = True
+    """On CUDA, batches of <= 16 rows run their projections as `small_linear`, with the
+    norms, the residual add and SiLU-and-mul folded in (`LlamaForCausalLM.set_small_batch_
+    fusion` switches it, for A/B measurements)."""
+
     def __init__(self, spec: ModelSpec, backend: AttentionBackend) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
@@ -91,14 +109,35 @@ class DecoderLayer(nn.Module):
                       rotary: RotaryInputs, qkv_out: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, k, v, residual) for this layer's attention."""
-        hidden, residual = self.input_layernorm(hidden, residual)
-        return (*self.self_attn.project(hidden, rotary, qkv_out), residual)
+        ops = self._small_linear_ops(hidden)
+        if ops is None:
+            hidden, residual = self.input_layernorm(hidden, residual)
+            return (*self.self_attn.project(hidden, rotary, qkv_out), residual)
+        norm, qkv_proj = self.input_layernorm, self.self_attn.qkv_proj
+        qkv, summed = ops.small_linear(hidden, qkv_proj.weight, qkv_proj.bias,
+                                       norm_weight=norm.weight, eps=norm.eps, residual=residual,
+                                       out=qkv_out)
+        return (*self.self_attn.split_and_rotate(qkv, rotary),
+                hidden if summed is None else summed)
 
     def post_attention(self, attention: torch.Tensor,
                        residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.self_attn.output(attention)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        ops = self._small_linear_ops(attention)
+        if ops is None:
+            hidden = self.self_attn.output(attention)
+            hidden, residual = self.post_attention_layernorm(hidden, residual)
+            return self.mlp(hidden), residual
+        o_proj, norm, mlp = self.self_attn.o_proj, self.post_attention_layernorm, self.mlp
+        hidden, _ = ops.small_linear(attention.reshape(-1, self.self_attn.q_size),
+                                     o_proj.weight, o_proj.bias)
+        activation, summed = ops.small_linear(hidden, mlp.gate_up_proj.weight,
+                                              norm_weight=norm.weight, eps=norm.eps,
+                                              residual=residual, gated=True)
+        assert summed is not None
+        return ops.small_linear(activation, mlp.down_proj.weight)[0], summed
+
+    def _small_linear_ops(self, x: torch.Tensor) -> ModuleType | None:
+        return small_linear_ops(x) if self.fuse_small_batches else None
 
 
 class LlamaForCausalLM(nn.Module):
@@ -113,6 +152,12 @@ class LlamaForCausalLM(nn.Module):
                                       spec.rope_theta, spec.rope_scaling)
         self.lm_head = (None if spec.tie_word_embeddings
                         else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False))
+
+    def set_small_batch_fusion(self, enabled: bool) -> None:
+        """Run small CUDA batches through `small_linear` (the default) or through nn.Linear
+        and the separate norm and SiLU kernels. Capture CUDA graphs after changing it."""
+        for layer in self.layers:
+            layer.fuse_small_batches = enabled
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:

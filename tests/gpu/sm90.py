@@ -1,0 +1,40 @@
+"""Compile a Triton kernel for sm_90 without a GPU and read its resource use and SASS."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+
+
+def compile_sm90(fn: triton.JITFunction, pointers: dict[str, str], constexprs: dict,
+                  num_warps: int, num_stages: int) -> tuple[dict[str, int], str]:
+    """Compile a kernel for sm_90 without a GPU (Triton's bundled ptxas); returns its resource
+    usage from `cuobjdump -res-usage` (REG, STACK, ...) and its SASS."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
+    # Pointers and strides arrive 16-aligned in practice (Triton specialises on that).
+    aligned = [(names.index(n),) for n in names
+               if n.endswith("_ptr") or (n.startswith("stride_") and n != "stride_table")]
+    source = ASTSource(fn, signature, constexprs={(names.index(k),): v
+                                                  for k, v in constexprs.items()},
+                       attrs={i: [["tt.divisibility", 16]] for i in aligned})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([tool, "-sass", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+    resources = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    resources["shared_dynamic"] = kernel.metadata.shared
+    return resources, sass

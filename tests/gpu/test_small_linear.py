@@ -1,0 +1,176 @@
+"""`small_linear` (decode-size projections with fused norm, bias, SiLU) against the unfused
+torch layers it replaces.
+
+On the GPU: `pytest -m gpu tests/gpu/test_small_linear.py`. Without one, under Triton's
+interpreter: `TRITON_INTERPRET=1 pytest --noconftest -m gpu tests/gpu/test_small_linear.py`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.gpu
+triton = pytest.importorskip("triton")
+
+from kvtier.model.triton_linear import MAX_ROWS, SmallLinearConfig, small_linear  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+EPS = 1e-6
+
+
+@pytest.fixture(scope="module")
+def device() -> torch.device:
+    if torch.cuda.is_available() and not INTERPRET:
+        return torch.device("cuda")
+    if INTERPRET:
+        from kvtier.attention.triton_kernels import fix_interpreter_scalar_index
+        fix_interpreter_scalar_index()
+        return torch.device("cpu")
+    pytest.skip("needs CUDA, or TRITON_INTERPRET=1 to run the kernels on CPU")
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              norm_weight: torch.Tensor | None, residual: torch.Tensor | None,
+              gated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layers as the model runs them unfused, every intermediate rounded to x's dtype."""
+    summed = None
+    if residual is not None:
+        summed = (x.float() + residual.float()).to(x.dtype)
+        x = summed
+    if norm_weight is not None:
+        x32 = x.float()
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
+        x = (normed.float() * norm_weight.float()).to(x.dtype)
+    out = (x.float() @ weight.float().t()).to(x.dtype)
+    if bias is not None:
+        out = (x.float() @ weight.float().t() + bias.float()).to(x.dtype)
+    if gated:
+        gate, up = out.chunk(2, dim=-1)
+        out = (F.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)
+    return out, summed
+
+
+SHAPES = [(1, 96, 64), (3, 200, 130), (MAX_ROWS, 48, 320)]
+"""(rows, out features, in features): K and N off the tile sizes, a full row tile."""
+CONFIGS = [SmallLinearConfig(16, 64, 4, 2), SmallLinearConfig(32, 128, 4, 3)]
+
+
+@pytest.mark.parametrize("rows,out_features,in_features", SHAPES)
+@pytest.mark.parametrize("fusion", ["plain", "bias", "norm", "norm+residual+bias", "gated",
+                                    "norm+residual+gated"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["16x64", "32x128"])
+def test_small_linear_matches_the_unfused_layers(device: torch.device, rows: int,
+                                                 out_features: int, in_features: int,
+                                                 fusion: str, config: SmallLinearConfig) -> None:
+    torch.manual_seed(rows * 1000 + out_features)
+    dtype = torch.bfloat16
+    x = torch.randn(rows, in_features, device=device).to(dtype)
+    weight = (torch.randn(out_features * (2 if "gated" in fusion else 1), in_features,
+                          device=device) / in_features ** 0.5).to(dtype)
+    bias = torch.randn(out_features, device=device).to(dtype) if "bias" in fusion else None
+    norm_weight = ((1 + 0.1 * torch.randn(in_features, device=device)).to(dtype)
+                   if "norm" in fusion else None)
+    residual = (torch.randn(rows, in_features, device=device).to(dtype)
+                if "residual" in fusion else None)
+    residual_before = residual.clone() if residual is not None else None
+
+    out, residual_out = small_linear(x, weight, bias, norm_weight=norm_weight, eps=EPS,
+                                     residual=residual, gated="gated" in fusion, config=config,
+                                     interpret=INTERPRET)
+    expected, expected_residual = reference(x, weight, bias, norm_weight, residual,
+                                            "gated" in fusion)
+    assert out.shape == (rows, out_features) and out.dtype == dtype
+    # Both round float32 sums, added in different orders, to bf16: a few ulps, more where
+    # SiLU multiplies two rounded halves. The interpreter's numpy bf16 casts truncate, which
+    # doubles that.
+    rtol = (4e-2 if "gated" in fusion else 2e-2) * (2 if INTERPRET else 1)
+    torch.testing.assert_close(out, expected, atol=3e-2, rtol=rtol)
+    if residual is None:
+        assert residual_out is None
+    else:
+        assert residual_before is not None
+        assert torch.equal(residual, residual_before), "the input residual must stay intact"
+        assert residual_out is not None
+        # One rounding of the same float32 sum: exact on the GPU, one ulp under truncation.
+        ulp = 2**-7 if INTERPRET else 0
+        torch.testing.assert_close(residual_out, expected_residual, atol=0, rtol=ulp)
+
+
+def test_small_linear_refuses_what_it_cannot_fuse(device: torch.device) -> None:
+    x = torch.randn(MAX_ROWS + 1, 32, device=device)
+    weight = torch.randn(16, 32, device=device)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        small_linear(x, weight)
+    with pytest.raises(ValueError, match="residual needs the norm"):
+        small_linear(x[:2], weight, residual=x[:2])
+    with pytest.raises(ValueError, match="gated projection takes no bias"):
+        small_linear(x[:2], weight, torch.zeros(8, device=device), gated=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA")
+@pytest.mark.parametrize("shapes", [[(300, 1)], [(300, 1), (1000, 1), (37, 1), (0, 9)]],
+                         ids=["one-decode", "decodes+prompt"])
+def test_the_model_gives_the_same_hidden_states_with_and_without_fusion(
+        shapes: list[tuple[int, int]]) -> None:
+    """One decode (1 row), and 3 decodes with a 9-token prompt (12 rows), on Qwen2.5-1.5B's
+    shape: the fused layers agree with nn.Linear + separate kernels within bf16 rounding over
+    28 layers, and pick the same greedy tokens."""
+    from kvtier import LLM
+    from kvtier.types import SamplingParams, ScheduledRequest, SchedulerOutput
+
+    llm = LLM("random:qwen2.5-1.5b", dtype="bfloat16", max_num_seqs=16,
+              num_gpu_blocks_override=512, enforce_eager=True)
+    runner = llm.engine.runner
+    runner.kv_cache.normal_()
+    gen = torch.Generator().manual_seed(0)
+    requests, next_block = [], 0
+    for i, (cached, new) in enumerate(shapes):
+        blocks = -(-(cached + new) // runner.block_size)
+        ids = list(range(next_block, next_block + blocks))
+        next_block += blocks
+        tokens = torch.randint(1000, 30_000, (new,), generator=gen).tolist()
+        requests.append(ScheduledRequest(f"r{i}", tokens, cached, ids, True,
+                                         SamplingParams(temperature=0.0), 0))
+    step = SchedulerOutput(requests, sum(new for _, new in shapes))
+    model = runner.model
+    hidden = {}
+    with torch.inference_mode():
+        for fused in (True, False):
+            model.set_small_batch_fusion(fused)
+            ids, positions, metadata = runner._prepare_inputs(step)
+            hidden[fused] = model(ids, positions, runner.kv_caches, metadata).clone()
+    model.set_small_batch_fusion(True)
+    torch.testing.assert_close(hidden[True], hidden[False], atol=5e-2, rtol=5e-2)
+    last = torch.tensor(metadata.query_start_loc_cpu[1:]) - 1
+    assert torch.equal(model.compute_logits(hidden[True][last]).argmax(-1),
+                       model.compute_logits(hidden[False][last]).argmax(-1))
+
+
+@pytest.mark.skipif(INTERPRET, reason="the interpreter replaces compiled kernels")
+@pytest.mark.parametrize("variant", [dict(NORM=False, HAS_RESIDUAL=False, HAS_BIAS=False,
+                                          GATED=False),
+                                     dict(NORM=True, HAS_RESIDUAL=True, HAS_BIAS=True,
+                                          GATED=False),
+                                     dict(NORM=True, HAS_RESIDUAL=True, HAS_BIAS=False,
+                                          GATED=True)],
+                         ids=["plain", "norm+residual+bias", "norm+residual+gated"])
+def test_the_default_config_compiles_for_hopper_without_spills(variant: dict) -> None:
+    from sm90 import compile_sm90  # tests/gpu is on sys.path
+
+    from kvtier.model.triton_linear import _small_linear_kernel, default_config
+
+    config = default_config(1536, 1536)
+    bf16 = "*bf16"
+    pointers = {n: bf16 for n in ("x_ptr", "res_ptr", "res_out_ptr", "norm_w_ptr", "w_ptr",
+                                  "b_ptr", "out_ptr")}
+    pointers["eps"] = "fp32"
+    resources, sass = compile_sm90(_small_linear_kernel, pointers, dict(
+        **variant, EVEN_K=True, BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        UPCAST=False), config.num_warps, config.num_stages)
+    assert resources["STACK"] == 0 and resources["LOCAL"] == 0, resources
+    assert resources["shared_dynamic"] <= 227 * 1024, resources
+    assert "HMMA" in sass  # the dots run on tensor cores
