@@ -1,19 +1,23 @@
-"""Linear layers for a handful of rows (decode at small batch) with their neighbours fused.
+"""Linear layers for a handful of rows (decode at batch 1-4) with their neighbours fused.
 
-At batch 1-16 a projection reads its whole weight to produce a few rows: it is bound by the
-weight read, and for the small projections of a 1.5B model (3-6 MB) by launch and ramp-up
-latency. cuBLAS picks split-K GEMV kernels there (two launches for `down`, 0.8-1.2 TB/s for `o`
-and `qkv`), and the residual add + RMSNorm before `qkv` and `gate_up`, and the SiLU-and-mul
-after `gate_up`, are three more launches per layer. `small_linear` folds them in:
+At decode batch sizes a projection reads its whole weight to produce a few rows: it is bound
+by the weight read, and for the small projections of a 1.5B model (3-6 MB) by launch and
+ramp-up latency. cuBLAS runs `o` and `qkv` at 0.7-0.9 TB/s there, and the residual add +
+RMSNorm before `qkv` and `gate_up` and the SiLU-and-mul after `gate_up` are three more launches
+per layer. `small_linear` folds them in:
 
-- prologue (optional): h = x + residual (written once to `residual_out`), then RMSNorm(h),
-  rounded to the activation dtype exactly as the separate kernels round;
-- body: each program owns BLOCK_N output columns and streams their weight rows over K;
+- prologue (optional): h = x + residual (written once, to `residual_out`); the RMSNorm's
+  weight multiplies h on the way in and its 1/rms scales the sums at the end, so the norm costs
+  no pass of its own (its statistic accumulates in the same loop);
+- body: a GEMV on the CUDA cores (no tensor-core tile to pad a few rows to 16): each program
+  owns BLOCK_N output columns and streams their weight rows over K in 16-byte loads, with many
+  programs per SM so the loads of some hide the latency of others;
 - epilogue: bias, or silu(gate) * up for a [gate | up] weight (both halves in one program).
 
-Every program recomputes the norm statistics of the few rows (a few KB, from L2) instead of
-waiting for another kernel. Numerics follow `triton_ops`: float32 statistics and
-accumulation, the residual sum and the normed activations rounded to the activation dtype.
+Numerics: float32 statistics and accumulation as in `triton_ops`; the residual sum is rounded
+to the activation dtype as torch's add rounds it. The normed activation is not rounded to the
+dtype before the projection (the unfused path rounds it twice), so results differ from the
+unfused layers by bf16 rounding, as any change of GEMM kernel does.
 Imported only on CUDA (or under Triton's interpreter in tests).
 """
 
@@ -25,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 16
-"""Rows `small_linear` takes (one tensor-core tile of rows); larger batches use cuBLAS."""
+MAX_ROWS = 4
+"""Rows `small_linear` takes; larger batches use cuBLAS (each row costs registers here, and
+from ~8 rows on, cuBLAS's tensor-core GEMMs read the weight as fast)."""
 
 
 @dataclass(frozen=True)
@@ -38,10 +43,9 @@ class SmallLinearConfig:
 
 
 def default_config(out_features: int, in_features: int) -> SmallLinearConfig:
-    """Enough programs to keep ~1 MB of weight reads in flight: narrow column tiles, long K
-    tiles, deep pipelines."""
+    """Narrow column tiles, so even a 1,536-column projection runs a few programs per SM."""
     del out_features, in_features  # one config serves the shapes we measured
-    return SmallLinearConfig(block_n=16, block_k=256, num_warps=4, num_stages=4)
+    return SmallLinearConfig(block_n=8, block_k=512, num_warps=4, num_stages=2)
 
 
 @triton.jit
@@ -49,8 +53,7 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
                          M, N, K, stride_x, stride_res, stride_res_out, stride_w, stride_out,
                          eps, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          HAS_BIAS: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         UPCAST: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -59,26 +62,10 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
     offs_k = tl.arange(0, BLOCK_K)
     dtype = w_ptr.dtype.element_ty
 
-    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if NORM:
-        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + offs_k
-            mask = row_ok[:, None] & (ks < K)[None, :]
-            h = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(res_ptr + rows[:, None] * stride_res + ks[None, :], mask=mask,
-                            other=0.0)
-                h = (h.to(tl.float32) + r.to(tl.float32)).to(dtype)
-                if pid == 0:
-                    tl.store(res_out_ptr + rows[:, None] * stride_res_out + ks[None, :], h,
-                             mask=mask)
-            hf = h.to(tl.float32)
-            squares += tl.sum(hf * hf, axis=1)
-        rstd = tl.rsqrt(squares / K + eps)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Summed over K every step: a [rows, columns, K] accumulator would not fit in registers.
+    out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    out_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         k_ok = ks < K
@@ -86,36 +73,36 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
             k_ok = tl.full([BLOCK_K], 1, tl.int1)
         mask = row_ok[:, None] & k_ok[None, :]
         a = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + rows[:, None] * stride_res + ks[None, :], mask=mask,
+                        other=0.0)
+            a = (a.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            if pid == 0:
+                tl.store(res_out_ptr + rows[:, None] * stride_res_out + ks[None, :], a,
+                         mask=mask)
+        af = a.to(tl.float32)
         if NORM:
-            if HAS_RESIDUAL:
-                r = tl.load(res_ptr + rows[:, None] * stride_res + ks[None, :], mask=mask,
-                            other=0.0)
-                a = (a.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            normed = (a.to(tl.float32) * rstd[:, None]).to(dtype)
-            g = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0)
-            a = (normed.to(tl.float32) * g.to(tl.float32)[None, :]).to(dtype)
-        # Weight rows as stored (K contiguous), transposed in registers for the dot.
+            squares += tl.sum(af * af, axis=1)
+            af = af * tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         w_mask = col_ok[:, None] & k_ok[None, :]
         w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
-        if UPCAST:  # the interpreter's dot takes float32
-            acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)))
-        else:
-            acc += tl.dot(a, tl.trans(w))
+        out += tl.sum(w.to(tl.float32)[None, :, :] * af[:, None, :], axis=2)
         if GATED:
             w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask,
                            other=0.0)
-            if UPCAST:
-                acc_up += tl.dot(a.to(tl.float32), tl.trans(w_up.to(tl.float32)))
-            else:
-                acc_up += tl.dot(a, tl.trans(w_up))
+            out_up += tl.sum(w_up.to(tl.float32)[None, :, :] * af[:, None, :], axis=2)
 
+    if NORM:
+        rstd = tl.rsqrt(squares / K + eps)
+        out = out * rstd[:, None]
+        out_up = out_up * rstd[:, None]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    result = acc.to(dtype)
+        out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    result = out.to(dtype)
     if GATED:  # as silu_and_mul rounds: gate and up in dtype, silu(gate) in dtype
         gate = result.to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
-        result = (act.to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
+        result = (act.to(tl.float32) * out_up.to(dtype).to(tl.float32)).to(dtype)
     out_mask = row_ok[:, None] & col_ok[None, :]
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], result, mask=out_mask)
 
@@ -124,7 +111,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  norm_weight: torch.Tensor | None = None, eps: float = 0.0,
                  residual: torch.Tensor | None = None, gated: bool = False,
                  out: torch.Tensor | None = None, config: SmallLinearConfig | None = None,
-                 interpret: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out, residual_out) for x (M <= MAX_ROWS, K) and weight (N, K), nn.Linear's layout.
 
     norm_weight: apply RMSNorm(x + residual) (or of x alone) before the projection; with a
@@ -159,7 +146,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         residual_out.stride(0) if residual_out is not None else 0, weight.stride(0),
         out.stride(0), eps, NORM=norm_weight is not None, HAS_RESIDUAL=has_residual,
         HAS_BIAS=bias is not None, GATED=gated, EVEN_K=in_features % config.block_k == 0,
-        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, UPCAST=interpret, num_warps=config.num_warps,
+        BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, num_warps=config.num_warps,
         num_stages=config.num_stages)
     return out, residual_out
