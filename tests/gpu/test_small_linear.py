@@ -111,14 +111,15 @@ def test_small_linear_refuses_what_it_cannot_fuse(device: torch.device) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA")
-@pytest.mark.parametrize("shapes", [[(300, 1)], [(300, 1), (1000, 1), (37, 1)]],
-                         ids=["one-decode", "three-decodes"])
+@pytest.mark.parametrize("shapes", [[(300, 1)], [(300, 1), (1000, 1)]],
+                         ids=["one-decode", "two-decodes"])
 def test_the_model_gives_the_same_hidden_states_with_and_without_fusion(
         shapes: list[tuple[int, int]]) -> None:
-    """One decode, and three, on Qwen2.5-1.5B's shape: the fused layers agree with nn.Linear
+    """One decode, and two, on Qwen2.5-1.5B's shape: the fused layers agree with nn.Linear
     and the separate kernels within bf16 rounding over 28 layers, and pick the same greedy
     tokens."""
     from kvtier import LLM
+    from kvtier.model.layers import small_linear_plan
     from kvtier.types import SamplingParams, ScheduledRequest, SchedulerOutput
 
     llm = LLM("random:qwen2.5-1.5b", dtype="bfloat16", max_num_seqs=4,
@@ -136,6 +137,10 @@ def test_the_model_gives_the_same_hidden_states_with_and_without_fusion(
                                          SamplingParams(temperature=0.0), 0))
     step = SchedulerOutput(requests, sum(new for _, new in shapes))
     model = runner.model
+    layer = model.layers[0]
+    probe = torch.empty(len(shapes), model.spec.hidden_size, device="cuda", dtype=torch.bfloat16)
+    assert small_linear_plan(probe, layer.self_attn.qkv_proj.weight) is not None, \
+        "this batch would not take the fused path: the test would compare nothing"
     hidden = {}
     with torch.inference_mode():
         for fused in (True, False):

@@ -41,13 +41,19 @@ def _small_linear_ops() -> ModuleType | None:
     return triton_linear
 
 
-def small_linear_ops(x: torch.Tensor) -> ModuleType | None:
-    """`triton_linear` when x (rows, features) is a CUDA batch small enough for it, else None
-    (the projections then run as nn.Linear, with the norms and SiLU as their own kernels)."""
+def small_linear_plan(x: torch.Tensor, weight: torch.Tensor,
+                      gated: bool = False) -> tuple[ModuleType, Any] | None:
+    """(`triton_linear`, its config) where `small_linear` runs this projection of x (rows,
+    features) faster than nn.Linear: on CUDA, for the few rows and the shapes measured so;
+    else None (nn.Linear, with the norms and SiLU as their own kernels)."""
     if not x.is_cuda:
         return None
     ops = _small_linear_ops()
-    return ops if ops is not None and x.shape[0] <= ops.MAX_ROWS else None
+    if ops is None:
+        return None
+    config = ops.choose_config(x.shape[0], weight.shape[0] // (2 if gated else 1),
+                               weight.shape[1], gated)
+    return None if config is None else (ops, config)
 
 
 class RMSNorm(nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from kvtier.model.layers import (
     RotaryEmbedding,
     RotaryInputs,
     apply_rotary,
-    small_linear_ops,
+    small_linear_plan,
 )
 from kvtier.model.spec import ModelLoadError, ModelSpec
 
@@ -83,9 +84,10 @@ def _linear_into(linear: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> torch
 
 class DecoderLayer(nn.Module):
     fuse_small_batches = True
-    """On CUDA, batches of <= 16 rows run their projections as `small_linear`, with the
-    norms, the residual add and SiLU-and-mul folded in (`LlamaForCausalLM.set_small_batch_
-    fusion` switches it, for A/B measurements)."""
+    """On CUDA, batches of a few rows run the projections that `small_linear_plan` names as
+    `small_linear`, with the norm and residual add before them (and SiLU-and-mul after a
+    gate/up) folded in; `LlamaForCausalLM.set_small_batch_fusion` switches it, for A/B
+    measurements."""
 
     def __init__(self, spec: ModelSpec, backend: AttentionBackend) -> None:
         super().__init__()
@@ -109,35 +111,45 @@ class DecoderLayer(nn.Module):
                       rotary: RotaryInputs, qkv_out: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, k, v, residual) for this layer's attention."""
-        ops = self._small_linear_ops(hidden)
-        if ops is None:
+        qkv_proj = self.self_attn.qkv_proj
+        plan = self._small_linear_plan(hidden, qkv_proj.weight)
+        if plan is None:
             hidden, residual = self.input_layernorm(hidden, residual)
             return (*self.self_attn.project(hidden, rotary, qkv_out), residual)
-        norm, qkv_proj = self.input_layernorm, self.self_attn.qkv_proj
+        ops, config = plan
+        norm = self.input_layernorm
         qkv, summed = ops.small_linear(hidden, qkv_proj.weight, qkv_proj.bias,
                                        norm_weight=norm.weight, eps=norm.eps, residual=residual,
-                                       out=qkv_out)
+                                       out=qkv_out, config=config)
         return (*self.self_attn.split_and_rotate(qkv, rotary),
                 hidden if summed is None else summed)
 
     def post_attention(self, attention: torch.Tensor,
                        residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ops = self._small_linear_ops(attention)
-        if ops is None:
-            hidden = self.self_attn.output(attention)
-            hidden, residual = self.post_attention_layernorm(hidden, residual)
+        attention = attention.reshape(-1, self.self_attn.q_size)
+        hidden = self._linear(self.self_attn.o_proj, attention)
+        gate_up, norm = self.mlp.gate_up_proj, self.post_attention_layernorm
+        plan = self._small_linear_plan(hidden, gate_up.weight, gated=True)
+        if plan is None:
+            hidden, residual = norm(hidden, residual)
             return self.mlp(hidden), residual
-        o_proj, norm, mlp = self.self_attn.o_proj, self.post_attention_layernorm, self.mlp
-        hidden, _ = ops.small_linear(attention.reshape(-1, self.self_attn.q_size),
-                                     o_proj.weight, o_proj.bias)
-        activation, summed = ops.small_linear(hidden, mlp.gate_up_proj.weight,
-                                              norm_weight=norm.weight, eps=norm.eps,
-                                              residual=residual, gated=True)
+        ops, config = plan
+        activation, summed = ops.small_linear(hidden, gate_up.weight, norm_weight=norm.weight,
+                                              eps=norm.eps, residual=residual, gated=True,
+                                              config=config)
         assert summed is not None
-        return ops.small_linear(activation, mlp.down_proj.weight)[0], summed
+        return self._linear(self.mlp.down_proj, activation), summed
 
-    def _small_linear_ops(self, x: torch.Tensor) -> ModuleType | None:
-        return small_linear_ops(x) if self.fuse_small_batches else None
+    def _linear(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        plan = self._small_linear_plan(x, linear.weight)
+        if plan is None:
+            return linear(x)
+        ops, config = plan
+        return ops.small_linear(x, linear.weight, linear.bias, config=config)[0]
+
+    def _small_linear_plan(self, x: torch.Tensor, weight: torch.Tensor,
+                           gated: bool = False) -> tuple[ModuleType, Any] | None:
+        return small_linear_plan(x, weight, gated) if self.fuse_small_batches else None
 
 
 class LlamaForCausalLM(nn.Module):
