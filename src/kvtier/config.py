@@ -100,9 +100,8 @@ class SchedulerConfig:
     """Longest prompt + output; None = the model's context length."""
     scheduling_policy: str = "fcfs"
     """Order of admission: fcfs, or lpm (longest prefix match first, like SGLang's: waiting
-    requests that share the most KV with the device cache, or can load it from a tier, go
-    first, so shared prefix blocks serve many requests at once and cheap requests do not wait
-    behind long prefills; a request waiting too long goes first regardless)."""
+    requests that share the most KV with the device cache go first, so shared prefix blocks
+    serve many requests at once; a request waiting too long goes first regardless)."""
     long_prefill_token_threshold: int = 0
     """Most prompt tokens one request may prefill in a step (vLLM's knob of that name); 0 = up
     to the step budget. A cap keeps one long prefill from holding up short ones (a prefix

@@ -44,7 +44,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--long-prefill-token-threshold", type=int, default=0,
                    help="most prompt tokens one request prefills per step (0: the step budget)")
     g.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
-                   help="fcfs, or lpm: longest cached prefix (device or tier) first, with aging")
+                   help="fcfs, or lpm: longest device-cache prefix match first (with aging)")
     t = parser.add_argument_group("kv tiers")
     t.add_argument("--kv-tier", dest="kv_tiers", action="append", default=None,
                    metavar="SPEC", help="cpu:SIZE | disk:PATH:SIZE | redis:URL:SIZE, optionally "

@@ -220,8 +220,8 @@ class Scheduler:
 
     def _admission_order(self) -> list[Request]:
         """FCFS: the waiting queue as it is. LPM: the first LPM_WINDOW waiting requests ranked
-        by how much of their prompt need not be computed (ties keep arrival order), then the
-        rest; a preempted or long-waiting head stays first. Ranked once per step."""
+        by how much of their prefix the device holds (ties keep arrival order), then the rest;
+        a preempted or long-waiting head stays first. Ranked once per step."""
         waiting = list(self.waiting)
         head = waiting[0]
         if (self.config.scheduling_policy == "fcfs" or len(waiting) == 1
@@ -229,20 +229,9 @@ class Scheduler:
                 or time.monotonic() - head.arrival_time > LPM_MAX_WAIT_S):
             return waiting
         window = waiting[:LPM_WINDOW]
-        hits = {id(r): self._estimate_hit_blocks(r) for r in window}
+        hits = {id(r): self.kv.estimate_cached_blocks(r) for r in window}
         window.sort(key=lambda r: -hits[id(r)])  # stable: ties keep arrival order
         return window + waiting[LPM_WINDOW:]
-
-    def _estimate_hit_blocks(self, request: Request) -> int:
-        """Leading blocks the device holds plus those a tier load would bring after them.
-        A tier hit ranks like a device hit: its copy costs a few percent of its prefill, so a
-        request that can load its prefix goes before a miss that arrived earlier."""
-        device = self.kv.estimate_cached_blocks(request)
-        if self.tiers is None or not self.kv.enable_caching:
-            return device
-        max_blocks = (request.num_tokens - 1) // self.kv.block_size
-        return device + self.tiers.count_loadable(self.kv.block_hashes(request), device,
-                                                  max_blocks)
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
         # Checked before ranking too: under KV pressure most steps admit nothing, and LPM's
@@ -256,11 +245,7 @@ class Scheduler:
             if self.tiers is not None and self.kv.enable_caching:
                 started = self._try_tier_load(request, hit_blocks)
                 if started is None:
-                    # Its next blocks are being loaded for another request: it waits. FCFS
-                    # keeps the order behind it; LPM's ranking already broke arrival order.
-                    if self.config.scheduling_policy == "fcfs":
-                        break
-                    continue
+                    break  # its next blocks are being loaded for another request: wait
                 if started:
                     if request.status is RequestStatus.RUNNING:  # loaded inline: go on now
                         budget = self._schedule_loaded(request, budget, scheduled)

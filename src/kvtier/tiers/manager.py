@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -108,46 +107,25 @@ class TierManager:
                max_blocks: int) -> LoadPlan | None:
         """Consecutive tier hits from `first_block` (below `max_blocks`) whose load pays off."""
         segments: list[Segment] = []
-        for segment in self._held_segments(block_hashes, first_block, max_blocks):
-            if not (self._load_pays(segment) or self.cost.grant_retry(
-                    self.stores[segment.tier].name)):
-                self.stats.num_rejected_cost += 1
-                break
-            segments.append(segment)
-        return LoadPlan(tuple(segments)) if segments else None
-
-    def count_loadable(self, block_hashes: list[BlockHash], first_block: int,
-                       max_blocks: int) -> int:
-        """How many blocks `lookup` would plan now, without its side effects (no retry grant,
-        no counters): for ranking waiting requests by how little they must compute."""
-        count = 0
-        for segment in self._held_segments(block_hashes, first_block, max_blocks):
-            if not self._load_pays(segment):
-                break
-            count += segment.num_blocks
-        return count
-
-    def _held_segments(self, block_hashes: list[BlockHash], first_block: int,
-                       max_blocks: int) -> Iterator[Segment]:
-        """The tiers' entries covering block_hashes[first_block:max_blocks] consecutively,
-        each cut to the blocks it holds in a row."""
         index = first_block
         while index < max_blocks:
             found = self._locate(block_hashes[index])
             if found is None:
-                return
+                break
             tier, meta, first = found
             count = 1
             while (index + count < max_blocks and first + count < meta.num_blocks
                    and meta.block_hashes[first + count] == block_hashes[index + count]):
                 count += 1
-            yield Segment(tier, meta, first, count)
+            store = self.stores[tier]
+            num_bytes = count * store.layout.block_bytes
+            if not (self.cost.load_pays(store.name, num_bytes, count * self.block_size)
+                    or self.cost.grant_retry(store.name)):
+                self.stats.num_rejected_cost += 1
+                break
+            segments.append(Segment(tier, meta, first, count))
             index += count
-
-    def _load_pays(self, segment: Segment) -> bool:
-        store = self.stores[segment.tier]
-        return self.cost.load_pays(store.name, segment.num_blocks * store.layout.block_bytes,
-                                   segment.num_blocks * self.block_size)
+        return LoadPlan(tuple(segments)) if segments else None
 
     def _locate(self, block_hash: BlockHash) -> tuple[int, EntryMeta, int] | None:
         for tier, store in enumerate(self.stores):

@@ -238,14 +238,10 @@ class InlineTiers:
     def is_loading(self, block_hash: object) -> bool:
         return False
 
-    def count_loadable(self, hashes: list[object], first: int, max_blocks: int) -> int:
+    def lookup(self, hashes: list[object], first: int, max_blocks: int) -> SimpleNamespace | None:
         n = 0
         while first + n < max_blocks and hashes[first + n] in self.held:
             n += 1
-        return n
-
-    def lookup(self, hashes: list[object], first: int, max_blocks: int) -> SimpleNamespace | None:
-        n = self.count_loadable(hashes, first, max_blocks)
         return SimpleNamespace(num_blocks=n) if n else None
 
     def start_load(self, request_id: str, plan: SimpleNamespace, block_ids: list[int],
@@ -268,54 +264,6 @@ class InlineTiers:
 
     def on_request_freed(self, hashes: list[object], num_full: int) -> None:
         self.held.update(hashes[:num_full])
-
-
-@pytest.mark.parametrize("policy", ["lpm", "fcfs"])
-def test_lpm_ranks_a_prefix_the_tier_holds_like_one_the_device_holds(policy: str) -> None:
-    """Under lpm a request whose prefix only the tier holds goes before a miss that arrived
-    first (its load replaces most of its prefill); fcfs keeps arrival order."""
-    pool = BlockPool(64, enable_caching=True)
-    tiers = InlineTiers()
-    config = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=1,
-                             scheduling_policy=policy)
-    scheduler = Scheduler(config, KVCacheManager(pool, BLOCK, root_block_hash("m")),
-                          tiers)  # type: ignore[arg-type]
-    shared = list(range(500, 532))
-    scheduler.add_request(make_request("warm", shared + [1], max_tokens=1))
-    run_to_end(scheduler)
-    pool.reset_prefix_cache()  # the prefix now lives only in the "tier"
-    scheduler.add_request(make_request("cold", list(range(900, 940))))
-    scheduler.add_request(make_request("hot", shared + [2, 3]))
-    first = run_step(scheduler).requests[0]
-    if policy == "lpm":
-        assert first.request_id == "hot" and first.num_computed_tokens == 32
-        assert tiers.loaded_blocks == 8
-    else:
-        assert first.request_id == "cold" and tiers.loaded_blocks == 0
-    run_to_end(scheduler)
-    assert pool.num_free_blocks == pool.num_blocks
-
-
-class LoadingTiers(InlineTiers):
-    """Every held block is being loaded for some other request."""
-
-    def is_loading(self, block_hash: object) -> bool:
-        return block_hash in self.held
-
-
-def test_under_lpm_a_request_waiting_for_anothers_load_does_not_hold_up_the_rest() -> None:
-    pool = BlockPool(64, enable_caching=True)
-    tiers = LoadingTiers()
-    config = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4,
-                             scheduling_policy="lpm")
-    scheduler = Scheduler(config, KVCacheManager(pool, BLOCK, root_block_hash("m")),
-                          tiers)  # type: ignore[arg-type]
-    shared = list(range(500, 532))
-    tiers.held.update(scheduler.kv.block_hashes(make_request("probe", shared + [1])))
-    scheduler.add_request(make_request("waits", shared + [2, 3]))  # ranked first: all "held"
-    scheduler.add_request(make_request("cold", list(range(900, 940))))
-    assert [s.request_id for s in run_step(scheduler).requests] == ["cold"]
-    assert [r.request_id for r in scheduler.waiting] == ["waits"]
 
 
 @pytest.mark.parametrize("after_first_token", [False, True])

@@ -106,30 +106,3 @@ def test_a_load_of_many_parts_lands_every_block_where_the_index_says() -> None:
     assert torch.equal(kv_cache[:, :, destinations], expected)
     untouched = sorted(set(range(NUM_BLOCKS)) - set(destinations))
     assert not kv_cache[:, :, untouched].any()
-
-
-def test_count_loadable_is_what_lookup_would_plan_without_its_side_effects() -> None:
-    manager, pool, _, _ = make_manager()
-    hashes, _ = finished_prefix(pool, manager, seed=3, num_blocks=8)
-    manager.store_lookahead(NUM_BLOCKS)  # evicting all 8 cached blocks stores all 4 chunks
-    manager.wait_idle()
-    manager.poll()
-    for first, stop in [(0, 8), (2, 8), (1, 5), (7, 8), (8, 8)]:
-        plan = manager.lookup(hashes, first, stop)
-        assert manager.count_loadable(hashes, first, stop) == (plan.num_blocks if plan else 0)
-    assert manager.count_loadable(hashes, 0, 8) == 8
-    other, _ = finished_prefix(pool, manager, seed=4, num_blocks=2)  # cached, never stored
-    assert manager.count_loadable(other, 0, 2) == 0
-
-    # When loads do not pay, lookup may still grant one retry to measure the tier again;
-    # count_loadable neither counts a rejection nor spends that retry.
-    now = [0.0]
-    manager.cost = CostModel(1e12, {"cpu": TierRate(1.0, latency_s=0.0)}, clock=lambda: now[0])
-    now[0] = 10.0
-    rejected = manager.stats.num_rejected_cost
-    assert manager.count_loadable(hashes, 0, 8) == 0
-    assert manager.stats.num_rejected_cost == rejected
-    retried = manager.lookup(hashes, 0, 8)
-    assert retried is not None and retried.num_blocks == CHUNK_BLOCKS  # the retry, one entry
-    assert manager.stats.num_rejected_cost == rejected + 1  # the next entry was refused
-    manager.close()
