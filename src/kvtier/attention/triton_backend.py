@@ -219,9 +219,9 @@ class TritonAttentionBackend(AttentionBackend):
     def _choose_prefill_tiles(self, data: TritonStepData, num_heads: int,
                               head_dim: int) -> None:
         """Whole prompts that `prompt_kernel` can take without a KV split: the split tiles (or
-        the backend's fixed config), and `reads_own_kv`. Otherwise long-prompt tiles when their programs fill the GPU without a KV split, else
-        the split tiles (each with its own split count: the tile height sets the program
-        count)."""
+        the backend's fixed config), and `reads_own_kv`. Otherwise long-prompt tiles when their
+        programs fill the GPU without a KV split, else the split tiles (each with its own split
+        count: the tile height sets the program count)."""
         data.reads_own_kv = False
         if self.own_kv_prompts and data.whole_prompts:
             config = self.prefill_config or default_prefill_config(head_dim)
