@@ -7,8 +7,6 @@ interpreter: `TRITON_INTERPRET=1 pytest --noconftest -m gpu tests/gpu/test_fused
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,21 +14,15 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.gpu
 triton = pytest.importorskip("triton")
 
+from kernel_support import INTERPRET, kernel_device  # noqa: E402
+
 from kvtier.model import triton_ops  # noqa: E402
 from kvtier.model.layers import RotaryEmbedding, _rotate_half  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @pytest.fixture(scope="module")
 def device() -> torch.device:
-    if torch.cuda.is_available() and not INTERPRET:
-        return torch.device("cuda")
-    if INTERPRET:
-        from kvtier.attention.triton_kernels import fix_interpreter_scalar_index
-        fix_interpreter_scalar_index()
-        return torch.device("cpu")
-    pytest.skip("needs CUDA, or TRITON_INTERPRET=1 to run the kernels on CPU")
+    return kernel_device()
 
 
 DTYPES = [torch.bfloat16, torch.float16]

@@ -7,8 +7,6 @@ interpreter: `TRITON_INTERPRET=1 pytest --noconftest -m gpu tests/gpu/test_small
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,21 +14,16 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.gpu
 triton = pytest.importorskip("triton")
 
+from kernel_support import INTERPRET, compile_sm90, kernel_device  # noqa: E402
+
 from kvtier.model.triton_linear import MAX_ROWS, SmallLinearConfig, small_linear  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 EPS = 1e-6
 
 
 @pytest.fixture(scope="module")
 def device() -> torch.device:
-    if torch.cuda.is_available() and not INTERPRET:
-        return torch.device("cuda")
-    if INTERPRET:
-        from kvtier.attention.triton_kernels import fix_interpreter_scalar_index
-        fix_interpreter_scalar_index()
-        return torch.device("cpu")
-    pytest.skip("needs CUDA, or TRITON_INTERPRET=1 to run the kernels on CPU")
+    return kernel_device()
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -164,8 +157,6 @@ def test_a_decoder_layer_gives_the_same_outputs_with_and_without_fusion(rows: in
                                           GATED=True)],
                          ids=["plain", "norm+residual+bias", "norm+residual+gated"])
 def test_the_default_config_compiles_for_hopper_without_spills(variant: dict) -> None:
-    from sm90 import compile_sm90  # tests/gpu is on sys.path
-
     from kvtier.model.triton_linear import _small_linear_kernel, default_config
 
     config = default_config(1536, 1536)

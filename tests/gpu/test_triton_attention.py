@@ -13,7 +13,6 @@ hopper`, without TRITON_INTERPRET).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -24,7 +23,7 @@ from kvtier.attention.torch_ref import TorchAttentionBackend
 
 triton = pytest.importorskip("triton")
 
-from sm90 import compile_sm90  # noqa: E402  (tests/gpu is on sys.path)
+from kernel_support import INTERPRET, compile_sm90, kernel_device  # noqa: E402
 
 from kvtier.attention import triton_kernels  # noqa: E402
 from kvtier.attention.triton_backend import (  # noqa: E402
@@ -38,11 +37,9 @@ from kvtier.attention.triton_backend import (  # noqa: E402
     default_prefill_config,
     long_prompt_prefill_config,
 )
-from kvtier.attention.triton_kernels import fix_interpreter_scalar_index  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ON_GPU = torch.cuda.is_available() and not INTERPRET
 """Full sizes on a GPU; under the interpreter the same shapes with shorter sequences."""
 FILL = 30.0
@@ -52,12 +49,7 @@ TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 6e-3}
 
 @pytest.fixture(scope="module")
 def device() -> torch.device:
-    if torch.cuda.is_available() and not INTERPRET:
-        return torch.device("cuda")
-    if INTERPRET:
-        fix_interpreter_scalar_index()
-        return torch.device("cpu")
-    pytest.skip("needs CUDA, or TRITON_INTERPRET=1 to run the kernels on CPU")
+    return kernel_device()
 
 
 @dataclass

@@ -41,18 +41,17 @@ def _small_linear_ops() -> ModuleType | None:
     return triton_linear
 
 
-def small_linear_plan(x: torch.Tensor, weight: torch.Tensor,
-                      gated: bool = False) -> tuple[ModuleType, Any] | None:
+def small_linear_plan(x: torch.Tensor,
+                      weight: torch.Tensor) -> tuple[ModuleType, Any] | None:
     """(`triton_linear`, its config) where `small_linear` runs this projection of x (rows,
     features) faster than nn.Linear: on CUDA, for the few rows and the shapes measured so;
-    else None (nn.Linear, with the norms and SiLU as their own kernels)."""
+    else None (nn.Linear, with the norm as its own kernel)."""
     if not x.is_cuda:
         return None
     ops = _small_linear_ops()
     if ops is None:
         return None
-    config = ops.choose_config(x.shape[0], weight.shape[0] // (2 if gated else 1),
-                               weight.shape[1], gated)
+    config = ops.choose_config(x.shape[0], weight.shape[0], weight.shape[1])
     return None if config is None else (ops, config)
 
 

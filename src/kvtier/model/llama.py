@@ -84,10 +84,9 @@ def _linear_into(linear: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> torch
 
 class DecoderLayer(nn.Module):
     fuse_small_batches = True
-    """On CUDA, batches of a few rows run the projections that `small_linear_plan` names as
-    `small_linear`, with the norm and residual add before them (and SiLU-and-mul after a
-    gate/up) folded in; `LlamaForCausalLM.set_small_batch_fusion` switches it, for A/B
-    measurements."""
+    """On CUDA, batches of a few rows run qkv (with the residual add, norm and bias folded in)
+    and o as `small_linear`, where `small_linear_plan` finds that faster;
+    `LlamaForCausalLM.set_small_batch_fusion` switches it, for A/B measurements."""
 
     def __init__(self, spec: ModelSpec, backend: AttentionBackend) -> None:
         super().__init__()
@@ -126,30 +125,22 @@ class DecoderLayer(nn.Module):
 
     def post_attention(self, attention: torch.Tensor,
                        residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The MLP stays with cuBLAS and the separate norm and SiLU kernels: `small_linear`
+        # read its 27-55 MB weights slower (triton_linear.choose_config).
         attention = attention.reshape(-1, self.self_attn.q_size)
-        hidden = self._linear(self.self_attn.o_proj, attention)
-        gate_up, norm = self.mlp.gate_up_proj, self.post_attention_layernorm
-        plan = self._small_linear_plan(hidden, gate_up.weight, gated=True)
+        o_proj = self.self_attn.o_proj
+        plan = self._small_linear_plan(attention, o_proj.weight)
         if plan is None:
-            hidden, residual = norm(hidden, residual)
-            return self.mlp(hidden), residual
-        ops, config = plan
-        activation, summed = ops.small_linear(hidden, gate_up.weight, norm_weight=norm.weight,
-                                              eps=norm.eps, residual=residual, gated=True,
-                                              config=config)
-        assert summed is not None
-        return self._linear(self.mlp.down_proj, activation), summed
+            hidden = o_proj(attention)
+        else:
+            ops, config = plan
+            hidden = ops.small_linear(attention, o_proj.weight, o_proj.bias, config=config)[0]
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
-    def _linear(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        plan = self._small_linear_plan(x, linear.weight)
-        if plan is None:
-            return linear(x)
-        ops, config = plan
-        return ops.small_linear(x, linear.weight, linear.bias, config=config)[0]
-
-    def _small_linear_plan(self, x: torch.Tensor, weight: torch.Tensor,
-                           gated: bool = False) -> tuple[ModuleType, Any] | None:
-        return small_linear_plan(x, weight, gated) if self.fuse_small_batches else None
+    def _small_linear_plan(self, x: torch.Tensor,
+                           weight: torch.Tensor) -> tuple[ModuleType, Any] | None:
+        return small_linear_plan(x, weight) if self.fuse_small_batches else None
 
 
 class LlamaForCausalLM(nn.Module):
@@ -166,8 +157,8 @@ class LlamaForCausalLM(nn.Module):
                         else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False))
 
     def set_small_batch_fusion(self, enabled: bool) -> None:
-        """Run small CUDA batches through `small_linear` (the default) or through nn.Linear
-        and the separate norm and SiLU kernels. Capture CUDA graphs after changing it."""
+        """Run small CUDA batches' qkv and o through `small_linear` (the default) or through
+        nn.Linear and the separate norm kernel. Capture CUDA graphs after changing it."""
         for layer in self.layers:
             layer.fuse_small_batches = enabled
 

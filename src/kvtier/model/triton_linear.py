@@ -1,10 +1,9 @@
-"""Linear layers for a handful of rows (decode at batch 1-4) with their neighbours fused.
+"""Linear layers for a handful of rows (decode at batch 1-2) with their neighbours fused.
 
 At decode batch sizes a projection reads its whole weight to produce a few rows: it is bound
 by the weight read, and for the small projections of a 1.5B model (3-6 MB) by launch and
 ramp-up latency. cuBLAS runs `o` and `qkv` at 0.7-0.9 TB/s there, and the residual add +
-RMSNorm before `qkv` and `gate_up` and the SiLU-and-mul after `gate_up` are three more launches
-per layer. `small_linear` folds them in:
+RMSNorm before `qkv` is one more launch. `small_linear` folds them in:
 
 - prologue (optional): h = x + residual (written once, to `residual_out`); the RMSNorm's
   weight multiplies h on the way in and its 1/rms scales the sums at the end, so the norm costs
@@ -13,6 +12,10 @@ per layer. `small_linear` folds them in:
   owns BLOCK_N output columns and streams their weight rows over K in 16-byte loads, with many
   programs per SM so the loads of some hide the latency of others;
 - epilogue: bias, or silu(gate) * up for a [gate | up] weight (both halves in one program).
+
+The model uses it for qkv and o only (`choose_config`): for the MLP's 27-55 MB weights cuBLAS's
+pipelined loads were faster, even counting the norm and SiLU launches this saves; the gated
+epilogue stays for `scripts/tune_small_linear.py` to measure that again.
 
 Numerics: float32 statistics and accumulation as in `triton_ops`; the residual sum is rounded
 to the activation dtype as torch's add rounds it. The normed activation is not rounded to the
@@ -30,8 +33,7 @@ import triton
 import triton.language as tl
 
 MAX_ROWS = 4
-"""Rows `small_linear` takes; larger batches use cuBLAS (each row costs registers here, and
-from ~8 rows on, cuBLAS's tensor-core GEMMs read the weight as fast)."""
+"""Rows `small_linear` takes (each row costs registers); `choose_config` uses it for fewer."""
 
 
 @dataclass(frozen=True)
@@ -50,15 +52,14 @@ def default_config(out_features: int, in_features: int) -> SmallLinearConfig:
     return SmallLinearConfig(block_n=4, block_k=2048, num_warps=4, num_stages=1)
 
 
-def choose_config(rows: int, out_features: int, in_features: int,
-                  gated: bool = False) -> SmallLinearConfig | None:
-    """The config to run this projection with, or None where nn.Linear (cuBLAS, with separate
-    norm and SiLU kernels) was faster. From `scripts/tune_small_linear.py` on an H200, with
-    28 layers' weights per CUDA graph (Qwen2.5-1.5B's shapes, 1,536 hidden):
-    qkv + norm + bias 5.5 us against 6.6 and o 4.1 against 6.6 at 1 row; at 4 rows qkv loses
-    (8.3 against 7.3). gate/up + norm + SiLU (21.2 against 20.4 us) and down (11.9 against
-    11.1) stay with cuBLAS, whose pipelined loads read these 27-55 MB weights faster."""
-    if rows > 2 or gated or in_features > 4096:
+def choose_config(rows: int, out_features: int,
+                  in_features: int) -> SmallLinearConfig | None:
+    """The config to run a projection with, or None where nn.Linear (cuBLAS, with the norm as
+    its own kernel) was faster or was not measured. From `scripts/tune_small_linear.py` on an
+    H200, 28 layers' weights per CUDA graph (Qwen2.5-1.5B's qkv and o, 1,536 wide): qkv + norm +
+    bias 5.1 us against 6.6 and o 4.2 against 6.6 at 1 row, 6.2 / 4.6 against 7.4 / 6.5 at 2;
+    at 4 rows qkv loses (10.0 against 7.5)."""
+    if rows > 2 or in_features > 4096:
         return None
     return default_config(out_features, in_features)
 

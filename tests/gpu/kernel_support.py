@@ -1,13 +1,31 @@
-"""Compile a Triton kernel for sm_90 without a GPU and read its resource use and SASS."""
+"""What the Triton kernel tests share: where to run them (a GPU, or the CPU under Triton's
+interpreter), and compiling a kernel for sm_90 without a GPU to read its resources and SASS.
+Imported by name (tests/gpu is on sys.path), so it also works with --noconftest."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
+import torch
 import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_device() -> torch.device:
+    """CUDA; else the CPU under TRITON_INTERPRET=1; else the test is skipped."""
+    if torch.cuda.is_available() and not INTERPRET:
+        return torch.device("cuda")
+    if INTERPRET:
+        from kvtier.attention.triton_kernels import fix_interpreter_scalar_index
+        fix_interpreter_scalar_index()
+        return torch.device("cpu")
+    pytest.skip("needs CUDA, or TRITON_INTERPRET=1 to run the kernels on CPU")
 
 
 def compile_sm90(fn: triton.JITFunction, pointers: dict[str, str], constexprs: dict,
