@@ -101,6 +101,13 @@ def test_small_linear_refuses_what_it_cannot_fuse(device: torch.device) -> None:
         small_linear(x[:2], weight, residual=x[:2])
     with pytest.raises(ValueError, match="gated projection takes no bias"):
         small_linear(x[:2], weight, torch.zeros(8, device=device), gated=True)
+    with pytest.raises(ValueError, match="does not take x"):
+        small_linear(x[:2, :16], weight)
+    with pytest.raises(ValueError, match="must match x"):
+        small_linear(x[:2], weight, norm_weight=torch.ones(32, device=device),
+                     residual=x[:3])
+    with pytest.raises(ValueError, match="norm_weight"):
+        small_linear(x[:2], weight, norm_weight=torch.ones(16, device=device))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA")

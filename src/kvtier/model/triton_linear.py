@@ -142,6 +142,13 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError("a gated projection takes no bias")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("x and weight must be contiguous along K")
+    if weight.shape[1] != in_features or weight.dtype != x.dtype:
+        raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not take x "
+                         f"{tuple(x.shape)} {x.dtype}")
+    if residual is not None and (residual.shape != x.shape or residual.stride(1) != 1):
+        raise ValueError(f"residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+    if norm_weight is not None and norm_weight.shape != (in_features,):
+        raise ValueError(f"norm_weight {tuple(norm_weight.shape)} must be ({in_features},)")
     width = weight.shape[0] // 2 if gated else weight.shape[0]
     if out is None:
         out = torch.empty((rows, width), dtype=x.dtype, device=x.device)
