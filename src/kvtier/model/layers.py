@@ -7,6 +7,7 @@ fused Triton kernel (`triton_ops`); elsewhere as the plain torch reference below
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -19,26 +20,16 @@ from torch import nn
 
 
 @cache
-def _fused_ops() -> ModuleType | None:
-    """The Triton kernels, or None where Triton is missing."""
+def _triton_module(name: str) -> ModuleType | None:
+    """kvtier.model.<name> (a module of Triton kernels), or None where Triton is missing."""
     try:
-        from kvtier.model import triton_ops
+        return importlib.import_module(f"kvtier.model.{name}")
     except ImportError:
         return None
-    return triton_ops
 
 
 def _fused(x: torch.Tensor) -> ModuleType | None:
-    return _fused_ops() if x.is_cuda else None
-
-
-@cache
-def _small_linear_ops() -> ModuleType | None:
-    try:
-        from kvtier.model import triton_linear
-    except ImportError:
-        return None
-    return triton_linear
+    return _triton_module("triton_ops") if x.is_cuda else None
 
 
 def small_linear_plan(x: torch.Tensor,
@@ -48,7 +39,7 @@ def small_linear_plan(x: torch.Tensor,
     else None (nn.Linear, with the norm as its own kernel)."""
     if not x.is_cuda:
         return None
-    ops = _small_linear_ops()
+    ops = _triton_module("triton_linear")
     if ops is None:
         return None
     config = ops.choose_config(x.shape[0], weight.shape[0], weight.shape[1])
