@@ -142,38 +142,72 @@ def decode_step_ms(llm, batch: int, context: int = 512) -> float:  # noqa: ANN00
     return statistics.median(times[5:]) * 1e3
 
 
+DECODE_VARIANTS = {
+    "cublas": ((), False),
+    "cublas+pdl": ((), True),
+    "qkv,o": (("qkv", "o"), False),
+    "qkv,o+pdl": (("qkv", "o"), True),
+    "all": (("qkv", "o", "gate_up", "down"), False),
+    "all+pdl": (("qkv", "o", "gate_up", "down"), True),
+}
+"""Decode-graph variants: the projections run as `small_linear` (the rest through cuBLAS
+with the separate norm and SiLU kernels), and whether the Triton kernels use programmatic
+dependent launch."""
+
+
 def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
-    """Decode graph replays at batch 1, 2 and 4 with `small_linear` and without it (nn.Linear
-    and the separate norm kernels), both captured afresh the same way (graphs captured at the
-    engine's start replay ~0.1 ms slower than recaptured ones, so they are no baseline), over
-    the same inputs: the contexts of decode_step_ms's last step. Interleaved repeats."""
+    """Decode graph replays at batch 1, 2 and 4 in each of DECODE_VARIANTS, all captured
+    afresh the same way (graphs captured at the engine's start replay ~0.1 ms slower than
+    recaptured ones, so they are no baseline), over the same inputs: the contexts of
+    decode_step_ms's last step. Interleaved repeats; batch 4 takes no `small_linear`."""
+    from kvtier import triton_pdl
+    from kvtier.model.llama import SMALL_LINEAR_PROJECTIONS
+
     runner = llm.engine.runner
     engine_graphs = runner.graphs
     sizes = [1, 2, 4]
     captured = {}
     try:
-        for fused in (True, False):
-            runner.model.set_small_batch_fusion(fused)
+        for name, (projections, pdl) in DECODE_VARIANTS.items():
+            runner.model.set_small_batch_fusion(projections)
+            triton_pdl.set_enabled(pdl)
             runner.capture_decode_graphs(max(sizes), llm.engine.max_model_len)
             graphs = runner.graphs
             n = graphs.sizes[-1]
             graphs._device_vectors.copy_(engine_graphs._device_vectors[:, :n])
             graphs.seq_lens.copy_(engine_graphs.seq_lens[:n])
             graphs.block_table.copy_(engine_graphs.block_table[:n])
-            captured[fused] = graphs
+            captured[name] = graphs
     finally:
-        runner.model.set_small_batch_fusion(True)
+        runner.model.set_small_batch_fusion(SMALL_LINEAR_PROJECTIONS)
+        triton_pdl.set_enabled(None)
         runner.graphs = engine_graphs
-    samples: dict = {name: {s: [] for s in sizes} for name in ("fused", "unfused")}
+    samples: dict = {name: {s: [] for s in sizes} for name in DECODE_VARIANTS}
     for _ in range(5):
         for size in sizes:
-            for fused, name in ((True, "fused"), (False, "unfused")):
-                replay = captured[fused]._graphs[size].replay
+            for name in DECODE_VARIANTS:
+                replay = captured[name]._graphs[size].replay
                 samples[name][size].append(cuda_time(replay, repeat=20) * 1e3)
     timings = {name: {s: statistics.median(v) for s, v in by_size.items()}
                for name, by_size in samples.items()}
-    report["decode_graph_ms_by_fusion"] = timings
-    print("decode graph ms by fusion:", timings, flush=True)
+    report["decode_graph_ms_by_variant"] = timings
+    # PDL changes only when kernels start, never what they compute: a missing wait would show
+    # as logits that differ from the same kernels launched in plain stream order.
+    identical = {}
+    for name in DECODE_VARIANTS:
+        if name.endswith("+pdl"):
+            plain = name.removesuffix("+pdl")
+            logits = {}
+            for variant in (plain, name):
+                for size in sizes:
+                    captured[variant]._graphs[size].replay()
+                    logits[variant, size] = captured[variant]._logits[size].clone()
+            identical[name] = all(torch.equal(logits[plain, s], logits[name, s]) for s in sizes)
+    report["decode_pdl_logits_identical"] = identical
+    print("decode logits identical with and without PDL:", identical, flush=True)
+    for name, by_size in timings.items():
+        print(f"decode graph ms {name:12}", {s: round(t, 4) for s, t in by_size.items()},
+              flush=True)
 
 
 def tier_load_ms(report: dict) -> None:

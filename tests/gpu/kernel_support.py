@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,10 +29,20 @@ def kernel_device() -> torch.device:
     pytest.skip("needs CUDA, or TRITON_INTERPRET=1 to run the kernels on CPU")
 
 
+@dataclass(frozen=True)
+class Sm90Build:
+    resources: dict[str, int]
+    """From `cuobjdump -res-usage` (REG, STACK, SHARED, LOCAL) and shared_dynamic."""
+    sass: str
+    ptx: str
+
+
 def compile_sm90(fn: triton.JITFunction, pointers: dict[str, str], constexprs: dict,
-                  num_warps: int, num_stages: int) -> tuple[dict[str, int], str]:
-    """Compile a kernel for sm_90 without a GPU (Triton's bundled ptxas); returns its resource
-    usage from `cuobjdump -res-usage` (REG, STACK, ...) and its SASS."""
+                  num_warps: int, num_stages: int, multiples_of_16: tuple[str, ...] = (),
+                  ) -> Sm90Build:
+    """Compile a kernel for sm_90 without a GPU (Triton's bundled ptxas): its resource usage,
+    SASS and PTX. multiples_of_16: integer arguments that Triton's launcher would specialise
+    as multiples of 16 for the shapes of interest."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -39,7 +50,8 @@ def compile_sm90(fn: triton.JITFunction, pointers: dict[str, str], constexprs: d
     signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
     # Pointers and strides arrive 16-aligned in practice (Triton specialises on that).
     aligned = [(names.index(n),) for n in names
-               if n.endswith("_ptr") or (n.startswith("stride_") and n != "stride_table")]
+               if n.endswith("_ptr") or (n.startswith("stride_") and n != "stride_table")
+               or n in multiples_of_16]
     source = ASTSource(fn, signature, constexprs={(names.index(k),): v
                                                   for k, v in constexprs.items()},
                        attrs={i: [["tt.divisibility", 16]] for i in aligned})
@@ -55,4 +67,4 @@ def compile_sm90(fn: triton.JITFunction, pointers: dict[str, str], constexprs: d
                               check=True).stdout
     resources = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
     resources["shared_dynamic"] = kernel.metadata.shared
-    return resources, sass
+    return Sm90Build(resources, sass, kernel.asm["ptx"])

@@ -47,7 +47,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out, summed
 
 
-SHAPES = [(1, 96, 64), (3, 200, 130), (MAX_ROWS, 48, 320)]
+SHAPES = [(1, 96, 64), (MAX_ROWS, 200, 130), (1, 48, 320)]
 """(rows, out features, in features): K and N off the tile sizes, a full row tile."""
 CONFIGS = [SmallLinearConfig(8, 64, 4, 2), SmallLinearConfig(16, 128, 4, 3)]
 
@@ -114,13 +114,15 @@ def test_small_linear_refuses_what_it_cannot_fuse(device: torch.device) -> None:
 @pytest.mark.parametrize("rows", [1, 2])
 def test_a_decoder_layer_gives_the_same_outputs_with_and_without_fusion(rows: int) -> None:
     """One decoder layer of Qwen2.5-1.5B's shape (random weights, bf16) around attention: the
-    fused path (qkv with its norm, residual add and bias; o) and the unfused one (nn.Linear and
-    the separate kernels) agree within bf16 rounding, in q, k, v, the residual stream and the
-    layer's output. One layer, so that rounding cannot compound through 28 random ones."""
+    fused path (qkv with its norm, residual add and bias; o; gate_up with its norm, residual
+    add and SiLU; down), launched with PDL where the card has it, and the unfused one
+    (nn.Linear and the separate kernels) agree within bf16 rounding, in q, k, v, the residual
+    stream and the layer's output. One layer, so that rounding cannot compound through 28
+    random ones."""
     from kvtier.attention.torch_ref import TorchAttentionBackend
     from kvtier.model.architectures import get_architecture
     from kvtier.model.layers import RotaryEmbedding, small_linear_plan
-    from kvtier.model.llama import DecoderLayer
+    from kvtier.model.llama import PROJECTIONS, DecoderLayer
 
     torch.manual_seed(rows)
     spec = get_architecture("qwen2.5-1.5b").spec
@@ -136,13 +138,14 @@ def test_a_decoder_layer_gives_the_same_outputs_with_and_without_fusion(rows: in
     attention = torch.randn(rows, spec.num_attention_heads, spec.head_dim, device="cuda",
                             dtype=torch.bfloat16)
     rotary = rotary_table(torch.arange(300, 300 + rows, device="cuda"), torch.bfloat16)
-    assert small_linear_plan(hidden, layer.self_attn.qkv_proj.weight) is not None, \
-        "this batch would not take the fused path: the test would compare nothing"
+    for weight in (layer.self_attn.qkv_proj.weight, layer.mlp.down_proj.weight):
+        assert small_linear_plan(hidden, weight) is not None, \
+            "this batch would not take the fused path: the test would compare nothing"
 
     results = {}
     with torch.inference_mode():
         for fused in (True, False):
-            layer.fuse_small_batches = fused
+            layer.small_linear_projections = frozenset(PROJECTIONS if fused else ())
             q, k, v, summed = layer.pre_attention(hidden, residual.clone(), rotary)
             out, out_residual = layer.post_attention(attention, summed.clone())
             results[fused] = [t.clone() for t in (q, k, v, summed, out, out_residual)]
@@ -166,14 +169,20 @@ def test_a_decoder_layer_gives_the_same_outputs_with_and_without_fusion(rows: in
 def test_the_default_config_compiles_for_hopper_without_spills(variant: dict) -> None:
     from kvtier.model.triton_linear import _small_linear_kernel, default_config
 
-    config = default_config(1536, 1536)
     bf16 = "*bf16"
     pointers = {n: bf16 for n in ("x_ptr", "res_ptr", "res_out_ptr", "norm_w_ptr", "w_ptr",
                                   "b_ptr", "out_ptr")}
     pointers["eps"] = "fp32"
-    resources, sass = compile_sm90(_small_linear_kernel, pointers, dict(
-        **variant, EVEN_K=True, BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k),
-        config.num_warps, config.num_stages)
-    assert resources["STACK"] == 0 and resources["LOCAL"] == 0, resources
-    assert resources["shared_dynamic"] <= 227 * 1024, resources
-    assert "LDG.E.128" in sass or "LDGSTS.E.BYPASS.128" in sass  # 16-byte weight loads
+    for in_features in (1536, 8960):  # K in one tile (qkv, o), or streamed two deep (down)
+        config = default_config(1536, in_features)
+        one_tile = in_features <= config.block_k
+        build = compile_sm90(_small_linear_kernel, pointers, dict(
+            **variant, EVEN_K=True, ONE_TILE=one_tile, BLOCK_M=MAX_ROWS,
+            BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=True),
+            config.num_warps, config.num_stages, multiples_of_16=("K",))
+        resources = build.resources
+        assert resources["STACK"] == 0 and resources["LOCAL"] == 0, resources
+        assert resources["shared_dynamic"] <= 227 * 1024, resources
+        assert "LDG.E.128" in build.sass and "LDG.E.U16" not in build.sass  # 16-byte loads
+        # The first weight tile is requested before the wait for the previous kernel.
+        assert build.ptx.index("ld.global") < build.ptx.index("griddepcontrol.wait")

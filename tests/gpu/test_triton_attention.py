@@ -375,27 +375,32 @@ def test_default_configs_compile_for_hopper(head_dim: int) -> None:
     for pc, direct in ((default_prefill_config(head_dim), False),
                        (default_prefill_config(head_dim), True),
                        (long_prompt_prefill_config(head_dim), True)):
-        res, sass = compile_sm90(triton_kernels.prefill_kernel, io, dict(
+        build = compile_sm90(triton_kernels.prefill_kernel, io, dict(
             NUM_HEADS=12, GROUP=6, HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_M=pc.block_m,
             BLOCK_N=pc.block_n, DIRECT=direct, UPCAST=False), pc.num_warps, pc.num_stages)
+        res = build.resources
         assert res["STACK"] == 0 and res["LOCAL"] == 0, res
         assert res["shared_dynamic"] <= 227 * 1024, res
-        assert "HGMMA" in sass
+        assert "HGMMA" in build.sass
     pc = default_prefill_config(head_dim)
     descriptor = f"tensordesc<bf16[{pc.block_n}, {head_dim}]>"
-    res, sass = compile_sm90(triton_kernels.prompt_kernel, {
+    build = compile_sm90(triton_kernels.prompt_kernel, {
         **io, "k_desc": descriptor, "v_desc": descriptor}, dict(
         GROUP=6, HEAD_DIM=head_dim, BLOCK_M=pc.block_m, BLOCK_N=pc.block_n, UPCAST=False),
         pc.num_warps, pc.num_stages)
+    res = build.resources
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res
     assert res["shared_dynamic"] <= 227 * 1024, res
-    assert "HGMMA" in sass and "UTMALDG" in sass  # K/V tiles come by TMA
+    assert "HGMMA" in build.sass and "UTMALDG" in build.sass  # K/V tiles come by TMA
     dc = default_decode_config(head_dim)
     for direct in (False, True):
-        res, _ = compile_sm90(triton_kernels.decode_partial_kernel, io, dict(
+        build = compile_sm90(triton_kernels.decode_partial_kernel, io, dict(
             NUM_HEADS=12, GROUP=6, BLOCK_G=16, HEAD_DIM=head_dim, BLOCK_SIZE=16,
-            BLOCK_N=dc.block_n, DIRECT=direct, UPCAST=False), dc.num_warps, dc.num_stages)
-        assert res["STACK"] == 0 and res["LOCAL"] == 0, res
-    res, _ = compile_sm90(triton_kernels.decode_reduce_kernel, io, dict(
-        NUM_HEADS=12, HEAD_DIM=head_dim, BLOCK_S=128, CHUNK=16), 4, 1)
-    assert res["STACK"] == 0 and res["LOCAL"] == 0, res
+            BLOCK_N=dc.block_n, DIRECT=direct, UPCAST=False, PDL=True), dc.num_warps,
+            dc.num_stages)
+        assert build.resources["STACK"] == 0 and build.resources["LOCAL"] == 0, build.resources
+        assert "griddepcontrol.wait" in build.ptx  # programmatic dependent launch
+    build = compile_sm90(triton_kernels.decode_reduce_kernel, io, dict(
+        NUM_HEADS=12, HEAD_DIM=head_dim, BLOCK_S=128, CHUNK=16, PDL=True), 4, 1)
+    assert build.resources["STACK"] == 0 and build.resources["LOCAL"] == 0, build.resources
+    assert "griddepcontrol.launch_dependents" in build.ptx

@@ -37,6 +37,7 @@ from kvtier.attention.triton_kernels import (
     prefill_kernel,
     prompt_kernel,
 )
+from kvtier.triton_pdl import launch_options
 
 LOG2E = 1.4426950408889634
 MIN_KEYS_PER_SPLIT = 128
@@ -280,7 +281,8 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         NUM_KV_HEADS=num_kv_heads, BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=1 if num_kv_heads <= 2 else 2)
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=1 if num_kv_heads <= 2 else 2,
+        **launch_options(key.device))
 
 
 def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
@@ -316,7 +318,8 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
         decode_reduce_kernel[(data.num_prefill_tokens, num_heads)](
             part, lse, prefill_out, splits, prefill_out.stride(0), prefill_out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-            BLOCK_S=triton.next_power_of_2(splits), CHUNK=16, num_warps=4)
+            BLOCK_S=triton.next_power_of_2(splits), CHUNK=16, num_warps=4,
+            **launch_options(query.device))
 
 
 def own_kv_readable(key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -370,9 +373,10 @@ def run_decode(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionM
         NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=metadata.block_size, BLOCK_N=config.block_n,
         DIRECT=direct, UPCAST=interpret, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        num_stages=config.num_stages, **launch_options(query.device))
     if not direct:
         decode_reduce_kernel[(nd, num_heads)](
             part, lse, out, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-            BLOCK_S=triton.next_power_of_2(num_splits), CHUNK=16, num_warps=4)
+            BLOCK_S=triton.next_power_of_2(num_splits), CHUNK=16, num_warps=4,
+            **launch_options(query.device))

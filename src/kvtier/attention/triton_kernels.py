@@ -26,6 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kvtier.triton_pdl import await_previous_kernel
+
 
 @triton.jit
 def _dot(a, b, UPCAST: tl.constexpr):
@@ -48,12 +50,14 @@ def kv_write_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
                     stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_kv, stride_block, stride_slot, stride_head,
                     NUM_KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr):
+                    BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
     """Scatter one token's K and V (all KV heads) into the paged cache. Grid: (num_tokens,).
 
     key, value: (num_tokens, NUM_KV_HEADS, HEAD_DIM); cache: (2, num_blocks, BLOCK_SIZE,
     NUM_KV_HEADS, HEAD_DIM); slot_mapping: (num_tokens,) int64, a negative slot skips the token.
+    PDL: launched with programmatic dependent launch (`kvtier.triton_pdl`).
     """
+    await_previous_kernel(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     heads = tl.arange(0, BLOCK_H)
@@ -289,7 +293,8 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_ta
                           stride_kv, stride_block, stride_slot, stride_head, stride_table,
                           NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                          BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr):
+                          BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
+                          PDL: tl.constexpr):
     """Flash-decoding, first pass: one query token per sequence, all GROUP query heads of a KV
     head together (K/V read once per group), keys split into num_splits contiguous ranges.
 
@@ -301,6 +306,7 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_ta
     partial outputs and lse: (num_decodes, NUM_HEADS, num_splits) fp32 log2-sum-exp2 of the
     split's scores (-inf for an empty split).
     """
+    await_previous_kernel(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -343,11 +349,12 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_ta
 @triton.jit(do_not_specialize=["num_splits"])
 def decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, num_splits, stride_ot, stride_oh,
                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-                         CHUNK: tl.constexpr):
+                         CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Flash-decoding, second pass: merge the splits of one (row, head). Grid: (rows,
     NUM_HEADS), a row being a decode or a prefill token of a split `prefill_kernel`; shapes as
     in `decode_partial_kernel`, BLOCK_S >= num_splits.
     Partial outputs are read CHUNK splits at a time so the tile stays in registers."""
+    await_previous_kernel(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     dims = tl.arange(0, HEAD_DIM)

@@ -82,11 +82,20 @@ def _linear_into(linear: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> torch
     return torch.addmm(linear.bias, x, linear.weight.t(), out=out)
 
 
+SMALL_LINEAR_PROJECTIONS = frozenset({"qkv", "o"})
+"""The projections that small CUDA batches run as `small_linear` (where `small_linear_plan`
+has a config for the batch): those measured faster than cuBLAS with the separate norm and
+SiLU kernels, on an H200 at decode batch 1-2 (`scripts/tune_small_linear.py`,
+`scripts/gpu_check.py`'s decode A/B)."""
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
+
+
 class DecoderLayer(nn.Module):
-    fuse_small_batches = True
-    """On CUDA, batches of a few rows run qkv (with the residual add, norm and bias folded in)
-    and o as `small_linear`, where `small_linear_plan` finds that faster;
-    `LlamaForCausalLM.set_small_batch_fusion` switches it, for A/B measurements."""
+    small_linear_projections: frozenset[str] = SMALL_LINEAR_PROJECTIONS
+    """On CUDA, batches of a few rows run these projections as `small_linear`, with their
+    neighbours folded in: qkv with the residual add, norm and bias; gate_up with the residual
+    add, norm and SiLU-and-mul. `LlamaForCausalLM.set_small_batch_fusion` changes it, for
+    A/B measurements."""
 
     def __init__(self, spec: ModelSpec, backend: AttentionBackend) -> None:
         super().__init__()
@@ -111,7 +120,7 @@ class DecoderLayer(nn.Module):
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, k, v, residual) for this layer's attention."""
         qkv_proj = self.self_attn.qkv_proj
-        plan = self._small_linear_plan(hidden, qkv_proj.weight)
+        plan = self._small_linear_plan("qkv", hidden, qkv_proj.weight)
         if plan is None:
             hidden, residual = self.input_layernorm(hidden, residual)
             return (*self.self_attn.project(hidden, rotary, qkv_out), residual)
@@ -125,22 +134,40 @@ class DecoderLayer(nn.Module):
 
     def post_attention(self, attention: torch.Tensor,
                        residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # The MLP stays with cuBLAS and the separate norm and SiLU kernels: `small_linear`
-        # read its 27-55 MB weights slower (triton_linear.choose_config).
         attention = attention.reshape(-1, self.self_attn.q_size)
         o_proj = self.self_attn.o_proj
-        plan = self._small_linear_plan(attention, o_proj.weight)
+        plan = self._small_linear_plan("o", attention, o_proj.weight)
         if plan is None:
             hidden = o_proj(attention)
         else:
             ops, config = plan
             hidden = ops.small_linear(attention, o_proj.weight, o_proj.bias, config=config)[0]
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self._mlp(hidden, residual)
 
-    def _small_linear_plan(self, x: torch.Tensor,
+    def _mlp(self, hidden: torch.Tensor,
+             residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp(norm(hidden + residual)), hidden + residual)."""
+        mlp, norm = self.mlp, self.post_attention_layernorm
+        plan = self._small_linear_plan("gate_up", hidden, mlp.gate_up_proj.weight)
+        if plan is None:
+            hidden, residual = norm(hidden, residual)
+            return mlp(hidden), residual
+        ops, config = plan
+        activation, summed = ops.small_linear(hidden, mlp.gate_up_proj.weight,
+                                              norm_weight=norm.weight, eps=norm.eps,
+                                              residual=residual, gated=True, config=config)
+        assert summed is not None
+        plan = self._small_linear_plan("down", activation, mlp.down_proj.weight)
+        if plan is None:
+            return mlp.down_proj(activation), summed
+        ops, config = plan
+        return ops.small_linear(activation, mlp.down_proj.weight, config=config)[0], summed
+
+    def _small_linear_plan(self, projection: str, x: torch.Tensor,
                            weight: torch.Tensor) -> tuple[ModuleType, Any] | None:
-        return small_linear_plan(x, weight) if self.fuse_small_batches else None
+        if projection not in self.small_linear_projections:
+            return None
+        return small_linear_plan(x, weight)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -156,11 +183,17 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (None if spec.tie_word_embeddings
                         else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False))
 
-    def set_small_batch_fusion(self, enabled: bool) -> None:
-        """Run small CUDA batches' qkv and o through `small_linear` (the default) or through
-        nn.Linear and the separate norm kernel. Capture CUDA graphs after changing it."""
+    def set_small_batch_fusion(self, projections: Iterable[str] = SMALL_LINEAR_PROJECTIONS,
+                               ) -> None:
+        """Run these projections (of "qkv", "o", "gate_up", "down") of small CUDA batches
+        through `small_linear`, the others through nn.Linear and the separate norm and SiLU
+        kernels. Capture CUDA graphs after changing it."""
+        chosen = frozenset(projections)
+        if not chosen <= set(PROJECTIONS):
+            raise ValueError(f"unknown projections {sorted(chosen - set(PROJECTIONS))}; "
+                             f"choose from {PROJECTIONS}")
         for layer in self.layers:
-            layer.fuse_small_batches = enabled
+            layer.small_linear_projections = chosen
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:

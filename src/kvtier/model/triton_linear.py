@@ -13,9 +13,10 @@ RMSNorm before `qkv` is one more launch. `small_linear` folds them in:
   programs per SM so the loads of some hide the latency of others;
 - epilogue: bias, or silu(gate) * up for a [gate | up] weight (both halves in one program).
 
-The model uses it for qkv and o only (`choose_config`): for the MLP's 27-55 MB weights cuBLAS's
-pipelined loads were faster, even counting the norm and SiLU launches this saves; the gated
-epilogue stays for `scripts/tune_small_linear.py` to measure that again.
+Launched with programmatic dependent launch (`kvtier.triton_pdl`) on Hopper, each program
+requests its first weight tile before waiting for the previous kernel, so the weight stream
+starts while that kernel finishes. Which projections the model runs here is its choice
+(`llama.SMALL_LINEAR_PROJECTIONS`, from `scripts/tune_small_linear.py` and the decode A/B).
 
 Numerics: float32 statistics and accumulation as in `triton_ops`; the residual sum is rounded
 to the activation dtype as torch's add rounds it. The normed activation is not rounded to the
@@ -32,8 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 4
-"""Rows `small_linear` takes (each row costs registers); `choose_config` uses it for fewer."""
+from kvtier.triton_pdl import await_previous_kernel, launch_options
+
+MAX_ROWS = 2
+"""Rows `small_linear` takes: decode at batch 1-2. Each row costs registers, and at 4 rows
+cuBLAS's tensor-core tiles were faster already (qkv 10.0 us against 7.5 on an H200)."""
 
 
 @dataclass(frozen=True)
@@ -47,19 +51,18 @@ class SmallLinearConfig:
 def default_config(out_features: int, in_features: int) -> SmallLinearConfig:
     """Wide K tiles and narrow column tiles: bytes in flight come from long 16-byte load
     streams and from many programs per SM (the loads feed no dot, so Triton does not
-    pipeline them across iterations)."""
-    del out_features, in_features  # one config serves the shapes we measured
-    return SmallLinearConfig(block_n=4, block_k=2048, num_warps=4, num_stages=1)
+    pipeline them; the kernel keeps the next weight tile in flight itself). K up to 2,048 is
+    one tile; longer K streams 1,024-wide tiles, two in registers at a time."""
+    del out_features  # the column tile serves the shapes we measured
+    block_k = 2048 if in_features <= 2048 else 1024
+    return SmallLinearConfig(block_n=4, block_k=block_k, num_warps=4, num_stages=1)
 
 
 def choose_config(rows: int, out_features: int,
                   in_features: int) -> SmallLinearConfig | None:
-    """The config to run a projection with, or None where nn.Linear (cuBLAS, with the norm as
-    its own kernel) was faster or was not measured. From `scripts/tune_small_linear.py` on an
-    H200, 28 layers' weights per CUDA graph (Qwen2.5-1.5B's qkv and o, 1,536 wide): qkv + norm +
-    bias 5.1 us against 6.6 and o 4.2 against 6.6 at 1 row, 6.2 / 4.6 against 7.4 / 6.5 at 2;
-    at 4 rows qkv loses (10.0 against 7.5)."""
-    if rows > 2 or in_features > 4096:
+    """The config to run a projection of `rows` rows with, or None beyond MAX_ROWS. Which
+    projections the model runs here is its choice (`llama.SMALL_LINEAR_PROJECTIONS`)."""
+    if rows > MAX_ROWS:
         return None
     return default_config(out_features, in_features)
 
@@ -69,7 +72,8 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
                          M, N, K, stride_x, stride_res, stride_res_out, stride_w, stride_out,
                          eps, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          HAS_BIAS: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -77,17 +81,39 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
     col_ok = cols < N
     offs_k = tl.arange(0, BLOCK_K)
     dtype = w_ptr.dtype.element_ty
+    w_rows = w_ptr + cols[:, None] * stride_w
+    w_up_rows = w_ptr + (cols + N)[:, None] * stride_w
+
+    # The first weight tile is loaded before waiting for the previous kernel (weights are
+    # written by no kernel), so under PDL the weight stream starts while that kernel finishes.
+    first_ok = col_ok[:, None] & (offs_k < K)[None, :]
+    w = tl.load(w_rows + offs_k[None, :], mask=first_ok, other=0.0)
+    w_up = w
+    if GATED:
+        w_up = tl.load(w_up_rows + offs_k[None, :], mask=first_ok, other=0.0)
+    await_previous_kernel(PDL)
 
     # Summed over K every step: a [rows, columns, K] accumulator would not fit in registers.
     out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     out_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + offs_k
+        # Tiles start on BLOCK_K and K is a multiple of 16 (Triton specialises on it), so
+        # the K masks are constant over 8 elements and the loads stay 16-byte vectors.
+        ks = tl.multiple_of(k0, BLOCK_K) + offs_k
         k_ok = ks < K
         if EVEN_K:  # no mask along K: the loads vectorise to 16 bytes
             k_ok = tl.full([BLOCK_K], 1, tl.int1)
         mask = row_ok[:, None] & k_ok[None, :]
+        # The next weight tile is in flight while this one is summed (registers, two deep).
+        w_next = w
+        w_up_next = w_up
+        if not ONE_TILE:
+            next_ks = ks + BLOCK_K
+            next_ok = col_ok[:, None] & (next_ks < K)[None, :]
+            w_next = tl.load(w_rows + next_ks[None, :], mask=next_ok, other=0.0)
+            if GATED:
+                w_up_next = tl.load(w_up_rows + next_ks[None, :], mask=next_ok, other=0.0)
         a = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + rows[:, None] * stride_res + ks[None, :], mask=mask,
@@ -100,13 +126,11 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
         if NORM:
             squares += tl.sum(af * af, axis=1)
             af = af * tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        w_mask = col_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
         out += tl.sum(w.to(tl.float32)[None, :, :] * af[:, None, :], axis=2)
         if GATED:
-            w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask,
-                           other=0.0)
             out_up += tl.sum(w_up.to(tl.float32)[None, :, :] * af[:, None, :], axis=2)
+        w = w_next
+        w_up = w_up_next
 
     if NORM:
         rstd = tl.rsqrt(squares / K + eps)
@@ -169,7 +193,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         residual_out.stride(0) if residual_out is not None else 0, weight.stride(0),
         out.stride(0), eps, NORM=norm_weight is not None, HAS_RESIDUAL=has_residual,
         HAS_BIAS=bias is not None, GATED=gated, EVEN_K=in_features % config.block_k == 0,
-        BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        ONE_TILE=in_features <= config.block_k, BLOCK_M=triton.next_power_of_2(rows),
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        num_stages=config.num_stages, **launch_options(x.device))
     return out, residual_out

@@ -1,0 +1,71 @@
+"""Programmatic dependent launch (PDL) for the Triton kernels of the decode path.
+
+A decode step at batch 1 is a chain of about ten kernels per layer, each a few microseconds,
+and the gap between one kernel's last program and the next kernel's first useful load (launch,
+block scheduling, the first loads' latency) is a large share of the step. On Hopper a kernel
+launched with PDL is scheduled while its predecessor in the stream still runs: its programs
+start, do what depends on no earlier kernel (a GEMV issues its first weight loads), then wait
+(`griddepcontrol.wait`) until the predecessor has finished and its writes are visible. CUDA
+graphs keep these edges (CUDA 12.3+).
+
+Rules for a kernel launched with PDL (`enabled(device)` as its PDL flag and `launch_pdl`):
+- before `await_previous_kernel`, it reads only what no kernel writes (weights, tables);
+- every program reaches `await_previous_kernel`: a kernel that skipped it could finish before
+  its predecessor, and the kernel after it would see the predecessor's writes too early;
+- the next kernel is let go (`griddepcontrol.launch_dependents`) only after the wait, so at
+  most one kernel runs ahead of the one the data comes from.
+Kernels launched without PDL (cuBLAS, torch's) keep the stream's full ordering around them.
+
+`KVTIER_PDL=0` or `set_enabled(False)` turns it off (A/B runs; capture graphs afresh after).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+
+_override: bool | None = None
+
+
+def set_enabled(enabled: bool | None) -> None:
+    """Force PDL on or off for later launches; None: on where the device supports it."""
+    global _override
+    _override = enabled
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels launched now on `device` use PDL: CUDA with compute capability 9+
+    (Hopper), not under Triton's interpreter, unless switched off."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    if _override is not None:
+        return _override
+    if os.environ.get("KVTIER_PDL", "1") == "0":
+        return False
+    return _capability_major(device.index if device.index is not None
+                             else torch.cuda.current_device()) >= 9
+
+
+def launch_options(device: torch.device) -> dict[str, bool]:
+    """Keyword arguments for launching a kernel that takes a `PDL` constexpr (and calls
+    `await_previous_kernel` with it) on `device`."""
+    pdl = enabled(device)
+    return {"PDL": pdl, "launch_pdl": pdl}
+
+
+@cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@triton.jit
+def await_previous_kernel(PDL: tl.constexpr):
+    """Wait until the previous kernel in the stream has finished (its writes visible), then
+    let the next kernel start its programs. A no-op without PDL."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
