@@ -147,8 +147,8 @@ DECODE_VARIANTS = {
     "cublas+pdl": ((), True),
     "qkv,o": (("qkv", "o"), False),
     "qkv,o+pdl": (("qkv", "o"), True),
-    "all": (("qkv", "o", "gate_up", "down"), False),
-    "all+pdl": (("qkv", "o", "gate_up", "down"), True),
+    "qkv,o,down": (("qkv", "o", "down"), False),
+    "qkv,o,down+pdl": (("qkv", "o", "down"), True),
 }
 """Decode-graph variants: the projections run as `small_linear` (the rest through cuBLAS
 with the separate norm and SiLU kernels), and whether the Triton kernels use programmatic

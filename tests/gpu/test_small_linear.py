@@ -92,6 +92,25 @@ def test_small_linear_matches_the_unfused_layers(device: torch.device, rows: int
         torch.testing.assert_close(residual_out, expected_residual, atol=0, rtol=ulp)
 
 
+@pytest.mark.parametrize("rows,out_features,in_features", SHAPES)
+@pytest.mark.parametrize("config", CONFIGS, ids=["8x64", "16x128"])
+def test_a_gated_input_is_activated_as_silu_and_mul_would(device: torch.device, rows: int,
+                                                           out_features: int, in_features: int,
+                                                           config: SmallLinearConfig) -> None:
+    """The MLP's down reading gate_up's output: silu(gate) * up, then the projection."""
+    torch.manual_seed(rows * 1000 + in_features)
+    dtype = torch.bfloat16
+    gate_up = torch.randn(rows, 2 * in_features, device=device).to(dtype)
+    weight = (torch.randn(out_features, in_features, device=device)
+              / in_features ** 0.5).to(dtype)
+    out, residual_out = small_linear(gate_up, weight, gated_input=True, config=config)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    activation = (F.silu(gate).to(dtype).float() * up).to(dtype)
+    expected, _ = reference(activation, weight, None, None, None, gated=False)
+    assert out.shape == (rows, out_features) and residual_out is None
+    torch.testing.assert_close(out, expected, atol=3e-2, rtol=2e-2 * (2 if INTERPRET else 1))
+
+
 def test_small_linear_refuses_what_it_cannot_fuse(device: torch.device) -> None:
     x = torch.randn(MAX_ROWS + 1, 32, device=device)
     weight = torch.randn(16, 32, device=device)
@@ -108,21 +127,29 @@ def test_small_linear_refuses_what_it_cannot_fuse(device: torch.device) -> None:
                      residual=x[:3])
     with pytest.raises(ValueError, match="norm_weight"):
         small_linear(x[:2], weight, norm_weight=torch.ones(16, device=device))
+    with pytest.raises(ValueError, match="gated input takes no norm"):
+        small_linear(x[:2], weight[:, :16], norm_weight=torch.ones(16, device=device),
+                     gated_input=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA")
 @pytest.mark.parametrize("rows", [1, 2])
-def test_a_decoder_layer_gives_the_same_outputs_with_and_without_fusion(rows: int) -> None:
+@pytest.mark.parametrize("fused_projections", [("qkv", "o", "gate_up", "down"),
+                                               ("qkv", "o", "down")],
+                         ids=["all", "down-activates"])
+def test_a_decoder_layer_gives_the_same_outputs_with_and_without_fusion(
+        rows: int, fused_projections: tuple[str, ...]) -> None:
     """One decoder layer of Qwen2.5-1.5B's shape (random weights, bf16) around attention: the
     fused path (qkv with its norm, residual add and bias; o; gate_up with its norm, residual
-    add and SiLU; down), launched with PDL where the card has it, and the unfused one
+    add and SiLU, or else down with the SiLU), launched with PDL where the card has it, and
+    the unfused one
     (nn.Linear and the separate kernels) agree within bf16 rounding, in q, k, v, the residual
     stream and the layer's output. One layer, so that rounding cannot compound through 28
     random ones."""
     from kvtier.attention.torch_ref import TorchAttentionBackend
     from kvtier.model.architectures import get_architecture
     from kvtier.model.layers import RotaryEmbedding, small_linear_plan
-    from kvtier.model.llama import PROJECTIONS, DecoderLayer
+    from kvtier.model.llama import DecoderLayer
 
     torch.manual_seed(rows)
     spec = get_architecture("qwen2.5-1.5b").spec
@@ -138,14 +165,13 @@ def test_a_decoder_layer_gives_the_same_outputs_with_and_without_fusion(rows: in
     attention = torch.randn(rows, spec.num_attention_heads, spec.head_dim, device="cuda",
                             dtype=torch.bfloat16)
     rotary = rotary_table(torch.arange(300, 300 + rows, device="cuda"), torch.bfloat16)
-    for weight in (layer.self_attn.qkv_proj.weight, layer.mlp.down_proj.weight):
-        assert small_linear_plan(hidden, weight) is not None, \
-            "this batch would not take the fused path: the test would compare nothing"
+    assert small_linear_plan(hidden, layer.self_attn.qkv_proj.weight) is not None, \
+        "this batch would not take the fused path: the test would compare nothing"
 
     results = {}
     with torch.inference_mode():
         for fused in (True, False):
-            layer.small_linear_projections = frozenset(PROJECTIONS if fused else ())
+            layer.small_linear_projections = frozenset(fused_projections if fused else ())
             q, k, v, summed = layer.pre_attention(hidden, residual.clone(), rotary)
             out, out_residual = layer.post_attention(attention, summed.clone())
             results[fused] = [t.clone() for t in (q, k, v, summed, out, out_residual)]
@@ -183,6 +209,8 @@ def test_the_default_config_compiles_for_hopper_without_spills(variant: dict) ->
         resources = build.resources
         assert resources["STACK"] == 0 and resources["LOCAL"] == 0, resources
         assert resources["shared_dynamic"] <= 227 * 1024, resources
-        assert "LDG.E.128" in build.sass and "LDG.E.U16" not in build.sass  # 16-byte loads
+        # 16-byte loads; only the bias (one element per column) comes 2 bytes at a time.
+        assert "LDG.E.128" in build.sass
+        assert build.sass.count("LDG.E.U16") <= variant["HAS_BIAS"], build.sass
         # The first weight tile is requested before the wait for the previous kernel.
         assert build.ptx.index("ld.global") < build.ptx.index("griddepcontrol.wait")

@@ -282,7 +282,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         NUM_KV_HEADS=num_kv_heads, BLOCK_H=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=1 if num_kv_heads <= 2 else 2,
-        **launch_options(key.device))
+        **launch_options(key))
 
 
 def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
@@ -319,7 +319,7 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
             part, lse, prefill_out, splits, prefill_out.stride(0), prefill_out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim,
             BLOCK_S=triton.next_power_of_2(splits), CHUNK=16, num_warps=4,
-            **launch_options(query.device))
+            **launch_options(query))
 
 
 def own_kv_readable(key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -373,10 +373,10 @@ def run_decode(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionM
         NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=metadata.block_size, BLOCK_N=config.block_n,
         DIRECT=direct, UPCAST=interpret, num_warps=config.num_warps,
-        num_stages=config.num_stages, **launch_options(query.device))
+        num_stages=config.num_stages, **launch_options(query))
     if not direct:
         decode_reduce_kernel[(nd, num_heads)](
             part, lse, out, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim,
             BLOCK_S=triton.next_power_of_2(num_splits), CHUNK=16, num_warps=4,
-            **launch_options(query.device))
+            **launch_options(query))

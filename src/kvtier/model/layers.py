@@ -150,9 +150,12 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        return self.down_proj(self.activation(self.gate_up_proj(x)))
+
+    def activation(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """(T, 2F) [gate | up] -> (T, F) silu(gate) * up."""
         ops = _fused(gate_up)
         if ops is not None:
-            return self.down_proj(ops.silu_and_mul(gate_up))
+            return ops.silu_and_mul(gate_up)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return F.silu(gate) * up

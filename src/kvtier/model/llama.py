@@ -94,8 +94,8 @@ class DecoderLayer(nn.Module):
     small_linear_projections: frozenset[str] = SMALL_LINEAR_PROJECTIONS
     """On CUDA, batches of a few rows run these projections as `small_linear`, with their
     neighbours folded in: qkv with the residual add, norm and bias; gate_up with the residual
-    add, norm and SiLU-and-mul. `LlamaForCausalLM.set_small_batch_fusion` changes it, for
-    A/B measurements."""
+    add, norm and SiLU-and-mul; down with the SiLU-and-mul when gate_up did not take it.
+    `LlamaForCausalLM.set_small_batch_fusion` changes it, for A/B measurements."""
 
     def __init__(self, spec: ModelSpec, backend: AttentionBackend) -> None:
         super().__init__()
@@ -151,17 +151,21 @@ class DecoderLayer(nn.Module):
         plan = self._small_linear_plan("gate_up", hidden, mlp.gate_up_proj.weight)
         if plan is None:
             hidden, residual = norm(hidden, residual)
-            return mlp(hidden), residual
-        ops, config = plan
-        activation, summed = ops.small_linear(hidden, mlp.gate_up_proj.weight,
-                                              norm_weight=norm.weight, eps=norm.eps,
-                                              residual=residual, gated=True, config=config)
-        assert summed is not None
-        plan = self._small_linear_plan("down", activation, mlp.down_proj.weight)
+            gate_up, activated = mlp.gate_up_proj(hidden), False
+        else:
+            ops, config = plan
+            gate_up, summed = ops.small_linear(hidden, mlp.gate_up_proj.weight,
+                                               norm_weight=norm.weight, eps=norm.eps,
+                                               residual=residual, gated=True, config=config)
+            assert summed is not None
+            residual, activated = summed, True
+        plan = self._small_linear_plan("down", hidden, mlp.down_proj.weight)
         if plan is None:
-            return mlp.down_proj(activation), summed
-        ops, config = plan
-        return ops.small_linear(activation, mlp.down_proj.weight, config=config)[0], summed
+            activation = gate_up if activated else mlp.activation(gate_up)
+            return mlp.down_proj(activation), residual
+        ops, config = plan  # the SiLU-and-mul, when not done yet, as down reads its input
+        return ops.small_linear(gate_up, mlp.down_proj.weight, gated_input=not activated,
+                                config=config)[0], residual
 
     def _small_linear_plan(self, projection: str, x: torch.Tensor,
                            weight: torch.Tensor) -> tuple[ModuleType, Any] | None:

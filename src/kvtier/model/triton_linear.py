@@ -7,7 +7,8 @@ RMSNorm before `qkv` is one more launch. `small_linear` folds them in:
 
 - prologue (optional): h = x + residual (written once, to `residual_out`); the RMSNorm's
   weight multiplies h on the way in and its 1/rms scales the sums at the end, so the norm costs
-  no pass of its own (its statistic accumulates in the same loop);
+  no pass of its own (its statistic accumulates in the same loop). Or, for the MLP's down,
+  silu(gate) * up of the gate_up projection's output, computed as it is read;
 - body: a GEMV on the CUDA cores (no tensor-core tile to pad a few rows to 16): each program
   owns BLOCK_N output columns and streams their weight rows over K in 16-byte loads, with many
   programs per SM so the loads of some hide the latency of others;
@@ -52,17 +53,21 @@ def default_config(out_features: int, in_features: int) -> SmallLinearConfig:
     """Wide K tiles and narrow column tiles: bytes in flight come from long 16-byte load
     streams and from many programs per SM (the loads feed no dot, so Triton does not
     pipeline them; the kernel keeps the next weight tile in flight itself). K up to 2,048 is
-    one tile; longer K streams 1,024-wide tiles, two in registers at a time."""
+    one tile (4 columns per program); longer K streams 1,024-wide tiles, two in registers at
+    a time, over 2 columns. On an H200 at 1 row (`scripts/tune_small_linear.py`, 28 layers
+    per graph, PDL): qkv + norm + bias 3.95 us, o 2.66, down 10.27 (cuBLAS: 6.5, 6.7, 11.2)."""
     del out_features  # the column tile serves the shapes we measured
-    block_k = 2048 if in_features <= 2048 else 1024
-    return SmallLinearConfig(block_n=4, block_k=block_k, num_warps=4, num_stages=1)
+    if in_features <= 2048:
+        return SmallLinearConfig(block_n=4, block_k=2048, num_warps=4, num_stages=1)
+    return SmallLinearConfig(block_n=2, block_k=1024, num_warps=4, num_stages=1)
 
 
 def choose_config(rows: int, out_features: int,
                   in_features: int) -> SmallLinearConfig | None:
-    """The config to run a projection of `rows` rows with, or None beyond MAX_ROWS. Which
-    projections the model runs here is its choice (`llama.SMALL_LINEAR_PROJECTIONS`)."""
-    if rows > MAX_ROWS:
+    """The config to run a projection of `rows` rows with, or None where cuBLAS is faster:
+    beyond MAX_ROWS, and for long K (the MLP's down, 8,960) at 2 rows (12.9 us against 11.7).
+    Which projections the model runs here is its choice (`llama.SMALL_LINEAR_PROJECTIONS`)."""
+    if rows > MAX_ROWS or (in_features > 2048 and rows > 1):
         return None
     return default_config(out_features, in_features)
 
@@ -71,7 +76,8 @@ def choose_config(rows: int, out_features: int,
 def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, out_ptr,
                          M, N, K, stride_x, stride_res, stride_res_out, stride_w, stride_out,
                          eps, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                         GATED_INPUT: tl.constexpr, EVEN_K: tl.constexpr,
                          ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
@@ -115,6 +121,12 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
             if GATED:
                 w_up_next = tl.load(w_up_rows + next_ks[None, :], mask=next_ok, other=0.0)
         a = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
+        if GATED_INPUT:  # x is [gate | up]: a = silu(gate) * up, rounded as silu_and_mul
+            up = tl.load(x_ptr + rows[:, None] * stride_x + K + ks[None, :], mask=mask,
+                         other=0.0)
+            gate = a.to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+            a = (act.to(tl.float32) * up.to(tl.float32)).to(dtype)
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + rows[:, None] * stride_res + ks[None, :], mask=mask,
                         other=0.0)
@@ -150,16 +162,23 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  norm_weight: torch.Tensor | None = None, eps: float = 0.0,
                  residual: torch.Tensor | None = None, gated: bool = False,
-                 out: torch.Tensor | None = None, config: SmallLinearConfig | None = None,
+                 gated_input: bool = False, out: torch.Tensor | None = None,
+                 config: SmallLinearConfig | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out, residual_out) for x (M <= MAX_ROWS, K) and weight (N, K), nn.Linear's layout.
 
     norm_weight: apply RMSNorm(x + residual) (or of x alone) before the projection; with a
     residual, residual_out is the new tensor x + residual (the residual stream's next value),
     else None. gated: weight is [gate | up] (2F, K) and out is silu(x @ gate.T) * (x @ up.T).
+    gated_input: x is [gate | up] (M, 2K), and the projection's input is silu(gate) * up (the
+    MLP's down after a gate_up projection; no norm or residual then).
     out: where to write (M, N) (rows contiguous), else a new tensor.
     """
     rows, in_features = x.shape
+    if gated_input:
+        if norm_weight is not None or residual is not None:
+            raise ValueError("a gated input takes no norm or residual")
+        in_features //= 2
     if rows > MAX_ROWS:
         raise ValueError(f"small_linear takes at most {MAX_ROWS} rows, got {rows}")
     if gated and bias is not None:
@@ -192,8 +211,9 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         residual.stride(0) if has_residual else 0,
         residual_out.stride(0) if residual_out is not None else 0, weight.stride(0),
         out.stride(0), eps, NORM=norm_weight is not None, HAS_RESIDUAL=has_residual,
-        HAS_BIAS=bias is not None, GATED=gated, EVEN_K=in_features % config.block_k == 0,
+        HAS_BIAS=bias is not None, GATED=gated, GATED_INPUT=gated_input,
+        EVEN_K=in_features % config.block_k == 0,
         ONE_TILE=in_features <= config.block_k, BLOCK_M=triton.next_power_of_2(rows),
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
-        num_stages=config.num_stages, **launch_options(x.device))
+        num_stages=config.num_stages, **launch_options(x))
     return out, residual_out

@@ -46,7 +46,7 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
         x, residual if residual is not None else x, weight, out, cols, x.stride(0),
         residual.stride(0) if residual is not None else 0, out.stride(0), eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=4 if block <= 2048 else 8,
-        **launch_options(x.device))
+        **launch_options(x))
     return out
 
 
@@ -73,7 +73,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0),
                                                    out.stride(0), BLOCK=block, num_warps=4,
-                                                   **launch_options(gate_up.device))
+                                                   **launch_options(gate_up))
     return out
 
 
@@ -118,4 +118,4 @@ def rotary_inplace(query: torch.Tensor, key: torch.Tensor, positions: torch.Tens
         query, key, cos, sin, positions, query.stride(0), query.stride(1), key.stride(0),
         key.stride(1), cos.stride(0), NUM_Q_HEADS=num_heads, NUM_K_HEADS=key.shape[1],
         BLOCK_QH=triton.next_power_of_2(num_heads), BLOCK_KH=triton.next_power_of_2(key.shape[1]),
-        HALF=head_dim // 2, num_warps=4, **launch_options(query.device))
+        HALF=head_dim // 2, num_warps=4, **launch_options(query))
