@@ -144,7 +144,6 @@ def decode_step_ms(llm, batch: int, context: int = 512) -> float:  # noqa: ANN00
 
 DECODE_VARIANTS = {
     "cublas": ((), False),
-    "cublas+pdl": ((), True),
     "qkv,o": (("qkv", "o"), False),
     "qkv,o+pdl": (("qkv", "o"), True),
     "qkv,o,down": (("qkv", "o", "down"), False),
