@@ -156,8 +156,7 @@ dependent launch."""
 
 def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
     """Decode graph replays at batch 1, 2 and 4 in each of DECODE_VARIANTS, all captured
-    afresh the same way (graphs captured at the engine's start replay ~0.1 ms slower than
-    recaptured ones, so they are no baseline), over the same inputs: the contexts of
+    afresh the same way, and the engine's own graphs, over the same inputs: the contexts of
     decode_step_ms's last step. Interleaved repeats; batch 4 takes no `small_linear`."""
     from kvtier import triton_pdl
     from kvtier.model.llama import SMALL_LINEAR_PROJECTIONS
@@ -181,10 +180,12 @@ def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
         runner.model.set_small_batch_fusion(SMALL_LINEAR_PROJECTIONS)
         triton_pdl.set_enabled(None)
         runner.graphs = engine_graphs
-    samples: dict = {name: {s: [] for s in sizes} for name in DECODE_VARIANTS}
+    # The engine's own graphs (captured at start-up, the defaults) among the fresh captures.
+    captured["engine"] = engine_graphs
+    samples: dict = {name: {s: [] for s in sizes} for name in captured}
     for _ in range(5):
         for size in sizes:
-            for name in DECODE_VARIANTS:
+            for name in captured:
                 replay = captured[name]._graphs[size].replay
                 samples[name][size].append(cuda_time(replay, repeat=20) * 1e3)
     timings = {name: {s: statistics.median(v) for s, v in by_size.items()}

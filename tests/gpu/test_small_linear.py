@@ -111,6 +111,46 @@ def test_a_gated_input_is_activated_as_silu_and_mul_would(device: torch.device, 
     torch.testing.assert_close(out, expected, atol=3e-2, rtol=2e-2 * (2 if INTERPRET else 1))
 
 
+@pytest.mark.parametrize("rows", [1, MAX_ROWS])
+@pytest.mark.parametrize("config", CONFIGS, ids=["8x64", "16x128"])
+def test_the_rotary_epilogue_rotates_q_and_k_as_the_rotary_kernel_would(
+        device: torch.device, rows: int, config: SmallLinearConfig) -> None:
+    """qkv with norm, residual, bias and rotary in one kernel against the unfused layers and
+    the torch rotary (rotate-half over the rounded projection, float32 tables): 4 query and
+    2 key heads of 32 rotated, the 2 value heads left alone."""
+    from kvtier.model.layers import RotaryEmbedding
+    from kvtier.model.triton_linear import RotaryEpilogue
+
+    torch.manual_seed(rows)
+    dtype, head_dim, in_features = torch.bfloat16, 32, 96
+    q_size, kv_size = 4 * head_dim, 2 * head_dim
+    width = q_size + 2 * kv_size
+    x = torch.randn(rows, in_features, device=device).to(dtype)
+    residual = torch.randn(rows, in_features, device=device).to(dtype)
+    weight = (torch.randn(width, in_features, device=device) / in_features ** 0.5).to(dtype)
+    bias = torch.randn(width, device=device).to(dtype)
+    norm_weight = (1 + 0.1 * torch.randn(in_features, device=device)).to(dtype)
+    table = RotaryEmbedding(head_dim, 512, 10000.0, None)
+    table.materialize(device)
+    positions = torch.tensor([7, 300][:rows], device=device)
+    out, _ = small_linear(x, weight, bias, norm_weight=norm_weight, eps=EPS, residual=residual,
+                          rotary=RotaryEpilogue(positions, table.cos, table.sin,
+                                                q_size + kv_size, head_dim), config=config)
+
+    projected, _ = reference(x, weight, bias, norm_weight, residual, gated=False)
+    heads = projected[:, :q_size + kv_size].float().view(rows, -1, head_dim)
+    cos, sin = table.cos[positions][:, None, :], table.sin[positions][:, None, :]
+    half = head_dim // 2
+    rotate_half = torch.cat((-heads[..., half:], heads[..., :half]), dim=-1)
+    expected = projected.clone()
+    expected[:, :q_size + kv_size] = (heads * cos + rotate_half * sin).to(dtype).view(rows, -1)
+    rtol = 2e-2 * (2 if INTERPRET else 1)
+    torch.testing.assert_close(out, expected, atol=3e-2, rtol=rtol)
+    # A plain program (not a pair-owner) wrote the values where they belong.
+    torch.testing.assert_close(out[:, q_size + kv_size:], projected[:, q_size + kv_size:],
+                               atol=3e-2, rtol=rtol)
+
+
 def test_small_linear_refuses_what_it_cannot_fuse(device: torch.device) -> None:
     x = torch.randn(MAX_ROWS + 1, 32, device=device)
     weight = torch.randn(16, 32, device=device)
@@ -127,6 +167,17 @@ def test_small_linear_refuses_what_it_cannot_fuse(device: torch.device) -> None:
                      residual=x[:3])
     with pytest.raises(ValueError, match="norm_weight"):
         small_linear(x[:2], weight, norm_weight=torch.ones(16, device=device))
+    from kvtier.model.triton_linear import RotaryEpilogue
+    table = torch.zeros(8, 16, device=device)
+    with pytest.raises(ValueError, match="whole heads"):
+        small_linear(x[:1], weight, rotary=RotaryEpilogue(torch.zeros(1, device=device),
+                                                          table, table, 24, 16))
+    with pytest.raises(ValueError, match="rotary positions"):
+        small_linear(x[:1], weight, rotary=RotaryEpilogue(torch.zeros(2, device=device),
+                                                          table, table, 16, 16))
+    with pytest.raises(ValueError, match="rotary tables"):
+        small_linear(x[:1], weight, rotary=RotaryEpilogue(torch.zeros(1, device=device),
+                                                          table[:, :8], table, 16, 16))
     with pytest.raises(ValueError, match="gated input takes no norm"):
         small_linear(x[:2], weight[:, :16], norm_weight=torch.ones(16, device=device),
                      gated_input=True)
@@ -184,33 +235,44 @@ def test_a_decoder_layer_gives_the_same_outputs_with_and_without_fusion(
         assert drift(a, b) < 1e-2, (name, drift(a, b))  # a wrong fusion drifts by O(1)
 
 
+FLAGS = dict(NORM=False, HAS_RESIDUAL=False, HAS_BIAS=False, GATED=False, GATED_INPUT=False,
+             ROTARY=False, HEAD_DIM=0)
+VARIANTS = {  # the model's projections: (flags, K)
+    "qkv": (dict(FLAGS, NORM=True, HAS_RESIDUAL=True, HAS_BIAS=True, ROTARY=True,
+                 HEAD_DIM=128), 1536),
+    "o": (FLAGS, 1536),
+    "gate_up": (dict(FLAGS, NORM=True, HAS_RESIDUAL=True, GATED=True), 1536),
+    "down": (dict(FLAGS, GATED_INPUT=True), 8960),
+}
+
+
 @pytest.mark.skipif(INTERPRET, reason="the interpreter replaces compiled kernels")
-@pytest.mark.parametrize("variant", [dict(NORM=False, HAS_RESIDUAL=False, HAS_BIAS=False,
-                                          GATED=False),
-                                     dict(NORM=True, HAS_RESIDUAL=True, HAS_BIAS=True,
-                                          GATED=False),
-                                     dict(NORM=True, HAS_RESIDUAL=True, HAS_BIAS=False,
-                                          GATED=True)],
-                         ids=["plain", "norm+residual+bias", "norm+residual+gated"])
-def test_the_default_config_compiles_for_hopper_without_spills(variant: dict) -> None:
-    from kvtier.model.triton_linear import _small_linear_kernel, default_config
+@pytest.mark.parametrize("projection", list(VARIANTS))
+def test_the_chosen_configs_compile_for_hopper_without_spills(projection: str) -> None:
+    from kvtier.model.triton_linear import _small_linear_kernel, choose_config
 
     bf16 = "*bf16"
     pointers = {n: bf16 for n in ("x_ptr", "res_ptr", "res_out_ptr", "norm_w_ptr", "w_ptr",
                                   "b_ptr", "out_ptr")}
-    pointers["eps"] = "fp32"
-    for in_features in (1536, 8960):  # K in one tile (qkv, o), or streamed two deep (down)
-        config = default_config(1536, in_features)
+    pointers.update(pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", eps="fp32")
+    variant, in_features = VARIANTS[projection]
+    # K in one tile (qkv, o, gate_up) up to MAX_ROWS rows; or streamed two deep (down), at
+    # the one row `choose_config` takes it for.
+    for rows in (1, MAX_ROWS):
+        config = choose_config(rows, 1536, in_features)
+        if config is None:
+            continue
         one_tile = in_features <= config.block_k
         build = compile_sm90(_small_linear_kernel, pointers, dict(
-            **variant, EVEN_K=True, ONE_TILE=one_tile, BLOCK_M=MAX_ROWS,
+            **variant, EVEN_K=True, ONE_TILE=one_tile, BLOCK_M=rows,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=True),
             config.num_warps, config.num_stages, multiples_of_16=("K",))
         resources = build.resources
         assert resources["STACK"] == 0 and resources["LOCAL"] == 0, resources
         assert resources["shared_dynamic"] <= 227 * 1024, resources
-        # 16-byte loads; only the bias (one element per column) comes 2 bytes at a time.
+        # 16-byte loads; only the bias (block_n elements) may come 2 bytes at a time.
         assert "LDG.E.128" in build.sass
-        assert build.sass.count("LDG.E.U16") <= variant["HAS_BIAS"], build.sass
+        bias_loads = config.block_n if variant["HAS_BIAS"] else 0
+        assert build.sass.count("LDG.E.U16") <= bias_loads, build.sass
         # The first weight tile is requested before the wait for the previous kernel.
         assert build.ptx.index("ld.global") < build.ptx.index("griddepcontrol.wait")

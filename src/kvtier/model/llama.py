@@ -56,11 +56,15 @@ class Attention(nn.Module):
     def split_and_rotate(self, qkv: torch.Tensor, rotary: RotaryInputs,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused projection's q, k, v as head views, q and k rotated."""
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k, v = self.split_heads(qkv)
         return (*apply_rotary(q, k, rotary), v)
+
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection's q (T, H, D), k and v (T, KVH, D), as views."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return (q.view(-1, self.num_heads, self.head_dim),
+                k.view(-1, self.num_kv_heads, self.head_dim),
+                v.view(-1, self.num_kv_heads, self.head_dim))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                metadata: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,9 +97,9 @@ PROJECTIONS = ("qkv", "o", "gate_up", "down")
 class DecoderLayer(nn.Module):
     small_linear_projections: frozenset[str] = SMALL_LINEAR_PROJECTIONS
     """On CUDA, batches of a few rows run these projections as `small_linear`, with their
-    neighbours folded in: qkv with the residual add, norm and bias; gate_up with the residual
-    add, norm and SiLU-and-mul; down with the SiLU-and-mul when gate_up did not take it.
-    `LlamaForCausalLM.set_small_batch_fusion` changes it, for A/B measurements."""
+    neighbours folded in: qkv with the residual add, norm, bias and rotary; gate_up with the
+    residual add, norm and SiLU-and-mul; down with the SiLU-and-mul when gate_up did not take
+    it. `LlamaForCausalLM.set_small_batch_fusion` changes it, for A/B measurements."""
 
     def __init__(self, spec: ModelSpec, backend: AttentionBackend) -> None:
         super().__init__()
@@ -125,12 +129,14 @@ class DecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
             return (*self.self_attn.project(hidden, rotary, qkv_out), residual)
         ops, config = plan
-        norm = self.input_layernorm
+        norm, attn = self.input_layernorm, self.self_attn
+        # On CUDA the rotary inputs are the float32 tables (`RotaryEmbedding.forward`).
+        rotate = ops.RotaryEpilogue(rotary.positions, rotary.cos, rotary.sin,
+                                    attn.q_size + attn.kv_size, attn.head_dim)
         qkv, summed = ops.small_linear(hidden, qkv_proj.weight, qkv_proj.bias,
                                        norm_weight=norm.weight, eps=norm.eps, residual=residual,
-                                       out=qkv_out, config=config)
-        return (*self.self_attn.split_and_rotate(qkv, rotary),
-                hidden if summed is None else summed)
+                                       rotary=rotate, out=qkv_out, config=config)
+        return *attn.split_heads(qkv), hidden if summed is None else summed
 
     def post_attention(self, attention: torch.Tensor,
                        residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,9 @@ RMSNorm before `qkv` is one more launch. `small_linear` folds them in:
 - body: a GEMV on the CUDA cores (no tensor-core tile to pad a few rows to 16): each program
   owns BLOCK_N output columns and streams their weight rows over K in 16-byte loads, with many
   programs per SM so the loads of some hide the latency of others;
-- epilogue: bias, or silu(gate) * up for a [gate | up] weight (both halves in one program).
+- epilogue: bias, then silu(gate) * up for a [gate | up] weight (both halves in one
+  program), or the rotary embedding of qkv's q and k heads (a program owns rotate-half pairs
+  of columns, so the rotary kernel's launch goes too).
 
 Launched with programmatic dependent launch (`kvtier.triton_pdl`) on Hopper, each program
 requests its first weight tile before waiting for the previous kernel, so the weight stream
@@ -74,16 +76,29 @@ def choose_config(rows: int, out_features: int,
 
 @triton.jit
 def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, out_ptr,
+                         pos_ptr, cos_ptr, sin_ptr,
                          M, N, K, stride_x, stride_res, stride_res_out, stride_w, stride_out,
-                         eps, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                         GATED_INPUT: tl.constexpr, EVEN_K: tl.constexpr,
+                         stride_table, rotary_programs, eps, NORM: tl.constexpr,
+                         HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         GATED: tl.constexpr, GATED_INPUT: tl.constexpr,
+                         ROTARY: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_K: tl.constexpr,
                          ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROTARY:
+        # The first rotary_programs programs own rotate-half pairs: columns d .. d + P - 1 of
+        # a head and their partners HEAD_DIM / 2 further (P = BLOCK_N / 2), so the epilogue
+        # can rotate them; the weight rows stay whole 16-byte streams along K.
+        PAIRS: tl.constexpr = BLOCK_N // 2
+        HALF: tl.constexpr = HEAD_DIM // 2
+        j = tl.arange(0, BLOCK_N)
+        head = pid // (HALF // PAIRS)
+        first = (pid % (HALF // PAIRS)) * PAIRS
+        paired = head * HEAD_DIM + first + j % PAIRS + (j // PAIRS) * HALF
+        cols = tl.where(pid < rotary_programs, paired, cols)
     col_ok = cols < N
     offs_k = tl.arange(0, BLOCK_K)
     dtype = w_ptr.dtype.element_ty
@@ -151,6 +166,17 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
     if HAS_BIAS:
         out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     result = out.to(dtype)
+    if ROTARY:  # as `triton_ops.rotary_inplace` rotates the rounded projection
+        pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
+        dims = first + tl.arange(0, PAIRS)
+        table = pos[:, None] * stride_table + dims[None, :]
+        cos = tl.load(cos_ptr + table)
+        sin = tl.load(sin_ptr + table)
+        halves = tl.permute(tl.reshape(result.to(tl.float32), [BLOCK_M, 2, PAIRS]), (0, 2, 1))
+        x1, x2 = tl.split(halves)
+        rotated = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
+        rotated = tl.reshape(tl.permute(rotated, (0, 2, 1)), [BLOCK_M, BLOCK_N]).to(dtype)
+        result = tl.where(pid < rotary_programs, rotated, result)
     if GATED:  # as silu_and_mul rounds: gate and up in dtype, silu(gate) in dtype
         gate = result.to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
@@ -159,11 +185,25 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], result, mask=out_mask)
 
 
+@dataclass(frozen=True)
+class RotaryEpilogue:
+    """Rotate-half rotary embedding for the first `columns` output columns (the q and k heads
+    of a fused qkv projection), row r at positions[r]: what `triton_ops.rotary_inplace` does
+    after the projection, without its launch."""
+    positions: torch.Tensor
+    """(rows,) integer positions."""
+    cos: torch.Tensor
+    """(max_positions, head_dim) float32 table, as `RotaryEmbedding` builds it."""
+    sin: torch.Tensor
+    columns: int
+    head_dim: int
+
+
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  norm_weight: torch.Tensor | None = None, eps: float = 0.0,
                  residual: torch.Tensor | None = None, gated: bool = False,
-                 gated_input: bool = False, out: torch.Tensor | None = None,
-                 config: SmallLinearConfig | None = None,
+                 gated_input: bool = False, rotary: RotaryEpilogue | None = None,
+                 out: torch.Tensor | None = None, config: SmallLinearConfig | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out, residual_out) for x (M <= MAX_ROWS, K) and weight (N, K), nn.Linear's layout.
 
@@ -172,6 +212,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     else None. gated: weight is [gate | up] (2F, K) and out is silu(x @ gate.T) * (x @ up.T).
     gated_input: x is [gate | up] (M, 2K), and the projection's input is silu(gate) * up (the
     MLP's down after a gate_up projection; no norm or residual then).
+    rotary: rotate the output's first rotary.columns columns (not with `gated`).
     out: where to write (M, N) (rows contiguous), else a new tensor.
     """
     rows, in_features = x.shape
@@ -179,6 +220,8 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if norm_weight is not None or residual is not None:
             raise ValueError("a gated input takes no norm or residual")
         in_features //= 2
+    if gated and rotary is not None:
+        raise ValueError("a gated projection takes no rotary")
     if rows > MAX_ROWS:
         raise ValueError(f"small_linear takes at most {MAX_ROWS} rows, got {rows}")
     if gated and bias is not None:
@@ -203,17 +246,42 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             raise ValueError("a residual needs the norm it feeds")
         residual_out = torch.empty_like(x)
     config = config or default_config(width, in_features)
+    rotary_programs = _check_rotary(rotary, rows, width, config) if rotary else 0
     has_residual = residual is not None
     _small_linear_kernel[(triton.cdiv(width, config.block_n),)](
         x, residual if has_residual else x, residual_out if has_residual else x,
         norm_weight if norm_weight is not None else weight, weight,
-        bias if bias is not None else weight, out, rows, width, in_features, x.stride(0),
+        bias if bias is not None else weight, out,
+        rotary.positions if rotary else x, rotary.cos if rotary else x,
+        rotary.sin if rotary else x, rows, width, in_features, x.stride(0),
         residual.stride(0) if has_residual else 0,
         residual_out.stride(0) if residual_out is not None else 0, weight.stride(0),
-        out.stride(0), eps, NORM=norm_weight is not None, HAS_RESIDUAL=has_residual,
+        out.stride(0), rotary.cos.stride(0) if rotary else 0, rotary_programs, eps,
+        NORM=norm_weight is not None, HAS_RESIDUAL=has_residual,
         HAS_BIAS=bias is not None, GATED=gated, GATED_INPUT=gated_input,
+        ROTARY=rotary is not None, HEAD_DIM=rotary.head_dim if rotary else 0,
         EVEN_K=in_features % config.block_k == 0,
         ONE_TILE=in_features <= config.block_k, BLOCK_M=triton.next_power_of_2(rows),
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
         num_stages=config.num_stages, **launch_options(x))
     return out, residual_out
+
+
+def _check_rotary(rotary: RotaryEpilogue, rows: int, width: int,
+                  config: SmallLinearConfig) -> int:
+    """The number of programs that rotate (each owns block_n / 2 rotate-half pairs)."""
+    head_dim, columns = rotary.head_dim, rotary.columns
+    if head_dim % config.block_n or head_dim % 2:
+        raise ValueError(f"rotary head_dim {head_dim} must be a multiple of the column tile "
+                         f"{config.block_n}")
+    if columns % head_dim or not 0 < columns <= width:
+        raise ValueError(f"rotary columns {columns} must be whole heads of {head_dim} within "
+                         f"the {width} outputs")
+    if rotary.positions.shape != (rows,):
+        raise ValueError(f"rotary positions {tuple(rotary.positions.shape)} must be ({rows},)")
+    for table in (rotary.cos, rotary.sin):
+        if table.dim() != 2 or table.shape[1] != head_dim or table.dtype != torch.float32 \
+                or table.stride(1) != 1 or table.stride() != rotary.cos.stride():
+            raise ValueError(f"rotary tables must be float32 (positions, {head_dim}), rows "
+                             f"contiguous, got {tuple(table.shape)} {table.dtype}")
+    return columns // config.block_n
