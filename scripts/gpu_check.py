@@ -144,14 +144,17 @@ def decode_step_ms(llm, batch: int, context: int = 512) -> float:  # noqa: ANN00
 
 DECODE_VARIANTS = {
     "cublas": ((), False),
-    "qkv,o": (("qkv", "o"), False),
     "qkv,o+pdl": (("qkv", "o"), True),
-    "qkv,o,down": (("qkv", "o", "down"), False),
-    "qkv,o,down+pdl": (("qkv", "o", "down"), True),
+    "qkv,o,kv_write": (("qkv", "o", "kv_write"), False),
+    "qkv,o,kv_write+pdl": (("qkv", "o", "kv_write"), True),
 }
-"""Decode-graph variants: the projections run as `small_linear` (the rest through cuBLAS
-with the separate norm and SiLU kernels), and whether the Triton kernels use programmatic
-dependent launch."""
+"""Decode-graph variants: the fusions of small batches (`llama.FUSIONS`; the rest runs
+through cuBLAS with the separate norm, rotary, KV-write and SiLU kernels), and whether the
+Triton kernels use programmatic dependent launch."""
+SAME_LOGITS = [("qkv,o,kv_write", "qkv,o,kv_write+pdl"), ("qkv,o+pdl", "qkv,o,kv_write+pdl")]
+"""Variants that must compute bit-identical logits: PDL changes only when kernels start, and
+the fused KV write stores the very values the KV-write kernel would. A missing wait, or a
+wrong slot, shows as a difference."""
 
 
 def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
@@ -159,7 +162,7 @@ def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
     afresh the same way, and the engine's own graphs, over the same inputs: the contexts of
     decode_step_ms's last step. Interleaved repeats; batch 4 takes no `small_linear`."""
     from kvtier import triton_pdl
-    from kvtier.model.llama import SMALL_LINEAR_PROJECTIONS
+    from kvtier.model.llama import SMALL_BATCH_FUSIONS
 
     runner = llm.engine.runner
     engine_graphs = runner.graphs
@@ -177,7 +180,7 @@ def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
             graphs.block_table.copy_(engine_graphs.block_table[:n])
             captured[name] = graphs
     finally:
-        runner.model.set_small_batch_fusion(SMALL_LINEAR_PROJECTIONS)
+        runner.model.set_small_batch_fusion(SMALL_BATCH_FUSIONS)
         triton_pdl.set_enabled(None)
         runner.graphs = engine_graphs
     # The engine's own graphs (captured at start-up, the defaults) among the fresh captures.
@@ -191,20 +194,17 @@ def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
     timings = {name: {s: statistics.median(v) for s, v in by_size.items()}
                for name, by_size in samples.items()}
     report["decode_graph_ms_by_variant"] = timings
-    # PDL changes only when kernels start, never what they compute: a missing wait would show
-    # as logits that differ from the same kernels launched in plain stream order.
     identical = {}
-    for name in DECODE_VARIANTS:
-        if name.endswith("+pdl"):
-            plain = name.removesuffix("+pdl")
-            logits = {}
-            for variant in (plain, name):
-                for size in sizes:
-                    captured[variant]._graphs[size].replay()
-                    logits[variant, size] = captured[variant]._logits[size].clone()
-            identical[name] = all(torch.equal(logits[plain, s], logits[name, s]) for s in sizes)
-    report["decode_pdl_logits_identical"] = identical
-    print("decode logits identical with and without PDL:", identical, flush=True)
+    for first, second in SAME_LOGITS:
+        logits = {}
+        for variant in (first, second):
+            for size in sizes:
+                captured[variant]._graphs[size].replay()
+                logits[variant, size] = captured[variant]._logits[size].clone()
+        identical[f"{first} = {second}"] = all(
+            torch.equal(logits[first, s], logits[second, s]) for s in sizes)
+    report["decode_logits_identical"] = identical
+    print("decode logits identical:", identical, flush=True)
     for name, by_size in timings.items():
         print(f"decode graph ms {name:12}", {s: round(t, 4) for s, t in by_size.items()},
               flush=True)

@@ -113,16 +113,17 @@ def test_a_gated_input_is_activated_as_silu_and_mul_would(device: torch.device, 
 
 @pytest.mark.parametrize("rows", [1, MAX_ROWS])
 @pytest.mark.parametrize("config", CONFIGS, ids=["8x64", "16x128"])
-def test_the_rotary_epilogue_rotates_q_and_k_as_the_rotary_kernel_would(
+def test_the_qkv_epilogue_rotates_and_writes_the_cache_as_the_separate_kernels_would(
         device: torch.device, rows: int, config: SmallLinearConfig) -> None:
-    """qkv with norm, residual, bias and rotary in one kernel against the unfused layers and
-    the torch rotary (rotate-half over the rounded projection, float32 tables): 4 query and
-    2 key heads of 32 rotated, the 2 value heads left alone."""
+    """qkv with norm, residual, bias, rotary and the KV write in one kernel, against the
+    unfused layers, the torch rotary (rotate-half over the rounded projection, float32 tables)
+    and the backend's scatter: 4 query and 2 key heads of 32 rotated, the 2 value heads left
+    alone; k and v land in their slots (block size 4), a padding row (slot -1) nowhere."""
     from kvtier.model.layers import RotaryEmbedding
-    from kvtier.model.triton_linear import RotaryEpilogue
+    from kvtier.model.triton_linear import QKVEpilogue
 
     torch.manual_seed(rows)
-    dtype, head_dim, in_features = torch.bfloat16, 32, 96
+    dtype, head_dim, in_features, block_size = torch.bfloat16, 32, 96, 4
     q_size, kv_size = 4 * head_dim, 2 * head_dim
     width = q_size + 2 * kv_size
     x = torch.randn(rows, in_features, device=device).to(dtype)
@@ -133,9 +134,11 @@ def test_the_rotary_epilogue_rotates_q_and_k_as_the_rotary_kernel_would(
     table = RotaryEmbedding(head_dim, 512, 10000.0, None)
     table.materialize(device)
     positions = torch.tensor([7, 300][:rows], device=device)
+    slots = torch.tensor([9, -1][:rows], device=device)  # block 2 offset 1; padding
+    cache = torch.zeros(2, 4, block_size, 2, head_dim, device=device, dtype=dtype)
     out, _ = small_linear(x, weight, bias, norm_weight=norm_weight, eps=EPS, residual=residual,
-                          rotary=RotaryEpilogue(positions, table.cos, table.sin,
-                                                q_size + kv_size, head_dim), config=config)
+                          qkv=QKVEpilogue(positions, table.cos, table.sin, q_size, kv_size,
+                                          head_dim, cache, slots), config=config)
 
     projected, _ = reference(x, weight, bias, norm_weight, residual, gated=False)
     heads = projected[:, :q_size + kv_size].float().view(rows, -1, head_dim)
@@ -146,9 +149,11 @@ def test_the_rotary_epilogue_rotates_q_and_k_as_the_rotary_kernel_would(
     expected[:, :q_size + kv_size] = (heads * cos + rotate_half * sin).to(dtype).view(rows, -1)
     rtol = 2e-2 * (2 if INTERPRET else 1)
     torch.testing.assert_close(out, expected, atol=3e-2, rtol=rtol)
-    # A plain program (not a pair-owner) wrote the values where they belong.
-    torch.testing.assert_close(out[:, q_size + kv_size:], projected[:, q_size + kv_size:],
-                               atol=3e-2, rtol=rtol)
+    # The cache holds exactly what the kernel returned as k and v, in row 0's slot only.
+    k, v = out[0, q_size:q_size + kv_size], out[0, q_size + kv_size:]
+    assert torch.equal(cache[0, 2, 1].flatten(), k) and torch.equal(cache[1, 2, 1].flatten(), v)
+    cache[:, 2, 1] = 0
+    assert not cache.any(), "a slot other than row 0's was written"
 
 
 def test_small_linear_refuses_what_it_cannot_fuse(device: torch.device) -> None:
@@ -167,17 +172,22 @@ def test_small_linear_refuses_what_it_cannot_fuse(device: torch.device) -> None:
                      residual=x[:3])
     with pytest.raises(ValueError, match="norm_weight"):
         small_linear(x[:2], weight, norm_weight=torch.ones(16, device=device))
-    from kvtier.model.triton_linear import RotaryEpilogue
-    table = torch.zeros(8, 16, device=device)
+    from kvtier.model.triton_linear import QKVEpilogue
+    table, one = torch.zeros(8, 16, device=device), torch.zeros(1, device=device)
     with pytest.raises(ValueError, match="whole heads"):
-        small_linear(x[:1], weight, rotary=RotaryEpilogue(torch.zeros(1, device=device),
-                                                          table, table, 24, 16))
-    with pytest.raises(ValueError, match="rotary positions"):
-        small_linear(x[:1], weight, rotary=RotaryEpilogue(torch.zeros(2, device=device),
-                                                          table, table, 16, 16))
+        small_linear(x[:1], weight, qkv=QKVEpilogue(one, table, table, 16, 16, 16))
+    with pytest.raises(ValueError, match="qkv positions"):
+        small_linear(x[:1], weight[:, :32], qkv=QKVEpilogue(one.repeat(2), table, table, 8, 4,
+                                                            4))
     with pytest.raises(ValueError, match="rotary tables"):
-        small_linear(x[:1], weight, rotary=RotaryEpilogue(torch.zeros(1, device=device),
-                                                          table[:, :8], table, 16, 16))
+        small_linear(x[:1], weight, qkv=QKVEpilogue(one, table[:, :8], table, 8, 4, 4))
+    cache = torch.zeros(2, 3, 4, 1, 4, device=device)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        small_linear(x[:1], weight, qkv=QKVEpilogue(one, table[:, :4], table[:, :4], 8, 4, 4,
+                                                    cache))
+    with pytest.raises(ValueError, match="kv_cache"):
+        small_linear(x[:1], weight, qkv=QKVEpilogue(one, table[:, :4], table[:, :4], 8, 4, 4,
+                                                    cache[:, :, :, :, :2], one.long()))
     with pytest.raises(ValueError, match="gated input takes no norm"):
         small_linear(x[:2], weight[:, :16], norm_weight=torch.ones(16, device=device),
                      gated_input=True)
@@ -222,7 +232,7 @@ def test_a_decoder_layer_gives_the_same_outputs_with_and_without_fusion(
     results = {}
     with torch.inference_mode():
         for fused in (True, False):
-            layer.small_linear_projections = frozenset(fused_projections if fused else ())
+            layer.small_batch_fusions = frozenset(fused_projections if fused else ())
             q, k, v, summed = layer.pre_attention(hidden, residual.clone(), rotary)
             out, out_residual = layer.post_attention(attention, summed.clone())
             results[fused] = [t.clone() for t in (q, k, v, summed, out, out_residual)]
@@ -236,10 +246,10 @@ def test_a_decoder_layer_gives_the_same_outputs_with_and_without_fusion(
 
 
 FLAGS = dict(NORM=False, HAS_RESIDUAL=False, HAS_BIAS=False, GATED=False, GATED_INPUT=False,
-             ROTARY=False, HEAD_DIM=0)
+             ROTARY=False, WRITE_KV=False, HEAD_DIM=0, BLOCK_SIZE=1)
 VARIANTS = {  # the model's projections: (flags, K)
     "qkv": (dict(FLAGS, NORM=True, HAS_RESIDUAL=True, HAS_BIAS=True, ROTARY=True,
-                 HEAD_DIM=128), 1536),
+                 WRITE_KV=True, HEAD_DIM=128, BLOCK_SIZE=16), 1536),
     "o": (FLAGS, 1536),
     "gate_up": (dict(FLAGS, NORM=True, HAS_RESIDUAL=True, GATED=True), 1536),
     "down": (dict(FLAGS, GATED_INPUT=True), 8960),
@@ -254,7 +264,8 @@ def test_the_chosen_configs_compile_for_hopper_without_spills(projection: str) -
     bf16 = "*bf16"
     pointers = {n: bf16 for n in ("x_ptr", "res_ptr", "res_out_ptr", "norm_w_ptr", "w_ptr",
                                   "b_ptr", "out_ptr")}
-    pointers.update(pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", eps="fp32")
+    pointers.update(pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", cache_ptr=bf16,
+                    slot_ptr="*i64", eps="fp32")
     variant, in_features = VARIANTS[projection]
     # K in one tile (qkv, o, gate_up) up to MAX_ROWS rows; or streamed two deep (down), at
     # the one row `choose_config` takes it for.

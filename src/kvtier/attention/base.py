@@ -56,6 +56,9 @@ class AttentionBackend(ABC):
     supports_cuda_graphs: bool = False
     """Decode-only steps can be captured: `forward` reads only metadata tensors, and `prepare`
     for a decode-only batch depends only on its shape and `max_seq_len` (an upper bound)."""
+    accepts_written_kv: bool = False
+    """`forward(..., kv_written=True)` skips the KV write: the model already stored the step's
+    keys and values in kv_cache at slot_mapping (fused into its qkv projection)."""
 
     @abstractmethod
     def prepare(self, metadata: AttentionMetadata) -> None:
@@ -64,8 +67,9 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-        """Write key/value into kv_cache at metadata.slot_mapping, then attend causally.
+                out: torch.Tensor | None = None, kv_written: bool = False) -> torch.Tensor:
+        """Write key/value into kv_cache at metadata.slot_mapping (unless kv_written, for a
+        backend that `accepts_written_kv`), then attend causally.
 
         query: (num_tokens, num_heads, head_dim); key, value: (num_tokens, num_kv_heads, head_dim)
         kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim), mutated in place.

@@ -84,7 +84,8 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, kv_written: bool = False) -> torch.Tensor:
+        del kv_written  # not `accepts_written_kv`: the model never sets it here
         num_kv_heads, head_dim = key.shape[1], key.shape[2]
         if self._mirror is not None and not self._mirror.pool_tokens:
             self._mirror.pool_tokens = kv_cache.shape[1] * kv_cache.shape[2]

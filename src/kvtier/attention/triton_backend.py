@@ -2,7 +2,7 @@
 
 Per layer `forward` launches, without a host synchronisation:
 
-    kv_write_kernel        all tokens            grid (num_tokens,)
+    kv_write_kernel        all tokens            grid (num_tokens,)  (unless kv_written)
     decode_partial_kernel  decodes [0, nd)       grid (nd, num_kv_heads, num_splits)
     decode_reduce_kernel   (when num_splits > 1) grid (nd, num_heads)
     prefill_kernel         prefills [nd, n)      grid (num_heads, m_tiles, (n - nd) * kv_splits)
@@ -150,6 +150,7 @@ class TritonStepData:
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
+    accepts_written_kv = True
 
     def __init__(self, prefill_config: PrefillConfig | None = None,
                  decode_config: DecodeConfig | None = None,
@@ -194,12 +195,13 @@ class TritonAttentionBackend(AttentionBackend):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, kv_written: bool = False) -> torch.Tensor:
         data: TritonStepData = metadata.backend_data
         num_tokens, num_heads, head_dim = query.shape
         _check_shapes(query, key, kv_cache, metadata.block_size)
         query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
-        write_kv(key, value, kv_cache, metadata.slot_mapping, metadata.block_size)
+        if not kv_written:
+            write_kv(key, value, kv_cache, metadata.slot_mapping, metadata.block_size)
         if out is None:
             out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype,
                               device=query.device)

@@ -67,8 +67,10 @@ class Attention(nn.Module):
                 v.view(-1, self.num_kv_heads, self.head_dim))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-               metadata: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.backend.forward(q, k, v, kv_cache, metadata, self.scale, out=out)
+               metadata: AttentionMetadata, out: torch.Tensor | None = None,
+               kv_written: bool = False) -> torch.Tensor:
+        return self.backend.forward(q, k, v, kv_cache, metadata, self.scale, out=out,
+                                    kv_written=kv_written)
 
     def output(self, attention: torch.Tensor) -> torch.Tensor:
         return self.o_proj(attention.reshape(-1, self.q_size))
@@ -86,20 +88,22 @@ def _linear_into(linear: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> torch
     return torch.addmm(linear.bias, x, linear.weight.t(), out=out)
 
 
-SMALL_LINEAR_PROJECTIONS = frozenset({"qkv", "o"})
-"""The projections that small CUDA batches run as `small_linear` (where `small_linear_plan`
-has a config for the batch): those measured faster than cuBLAS with the separate norm and
-SiLU kernels, on an H200 at decode batch 1-2 (`scripts/tune_small_linear.py`,
-`scripts/gpu_check.py`'s decode A/B)."""
-PROJECTIONS = ("qkv", "o", "gate_up", "down")
+SMALL_BATCH_FUSIONS = frozenset({"qkv", "o", "kv_write"})
+"""What small CUDA batches fuse (where `small_linear_plan` has a config for the batch): the
+projections run as `small_linear`, and "kv_write": qkv's kernel also stores k and v in the
+paged cache (with a backend that `accepts_written_kv`). Those measured faster than cuBLAS
+with the separate norm, rotary, KV-write and SiLU kernels, on an H200 at decode batch 1-2
+(`scripts/tune_small_linear.py`, `scripts/gpu_check.py`'s decode A/B)."""
+FUSIONS = ("qkv", "o", "gate_up", "down", "kv_write")
 
 
 class DecoderLayer(nn.Module):
-    small_linear_projections: frozenset[str] = SMALL_LINEAR_PROJECTIONS
+    small_batch_fusions: frozenset[str] = SMALL_BATCH_FUSIONS
     """On CUDA, batches of a few rows run these projections as `small_linear`, with their
-    neighbours folded in: qkv with the residual add, norm, bias and rotary; gate_up with the
-    residual add, norm and SiLU-and-mul; down with the SiLU-and-mul when gate_up did not take
-    it. `LlamaForCausalLM.set_small_batch_fusion` changes it, for A/B measurements."""
+    neighbours folded in: qkv with the residual add, norm, bias, rotary (and the KV write,
+    with "kv_write"); gate_up with the residual add, norm and SiLU-and-mul; down with the
+    SiLU-and-mul when gate_up did not take it. `LlamaForCausalLM.set_small_batch_fusion`
+    changes it, for A/B measurements."""
 
     def __init__(self, spec: ModelSpec, backend: AttentionBackend) -> None:
         super().__init__()
@@ -113,16 +117,25 @@ class DecoderLayer(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream kept apart, so each add fuses into the next norm:
         returns (mlp output, residual) whose sum is the layer's output."""
-        q, k, v, residual = self.pre_attention(hidden, residual, rotary)
-        attention = self.self_attn.attend(q, k, v, kv_cache, metadata)
+        writes_kv = (self.self_attn.backend.accepts_written_kv
+                     and "kv_write" in self.small_batch_fusions
+                     and self._small_linear_plan("qkv", hidden,
+                                                 self.self_attn.qkv_proj.weight) is not None)
+        q, k, v, residual = self.pre_attention(
+            hidden, residual, rotary,
+            kv_target=(kv_cache, metadata.slot_mapping) if writes_kv else None)
+        attention = self.self_attn.attend(q, k, v, kv_cache, metadata, kv_written=writes_kv)
         return self.post_attention(attention, residual)
 
     # The two halves around attention: piecewise CUDA graphs capture them and run attention,
     # whose launches depend on the batch's composition, eagerly in between.
     def pre_attention(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                       rotary: RotaryInputs, qkv_out: torch.Tensor | None = None,
+                      kv_target: tuple[torch.Tensor, torch.Tensor] | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q, k, v, residual) for this layer's attention."""
+        """(q, k, v, residual) for this layer's attention. kv_target (kv_cache, slot_mapping):
+        k and v are also stored there, by the fused projection (the caller checked that
+        this batch takes it)."""
         qkv_proj = self.self_attn.qkv_proj
         plan = self._small_linear_plan("qkv", hidden, qkv_proj.weight)
         if plan is None:
@@ -131,11 +144,12 @@ class DecoderLayer(nn.Module):
         ops, config = plan
         norm, attn = self.input_layernorm, self.self_attn
         # On CUDA the rotary inputs are the float32 tables (`RotaryEmbedding.forward`).
-        rotate = ops.RotaryEpilogue(rotary.positions, rotary.cos, rotary.sin,
-                                    attn.q_size + attn.kv_size, attn.head_dim)
+        kv_cache, slots = kv_target if kv_target is not None else (None, None)
+        epilogue = ops.QKVEpilogue(rotary.positions, rotary.cos, rotary.sin, attn.q_size,
+                                   attn.kv_size, attn.head_dim, kv_cache, slots)
         qkv, summed = ops.small_linear(hidden, qkv_proj.weight, qkv_proj.bias,
                                        norm_weight=norm.weight, eps=norm.eps, residual=residual,
-                                       rotary=rotate, out=qkv_out, config=config)
+                                       qkv=epilogue, out=qkv_out, config=config)
         return *attn.split_heads(qkv), hidden if summed is None else summed
 
     def post_attention(self, attention: torch.Tensor,
@@ -175,7 +189,7 @@ class DecoderLayer(nn.Module):
 
     def _small_linear_plan(self, projection: str, x: torch.Tensor,
                            weight: torch.Tensor) -> tuple[ModuleType, Any] | None:
-        if projection not in self.small_linear_projections:
+        if projection not in self.small_batch_fusions:
             return None
         return small_linear_plan(x, weight)
 
@@ -193,17 +207,16 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (None if spec.tie_word_embeddings
                         else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False))
 
-    def set_small_batch_fusion(self, projections: Iterable[str] = SMALL_LINEAR_PROJECTIONS,
-                               ) -> None:
-        """Run these projections (of "qkv", "o", "gate_up", "down") of small CUDA batches
-        through `small_linear`, the others through nn.Linear and the separate norm and SiLU
-        kernels. Capture CUDA graphs after changing it."""
-        chosen = frozenset(projections)
-        if not chosen <= set(PROJECTIONS):
-            raise ValueError(f"unknown projections {sorted(chosen - set(PROJECTIONS))}; "
-                             f"choose from {PROJECTIONS}")
+    def set_small_batch_fusion(self, fusions: Iterable[str] = SMALL_BATCH_FUSIONS) -> None:
+        """Fuse these (of FUSIONS) in small CUDA batches: the projections named run through
+        `small_linear`, the others through nn.Linear and the separate norm, rotary, KV-write
+        and SiLU kernels. Capture CUDA graphs after changing it."""
+        chosen = frozenset(fusions)
+        if not chosen <= set(FUSIONS):
+            raise ValueError(f"unknown fusions {sorted(chosen - set(FUSIONS))}; "
+                             f"choose from {FUSIONS}")
         for layer in self.layers:
-            layer.small_linear_projections = chosen
+            layer.small_batch_fusions = chosen
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:

@@ -19,7 +19,7 @@ RMSNorm before `qkv` is one more launch. `small_linear` folds them in:
 Launched with programmatic dependent launch (`kvtier.triton_pdl`) on Hopper, each program
 requests its first weight tile before waiting for the previous kernel, so the weight stream
 starts while that kernel finishes. Which projections the model runs here is its choice
-(`llama.SMALL_LINEAR_PROJECTIONS`, from `scripts/tune_small_linear.py` and the decode A/B).
+(`llama.SMALL_BATCH_FUSIONS`, from `scripts/tune_small_linear.py` and the decode A/B).
 
 Numerics: float32 statistics and accumulation as in `triton_ops`; the residual sum is rounded
 to the activation dtype as torch's add rounds it. The normed activation is not rounded to the
@@ -68,7 +68,7 @@ def choose_config(rows: int, out_features: int,
                   in_features: int) -> SmallLinearConfig | None:
     """The config to run a projection of `rows` rows with, or None where cuBLAS is faster:
     beyond MAX_ROWS, and for long K (the MLP's down, 8,960) at 2 rows (12.9 us against 11.7).
-    Which projections the model runs here is its choice (`llama.SMALL_LINEAR_PROJECTIONS`)."""
+    Which projections the model runs here is its choice (`llama.SMALL_BATCH_FUSIONS`)."""
     if rows > MAX_ROWS or (in_features > 2048 and rows > 1):
         return None
     return default_config(out_features, in_features)
@@ -76,18 +76,21 @@ def choose_config(rows: int, out_features: int,
 
 @triton.jit
 def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, out_ptr,
-                         pos_ptr, cos_ptr, sin_ptr,
+                         pos_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
                          M, N, K, stride_x, stride_res, stride_res_out, stride_w, stride_out,
-                         stride_table, rotary_programs, eps, NORM: tl.constexpr,
+                         stride_table, q_size, kv_size, stride_kv, stride_block, stride_slot,
+                         stride_head, eps, NORM: tl.constexpr,
                          HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                          GATED: tl.constexpr, GATED_INPUT: tl.constexpr,
-                         ROTARY: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_K: tl.constexpr,
+                         ROTARY: tl.constexpr, WRITE_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, EVEN_K: tl.constexpr,
                          ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rotary_programs = (q_size + kv_size) // BLOCK_N
     if ROTARY:
         # The first rotary_programs programs own rotate-half pairs: columns d .. d + P - 1 of
         # a head and their partners HEAD_DIM / 2 further (P = BLOCK_N / 2), so the epilogue
@@ -177,6 +180,16 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
         rotated = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
         rotated = tl.reshape(tl.permute(rotated, (0, 2, 1)), [BLOCK_M, BLOCK_N]).to(dtype)
         result = tl.where(pid < rotary_programs, rotated, result)
+    if WRITE_KV:  # k and v of each row into the paged cache at its slot (< 0: padding)
+        is_v = cols >= q_size + kv_size
+        kv_col = cols - q_size - tl.where(is_v, kv_size, 0)
+        slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
+        slot_offset = slot // BLOCK_SIZE * stride_block + slot % BLOCK_SIZE * stride_slot
+        col_offset = (is_v.to(tl.int64) * stride_kv + kv_col // HEAD_DIM * stride_head
+                      + kv_col % HEAD_DIM)
+        dst = cache_ptr + slot_offset[:, None] + col_offset[None, :]
+        kv_mask = (slot >= 0)[:, None] & (col_ok & (cols >= q_size))[None, :]
+        tl.store(dst, result, mask=kv_mask)
     if GATED:  # as silu_and_mul rounds: gate and up in dtype, silu(gate) in dtype
         gate = result.to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
@@ -186,23 +199,29 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
 
 
 @dataclass(frozen=True)
-class RotaryEpilogue:
-    """Rotate-half rotary embedding for the first `columns` output columns (the q and k heads
-    of a fused qkv projection), row r at positions[r]: what `triton_ops.rotary_inplace` does
-    after the projection, without its launch."""
+class QKVEpilogue:
+    """What follows a fused qkv projection ([q | k | v] heads of head_dim), row r being the
+    token at positions[r]: the rotate-half rotary embedding of q and k (what
+    `triton_ops.rotary_inplace` does after the projection, without its launch), and, with a
+    kv_cache, k and v stored at slot_mapping[r] (what the attention backend's KV write does)."""
     positions: torch.Tensor
     """(rows,) integer positions."""
     cos: torch.Tensor
     """(max_positions, head_dim) float32 table, as `RotaryEmbedding` builds it."""
     sin: torch.Tensor
-    columns: int
+    q_size: int
+    kv_size: int
     head_dim: int
+    kv_cache: torch.Tensor | None = None
+    """(2, num_blocks, block_size, num_kv_heads, head_dim), the layout of `attention.base`."""
+    slot_mapping: torch.Tensor | None = None
+    """(rows,) int64 slots; a negative slot (padding) is not written."""
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  norm_weight: torch.Tensor | None = None, eps: float = 0.0,
                  residual: torch.Tensor | None = None, gated: bool = False,
-                 gated_input: bool = False, rotary: RotaryEpilogue | None = None,
+                 gated_input: bool = False, qkv: QKVEpilogue | None = None,
                  out: torch.Tensor | None = None, config: SmallLinearConfig | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out, residual_out) for x (M <= MAX_ROWS, K) and weight (N, K), nn.Linear's layout.
@@ -212,7 +231,8 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     else None. gated: weight is [gate | up] (2F, K) and out is silu(x @ gate.T) * (x @ up.T).
     gated_input: x is [gate | up] (M, 2K), and the projection's input is silu(gate) * up (the
     MLP's down after a gate_up projection; no norm or residual then).
-    rotary: rotate the output's first rotary.columns columns (not with `gated`).
+    qkv: the output is a fused qkv projection: rotate its q and k heads and, with a cache,
+    store k and v (not with `gated`).
     out: where to write (M, N) (rows contiguous), else a new tensor.
     """
     rows, in_features = x.shape
@@ -220,8 +240,8 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if norm_weight is not None or residual is not None:
             raise ValueError("a gated input takes no norm or residual")
         in_features //= 2
-    if gated and rotary is not None:
-        raise ValueError("a gated projection takes no rotary")
+    if gated and qkv is not None:
+        raise ValueError("a gated projection takes no qkv epilogue")
     if rows > MAX_ROWS:
         raise ValueError(f"small_linear takes at most {MAX_ROWS} rows, got {rows}")
     if gated and bias is not None:
@@ -246,20 +266,25 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             raise ValueError("a residual needs the norm it feeds")
         residual_out = torch.empty_like(x)
     config = config or default_config(width, in_features)
-    rotary_programs = _check_rotary(rotary, rows, width, config) if rotary else 0
+    if qkv is not None:
+        _check_qkv(qkv, x, width, config)
+    cache = qkv.kv_cache if qkv is not None else None
     has_residual = residual is not None
     _small_linear_kernel[(triton.cdiv(width, config.block_n),)](
         x, residual if has_residual else x, residual_out if has_residual else x,
         norm_weight if norm_weight is not None else weight, weight,
         bias if bias is not None else weight, out,
-        rotary.positions if rotary else x, rotary.cos if rotary else x,
-        rotary.sin if rotary else x, rows, width, in_features, x.stride(0),
-        residual.stride(0) if has_residual else 0,
+        qkv.positions if qkv else x, qkv.cos if qkv else x, qkv.sin if qkv else x,
+        cache if cache is not None else x, qkv.slot_mapping if cache is not None else x,
+        rows, width, in_features, x.stride(0), residual.stride(0) if has_residual else 0,
         residual_out.stride(0) if residual_out is not None else 0, weight.stride(0),
-        out.stride(0), rotary.cos.stride(0) if rotary else 0, rotary_programs, eps,
-        NORM=norm_weight is not None, HAS_RESIDUAL=has_residual,
+        out.stride(0), qkv.cos.stride(0) if qkv else 0, qkv.q_size if qkv else 0,
+        qkv.kv_size if qkv else 0, *(cache.stride()[:4] if cache is not None else (0,) * 4),
+        eps, NORM=norm_weight is not None, HAS_RESIDUAL=has_residual,
         HAS_BIAS=bias is not None, GATED=gated, GATED_INPUT=gated_input,
-        ROTARY=rotary is not None, HEAD_DIM=rotary.head_dim if rotary else 0,
+        ROTARY=qkv is not None, WRITE_KV=cache is not None,
+        HEAD_DIM=qkv.head_dim if qkv else 0,
+        BLOCK_SIZE=cache.shape[2] if cache is not None else 1,
         EVEN_K=in_features % config.block_k == 0,
         ONE_TILE=in_features <= config.block_k, BLOCK_M=triton.next_power_of_2(rows),
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
@@ -267,21 +292,32 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out, residual_out
 
 
-def _check_rotary(rotary: RotaryEpilogue, rows: int, width: int,
-                  config: SmallLinearConfig) -> int:
-    """The number of programs that rotate (each owns block_n / 2 rotate-half pairs)."""
-    head_dim, columns = rotary.head_dim, rotary.columns
+def _check_qkv(qkv: QKVEpilogue, x: torch.Tensor, width: int,
+               config: SmallLinearConfig) -> None:
+    """Refuse an epilogue whose shapes do not fit the projection (the kernel would index past
+    the tables or the cache)."""
+    rows, head_dim = x.shape[0], qkv.head_dim
     if head_dim % config.block_n or head_dim % 2:
-        raise ValueError(f"rotary head_dim {head_dim} must be a multiple of the column tile "
+        raise ValueError(f"qkv head_dim {head_dim} must be a multiple of the column tile "
                          f"{config.block_n}")
-    if columns % head_dim or not 0 < columns <= width:
-        raise ValueError(f"rotary columns {columns} must be whole heads of {head_dim} within "
-                         f"the {width} outputs")
-    if rotary.positions.shape != (rows,):
-        raise ValueError(f"rotary positions {tuple(rotary.positions.shape)} must be ({rows},)")
-    for table in (rotary.cos, rotary.sin):
+    if qkv.q_size % head_dim or qkv.kv_size % head_dim or qkv.q_size <= 0 \
+            or qkv.kv_size <= 0 or qkv.q_size + 2 * qkv.kv_size != width:
+        raise ValueError(f"qkv sizes {qkv.q_size} + 2 x {qkv.kv_size} must be whole heads of "
+                         f"{head_dim} making the {width} outputs")
+    if qkv.positions.shape != (rows,):
+        raise ValueError(f"qkv positions {tuple(qkv.positions.shape)} must be ({rows},)")
+    for table in (qkv.cos, qkv.sin):
         if table.dim() != 2 or table.shape[1] != head_dim or table.dtype != torch.float32 \
-                or table.stride(1) != 1 or table.stride() != rotary.cos.stride():
+                or table.stride(1) != 1 or table.stride() != qkv.cos.stride():
             raise ValueError(f"rotary tables must be float32 (positions, {head_dim}), rows "
                              f"contiguous, got {tuple(table.shape)} {table.dtype}")
-    return columns // config.block_n
+    cache = qkv.kv_cache
+    if cache is None:
+        return
+    if (cache.dim() != 5 or cache.shape[0] != 2 or cache.shape[3:] != (
+            qkv.kv_size // head_dim, head_dim) or cache.stride(-1) != 1
+            or cache.dtype != x.dtype):
+        raise ValueError(f"kv_cache {tuple(cache.shape)} {cache.dtype} must be (2, blocks, "
+                         f"block_size, {qkv.kv_size // head_dim}, {head_dim}) {x.dtype}")
+    if qkv.slot_mapping is None or qkv.slot_mapping.shape != (rows,):
+        raise ValueError(f"a kv_cache needs slot_mapping of ({rows},)")
