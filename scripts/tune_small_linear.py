@@ -27,9 +27,12 @@ from kvtier.model.triton_linear import SmallLinearConfig, default_config, small_
 LAYERS = 28
 HIDDEN, INTERMEDIATE, QKV = 1536, 8960, 2048
 EPS = 1e-6
-CONFIGS = [SmallLinearConfig(n, k, w, 1) for n, k, w in [
-    (4, 2048, 4), (2, 2048, 4), (4, 2048, 8), (8, 2048, 8), (4, 1024, 4), (2, 1024, 4),
-    (4, 1024, 8), (8, 1024, 8), (4, 512, 4)]]
+CONFIGS = [SmallLinearConfig(n, k, w, 1, ahead) for n, k, w, ahead in [
+    (4, 2048, 4, 1), (2, 2048, 4, 1), (4, 2048, 8, 1), (8, 2048, 8, 1), (4, 1024, 4, 1),
+    (2, 1024, 4, 1), (4, 1024, 8, 1), (8, 1024, 8, 1), (4, 512, 4, 1),
+    # Two tiles ahead (for long K: down): more bytes in flight per program.
+    (2, 2048, 4, 2), (2, 1024, 4, 2), (4, 1024, 4, 2), (1, 1024, 4, 2), (2, 512, 4, 2),
+    (4, 512, 4, 2), (4, 1024, 8, 2), (8, 512, 4, 2)]]
 """num_stages stays 1: the loads feed no dot, so Triton does not pipeline them; bytes in flight
 come from wide K tiles, the kernel's own two-deep weight prefetch and many programs per SM."""
 
@@ -90,19 +93,24 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="small_linear.json")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--projections", nargs="+",
+                        default=["qkv+norm+bias", "o", "gate_up+norm+silu", "down"])
     args = parser.parse_args()
     device = torch.device("cuda")
     report: dict = {"card": torch.cuda.get_device_name(), "results": []}
     print("card:", report["card"], flush=True)
     for rows in args.rows:
         for name, case in projection_cases(rows, device).items():
+            if name not in args.projections:
+                continue
             weight_bytes = sum(w.numel() * w.element_size() for w in case["weights"]) / LAYERS
             rows_out = []
             # Each config with programmatic dependent launch; the unfused calls and the
             # default config also without, to show what PDL alone gives.
             timed = [("unfused", None, False), ("unfused pdl", None, True),
                      ("default", default_config(*case["weights"][0].shape), False)]
-            timed += [(f"{c.block_n}x{c.block_k} w{c.num_warps} pdl", c, True) for c in CONFIGS]
+            timed += [(f"{c.block_n}x{c.block_k} w{c.num_warps} a{c.tiles_ahead} pdl", c, True)
+                      for c in CONFIGS if c.tiles_ahead == 1 or name == "down"]
             for label, config, pdl in timed:
                 triton_pdl.set_enabled(pdl)
                 if config is None:

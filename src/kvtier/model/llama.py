@@ -88,7 +88,7 @@ def _linear_into(linear: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> torch
     return torch.addmm(linear.bias, x, linear.weight.t(), out=out)
 
 
-SMALL_BATCH_FUSIONS = frozenset({"qkv", "o", "kv_write"})
+SMALL_BATCH_FUSIONS = frozenset({"qkv", "o"})
 """What small CUDA batches fuse (where `small_linear_plan` has a config for the batch): the
 projections run as `small_linear`, and "kv_write": qkv's kernel also stores k and v in the
 paged cache (with a backend that `accepts_written_kv`). Those measured faster than cuBLAS
