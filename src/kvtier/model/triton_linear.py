@@ -49,9 +49,6 @@ class SmallLinearConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    tiles_ahead: int = 1
-    """Weight tiles kept in flight ahead of the one being summed, over long K: 1 or 2 (a
-    gated projection keeps 1: its tiles are twice the registers)."""
 
 
 def default_config(out_features: int, in_features: int) -> SmallLinearConfig:
@@ -86,7 +83,7 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
                          HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                          GATED: tl.constexpr, GATED_INPUT: tl.constexpr,
                          ROTARY: tl.constexpr, WRITE_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, EVEN_K: tl.constexpr, DEEP: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, EVEN_K: tl.constexpr,
                          ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
@@ -118,10 +115,6 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
     w_up = w
     if GATED:
         w_up = tl.load(w_up_rows + offs_k[None, :], mask=first_ok, other=0.0)
-    w_second = w
-    if DEEP:  # two tiles ahead: the second one too
-        second_ok = col_ok[:, None] & (offs_k + BLOCK_K < K)[None, :]
-        w_second = tl.load(w_rows + BLOCK_K + offs_k[None, :], mask=second_ok, other=0.0)
     await_previous_kernel(PDL)
 
     # Summed over K every step: a [rows, columns, K] accumulator would not fit in registers.
@@ -136,15 +129,10 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
         if EVEN_K:  # no mask along K: the loads vectorise to 16 bytes
             k_ok = tl.full([BLOCK_K], 1, tl.int1)
         mask = row_ok[:, None] & k_ok[None, :]
-        # The next weight tile (DEEP: the next two) is in flight while this one is summed.
+        # The next weight tile is in flight while this one is summed (registers, two deep).
         w_next = w
         w_up_next = w_up
-        if DEEP:
-            ahead_ks = ks + 2 * BLOCK_K
-            ahead_ok = col_ok[:, None] & (ahead_ks < K)[None, :]
-            w_next = w_second
-            w_second = tl.load(w_rows + ahead_ks[None, :], mask=ahead_ok, other=0.0)
-        elif not ONE_TILE:
+        if not ONE_TILE:
             next_ks = ks + BLOCK_K
             next_ok = col_ok[:, None] & (next_ks < K)[None, :]
             w_next = tl.load(w_rows + next_ks[None, :], mask=next_ok, other=0.0)
@@ -278,8 +266,6 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             raise ValueError("a residual needs the norm it feeds")
         residual_out = torch.empty_like(x)
     config = config or default_config(width, in_features)
-    if config.tiles_ahead not in (1, 2):
-        raise ValueError(f"tiles_ahead must be 1 or 2, got {config.tiles_ahead}")
     if qkv is not None:
         _check_qkv(qkv, x, width, config)
     cache = qkv.kv_cache if qkv is not None else None
@@ -300,9 +286,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         HEAD_DIM=qkv.head_dim if qkv else 0,
         BLOCK_SIZE=cache.shape[2] if cache is not None else 1,
         EVEN_K=in_features % config.block_k == 0,
-        ONE_TILE=in_features <= config.block_k,
-        DEEP=config.tiles_ahead == 2 and in_features > config.block_k and not gated,
-        BLOCK_M=triton.next_power_of_2(rows),
+        ONE_TILE=in_features <= config.block_k, BLOCK_M=triton.next_power_of_2(rows),
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
         num_stages=config.num_stages, **launch_options(x))
     return out, residual_out
