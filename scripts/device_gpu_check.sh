@@ -4,16 +4,8 @@
 #
 #   bash scripts/device_gpu_check.sh            (carry [".whl"])
 set -uo pipefail
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-date -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD/src:$PWD/scripts:/tmp/site PYTHONUNBUFFERED=1
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_small_linear.py \
-    tests/gpu/test_fused_ops.py tests/gpu/test_piecewise_graphs.py \
-    tests/gpu/test_triton_attention.py 2>&1 | tail -n 8
+source scripts/device_env.sh
+run_kernel_tests
 hf=--skip-hf
 [ "${1:-}" = "--with-hf" ] && hf=
 python3 scripts/gpu_check.py $hf --out "$out/gpu_check.json" > "$out/gpu_check.txt" 2>&1

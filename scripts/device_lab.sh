@@ -15,18 +15,12 @@
 set -uo pipefail
 experiment=$1
 shift
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-date -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD/src:$PWD:/tmp/site PYTHONUNBUFFERED=1
+source scripts/device_env.sh
 name=$(basename "$experiment" .toml)
 python3 -m kvtier.cli lab "$experiment" "$@" --output "/tmp/lab-$name" --no-progress \
     > "/tmp/lab-$name.txt" 2>&1
 status=$?
 grep -v "tokens/sec" "/tmp/lab-$name.txt" | grep -A26 "^== "
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
 cp "/tmp/lab-$name/report.md" "$out/$name-report.md"
 cp "/tmp/lab-$name/results.csv" "$out/$name-results.csv"
 cp "/tmp/lab-$name/results.json" "$out/$name-results.json"  # per-request TTFTs

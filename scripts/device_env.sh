@@ -1,0 +1,17 @@
+# Sourced by the scripts that run on the GPU machine of the `device` tool: name the card, put
+# the server's pure-Python dependencies (wheels in .whl/, see device_lab.sh) on the path with
+# src/ and scripts/, and make $out (the tool's $OUT, whose files come back).
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+date -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD/src:$PWD/scripts:$PWD:/tmp/site PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+
+# The Triton kernel tests on the card (PDL and the fused kernels included).
+run_kernel_tests() {
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_small_linear.py \
+        tests/gpu/test_fused_ops.py tests/gpu/test_piecewise_graphs.py \
+        tests/gpu/test_triton_attention.py 2>&1 | tail -n 8
+}
