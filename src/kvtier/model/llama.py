@@ -88,13 +88,15 @@ def _linear_into(linear: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> torch
     return torch.addmm(linear.bias, x, linear.weight.t(), out=out)
 
 
-SMALL_BATCH_FUSIONS = frozenset({"qkv", "o"})
-"""What small CUDA batches fuse (where `small_linear_plan` has a config for the batch): the
-projections run as `small_linear`, and "kv_write": qkv's kernel also stores k and v in the
-paged cache (with a backend that `accepts_written_kv`). Those measured faster than cuBLAS
-with the separate norm, rotary, KV-write and SiLU kernels, on an H200 at decode batch 1-2
-(`scripts/tune_small_linear.py`, `scripts/gpu_check.py`'s decode A/B)."""
 FUSIONS = ("qkv", "o", "gate_up", "down", "kv_write")
+"""What small CUDA batches can fuse (where `small_linear_plan` has a config for the batch):
+the projections named run as `small_linear`; "kv_write": qkv's kernel also stores k and v in
+the paged cache (with a backend that `accepts_written_kv`)."""
+SMALL_BATCH_FUSIONS = frozenset({"qkv", "o"})
+"""The default: what measured faster than cuBLAS with the separate norm, rotary, KV-write and
+SiLU kernels, on an H200 at decode batch 1-2 (`scripts/tune_small_linear.py`,
+`scripts/gpu_check.py`'s decode A/B; BENCHMARKS.md, eighth session). gate_up was slower,
+down no faster, and the fused KV write slower (1.43 against 1.40 ms per batch-1 step)."""
 
 
 class DecoderLayer(nn.Module):
