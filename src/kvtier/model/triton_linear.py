@@ -14,7 +14,8 @@ RMSNorm before `qkv` is one more launch. `small_linear` folds them in:
   programs per SM so the loads of some hide the latency of others;
 - epilogue: bias, then silu(gate) * up for a [gate | up] weight (both halves in one
   program), or the rotary embedding of qkv's q and k heads (a program owns rotate-half pairs
-  of columns, so the rotary kernel's launch goes too).
+  of columns, so the rotary kernel's launch goes too) and optionally k and v stored in the
+  paged KV cache (measured slower than the KV-write kernel under PDL, so off by default).
 
 Launched with programmatic dependent launch (`kvtier.triton_pdl`) on Hopper, each program
 requests its first weight tile before waiting for the previous kernel, so the weight stream
