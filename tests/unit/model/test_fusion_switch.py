@@ -1,0 +1,31 @@
+"""`LlamaForCausalLM.set_small_batch_fusion`: the A/B switch of what small CUDA batches fuse."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.attention.torch_ref import TorchAttentionBackend
+from kvtier.model.architectures import get_architecture
+from kvtier.model.llama import FUSIONS, SMALL_BATCH_FUSIONS, LlamaForCausalLM
+
+
+@pytest.fixture
+def model() -> LlamaForCausalLM:
+    return LlamaForCausalLM(get_architecture("tiny-llama").spec, TorchAttentionBackend())
+
+
+def test_every_layer_takes_the_chosen_fusions(model: LlamaForCausalLM) -> None:
+    assert all(layer.small_batch_fusions == SMALL_BATCH_FUSIONS for layer in model.layers)
+    model.set_small_batch_fusion(["qkv", "down"])
+    assert all(layer.small_batch_fusions == {"qkv", "down"} for layer in model.layers)
+    model.set_small_batch_fusion([])
+    assert all(not layer.small_batch_fusions for layer in model.layers)
+    model.set_small_batch_fusion()
+    assert all(layer.small_batch_fusions == SMALL_BATCH_FUSIONS for layer in model.layers)
+    assert set(FUSIONS) >= SMALL_BATCH_FUSIONS
+
+
+def test_an_unknown_fusion_is_refused_by_name(model: LlamaForCausalLM) -> None:
+    with pytest.raises(ValueError, match=r"unknown fusions \['rope'\]"):
+        model.set_small_batch_fusion(["qkv", "rope"])
+    assert all(layer.small_batch_fusions == SMALL_BATCH_FUSIONS for layer in model.layers)
