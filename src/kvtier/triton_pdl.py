@@ -33,6 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
+MAX_ROWS = 2
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_SWITCHED_OFF = os.environ.get("KVTIER_PDL", "1") == "0"
+"""Read once: `enabled` runs at every launch of the forward pass."""
 _override: bool | None = None
 
 
@@ -43,19 +47,15 @@ def set_enabled(enabled: bool | None) -> None:
     _override = enabled
 
 
-MAX_ROWS = 2
-
-
 def enabled(device: torch.device, rows: int) -> bool:
     """Whether a kernel launched now on `device` over `rows` rows uses PDL: CUDA with compute
     capability 9+ (Hopper), at most MAX_ROWS rows, not under Triton's interpreter, unless
     switched off."""
-    if (device.type != "cuda" or rows > MAX_ROWS
-            or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    if device.type != "cuda" or rows > MAX_ROWS or _INTERPRETED:
         return False
     if _override is not None:
         return _override
-    if os.environ.get("KVTIER_PDL", "1") == "0":
+    if _SWITCHED_OFF:
         return False
     return _capability_major(device.index if device.index is not None
                              else torch.cuda.current_device()) >= 9
