@@ -35,6 +35,16 @@ come from wide K tiles, the kernel's own prefetch of the next tile and many prog
 Keeping two tiles ahead was slower for down at every tile (13.4-20.5 us against 10.3, H200,
 2026-11-28), so the kernel keeps one."""
 
+STREAMED_CONFIGS = [SmallLinearConfig(n, k, w, s, programs_per_sm=p) for n, k, w, s, p in [
+    (1, 512, 2, 6, 8), (1, 1024, 4, 4, 4), (2, 256, 2, 6, 8), (2, 512, 4, 4, 4),
+    (2, 512, 4, 6, 4), (2, 512, 4, 4, 8), (2, 1024, 4, 3, 4), (2, 1024, 4, 4, 2),
+    (4, 256, 4, 4, 4), (4, 256, 4, 6, 4), (4, 512, 4, 3, 3), (4, 512, 4, 4, 2),
+    (4, 512, 4, 4, 4), (4, 512, 8, 4, 2), (8, 256, 4, 4, 2), (1, 2048, 8, 4, 2),
+    (4, 512, 4, 6, 6), (2, 1024, 4, 6, 6), (4, 1024, 4, 4, 4), (8, 512, 4, 4, 4),
+    (1, 1024, 4, 6, 8), (2, 512, 4, 8, 8), (1, 512, 2, 8, 12), (2, 256, 2, 8, 16)]]
+"""The streamed kernel (persistent programs, weight chunks pipelined through shared memory):
+column tile x K chunk, warps, pipeline depth, programs per SM."""
+
 
 def graphed(calls: list[Callable[[], object]]) -> Callable[[], None]:
     """One CUDA graph replaying every call in order."""
@@ -94,6 +104,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--projections", nargs="+",
                         default=["qkv+norm+bias", "o", "gate_up+norm+silu", "down"])
+    parser.add_argument("--kernels", choices=["register", "streamed", "both"], default="both",
+                        help="which small_linear kernel's configs to time")
     args = parser.parse_args()
     device = torch.device("cuda")
     report: dict = {"card": torch.cuda.get_device_name(), "results": []}
@@ -108,8 +120,15 @@ def main() -> None:
             # default config also without, to show what PDL alone gives.
             timed = [("unfused", None, False), ("unfused pdl", None, True),
                      ("default", default_config(*case["weights"][0].shape), False)]
-            timed += [(f"{c.block_n}x{c.block_k} w{c.num_warps} pdl", c, True) for c in CONFIGS]
+            if args.kernels != "streamed":
+                timed += [(f"{c.block_n}x{c.block_k} w{c.num_warps} pdl", c, True)
+                          for c in CONFIGS]
+            if args.kernels != "register":
+                timed += [(f"streamed {c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages} "
+                           f"p{c.programs_per_sm} pdl", c, True) for c in STREAMED_CONFIGS]
             for label, config, pdl in timed:
+                if config is not None and config.programs_per_sm and name.startswith("qkv"):
+                    continue  # the qkv epilogue needs the register kernel
                 triton_pdl.set_enabled(pdl)
                 if config is None:
                     calls = [case["unfused"](w) for w in case["weights"]]

@@ -50,12 +50,17 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 SHAPES = [(1, 96, 64), (MAX_ROWS, 200, 130), (1, 48, 320)]
 """(rows, out features, in features): K and N off the tile sizes, a full row tile."""
 CONFIGS = [SmallLinearConfig(8, 64, 4, 2), SmallLinearConfig(16, 128, 4, 3)]
+STREAMED = [SmallLinearConfig(4, 64, 4, 3, programs_per_sm=1),
+            SmallLinearConfig(8, 128, 4, 2, programs_per_sm=2)]
+"""The streamed kernel: 4 (interpreter) or #SMs x 1-2 programs, each with several tiles of
+several K chunks where the shapes allow, and a last K chunk and column tile cut short."""
 
 
 @pytest.mark.parametrize("rows,out_features,in_features", SHAPES)
 @pytest.mark.parametrize("fusion", ["plain", "bias", "norm", "norm+residual+bias", "gated",
                                     "norm+residual+gated"])
-@pytest.mark.parametrize("config", CONFIGS, ids=["8x64", "16x128"])
+@pytest.mark.parametrize("config", CONFIGS + STREAMED,
+                         ids=["8x64", "16x128", "streamed-4x64", "streamed-8x128"])
 def test_small_linear_matches_the_unfused_layers(device: torch.device, rows: int,
                                                  out_features: int, in_features: int,
                                                  fusion: str, config: SmallLinearConfig) -> None:
@@ -191,6 +196,11 @@ def test_small_linear_refuses_what_it_cannot_fuse(device: torch.device) -> None:
     with pytest.raises(ValueError, match="gated input takes no norm"):
         small_linear(x[:2], weight[:, :16], norm_weight=torch.ones(16, device=device),
                      gated_input=True)
+    with pytest.raises(ValueError, match="streamed kernel takes no qkv epilogue"):
+        small_linear(x[:2], weight[:, :16], gated_input=True, config=STREAMED[0])
+    with pytest.raises(ValueError, match="streamed kernel takes no qkv epilogue"):
+        small_linear(x[:1], weight[:, :32], qkv=QKVEpilogue(one, table[:, :4], table[:, :4], 8,
+                                                            4, 4), config=STREAMED[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA")

@@ -31,6 +31,7 @@ Imported only on CUDA (or under Triton's interpreter in tests).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,11 @@ class SmallLinearConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    programs_per_sm: int = 0
+    """0: one program per column tile, its weight rows loaded into registers (the qkv
+    epilogue and a gated input need this kernel). > 0: the streamed kernel, this many
+    persistent programs per SM, each looping over column tiles with the weight chunks
+    software-pipelined through shared memory num_stages deep (for the MLP's long weights)."""
 
 
 def default_config(out_features: int, in_features: int) -> SmallLinearConfig:
@@ -199,6 +205,85 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], result, mask=out_mask)
 
 
+@triton.jit
+def _streamed_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, out_ptr,
+                            M, N, K, stride_x, stride_res, stride_res_out, stride_w,
+                            stride_out, eps, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                            K_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            STAGES: tl.constexpr, PDL: tl.constexpr):
+    """small_linear for long weights: persistent programs, each taking every programs-th
+    column tile, walk one flat loop over (tile, K chunk). Triton software-pipelines its loads
+    (cp.async into shared memory, STAGES deep), so each program keeps several chunks in
+    flight with few registers, across tile boundaries too. The products accumulate
+    elementwise and are summed once per tile: no cross-thread reduction per chunk."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    my_tiles = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, programs)  # the grid has <= tiles programs
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    dtype = w_ptr.dtype.element_ty
+    # The loop's prologue already reads x: nothing is requested before the wait.
+    await_previous_kernel(PDL)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for i in tl.range(0, my_tiles * K_CHUNKS, num_stages=STAGES):
+        tile = pid + (i // K_CHUNKS) * programs
+        chunk = i % K_CHUNKS
+        cols = tile * BLOCK_N + offs_n
+        col_ok = cols < N
+        ks = chunk * BLOCK_K + offs_k
+        k_ok = ks < K  # K is a multiple of 16: the masks keep 16-byte vectors
+        w_mask = col_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
+        w_up = w
+        if GATED:
+            w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask,
+                           other=0.0)
+        # x (and its residual, norm weight) is read again for every tile: from L1/L2, a
+        # fraction of the weight bytes, and it keeps registers for the pipeline.
+        x_mask = row_ok[:, None] & k_ok[None, :]
+        a = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=x_mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + rows[:, None] * stride_res + ks[None, :], mask=x_mask,
+                        other=0.0)
+            a = (a.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            if pid == 0 and i < K_CHUNKS:
+                tl.store(res_out_ptr + rows[:, None] * stride_res_out + ks[None, :], a,
+                         mask=x_mask)
+        af = a.to(tl.float32)
+        if NORM:
+            squares += af * af
+            af = af * tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        acc += w.to(tl.float32)[None, :, :] * af[:, None, :]
+        if GATED:
+            acc_up += w_up.to(tl.float32)[None, :, :] * af[:, None, :]
+        if chunk == K_CHUNKS - 1:  # the tile's last chunk: its epilogue, as the other kernel's
+            out = tl.sum(acc, axis=2)
+            out_up = tl.sum(acc_up, axis=2)
+            if NORM:
+                rstd = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+                out = out * rstd[:, None]
+                out_up = out_up * rstd[:, None]
+            if HAS_BIAS:
+                out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            result = out.to(dtype)
+            if GATED:
+                gate = result.to(tl.float32)
+                act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+                result = (act.to(tl.float32) * out_up.to(dtype).to(tl.float32)).to(dtype)
+            tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], result,
+                     mask=row_ok[:, None] & col_ok[None, :])
+            acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+            squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+
+
 @dataclass(frozen=True)
 class QKVEpilogue:
     """What follows a fused qkv projection ([q | k | v] heads of head_dim), row r being the
@@ -267,6 +352,12 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             raise ValueError("a residual needs the norm it feeds")
         residual_out = torch.empty_like(x)
     config = config or default_config(width, in_features)
+    if config.programs_per_sm:
+        if qkv is not None or gated_input:
+            raise ValueError("the streamed kernel takes no qkv epilogue or gated input")
+        _launch_streamed(x, weight, bias, norm_weight, eps, residual, residual_out, gated, out,
+                         config)
+        return out, residual_out
     if qkv is not None:
         _check_qkv(qkv, x, width, config)
     cache = qkv.kv_cache if qkv is not None else None
@@ -291,6 +382,38 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
         num_stages=config.num_stages, **launch_options(x))
     return out, residual_out
+
+
+def _launch_streamed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     norm_weight: torch.Tensor | None, eps: float,
+                     residual: torch.Tensor | None, residual_out: torch.Tensor | None,
+                     gated: bool, out: torch.Tensor, config: SmallLinearConfig) -> None:
+    rows, in_features = x.shape
+    width = out.shape[1]
+    tiles = triton.cdiv(width, config.block_n)
+    programs = min(tiles, _multiprocessors(x.device) * config.programs_per_sm)
+    has_residual = residual is not None
+    _streamed_linear_kernel[(programs,)](
+        x, residual if has_residual else x, residual_out if has_residual else x,
+        norm_weight if norm_weight is not None else weight, weight,
+        bias if bias is not None else weight, out,
+        rows, width, in_features, x.stride(0), residual.stride(0) if has_residual else 0,
+        residual_out.stride(0) if residual_out is not None else 0, weight.stride(0),
+        out.stride(0), eps, NORM=norm_weight is not None, HAS_RESIDUAL=has_residual,
+        HAS_BIAS=bias is not None, GATED=gated,
+        K_CHUNKS=triton.cdiv(in_features, config.block_k),
+        BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, STAGES=config.num_stages, num_warps=config.num_warps,
+        **launch_options(x))
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """SMs to size the persistent grid by; 4 under the interpreter (several programs, each
+    with several tiles, as on a GPU)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check_qkv(qkv: QKVEpilogue, x: torch.Tensor, width: int,
