@@ -147,11 +147,15 @@ DECODE_VARIANTS = {
     "qkv,o+pdl": (("qkv", "o"), True),
     "qkv,o,kv_write": (("qkv", "o", "kv_write"), False),
     "qkv,o,kv_write+pdl": (("qkv", "o", "kv_write"), True),
+    "qkv,o,down+pdl": (("qkv", "o", "down"), True),
+    "qkv,o,gate_up,down+pdl": (("qkv", "o", "gate_up", "down"), True),
+    "qkv,o,gate_up,down": (("qkv", "o", "gate_up", "down"), False),
 }
 """Decode-graph variants: the fusions of small batches (`llama.FUSIONS`; the rest runs
 through cuBLAS with the separate norm, rotary, KV-write and SiLU kernels), and whether the
 Triton kernels use programmatic dependent launch."""
-SAME_LOGITS = [("qkv,o,kv_write", "qkv,o,kv_write+pdl"), ("qkv,o+pdl", "qkv,o,kv_write+pdl")]
+SAME_LOGITS = [("qkv,o,kv_write", "qkv,o,kv_write+pdl"), ("qkv,o+pdl", "qkv,o,kv_write+pdl"),
+               ("qkv,o,gate_up,down", "qkv,o,gate_up,down+pdl")]
 """Variants that must compute bit-identical logits: PDL changes only when kernels start, and
 the fused KV write stores the very values the KV-write kernel would. A missing wait, or a
 wrong slot, shows as a difference."""

@@ -36,12 +36,14 @@ Keeping two tiles ahead was slower for down at every tile (13.4-20.5 us against 
 2026-11-28), so the kernel keeps one."""
 
 STREAMED_CONFIGS = [SmallLinearConfig(n, k, w, s, programs_per_sm=p) for n, k, w, s, p in [
-    (1, 512, 2, 6, 8), (1, 1024, 4, 4, 4), (2, 256, 2, 6, 8), (2, 512, 4, 4, 4),
-    (2, 512, 4, 6, 4), (2, 512, 4, 4, 8), (2, 1024, 4, 3, 4), (2, 1024, 4, 4, 2),
-    (4, 256, 4, 4, 4), (4, 256, 4, 6, 4), (4, 512, 4, 3, 3), (4, 512, 4, 4, 2),
-    (4, 512, 4, 4, 4), (4, 512, 8, 4, 2), (8, 256, 4, 4, 2), (1, 2048, 8, 4, 2),
-    (4, 512, 4, 6, 6), (2, 1024, 4, 6, 6), (4, 1024, 4, 4, 4), (8, 512, 4, 4, 4),
-    (1, 1024, 4, 6, 8), (2, 512, 4, 8, 8), (1, 512, 2, 8, 12), (2, 256, 2, 8, 16)]]
+    # K up to 2,048 in one chunk (gate_up, o): the input is read and normed once per program.
+    (1, 2048, 4, 3, 8), (1, 2048, 4, 4, 6), (1, 2048, 4, 6, 4), (1, 2048, 8, 4, 4),
+    (2, 2048, 4, 3, 4), (2, 2048, 4, 4, 3), (2, 2048, 4, 4, 2), (2, 2048, 8, 4, 2),
+    (4, 2048, 8, 3, 2), (4, 2048, 8, 2, 2),
+    # K chunked (down; gate_up's best chunked ones, 2026-11-28 call 1).
+    (4, 512, 4, 4, 4), (8, 256, 4, 4, 2), (4, 1024, 4, 4, 4), (4, 1024, 4, 6, 4),
+    (4, 1024, 4, 3, 4), (4, 1024, 8, 4, 4), (8, 1024, 4, 4, 2), (8, 1024, 8, 4, 2),
+    (2, 2048, 4, 4, 4), (4, 512, 4, 8, 4), (4, 512, 4, 6, 6)]]
 """The streamed kernel (persistent programs, weight chunks pipelined through shared memory):
 column tile x K chunk, warps, pipeline depth, programs per SM."""
 

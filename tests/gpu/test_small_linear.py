@@ -7,6 +7,8 @@ interpreter: `TRITON_INTERPRET=1 pytest --noconftest -m gpu tests/gpu/test_small
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -51,16 +53,19 @@ SHAPES = [(1, 96, 64), (MAX_ROWS, 200, 130), (1, 48, 320)]
 """(rows, out features, in features): K and N off the tile sizes, a full row tile."""
 CONFIGS = [SmallLinearConfig(8, 64, 4, 2), SmallLinearConfig(16, 128, 4, 3)]
 STREAMED = [SmallLinearConfig(4, 64, 4, 3, programs_per_sm=1),
-            SmallLinearConfig(8, 128, 4, 2, programs_per_sm=2)]
+            SmallLinearConfig(8, 128, 4, 2, programs_per_sm=2),
+            SmallLinearConfig(2, 512, 4, 3, programs_per_sm=1)]
 """The streamed kernel: 4 (interpreter) or #SMs x 1-2 programs, each with several tiles of
-several K chunks where the shapes allow, and a last K chunk and column tile cut short."""
+several K chunks where the shapes allow, a last K chunk and column tile cut short; and K in
+one chunk (its input read and normed once per program)."""
 
 
 @pytest.mark.parametrize("rows,out_features,in_features", SHAPES)
 @pytest.mark.parametrize("fusion", ["plain", "bias", "norm", "norm+residual+bias", "gated",
                                     "norm+residual+gated"])
 @pytest.mark.parametrize("config", CONFIGS + STREAMED,
-                         ids=["8x64", "16x128", "streamed-4x64", "streamed-8x128"])
+                         ids=["8x64", "16x128", "streamed-4x64", "streamed-8x128",
+                              "streamed-2x512"])
 def test_small_linear_matches_the_unfused_layers(device: torch.device, rows: int,
                                                  out_features: int, in_features: int,
                                                  fusion: str, config: SmallLinearConfig) -> None:
@@ -98,7 +103,9 @@ def test_small_linear_matches_the_unfused_layers(device: torch.device, rows: int
 
 
 @pytest.mark.parametrize("rows,out_features,in_features", SHAPES)
-@pytest.mark.parametrize("config", CONFIGS, ids=["8x64", "16x128"])
+@pytest.mark.parametrize("config", CONFIGS + STREAMED,
+                         ids=["8x64", "16x128", "streamed-4x64", "streamed-8x128",
+                              "streamed-2x512"])
 def test_a_gated_input_is_activated_as_silu_and_mul_would(device: torch.device, rows: int,
                                                            out_features: int, in_features: int,
                                                            config: SmallLinearConfig) -> None:
@@ -197,8 +204,6 @@ def test_small_linear_refuses_what_it_cannot_fuse(device: torch.device) -> None:
         small_linear(x[:2], weight[:, :16], norm_weight=torch.ones(16, device=device),
                      gated_input=True)
     with pytest.raises(ValueError, match="streamed kernel takes no qkv epilogue"):
-        small_linear(x[:2], weight[:, :16], gated_input=True, config=STREAMED[0])
-    with pytest.raises(ValueError, match="streamed kernel takes no qkv epilogue"):
         small_linear(x[:1], weight[:, :32], qkv=QKVEpilogue(one, table[:, :4], table[:, :4], 8,
                                                             4, 4), config=STREAMED[0])
 
@@ -257,43 +262,65 @@ def test_a_decoder_layer_gives_the_same_outputs_with_and_without_fusion(
 
 FLAGS = dict(NORM=False, HAS_RESIDUAL=False, HAS_BIAS=False, GATED=False, GATED_INPUT=False,
              ROTARY=False, WRITE_KV=False, HEAD_DIM=0, BLOCK_SIZE=1)
-VARIANTS = {  # the model's projections: (flags, K)
+VARIANTS = {  # the model's projections: (flags, N as the plan sees it, K)
     "qkv": (dict(FLAGS, NORM=True, HAS_RESIDUAL=True, HAS_BIAS=True, ROTARY=True,
-                 WRITE_KV=True, HEAD_DIM=128, BLOCK_SIZE=16), 1536),
-    "o": (FLAGS, 1536),
-    "gate_up": (dict(FLAGS, NORM=True, HAS_RESIDUAL=True, GATED=True), 1536),
-    "down": (dict(FLAGS, GATED_INPUT=True), 8960),
+                 WRITE_KV=True, HEAD_DIM=128, BLOCK_SIZE=16), 2048, 1536),
+    "o": (FLAGS, 1536, 1536),
+    "gate_up": (dict(FLAGS, NORM=True, HAS_RESIDUAL=True, GATED=True), 2 * 8960, 1536),
+    "down": (dict(FLAGS, GATED_INPUT=True), 1536, 8960),
 }
+STREAMED_FLAGS = ("NORM", "HAS_RESIDUAL", "HAS_BIAS", "GATED", "GATED_INPUT")
 
 
 @pytest.mark.skipif(INTERPRET, reason="the interpreter replaces compiled kernels")
 @pytest.mark.parametrize("projection", list(VARIANTS))
 def test_the_chosen_configs_compile_for_hopper_without_spills(projection: str) -> None:
-    from kvtier.model.triton_linear import _small_linear_kernel, choose_config
+    from kvtier.model.triton_linear import (
+        _small_linear_kernel,
+        _streamed_linear_kernel,
+        choose_config,
+    )
 
     bf16 = "*bf16"
     pointers = {n: bf16 for n in ("x_ptr", "res_ptr", "res_out_ptr", "norm_w_ptr", "w_ptr",
                                   "b_ptr", "out_ptr")}
     pointers.update(pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", cache_ptr=bf16,
                     slot_ptr="*i64", eps="fp32")
-    variant, in_features = VARIANTS[projection]
-    # K in one tile (qkv, o, gate_up) up to MAX_ROWS rows; or streamed two deep (down), at
-    # the one row `choose_config` takes it for.
+    variant, out_features, in_features = VARIANTS[projection]
+    built = 0
     for rows in (1, MAX_ROWS):
-        config = choose_config(rows, 1536, in_features)
+        config = choose_config(rows, out_features, in_features)
         if config is None:
             continue
-        one_tile = in_features <= config.block_k
-        build = compile_sm90(_small_linear_kernel, pointers, dict(
-            **variant, EVEN_K=True, ONE_TILE=one_tile, BLOCK_M=rows,
-            BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=True),
-            config.num_warps, config.num_stages, multiples_of_16=("K",))
+        built += 1
+        if config.programs_per_sm:  # the streamed kernel: cp.async into shared memory
+            build = compile_sm90(_streamed_linear_kernel, pointers, dict(
+                {k: variant[k] for k in STREAMED_FLAGS},
+                K_CHUNKS=-(-in_features // config.block_k), BLOCK_M=rows,
+                BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.num_stages,
+                PDL=True), config.num_warps, config.num_stages, multiples_of_16=("K", "N"))
+            weight_loads = re.findall(r"LDGSTS\S*", build.sass)
+            # Every weight chunk goes through the pipeline in 16-byte copies.
+            assert weight_loads and all(op.endswith(".128") for op in weight_loads), \
+                sorted(set(weight_loads))
+            # More programs per SM than fit would run in waves: a persistent grid must fit.
+            registers = build.resources["REG"] * 32 * config.num_warps
+            resources_fit = min(65536 // registers, 227 * 1024 // (
+                build.resources["shared_dynamic"] + 1024))
+            assert resources_fit >= config.programs_per_sm, build.resources
+        else:  # K in one tile (qkv, o) up to MAX_ROWS rows
+            one_tile = in_features <= config.block_k
+            build = compile_sm90(_small_linear_kernel, pointers, dict(
+                **variant, EVEN_K=True, ONE_TILE=one_tile, BLOCK_M=rows,
+                BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=True),
+                config.num_warps, config.num_stages, multiples_of_16=("K",))
+            # 16-byte loads; only the bias (block_n elements) may come 2 bytes at a time.
+            assert "LDG.E.128" in build.sass
+            bias_loads = config.block_n if variant["HAS_BIAS"] else 0
+            assert build.sass.count("LDG.E.U16") <= bias_loads, build.sass
+            # The first weight tile is requested before the wait for the previous kernel.
+            assert build.ptx.index("ld.global") < build.ptx.index("griddepcontrol.wait")
         resources = build.resources
         assert resources["STACK"] == 0 and resources["LOCAL"] == 0, resources
         assert resources["shared_dynamic"] <= 227 * 1024, resources
-        # 16-byte loads; only the bias (block_n elements) may come 2 bytes at a time.
-        assert "LDG.E.128" in build.sass
-        bias_loads = config.block_n if variant["HAS_BIAS"] else 0
-        assert build.sass.count("LDG.E.U16") <= bias_loads, build.sass
-        # The first weight tile is requested before the wait for the previous kernel.
-        assert build.ptx.index("ld.global") < build.ptx.index("griddepcontrol.wait")
+    assert built, f"no config chose the small kernels for {projection}"

@@ -73,11 +73,20 @@ def default_config(out_features: int, in_features: int) -> SmallLinearConfig:
 
 def choose_config(rows: int, out_features: int,
                   in_features: int) -> SmallLinearConfig | None:
-    """The config to run a projection of `rows` rows with, or None where cuBLAS is faster:
-    beyond MAX_ROWS, and for long K (the MLP's down, 8,960) at 2 rows (12.9 us against 11.7).
-    Which projections the model runs here is its choice (`llama.SMALL_BATCH_FUSIONS`)."""
-    if rows > MAX_ROWS or (in_features > 2048 and rows > 1):
+    """The config to run a projection of `rows` rows with, or None where cuBLAS is faster
+    (beyond MAX_ROWS; gate_up at 2 rows). The MLP's long weights take the streamed kernel:
+    on an H200 at 1 row (`scripts/tune_small_linear.py`, 28 layers per graph, PDL), down
+    8.5 us (cuBLAS 11.3) and gate_up with its norm and SiLU 18.0 (cuBLAS with the separate
+    kernels 18.4); at 2 rows down 9.4 (11.6) and gate_up 21.7 (19.2). Which projections the
+    model runs here is its choice (`llama.SMALL_BATCH_FUSIONS`)."""
+    if rows > MAX_ROWS:
         return None
+    if in_features > 2048:  # the MLP's down
+        if rows == 1:
+            return SmallLinearConfig(4, 1024, 4, 3, programs_per_sm=4)
+        return SmallLinearConfig(4, 512, 4, 4, programs_per_sm=4)
+    if out_features > 8192:  # the MLP's gate_up ([gate | up] rows)
+        return SmallLinearConfig(2, 2048, 4, 4, programs_per_sm=2) if rows == 1 else None
     return default_config(out_features, in_features)
 
 
@@ -210,7 +219,7 @@ def _streamed_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_pt
                             M, N, K, stride_x, stride_res, stride_res_out, stride_w,
                             stride_out, eps, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                             HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                            K_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr,
+                            GATED_INPUT: tl.constexpr, K_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             STAGES: tl.constexpr, PDL: tl.constexpr):
     """small_linear for long weights: persistent programs, each taking every programs-th
@@ -232,6 +241,14 @@ def _streamed_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_pt
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    x_once = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    if K_CHUNKS == 1:  # K in one chunk: x summed with its residual and normed once, here
+        x_once, x_squares = _streamed_input(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, rows,
+                                            row_ok, offs_k, K, stride_x, stride_res,
+                                            stride_res_out, pid == 0, NORM, HAS_RESIDUAL,
+                                            GATED_INPUT)
+        if NORM:
+            x_once *= tl.rsqrt(tl.sum(x_squares, axis=1) / K + eps)[:, None]
     for i in tl.range(0, my_tiles * K_CHUNKS, num_stages=STAGES):
         tile = pid + (i // K_CHUNKS) * programs
         chunk = i % K_CHUNKS
@@ -245,28 +262,23 @@ def _streamed_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_pt
         if GATED:
             w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask,
                            other=0.0)
-        # x (and its residual, norm weight) is read again for every tile: from L1/L2, a
-        # fraction of the weight bytes, and it keeps registers for the pipeline.
-        x_mask = row_ok[:, None] & k_ok[None, :]
-        a = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=x_mask, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(res_ptr + rows[:, None] * stride_res + ks[None, :], mask=x_mask,
-                        other=0.0)
-            a = (a.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            if pid == 0 and i < K_CHUNKS:
-                tl.store(res_out_ptr + rows[:, None] * stride_res_out + ks[None, :], a,
-                         mask=x_mask)
-        af = a.to(tl.float32)
-        if NORM:
-            squares += af * af
-            af = af * tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if K_CHUNKS == 1:
+            af = x_once
+        else:
+            # x's chunk (and its residual's, the norm weight's) is read again for every tile:
+            # from L1/L2, a fraction of the weight bytes when the tile has enough columns.
+            af, chunk_squares = _streamed_input(
+                x_ptr, res_ptr, res_out_ptr, norm_w_ptr, rows, row_ok, ks, K, stride_x,
+                stride_res, stride_res_out, pid == 0 and i < K_CHUNKS, NORM, HAS_RESIDUAL,
+                GATED_INPUT)
+            squares += chunk_squares
         acc += w.to(tl.float32)[None, :, :] * af[:, None, :]
         if GATED:
             acc_up += w_up.to(tl.float32)[None, :, :] * af[:, None, :]
         if chunk == K_CHUNKS - 1:  # the tile's last chunk: its epilogue, as the other kernel's
             out = tl.sum(acc, axis=2)
             out_up = tl.sum(acc_up, axis=2)
-            if NORM:
+            if NORM and K_CHUNKS > 1:
                 rstd = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
                 out = out * rstd[:, None]
                 out_up = out_up * rstd[:, None]
@@ -282,6 +294,33 @@ def _streamed_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_pt
             acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
             acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
             squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+
+
+@triton.jit
+def _streamed_input(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, rows, row_ok, ks, K, stride_x,
+                    stride_res, stride_res_out, write_residual, NORM: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr, GATED_INPUT: tl.constexpr):
+    """Columns ks of the projection's input, float32: x, or silu(gate) * up of x = [gate | up]
+    (+ residual, that sum rounded and written to res_out when write_residual) (* the norm
+    weight), and the squares the norm's statistic sums."""
+    k_ok = ks < K
+    mask = row_ok[:, None] & k_ok[None, :]
+    a = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
+    if GATED_INPUT:  # rounded as silu_and_mul rounds
+        up = tl.load(x_ptr + rows[:, None] * stride_x + K + ks[None, :], mask=mask, other=0.0)
+        gate = a.to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(a.dtype)
+        a = (act.to(tl.float32) * up.to(tl.float32)).to(a.dtype)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + rows[:, None] * stride_res + ks[None, :], mask=mask, other=0.0)
+        a = (a.to(tl.float32) + r.to(tl.float32)).to(a.dtype)
+        if write_residual:
+            tl.store(res_out_ptr + rows[:, None] * stride_res_out + ks[None, :], a, mask=mask)
+    af = a.to(tl.float32)
+    squares = af * af
+    if NORM:
+        af = af * tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    return af, squares
 
 
 @dataclass(frozen=True)
@@ -353,10 +392,10 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         residual_out = torch.empty_like(x)
     config = config or default_config(width, in_features)
     if config.programs_per_sm:
-        if qkv is not None or gated_input:
-            raise ValueError("the streamed kernel takes no qkv epilogue or gated input")
-        _launch_streamed(x, weight, bias, norm_weight, eps, residual, residual_out, gated, out,
-                         config)
+        if qkv is not None:
+            raise ValueError("the streamed kernel takes no qkv epilogue")
+        _launch_streamed(x, weight, bias, norm_weight, eps, residual, residual_out, gated,
+                         gated_input, out, config)
         return out, residual_out
     if qkv is not None:
         _check_qkv(qkv, x, width, config)
@@ -387,8 +426,9 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def _launch_streamed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      norm_weight: torch.Tensor | None, eps: float,
                      residual: torch.Tensor | None, residual_out: torch.Tensor | None,
-                     gated: bool, out: torch.Tensor, config: SmallLinearConfig) -> None:
-    rows, in_features = x.shape
+                     gated: bool, gated_input: bool, out: torch.Tensor,
+                     config: SmallLinearConfig) -> None:
+    rows, in_features = x.shape[0], weight.shape[1]
     width = out.shape[1]
     tiles = triton.cdiv(width, config.block_n)
     programs = min(tiles, _multiprocessors(x.device) * config.programs_per_sm)
@@ -400,7 +440,7 @@ def _launch_streamed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         rows, width, in_features, x.stride(0), residual.stride(0) if has_residual else 0,
         residual_out.stride(0) if residual_out is not None else 0, weight.stride(0),
         out.stride(0), eps, NORM=norm_weight is not None, HAS_RESIDUAL=has_residual,
-        HAS_BIAS=bias is not None, GATED=gated,
+        HAS_BIAS=bias is not None, GATED=gated, GATED_INPUT=gated_input,
         K_CHUNKS=triton.cdiv(in_features, config.block_k),
         BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, STAGES=config.num_stages, num_warps=config.num_warps,
