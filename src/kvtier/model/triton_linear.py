@@ -219,8 +219,8 @@ def _streamed_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_pt
                             M, N, K, stride_x, stride_res, stride_res_out, stride_w,
                             stride_out, eps, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                             HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                            GATED_INPUT: tl.constexpr, K_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            GATED_INPUT: tl.constexpr, K_CHUNKS: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             STAGES: tl.constexpr, PDL: tl.constexpr):
     """small_linear for long weights: persistent programs, each taking every programs-th
     column tile, walk one flat loop over (tile, K chunk). Triton software-pipelines its loads
