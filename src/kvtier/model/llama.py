@@ -92,11 +92,12 @@ FUSIONS = ("qkv", "o", "gate_up", "down", "kv_write")
 """What small CUDA batches can fuse (where `small_linear_plan` has a config for the batch):
 the projections named run as `small_linear`; "kv_write": qkv's kernel also stores k and v in
 the paged cache (with a backend that `accepts_written_kv`)."""
-SMALL_BATCH_FUSIONS = frozenset({"qkv", "o"})
+SMALL_BATCH_FUSIONS = frozenset({"qkv", "o", "down"})
 """The default: what measured faster than cuBLAS with the separate norm, rotary, KV-write and
 SiLU kernels, on an H200 at decode batch 1-2 (`scripts/tune_small_linear.py`,
-`scripts/gpu_check.py`'s decode A/B; BENCHMARKS.md, eighth session). gate_up was slower,
-down no faster, and the fused KV write slower (1.43 against 1.40 ms per batch-1 step)."""
+`scripts/gpu_check.py`'s decode A/B; BENCHMARKS.md, eighth and ninth sessions). down (the
+streamed kernel, taking the SiLU-and-mul) cut the batch-1 step from 1.380 to 1.287 ms;
+gate_up was slower in every config tried (1.37-1.53 ms), the fused KV write too (1.395)."""
 
 
 class DecoderLayer(nn.Module):

@@ -9,9 +9,12 @@ RMSNorm before `qkv` is one more launch. `small_linear` folds them in:
   weight multiplies h on the way in and its 1/rms scales the sums at the end, so the norm costs
   no pass of its own (its statistic accumulates in the same loop). Or, for the MLP's down,
   silu(gate) * up of the gate_up projection's output, computed as it is read;
-- body: a GEMV on the CUDA cores (no tensor-core tile to pad a few rows to 16): each program
-  owns BLOCK_N output columns and streams their weight rows over K in 16-byte loads, with many
-  programs per SM so the loads of some hide the latency of others;
+- body: a GEMV on the CUDA cores (no tensor-core tile to pad a few rows to 16), in one of two
+  kernels. The register kernel: each program owns BLOCK_N output columns and streams their
+  weight rows over K in 16-byte loads into registers, with many programs per SM so the loads
+  of some hide the latency of others (qkv, o). The streamed kernel (`programs_per_sm` > 0):
+  persistent programs loop over column tiles and K chunks, Triton pipelining the weight
+  chunks through shared memory (cp.async), several deep (the MLP's down);
 - epilogue: bias, then silu(gate) * up for a [gate | up] weight (both halves in one
   program), or the rotary embedding of qkv's q and k heads (a program owns rotate-half pairs
   of columns, so the rotary kernel's launch goes too) and optionally k and v stored in the
@@ -59,9 +62,10 @@ class SmallLinearConfig:
 
 
 def default_config(out_features: int, in_features: int) -> SmallLinearConfig:
-    """Wide K tiles and narrow column tiles: bytes in flight come from long 16-byte load
-    streams and from many programs per SM (the loads feed no dot, so Triton does not
-    pipeline them; the kernel keeps the next weight tile in flight itself). K up to 2,048 is
+    """The register kernel's config. Wide K tiles and narrow column tiles: bytes in flight
+    come from long 16-byte load streams and from many programs per SM (its loop is a plain
+    `range`, not pipelined by Triton; the kernel keeps the next weight tile in flight in
+    registers itself). K up to 2,048 is
     one tile (4 columns per program); longer K streams 1,024-wide tiles, two in registers at
     a time, over 2 columns. On an H200 at 1 row (`scripts/tune_small_linear.py`, 28 layers
     per graph, PDL): qkv + norm + bias 3.95 us, o 2.66, down 10.27 (cuBLAS: 6.5, 6.7, 11.2)."""
