@@ -35,16 +35,15 @@ from wide K tiles, the kernel's own prefetch of the next tile and many programs 
 Keeping two tiles ahead was slower for down at every tile (13.4-20.5 us against 10.3, H200,
 2026-11-28), so the kernel keeps one."""
 
-STREAMED_CONFIGS = [SmallLinearConfig(n, k, w, s, programs_per_sm=p, tma=t)
-                    for n, k, w, s, p, t in [
-    # cp.async: the best of 2026-11-28 calls 1-2 (gate_up; down, the default).
-    (2, 2048, 4, 4, 4, False), (4, 512, 4, 4, 4, False), (4, 1024, 4, 3, 4, False),
-    (4, 512, 4, 6, 6, False),
-    # TMA boxes (block_k <= 256).
-    (4, 256, 4, 6, 2, True), (8, 256, 4, 4, 1, True), (8, 256, 4, 4, 2, True),
-    (8, 256, 4, 6, 2, True), (8, 256, 8, 4, 2, True), (16, 256, 4, 4, 1, True),
-    (16, 256, 8, 4, 1, True), (16, 256, 4, 6, 1, True), (8, 128, 4, 8, 2, True),
-    (16, 128, 4, 6, 2, True), (32, 128, 8, 4, 1, True), (4, 256, 4, 8, 4, True)]]
+STREAMED_CONFIGS = [SmallLinearConfig(n, k, w, s, programs_per_sm=p) for n, k, w, s, p in [
+    # K up to 2,048 in one chunk (gate_up, o): the input is read and normed once per program.
+    (1, 2048, 4, 3, 8), (1, 2048, 4, 4, 6), (1, 2048, 4, 6, 4), (1, 2048, 8, 4, 4),
+    (2, 2048, 4, 3, 4), (2, 2048, 4, 4, 3), (2, 2048, 4, 4, 2), (2, 2048, 8, 4, 2),
+    (4, 2048, 8, 3, 2), (4, 2048, 8, 2, 2),
+    # K chunked (down; gate_up's best chunked ones, 2026-11-28 call 1).
+    (4, 512, 4, 4, 4), (8, 256, 4, 4, 2), (4, 1024, 4, 4, 4), (4, 1024, 4, 6, 4),
+    (4, 1024, 4, 3, 4), (4, 1024, 8, 4, 4), (8, 1024, 4, 4, 2), (8, 1024, 8, 4, 2),
+    (2, 2048, 4, 4, 4), (4, 512, 4, 8, 4), (4, 512, 4, 6, 6)]]
 """The streamed kernel (persistent programs, weight chunks pipelined through shared memory):
 column tile x K chunk, warps, pipeline depth, programs per SM."""
 
@@ -127,9 +126,8 @@ def main() -> None:
                 timed += [(f"{c.block_n}x{c.block_k} w{c.num_warps} pdl", c, True)
                           for c in CONFIGS]
             if args.kernels != "register":
-                timed += [(f"streamed{' tma' if c.tma else ''} {c.block_n}x{c.block_k} "
-                           f"w{c.num_warps} s{c.num_stages} p{c.programs_per_sm} pdl", c, True)
-                          for c in STREAMED_CONFIGS]
+                timed += [(f"streamed {c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages} "
+                           f"p{c.programs_per_sm} pdl", c, True) for c in STREAMED_CONFIGS]
             for label, config, pdl in timed:
                 if config is not None and config.programs_per_sm and name.startswith("qkv"):
                     continue  # the qkv epilogue needs the register kernel

@@ -298,8 +298,7 @@ def test_the_chosen_configs_compile_for_hopper_without_spills(projection: str) -
                 {k: variant[k] for k in STREAMED_FLAGS},
                 K_CHUNKS=-(-in_features // config.block_k), BLOCK_M=rows,
                 BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.num_stages,
-                TMA=config.tma, PDL=True), config.num_warps, config.num_stages,
-                multiples_of_16=("K", "N"))
+                PDL=True), config.num_warps, config.num_stages, multiples_of_16=("K", "N"))
             weight_loads = re.findall(r"LDGSTS\S*", build.sass)
             # Every weight chunk goes through the pipeline in 16-byte copies.
             assert weight_loads and all(op.endswith(".128") for op in weight_loads), \

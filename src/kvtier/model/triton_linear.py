@@ -40,7 +40,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kvtier.triton_pdl import await_previous_kernel, launch_options
 
@@ -57,12 +56,9 @@ class SmallLinearConfig:
     num_stages: int
     programs_per_sm: int = 0
     """0: one program per column tile, its weight rows loaded into registers (the qkv
-    epilogue needs this kernel). > 0: the streamed kernel, this many persistent programs per
-    SM, each looping over column tiles with the weight chunks software-pipelined through
-    shared memory num_stages deep (for the MLP's long weights)."""
-    tma: bool = False
-    """Streamed kernel: the weight chunks come by the Hopper tensor-memory accelerator (one
-    bulk copy per [block_n, block_k] box, block_k <= 256) instead of 16-byte cp.async."""
+    epilogue and a gated input need this kernel). > 0: the streamed kernel, this many
+    persistent programs per SM, each looping over column tiles with the weight chunks
+    software-pipelined through shared memory num_stages deep (for the MLP's long weights)."""
 
 
 def default_config(out_features: int, in_features: int) -> SmallLinearConfig:
@@ -229,13 +225,12 @@ def _streamed_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_pt
                             HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                             GATED_INPUT: tl.constexpr, K_CHUNKS: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            STAGES: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr):
+                            STAGES: tl.constexpr, PDL: tl.constexpr):
     """small_linear for long weights: persistent programs, each taking every programs-th
     column tile, walk one flat loop over (tile, K chunk). Triton software-pipelines its loads
     (cp.async into shared memory, STAGES deep), so each program keeps several chunks in
     flight with few registers, across tile boundaries too. The products accumulate
-    elementwise and are summed once per tile: no cross-thread reduction per chunk.
-    w_ptr: the weight's pointer, or with TMA its tensor descriptor ([block_n, block_k] boxes)."""
+    elementwise and are summed once per tile: no cross-thread reduction per chunk."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     my_tiles = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, programs)  # the grid has <= tiles programs
@@ -243,7 +238,7 @@ def _streamed_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_pt
     row_ok = rows < M
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    dtype = out_ptr.dtype.element_ty
+    dtype = w_ptr.dtype.element_ty
     # The loop's prologue already reads x: nothing is requested before the wait.
     await_previous_kernel(PDL)
 
@@ -265,19 +260,12 @@ def _streamed_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_pt
         col_ok = cols < N
         ks = chunk * BLOCK_K + offs_k
         k_ok = ks < K  # K is a multiple of 16: the masks keep 16-byte vectors
-        if TMA:  # out-of-bounds K is zero-filled; rows past N are masked at the store
-            w_tile = w_ptr.load([tile * BLOCK_N, chunk * BLOCK_K])
-            w_up = w_tile
-            if GATED:
-                w_up = w_ptr.load([N + tile * BLOCK_N, chunk * BLOCK_K])
-        else:
-            w_mask = col_ok[:, None] & k_ok[None, :]
-            w_tile = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=w_mask,
-                             other=0.0)
-            w_up = w_tile
-            if GATED:
-                w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask,
-                               other=0.0)
+        w_mask = col_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
+        w_up = w
+        if GATED:
+            w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask,
+                           other=0.0)
         if K_CHUNKS == 1:
             af = x_once
         else:
@@ -288,7 +276,7 @@ def _streamed_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_pt
                 stride_res, stride_res_out, pid == 0 and i < K_CHUNKS, NORM, HAS_RESIDUAL,
                 GATED_INPUT)
             squares += chunk_squares
-        acc += w_tile.to(tl.float32)[None, :, :] * af[:, None, :]
+        acc += w.to(tl.float32)[None, :, :] * af[:, None, :]
         if GATED:
             acc_up += w_up.to(tl.float32)[None, :, :] * af[:, None, :]
         if chunk == K_CHUNKS - 1:  # the tile's last chunk: its epilogue, as the other kernel's
@@ -449,12 +437,9 @@ def _launch_streamed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     tiles = triton.cdiv(width, config.block_n)
     programs = min(tiles, _multiprocessors(x.device) * config.programs_per_sm)
     has_residual = residual is not None
-    w = weight
-    if config.tma:
-        w = TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k])
     _streamed_linear_kernel[(programs,)](
         x, residual if has_residual else x, residual_out if has_residual else x,
-        norm_weight if norm_weight is not None else weight, w,
+        norm_weight if norm_weight is not None else weight, weight,
         bias if bias is not None else weight, out,
         rows, width, in_features, x.stride(0), residual.stride(0) if has_residual else 0,
         residual_out.stride(0) if residual_out is not None else 0, weight.stride(0),
@@ -462,8 +447,7 @@ def _launch_streamed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         HAS_BIAS=bias is not None, GATED=gated, GATED_INPUT=gated_input,
         K_CHUNKS=triton.cdiv(in_features, config.block_k),
         BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, STAGES=config.num_stages, TMA=config.tma,
-        num_warps=config.num_warps,
+        BLOCK_K=config.block_k, STAGES=config.num_stages, num_warps=config.num_warps,
         **launch_options(x))
 
 
