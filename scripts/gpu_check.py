@@ -15,7 +15,6 @@ One run prints (and writes to --out as JSON):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import statistics
@@ -24,8 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-
-from kvtier.model.triton_linear import SmallLinearConfig
 
 MODEL = "random:qwen2.5-1.5b"
 
@@ -156,35 +153,11 @@ DECODE_VARIANTS = {
 """Decode-graph variants: the fusions of small batches (`llama.FUSIONS`; the rest runs
 through cuBLAS with the separate norm, rotary, KV-write and SiLU kernels), and whether the
 Triton kernels use programmatic dependent launch."""
-GATE_UP_CONFIGS = {
-    "gate_up 2x2048 s4 p4": SmallLinearConfig(2, 2048, 4, 4, programs_per_sm=4),
-    "gate_up 4x512 s4 p4": SmallLinearConfig(4, 512, 4, 4, programs_per_sm=4),
-    "gate_up 2x2048 s6 p2": SmallLinearConfig(2, 2048, 4, 6, programs_per_sm=2),
-    "gate_up 2x2048 s7 p2": SmallLinearConfig(2, 2048, 4, 7, programs_per_sm=2),
-}
-"""Streamed gate_up configs for "qkv,o,gate_up,down+pdl" at batch 1, in place of
-`choose_config`'s (extra variants named after them). A persistent grid launched early under
-PDL lands where SMs have room: a config whose resources fit more programs per SM than it
-launches may stack them unevenly."""
 SAME_LOGITS = [("qkv,o+pdl", "qkv,o,kv_write+pdl"),
                ("qkv,o,gate_up,down", "qkv,o,gate_up,down+pdl")]
 """Variants that must compute bit-identical logits: PDL changes only when kernels start, and
 the fused KV write stores the very values the KV-write kernel would. A missing wait, or a
 wrong slot, shows as a difference."""
-
-
-@contextlib.contextmanager
-def gate_up_config(config: SmallLinearConfig | None):
-    """choose_config returning `config` for gate_up at 1 row (None: unchanged)."""
-    from kvtier.model import triton_linear
-    chosen = triton_linear.choose_config
-    if config is not None:
-        triton_linear.choose_config = lambda rows, n, k: (
-            config if rows == 1 and n > 8192 and k <= 2048 else chosen(rows, n, k))
-    try:
-        yield
-    finally:
-        triton_linear.choose_config = chosen
 
 
 def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
@@ -199,15 +172,10 @@ def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
     sizes = [1, 2, 4]
     captured = {}
     try:
-        variants = {name: (*variant, None) for name, variant in DECODE_VARIANTS.items()}
-        variants.update({f"{name}+pdl": (DECODE_VARIANTS["qkv,o,gate_up,down+pdl"][0], True,
-                                         config)
-                         for name, config in GATE_UP_CONFIGS.items()})
-        for name, (projections, pdl, config) in variants.items():
+        for name, (projections, pdl) in DECODE_VARIANTS.items():
             runner.model.set_small_batch_fusion(projections)
             triton_pdl.set_enabled(pdl)
-            with gate_up_config(config):
-                runner.capture_decode_graphs(max(sizes), llm.engine.max_model_len)
+            runner.capture_decode_graphs(max(sizes), llm.engine.max_model_len)
             graphs = runner.graphs
             n = graphs.sizes[-1]
             graphs._device_vectors.copy_(engine_graphs._device_vectors[:, :n])

@@ -80,9 +80,9 @@ def choose_config(rows: int, out_features: int,
     """The config to run a projection of `rows` rows with, or None where cuBLAS is faster
     (beyond MAX_ROWS; gate_up at 2 rows). The MLP's long weights take the streamed kernel:
     on an H200 at 1 row (`scripts/tune_small_linear.py`, 28 layers per graph, PDL), down
-    8.5 us (cuBLAS 11.3) and gate_up with its norm and SiLU 18.0 (cuBLAS with the separate
-    kernels 18.4); at 2 rows down 9.4 (11.6) and gate_up 21.7 (19.2). Which projections the
-    model runs here is its choice (`llama.SMALL_BATCH_FUSIONS`)."""
+    8.5 us (cuBLAS 11.3) and gate_up with its norm and SiLU 18.0-18.4 (cuBLAS with the
+    separate kernels 18.4-18.7); at 2 rows down 9.4 (11.6) and gate_up 21.7 (19.2). Which
+    projections the model runs here is its choice (`llama.SMALL_BATCH_FUSIONS`)."""
     if rows > MAX_ROWS:
         return None
     if in_features > 2048:  # the MLP's down
@@ -90,7 +90,11 @@ def choose_config(rows: int, out_features: int,
             return SmallLinearConfig(4, 1024, 4, 3, programs_per_sm=4)
         return SmallLinearConfig(4, 512, 4, 4, programs_per_sm=4)
     if out_features > 8192:  # the MLP's gate_up ([gate | up] rows)
-        return SmallLinearConfig(2, 2048, 4, 4, programs_per_sm=2) if rows == 1 else None
+        # Six stages: shared memory for no more than the 2 programs per SM the grid has.
+        # Launched early under PDL, a persistent grid lands where SMs have room, and with 4
+        # stages (4 would fit) the programs stacked unevenly: in the batch-1 decode graph
+        # 1.53 ms against 1.37 with 6 (cuBLAS's gate_up, still the model's default: 1.29).
+        return SmallLinearConfig(2, 2048, 4, 6, programs_per_sm=2) if rows == 1 else None
     return default_config(out_features, in_features)
 
 
