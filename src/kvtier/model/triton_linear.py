@@ -20,9 +20,10 @@ RMSNorm before `qkv` is one more launch. `small_linear` folds them in:
   of columns, so the rotary kernel's launch goes too) and optionally k and v stored in the
   paged KV cache (measured slower than the KV-write kernel under PDL, so off by default).
 
-Launched with programmatic dependent launch (`kvtier.triton_pdl`) on Hopper, each program
-requests its first weight tile before waiting for the previous kernel, so the weight stream
-starts while that kernel finishes. Which projections the model runs here is its choice
+Launched with programmatic dependent launch (`kvtier.triton_pdl`) on Hopper, each program of
+the register kernel requests its first weight tile before waiting for the previous kernel, so
+the weight stream starts while that kernel finishes (the streamed kernel's pipeline prologue
+reads x too, so it waits first). Which projections the model runs here is its choice
 (`llama.SMALL_BATCH_FUSIONS`, from `scripts/tune_small_linear.py` and the decode A/B).
 
 Numerics: float32 statistics and accumulation as in `triton_ops`; the residual sum is rounded
@@ -56,7 +57,7 @@ class SmallLinearConfig:
     num_stages: int
     programs_per_sm: int = 0
     """0: one program per column tile, its weight rows loaded into registers (the qkv
-    epilogue and a gated input need this kernel). > 0: the streamed kernel, this many
+    epilogue needs this kernel). > 0: the streamed kernel, this many
     persistent programs per SM, each looping over column tiles with the weight chunks
     software-pipelined through shared memory num_stages deep (for the MLP's long weights)."""
 
