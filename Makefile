@@ -27,6 +27,10 @@ run: $(VENV)/.base
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q
+	@# The GEMV and fused-op kernels of the decode path, under Triton's CPU interpreter (the
+	@# attention kernels' interpreter run takes ~10 minutes: on the device and by hand).
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --noconftest -m gpu tests/gpu/test_small_linear.py \
+		tests/gpu/test_fused_ops.py
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests
