@@ -31,6 +31,9 @@ test: $(VENV)/.test
 	@# attention kernels' interpreter run takes ~10 minutes: on the device and by hand).
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --noconftest -m gpu tests/gpu/test_small_linear.py \
 		tests/gpu/test_fused_ops.py
+	@# Their sm_90 builds (Triton's bundled ptxas, no GPU): no spills, 16-byte loads, PDL order.
+	$(PY) -m pytest -q --noconftest -m gpu tests/gpu/test_small_linear.py \
+		tests/gpu/test_triton_attention.py -k compile_for_hopper
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests
