@@ -27,11 +27,17 @@ run: $(VENV)/.base
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q
-	@# The GEMV and fused-op kernels of the decode path, under Triton's CPU interpreter (the
-	@# attention kernels' interpreter run takes ~10 minutes: on the device and by hand).
+	@# The decode path's GEMV and fused-op kernels under Triton's CPU interpreter, and the
+	@# attention kernels' cases that run there in ~1 of the whole file's ~10 minutes: every
+	@# decode shape, mixed batches in both dtypes, splits, small and causal-boundary tiles,
+	@# an extend over a split prefix, whole prompts (the rest: on the device and by hand).
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --noconftest -m gpu tests/gpu/test_small_linear.py \
 		tests/gpu/test_fused_ops.py
-	@# Their sm_90 builds (Triton's bundled ptxas, no GPU): no spills, 16-byte loads, PDL order.
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --noconftest -m gpu tests/gpu/test_triton_attention.py \
+		-k "decode or both_dtypes or small_tiles or causal_tile or sharp_softmax or \
+		negative_slots or long_prompt_config or split_steps or choose or \
+		test_extend_kv_splits[1] or test_whole_prompts_read_their_own_kv[default]"
+	@# The kernels' sm_90 builds (Triton's bundled ptxas, no GPU): no spills, 16-byte loads, PDL.
 	$(PY) -m pytest -q --noconftest -m gpu tests/gpu/test_small_linear.py \
 		tests/gpu/test_triton_attention.py -k compile_for_hopper
 
