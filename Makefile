@@ -28,7 +28,7 @@ run: $(VENV)/.base
 test: $(VENV)/.test
 	$(PY) -m pytest -q
 	@# The decode path's GEMV and fused-op kernels under Triton's CPU interpreter, and the
-	@# attention kernels' cases that run there in ~1 of the whole file's ~10 minutes: every
+	@# attention kernels' cases that run there in ~1 minute (the whole file takes ~10): every
 	@# decode shape, mixed batches in both dtypes, splits, small and causal-boundary tiles,
 	@# an extend over a split prefix, whole prompts (the rest: on the device and by hand).
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --noconftest -m gpu tests/gpu/test_small_linear.py \
