@@ -153,7 +153,6 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
         k_ok = ks < K
         if EVEN_K:  # no mask along K: the loads vectorise to 16 bytes
             k_ok = tl.full([BLOCK_K], 1, tl.int1)
-        mask = row_ok[:, None] & k_ok[None, :]
         # The next weight tile is in flight while this one is summed (registers, two deep).
         w_next = w
         w_up_next = w_up
@@ -163,21 +162,9 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
             w_next = tl.load(w_rows + next_ks[None, :], mask=next_ok, other=0.0)
             if GATED:
                 w_up_next = tl.load(w_up_rows + next_ks[None, :], mask=next_ok, other=0.0)
-        a = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
-        if GATED_INPUT:  # x is [gate | up]: a = silu(gate) * up, rounded as silu_and_mul
-            up = tl.load(x_ptr + rows[:, None] * stride_x + K + ks[None, :], mask=mask,
-                         other=0.0)
-            gate = a.to(tl.float32)
-            act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
-            a = (act.to(tl.float32) * up.to(tl.float32)).to(dtype)
-        if HAS_RESIDUAL:
-            r = tl.load(res_ptr + rows[:, None] * stride_res + ks[None, :], mask=mask,
-                        other=0.0)
-            a = (a.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            if pid == 0:
-                tl.store(res_out_ptr + rows[:, None] * stride_res_out + ks[None, :], a,
-                         mask=mask)
-        af = a.to(tl.float32)
+        af = _projection_input(x_ptr, res_ptr, res_out_ptr, rows, row_ok, ks, k_ok, K,
+                               stride_x, stride_res, stride_res_out, pid == 0, HAS_RESIDUAL,
+                               GATED_INPUT)
         if NORM:
             squares += tl.sum(af * af, axis=1)
             af = af * tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
@@ -215,10 +202,8 @@ def _small_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_ptr, 
         dst = cache_ptr + slot_offset[:, None] + col_offset[None, :]
         kv_mask = (slot >= 0)[:, None] & (col_ok & (cols >= q_size))[None, :]
         tl.store(dst, result, mask=kv_mask)
-    if GATED:  # as silu_and_mul rounds: gate and up in dtype, silu(gate) in dtype
-        gate = result.to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
-        result = (act.to(tl.float32) * out_up.to(dtype).to(tl.float32)).to(dtype)
+    if GATED:
+        result = _silu_and_mul(result, out_up.to(dtype))
     out_mask = row_ok[:, None] & col_ok[None, :]
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], result, mask=out_mask)
 
@@ -252,12 +237,14 @@ def _streamed_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_pt
     squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     x_once = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     if K_CHUNKS == 1:  # K in one chunk: x summed with its residual and normed once, here
-        x_once, x_squares = _streamed_input(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, rows,
-                                            row_ok, offs_k, K, stride_x, stride_res,
-                                            stride_res_out, pid == 0, NORM, HAS_RESIDUAL,
-                                            GATED_INPUT)
+        k_ok = offs_k < K
+        x_once = _projection_input(x_ptr, res_ptr, res_out_ptr, rows, row_ok, offs_k, k_ok, K,
+                                   stride_x, stride_res, stride_res_out, pid == 0,
+                                   HAS_RESIDUAL, GATED_INPUT)
         if NORM:
-            x_once *= tl.rsqrt(tl.sum(x_squares, axis=1) / K + eps)[:, None]
+            rstd = tl.rsqrt(tl.sum(x_once * x_once, axis=1) / K + eps)
+            norm_w = tl.load(norm_w_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            x_once *= norm_w[None, :] * rstd[:, None]
     for i in tl.range(0, my_tiles * K_CHUNKS, num_stages=STAGES):
         tile = pid + (i // K_CHUNKS) * programs
         chunk = i % K_CHUNKS
@@ -276,11 +263,12 @@ def _streamed_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_pt
         else:
             # x's chunk (and its residual's, the norm weight's) is read again for every tile:
             # from L1/L2, a fraction of the weight bytes when the tile has enough columns.
-            af, chunk_squares = _streamed_input(
-                x_ptr, res_ptr, res_out_ptr, norm_w_ptr, rows, row_ok, ks, K, stride_x,
-                stride_res, stride_res_out, pid == 0 and i < K_CHUNKS, NORM, HAS_RESIDUAL,
-                GATED_INPUT)
-            squares += chunk_squares
+            af = _projection_input(x_ptr, res_ptr, res_out_ptr, rows, row_ok, ks, k_ok, K,
+                                   stride_x, stride_res, stride_res_out,
+                                   pid == 0 and i < K_CHUNKS, HAS_RESIDUAL, GATED_INPUT)
+            if NORM:
+                squares += af * af
+                af = af * tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         acc += w.to(tl.float32)[None, :, :] * af[:, None, :]
         if GATED:
             acc_up += w_up.to(tl.float32)[None, :, :] * af[:, None, :]
@@ -295,9 +283,7 @@ def _streamed_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_pt
                 out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             result = out.to(dtype)
             if GATED:
-                gate = result.to(tl.float32)
-                act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
-                result = (act.to(tl.float32) * out_up.to(dtype).to(tl.float32)).to(dtype)
+                result = _silu_and_mul(result, out_up.to(dtype))
             tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], result,
                      mask=row_ok[:, None] & col_ok[None, :])
             acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -306,30 +292,32 @@ def _streamed_linear_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, b_pt
 
 
 @triton.jit
-def _streamed_input(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, rows, row_ok, ks, K, stride_x,
-                    stride_res, stride_res_out, write_residual, NORM: tl.constexpr,
-                    HAS_RESIDUAL: tl.constexpr, GATED_INPUT: tl.constexpr):
-    """Columns ks of the projection's input, float32: x, or silu(gate) * up of x = [gate | up]
-    (+ residual, that sum rounded and written to res_out when write_residual) (* the norm
-    weight), and the squares the norm's statistic sums."""
-    k_ok = ks < K
+def _projection_input(x_ptr, res_ptr, res_out_ptr, rows, row_ok, ks, k_ok, K, stride_x,
+                      stride_res, stride_res_out, write_residual, HAS_RESIDUAL: tl.constexpr,
+                      GATED_INPUT: tl.constexpr):
+    """Columns ks (those with k_ok) of the projection's input before its norm, float32, for
+    both kernels: x, or silu(gate) * up of x = [gate | up] (K columns each), + residual (that
+    sum rounded to the dtype and written to res_out when write_residual)."""
     mask = row_ok[:, None] & k_ok[None, :]
     a = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
-    if GATED_INPUT:  # rounded as silu_and_mul rounds
+    if GATED_INPUT:
         up = tl.load(x_ptr + rows[:, None] * stride_x + K + ks[None, :], mask=mask, other=0.0)
-        gate = a.to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(a.dtype)
-        a = (act.to(tl.float32) * up.to(tl.float32)).to(a.dtype)
+        a = _silu_and_mul(a, up)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + rows[:, None] * stride_res + ks[None, :], mask=mask, other=0.0)
         a = (a.to(tl.float32) + r.to(tl.float32)).to(a.dtype)
         if write_residual:
             tl.store(res_out_ptr + rows[:, None] * stride_res_out + ks[None, :], a, mask=mask)
-    af = a.to(tl.float32)
-    squares = af * af
-    if NORM:
-        af = af * tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-    return af, squares
+    return a.to(tl.float32)
+
+
+@triton.jit
+def _silu_and_mul(gate, up):
+    """silu(gate) * up of two tensors in the activation dtype, rounded as
+    `triton_ops.silu_and_mul` rounds: silu(gate) to the dtype, then the product."""
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
 
 
 @dataclass(frozen=True)
