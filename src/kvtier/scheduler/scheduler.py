@@ -7,7 +7,10 @@ Each `schedule()` fills one step's token budget in priority order:
    when blocks run out, the newest running request is preempted (its blocks freed, its
    progress reset to zero; the prefix cache usually gives most of it back on resumption);
 2. waiting requests, FCFS, each starting after its longest cached prefix, while the budget,
-   `max_num_seqs` and free blocks allow (not in a step that had to preempt). When the KV
+   `max_num_seqs` and free blocks allow (not in a step that had to preempt). A request whose
+   next uncached block another request is computing (a prefix two waiting requests share,
+   before either has run) is passed over until that block is cached, so the prefix is
+   computed once and the second request starts after it. When the KV
    tiers hold more of the prefix and loading it pays, the request instead gets blocks for it
    and waits LOADING (off the budget) while the transfer runs and the batch keeps stepping
    (a load that finished inline, see `tiers.manager.INLINE_LOAD_S`, is scheduled at once).
@@ -26,7 +29,13 @@ from kvtier.config import SchedulerConfig
 from kvtier.kv.manager import KVCacheManager
 from kvtier.request import Request, RequestStatus
 from kvtier.tiers.manager import TierManager
-from kvtier.types import FinishReason, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from kvtier.types import (
+    BlockHash,
+    FinishReason,
+    ModelRunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 
 LPM_WINDOW = 128
 """Waiting requests the lpm policy ranks per admission (bounds the per-step cost)."""
@@ -46,6 +55,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._freed_since_last_step: list[str] = []
         self.num_preemptions = 0
+        self.num_deferred_shared_prefixes = 0
+        """Admissions passed over because another request was computing their next block."""
         self.separate_prefill_steps = False
         """Set by the engine when decode-only steps are much cheaper (CUDA graphs): steps then
         carry either prefill chunks or decodes, alternating while both are pending."""
@@ -238,10 +249,15 @@ class Scheduler:
         # ranking hashes every request in its window.
         if not self.waiting or self._admission_blocked(budget):
             return budget
+        being_computed = self._blocks_being_computed()
         for request in self._admission_order():
             if self._admission_blocked(budget):
                 break
             hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
+            if being_computed and self._next_block_being_computed(request, len(hit_blocks),
+                                                                 being_computed):
+                self.num_deferred_shared_prefixes += 1
+                continue
             if self.tiers is not None and self.kv.enable_caching:
                 started = self._try_tier_load(request, hit_blocks)
                 if started is None:
@@ -258,7 +274,33 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
+            if self.kv.enable_caching:
+                being_computed.update(self._uncomputed_prompt_hashes(request))
         return budget
+
+    def _uncomputed_prompt_hashes(self, request: Request) -> list[BlockHash]:
+        """Hashes of the full prompt blocks the request holds but has not computed yet."""
+        first = request.num_computed_tokens // self.kv.block_size
+        last = request.num_prompt_tokens // self.kv.block_size
+        return self.kv.block_hashes(request)[first:last] if first < last else []
+
+    def _blocks_being_computed(self) -> set[BlockHash]:
+        """Full prompt blocks that running prefills will compute (this step or later ones)."""
+        if not self.kv.enable_caching:
+            return set()
+        being_computed: set[BlockHash] = set()
+        for request in self.running:
+            if request.num_computed_tokens < request.num_prompt_tokens:
+                being_computed.update(self._uncomputed_prompt_hashes(request))
+        return being_computed
+
+    def _next_block_being_computed(self, request: Request, num_hit_blocks: int,
+                                   being_computed: set[BlockHash]) -> bool:
+        """Whether the request's first block beyond its cache hit is another request's work
+        in progress: admitting it now would compute the same prefix twice."""
+        if num_hit_blocks >= (request.num_tokens - 1) // self.kv.block_size:
+            return False  # nothing left to share: its last blocks are its own
+        return self.kv.block_hashes(request)[num_hit_blocks] in being_computed
 
     def _admission_blocked(self, budget: int) -> bool:
         if budget <= 0 or len(self.running) + len(self.loading) >= self.config.max_num_seqs:

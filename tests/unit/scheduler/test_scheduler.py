@@ -125,6 +125,65 @@ def test_second_request_reuses_the_cached_prefix() -> None:
     assert b.metrics.num_cached_tokens == 32
 
 
+@pytest.mark.parametrize("threshold", [0, 12])
+def test_a_prefix_two_waiting_requests_share_is_computed_once(threshold: int) -> None:
+    """b and c arrive with a's uncached 8-block prefix: they wait while a computes it (in one
+    step, or capped to 12-token chunks over several with room left in each step), then start
+    after it; d, with another prefix, is admitted beside a at once. The tokens are those of a
+    run where the requests arrive one by one."""
+    prefix = list(range(100, 132))
+    prompts = {"a": prefix + [1, 2], "b": prefix + [3, 4, 5], "d": list(range(500, 520)),
+               "c": prefix + [6]}
+
+    def run(together: bool) -> tuple[Scheduler, list[SchedulerOutput], dict[str, list[int]]]:
+        pool = BlockPool(64, enable_caching=True)
+        kv = KVCacheManager(pool, BLOCK, root_block_hash("m"))
+        scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64,
+                                              long_prefill_token_threshold=threshold), kv)
+        requests = {rid: make_request(rid, prompt, max_tokens=2)
+                    for rid, prompt in prompts.items()}
+        steps = []
+        for request in requests.values():
+            scheduler.add_request(request)
+            if not together:
+                steps += run_to_end(scheduler)
+        steps += run_to_end(scheduler)
+        return scheduler, steps, {rid: r.output_token_ids for rid, r in requests.items()}
+
+    scheduler, steps, tokens = run(together=True)
+    a_prefix_steps = [step for step in steps if any(
+        s.request_id == "a" and s.num_computed_tokens < 32 for s in step.requests)]
+    assert len(a_prefix_steps) == (3 if threshold else 1)
+    for step in a_prefix_steps:  # b and c wait while a computes the prefix; d does not
+        assert {s.request_id for s in step.requests} & {"b", "c"} == set()
+    assert "d" in {s.request_id for s in steps[0].requests}
+    first_chunks = {}
+    for step in steps:
+        for s in step.requests:
+            first_chunks.setdefault(s.request_id, s)
+    assert (first_chunks["b"].num_computed_tokens, len(first_chunks["b"].token_ids)) == (32, 3)
+    assert (first_chunks["c"].num_computed_tokens, len(first_chunks["c"].token_ids)) == (32, 1)
+    computed = sum(len(s.token_ids) for step in steps for s in step.requests
+                   if s.num_computed_tokens < len(prompts[s.request_id]))
+    assert computed == 34 + 3 + 20 + 1  # the prefix once, each suffix once
+    assert scheduler.num_deferred_shared_prefixes >= 2
+    assert tokens == run(together=False)[2]
+
+
+def test_a_request_is_not_held_back_by_its_own_shared_last_block() -> None:
+    """Two identical prompts of whole blocks: the second's only uncached work is its last
+    token (a fully cached prompt still computes its last block), which sharing cannot save;
+    once a's blocks are cached it hits them, and it is never passed over forever."""
+    scheduler = make_scheduler(budget=64)
+    prompt = list(range(16))
+    a, b = make_request("a", prompt, max_tokens=1), make_request("b", prompt, max_tokens=1)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    steps = run_to_end(scheduler)
+    assert a.finish_reason is FinishReason.LENGTH and b.finish_reason is FinishReason.LENGTH
+    assert len(steps) <= 2 and b.metrics.num_cached_tokens == 12
+
+
 def test_fully_cached_prompt_still_computes_its_last_block() -> None:
     scheduler = make_scheduler()
     prompt = list(range(16))
