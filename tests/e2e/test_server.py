@@ -252,8 +252,16 @@ def test_64_concurrent_streams_and_metrics(server: str, llm: LLM) -> None:
 
 
 def test_disconnects_free_kv_blocks(server: str) -> None:
-    before = wait_idle(server)
     long = {"model": MODEL, "max_tokens": 200, "ignore_eos": True, "stream": True, **GREEDY}
+    # How long the non-streaming request below takes to finish on this machine (a 2-layer
+    # model can generate its 200 tokens in well under a second): its client then gives up
+    # after a quarter of that, while the request is surely still generating.
+    started = time.perf_counter()
+    full = httpx.post(f"{server}/v1/completions", json={**long, "stream": False, "prompt": "x"},
+                      timeout=60)
+    assert full.status_code == 200 and full.json()["usage"]["completion_tokens"] == 200
+    give_up_s = (time.perf_counter() - started) / 4
+    before = wait_idle(server)
 
     async def leave_early(http: httpx.AsyncClient, i: int) -> None:
         body = {**long, "prompt": f"request {i} " * 8}
@@ -271,7 +279,7 @@ def test_disconnects_free_kv_blocks(server: str) -> None:
     # A non-streaming client that gives up waiting is aborted too.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server}/v1/completions", json={**long, "stream": False, "prompt": "x"},
-                   timeout=0.5)
+                   timeout=give_up_s)
     after = wait_idle(server)
     aborted = 'kvtier:request_success_total{finished_reason=abort}'
     assert after[aborted] - before[aborted] == 9
