@@ -21,6 +21,8 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=200)
     parser.add_argument("--tier", action="append", default=[])
     parser.add_argument("--rows", type=int, default=45)
+    parser.add_argument("--callees", action="append", default=[],
+                        help="also print what these functions call, e.g. _try_tier_load")
     args = parser.parse_args()
     p_replay({}, 64, tuple(args.tier))  # warm-up: Triton compiles, graphs, tier buffers
     profiler = cProfile.Profile()
@@ -31,6 +33,10 @@ def main() -> None:
     for order in ("tottime", "cumulative"):
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(args.rows)
+        print(out.getvalue(), flush=True)
+    for name in args.callees:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_callees(name)
         print(out.getvalue(), flush=True)
 
 

@@ -178,6 +178,12 @@ def p_replay(report: dict, num_prompts: int, tiers: tuple[str, ...], model: str 
     timer.wrap(engine.scheduler, "update_from_output", "update")
     timer.wrap(engine.outputs, "detokenize", "detokenize")
     timer.wrap(engine, "make_outputs", "make_outputs")
+    timer.wrap(engine.scheduler, "_admit_waiting", "schedule: admit waiting")
+    if engine.tiers is not None:  # the tier's share of the host work
+        timer.wrap(engine.tiers, "poll", "tier: poll")
+        timer.wrap(engine.tiers, "store_lookahead", "tier: store lookahead (both calls)")
+        timer.wrap(engine.scheduler, "store_ahead", "tier: store ahead (after launch)")
+        timer.wrap(engine.scheduler, "_try_tier_load", "tier: lookup and start load")
     rng = random.Random(0)
     prefixes = [[rng.randrange(1000, 30_000) for _ in range(prefix_len)] for _ in range(64)]
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)

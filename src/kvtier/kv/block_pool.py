@@ -60,6 +60,8 @@ class BlockPool:
         self._hash_to_block: dict[BlockHash, int] = {}
         self._num_pinned_free = 0
         self.num_evictions = 0
+        self.num_cached_total = 0
+        """Blocks ever registered under a new hash: a changed count means new prefix hits."""
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -168,6 +170,7 @@ class BlockPool:
             return block.block_hash == block_hash
         block.block_hash = block_hash
         self._hash_to_block[block_hash] = block_id
+        self.num_cached_total += 1
         return True
 
     def pin(self, block_id: int) -> None:

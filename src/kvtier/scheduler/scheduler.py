@@ -10,7 +10,8 @@ Each `schedule()` fills one step's token budget in priority order:
    `max_num_seqs` and free blocks allow (not in a step that had to preempt). A request whose
    next uncached block another request is computing (a prefix two waiting requests share,
    before either has run) is passed over until that block is cached, so the prefix is
-   computed once and the second request starts after it. When the KV
+   computed once and the second request starts after it. A step skips admission when the
+   last attempt ran out of blocks and nothing since could change that. When the KV
    tiers hold more of the prefix and loading it pays, the request instead gets blocks for it
    and waits LOADING (off the budget) while the transfer runs and the batch keeps stepping
    (a load that finished inline, see `tiers.manager.INLINE_LOAD_S`, is scheduled at once).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 
 from kvtier.config import SchedulerConfig
 from kvtier.kv.manager import KVCacheManager
@@ -43,6 +45,32 @@ LPM_MAX_WAIT_S = 5.0
 """Under lpm, a request waiting longer than this is admitted next regardless of its prefix."""
 
 
+@dataclass(frozen=True)
+class _AdmissionState:
+    """What decides whether a waiting request can get its blocks. Admission that ran out of
+    blocks at one state runs out again at a later one with no more free blocks, the same
+    cached blocks (none registered, none evicted: the same hits, so the same ranking and the
+    same needs), no new request, no finished tier load and the same order policy: the step
+    then skips it. Under KV pressure most steps would otherwise rank the queue, look up the
+    tiers and fail again: ~1 ms of host time each on workload P, with the device idle."""
+
+    free_blocks: int
+    num_cached_total: int
+    num_evictions: int
+    num_arrivals: int
+    num_loads_finished: int
+    fcfs_order: bool
+    """The admission order fell back to arrival order (lpm's aged or preempted head)."""
+
+    def still_fails(self, now: _AdmissionState) -> bool:
+        return (now.free_blocks <= self.free_blocks
+                and now.num_cached_total == self.num_cached_total
+                and now.num_evictions == self.num_evictions
+                and now.num_arrivals == self.num_arrivals
+                and now.num_loads_finished == self.num_loads_finished
+                and now.fcfs_order == self.fcfs_order)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
                  tiers: TierManager | None = None) -> None:
@@ -57,6 +85,12 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_deferred_shared_prefixes = 0
         """Admissions passed over because another request was computing their next block."""
+        self._num_arrivals = 0
+        self._num_loads_finished = 0
+        self._failed_admission: _AdmissionState | None = None
+        self.num_skipped_admissions = 0
+        """Steps that skipped admission: the last attempt ran out of blocks, nothing since
+        could let a waiting request in."""
         self.separate_prefill_steps = False
         """Set by the engine when decode-only steps are much cheaper (CUDA graphs): steps then
         carry either prefill chunks or decodes, alternating while both are pending."""
@@ -69,6 +103,7 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self._num_arrivals += 1
 
     def finish_request(self, request_id: str, reason: FinishReason,
                        stop_reason: str | int | None = None) -> Request | None:
@@ -234,22 +269,33 @@ class Scheduler:
         by how much of their prefix the device holds (ties keep arrival order), then the rest;
         a preempted or long-waiting head stays first. Ranked once per step."""
         waiting = list(self.waiting)
-        head = waiting[0]
-        if (self.config.scheduling_policy == "fcfs" or len(waiting) == 1
-                or head.status is RequestStatus.PREEMPTED
-                or time.monotonic() - head.arrival_time > LPM_MAX_WAIT_S):
+        if len(waiting) == 1 or self._arrival_order_first():
             return waiting
         window = waiting[:LPM_WINDOW]
         hits = {id(r): self.kv.estimate_cached_blocks(r) for r in window}
         window.sort(key=lambda r: -hits[id(r)])  # stable: ties keep arrival order
         return window + waiting[LPM_WINDOW:]
 
+    def _arrival_order_first(self) -> bool:
+        """Whether admission takes the waiting queue in arrival order: FCFS, or lpm with a
+        preempted or long-waiting head."""
+        head = self.waiting[0]
+        return (self.config.scheduling_policy == "fcfs"
+                or head.status is RequestStatus.PREEMPTED
+                or time.monotonic() - head.arrival_time > LPM_MAX_WAIT_S)
+
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
         # Checked before ranking too: under KV pressure most steps admit nothing, and LPM's
         # ranking hashes every request in its window.
         if not self.waiting or self._admission_blocked(budget):
             return budget
+        state = self._admission_state()
+        if self._failed_admission is not None and self._failed_admission.still_fails(state):
+            self.num_skipped_admissions += 1
+            return budget
+        self._failed_admission = None
         being_computed = self._blocks_being_computed()
+        admitted = len(scheduled)
         for request in self._admission_order():
             if self._admission_blocked(budget):
                 break
@@ -268,6 +314,8 @@ class Scheduler:
                     continue
             num_new = self._chunk(request.num_tokens - num_hit_tokens, budget)
             if not self.kv.allocate_slots(request, num_new, hit_blocks):
+                if len(scheduled) == admitted and not self.loading:
+                    self._failed_admission = state
                 break
             self.waiting.remove(request)
             self._start(request, num_hit_tokens, RequestStatus.RUNNING)
@@ -277,6 +325,12 @@ class Scheduler:
             if self.kv.enable_caching:
                 being_computed.update(self._uncomputed_prompt_hashes(request))
         return budget
+
+    def _admission_state(self) -> _AdmissionState:
+        return _AdmissionState(self.kv.num_free_blocks, self.kv.pool.num_cached_total,
+                               self.kv.pool.num_evictions,
+                               self._num_arrivals, self._num_loads_finished,
+                               self._arrival_order_first())
 
     def _uncomputed_prompt_hashes(self, request: Request) -> list[BlockHash]:
         """Hashes of the full prompt blocks the request holds but has not computed yet."""
@@ -364,6 +418,7 @@ class Scheduler:
         assert self.tiers is not None
         for result in self.tiers.poll():
             request = self.loading.pop(result.request_id)
+            self._num_loads_finished += 1
             if request.is_finished:  # aborted while its blocks were being written
                 self.kv.free(request)
                 continue

@@ -6,6 +6,7 @@ produce the same tokens; what these tests check is the bookkeeping around it.
 
 from __future__ import annotations
 
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,7 @@ from kvtier.config import SchedulerConfig
 from kvtier.kv import BlockPool, KVCacheManager, root_block_hash
 from kvtier.request import Request
 from kvtier.scheduler import Scheduler
+from kvtier.scheduler import scheduler as scheduler_module
 from kvtier.tiers.records import LoadResult
 from kvtier.types import FinishReason, ModelRunnerOutput, SamplingParams, SchedulerOutput
 
@@ -277,6 +279,51 @@ def test_lpm_admits_the_request_sharing_the_cached_prefix_first_but_ages_others(
     scheduler.add_request(cold)
     scheduler.add_request(make_request("hot", shared + [2, 3]))
     assert run_step(scheduler).requests[0].request_id == "cold"
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "lpm"])
+@pytest.mark.parametrize("separate", [False, True])
+def test_skipped_admissions_change_no_decision(policy: str, separate: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under KV pressure (a 40-block pool, prompts of 9-39 tokens over 6 shared prefixes,
+    25-40 output tokens, arriving in waves; dozens of preemptions), a step skips admission
+    when the last attempt ran out of blocks and nothing since could let a request in. Every
+    step then schedules exactly what it schedules when every step tries again, and the tokens
+    are the same."""
+    rng = random.Random(7)
+    prefixes = [[rng.randrange(1, 900) for _ in range(rng.choice([8, 16, 24]))]
+                for _ in range(6)]
+    prompts = [rng.choice(prefixes) + [rng.randrange(1, 900) for _ in range(rng.randrange(1, 16))]
+               for _ in range(40)]
+
+    def run(skipping: bool) -> tuple[list[list[tuple[str, int, int]]], list[list[int]], int]:
+        if not skipping:
+            monkeypatch.setattr(scheduler_module._AdmissionState, "still_fails",
+                                lambda self, now: False)
+        pool = BlockPool(40)
+        kv = KVCacheManager(pool, BLOCK, root_block_hash("m"))
+        scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8,
+                                              scheduling_policy=policy), kv)
+        scheduler.separate_prefill_steps = separate
+        requests = [make_request(str(i), p, max_tokens=n)
+                    for i, (p, n) in enumerate(zip(prompts, [30, 40, 25, 35] * 10, strict=True))]
+        steps = []
+        for wave in range(0, len(requests), 10):
+            for request in requests[wave:wave + 10]:
+                scheduler.add_request(request)
+            for _ in range(6):  # the next wave arrives while these still run
+                steps.append(run_step(scheduler))
+        steps += run_to_end(scheduler)
+        monkeypatch.undo()
+        return ([[(s.request_id, s.num_computed_tokens, len(s.token_ids)) for s in step.requests]
+                 for step in steps], [r.output_token_ids for r in requests],
+                scheduler.num_skipped_admissions)
+
+    skipping_steps, skipping_tokens, skipped = run(skipping=True)
+    every_steps, every_tokens, _ = run(skipping=False)
+    assert skipped > 0
+    assert skipping_steps == every_steps
+    assert skipping_tokens == every_tokens
 
 
 class InlineTiers:

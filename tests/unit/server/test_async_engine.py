@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -192,7 +193,15 @@ def test_idle_engine_thread_sleeps() -> None:
     fake = FakeEngine()
     engine = start_async_engine(fake)
     asyncio.run(collect(engine, "wake up"))
-    calls = fake.num_calls
+    # The thread may finish its last turn just after the client has the final output: wait
+    # for the calls to stop (a polling thread never would), then watch it stay idle.
+    calls, deadline = fake.num_calls, time.monotonic() + 2.0
+    while True:
+        threading.Event().wait(0.05)
+        if fake.num_calls == calls:
+            break
+        assert time.monotonic() < deadline, "the engine thread kept calling the engine"
+        calls = fake.num_calls
     threading.Event().wait(0.2)
     assert fake.num_calls == calls  # no polling while there is nothing to do
     asyncio.run(engine.shutdown())
