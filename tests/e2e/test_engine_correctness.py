@@ -120,8 +120,14 @@ def test_greedy_output_is_invariant_to_caching_chunking_and_batching(
     prompts, alone = invariance_reference
     llm = LLM(enable_prefix_caching=prefix_caching, max_num_batched_tokens=budget)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    outputs = llm.generate(prompts, params)
+    together = [o.outputs[0].token_ids for o in outputs]
     assert together[:4] == alone
+    if prefix_caching:  # the shared system prompt is computed once, by the first request
+        common = next(i for i, column in enumerate(zip(*prompts)) if len(set(column)) > 1)
+        full_blocks = common // llm.engine.config.cache.block_size * \
+            llm.engine.config.cache.block_size
+        assert all(o.metrics.num_cached_tokens >= full_blocks for o in outputs[1:])
     # Requests sharing a prompt prefix produce identical continuations for identical prompts.
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for prompt, tokens in zip(prompts, together, strict=True):
