@@ -264,12 +264,12 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _admission_order(self) -> list[Request]:
-        """FCFS: the waiting queue as it is. LPM: the first LPM_WINDOW waiting requests ranked
-        by how much of their prefix the device holds (ties keep arrival order), then the rest;
-        a preempted or long-waiting head stays first. Ranked once per step."""
+    def _admission_order(self, arrival_order: bool) -> list[Request]:
+        """The waiting queue as it is (`arrival_order`: FCFS, or lpm with a preempted or
+        long-waiting head), else lpm's: the first LPM_WINDOW waiting requests ranked by how
+        much of their prefix the device holds (ties keep arrival order), then the rest."""
         waiting = list(self.waiting)
-        if len(waiting) == 1 or self._arrival_order_first():
+        if len(waiting) == 1 or arrival_order:
             return waiting
         window = waiting[:LPM_WINDOW]
         hits = {id(r): self.kv.estimate_cached_blocks(r) for r in window}
@@ -295,8 +295,7 @@ class Scheduler:
             return budget
         self._failed_admission = None
         being_computed = self._blocks_being_computed()
-        admitted = len(scheduled)
-        for request in self._admission_order():
+        for request in self._admission_order(state.fcfs_order):
             if self._admission_blocked(budget):
                 break
             hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
@@ -314,8 +313,10 @@ class Scheduler:
                     continue
             num_new = self._chunk(request.num_tokens - num_hit_tokens, budget)
             if not self.kv.allocate_slots(request, num_new, hit_blocks):
-                if len(scheduled) == admitted and not self.loading:
-                    self._failed_admission = state
+                # Taken now, after whatever this attempt admitted or started loading: what
+                # those change (fewer free blocks, blocks cached or loads finished later)
+                # keeps or ends the skip correctly.
+                self._failed_admission = self._admission_state()
                 break
             self.waiting.remove(request)
             self._start(request, num_hit_tokens, RequestStatus.RUNNING)
