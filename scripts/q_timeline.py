@@ -1,0 +1,228 @@
+"""Where a workload-Q request's time to first token goes, step by step (issue 6).
+
+Q's mean TTFT with the cpu tier sat at 0.66-0.70x of prefix caching alone, with a third of
+it in the front end and the rest in the engine. This replays Q in-process (no HTTP, no
+tokeniser: the engine-side share only) with the lab's engine settings, 4 requests in
+flight, and records every step (when it started and ended, which requests it carried with
+how many tokens) and every request (arrival, first step that computed it, first token). It
+then splits each request's TTFT into
+
+- wait: arrival to the start of the first step that computes it (steps of other requests
+  it sat behind, by kind);
+- first step(s): that step's start to the first token (its own extend or prefill, plus
+  whatever else the step carried: a miss's prefill, another request's load).
+
+and groups requests by what they hit (device prefix cache, cpu tier, nothing).
+
+    PYTHONPATH=src python3 scripts/q_timeline.py --out $OUT/q_timeline.json [--variant ...]
+    PYTHONPATH=src python3 scripts/q_timeline.py --smoke      # CPU check, embedded model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL = "random:qwen2.5-1.5b"
+
+
+@dataclass
+class StepRecord:
+    start: float
+    end: float = 0.0
+    requests: list[tuple[str, int]] = field(default_factory=list)
+    """(request id, tokens computed this step)."""
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(n for _, n in self.requests if n > 1)
+
+    @property
+    def kind(self) -> str:
+        if not self.requests:
+            return "idle"
+        return "prefill" if self.prefill_tokens else "decode"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    tiers: tuple[str, ...] = ()
+    engine: tuple[tuple[str, Any], ...] = ()
+
+
+VARIANTS = {
+    "off": Variant("off"),
+    "cpu": Variant("cpu", ("cpu:16GiB",)),
+    "cpu-t1024": Variant("cpu-t1024", ("cpu:16GiB",), (("long_prefill_token_threshold", 1024),)),
+    "cpu-t2048": Variant("cpu-t2048", ("cpu:16GiB",), (("long_prefill_token_threshold", 2048),)),
+}
+
+
+def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: int,
+           suffix_len: int, output_len: int, concurrency: int, warmup: int,
+           front_end_s: float) -> dict:
+    from kvtier import LLM, SamplingParams
+    extra: dict[str, Any] = dict(variant.engine)
+    if variant.tiers:
+        extra["kv_tiers"] = variant.tiers
+    llm = LLM(model, num_gpu_blocks_override=4096, max_num_batched_tokens=8192,
+              max_num_seqs=256, scheduling_policy="lpm", **extra)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+
+    # Warm-up on other prefixes, so kernel compiles for these shapes happen before timing.
+    rng = random.Random(1)
+    llm.generate([[rng.randrange(30_000, 45_000) for _ in range(prefix_len + suffix_len)]
+                  for _ in range(warmup)], params)
+
+    rng = random.Random(0)
+    prefixes = [[rng.randrange(1000, 30_000) for _ in range(prefix_len)] for _ in range(64)]
+    queued = [prefixes[rng.randrange(64)] + [rng.randrange(1000, 30_000)
+                                             for _ in range(suffix_len)]
+              for _ in range(num_prompts)]
+    queued.reverse()
+    steps: list[StepRecord] = []
+    schedule = engine.scheduler.schedule
+
+    def recorded_schedule() -> Any:
+        output = schedule()
+        steps[-1].requests = [(s.request_id, len(s.token_ids)) for s in output.requests]
+        return output
+    engine.scheduler.schedule = recorded_schedule  # type: ignore[method-assign]
+    live: dict[str, Any] = {}
+    finished: list[Any] = []
+    started = time.monotonic()
+    # A client sends its next request when one finishes; it reaches the engine front_end_s
+    # later (the server's parsing, tokenising and hop to the core), in the middle of a step.
+    due = [started] * concurrency
+    while queued or live:
+        now = time.monotonic()
+        if not live and due and due[0] > now:
+            time.sleep(due[0] - now)
+            now = time.monotonic()
+        while due and due[0] <= now and queued:
+            request_id = engine.add_request(queued.pop(), params)
+            request = engine.scheduler.requests[request_id]
+            request.metrics.arrival_time = request.arrival_time = due.pop(0)
+            live[request_id] = request
+        steps.append(StepRecord(time.monotonic()))
+        outputs = engine.step()
+        steps[-1].end = time.monotonic()
+        for output in outputs:
+            if output.finished:
+                finished.append(live.pop(output.request_id))
+                due.append(steps[-1].end + front_end_s)
+    wall = time.monotonic() - started
+    if engine.tiers is not None:
+        engine.shutdown()
+    return summarize(variant, steps, finished, wall, prefix_len)
+
+
+def request_class(request: Any, prefix_len: int) -> str:
+    """What served most of its shared prefix: the cpu tier, the device cache, or nothing."""
+    hits = request.metrics.num_tier_hit_tokens
+    if sum(n for name, n in hits.items() if name != "device") >= prefix_len // 2:
+        return "tier hit"
+    return "device hit" if hits.get("device", 0) >= prefix_len // 2 else "miss"
+
+
+def summarize(variant: Variant, steps: list[StepRecord], finished: list[Any],
+              wall: float, prefix_len: int) -> dict:
+    first_step: dict[str, int] = {}
+    for index, step in enumerate(steps):
+        for request_id, _ in step.requests:
+            first_step.setdefault(request_id, index)
+    rows = []
+    for request in finished:
+        m = request.metrics
+        index = first_step[request.request_id]
+        step = steps[index]
+        waited = [s for s in steps[:index] if s.end > m.arrival_time]
+        rows.append({
+            "class": request_class(request, prefix_len),
+            "ttft_ms": 1e3 * (m.first_token_time - m.arrival_time),
+            "wait_ms": 1e3 * (step.start - m.arrival_time),
+            "first_step_ms": 1e3 * (m.first_token_time - step.start),
+            "waited_prefill_steps": sum(s.kind == "prefill" for s in waited),
+            "waited_decode_steps": sum(s.kind == "decode" for s in waited),
+            "first_step_other_prefill_tokens": sum(
+                n for rid, n in step.requests if rid != request.request_id and n > 1),
+        })
+    by_class: dict[str, Any] = {}
+    for name in ("miss", "device hit", "tier hit", "all"):
+        group = [r for r in rows if name in ("all", r["class"])]
+        if not group:
+            continue
+        by_class[name] = {"n": len(group)} | {
+            key: round(statistics.mean(r[key] for r in group), 2)
+            for key in ("ttft_ms", "wait_ms", "first_step_ms", "waited_prefill_steps",
+                        "waited_decode_steps", "first_step_other_prefill_tokens")}
+        by_class[name]["ttft_median_ms"] = round(statistics.median(r["ttft_ms"] for r in group), 2)
+    kinds: dict[str, list[float]] = {}
+    for step in steps:
+        kinds.setdefault(step.kind, []).append(1e3 * (step.end - step.start))
+    step_summary = {k: {"n": len(v), "mean_ms": round(statistics.mean(v), 3),
+                        "total_s": round(sum(v) / 1e3, 3)} for k, v in kinds.items()}
+    # Prefill steps by size class: extend-only (< 1,024 prompt tokens) or with a long prefill.
+    sizes: dict[str, list[float]] = {}
+    for step in steps:
+        if step.kind == "prefill":
+            key = "prefill<1024" if step.prefill_tokens < 1024 else "prefill>=1024"
+            sizes.setdefault(key, []).append(1e3 * (step.end - step.start))
+    for key, values in sizes.items():
+        step_summary[key] = {"n": len(values), "mean_ms": round(statistics.mean(values), 3)}
+    result = {"variant": asdict(variant), "wall_s": round(wall, 3),
+              "req_s": round(len(finished) / wall, 2), "by_class": by_class,
+              "steps": step_summary, "requests": rows}
+    print(variant.name, json.dumps({k: v for k, v in result.items() if k != "requests"}),
+          flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="q_timeline.json")
+    parser.add_argument("--variant", action="append", choices=sorted(VARIANTS),
+                        help="repeatable; default: off and cpu")
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--front-end-ms", type=float, default=13.0,
+                        help="a finished request's successor reaches the engine this much later "
+                             "(Q's front end + HTTP on the H200: ~9 + ~4 ms)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU check: embedded model, short prompts, few requests")
+    args = parser.parse_args()
+    names = args.variant or ["off", "cpu"]
+    if args.smoke:
+        shape = {"model": None, "prefix_len": 64, "suffix_len": 16, "output_len": 4,
+                 "concurrency": 4, "warmup": 2, "front_end_s": args.front_end_ms / 1e3}
+        num_prompts = min(args.num_prompts, 24)
+        variants = [Variant(VARIANTS[n].name, tuple("cpu:1GiB" for _ in VARIANTS[n].tiers),
+                            VARIANTS[n].engine) for n in names]
+    else:
+        shape = {"model": MODEL, "prefix_len": 4096, "suffix_len": 256, "output_len": 32,
+                 "concurrency": 4, "warmup": 8, "front_end_s": args.front_end_ms / 1e3}
+        num_prompts = args.num_prompts
+        variants = [VARIANTS[n] for n in names]
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "commit": subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
+    try:
+        import torch
+        report["card"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        report["card"] = "cpu"
+    print("card:", report["card"], flush=True)
+    for variant in variants:
+        report[variant.name] = replay(variant, num_prompts, **shape)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
