@@ -37,6 +37,10 @@ MODEL = "random:qwen2.5-1.5b"
 class StepRecord:
     start: float
     end: float = 0.0
+    scheduled: float = 0.0
+    """When `schedule()` returned (its host work: admission, tier lookups, loads enqueued)."""
+    launched: float = 0.0
+    """When the runner's launch returned (inputs prepared, kernels enqueued)."""
     requests: list[tuple[str, int]] = field(default_factory=list)
     """(request id, tokens computed this step)."""
 
@@ -68,12 +72,12 @@ VARIANTS = {
 
 def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: int,
            suffix_len: int, output_len: int, concurrency: int, warmup: int,
-           front_end_s: float) -> dict:
+           front_end_s: float, num_gpu_blocks: int = 4096, num_prefixes: int = 64) -> dict:
     from kvtier import LLM, SamplingParams
     extra: dict[str, Any] = dict(variant.engine)
     if variant.tiers:
         extra["kv_tiers"] = variant.tiers
-    llm = LLM(model, num_gpu_blocks_override=4096, max_num_batched_tokens=8192,
+    llm = LLM(model, num_gpu_blocks_override=num_gpu_blocks, max_num_batched_tokens=8192,
               max_num_seqs=256, scheduling_policy="lpm", **extra)
     engine = llm.engine
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -84,19 +88,31 @@ def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: in
                   for _ in range(warmup)], params)
 
     rng = random.Random(0)
-    prefixes = [[rng.randrange(1000, 30_000) for _ in range(prefix_len)] for _ in range(64)]
-    queued = [prefixes[rng.randrange(64)] + [rng.randrange(1000, 30_000)
-                                             for _ in range(suffix_len)]
-              for _ in range(num_prompts)]
+    prefixes = [[rng.randrange(1000, 30_000) for _ in range(prefix_len)]
+                for _ in range(num_prefixes)]
+    drawn = [rng.randrange(num_prefixes) for _ in range(num_prompts)]
+    queued = [prefixes[i] + [rng.randrange(1000, 30_000) for _ in range(suffix_len)]
+              for i in drawn]
     queued.reverse()
+    # Whether each request's prefix was drawn before (a miss then means it was lost).
+    reused = [i in drawn[:n] for n, i in enumerate(drawn)]
+    reused.reverse()
     steps: list[StepRecord] = []
     schedule = engine.scheduler.schedule
 
     def recorded_schedule() -> Any:
         output = schedule()
+        steps[-1].scheduled = time.monotonic()
         steps[-1].requests = [(s.request_id, len(s.token_ids)) for s in output.requests]
         return output
     engine.scheduler.schedule = recorded_schedule  # type: ignore[method-assign]
+    launch = engine.runner.launch
+
+    def recorded_launch(output: Any) -> Any:
+        pending = launch(output)
+        steps[-1].launched = time.monotonic()
+        return pending
+    engine.runner.launch = recorded_launch  # type: ignore[method-assign]
     live: dict[str, Any] = {}
     finished: list[Any] = []
     started = time.monotonic()
@@ -111,6 +127,7 @@ def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: in
         while due and due[0] <= now and queued:
             request_id = engine.add_request(queued.pop(), params)
             request = engine.scheduler.requests[request_id]
+            request.prefix_drawn_before = reused.pop()
             request.metrics.arrival_time = request.arrival_time = due.pop(0)
             live[request_id] = request
         steps.append(StepRecord(time.monotonic()))
@@ -121,9 +138,17 @@ def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: in
                 finished.append(live.pop(output.request_id))
                 due.append(steps[-1].end + front_end_s)
     wall = time.monotonic() - started
+    tier_stats = None
     if engine.tiers is not None:
+        stats = engine.tiers.stats
+        tier_stats = {"loads": stats.num_loads, "load_copy_ms_mean": round(
+            1e3 * stats.load_copy_seconds / max(stats.num_loads, 1), 3),
+            "load_wall_ms_mean": round(1e3 * stats.load_seconds / max(stats.num_loads, 1), 3)}
         engine.shutdown()
-    return summarize(variant, steps, finished, wall, prefix_len)
+    result = summarize(variant, steps, finished, wall, prefix_len)
+    result["tier"] = tier_stats
+    print(variant.name, "tier", json.dumps(tier_stats), flush=True)
+    return result
 
 
 def request_class(request: Any, prefix_len: int) -> str:
@@ -147,7 +172,9 @@ def summarize(variant: Variant, steps: list[StepRecord], finished: list[Any],
         step = steps[index]
         waited = [s for s in steps[:index] if s.end > m.arrival_time]
         rows.append({
+            "id": request.request_id,
             "class": request_class(request, prefix_len),
+            "prefix_drawn_before": request.prefix_drawn_before,
             "ttft_ms": 1e3 * (m.first_token_time - m.arrival_time),
             "wait_ms": 1e3 * (step.start - m.arrival_time),
             "first_step_ms": 1e3 * (m.first_token_time - step.start),
@@ -165,6 +192,7 @@ def summarize(variant: Variant, steps: list[StepRecord], finished: list[Any],
             key: round(statistics.mean(r[key] for r in group), 2)
             for key in ("ttft_ms", "wait_ms", "first_step_ms", "waited_prefill_steps",
                         "waited_decode_steps", "first_step_other_prefill_tokens")}
+        by_class[name]["prefix_drawn_before"] = sum(r["prefix_drawn_before"] for r in group)
         by_class[name]["ttft_median_ms"] = round(statistics.median(r["ttft_ms"] for r in group), 2)
     kinds: dict[str, list[float]] = {}
     for step in steps:
@@ -179,6 +207,24 @@ def summarize(variant: Variant, steps: list[StepRecord], finished: list[Any],
             sizes.setdefault(key, []).append(1e3 * (step.end - step.start))
     for key, values in sizes.items():
         step_summary[key] = {"n": len(values), "mean_ms": round(statistics.mean(values), 3)}
+    # Prefill steps by what they carried: first steps of tier hits (their loads), of device
+    # hits, and whether a long prefill (a miss) shared the step; host time to schedule it.
+    cls = {r["id"]: r["class"] for r in rows}
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for index, step in enumerate(steps):
+        if step.kind != "prefill":
+            continue
+        firsts = [cls.get(rid) for rid, _ in step.requests if first_step.get(rid) == index]
+        key = (f"tier_hits={firsts.count('tier hit')} device_hits={firsts.count('device hit')}"
+               f" long={int(any(n >= 1024 for _, n in step.requests))}")
+        groups.setdefault(key, []).append((1e3 * (step.end - step.start),
+                                           1e3 * (step.scheduled - step.start),
+                                           1e3 * (step.launched - step.scheduled)))
+    step_summary["prefill_by_content"] = {
+        key: {"n": len(v), "mean_ms": round(statistics.mean(d for d, _, _ in v), 3),
+              "schedule_ms": round(statistics.mean(h for _, h, _ in v), 3),
+              "launch_ms": round(statistics.mean(h for _, _, h in v), 3)}
+        for key, v in sorted(groups.items())}
     result = {"variant": asdict(variant), "wall_s": round(wall, 3),
               "req_s": round(len(finished) / wall, 2), "by_class": by_class,
               "steps": step_summary, "requests": rows}
@@ -202,7 +248,8 @@ def main() -> None:
     names = args.variant or ["off", "cpu"]
     if args.smoke:
         shape = {"model": None, "prefix_len": 64, "suffix_len": 16, "output_len": 4,
-                 "concurrency": 4, "warmup": 2, "front_end_s": args.front_end_ms / 1e3}
+                 "concurrency": 4, "warmup": 2, "front_end_s": args.front_end_ms / 1e3,
+                 "num_gpu_blocks": 32, "num_prefixes": 8}
         num_prompts = min(args.num_prompts, 24)
         variants = [Variant(VARIANTS[n].name, tuple("cpu:1GiB" for _ in VARIANTS[n].tiers),
                             VARIANTS[n].engine) for n in names]
