@@ -55,6 +55,54 @@ class StepRecord:
         return "prefill" if self.prefill_tokens else "decode"
 
 
+class CallTimer:
+    """Wraps methods of live objects: calls and wall time per name (host work per step)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, owner: Any, attr: str, name: str) -> None:
+        if owner is None or not hasattr(owner, attr):
+            return
+        original = getattr(owner, attr)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.calls[name] = self.calls.get(name, 0) + 1
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        setattr(owner, attr, timed)
+
+    def report(self) -> dict[str, dict[str, float]]:
+        return {name: {"calls": self.calls[name], "total_ms": round(1e3 * self.seconds[name], 1),
+                       "mean_us": round(1e6 * self.seconds[name] / self.calls[name], 1)}
+                for name in sorted(self.seconds, key=lambda n: -self.seconds[n])}
+
+
+def wrap_host_phases(engine: Any, timer: CallTimer) -> None:
+    """The scheduler's and the tier's host work, down to the transfer calls."""
+    scheduler, tiers = engine.scheduler, engine.tiers
+    for attr in ("_admit_waiting", "_try_tier_load", "_finish_loads", "store_ahead",
+                 "_blocks_being_computed", "_admission_order"):
+        timer.wrap(scheduler, attr, f"scheduler.{attr}")
+    timer.wrap(scheduler.kv, "allocate_slots", "kv.allocate_slots")
+    timer.wrap(scheduler.kv, "get_computed_blocks", "kv.get_computed_blocks")
+    timer.wrap(scheduler.kv, "cache_computed_blocks", "kv.cache_computed_blocks")
+    if tiers is None:
+        return
+    for attr in ("lookup", "start_load", "note_request", "store_lookahead", "poll",
+                 "_store_chunks", "_start_event_load", "on_evict", "on_request_freed"):
+        timer.wrap(tiers, attr, f"tiers.{attr}")
+    for attr in ("copy_in_parts", "load_index", "load_event", "gather", "copy_out_async",
+                 "order_compute_after"):
+        timer.wrap(tiers.transfer, attr, f"transfer.{attr}")
+    for attr in ("read", "pin", "locate", "prepare_store", "complete_store"):
+        timer.wrap(tiers.stores[0], attr, f"cpu_store.{attr}")
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -72,7 +120,8 @@ VARIANTS = {
 
 def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: int,
            suffix_len: int, output_len: int, concurrency: int, warmup: int,
-           front_end_s: float, num_gpu_blocks: int = 4096, num_prefixes: int = 64) -> dict:
+           front_end_s: float, num_gpu_blocks: int = 4096, num_prefixes: int = 64,
+           phases: bool = False) -> dict:
     from kvtier import LLM, SamplingParams
     extra: dict[str, Any] = dict(variant.engine)
     if variant.tiers:
@@ -87,6 +136,9 @@ def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: in
     llm.generate([[rng.randrange(30_000, 45_000) for _ in range(prefix_len + suffix_len)]
                   for _ in range(warmup)], params)
 
+    timer = CallTimer()
+    if phases:
+        wrap_host_phases(engine, timer)
     rng = random.Random(0)
     prefixes = [[rng.randrange(1000, 30_000) for _ in range(prefix_len)]
                 for _ in range(num_prefixes)]
@@ -147,6 +199,9 @@ def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: in
         engine.shutdown()
     result = summarize(variant, steps, finished, wall, prefix_len)
     result["tier"] = tier_stats
+    if phases:
+        result["host_phases"] = timer.report()
+        print(variant.name, "host phases", json.dumps(result["host_phases"]), flush=True)
     print(variant.name, "tier", json.dumps(tier_stats), flush=True)
     return result
 
@@ -242,6 +297,8 @@ def main() -> None:
     parser.add_argument("--front-end-ms", type=float, default=13.0,
                         help="a finished request's successor reaches the engine this much later "
                              "(Q's front end + HTTP on the H200: ~9 + ~4 ms)")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time the scheduler's and the tier's host calls")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check: embedded model, short prompts, few requests")
     args = parser.parse_args()
@@ -267,7 +324,7 @@ def main() -> None:
         report["card"] = "cpu"
     print("card:", report["card"], flush=True)
     for variant in variants:
-        report[variant.name] = replay(variant, num_prompts, **shape)
+        report[variant.name] = replay(variant, num_prompts, **shape, phases=args.phases)
     Path(args.out).write_text(json.dumps(report, indent=1))
 
 
