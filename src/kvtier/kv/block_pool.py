@@ -30,9 +30,10 @@ class NoFreeBlocksError(RuntimeError):
 
 
 class EvictionListener(Protocol):
-    """Told about cached blocks just before their ids are reused (their data is still intact)."""
+    """Told about cached blocks just before their ids are reused, or dropped by a reset
+    (`reused=False`); their data is still intact."""
 
-    def on_evict(self, evicted: list[tuple[BlockHash, int]]) -> None: ...
+    def on_evict(self, evicted: list[tuple[BlockHash, int]], reused: bool = True) -> None: ...
 
 
 @dataclass
@@ -196,7 +197,8 @@ class BlockPool:
         dropped = [b for b in self._free_cached if not self.blocks[b].pin_cnt]
         if dropped and self.eviction_listener is not None:
             self.eviction_listener.on_evict(
-                [(self.blocks[b].block_hash, b) for b in dropped])  # type: ignore[misc]
+                [(self.blocks[b].block_hash, b) for b in dropped],  # type: ignore[misc]
+                reused=False)
         for block_id in dropped:
             del self._free_cached[block_id]
             block = self.blocks[block_id]

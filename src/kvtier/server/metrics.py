@@ -52,6 +52,8 @@ _MANAGER_COUNTERS = (
      "Chunks not stored or hits not loaded because recomputing was predicted cheaper."),
     ("evicted_unsaved_blocks", "num_evicted_unsaved_blocks",
      "Device blocks evicted with no copy in any tier."),
+    ("tier_stores_at_eviction", "num_stores_at_eviction",
+     "Lazy-store chunks copied down at their eviction (the lookahead had not reached them)."),
 )
 
 

@@ -378,15 +378,30 @@ class TierManager:
             for block_hash in chunk.block_hashes:
                 self._candidates[block_hash] = chunk
 
-    def on_evict(self, evicted: list[tuple[BlockHash, int]]) -> None:
-        """BlockPool listener: these device blocks are about to be reused."""
+    def on_evict(self, evicted: list[tuple[BlockHash, int]], reused: bool = True) -> None:
+        """BlockPool listener: these device blocks are about to be reused (`reused`), or are
+        dropped by a prefix-cache reset. Their data stays intact until the next forward pass,
+        so lazy candidates among blocks about to be reused are copied down now: those the
+        lookahead did not reach (a step that allocates more than its window, several misses
+        and loads admitted together) would otherwise be lost, and their prefix recomputed."""
+        rescued: list[Chunk] = []
         for block_hash, _ in evicted:
             chunk = self._candidates.pop(block_hash, None)
-            if not any(s.has_block(block_hash) for s in self.stores):
-                self.stats.num_evicted_unsaved_blocks += 1
             if chunk is not None:
                 for other in chunk.block_hashes:
                     self._candidates.pop(other, None)
+                rescued.append(chunk)
+        saved: set[BlockHash] = set()
+        if rescued and reused and self.config.kv_store_policy == "lazy":
+            room = max(0, _MAX_INFLIGHT_STORES - len(self._storing))
+            self._store_chunks(rescued[:room], evicting=True)
+            for chunk in rescued:
+                if chunk.key in self._storing or self.stores[0].has_block(chunk.key):
+                    self.stats.num_stores_at_eviction += 1
+                    saved.update(chunk.block_hashes)
+        for block_hash, _ in evicted:
+            if block_hash not in saved and not any(s.has_block(block_hash) for s in self.stores):
+                self.stats.num_evicted_unsaved_blocks += 1
 
     def store_lookahead(self, num_blocks: int) -> None:
         """Lazy policy: copy down candidates among the next `num_blocks` to be evicted."""
@@ -414,9 +429,11 @@ class TierManager:
         self._store_chunks(list({id(c): c for c in self._candidates.values()}.values()))
         self._candidates.clear()
 
-    def _store_chunks(self, chunks: list[Chunk]) -> None:
+    def _store_chunks(self, chunks: list[Chunk], evicting: bool = False) -> None:
         """Copy admitted chunks, whose blocks are all still on the device, down to the first
-        tier: one gather for all of them (on CUDA one index upload, and one event)."""
+        tier: one gather for all of them (on CUDA one index upload, and one event).
+        `evicting`: the blocks are being handed to new owners; the gather captures them now
+        (on CUDA it always does, ordered before the next forward pass) and pins nothing."""
         ready: list[tuple[Chunk, list[int]]] = []
         for chunk in chunks:
             if not self._admit(chunk):
@@ -427,12 +444,13 @@ class TierManager:
             ready.append((chunk, [b for b in block_ids if b is not None]))
         if not ready:
             return
-        gathered_chunks = self.transfer.gather([ids for _, ids in ready])
+        gathered_chunks = self.transfer.gather([ids for _, ids in ready], now=evicting)
         for (chunk, ids), gathered in zip(ready, gathered_chunks, strict=True):
-            self._start_store(chunk, ids, gathered)
+            self._start_store(chunk, ids, gathered, pin=not evicting)
 
-    def _start_store(self, chunk: Chunk, ids: list[int], gathered: GatheredBlocks) -> None:
-        pinned = ids if self.transfer.pins_blocks_during_store else []
+    def _start_store(self, chunk: Chunk, ids: list[int], gathered: GatheredBlocks,
+                     pin: bool = True) -> None:
+        pinned = ids if pin and self.transfer.pins_blocks_during_store else []
         for block_id in pinned:
             self.pool.pin(block_id)
         self._storing[chunk.key] = pinned

@@ -49,6 +49,8 @@ class ManagerStats:
     """Chunks not stored, or hits not loaded, because recomputing was predicted cheaper."""
     num_evicted_unsaved_blocks: int = 0
     """Device blocks evicted with no copy in any tier."""
+    num_stores_at_eviction: int = 0
+    """Lazy-store chunks copied down at their eviction: the lookahead had not reached them."""
     hit_tokens: dict[str, int] = field(default_factory=dict)
     """Tokens loaded from each tier, reloads of preempted requests included (the engine's
     `num_tier_hit_tokens` counts prompt tokens served, once per request)."""

@@ -87,12 +87,15 @@ class KVTransfer:
 
     # -- store: device -> host ---------------------------------------------------------------
 
-    def gather(self, chunks: list[list[int]]) -> list[GatheredBlocks]:
+    def gather(self, chunks: list[list[int]], now: bool = False) -> list[GatheredBlocks]:
         """Scheduler thread, before the next forward pass that may overwrite the blocks:
         capture the blocks of several chunks. On CUDA one index upload serves them all, each
-        chunk is one `index_select` on the compute stream, and one event follows the last."""
+        chunk is one `index_select` on the compute stream, and one event follows the last.
+        On the CPU the copy reads the blocks later (they stay pinned meanwhile), unless `now`:
+        blocks being evicted are copied here, before their new owner can write them."""
         if not self.is_cuda:
-            return [GatheredBlocks(block_ids) for block_ids in chunks]
+            return [GatheredBlocks(block_ids, self.kv_cache.index_select(
+                2, self._index(block_ids)) if now else None) for block_ids in chunks]
         index = self._upload_index([b for block_ids in chunks for b in block_ids])
         event = torch.cuda.Event()  # recorded after the last gather
         gathered, start = [], 0
@@ -108,7 +111,11 @@ class KVTransfer:
         the copy is done."""
         dest = self.entry_view(payload, len(gathered.block_ids))
         if not self.is_cuda:
-            torch.index_select(self.kv_cache, 2, self._index(gathered.block_ids), out=dest)
+            if gathered.data is not None:  # captured by gather(now=True)
+                dest.copy_(gathered.data)
+                gathered.data = None
+            else:
+                torch.index_select(self.kv_cache, 2, self._index(gathered.block_ids), out=dest)
             return
         assert gathered.data is not None and gathered.event is not None
         with torch.cuda.stream(self.store_stream):
@@ -172,36 +179,57 @@ class KVTransfer:
         """Scheduler thread: enqueue a whole load into the device blocks `index` (from
         `load_index`, in the parts' order). Every payload is copied into one staging buffer
         on the load stream; the scatter stream scatters them group by group. A long load is
-        ~64 chunks, so the host work per chunk is kept to one copy and one scatter call: with
+        ~64 chunks, so the host work per chunk is kept to one copy (and a group of whole chunks
+        is one scatter call, `_scatter`): with
         a stream switch, an allocation and an event per chunk, a slow host fell behind the
         copy engine (16,384 tokens at 35 instead of 55 GB/s). On the CPU the same steps run
         synchronously (tests)."""
         if not parts:
             return
         cuda = self.is_cuda
+        if cuda:
+            # Gathers enqueued on the compute stream (stores of blocks evicted for this load
+            # among them) read their blocks before the scatters overwrite them.
+            self.load_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.load_stream) if cuda else contextlib.nullcontext():
             staged = torch.empty(sum(p.payload.numel() for p in parts), dtype=torch.uint8,
                                  device=self.device)
             offset, block = 0, 0
             for start in range(0, len(parts), LOAD_GROUP_PARTS):
-                group = []
-                for part in parts[start:start + LOAD_GROUP_PARTS]:
+                group = parts[start:start + LOAD_GROUP_PARTS]
+                group_offset, group_block = offset, block
+                for part in group:
                     end = offset + part.payload.numel()
                     staged[offset:end].copy_(part.payload, non_blocking=True)
-                    source = self.entry_view(staged[offset:end], part.entry_blocks)
-                    group.append((source[:, :, part.first:part.first + part.count],
-                                  index[block:block + part.count]))
                     offset, block = end, block + part.count
                 if cuda:
                     copied = torch.cuda.Event()
                     copied.record()
                     self.scatter_stream.wait_event(copied)
                 with torch.cuda.stream(self.scatter_stream) if cuda else contextlib.nullcontext():
-                    for source, blocks in group:
-                        self.kv_cache.index_copy_(2, blocks, source)
+                    self._scatter(group, staged[group_offset:offset], index[group_block:block])
         if cuda:  # both were allocated on the load stream: keep them for the scatters
             staged.record_stream(self.scatter_stream)
             index.record_stream(self.scatter_stream)
+
+    def _scatter(self, parts: list[LoadPart], staged: torch.Tensor,
+                 index: torch.Tensor) -> None:
+        """Write staged parts (their payloads back to back) into the device blocks `index`.
+        Whole entries of one size (a load of full chunks) go in one indexed write: host work
+        per call is what bounds a load of many small parts, not the device."""
+        nb = parts[0].entry_blocks
+        if all(p.first == 0 and p.count == nb == p.entry_blocks for p in parts):
+            shape = (len(parts), self.kv_cache.shape[0], 2, nb, *self.block_shape)
+            source = staged.view(self.kv_cache.dtype).view(shape).movedim(0, 2)
+            self.kv_cache[:, :, index.view(len(parts), nb)] = source
+            return
+        offset, block = 0, 0
+        for part in parts:
+            end = offset + part.payload.numel()
+            source = self.entry_view(staged[offset:end], part.entry_blocks)
+            self.kv_cache.index_copy_(2, index[block:block + part.count],
+                                      source[:, :, part.first:part.first + part.count])
+            offset, block = end, block + part.count
 
     def wait_loads(self) -> None:
         """Transfer thread: block until every enqueued `copy_in` has landed."""

@@ -21,9 +21,11 @@ def h(i: int) -> BlockHash:
 class RecordingListener:
     def __init__(self) -> None:
         self.evicted: list[tuple[BlockHash, int]] = []
+        self.reused: list[bool] = []
 
-    def on_evict(self, evicted: list[tuple[BlockHash, int]]) -> None:
+    def on_evict(self, evicted: list[tuple[BlockHash, int]], reused: bool = True) -> None:
         self.evicted.extend(evicted)
+        self.reused.append(reused)
 
 
 def test_allocate_prefers_clean_blocks_then_evicts_least_recently_freed() -> None:

@@ -25,9 +25,9 @@ class CountingTransfer(KVTransfer):
         super().__init__(kv_cache)
         self.gathers: list[list[list[int]]] = []
 
-    def gather(self, chunks: list[list[int]]) -> list[GatheredBlocks]:
+    def gather(self, chunks: list[list[int]], now: bool = False) -> list[GatheredBlocks]:
         self.gathers.append(chunks)
-        return super().gather(chunks)
+        return super().gather(chunks, now)
 
 
 def make_manager() -> tuple[TierManager, BlockPool, CountingTransfer, CPUStore]:
@@ -104,5 +104,56 @@ def test_a_load_of_many_parts_lands_every_block_where_the_index_says() -> None:
     expected = torch.cat([entry[:, :, first:first + count]
                           for entry, (first, count) in zip(entries, spans, strict=True)], dim=2)
     assert torch.equal(kv_cache[:, :, destinations], expected)
+    untouched = sorted(set(range(NUM_BLOCKS)) - set(destinations))
+    assert not kv_cache[:, :, untouched].any()
+
+
+def test_candidates_the_lookahead_missed_are_stored_as_they_are_evicted() -> None:
+    # A step that allocates more than the lookahead saw (several misses and loads admitted
+    # together) evicts candidates nobody copied: they go down at eviction, with the data
+    # they held then, before their new owner's forward pass overwrites the blocks.
+    manager, pool, transfer, store = make_manager()
+    hashes, blocks = finished_prefix(pool, manager, seed=2, num_blocks=8)
+    original = transfer.kv_cache[:, :, blocks].clone()
+    taken = pool.allocate(12)  # no lookahead: evicts the prefix's last 4 blocks
+    transfer.kv_cache[:, :, taken] = -1.0  # the new owner writes its blocks
+    manager.wait_idle()
+    manager.poll()
+    assert manager.stats.num_stores_at_eviction == 2
+    assert manager.stats.num_evicted_unsaved_blocks == 0
+    assert [store.has_block(h) for h in hashes] == [False] * 4 + [True] * 4
+    for first in (4, 6):
+        found = store.locate(hashes[first])
+        assert found is not None
+        stored = transfer.entry_view(store.read(found[0]), CHUNK_BLOCKS)
+        assert torch.equal(stored, original[:, :, first:first + CHUNK_BLOCKS])
+    pool.free(taken)
+    pool.check_integrity()
+    manager.close()
+
+
+def test_a_prefix_cache_reset_stores_nothing() -> None:
+    manager, pool, transfer, store = make_manager()
+    finished_prefix(pool, manager, seed=3, num_blocks=8)
+    assert pool.reset_prefix_cache() == 8
+    manager.wait_idle()
+    assert transfer.gathers == [] and manager.stats.num_stores_at_eviction == 0
+    assert manager.stats.num_evicted_unsaved_blocks == 8
+    manager.close()
+
+
+def test_a_load_of_whole_chunks_lands_every_block_where_the_index_says() -> None:
+    # Whole entries of one size take the grouped scatter (one indexed write per group).
+    kv_cache = torch.zeros(LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size,
+                           LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    transfer = KVTransfer(kv_cache)
+    shape = (LAYOUT.num_layers, 2, CHUNK_BLOCKS, LAYOUT.block_size, LAYOUT.num_kv_heads,
+             LAYOUT.head_dim)
+    entries = [torch.randn(shape) for _ in range(7)]  # two groups of 4, the last one short
+    parts = [LoadPart(entry.view(-1).view(torch.uint8), CHUNK_BLOCKS, 0, CHUNK_BLOCKS)
+             for entry in entries]
+    destinations = torch.randperm(NUM_BLOCKS)[:7 * CHUNK_BLOCKS].tolist()
+    transfer.copy_in_parts(parts, transfer.load_index(destinations))
+    assert torch.equal(kv_cache[:, :, destinations], torch.cat(entries, dim=2))
     untouched = sorted(set(range(NUM_BLOCKS)) - set(destinations))
     assert not kv_cache[:, :, untouched].any()
