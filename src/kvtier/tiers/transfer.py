@@ -82,7 +82,7 @@ class KVTransfer:
     def _upload_index(self, block_ids: list[int]) -> torch.Tensor:
         """Block ids on the device, uploaded from pinned memory without blocking the host
         (a pageable upload would wait for the compute stream to drain)."""
-        return torch.tensor(block_ids, dtype=torch.int64).pin_memory().to(
+        return torch.tensor(block_ids, dtype=torch.int64, pin_memory=True).to(
             self.device, non_blocking=True)
 
     # -- store: device -> host ---------------------------------------------------------------
