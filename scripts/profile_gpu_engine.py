@@ -146,10 +146,11 @@ def decode_section(report: dict, gbs: float) -> None:
 
 
 class PhaseTimer:
-    """Wraps methods of live objects, adding their wall time to named totals."""
+    """Wraps methods of live objects, adding their wall time (and calls) to named totals."""
 
     def __init__(self) -> None:
         self.totals: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[str] = collections.Counter()
 
     def wrap(self, owner: Any, attr: str, name: str) -> None:
         original = getattr(owner, attr)
@@ -160,7 +161,14 @@ class PhaseTimer:
                 return original(*args, **kwargs)
             finally:
                 self.totals[name] += time.perf_counter() - started
+                self.calls[name] += 1
         setattr(owner, attr, timed)
+
+    def per_call(self) -> dict[str, dict[str, float]]:
+        """Calls, total ms and mean us per name, the costliest first."""
+        return {name: {"calls": self.calls[name], "total_ms": round(1e3 * total, 1),
+                       "mean_us": round(1e6 * total / self.calls[name], 1)}
+                for name, total in self.totals.most_common()}
 
 
 def p_replay(report: dict, num_prompts: int, tiers: tuple[str, ...], model: str | None = MODEL,

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from profile_gpu_engine import PhaseTimer  # scripts/ is on sys.path when this runs as a script
+
 MODEL = "random:qwen2.5-1.5b"
 
 
@@ -55,34 +57,7 @@ class StepRecord:
         return "prefill" if self.prefill_tokens else "decode"
 
 
-class CallTimer:
-    """Wraps methods of live objects: calls and wall time per name (host work per step)."""
-
-    def __init__(self) -> None:
-        self.calls: dict[str, int] = {}
-        self.seconds: dict[str, float] = {}
-
-    def wrap(self, owner: Any, attr: str, name: str) -> None:
-        if owner is None or not hasattr(owner, attr):
-            return
-        original = getattr(owner, attr)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.calls[name] = self.calls.get(name, 0) + 1
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
-        setattr(owner, attr, timed)
-
-    def report(self) -> dict[str, dict[str, float]]:
-        return {name: {"calls": self.calls[name], "total_ms": round(1e3 * self.seconds[name], 1),
-                       "mean_us": round(1e6 * self.seconds[name] / self.calls[name], 1)}
-                for name in sorted(self.seconds, key=lambda n: -self.seconds[n])}
-
-
-def wrap_host_phases(engine: Any, timer: CallTimer) -> None:
+def wrap_host_phases(engine: Any, timer: PhaseTimer) -> None:
     """The scheduler's and the tier's host work, down to the transfer calls."""
     scheduler, tiers = engine.scheduler, engine.tiers
     for attr in ("_admit_waiting", "_try_tier_load", "_finish_loads", "store_ahead",
@@ -136,7 +111,7 @@ def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: in
     llm.generate([[rng.randrange(30_000, 45_000) for _ in range(prefix_len + suffix_len)]
                   for _ in range(warmup)], params)
 
-    timer = CallTimer()
+    timer = PhaseTimer()
     if phases:
         wrap_host_phases(engine, timer)
     rng = random.Random(0)
@@ -200,7 +175,7 @@ def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: in
     result = summarize(variant, steps, finished, wall, prefix_len)
     result["tier"] = tier_stats
     if phases:
-        result["host_phases"] = timer.report()
+        result["host_phases"] = timer.per_call()
         print(variant.name, "host phases", json.dumps(result["host_phases"]), flush=True)
     print(variant.name, "tier", json.dumps(tier_stats), flush=True)
     return result
