@@ -178,12 +178,11 @@ class KVTransfer:
     def copy_in_parts(self, parts: list[LoadPart], index: torch.Tensor) -> None:
         """Scheduler thread: enqueue a whole load into the device blocks `index` (from
         `load_index`, in the parts' order). Every payload is copied into one staging buffer
-        on the load stream; the scatter stream scatters them group by group. A long load is
-        ~64 chunks, so the host work per chunk is kept to one copy (and a group of whole chunks
-        is one scatter call, `_scatter`): with
-        a stream switch, an allocation and an event per chunk, a slow host fell behind the
-        copy engine (16,384 tokens at 35 instead of 55 GB/s). On the CPU the same steps run
-        synchronously (tests)."""
+        on the load stream; the scatter stream scatters them group by group (`_scatter`). A
+        long load is ~64 chunks, so the host work per chunk is kept to one copy, and a group
+        of whole chunks is one scatter call: with a stream switch, an allocation and an event
+        per chunk, a slow host fell behind the copy engine (16,384 tokens at 35 instead of
+        55 GB/s). On the CPU the same steps run synchronously (tests)."""
         if not parts:
             return
         cuda = self.is_cuda

@@ -39,7 +39,23 @@ def test_allocate_prefers_clean_blocks_then_evicts_least_recently_freed() -> Non
     assert pool.allocate(1) == [d]
     assert pool.allocate(1) == [c]
     assert listener.evicted == [(h(3), c)]
+    assert listener.reused == [True]
     assert pool.get_cached_block(h(3)) is None and pool.get_cached_block(h(2)) == b
+    pool.check_integrity()
+
+
+def test_a_reset_tells_the_listener_its_blocks_are_dropped_not_reused() -> None:
+    # The tier manager stores candidates it is told are being reused (their new owner is
+    # about to write them); a reset only forgets hashes, so nothing is copied down.
+    listener = RecordingListener()
+    pool = BlockPool(3, eviction_listener=listener)
+    blocks = pool.allocate(2)
+    for key, block in enumerate(blocks):
+        pool.cache_block(block, h(key))
+    pool.free(blocks)
+    assert pool.reset_prefix_cache() == 2
+    assert sorted(listener.evicted) == sorted((h(k), b) for k, b in enumerate(blocks))
+    assert listener.reused == [False]
     pool.check_integrity()
 
 
