@@ -16,6 +16,8 @@ and groups requests by what they hit (device prefix cache, cpu tier, nothing).
 
     PYTHONPATH=src python3 scripts/q_timeline.py --out $OUT/q_timeline.json [--variant ...]
     PYTHONPATH=src python3 scripts/q_timeline.py --smoke      # CPU check, embedded model
+    PYTHONPATH=src python3 scripts/q_timeline.py --simulate --variant off \
+        --variant off-short512 [--shape P]   # CPU: compare schedules on a timed fake device
 """
 
 from __future__ import annotations
@@ -87,16 +89,39 @@ class Variant:
 
 VARIANTS = {
     "off": Variant("off"),
+    "off-short512": Variant("off-short512", (), (("short_prefill_first_tokens", 512),)),
     "cpu": Variant("cpu", ("cpu:16GiB",)),
+    "cpu-short512": Variant("cpu-short512", ("cpu:16GiB",),
+                            (("short_prefill_first_tokens", 512),)),
     "cpu-t1024": Variant("cpu-t1024", ("cpu:16GiB",), (("long_prefill_token_threshold", 1024),)),
     "cpu-t2048": Variant("cpu-t2048", ("cpu:16GiB",), (("long_prefill_token_threshold", 2048),)),
 }
 
 
+SIMULATED_DECODE_S, SIMULATED_PREFILL_S, SIMULATED_TOKEN_S = 0.0024, 0.004, 5.5e-6
+"""The simulated device (`--simulate`): a decode-only step takes 2.4 ms, a step with prompt
+tokens 4 ms + 5.5 us per token, about what the H200 took for Qwen2.5-1.5B here (decode steps
+2.4-2.5 ms, a 4,352-token prefill ~32 ms, an extend step alone ~7-9 ms with its host work)."""
+
+
+def simulated_launch(step: Any) -> Any:
+    """The runner's launch on a device that only takes time: sleep, then a fixed token each."""
+    import torch
+
+    from kvtier.runner.model_runner import PendingOutput
+    if step.requests:
+        tokens = sum(len(s.token_ids) for s in step.requests)
+        time.sleep(SIMULATED_PREFILL_S + SIMULATED_TOKEN_S * tokens
+                   if tokens > len(step.requests) else SIMULATED_DECODE_S)
+    sampled = [s for s in step.requests if s.sample]
+    return PendingOutput([s.request_id for s in sampled],
+                         torch.tensor([1000 + len(s.token_ids) % 7 for s in sampled]))
+
+
 def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: int,
            suffix_len: int, output_len: int, concurrency: int, warmup: int,
            front_end_s: float, num_gpu_blocks: int = 4096, num_prefixes: int = 64,
-           phases: bool = False) -> dict:
+           phases: bool = False, simulate: bool = False) -> dict:
     from kvtier import LLM, SamplingParams
     extra: dict[str, Any] = dict(variant.engine)
     if variant.tiers:
@@ -104,6 +129,9 @@ def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: in
     llm = LLM(model, num_gpu_blocks_override=num_gpu_blocks, max_num_batched_tokens=8192,
               max_num_seqs=256, scheduling_policy="lpm", **extra)
     engine = llm.engine
+    if simulate:  # scheduling only: steps as the GPU engine takes them, timed by a model
+        engine.runner.launch = simulated_launch  # type: ignore[method-assign]
+        engine.scheduler.separate_prefill_steps = True
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
 
     # Warm-up on other prefixes, so kernel compiles for these shapes happen before timing.
@@ -268,12 +296,19 @@ def main() -> None:
     parser.add_argument("--out", default="q_timeline.json")
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS),
                         help="repeatable; default: off and cpu")
-    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--num-prompts", type=int, default=None,
+                        help="default: 256 (Q), 640 (P)")
     parser.add_argument("--front-end-ms", type=float, default=13.0,
                         help="a finished request's successor reaches the engine this much later "
                              "(Q's front end + HTTP on the H200: ~9 + ~4 ms)")
     parser.add_argument("--phases", action="store_true",
                         help="also time the scheduler's and the tier's host calls")
+    parser.add_argument("--simulate", action="store_true",
+                        help="on the CPU, tiers off only: the embedded model's engine with a "
+                             "device that only takes time (SIMULATED_*), to compare schedules")
+    parser.add_argument("--shape", choices=("Q", "P"), default="Q",
+                        help="Q (4 in flight, output 32) or P (64 in flight, output 128, 640 "
+                             "requests)")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check: embedded model, short prompts, few requests")
     args = parser.parse_args()
@@ -282,13 +317,16 @@ def main() -> None:
         shape = {"model": None, "prefix_len": 64, "suffix_len": 16, "output_len": 4,
                  "concurrency": 4, "warmup": 2, "front_end_s": args.front_end_ms / 1e3,
                  "num_gpu_blocks": 32, "num_prefixes": 8}
-        num_prompts = min(args.num_prompts, 24)
+        num_prompts = min(args.num_prompts or 24, 24)
         variants = [Variant(VARIANTS[n].name, tuple("cpu:1GiB" for _ in VARIANTS[n].tiers),
                             VARIANTS[n].engine) for n in names]
     else:
-        shape = {"model": MODEL, "prefix_len": 4096, "suffix_len": 256, "output_len": 32,
-                 "concurrency": 4, "warmup": 8, "front_end_s": args.front_end_ms / 1e3}
-        num_prompts = args.num_prompts
+        shape = {"model": None if args.simulate else MODEL, "prefix_len": 4096,
+                 "suffix_len": 256, "output_len": 32, "concurrency": 4,
+                 "warmup": 0 if args.simulate else 8, "front_end_s": args.front_end_ms / 1e3}
+        if args.shape == "P":
+            shape.update(output_len=128, concurrency=64)
+        num_prompts = args.num_prompts or (640 if args.shape == "P" else 256)
         variants = [VARIANTS[n] for n in names]
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "commit": subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
@@ -299,7 +337,8 @@ def main() -> None:
         report["card"] = "cpu"
     print("card:", report["card"], flush=True)
     for variant in variants:
-        report[variant.name] = replay(variant, num_prompts, **shape, phases=args.phases)
+        report[variant.name] = replay(variant, num_prompts, **shape, phases=args.phases,
+                                      simulate=args.simulate)
     Path(args.out).write_text(json.dumps(report, indent=1))
 
 

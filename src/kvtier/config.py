@@ -106,8 +106,16 @@ class SchedulerConfig:
     """Most prompt tokens one request may prefill in a step (vLLM's knob of that name); 0 = up
     to the step budget. A cap keeps one long prefill from holding up short ones (a prefix
     loaded from a tier, then a short extend) for a whole long step."""
+    short_prefill_first_tokens: int = 0
+    """A waiting request with more than this many prompt tokens left to compute (beyond the
+    device cache's and the tiers' hits) is held for one prefill step when the step prefills
+    one with at most this many: cache hits then get their first token after their own short
+    extend, not after a long prefill that shares their step. 0 = off."""
 
     def __post_init__(self) -> None:
+        if self.short_prefill_first_tokens < 0:
+            raise ConfigError(f"short_prefill_first_tokens {self.short_prefill_first_tokens} "
+                              f"must be >= 0")
         if self.long_prefill_token_threshold < 0:
             raise ConfigError(f"long_prefill_token_threshold "
                               f"{self.long_prefill_token_threshold} must be >= 0")

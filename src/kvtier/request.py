@@ -43,6 +43,8 @@ class Request:
     """Blocks already offered to the tiers by write-through."""
     tier_noted: bool = False
     """Whether the tiers counted this request's chunks for admission."""
+    short_prefill_waited: bool = False
+    """A long prefill already held back once for short ones (`short_prefill_first_tokens`)."""
     metrics: RequestMetrics = field(init=False)
 
     def __post_init__(self) -> None:

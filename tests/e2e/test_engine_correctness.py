@@ -149,6 +149,27 @@ def test_greedy_output_is_invariant_to_a_long_prefill_threshold(
     assert pool.num_free_blocks == pool.num_blocks
 
 
+def test_greedy_output_is_invariant_to_short_prefills_first(
+        invariance_reference: tuple[list[list[int]], list[list[int]]]) -> None:
+    """Prompts sharing a system prompt, mixed with long unrelated ones: with the long ones held
+    a prefill step behind short remainders, every prompt gets the tokens it gets alone (or
+    with the option off), and no block leaks."""
+    prompts, alone = invariance_reference
+    rng = random.Random(3)
+    long_prompts = [[rng.randrange(200, 40_000) for _ in range(300)] for _ in range(3)]
+    mixed = [*prompts[:4], long_prompts[0], *prompts[4:8], *long_prompts[1:]]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    outputs = {}
+    for short in (0, 64):
+        llm = LLM(max_num_batched_tokens=512, short_prefill_first_tokens=short)
+        outputs[short] = [o.outputs[0].token_ids for o in llm.generate(mixed, params)]
+        assert (llm.engine.scheduler.num_long_prefills_held > 0) == (short > 0)
+        pool = llm.engine.pool
+        assert pool.num_free_blocks == pool.num_blocks
+    assert outputs[64][:4] == alone
+    assert outputs[64] == outputs[0]
+
+
 def test_second_request_computes_only_its_suffix(smollm: LLM) -> None:
     rng = random.Random(11)
     prefix = [rng.randrange(200, 40_000) for _ in range(512)]
@@ -301,8 +322,8 @@ def test_kv_load_timing_is_validated_by_name() -> None:
 
 def test_serve_flags_reach_the_engine_config() -> None:
     """`kvtier serve --overlap-outputs --kv-load-timing next-step
-    --long-prefill-token-threshold 1024` lands in EngineConfig; without the flags the defaults
-    hold."""
+    --long-prefill-token-threshold 1024 --short-prefill-first-tokens 512` lands in
+    EngineConfig; without the flags the defaults hold."""
     import argparse
 
     from kvtier.config import EngineConfig
@@ -311,12 +332,14 @@ def test_serve_flags_reach_the_engine_config() -> None:
     add_engine_args(parser)
     config = EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args(
         ["--overlap-outputs", "--kv-load-timing", "next-step",
-         "--long-prefill-token-threshold", "1024"])))
+         "--long-prefill-token-threshold", "1024", "--short-prefill-first-tokens", "512"])))
     assert config.overlap_outputs and config.tiers.kv_load_timing == "next-step"
     assert config.scheduler.long_prefill_token_threshold == 1024
+    assert config.scheduler.short_prefill_first_tokens == 512
     config = EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args([])))
     assert not config.overlap_outputs and config.tiers.kv_load_timing == "same-step"
     assert config.scheduler.long_prefill_token_threshold == 0
+    assert config.scheduler.short_prefill_first_tokens == 0
 
 
 def test_start_up_warm_up_steps_leave_no_trace() -> None:

@@ -43,6 +43,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--long-prefill-token-threshold", type=int, default=0,
                    help="most prompt tokens one request prefills per step (0: the step budget)")
+    g.add_argument("--short-prefill-first-tokens", type=int, default=0,
+                   help="hold a waiting request with more prompt tokens than this left to "
+                   "compute for one prefill step when the step prefills one with at most this "
+                   "many (cache hits first; 0: off)")
     g.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
                    help="fcfs, or lpm: longest device-cache prefix match first (with aging)")
     t = parser.add_argument_group("kv tiers")
@@ -64,7 +68,7 @@ ENGINE_ARG_NAMES = (
     "max_cudagraph_capture_size", "overlap_outputs", "block_size",
     "enable_prefix_caching", "kv_cache_memory_bytes", "gpu_memory_utilization",
     "num_gpu_blocks_override", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
-    "long_prefill_token_threshold", "scheduling_policy",
+    "long_prefill_token_threshold", "short_prefill_first_tokens", "scheduling_policy",
     "kv_tiers", "kv_tier_chunk_tokens", "kv_store_policy", "kv_store_min_hits",
     "kv_load_timing",
 )

@@ -10,8 +10,11 @@ Each `schedule()` fills one step's token budget in priority order:
    `max_num_seqs` and free blocks allow (not in a step that had to preempt). A request whose
    next uncached block another request is computing (a prefix two waiting requests share,
    before either has run) is passed over until that block is cached, so the prefix is
-   computed once and the second request starts after it. A step skips admission when the
-   last attempt ran out of blocks and nothing since could change that. When the KV
+   computed once and the second request starts after it. With `short_prefill_first_tokens`,
+   a step that prefills a short remainder (a cache hit's suffix) holds waiting requests with
+   long prefills for one prefill step, so the hit's first token does not wait for them. A
+   step skips admission when the last attempt ran out of blocks and nothing since could
+   change that. When the KV
    tiers hold more of the prefix and loading it pays, the request instead gets blocks for it
    and waits LOADING (off the budget) while the transfer runs and the batch keeps stepping
    (a load that finished inline, see `tiers.manager.INLINE_LOAD_S`, is scheduled at once).
@@ -89,6 +92,8 @@ class Scheduler:
         self._num_loads_finished = 0
         self._failed_admission: _AdmissionState | None = None
         self.num_skipped_admissions = 0
+        self.num_long_prefills_held = 0
+        """Long prefills held for one prefill step behind short ones (short_prefill_first)."""
         """Steps that skipped admission: the last attempt ran out of blocks, nothing since
         could let a waiting request in."""
         self.separate_prefill_steps = False
@@ -295,37 +300,76 @@ class Scheduler:
             return budget
         self._failed_admission = None
         being_computed = self._blocks_being_computed()
+        short = self.config.short_prefill_first_tokens
+        long_ones: list[Request] = []
+        stopped = False
         for request in self._admission_order(state.fcfs_order):
-            if self._admission_blocked(budget):
-                break
-            hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
-            if being_computed and self._next_block_being_computed(request, len(hit_blocks),
-                                                                 being_computed):
-                self.num_deferred_shared_prefixes += 1
+            if short and not request.short_prefill_waited and self._is_long(request, short):
+                long_ones.append(request)  # admitted below, unless short work takes the step
                 continue
-            if self.tiers is not None and self.kv.enable_caching:
-                started = self._try_tier_load(request, hit_blocks)
-                if started is None:
-                    break  # its next blocks are being loaded for another request: wait
-                if started:
-                    if request.status is RequestStatus.RUNNING:  # loaded inline: go on now
-                        budget = self._schedule_loaded(request, budget, scheduled)
-                    continue
-            num_new = self._chunk(request.num_tokens - num_hit_tokens, budget)
-            if not self.kv.allocate_slots(request, num_new, hit_blocks):
-                # Taken now, after whatever this attempt admitted or started loading: what
-                # those change (fewer free blocks, blocks cached or loads finished later)
-                # keeps or ends the skip correctly.
-                self._failed_admission = self._admission_state()
+            budget, stopped = self._admit_one(request, budget, scheduled, being_computed)
+            if stopped:
                 break
-            self.waiting.remove(request)
-            self._start(request, num_hit_tokens, RequestStatus.RUNNING)
-            self.running.append(request)
-            scheduled.append(self._scheduled(request, num_new))
-            budget -= num_new
-            if self.kv.enable_caching:
-                being_computed.update(self._uncomputed_prompt_hashes(request))
+        if long_ones:
+            if any(1 < len(s.token_ids) <= short for s in scheduled):
+                for request in long_ones:  # one prefill step later, whatever waits then
+                    request.short_prefill_waited = True
+                self.num_long_prefills_held += len(long_ones)
+                return budget
+            for request in long_ones if not stopped else ():
+                budget, stopped = self._admit_one(request, budget, scheduled, being_computed)
+                if stopped:
+                    break
         return budget
+
+    def _admit_one(self, request: Request, budget: int, scheduled: list[ScheduledRequest],
+                   being_computed: set[BlockHash]) -> tuple[int, bool]:
+        """Admit one waiting request if it fits (or start its tier load); returns the budget
+        left and whether admission stops for this step."""
+        if self._admission_blocked(budget):
+            return budget, True
+        hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
+        if being_computed and self._next_block_being_computed(request, len(hit_blocks),
+                                                             being_computed):
+            self.num_deferred_shared_prefixes += 1
+            return budget, False
+        if self.tiers is not None and self.kv.enable_caching:
+            started = self._try_tier_load(request, hit_blocks)
+            if started is None:
+                return budget, True  # its next blocks are being loaded for another request
+            if started:
+                if request.status is RequestStatus.RUNNING:  # loaded inline: go on now
+                    budget = self._schedule_loaded(request, budget, scheduled)
+                return budget, False
+        num_new = self._chunk(request.num_tokens - num_hit_tokens, budget)
+        if not self.kv.allocate_slots(request, num_new, hit_blocks):
+            # Taken now, after whatever this attempt admitted or started loading: what those
+            # change (fewer free blocks, blocks cached or loads finished later) keeps or ends
+            # the skip correctly.
+            self._failed_admission = self._admission_state()
+            return budget, True
+        self.waiting.remove(request)
+        self._start(request, num_hit_tokens, RequestStatus.RUNNING)
+        self.running.append(request)
+        scheduled.append(self._scheduled(request, num_new))
+        budget -= num_new
+        if self.kv.enable_caching:
+            being_computed.update(self._uncomputed_prompt_hashes(request))
+        return budget, False
+
+    def _is_long(self, request: Request, short: int) -> bool:
+        """Whether the request has more than `short` prompt tokens to compute beyond what the
+        device cache and the tiers hold. An estimate, cheap enough for every waiting request
+        of every prefill step: the device's share by binary search, and the tiers' by whether
+        they hold the block that would leave at most `short` tokens."""
+        block_size = self.kv.block_size
+        if request.num_tokens - self.kv.estimate_cached_blocks(request) * block_size <= short:
+            return False
+        if self.tiers is None or not self.kv.enable_caching:
+            return True
+        hashes = self.kv.block_hashes(request)
+        last_needed = min(-(-(request.num_tokens - short) // block_size), len(hashes)) - 1
+        return last_needed < 0 or not self.tiers.holds_block(hashes[last_needed])
 
     def _admission_state(self) -> _AdmissionState:
         return _AdmissionState(self.kv.num_free_blocks, self.kv.pool.num_cached_total,

@@ -99,6 +99,10 @@ class TierManager:
         """Another request's in-flight load is bringing this block in (wait instead)."""
         return block_hash in self._loading_blocks
 
+    def holds_block(self, block_hash: BlockHash) -> bool:
+        """Whether some tier holds (or is storing) this block: a cheap hint, not a lookup."""
+        return any(store.has_block(block_hash) for store in self.stores)
+
     def note_request(self, block_hashes: list[BlockHash]) -> None:
         """Count one more request containing each of these chunks (admission by reuse)."""
         self._reuse.note(self._chunks(block_hashes, 0, len(block_hashes)))

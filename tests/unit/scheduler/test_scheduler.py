@@ -281,15 +281,61 @@ def test_lpm_admits_the_request_sharing_the_cached_prefix_first_but_ages_others(
     assert run_step(scheduler).requests[0].request_id == "cold"
 
 
+@pytest.mark.parametrize("separate", [False, True])
+def test_short_prefill_first_holds_a_long_prefill_back_for_one_step(separate: bool) -> None:
+    """With short_prefill_first_tokens=8, a cache hit with 3 tokens left to compute gets its
+    own prefill step instead of sharing one with a 40-token miss that arrived first; the miss
+    runs in the next prefill step even though another short request waits then (it is held
+    once). Tokens equal those of the run with the option off, where both share step one."""
+    shared = list(range(500, 532))
+
+    def run(short: int) -> tuple[list[set[str]], dict[str, list[int]], int]:
+        pool = BlockPool(64)
+        kv = KVCacheManager(pool, BLOCK, root_block_hash("m"))
+        scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64,
+                                              short_prefill_first_tokens=short), kv)
+        scheduler.separate_prefill_steps = separate
+        scheduler.add_request(make_request("warm", shared + [1], max_tokens=1))
+        run_to_end(scheduler)
+        requests = [make_request("miss", list(range(900, 940)), max_tokens=3),
+                    make_request("hit", shared + [2, 3], max_tokens=3)]
+        for request in requests:
+            scheduler.add_request(request)
+        prefills: list[set[str]] = []
+        for step in range(20):
+            if step == 1:
+                requests.append(make_request("hit2", shared + [4, 5], max_tokens=3))
+                scheduler.add_request(requests[-1])
+            out = run_step(scheduler)
+            prefilled = {s.request_id for s in out.requests if len(s.token_ids) > 1}
+            if prefilled:
+                prefills.append(prefilled)
+        assert not scheduler.has_unfinished_requests()
+        return (prefills, {r.request_id: r.output_token_ids for r in requests},
+                scheduler.num_long_prefills_held)
+
+    off_prefills, off_tokens, off_held = run(0)
+    prefills, tokens, held = run(8)
+    assert off_prefills[0] == {"miss", "hit"} and off_held == 0
+    assert prefills[:2] == [{"hit"}, {"miss", "hit2"}] and held == 1
+    assert tokens == off_tokens
+
+
+def test_short_prefill_first_tokens_is_validated() -> None:
+    with pytest.raises(ValueError, match="short_prefill_first_tokens -1 must be >= 0"):
+        SchedulerConfig(short_prefill_first_tokens=-1)
+
+
+@pytest.mark.parametrize("short", [0, 12])
 @pytest.mark.parametrize("policy", ["fcfs", "lpm"])
 @pytest.mark.parametrize("separate", [False, True])
-def test_skipped_admissions_change_no_decision(policy: str, separate: bool,
+def test_skipped_admissions_change_no_decision(policy: str, separate: bool, short: int,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Under KV pressure (a 40-block pool, prompts of 9-39 tokens over 6 shared prefixes,
     25-40 output tokens, arriving in waves; dozens of preemptions), a step skips admission
     when the last attempt ran out of blocks and nothing since could let a request in. Every
     step then schedules exactly what it schedules when every step tries again, and the tokens
-    are the same."""
+    are the same; with short prefills first too (long ones held a step behind short ones)."""
     rng = random.Random(7)
     prefixes = [[rng.randrange(1, 900) for _ in range(rng.choice([8, 16, 24]))]
                 for _ in range(6)]
@@ -303,7 +349,8 @@ def test_skipped_admissions_change_no_decision(policy: str, separate: bool,
         pool = BlockPool(40)
         kv = KVCacheManager(pool, BLOCK, root_block_hash("m"))
         scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8,
-                                              scheduling_policy=policy), kv)
+                                              scheduling_policy=policy,
+                                              short_prefill_first_tokens=short), kv)
         scheduler.separate_prefill_steps = separate
         requests = [make_request(str(i), p, max_tokens=n)
                     for i, (p, n) in enumerate(zip(prompts, [30, 40, 25, 35] * 10, strict=True))]
@@ -315,6 +362,7 @@ def test_skipped_admissions_change_no_decision(policy: str, separate: bool,
                 steps.append(run_step(scheduler))
         steps += run_to_end(scheduler)
         monkeypatch.undo()
+        assert (scheduler.num_long_prefills_held > 0) == (short > 0)
         return ([[(s.request_id, s.num_computed_tokens, len(s.token_ids)) for s in step.requests]
                  for step in steps], [r.output_token_ids for r in requests],
                 scheduler.num_skipped_admissions)
