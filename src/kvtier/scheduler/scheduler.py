@@ -310,16 +310,15 @@ class Scheduler:
             budget, stopped = self._admit_one(request, budget, scheduled, being_computed)
             if stopped:
                 break
-        if long_ones:
-            if any(1 < len(s.token_ids) <= short for s in scheduled):
-                for request in long_ones:  # one prefill step later, whatever waits then
-                    request.short_prefill_waited = True
-                self.num_long_prefills_held += len(long_ones)
-                return budget
-            for request in long_ones if not stopped else ():
-                budget, stopped = self._admit_one(request, budget, scheduled, being_computed)
-                if stopped:
-                    break
+        if long_ones and any(1 < len(s.token_ids) <= short for s in scheduled):
+            for request in long_ones:  # one prefill step later, whatever waits then
+                request.short_prefill_waited = True
+            self.num_long_prefills_held += len(long_ones)
+            return budget
+        for request in long_ones if not stopped else []:  # no short work: as before
+            budget, stopped = self._admit_one(request, budget, scheduled, being_computed)
+            if stopped:
+                break
         return budget
 
     def _admit_one(self, request: Request, budget: int, scheduled: list[ScheduledRequest],
