@@ -1,0 +1,84 @@
+"""On CUDA a store's gather (compute stream) and a load's scatter (scatter stream) may touch the
+same device block: a lazy candidate evicted to make room for a load is copied down at its
+eviction, and the load then writes new KV into that very block. The load's copies wait for
+the compute stream's pending work, so the store reads the block's old contents first.
+
+Here the compute stream is held busy (a sleep kernel) when the eviction queues the gather; a
+scatter that did not wait would overwrite the blocks ~tens of ms before the gather reads them.
+
+On a GPU: `pytest -m gpu tests/gpu/test_tier_transfer_order.py`; skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier.config import TierConfig
+from kvtier.kv.block_pool import BlockPool
+from kvtier.kv.hashing import hash_block_tokens, root_block_hash
+from kvtier.tiers.base import KVLayout
+from kvtier.tiers.cost import CostModel, TierRate
+from kvtier.tiers.cpu import CPUStore
+from kvtier.tiers.manager import TierManager
+from kvtier.tiers.policy import create_policy
+from kvtier.tiers.transfer import KVTransfer, LoadPart
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+LAYOUT = KVLayout("order-test", "float32", num_layers=4, num_kv_heads=2, head_dim=64,
+                  block_size=16, dtype_bytes=4)
+NUM_BLOCKS, CHUNK_BLOCKS = 16, 4
+SLEEP_CYCLES = 200_000_000
+"""~0.1 s of the compute stream at H100/H200 clocks: far longer than the load's copy."""
+
+
+def test_a_load_into_evicted_blocks_lands_after_their_store_read_them() -> None:
+    shape = (LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size, LAYOUT.num_kv_heads,
+             LAYOUT.head_dim)
+    kv_cache = torch.randn(shape, device="cuda")
+    pool = BlockPool(NUM_BLOCKS, enable_caching=True)
+    store = CPUStore(LAYOUT, 8 * CHUNK_BLOCKS * LAYOUT.block_bytes, create_policy("lru"),
+                     CHUNK_BLOCKS, pin_memory=True)
+    transfer = KVTransfer(kv_cache)
+    cost = CostModel(1.0, {"cpu": TierRate(1e9, latency_s=0.0)})  # every store pays
+    manager = TierManager(TierConfig(kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size),
+                          [store], transfer, pool, LAYOUT.block_size, cost)
+    pool.eviction_listener = manager
+
+    # A finished request's 8 cached blocks (two chunks): lazy candidates, nothing stored yet.
+    blocks = pool.allocate(8)
+    hashes, parent = [], root_block_hash("order-test")
+    for i, block in enumerate(blocks):
+        parent = hash_block_tokens(parent, [7, i])
+        hashes.append(parent)
+        pool.cache_block(block, parent)
+    manager.note_request(hashes)
+    manager.on_request_freed(hashes, len(blocks))
+    pool.free(list(reversed(blocks)))
+    original = kv_cache[:, :, blocks].clone()
+    torch.cuda.synchronize()
+
+    torch.cuda._sleep(SLEEP_CYCLES)  # the compute stream is busy: the gather runs late
+    taken = pool.allocate(NUM_BLOCKS)  # evicts all 8: both chunks are stored at eviction
+    assert manager.stats.num_stores_at_eviction == 2
+    reused = [b for b in taken if b in blocks]
+    # A load writes new KV into the reused blocks (one entry of len(reused) blocks).
+    entry_shape = (LAYOUT.num_layers, 2, len(reused), LAYOUT.block_size, LAYOUT.num_kv_heads,
+                   LAYOUT.head_dim)
+    payload = torch.full(entry_shape, -7.0).pin_memory()
+    transfer.copy_in_parts([LoadPart(payload.view(-1).view(torch.uint8), len(reused), 0,
+                                     len(reused))], transfer.load_index(reused))
+    torch.cuda.synchronize()
+    manager.wait_idle()
+    manager.poll()
+
+    assert torch.equal(kv_cache[:, :, reused].cpu(), payload)  # the load landed
+    for first in (0, CHUNK_BLOCKS):  # and the stores hold what the blocks held before it
+        found = store.locate(hashes[first])
+        assert found is not None
+        stored = transfer.entry_view(store.read(found[0]), CHUNK_BLOCKS)
+        assert torch.equal(stored, original[:, :, first:first + CHUNK_BLOCKS].cpu())
+    pool.free(taken)
+    manager.close()
