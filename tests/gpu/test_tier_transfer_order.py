@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.unit.tiers.test_manager_stores import finished_prefix
 
 from kvtier.config import TierConfig
 from kvtier.kv.block_pool import BlockPool
-from kvtier.kv.hashing import hash_block_tokens, root_block_hash
 from kvtier.tiers.base import KVLayout
 from kvtier.tiers.cost import CostModel, TierRate
 from kvtier.tiers.cpu import CPUStore
@@ -48,15 +48,7 @@ def test_a_load_into_evicted_blocks_lands_after_their_store_read_them() -> None:
     pool.eviction_listener = manager
 
     # A finished request's 8 cached blocks (two chunks): lazy candidates, nothing stored yet.
-    blocks = pool.allocate(8)
-    hashes, parent = [], root_block_hash("order-test")
-    for i, block in enumerate(blocks):
-        parent = hash_block_tokens(parent, [7, i])
-        hashes.append(parent)
-        pool.cache_block(block, parent)
-    manager.note_request(hashes)
-    manager.on_request_freed(hashes, len(blocks))
-    pool.free(list(reversed(blocks)))
+    hashes, blocks = finished_prefix(pool, manager, seed=7, num_blocks=8)
     original = kv_cache[:, :, blocks].clone()
     torch.cuda.synchronize()
 

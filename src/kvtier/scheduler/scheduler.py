@@ -14,10 +14,10 @@ Each `schedule()` fills one step's token budget in priority order:
    a step that prefills a short remainder (a cache hit's suffix) holds waiting requests with
    long prefills for one prefill step, so the hit's first token does not wait for them. A
    step skips admission when the last attempt ran out of blocks and nothing since could
-   change that. When the KV
-   tiers hold more of the prefix and loading it pays, the request instead gets blocks for it
-   and waits LOADING (off the budget) while the transfer runs and the batch keeps stepping
-   (a load that finished inline, see `tiers.manager.INLINE_LOAD_S`, is scheduled at once).
+   change that. When the KV tiers hold more of the prefix and loading it pays, the request
+   instead gets blocks for it and waits LOADING (off the budget) while the transfer runs and
+   the batch keeps stepping (a load that finished inline, see `tiers.manager.INLINE_LOAD_S`,
+   is scheduled at once).
 
 `update_from_output()` then advances computed-token counts, registers newly full blocks in the
 prefix cache, appends sampled tokens and finishes requests on token-level stop conditions.
@@ -41,6 +41,7 @@ from kvtier.types import (
     ScheduledRequest,
     SchedulerOutput,
 )
+from kvtier.utils.math import cdiv
 
 LPM_WINDOW = 128
 """Waiting requests the lpm policy ranks per admission (bounds the per-step cost)."""
@@ -92,10 +93,10 @@ class Scheduler:
         self._num_loads_finished = 0
         self._failed_admission: _AdmissionState | None = None
         self.num_skipped_admissions = 0
-        self.num_long_prefills_held = 0
-        """Long prefills held for one prefill step behind short ones (short_prefill_first)."""
         """Steps that skipped admission: the last attempt ran out of blocks, nothing since
         could let a waiting request in."""
+        self.num_long_prefills_held = 0
+        """Long prefills held for one prefill step behind short ones (short_prefill_first)."""
         self.separate_prefill_steps = False
         """Set by the engine when decode-only steps are much cheaper (CUDA graphs): steps then
         carry either prefill chunks or decodes, alternating while both are pending."""
@@ -367,7 +368,7 @@ class Scheduler:
         if self.tiers is None or not self.kv.enable_caching:
             return True
         hashes = self.kv.block_hashes(request)
-        last_needed = min(-(-(request.num_tokens - short) // block_size), len(hashes)) - 1
+        last_needed = min(cdiv(request.num_tokens - short, block_size), len(hashes)) - 1
         return last_needed < 0 or not self.tiers.holds_block(hashes[last_needed])
 
     def _admission_state(self) -> _AdmissionState:

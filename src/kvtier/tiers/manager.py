@@ -329,7 +329,7 @@ class TierManager:
         return chunk_runs(block_hashes, start, end, self.chunk_blocks)
 
     def _admit(self, chunk: Chunk) -> bool:
-        if any(store.has_block(chunk.key) for store in self.stores) or chunk.key in self._storing:
+        if self.holds_block(chunk.key) or chunk.key in self._storing:
             return False
         if self._reuse.count(chunk) < self.config.kv_store_min_hits:
             self.stats.num_rejected_min_hits += 1
@@ -404,7 +404,7 @@ class TierManager:
                     self.stats.num_stores_at_eviction += 1
                     saved.update(chunk.block_hashes)
         for block_hash, _ in evicted:
-            if block_hash not in saved and not any(s.has_block(block_hash) for s in self.stores):
+            if block_hash not in saved and not self.holds_block(block_hash):
                 self.stats.num_evicted_unsaved_blocks += 1
 
     def store_lookahead(self, num_blocks: int) -> None:
