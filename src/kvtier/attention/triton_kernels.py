@@ -346,6 +346,137 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_ta
         tl.store(lse_ptr + row, lse, mask=groups < GROUP)
 
 
+@triton.jit(do_not_specialize=["num_splits", "stride_table"])
+def decode_kernel(q_ptr, key_ptr, value_ptr, out_ptr, part_ptr, lse_ptr, arrivals_ptr,
+                  cache_ptr, block_table_ptr, seq_lens_ptr, slot_ptr, num_splits, qk_scale,
+                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                  stride_ot, stride_oh, stride_kv, stride_block, stride_slot, stride_head,
+                  stride_table, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                  BLOCK_G: tl.constexpr, REDUCE_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
+                  BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, WRITE_KV: tl.constexpr,
+                  UPCAST: tl.constexpr, PDL: tl.constexpr):
+    """Flash-decoding in one launch: the KV write of the step's token, the split attention
+    and the merge of the splits, for one query token per sequence, all GROUP query heads of a
+    KV head together. Grid: (num_decodes, num_kv_heads, num_splits); decode b's query is
+    token b, and its own key and value (position seq_len - 1) are tokens b of key / value.
+
+    Splits are laid out on the device, so seq_lens may change between graph replays: split s
+    covers cached keys [s * L, min((s + 1) * L, seq_len - 1)), with
+    L = max(cdiv(cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT), and only the
+    first `used` = cdiv(seq_len, L) splits run. The last of them adds the own key from
+    registers, and stores it in the cache at slot_mapping[b] when WRITE_KV (a negative slot
+    is not written), so no program reads a slot this kernel writes. A zero seq_len (graph
+    padding) gives a zero output.
+
+    With one used split the program writes the output itself. Otherwise each writes its
+    normalised partial output to part (num_decodes, NUM_HEADS, num_splits, HEAD_DIM) fp32
+    and its log2-sum-exp2 to lse (num_decodes, NUM_HEADS, num_splits), then counts itself
+    in arrivals[b, kv_head] (int32, zero between launches); the last to arrive merges the
+    splits, CHUNK at a time, and sets the count back to zero. This saves the KV-write and
+    reduce launches, which at batch 1 cost more than the attention's own reads."""
+    await_previous_kernel(PDL)
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+    used = tl.maximum(tl.cdiv(seq_len, split_len), 1)
+    if split < used:
+        own = seq_len - 1  # the step's token: its key and value come from key / value
+        start = split * split_len
+        end = tl.minimum(start + split_len, own)
+        groups = tl.arange(0, BLOCK_G)
+        heads = kv_head * GROUP + groups
+        dims = tl.arange(0, HEAD_DIM)
+        head_mask = (groups < GROUP)[:, None]
+        q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+                    mask=head_mask, other=0.0)
+        k_base = cache_ptr + kv_head * stride_head
+        v_base = k_base + stride_kv
+        table_row = block_table_ptr + seq.to(tl.int64) * stride_table
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+        for start_n in range(start, end, BLOCK_N):
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start_n,
+                                         end, m_i, qk_scale, stride_block, stride_slot,
+                                         False, True, HEAD_DIM, BLOCK_SIZE, BLOCK_N, UPCAST)
+        if (split == used - 1) & (seq_len > 0):  # the own key, last in position order
+            key = tl.load(key_ptr + seq * stride_kt + kv_head * stride_kh + dims)
+            value = tl.load(value_ptr + seq * stride_vt + kv_head * stride_vh + dims)
+            s = tl.sum(q.to(tl.float32) * key.to(tl.float32)[None, :], 1) * qk_scale
+            m_new = tl.maximum(m_i, s)
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * value.to(tl.float32)[None, :]
+            m_i = m_new
+            if WRITE_KV:
+                slot = tl.load(slot_ptr + seq)
+                if slot >= 0:
+                    dst = (cache_ptr + (slot // BLOCK_SIZE) * stride_block
+                           + (slot % BLOCK_SIZE) * stride_slot + kv_head * stride_head + dims)
+                    tl.store(dst, key)
+                    tl.store(dst + stride_kv, value)
+        has_keys = l_i > 0.0
+        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        if used == 1:
+            tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=head_mask)
+        else:
+            first_row = (seq * NUM_HEADS + kv_head * GROUP) * num_splits
+            row = first_row + groups * num_splits + split
+            tl.store(part_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=head_mask)
+            lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)),
+                           float("-inf"))
+            tl.store(lse_ptr + row, lse, mask=groups < GROUP)
+            # Every thread's stores are issued before the count that publishes them
+            # (the atomic releases them at GPU scope; the last program acquires).
+            tl.debug_barrier()
+            counter = arrivals_ptr + seq * (NUM_HEADS // GROUP) + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+            if arrived == used - 1:
+                tl.store(counter, 0)
+                _merge_splits(part_ptr, lse_ptr, out_ptr, first_row, used, num_splits,
+                              seq * stride_ot + kv_head * GROUP * stride_oh, stride_oh,
+                              GROUP, REDUCE_G, HEAD_DIM, BLOCK_S, CHUNK)
+
+
+@triton.jit
+def _merge_splits(part_ptr, lse_ptr, out_ptr, first_row, used, num_splits, out_offset,
+                  stride_oh, GROUP: tl.constexpr, REDUCE_G: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
+    """decode_kernel's merge of splits [0, used) for GROUP heads whose rows start at
+    first_row (head g, split s at first_row + g * num_splits + s). Other programs wrote the
+    partial outputs: they are read from L2 (.cg), where the atomic made them visible."""
+    groups = tl.arange(0, REDUCE_G)
+    group_ok = groups < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    head_rows = first_row + groups * num_splits
+    splits = tl.arange(0, BLOCK_S)
+    lse = tl.load(lse_ptr + head_rows[:, None] + splits[None, :],
+                  mask=group_ok[:, None] & (splits < used)[None, :], other=float("-inf"),
+                  cache_modifier=".cg")
+    top = tl.max(lse, 1)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(tl.math.exp2(lse - top[:, None]), 1)
+    acc = tl.zeros([REDUCE_G, HEAD_DIM], dtype=tl.float32)
+    for start in range(0, used, CHUNK):
+        chunk = start + tl.arange(0, CHUNK)
+        rows = head_rows[:, None] + chunk[None, :]
+        valid = group_ok[:, None] & (chunk < used)[None, :]
+        weights = tl.math.exp2(tl.load(lse_ptr + rows, mask=valid, other=float("-inf"),
+                                       cache_modifier=".cg") - top[:, None])
+        part = tl.load(part_ptr + rows[:, :, None] * HEAD_DIM + dims[None, None, :],
+                       mask=(valid & (weights > 0.0))[:, :, None], other=0.0,
+                       cache_modifier=".cg")
+        acc += tl.sum(part * weights[:, :, None], 1)
+    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+    tl.store(out_ptr + out_offset + groups[:, None] * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=group_ok[:, None])
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, num_splits, stride_ot, stride_oh,
                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
