@@ -15,6 +15,7 @@ merge is ordered by an atomic count: a missing fence would show here as differin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 
@@ -22,6 +23,7 @@ import torch
 import triton
 from gpu_check import cuda_time  # scripts/ is on sys.path when this runs as a script
 
+from kvtier.attention import triton_backend
 from kvtier.attention.base import AttentionMetadata
 from kvtier.attention.torch_ref import TorchAttentionBackend
 from kvtier.attention.triton_backend import DecodeConfig, TritonAttentionBackend, choose_num_splits
@@ -32,14 +34,14 @@ DTYPE = torch.bfloat16
 GRAPH_HORIZON = 4096
 """The context the engine's decode graphs size their split count for (`SPLIT_HORIZON_TOKENS`)."""
 VARIANTS = {
-    "two-pass": (False, 0, None),
-    "single, split >= 64": (True, 64, None),
-    "single, split >= 128": (True, 128, None),
-    "single, split >= 256": (True, 256, None),
-    "single, split >= 512": (True, 512, None),
-    "single, no split": (True, 64, 1),
+    "two-pass": (False, 0, None, True, "acq_rel"),
+    "single >=64": (True, 64, None, True, "acq_rel"),
+    "single >=64 early-release": (True, 64, None, False, "acq_rel"),
+    "single >=128": (True, 128, None, True, "acq_rel"),
+    "single >=256": (True, 256, None, True, "acq_rel"),
 }
-"""(single_pass_decode, min_split_keys, fixed split count or None for the graph's choice)."""
+"""(single_pass_decode, min_split_keys, fixed split count or None for the graph's choice,
+decode_kernel's PDL release after its loop (else at its start), its split count's order)."""
 
 
 def make_layers(batch: int, context: int, device: torch.device, seed: int) -> dict:
@@ -71,7 +73,9 @@ def split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def run_variant(layers: dict, single_pass: bool, min_split: int, splits: int | None,
-                reference: list[torch.Tensor]) -> dict:
+                late_release: bool, arrive_sem: str, reference: list[torch.Tensor]) -> dict:
+    triton_backend.DECODE_LATE_RELEASE = late_release
+    triton_backend.DECODE_ARRIVE_SEM = arrive_sem
     backend = TritonAttentionBackend(
         decode_config=DecodeConfig(64, 4, 3, min_split_keys=min_split),
         num_decode_splits=splits, single_pass_decode=single_pass)
@@ -107,7 +111,10 @@ def run_variant(layers: dict, single_pass: bool, min_split: int, splits: int | N
 
 def reference_outputs(layers: dict) -> list[torch.Tensor]:
     backend = TorchAttentionBackend()
-    metadata = layers["metadata"]
+    metadata = dataclasses.replace(layers["metadata"])
+    context = int(metadata.seq_lens[0])
+    metadata.seq_lens_cpu = [context] * metadata.num_decodes
+    metadata.max_seq_len = context
     backend.prepare(metadata)
     outs = []
     for qkv, cache in zip(layers["qkv"], layers["caches"], strict=True):
@@ -130,10 +137,10 @@ def main() -> None:
         layers = make_layers(batch, context, device, seed=batch * 100_003 + context)
         reference = reference_outputs(layers)
         results = {}
-        for name, (single, min_split, splits) in VARIANTS.items():
-            results[name] = run_variant(layers, single, min_split, splits, reference)
+        for name, variant in VARIANTS.items():
+            results[name] = run_variant(layers, *variant, reference)
             r = results[name]
-            print(f"b{batch} ctx {context:5} {name:22} {r['us_per_layer']:6.2f} us/layer "
+            print(f"b{batch} ctx {context:5} {name:26} {r['us_per_layer']:6.2f} us/layer "
                   f"err {r['max_abs_error']:.4f} repeatable {r['repeatable']} "
                   f"splits {r['splits']}", flush=True)
         report["cases"][case] = results

@@ -476,8 +476,8 @@ def test_default_configs_compile_for_hopper(head_dim: int) -> None:
             **io, "key_ptr": bf16, "value_ptr": bf16, "arrivals_ptr": "*i32",
             "slot_ptr": "*i64"}, dict(
             NUM_HEADS=12, GROUP=6, BLOCK_G=16, REDUCE_G=8, HEAD_DIM=head_dim, BLOCK_SIZE=16,
-            BLOCK_N=dc.block_n, MIN_SPLIT=dc.block_n, BLOCK_S=128, CHUNK=8,
-            WRITE_KV=write_kv, UPCAST=False,
+            BLOCK_N=dc.block_n, MIN_SPLIT=dc.block_n, CHUNK=8,
+            WRITE_KV=write_kv, LATE_RELEASE=True, ARRIVE_SEM="acq_rel", UPCAST=False,
             PDL=True), dc.num_warps, dc.num_stages)
         assert build.resources["STACK"] == 0 and build.resources["LOCAL"] == 0, build.resources
         assert "griddepcontrol.wait" in build.ptx

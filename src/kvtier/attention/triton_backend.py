@@ -52,6 +52,10 @@ MAX_SPLITS = 128
 MERGE_TILE_ROWS = 64
 """decode_kernel's merge reads (heads x splits) rows of partial outputs at a time, this
 many: 32 KB of fp32 at d=128, 64 registers a thread at 4 warps."""
+DECODE_LATE_RELEASE = True
+"""decode_kernel lets the next kernel start (PDL) after its attention loop, not at its start."""
+DECODE_ARRIVE_SEM = "acq_rel"
+"""The memory order of decode_kernel's split count."""
 MIN_ARRIVAL_COUNTERS = 4096
 """decode_kernel's split counters (one per decode and KV head) come in buffers of at least
 this many (16 KB), so graphs of every batch size share one."""
@@ -458,6 +462,6 @@ def run_single_pass_decode(query: torch.Tensor, key: torch.Tensor, value: torch.
         NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         REDUCE_G=reduce_group, HEAD_DIM=head_dim, BLOCK_SIZE=metadata.block_size,
         BLOCK_N=config.block_n, MIN_SPLIT=max(config.min_split_keys, config.block_n),
-        BLOCK_S=triton.next_power_of_2(num_splits),
-        CHUNK=max(1, MERGE_TILE_ROWS // reduce_group), WRITE_KV=write_kv, UPCAST=interpret,
+        CHUNK=max(1, MERGE_TILE_ROWS // reduce_group), WRITE_KV=write_kv,
+        LATE_RELEASE=DECODE_LATE_RELEASE, ARRIVE_SEM=DECODE_ARRIVE_SEM, UPCAST=interpret,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(query))

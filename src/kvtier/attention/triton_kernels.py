@@ -26,7 +26,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvtier.triton_pdl import await_previous_kernel
+from kvtier.triton_pdl import (
+    await_previous_kernel,
+    release_next_kernel,
+    wait_for_previous_kernel,
+)
 
 
 @triton.jit
@@ -354,8 +358,9 @@ def decode_kernel(q_ptr, key_ptr, value_ptr, out_ptr, part_ptr, lse_ptr, arrival
                   stride_table, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
                   BLOCK_G: tl.constexpr, REDUCE_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
-                  BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, WRITE_KV: tl.constexpr,
-                  UPCAST: tl.constexpr, PDL: tl.constexpr):
+                  CHUNK: tl.constexpr, WRITE_KV: tl.constexpr,
+                  LATE_RELEASE: tl.constexpr, ARRIVE_SEM: tl.constexpr, UPCAST: tl.constexpr,
+                  PDL: tl.constexpr):
     """Flash-decoding in one launch: the KV write of the step's token, the split attention
     and the merge of the splits, for one query token per sequence, all GROUP query heads of a
     KV head together. Grid: (num_decodes, num_kv_heads, num_splits); decode b's query is
@@ -375,7 +380,9 @@ def decode_kernel(q_ptr, key_ptr, value_ptr, out_ptr, part_ptr, lse_ptr, arrival
     in arrivals[b, kv_head] (int32, zero between launches); the last to arrive merges the
     splits, CHUNK at a time, and sets the count back to zero. This saves the KV-write and
     reduce launches, which at batch 1 cost more than the attention's own reads."""
-    await_previous_kernel(PDL)
+    wait_for_previous_kernel(PDL)
+    if not LATE_RELEASE:
+        release_next_kernel(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -419,6 +426,8 @@ def decode_kernel(q_ptr, key_ptr, value_ptr, out_ptr, part_ptr, lse_ptr, arrival
                            + (slot % BLOCK_SIZE) * stride_slot + kv_head * stride_head + dims)
                     tl.store(dst, key)
                     tl.store(dst + stride_kv, value)
+        if LATE_RELEASE:  # the next kernel's early loads now overlap only the merge
+            release_next_kernel(PDL)
         has_keys = l_i > 0.0
         out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
         if used == 1:
@@ -435,43 +444,45 @@ def decode_kernel(q_ptr, key_ptr, value_ptr, out_ptr, part_ptr, lse_ptr, arrival
             # (the atomic releases them at GPU scope; the last program acquires).
             tl.debug_barrier()
             counter = arrivals_ptr + seq * (NUM_HEADS // GROUP) + kv_head
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+            arrived = tl.atomic_add(counter, 1, sem=ARRIVE_SEM)
             if arrived == used - 1:
                 tl.store(counter, 0)
                 _merge_splits(part_ptr, lse_ptr, out_ptr, first_row, used, num_splits,
                               seq * stride_ot + kv_head * GROUP * stride_oh, stride_oh,
-                              GROUP, REDUCE_G, HEAD_DIM, BLOCK_S, CHUNK)
+                              GROUP, REDUCE_G, HEAD_DIM, CHUNK)
 
 
 @triton.jit
 def _merge_splits(part_ptr, lse_ptr, out_ptr, first_row, used, num_splits, out_offset,
                   stride_oh, GROUP: tl.constexpr, REDUCE_G: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
     """decode_kernel's merge of splits [0, used) for GROUP heads whose rows start at
-    first_row (head g, split s at first_row + g * num_splits + s). Other programs wrote the
-    partial outputs: they are read from L2 (.cg), where the atomic made them visible."""
+    first_row (head g, split s at first_row + g * num_splits + s), CHUNK splits at a time
+    with a running max, so each chunk's log-sum-exps and partial outputs are requested
+    together and no chunk waits for another's loads. Other programs wrote them: they are
+    read from L2 (.cg), where the atomic count made them visible."""
     groups = tl.arange(0, REDUCE_G)
     group_ok = groups < GROUP
     dims = tl.arange(0, HEAD_DIM)
     head_rows = first_row + groups * num_splits
-    splits = tl.arange(0, BLOCK_S)
-    lse = tl.load(lse_ptr + head_rows[:, None] + splits[None, :],
-                  mask=group_ok[:, None] & (splits < used)[None, :], other=float("-inf"),
-                  cache_modifier=".cg")
-    top = tl.max(lse, 1)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    total = tl.sum(tl.math.exp2(lse - top[:, None]), 1)
+    top = tl.full([REDUCE_G], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([REDUCE_G], dtype=tl.float32)
     acc = tl.zeros([REDUCE_G, HEAD_DIM], dtype=tl.float32)
-    for start in range(0, used, CHUNK):
+    for start in tl.range(0, used, CHUNK, num_stages=2):
         chunk = start + tl.arange(0, CHUNK)
         rows = head_rows[:, None] + chunk[None, :]
         valid = group_ok[:, None] & (chunk < used)[None, :]
-        weights = tl.math.exp2(tl.load(lse_ptr + rows, mask=valid, other=float("-inf"),
-                                       cache_modifier=".cg") - top[:, None])
+        lse = tl.load(lse_ptr + rows, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        # Every used split has keys, so its partial output is finite: no need to mask by lse.
         part = tl.load(part_ptr + rows[:, :, None] * HEAD_DIM + dims[None, None, :],
-                       mask=(valid & (weights > 0.0))[:, :, None], other=0.0,
-                       cache_modifier=".cg")
-        acc += tl.sum(part * weights[:, :, None], 1)
+                       mask=valid[:, :, None], other=0.0, cache_modifier=".cg")
+        new_top = tl.maximum(top, tl.max(lse, 1))
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # padded head rows
+        weights = tl.math.exp2(lse - shift[:, None])
+        rescale = tl.math.exp2(top - shift)
+        total = total * rescale + tl.sum(weights, 1)
+        acc = acc * rescale[:, None] + tl.sum(part * weights[:, :, None], 1)
+        top = new_top
     out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
     tl.store(out_ptr + out_offset + groups[:, None] * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=group_ok[:, None])
