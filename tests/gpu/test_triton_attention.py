@@ -481,8 +481,12 @@ def test_default_configs_compile_for_hopper(head_dim: int) -> None:
             PDL=True), dc.num_warps, dc.num_stages)
         assert build.resources["STACK"] == 0 and build.resources["LOCAL"] == 0, build.resources
         assert "griddepcontrol.wait" in build.ptx
-        assert "atom.global.gpu.acq_rel" in build.ptx  # the split count publishes the partials
-        assert "ld.global.cg" in build.ptx  # the merge reads them from L2, not a stale L1
+        # The split count publishes the partial outputs (a GPU-scope fence before it) and
+        # the merging program acquires them (this SM's L1 invalidated after it).
+        assert "atom.global.gpu.acq_rel" in build.ptx
+        atom = build.sass.index("ATOMG")
+        assert "MEMBAR.ALL.GPU" in build.sass[:atom]
+        assert "CCTL.IVALL" in build.sass[atom:atom + 1000]
     build = compile_sm90(triton_kernels.decode_reduce_kernel, io, dict(
         NUM_HEADS=12, HEAD_DIM=head_dim, BLOCK_S=128, CHUNK=16, PDL=True), 4, 1)
     assert build.resources["STACK"] == 0 and build.resources["LOCAL"] == 0, build.resources

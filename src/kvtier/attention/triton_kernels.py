@@ -459,8 +459,8 @@ def _merge_splits(part_ptr, lse_ptr, out_ptr, first_row, used, num_splits, out_o
     """decode_kernel's merge of splits [0, used) for GROUP heads whose rows start at
     first_row (head g, split s at first_row + g * num_splits + s), CHUNK splits at a time
     with a running max, so each chunk's log-sum-exps and partial outputs are requested
-    together and no chunk waits for another's loads. Other programs wrote them: they are
-    read from L2 (.cg), where the atomic count made them visible."""
+    together and no chunk waits for another's loads. Other programs wrote them; the atomic
+    count's acquire (which invalidates this SM's L1) makes them visible here."""
     groups = tl.arange(0, REDUCE_G)
     group_ok = groups < GROUP
     dims = tl.arange(0, HEAD_DIM)
