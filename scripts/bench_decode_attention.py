@@ -2,11 +2,10 @@
 calls (each its own paged cache, Qwen2.5-1.5B's 12 query / 2 KV heads, d=128, bf16, block 16)
 captured in one CUDA graph, with programmatic dependent launch where the backend uses it.
 
-Variants: the two-pass path (KV-write kernel, split partials, reduce kernel) and the
-single-pass `decode_kernel` (KV write and split merge inside) at several minimum split
-lengths, and without splits. Each variant is checked against the torch reference, and its
-graph is replayed twice more to check that the outputs are bitwise repeatable (the split
-merge is ordered by an atomic count: a missing fence would show here as differing replays).
+Variants: `decode_partial_kernel` with and without its L2 prefetch of the first K/V tile
+before the PDL wait (`triton_backend.PREFETCH_DECODE_TILE`). Each is checked against the
+torch reference, and its graph is replayed 20 more times to check that the outputs are
+bitwise repeatable.
 
     PYTHONPATH=src:scripts python3 scripts/bench_decode_attention.py \
         --out $OUT/decode_attention.json
@@ -26,22 +25,15 @@ from gpu_check import cuda_time  # scripts/ is on sys.path when this runs as a s
 from kvtier.attention import triton_backend
 from kvtier.attention.base import AttentionMetadata
 from kvtier.attention.torch_ref import TorchAttentionBackend
-from kvtier.attention.triton_backend import DecodeConfig, TritonAttentionBackend, choose_num_splits
+from kvtier.attention.triton_backend import TritonAttentionBackend, choose_num_splits
 
 LAYERS = 28
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 12, 2, 128, 16
 DTYPE = torch.bfloat16
 GRAPH_HORIZON = 4096
 """The context the engine's decode graphs size their split count for (`SPLIT_HORIZON_TOKENS`)."""
-VARIANTS = {
-    "two-pass": (False, 0, None, True, "acq_rel"),
-    "single >=64": (True, 64, None, True, "acq_rel"),
-    "single >=64 early-release": (True, 64, None, False, "acq_rel"),
-    "single >=128": (True, 128, None, True, "acq_rel"),
-    "single >=256": (True, 256, None, True, "acq_rel"),
-}
-"""(single_pass_decode, min_split_keys, fixed split count or None for the graph's choice,
-decode_kernel's PDL release after its loop (else at its start), its split count's order)."""
+VARIANTS = {"prefetch": True, "no prefetch": False}
+"""Whether decode_partial_kernel prefetches its first K/V tile before its PDL wait."""
 
 
 def make_layers(batch: int, context: int, device: torch.device, seed: int) -> dict:
@@ -72,13 +64,9 @@ def split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
             v.view(-1, KV_HEADS, HEAD_DIM))
 
 
-def run_variant(layers: dict, single_pass: bool, min_split: int, splits: int | None,
-                late_release: bool, arrive_sem: str, reference: list[torch.Tensor]) -> dict:
-    triton_backend.DECODE_LATE_RELEASE = late_release
-    triton_backend.DECODE_ARRIVE_SEM = arrive_sem
-    backend = TritonAttentionBackend(
-        decode_config=DecodeConfig(64, 4, 3, min_split_keys=min_split),
-        num_decode_splits=splits, single_pass_decode=single_pass)
+def run_variant(layers: dict, prefetch: bool, reference: list[torch.Tensor]) -> dict:
+    triton_backend.PREFETCH_DECODE_TILE = prefetch
+    backend = TritonAttentionBackend()
     metadata = layers["metadata"]
     backend.prepare(metadata)
     outs = [torch.empty(metadata.num_tokens, HEADS, HEAD_DIM, dtype=DTYPE,
@@ -105,8 +93,8 @@ def run_variant(layers: dict, single_pass: bool, min_split: int, splits: int | N
     times = [cuda_time(graph.replay, repeat=20) for _ in range(5)]
     return {"us_per_layer": statistics.median(times) / LAYERS * 1e6,
             "max_abs_error": error, "repeatable": repeatable,
-            "splits": splits or choose_num_splits(metadata.num_decodes, KV_HEADS,
-                                                  GRAPH_HORIZON, backend.num_sms or 132)}
+            "splits": choose_num_splits(metadata.num_decodes, KV_HEADS,
+                                        GRAPH_HORIZON, backend.num_sms or 132)}
 
 
 def reference_outputs(layers: dict) -> list[torch.Tensor]:
@@ -138,9 +126,9 @@ def main() -> None:
         reference = reference_outputs(layers)
         results = {}
         for name, variant in VARIANTS.items():
-            results[name] = run_variant(layers, *variant, reference)
+            results[name] = run_variant(layers, variant, reference)
             r = results[name]
-            print(f"b{batch} ctx {context:5} {name:26} {r['us_per_layer']:6.2f} us/layer "
+            print(f"b{batch} ctx {context:5} {name:12} {r['us_per_layer']:6.2f} us/layer "
                   f"err {r['max_abs_error']:.4f} repeatable {r['repeatable']} "
                   f"splits {r['splits']}", flush=True)
         report["cases"][case] = results

@@ -80,20 +80,3 @@ def await_previous_kernel(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def wait_for_previous_kernel(PDL: tl.constexpr):
-    """The first half of `await_previous_kernel`: wait, but do not yet let the next kernel
-    start; the kernel calls `release_next_kernel` later (every program must, or exit)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
-def release_next_kernel(PDL: tl.constexpr):
-    """Let the next kernel in the stream start its programs (once every program of this one
-    has called this or exited). Later is better where the next kernel's early loads would
-    compete with this one's: a GEMV's weight prefetch queues ahead of attention's reads."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()

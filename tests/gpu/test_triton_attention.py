@@ -182,84 +182,13 @@ def test_both_dtypes_mixed_batch(device: torch.device, dtype: torch.dtype) -> No
     check(step, device)
 
 
-@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
 @pytest.mark.parametrize("num_splits", [None, 1, 7, 37])
-def test_long_decode_splits(device: torch.device, num_splits: int | None,
-                            single_pass: bool) -> None:
+def test_long_decode_splits(device: torch.device, num_splits: int | None) -> None:
     """Long contexts over several splits (None: the backend's choice), plus a short one whose
-    later splits are empty; both decode paths (the single-pass kernel merges its own splits)."""
+    later splits are empty."""
     lens = sizes([16384, 20001, 40], [2048, 1500, 40])
     step = make_step(lens, [], (12, 2, 128), 16, torch.bfloat16, device, seed=3)
-    check(step, device, TritonAttentionBackend(num_decode_splits=num_splits,
-                                               single_pass_decode=single_pass))
-
-
-def test_single_pass_decode_leaves_counters_zero(device: torch.device) -> None:
-    """The split counters are shared by every launch: after a decode step whose splits all
-    merged, each is zero again, and the next step (other contexts, same backend and buffer)
-    is right. A count left behind would make the next launch merge too early or never."""
-    backend = TritonAttentionBackend(num_decode_splits=9)
-    first = make_step([700, 65, 1], [], (12, 2, 128), 16, torch.bfloat16, device, seed=12)
-    check(first, device, backend)
-    (arrivals,) = backend._arrivals
-    assert int(arrivals.count_nonzero()) == 0
-    second = make_step([64, 900, 129], [(10, 5)], (12, 2, 128), 16, torch.bfloat16, device,
-                       seed=13)
-    check(second, device, backend)
-    assert backend._arrivals == [arrivals] and int(arrivals.count_nonzero()) == 0
-
-
-@pytest.mark.skipif(not ON_GPU, reason="a race between programs shows only on a GPU")
-def test_single_pass_decode_is_repeatable(device: torch.device) -> None:
-    """The merging program reads partial outputs other programs wrote: with the count's
-    release/acquire and L2 reads it sees them all, every launch; a read that could run early
-    would make outputs differ between launches on the same inputs."""
-    step = make_step([4000, 700, 65, 3000], [], (12, 2, 128), 16, torch.bfloat16, device,
-                     seed=16)
-    backend = TritonAttentionBackend(num_decode_splits=37)
-    first, _ = run_triton(step, backend, device)
-    for _ in range(50):
-        out, _ = run_triton(step, backend, device)
-        assert torch.equal(out, first)
-
-
-@pytest.mark.parametrize("num_splits", [1, 5])
-def test_single_pass_decode_reads_own_kv_when_written(device: torch.device,
-                                                      num_splits: int) -> None:
-    """With kv_written (the qkv projection stored K/V), the kernel writes nothing and takes
-    each decode's own key and value from key / value: here the cache slots still hold FILL,
-    and the output is the reference's all the same."""
-    step = make_step([300, 40, 2], [], (12, 2, 128), 16, torch.bfloat16, device, seed=14)
-    metadata = step.metadata(device)
-    backend = TritonAttentionBackend(num_decode_splits=num_splits)
-    backend.prepare(metadata)
-    cache = step.kv_cache.clone()
-    out = backend.forward(step.query, step.key, step.value, cache, metadata,
-                          step.query.shape[-1] ** -0.5, kv_written=True)
-    assert torch.equal(cache, step.kv_cache), "kv_written: the kernel must not store K/V"
-    ref_out, _ = reference(step, device)
-    torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)
-
-
-@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
-def test_padding_decode_row_is_zero(device: torch.device, single_pass: bool) -> None:
-    """A CUDA graph's padding row (seq_len 0, slot -1) gets a zero output and writes nothing;
-    the real decodes around it are unaffected."""
-    step = make_step([200, 30, 90], [], (8, 2, 64), 16, torch.float16, device, seed=15)
-    metadata = step.metadata(device)
-    metadata.seq_lens[1] = 0
-    metadata.slot_mapping[1] = -1
-    backend = TritonAttentionBackend(num_decode_splits=4, single_pass_decode=single_pass)
-    backend.prepare(metadata)
-    cache = step.kv_cache.clone()
-    out = backend.forward(step.query, step.key, step.value, cache, metadata, 0.125)
-    assert not out[1].any()
-    slot = step.slot_mapping[1]
-    bs = step.block_size
-    assert torch.equal(cache[:, slot // bs, slot % bs], step.kv_cache[:, slot // bs, slot % bs])
-    ref_out, _ = reference(step, device)
-    rows = [0, 2]
-    torch.testing.assert_close(out[rows].float(), ref_out[rows], atol=6e-3, rtol=6e-3)
+    check(step, device, TritonAttentionBackend(num_decode_splits=num_splits))
 
 
 @pytest.mark.parametrize("block_size", [16, 64])
@@ -467,26 +396,12 @@ def test_default_configs_compile_for_hopper(head_dim: int) -> None:
     for direct in (False, True):
         build = compile_sm90(triton_kernels.decode_partial_kernel, io, dict(
             NUM_HEADS=12, GROUP=6, BLOCK_G=16, HEAD_DIM=head_dim, BLOCK_SIZE=16,
-            BLOCK_N=dc.block_n, DIRECT=direct, UPCAST=False, PDL=True), dc.num_warps,
-            dc.num_stages)
-        assert build.resources["STACK"] == 0 and build.resources["LOCAL"] == 0, build.resources
-        assert "griddepcontrol.wait" in build.ptx  # programmatic dependent launch
-    for write_kv in (False, True):
-        build = compile_sm90(triton_kernels.decode_kernel, {
-            **io, "key_ptr": bf16, "value_ptr": bf16, "arrivals_ptr": "*i32",
-            "slot_ptr": "*i64"}, dict(
-            NUM_HEADS=12, GROUP=6, BLOCK_G=16, REDUCE_G=8, HEAD_DIM=head_dim, BLOCK_SIZE=16,
-            BLOCK_N=dc.block_n, MIN_SPLIT=dc.block_n, CHUNK=8,
-            WRITE_KV=write_kv, LATE_RELEASE=True, ARRIVE_SEM="acq_rel", UPCAST=False,
+            BLOCK_N=dc.block_n, DIRECT=direct, UPCAST=False, PREFETCH_LINE=min(64, head_dim),
             PDL=True), dc.num_warps, dc.num_stages)
         assert build.resources["STACK"] == 0 and build.resources["LOCAL"] == 0, build.resources
-        assert "griddepcontrol.wait" in build.ptx
-        # The split count publishes the partial outputs (a GPU-scope fence before it) and
-        # the merging program acquires them (this SM's L1 invalidated after it).
-        assert "atom.global.gpu.acq_rel" in build.ptx
-        atom = build.sass.index("ATOMG")
-        assert "MEMBAR.ALL.GPU" in build.sass[:atom]
-        assert "CCTL.IVALL" in build.sass[atom:atom + 1000]
+        assert "griddepcontrol.wait" in build.ptx  # programmatic dependent launch
+        # The first tile's K/V lines are asked of L2 before the wait.
+        assert build.ptx.index("prefetch.global.L2") < build.ptx.index("griddepcontrol.wait")
     build = compile_sm90(triton_kernels.decode_reduce_kernel, io, dict(
         NUM_HEADS=12, HEAD_DIM=head_dim, BLOCK_S=128, CHUNK=16, PDL=True), 4, 1)
     assert build.resources["STACK"] == 0 and build.resources["LOCAL"] == 0, build.resources

@@ -2,15 +2,11 @@
 
 Per layer `forward` launches, without a host synchronisation:
 
-    kv_write_kernel        prefill tokens        grid (tokens,)  (unless kv_written)
-    decode_kernel          decodes [0, nd)       grid (nd, num_kv_heads, num_splits)
+    kv_write_kernel        all tokens            grid (num_tokens,)  (unless kv_written)
+    decode_partial_kernel  decodes [0, nd)       grid (nd, num_kv_heads, num_splits)
+    decode_reduce_kernel   (when num_splits > 1) grid (nd, num_heads)
     prefill_kernel         prefills [nd, n)      grid (num_heads, m_tiles, (n - nd) * kv_splits)
     decode_reduce_kernel   (when kv_splits > 1)  grid (prefill tokens, num_heads)
-
-`decode_kernel` writes the decodes' own K/V and merges its splits itself (the last split of
-a head to finish merges them). With `single_pass_decode=False` (A/B runs) the decodes take the
-two-pass path instead: the KV write of all tokens, `decode_partial_kernel`, then
-`decode_reduce_kernel` when num_splits > 1.
 
 CUDA graphs (decode-only steps): `prepare` runs once at capture, with `max_seq_len` an upper
 bound on the contexts the graph will serve; it fixes `num_splits` from the batch shape alone.
@@ -35,7 +31,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kvtier.attention.base import AttentionBackend, AttentionMetadata
 from kvtier.attention.triton_kernels import (
-    decode_kernel,
     decode_partial_kernel,
     decode_reduce_kernel,
     kv_write_kernel,
@@ -49,16 +44,9 @@ MIN_KEYS_PER_SPLIT = 128
 """A decode split reads at least this many keys (two BLOCK_N=64 tiles) unless the context is
 shorter: below that the reduce and the per-program setup cost more than the split saves."""
 MAX_SPLITS = 128
-MERGE_TILE_ROWS = 64
-"""decode_kernel's merge reads (heads x splits) rows of partial outputs at a time, this
-many: 32 KB of fp32 at d=128, 64 registers a thread at 4 warps."""
-DECODE_LATE_RELEASE = True
-"""decode_kernel lets the next kernel start (PDL) after its attention loop, not at its start."""
-DECODE_ARRIVE_SEM = "acq_rel"
-"""The memory order of decode_kernel's split count."""
-MIN_ARRIVAL_COUNTERS = 4096
-"""decode_kernel's split counters (one per decode and KV head) come in buffers of at least
-this many (16 KB), so graphs of every batch size share one."""
+PREFETCH_DECODE_TILE = True
+"""decode_partial_kernel asks L2 for its first K/V tile before its PDL wait (the
+interpreter, which has no inline assembly, skips it). A switch for A/B runs."""
 MIN_KEYS_PER_PREFILL_SPLIT = 256
 """A prefill KV split attends at least this many keys (four BLOCK_N=64 tiles of 128 rows):
 the partial outputs it writes and the reduce cost about what two tiles of attention do."""
@@ -80,9 +68,6 @@ class DecodeConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    min_split_keys: int = 0
-    """decode_kernel: a split reads at least this many keys (a multiple of block_n; 0: one
-    tile), so short contexts use fewer of the splits a graph was captured with."""
 
 
 def default_prefill_config(head_dim: int) -> PrefillConfig:
@@ -173,18 +158,11 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(self, prefill_config: PrefillConfig | None = None,
                  decode_config: DecodeConfig | None = None,
                  num_decode_splits: int | None = None, num_sms: int | None = None,
-                 num_prefill_splits: int | None = None, own_kv_prompts: bool = True,
-                 single_pass_decode: bool = True) -> None:
+                 num_prefill_splits: int | None = None, own_kv_prompts: bool = True) -> None:
         """Configs default per head dim; num_decode_splits / num_prefill_splits fix the split
         counts (else chosen per step by `choose_num_splits` / `choose_prefill_splits`);
         num_sms defaults to the device's. own_kv_prompts: steps of whole prompts read K/V
-        from the step's key/value tensors (`prompt_kernel`) rather than from the cache.
-        single_pass_decode: decodes run `decode_kernel` (else the two-pass path, for A/B;
-        graphs captured before a change keep the path they captured)."""
-        self.single_pass_decode = single_pass_decode
-        self._arrivals: list[torch.Tensor] = []
-        """decode_kernel's split counters; every buffer ever handed to a kernel is kept, since
-        captured graphs go on using it."""
+        from the step's key/value tensors (`prompt_kernel`) rather than from the cache."""
         self.prefill_config = prefill_config
         self.decode_config = decode_config
         self.num_decode_splits = num_decode_splits
@@ -225,17 +203,13 @@ class TritonAttentionBackend(AttentionBackend):
         num_tokens, num_heads, head_dim = query.shape
         _check_shapes(query, key, kv_cache, metadata.block_size)
         query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
-        # decode_kernel writes the decodes' K/V itself: this writes the prefill tokens'.
-        written = data.num_decodes if self.single_pass_decode else 0
-        if not kv_written and written < num_tokens:
-            write_kv(key[written:], value[written:], kv_cache,
-                     metadata.slot_mapping[written:num_tokens], metadata.block_size)
+        if not kv_written:
+            write_kv(key, value, kv_cache, metadata.slot_mapping, metadata.block_size)
         if out is None:
             out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype,
                               device=query.device)
         if data.num_decodes:
-            self._decode(query, key, value, kv_cache, metadata, data, out, scale,
-                         write_kv=not kv_written)
+            self._decode(query, kv_cache, metadata, data, out, scale)
         if data.num_prefills:
             if data.prefill_config is None:
                 self._choose_prefill_tiles(data, num_heads, head_dim)
@@ -276,30 +250,11 @@ class TritonAttentionBackend(AttentionBackend):
         return choose_prefill_splits(num_heads * tiles, data.max_prefill_context,
                                      self.num_sms or DEFAULT_NUM_SMS)
 
-    def _decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata, data: TritonStepData,
-                out: torch.Tensor, scale: float, write_kv: bool) -> None:
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                data: TritonStepData, out: torch.Tensor, scale: float) -> None:
         config = self.decode_config or default_decode_config(query.shape[2])
         splits = self.num_splits(data, kv_cache.shape[3])
-        if not self.single_pass_decode:
-            run_decode(query, kv_cache, metadata, out, scale, splits, config, self.interpret)
-            return
-        arrivals = self._arrival_counters(data.num_decodes * kv_cache.shape[3], query.device)
-        run_single_pass_decode(query, key, value, kv_cache, metadata, out, arrivals, scale,
-                               splits, config, write_kv, self.interpret)
-
-    def _arrival_counters(self, count: int, device: torch.device) -> torch.Tensor:
-        """Zeroed int32 counters, at least `count`, on `device`. Each launch of decode_kernel
-        leaves them zero again, so one buffer serves every layer, step and graph. Made at a
-        decode batch's first (eager, warm-up) step; made during a graph capture instead, the
-        zeroing would be captured too, which is still correct."""
-        for arrivals in reversed(self._arrivals):
-            if arrivals.device == device and arrivals.numel() >= count:
-                return arrivals
-        arrivals = torch.zeros(max(count, MIN_ARRIVAL_COUNTERS), dtype=torch.int32,
-                               device=device)
-        self._arrivals.append(arrivals)
-        return arrivals
+        run_decode(query, kv_cache, metadata, out, scale, splits, config, self.interpret)
 
 
 def _check_shapes(query: torch.Tensor, key: torch.Tensor, kv_cache: torch.Tensor,
@@ -422,46 +377,13 @@ def run_decode(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionM
         table.stride(0),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=metadata.block_size, BLOCK_N=config.block_n,
-        DIRECT=direct, UPCAST=interpret, num_warps=config.num_warps,
-        num_stages=config.num_stages, **launch_options(query))
+        DIRECT=direct, UPCAST=interpret,
+        PREFETCH_LINE=0 if interpret or not PREFETCH_DECODE_TILE else min(
+            128 // kv_cache.element_size(), head_dim),
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(query))
     if not direct:
         decode_reduce_kernel[(nd, num_heads)](
             part, lse, out, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim,
             BLOCK_S=triton.next_power_of_2(num_splits), CHUNK=16, num_warps=4,
             **launch_options(query))
-
-
-def run_single_pass_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                           out: torch.Tensor, arrivals: torch.Tensor, scale: float,
-                           num_splits: int, config: DecodeConfig, write_kv: bool,
-                           interpret: bool = False) -> None:
-    """Attention for decodes [0, num_decodes) into out, query/key/value token b being decode
-    b's, in one launch of `decode_kernel` (which also stores the decodes' K/V when write_kv)."""
-    nd = metadata.num_decodes
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads = kv_cache.shape[3]
-    group = num_heads // num_kv_heads
-    if num_splits == 1:
-        part = lse = out  # unused by the kernel
-    else:
-        # One allocation: partial outputs (nd, H, S, D) then log-sum-exps (nd, H, S), fp32.
-        rows = nd * num_heads * num_splits
-        workspace = torch.empty(rows * (head_dim + 1), dtype=torch.float32, device=query.device)
-        part, lse = workspace[:rows * head_dim], workspace[rows * head_dim:]
-    table = metadata.block_table
-    reduce_group = triton.next_power_of_2(group)
-    decode_kernel[(nd, num_kv_heads, num_splits)](
-        query, key, value, out, part, lse, arrivals, kv_cache, table, metadata.seq_lens,
-        metadata.slot_mapping, num_splits, scale * LOG2E,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0),
-        value.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        table.stride(0),
-        NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        REDUCE_G=reduce_group, HEAD_DIM=head_dim, BLOCK_SIZE=metadata.block_size,
-        BLOCK_N=config.block_n, MIN_SPLIT=max(config.min_split_keys, config.block_n),
-        CHUNK=max(1, MERGE_TILE_ROWS // reduce_group), WRITE_KV=write_kv,
-        LATE_RELEASE=DECODE_LATE_RELEASE, ARRIVE_SEM=DECODE_ARRIVE_SEM, UPCAST=interpret,
-        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(query))

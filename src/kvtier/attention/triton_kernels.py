@@ -26,11 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvtier.triton_pdl import (
-    await_previous_kernel,
-    release_next_kernel,
-    wait_for_previous_kernel,
-)
+from kvtier.triton_pdl import await_previous_kernel
 
 
 @triton.jit
@@ -298,9 +294,13 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_ta
                           NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
-                          PDL: tl.constexpr):
+                          PREFETCH_LINE: tl.constexpr, PDL: tl.constexpr):
     """Flash-decoding, first pass: one query token per sequence, all GROUP query heads of a KV
     head together (K/V read once per group), keys split into num_splits contiguous ranges.
+    PREFETCH_LINE > 0 (elements per 128-byte line; not under the interpreter): before waiting
+    for the previous kernel (PDL), ask L2 for the split's first tile of K and V, so its
+    dependent loads (length, block table, the tile) leave the step's critical path. The
+    reads before the wait only aim the prefetch: the results come from the loads after it.
 
     Grid: (num_decodes, num_kv_heads, num_splits); decode b's query is token b.
     Split s covers keys [s * L, min((s + 1) * L, seq_len)), L = cdiv(cdiv(seq_len, num_splits),
@@ -310,10 +310,17 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_ta
     partial outputs and lse: (num_decodes, NUM_HEADS, num_splits) fp32 log2-sum-exp2 of the
     split's scores (-inf for an empty split).
     """
-    await_previous_kernel(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    k_base = cache_ptr + kv_head * stride_head
+    v_base = k_base + stride_kv
+    table_row = block_table_ptr + seq.to(tl.int64) * stride_table
+    if PREFETCH_LINE > 0:
+        _prefetch_first_tile(k_base, v_base, table_row, seq_lens_ptr + seq, num_splits,
+                             split, stride_block, stride_slot, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                             PREFETCH_LINE)
+    await_previous_kernel(PDL)
     seq_len = tl.load(seq_lens_ptr + seq)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
@@ -325,9 +332,6 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_ta
     head_mask = (groups < GROUP)[:, None]
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                 mask=head_mask, other=0.0)
-    k_base = cache_ptr + kv_head * stride_head
-    v_base = k_base + stride_kv
-    table_row = block_table_ptr + seq.to(tl.int64) * stride_table
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
@@ -350,142 +354,28 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_ta
         tl.store(lse_ptr + row, lse, mask=groups < GROUP)
 
 
-@triton.jit(do_not_specialize=["num_splits", "stride_table"])
-def decode_kernel(q_ptr, key_ptr, value_ptr, out_ptr, part_ptr, lse_ptr, arrivals_ptr,
-                  cache_ptr, block_table_ptr, seq_lens_ptr, slot_ptr, num_splits, qk_scale,
-                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                  stride_ot, stride_oh, stride_kv, stride_block, stride_slot, stride_head,
-                  stride_table, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                  BLOCK_G: tl.constexpr, REDUCE_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
-                  CHUNK: tl.constexpr, WRITE_KV: tl.constexpr,
-                  LATE_RELEASE: tl.constexpr, ARRIVE_SEM: tl.constexpr, UPCAST: tl.constexpr,
-                  PDL: tl.constexpr):
-    """Flash-decoding in one launch: the KV write of the step's token, the split attention
-    and the merge of the splits, for one query token per sequence, all GROUP query heads of a
-    KV head together. Grid: (num_decodes, num_kv_heads, num_splits); decode b's query is
-    token b, and its own key and value (position seq_len - 1) are tokens b of key / value.
-
-    Splits are laid out on the device, so seq_lens may change between graph replays: split s
-    covers cached keys [s * L, min((s + 1) * L, seq_len - 1)), with
-    L = max(cdiv(cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT), and only the
-    first `used` = cdiv(seq_len, L) splits run. The last of them adds the own key from
-    registers, and stores it in the cache at slot_mapping[b] when WRITE_KV (a negative slot
-    is not written), so no program reads a slot this kernel writes. A zero seq_len (graph
-    padding) gives a zero output.
-
-    With one used split the program writes the output itself. Otherwise each writes its
-    normalised partial output to part (num_decodes, NUM_HEADS, num_splits, HEAD_DIM) fp32
-    and its log2-sum-exp2 to lse (num_decodes, NUM_HEADS, num_splits), then counts itself
-    in arrivals[b, kv_head] (int32, zero between launches); the last to arrive merges the
-    splits, CHUNK at a time, and sets the count back to zero. This saves the KV-write and
-    reduce launches, which at batch 1 cost more than the attention's own reads."""
-    wait_for_previous_kernel(PDL)
-    if not LATE_RELEASE:
-        release_next_kernel(PDL)
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
-    used = tl.maximum(tl.cdiv(seq_len, split_len), 1)
-    if split < used:
-        own = seq_len - 1  # the step's token: its key and value come from key / value
-        start = split * split_len
-        end = tl.minimum(start + split_len, own)
-        groups = tl.arange(0, BLOCK_G)
-        heads = kv_head * GROUP + groups
-        dims = tl.arange(0, HEAD_DIM)
-        head_mask = (groups < GROUP)[:, None]
-        q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :],
-                    mask=head_mask, other=0.0)
-        k_base = cache_ptr + kv_head * stride_head
-        v_base = k_base + stride_kv
-        table_row = block_table_ptr + seq.to(tl.int64) * stride_table
-        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-        for start_n in range(start, end, BLOCK_N):
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start_n,
-                                         end, m_i, qk_scale, stride_block, stride_slot,
-                                         False, True, HEAD_DIM, BLOCK_SIZE, BLOCK_N, UPCAST)
-        if (split == used - 1) & (seq_len > 0):  # the own key, last in position order
-            key = tl.load(key_ptr + seq * stride_kt + kv_head * stride_kh + dims)
-            value = tl.load(value_ptr + seq * stride_vt + kv_head * stride_vh + dims)
-            s = tl.sum(q.to(tl.float32) * key.to(tl.float32)[None, :], 1) * qk_scale
-            m_new = tl.maximum(m_i, s)
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new)
-            l_i = l_i * alpha + p
-            acc = acc * alpha[:, None] + p[:, None] * value.to(tl.float32)[None, :]
-            m_i = m_new
-            if WRITE_KV:
-                slot = tl.load(slot_ptr + seq)
-                if slot >= 0:
-                    dst = (cache_ptr + (slot // BLOCK_SIZE) * stride_block
-                           + (slot % BLOCK_SIZE) * stride_slot + kv_head * stride_head + dims)
-                    tl.store(dst, key)
-                    tl.store(dst + stride_kv, value)
-        if LATE_RELEASE:  # the next kernel's early loads now overlap only the merge
-            release_next_kernel(PDL)
-        has_keys = l_i > 0.0
-        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-        if used == 1:
-            tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=head_mask)
-        else:
-            first_row = (seq * NUM_HEADS + kv_head * GROUP) * num_splits
-            row = first_row + groups * num_splits + split
-            tl.store(part_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=head_mask)
-            lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)),
-                           float("-inf"))
-            tl.store(lse_ptr + row, lse, mask=groups < GROUP)
-            # Every thread's stores are issued before the count that publishes them
-            # (the atomic releases them at GPU scope; the last program acquires).
-            tl.debug_barrier()
-            counter = arrivals_ptr + seq * (NUM_HEADS // GROUP) + kv_head
-            arrived = tl.atomic_add(counter, 1, sem=ARRIVE_SEM)
-            if arrived == used - 1:
-                tl.store(counter, 0)
-                _merge_splits(part_ptr, lse_ptr, out_ptr, first_row, used, num_splits,
-                              seq * stride_ot + kv_head * GROUP * stride_oh, stride_oh,
-                              GROUP, REDUCE_G, HEAD_DIM, CHUNK)
-
-
 @triton.jit
-def _merge_splits(part_ptr, lse_ptr, out_ptr, first_row, used, num_splits, out_offset,
-                  stride_oh, GROUP: tl.constexpr, REDUCE_G: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
-    """decode_kernel's merge of splits [0, used) for GROUP heads whose rows start at
-    first_row (head g, split s at first_row + g * num_splits + s), CHUNK splits at a time
-    with a running max, so each chunk's log-sum-exps and partial outputs are requested
-    together and no chunk waits for another's loads. Other programs wrote them; the atomic
-    count's acquire (which invalidates this SM's L1) makes them visible here."""
-    groups = tl.arange(0, REDUCE_G)
-    group_ok = groups < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    head_rows = first_row + groups * num_splits
-    top = tl.full([REDUCE_G], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([REDUCE_G], dtype=tl.float32)
-    acc = tl.zeros([REDUCE_G, HEAD_DIM], dtype=tl.float32)
-    for start in tl.range(0, used, CHUNK, num_stages=2):
-        chunk = start + tl.arange(0, CHUNK)
-        rows = head_rows[:, None] + chunk[None, :]
-        valid = group_ok[:, None] & (chunk < used)[None, :]
-        lse = tl.load(lse_ptr + rows, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        # Every used split has keys, so its partial output is finite: no need to mask by lse.
-        part = tl.load(part_ptr + rows[:, :, None] * HEAD_DIM + dims[None, None, :],
-                       mask=valid[:, :, None], other=0.0, cache_modifier=".cg")
-        new_top = tl.maximum(top, tl.max(lse, 1))
-        shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # padded head rows
-        weights = tl.math.exp2(lse - shift[:, None])
-        rescale = tl.math.exp2(top - shift)
-        total = total * rescale + tl.sum(weights, 1)
-        acc = acc * rescale[:, None] + tl.sum(part * weights[:, :, None], 1)
-        top = new_top
-    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
-    tl.store(out_ptr + out_offset + groups[:, None] * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=group_ok[:, None])
+def _prefetch_first_tile(k_base, v_base, table_row, seq_len_ptr, num_splits, split,
+                         stride_block, stride_slot, HEAD_DIM: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         LINE: tl.constexpr):
+    """`prefetch.global.L2` of every 128-byte line of the K and V rows of a decode split's
+    first tile (keys laid out as decode_partial_kernel lays them out)."""
+    seq_len = tl.load(seq_len_ptr)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    offs_n = start + tl.arange(0, BLOCK_N)
+    in_bounds = offs_n < end
+    pages = tl.load(table_row + offs_n // BLOCK_SIZE, mask=in_bounds, other=0)
+    rows = pages.to(tl.int64) * stride_block + (offs_n % BLOCK_SIZE) * stride_slot
+    lines = tl.arange(0, HEAD_DIM // LINE) * LINE
+    # Keys past the split's end read page 0 (masked table loads): a harmless prefetch.
+    offsets = rows[:, None] + lines[None, :]
+    for base in tl.static_range(2):
+        ptrs = (k_base if base == 0 else v_base) + offsets
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                  [ptrs], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
