@@ -143,23 +143,20 @@ def decode_step_ms(llm, batch: int, context: int = 512) -> float:  # noqa: ANN00
 
 
 DECODE_VARIANTS = {
-    "cublas": ((), False, True),
-    "qkv,o,down": (("qkv", "o", "down"), False, True),
-    "qkv,o,down+pdl no-prefetch": (("qkv", "o", "down"), True, False),
-    "qkv,o,down+pdl": (("qkv", "o", "down"), True, True),
-    "qkv,o,down,kv_write+pdl": (("qkv", "o", "down", "kv_write"), True, True),
-    "qkv,o,gate_up,down+pdl": (("qkv", "o", "gate_up", "down"), True, True),
+    "cublas": ((), False),
+    "qkv,o,down": (("qkv", "o", "down"), False),
+    "qkv,o,down+pdl": (("qkv", "o", "down"), True),
+    "qkv,o,down,kv_write+pdl": (("qkv", "o", "down", "kv_write"), True),
+    "qkv,o,gate_up,down+pdl": (("qkv", "o", "gate_up", "down"), True),
 }
 """Decode-graph variants: the fusions of small batches (`llama.FUSIONS`; the rest runs
-through cuBLAS with the separate norm, rotary, KV-write and SiLU kernels), whether the
-Triton kernels use programmatic dependent launch, and whether the decode attention asks L2
-for its first K/V tile before its PDL wait (`triton_backend.PREFETCH_DECODE_TILE`)."""
+through cuBLAS with the separate norm, rotary, KV-write and SiLU kernels), and whether the
+Triton kernels use programmatic dependent launch."""
 SAME_LOGITS = [("qkv,o,down", "qkv,o,down+pdl"),
-               ("qkv,o,down+pdl no-prefetch", "qkv,o,down+pdl"),
                ("qkv,o,down+pdl", "qkv,o,down,kv_write+pdl")]
-"""Variants that must compute bit-identical logits: PDL and the prefetch change only when
-data arrives, and the fused KV write stores the very values the KV-write kernel would. A
-missing wait, or a wrong slot, shows as a difference."""
+"""Variants that must compute bit-identical logits: PDL changes only when kernels start, and
+the fused KV write stores the very values the KV-write kernel would. A missing wait, or a
+wrong slot, shows as a difference."""
 
 
 def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
@@ -167,7 +164,6 @@ def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
     afresh the same way, and the engine's own graphs, over the same inputs: the contexts of
     decode_step_ms's last step. Interleaved repeats; batch 4 takes no `small_linear`."""
     from kvtier import triton_pdl
-    from kvtier.attention import triton_backend
     from kvtier.model.llama import SMALL_BATCH_FUSIONS
 
     runner = llm.engine.runner
@@ -175,10 +171,9 @@ def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
     sizes = [1, 2, 4]
     captured = {}
     try:
-        for name, (projections, pdl, prefetch) in DECODE_VARIANTS.items():
+        for name, (projections, pdl) in DECODE_VARIANTS.items():
             runner.model.set_small_batch_fusion(projections)
             triton_pdl.set_enabled(pdl)
-            triton_backend.PREFETCH_DECODE_TILE = prefetch
             runner.capture_decode_graphs(max(sizes), llm.engine.max_model_len)
             graphs = runner.graphs
             n = graphs.sizes[-1]
@@ -192,7 +187,6 @@ def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
     finally:
         runner.model.set_small_batch_fusion(SMALL_BATCH_FUSIONS)
         triton_pdl.set_enabled(None)
-        triton_backend.PREFETCH_DECODE_TILE = True
         runner.graphs = engine_graphs
     # The engine's own graphs (captured at start-up, the defaults) among the fresh captures.
     captured["engine"] = engine_graphs

@@ -44,9 +44,6 @@ MIN_KEYS_PER_SPLIT = 128
 """A decode split reads at least this many keys (two BLOCK_N=64 tiles) unless the context is
 shorter: below that the reduce and the per-program setup cost more than the split saves."""
 MAX_SPLITS = 128
-PREFETCH_DECODE_TILE = True
-"""decode_partial_kernel asks L2 for its first K/V tile before its PDL wait (the
-interpreter, which has no inline assembly, skips it). A switch for A/B runs."""
 MIN_KEYS_PER_PREFILL_SPLIT = 256
 """A prefill KV split attends at least this many keys (four BLOCK_N=64 tiles of 128 rows):
 the partial outputs it writes and the reduce cost about what two tiles of attention do."""
@@ -377,10 +374,8 @@ def run_decode(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionM
         table.stride(0),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=metadata.block_size, BLOCK_N=config.block_n,
-        DIRECT=direct, UPCAST=interpret,
-        PREFETCH_LINE=0 if interpret or not PREFETCH_DECODE_TILE else min(
-            128 // kv_cache.element_size(), head_dim),
-        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(query))
+        DIRECT=direct, UPCAST=interpret, num_warps=config.num_warps,
+        num_stages=config.num_stages, **launch_options(query))
     if not direct:
         decode_reduce_kernel[(nd, num_heads)](
             part, lse, out, num_splits, out.stride(0), out.stride(1),

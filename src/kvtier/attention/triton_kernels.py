@@ -294,13 +294,9 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_ta
                           NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
-                          PREFETCH_LINE: tl.constexpr, PDL: tl.constexpr):
+                          PDL: tl.constexpr):
     """Flash-decoding, first pass: one query token per sequence, all GROUP query heads of a KV
     head together (K/V read once per group), keys split into num_splits contiguous ranges.
-    PREFETCH_LINE > 0 (elements per 128-byte line; not under the interpreter): before waiting
-    for the previous kernel (PDL), ask L2 for the split's first tile of K and V, so its
-    dependent loads (length, block table, the tile) leave the step's critical path. The
-    reads before the wait only aim the prefetch: the results come from the loads after it.
 
     Grid: (num_decodes, num_kv_heads, num_splits); decode b's query is token b.
     Split s covers keys [s * L, min((s + 1) * L, seq_len)), L = cdiv(cdiv(seq_len, num_splits),
@@ -310,17 +306,10 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_ta
     partial outputs and lse: (num_decodes, NUM_HEADS, num_splits) fp32 log2-sum-exp2 of the
     split's scores (-inf for an empty split).
     """
+    await_previous_kernel(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    k_base = cache_ptr + kv_head * stride_head
-    v_base = k_base + stride_kv
-    table_row = block_table_ptr + seq.to(tl.int64) * stride_table
-    if PREFETCH_LINE > 0:
-        _prefetch_first_tile(k_base, v_base, table_row, seq_lens_ptr + seq, num_splits,
-                             split, stride_block, stride_slot, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                             PREFETCH_LINE)
-    await_previous_kernel(PDL)
     seq_len = tl.load(seq_lens_ptr + seq)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
@@ -332,6 +321,9 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_ta
     head_mask = (groups < GROUP)[:, None]
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                 mask=head_mask, other=0.0)
+    k_base = cache_ptr + kv_head * stride_head
+    v_base = k_base + stride_kv
+    table_row = block_table_ptr + seq.to(tl.int64) * stride_table
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
@@ -352,30 +344,6 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_ta
         lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)),
                        float("-inf"))
         tl.store(lse_ptr + row, lse, mask=groups < GROUP)
-
-
-@triton.jit
-def _prefetch_first_tile(k_base, v_base, table_row, seq_len_ptr, num_splits, split,
-                         stride_block, stride_slot, HEAD_DIM: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         LINE: tl.constexpr):
-    """`prefetch.global.L2` of every 128-byte line of the K and V rows of a decode split's
-    first tile (keys laid out as decode_partial_kernel lays them out)."""
-    seq_len = tl.load(seq_len_ptr)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
-    offs_n = start + tl.arange(0, BLOCK_N)
-    in_bounds = offs_n < end
-    pages = tl.load(table_row + offs_n // BLOCK_SIZE, mask=in_bounds, other=0)
-    rows = pages.to(tl.int64) * stride_block + (offs_n % BLOCK_SIZE) * stride_slot
-    lines = tl.arange(0, HEAD_DIM // LINE) * LINE
-    # Keys past the split's end read page 0 (masked table loads): a harmless prefetch.
-    offsets = rows[:, None] + lines[None, :]
-    for base in tl.static_range(2):
-        ptrs = (k_base if base == 0 else v_base) + offsets
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                                  [ptrs], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
