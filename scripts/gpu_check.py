@@ -142,27 +142,21 @@ def decode_step_ms(llm, batch: int, context: int = 512) -> float:  # noqa: ANN00
     return statistics.median(times[5:]) * 1e3
 
 
-MB = 1 << 20
 DECODE_VARIANTS = {
-    "cublas": ((), False, None),
-    "qkv,o,down": (("qkv", "o", "down"), False, None),
-    "qkv,o,down+pdl": (("qkv", "o", "down"), True, None),
-    "qkv,o,down,kv_write+pdl": (("qkv", "o", "down", "kv_write"), True, None),
-    "+l2 o": (("qkv", "o", "down"), True, 0),
-    "+l2 o,16MB": (("qkv", "o", "down"), True, 16 * MB),
-    "+l2 o,32MB": (("qkv", "o", "down"), True, 32 * MB),
+    "cublas": ((), False),
+    "qkv,o,down": (("qkv", "o", "down"), False),
+    "qkv,o,down+pdl": (("qkv", "o", "down"), True),
+    "qkv,o,down,kv_write+pdl": (("qkv", "o", "down", "kv_write"), True),
+    "qkv,o,gate_up,down+pdl": (("qkv", "o", "gate_up", "down"), True),
 }
 """Decode-graph variants: the fusions of small batches (`llama.FUSIONS`; the rest runs
-through cuBLAS with the separate norm, rotary, KV-write and SiLU kernels), whether the
-Triton kernels use programmatic dependent launch, and the L2 prefetch of each layer's o and
-first gate_up bytes during its attention (`LlamaForCausalLM.set_l2_prefetch`; None: off;
-"+l2" variants are qkv,o,down+pdl with it)."""
+through cuBLAS with the separate norm, rotary, KV-write and SiLU kernels), and whether the
+Triton kernels use programmatic dependent launch."""
 SAME_LOGITS = [("qkv,o,down", "qkv,o,down+pdl"),
-               ("qkv,o,down+pdl", "qkv,o,down,kv_write+pdl"),
-               ("qkv,o,down+pdl", "+l2 o,16MB")]
-"""Variants that must compute bit-identical logits: PDL and prefetches change only when
-data arrives, and the fused KV write stores the very values the KV-write kernel would. A
-missing wait, or a wrong slot, shows as a difference."""
+               ("qkv,o,down+pdl", "qkv,o,down,kv_write+pdl")]
+"""Variants that must compute bit-identical logits: PDL changes only when kernels start, and
+the fused KV write stores the very values the KV-write kernel would. A missing wait, or a
+wrong slot, shows as a difference."""
 
 
 def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
@@ -177,10 +171,9 @@ def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
     sizes = [1, 2, 4]
     captured = {}
     try:
-        for name, (projections, pdl, l2_bytes) in DECODE_VARIANTS.items():
+        for name, (projections, pdl) in DECODE_VARIANTS.items():
             runner.model.set_small_batch_fusion(projections)
             triton_pdl.set_enabled(pdl)
-            runner.model.set_l2_prefetch(l2_bytes)
             runner.capture_decode_graphs(max(sizes), llm.engine.max_model_len)
             graphs = runner.graphs
             n = graphs.sizes[-1]
@@ -194,7 +187,6 @@ def decode_fusion_ab(llm, report: dict) -> None:  # noqa: ANN001
     finally:
         runner.model.set_small_batch_fusion(SMALL_BATCH_FUSIONS)
         triton_pdl.set_enabled(None)
-        runner.model.set_l2_prefetch(None)
         runner.graphs = engine_graphs
     # The engine's own graphs (captured at start-up, the defaults) among the fresh captures.
     captured["engine"] = engine_graphs

@@ -101,10 +101,6 @@ gate_up was slower in every config tried (1.37-1.53 ms), the fused KV write too 
 
 
 class DecoderLayer(nn.Module):
-    l2_prefetch: tuple[Any, int] | None = None
-    """(`l2_prefetch.L2Prefetcher`, bytes of gate_up): at decode batch 1-2 on CUDA, o's
-    weight and that much of gate_up's are asked of L2 as attention starts
-    (`LlamaForCausalLM.set_l2_prefetch`); None: off."""
     small_batch_fusions: frozenset[str] = SMALL_BATCH_FUSIONS
     """On CUDA, batches of a few rows run these projections as `small_linear`, with their
     neighbours folded in: qkv with the residual add, norm, bias, rotary (and the KV write,
@@ -131,12 +127,6 @@ class DecoderLayer(nn.Module):
         q, k, v, residual = self.pre_attention(
             hidden, residual, rotary,
             kv_target=(kv_cache, metadata.slot_mapping) if writes_kv else None)
-        if self.l2_prefetch is not None and hidden.is_cuda and hidden.shape[0] <= 2:
-            # Attention and o leave HBM mostly idle: o's and the MLP's first weights arrive
-            # in L2 meanwhile (measured by gpu_check's decode A/B).
-            prefetcher, gate_up_bytes = self.l2_prefetch
-            prefetcher.prefetch([(self.self_attn.o_proj.weight, None),
-                                 (self.mlp.gate_up_proj.weight, gate_up_bytes)])
         attention = self.self_attn.attend(q, k, v, kv_cache, metadata, kv_written=writes_kv)
         return self.post_attention(attention, residual)
 
@@ -219,7 +209,6 @@ class LlamaForCausalLM(nn.Module):
                                       spec.rope_theta, spec.rope_scaling)
         self.lm_head = (None if spec.tie_word_embeddings
                         else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False))
-        self._l2_prefetcher: Any = None
 
     def set_small_batch_fusion(self, fusions: Iterable[str] = SMALL_BATCH_FUSIONS) -> None:
         """Fuse these (of FUSIONS) in small CUDA batches: the projections named run through
@@ -232,21 +221,6 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             layer.small_batch_fusions = chosen
 
-    def set_l2_prefetch(self, gate_up_bytes: int | None) -> None:
-        """At decode batch 1-2 on CUDA, ask L2 for each layer's o weight and the first
-        gate_up_bytes of its gate_up weight as its attention starts, on a side stream
-        (`l2_prefetch`); None turns it off. Capture CUDA graphs after changing it."""
-        if gate_up_bytes is not None and gate_up_bytes < 0:
-            raise ValueError(f"gate_up_bytes must be >= 0, got {gate_up_bytes}")
-        if gate_up_bytes is None:
-            self._l2_prefetcher = None
-        elif self._l2_prefetcher is None:
-            from kvtier.model.l2_prefetch import L2Prefetcher
-            self._l2_prefetcher = L2Prefetcher(self.embed_tokens.weight.device)
-        for layer in self.layers:
-            layer.l2_prefetch = (None if gate_up_bytes is None
-                                 else (self._l2_prefetcher, gate_up_bytes))
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:
         """Final hidden states (num_tokens, hidden_size), after the last norm."""
@@ -254,8 +228,6 @@ class LlamaForCausalLM(nn.Module):
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, rotary, kv_cache, metadata)
-        if self._l2_prefetcher is not None:
-            self._l2_prefetcher.join()
         return self.norm(hidden, residual)[0]
 
     def embed(self, input_ids: torch.Tensor,
