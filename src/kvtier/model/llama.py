@@ -92,12 +92,15 @@ FUSIONS = ("qkv", "o", "gate_up", "down", "kv_write")
 """What small CUDA batches can fuse (where `small_linear_plan` has a config for the batch):
 the projections named run as `small_linear`; "kv_write": qkv's kernel also stores k and v in
 the paged cache (with a backend that `accepts_written_kv`)."""
-SMALL_BATCH_FUSIONS = frozenset({"qkv", "o", "down"})
+SMALL_BATCH_FUSIONS = frozenset({"qkv", "o", "down", "kv_write"})
 """The default: what measured faster than cuBLAS with the separate norm, rotary, KV-write and
 SiLU kernels, on an H200 at decode batch 1-2 (`scripts/tune_small_linear.py`,
-`scripts/gpu_check.py`'s decode A/B; BENCHMARKS.md, eighth and ninth sessions). down (the
-streamed kernel, taking the SiLU-and-mul) cut the batch-1 step from 1.380 to 1.287 ms;
-gate_up was slower in every config tried (1.37-1.53 ms), the fused KV write too (1.395)."""
+`scripts/gpu_check.py`'s decode A/B; BENCHMARKS.md, eighth, ninth and twelfth sessions).
+down (the streamed kernel, taking the SiLU-and-mul) cut the batch-1 step from 1.380 to 1.287
+ms; gate_up was slower in every config tried (1.37-1.53 ms). The fused KV write measured
+2-3% slower at batch 1 in the eighth session; with down fused it is even there (1.2924
+against 1.2930 ms, 1.3015 against 1.3024) and 3-4% faster at batch 2 (1.470 against 1.522,
+1.477 against 1.535)."""
 
 
 class DecoderLayer(nn.Module):
