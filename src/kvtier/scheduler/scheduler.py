@@ -54,9 +54,10 @@ class _AdmissionState:
     """What decides whether a waiting request can get its blocks. Admission that ran out of
     blocks at one state runs out again at a later one with no more free blocks, the same
     cached blocks (none registered, none evicted: the same hits, so the same ranking and the
-    same needs), no new request, no finished tier load and the same order policy: the step
-    then skips it. Under KV pressure most steps would otherwise rank the queue, look up the
-    tiers and fail again: ~1 ms of host time each on workload P, with the device idle."""
+    same needs), no new request, no finished tier load, the same order policy and no long
+    prefill held since (short prefills first): the step then skips it. Under KV pressure
+    most steps would otherwise rank the queue, look up the tiers and fail again: ~1 ms of
+    host time each on workload P, with the device idle."""
 
     free_blocks: int
     num_cached_total: int
@@ -65,6 +66,8 @@ class _AdmissionState:
     num_loads_finished: int
     fcfs_order: bool
     """The admission order fell back to arrival order (lpm's aged or preempted head)."""
+    num_long_prefills_held: int
+    """Holding a long prefill (short prefills first) changes the order of the next attempt."""
 
     def still_fails(self, now: _AdmissionState) -> bool:
         return (now.free_blocks <= self.free_blocks
@@ -72,7 +75,8 @@ class _AdmissionState:
                 and now.num_evictions == self.num_evictions
                 and now.num_arrivals == self.num_arrivals
                 and now.num_loads_finished == self.num_loads_finished
-                and now.fcfs_order == self.fcfs_order)
+                and now.fcfs_order == self.fcfs_order
+                and now.num_long_prefills_held == self.num_long_prefills_held)
 
 
 class Scheduler:
@@ -303,20 +307,25 @@ class Scheduler:
         being_computed = self._blocks_being_computed()
         short = self.config.short_prefill_first_tokens
         long_ones: list[Request] = []
-        stopped = False
+        first_admitted = len(scheduled)
         for request in self._admission_order(state.fcfs_order):
             if short and not request.short_prefill_waited and self._is_long(request, short):
                 long_ones.append(request)  # admitted below, unless short work takes the step
                 continue
             budget, stopped = self._admit_one(request, budget, scheduled, being_computed)
             if stopped:
+                # Admission stops here, as it would without the option: the long requests
+                # set aside so far (all ahead of this one) are still tried or held below.
                 break
-        if long_ones and any(1 < len(s.token_ids) <= short for s in scheduled):
+        if not long_ones:
+            return budget
+        # Short work: what this loop admitted (not running requests' chunks).
+        if any(len(s.token_ids) <= short for s in scheduled[first_admitted:]):
             for request in long_ones:  # one prefill step later, whatever waits then
                 request.short_prefill_waited = True
             self.num_long_prefills_held += len(long_ones)
             return budget
-        for request in long_ones if not stopped else []:  # no short work: as before
+        for request in long_ones:  # no short work: as without the option
             budget, stopped = self._admit_one(request, budget, scheduled, being_computed)
             if stopped:
                 break
@@ -375,7 +384,7 @@ class Scheduler:
         return _AdmissionState(self.kv.num_free_blocks, self.kv.pool.num_cached_total,
                                self.kv.pool.num_evictions,
                                self._num_arrivals, self._num_loads_finished,
-                               self._arrival_order_first())
+                               self._arrival_order_first(), self.num_long_prefills_held)
 
     def _uncomputed_prompt_hashes(self, request: Request) -> list[BlockHash]:
         """Hashes of the full prompt blocks the request holds but has not computed yet."""

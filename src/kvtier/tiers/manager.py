@@ -397,15 +397,22 @@ class TierManager:
                 rescued.append(chunk)
         saved: set[BlockHash] = set()
         if rescued and reused and self.config.kv_store_policy == "lazy":
+            # A chunk freed again after it was stored (a shared prefix) is a candidate too.
+            held = {c.key for c in rescued if self._holds_chunk(c)}
             room = max(0, _MAX_INFLIGHT_STORES - len(self._storing))
-            self._store_chunks(rescued[:room], evicting=True)
+            self._store_chunks([c for c in rescued if c.key not in held][:room], evicting=True)
             for chunk in rescued:
-                if chunk.key in self._storing or self.stores[0].has_block(chunk.key):
-                    self.stats.num_stores_at_eviction += 1
+                if self._holds_chunk(chunk):
+                    if chunk.key not in held:
+                        self.stats.num_stores_at_eviction += 1
                     saved.update(chunk.block_hashes)
         for block_hash, _ in evicted:
             if block_hash not in saved and not self.holds_block(block_hash):
                 self.stats.num_evicted_unsaved_blocks += 1
+
+    def _holds_chunk(self, chunk: Chunk) -> bool:
+        """Whether the first tier has the chunk or is storing it."""
+        return chunk.key in self._storing or self.stores[0].has_block(chunk.key)
 
     def store_lookahead(self, num_blocks: int) -> None:
         """Lazy policy: copy down candidates among the next `num_blocks` to be evicted."""

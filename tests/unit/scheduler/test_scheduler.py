@@ -536,3 +536,107 @@ def test_store_ahead_covers_the_next_step_even_when_a_request_arrives_meanwhile(
     tiers.stores_overlap_compute = False  # type: ignore[misc]
     scheduler.store_ahead()
     assert tiers.windows == ahead[-1:]
+
+
+class HeldTiers(InlineTiers):
+    """InlineTiers that also answer the short-prefill test's `holds_block`."""
+
+    def holds_block(self, block_hash: object) -> bool:
+        return block_hash in self.held
+
+
+def first_steps(scheduler: Scheduler, max_steps: int = 100) -> dict[str, int]:
+    """Run to the end; the step at which each request was first scheduled."""
+    first: dict[str, int] = {}
+    for step in range(max_steps):
+        for scheduled in run_step(scheduler).requests:
+            first.setdefault(scheduled.request_id, step)
+        if not scheduler.has_unfinished_requests():
+            return first
+    raise AssertionError("requests left after max_steps")
+
+
+def tier_pressure_scheduler(short: int) -> tuple[Scheduler, list[int]]:
+    """An 80-token prefix held only by the (inline) tier, and 20 of 40 blocks taken by two
+    running requests: a tier hit on the prefix needs more blocks than are free."""
+    pool = BlockPool(40)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=128,
+                                          short_prefill_first_tokens=short),
+                          KVCacheManager(pool, BLOCK, root_block_hash("m")), HeldTiers())
+    prefix = list(range(500, 580))
+    scheduler.add_request(make_request("warm", prefix + [1], max_tokens=1))
+    run_to_end(scheduler)
+    pool.reset_prefix_cache()  # the prefix is now in the tier only
+    scheduler.add_request(make_request("A", list(range(2000, 2020)), max_tokens=20))
+    scheduler.add_request(make_request("B", list(range(3000, 3060)), max_tokens=20))
+    run_step(scheduler)
+    assert pool.num_free_blocks == 20
+    return scheduler, prefix
+
+
+@pytest.mark.parametrize("short", [0, 8])
+def test_short_request_that_cannot_get_blocks_does_not_hold_an_earlier_long_one(
+        short: int) -> None:
+    """A 20-token miss arrives before a tier hit with 3 tokens left whose load and suffix do
+    not fit. The hit stops admission; the miss ahead of it still runs at once, as it does
+    with the option off (it used to wait until the hit got in, 19 steps later)."""
+    scheduler, prefix = tier_pressure_scheduler(short)
+    scheduler.add_request(make_request("long", list(range(1000, 1020)), max_tokens=2))
+    scheduler.add_request(make_request("short", prefix + [2, 3, 4], max_tokens=2))
+    first = first_steps(scheduler)
+    assert first["long"] == 0 and first["short"] > 0
+    assert scheduler.num_long_prefills_held == 0
+
+
+def test_held_long_prefill_ends_an_admission_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one step a short device hit is admitted, a long miss held, and a short tier hit
+    fails for want of blocks. Holding the miss changes the next attempt's order, so the next
+    step tries again (the miss runs at step 1) rather than skipping admission as if nothing
+    could get in: the same schedule as with a retry every step."""
+    def run(skipping: bool) -> dict[str, int]:
+        if not skipping:
+            monkeypatch.setattr(scheduler_module._AdmissionState, "still_fails",
+                                lambda self, now: False)
+        scheduler, prefix = tier_pressure_scheduler(8)
+        scheduler.add_request(make_request("long", list(range(1000, 1020)), max_tokens=2))
+        scheduler.add_request(make_request("device hit", list(range(2000, 2020)) + [7, 8],
+                                           max_tokens=2))
+        scheduler.add_request(make_request("tier hit", prefix + [2, 3, 4], max_tokens=2))
+        first = first_steps(scheduler)
+        monkeypatch.undo()
+        assert scheduler.num_long_prefills_held == 1
+        return first
+
+    skipping = run(skipping=True)
+    assert skipping["device hit"] == 0 and skipping["long"] == 1
+    assert skipping == run(skipping=False)
+
+
+def test_only_admitted_short_work_holds_a_long_prefill() -> None:
+    """A running prefill's 6-token tail is not short work: the 40-token miss waiting beside
+    it is admitted in the same step, not held."""
+    pool = BlockPool(64)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64,
+                                          short_prefill_first_tokens=8),
+                          KVCacheManager(pool, BLOCK, root_block_hash("m")))
+    scheduler.add_request(make_request("chunked", list(range(100, 170)), max_tokens=2))
+    assert [len(s.token_ids) for s in run_step(scheduler).requests] == [64]
+    scheduler.add_request(make_request("miss", list(range(900, 940)), max_tokens=2))
+    step = {s.request_id: len(s.token_ids) for s in run_step(scheduler).requests}
+    assert step == {"chunked": 6, "miss": 40}
+    assert scheduler.num_long_prefills_held == 0
+
+
+def test_one_token_left_is_short_work() -> None:
+    """A cache hit that computes only its last token still gets its own prefill step."""
+    pool = BlockPool(64)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64,
+                                          short_prefill_first_tokens=8),
+                          KVCacheManager(pool, BLOCK, root_block_hash("m")))
+    shared = list(range(500, 532))
+    scheduler.add_request(make_request("warm", shared + [1], max_tokens=1))
+    run_to_end(scheduler)
+    scheduler.add_request(make_request("miss", list(range(900, 940))))
+    scheduler.add_request(make_request("hit", shared + [2]))
+    step = {s.request_id: len(s.token_ids) for s in run_step(scheduler).requests}
+    assert step == {"hit": 1} and scheduler.num_long_prefills_held == 1

@@ -157,3 +157,29 @@ def test_a_load_of_whole_chunks_lands_every_block_where_the_index_says() -> None
     assert torch.equal(kv_cache[:, :, destinations], torch.cat(entries, dim=2))
     untouched = sorted(set(range(NUM_BLOCKS)) - set(destinations))
     assert not kv_cache[:, :, untouched].any()
+
+
+def test_stores_at_eviction_count_only_chunks_copied_then() -> None:
+    """A prefix whose last two chunks the lookahead stored is hit and freed again by a
+    second request, so all four chunks are candidates once more. When its blocks are
+    evicted, the two chunks not yet in the tier go down in one gather, and the counter says
+    2, not 4: the already stored ones are saved, not stored again."""
+    manager, pool, transfer, store = make_manager()
+    hashes, blocks = finished_prefix(pool, manager, seed=1, num_blocks=8)
+    manager.store_lookahead(12)
+    manager.wait_idle()
+    manager.poll()
+    assert [store.has_block(h) for h in hashes] == [False] * 4 + [True] * 4
+    pool.touch(blocks)  # a second request hits the whole prefix, then frees it
+    manager.note_request(hashes)
+    manager.on_request_freed(hashes, 8)
+    pool.free(list(reversed(blocks)))
+    gathers_before = len(transfer.gathers)
+    pool.allocate(16)  # evicts all 8 cached blocks
+    manager.wait_idle()
+    manager.poll()
+    assert [len(g) for g in transfer.gathers[gathers_before:]] == [2]
+    assert manager.stats.num_stores_at_eviction == 2
+    assert manager.stats.num_evicted_unsaved_blocks == 0
+    assert all(store.has_block(h) for h in hashes)
+    manager.close()
