@@ -400,7 +400,13 @@ class TierManager:
             # A chunk freed again after it was stored (a shared prefix) is a candidate too.
             held = {c.key for c in rescued if self._holds_chunk(c)}
             room = max(0, _MAX_INFLIGHT_STORES - len(self._storing))
-            self._store_chunks([c for c in rescued if c.key not in held][:room], evicting=True)
+            missing = [c for c in rescued if c.key not in held][:room]
+            try:
+                self._store_chunks(missing, evicting=True)
+            except torch.OutOfMemoryError:
+                # The pool is mid-eviction: it must not fail. These prefixes are recomputed.
+                logger.warning("no memory to copy %d chunks down as they were evicted",
+                               len(missing))
             for chunk in rescued:
                 if self._holds_chunk(chunk):
                     if chunk.key not in held:

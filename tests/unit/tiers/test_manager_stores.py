@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvtier.config import TierConfig
@@ -182,4 +183,25 @@ def test_stores_at_eviction_count_only_chunks_copied_then() -> None:
     assert manager.stats.num_stores_at_eviction == 2
     assert manager.stats.num_evicted_unsaved_blocks == 0
     assert all(store.has_block(h) for h in hashes)
+    manager.close()
+
+
+def test_a_store_at_eviction_without_memory_leaves_the_pool_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gather runs inside the pool's eviction: when it cannot get memory, the eviction
+    still completes (the blocks are handed out, their hashes dropped, the pool consistent)
+    and the chunks count as evicted unsaved."""
+    manager, pool, transfer, store = make_manager()
+    hashes, _ = finished_prefix(pool, manager, seed=1, num_blocks=8)
+
+    def out_of_memory(chunks: list[list[int]], now: bool = False) -> list[GatheredBlocks]:
+        raise torch.OutOfMemoryError("no room for the gather")
+
+    monkeypatch.setattr(transfer, "gather", out_of_memory)
+    taken = pool.allocate(16)  # evicts all 8 cached blocks
+    assert len(taken) == 16
+    pool.check_integrity()
+    assert not any(pool.get_cached_block(h) is not None for h in hashes)
+    assert manager.stats.num_stores_at_eviction == 0
+    assert manager.stats.num_evicted_unsaved_blocks == 8
     manager.close()
