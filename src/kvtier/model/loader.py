@@ -151,8 +151,26 @@ def _from_dir(path: Path, name: str) -> ModelSource:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for file in files:
         digest.update(f"{file.name}:{file.stat().st_size};".encode())
+        _sample_contents(file, digest)
     return ModelSource(model_id=f"{name}@{digest.hexdigest()[:16]}", name=name, spec=spec,
                        tokenizer=tokenizer, path=path, weight_files=tuple(files))
+
+
+WEIGHT_SAMPLES = 32
+"""Evenly spaced pieces of each weight file that go into the model id, first and last
+included: the id names the weights' contents, not their directory, so two checkpoints of
+one shape never share KV in a tier (block hashes and the disk namespace derive from it),
+while copies of one checkpoint in other places do."""
+WEIGHT_SAMPLE_BYTES = 64 * 1024
+
+
+def _sample_contents(file: Path, digest: hashlib._Hash) -> None:
+    """Feed WEIGHT_SAMPLES pieces of the file into digest: ~2 MB read however big it is."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        for i in range(WEIGHT_SAMPLES):
+            f.seek(max(0, size - WEIGHT_SAMPLE_BYTES) * i // (WEIGHT_SAMPLES - 1))
+            digest.update(f.read(WEIGHT_SAMPLE_BYTES))
 
 
 def _from_random(arch_name: str, seed: int) -> ModelSource:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from kvtier.model.architectures import ARCHITECTURES
 from kvtier.model.loader import cache_dir, expected_weight_shapes, resolve_model
@@ -78,6 +79,24 @@ def test_model_id_changes_with_config_or_weights(tiny_dir: Path) -> None:
     config["rope_theta"] = 5000.0
     (tiny_dir / "config.json").write_text(json.dumps(config))
     assert resolve_model(str(tiny_dir)).model_id != first
+
+
+def test_model_id_names_the_weights_not_the_directory(tmp_path: Path, smollm_dir: Path) -> None:
+    """Two checkpoints of one shape in directories of one name (a/final, b/final), or one
+    rewritten in place with same-sized weights, get different ids: sharing one would load
+    one model's KV from a tier as the other's. A copy of the same weights shares the id."""
+    first = write_tiny_model_dir(tmp_path / "a" / "final", smollm_dir)
+    copy = write_tiny_model_dir(tmp_path / "c" / "final", smollm_dir)
+    other = write_tiny_model_dir(tmp_path / "b" / "final", smollm_dir)
+    weights = dict(resolve_model("random:tiny-llama", seed=4).iter_weights(CPU, torch.float32))
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert (other / "model.safetensors").stat().st_size == (
+        first / "model.safetensors").stat().st_size
+    first_id = resolve_model(str(first)).model_id
+    assert resolve_model(str(copy)).model_id == first_id
+    assert resolve_model(str(other)).model_id != first_id
+    save_file(weights, str(first / "model.safetensors"), metadata={"format": "pt"})
+    assert resolve_model(str(first)).model_id != first_id
 
 
 @pytest.mark.parametrize("name", sorted(REAL_PARAMETER_COUNTS))
