@@ -93,21 +93,27 @@ class DiskStore(TierStore):
                     self.used_bytes)
 
     def _read_header(self, path: Path) -> tuple[EntryMeta, int]:
-        """Parse and validate a file's header; returns the entry and its crc32."""
+        """Parse and validate a file's header; returns the entry and its crc32. Any damage
+        (torn, truncated, a header of the wrong shape) is a TierError."""
         with open(path, "rb") as f:
             if f.read(len(MAGIC)) != MAGIC:
                 raise TierError(f"{path.name}: bad magic")
-            (length,) = _LEN.unpack(f.read(_LEN.size))
-            header = json.loads(f.read(length))
-        if header["namespace"] != self.layout.namespace:
+            try:
+                (length,) = _LEN.unpack(f.read(_LEN.size))
+                header = json.loads(f.read(length))
+                namespace = header["namespace"]
+                hashes = tuple(BlockHash(bytes.fromhex(h)) for h in header["block_hashes"])
+                meta = EntryMeta(hashes[-1], hashes, int(header["num_bytes"]))
+                crc = int(header["crc32"])
+            except (struct.error, KeyError, TypeError, IndexError, ValueError) as exc:
+                raise TierError(f"{path.name}: malformed header ({exc!r})") from exc
+        if namespace != self.layout.namespace:
             raise TierError(f"{path.name}: namespace mismatch")
-        hashes = tuple(BlockHash(bytes.fromhex(h)) for h in header["block_hashes"])
-        meta = EntryMeta(hashes[-1], hashes, int(header["num_bytes"]))
         if path.stat().st_size != len(MAGIC) + _LEN.size + length + meta.num_bytes:
             raise TierError(f"{path.name}: truncated")
         if path.name != f"{meta.key.hex()}{_SUFFIX}":
             raise TierError(f"{path.name}: name does not match its key")
-        return meta, int(header["crc32"])
+        return meta, crc
 
     # -- store -------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,25 @@ def entry_file(store: DiskStore, meta: EntryMeta) -> Path:
     return store.root / f"{meta.key.hex()}.kvt"
 
 
-@pytest.mark.parametrize("fault", ["corrupt", "truncated", "missing", "bad-header"])
+def odd_header(kind: str, store: DiskStore, meta: EntryMeta) -> bytes:
+    """A file under meta's name that is torn or whose header has the wrong shape."""
+    if kind == "torn":  # cut inside the header-length field
+        return b"KVTIER01\x05"
+    header = {"namespace": store.layout.namespace, "block_hashes": [meta.key.hex()],
+              "num_bytes": meta.num_bytes, "crc32": 0}
+    if kind == "no-crc":
+        del header["crc32"]
+    elif kind == "no-hashes":
+        header["block_hashes"] = []
+    body = json.dumps([] if kind == "list" else header).encode()
+    return b"KVTIER01" + len(body).to_bytes(4, "little") + body + bytes(meta.num_bytes)
+
+
+ODD_HEADERS = ["torn", "no-crc", "list", "no-hashes"]
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "truncated", "missing", "bad-header",
+                                   *ODD_HEADERS])
 def test_disk_faults_are_misses_that_drop_the_entry(fault: str, tmp_path: Path) -> None:
     store = disk_store(tmp_path)
     meta = make_meta(9)
@@ -112,6 +131,8 @@ def test_disk_faults_are_misses_that_drop_the_entry(fault: str, tmp_path: Path) 
         path.write_bytes(bytes(data[:-7]))
     elif fault == "missing":
         path.unlink()
+    elif fault in ODD_HEADERS:
+        path.write_bytes(odd_header(fault, store, meta))
     else:
         path.write_bytes(b"garbage" + bytes(data[7:]))
     store.pin(meta.key)
@@ -123,11 +144,15 @@ def test_disk_faults_are_misses_that_drop_the_entry(fault: str, tmp_path: Path) 
     store.check_integrity()
 
 
-def test_corrupt_files_are_dropped_when_the_index_is_rebuilt(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["bad-json", *ODD_HEADERS])
+def test_corrupt_files_are_dropped_when_the_index_is_rebuilt(damage: str,
+                                                             tmp_path: Path) -> None:
+    """A restart over damaged files starts, keeps the good entries and drops the rest."""
     store = disk_store(tmp_path)
     good, bad = make_meta(1), make_meta(2)
     assert put(store, good) and put(store, bad)
-    entry_file(store, bad).write_bytes(b"KVTIER01\x05\x00\x00\x00{oops")
+    entry_file(store, bad).write_bytes(b"KVTIER01\x05\x00\x00\x00{oops" if damage == "bad-json"
+                                       else odd_header(damage, store, bad))
     reopened = disk_store(tmp_path)
     assert reopened.has(good.key) and not reopened.has(bad.key)
     assert reopened.stats.num_errors == 1
