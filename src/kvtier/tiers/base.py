@@ -126,6 +126,9 @@ class TierStore(ABC):
         self._lock = threading.RLock()
         self._entries: dict[BlockHash, _Entry] = {}
         self._block_index: dict[BlockHash, tuple[BlockHash, int]] = {}
+        self._other_holders: dict[BlockHash, list[tuple[BlockHash, int]]] = {}
+        """Entries that hold a block the index already names for another entry (a trailing
+        partial chunk, then its full chunk): the index falls back to them when that one goes."""
         self.used_bytes = 0
 
     # -- index -------------------------------------------------------------------------------
@@ -184,7 +187,10 @@ class TierStore(ABC):
                 return False
         self._entries[meta.key] = _Entry(meta, location)
         for index, block_hash in enumerate(meta.block_hashes):
-            self._block_index.setdefault(block_hash, (meta.key, index))
+            if block_hash in self._block_index:
+                self._other_holders.setdefault(block_hash, []).append((meta.key, index))
+            else:
+                self._block_index[block_hash] = (meta.key, index)
         self.used_bytes += size
         return True
 
@@ -213,9 +219,17 @@ class TierStore(ABC):
         entry = self._entries.pop(key, None)
         if entry is None:
             return
-        for block_hash in entry.meta.block_hashes:
+        for index, block_hash in enumerate(entry.meta.block_hashes):
+            others = self._other_holders.get(block_hash)
             if self._block_index.get(block_hash, (None,))[0] == key:
-                del self._block_index[block_hash]
+                if others:
+                    self._block_index[block_hash] = others.pop(0)
+                else:
+                    del self._block_index[block_hash]
+            elif others is not None:
+                others.remove((key, index))
+            if others is not None and not others:
+                del self._other_holders[block_hash]
         self.policy.remove(key)
         self.used_bytes -= self._entry_bytes(entry.meta)
         self._release(entry)
@@ -274,5 +288,11 @@ class TierStore(ABC):
                 entry = self._entries.get(key)
                 assert entry is not None, "index points at a missing entry"
                 assert entry.meta.block_hashes[index] == block_hash
+            for block_hash, holders in self._other_holders.items():
+                assert holders and block_hash in self._block_index
+                for key, index in holders:
+                    assert self._entries[key].meta.block_hashes[index] == block_hash
+            assert all(h in self._block_index for e in self._entries.values()
+                       for h in e.meta.block_hashes), "a stored block cannot be found"
             assert len(self.policy) == sum(e.ready for e in self._entries.values()), \
                 "policy and ready entries disagree"

@@ -71,6 +71,28 @@ def test_round_trip_and_block_level_lookup(kind: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["cpu", "disk"])
+@pytest.mark.parametrize("dropped", ["partial", "full"])
+def test_entries_sharing_blocks_stay_reachable_when_one_goes(kind: str, dropped: str,
+                                                             tmp_path: Path) -> None:
+    """A trailing partial chunk (write-through) and later its full chunk hold the same first
+    block. Whichever goes first, the other is still found from that block: before, dropping
+    the partial one unindexed the block, and the full chunk sat unreachable in capacity."""
+    store = cpu_store() if kind == "cpu" else disk_store(tmp_path)
+    partial, full = make_meta(5, num_blocks=1), make_meta(5)
+    assert partial.block_hashes[0] == full.block_hashes[0]
+    assert put(store, partial) and put(store, full)
+    assert store.locate(full.block_hashes[0]) == (partial, 0)
+    store.remove((partial if dropped == "partial" else full).key)
+    kept = full if dropped == "partial" else partial
+    assert store.locate(full.block_hashes[0]) == (kept, 0)
+    assert (store.locate(full.block_hashes[1]) is not None) == (kept is full)
+    store.check_integrity()
+    store.remove(kept.key)
+    assert store.locate(full.block_hashes[0]) is None
+    store.check_integrity()
+
+
+@pytest.mark.parametrize("kind", ["cpu", "disk"])
 def test_capacity_is_never_exceeded_and_pinned_entries_survive(kind: str,
                                                                tmp_path: Path) -> None:
     store = cpu_store(2) if kind == "cpu" else disk_store(tmp_path, 2)
