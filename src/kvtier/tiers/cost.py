@@ -74,5 +74,9 @@ class CostModel:
         with self._lock:
             self._last_tried[tier] = self._clock()
             current = self.tier_rates[tier]
-            measured = num_bytes / max(seconds - current.latency_s, 1e-9)
+            # A load quicker than the latency estimate shows that estimate is too high, and
+            # says little of the bandwidth: read at most twice the naive rate from it, not
+            # the near-infinite one a near-zero remainder would give.
+            current.latency_s = min(current.latency_s, seconds)
+            measured = num_bytes / max(seconds - current.latency_s, seconds / 2)
             current.bytes_per_s += self.SMOOTHING * (measured - current.bytes_per_s)

@@ -336,8 +336,11 @@ class TierManager:
             return False
         store = self.stores[0]
         num_bytes = len(chunk.block_hashes) * store.layout.block_bytes
-        if not self.cost.load_pays(store.name, num_bytes,
-                                   len(chunk.block_hashes) * self.block_size):
+        # The retry matters here too: a tier refused every store is never loaded from, so
+        # a pessimistic first estimate would otherwise never be measured again.
+        if not (self.cost.load_pays(store.name, num_bytes,
+                                    len(chunk.block_hashes) * self.block_size)
+                or self.cost.grant_retry(store.name)):
             self.stats.num_rejected_cost += 1
             return False
         return True

@@ -77,3 +77,18 @@ def test_observations_without_time_are_ignored(seconds: float) -> None:
     cost.observe_prefill(4096, seconds)
     assert cost.tier_rates["cpu"].bytes_per_s == 50e9
     assert cost.prefill_tokens_per_s == 100_000.0
+
+
+def test_a_load_quicker_than_the_latency_estimate_reads_a_bounded_rate() -> None:
+    """A 4 ms load from a disk whose probe said 5 ms of latency: the latency estimate drops
+    to 4 ms and the rate moves toward at most twice the naive 1 GB/s. Before, it read as
+    ~1e15 B/s, and 2-second loads then looked cheaper than a 0.1 s recompute for dozens of
+    loads."""
+    cost = CostModel(100_000.0, {"disk": TierRate(1e9, latency_s=0.005)}, clock=FakeClock())
+    cost.observe_load("disk", 4 * MB, 0.004)
+    rate = cost.tier_rates["disk"]
+    assert rate.latency_s == 0.004
+    assert 1e9 <= rate.bytes_per_s <= 2e9
+    for _ in range(3):
+        cost.observe_load("disk", 2000 * MB, 2.0)
+    assert not cost.load_pays("disk", 2000 * MB, 10_000)  # 2 s against 0.1 s

@@ -205,3 +205,36 @@ def test_a_store_at_eviction_without_memory_leaves_the_pool_whole(
     assert manager.stats.num_stores_at_eviction == 0
     assert manager.stats.num_evicted_unsaved_blocks == 8
     manager.close()
+
+
+def test_a_tier_judged_too_slow_still_gets_stores_to_measure() -> None:
+    """The first tier's estimate says 1 kB/s (a probe that hit a stall), so no store pays.
+    Stores are still let through once per retry interval: with nothing stored, nothing would
+    ever be loaded and measured, and the tier would stay unused for the whole run."""
+    now = [0.0]
+    kv_cache = torch.randn(LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size,
+                           LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    pool = BlockPool(NUM_BLOCKS, enable_caching=True)
+    store = CPUStore(LAYOUT, 8 * CHUNK_BLOCKS * LAYOUT.block_bytes, create_policy("lru"),
+                     CHUNK_BLOCKS, pin_memory=False)
+    cost = CostModel(1e6, {"cpu": TierRate(1e3)}, clock=lambda: now[0])
+    config = TierConfig(kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size,
+                        kv_store_policy="write-through")
+    manager = TierManager(config, [store], KVTransfer(kv_cache), pool, LAYOUT.block_size, cost)
+    pool.eviction_listener = manager
+    for seed in range(20):  # a request every 5 s
+        now[0] += 5.0
+        blocks = pool.allocate(4)
+        hashes, parent = [], root_block_hash("test-model")
+        for i, block in enumerate(blocks):
+            parent = hash_block_tokens(parent, [seed, i])
+            hashes.append(parent)
+            pool.cache_block(block, parent)
+        manager.note_request(hashes)
+        manager.on_blocks_computed(hashes, 4, 0)
+        manager.on_request_freed(hashes, 4)
+        manager.wait_idle()
+        manager.poll()
+        pool.free(list(reversed(blocks)))
+    assert store.num_entries > 0
+    manager.close()
