@@ -57,8 +57,11 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         sorted_probs = sorted_logits.softmax(-1)
-        # Drop a token once the mass before it already reaches top_p (keeps at least one).
+        # Drop a token once the mass before it already reaches top_p. The most likely token
+        # always stays: a top_p that rounds to 0 in float32 (below ~1e-45) would drop it too,
+        # and an all -inf row makes multinomial fail the whole step.
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        drop[..., 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     return logits.softmax(-1)

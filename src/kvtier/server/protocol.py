@@ -110,7 +110,11 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
         ("presence_penalty", bool(body.presence_penalty),
          "presence_penalty is not supported (only 0)"),
         ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
-        ("logprobs", body.logprobs not in (None, False), "logprobs are not supported"),
+        # `is`, not `in (None, False)`: completions' logprobs 0 (== False) asks for logprobs.
+        ("logprobs", not (body.logprobs is None or body.logprobs is False),
+         "logprobs are not supported"),
+        ("stream_options", body.stream_options is not None and not body.stream,
+         "stream_options can only be set when stream is true"),
     ]
     if isinstance(body, CompletionRequest):
         checks += [

@@ -43,6 +43,21 @@ def test_unknown_fields_ignored_and_defaults() -> None:
     assert chat.messages[0].text() == "" and chat.include_usage
 
 
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "x", "logprobs": 0}, "logprobs"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_fields_we_cannot_honour_are_refused_not_ignored(body: dict, param: str) -> None:
+    """logprobs 0 asks for the sampled token's logprob (it used to pass as False and come back
+    null); stream_options without stream is a 400 in OpenAI's API and vLLM's."""
+    found = unsupported_fields(CompletionRequest.model_validate(body))
+    assert found is not None and found[0] == param
+    assert unsupported_fields(CompletionRequest.model_validate(
+        {"prompt": "x", "stream": True, "stream_options": {"include_usage": True}})) is None
+    assert unsupported_fields(ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": False})) is None
+
+
 def test_unsupported_fields_name_the_param() -> None:
     assert unsupported_fields(CompletionRequest.model_validate({"prompt": "x"})) is None
     assert unsupported_fields(CompletionRequest.model_validate(
