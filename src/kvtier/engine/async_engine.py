@@ -220,6 +220,10 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
+        # _closed first: the dispatcher thread outlives, briefly, its report that the core
+        # is gone, and what it told the streams must agree with what this says.
+        if self._closed:
+            return False
         alive = self._thread is not None and self._thread.is_alive()
         return alive and (self._process is None or self._process.is_alive)
 
