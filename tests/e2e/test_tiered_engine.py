@@ -124,14 +124,18 @@ def test_prefix_comes_from_disk_when_cpu_is_too_small(tmp_path: Path) -> None:
     assert disk_hits > 0 and disk_stats.num_stored_entries > 0
 
 
+@pytest.mark.parametrize("with_cpu", [False, True], ids=["disk", "cpu+disk"])
 @pytest.mark.parametrize("policy", ["lazy", "write-through"])
-def test_new_engine_serves_a_prefix_computed_by_the_previous_one(policy: str,
+def test_new_engine_serves_a_prefix_computed_by_the_previous_one(policy: str, with_cpu: bool,
                                                                  tmp_path: Path) -> None:
+    """Graceful shutdown writes down lazy candidates and, under a cpu tier big enough to
+    hold everything, the cpu tier's entries: a restart finds the prefix on disk either way."""
     prompt = workload()[0]
-    first = make_llm(kv_tiers=(f"disk:{tmp_path}:64MiB",), kv_store_policy=policy)
+    tiers = (*(("cpu:64MiB",) if with_cpu else ()), f"disk:{tmp_path}:64MiB")
+    first = make_llm(kv_tiers=tiers, kv_store_policy=policy)
     expected = run(first, [prompt])
-    finish(first)  # graceful shutdown: lazy candidates are written down too
-    second = make_llm(kv_tiers=(f"disk:{tmp_path}:64MiB",), kv_store_policy=policy)
+    finish(first)
+    second = make_llm(kv_tiers=tiers, kv_store_policy=policy)
     output = second.generate([prompt], GREEDY)[0]
     finish(second)
     assert output.metrics.num_tier_hit_tokens.get("disk", 0) >= PREFIX_LEN

@@ -406,11 +406,15 @@ class LLMEngine:
                                     stats.num_prefix_cache_hit_tokens)
 
     def shutdown(self) -> None:
-        """Store what lazy tiers still hold only on the device, wait for transfers to finish
-        and release tier resources."""
+        """Store what lazy tiers still hold only on the device, wait for transfers to finish,
+        copy each tier's entries into the tier below (a disk tier then survives the restart
+        with everything) and release tier resources."""
         if self.tiers is not None:
             self.tiers.flush_candidates()
             self.tiers.wait_idle()
+            copied = self.tiers.write_down()
+            if copied:
+                logger.info("tiers: copied %d entries into lower tiers at shutdown", copied)
             self.tiers.close()
 
     def reset_prefix_cache(self) -> int:

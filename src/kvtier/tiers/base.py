@@ -156,6 +156,19 @@ class TierStore(ABC):
     def num_entries(self) -> int:
         return len(self._entries)
 
+    def ready_entries(self) -> list[EntryMeta]:
+        """Every ready entry, oldest stored first."""
+        with self._lock:
+            return [entry.meta for entry in self._entries.values() if entry.ready]
+
+    def payload_copy(self, key: BlockHash) -> torch.Tensor | None:
+        """A copy of a ready entry's payload, not counted as a read; None if it is gone."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or not entry.ready:
+                return None
+            return self._payload_for_demotion(entry).clone()
+
     def pin(self, key: BlockHash) -> bool:
         with self._lock:
             entry = self._entries.get(key)

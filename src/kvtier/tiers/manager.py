@@ -20,6 +20,7 @@ Entries go to the first tier; the first tier's evictions are demoted to the next
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import time
@@ -501,6 +502,24 @@ class TierManager:
         except Exception:
             logger.exception("store of %s failed", meta.key.hex())
         self._done.put(("store", meta.key))
+
+    def write_down(self) -> int:
+        """Copy every entry of each tier that the tier below lacks into it, oldest first, so
+        the newest survive where the lower tier is smaller (graceful shutdown: a disk tier
+        under a host-memory one then keeps what both held). Returns the entries copied."""
+        copied = 0
+        for upper, lower in itertools.pairwise(self.stores):
+            for meta in upper.ready_entries():
+                if lower.has_block(meta.key):
+                    continue
+                payload = upper.payload_copy(meta.key)
+                handle = None if payload is None else lower.prepare_store(meta)
+                if handle is None:
+                    continue
+                handle.buffer.copy_(payload)
+                lower.complete_store(handle, True)
+                copied += 1
+        return copied
 
     def _demoter(self, lower: TierStore):  # noqa: ANN202 - closure type
         def demote(meta: EntryMeta, payload) -> None:  # noqa: ANN001

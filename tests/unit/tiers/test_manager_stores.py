@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from kvtier.config import TierConfig
 from kvtier.kv.block_pool import BlockPool
 from kvtier.kv.hashing import hash_block_tokens, root_block_hash
-from kvtier.tiers.base import KVLayout
+from kvtier.tiers.base import EntryMeta, KVLayout
 from kvtier.tiers.cost import CostModel, TierRate
 from kvtier.tiers.cpu import CPUStore
+from kvtier.tiers.disk import DiskStore
 from kvtier.tiers.manager import TierManager
 from kvtier.tiers.policy import create_policy
 from kvtier.tiers.transfer import GatheredBlocks, KVTransfer, LoadPart
@@ -237,4 +240,38 @@ def test_a_tier_judged_too_slow_still_gets_stores_to_measure() -> None:
         manager.poll()
         pool.free(list(reversed(blocks)))
     assert store.num_entries > 0
+    manager.close()
+
+
+def test_write_down_copies_what_the_lower_tier_lacks_oldest_first(tmp_path: Path) -> None:
+    """cpu over a disk that holds two entries: write_down copies the cpu entries the disk
+    lacks, skips the one it has, and when the disk is full the newest ones are kept."""
+    kv_cache = torch.zeros(LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size,
+                           LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    cpu = CPUStore(LAYOUT, 8 * CHUNK_BLOCKS * LAYOUT.block_bytes, create_policy("lru"),
+                   CHUNK_BLOCKS, pin_memory=False)
+    probe = DiskStore(LAYOUT, 1 << 30, create_policy("lru"), str(tmp_path / "probe"))
+    metas = []
+    for seed in range(4):
+        parent, hashes = root_block_hash("test-model"), []
+        for i in range(CHUNK_BLOCKS):
+            parent = hash_block_tokens(parent, [seed, i])
+            hashes.append(parent)
+        metas.append(EntryMeta(hashes[-1], tuple(hashes), CHUNK_BLOCKS * LAYOUT.block_bytes))
+    per_entry = probe._entry_bytes(metas[0])
+    disk = DiskStore(LAYOUT, 3 * per_entry, create_policy("lru"), str(tmp_path / "disk"))
+    for store, meta in [(cpu, m) for m in metas] + [(disk, metas[0])]:
+        handle = store.prepare_store(meta)
+        assert handle is not None
+        handle.buffer.fill_(metas.index(meta) + 1)
+        store.complete_store(handle, True)
+    cost = CostModel(1.0, {"cpu": TierRate(1e9), "disk": TierRate(1e9)})
+    manager = TierManager(TierConfig(kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size),
+                          [cpu, disk], KVTransfer(kv_cache), BlockPool(NUM_BLOCKS),
+                          LAYOUT.block_size, cost)
+    assert manager.write_down() == 3
+    assert [disk.has(m.key) for m in metas] == [False, True, True, True]
+    assert int(disk.read(metas[3])[0]) == 4
+    assert cpu.stats.num_loaded_bytes == 0  # copying down is not a load
+    disk.check_integrity()
     manager.close()
