@@ -80,6 +80,9 @@ class S3FIFOPolicy(EvictionPolicy):
         self._freq: dict[Key, int] = {}
 
     def insert(self, key: Key) -> None:
+        if key in self._freq:  # already tracked: an access, not a second copy in a queue
+            self.access(key)
+            return
         self._freq[key] = 0
         if key in self._ghost:
             del self._ghost[key]

@@ -76,3 +76,24 @@ def test_s3fifo_victim_is_always_a_live_key(trace: list[int], capacity: int) -> 
 def test_unknown_policy_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown eviction policy 'mru'"):
         create_policy("mru")
+
+
+@pytest.mark.parametrize("name", ["lru", "s3fifo"])
+def test_inserting_a_tracked_key_again_keeps_one_copy(name: str) -> None:
+    """A second insert of a key is an access. S3-FIFO used to queue it in small as well as
+    main, so removing it left a stale copy behind that could be named as a victim."""
+    policy = create_policy(name)
+    for key in range(20):
+        policy.insert(key)
+    for _ in range(3):  # key 0 moves to main under s3fifo
+        policy.access(0)
+    assert policy.victim(lambda key: key < 2) is not None
+    policy.insert(0)
+    policy.remove(0)
+    live = set(range(1, 20))
+    while (victim := policy.victim(lambda key: key in live)) is not None:
+        assert victim in live
+        live.discard(victim)
+        policy.remove(victim)
+    assert not live
+    assert policy.victim(lambda key: True) is None
