@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from kvtier import LLM, SamplingParams
 from kvtier.attention.torch_ref import TorchAttentionBackend
+from kvtier.config import ConfigError
 from kvtier.model.builder import build_model
 from kvtier.model.loader import resolve_model
 from kvtier.utils.resources import find_package_file
@@ -192,6 +193,28 @@ def test_tiny_pool_preempts_yet_every_request_matches_and_no_block_leaks() -> No
     pool = tight.engine.pool
     assert pool.num_free_blocks == pool.num_blocks
     pool.check_integrity()
+
+
+def test_seeded_sampling_is_the_same_after_a_preemption() -> None:
+    """A preempted request resumes its seeded generator where it stopped: before, it started
+    the stream again from the seed, and exactly the preempted requests changed tokens."""
+    prompts = [[100 + i] * 40 + list(range(300 + i, 340 + i)) for i in range(8)]
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=1000 + i, ignore_eos=True)
+              for i in range(8)]
+    expected = [o.outputs[0].token_ids for o in LLM("random:tiny-llama").generate(prompts,
+                                                                                  params)]
+    tight = LLM("random:tiny-llama", num_gpu_blocks_override=16)
+    outputs = tight.generate(prompts, params)
+    assert any(o.metrics.num_preemptions for o in outputs)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+def test_max_model_len_beyond_the_models_positions_is_refused() -> None:
+    """random:tiny-llama has 2,048 positions: a 4,096-token max_model_len would let a prompt
+    past the rotary table fail the step it runs in, and every request in that step."""
+    with pytest.raises(ConfigError, match="max_model_len 4096 is more than the model's "
+                                          "max_position_embeddings 2048"):
+        LLM("random:tiny-llama", max_model_len=4096)
 
 
 def test_sampling_with_a_seed_is_reproducible_and_batch_independent() -> None:

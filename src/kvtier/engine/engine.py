@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvtier.attention import create_backend
-from kvtier.config import EngineConfig
+from kvtier.config import ConfigError, EngineConfig
 from kvtier.engine.output_processor import OutputProcessor
 from kvtier.kv import BlockPool, KVCacheManager, root_block_hash
 from kvtier.model.builder import build_model
@@ -120,6 +120,11 @@ class LLMEngine:
         self.source: ModelSource = resolve_model(config.model.model, seed=config.model.seed)
         self.tokenizer = self.source.tokenizer
         self.spec = self.source.spec
+        requested_len = config.scheduler.max_model_len
+        if requested_len is not None and requested_len > self.spec.max_position_embeddings:
+            # The rotary table ends there: a longer prompt would fail the step it runs in.
+            raise ConfigError(f"max_model_len {requested_len} is more than the model's "
+                              f"max_position_embeddings {self.spec.max_position_embeddings}")
         self.device = resolve_device(config.model)
         self.dtype = resolve_dtype(config.model, self.spec, self.device)
         backend = create_backend(config.attention_backend, self.device.type)
@@ -256,7 +261,7 @@ class LLMEngine:
         token_ids = self.tokenize_prompt(prompt)
         self._validate(token_ids, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.scheduler.requests:
+        if self.scheduler.request_id_in_use(request_id):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids,
                           max_model_len=self.max_model_len,

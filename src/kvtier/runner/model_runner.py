@@ -65,7 +65,9 @@ class ModelRunner:
     def launch(self, step: SchedulerOutput) -> PendingOutput:
         """Queue the step's kernels (on CUDA the host returns before the device finishes);
         `result()` of the returned handle waits for the sampled tokens."""
-        self.sampler.forget(step.finished_request_ids + step.preempted_request_ids)
+        # Preempted requests keep their seeded generators: resumed, they go on sampling the
+        # same stream, so a seed gives the same tokens whatever the KV pressure.
+        self.sampler.forget(step.finished_request_ids)
         if not step.requests:
             return PendingOutput([], None)
         if self._can_replay(step):

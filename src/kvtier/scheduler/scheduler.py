@@ -108,8 +108,13 @@ class Scheduler:
 
     # -- request lifecycle -------------------------------------------------------------------
 
+    def request_id_in_use(self, request_id: str) -> bool:
+        """A live request has it, or an aborted one whose tier load has yet to report (its
+        blocks, found by id, are freed then: a new request with the id would lose its own)."""
+        return request_id in self.requests or request_id in self.loading
+
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
+        if self.request_id_in_use(request.request_id):
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -128,6 +133,8 @@ class Scheduler:
             return request
         if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
+            # The queue changed: a failed admission says nothing of the requests behind it.
+            self._failed_admission = None
         else:
             self.running.remove(request)
         self._finish(request, reason)

@@ -640,3 +640,66 @@ def test_one_token_left_is_short_work() -> None:
     scheduler.add_request(make_request("hit", shared + [2]))
     step = {s.request_id: len(s.token_ids) for s in run_step(scheduler).requests}
     assert step == {"hit": 1} and scheduler.num_long_prefills_held == 1
+
+
+class SlowTiers(HeldTiers):
+    """A tier that holds every prefix and whose loads report two polls after they start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[list] = []
+
+    def lookup(self, hashes: list[object], first: int, max_blocks: int) -> SimpleNamespace | None:
+        return SimpleNamespace(num_blocks=max_blocks - first) if max_blocks > first else None
+
+    def start_load(self, request_id: str, plan: SimpleNamespace, block_ids: list[int],
+                   hashes: list[object]) -> bool:
+        self.pending.append([request_id, plan.num_blocks, 2])
+        return False
+
+    def poll(self) -> list[LoadResult]:
+        for load in self.pending:
+            load[2] -= 1
+        done = [load for load in self.pending if load[2] < 0]
+        self.pending = [load for load in self.pending if load[2] >= 0]
+        return [LoadResult(rid, n, {"cpu": n}, 0.0) for rid, n, _ in done]
+
+
+def test_an_aborted_loading_request_keeps_its_id_until_its_load_reports() -> None:
+    """Aborted while its tier load runs, a request keeps its blocks until the load reports
+    (the transfer still writes them), and they are found by its id. A new request with that
+    id is refused until then: it used to get those blocks, and lose them to the old load's
+    release while it ran."""
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64),
+                          KVCacheManager(BlockPool(32), BLOCK, root_block_hash("m")),
+                          SlowTiers())
+    scheduler.add_request(make_request("x", list(range(1, 18)), max_tokens=4))
+    run_step(scheduler)
+    assert "x" in scheduler.loading
+    scheduler.finish_request("x", FinishReason.ABORT)
+    assert scheduler.request_id_in_use("x")
+    with pytest.raises(ValueError, match="already in use"):
+        scheduler.add_request(make_request("x", [100, 101, 102]))
+    run_to_end(scheduler)
+    assert not scheduler.request_id_in_use("x")
+    assert scheduler.kv.num_free_blocks == 32
+    scheduler.add_request(make_request("x", [100, 101, 102]))
+    run_to_end(scheduler)
+    assert scheduler.kv.num_free_blocks == 32
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_aborting_the_request_admission_failed_on_lets_the_next_one_in(caching: bool) -> None:
+    """A 34-token request cannot get its 9 blocks; a 2-token one waits behind it. Aborting
+    the big one lets the small one in at the next step: the skip that followed the failed
+    admission used to hold it until the running request finished."""
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64),
+                          KVCacheManager(BlockPool(10, enable_caching=caching), BLOCK,
+                                         root_block_hash("m")))
+    scheduler.add_request(make_request("running", [1, 2, 3, 4], max_tokens=24))
+    run_step(scheduler)
+    scheduler.add_request(make_request("big", list(range(100, 134)), max_tokens=1))
+    scheduler.add_request(make_request("small", [1, 2], max_tokens=1))
+    assert {s.request_id for s in run_step(scheduler).requests} == {"running"}
+    scheduler.finish_request("big", FinishReason.ABORT)
+    assert "small" in {s.request_id for s in run_step(scheduler).requests}
