@@ -49,15 +49,28 @@ def make_manager() -> tuple[TierManager, BlockPool, CountingTransfer, CPUStore]:
     return manager, pool, transfer, store
 
 
+def prefix_hashes(seed: int, num_blocks: int) -> list[bytes]:
+    """The chained hashes of a `num_blocks`-block prefix, one per seed."""
+    hashes, parent = [], root_block_hash("test-model")
+    for i in range(num_blocks):
+        parent = hash_block_tokens(parent, [seed, i])
+        hashes.append(parent)
+    return hashes
+
+
+def cached_prefix(pool: BlockPool, seed: int, num_blocks: int) -> tuple[list[bytes], list[int]]:
+    """A request's computed prefix: blocks allocated and cached under prefix_hashes."""
+    blocks = pool.allocate(num_blocks)
+    hashes = prefix_hashes(seed, num_blocks)
+    for block, block_hash in zip(blocks, hashes, strict=True):
+        pool.cache_block(block, block_hash)
+    return hashes, blocks
+
+
 def finished_prefix(pool: BlockPool, manager: TierManager, seed: int,
                     num_blocks: int) -> tuple[list[bytes], list[int]]:
     """A request's computed, cached blocks, then freed (they become lazy candidates)."""
-    blocks = pool.allocate(num_blocks)
-    hashes, parent = [], root_block_hash("test-model")
-    for i, block in enumerate(blocks):
-        parent = hash_block_tokens(parent, [seed, i])
-        hashes.append(parent)
-        pool.cache_block(block, parent)
+    hashes, blocks = cached_prefix(pool, seed, num_blocks)
     manager.note_request(hashes)
     manager.on_request_freed(hashes, num_blocks)
     pool.free(list(reversed(blocks)))
@@ -227,12 +240,7 @@ def test_a_tier_judged_too_slow_still_gets_stores_to_measure() -> None:
     pool.eviction_listener = manager
     for seed in range(20):  # a request every 5 s
         now[0] += 5.0
-        blocks = pool.allocate(4)
-        hashes, parent = [], root_block_hash("test-model")
-        for i, block in enumerate(blocks):
-            parent = hash_block_tokens(parent, [seed, i])
-            hashes.append(parent)
-            pool.cache_block(block, parent)
+        hashes, blocks = cached_prefix(pool, seed, 4)
         manager.note_request(hashes)
         manager.on_blocks_computed(hashes, 4, 0)
         manager.on_request_freed(hashes, 4)
@@ -251,13 +259,8 @@ def test_write_down_copies_what_the_lower_tier_lacks_oldest_first(tmp_path: Path
     cpu = CPUStore(LAYOUT, 8 * CHUNK_BLOCKS * LAYOUT.block_bytes, create_policy("lru"),
                    CHUNK_BLOCKS, pin_memory=False)
     probe = DiskStore(LAYOUT, 1 << 30, create_policy("lru"), str(tmp_path / "probe"))
-    metas = []
-    for seed in range(4):
-        parent, hashes = root_block_hash("test-model"), []
-        for i in range(CHUNK_BLOCKS):
-            parent = hash_block_tokens(parent, [seed, i])
-            hashes.append(parent)
-        metas.append(EntryMeta(hashes[-1], tuple(hashes), CHUNK_BLOCKS * LAYOUT.block_bytes))
+    metas = [EntryMeta(hashes[-1], tuple(hashes), CHUNK_BLOCKS * LAYOUT.block_bytes)
+             for hashes in (prefix_hashes(seed, CHUNK_BLOCKS) for seed in range(4))]
     per_entry = probe._entry_bytes(metas[0])
     disk = DiskStore(LAYOUT, 3 * per_entry, create_policy("lru"), str(tmp_path / "disk"))
     for store, meta in [(cpu, m) for m in metas] + [(disk, metas[0])]:
