@@ -476,7 +476,10 @@ def test_api_key_required_on_v1(guarded: str) -> None:
 
 
 def test_sigterm_drains_then_aborts_and_exits_zero() -> None:
-    proc = ServerProcess("--shutdown-timeout", "5", "--max-model-len", "2048",
+    # A 2 s grace period: the 40-token requests finish well within it, and the 1,900-token
+    # ones cannot (on this repo's 2-core box they take ~4.5 s; with a 5 s grace period they
+    # sometimes finished, and the test failed one run in two).
+    proc = ServerProcess("--shutdown-timeout", "2", "--max-model-len", "2048",
                          env={"KVTIER_API_KEY": "k"})
     url, headers = proc.url, {"Authorization": "Bearer k"}
     assert httpx.get(f"{url}/v1/models").status_code == 401  # the env var set the key
