@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -68,20 +69,40 @@ def from_engine_error(exc: Exception) -> OpenAIError:
     return OpenAIError(500, "internal server error", error_type="server_error")
 
 
+_UNION_BRANCH = re.compile(r"\[|^(str|int|float|bool|list|dict|none)$")
+"""A location part naming which member of a union type an error is about (`str`,
+`list[int]`), not a field: dropped from the parameter users see."""
+
+
+def _param_parts(error: Any) -> list[str]:
+    return [str(part) for part in error.get("loc", ())
+            if part != "body" and not (isinstance(part, str) and _UNION_BRANCH.search(part))]
+
+
+def _most_telling(errors: Sequence[Any]) -> Any:
+    """The error to report. A value that fits no member of a union gets one error per member;
+    most say only "not this type". One that is not a type mismatch (too many items, a value
+    out of range) names the problem, else the member that got furthest into the value."""
+    def rank(error: Any) -> tuple[bool, int]:
+        return (not str(error.get("type", "")).endswith("_type"), len(error.get("loc", ())))
+    return max(errors, key=rank)  # max keeps the first of equals: the order pydantic tried
+
+
 def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     """A one-line message and the offending parameter from pydantic's error list."""
     if not errors:
         return "invalid request body", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    kind = first.get("type", "")
-    if kind == "json_invalid":
+    if first.get("type", "") == "json_invalid":
         return "the request body is not valid JSON", None
-    if kind == "missing" and param:
+    fields = {tuple(_param_parts(e))[:1] for e in errors}
+    chosen = _most_telling(errors) if len(fields) == 1 else first
+    param = ".".join(_param_parts(chosen)) or None
+    if chosen.get("type", "") == "missing" and param:
         return f"missing required parameter {param!r}", param
-    message = str(first.get("msg", "invalid value"))
-    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    message = str(chosen.get("msg", "invalid value"))
+    # Errors about one field are its union members' alternatives, not more problems.
+    more = f" (and {len(errors) - 1} more errors)" if len(fields) > 1 else ""
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
 
 

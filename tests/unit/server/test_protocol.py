@@ -83,6 +83,20 @@ def test_validation_message_points_at_the_param() -> None:
         "missing required parameter 'prompt'", "prompt")
 
 
+@pytest.mark.parametrize(("body", "expected"), [
+    ({"prompt": "x", "stop": ["a"] * 17},
+     ("stop: List should have at most 16 items after validation, not 17", "stop")),
+    ({"prompt": [[1, "a"]]}, ("prompt.0.1: Input should be a valid integer", "prompt.0.1")),
+])
+def test_union_fields_report_the_real_problem(body: dict, expected: tuple[str, str]) -> None:
+    """A value that fits no member of a union type used to be reported by its first member
+    ("stop.str: Input should be a valid string (and 1 more errors)" for 17 stop strings)."""
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate(body)
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in info.value.errors()]
+    assert validation_message(errors) == expected
+
+
 def test_engine_errors_map_to_statuses() -> None:
     assert from_engine_error(InvalidRequestError("bad")).status == 400
     full = from_engine_error(QueueFullError(7, retry_after_s=2))
