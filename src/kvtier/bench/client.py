@@ -33,10 +33,14 @@ Messages = list[dict[str, str]]
 
 def arrival_times(num_requests: int, request_rate: float, burstiness: float = 1.0,
                   seed: int = 0) -> list[float]:
-    """Send offsets in seconds from the start: vLLM's schedule, from a dedicated seeded RNG.
+    """Send offsets in seconds from the start, as vLLM's client draws them.
 
     Gaps are Gamma(shape=burstiness, scale=1/(rate·burstiness)) — exponential at burstiness 1 —
-    and their running sum is rescaled so the last request leaves at exactly n / rate.
+    and their running sum is rescaled so the last request leaves at exactly n / rate. They come
+    from numpy's legacy generator seeded with `seed`, the stream vLLM draws them from after its
+    `np.random.seed(seed)`: the same gaps wherever its dataset draws nothing from that stream
+    (ShareGPT, random). Its prefix_repetition dataset draws from it first, so there the gaps
+    differ (the distribution does not).
     """
     if num_requests <= 0:
         return []
@@ -45,9 +49,8 @@ def arrival_times(num_requests: int, request_rate: float, burstiness: float = 1.
     if math.isinf(burstiness):
         gaps = np.full(num_requests, 1.0 / request_rate)
     else:
-        rng = np.random.default_rng(seed)
-        gaps = rng.gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness),
-                         size=num_requests)
+        gaps = np.random.RandomState(seed).gamma(
+            shape=burstiness, scale=1.0 / (request_rate * burstiness), size=num_requests)
     times = np.cumsum(gaps)
     if times[-1] != 0:
         times *= (num_requests / request_rate) / times[-1]

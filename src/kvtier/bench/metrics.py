@@ -25,7 +25,7 @@ _HEADERS = {"ttft": ("TTFT", "Time to First Token"),
             "itl": ("ITL", "Inter-token Latency"),
             "e2el": ("E2EL", "End-to-end Latency")}
 _PER_REQUEST = ("input_lens", "output_lens", "ttfts", "itls", "start_times", "latencies",
-                "generated_texts", "errors")
+                "generated_texts", "errors", "stream_errors")
 
 
 class _Encoder(Protocol):
@@ -49,6 +49,9 @@ class RequestFuncOutput:
     latency: float = 0.0
     """E2EL: send to the last choice-carrying chunk."""
     error: str = ""
+    stream_error: str = ""
+    """An error event the server sent after some choices; the request still counts as
+    successful, as vLLM's client counts it (not part of vLLM's record)."""
     request_id: str | None = None
     turn_index: int | None = None
     """0-based turn of a multi-turn conversation; None for single requests."""
@@ -244,7 +247,7 @@ def _per_request(outputs: Sequence[RequestFuncOutput],
         [o.prompt_len for o in outputs], output_lens, [o.ttft for o in outputs],
         [list(o.itl) for o in outputs], [o.start_time for o in outputs],
         [o.latency for o in outputs], [o.generated_text for o in outputs],
-        [o.error for o in outputs]), strict=True))
+        [o.error for o in outputs], [o.stream_error for o in outputs]), strict=True))
 
 
 def _ttft_by_turn(successful: Sequence[RequestFuncOutput]) -> list[float] | None:

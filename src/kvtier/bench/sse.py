@@ -111,15 +111,17 @@ class StreamRecorder:
         if data.get("error") and not data.get("choices"):
             err = data["error"]
             self.error = str(err.get("message", err) if isinstance(err, dict) else err)
-        if data.get("usage"):
-            self.usage = data["usage"]
         choices = data.get("choices")
         if choices:
             self.chunk_times.append(now)
             self.text_parts.append(_choice_text(choices[0], self.chat))
+        elif data.get("usage"):  # vLLM's client reads usage only from a chunk without choices
+            self.usage = data["usage"]
 
     def result(self, prompt_len: int) -> RequestFuncOutput:
-        """The request's record; failed when no choice arrived or the server sent an error."""
+        """The request's record; failed when no choice arrived. As in vLLM's client, an error
+        event after some choices (a server that aborted the stream) leaves the request
+        successful with what arrived; the error is kept in `stream_error`."""
         out = RequestFuncOutput(prompt_len=prompt_len, start_time=self.start_time)
         out.generated_text = "".join(self.text_parts)
         if self.usage:
@@ -133,9 +135,9 @@ class StreamRecorder:
             out.itl = [b - a for a, b in zip(times, times[1:], strict=False)]
             out.latency = times[-1] - self.start_time
         if self.error:
-            out.error = f"server error in stream: {self.error}"
-        elif not self.chunk_times:
-            out.error = "Never received a valid chunk to calculate TTFT."
+            out.stream_error = f"server error in stream: {self.error}"
+        if not self.chunk_times:
+            out.error = out.stream_error or "Never received a valid chunk to calculate TTFT."
         out.success = not out.error
         return out
 

@@ -99,12 +99,32 @@ def test_no_choice_chunk_is_a_failure():
     assert not out.success and "TTFT" in out.error
 
 
-def test_error_event_is_a_failure():
+def test_error_event_after_choices_counts_as_vllm_counts_it():
+    """vLLM's client ignores an error event: a stream the server aborted after some tokens is
+    a success with those tokens. The error is kept apart, in stream_error."""
     rec = StreamRecorder(start_time=0.0)
     rec.on_event(completion_chunk("a"), 0.1)
+    rec.on_event(completion_chunk("b"), 0.15)
+    rec.on_event(json.dumps({"error": {"message": "engine died", "code": 500}}), 0.2)
+    out = rec.result(prompt_len=5)
+    assert out.success and out.error == "" and "engine died" in out.stream_error
+    assert out.generated_text == "ab" and out.latency == pytest.approx(0.15)
+
+
+def test_error_event_without_choices_is_a_failure():
+    rec = StreamRecorder(start_time=0.0)
     rec.on_event(json.dumps({"error": {"message": "engine died", "code": 500}}), 0.2)
     out = rec.result(prompt_len=5)
     assert not out.success and "engine died" in out.error
+
+
+def test_usage_on_a_content_chunk_is_ignored_as_vllm_ignores_it():
+    rec = StreamRecorder(start_time=0.0)
+    chunk = json.loads(completion_chunk("a"))
+    chunk["usage"] = {"prompt_tokens": 7, "completion_tokens": 1}
+    rec.on_event(json.dumps(chunk), 0.1)
+    out = rec.result(prompt_len=5)
+    assert (out.output_tokens, out.prompt_len) == (None, 5)
 
 
 def test_malformed_json_raises():
