@@ -80,3 +80,22 @@ def test_itl_plot_skips_a_run_whose_chunks_all_arrived_at_once(tmp_path: Path):
     instant = replace(instant, itls_ms=[0.0, 0.0])
     path = plot_itl([slow, instant], ["off", "on"], "P", tmp_path / "itl.png")
     assert path.read_bytes()[:4] == PNG
+
+
+def test_itl_legend_counts_zero_gaps_as_the_reported_itl_does(tmp_path: Path, monkeypatch):
+    """Chunks read together give 0 ms gaps: the log axis cannot draw them, but the legend's
+    median and p99 include them, as the reported median and p99 ITL do."""
+    from dataclasses import replace
+
+    from kvtier.lab import plots
+    labels: list[str] = []
+    save = plots._save
+
+    def capture(fig, path):  # noqa: ANN001, ANN202
+        labels.extend(fig.axes[0].get_legend_handles_labels()[1])
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    run = replace(records()[0], itls_ms=[0.0, 0.0, 0.0, 4.0, 6.0])
+    plots.plot_itl([run], ["off"], "P", tmp_path / "itl.png")
+    assert labels == ["off (median 0.0 ms, p99 5.9 ms; 3 gaps of 0 not drawn)"]
