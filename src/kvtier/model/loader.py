@@ -150,8 +150,9 @@ def _from_dir(path: Path, name: str) -> ModelSource:
     _warn_if_tokenizer_too_big(tokenizer, spec, path)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for file in files:
-        digest.update(f"{file.name}:{file.stat().st_size};".encode())
-        _sample_contents(file, digest)
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size};".encode())
+        _sample_contents(file, size, digest)
     return ModelSource(model_id=f"{name}@{digest.hexdigest()[:16]}", name=name, spec=spec,
                        tokenizer=tokenizer, path=path, weight_files=tuple(files))
 
@@ -164,9 +165,9 @@ while copies of one checkpoint in other places do."""
 WEIGHT_SAMPLE_BYTES = 64 * 1024
 
 
-def _sample_contents(file: Path, digest: hashlib._Hash) -> None:
-    """Feed WEIGHT_SAMPLES pieces of the file into digest: ~2 MB read however big it is."""
-    size = file.stat().st_size
+def _sample_contents(file: Path, size: int, digest: hashlib._Hash) -> None:
+    """Feed WEIGHT_SAMPLES pieces of the file (`size` bytes) into digest: ~2 MB read however
+    big it is."""
     with file.open("rb") as f:
         for i in range(WEIGHT_SAMPLES):
             f.seek(max(0, size - WEIGHT_SAMPLE_BYTES) * i // (WEIGHT_SAMPLES - 1))

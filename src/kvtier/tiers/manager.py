@@ -513,23 +513,17 @@ class TierManager:
                 if lower.has_block(meta.key):
                     continue
                 payload = upper.payload_copy(meta.key)
-                handle = None if payload is None else lower.prepare_store(meta)
-                if handle is None:
-                    continue
-                handle.buffer.copy_(payload)
-                lower.complete_store(handle, True)
-                copied += 1
+                handle = None if payload is None else _staged_copy(lower, meta, payload)
+                if handle is not None:
+                    lower.complete_store(handle, True)
+                    copied += 1
         return copied
 
     def _demoter(self, lower: TierStore):  # noqa: ANN202 - closure type
         def demote(meta: EntryMeta, payload) -> None:  # noqa: ANN001
-            if lower.has_block(meta.key):
-                return
-            handle = lower.prepare_store(meta)
-            if handle is None:
-                return
-            handle.buffer.copy_(payload)
-            self._io.submit(lower.complete_store, handle, True)
+            handle = _staged_copy(lower, meta, payload)
+            if handle is not None:
+                self._io.submit(lower.complete_store, handle, True)
         return demote
 
     def close(self) -> None:
@@ -538,3 +532,15 @@ class TierManager:
         self._io.shutdown(wait=True)
         for store in self.stores:
             store.close()
+
+
+def _staged_copy(store: TierStore, meta: EntryMeta,
+                 payload: torch.Tensor) -> StoreHandle | None:
+    """The payload copied into a store's new entry, ready to complete; None where the store
+    already holds it or has no room."""
+    if store.has_block(meta.key):
+        return None
+    handle = store.prepare_store(meta)
+    if handle is not None:
+        handle.buffer.copy_(payload)
+    return handle
