@@ -1,7 +1,8 @@
 """On CUDA a store's gather (compute stream) and a load's scatter (scatter stream) may touch the
 same device block: a lazy candidate evicted to make room for a load is copied down at its
-eviction, and the load then writes new KV into that very block. The load's copies wait for
-the compute stream's pending work, so the store reads the block's old contents first.
+eviction, and the load then writes new KV into that very block. The load's scatters wait for
+the compute stream's pending work, so the store reads the block's old contents first; its
+copies into the staging buffer do not wait, so they overlap the forward pass in flight.
 
 Here the compute stream is held busy (a sleep kernel) when the eviction queues the gather; a
 scatter that did not wait would overwrite the blocks ~tens of ms before the gather reads them.
@@ -74,3 +75,24 @@ def test_a_load_into_evicted_blocks_lands_after_their_store_read_them() -> None:
         assert torch.equal(stored, original[:, :, first:first + CHUNK_BLOCKS].cpu())
     pool.free(taken)
     manager.close()
+
+
+def test_a_loads_host_copy_does_not_wait_for_the_compute_stream() -> None:
+    shape = (LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size, LAYOUT.num_kv_heads,
+             LAYOUT.head_dim)
+    kv_cache = torch.zeros(shape, device="cuda")
+    transfer = KVTransfer(kv_cache)
+    blocks = [3, 5]
+    entry_shape = (LAYOUT.num_layers, 2, len(blocks), LAYOUT.block_size, LAYOUT.num_kv_heads,
+                   LAYOUT.head_dim)
+    payload = torch.full(entry_shape, 2.5).pin_memory()
+    torch.cuda.synchronize()
+
+    torch.cuda._sleep(SLEEP_CYCLES)  # a forward pass in flight
+    transfer.copy_in_parts([LoadPart(payload.view(-1).view(torch.uint8), len(blocks), 0,
+                                     len(blocks))], transfer.load_index(blocks))
+    transfer.load_stream.synchronize()  # the host-to-device copy is done...
+    assert not torch.cuda.current_stream().query()  # ...while the compute stream still sleeps
+    assert not transfer.scatter_stream.query()  # and the scatter still waits for it
+    torch.cuda.synchronize()
+    assert torch.equal(kv_cache[:, :, blocks].cpu(), payload)

@@ -187,9 +187,14 @@ class KVTransfer:
             return
         cuda = self.is_cuda
         if cuda:
-            # Gathers enqueued on the compute stream (stores of blocks evicted for this load
-            # among them) read their blocks before the scatters overwrite them.
-            self.load_stream.wait_stream(torch.cuda.current_stream(self.device))
+            # Only the scatters wait for the compute stream's pending work: gathers there
+            # (stores of blocks evicted for this load among them) and any forward pass still
+            # reading the blocks read them before they are overwritten. The copies into the
+            # staging buffer touch nothing else, so they overlap the forward pass in flight
+            # (the cost model times them as the tier's load, not as that pass).
+            compute_done = torch.cuda.Event()
+            compute_done.record(torch.cuda.current_stream(self.device))
+            self.scatter_stream.wait_event(compute_done)
         with torch.cuda.stream(self.load_stream) if cuda else contextlib.nullcontext():
             staged = torch.empty(sum(p.payload.numel() for p in parts), dtype=torch.uint8,
                                  device=self.device)
