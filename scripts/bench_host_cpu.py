@@ -23,7 +23,9 @@ import time
 from typing import Any
 
 import torch
-from profile_gpu_engine import PhaseTimer  # scripts/ is on sys.path when run as a script
+
+# scripts/ is on sys.path when run as a script
+from profile_gpu_engine import PhaseTimer, sharegpt_shaped
 
 from kvtier import LLM, SamplingParams
 from kvtier.engine.core_messages import AddRequest
@@ -62,19 +64,25 @@ def run(args: argparse.Namespace) -> dict:
 
     core = EngineCore(engine, CommandInbox(), emit, separate_process=True)
     rng = random.Random(0)
-    prefixes = [[rng.randrange(1000, 30_000) for _ in range(args.prefix_len)]
-                for _ in range(args.num_prefixes)]
-    queued = [prefixes[rng.randrange(args.num_prefixes)]
-              + [rng.randrange(1000, 30_000) for _ in range(256)]
-              for _ in range(args.num_prompts)]
-    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    if args.sharegpt:
+        queued = sharegpt_shaped(args.num_prompts, rng)
+        concurrency = args.num_prompts  # workload S: every request at once
+    else:
+        prefixes = [[rng.randrange(1000, 30_000) for _ in range(args.prefix_len)]
+                    for _ in range(args.num_prefixes)]
+        params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+        queued = [(prefixes[rng.randrange(args.num_prefixes)]
+                   + [rng.randrange(1000, 30_000) for _ in range(256)], params)
+                  for _ in range(args.num_prompts)]
+        concurrency = 64
     in_flight = done = turns = 0
     ids = iter(range(10**9))
     started = time.perf_counter()
     while done < args.num_prompts:
         update = core._update(0)
-        while in_flight < 64 and queued:
-            core._apply(update, [AddRequest(f"r{next(ids)}", queued.pop(), params,
+        while in_flight < concurrency and queued:
+            prompt, params = queued.pop()
+            core._apply(update, [AddRequest(f"r{next(ids)}", prompt, params,
                                             time.monotonic())])
             in_flight += 1
         # The core's synchronous turn (EngineCore._loop): step, then one update out.
@@ -104,6 +112,8 @@ def main() -> None:
     parser.add_argument("--num-prefixes", type=int, default=32)
     parser.add_argument("--prefix-len", type=int, default=4096)
     parser.add_argument("--num-blocks", type=int, default=4096)
+    parser.add_argument("--sharegpt", action="store_true",
+                        help="workload S's shape (all --num-prompts at once) instead of P's")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     if not args.profile:

@@ -171,9 +171,32 @@ class PhaseTimer:
                 for name, total in self.totals.most_common()}
 
 
+def sharegpt_shaped(num_prompts: int, rng: random.Random, path: str | None = None,
+                    ) -> list[tuple[list[int], Any]]:
+    """Workload S's requests as token ids: ShareGPT's first-turn prompt and answer lengths
+    under the real Qwen2.5 tokenizer (the dump at `path`, else the packaged one, shuffled with
+    seed 0 as the bench client does), random token ids of those lengths."""
+    from kvtier import SamplingParams
+    from kvtier.bench.sharegpt import (
+        load_sharegpt_records,
+        sample_sharegpt,
+        shuffled_conversations,
+    )
+    from kvtier.lab.tokenizer import resolve_tokenizer
+    tokenizer = resolve_tokenizer("Qwen/Qwen2.5-1.5B-Instruct", None)
+    records = shuffled_conversations(load_sharegpt_records(path), seed=0)
+    return [([rng.randrange(1000, 30_000) for _ in range(s.prompt_len)],
+             SamplingParams(max_tokens=s.expected_output_len, temperature=0.0,
+                            ignore_eos=True))
+            for s in sample_sharegpt(tokenizer, records, num_prompts)]
+
+
 def p_replay(report: dict, num_prompts: int, tiers: tuple[str, ...], model: str | None = MODEL,
-             prefix_len: int = 4096, output_len: int = 128) -> None:
-    """Workload P in-process: 64 prefixes x 4,096 + 256, output 128, concurrency 64."""
+             prefix_len: int = 4096, output_len: int = 128,
+             sharegpt: str | None = None) -> None:
+    """Workload P in-process: 64 prefixes x 4,096 + 256, output 128, concurrency 64; or with
+    `sharegpt` (a dump's path, "" for the packaged one) workload S: num_prompts ShareGPT-shaped
+    requests, all at once."""
     from kvtier import LLM, SamplingParams
     extra = {"kv_tiers": tiers} if tiers else {}
     llm = LLM(model, num_gpu_blocks_override=4096, max_num_batched_tokens=8192,
@@ -192,11 +215,21 @@ def p_replay(report: dict, num_prompts: int, tiers: tuple[str, ...], model: str 
         timer.wrap(engine.tiers, "store_lookahead", "tier: store lookahead (both calls)")
         timer.wrap(engine.scheduler, "store_ahead", "tier: store ahead (after launch)")
         timer.wrap(engine.scheduler, "_try_tier_load", "tier: lookup and start load")
+        timer.wrap(engine.tiers, "on_evict", "tier: on_evict (stores at eviction)")
+        timer.wrap(engine.tiers, "on_request_freed", "tier: on_request_freed")
+        timer.wrap(engine.tiers, "_store_chunks", "tier: _store_chunks (all stores)")
     rng = random.Random(0)
-    prefixes = [[rng.randrange(1000, 30_000) for _ in range(prefix_len)] for _ in range(64)]
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    queued = [prefixes[rng.randrange(64)] + [rng.randrange(1000, 30_000) for _ in range(256)]
-              for _ in range(num_prompts)]
+    if sharegpt is not None:
+        queued = sharegpt_shaped(num_prompts, rng, sharegpt or None)
+        concurrency = num_prompts
+    else:
+        prefixes = [[rng.randrange(1000, 30_000) for _ in range(prefix_len)]
+                    for _ in range(64)]
+        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        queued = [(prefixes[rng.randrange(64)]
+                   + [rng.randrange(1000, 30_000) for _ in range(256)], params)
+                  for _ in range(num_prompts)]
+        concurrency = 64
     last: list[Any] = [None]
     schedule = engine.scheduler.schedule
 
@@ -209,8 +242,8 @@ def p_replay(report: dict, num_prompts: int, tiers: tuple[str, ...], model: str 
     steps: collections.Counter[str] = collections.Counter()
     started = time.perf_counter()
     while done < num_prompts:
-        while in_flight < 64 and queued:
-            engine.add_request(queued.pop(), params)
+        while in_flight < concurrency and queued:
+            engine.add_request(*queued.pop())
             in_flight += 1
         step_started = time.perf_counter()
         outputs = engine.step()
@@ -226,15 +259,19 @@ def p_replay(report: dict, num_prompts: int, tiers: tuple[str, ...], model: str 
     wall = time.perf_counter() - started
     if engine.tiers is not None:
         engine.shutdown()
-    key = "p_inprocess" + ("_" + "_".join(tiers) if tiers else "")
+    key = ("s" if sharegpt is not None else "p") + "_inprocess" + (
+        "_" + "_".join(tiers) if tiers else "")
     report[key] = {
         "num_prompts": num_prompts, "wall_s": wall, "req_s": num_prompts / wall,
         "steps": dict(steps),
         "step_ms_mean": {k: 1e3 * step_s[k] / steps[k] for k in steps},
         "phase_s": {k: round(v, 3) for k, v in timer.totals.items()},
+        "phase_calls": dict(timer.calls),
         "prefix_hit_tokens": engine.stats.num_prefix_cache_hit_tokens,
         "prompt_tokens": engine.stats.num_prompt_tokens,
         "preemptions": engine.stats.num_preemptions,
+        "tier_stats": (None if engine.tiers is None else {
+            k: v for k, v in vars(engine.tiers.stats).items() if isinstance(v, int | float)}),
     }
     print(key, json.dumps(report[key]), flush=True)
 
