@@ -193,15 +193,19 @@ def sharegpt_shaped(num_prompts: int, rng: random.Random, path: str | None = Non
 
 def p_replay(report: dict, num_prompts: int, tiers: tuple[str, ...], model: str | None = MODEL,
              prefix_len: int = 4096, output_len: int = 128,
-             sharegpt: str | None = None) -> None:
+             sharegpt: str | None = None, label: str = "",
+             configure: Callable[[Any], None] | None = None) -> None:
     """Workload P in-process: 64 prefixes x 4,096 + 256, output 128, concurrency 64; or with
     `sharegpt` (a dump's path, "" for the packaged one) workload S: num_prompts ShareGPT-shaped
-    requests, all at once."""
+    requests, all at once. `configure(engine)` runs before the first request (A/B switches);
+    `label` names the run in the report."""
     from kvtier import LLM, SamplingParams
     extra = {"kv_tiers": tiers} if tiers else {}
     llm = LLM(model, num_gpu_blocks_override=4096, max_num_batched_tokens=8192,
               max_num_seqs=256, scheduling_policy="lpm", **extra)
     engine = llm.engine
+    if configure is not None:
+        configure(engine)
     timer = PhaseTimer()
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.runner, "launch", "runner_launch")
@@ -260,7 +264,7 @@ def p_replay(report: dict, num_prompts: int, tiers: tuple[str, ...], model: str 
     if engine.tiers is not None:
         engine.shutdown()
     key = ("s" if sharegpt is not None else "p") + "_inprocess" + (
-        "_" + "_".join(tiers) if tiers else "")
+        "_" + "_".join(tiers) if tiers else "") + (f"_{label}" if label else "")
     report[key] = {
         "num_prompts": num_prompts, "wall_s": wall, "req_s": num_prompts / wall,
         "steps": dict(steps),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -84,16 +84,22 @@ class BlockPool:
     def is_evictable(self, block_id: int) -> bool:
         return self.blocks[block_id].ref_cnt == 0 and block_id in self._free_cached
 
-    def next_evictions(self, num_blocks: int) -> list[BlockHash]:
+    def next_evictions(self, num_blocks: int,
+                       among: Container[BlockHash] | None = None) -> list[BlockHash]:
         """Hashes of the cached blocks that the next `num_blocks` allocated blocks would evict,
-        in eviction order (for proactive tier stores): none while never-used blocks last, as
-        `allocate` takes those first. One comprehension: the scheduler asks every step."""
+        in eviction order (for proactive tier stores), only those in `among` if given: none
+        while never-used blocks last, as `allocate` takes those first. One comprehension: the
+        scheduler asks every step."""
         num_evicted = num_blocks - len(self._free_clean)
         if num_evicted <= 0:
             return []
         blocks = self.blocks
-        return [blocks[block_id].block_hash  # type: ignore[misc]
-                for block_id in itertools.islice(self._free_cached, num_evicted)]
+        window = itertools.islice(self._free_cached, num_evicted)
+        if among is None:
+            return [blocks[block_id].block_hash  # type: ignore[misc]
+                    for block_id in window]
+        return [block_hash for block_id in window
+                if (block_hash := blocks[block_id].block_hash) in among]
 
     # -- mutations ---------------------------------------------------------------------------
 

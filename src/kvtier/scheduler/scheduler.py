@@ -105,6 +105,11 @@ class Scheduler:
         """Set by the engine when decode-only steps are much cheaper (CUDA graphs): steps then
         carry either prefill chunks or decodes, alternating while both are pending."""
         self._last_step_prefilled = False
+        self._stored_ahead = False
+        """`store_ahead` ran since the last `schedule`: its window covered that step."""
+        self.lookahead_after_store_ahead = False
+        """Also look ahead in `schedule` when `store_ahead` already did (the behaviour before
+        the fifteenth session; kept for A/B runs)."""
 
     # -- request lifecycle -------------------------------------------------------------------
 
@@ -174,12 +179,19 @@ class Scheduler:
             self._finish_loads()
         running_prefill = any(r.num_tokens - r.num_computed_tokens > 1 for r in self.running)
         kinds = self._step_kinds(running_prefill)
-        if self.tiers is not None:
+        if self.tiers is not None and (not self._stored_ahead
+                                       or self.lookahead_after_store_ahead):
             # Blocks the step may evict: copy down lazy-store candidates among them first. A
             # step without prefill work takes at most a block per running request (most steps
             # under KV pressure), so it looks ~40 blocks ahead instead of ~600.
+            # Where `store_ahead` ran after the last launch (CUDA), it looked over the most
+            # this step can allocate while the device worked; only blocks freed since (tail of
+            # the eviction order) can be new, and a candidate among those that this step
+            # evicts is copied down at its eviction. Walking the window again here, between
+            # steps, cost workload S ~0.1 ms a step for nothing.
             self.tiers.store_lookahead(self._lazy_store_window(
                 self._may_prefill(kinds, budget, running_prefill)))
+        self._stored_ahead = False
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
         budget = self._schedule_running(budget, kinds, scheduled, preempted)
@@ -203,12 +215,14 @@ class Scheduler:
         """Lazy tier stores for the next step, once this step is launched: the device runs the
         step meanwhile, so copying down the candidates the next step may evict costs no time
         between steps (a missed prompt under KV pressure evicts ~17 chunks' worth of blocks).
-        The window is the most a step can allocate; the lookahead in `schedule` then finds
-        them stored, and stays to catch what this one missed. Only where the device runs the
-        step without the host (CUDA): on the CPU it would only widen the window."""
+        The window is the most a step can allocate, so `schedule` does not look again (what
+        is freed meanwhile and evicted next is copied down at its eviction). Only where the
+        device runs the step without the host (CUDA): on the CPU it would only widen the
+        window."""
         if self.tiers is None or not self.tiers.stores_overlap_compute:
             return
         self.tiers.store_lookahead(self._lazy_store_window(may_prefill=True))
+        self._stored_ahead = True
 
     def _lazy_store_window(self, may_prefill: bool) -> int:
         """Blocks a step may allocate, plus a chunk: a block per running request, and the

@@ -430,7 +430,7 @@ class TierManager:
         if self.config.kv_store_policy != "lazy" or not candidates:
             return
         # Runs every step: filter in one comprehension, then loop over the few candidates.
-        upcoming = [h for h in self.pool.next_evictions(num_blocks) if h in candidates]
+        upcoming = self.pool.next_evictions(num_blocks, among=candidates)
         room = _MAX_INFLIGHT_STORES - len(self._storing)
         chunks: list[Chunk] = []
         for block_hash in upcoming:

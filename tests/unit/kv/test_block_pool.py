@@ -72,6 +72,9 @@ def test_next_evictions_names_no_block_while_clean_blocks_last() -> None:
     assert pool.next_evictions(3) == [h(0)]
     assert pool.next_evictions(5) == [h(0), h(1), h(2)]
     assert pool.next_evictions(9) == [h(0), h(1), h(2), h(3)]
+    # Only those among the tier's candidates, in the same order.
+    assert pool.next_evictions(9, among={h(3), h(1)}) == [h(1), h(3)]
+    assert pool.next_evictions(4, among={h(3), h(1)}) == [h(1)]
 
 
 def test_touch_revives_a_freed_cached_block() -> None:

@@ -538,6 +538,39 @@ def test_store_ahead_covers_the_next_step_even_when_a_request_arrives_meanwhile(
     assert tiers.windows == ahead[-1:]
 
 
+def test_schedule_does_not_walk_the_window_again_after_store_ahead() -> None:
+    # store_ahead (after each launch, while the device works) looked over the most the next
+    # step can allocate; schedule then skips its own walk, which would run between steps.
+    # Without a store_ahead since the last step (the CPU, the first step) it still looks.
+    scheduler, tiers, allocated = lookahead_scheduler()
+    scheduler.add_request(make_request("0", list(range(1, 30)), max_tokens=6))
+    allocated.append(0)
+    out = scheduler.schedule()
+    assert len(tiers.windows) == 1  # no store_ahead yet: schedule looked
+    walks_in_schedule = []
+    while scheduler.has_unfinished_requests():
+        scheduler.store_ahead()
+        sampled = {s.request_id: next_token(scheduler.requests[s.request_id].all_token_ids)
+                   for s in out.requests if s.sample}
+        scheduler.update_from_output(out, ModelRunnerOutput(sampled))
+        before = len(tiers.windows)
+        out = scheduler.schedule()
+        walks_in_schedule.append(len(tiers.windows) - before)
+    assert walks_in_schedule and set(walks_in_schedule) == {0}
+    # The A/B switch restores the second walk; and a schedule with no store_ahead before it
+    # walks again.
+    scheduler.lookahead_after_store_ahead = True
+    scheduler.add_request(make_request("1", list(range(100, 129)), max_tokens=2))
+    scheduler.store_ahead()
+    before = len(tiers.windows)
+    scheduler.schedule()
+    assert len(tiers.windows) == before + 1
+    scheduler.lookahead_after_store_ahead = False
+    before = len(tiers.windows)
+    scheduler.schedule()
+    assert len(tiers.windows) == before + 1
+
+
 class HeldTiers(InlineTiers):
     """InlineTiers that also answer the short-prefill test's `holds_block`."""
 
