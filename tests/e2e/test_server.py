@@ -193,6 +193,27 @@ def test_models_health_version_and_request_id(server: str) -> None:
     assert response.json()["id"] == "cmpl-trace-7"
 
 
+def test_tokenize_and_detokenize_agree_with_generation(server: str) -> None:
+    # vLLM's /tokenize and /detokenize over the real tokenizer: the ids are those a completion
+    # and a chat request run (their usage counts them), and decoding gives the text back.
+    text = "The quick brown fox jumps over the lazy dog."
+    tokens = httpx.post(f"{server}/tokenize", json={"prompt": text}).json()
+    usage = httpx.post(f"{server}/v1/completions",
+                       json={"prompt": text, "max_tokens": 1}).json()["usage"]
+    assert tokens["count"] == usage["prompt_tokens"] == len(tokens["tokens"])
+    assert tokens["max_model_len"] == MAX_MODEL_LEN
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    rendered = httpx.post(f"{server}/tokenize", json={"messages": messages}).json()
+    usage = httpx.post(f"{server}/v1/chat/completions",
+                       json={"messages": messages, "max_tokens": 1}).json()["usage"]
+    assert rendered["count"] == usage["prompt_tokens"]
+    bare = httpx.post(f"{server}/tokenize", json={"prompt": text, "add_special_tokens": False,
+                                                  "return_token_strs": True}).json()
+    assert len(bare["token_strs"]) == bare["count"]
+    back = httpx.post(f"{server}/detokenize", json={"tokens": bare["tokens"]}).json()
+    assert back == {"prompt": text}
+
+
 # -- 2. 64 concurrent streams; metrics match --------------------------------------------------
 
 
@@ -340,6 +361,14 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     (CHAT, {"messages": USER, "temperature": "hot"}, 400),
     (CHAT, {"messages": [{"role": "user", "content": "long " * 300}]}, 400),
     ("/v1/embeddings", {"input": "hi"}, 404),
+    ("/tokenize", {}, 400),
+    ("/tokenize", {"prompt": "hi", "messages": USER}, 400),
+    ("/tokenize", {"prompt": ["hi"]}, 400),
+    ("/tokenize", {"prompt": "hi", "model": "nope"}, 404),
+    ("/tokenize", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("/detokenize", {"tokens": [10**9]}, 400),
+    ("/detokenize", {"tokens": [-1]}, 400),
+    ("/detokenize", {}, 400),
 ]
 
 
@@ -364,8 +393,9 @@ def test_openai_client_sees_bad_request(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="gpt-4o", messages=USER)  # type: ignore
 
 
-_FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
-           "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "stream",
+_FIELDS = ["model", "prompt", "messages", "tokens", "add_special_tokens", "max_tokens",
+           "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+           "stop_token_ids", "ignore_eos", "stream",
            "stream_options", "n", "echo", "logprobs", "include_stop_str_in_output", "user"]
 _SCALARS = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.integers(-3, 40)
             | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30)
@@ -382,14 +412,17 @@ _BODIES = st.dictionaries(st.sampled_from(_FIELDS) | st.text(max_size=8), _VALUE
 
 @settings(max_examples=80, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(path=st.sampled_from([COMPLETIONS, CHAT]), body=_BODIES,
+@given(path=st.sampled_from([COMPLETIONS, CHAT, "/tokenize", "/detokenize"]), body=_BODIES,
        prompt=st.text(max_size=60) | st.lists(st.integers(-5, 50_000), max_size=20),
        messages=_MESSAGES, with_core=st.booleans())
 def test_fuzzed_bodies_never_5xx(server: str, path: str, body: dict[str, Any], prompt: Any,
                                  messages: list[Any], with_core: bool) -> None:
     if with_core:  # well-formed cores, so the fuzz reaches the engine too; kept short
-        body = {("prompt" if path == COMPLETIONS else "messages"):
-                (prompt if path == COMPLETIONS else messages), "max_tokens": 4, **body}
+        core = {COMPLETIONS: ("prompt", prompt), CHAT: ("messages", messages),
+                "/tokenize": ("messages", messages) if isinstance(prompt, list)
+                else ("prompt", prompt), "/detokenize": ("tokens", prompt)}
+        key, value = core[path]
+        body = {key: value, "max_tokens": 4, **body}
     payload = json.dumps(body).encode()
     with httpx.stream("POST", f"{server}{path}", content=payload, timeout=60,
                       headers={"content-type": "application/json"}) as response:

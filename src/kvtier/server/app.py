@@ -1,7 +1,8 @@
 """`create_app(async_engine, settings)`: the FastAPI app of `kvtier serve`.
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models` (behind the API
-key when one is set), and `GET /health`, `/version`, `/metrics`, `/openapi.json` (always open).
+key when one is set), and `POST /tokenize`, `/detokenize`, `GET /health`, `/version`,
+`/metrics`, `/openapi.json` (always open, as vLLM's API key guards only `/v1`).
 The app holds no global state: its metrics live in its own registry, so tests may build
 several apps in one process.
 """
@@ -26,9 +27,13 @@ from kvtier.server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from kvtier.server.serving import OpenAIServing
 
@@ -90,6 +95,18 @@ def create_app(async_engine: AsyncEngine, settings: ServerSettings | None = None
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """Answer a conversation rendered with the model's chat template."""
         return await serving.chat(body, request)
+
+    @app.post("/tokenize", response_model=TokenizeResponse,
+              responses={k: _ERRORS[k] for k in (400, 404, 413)})
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """Token ids of a prompt, or of chat messages rendered with the template (vLLM's)."""
+        return await serving.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse,
+              responses={k: _ERRORS[k] for k in (400, 404, 413)})
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        """Text of token ids, special tokens kept (vLLM's)."""
+        return await serving.detokenize(body)
 
     @app.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]})
     async def models() -> ModelList:

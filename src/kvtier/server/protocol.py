@@ -101,6 +101,41 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, description="Not supported.")
 
 
+class TokenizeRequest(_Request):
+    """POST /tokenize, vLLM's: `prompt` text, or chat `messages` rendered with the model's
+    template (exactly one of them). The ids are those a completion or chat request would
+    run, so a client can count or align its prompts with the server's tokenizer."""
+
+    model: str | None = Field(None, description="A name from /v1/models; omitted = the first.")
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool | None = Field(
+        None, description="Add the tokenizer's special tokens (e.g. BOS); default true for a "
+                          "prompt, false for messages (the template holds them).")
+    add_generation_prompt: bool = Field(True, description="messages: end with the assistant's "
+                                                          "turn opened.")
+    continue_final_message: bool = Field(False, description="Not supported.")
+    return_token_strs: bool = Field(False, description="Also return each id's token string.")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str | None] | None = None
+
+
+class DetokenizeRequest(_Request):
+    """POST /detokenize, vLLM's: the text of token ids (special tokens included)."""
+
+    model: str | None = Field(None, description="A name from /v1/models; omitted = the first.")
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple[str, str] | None:
     """(param, message) for the first field set to something we cannot honour, else None."""
     checks: list[tuple[str, bool, str]] = [

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -39,7 +40,11 @@ from kvtier.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     PromptTokensDetails,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
     unsupported_fields,
 )
@@ -142,35 +147,85 @@ class OpenAIServing:
         return Response(response.model_dump_json(), media_type="application/json",
                         headers=headers)
 
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        """The ids a completion (`prompt`) or chat (`messages`) request would run."""
+        self._served_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise OpenAIError(400, "give either prompt or messages, not "
+                              + ("both" if body.prompt is not None else "neither"),
+                              param="prompt" if body.prompt is None else "messages")
+        if body.continue_final_message:
+            raise OpenAIError(400, "continue_final_message is not supported",
+                              param="continue_final_message", code="unsupported_parameter")
+        if body.prompt is not None:
+            special = True if body.add_special_tokens is None else body.add_special_tokens
+            token_ids = await self._off_loop(self._tokenizer.encode, body.prompt, special,
+                                             param="prompt")
+        else:
+            assert body.messages is not None
+            messages = [{"role": m.role, "content": m.text(), "name": m.name}
+                        for m in body.messages]
+            token_ids = await self._off_loop(self._render_chat, messages,
+                                             body.add_generation_prompt,
+                                             bool(body.add_special_tokens), param="messages")
+        strings = (await self._off_loop(self._tokenizer.convert_ids_to_tokens, token_ids)
+                   if body.return_token_strs else None)
+        return TokenizeResponse(count=len(token_ids), max_model_len=self.max_model_len,
+                                tokens=token_ids, token_strs=strings)
+
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        """The text of token ids, special tokens kept (as vLLM's /detokenize)."""
+        self._served_model(body.model)
+        vocab = self._tokenizer.vocab_size
+        bad = next((t for t in body.tokens if t >= vocab), None)
+        if bad is not None:
+            raise OpenAIError(400, f"token id {bad} is outside the tokenizer's vocabulary "
+                              f"(0..{vocab - 1})", param="tokens")
+        text = await self._off_loop(self._tokenizer.decode, body.tokens, False, param="tokens")
+        return DetokenizeResponse(prompt=text)
+
     # -- request preparation ------------------------------------------------------------------
+
+    def _served_model(self, model: str | None) -> str:
+        """The served model name to answer with; refuses unknown models (404)."""
+        if model is not None and model not in self.model_names:
+            raise OpenAIError(404, f"the model {model!r} does not exist; see /v1/models",
+                              param="model", code="model_not_found")
+        return model or self.model_names[0]
 
     def _check(self, body: CompletionRequest | ChatCompletionRequest) -> str:
         """The served model name to answer with; refuses unknown models and features."""
-        if body.model is not None and body.model not in self.model_names:
-            raise OpenAIError(404, f"the model {body.model!r} does not exist; see /v1/models",
-                              param="model", code="model_not_found")
+        model = self._served_model(body.model)
         unsupported = unsupported_fields(body)
         if unsupported is not None:
             param, message = unsupported
             raise OpenAIError(400, message, param=param, code="unsupported_parameter")
-        return body.model or self.model_names[0]
+        return model
 
-    def _render_chat(self, messages: list[dict[str, str | None]]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    def _render_chat(self, messages: list[dict[str, str | None]],
+                     add_generation_prompt: bool = True,
+                     add_special_tokens: bool = False) -> list[int]:
+        text = self._tokenizer.apply_chat_template(messages,
+                                                   add_generation_prompt=add_generation_prompt)
         # The template already holds any BOS token: encode without adding special tokens.
-        return self._tokenizer.encode(text, add_special_tokens=False)
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     async def _run(self, fn: Callable[..., list[int]], arg: object, param: str) -> list[int]:
-        """Tokenise on the worker thread; any failure there is the input's fault (400)."""
-        loop = asyncio.get_running_loop()
-        try:
-            token_ids = await loop.run_in_executor(self._executor, fn, arg)
-        except Exception as exc:
-            raise OpenAIError(400, f"cannot tokenize the {param}: {type(exc).__name__}: {exc}",
-                              param=param) from exc
+        """Tokenise for a generation request: an empty result is refused (400)."""
+        token_ids = await self._off_loop(fn, arg, param=param)
         if not token_ids:
             raise OpenAIError(400, f"the {param} is empty", param=param)
         return token_ids
+
+    async def _off_loop(self, fn: Callable[..., Any], *args: object, param: str = "") -> Any:
+        """fn(*args) on the tokenizer's worker thread; a failure there is the input's fault
+        (400 naming `param`)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except Exception as exc:
+            raise OpenAIError(400, f"cannot tokenize the {param}: {type(exc).__name__}: {exc}",
+                              param=param or None) from exc
 
     def _params(self, body: CompletionRequest | ChatCompletionRequest, max_tokens: int,
                 num_prompt_tokens: int, param: str, explicit: bool) -> SamplingParams:

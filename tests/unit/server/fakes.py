@@ -28,14 +28,26 @@ from kvtier.types import (
 class FakeTokenizer:
     """One token per character (ids = code points)."""
 
+    vocab_size = 0x110000
+    BOS = 1
+    adds_bos = False
+    """Whether add_special_tokens prepends BOS (the /tokenize tests turn it on)."""
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [ord(c) for c in text]
+        return [self.BOS] * (add_special_tokens and self.adds_bos) + [ord(c) for c in text]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids if not (skip_special_tokens and i == self.BOS))
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
+        return [chr(i) for i in ids]
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True) -> str:
         if any(m["role"] == "tool" for m in messages):
             raise ValueError("this template has no tool role")
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+        rendered = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        return rendered + "<assistant>" * add_generation_prompt
 
 
 @dataclass

@@ -112,6 +112,60 @@ def test_bad_completion_params_name_the_param(engine: AsyncEngine, body: dict[st
     assert response.json()["error"]["param"] == param
 
 
+def test_tokenize_matches_what_completions_and_chat_run(engine: AsyncEngine) -> None:
+    engine.tokenizer.adds_bos = True  # type: ignore[union-attr]
+    prompt = call(engine, "POST", "/tokenize", json={"prompt": "abc", "model": "fake-model"})
+    assert prompt.status_code == 200, prompt.text
+    assert prompt.json() == {"count": 4, "max_model_len": 64, "tokens": [1, 97, 98, 99],
+                             "token_strs": None}
+    completion = call(engine, "POST", "/v1/completions", json={"prompt": "abc", "max_tokens": 1})
+    assert completion.json()["usage"]["prompt_tokens"] == prompt.json()["count"]
+    bare = call(engine, "POST", "/tokenize", json={"prompt": "ab", "add_special_tokens": False,
+                                                   "return_token_strs": True})
+    assert bare.json()["tokens"] == [97, 98] and bare.json()["token_strs"] == ["a", "b"]
+    # Messages render with the template and, by default, no added special tokens.
+    messages = [{"role": "user", "content": "hi"}]
+    chat = call(engine, "POST", "/tokenize", json={"messages": messages})
+    assert chat.json()["tokens"] == [ord(c) for c in "<user>hi<assistant>"]
+    answered = call(engine, "POST", "/v1/chat/completions",
+                    json={"messages": messages, "max_completion_tokens": 1})
+    assert answered.json()["usage"]["prompt_tokens"] == chat.json()["count"]
+    open_turn = call(engine, "POST", "/tokenize",
+                     json={"messages": messages, "add_generation_prompt": False})
+    assert open_turn.json()["tokens"] == [ord(c) for c in "<user>hi"]
+
+
+def test_detokenize_keeps_special_tokens(engine: AsyncEngine) -> None:
+    response = call(engine, "POST", "/detokenize", json={"tokens": [1, 104, 105]})
+    assert response.status_code == 200 and response.json() == {"prompt": "\x01hi"}
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), [
+    ("/tokenize", {}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400,
+     "messages"),
+    ("/tokenize", {"prompt": "a", "model": "other"}, 404, "model"),
+    ("/tokenize", {"messages": []}, 400, None),
+    ("/tokenize", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}],
+                   "continue_final_message": True}, 400, "continue_final_message"),
+    ("/tokenize", {"prompt": 5}, 400, None),
+    ("/detokenize", {"tokens": [-1]}, 400, None),
+    ("/detokenize", {"tokens": [0x110000]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, 400, None),
+    ("/detokenize", {"tokens": [1], "model": "other"}, 404, "model"),
+])
+def test_bad_tokenize_bodies_are_openai_errors(engine: AsyncEngine, path: str,
+                                               body: dict[str, Any], status: int,
+                                               param: str | None) -> None:
+    response = call(engine, "POST", path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
 def test_template_failure_is_a_400(engine: AsyncEngine) -> None:
     response = call(engine, "POST", "/v1/chat/completions",
                     json={"messages": [{"role": "tool", "content": "x"}]})
