@@ -361,7 +361,16 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     (CHAT, {"messages": USER, "temperature": "hot"}, 400),
     (CHAT, {"messages": [{"role": "user", "content": "long " * 300}]}, 400),
     ("/v1/embeddings", {"input": "hi"}, 404),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400),
+    (CHAT, {"messages": USER, "tool_choice": "required"}, 400),
+    (CHAT, {"messages": USER, "chat_template": "{{ messages }}"}, 400),
+    (CHAT, {"messages": USER, "chat_template_kwargs": {"messages": 1}}, 400),
+    (CHAT, {"messages": USER, "chat_template_kwargs": [1]}, 400),
     ("/tokenize", {}, 400),
+    ("/tokenize", {"messages": USER, "chat_template": "{{ messages }}"}, 400),
+    ("/tokenize", {"messages": USER, "chat_template_kwargs": {"add_generation_prompt": 1}},
+     400),
     ("/tokenize", {"prompt": "hi", "messages": USER}, 400),
     ("/tokenize", {"prompt": ["hi"]}, 400),
     ("/tokenize", {"prompt": "hi", "model": "nope"}, 404),
@@ -393,7 +402,8 @@ def test_openai_client_sees_bad_request(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="gpt-4o", messages=USER)  # type: ignore
 
 
-_FIELDS = ["model", "prompt", "messages", "tokens", "add_special_tokens", "max_tokens",
+_FIELDS = ["model", "prompt", "messages", "tokens", "add_special_tokens", "tools",
+           "chat_template_kwargs", "tool_choice", "max_tokens",
            "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
            "stop_token_ids", "ignore_eos", "stream",
            "stream_options", "n", "echo", "logprobs", "include_stop_str_in_output", "user"]

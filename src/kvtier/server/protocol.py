@@ -91,17 +91,29 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class _ChatTemplateFields(_Request):
+    """How chat messages are rendered (vLLM's extras)."""
+
+    chat_template: str | None = Field(None, description="Not supported: the model's own "
+                                                        "template renders the messages.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra variables for the template (e.g. enable_thinking).")
+
+
+class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     """POST /v1/chat/completions, rendered with the model's chat template."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported (no "
+                                                                 "tool-call parser).")
+    tool_choice: Any = Field(None, description="Only 'none'.")
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; still read.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens.")
     logprobs: bool | None = Field(None, description="Not supported.")
     top_logprobs: int | None = Field(None, description="Not supported.")
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(_ChatTemplateFields):
     """POST /tokenize, vLLM's: `prompt` text, or chat `messages` rendered with the model's
     template (exactly one of them). The ids are those a completion or chat request would
     run, so a client can count or align its prompts with the server's tokenizer."""
@@ -115,6 +127,8 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = Field(True, description="messages: end with the assistant's "
                                                           "turn opened.")
     continue_final_message: bool = Field(False, description="Not supported.")
+    tools: list[dict[str, Any]] | None = Field(None, description="messages: rendered into the "
+                                                                 "template.")
     return_token_strs: bool = Field(False, description="Also return each id's token string.")
 
 
@@ -158,8 +172,15 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
             ("suffix", body.suffix is not None, "suffix is not supported"),
         ]
     else:
-        checks.append(("top_logprobs", body.top_logprobs is not None,
-                       "top_logprobs is not supported"))
+        checks += [
+            ("top_logprobs", body.top_logprobs is not None, "top_logprobs is not supported"),
+            ("tools", bool(body.tools), "tools are not supported: kvtier has no tool-call "
+                                        "parser"),
+            ("tool_choice", body.tool_choice not in (None, "none"),
+             "tool_choice must be 'none': kvtier has no tool-call parser"),
+            ("chat_template", body.chat_template is not None,
+             "chat_template is not supported: the model's own template renders the messages"),
+        ]
     return next(((param, message) for param, bad, message in checks if bad), None)
 
 

@@ -104,7 +104,7 @@ class OpenAIServing:
         model = self._check(body)
         prompt = _single_prompt(body.prompt)
         if isinstance(prompt, str):
-            token_ids = await self._run(self._tokenizer.encode, prompt, "prompt")
+            token_ids = await self._run(self._tokenizer.encode, prompt, param="prompt")
         else:
             token_ids = prompt
         params = self._params(body, body.max_tokens or 16, len(token_ids), "prompt",
@@ -128,7 +128,9 @@ class OpenAIServing:
         arrival = time.monotonic()
         model = self._check(body)
         messages = [{"role": m.role, "content": m.text(), "name": m.name} for m in body.messages]
-        token_ids = await self._run(self._render_chat, messages, "messages")
+        token_ids = await self._run(
+            lambda: self._render_chat(messages, template_kwargs=body.chat_template_kwargs),
+            param="messages")
         requested = body.max_completion_tokens or body.max_tokens
         params = self._params(body, requested or self.max_model_len, len(token_ids), "messages",
                               explicit=requested is not None)
@@ -157,6 +159,10 @@ class OpenAIServing:
         if body.continue_final_message:
             raise OpenAIError(400, "continue_final_message is not supported",
                               param="continue_final_message", code="unsupported_parameter")
+        if body.chat_template is not None:
+            raise OpenAIError(400, "chat_template is not supported: the model's own template "
+                              "renders the messages", param="chat_template",
+                              code="unsupported_parameter")
         if body.prompt is not None:
             special = True if body.add_special_tokens is None else body.add_special_tokens
             token_ids = await self._off_loop(self._tokenizer.encode, body.prompt, special,
@@ -165,10 +171,12 @@ class OpenAIServing:
             assert body.messages is not None
             messages = [{"role": m.role, "content": m.text(), "name": m.name}
                         for m in body.messages]
-            token_ids = await self._off_loop(self._render_chat, messages,
-                                             body.add_generation_prompt,
-                                             bool(body.add_special_tokens), param="messages")
-        strings = (await self._off_loop(self._tokenizer.convert_ids_to_tokens, token_ids)
+            token_ids = await self._off_loop(
+                lambda: self._render_chat(messages, body.add_generation_prompt,
+                                          bool(body.add_special_tokens), body.tools,
+                                          body.chat_template_kwargs), param="messages")
+        strings = (await self._off_loop(self._tokenizer.convert_ids_to_tokens, token_ids,
+                                        param="tokens")
                    if body.return_token_strs else None)
         return TokenizeResponse(count=len(token_ids), max_model_len=self.max_model_len,
                                 tokens=token_ids, token_strs=strings)
@@ -203,16 +211,19 @@ class OpenAIServing:
         return model
 
     def _render_chat(self, messages: list[dict[str, str | None]],
-                     add_generation_prompt: bool = True,
-                     add_special_tokens: bool = False) -> list[int]:
-        text = self._tokenizer.apply_chat_template(messages,
-                                                   add_generation_prompt=add_generation_prompt)
+                     add_generation_prompt: bool = True, add_special_tokens: bool = False,
+                     tools: list[dict[str, Any]] | None = None,
+                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        text = self._tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools,
+            template_kwargs=template_kwargs)
         # The template already holds any BOS token: encode without adding special tokens.
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    async def _run(self, fn: Callable[..., list[int]], arg: object, param: str) -> list[int]:
+    async def _run(self, fn: Callable[..., list[int]], *args: object,
+                   param: str) -> list[int]:
         """Tokenise for a generation request: an empty result is refused (400)."""
-        token_ids = await self._off_loop(fn, arg, param=param)
+        token_ids = await self._off_loop(fn, *args, param=param)
         if not token_ids:
             raise OpenAIError(400, f"the {param} is empty", param=param)
         return token_ids

@@ -43,10 +43,16 @@ class FakeTokenizer:
         return [chr(i) for i in ids]
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True) -> str:
+                            add_generation_prompt: bool = True, *,
+                            tools: list[dict[str, Any]] | None = None,
+                            template_kwargs: dict[str, Any] | None = None) -> str:
         if any(m["role"] == "tool" for m in messages):
             raise ValueError("this template has no tool role")
         rendered = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        if tools:
+            rendered = f"<tools>{len(tools)}" + rendered
+        if template_kwargs:
+            rendered += "".join(f"<{k}={v}>" for k, v in sorted(template_kwargs.items()))
         return rendered + "<assistant>" * add_generation_prompt
 
 

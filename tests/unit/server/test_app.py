@@ -135,6 +135,35 @@ def test_tokenize_matches_what_completions_and_chat_run(engine: AsyncEngine) -> 
     assert open_turn.json()["tokens"] == [ord(c) for c in "<user>hi"]
 
 
+def test_template_extras_reach_the_template_or_are_refused(engine: AsyncEngine) -> None:
+    # chat_template_kwargs render in chat and /tokenize alike; /tokenize renders tools, as
+    # vLLM's does; a chat request with tools is refused (no tool-call parser), never run
+    # as if they were absent; a request's own template is refused everywhere.
+    messages = [{"role": "user", "content": "hi"}]
+    kwargs = {"enable_thinking": False}
+    chat = call(engine, "POST", "/v1/chat/completions", json={
+        "messages": messages, "max_completion_tokens": 1, "chat_template_kwargs": kwargs})
+    tokens = call(engine, "POST", "/tokenize",
+                  json={"messages": messages, "chat_template_kwargs": kwargs})
+    expected = "<user>hi<enable_thinking=False><assistant>"
+    assert tokens.json()["tokens"] == [ord(c) for c in expected]
+    assert chat.json()["usage"]["prompt_tokens"] == len(expected)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    with_tools = call(engine, "POST", "/tokenize", json={"messages": messages, "tools": tools})
+    assert with_tools.json()["tokens"] == [ord(c) for c in "<tools>1<user>hi<assistant>"]
+    for extra, param in (({"tools": tools}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
+                         ({"chat_template": "{{ x }}"}, "chat_template")):
+        refused = call(engine, "POST", "/v1/chat/completions",
+                       json={"messages": messages, **extra})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param
+    refused = call(engine, "POST", "/tokenize",
+                   json={"messages": messages, "chat_template": "{{ x }}"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "chat_template"
+    none = call(engine, "POST", "/v1/chat/completions",
+                json={"messages": messages, "tool_choice": "none", "max_completion_tokens": 1})
+    assert none.status_code == 200
+
+
 def test_detokenize_keeps_special_tokens(engine: AsyncEngine) -> None:
     response = call(engine, "POST", "/detokenize", json={"tokens": [1, 104, 105]})
     assert response.status_code == 200 and response.json() == {"prompt": "\x01hi"}
