@@ -96,3 +96,37 @@ def test_a_loads_host_copy_does_not_wait_for_the_compute_stream() -> None:
     assert not transfer.scatter_stream.query()  # and the scatter still waits for it
     torch.cuda.synchronize()
     assert torch.equal(kv_cache[:, :, blocks].cpu(), payload)
+
+
+def test_random_loads_keep_stream_order_under_allocator_churn() -> None:
+    # Many loads of whole and partial chunks, each enqueued while the compute stream is busy
+    # for a random time: work queued on the compute stream before a load still reads the
+    # blocks' old contents, work ordered after it (`order_compute_after`) reads the loaded
+    # ones, and allocations on both streams in between never recycle a staging buffer early.
+    layers, blocks_total, per = 4, 512, 8
+    kv_cache = torch.randn(layers, 2, blocks_total, LAYOUT.block_size, LAYOUT.num_kv_heads,
+                           LAYOUT.head_dim, device="cuda")
+    transfer = KVTransfer(kv_cache)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(100):
+        chosen = torch.randperm(blocks_total, generator=generator)[:96].tolist()
+        num_parts = int(torch.randint(1, 12, (1,), generator=generator))
+        count = per - 1 if step % 3 == 0 else per  # partial entries every third load
+        payloads = [torch.randn(layers, 2, per, LAYOUT.block_size, LAYOUT.num_kv_heads,
+                                LAYOUT.head_dim).pin_memory() for _ in range(num_parts)]
+        parts = [LoadPart(p.view(-1).view(torch.uint8), per, 0, count) for p in payloads]
+        targets = [b for i in range(num_parts) for b in chosen[i * per:i * per + count]]
+        old = kv_cache[:, :, targets].clone()
+        torch.cuda._sleep(int(torch.randint(0, 20_000_000, (1,), generator=generator)))
+        before = kv_cache[:, :, targets].clone()  # queued before the load: old contents
+        transfer.copy_in_parts(parts, transfer.load_index(targets))
+        transfer.order_compute_after(transfer.load_event())
+        after = kv_cache[:, :, targets].clone()
+        churn = [torch.empty(1 << 20, device="cuda") for _ in range(4)]
+        with torch.cuda.stream(transfer.load_stream):
+            churn.append(torch.zeros(1 << 22, device="cuda"))
+        torch.cuda.synchronize()
+        expected = torch.cat([p[:, :, :count] for p in payloads], 2).cuda()
+        assert torch.equal(before, old), f"load {step} overwrote blocks before queued reads"
+        assert torch.equal(after, expected), f"load {step} not landed for later reads"
+        del churn
