@@ -108,8 +108,8 @@ class Scheduler:
         self._stored_ahead = False
         """`store_ahead` ran since the last `schedule`: its window covered that step."""
         self.lookahead_after_store_ahead = False
-        """Also look ahead in `schedule` when `store_ahead` already did (the behaviour before
-        the fifteenth session; kept for A/B runs)."""
+        """Also walk the window in `schedule` when `store_ahead` already did (the earlier
+        behaviour, kept for A/B runs: `scripts/s_tier_cost_gpu.py`)."""
 
     # -- request lifecycle -------------------------------------------------------------------
 
