@@ -39,6 +39,15 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     n: int = 1
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token the output already holds."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted once per occurrence of the token in the output so far."""
+    repetition_penalty: float = 1.0
+    """vLLM's (as HF's): the logits of tokens in the prompt or the output are divided by it
+    where positive, multiplied where negative; 1 = off."""
+    min_p: float = 0.0
+    """vLLM's: tokens less likely than min_p times the most likely one are not sampled."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,6 +76,15 @@ class SamplingParams:
             raise bad(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if self.n != 1:
             raise bad(f"n must be 1, got {self.n!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise bad(f"{name} must be in [-2, 2], got {value!r}")
+        if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0 \
+                or self.repetition_penalty == float("inf"):
+            raise bad(f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise bad(f"min_p must be in [0, 1], got {self.min_p!r}")
         for stop in self.stop:
             if not isinstance(stop, str) or not stop:
                 raise bad(f"stop strings must be non-empty strings, got {stop!r}")
@@ -77,6 +95,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether the logits depend on the tokens seen so far (the sampler needs them)."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 @dataclass(frozen=True)
@@ -98,6 +126,9 @@ class ScheduledRequest:
     sampling_params: SamplingParams
     num_output_tokens: int
     """Output tokens already generated (seeds per-request RNG streams reproducibly)."""
+    penalty_context: tuple[list[int], list[int]] | None = None
+    """(prompt, output) token ids of a request whose sampling has penalties (the request's own
+    lists, like `block_ids`: read them before the next `schedule()`); None otherwise."""
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,45 @@ def test_greedy_tokens_equal_transformers_generate(smollm: LLM, smollm_dir: Path
         assert output.outputs[0].token_ids == generated[0, len(ids):].tolist(), prompt
 
 
+def test_repetition_penalty_equals_transformers_generate(smollm: LLM, smollm_dir: Path) -> None:
+    # HF's RepetitionPenaltyLogitsProcessor is the formula vLLM uses; greedy tokens must agree.
+    reference = AutoModelForCausalLM.from_pretrained(smollm_dir, torch_dtype=torch.float32).eval()
+    tokenizer = smollm.get_tokenizer()
+    outputs = smollm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0,
+                                                      repetition_penalty=1.3))
+    plain = smollm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
+    assert any(o.outputs[0].token_ids != p.outputs[0].token_ids
+               for o, p in zip(outputs, plain, strict=True))  # the penalty changed something
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        ids = tokenizer.encode(prompt)
+        with torch.no_grad():
+            generated = reference.generate(torch.tensor([ids]), max_new_tokens=24,
+                                           do_sample=False, repetition_penalty=1.3)
+        assert output.outputs[0].token_ids == generated[0, len(ids):].tolist(), prompt
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula(smollm: LLM,
+                                                                smollm_dir: Path) -> None:
+    # Greedy decoding over HF's logits with the penalties applied by hand (OpenAI's formula
+    # over the output so far), against the engine's own tokens.
+    reference = AutoModelForCausalLM.from_pretrained(smollm_dir, torch_dtype=torch.float32).eval()
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
+                            presence_penalty=1.5, frequency_penalty=2.0)
+    prompt = smollm.get_tokenizer().encode("one two one two one two one two")
+    tokens = smollm.generate([prompt], params)[0].outputs[0].token_ids
+    output: list[int] = []
+    for _ in range(16):
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt + output])).logits[0, -1]
+        for token in set(output):
+            logits[token] -= 2.0 * output.count(token) + 1.5
+        output.append(int(logits.argmax()))
+    assert tokens == output
+    plain = smollm.generate([prompt], SamplingParams(max_tokens=16, temperature=0.0,
+                                                     ignore_eos=True))[0].outputs[0].token_ids
+    assert tokens != plain  # the penalties mattered here
+
+
 def shared_prefix_prompts(tokenizer, count: int) -> list[list[int]]:  # noqa: ANN001
     system = tokenizer.encode("You are a careful assistant. Answer briefly and precisely. " * 5)
     rng = random.Random(3)

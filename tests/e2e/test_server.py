@@ -193,6 +193,17 @@ def test_models_health_version_and_request_id(server: str) -> None:
     assert response.json()["id"] == "cmpl-trace-7"
 
 
+def test_penalised_sampling_over_http_matches_offline(client: openai.OpenAI, llm: LLM) -> None:
+    prompt = "one two one two one two"
+    response = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=12, temperature=0.0, presence_penalty=1.0,
+        frequency_penalty=0.5, extra_body={"repetition_penalty": 1.4, "ignore_eos": True})
+    offline = llm.generate([prompt], SamplingParams(
+        max_tokens=12, temperature=0.0, presence_penalty=1.0, frequency_penalty=0.5,
+        repetition_penalty=1.4, ignore_eos=True))[0].outputs[0].text
+    assert response.choices[0].text == offline
+
+
 def test_tokenize_and_detokenize_agree_with_generation(server: str) -> None:
     # vLLM's /tokenize and /detokenize over the real tokenizer: the ids are those a completion
     # and a chat request run (their usage counts them), and decoding gives the text back.
@@ -343,6 +354,11 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     (COMPLETIONS, {"prompt": "hi", "stop": [1]}, 400),
     (COMPLETIONS, {"prompt": "hi", "stop_token_ids": [-1]}, 400),
     (COMPLETIONS, {"prompt": "hi", "n": 2}, 400),
+    (COMPLETIONS, {"prompt": "hi", "presence_penalty": 2.5}, 400),
+    (COMPLETIONS, {"prompt": "hi", "repetition_penalty": -1}, 400),
+    (COMPLETIONS, {"prompt": "hi", "min_p": 2}, 400),
+    (COMPLETIONS, {"prompt": "hi", "response_format": {"type": "json_schema"}}, 400),
+    (COMPLETIONS, {"prompt": "hi", "guided_regex": "a+"}, 400),
     (COMPLETIONS, {"prompt": "hi", "echo": True}, 400),
     (COMPLETIONS, {"prompt": "hi", "logprobs": 2}, 400),
     (COMPLETIONS, {"prompt": "hi", "stream": "yes please"}, 400),
@@ -403,6 +419,7 @@ def test_openai_client_sees_bad_request(client: openai.OpenAI) -> None:
 
 
 _FIELDS = ["model", "prompt", "messages", "tokens", "add_special_tokens", "tools",
+           "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
            "chat_template_kwargs", "tool_choice", "max_tokens",
            "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
            "stop_token_ids", "ignore_eos", "stream",

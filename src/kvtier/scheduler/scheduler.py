@@ -517,6 +517,8 @@ class Scheduler:
             sample=start + num_new == request.num_tokens,
             sampling_params=request.sampling_params,
             num_output_tokens=request.num_output_tokens,
+            penalty_context=((request.prompt_token_ids, request.output_token_ids)
+                             if request.sampling_params.has_penalties else None),
         )
 
     # -- results -----------------------------------------------------------------------------

@@ -52,8 +52,21 @@ class _SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, description="Must be 1.")
-    frequency_penalty: float | None = Field(None, description="Only 0 is supported.")
-    presence_penalty: float | None = Field(None, description="Only 0 is supported.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, description="vLLM's; 1 = off.")
+    min_p: float | None = Field(None, ge=0, le=1, description="vLLM's; 0 = off.")
+    min_tokens: int | None = Field(None, description="Not supported (only 0).")
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
+    guided_json: Any = Field(None, description="Not supported.")
+    guided_regex: Any = Field(None, description="Not supported.")
+    guided_choice: Any = Field(None, description="Not supported.")
+    guided_grammar: Any = Field(None, description="Not supported.")
+    structured_outputs: Any = Field(None, description="Not supported.")
+    use_beam_search: bool = Field(False, description="Not supported.")
+    bad_words: list[str] | None = Field(None, description="Not supported.")
+    allowed_token_ids: list[int] | None = Field(None, description="Not supported.")
+    prompt_logprobs: int | None = Field(None, description="Not supported.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported.")
     user: str | None = None
 
@@ -154,10 +167,20 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
     """(param, message) for the first field set to something we cannot honour, else None."""
     checks: list[tuple[str, bool, str]] = [
         ("n", body.n != 1, "n must be 1: kvtier returns one choice per request"),
-        ("frequency_penalty", bool(body.frequency_penalty),
-         "frequency_penalty is not supported (only 0)"),
-        ("presence_penalty", bool(body.presence_penalty),
-         "presence_penalty is not supported (only 0)"),
+        ("min_tokens", bool(body.min_tokens), "min_tokens is not supported (only 0)"),
+        ("response_format", body.response_format is not None
+         and body.response_format.get("type", "text") != "text",
+         "response_format is not supported: only plain text ({'type': 'text'})"),
+        *((name, getattr(body, name) is not None, f"{name} is not supported (no guided "
+                                                   "decoding)")
+          for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                       "structured_outputs")),
+        ("use_beam_search", body.use_beam_search, "beam search is not supported"),
+        ("bad_words", bool(body.bad_words), "bad_words is not supported"),
+        ("allowed_token_ids", body.allowed_token_ids is not None,
+         "allowed_token_ids is not supported"),
+        ("prompt_logprobs", body.prompt_logprobs is not None,
+         "prompt_logprobs is not supported"),
         ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
         # `is`, not `in (None, False)`: completions' logprobs 0 (== False) asks for logprobs.
         ("logprobs", not (body.logprobs is None or body.logprobs is False),

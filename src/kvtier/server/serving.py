@@ -261,7 +261,12 @@ class OpenAIServing:
                 top_p=1.0 if body.top_p is None else body.top_p,
                 top_k=-1 if body.top_k is None else body.top_k, seed=body.seed, stop=stop,
                 stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
-                include_stop_str_in_output=body.include_stop_str_in_output)
+                include_stop_str_in_output=body.include_stop_str_in_output,
+                presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                repetition_penalty=(1.0 if body.repetition_penalty is None
+                                    else body.repetition_penalty),
+                min_p=body.min_p or 0.0)
         except InvalidRequestError as exc:
             raise OpenAIError(400, str(exc)) from exc
 

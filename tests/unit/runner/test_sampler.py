@@ -19,3 +19,74 @@ def test_a_vanishing_top_p_keeps_the_most_likely_token(top_p: float) -> None:
               SamplingParams(temperature=0.0)]
     tokens = Sampler(torch.device("cpu"), seed=0).sample_async(logits, ["a", "b"], params)
     assert tokens.tolist() == [1, 0]
+
+
+def reference_penalties(logits: list[float], prompt: list[int], output: list[int],
+                        params: SamplingParams) -> list[float]:
+    """vLLM's formulas, token by token: repetition over prompt and output, then frequency
+    (per occurrence) and presence (once) over the output."""
+    result = list(logits)
+    for token in set(prompt) | set(output):
+        value = result[token]
+        result[token] = (value / params.repetition_penalty if value > 0
+                         else value * params.repetition_penalty)
+    for token in set(output):
+        result[token] -= params.frequency_penalty * output.count(token) + params.presence_penalty
+    return result
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"repetition_penalty": 1.3}, {"repetition_penalty": 0.7}, {"presence_penalty": 1.5},
+    {"frequency_penalty": -0.5}, {"frequency_penalty": 0.8, "presence_penalty": 0.4,
+                                  "repetition_penalty": 1.2}])
+def test_penalties_follow_vllms_formulas(kwargs: dict) -> None:
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 50, generator=generator)
+    prompt, output = [1, 2, 2, 7, 30], [7, 7, 9, 41, 9, 7]
+    params = SamplingParams(temperature=0.0, **kwargs)
+    expected = reference_penalties(logits[1].tolist(), prompt, output, params)
+    others = logits[[0, 2]].clone()
+    Sampler(torch.device("cpu"), seed=0).sample_async(
+        logits, ["a", "b", "c"], [SamplingParams(temperature=0.0), params,
+                                  SamplingParams(temperature=0.0)],
+        [None, (prompt, output), None])
+    assert torch.allclose(logits[1], torch.tensor(expected), atol=1e-6)
+    assert torch.equal(logits[[0, 2]], others)  # rows without penalties are untouched
+
+
+def test_a_greedy_row_with_a_repetition_penalty_avoids_its_seen_top_token() -> None:
+    logits = torch.tensor([[4.0, 3.0, 0.5, -1.0]])
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    plain = sampler.sample_async(logits.clone(), ["a"], [SamplingParams(temperature=0.0)])
+    penalized = sampler.sample_async(
+        logits.clone(), ["a"], [SamplingParams(temperature=0.0, repetition_penalty=2.0)],
+        [([0], [])])
+    assert plain.tolist() == [0] and penalized.tolist() == [1]  # 4 / 2 < 3
+
+
+def test_penalties_without_the_tokens_seen_are_refused() -> None:
+    with pytest.raises(ValueError, match="token context"):
+        Sampler(torch.device("cpu"), seed=0).sample_async(
+            torch.zeros(1, 4), ["a"], [SamplingParams(presence_penalty=1.0)])
+
+
+def test_min_p_samples_only_tokens_within_its_ratio_of_the_top() -> None:
+    # probabilities 0.5, 0.3, 0.15, 0.05: min_p 0.25 keeps tokens at >= 0.125, so 0, 1 and 2.
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(2000, 4).contiguous()
+    params = [SamplingParams(temperature=1.0, min_p=0.25)] * 2000  # the shared generator
+    tokens = Sampler(torch.device("cpu"), seed=0).sample_async(
+        logits, [f"r{i}" for i in range(2000)], params)
+    counts = torch.bincount(tokens, minlength=4).tolist()
+    assert counts[3] == 0 and min(counts[:3]) > 100
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"), ({"min_p": float("nan")}, "min_p"),
+])
+def test_bad_penalties_name_the_value(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)

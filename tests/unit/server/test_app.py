@@ -100,7 +100,12 @@ def test_chat_without_max_tokens_fills_the_context(engine: AsyncEngine) -> None:
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": "x", "n": 2}, "n"), ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "y"}, "suffix"),
-    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "x", "min_p": 1.5}, "min_p"), ({"prompt": "x", "min_tokens": 3}, "min_tokens"),
+    ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
+    ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
     ({"prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
     ({"prompt": "x", "max_tokens": 64}, "max_tokens"), ({"prompt": "x" * 64}, "prompt"),
     ({"prompt": "x", "seed": 2**64}, "seed"), ({"prompt": "x", "top_p": 0}, "top_p"),
@@ -193,6 +198,32 @@ def test_bad_tokenize_bodies_are_openai_errors(engine: AsyncEngine, path: str,
     assert error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_penalties_and_min_p_reach_the_engine() -> None:
+    fake = FakeEngine()
+    received: list[Any] = []
+    add_request = fake.add_request
+
+    def recording_add(prompt: Any, params: Any, *args: Any, **kwargs: Any) -> str:
+        received.append(params)
+        return add_request(prompt, params, *args, **kwargs)
+
+    fake.add_request = recording_add  # type: ignore[method-assign]
+    engine = start_async_engine(fake)
+    try:
+        for path, body in (("/v1/completions", {"prompt": "ab"}),
+                           ("/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "ab"}]})):
+            response = call(engine, "POST", path, json={
+                **body, "max_tokens": 1, "presence_penalty": 0.5, "frequency_penalty": -0.25,
+                "repetition_penalty": 1.1, "min_p": 0.05, "response_format": {"type": "text"}})
+            assert response.status_code == 200, response.text
+            params = received[-1]
+            assert (params.presence_penalty, params.frequency_penalty,
+                    params.repetition_penalty, params.min_p) == (0.5, -0.25, 1.1, 0.05)
+    finally:
+        asyncio.run(engine.shutdown(drain=False))
 
 
 def test_template_failure_is_a_400(engine: AsyncEngine) -> None:
