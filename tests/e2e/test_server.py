@@ -193,6 +193,21 @@ def test_models_health_version_and_request_id(server: str) -> None:
     assert response.json()["id"] == "cmpl-trace-7"
 
 
+def test_n_choices_match_offline_requests_seeded_one_apart(client: openai.OpenAI,
+                                                           llm: LLM) -> None:
+    prompt = "The weather today is"
+    response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, n=3,
+                                         temperature=1.0, seed=11)
+    texts = [choice.text for choice in sorted(response.choices, key=lambda c: c.index)]
+    offline = [llm.generate([prompt], SamplingParams(max_tokens=10, temperature=1.0,
+                                                     seed=11 + i))[0].outputs[0]
+               for i in range(3)]
+    assert texts == [o.text for o in offline] and len(set(texts)) > 1
+    assert response.usage is not None  # the prompt once, every choice's tokens
+    assert response.usage.completion_tokens == sum(len(o.token_ids) for o in offline)
+    assert response.usage.prompt_tokens == len(llm.get_tokenizer().encode(prompt))
+
+
 def test_penalised_sampling_over_http_matches_offline(client: openai.OpenAI, llm: LLM) -> None:
     prompt = "one two one two one two"
     response = client.completions.create(
@@ -353,7 +368,8 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     (COMPLETIONS, {"prompt": "hi", "stop": [""]}, 400),
     (COMPLETIONS, {"prompt": "hi", "stop": [1]}, 400),
     (COMPLETIONS, {"prompt": "hi", "stop_token_ids": [-1]}, 400),
-    (COMPLETIONS, {"prompt": "hi", "n": 2}, 400),
+    (COMPLETIONS, {"prompt": "hi", "n": 0}, 400),
+    (COMPLETIONS, {"prompt": "hi", "n": 2, "best_of": 4}, 400),
     (COMPLETIONS, {"prompt": "hi", "presence_penalty": 2.5}, 400),
     (COMPLETIONS, {"prompt": "hi", "repetition_penalty": -1}, 400),
     (COMPLETIONS, {"prompt": "hi", "min_p": 2}, 400),
@@ -372,7 +388,7 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     (CHAT, {"messages": USER, "max_completion_tokens": 0}, 400),
     (CHAT, {"messages": USER, "max_tokens": 10_000}, 400),
     (CHAT, {"messages": USER, "model": "nope"}, 404),
-    (CHAT, {"messages": USER, "n": 3}, 400),
+    (CHAT, {"messages": USER, "n": 500}, 400),
     (CHAT, {"messages": USER, "logprobs": True}, 400),
     (CHAT, {"messages": USER, "temperature": "hot"}, 400),
     (CHAT, {"messages": [{"role": "user", "content": "long " * 300}]}, 400),
@@ -568,6 +584,7 @@ def test_sigterm_drains_then_aborts_and_exits_zero() -> None:
 
     (short_stream, long_stream), (short_plain, long_plain) = asyncio.run(scenario())
     events, _ = parse_sse(short_stream)
+    assert "choices" in events[-1], short_stream[-600:]
     assert events[-1]["choices"][0]["finish_reason"] == "length"
     events, _ = parse_sse(long_stream)  # aborted at the grace period, but ends with [DONE]
     assert events[-1]["error"]["code"] == "request_shutdown"

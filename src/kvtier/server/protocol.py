@@ -51,7 +51,8 @@ class _SamplingFields(_Request):
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, description="Must be 1.")
+    n: int = Field(1, ge=1, le=128, description="Choices: one engine request each, sharing "
+                                                  "the prompt's KV through the prefix cache.")
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, description="vLLM's; 1 = off.")
@@ -82,7 +83,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = Field(False, description="Must be false.")
     logprobs: int | None = Field(None, description="Not supported.")
-    best_of: int | None = Field(None, description="Must be 1 if given.")
+    best_of: int | None = Field(None, description="Must equal n if given (no ranking).")
     suffix: str | None = Field(None, description="Not supported.")
 
 
@@ -166,7 +167,6 @@ class DetokenizeResponse(BaseModel):
 def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple[str, str] | None:
     """(param, message) for the first field set to something we cannot honour, else None."""
     checks: list[tuple[str, bool, str]] = [
-        ("n", body.n != 1, "n must be 1: kvtier returns one choice per request"),
         ("min_tokens", bool(body.min_tokens), "min_tokens is not supported (only 0)"),
         ("response_format", body.response_format is not None
          and body.response_format.get("type", "text") != "text",
@@ -191,7 +191,8 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
     if isinstance(body, CompletionRequest):
         checks += [
             ("echo", bool(body.echo), "echo is not supported (must be false)"),
-            ("best_of", body.best_of not in (None, 1), "best_of must be 1"),
+            ("best_of", body.best_of not in (None, body.n),
+             "best_of must equal n: kvtier does not rank extra samples"),
             ("suffix", body.suffix is not None, "suffix is not supported"),
         ]
     else:

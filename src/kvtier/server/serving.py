@@ -13,6 +13,8 @@ with the first token, so clients measure TTFT from the first chunk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -110,17 +112,17 @@ class OpenAIServing:
         params = self._params(body, body.max_tokens or 16, len(token_ids), "prompt",
                               explicit=body.max_tokens is not None)
         ctx, headers = _context(request, "cmpl", model, body.include_usage)
-        stream = await self._add(token_ids, params, arrival, ctx)
+        streams = await self._add_choices(token_ids, params, arrival, ctx, body.n)
         if body.stream:
-            return SSEResponse(_completion_events(stream, ctx), media_type="text/event-stream",
+            return SSEResponse(_completion_events(streams, ctx), media_type="text/event-stream",
                                headers=headers)
-        output = await _collect(stream, request)
-        completion = output.outputs[0]
-        response = CompletionResponse(id=ctx.response_id, model=model, usage=_usage(output),
+        outputs = await _collect(streams, request)
+        response = CompletionResponse(id=ctx.response_id, model=model, usage=_usage(outputs),
                                       choices=[CompletionChoice(
-                                          text=completion.text,
-                                          finish_reason=completion.finish_reason,
-                                          stop_reason=completion.stop_reason)])
+                                          index=index, text=output.outputs[0].text,
+                                          finish_reason=output.outputs[0].finish_reason,
+                                          stop_reason=output.outputs[0].stop_reason)
+                                          for index, output in enumerate(outputs)])
         return Response(response.model_dump_json(), media_type="application/json",
                         headers=headers)
 
@@ -135,17 +137,18 @@ class OpenAIServing:
         params = self._params(body, requested or self.max_model_len, len(token_ids), "messages",
                               explicit=requested is not None)
         ctx, headers = _context(request, "chatcmpl", model, body.include_usage)
-        stream = await self._add(token_ids, params, arrival, ctx)
+        streams = await self._add_choices(token_ids, params, arrival, ctx, body.n)
         if body.stream:
-            return SSEResponse(_chat_events(stream, ctx), media_type="text/event-stream",
+            return SSEResponse(_chat_events(streams, ctx), media_type="text/event-stream",
                                headers=headers)
-        output = await _collect(stream, request)
-        completion = output.outputs[0]
-        response = ChatCompletionResponse(id=ctx.response_id, model=model, usage=_usage(output),
+        outputs = await _collect(streams, request)
+        response = ChatCompletionResponse(id=ctx.response_id, model=model, usage=_usage(outputs),
                                           choices=[ChatChoice(
-                                              message=ChatResponseMessage(content=completion.text),
-                                              finish_reason=completion.finish_reason,
-                                              stop_reason=completion.stop_reason)])
+                                              index=index, message=ChatResponseMessage(
+                                                  content=output.outputs[0].text),
+                                              finish_reason=output.outputs[0].finish_reason,
+                                              stop_reason=output.outputs[0].stop_reason)
+                                              for index, output in enumerate(outputs)])
         return Response(response.model_dump_json(), media_type="application/json",
                         headers=headers)
 
@@ -270,6 +273,25 @@ class OpenAIServing:
         except InvalidRequestError as exc:
             raise OpenAIError(400, str(exc)) from exc
 
+    async def _add_choices(self, token_ids: list[int], params: SamplingParams, arrival: float,
+                           ctx: _Context, n: int) -> list[RequestStream]:
+        """One engine request per choice (`n`, as vLLM's parallel sampling): they share the
+        prompt, so the prefix cache computes it once. Choice i samples with seed + i, if a
+        seed is given, so the choices differ. If one cannot be added, none stays."""
+        streams: list[RequestStream] = []
+        try:
+            for index in range(n):
+                choice_params = params
+                if index and params.seed is not None:
+                    choice_params = dataclasses.replace(params,
+                                                        seed=(params.seed + index) % 2**64)
+                streams.append(await self._add(token_ids, choice_params, arrival, ctx))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        return streams
+
     async def _add(self, token_ids: list[int], params: SamplingParams, arrival: float,
                    ctx: _Context) -> RequestStream:
         engine_id = f"{ctx.response_id}-{uuid.uuid4().hex[:8]}"
@@ -300,40 +322,76 @@ def _context(request: Request, kind: str, model: str,
     return ctx, {"X-Request-Id": request_id}
 
 
-def _usage(output: RequestOutput) -> Usage:
-    num_prompt = len(output.prompt_token_ids)
-    num_completion = len(output.outputs[0].token_ids)
+def _usage(outputs: list[RequestOutput]) -> Usage:
+    """The prompt once, the completions of every choice."""
+    num_prompt = len(outputs[0].prompt_token_ids)
+    num_completion = sum(len(output.outputs[0].token_ids) for output in outputs)
     return Usage(prompt_tokens=num_prompt, completion_tokens=num_completion,
                  total_tokens=num_prompt + num_completion,
                  prompt_tokens_details=PromptTokensDetails(
-                     cached_tokens=output.metrics.num_cached_tokens))
+                     cached_tokens=outputs[0].metrics.num_cached_tokens))
 
 
-async def _collect(stream: RequestStream, request: Request) -> RequestOutput:
-    """The final output of a non-streaming request; aborts it if the client goes away."""
+async def _collect(streams: list[RequestStream], request: Request) -> list[RequestOutput]:
+    """The final outputs of a non-streaming request's choices; aborts them all if the client
+    goes away or one fails."""
 
-    async def last_output() -> RequestOutput:
+    async def last_output(stream: RequestStream) -> RequestOutput:
         final: RequestOutput | None = None
         async for output in stream:
             final = output
         assert final is not None and final.finished
         return final
 
-    async with stream:
-        result = asyncio.ensure_future(last_output())
-        gone = asyncio.ensure_future(_client_gone(request))
+    results = [asyncio.ensure_future(last_output(stream)) for stream in streams]
+    everything = asyncio.ensure_future(asyncio.gather(*results))
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({everything, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not everything.done():
+            everything.cancel()
+        for stream in streams:
+            stream.close()
+    if not everything.done() or everything.cancelled():
+        raise OpenAIError(499, "the client closed the connection", code="client_closed")
+    exc = everything.exception()
+    if exc is not None:
+        raise from_engine_error(exc) if isinstance(exc, Exception) else exc
+    return everything.result()
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) from every choice's stream as they arrive; closing it aborts
+    the unfinished ones. A failed choice raises here."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
         try:
-            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not result.done():
-                result.cancel()
-        if not result.done() or result.cancelled():
-            raise OpenAIError(499, "the client closed the connection", code="client_closed")
-        exc = result.exception()
-        if exc is not None:
-            raise from_engine_error(exc) if isinstance(exc, Exception) else exc
-        return result.result()
+            async for output in stream:
+                queue.put_nowait((index, output))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((index, exc))
+            return
+        queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.close()
 
 
 async def _client_gone(request: Request) -> None:
@@ -351,54 +409,56 @@ def _error_event(exc: Exception) -> str:
     return f"data: {json.dumps(error.body(), ensure_ascii=True)}\n\n"
 
 
-async def _completion_events(stream: RequestStream, ctx: _Context) -> AsyncIterator[str]:
-    last: RequestOutput | None = None
+async def _completion_events(streams: list[RequestStream],
+                             ctx: _Context) -> AsyncIterator[str]:
+    last: dict[int, RequestOutput] = {}
     try:
-        async with stream:
-            async for output in stream:
-                last = output
+        async with contextlib.aclosing(_merged(streams)) as outputs:
+            async for index, output in outputs:
+                last[index] = output
                 completion = output.outputs[0]
                 if output.new_text or output.finished:
                     yield _sse(CompletionChunk(
                         id=ctx.response_id, created=ctx.created, model=ctx.model,
-                        choices=[CompletionChoice(text=output.new_text,
+                        choices=[CompletionChoice(index=index, text=output.new_text,
                                                   finish_reason=completion.finish_reason,
                                                   stop_reason=completion.stop_reason)]), ctx)
     except RequestAbortedError as exc:
         yield _error_event(exc)
     else:
-        if ctx.include_usage and last is not None:
+        if ctx.include_usage and last:
             yield _sse(CompletionChunk(id=ctx.response_id, created=ctx.created, model=ctx.model,
-                                       choices=[], usage=_usage(last)), ctx)
+                                       choices=[], usage=_usage(list(last.values()))), ctx)
     yield DONE
 
 
-async def _chat_events(stream: RequestStream, ctx: _Context) -> AsyncIterator[str]:
-    last: RequestOutput | None = None
+async def _chat_events(streams: list[RequestStream], ctx: _Context) -> AsyncIterator[str]:
+    last: dict[int, RequestOutput] = {}
 
-    def chunk(delta: DeltaMessage, finish: str | None = None,
+    def chunk(index: int, delta: DeltaMessage, finish: str | None = None,
               stop_reason: str | int | None = None) -> str:
         return _sse(ChatCompletionChunk(
             id=ctx.response_id, created=ctx.created, model=ctx.model,
-            choices=[ChatStreamChoice(delta=delta, finish_reason=finish,
+            choices=[ChatStreamChoice(index=index, delta=delta, finish_reason=finish,
                                       stop_reason=stop_reason)]), ctx)
 
     try:
-        async with stream:
-            async for output in stream:
-                if last is None:
-                    yield chunk(DeltaMessage(role="assistant", content=""))
-                last = output
+        async with contextlib.aclosing(_merged(streams)) as outputs:
+            async for index, output in outputs:
+                if index not in last:
+                    yield chunk(index, DeltaMessage(role="assistant", content=""))
+                last[index] = output
                 completion = output.outputs[0]
                 if output.finished:
                     delta = DeltaMessage(content=output.new_text or None)
-                    yield chunk(delta, completion.finish_reason, completion.stop_reason)
+                    yield chunk(index, delta, completion.finish_reason, completion.stop_reason)
                 elif output.new_text:
-                    yield chunk(DeltaMessage(content=output.new_text))
+                    yield chunk(index, DeltaMessage(content=output.new_text))
     except RequestAbortedError as exc:
         yield _error_event(exc)
     else:
-        if ctx.include_usage and last is not None:
+        if ctx.include_usage and last:
             yield _sse(ChatCompletionChunk(id=ctx.response_id, created=ctx.created,
-                                           model=ctx.model, choices=[], usage=_usage(last)), ctx)
+                                           model=ctx.model, choices=[],
+                                           usage=_usage(list(last.values()))), ctx)
     yield DONE

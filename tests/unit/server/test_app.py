@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -98,7 +99,8 @@ def test_chat_without_max_tokens_fills_the_context(engine: AsyncEngine) -> None:
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"prompt": "x", "n": 2}, "n"), ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "n": 0}, "n"), ({"prompt": "x", "n": 2, "best_of": 3}, "best_of"),
+    ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
     ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
@@ -201,16 +203,7 @@ def test_bad_tokenize_bodies_are_openai_errors(engine: AsyncEngine, path: str,
 
 
 def test_penalties_and_min_p_reach_the_engine() -> None:
-    fake = FakeEngine()
-    received: list[Any] = []
-    add_request = fake.add_request
-
-    def recording_add(prompt: Any, params: Any, *args: Any, **kwargs: Any) -> str:
-        received.append(params)
-        return add_request(prompt, params, *args, **kwargs)
-
-    fake.add_request = recording_add  # type: ignore[method-assign]
-    engine = start_async_engine(fake)
+    engine, _, received = recording_engine()
     try:
         for path, body in (("/v1/completions", {"prompt": "ab"}),
                            ("/v1/chat/completions",
@@ -222,6 +215,70 @@ def test_penalties_and_min_p_reach_the_engine() -> None:
             params = received[-1]
             assert (params.presence_penalty, params.frequency_penalty,
                     params.repetition_penalty, params.min_p) == (0.5, -0.25, 1.1, 0.05)
+    finally:
+        asyncio.run(engine.shutdown(drain=False))
+
+
+def recording_engine() -> tuple[AsyncEngine, FakeEngine, list[Any]]:
+    """A started AsyncEngine over a FakeEngine whose add_request records each params."""
+    fake = FakeEngine()
+    received: list[Any] = []
+    add_request = fake.add_request
+
+    def recording_add(prompt: Any, params: Any, *args: Any, **kwargs: Any) -> str:
+        received.append(params)
+        return add_request(prompt, params, *args, **kwargs)
+
+    fake.add_request = recording_add  # type: ignore[method-assign]
+    return start_async_engine(fake), fake, received
+
+
+def test_n_choices_are_engine_requests_sharing_the_prompt() -> None:
+    engine, _, received = recording_engine()
+    try:
+        response = call(engine, "POST", "/v1/completions",
+                        json={"prompt": "abc", "max_tokens": 2, "n": 3, "seed": 5})
+        body = response.json()
+        assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+        assert all(c["text"] == "t0 t1 " for c in body["choices"])
+        assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9,
+                                 "prompt_tokens_details": {"cached_tokens": 0}}
+        assert [p.seed for p in received] == [5, 6, 7]  # distinct samples per choice
+        top = call(engine, "POST", "/v1/completions",
+                   json={"prompt": "a", "max_tokens": 1, "n": 2, "seed": 2**64 - 1})
+        assert top.status_code == 200 and [p.seed for p in received[-2:]] == [2**64 - 1, 0]
+    finally:
+        asyncio.run(engine.shutdown(drain=False))
+
+
+def test_n_choices_stream_with_their_index_and_one_usage(engine: AsyncEngine) -> None:
+    response = call(engine, "POST", "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2, "n": 2,
+        "stream": True, "stream_options": {"include_usage": True}})
+    events = sse_events(response.text)
+    for index in (0, 1):
+        deltas = [e["choices"][0] for e in events[:-1] if e["choices"][0]["index"] == index]
+        assert [d["delta"] for d in deltas] == [
+            {"role": "assistant", "content": ""}, {"content": "t0 "}, {"content": "t1 "}]
+        assert deltas[-1]["finish_reason"] == "length"
+    assert events[-1]["choices"] == []
+    assert events[-1]["usage"]["completion_tokens"] == 4
+    assert events[-1]["usage"]["prompt_tokens"] == len("<user>hi<assistant>")
+
+
+def test_n_choices_all_go_when_one_cannot_be_added() -> None:
+    # The queue holds two waiting requests: the third choice is refused, and the two added
+    # before it must not run on for nobody.
+    fake = FakeEngine(max_running=0)
+    engine = start_async_engine(fake, max_waiting_requests=2)
+    try:
+        response = call(engine, "POST", "/v1/completions",
+                        json={"prompt": "abc", "max_tokens": 2, "n": 3})
+        assert response.status_code == 503, response.text
+        deadline = time.monotonic() + 5
+        while len(fake.aborted) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(fake.aborted) == 2 and not fake.requests
     finally:
         asyncio.run(engine.shutdown(drain=False))
 
