@@ -365,6 +365,13 @@ async def _collect(streams: list[RequestStream], request: Request) -> list[Reque
 async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(choice index, output) from every choice's stream as they arrive; closing it aborts
     the unfinished ones. A failed choice raises here."""
+    if len(streams) == 1:  # the common case: no task or queue hop per output
+        try:
+            async for output in streams[0]:
+                yield 0, output
+        finally:
+            streams[0].close()
+        return
     queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
 
     async def pump(index: int, stream: RequestStream) -> None:
