@@ -90,3 +90,51 @@ def test_min_p_samples_only_tokens_within_its_ratio_of_the_top() -> None:
 def test_bad_penalties_name_the_value(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("repetition_penalty", [1e-39, 1e-300, 1e39, 1e300])
+def test_extreme_repetition_penalties_keep_the_step_alive(repetition_penalty: float) -> None:
+    # A penalty near 0 made the seen positive logits infinite (and a huge one made 0 * inf
+    # NaN): multinomial then failed the whole step, every live request with it.
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5], [1.0, 2.0, 3.0, 4.0]])
+    params = [SamplingParams(temperature=0.7, repetition_penalty=repetition_penalty, seed=3),
+              SamplingParams(temperature=0.0)]
+    tokens = Sampler(torch.device("cpu"), seed=0).sample_async(
+        logits, ["a", "b"], params, [([0, 1, 2], []), None])
+    assert torch.isfinite(logits).all()
+    assert 0 <= int(tokens[0]) < 4 and int(tokens[1]) == 3
+
+
+def test_penalty_state_stays_on_the_device_between_steps(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    # The prompt's ids go up once; each sampled token is then folded in on the device, so a
+    # long prompt costs nothing per step. The result equals the formulas over the lists.
+    import kvtier.runner.sampler as sampler_module
+    uploads: list[int] = []
+    upload = sampler_module._upload
+
+    def counting_upload(values: list[int], device: torch.device) -> torch.Tensor:
+        uploads.append(len(values))
+        return upload(values, device)
+
+    monkeypatch.setattr(sampler_module, "_upload", counting_upload)
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.5, presence_penalty=0.5,
+                            frequency_penalty=0.7)
+    prompt, output = [3, 4, 4, 9], []
+    generator = torch.Generator().manual_seed(5)
+    for step in range(6):
+        logits = torch.randn(1, 12, generator=generator)
+        expected = reference_penalties(logits[0].tolist(), prompt, output, params)
+        token = int(sampler.sample_async(logits, ["r"], [params], [(prompt, output)])[0])
+        assert torch.allclose(logits[0], torch.tensor(expected), atol=1e-6), step
+        assert token == max(range(12), key=lambda t: expected[t])
+        output.append(token)
+    assert uploads == [3]  # the prompt's distinct ids, once
+    output.extend([0, 0])  # the lists moved on without the sampler: built again from them
+    logits = torch.randn(1, 12, generator=generator)
+    expected = reference_penalties(logits[0].tolist(), prompt, output, params)
+    sampler.sample_async(logits, ["r"], [params], [(prompt, output)])
+    assert torch.allclose(logits[0], torch.tensor(expected), atol=1e-6)
+    sampler.forget(["r"])
+    assert not sampler._penalties
