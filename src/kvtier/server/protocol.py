@@ -64,7 +64,10 @@ class _SamplingFields(_Request):
     guided_choice: Any = Field(None, description="Not supported.")
     guided_grammar: Any = Field(None, description="Not supported.")
     structured_outputs: Any = Field(None, description="Not supported.")
-    use_beam_search: bool = Field(False, description="Not supported.")
+    use_beam_search: bool | None = Field(None, description="Not supported.")
+    truncate_prompt_tokens: int | None = Field(None, description="Not supported.")
+    skip_special_tokens: bool | None = Field(None, description="Only true (the default).")
+    logits_processors: list[Any] | None = Field(None, description="Not supported.")
     bad_words: list[str] | None = Field(None, description="Not supported.")
     allowed_token_ids: list[int] | None = Field(None, description="Not supported.")
     prompt_logprobs: int | None = Field(None, description="Not supported.")
@@ -121,6 +124,10 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported (no "
                                                                  "tool-call parser).")
     tool_choice: Any = Field(None, description="Only 'none'.")
+    add_generation_prompt: bool = Field(True, description="Only true: the assistant's turn "
+                                                          "is opened.")
+    continue_final_message: bool = Field(False, description="Not supported.")
+    echo: bool = Field(False, description="Not supported.")
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; still read.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens.")
     logprobs: bool | None = Field(None, description="Not supported.")
@@ -175,7 +182,13 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
                                                    "decoding)")
           for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
                        "structured_outputs")),
-        ("use_beam_search", body.use_beam_search, "beam search is not supported"),
+        ("use_beam_search", bool(body.use_beam_search), "beam search is not supported"),
+        ("truncate_prompt_tokens", body.truncate_prompt_tokens is not None,
+         "truncate_prompt_tokens is not supported"),
+        ("skip_special_tokens", body.skip_special_tokens is False,
+         "skip_special_tokens must be true: special tokens are always left out of the text"),
+        ("logits_processors", bool(body.logits_processors),
+         "logits_processors are not supported"),
         ("bad_words", bool(body.bad_words), "bad_words is not supported"),
         ("allowed_token_ids", body.allowed_token_ids is not None,
          "allowed_token_ids is not supported"),
@@ -204,6 +217,11 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
              "tool_choice must be 'none': kvtier has no tool-call parser"),
             ("chat_template", body.chat_template is not None,
              "chat_template is not supported: the model's own template renders the messages"),
+            ("add_generation_prompt", not body.add_generation_prompt,
+             "add_generation_prompt must be true"),
+            ("continue_final_message", body.continue_final_message,
+             "continue_final_message is not supported"),
+            ("echo", body.echo, "echo is not supported"),
         ]
     return next(((param, message) for param, bad, message in checks if bad), None)
 

@@ -108,6 +108,8 @@ def test_chat_without_max_tokens_fills_the_context(engine: AsyncEngine) -> None:
     ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
     ({"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
     ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ({"prompt": "x", "skip_special_tokens": False}, "skip_special_tokens"),
+    ({"prompt": "x", "truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
     ({"prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
     ({"prompt": "x", "max_tokens": 64}, "max_tokens"), ({"prompt": "x" * 64}, "prompt"),
     ({"prompt": "x", "seed": 2**64}, "seed"), ({"prompt": "x", "top_p": 0}, "top_p"),
@@ -159,7 +161,10 @@ def test_template_extras_reach_the_template_or_are_refused(engine: AsyncEngine) 
     with_tools = call(engine, "POST", "/tokenize", json={"messages": messages, "tools": tools})
     assert with_tools.json()["tokens"] == [ord(c) for c in "<tools>1<user>hi<assistant>"]
     for extra, param in (({"tools": tools}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
-                         ({"chat_template": "{{ x }}"}, "chat_template")):
+                         ({"chat_template": "{{ x }}"}, "chat_template"),
+                         ({"add_generation_prompt": False}, "add_generation_prompt"),
+                         ({"continue_final_message": True}, "continue_final_message"),
+                         ({"echo": True}, "echo")):
         refused = call(engine, "POST", "/v1/chat/completions",
                        json={"messages": messages, **extra})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == param
@@ -210,7 +215,10 @@ def test_penalties_and_min_p_reach_the_engine() -> None:
                             {"messages": [{"role": "user", "content": "ab"}]})):
             response = call(engine, "POST", path, json={
                 **body, "max_tokens": 1, "presence_penalty": 0.5, "frequency_penalty": -0.25,
-                "repetition_penalty": 1.1, "min_p": 0.05, "response_format": {"type": "text"}})
+                "repetition_penalty": 1.1, "min_p": 0.05, "response_format": {"type": "text"},
+                # vLLM extras at their defaults are accepted
+                "use_beam_search": None, "skip_special_tokens": True, "min_tokens": 0,
+                "logit_bias": {}, "bad_words": []})
             assert response.status_code == 200, response.text
             params = received[-1]
             assert (params.presence_penalty, params.frequency_penalty,
