@@ -321,17 +321,25 @@ def test_disconnects_free_kv_blocks(server: str) -> None:
     async def leave_all() -> None:
         async with httpx.AsyncClient(timeout=60) as http:
             await asyncio.gather(*(leave_early(http, i) for i in range(8)))
+            # A request of three choices whose client leaves: all three end.
+            body = {**long, "prompt": "three choices", "n": 3}
+            async with http.stream("POST", f"{server}/v1/completions", json=body) as response:
+                lines = response.aiter_lines()
+                for _ in range(3):
+                    await anext(lines)
 
     asyncio.run(leave_all())
-    # A non-streaming client that gives up waiting is aborted too.
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server}/v1/completions", json={**long, "stream": False, "prompt": "x"},
-                   timeout=give_up_s)
+    # A non-streaming client that gives up waiting is aborted too, every choice of it.
+    for n in (1, 3):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server}/v1/completions",
+                       json={**long, "stream": False, "prompt": "x", "n": n},
+                       timeout=give_up_s)
     after = wait_idle(server)
     aborted = 'kvtier:request_success_total{finished_reason=abort}'
-    assert after[aborted] - before[aborted] == 9
+    assert after[aborted] - before[aborted] == 8 + 3 + 1 + 3
     assert after["kvtier:generation_tokens_total"] - before["kvtier:generation_tokens_total"] \
-        < 9 * 100
+        < 15 * 100
     response = httpx.post(f"{server}/v1/completions", json={"prompt": "still here?",
                                                             "max_tokens": 3})
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3

@@ -63,6 +63,8 @@ class Sampler:
             self._per_request[request_id] = generator
         return generator
 
+    @torch.inference_mode()  # in place: the decode graphs' logits and the penalty state are
+    # inference tensors (captured or built under it), whichever path the step took
     def sample_async(self, logits: torch.Tensor, request_ids: list[str],
                      params: list[SamplingParams],
                      penalty_contexts: list[tuple[list[int], list[int]] | None] | None = None,

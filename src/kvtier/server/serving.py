@@ -278,18 +278,19 @@ class OpenAIServing:
         """One engine request per choice (`n`, as vLLM's parallel sampling): they share the
         prompt, so the prefix cache computes it once. Choice i samples with seed + i, if a
         seed is given, so the choices differ. If one cannot be added, none stays."""
-        streams: list[RequestStream] = []
-        try:
-            for index in range(n):
-                choice_params = params
-                if index and params.seed is not None:
-                    choice_params = dataclasses.replace(params,
-                                                        seed=(params.seed + index) % 2**64)
-                streams.append(await self._add(token_ids, choice_params, arrival, ctx))
-        except BaseException:
+        choices = [params if index == 0 or params.seed is None
+                   else dataclasses.replace(params, seed=(params.seed + index) % 2**64)
+                   for index in range(n)]
+        # Added together: the engine core takes them in one turn (one at a time, each
+        # would wait for a step, n=128 for seconds).
+        added = await asyncio.gather(*(self._add(token_ids, choice, arrival, ctx)
+                                       for choice in choices), return_exceptions=True)
+        streams = [a for a in added if isinstance(a, RequestStream)]
+        failure = next((a for a in added if not isinstance(a, RequestStream)), None)
+        if failure is not None:
             for stream in streams:
                 stream.close()
-            raise
+            raise failure
         return streams
 
     async def _add(self, token_ids: list[int], params: SamplingParams, arrival: float,
@@ -344,22 +345,29 @@ async def _collect(streams: list[RequestStream], request: Request) -> list[Reque
         return final
 
     results = [asyncio.ensure_future(last_output(stream)) for stream in streams]
-    everything = asyncio.ensure_future(asyncio.gather(*results))
     gone = asyncio.ensure_future(_client_gone(request))
+    pending = set(results)
+    failed: asyncio.Future[RequestOutput] | None = None
     try:
-        await asyncio.wait({everything, gone}, return_when=asyncio.FIRST_COMPLETED)
+        while pending and failed is None and not gone.done():
+            done, pending = await asyncio.wait(pending | {gone},
+                                               return_when=asyncio.FIRST_COMPLETED)
+            pending.discard(gone)
+            failed = next((t for t in done if t is not gone
+                           and (t.cancelled() or t.exception() is not None)), None)
     finally:
         gone.cancel()
-        if not everything.done():
-            everything.cancel()
+        for task in results:  # a choice's failure ends the others (and their tasks)
+            task.cancel()
         for stream in streams:
             stream.close()
-    if not everything.done() or everything.cancelled():
-        raise OpenAIError(499, "the client closed the connection", code="client_closed")
-    exc = everything.exception()
-    if exc is not None:
+    if failed is not None and not failed.cancelled():
+        exc = failed.exception()
+        assert exc is not None
         raise from_engine_error(exc) if isinstance(exc, Exception) else exc
-    return everything.result()
+    if pending or not all(task.done() and not task.cancelled() for task in results):
+        raise OpenAIError(499, "the client closed the connection", code="client_closed")
+    return [task.result() for task in results]
 
 
 async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -138,3 +138,22 @@ def test_penalty_state_stays_on_the_device_between_steps(monkeypatch: pytest.Mon
     assert torch.allclose(logits[0], torch.tensor(expected), atol=1e-6)
     sampler.forget(["r"])
     assert not sampler._penalties
+
+
+def test_penalties_edit_inference_tensors_whichever_mode_the_caller_runs_in() -> None:
+    # The decode graphs' logits are inference tensors (captured under inference mode) and
+    # are sampled outside it; a penalty state built on an eager step (inside inference mode)
+    # is updated on a later graph step (outside). Both used to raise "Inplace update to
+    # inference tensor outside InferenceMode", failing every request in the step.
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.5)
+    prompt: list[int] = [1, 2, 3]
+    with torch.inference_mode():  # an eager step builds the state
+        first = int(sampler.sample_async(torch.randn(1, 8), ["r"], [params],
+                                         [(prompt, [])])[0])
+    with torch.inference_mode():
+        graph_logits = torch.randn(1, 8)  # a graph's static output buffer
+    before = graph_logits.clone()
+    sampler.sample_async(graph_logits, ["r"], [params], [(prompt, [first])])
+    expected = reference_penalties(before[0].tolist(), prompt, [first], params)
+    assert torch.allclose(graph_logits[0], torch.tensor(expected), atol=1e-6)

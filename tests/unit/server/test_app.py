@@ -259,6 +259,34 @@ def test_n_choices_are_engine_requests_sharing_the_prompt() -> None:
         asyncio.run(engine.shutdown(drain=False))
 
 
+def test_n_choices_reach_the_engine_together() -> None:
+    # One engine turn takes them all; added one after another, each waited for a step
+    # (n=128 took seconds before its first byte).
+    fake = FakeEngine(step_delay_s=0.02)
+    steps = [0]
+    seen_at: list[int] = []
+    launch_step, add_request = fake.launch_step, fake.add_request
+
+    def counting_launch() -> Any:
+        steps[0] += 1
+        return launch_step()
+
+    def recording_add(*args: Any, **kwargs: Any) -> str:
+        seen_at.append(steps[0])
+        return add_request(*args, **kwargs)
+
+    fake.launch_step = counting_launch  # type: ignore[method-assign]
+    fake.add_request = recording_add  # type: ignore[method-assign]
+    engine = start_async_engine(fake)
+    try:
+        response = call(engine, "POST", "/v1/completions",
+                        json={"prompt": "abc", "max_tokens": 2, "n": 16})
+        assert response.status_code == 200 and len(response.json()["choices"]) == 16
+        assert len(seen_at) == 16 and max(seen_at) - min(seen_at) <= 1, seen_at
+    finally:
+        asyncio.run(engine.shutdown(drain=False))
+
+
 def test_n_choices_stream_with_their_index_and_one_usage(engine: AsyncEngine) -> None:
     response = call(engine, "POST", "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2, "n": 2,
