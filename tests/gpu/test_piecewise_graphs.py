@@ -161,3 +161,19 @@ def test_decode_graph_block_tables_follow_changing_batches(llm: LLM) -> None:
         noise = (graph_logits - eager_logits).abs().mean(-1)
         control = (wrong_logits[-1] - eager_logits[-1]).abs().mean()
         assert (noise < 0.1).all() and control > 0.2, (step_index, noise, control)
+
+
+def test_penalties_run_through_the_decode_graphs(llm: LLM) -> None:
+    """Penalised sampling edits the decode graphs' logits buffer and the request's penalty
+    state (both inference tensors) on every graph step: once, that failed every request in
+    the step. A repetition penalty of 1e6 leaves greedy decoding only unseen tokens (a random
+    model's 152k logits always hold positive unseen ones), so every token is new."""
+    assert llm.engine.runner.graphs is not None
+    prompt = list(range(1000, 1040))
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                            repetition_penalty=1e6, frequency_penalty=2.0)
+    plain = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate([prompt, prompt[:20]], [params, plain])
+    tokens = outputs[0].outputs[0].token_ids
+    assert len(tokens) == 24 and len(set(tokens)) == 24 and not set(tokens) & set(prompt)
+    assert len(outputs[1].outputs[0].token_ids) == 24
