@@ -18,6 +18,7 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=-1)
     g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--min-tokens", type=int, default=0)
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     g.add_argument("--presence-penalty", type=float, default=0.0)
     g.add_argument("--frequency-penalty", type=float, default=0.0)
@@ -95,7 +96,8 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.sampling_seed,
                             stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos,
-                            min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            min_p=args.min_p, min_tokens=args.min_tokens,
+                            repetition_penalty=args.repetition_penalty,
                             presence_penalty=args.presence_penalty,
                             frequency_penalty=args.frequency_penalty)
     llm = LLM(**engine_kwargs(args))

@@ -48,6 +48,9 @@ class SamplingParams:
     where positive, multiplied where negative; 1 = off."""
     min_p: float = 0.0
     """vLLM's: tokens less likely than min_p times the most likely one are not sampled."""
+    min_tokens: int = 0
+    """vLLM's: the first min_tokens outputs cannot be EOS or a stop token id, and no stop
+    string ends in their text."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -85,6 +88,10 @@ class SamplingParams:
             raise bad(f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
         if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise bad(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) \
+                or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                      f"got {self.min_tokens!r}")
         for stop in self.stop:
             if not isinstance(stop, str) or not stop:
                 raise bad(f"stop strings must be non-empty strings, got {stop!r}")
@@ -129,6 +136,8 @@ class ScheduledRequest:
     penalty_context: tuple[list[int], list[int]] | None = None
     """(prompt, output) token ids of a request whose sampling has penalties (the request's own
     lists, like `block_ids`: read them before the next `schedule()`); None otherwise."""
+    suppressed_token_ids: tuple[int, ...] = ()
+    """Ids the sampled token cannot be (EOS and stop token ids, before min_tokens)."""
 
 
 @dataclass(frozen=True)

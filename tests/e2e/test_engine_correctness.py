@@ -3,6 +3,7 @@ cache and batching knob (prefix caching, chunked-prefill budget, concurrency, a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -135,6 +136,28 @@ def test_presence_and_frequency_penalties_follow_openais_formula(smollm: LLM,
     plain = smollm.generate([prompt], SamplingParams(max_tokens=16, temperature=0.0,
                                                      ignore_eos=True))[0].outputs[0].token_ids
     assert tokens != plain  # the penalties mattered here
+
+
+def test_min_tokens_holds_off_stop_tokens_and_stop_strings(smollm: LLM) -> None:
+    # vLLM's min_tokens: no EOS or stop token id among the first min_tokens outputs, and no
+    # stop string ending in their text. Greedy tokens are known first, then stops are picked
+    # among them so that without min_tokens the request would end at its second token.
+    prompt = smollm.get_tokenizer().encode(PROMPTS[0])
+    free = smollm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0,
+                                                    ignore_eos=True))[0].outputs[0]
+    stop_id = free.token_ids[1]
+    early = smollm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0,
+                                                     stop_token_ids=(stop_id,)))[0].outputs[0]
+    assert len(early.token_ids) == 2 and early.finish_reason == "stop"
+    held = smollm.generate([prompt], SamplingParams(
+        max_tokens=12, temperature=0.0, stop_token_ids=(stop_id,), min_tokens=6))[0].outputs[0]
+    assert len(held.token_ids) >= 6 and stop_id not in held.token_ids[:6]
+    stop_text = smollm.get_tokenizer().decode(free.token_ids[:2]).strip()
+    stops = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=(stop_text,))
+    cut = smollm.generate([prompt], stops)[0].outputs[0]
+    assert len(cut.token_ids) <= 2 and cut.finish_reason == "stop"  # cut at once without
+    kept = smollm.generate([prompt], dataclasses.replace(stops, min_tokens=6))[0].outputs[0]
+    assert len(kept.token_ids) > 6 and kept.text.lstrip().startswith(stop_text)
 
 
 def shared_prefix_prompts(tokenizer, count: int) -> list[list[int]]:  # noqa: ANN001

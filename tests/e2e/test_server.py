@@ -381,6 +381,7 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     (COMPLETIONS, {"prompt": "hi", "presence_penalty": 2.5}, 400),
     (COMPLETIONS, {"prompt": "hi", "repetition_penalty": -1}, 400),
     (COMPLETIONS, {"prompt": "hi", "min_p": 2}, 400),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": 2, "min_tokens": 5}, 400),
     (COMPLETIONS, {"prompt": "hi", "response_format": {"type": "json_schema"}}, 400),
     (COMPLETIONS, {"prompt": "hi", "guided_regex": "a+"}, 400),
     (COMPLETIONS, {"prompt": "hi", "echo": True}, 400),
@@ -443,7 +444,7 @@ def test_openai_client_sees_bad_request(client: openai.OpenAI) -> None:
 
 
 _FIELDS = ["model", "prompt", "messages", "tokens", "add_special_tokens", "tools",
-           "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+           "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
            "chat_template_kwargs", "tool_choice", "max_tokens",
            "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
            "stop_token_ids", "ignore_eos", "stream",

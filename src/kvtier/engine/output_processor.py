@@ -22,6 +22,8 @@ class _TextState:
     num_detokenized_tokens: int = 0
     num_sent_chars: int = 0
     num_sent_tokens: int = 0
+    stop_floor: int = 0
+    """Text before this offset is min_tokens' output: no stop string may end in it."""
 
 
 class OutputProcessor:
@@ -53,11 +55,14 @@ class OutputProcessor:
         stops = request.sampling_params.stop
         if not stops:
             return None
-        # A new match must end inside the new text.
+        if request.num_output_tokens <= request.sampling_params.min_tokens:
+            state.stop_floor = len(state.text)  # as vLLM: no stop within min_tokens' text
+            return None
+        # A new match must end inside the new text (and past min_tokens' text).
         search_from = max(0, old_len - max(len(s) for s in stops) + 1)
         best: tuple[int, str] | None = None
         for stop in stops:
-            index = state.text.find(stop, search_from)
+            index = state.text.find(stop, max(search_from, state.stop_floor - len(stop) + 1))
             if index != -1 and (best is None or index < best[0]):
                 best = (index, stop)
         if best is None:

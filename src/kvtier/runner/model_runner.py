@@ -90,7 +90,8 @@ class ModelRunner:
             ids = [s.request_id for _, s in sampling]
             tokens = self.sampler.sample_async(logits, ids,
                                                [s.sampling_params for _, s in sampling],
-                                               [s.penalty_context for _, s in sampling])
+                                               [s.penalty_context for _, s in sampling],
+                                               [s.suppressed_token_ids for _, s in sampling])
         return PendingOutput(ids, tokens)
 
     def _can_replay(self, step: SchedulerOutput) -> bool:
@@ -112,7 +113,8 @@ class ModelRunner:
         ids = [s.request_id for s in step.requests]
         return PendingOutput(ids, self.sampler.sample_async(
             logits, ids, [s.sampling_params for s in step.requests],
-            [s.penalty_context for s in step.requests]))
+            [s.penalty_context for s in step.requests],
+            [s.suppressed_token_ids for s in step.requests]))
 
     def _prepare_inputs(self, step: SchedulerOutput, padded_tokens: int | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:

@@ -68,11 +68,11 @@ class Sampler:
     def sample_async(self, logits: torch.Tensor, request_ids: list[str],
                      params: list[SamplingParams],
                      penalty_contexts: list[tuple[list[int], list[int]] | None] | None = None,
-                     ) -> torch.Tensor:
+                     suppressed: list[tuple[int, ...]] | None = None) -> torch.Tensor:
         """logits: (n, vocab) float32, one row per request -> one token id per row, (n,) int64
         on the logits' device, not yet synchronised with the host. `penalty_contexts[i]`:
-        (prompt, output) token ids of row i when its params have penalties; those rows of
-        `logits` are changed in place."""
+        (prompt, output) token ids of row i when its params have penalties; `suppressed[i]`:
+        ids row i cannot sample (min_tokens). Those rows of `logits` are changed in place."""
         penalised: list[tuple[int, _PenaltyState]] = []
         for row, p in enumerate(params):
             if p.has_penalties:
@@ -83,6 +83,9 @@ class Sampler:
                                             logits.device)
                 apply_penalties(logits[row], state.seen, state.counts, p)
                 penalised.append((row, state))
+        for row, ids in enumerate(suppressed or ()):
+            if ids:
+                logits[row].index_fill_(0, _upload(list(ids), logits.device), float("-inf"))
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         for row in random_rows:

@@ -519,7 +519,17 @@ class Scheduler:
             num_output_tokens=request.num_output_tokens,
             penalty_context=((request.prompt_token_ids, request.output_token_ids)
                              if request.sampling_params.has_penalties else None),
+            suppressed_token_ids=self._suppressed(request),
         )
+
+    @staticmethod
+    def _suppressed(request: Request) -> tuple[int, ...]:
+        """What the next token cannot be while the output is shorter than min_tokens."""
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            return ()
+        eos = () if params.ignore_eos else tuple(request.eos_token_ids)
+        return tuple(sorted({*eos, *params.stop_token_ids}))
 
     # -- results -----------------------------------------------------------------------------
 

@@ -57,7 +57,8 @@ class _SamplingFields(_Request):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, description="vLLM's; 1 = off.")
     min_p: float | None = Field(None, ge=0, le=1, description="vLLM's; 0 = off.")
-    min_tokens: int | None = Field(None, description="Not supported (only 0).")
+    min_tokens: int | None = Field(None, ge=0, description="vLLM's: outputs before EOS or a "
+                                                          "stop can end the request.")
     response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
     guided_json: Any = Field(None, description="Not supported.")
     guided_regex: Any = Field(None, description="Not supported.")
@@ -174,7 +175,6 @@ class DetokenizeResponse(BaseModel):
 def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple[str, str] | None:
     """(param, message) for the first field set to something we cannot honour, else None."""
     checks: list[tuple[str, bool, str]] = [
-        ("min_tokens", bool(body.min_tokens), "min_tokens is not supported (only 0)"),
         ("response_format", body.response_format is not None
          and body.response_format.get("type", "text") != "text",
          "response_format is not supported: only plain text ({'type': 'text'})"),

@@ -269,7 +269,7 @@ class OpenAIServing:
                 frequency_penalty=body.frequency_penalty or 0.0,
                 repetition_penalty=(1.0 if body.repetition_penalty is None
                                     else body.repetition_penalty),
-                min_p=body.min_p or 0.0)
+                min_p=body.min_p or 0.0, min_tokens=body.min_tokens or 0)
         except InvalidRequestError as exc:
             raise OpenAIError(400, str(exc)) from exc
 

@@ -157,3 +157,12 @@ def test_penalties_edit_inference_tensors_whichever_mode_the_caller_runs_in() ->
     sampler.sample_async(graph_logits, ["r"], [params], [(prompt, [first])])
     expected = reference_penalties(before[0].tolist(), prompt, [first], params)
     assert torch.allclose(graph_logits[0], torch.tensor(expected), atol=1e-6)
+
+
+def test_suppressed_ids_are_never_sampled() -> None:
+    # min_tokens: EOS and stop token ids are out of reach, greedy or sampled.
+    logits = torch.tensor([[5.0, 4.0, 0.0, 0.0]]).repeat(500, 1)
+    params = [SamplingParams(temperature=0.0)] + [SamplingParams(temperature=2.0)] * 499
+    tokens = Sampler(torch.device("cpu"), seed=0).sample_async(
+        logits, [f"r{i}" for i in range(500)], params, None, [(0,)] * 500)
+    assert int(tokens[0]) == 1 and 0 not in tokens.tolist()

@@ -104,7 +104,7 @@ def test_chat_without_max_tokens_fills_the_context(engine: AsyncEngine) -> None:
     ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
     ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
-    ({"prompt": "x", "min_p": 1.5}, "min_p"), ({"prompt": "x", "min_tokens": 3}, "min_tokens"),
+    ({"prompt": "x", "min_p": 1.5}, "min_p"), ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
     ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
     ({"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
     ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
@@ -217,12 +217,13 @@ def test_penalties_and_min_p_reach_the_engine() -> None:
                 **body, "max_tokens": 1, "presence_penalty": 0.5, "frequency_penalty": -0.25,
                 "repetition_penalty": 1.1, "min_p": 0.05, "response_format": {"type": "text"},
                 # vLLM extras at their defaults are accepted
-                "use_beam_search": None, "skip_special_tokens": True, "min_tokens": 0,
+                "use_beam_search": None, "skip_special_tokens": True, "min_tokens": 1,
                 "logit_bias": {}, "bad_words": []})
             assert response.status_code == 200, response.text
             params = received[-1]
             assert (params.presence_penalty, params.frequency_penalty,
-                    params.repetition_penalty, params.min_p) == (0.5, -0.25, 1.1, 0.05)
+                    params.repetition_penalty, params.min_p,
+                    params.min_tokens) == (0.5, -0.25, 1.1, 0.05, 1)
     finally:
         asyncio.run(engine.shutdown(drain=False))
 
