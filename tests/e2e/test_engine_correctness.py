@@ -325,6 +325,8 @@ def test_chat_applies_the_template_and_stops_at_end_of_turn(smollm: LLM) -> None
     ([1, True, 3], SamplingParams(), "list of token ids"),
     ([1, 2.0, 3], SamplingParams(), "list of token ids"),
     ("x " * 3000, SamplingParams(), "max_model_len"),
+    ([1, 2], SamplingParams(stop_token_ids=(10**9,), min_tokens=2),
+     "stop token id 1000000000 is outside the vocabulary"),
 ])
 def test_bad_requests_are_rejected_and_the_engine_stays_usable(prompt, params, message) -> None:  # noqa: ANN001
     llm = _tiny_small_context()

@@ -284,6 +284,10 @@ class LLMEngine:
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             bad = next(t for t in token_ids if not 0 <= t < vocab)
             raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        bad_stop = next((t for t in params.stop_token_ids if t >= vocab), None)
+        if bad_stop is not None:  # min_tokens masks them in the logits
+            raise InvalidRequestError(f"stop token id {bad_stop} is outside the vocabulary "
+                                      f"(0..{vocab - 1})")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; returns its final output if it was live."""

@@ -83,9 +83,11 @@ class Sampler:
                                             logits.device)
                 apply_penalties(logits[row], state.seen, state.counts, p)
                 penalised.append((row, state))
+        vocab = logits.shape[-1]
         for row, ids in enumerate(suppressed or ()):
-            if ids:
-                logits[row].index_fill_(0, _upload(list(ids), logits.device), float("-inf"))
+            inside = [i for i in ids if i < vocab]  # an EOS id past a model's logits: no-op
+            if inside:
+                logits[row].index_fill_(0, _upload(inside, logits.device), float("-inf"))
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         for row in random_rows:

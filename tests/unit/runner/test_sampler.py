@@ -166,3 +166,12 @@ def test_suppressed_ids_are_never_sampled() -> None:
     tokens = Sampler(torch.device("cpu"), seed=0).sample_async(
         logits, [f"r{i}" for i in range(500)], params, None, [(0,)] * 500)
     assert int(tokens[0]) == 1 and 0 not in tokens.tolist()
+
+
+def test_suppressed_ids_past_the_logits_are_ignored() -> None:
+    # An EOS id beyond a model's logits (a tokenizer larger than the head) must not fail
+    # the step.
+    tokens = Sampler(torch.device("cpu"), seed=0).sample_async(
+        torch.tensor([[1.0, 3.0, 2.0]]), ["a"], [SamplingParams(temperature=0.0)], None,
+        [(1, 7)])
+    assert tokens.tolist() == [2]
