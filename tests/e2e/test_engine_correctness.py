@@ -160,6 +160,20 @@ def test_min_tokens_holds_off_stop_tokens_and_stop_strings(smollm: LLM) -> None:
     assert len(kept.token_ids) > 6 and kept.text.lstrip().startswith(stop_text)
 
 
+def test_min_tokens_keeps_eos_out_with_ignore_eos_too(smollm: LLM) -> None:
+    # As vLLM: EOS cannot be among the first min_tokens outputs even when it would not stop
+    # the request (ignore_eos). This prompt's greedy answer ends within a few tokens.
+    eos = smollm.engine.eos_token_ids
+    prompt = smollm.get_tokenizer().encode(
+        "<|im_start|>user\nWhat is 2+2? Answer with one number.<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    free = smollm.generate([prompt], params)[0].outputs[0]
+    held = smollm.generate([prompt], dataclasses.replace(params, min_tokens=16))[0].outputs[0]
+    assert eos & set(free.token_ids)  # unheld, EOS comes (and is ignored)
+    assert not eos & set(held.token_ids) and len(held.token_ids) == 16
+
+
 def shared_prefix_prompts(tokenizer, count: int) -> list[list[int]]:  # noqa: ANN001
     system = tokenizer.encode("You are a careful assistant. Answer briefly and precisely. " * 5)
     rng = random.Random(3)

@@ -524,12 +524,12 @@ class Scheduler:
 
     @staticmethod
     def _suppressed(request: Request) -> tuple[int, ...]:
-        """What the next token cannot be while the output is shorter than min_tokens."""
+        """What the next token cannot be while the output is shorter than min_tokens: EOS
+        (with ignore_eos too, as vLLM masks it) and the stop token ids."""
         params = request.sampling_params
         if request.num_output_tokens >= params.min_tokens:
             return ()
-        eos = () if params.ignore_eos else tuple(request.eos_token_ids)
-        return tuple(sorted({*eos, *params.stop_token_ids}))
+        return tuple(sorted({*request.eos_token_ids, *params.stop_token_ids}))
 
     # -- results -----------------------------------------------------------------------------
 
