@@ -271,7 +271,10 @@ class OpenAIServing:
                                     else body.repetition_penalty),
                 min_p=body.min_p or 0.0, min_tokens=body.min_tokens or 0)
         except InvalidRequestError as exc:
-            raise OpenAIError(400, str(exc)) from exc
+            # SamplingParams' messages start with the field at fault ("min_tokens must ...").
+            field = str(exc).split(" ", 1)[0]
+            raise OpenAIError(400, str(exc), param=field if field in type(body).model_fields
+                              else None) from exc
 
     async def _add_choices(self, token_ids: list[int], params: SamplingParams, arrival: float,
                            ctx: _Context, n: int) -> list[RequestStream]:

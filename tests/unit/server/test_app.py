@@ -105,6 +105,7 @@ def test_chat_without_max_tokens_fills_the_context(engine: AsyncEngine) -> None:
     ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
     ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ({"prompt": "x", "min_p": 1.5}, "min_p"), ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
+    ({"prompt": "x", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
     ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
     ({"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
     ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
