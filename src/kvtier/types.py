@@ -7,6 +7,7 @@ the runner answers with a `ModelRunnerOutput`; the engine turns those into `Requ
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import NewType
 
@@ -103,7 +104,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
-    @property
+    @functools.cached_property  # asked per request per step (the params are frozen)
     def has_penalties(self) -> bool:
         """Whether the logits depend on the tokens seen so far (the sampler needs them)."""
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

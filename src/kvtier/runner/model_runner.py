@@ -18,6 +18,7 @@ from kvtier.runner.cuda_graph import DecodeGraphs
 from kvtier.runner.piecewise_graph import PiecewiseGraphs
 from kvtier.runner.sampler import Sampler
 from kvtier.types import ModelRunnerOutput, SchedulerOutput
+from kvtier.utils.device import upload, upload_ids
 
 
 class ModelRunner:
@@ -84,8 +85,8 @@ class ModelRunner:
                 hidden = self.model(input_ids, positions, self.kv_caches, metadata)
             if not sampling:
                 return PendingOutput([], None)
-            last_rows = _to_device([metadata.query_start_loc_cpu[i + 1] - 1 for i, _ in sampling],
-                                   torch.int64, self.device)
+            last_rows = upload_ids([metadata.query_start_loc_cpu[i + 1] - 1 for i, _ in sampling],
+                                   self.device)
             logits = self.model.compute_logits(hidden[last_rows])
             ids = [s.request_id for _, s in sampling]
             tokens = self.sampler.sample_async(logits, ids,
@@ -159,10 +160,10 @@ class ModelRunner:
             num_tokens=num_tokens,
             num_seqs=len(requests),
             num_decodes=num_decodes,
-            query_start_loc=_to_device(query_start_loc, torch.int32, device),
-            seq_lens=_to_device(seq_lens, torch.int32, device),
-            block_table=_array_to_device(block_table, device),
-            slot_mapping=_array_to_device(slots, device),
+            query_start_loc=upload_ids(query_start_loc, device, torch.int32),
+            seq_lens=upload_ids(seq_lens, device, torch.int32),
+            block_table=upload(torch.from_numpy(block_table), device),
+            slot_mapping=upload(torch.from_numpy(slots), device),
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
             max_query_len=max(query_lens),
@@ -171,7 +172,8 @@ class ModelRunner:
             seq_ids=[s.request_id for s in requests],
         )
         self.backend.prepare(metadata)
-        return _array_to_device(token_ids, device), _array_to_device(positions, device), metadata
+        return (upload(torch.from_numpy(token_ids), device),
+                upload(torch.from_numpy(positions), device), metadata)
 
 
 class PendingOutput:
@@ -196,18 +198,3 @@ class PendingOutput:
         if self._copied is not None:
             self._copied.synchronize()
         return ModelRunnerOutput(dict(zip(self.request_ids, self.tokens.tolist(), strict=True)))
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return _upload(torch.tensor(values, dtype=dtype), device)
-
-
-def _array_to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
-    return _upload(torch.from_numpy(values), device)
-
-
-def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`: on CUDA through pinned memory, without blocking the host."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtier.types import SamplingParams
+from kvtier.utils.device import upload_ids as _upload
 
 LOGIT_BOUND = 1e30
 """Penalised logits are kept within +-LOGIT_BOUND: a repetition penalty near 0 (or huge)
@@ -137,13 +138,6 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor | None,
     if counts is not None:
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
     logits.nan_to_num_(nan=0.0).clamp_(-LOGIT_BOUND, LOGIT_BOUND)
-
-
-def _upload(values: list[int], device: torch.device) -> torch.Tensor:
-    tensor = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":  # a pageable copy would wait for the forward pass in flight
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
 
 
 def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -519,7 +519,8 @@ class Scheduler:
             num_output_tokens=request.num_output_tokens,
             penalty_context=((request.prompt_token_ids, request.output_token_ids)
                              if request.sampling_params.has_penalties else None),
-            suppressed_token_ids=self._suppressed(request),
+            suppressed_token_ids=(self._suppressed(request)
+                                  if request.sampling_params.min_tokens else ()),
         )
 
     @staticmethod

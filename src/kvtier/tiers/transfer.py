@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.utils.device import upload_ids
+
 
 @dataclass(frozen=True)
 class LoadPart:
@@ -82,8 +84,7 @@ class KVTransfer:
     def _upload_index(self, block_ids: list[int]) -> torch.Tensor:
         """Block ids on the device, uploaded from pinned memory without blocking the host
         (a pageable upload would wait for the compute stream to drain)."""
-        return torch.tensor(block_ids, dtype=torch.int64, pin_memory=True).to(
-            self.device, non_blocking=True)
+        return upload_ids(block_ids, self.device)
 
     # -- store: device -> host ---------------------------------------------------------------
 
