@@ -25,6 +25,9 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sampling-seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None)
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="print each output token's logprob and rank, and the N most likely "
+                        "tokens at its position (to stderr)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +102,7 @@ def _generate(args: argparse.Namespace) -> int:
                             min_p=args.min_p, min_tokens=args.min_tokens,
                             repetition_penalty=args.repetition_penalty,
                             presence_penalty=args.presence_penalty,
-                            frequency_penalty=args.frequency_penalty)
+                            frequency_penalty=args.frequency_penalty, logprobs=args.logprobs)
     llm = LLM(**engine_kwargs(args))
     if args.chat:
         output = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
@@ -107,6 +110,11 @@ def _generate(args: argparse.Namespace) -> int:
         output = llm.generate(args.prompt, params)[0]
     completion = output.outputs[0]
     print(completion.text)
+    tokenizer = llm.get_tokenizer()
+    for entry in completion.logprobs or ():
+        top = ", ".join(f"{tokenizer.decode([t], False)!r} {lp:.3f}" for t, lp in entry.top)
+        print(f"{tokenizer.decode([entry.token_id], False)!r:>16} logprob {entry.logprob:8.3f} "
+              f"rank {entry.rank:>6}" + (f" | top: {top}" if top else ""), file=sys.stderr)
     m = output.metrics
     elapsed = (m.finished_time or 0) - m.arrival_time
     ttft = (m.time_to_first_token or 0) * 1000

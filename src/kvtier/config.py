@@ -52,10 +52,15 @@ class ModelConfig:
     """Seed for random weights and for requests that set no seed of their own."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    max_logprobs: int = 20
+    """Most `logprobs` (top tokens per output position) a request may ask for, as vLLM's;
+    -1 = the vocabulary size."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.max_logprobs < -1:
+            raise ConfigError(f"max_logprobs {self.max_logprobs} must be >= -1")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
 

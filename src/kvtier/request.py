@@ -9,7 +9,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from kvtier.types import BlockHash, FinishReason, RequestMetrics, SamplingParams
+from kvtier.types import BlockHash, FinishReason, RequestMetrics, SamplingParams, TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -33,6 +33,8 @@ class Request:
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    """One per output token when sampling_params.logprobs is set."""
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

@@ -52,6 +52,9 @@ class SamplingParams:
     min_tokens: int = 0
     """vLLM's: the first min_tokens outputs cannot be EOS or a stop token id, and no stop
     string ends in their text."""
+    logprobs: int | None = None
+    """vLLM's: None = none; k >= 0 = each output token's log-probability and rank, with the
+    k most likely tokens' (the engine caps k at its max_logprobs)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -99,6 +102,10 @@ class SamplingParams:
         for token_id in self.stop_token_ids:
             if not isinstance(token_id, int) or token_id < 0:
                 raise bad(f"stop_token_ids must be non-negative integers, got {token_id!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int)
+                                          or isinstance(self.logprobs, bool)
+                                          or self.logprobs < 0):
+            raise bad(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -153,10 +160,25 @@ class SchedulerOutput:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities at one output position, from the model's own distribution (vLLM's
+    default "raw" logprobs: before penalties, temperature and filtering)."""
+
+    token_id: int
+    """The sampled token."""
+    logprob: float
+    rank: int
+    """How many tokens are at least as likely as the sampled one (1: the most likely)."""
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, logprob) of the `logprobs` most likely tokens, most likely first."""
+
+
+@dataclass(frozen=True)
 class ModelRunnerOutput:
-    """Sampled token per request that sampled this step."""
+    """Sampled token per request that sampled this step, and its logprobs where asked for."""
 
     sampled_token_ids: dict[str, int]
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
 
 
 @dataclass
@@ -192,6 +214,8 @@ class CompletionOutput:
     """All output ids; while the request streams this is the engine's live list."""
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    """One entry per output token when the request asked for logprobs, else None."""
 
 
 @dataclass
@@ -207,6 +231,8 @@ class RequestOutput:
     new_text: str = ""
     """Text added by this step (streaming)."""
     new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    """Logprobs of new_token_ids (when the request asked for them)."""
 
     @property
     def num_cached_tokens(self) -> int:

@@ -138,6 +138,32 @@ def test_presence_and_frequency_penalties_follow_openais_formula(smollm: LLM,
     assert tokens != plain  # the penalties mattered here
 
 
+def test_logprobs_are_transformers_log_softmax_of_the_raw_logits(smollm: LLM,
+                                                                 smollm_dir: Path) -> None:
+    # vLLM's default (raw) logprobs: the model's own distribution at each output position,
+    # before penalties and temperature; here under a repetition penalty and random sampling,
+    # so the penalty cannot leak into them and the sampled token is not always the top one.
+    reference = AutoModelForCausalLM.from_pretrained(smollm_dir, torch_dtype=torch.float32).eval()
+    prompt = smollm.get_tokenizer().encode(PROMPTS[0])
+    params = SamplingParams(max_tokens=12, temperature=1.5, seed=5, repetition_penalty=1.3,
+                            ignore_eos=True, logprobs=5)
+    completion = smollm.generate([prompt], params)[0].outputs[0]
+    assert completion.logprobs is not None and len(completion.logprobs) == 12
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt + completion.token_ids])).logits[0]
+    expected = logits[len(prompt) - 1:-1].log_softmax(-1)  # position i predicts output i
+    for position, (entry, row) in enumerate(zip(completion.logprobs, expected, strict=True)):
+        assert entry.token_id == completion.token_ids[position]
+        assert entry.logprob == pytest.approx(row[entry.token_id].item(), abs=2e-4)
+        assert entry.rank == int((row >= row[entry.token_id] - 1e-5).sum())
+        top = row.topk(5)
+        assert [t for t, _ in entry.top] == top.indices.tolist()
+        assert [lp for _, lp in entry.top] == pytest.approx(top.values.tolist(), abs=2e-4)
+    assert any(entry.rank > 1 for entry in completion.logprobs)  # sampling left the argmax
+    plain = smollm.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0))[0]
+    assert plain.outputs[0].logprobs is None  # asked for nothing, got nothing
+
+
 def test_min_tokens_holds_off_stop_tokens_and_stop_strings(smollm: LLM) -> None:
     # vLLM's min_tokens: no EOS or stop token id among the first min_tokens outputs, and no
     # stop string ending in their text. Greedy tokens are known first, then stops are picked
@@ -341,6 +367,7 @@ def test_chat_applies_the_template_and_stops_at_end_of_turn(smollm: LLM) -> None
     ("x " * 3000, SamplingParams(), "max_model_len"),
     ([1, 2], SamplingParams(stop_token_ids=(10**9,), min_tokens=2),
      "stop token id 1000000000 is outside the vocabulary"),
+    ([1, 2], SamplingParams(logprobs=21), "logprobs 21 is more than .* max_logprobs 20"),
 ])
 def test_bad_requests_are_rejected_and_the_engine_stays_usable(prompt, params, message) -> None:  # noqa: ANN001
     llm = _tiny_small_context()
@@ -366,6 +393,8 @@ def _tiny_small_context() -> LLM:
     ({"top_p": 1.5}, "top_p"),
     ({"temperature": -0.1}, "temperature"),
     ({"top_k": -5}, "top_k"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"logprobs": True}, "logprobs"),
 ])
 def test_bad_sampling_params_name_the_value(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -219,6 +219,55 @@ def test_penalised_sampling_over_http_matches_offline(client: openai.OpenAI, llm
     assert response.choices[0].text == offline
 
 
+def test_logprobs_over_http_equal_the_offline_engines(client: openai.OpenAI, llm: LLM) -> None:
+    prompt = "The weather today is"
+    offline = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, logprobs=3,
+                                                    ignore_eos=True))[0].outputs[0]
+    assert offline.logprobs is not None
+    tokenizer = llm.get_tokenizer()
+    names = [tokenizer.decode([t], skip_special_tokens=False) for t in offline.token_ids]
+
+    response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, logprobs=3,
+                                         extra_body={"ignore_eos": True}, **GREEDY)
+    logprobs = response.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens == names
+    assert logprobs.token_logprobs == pytest.approx([e.logprob for e in offline.logprobs],
+                                                    abs=1e-4)
+    assert logprobs.top_logprobs is not None and all(len(top) in (3, 4)
+                                                     for top in logprobs.top_logprobs)
+    assert logprobs.text_offset == [sum(map(len, names[:i])) for i in range(8)]
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, logprobs=3,
+                                         stream=True, extra_body={"ignore_eos": True}, **GREEDY)
+    chunks = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t for c in chunks for t in c.tokens or []] == names
+    assert [o for c in chunks for o in c.text_offset or []] == logprobs.text_offset
+
+    messages = [{"role": "user", "content": "Say something."}]
+    chat_offline = llm.chat(messages, SamplingParams(max_tokens=6, temperature=0.0, logprobs=2,
+                                                     ignore_eos=True))[0].outputs[0]
+    assert chat_offline.logprobs is not None
+    chat = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore
+                                          max_tokens=6, logprobs=True, top_logprobs=2,
+                                          extra_body={"ignore_eos": True}, **GREEDY)
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 6
+    for entry, expected in zip(content, chat_offline.logprobs, strict=True):
+        assert entry.logprob == pytest.approx(expected.logprob, abs=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
+            [lp for _, lp in expected.top], abs=1e-4)
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the sampled one is top
+    stream = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore
+                                            max_tokens=6, logprobs=True, stream=True,
+                                            extra_body={"ignore_eos": True}, **GREEDY)
+    streamed_content = [e for c in stream if c.choices and c.choices[0].logprobs
+                        for e in c.choices[0].logprobs.content or []]
+    assert [e.token for e in streamed_content] == [e.token for e in content]
+    assert all(e.top_logprobs == [] for e in streamed_content)  # top_logprobs not asked
+    plain = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore
+                                           max_tokens=2, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
 def test_tokenize_and_detokenize_agree_with_generation(server: str) -> None:
     # vLLM's /tokenize and /detokenize over the real tokenizer: the ids are those a completion
     # and a chat request run (their usage counts them), and decoding gives the text back.
@@ -385,7 +434,8 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     (COMPLETIONS, {"prompt": "hi", "response_format": {"type": "json_schema"}}, 400),
     (COMPLETIONS, {"prompt": "hi", "guided_regex": "a+"}, 400),
     (COMPLETIONS, {"prompt": "hi", "echo": True}, 400),
-    (COMPLETIONS, {"prompt": "hi", "logprobs": 2}, 400),
+    (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, 400),  # over --max-logprobs (20)
+    (COMPLETIONS, {"prompt": "hi", "logprobs": -1}, 400),
     (COMPLETIONS, {"prompt": "hi", "stream": "yes please"}, 400),
     (COMPLETIONS, {"prompt": "hi", "stream_options": 3}, 400),
     (COMPLETIONS, {"prompt": "x" * 70_000}, 413),
@@ -398,7 +448,8 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     (CHAT, {"messages": USER, "max_tokens": 10_000}, 400),
     (CHAT, {"messages": USER, "model": "nope"}, 404),
     (CHAT, {"messages": USER, "n": 500}, 400),
-    (CHAT, {"messages": USER, "logprobs": True}, 400),
+    (CHAT, {"messages": USER, "top_logprobs": 3}, 400),  # without logprobs: true
+    (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, 400),
     (CHAT, {"messages": USER, "temperature": "hot"}, 400),
     (CHAT, {"messages": [{"role": "user", "content": "long " * 300}]}, 400),
     ("/v1/embeddings", {"input": "hi"}, 404),
@@ -448,7 +499,8 @@ _FIELDS = ["model", "prompt", "messages", "tokens", "add_special_tokens", "tools
            "chat_template_kwargs", "tool_choice", "max_tokens",
            "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
            "stop_token_ids", "ignore_eos", "stream",
-           "stream_options", "n", "echo", "logprobs", "include_stop_str_in_output", "user"]
+           "stream_options", "n", "echo", "logprobs", "top_logprobs",
+           "return_tokens_as_token_ids", "include_stop_str_in_output", "user"]
 _SCALARS = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.integers(-3, 40)
             | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30)
             | st.sampled_from([MODEL, "", "user", "assistant", "\ud800"]))

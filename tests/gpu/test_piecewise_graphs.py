@@ -177,3 +177,27 @@ def test_penalties_run_through_the_decode_graphs(llm: LLM) -> None:
     tokens = outputs[0].outputs[0].token_ids
     assert len(tokens) == 24 and len(set(tokens)) == 24 and not set(tokens) & set(prompt)
     assert len(outputs[1].outputs[0].token_ids) == 24
+
+
+def test_logprobs_from_the_decode_graphs_equal_the_prefills(llm: LLM) -> None:
+    """Logprobs are taken from the decode graphs' logits buffer before the sampler edits it
+    (a penalty here) and copied back with the tokens. Teacher-forced: each output position's
+    logprobs again as the first token of a prefill of the prompt and the outputs before it
+    (no decode graph), which must agree to bf16 noise."""
+    assert llm.engine.runner.graphs is not None
+    prompt = list(range(2000, 2030))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=4,
+                            repetition_penalty=1.5)
+    graphed = llm.generate([prompt, prompt[:10]], [params, SamplingParams(max_tokens=8)])
+    ours = graphed[0].outputs[0]
+    assert ours.logprobs is not None and graphed[1].outputs[0].logprobs is None
+    tokens = ours.token_ids
+    forced = llm.generate([prompt + tokens[:i] for i in range(len(tokens))],
+                          SamplingParams(max_tokens=1, temperature=0.0, logprobs=4))
+    for i, (got, output) in enumerate(zip(ours.logprobs, forced, strict=True)):
+        top = output.outputs[0].logprobs[0].top  # type: ignore[index]
+        want = dict(top)
+        assert got.token_id == tokens[i]
+        assert abs(got.top[0][1] - top[0][1]) < 0.05, i
+        if got.token_id in want:
+            assert abs(got.logprob - want[got.token_id]) < 0.05, i

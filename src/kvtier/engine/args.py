@@ -20,6 +20,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPES, default="auto")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--max-logprobs", type=int, default=20,
+                   help="most logprobs (top tokens per output token) a request may ask for; "
+                        "-1: the vocabulary size")
     g.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
     g.add_argument("--enforce-eager", action="store_true",
                    help="never capture CUDA graphs")
@@ -64,7 +67,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 ENGINE_ARG_NAMES = (
-    "model", "dtype", "seed", "device", "attention_backend", "enforce_eager",
+    "model", "dtype", "seed", "device", "max_logprobs", "attention_backend", "enforce_eager",
     "max_cudagraph_capture_size", "overlap_outputs", "block_size",
     "enable_prefix_caching", "kv_cache_memory_bytes", "gpu_memory_utilization",
     "num_gpu_blocks_override", "max_num_batched_tokens", "max_num_seqs", "max_model_len",

@@ -133,6 +133,8 @@ class AsyncEngine:
         """Thread mode, once started; call it only from the engine thread."""
         self.model_name = ""
         self.max_model_len = 0
+        self.max_logprobs = 0
+        """The engine's cap on a request's logprobs (-1: the vocabulary), once started."""
         self.tokenizer: Tokenizer | None = None
         """Read-only (encode, chat template), so the server may use it from any thread."""
 
@@ -172,6 +174,7 @@ class AsyncEngine:
             raise failure[0]
         assert self.engine is not None
         self.model_name, self.max_model_len = self.engine.model_name, self.engine.max_model_len
+        self.max_logprobs = self.engine.config.model.max_logprobs
         self.tokenizer = self.engine.tokenizer
 
     def _thread_main(self, ready: threading.Event, failure: list[BaseException]) -> None:
@@ -200,6 +203,7 @@ class AsyncEngine:
         ready, first = process.start()
         self._process = process
         self.model_name, self.max_model_len = ready.model_name, ready.max_model_len
+        self.max_logprobs = spec.config.model.max_logprobs
         # After the child is ready: it converted (and cached) the model files, if needed.
         self.tokenizer = resolve_model(spec.config.model.model,
                                        seed=spec.config.model.seed).tokenizer

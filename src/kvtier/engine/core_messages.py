@@ -12,7 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvtier.engine.async_types import AbortReason, EngineSnapshot
-from kvtier.types import CompletionOutput, RequestMetrics, RequestOutput, SamplingParams
+from kvtier.types import (
+    CompletionOutput,
+    RequestMetrics,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprobs,
+)
 
 
 @dataclass
@@ -66,6 +72,8 @@ class OutputDelta:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     """On the request's first delta only."""
+    new_logprobs: list[TokenLogprobs] | None = None
+    """Logprobs of new_token_ids, when the request asked for them."""
 
 
 @dataclass
@@ -101,7 +109,9 @@ def output_delta(output: RequestOutput, with_prompt: bool) -> OutputDelta:
         metrics=output.metrics if with_prompt or output.finished else None,
         final_text=completion.text if output.finished else None,
         prompt=output.prompt if with_prompt else None,
-        prompt_token_ids=output.prompt_token_ids if with_prompt else None)
+        prompt_token_ids=output.prompt_token_ids if with_prompt else None,
+        new_logprobs=(list(output.new_logprobs) if completion.logprobs is not None
+                      else None))
 
 
 @dataclass
@@ -113,6 +123,7 @@ class StreamState:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     metrics: RequestMetrics | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
     def apply(self, delta: OutputDelta) -> RequestOutput:
         if delta.prompt_token_ids is not None:
@@ -121,6 +132,10 @@ class StreamState:
             self.metrics = delta.metrics
         assert self.metrics is not None, "a request's first delta carries its metrics"
         self.token_ids.extend(delta.new_token_ids)
+        if delta.new_logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.new_logprobs)
         self.text += delta.new_text
         if delta.final_text is not None:
             self.text = delta.final_text
@@ -128,9 +143,11 @@ class StreamState:
             index=0, text=self.text,
             # Streaming outputs share the live list (a copy per step would be O(n^2)).
             token_ids=list(self.token_ids) if delta.finished else self.token_ids,
-            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
+            logprobs=(list(self.logprobs) if delta.finished and self.logprobs is not None
+                      else self.logprobs))
         return RequestOutput(
             request_id=delta.request_id, prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids, outputs=[completion],
             finished=delta.finished, metrics=self.metrics, new_text=delta.new_text,
-            new_token_ids=delta.new_token_ids)
+            new_token_ids=delta.new_token_ids, new_logprobs=delta.new_logprobs or [])

@@ -81,6 +81,9 @@ class OutputProcessor:
             visible = max(state.num_sent_chars, visible - (max(len(s) for s in stops) - 1))
         new_text = state.text[state.num_sent_chars:visible]
         new_token_ids = request.output_token_ids[state.num_sent_tokens:]
+        wants_logprobs = request.sampling_params.logprobs is not None
+        new_logprobs = (request.output_logprobs[state.num_sent_tokens:] if wants_logprobs
+                        else [])
         state.num_sent_chars = visible
         state.num_sent_tokens = request.num_output_tokens
         reason = request.finish_reason.value if finished and request.finish_reason else None
@@ -91,6 +94,8 @@ class OutputProcessor:
             token_ids=list(request.output_token_ids) if finished else request.output_token_ids,
             finish_reason=reason,
             stop_reason=request.stop_reason if finished else None,
+            logprobs=((list(request.output_logprobs) if finished else request.output_logprobs)
+                      if wants_logprobs else None),
         )
         if finished:
             self.drop(request.request_id)
@@ -103,4 +108,5 @@ class OutputProcessor:
             metrics=request.metrics,
             new_text=new_text,
             new_token_ids=new_token_ids,
+            new_logprobs=new_logprobs,
         )

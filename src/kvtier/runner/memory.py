@@ -43,7 +43,7 @@ def profile_activation_bytes(model: torch.nn.Module, backend: object, device: to
                              dtype: torch.dtype, num_tokens: int, block_size: int,
                              max_batch: int, vocab_size: int) -> int:
     """Peak CUDA memory of the largest step (a dummy prefill of `num_tokens`) beyond the
-    weights, plus room for decode-graph logits."""
+    weights, plus room for a full decode batch's logits, sampling and logprobs."""
     from kvtier.runner.model_runner import ModelRunner
     from kvtier.types import SamplingParams, ScheduledRequest, SchedulerOutput
 
@@ -62,7 +62,9 @@ def profile_activation_bytes(model: torch.nn.Module, backend: object, device: to
     peak = torch.cuda.max_memory_allocated(device) - base - kv_bytes
     del runner
     torch.cuda.empty_cache()
-    return peak + 2 * max_batch * vocab_size * 4
+    # float32 rows per decode: the graph's logits, the sampler's working copy, and the
+    # log-softmax of requests that ask for logprobs (with its rank comparison).
+    return peak + 3 * max_batch * vocab_size * 4 + max_batch * vocab_size
 
 
 def plan_kv_blocks(cache: CacheConfig, spec: ModelSpec, device: torch.device,

@@ -16,8 +16,8 @@ from kvtier.attention.base import AttentionBackend, AttentionMetadata
 from kvtier.model.llama import LlamaForCausalLM
 from kvtier.runner.cuda_graph import DecodeGraphs
 from kvtier.runner.piecewise_graph import PiecewiseGraphs
-from kvtier.runner.sampler import Sampler
-from kvtier.types import ModelRunnerOutput, SchedulerOutput
+from kvtier.runner.sampler import Sampler, StepLogprobs, step_logprobs
+from kvtier.types import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from kvtier.utils.device import upload, upload_ids
 
 
@@ -88,12 +88,7 @@ class ModelRunner:
             last_rows = upload_ids([metadata.query_start_loc_cpu[i + 1] - 1 for i, _ in sampling],
                                    self.device)
             logits = self.model.compute_logits(hidden[last_rows])
-            ids = [s.request_id for _, s in sampling]
-            tokens = self.sampler.sample_async(logits, ids,
-                                               [s.sampling_params for _, s in sampling],
-                                               [s.penalty_context for _, s in sampling],
-                                               [s.suppressed_token_ids for _, s in sampling])
-        return PendingOutput(ids, tokens)
+            return self._sample(logits, [s for _, s in sampling])
 
     def _can_replay(self, step: SchedulerOutput) -> bool:
         return self.graphs is not None and all(
@@ -111,11 +106,21 @@ class ModelRunner:
                                                                    strict=True)],
             block_tables=[s.block_ids for s in step.requests],
             seq_lens=[p + 1 for p in positions])
-        ids = [s.request_id for s in step.requests]
-        return PendingOutput(ids, self.sampler.sample_async(
-            logits, ids, [s.sampling_params for s in step.requests],
-            [s.penalty_context for s in step.requests],
-            [s.suppressed_token_ids for s in step.requests]))
+        return self._sample(logits, step.requests)
+
+    @torch.inference_mode()
+    def _sample(self, logits: torch.Tensor, requests: list[ScheduledRequest]) -> PendingOutput:
+        """One token per row of logits (request i's last position), and the logprobs of the
+        requests that ask for them."""
+        ids = [s.request_id for s in requests]
+        params = [s.sampling_params for s in requests]
+        logprobs = step_logprobs(logits, params)  # raw: before the sampler's in-place changes
+        tokens = self.sampler.sample_async(logits, ids, params,
+                                           [s.penalty_context for s in requests],
+                                           [s.suppressed_token_ids for s in requests])
+        if logprobs is not None:
+            logprobs.attach(tokens)
+        return PendingOutput(ids, tokens, logprobs)
 
     def _prepare_inputs(self, step: SchedulerOutput, padded_tokens: int | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -179,15 +184,19 @@ class ModelRunner:
 class PendingOutput:
     """A launched step's sampled tokens, still on the device until `result()`."""
 
-    def __init__(self, request_ids: list[str], tokens: torch.Tensor | None) -> None:
+    def __init__(self, request_ids: list[str], tokens: torch.Tensor | None,
+                 logprobs: StepLogprobs | None = None) -> None:
         self.request_ids = request_ids
         self.tokens = tokens
+        self.logprobs = logprobs
         self._copied: torch.cuda.Event | None = None
         if tokens is not None and tokens.is_cuda:
             # Copy now, so that `result()` waits for the tokens only, not for work enqueued
             # after them (the next step's tier stores gather blocks on the same stream).
             self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self.tokens.copy_(tokens, non_blocking=True)
+            if logprobs is not None:
+                logprobs.to_host_async()
             self._copied = torch.cuda.Event()
             self._copied.record()
 
@@ -197,4 +206,9 @@ class PendingOutput:
             return ModelRunnerOutput({})
         if self._copied is not None:
             self._copied.synchronize()
-        return ModelRunnerOutput(dict(zip(self.request_ids, self.tokens.tolist(), strict=True)))
+        tokens = self.tokens.tolist()
+        sampled = dict(zip(self.request_ids, tokens, strict=True))
+        if self.logprobs is None:
+            return ModelRunnerOutput(sampled)
+        return ModelRunnerOutput(sampled, {self.request_ids[row]: logprobs for row, logprobs
+                                           in self.logprobs.per_row(tokens).items()})

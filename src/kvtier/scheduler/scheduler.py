@@ -554,6 +554,8 @@ class Scheduler:
             if not scheduled.sample:
                 continue
             request.append_output_token(runner_output.sampled_token_ids[request.request_id])
+            if request.sampling_params.logprobs is not None:
+                request.output_logprobs.append(runner_output.logprobs[request.request_id])
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             reason = request.check_stop_token()

@@ -1,10 +1,10 @@
 """OpenAI wire format: pydantic models of the requests we accept and the responses we send.
 
 Field names, defaults and shapes follow OpenAI's API (and vLLM's extras: `top_k`,
-`stop_token_ids`, `ignore_eos`, `include_stop_str_in_output`). Unknown fields are ignored, as
-OpenAI does. Range checks that pydantic can express live on the fields (and so in
-`/openapi.json`); features we do not implement are refused with a clear 400 by
-`unsupported_fields`, never silently ignored when they would change the output.
+`stop_token_ids`, `ignore_eos`, `include_stop_str_in_output`, `return_tokens_as_token_ids`).
+Unknown fields are ignored, as OpenAI does. Range checks that pydantic can express live on
+the fields (and so in `/openapi.json`); features we do not implement are refused with a
+clear 400 by `unsupported_fields`, never silently ignored when they would change the output.
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ class _SamplingFields(_Request):
     allowed_token_ids: list[int] | None = Field(None, description="Not supported.")
     prompt_logprobs: int | None = Field(None, description="Not supported.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported.")
+    return_tokens_as_token_ids: bool = Field(False, description="vLLM's: logprobs name "
+                                                                 "tokens 'token_id:<id>'.")
     user: str | None = None
 
     @property
@@ -86,7 +88,8 @@ class CompletionRequest(_SamplingFields):
     prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = Field(False, description="Must be false.")
-    logprobs: int | None = Field(None, description="Not supported.")
+    logprobs: int | None = Field(None, ge=0, description="Log-probabilities of each output "
+                                "token and of this many most likely tokens at its position.")
     best_of: int | None = Field(None, description="Must equal n if given (no ranking).")
     suffix: str | None = Field(None, description="Not supported.")
 
@@ -131,8 +134,9 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     echo: bool = Field(False, description="Not supported.")
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; still read.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens.")
-    logprobs: bool | None = Field(None, description="Not supported.")
-    top_logprobs: int | None = Field(None, description="Not supported.")
+    logprobs: bool | None = Field(False, description="Log-probabilities of each output token.")
+    top_logprobs: int | None = Field(None, ge=0, description="And of this many most likely "
+                                                             "tokens at each position.")
 
 
 class TokenizeRequest(_ChatTemplateFields):
@@ -195,9 +199,6 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
         ("prompt_logprobs", body.prompt_logprobs is not None,
          "prompt_logprobs is not supported"),
         ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
-        # `is`, not `in (None, False)`: completions' logprobs 0 (== False) asks for logprobs.
-        ("logprobs", not (body.logprobs is None or body.logprobs is False),
-         "logprobs are not supported"),
         ("stream_options", body.stream_options is not None and not body.stream,
          "stream_options can only be set when stream is true"),
     ]
@@ -210,7 +211,8 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
         ]
     else:
         checks += [
-            ("top_logprobs", body.top_logprobs is not None, "top_logprobs is not supported"),
+            ("top_logprobs", bool(body.top_logprobs) and not body.logprobs,
+             "top_logprobs needs logprobs set to true"),
             ("tools", bool(body.tools), "tools are not supported: kvtier has no tool-call "
                                         "parser"),
             ("tool_choice", body.tool_choice not in (None, "none"),
@@ -241,10 +243,34 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions' logprobs: parallel lists, one entry per output token."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    """The `logprobs` most likely tokens and the sampled one (up to logprobs + 1 entries)."""
+
+
+class ChatLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobContent(ChatLogprob):
+    top_logprobs: list[ChatLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatLogprobContent] | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     """vLLM's extra: the stop string or stop token id that ended the output, if any."""
@@ -267,7 +293,7 @@ class ChatResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
@@ -296,7 +322,7 @@ class DeltaMessage(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 

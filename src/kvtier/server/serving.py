@@ -30,8 +30,10 @@ from starlette.types import Receive, Scope, Send
 
 from kvtier.engine.async_engine import AsyncEngine, RequestAbortedError, RequestStream
 from kvtier.server.errors import OpenAIError, from_engine_error
+from kvtier.server.logprobs import LogprobsFormat, TokenStrings
 from kvtier.server.protocol import (
     ChatChoice,
+    ChatChoiceLogprobs,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -39,6 +41,7 @@ from kvtier.server.protocol import (
     ChatStreamChoice,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
@@ -50,7 +53,7 @@ from kvtier.server.protocol import (
     Usage,
     unsupported_fields,
 )
-from kvtier.types import InvalidRequestError, RequestOutput, SamplingParams
+from kvtier.types import InvalidRequestError, RequestOutput, SamplingParams, TokenLogprobs
 
 DONE = "data: [DONE]\n\n"
 
@@ -63,6 +66,8 @@ class _Context:
     model: str
     created: int
     include_usage: bool
+    logprobs: LogprobsFormat | None = None
+    """Set when the request asked for logprobs."""
 
 
 class SSEResponse(StreamingResponse):
@@ -90,6 +95,9 @@ class OpenAIServing:
         assert engine.tokenizer is not None, "start() the engine first"
         self.max_model_len = engine.max_model_len
         self._tokenizer = engine.tokenizer
+        self._token_strings = TokenStrings(engine.tokenizer)
+        self.max_logprobs = (engine.max_logprobs if engine.max_logprobs != -1
+                             else engine.tokenizer.vocab_size)
         # Tokenisation releases the GIL (Tokenizer.encode), so a few workers tokenise prompts
         # in parallel while the event loop streams; the tokeniser is only read, never
         # reconfigured, so sharing it across threads is safe.
@@ -110,8 +118,9 @@ class OpenAIServing:
         else:
             token_ids = prompt
         params = self._params(body, body.max_tokens or 16, len(token_ids), "prompt",
-                              explicit=body.max_tokens is not None)
-        ctx, headers = _context(request, "cmpl", model, body.include_usage)
+                              explicit=body.max_tokens is not None, logprobs=body.logprobs)
+        ctx, headers = _context(request, "cmpl", model, body.include_usage,
+                                self._logprobs_format(body, body.logprobs))
         streams = await self._add_choices(token_ids, params, arrival, ctx, body.n)
         if body.stream:
             return SSEResponse(_completion_events(streams, ctx), media_type="text/event-stream",
@@ -121,7 +130,8 @@ class OpenAIServing:
                                       choices=[CompletionChoice(
                                           index=index, text=output.outputs[0].text,
                                           finish_reason=output.outputs[0].finish_reason,
-                                          stop_reason=output.outputs[0].stop_reason)
+                                          stop_reason=output.outputs[0].stop_reason,
+                                          logprobs=_completion_logprobs(ctx, output))
                                           for index, output in enumerate(outputs)])
         return Response(response.model_dump_json(), media_type="application/json",
                         headers=headers)
@@ -134,9 +144,11 @@ class OpenAIServing:
             lambda: self._render_chat(messages, template_kwargs=body.chat_template_kwargs),
             param="messages")
         requested = body.max_completion_tokens or body.max_tokens
+        num_top = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, requested or self.max_model_len, len(token_ids), "messages",
-                              explicit=requested is not None)
-        ctx, headers = _context(request, "chatcmpl", model, body.include_usage)
+                              explicit=requested is not None, logprobs=num_top)
+        ctx, headers = _context(request, "chatcmpl", model, body.include_usage,
+                                self._logprobs_format(body, num_top))
         streams = await self._add_choices(token_ids, params, arrival, ctx, body.n)
         if body.stream:
             return SSEResponse(_chat_events(streams, ctx), media_type="text/event-stream",
@@ -147,7 +159,9 @@ class OpenAIServing:
                                               index=index, message=ChatResponseMessage(
                                                   content=output.outputs[0].text),
                                               finish_reason=output.outputs[0].finish_reason,
-                                              stop_reason=output.outputs[0].stop_reason)
+                                              stop_reason=output.outputs[0].stop_reason,
+                                              logprobs=_chat_logprobs(ctx, output.outputs[0]
+                                                                      .logprobs))
                                               for index, output in enumerate(outputs)])
         return Response(response.model_dump_json(), media_type="application/json",
                         headers=headers)
@@ -211,7 +225,18 @@ class OpenAIServing:
         if unsupported is not None:
             param, message = unsupported
             raise OpenAIError(400, message, param=param, code="unsupported_parameter")
+        param = "logprobs" if isinstance(body, CompletionRequest) else "top_logprobs"
+        asked = getattr(body, param)
+        if asked is not None and asked > self.max_logprobs:
+            raise OpenAIError(400, f"{param} {asked} is more than this server's max_logprobs "
+                              f"{self.max_logprobs} (--max-logprobs)", param=param)
         return model
+
+    def _logprobs_format(self, body: CompletionRequest | ChatCompletionRequest,
+                         num_top: int | None) -> LogprobsFormat | None:
+        if num_top is None:
+            return None
+        return LogprobsFormat(self._token_strings, num_top, body.return_tokens_as_token_ids)
 
     def _render_chat(self, messages: list[dict[str, str | None]],
                      add_generation_prompt: bool = True, add_special_tokens: bool = False,
@@ -242,7 +267,8 @@ class OpenAIServing:
                               param=param or None) from exc
 
     def _params(self, body: CompletionRequest | ChatCompletionRequest, max_tokens: int,
-                num_prompt_tokens: int, param: str, explicit: bool) -> SamplingParams:
+                num_prompt_tokens: int, param: str, explicit: bool,
+                logprobs: int | None = None) -> SamplingParams:
         """SamplingParams with max_tokens fitted to the context (refused if asked for)."""
         room = self.max_model_len - num_prompt_tokens
         if room < 1:
@@ -269,7 +295,7 @@ class OpenAIServing:
                 frequency_penalty=body.frequency_penalty or 0.0,
                 repetition_penalty=(1.0 if body.repetition_penalty is None
                                     else body.repetition_penalty),
-                min_p=body.min_p or 0.0, min_tokens=body.min_tokens or 0)
+                min_p=body.min_p or 0.0, min_tokens=body.min_tokens or 0, logprobs=logprobs)
         except InvalidRequestError as exc:
             # SamplingParams' messages start with the field at fault ("min_tokens must ...").
             field = str(exc).split(" ", 1)[0]
@@ -317,13 +343,27 @@ def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str
     return list(prompt)  # type: ignore[arg-type]
 
 
-def _context(request: Request, kind: str, model: str,
-             include_usage: bool) -> tuple[_Context, dict[str, str]]:
+def _context(request: Request, kind: str, model: str, include_usage: bool,
+             logprobs: LogprobsFormat | None = None) -> tuple[_Context, dict[str, str]]:
     """Response id from the `x-request-id` header (as vLLM does), echoed back as a header."""
     given = request.headers.get("x-request-id", "")[:128]
     request_id = given or uuid.uuid4().hex
-    ctx = _Context(f"{kind}-{request_id}", model, int(time.time()), include_usage)
+    ctx = _Context(f"{kind}-{request_id}", model, int(time.time()), include_usage, logprobs)
     return ctx, {"X-Request-Id": request_id}
+
+
+def _completion_logprobs(ctx: _Context, output: RequestOutput) -> CompletionLogprobs | None:
+    entries = output.outputs[0].logprobs
+    if ctx.logprobs is None or entries is None:
+        return None
+    return ctx.logprobs.completion(entries)[0]
+
+
+def _chat_logprobs(ctx: _Context, entries: list[TokenLogprobs] | None,
+                   ) -> ChatChoiceLogprobs | None:
+    if ctx.logprobs is None or entries is None:
+        return None
+    return ctx.logprobs.chat(entries)
 
 
 def _usage(outputs: list[RequestOutput]) -> Usage:
@@ -430,15 +470,21 @@ def _error_event(exc: Exception) -> str:
 async def _completion_events(streams: list[RequestStream],
                              ctx: _Context) -> AsyncIterator[str]:
     last: dict[int, RequestOutput] = {}
+    text_offsets: dict[int, int] = {}  # per choice: where its next token's text starts
     try:
         async with contextlib.aclosing(_merged(streams)) as outputs:
             async for index, output in outputs:
                 last[index] = output
                 completion = output.outputs[0]
-                if output.new_text or output.finished:
+                logprobs = None
+                if ctx.logprobs is not None and output.new_logprobs:
+                    logprobs, text_offsets[index] = ctx.logprobs.completion(
+                        output.new_logprobs, text_offsets.get(index, 0))
+                if output.new_text or output.finished or logprobs is not None:
                     yield _sse(CompletionChunk(
                         id=ctx.response_id, created=ctx.created, model=ctx.model,
                         choices=[CompletionChoice(index=index, text=output.new_text,
+                                                  logprobs=logprobs,
                                                   finish_reason=completion.finish_reason,
                                                   stop_reason=completion.stop_reason)]), ctx)
     except RequestAbortedError as exc:
@@ -454,11 +500,12 @@ async def _chat_events(streams: list[RequestStream], ctx: _Context) -> AsyncIter
     last: dict[int, RequestOutput] = {}
 
     def chunk(index: int, delta: DeltaMessage, finish: str | None = None,
-              stop_reason: str | int | None = None) -> str:
+              stop_reason: str | int | None = None,
+              logprobs: ChatChoiceLogprobs | None = None) -> str:
         return _sse(ChatCompletionChunk(
             id=ctx.response_id, created=ctx.created, model=ctx.model,
             choices=[ChatStreamChoice(index=index, delta=delta, finish_reason=finish,
-                                      stop_reason=stop_reason)]), ctx)
+                                      stop_reason=stop_reason, logprobs=logprobs)]), ctx)
 
     try:
         async with contextlib.aclosing(_merged(streams)) as outputs:
@@ -467,11 +514,16 @@ async def _chat_events(streams: list[RequestStream], ctx: _Context) -> AsyncIter
                     yield chunk(index, DeltaMessage(role="assistant", content=""))
                 last[index] = output
                 completion = output.outputs[0]
+                # A step's tokens carry their logprobs even while their text is held back
+                # (a character split across tokens, a possible stop string).
+                logprobs = (_chat_logprobs(ctx, output.new_logprobs)
+                            if output.new_logprobs else None)
                 if output.finished:
                     delta = DeltaMessage(content=output.new_text or None)
-                    yield chunk(index, delta, completion.finish_reason, completion.stop_reason)
-                elif output.new_text:
-                    yield chunk(index, DeltaMessage(content=output.new_text))
+                    yield chunk(index, delta, completion.finish_reason, completion.stop_reason,
+                                logprobs)
+                elif output.new_text or logprobs is not None:
+                    yield chunk(index, DeltaMessage(content=output.new_text), logprobs=logprobs)
     except RequestAbortedError as exc:
         yield _error_event(exc)
     else:

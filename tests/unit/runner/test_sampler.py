@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier.runner.sampler import Sampler
+from kvtier.runner.sampler import Sampler, step_logprobs
 from kvtier.types import SamplingParams
 
 
@@ -175,3 +175,31 @@ def test_suppressed_ids_past_the_logits_are_ignored() -> None:
         torch.tensor([[1.0, 3.0, 2.0]]), ["a"], [SamplingParams(temperature=0.0)], None,
         [(1, 7)])
     assert tokens.tolist() == [2]
+
+
+def test_step_logprobs_are_the_raw_log_softmax_whatever_the_sampler_does() -> None:
+    """Rows asking for logprobs get log-softmax of the logits as the model gave them, even
+    when penalties change those logits in place; ranks count ties; other rows get none."""
+    logits = torch.tensor([[2.0, 1.0, 1.0, -3.0], [0.5, 4.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    raw = logits.clone()
+    params = [SamplingParams(temperature=0.0, logprobs=2, repetition_penalty=9.0),
+              SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0, logprobs=0)]
+    logprobs = step_logprobs(logits, params)
+    assert logprobs is not None
+    tokens = Sampler(torch.device("cpu"), seed=0).sample_async(
+        logits, ["a", "b", "c"], params, [([0], []), None, None])
+    assert tokens.tolist() == [1, 1, 0]  # the penalty moved row 0 off its top token
+    logprobs.attach(tokens)
+    per_row = logprobs.per_row(tokens.tolist())
+    assert sorted(per_row) == [0, 2]
+    expected = raw.log_softmax(-1)
+    first = per_row[0]
+    assert first.token_id == 1 and first.rank == 3  # ties with token 2
+    assert first.logprob == pytest.approx(expected[0, 1].item())
+    assert first.top[0][0] == 0 and first.top[1][0] in (1, 2)  # 1 and 2 tie: either
+    assert [lp for _, lp in first.top] == pytest.approx([expected[0, 0].item(),
+                                                         expected[0, 1].item()])
+    assert per_row[2].top == () and per_row[2].rank == 4  # four equal logits
+    assert per_row[2].logprob == pytest.approx(-1.3862944)
+    assert step_logprobs(raw, [SamplingParams()] * 3) is None

@@ -44,27 +44,30 @@ def test_unknown_fields_ignored_and_defaults() -> None:
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"prompt": "x", "logprobs": 0}, "logprobs"),
+    ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_fields_we_cannot_honour_are_refused_not_ignored(body: dict, param: str) -> None:
-    """logprobs 0 asks for the sampled token's logprob (it used to pass as False and come back
-    null); stream_options without stream is a 400 in OpenAI's API and vLLM's."""
+    """stream_options without stream is a 400 in OpenAI's API and vLLM's."""
     found = unsupported_fields(CompletionRequest.model_validate(body))
     assert found is not None and found[0] == param
     assert unsupported_fields(CompletionRequest.model_validate(
         {"prompt": "x", "stream": True, "stream_options": {"include_usage": True}})) is None
+    for logprobs in (0, 5):  # 0 asks for the sampled token's logprob alone
+        assert unsupported_fields(CompletionRequest.model_validate(
+            {"prompt": "x", "logprobs": logprobs})) is None
     assert unsupported_fields(ChatCompletionRequest.model_validate(
-        {"messages": [{"role": "user", "content": "x"}], "logprobs": False})) is None
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+         "top_logprobs": 3})) is None
 
 
 def test_unsupported_fields_name_the_param() -> None:
     assert unsupported_fields(CompletionRequest.model_validate({"prompt": "x"})) is None
     assert unsupported_fields(CompletionRequest.model_validate(
         {"prompt": "x", "frequency_penalty": 0.0, "echo": False, "best_of": 1})) is None
-    found = unsupported_fields(ChatCompletionRequest.model_validate(
+    found = unsupported_fields(ChatCompletionRequest.model_validate(  # OpenAI's rule
         {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}))
-    assert found is not None and found[0] == "top_logprobs"
+    assert found is not None and found[0] == "top_logprobs" and "logprobs" in found[1]
 
 
 def test_delta_drops_unset_fields() -> None:

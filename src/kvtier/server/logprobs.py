@@ -1,0 +1,87 @@
+"""The engine's per-token logprobs in OpenAI's two wire shapes.
+
+Chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`, the top list
+holding the `top_logprobs` most likely tokens. Completions (legacy): parallel lists
+`tokens`, `token_logprobs`, `top_logprobs` (dicts of the `logprobs` most likely tokens plus the
+sampled one, as OpenAI documents: up to logprobs + 1 entries) and `text_offset`, each token's
+offset in the output counted in token strings. A token's string is its own decoded text
+(special tokens kept), as vLLM's; with vLLM's `return_tokens_as_token_ids` it is
+"token_id:<id>", so tokens whose bytes are not whole characters stay distinguishable.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from kvtier.model.tokenizer import Tokenizer
+from kvtier.server.protocol import (
+    ChatChoiceLogprobs,
+    ChatLogprob,
+    ChatLogprobContent,
+    CompletionLogprobs,
+)
+from kvtier.types import TokenLogprobs
+
+MIN_LOGPROB = -9999.0
+"""JSON has no -inf: like OpenAI and vLLM, a token the model rules out reports this."""
+
+
+class TokenStrings:
+    """Each id's text and UTF-8 bytes, decoded once per server (one id at a time)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 - one instance per server
+    def text(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def bytes(self, token_id: int) -> list[int]:
+        """The token's own bytes where the tokenizer is byte-level (a piece of a character
+        included), else its text's."""
+        table = self._tokenizer.token_bytes()  # built on first use, then kept
+        raw = table[token_id] if table is not None and 0 <= token_id < len(table) else None
+        return list(raw if raw is not None else self.text(token_id).encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class LogprobsFormat:
+    """How one request wants its logprobs: `num_top` most likely tokens per position."""
+
+    strings: TokenStrings
+    num_top: int
+    as_token_ids: bool = False
+
+    def name(self, token_id: int) -> str:
+        return f"token_id:{token_id}" if self.as_token_ids else self.strings.text(token_id)
+
+    def chat(self, entries: list[TokenLogprobs]) -> ChatChoiceLogprobs:
+        return ChatChoiceLogprobs(content=[
+            ChatLogprobContent(
+                token=self.name(entry.token_id), logprob=_finite(entry.logprob),
+                bytes=self.strings.bytes(entry.token_id),
+                top_logprobs=[ChatLogprob(token=self.name(token), logprob=_finite(logprob),
+                                          bytes=self.strings.bytes(token))
+                              for token, logprob in entry.top[:self.num_top]])
+            for entry in entries])
+
+    def completion(self, entries: list[TokenLogprobs], text_offset: int = 0,
+                   ) -> tuple[CompletionLogprobs, int]:
+        """The entries' logprobs, offsets counted from `text_offset`; returns them and the
+        offset after the last token (where a stream's next chunk starts)."""
+        result = CompletionLogprobs()
+        for entry in entries:
+            token = self.name(entry.token_id)
+            top = {self.name(t): _finite(lp) for t, lp in entry.top[:self.num_top]}
+            top.setdefault(token, _finite(entry.logprob))
+            result.tokens.append(token)
+            result.token_logprobs.append(_finite(entry.logprob))
+            result.top_logprobs.append(top)
+            result.text_offset.append(text_offset)
+            text_offset += len(self.strings.text(entry.token_id))
+        return result, text_offset
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)

