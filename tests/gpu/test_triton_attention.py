@@ -13,7 +13,6 @@ hopper`, without TRITON_INTERPRET).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import pytest
@@ -37,7 +36,6 @@ from kvtier.attention.triton_backend import (  # noqa: E402
     default_decode_config,
     default_prefill_config,
     long_prompt_prefill_config,
-    merge_chunk,
 )
 
 pytestmark = pytest.mark.gpu
@@ -332,113 +330,14 @@ def test_choose_num_splits() -> None:
     assert choose_num_splits(4, 2, 100, 132) == 1
 
 
-def assert_counters_zero(backend: TritonAttentionBackend) -> None:
-    """The fused reduce ran and left every counter at zero, as the next launch (a graph
-    replay, the next layer) needs them."""
-    assert backend.split_counters, "the fused decode reduce never ran"
-    for counters in backend.split_counters.values():
-        stuck = counters.nonzero().flatten().tolist()
-        assert not stuck, f"counters {stuck} left non-zero"
-
-
-def check_fused_reduce_ordering(ptx: str) -> None:
-    """The order `_merge_if_last` argues for, in the sm_90 PTX: the split's stores, a CTA
-    barrier, the one gpu-scope acq_rel atomic, and after it only L2 (.cg) loads."""
-    atom = ptx.index("atom.global.gpu.acq_rel.add")
-    assert ptx.count("atom.") == 1
-    assert "bar.sync" in ptx[ptx.rindex("st.global", 0, atom):atom]
-    loads_after = re.findall(r"ld\.global[.\w]*", ptx[atom:])
-    assert loads_after and all(".cg" in load for load in loads_after), loads_after
-
-
-FUSED_DECODES = sizes([1, 9, 130, 1025, 4000], [1, 9, 130, 700])
-"""Contexts of one key and of less than one 64-key tile (a single non-empty split), next to
-longer ones: with many splits most of a short row's splits are empty."""
-
-
-@pytest.mark.parametrize("num_splits", [2, 37])
-@pytest.mark.parametrize("params", SHAPES, ids=_shape_id)
-def test_fused_decode_reduce_matches_reference(device: torch.device, params: tuple,
-                                               num_splits: int) -> None:
-    """The decode's last program per KV head merges the splits: GQA 1-8 (a group of 3 pads
-    the merge tile), block sizes 16-64, head dims 64-256. Against the reference, and within
-    a rounding of the two-kernel path (the merge order differs)."""
-    shape, block_size, dtype = params
-    step = make_step(FUSED_DECODES, [], shape, block_size, dtype, device, seed=12)
-    backend = TritonAttentionBackend(num_decode_splits=num_splits, fused_decode_reduce=True)
-    check(step, device, backend)
-    assert_counters_zero(backend)
-    fused, _ = run_triton(step, backend, device)
-    separate, _ = run_triton(step, TritonAttentionBackend(num_decode_splits=num_splits),
-                             device)
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(fused.float(), separate.float(), atol=2 * eps, rtol=2 * eps)
-
-
-def test_fused_decode_reduce_default_splits_mixed_batch(device: torch.device) -> None:
-    """The backend's own split count, decodes before prefill chunks (whose KV split still
-    uses the reduce kernel), sharp scores (every max subtraction of the merge is needed)."""
-    step = make_step([700, 90, 3], [(30, 40), (300, 20)], (8, 2, 64), 16, torch.float16,
-                     device, seed=9)
-    step.query.mul_(60.0)
-    backend = TritonAttentionBackend(fused_decode_reduce=True, num_prefill_splits=3)
-    check(step, device, backend)
-    assert_counters_zero(backend)
-
-
-def test_fused_decode_reduce_repeats(device: torch.device) -> None:
-    """Calls one after another on one backend, as layers and graph replays run: each leaves
-    the counters at zero, and the next (same batch size, other contexts; a larger batch,
-    which outgrows them) is right. Counters big enough keep their identity."""
-    backend = TritonAttentionBackend(num_decode_splits=9, fused_decode_reduce=True)
-    shape = (8, 2, 64)
-    steps = [make_step(lens, [], shape, 16, torch.bfloat16, device, seed)
-             for seed, lens in enumerate([[300, 5, 64], [2, 640, 129], [300, 5, 64],
-                                          [1, 80, 700, 33, 9]], start=13)]
-    counters = None
-    for i, step in enumerate(steps + steps[:1]):
-        check(step, device, backend)
-        assert_counters_zero(backend)
-        if i == 1:
-            counters = backend.split_counters[device]
-        if i == 2:
-            assert backend.split_counters[device] is counters
-    assert backend.split_counters[device].numel() >= 5 * 2
-    outgrown = backend._outgrown_counters
-    assert len(outgrown) == 1 and outgrown[0] is counters  # kept: graphs may still use them
-
-
-def test_fused_decode_reduce_stuck_counter_is_caught(device: torch.device) -> None:
-    """A broken protocol is visible: a counter left non-zero (a missed reset) makes its
-    group skip the merge, leaving exactly that group's heads unwritten, and the counter
-    check fails. Counter b * num_kv_heads + h belongs to decode b's KV head h."""
-    step = make_step([300, 200], [], (8, 2, 64), 16, torch.float16, device, seed=15)
-    backend = TritonAttentionBackend(num_decode_splits=4, fused_decode_reduce=True)
-    check(step, device, backend)
-    backend.split_counters[device][3] = 1000  # decode 1, KV head 1: no program sees 3
-    metadata = step.metadata(device)
-    backend.prepare(metadata)
-    out = torch.full_like(step.query, float("nan"))
-    backend.forward(step.query, step.key, step.value, step.kv_cache.clone(), metadata, 0.125,
-                    out=out)
-    unwritten = out.isnan().all(dim=-1)
-    expected = torch.zeros_like(unwritten)
-    expected[1, 4:] = True  # heads 4-7 of decode 1
-    assert torch.equal(unwritten, expected)
-    with pytest.raises(AssertionError, match=r"counters \[3\] left non-zero"):
-        assert_counters_zero(backend)
-
-
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("fused_reduce", [False, True], ids=["reduce_kernel", "fused_reduce"])
-def test_decode_cuda_graph_replay(device: torch.device, fused_reduce: bool) -> None:
+def test_decode_cuda_graph_replay(device: torch.device) -> None:
     """Capture one decode step, then replay it for a different batch of the same size: new
-    seq_lens, block tables, slots, cache contents and queries, copied in place. Replayed
-    again and again, the output repeats (the fused reduce's counters are back at zero)."""
+    seq_lens, block tables, slots, cache contents and queries, copied in place."""
     shape, bs, width = (12, 2, 128), 16, 512
     first = make_step([100, 3000, 7], [], shape, bs, torch.bfloat16, device, 6, width)
     second = make_step([4000, 1, 2500], [], shape, bs, torch.bfloat16, device, 7, width)
-    backend = TritonAttentionBackend(fused_decode_reduce=fused_reduce)
+    backend = TritonAttentionBackend()
     metadata = first.metadata(device, max_seq_len=width * bs)
     backend.prepare(metadata)
     num_blocks = max(first.kv_cache.shape[1], second.kv_cache.shape[1])
@@ -462,13 +361,6 @@ def test_decode_cuda_graph_replay(device: torch.device, fused_reduce: bool) -> N
     torch.cuda.synchronize()
     ref_out, _ = reference(second, device)
     torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)
-    first_out = out.clone()
-    for _ in range(20):
-        graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, first_out)
-    if fused_reduce:
-        assert_counters_zero(backend)
 
 
 @pytest.mark.skipif(INTERPRET, reason="the interpreter replaces compiled kernels")
@@ -479,7 +371,7 @@ def test_default_configs_compile_for_hopper(head_dim: int) -> None:
     bf16 = "*bf16"
     io = {"q_ptr": bf16, "out_ptr": bf16, "cache_ptr": bf16, "block_table_ptr": "*i32",
           "query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "part_ptr": "*fp32",
-          "lse_ptr": "*fp32", "counter_ptr": "*i32", "qk_scale": "fp32"}
+          "lse_ptr": "*fp32", "qk_scale": "fp32"}
     for pc, direct in ((default_prefill_config(head_dim), False),
                        (default_prefill_config(head_dim), True),
                        (long_prompt_prefill_config(head_dim), True)):
@@ -501,18 +393,13 @@ def test_default_configs_compile_for_hopper(head_dim: int) -> None:
     assert res["shared_dynamic"] <= 227 * 1024, res
     assert "HGMMA" in build.sass and "UTMALDG" in build.sass  # K/V tiles come by TMA
     dc = default_decode_config(head_dim)
-    for direct, fused in ((False, False), (True, False), (False, True)):
-        for group in (6, 8):
-            build = compile_sm90(triton_kernels.decode_partial_kernel, io, dict(
-                NUM_HEADS=2 * group, GROUP=group, BLOCK_G=16, HEAD_DIM=head_dim,
-                BLOCK_SIZE=16, BLOCK_N=dc.block_n, DIRECT=direct, UPCAST=False,
-                FUSED_REDUCE=fused, MERGE_ROWS=8, MERGE_CHUNK=merge_chunk(8, head_dim),
-                PDL=True), dc.num_warps, dc.num_stages)
-            res = build.resources
-            assert res["STACK"] == 0 and res["LOCAL"] == 0, (group, fused, res)
-            assert "griddepcontrol.wait" in build.ptx  # programmatic dependent launch
-            if fused:
-                check_fused_reduce_ordering(build.ptx)
+    for direct in (False, True):
+        build = compile_sm90(triton_kernels.decode_partial_kernel, io, dict(
+            NUM_HEADS=12, GROUP=6, BLOCK_G=16, HEAD_DIM=head_dim, BLOCK_SIZE=16,
+            BLOCK_N=dc.block_n, DIRECT=direct, UPCAST=False, PDL=True), dc.num_warps,
+            dc.num_stages)
+        assert build.resources["STACK"] == 0 and build.resources["LOCAL"] == 0, build.resources
+        assert "griddepcontrol.wait" in build.ptx  # programmatic dependent launch
     build = compile_sm90(triton_kernels.decode_reduce_kernel, io, dict(
         NUM_HEADS=12, HEAD_DIM=head_dim, BLOCK_S=128, CHUNK=16, PDL=True), 4, 1)
     assert build.resources["STACK"] == 0 and build.resources["LOCAL"] == 0, build.resources

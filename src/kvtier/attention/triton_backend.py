@@ -5,7 +5,6 @@ Per layer `forward` launches, without a host synchronisation:
     kv_write_kernel        all tokens            grid (num_tokens,)  (unless kv_written)
     decode_partial_kernel  decodes [0, nd)       grid (nd, num_kv_heads, num_splits)
     decode_reduce_kernel   (when num_splits > 1) grid (nd, num_heads)
-                           (not with fused_decode_reduce: the partial kernel merges)
     prefill_kernel         prefills [nd, n)      grid (num_heads, m_tiles, (n - nd) * kv_splits)
     decode_reduce_kernel   (when kv_splits > 1)  grid (prefill tokens, num_heads)
 
@@ -19,14 +18,6 @@ num_tokens, the table width or the tensors' identities. The split workspace is a
 `forward` (fixed size per shape), so under capture it comes from the graph's private pool and
 lives as long as the graph; a buffer made in `prepare` would die with its metadata object while
 the graph still wrote to it.
-
-The fused decode reduce counts finished splits in int32 counters that every launch leaves at
-zero. They are state across launches, so they cannot come from the graph's pool: the backend
-allocates them (zeroed) outside any capture, at the first eager call that needs them, which the
-graph warm-up is, and keeps them, and every tensor it ever handed out, for its lifetime. One
-tensor per device serves every layer and graph, since the launches that use it are ordered on
-one stream (under PDL a kernel touches them only after `griddepcontrol.wait`, once the kernel
-before it has completed).
 """
 
 from __future__ import annotations
@@ -49,12 +40,6 @@ from kvtier.attention.triton_kernels import (
 from kvtier.triton_pdl import launch_options
 
 LOG2E = 1.4426950408889634
-MERGE_TILE_ELEMENTS = 4096
-"""Fused decode reduce: partial-output elements (heads x splits x head dim) the last program
-loads per round trip to L2, 32 fp32 registers per thread at 4 warps: at d=128 the kernel keeps
-the partial pass's 105-107 registers (sm_90 build); 8192 took 114-152 and spilled at GROUP 8.
-GQA 6-8 at d=128 merges 4 splits per round trip."""
-MAX_MERGE_CHUNK = 32
 MIN_KEYS_PER_SPLIT = 128
 """A decode split reads at least this many keys (two BLOCK_N=64 tiles) unless the context is
 shorter: below that the reduce and the per-program setup cost more than the split saves."""
@@ -120,11 +105,6 @@ def default_decode_config(head_dim: int) -> DecodeConfig:
     return DecodeConfig(32, 4, 2)
 
 
-def merge_chunk(merge_rows: int, head_dim: int) -> int:
-    """Splits the fused decode reduce merges per round trip (a power of two)."""
-    return max(1, min(MAX_MERGE_CHUNK, MERGE_TILE_ELEMENTS // (merge_rows * head_dim)))
-
-
 def choose_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
                       num_sms: int) -> int:
     """Splits per decode so that the partial kernel runs about two programs per SM, each over
@@ -175,26 +155,17 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(self, prefill_config: PrefillConfig | None = None,
                  decode_config: DecodeConfig | None = None,
                  num_decode_splits: int | None = None, num_sms: int | None = None,
-                 num_prefill_splits: int | None = None, own_kv_prompts: bool = True,
-                 fused_decode_reduce: bool = False) -> None:
+                 num_prefill_splits: int | None = None, own_kv_prompts: bool = True) -> None:
         """Configs default per head dim; num_decode_splits / num_prefill_splits fix the split
         counts (else chosen per step by `choose_num_splits` / `choose_prefill_splits`);
         num_sms defaults to the device's. own_kv_prompts: steps of whole prompts read K/V
-        from the step's key/value tensors (`prompt_kernel`) rather than from the cache.
-        fused_decode_reduce: split decodes merge their splits in the partial kernel's last
-        program per (decode, KV head) instead of a reduce kernel (one launch less per layer;
-        not yet measured, hence off). An attribute: set it before capturing graphs."""
+        from the step's key/value tensors (`prompt_kernel`) rather than from the cache."""
         self.prefill_config = prefill_config
         self.decode_config = decode_config
         self.num_decode_splits = num_decode_splits
         self.num_prefill_splits = num_prefill_splits
         self.num_sms = num_sms
         self.own_kv_prompts = own_kv_prompts
-        self.fused_decode_reduce = fused_decode_reduce
-        self.split_counters: dict[torch.device, torch.Tensor] = {}
-        """Per device, the fused reduce's counters: int32, zero between launches."""
-        self._outgrown_counters: list[torch.Tensor] = []
-        """Counters replaced by larger ones: graphs captured before may still use them."""
         self.interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
     def prepare(self, metadata: AttentionMetadata) -> None:
@@ -280,26 +251,7 @@ class TritonAttentionBackend(AttentionBackend):
                 data: TritonStepData, out: torch.Tensor, scale: float) -> None:
         config = self.decode_config or default_decode_config(query.shape[2])
         splits = self.num_splits(data, kv_cache.shape[3])
-        counters = None
-        if self.fused_decode_reduce and splits > 1:
-            counters = self._counters(query.device, data.num_decodes * kv_cache.shape[3])
-        run_decode(query, kv_cache, metadata, out, scale, splits, config, self.interpret,
-                   counters)
-
-    def _counters(self, device: torch.device, size: int) -> torch.Tensor:
-        """At least `size` zeroed counters on device, allocated outside any capture."""
-        current = self.split_counters.get(device)
-        if current is not None and current.numel() >= size:
-            return current
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the fused decode reduce needs its counters allocated before "
-                               "capture: run the captured forward once eagerly first")
-        if current is not None:
-            self._outgrown_counters.append(current)
-        current = torch.zeros(max(size, 2 * (0 if current is None else current.numel())),
-                              dtype=torch.int32, device=device)
-        self.split_counters[device] = current
-        return current
+        run_decode(query, kv_cache, metadata, out, scale, splits, config, self.interpret)
 
 
 def _check_shapes(query: torch.Tensor, key: torch.Tensor, kv_cache: torch.Tensor,
@@ -400,10 +352,8 @@ def run_prompts(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 def run_decode(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                out: torch.Tensor, scale: float, num_splits: int, config: DecodeConfig,
-               interpret: bool = False, counters: torch.Tensor | None = None) -> None:
-    """Attention for decodes [0, num_decodes) (query token b of sequence b) into out.
-    counters: (>= num_decodes * num_kv_heads,) int32 zeros: with num_splits > 1, the partial
-    kernel merges the splits itself (and leaves them zero); no reduce kernel."""
+               interpret: bool = False) -> None:
+    """Attention for decodes [0, num_decodes) (query token b of sequence b) into out."""
     nd = metadata.num_decodes
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[3]
@@ -417,22 +367,16 @@ def run_decode(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionM
         workspace = torch.empty(rows * (head_dim + 1), dtype=torch.float32, device=query.device)
         part, lse = workspace[:rows * head_dim], workspace[rows * head_dim:]
     table = metadata.block_table
-    fused = counters is not None and not direct
-    if fused:
-        assert counters is not None and counters.numel() >= nd * num_kv_heads
-    merge_rows = triton.next_power_of_2(group)
     decode_partial_kernel[(nd, num_kv_heads, num_splits)](
-        query, out, part, lse, counters if fused else out, kv_cache, table, metadata.seq_lens,
-        num_splits, scale * LOG2E,
+        query, out, part, lse, kv_cache, table, metadata.seq_lens, num_splits, scale * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         table.stride(0),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=metadata.block_size, BLOCK_N=config.block_n,
-        DIRECT=direct, UPCAST=interpret, FUSED_REDUCE=fused, MERGE_ROWS=merge_rows,
-        MERGE_CHUNK=merge_chunk(merge_rows, head_dim),
-        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(query))
-    if not direct and not fused:
+        DIRECT=direct, UPCAST=interpret, num_warps=config.num_warps,
+        num_stages=config.num_stages, **launch_options(query))
+    if not direct:
         decode_reduce_kernel[(nd, num_heads)](
             part, lse, out, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim,

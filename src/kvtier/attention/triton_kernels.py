@@ -1,5 +1,4 @@
-"""Triton kernels for paged attention: KV write, prefill/extend, split-K decode and its reduce
-(a kernel of its own, or fused into the decode's last program per KV head).
+"""Triton kernels for paged attention: KV write, prefill/extend, split-K decode and its reduce.
 
 Owns only device code; `triton_backend.py` picks tile sizes and launches these kernels.
 
@@ -15,8 +14,7 @@ Every kernel accumulates in fp32 and stores in the output tensor's dtype. Head d
 of two (the last dim of every tensor has stride 1). Arguments that change from step to step
 (first prefill index, split count, block-table width) are not specialised, so new batch shapes
 do not recompile; what still compiles once each is the reduce per power-of-two bucket of the
-split count and the single-split (DIRECT) decode (and the split decode with its reduce fused),
-all met by CUDA-graph warm-up.
+split count and the single-split (DIRECT) decode, all met by CUDA-graph warm-up.
 
 `UPCAST` exists for Triton's CPU interpreter only, whose `tl.dot` mis-computes bf16 operands:
 it casts both operands to fp32 after they were rounded to the input dtype, which leaves the
@@ -289,15 +287,14 @@ def prompt_kernel(q_ptr, out_ptr, k_desc, v_desc, query_start_ptr, first_seq, qk
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_table"])
-def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, counter_ptr, cache_ptr,
-                          block_table_ptr, seq_lens_ptr, num_splits, qk_scale,
+def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr,
+                          seq_lens_ptr, num_splits, qk_scale,
                           stride_qt, stride_qh, stride_ot, stride_oh,
                           stride_kv, stride_block, stride_slot, stride_head, stride_table,
                           NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
-                          FUSED_REDUCE: tl.constexpr, MERGE_ROWS: tl.constexpr,
-                          MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr):
+                          PDL: tl.constexpr):
     """Flash-decoding, first pass: one query token per sequence, all GROUP query heads of a KV
     head together (K/V read once per group), keys split into num_splits contiguous ranges.
 
@@ -307,11 +304,7 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, counter_ptr, cache_
     DIRECT (num_splits == 1): write the normalised output straight to out.
     Otherwise write part: (num_decodes, NUM_HEADS, num_splits, HEAD_DIM) fp32 normalised
     partial outputs and lse: (num_decodes, NUM_HEADS, num_splits) fp32 log2-sum-exp2 of the
-    split's scores (-inf for an empty split), which `decode_reduce_kernel` merges; or, with
-    FUSED_REDUCE, the last program of each (decode, KV head) merges them itself
-    (`_merge_if_last`, counter_ptr: (num_decodes * num_kv_heads,) int32, zero on entry and
-    left zero) and no reduce kernel runs, over tiles of MERGE_ROWS >= GROUP heads x MERGE_CHUNK
-    splits. counter_ptr is unused otherwise.
+    split's scores (-inf for an empty split).
     """
     await_previous_kernel(PDL)
     seq = tl.program_id(0)
@@ -351,74 +344,6 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, counter_ptr, cache_
         lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)),
                        float("-inf"))
         tl.store(lse_ptr + row, lse, mask=groups < GROUP)
-        if FUSED_REDUCE:
-            # Splits [0, num_used) hold keys; the later ones are empty (L == 0: none does).
-            num_used = tl.where(split_len > 0, tl.cdiv(seq_len, tl.maximum(split_len, 1)), 0)
-            _merge_if_last(part_ptr, lse_ptr, out_ptr, counter_ptr + seq * tl.num_programs(1)
-                           + kv_head, seq, kv_head, num_splits, num_used, stride_ot,
-                           stride_oh, NUM_HEADS, GROUP, HEAD_DIM, MERGE_ROWS, MERGE_CHUNK)
-
-
-@triton.jit
-def _merge_if_last(part_ptr, lse_ptr, out_ptr, counter, seq, kv_head, num_splits, num_used,
-                   stride_ot, stride_oh, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr):
-    """Count this program's split as written; the last of the num_splits programs of the
-    (decode, KV head) merges the GROUP heads' splits into out and resets the counter.
-
-    Memory ordering (PTX memory model; CUTLASS's stream-K semaphore is the same pattern):
-    - writer: every thread stored part of this split above; `debug_barrier` (bar.sync) orders
-      those stores before the atomic, which Triton issues from one thread for a scalar
-      pointer. Its acq_rel at gpu scope is a release covering the whole CTA's stores (they
-      precede it through the barrier, and causality order is transitive).
-    - last program: the atomic that returns num_splits - 1 read the count of every other
-      program's acq_rel atomic (one read-modify-write chain), so it synchronises with each
-      of their releases. Triton hands the result to all threads through shared memory behind
-      a bar.sync, and the loads below sit in the branch on that result: no thread can issue
-      them, nor the compiler hoist them, before the acquire. They go to L2 (.cg): the SM's
-      L1 is not coherent with other SMs' stores, and nothing here is read twice.
-    - reset: every program has counted by then, so a plain store suffices; the next launch
-      that uses the counter starts after this kernel completes (stream order, or PDL's
-      `griddepcontrol.wait` before any access).
-    Under Triton's interpreter programs run one after another, so the last one is simply
-    split num_splits - 1; concurrency is only exercised on a GPU.
-
-    The merge is the reduce's math done online over CHUNK splits at a time (a running max as
-    in `_attend_tile`), so each chunk costs one round trip to L2: an empty split (lse -inf,
-    weight 0) adds nothing, and splits past num_used are not read at all.
-    """
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_splits - 1:
-        groups = tl.arange(0, BLOCK_R)
-        first_row = (seq * NUM_HEADS + kv_head * GROUP + groups) * num_splits  # (R,)
-        head_ok = groups < GROUP
-        dims = tl.arange(0, HEAD_DIM)
-        m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-        total = tl.zeros([BLOCK_R], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
-        for start in range(0, num_used, CHUNK):
-            splits = start + tl.arange(0, CHUNK)
-            valid = head_ok[:, None] & (splits < num_used)[None, :]  # (R, C)
-            rows = first_row[:, None] + splits[None, :]
-            lse = tl.load(lse_ptr + rows, mask=valid, other=float("-inf"), cache_modifier=".cg")
-            part = tl.load(part_ptr + rows[:, :, None] * HEAD_DIM + dims[None, None, :],
-                           mask=valid[:, :, None], other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m_i, tl.max(lse, 1))
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            weights = tl.math.exp2(lse - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
-            total = total * alpha + tl.sum(weights, 1)
-            # A split with keys always stored its part; the where keeps a degenerate one
-            # (lse -inf, part never written) from multiplying garbage by 0.
-            part = tl.where((weights > 0.0)[:, :, None], part * weights[:, :, None], 0.0)
-            acc = acc * alpha[:, None] + tl.sum(part, 1)
-            m_i = m_new
-        out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
-        heads = kv_head * GROUP + groups
-        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
-        tl.store(counter, 0)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
