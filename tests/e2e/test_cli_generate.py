@@ -16,7 +16,8 @@ def test_generate_prints_the_offline_text_and_one_logprob_line_per_token(
     assert main(["generate", "one two three", "--max-tokens", "5", "--ignore-eos",
                  "--logprobs", "2", *MODEL]) == 0
     out, err = capsys.readouterr()
-    offline = LLM("random:tiny-llama", max_model_len=256, num_gpu_blocks_override=64).generate(
+    offline = LLM("random:tiny-llama", max_model_len=256, num_gpu_blocks_override=64,
+                  device="cpu").generate(
         "one two three", SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))[0]
     assert out == offline.outputs[0].text + "\n"
     lines = [line for line in err.splitlines() if " logprob " in line]

@@ -164,6 +164,26 @@ def test_logprobs_are_transformers_log_softmax_of_the_raw_logits(smollm: LLM,
     assert plain.outputs[0].logprobs is None  # asked for nothing, got nothing
 
 
+def test_logprobs_go_to_their_own_requests_in_a_mixed_batch() -> None:
+    # The sampler computes logprobs for the rows that ask only; each must reach its own
+    # request, whatever rows sit around it in the step.
+    llm = _tiny_small_context()
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    asks = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
+    plain = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    alone = [llm.generate([p], asks)[0].outputs[0] for p in prompts]
+    for pattern in ([plain, asks, plain], [asks, plain, asks]):
+        outputs = [o.outputs[0] for o in llm.generate(prompts, pattern)]
+        for output, params, single in zip(outputs, pattern, alone, strict=True):
+            if params.logprobs is None:
+                assert output.logprobs is None
+                continue
+            assert output.logprobs is not None
+            assert [e.token_id for e in output.logprobs] == output.token_ids
+            assert [e.logprob for e in output.logprobs] == pytest.approx(
+                [e.logprob for e in single.logprobs or []], abs=1e-4)
+
+
 def test_min_tokens_holds_off_stop_tokens_and_stop_strings(smollm: LLM) -> None:
     # vLLM's min_tokens: no EOS or stop token id among the first min_tokens outputs, and no
     # stop string ending in their text. Greedy tokens are known first, then stops are picked

@@ -236,6 +236,13 @@ def test_logprobs_over_http_equal_the_offline_engines(client: openai.OpenAI, llm
     assert logprobs.top_logprobs is not None and all(len(top) in (3, 4)
                                                      for top in logprobs.top_logprobs)
     assert logprobs.text_offset == [sum(map(len, names[:i])) for i in range(8)]
+    sampled = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, logprobs=1,
+                                        temperature=2.0, seed=3,
+                                        extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert sampled is not None and sampled.tokens and sampled.top_logprobs
+    for token, top in zip(sampled.tokens, sampled.top_logprobs, strict=True):
+        assert top is not None and token in top and len(top) in (1, 2)
+    assert any(len(top or {}) == 2 for top in sampled.top_logprobs)  # sampled off the top 1
     streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, logprobs=3,
                                          stream=True, extra_body={"ignore_eos": True}, **GREEDY)
     chunks = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]

@@ -186,18 +186,40 @@ def test_logprobs_from_the_decode_graphs_equal_the_prefills(llm: LLM) -> None:
     (no decode graph), which must agree to bf16 noise."""
     assert llm.engine.runner.graphs is not None
     prompt = list(range(2000, 2030))
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=4,
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=20,
                             repetition_penalty=1.5)
     graphed = llm.generate([prompt, prompt[:10]], [params, SamplingParams(max_tokens=8)])
     ours = graphed[0].outputs[0]
     assert ours.logprobs is not None and graphed[1].outputs[0].logprobs is None
     tokens = ours.token_ids
     forced = llm.generate([prompt + tokens[:i] for i in range(len(tokens))],
-                          SamplingParams(max_tokens=1, temperature=0.0, logprobs=4))
+                          SamplingParams(max_tokens=1, temperature=0.0, logprobs=20))
     for i, (got, output) in enumerate(zip(ours.logprobs, forced, strict=True)):
         top = output.outputs[0].logprobs[0].top  # type: ignore[index]
         want = dict(top)
-        assert got.token_id == tokens[i]
+        assert got.token_id == tokens[i] and got.token_id in want, i  # raw rank <= 20
+        assert abs(got.logprob - want[got.token_id]) < 0.05, i
         assert abs(got.top[0][1] - top[0][1]) < 0.05, i
-        if got.token_id in want:
-            assert abs(got.logprob - want[got.token_id]) < 0.05, i
+        assert got.rank >= 1
+
+
+def test_logprobs_reach_the_host_through_pinned_copies() -> None:
+    """The step's one synchronisation is the event after the token copy: logprobs must be
+    copied into pinned memory before it, never read back from the device on their own."""
+    from kvtier.runner.model_runner import PendingOutput
+    from kvtier.runner.sampler import Sampler, step_logprobs
+
+    logits = torch.randn(3, 1000, device="cuda")
+    params = [SamplingParams(temperature=0.0, logprobs=5), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0, logprobs=0)]
+    logprobs = step_logprobs(logits, params)
+    assert logprobs is not None
+    tokens = Sampler(logits.device, seed=0).sample_async(logits, ["a", "b", "c"], params)
+    logprobs.attach(tokens)
+    pending = PendingOutput(["a", "b", "c"], tokens, logprobs)
+    assert logprobs.values is not None and logprobs.values.is_pinned()
+    assert logprobs.ranks is not None and logprobs.ranks.is_pinned()
+    assert logprobs.top_ids.is_pinned()
+    output = pending.result()
+    assert sorted(output.logprobs) == ["a", "c"]
+    assert output.logprobs["a"].rank == 1 and len(output.logprobs["a"].top) == 5

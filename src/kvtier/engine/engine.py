@@ -134,7 +134,9 @@ class LLMEngine:
             activation_bytes = profile_activation_bytes(
                 self.model, backend, self.device, self.dtype,
                 config.scheduler.max_num_batched_tokens, config.cache.block_size,
-                config.scheduler.max_num_seqs, self.spec.vocab_size)
+                config.scheduler.max_num_seqs, self.spec.vocab_size,
+                self.spec.vocab_size if config.model.max_logprobs == -1
+                else config.model.max_logprobs)
             if backend.supports_cuda_graphs and not config.enforce_eager:
                 activation_bytes += estimate_piecewise_bytes(
                     self.spec, self._piecewise_max_tokens(),

@@ -41,9 +41,10 @@ class KVPlan:
 
 def profile_activation_bytes(model: torch.nn.Module, backend: object, device: torch.device,
                              dtype: torch.dtype, num_tokens: int, block_size: int,
-                             max_batch: int, vocab_size: int) -> int:
+                             max_batch: int, vocab_size: int, max_logprobs: int = 0) -> int:
     """Peak CUDA memory of the largest step (a dummy prefill of `num_tokens`) beyond the
-    weights, plus room for a full decode batch's logits, sampling and logprobs."""
+    weights, plus room for a full decode batch's logits, sampling and logprobs (up to
+    `max_logprobs` top tokens a row)."""
     from kvtier.runner.model_runner import ModelRunner
     from kvtier.types import SamplingParams, ScheduledRequest, SchedulerOutput
 
@@ -63,8 +64,11 @@ def profile_activation_bytes(model: torch.nn.Module, backend: object, device: to
     del runner
     torch.cuda.empty_cache()
     # float32 rows per decode: the graph's logits, the sampler's working copy, and the
-    # log-softmax of requests that ask for logprobs (with its rank comparison).
-    return peak + 3 * max_batch * vocab_size * 4 + max_batch * vocab_size
+    # log-softmax of requests that ask for logprobs (with its rank comparison); then their top
+    # k (values and ids, twice: topk's result and the copies the host reads).
+    top_k = min(max(max_logprobs, 0), vocab_size)
+    return (peak + 3 * max_batch * vocab_size * 4 + max_batch * vocab_size
+            + 2 * max_batch * (1 + top_k) * (4 + 8))
 
 
 def plan_kv_blocks(cache: CacheConfig, spec: ModelSpec, device: torch.device,

@@ -182,36 +182,37 @@ class StepLogprobs:
             logits.index_select(0, self._index).float().log_softmax(-1))
         k = min(max(self.num_top), logits.shape[-1])
         top = self._logprobs.topk(k, dim=-1)
-        self._top_values, self._top_ids = top.values, top.indices
+        self._top_values = top.values
         self.values: torch.Tensor | None = None
         """(m, 1 + k) float32: the sampled token's logprob, then the top k's."""
-        self.ids: torch.Tensor | None = None
-        """(m, 1 + k) int64: the sampled token's rank, then the top k's ids."""
+        self.top_ids: torch.Tensor = top.indices
+        """(m, k) int64: the top k's ids, most likely first."""
+        self.ranks: torch.Tensor | None = None
+        """(m,) int64: how many tokens are at least as likely as the sampled one."""
 
     def attach(self, tokens: torch.Tensor) -> None:
         """The sampled tokens' logprobs and ranks; the full rows are dropped."""
         assert self._logprobs is not None, "attach() once"
         sampled = tokens.index_select(0, self._index)
         chosen = self._logprobs.gather(1, sampled[:, None])
-        ranks = (self._logprobs >= chosen).sum(dim=-1, keepdim=True)
+        self.ranks = (self._logprobs >= chosen).sum(dim=-1)
         self.values = torch.cat([chosen, self._top_values], dim=1)
-        self.ids = torch.cat([ranks, self._top_ids], dim=1)
         self._logprobs = None
 
     def to_host_async(self) -> None:
         """Start the copies to pinned host memory (CUDA); the caller records the event."""
-        assert self.values is not None and self.ids is not None, "attach() first"
+        assert self.values is not None and self.ranks is not None, "attach() first"
         if self.values.is_cuda:
             self.values = _pinned_copy(self.values)
-            self.ids = _pinned_copy(self.ids)
+            self.ranks = _pinned_copy(self.ranks)
+            self.top_ids = _pinned_copy(self.top_ids)
 
     def per_row(self, tokens: list[int]) -> dict[int, TokenLogprobs]:
         """Row -> its TokenLogprobs, once the copies are done; tokens: the step's samples."""
-        assert self.values is not None and self.ids is not None
-        values, ids = self.values.tolist(), self.ids.tolist()
-        return {row: TokenLogprobs(token_id=tokens[row], logprob=values[i][0], rank=ids[i][0],
-                                   top=tuple(zip(ids[i][1:1 + k], values[i][1:1 + k],
-                                                 strict=True)))
+        assert self.values is not None and self.ranks is not None
+        values, ranks, ids = self.values.tolist(), self.ranks.tolist(), self.top_ids.tolist()
+        return {row: TokenLogprobs(token_id=tokens[row], logprob=values[i][0], rank=ranks[i],
+                                   top=tuple(zip(ids[i][:k], values[i][1:1 + k], strict=True)))
                 for i, (row, k) in enumerate(zip(self.rows, self.num_top, strict=True))}
 
 

@@ -1,27 +1,37 @@
-"""The engine's per-token logprobs in OpenAI's two wire shapes.
+"""The engine's per-token logprobs in OpenAI's two wire shapes, and what a request asks for.
 
 Chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`, the top list
-holding the `top_logprobs` most likely tokens. Completions (legacy): parallel lists
-`tokens`, `token_logprobs`, `top_logprobs` (dicts of the `logprobs` most likely tokens plus the
-sampled one, as OpenAI documents: up to logprobs + 1 entries) and `text_offset`, each token's
-offset in the output counted in token strings. A token's string is its own decoded text
-(special tokens kept), as vLLM's; with vLLM's `return_tokens_as_token_ids` it is
-"token_id:<id>", so tokens whose bytes are not whole characters stay distinguishable.
+holding the `top_logprobs` most likely tokens (OpenAI's meaning; vLLM puts the sampled token
+first). Completions (legacy): parallel lists `tokens`, `token_logprobs`, `top_logprobs` (dicts
+of the `logprobs` most likely tokens plus the sampled one, as OpenAI documents: up to
+logprobs + 1 entries) and `text_offset`.
+
+A token's string is its own decoded text (special tokens kept), as vLLM's; with vLLM's
+`return_tokens_as_token_ids` it is "token_id:<id>", so tokens whose bytes are not whole
+characters stay distinguishable. `text_offset` adds up those strings' lengths, as vLLM's
+non-streaming responses do, in streams too: where a character is split across tokens (each
+piece reads U+FFFD), it drifts from the offsets in the output text.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kvtier.model.tokenizer import Tokenizer
+from kvtier.server.errors import OpenAIError
 from kvtier.server.protocol import (
     ChatChoiceLogprobs,
+    ChatCompletionRequest,
     ChatLogprob,
     ChatLogprobContent,
     CompletionLogprobs,
+    CompletionRequest,
 )
 from kvtier.types import TokenLogprobs
+
+if TYPE_CHECKING:
+    from kvtier.model.tokenizer import Tokenizer
 
 MIN_LOGPROB = -9999.0
 """JSON has no -inf: like OpenAI and vLLM, a token the model rules out reports this."""
@@ -32,6 +42,7 @@ class TokenStrings:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
+        tokenizer.token_bytes()  # built now (~0.2 s for 150k ids), not in a request's turn
 
     @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 - one instance per server
     def text(self, token_id: int) -> str:
@@ -74,7 +85,7 @@ class LogprobsFormat:
         for entry in entries:
             token = self.name(entry.token_id)
             top = {self.name(t): _finite(lp) for t, lp in entry.top[:self.num_top]}
-            top.setdefault(token, _finite(entry.logprob))
+            top[token] = _finite(entry.logprob)  # on a name clash, the sampled token's value
             result.tokens.append(token)
             result.token_logprobs.append(_finite(entry.logprob))
             result.top_logprobs.append(top)
@@ -85,3 +96,21 @@ class LogprobsFormat:
 
 def _finite(logprob: float) -> float:
     return max(logprob, MIN_LOGPROB)
+
+
+def requested_top(body: CompletionRequest | ChatCompletionRequest,
+                  max_logprobs: int) -> int | None:
+    """How many most likely tokens a request's logprobs list at each position (None: it asks
+    for no logprobs); a value beyond the server's cap, or chat's `top_logprobs` without
+    `logprobs`, is refused (400 naming the field)."""
+    if isinstance(body, CompletionRequest):
+        param, asked = "logprobs", body.logprobs
+    else:
+        param = "top_logprobs"
+        if body.top_logprobs and not body.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs set to true", param=param)
+        asked = (body.top_logprobs or 0) if body.logprobs else None
+    if asked is not None and asked > max_logprobs:
+        raise OpenAIError(400, f"{param} {asked} is more than this server's max_logprobs "
+                          f"{max_logprobs} (--max-logprobs)", param=param)
+    return asked

@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    StrictBool,
     StrictInt,
     StrictStr,
     model_serializer,
@@ -88,8 +89,9 @@ class CompletionRequest(_SamplingFields):
     prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = Field(False, description="Must be false.")
-    logprobs: int | None = Field(None, ge=0, description="Log-probabilities of each output "
-                                "token and of this many most likely tokens at its position.")
+    logprobs: StrictInt | None = Field(None, ge=0, description="Log-probabilities of each "
+                                       "output token and of this many most likely tokens at "
+                                       "its position.")
     best_of: int | None = Field(None, description="Must equal n if given (no ranking).")
     suffix: str | None = Field(None, description="Not supported.")
 
@@ -134,9 +136,11 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     echo: bool = Field(False, description="Not supported.")
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; still read.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens.")
-    logprobs: bool | None = Field(False, description="Log-probabilities of each output token.")
-    top_logprobs: int | None = Field(None, ge=0, description="And of this many most likely "
-                                                             "tokens at each position.")
+    logprobs: StrictBool | None = Field(False, description="Log-probabilities of each output "
+                                                          "token.")
+    top_logprobs: StrictInt | None = Field(None, ge=0, description="And of this many most "
+                                                                   "likely tokens at each "
+                                                                   "position.")
 
 
 class TokenizeRequest(_ChatTemplateFields):
@@ -211,8 +215,6 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
         ]
     else:
         checks += [
-            ("top_logprobs", bool(body.top_logprobs) and not body.logprobs,
-             "top_logprobs needs logprobs set to true"),
             ("tools", bool(body.tools), "tools are not supported: kvtier has no tool-call "
                                         "parser"),
             ("tool_choice", body.tool_choice not in (None, "none"),

@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from kvtier.engine.async_engine import AsyncEngine, RequestAbortedError, RequestStream
 from kvtier.server.errors import OpenAIError, from_engine_error
-from kvtier.server.logprobs import LogprobsFormat, TokenStrings
+from kvtier.server.logprobs import LogprobsFormat, TokenStrings, requested_top
 from kvtier.server.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -112,15 +112,16 @@ class OpenAIServing:
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
         model = self._check(body)
+        num_top = requested_top(body, self.max_logprobs)
         prompt = _single_prompt(body.prompt)
         if isinstance(prompt, str):
             token_ids = await self._run(self._tokenizer.encode, prompt, param="prompt")
         else:
             token_ids = prompt
         params = self._params(body, body.max_tokens or 16, len(token_ids), "prompt",
-                              explicit=body.max_tokens is not None, logprobs=body.logprobs)
+                              explicit=body.max_tokens is not None, logprobs=num_top)
         ctx, headers = _context(request, "cmpl", model, body.include_usage,
-                                self._logprobs_format(body, body.logprobs))
+                                self._logprobs_format(body, num_top))
         streams = await self._add_choices(token_ids, params, arrival, ctx, body.n)
         if body.stream:
             return SSEResponse(_completion_events(streams, ctx), media_type="text/event-stream",
@@ -139,12 +140,12 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
         model = self._check(body)
+        num_top = requested_top(body, self.max_logprobs)
         messages = [{"role": m.role, "content": m.text(), "name": m.name} for m in body.messages]
         token_ids = await self._run(
             lambda: self._render_chat(messages, template_kwargs=body.chat_template_kwargs),
             param="messages")
         requested = body.max_completion_tokens or body.max_tokens
-        num_top = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, requested or self.max_model_len, len(token_ids), "messages",
                               explicit=requested is not None, logprobs=num_top)
         ctx, headers = _context(request, "chatcmpl", model, body.include_usage,
@@ -225,11 +226,6 @@ class OpenAIServing:
         if unsupported is not None:
             param, message = unsupported
             raise OpenAIError(400, message, param=param, code="unsupported_parameter")
-        param = "logprobs" if isinstance(body, CompletionRequest) else "top_logprobs"
-        asked = getattr(body, param)
-        if asked is not None and asked > self.max_logprobs:
-            raise OpenAIError(400, f"{param} {asked} is more than this server's max_logprobs "
-                              f"{self.max_logprobs} (--max-logprobs)", param=param)
         return model
 
     def _logprobs_format(self, body: CompletionRequest | ChatCompletionRequest,

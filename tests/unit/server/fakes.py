@@ -42,6 +42,10 @@ class FakeTokenizer:
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
         return [chr(i) for i in ids]
 
+    def token_bytes(self) -> None:
+        """Not byte-level BPE (as `Tokenizer.token_bytes` answers for such tokenizers)."""
+        return None
+
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True, *,
                             tools: list[dict[str, Any]] | None = None,

@@ -1,12 +1,16 @@
 """The engine's TokenLogprobs in OpenAI's chat and completions shapes, over Qwen2.5's real
-byte-level tokenizer (a character split across tokens is the hard case)."""
+byte-level tokenizer (a character split across tokens is the hard case), and how many top
+tokens a request asks for."""
 
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from kvtier.model.tokenizer import Tokenizer
-from kvtier.server.logprobs import MIN_LOGPROB, LogprobsFormat, TokenStrings
+from kvtier.server.errors import OpenAIError
+from kvtier.server.logprobs import MIN_LOGPROB, LogprobsFormat, TokenStrings, requested_top
+from kvtier.server.protocol import ChatCompletionRequest, CompletionRequest
 from kvtier.types import TokenLogprobs
 from kvtier.utils.resources import find_package_file
 
@@ -47,3 +51,42 @@ def test_completion_lists_are_parallel_with_the_sampled_token_in_its_top(
                                      {"!": -0.2, "Hello": -3.0, " world": MIN_LOGPROB}]
     zero, _ = LogprobsFormat(strings, num_top=0).completion(entries[:1])
     assert zero.top_logprobs == [{"Hello": -0.1}]  # logprobs=0: the sampled token alone
+
+
+USER = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ({"prompt": "x"}, None), ({"prompt": "x", "logprobs": 0}, 0),
+    ({"prompt": "x", "logprobs": 20}, 20),
+    ({"messages": USER}, None), ({"messages": USER, "logprobs": False, "top_logprobs": 0}, None),
+    ({"messages": USER, "logprobs": True}, 0),
+    ({"messages": USER, "logprobs": True, "top_logprobs": 3}, 3),
+])
+def test_requested_top_reads_both_apis(body: dict, expected: int | None) -> None:
+    model = CompletionRequest if "prompt" in body else ChatCompletionRequest
+    assert requested_top(model.model_validate(body), max_logprobs=20) == expected
+
+
+@pytest.mark.parametrize(("body", "param", "message"), [
+    ({"prompt": "x", "logprobs": 21}, "logprobs", "max_logprobs 20"),
+    ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "max_logprobs"),
+    ({"messages": USER, "top_logprobs": 2}, "top_logprobs", "needs logprobs set to true"),
+])
+def test_bad_logprobs_requests_name_their_field(body: dict, param: str, message: str) -> None:
+    model = CompletionRequest if "prompt" in body else ChatCompletionRequest
+    with pytest.raises(OpenAIError, match=message) as caught:
+        requested_top(model.model_validate(body), max_logprobs=20)
+    assert caught.value.status == 400 and caught.value.param == param
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "x", "logprobs": True}, {"prompt": "x", "logprobs": "3"},
+    {"messages": USER, "logprobs": "yes"}, {"messages": USER, "logprobs": 1},
+    {"messages": USER, "logprobs": True, "top_logprobs": True},
+    {"messages": USER, "logprobs": True, "top_logprobs": "2"},
+])
+def test_logprobs_fields_of_the_wrong_type_are_refused_not_coerced(body: dict) -> None:
+    model = CompletionRequest if "prompt" in body else ChatCompletionRequest
+    with pytest.raises(ValidationError):
+        model.model_validate(body)
