@@ -3,85 +3,50 @@
 Everything that can be wrong with a request is found before the engine sees it or, at the
 latest, when the engine thread accepts it; only then does a response start. Tokenisation and
 chat templating run on one worker thread, so a long prompt never blocks the event loop nor
-the engine thread.
-
-Streams follow OpenAI's SSE format (`data: {json}\\n\\n`, ending `data: [DONE]\\n\\n`) and send
-each step's text as soon as the engine produced it. Like vLLM, the chat role chunk goes out
-with the first token, so clients measure TTFT from the first chunk.
+the engine thread. The response bodies and SSE streams are built in `responses`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
-from kvtier.engine.async_engine import AsyncEngine, RequestAbortedError, RequestStream
+from kvtier.engine.async_engine import AsyncEngine, RequestStream
 from kvtier.server.errors import OpenAIError, from_engine_error
 from kvtier.server.logprobs import LogprobsFormat, TokenStrings, requested_top
 from kvtier.server.protocol import (
     ChatChoice,
-    ChatChoiceLogprobs,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatResponseMessage,
-    ChatStreamChoice,
     CompletionChoice,
-    CompletionChunk,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    DeltaMessage,
     DetokenizeRequest,
     DetokenizeResponse,
-    PromptTokensDetails,
     TokenizeRequest,
     TokenizeResponse,
-    Usage,
     unsupported_fields,
 )
-from kvtier.types import InvalidRequestError, RequestOutput, SamplingParams, TokenLogprobs
-
-DONE = "data: [DONE]\n\n"
-
-
-@dataclass(frozen=True)
-class _Context:
-    """What every chunk of one response repeats."""
-
-    response_id: str
-    model: str
-    created: int
-    include_usage: bool
-    logprobs: LogprobsFormat | None = None
-    """Set when the request asked for logprobs."""
-
-
-class SSEResponse(StreamingResponse):
-    """A StreamingResponse that always closes its generator, which aborts the request when
-    the client left mid-stream (Starlette only cancels the task that awaits the client)."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
+from kvtier.server.responses import (
+    ResponseContext,
+    SSEResponse,
+    chat_events,
+    chat_logprobs,
+    completion_events,
+    completion_logprobs,
+    usage_of,
+)
+from kvtier.types import InvalidRequestError, RequestOutput, SamplingParams
 
 TOKENIZER_WORKERS = max(1, min(4, (os.cpu_count() or 1) - 1))
 
@@ -124,15 +89,15 @@ class OpenAIServing:
                                 self._logprobs_format(body, num_top))
         streams = await self._add_choices(token_ids, params, arrival, ctx, body.n)
         if body.stream:
-            return SSEResponse(_completion_events(streams, ctx), media_type="text/event-stream",
+            return SSEResponse(completion_events(streams, ctx), media_type="text/event-stream",
                                headers=headers)
         outputs = await _collect(streams, request)
-        response = CompletionResponse(id=ctx.response_id, model=model, usage=_usage(outputs),
+        response = CompletionResponse(id=ctx.response_id, model=model, usage=usage_of(outputs),
                                       choices=[CompletionChoice(
                                           index=index, text=output.outputs[0].text,
                                           finish_reason=output.outputs[0].finish_reason,
                                           stop_reason=output.outputs[0].stop_reason,
-                                          logprobs=_completion_logprobs(ctx, output))
+                                          logprobs=completion_logprobs(ctx, output))
                                           for index, output in enumerate(outputs)])
         return Response(response.model_dump_json(), media_type="application/json",
                         headers=headers)
@@ -152,16 +117,16 @@ class OpenAIServing:
                                 self._logprobs_format(body, num_top))
         streams = await self._add_choices(token_ids, params, arrival, ctx, body.n)
         if body.stream:
-            return SSEResponse(_chat_events(streams, ctx), media_type="text/event-stream",
+            return SSEResponse(chat_events(streams, ctx), media_type="text/event-stream",
                                headers=headers)
         outputs = await _collect(streams, request)
-        response = ChatCompletionResponse(id=ctx.response_id, model=model, usage=_usage(outputs),
+        response = ChatCompletionResponse(id=ctx.response_id, model=model, usage=usage_of(outputs),
                                           choices=[ChatChoice(
                                               index=index, message=ChatResponseMessage(
                                                   content=output.outputs[0].text),
                                               finish_reason=output.outputs[0].finish_reason,
                                               stop_reason=output.outputs[0].stop_reason,
-                                              logprobs=_chat_logprobs(ctx, output.outputs[0]
+                                              logprobs=chat_logprobs(ctx, output.outputs[0]
                                                                       .logprobs))
                                               for index, output in enumerate(outputs)])
         return Response(response.model_dump_json(), media_type="application/json",
@@ -299,7 +264,7 @@ class OpenAIServing:
                               else None) from exc
 
     async def _add_choices(self, token_ids: list[int], params: SamplingParams, arrival: float,
-                           ctx: _Context, n: int) -> list[RequestStream]:
+                           ctx: ResponseContext, n: int) -> list[RequestStream]:
         """One engine request per choice (`n`, as vLLM's parallel sampling): they share the
         prompt, so the prefix cache computes it once. Choice i samples with seed + i, if a
         seed is given, so the choices differ. If one cannot be added, none stays."""
@@ -319,7 +284,7 @@ class OpenAIServing:
         return streams
 
     async def _add(self, token_ids: list[int], params: SamplingParams, arrival: float,
-                   ctx: _Context) -> RequestStream:
+                   ctx: ResponseContext) -> RequestStream:
         engine_id = f"{ctx.response_id}-{uuid.uuid4().hex[:8]}"
         try:
             return await self.engine.add_request(token_ids, params, engine_id, arrival)
@@ -340,36 +305,14 @@ def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str
 
 
 def _context(request: Request, kind: str, model: str, include_usage: bool,
-             logprobs: LogprobsFormat | None = None) -> tuple[_Context, dict[str, str]]:
+             logprobs: LogprobsFormat | None = None,
+             ) -> tuple[ResponseContext, dict[str, str]]:
     """Response id from the `x-request-id` header (as vLLM does), echoed back as a header."""
     given = request.headers.get("x-request-id", "")[:128]
     request_id = given or uuid.uuid4().hex
-    ctx = _Context(f"{kind}-{request_id}", model, int(time.time()), include_usage, logprobs)
+    ctx = ResponseContext(f"{kind}-{request_id}", model, int(time.time()), include_usage,
+                          logprobs)
     return ctx, {"X-Request-Id": request_id}
-
-
-def _completion_logprobs(ctx: _Context, output: RequestOutput) -> CompletionLogprobs | None:
-    entries = output.outputs[0].logprobs
-    if ctx.logprobs is None or entries is None:
-        return None
-    return ctx.logprobs.completion(entries)[0]
-
-
-def _chat_logprobs(ctx: _Context, entries: list[TokenLogprobs] | None,
-                   ) -> ChatChoiceLogprobs | None:
-    if ctx.logprobs is None or entries is None:
-        return None
-    return ctx.logprobs.chat(entries)
-
-
-def _usage(outputs: list[RequestOutput]) -> Usage:
-    """The prompt once, the completions of every choice."""
-    num_prompt = len(outputs[0].prompt_token_ids)
-    num_completion = sum(len(output.outputs[0].token_ids) for output in outputs)
-    return Usage(prompt_tokens=num_prompt, completion_tokens=num_completion,
-                 total_tokens=num_prompt + num_completion,
-                 prompt_tokens_details=PromptTokensDetails(
-                     cached_tokens=outputs[0].metrics.num_cached_tokens))
 
 
 async def _collect(streams: list[RequestStream], request: Request) -> list[RequestOutput]:
@@ -409,122 +352,8 @@ async def _collect(streams: list[RequestStream], request: Request) -> list[Reque
     return [task.result() for task in results]
 
 
-async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(choice index, output) from every choice's stream as they arrive; closing it aborts
-    the unfinished ones. A failed choice raises here."""
-    if len(streams) == 1:  # the common case: no task or queue hop per output
-        try:
-            async for output in streams[0]:
-                yield 0, output
-        finally:
-            streams[0].close()
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
-
-    async def pump(index: int, stream: RequestStream) -> None:
-        try:
-            async for output in stream:
-                queue.put_nowait((index, output))
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait((index, exc))
-            return
-        queue.put_nowait((index, None))
-
-    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
-    remaining = len(streams)
-    try:
-        while remaining:
-            index, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        for stream in streams:
-            stream.close()
-
-
 async def _client_gone(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-def _sse(chunk: CompletionChunk | ChatCompletionChunk, ctx: _Context) -> str:
-    exclude = None if ctx.include_usage else {"usage"}
-    return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
-
-
-def _error_event(exc: Exception) -> str:
-    error = from_engine_error(exc)
-    return f"data: {json.dumps(error.body(), ensure_ascii=True)}\n\n"
-
-
-async def _completion_events(streams: list[RequestStream],
-                             ctx: _Context) -> AsyncIterator[str]:
-    last: dict[int, RequestOutput] = {}
-    text_offsets: dict[int, int] = {}  # per choice: where its next token's text starts
-    try:
-        async with contextlib.aclosing(_merged(streams)) as outputs:
-            async for index, output in outputs:
-                last[index] = output
-                completion = output.outputs[0]
-                logprobs = None
-                if ctx.logprobs is not None and output.new_logprobs:
-                    logprobs, text_offsets[index] = ctx.logprobs.completion(
-                        output.new_logprobs, text_offsets.get(index, 0))
-                if output.new_text or output.finished or logprobs is not None:
-                    yield _sse(CompletionChunk(
-                        id=ctx.response_id, created=ctx.created, model=ctx.model,
-                        choices=[CompletionChoice(index=index, text=output.new_text,
-                                                  logprobs=logprobs,
-                                                  finish_reason=completion.finish_reason,
-                                                  stop_reason=completion.stop_reason)]), ctx)
-    except RequestAbortedError as exc:
-        yield _error_event(exc)
-    else:
-        if ctx.include_usage and last:
-            yield _sse(CompletionChunk(id=ctx.response_id, created=ctx.created, model=ctx.model,
-                                       choices=[], usage=_usage(list(last.values()))), ctx)
-    yield DONE
-
-
-async def _chat_events(streams: list[RequestStream], ctx: _Context) -> AsyncIterator[str]:
-    last: dict[int, RequestOutput] = {}
-
-    def chunk(index: int, delta: DeltaMessage, finish: str | None = None,
-              stop_reason: str | int | None = None,
-              logprobs: ChatChoiceLogprobs | None = None) -> str:
-        return _sse(ChatCompletionChunk(
-            id=ctx.response_id, created=ctx.created, model=ctx.model,
-            choices=[ChatStreamChoice(index=index, delta=delta, finish_reason=finish,
-                                      stop_reason=stop_reason, logprobs=logprobs)]), ctx)
-
-    try:
-        async with contextlib.aclosing(_merged(streams)) as outputs:
-            async for index, output in outputs:
-                if index not in last:
-                    yield chunk(index, DeltaMessage(role="assistant", content=""))
-                last[index] = output
-                completion = output.outputs[0]
-                # A step's tokens carry their logprobs even while their text is held back
-                # (a character split across tokens, a possible stop string).
-                logprobs = (_chat_logprobs(ctx, output.new_logprobs)
-                            if output.new_logprobs else None)
-                if output.finished:
-                    delta = DeltaMessage(content=output.new_text or None)
-                    yield chunk(index, delta, completion.finish_reason, completion.stop_reason,
-                                logprobs)
-                elif output.new_text or logprobs is not None:
-                    yield chunk(index, DeltaMessage(content=output.new_text), logprobs=logprobs)
-    except RequestAbortedError as exc:
-        yield _error_event(exc)
-    else:
-        if ctx.include_usage and last:
-            yield _sse(ChatCompletionChunk(id=ctx.response_id, created=ctx.created,
-                                           model=ctx.model, choices=[],
-                                           usage=_usage(list(last.values()))), ctx)
-    yield DONE

@@ -1,0 +1,203 @@
+"""Engine outputs as OpenAI responses: usage, logprobs, and the SSE streams.
+
+Streams follow OpenAI's SSE format (`data: {json}\\n\\n`, ending `data: [DONE]\\n\\n`) and send
+each step's text as soon as the engine produced it. Like vLLM, the chat role chunk goes out
+with the first token, so clients measure TTFT from the first chunk. A choice's chunk goes out
+when its text grew, when it finished, or when its tokens carry logprobs (their text may still
+be held back: a character split across tokens, a possible stop string).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from kvtier.engine.async_engine import RequestAbortedError, RequestStream
+from kvtier.server.errors import from_engine_error
+from kvtier.server.logprobs import LogprobsFormat
+from kvtier.server.protocol import (
+    ChatChoiceLogprobs,
+    ChatCompletionChunk,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    DeltaMessage,
+    PromptTokensDetails,
+    Usage,
+)
+from kvtier.types import RequestOutput, TokenLogprobs
+
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class ResponseContext:
+    """What every chunk of one response repeats."""
+
+    response_id: str
+    model: str
+    created: int
+    include_usage: bool
+    logprobs: LogprobsFormat | None = None
+    """Set when the request asked for logprobs."""
+
+
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that always closes its generator, which aborts the request when
+    the client left mid-stream (Starlette only cancels the task that awaits the client)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def completion_logprobs(ctx: ResponseContext,
+                        output: RequestOutput) -> CompletionLogprobs | None:
+    entries = output.outputs[0].logprobs
+    if ctx.logprobs is None or entries is None:
+        return None
+    return ctx.logprobs.completion(entries)[0]
+
+
+def chat_logprobs(ctx: ResponseContext, entries: list[TokenLogprobs] | None,
+                  ) -> ChatChoiceLogprobs | None:
+    if ctx.logprobs is None or entries is None:
+        return None
+    return ctx.logprobs.chat(entries)
+
+
+def usage_of(outputs: list[RequestOutput]) -> Usage:
+    """The prompt once, the completions of every choice."""
+    num_prompt = len(outputs[0].prompt_token_ids)
+    num_completion = sum(len(output.outputs[0].token_ids) for output in outputs)
+    return Usage(prompt_tokens=num_prompt, completion_tokens=num_completion,
+                 total_tokens=num_prompt + num_completion,
+                 prompt_tokens_details=PromptTokensDetails(
+                     cached_tokens=outputs[0].metrics.num_cached_tokens))
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) from every choice's stream as they arrive; closing it aborts
+    the unfinished ones. A failed choice raises here."""
+    if len(streams) == 1:  # the common case: no task or queue hop per output
+        try:
+            async for output in streams[0]:
+                yield 0, output
+        finally:
+            streams[0].close()
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((index, output))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((index, exc))
+            return
+        queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.close()
+
+
+def sse(chunk: CompletionChunk | ChatCompletionChunk, ctx: ResponseContext) -> str:
+    exclude = None if ctx.include_usage else {"usage"}
+    return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+
+
+def error_event(exc: Exception) -> str:
+    error = from_engine_error(exc)
+    return f"data: {json.dumps(error.body(), ensure_ascii=True)}\n\n"
+
+
+async def completion_events(streams: list[RequestStream],
+                            ctx: ResponseContext) -> AsyncIterator[str]:
+    last: dict[int, RequestOutput] = {}
+    text_offsets: dict[int, int] = {}  # per choice: where its next token's text starts
+    try:
+        async with contextlib.aclosing(merged(streams)) as outputs:
+            async for index, output in outputs:
+                last[index] = output
+                completion = output.outputs[0]
+                logprobs = None
+                if ctx.logprobs is not None and output.new_logprobs:
+                    logprobs, text_offsets[index] = ctx.logprobs.completion(
+                        output.new_logprobs, text_offsets.get(index, 0))
+                if output.new_text or output.finished or logprobs is not None:
+                    yield sse(CompletionChunk(
+                        id=ctx.response_id, created=ctx.created, model=ctx.model,
+                        choices=[CompletionChoice(index=index, text=output.new_text,
+                                                  logprobs=logprobs,
+                                                  finish_reason=completion.finish_reason,
+                                                  stop_reason=completion.stop_reason)]), ctx)
+    except RequestAbortedError as exc:
+        yield error_event(exc)
+    else:
+        if ctx.include_usage and last:
+            yield sse(CompletionChunk(id=ctx.response_id, created=ctx.created, model=ctx.model,
+                                      choices=[], usage=usage_of(list(last.values()))), ctx)
+    yield DONE
+
+
+async def chat_events(streams: list[RequestStream], ctx: ResponseContext) -> AsyncIterator[str]:
+    last: dict[int, RequestOutput] = {}
+
+    def chunk(index: int, delta: DeltaMessage, finish: str | None = None,
+              stop_reason: str | int | None = None,
+              logprobs: ChatChoiceLogprobs | None = None) -> str:
+        return sse(ChatCompletionChunk(
+            id=ctx.response_id, created=ctx.created, model=ctx.model,
+            choices=[ChatStreamChoice(index=index, delta=delta, finish_reason=finish,
+                                      stop_reason=stop_reason, logprobs=logprobs)]), ctx)
+
+    try:
+        async with contextlib.aclosing(merged(streams)) as outputs:
+            async for index, output in outputs:
+                if index not in last:
+                    yield chunk(index, DeltaMessage(role="assistant", content=""))
+                last[index] = output
+                completion = output.outputs[0]
+                # A step's tokens carry their logprobs even while their text is held back
+                # (a character split across tokens, a possible stop string).
+                logprobs = (chat_logprobs(ctx, output.new_logprobs)
+                            if output.new_logprobs else None)
+                if output.finished:
+                    delta = DeltaMessage(content=output.new_text or None)
+                    yield chunk(index, delta, completion.finish_reason, completion.stop_reason,
+                                logprobs)
+                elif output.new_text or logprobs is not None:
+                    yield chunk(index, DeltaMessage(content=output.new_text), logprobs=logprobs)
+    except RequestAbortedError as exc:
+        yield error_event(exc)
+    else:
+        if ctx.include_usage and last:
+            yield sse(ChatCompletionChunk(id=ctx.response_id, created=ctx.created,
+                                          model=ctx.model, choices=[],
+                                          usage=usage_of(list(last.values()))), ctx)
+    yield DONE
