@@ -206,8 +206,9 @@ def test_logprobs_from_the_decode_graphs_equal_the_prefills(llm: LLM) -> None:
 def test_logprobs_reach_the_host_through_pinned_copies() -> None:
     """The step's one synchronisation is the event after the token copy: logprobs must be
     copied into pinned memory before it, never read back from the device on their own."""
+    from kvtier.runner.logprobs import step_logprobs
     from kvtier.runner.model_runner import PendingOutput
-    from kvtier.runner.sampler import Sampler, step_logprobs
+    from kvtier.runner.sampler import Sampler
 
     logits = torch.randn(3, 1000, device="cuda")
     params = [SamplingParams(temperature=0.0, logprobs=5), SamplingParams(temperature=0.0),

@@ -15,8 +15,9 @@ import torch
 from kvtier.attention.base import AttentionBackend, AttentionMetadata
 from kvtier.model.llama import LlamaForCausalLM
 from kvtier.runner.cuda_graph import DecodeGraphs
+from kvtier.runner.logprobs import StepLogprobs, step_logprobs
 from kvtier.runner.piecewise_graph import PiecewiseGraphs
-from kvtier.runner.sampler import Sampler, StepLogprobs, step_logprobs
+from kvtier.runner.sampler import Sampler
 from kvtier.types import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from kvtier.utils.device import upload, upload_ids
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier.runner.sampler import Sampler, step_logprobs
+from kvtier.runner.logprobs import step_logprobs
+from kvtier.runner.sampler import Sampler
 from kvtier.types import SamplingParams
 
 
