@@ -35,6 +35,8 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     """One per output token when sampling_params.logprobs is set."""
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    """Prompt tokens 1, 2, ... computed so far when sampling_params.prompt_logprobs is set."""
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

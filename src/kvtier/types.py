@@ -55,6 +55,10 @@ class SamplingParams:
     logprobs: int | None = None
     """vLLM's: None = none; k >= 0 = each output token's log-probability and rank, with the
     k most likely tokens' (the engine caps k at its max_logprobs)."""
+    prompt_logprobs: int | None = None
+    """vLLM's: None = none; k >= 0 = each prompt token's (but the first) log-probability and
+    rank given the tokens before it, with the k most likely tokens'. Such a request computes
+    its whole prompt: it takes no prefix-cache or tier hits."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -102,10 +106,11 @@ class SamplingParams:
         for token_id in self.stop_token_ids:
             if not isinstance(token_id, int) or token_id < 0:
                 raise bad(f"stop_token_ids must be non-negative integers, got {token_id!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int)
-                                          or isinstance(self.logprobs, bool)
-                                          or self.logprobs < 0):
-            raise bad(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 0):
+                raise bad(f"{name} must be None or an integer >= 0, got {value!r}")
 
     @property
     def greedy(self) -> bool:
@@ -146,6 +151,10 @@ class ScheduledRequest:
     lists, like `block_ids`: read them before the next `schedule()`); None otherwise."""
     suppressed_token_ids: tuple[int, ...] = ()
     """Ids the sampled token cannot be (EOS and stop token ids, before min_tokens)."""
+    prompt_logprob_targets: tuple[int, ...] = ()
+    """prompt_logprobs: the prompt tokens whose logprobs this step computes, predicted by
+    rows prompt_logprob_first_row, ... of the chunk (row r predicts the token after it)."""
+    prompt_logprob_first_row: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,6 +188,8 @@ class ModelRunnerOutput:
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    """Per request: the entries of its `prompt_logprob_targets`, in order."""
 
 
 @dataclass
@@ -233,6 +244,9 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     """Logprobs of new_token_ids (when the request asked for them)."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first
+    (nothing predicts it), as vLLM's. Set on the first output and the final one."""
 
     @property
     def num_cached_tokens(self) -> int:

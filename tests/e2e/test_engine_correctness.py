@@ -164,6 +164,48 @@ def test_logprobs_are_transformers_log_softmax_of_the_raw_logits(smollm: LLM,
     assert plain.outputs[0].logprobs is None  # asked for nothing, got nothing
 
 
+def test_prompt_logprobs_are_transformers_log_softmax_over_the_prompt(smollm: LLM,
+                                                                      smollm_dir: Path) -> None:
+    # vLLM's prompt_logprobs: entry p scores prompt token p given tokens < p (None for the
+    # first). Computed in 16-token chunks, and again after the prompt is cached: a request
+    # that asks for them computes its whole prompt instead of taking the cache hit.
+    reference = AutoModelForCausalLM.from_pretrained(smollm_dir, torch_dtype=torch.float32).eval()
+    prompt = smollm.get_tokenizer().encode(PROMPTS[1] + PROMPTS[0])
+    with torch.no_grad():
+        expected = reference(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    chunked = LLM(smollm_dir.as_posix(), max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3)
+    for llm in (chunked, chunked, smollm):
+        output = llm.generate([prompt], params)[0]
+        entries = output.prompt_logprobs
+        assert entries is not None and len(entries) == len(prompt) and entries[0] is None
+        assert output.num_cached_tokens == 0
+        for position, entry in enumerate(entries[1:], start=1):
+            assert entry is not None and entry.token_id == prompt[position]
+            row = expected[position - 1]
+            assert entry.logprob == pytest.approx(row[prompt[position]].item(), abs=2e-4)
+            assert entry.rank == int((row >= row[prompt[position]] - 1e-5).sum())
+            assert [t for t, _ in entry.top] == row.topk(3).indices.tolist()
+    assert smollm.generate([prompt], SamplingParams(max_tokens=1))[0].prompt_logprobs is None
+
+
+def test_prompt_logprobs_survive_preemption_without_duplicates() -> None:
+    # A pool of 24 blocks for four 150-token prompts: requests are preempted and recompute
+    # their prompts; each position's entry must be there once, equal to a lone run's.
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+    prompts = [[(7 * i + j) % 900 + 10 for j in range(150)] for i in range(4)]
+    alone = LLM("random:tiny-llama", max_model_len=1024).generate([prompts[0]], params)[0]
+    tight = LLM("random:tiny-llama", max_model_len=1024, num_gpu_blocks_override=24,
+                max_num_batched_tokens=64)
+    outputs = tight.generate(prompts, params)
+    assert tight.engine.stats.num_preemptions > 0
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.prompt_logprobs is not None and len(output.prompt_logprobs) == 150
+        assert [e.token_id for e in output.prompt_logprobs[1:]] == prompt[1:]  # type: ignore
+    assert [e.logprob for e in outputs[0].prompt_logprobs[1:]] == pytest.approx(  # type: ignore
+        [e.logprob for e in alone.prompt_logprobs[1:]], abs=1e-4)  # type: ignore
+
+
 def test_logprobs_go_to_their_own_requests_in_a_mixed_batch() -> None:
     # The sampler computes logprobs for the rows that ask only; each must reach its own
     # request, whatever rows sit around it in the step.

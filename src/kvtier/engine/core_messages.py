@@ -74,6 +74,8 @@ class OutputDelta:
     """On the request's first delta only."""
     new_logprobs: list[TokenLogprobs] | None = None
     """Logprobs of new_token_ids, when the request asked for them."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """On the request's first delta only, when it asked for them."""
 
 
 @dataclass
@@ -111,7 +113,8 @@ def output_delta(output: RequestOutput, with_prompt: bool) -> OutputDelta:
         prompt=output.prompt if with_prompt else None,
         prompt_token_ids=output.prompt_token_ids if with_prompt else None,
         new_logprobs=(list(output.new_logprobs) if completion.logprobs is not None
-                      else None))
+                      else None),
+        prompt_logprobs=output.prompt_logprobs if with_prompt else None)
 
 
 @dataclass
@@ -124,10 +127,12 @@ class StreamState:
     text: str = ""
     metrics: RequestMetrics | None = None
     logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def apply(self, delta: OutputDelta) -> RequestOutput:
         if delta.prompt_token_ids is not None:
             self.prompt, self.prompt_token_ids = delta.prompt, delta.prompt_token_ids
+            self.prompt_logprobs = delta.prompt_logprobs
         if delta.metrics is not None:
             self.metrics = delta.metrics
         assert self.metrics is not None, "a request's first delta carries its metrics"
@@ -150,4 +155,5 @@ class StreamState:
             request_id=delta.request_id, prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids, outputs=[completion],
             finished=delta.finished, metrics=self.metrics, new_text=delta.new_text,
-            new_token_ids=delta.new_token_ids, new_logprobs=delta.new_logprobs or [])
+            new_token_ids=delta.new_token_ids, new_logprobs=delta.new_logprobs or [],
+            prompt_logprobs=self.prompt_logprobs)

@@ -287,9 +287,11 @@ class LLMEngine:
             bad = next(t for t in token_ids if not 0 <= t < vocab)
             raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
         max_logprobs = self.config.model.max_logprobs
-        if params.logprobs is not None and max_logprobs != -1 and params.logprobs > max_logprobs:
-            raise InvalidRequestError(f"logprobs {params.logprobs} is more than this server's "
-                                      f"max_logprobs {max_logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, name)
+            if asked is not None and max_logprobs != -1 and asked > max_logprobs:
+                raise InvalidRequestError(f"{name} {asked} is more than this server's "
+                                          f"max_logprobs {max_logprobs}")
         bad_stop = next((t for t in params.stop_token_ids if t >= vocab), None)
         if bad_stop is not None:  # min_tokens masks them in the logits
             raise InvalidRequestError(f"stop token id {bad_stop} is outside the vocabulary "

@@ -80,6 +80,7 @@ class OutputProcessor:
         if not finished and stops:
             visible = max(state.num_sent_chars, visible - (max(len(s) for s in stops) - 1))
         new_text = state.text[state.num_sent_chars:visible]
+        first = state.num_sent_tokens == 0
         new_token_ids = request.output_token_ids[state.num_sent_tokens:]
         wants_logprobs = request.sampling_params.logprobs is not None
         new_logprobs = (request.output_logprobs[state.num_sent_tokens:] if wants_logprobs
@@ -109,4 +110,7 @@ class OutputProcessor:
             new_text=new_text,
             new_token_ids=new_token_ids,
             new_logprobs=new_logprobs,
+            prompt_logprobs=([None, *request.prompt_logprobs]
+                             if (first or finished)
+                             and request.sampling_params.prompt_logprobs is not None else None),
         )

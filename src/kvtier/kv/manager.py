@@ -44,9 +44,11 @@ class KVCacheManager:
         """Cached blocks covering the longest prefix of the request, and how many tokens that is.
 
         At most `num_tokens - 1` tokens are reported, so at least one token is computed and the
-        step yields logits. Takes no references: pass the blocks to `allocate_slots`.
+        step yields logits. Takes no references: pass the blocks to `allocate_slots`. A request
+        asking for prompt logprobs gets no hit: it needs the logits of every prompt position
+        (vLLM does the same).
         """
-        if not self.enable_caching:
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         hit: list[int] = []

@@ -12,9 +12,11 @@ event the step's one synchronisation waits on; `per_row` / `per_request` then re
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from kvtier.types import SamplingParams, TokenLogprobs
+from kvtier.types import SamplingParams, ScheduledRequest, TokenLogprobs
 from kvtier.utils.device import upload_ids as _upload
 
 
@@ -78,3 +80,78 @@ def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
     return host
+
+
+PROMPT_ROWS_PER_SLICE = 256
+"""Prompt rows turned into full-vocabulary logits at a time: (256, 152k) float32 is 155 MB,
+the room the memory plan keeps for a decode batch's logits."""
+
+
+class PromptLogprobs:
+    """vLLM's prompt logprobs for the prefill chunks of one step: for each scored position,
+    the logprob and rank of the prompt token there given the tokens before it (read from the
+    row before it), and the top k. Computed from the step's hidden states in slices."""
+
+    def __init__(self, compute_logits: Callable[[torch.Tensor], torch.Tensor],
+                 hidden: torch.Tensor, query_start: list[int],
+                 requests: list[ScheduledRequest]) -> None:
+        self.request_ids: list[str] = []
+        self.targets: list[tuple[int, ...]] = []
+        self.num_top: list[int] = []
+        rows: list[int] = []
+        for i, scheduled in enumerate(requests):
+            if not scheduled.prompt_logprob_targets:
+                continue
+            first = query_start[i] + scheduled.prompt_logprob_first_row
+            rows.extend(range(first, first + len(scheduled.prompt_logprob_targets)))
+            self.request_ids.append(scheduled.request_id)
+            self.targets.append(scheduled.prompt_logprob_targets)
+            self.num_top.append(scheduled.sampling_params.prompt_logprobs or 0)
+        device = hidden.device
+        row_index = _upload(rows, device)
+        target_index = _upload([t for targets in self.targets for t in targets], device)
+        k = max(self.num_top)
+        values, ranks, top_ids = [], [], []
+        for start in range(0, len(rows), PROMPT_ROWS_PER_SLICE):
+            part = slice(start, start + PROMPT_ROWS_PER_SLICE)
+            logprobs = compute_logits(hidden[row_index[part]]).float().log_softmax(-1)
+            chosen = logprobs.gather(1, target_index[part, None])
+            ranks.append((logprobs >= chosen).sum(dim=-1))
+            top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+            values.append(torch.cat([chosen, top.values], dim=1))
+            top_ids.append(top.indices)
+        self.values = torch.cat(values)
+        """(rows, 1 + k) float32: the prompt token's logprob, then the top k's."""
+        self.ranks = torch.cat(ranks)
+        self.top_ids = torch.cat(top_ids)
+
+    def to_host_async(self) -> None:
+        """Start the copies to pinned host memory (CUDA); the caller records the event."""
+        if self.values.is_cuda:
+            self.values = _pinned_copy(self.values)
+            self.ranks = _pinned_copy(self.ranks)
+            self.top_ids = _pinned_copy(self.top_ids)
+
+    def per_request(self) -> dict[str, list[TokenLogprobs]]:
+        """Request id -> its entries in prompt order, once the copies are done."""
+        values, ranks, ids = self.values.tolist(), self.ranks.tolist(), self.top_ids.tolist()
+        result: dict[str, list[TokenLogprobs]] = {}
+        row = 0
+        for request_id, targets, k in zip(self.request_ids, self.targets, self.num_top,
+                                          strict=True):
+            result[request_id] = [
+                TokenLogprobs(token_id=token, logprob=values[r][0], rank=ranks[r],
+                              top=tuple(zip(ids[r][:k], values[r][1:1 + k], strict=True)))
+                for r, token in enumerate(targets, start=row)]
+            row += len(targets)
+        return result
+
+
+def prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tensor],
+                    hidden: torch.Tensor, query_start: list[int],
+                    requests: list[ScheduledRequest]) -> PromptLogprobs | None:
+    """The step's prompt logprobs (None if no chunk scores prompt positions); `hidden`: the
+    step's flattened hidden states, request i's rows from query_start[i]."""
+    if not any(s.prompt_logprob_targets for s in requests):
+        return None
+    return PromptLogprobs(compute_logits, hidden, query_start, requests)

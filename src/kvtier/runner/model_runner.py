@@ -15,7 +15,7 @@ import torch
 from kvtier.attention.base import AttentionBackend, AttentionMetadata
 from kvtier.model.llama import LlamaForCausalLM
 from kvtier.runner.cuda_graph import DecodeGraphs
-from kvtier.runner.logprobs import StepLogprobs, step_logprobs
+from kvtier.runner.logprobs import PromptLogprobs, StepLogprobs, prompt_logprobs, step_logprobs
 from kvtier.runner.piecewise_graph import PiecewiseGraphs
 from kvtier.runner.sampler import Sampler
 from kvtier.types import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
@@ -84,12 +84,14 @@ class ModelRunner:
                 hidden = self.piecewise.run(input_ids, positions, metadata)
             else:
                 hidden = self.model(input_ids, positions, self.kv_caches, metadata)
+            prompt = prompt_logprobs(self.model.compute_logits, hidden,
+                                     metadata.query_start_loc_cpu, step.requests)
             if not sampling:
-                return PendingOutput([], None)
+                return PendingOutput([], None, prompt_logprobs=prompt)
             last_rows = upload_ids([metadata.query_start_loc_cpu[i + 1] - 1 for i, _ in sampling],
                                    self.device)
             logits = self.model.compute_logits(hidden[last_rows])
-            return self._sample(logits, [s for _, s in sampling])
+            return self._sample(logits, [s for _, s in sampling], prompt)
 
     def _can_replay(self, step: SchedulerOutput) -> bool:
         return self.graphs is not None and all(
@@ -110,9 +112,10 @@ class ModelRunner:
         return self._sample(logits, step.requests)
 
     @torch.inference_mode()
-    def _sample(self, logits: torch.Tensor, requests: list[ScheduledRequest]) -> PendingOutput:
+    def _sample(self, logits: torch.Tensor, requests: list[ScheduledRequest],
+                prompt: PromptLogprobs | None = None) -> PendingOutput:
         """One token per row of logits (request i's last position), and the logprobs of the
-        requests that ask for them."""
+        requests that ask for them; `prompt`: the step's prompt logprobs, to copy with them."""
         ids = [s.request_id for s in requests]
         params = [s.sampling_params for s in requests]
         logprobs = step_logprobs(logits, params)  # raw: before the sampler's in-place changes
@@ -121,7 +124,7 @@ class ModelRunner:
                                            [s.suppressed_token_ids for s in requests])
         if logprobs is not None:
             logprobs.attach(tokens)
-        return PendingOutput(ids, tokens, logprobs)
+        return PendingOutput(ids, tokens, logprobs, prompt)
 
     def _prepare_inputs(self, step: SchedulerOutput, padded_tokens: int | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -186,30 +189,37 @@ class PendingOutput:
     """A launched step's sampled tokens, still on the device until `result()`."""
 
     def __init__(self, request_ids: list[str], tokens: torch.Tensor | None,
-                 logprobs: StepLogprobs | None = None) -> None:
+                 logprobs: StepLogprobs | None = None,
+                 prompt_logprobs: PromptLogprobs | None = None) -> None:
         self.request_ids = request_ids
         self.tokens = tokens
         self.logprobs = logprobs
+        self.prompt_logprobs = prompt_logprobs
         self._copied: torch.cuda.Event | None = None
-        if tokens is not None and tokens.is_cuda:
+        if (tokens is not None and tokens.is_cuda) or (
+                prompt_logprobs is not None and prompt_logprobs.values.is_cuda):
             # Copy now, so that `result()` waits for the tokens only, not for work enqueued
             # after them (the next step's tier stores gather blocks on the same stream).
-            self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self.tokens.copy_(tokens, non_blocking=True)
+            if tokens is not None:
+                self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                self.tokens.copy_(tokens, non_blocking=True)
             if logprobs is not None:
                 logprobs.to_host_async()
+            if prompt_logprobs is not None:
+                prompt_logprobs.to_host_async()
             self._copied = torch.cuda.Event()
             self._copied.record()
 
     def result(self) -> ModelRunnerOutput:
         """Wait for the tokens (the step's one host synchronisation)."""
-        if self.tokens is None:
-            return ModelRunnerOutput({})
         if self._copied is not None:
             self._copied.synchronize()
+        prompt = self.prompt_logprobs.per_request() if self.prompt_logprobs is not None else {}
+        if self.tokens is None:
+            return ModelRunnerOutput({}, prompt_logprobs=prompt)
         tokens = self.tokens.tolist()
         sampled = dict(zip(self.request_ids, tokens, strict=True))
-        if self.logprobs is None:
-            return ModelRunnerOutput(sampled)
-        return ModelRunnerOutput(sampled, {self.request_ids[row]: logprobs for row, logprobs
-                                           in self.logprobs.per_row(tokens).items()})
+        logprobs = ({self.request_ids[row]: entry for row, entry
+                     in self.logprobs.per_row(tokens).items()}
+                    if self.logprobs is not None else {})
+        return ModelRunnerOutput(sampled, logprobs, prompt)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from kvtier.config import SchedulerConfig
 from kvtier.kv.manager import KVCacheManager
@@ -363,7 +364,8 @@ class Scheduler:
                                                              being_computed):
             self.num_deferred_shared_prefixes += 1
             return budget, False
-        if self.tiers is not None and self.kv.enable_caching:
+        if (self.tiers is not None and self.kv.enable_caching
+                and request.sampling_params.prompt_logprobs is None):
             started = self._try_tier_load(request, hit_blocks)
             if started is None:
                 return budget, True  # its next blocks are being loaded for another request
@@ -521,7 +523,21 @@ class Scheduler:
                              if request.sampling_params.has_penalties else None),
             suppressed_token_ids=(self._suppressed(request)
                                   if request.sampling_params.min_tokens else ()),
+            **(self._prompt_logprob_targets(request, start, num_new)
+               if request.sampling_params.prompt_logprobs is not None else {}),
         )
+
+    @staticmethod
+    def _prompt_logprob_targets(request: Request, start: int, num_new: int) -> dict[str, Any]:
+        """The prompt positions a chunk [start, start + num_new) scores: position p's token is
+        predicted by the row before it, the last prompt token's row predicts the first output.
+        Positions scored before a preemption are not scored again."""
+        first = max(start + 1, len(request.prompt_logprobs) + 1)
+        last = min(start + num_new, request.num_prompt_tokens - 1)
+        if first > last:
+            return {}
+        return {"prompt_logprob_targets": tuple(request.prompt_token_ids[first:last + 1]),
+                "prompt_logprob_first_row": first - 1 - start}
 
     @staticmethod
     def _suppressed(request: Request) -> tuple[int, ...]:
@@ -545,6 +561,8 @@ class Scheduler:
                 continue
             request.num_computed_tokens += len(scheduled.token_ids)
             self.kv.cache_computed_blocks(request)
+            if scheduled.prompt_logprob_targets:
+                request.prompt_logprobs.extend(runner_output.prompt_logprobs[request.request_id])
             if (self.tiers is not None and self.tiers.stores_on_compute
                     and self.kv.enable_caching):
                 request.num_tier_handled_blocks = self.tiers.on_blocks_computed(
