@@ -275,6 +275,47 @@ def test_logprobs_over_http_equal_the_offline_engines(client: openai.OpenAI, llm
     assert plain.choices[0].logprobs is None
 
 
+def test_echo_and_prompt_logprobs_score_the_prompt_like_the_offline_engine(
+        server: str, client: openai.OpenAI, llm: LLM) -> None:
+    # What evaluation harnesses send to score a text (lm-eval's loglikelihood): echo, logprobs
+    # 1 and one token; the prompt's tokens lead the logprobs, the first with null.
+    prompt = "Paris is the capital of France"
+    offline = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0,
+                                                    prompt_logprobs=1, logprobs=1))[0]
+    assert offline.prompt_logprobs is not None
+    tokenizer = llm.get_tokenizer()
+    ids = offline.prompt_token_ids
+    response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, echo=True,
+                                         logprobs=1, temperature=0.0)
+    choice = response.choices[0]
+    assert choice.text == prompt + offline.outputs[0].text
+    logprobs = choice.logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None
+    assert logprobs.tokens == [tokenizer.decode([t], skip_special_tokens=False)
+                               for t in [*ids, *offline.outputs[0].token_ids]]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None  # type: ignore
+    assert logprobs.token_logprobs[1:len(ids)] == pytest.approx(
+        [e.logprob for e in offline.prompt_logprobs[1:]], abs=1e-4)  # type: ignore[union-attr]
+
+    body = httpx.post(f"{server}/v1/completions", json={
+        "prompt": ids, "max_tokens": 2, "prompt_logprobs": 2, "temperature": 0.0}).json()
+    field = body["choices"][0]["prompt_logprobs"]
+    assert len(field) == len(ids) and field[0] is None
+    for token, entry, expected in zip(ids[1:], field[1:], offline.prompt_logprobs[1:],
+                                      strict=True):
+        assert str(token) in entry and len(entry) in (2, 3)
+        assert entry[str(token)]["logprob"] == pytest.approx(expected.logprob, abs=1e-4)
+        assert entry[str(token)]["rank"] == expected.rank
+    text = body["choices"][0]["text"]  # no echo: the output alone
+    assert text.startswith(offline.outputs[0].text) and not text.startswith(prompt)
+
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
+                                            echo=True, stream=True, temperature=0.0))
+    assert chunks[0].choices[0].text.startswith(prompt)
+    assert "".join(c.choices[0].text for c in chunks if c.choices).startswith(
+        prompt + offline.outputs[0].text)
+
+
 def test_tokenize_and_detokenize_agree_with_generation(server: str) -> None:
     # vLLM's /tokenize and /detokenize over the real tokenizer: the ids are those a completion
     # and a chat request run (their usage counts them), and decoding gives the text back.
@@ -440,7 +481,9 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     (COMPLETIONS, {"prompt": "hi", "max_tokens": 2, "min_tokens": 5}, 400),
     (COMPLETIONS, {"prompt": "hi", "response_format": {"type": "json_schema"}}, 400),
     (COMPLETIONS, {"prompt": "hi", "guided_regex": "a+"}, 400),
-    (COMPLETIONS, {"prompt": "hi", "echo": True}, 400),
+    (COMPLETIONS, {"prompt": "hi", "echo": "yes"}, 400),
+    (COMPLETIONS, {"prompt": "hi", "prompt_logprobs": 21}, 400),
+    (CHAT, {"messages": USER, "prompt_logprobs": 1}, 400),
     (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, 400),  # over --max-logprobs (20)
     (COMPLETIONS, {"prompt": "hi", "logprobs": -1}, 400),
     (COMPLETIONS, {"prompt": "hi", "stream": "yes please"}, 400),
@@ -506,7 +549,7 @@ _FIELDS = ["model", "prompt", "messages", "tokens", "add_special_tokens", "tools
            "chat_template_kwargs", "tool_choice", "max_tokens",
            "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
            "stop_token_ids", "ignore_eos", "stream",
-           "stream_options", "n", "echo", "logprobs", "top_logprobs",
+           "stream_options", "n", "echo", "logprobs", "top_logprobs", "prompt_logprobs",
            "return_tokens_as_token_ids", "include_stop_str_in_output", "user"]
 _SCALARS = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.integers(-3, 40)
             | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30)

@@ -224,3 +224,22 @@ def test_logprobs_reach_the_host_through_pinned_copies() -> None:
     output = pending.result()
     assert sorted(output.logprobs) == ["a", "c"]
     assert output.logprobs["a"].rank == 1 and len(output.logprobs["a"].top) == 5
+
+
+def test_prompt_logprobs_through_piecewise_graphs_equal_an_eager_engines(llm: LLM) -> None:
+    """Prompt logprobs read the prefill's hidden states, which the piecewise graphs produce
+    padded to a captured size; the entries must match an eager engine's to bf16 noise, and
+    the prompt is computed whole even when cached."""
+    assert llm.engine.runner.piecewise is not None
+    prompt = list(range(3000, 3400))  # one 400-token step: a piecewise graph (<= 512)
+    params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=5)
+    llm.generate([prompt], SamplingParams(max_tokens=1))  # cache the prompt first
+    graphed = llm.generate([prompt], params)[0]
+    assert graphed.num_cached_tokens == 0
+    eager = LLM(MODEL, dtype="bfloat16", enforce_eager=True, num_gpu_blocks_override=256,
+                max_model_len=1024).generate([prompt], params)[0]
+    assert graphed.prompt_logprobs is not None and eager.prompt_logprobs is not None
+    assert len(graphed.prompt_logprobs) == len(prompt) and graphed.prompt_logprobs[0] is None
+    diffs = [abs(g.logprob - e.logprob) for g, e in  # type: ignore[union-attr]
+             zip(graphed.prompt_logprobs[1:], eager.prompt_logprobs[1:], strict=True)]
+    assert max(diffs) < 0.1 and sum(diffs) / len(diffs) < 0.02

@@ -27,6 +27,7 @@ from kvtier.server.protocol import (
     ChatLogprobContent,
     CompletionLogprobs,
     CompletionRequest,
+    PromptLogprob,
 )
 from kvtier.types import TokenLogprobs
 
@@ -77,6 +78,25 @@ class LogprobsFormat:
                               for token, logprob in entry.top[:self.num_top]])
             for entry in entries])
 
+    def echoed_prompt(self, token_ids: list[int], entries: list[TokenLogprobs | None],
+                      ) -> tuple[CompletionLogprobs, int]:
+        """Completions with `echo`: the prompt's tokens lead the lists, the first with null
+        logprobs (nothing predicts it), as OpenAI's and vLLM's; returns the offset after it."""
+        result, text_offset = CompletionLogprobs(), 0
+        for token_id, entry in zip(token_ids, entries, strict=True):
+            result.tokens.append(self.name(token_id))
+            result.text_offset.append(text_offset)
+            text_offset += len(self.strings.text(token_id))
+            if entry is None:
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
+            top = {self.name(t): _finite(lp) for t, lp in entry.top[:self.num_top]}
+            top[result.tokens[-1]] = _finite(entry.logprob)
+            result.token_logprobs.append(_finite(entry.logprob))
+            result.top_logprobs.append(top)
+        return result, text_offset
+
     def completion(self, entries: list[TokenLogprobs], text_offset: int = 0,
                    ) -> tuple[CompletionLogprobs, int]:
         """The entries' logprobs, offsets counted from `text_offset`; returns them and the
@@ -98,6 +118,32 @@ def _finite(logprob: float) -> float:
     return max(logprob, MIN_LOGPROB)
 
 
+def joined(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
+    """Two runs of tokens' logprobs as one (an echoed prompt, then the output)."""
+    return CompletionLogprobs(
+        text_offset=first.text_offset + second.text_offset,
+        token_logprobs=first.token_logprobs + second.token_logprobs,
+        tokens=first.tokens + second.tokens, top_logprobs=first.top_logprobs + second.top_logprobs)
+
+
+def vllm_prompt_logprobs(strings: TokenStrings, entries: list[TokenLogprobs | None],
+                         ) -> list[dict[int, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs` field: per prompt token, {token id: logprob, rank, text} for
+    the top k (ranks 1..k) and the prompt token itself (its own rank)."""
+    result: list[dict[int, PromptLogprob] | None] = []
+    for entry in entries:
+        if entry is None:
+            result.append(None)
+            continue
+        found = {token: PromptLogprob(logprob=_finite(lp), rank=rank,
+                                      decoded_token=strings.text(token))
+                 for rank, (token, lp) in enumerate(entry.top, start=1)}
+        found[entry.token_id] = PromptLogprob(logprob=_finite(entry.logprob), rank=entry.rank,
+                                              decoded_token=strings.text(entry.token_id))
+        result.append(found)
+    return result
+
+
 def requested_top(body: CompletionRequest | ChatCompletionRequest,
                   max_logprobs: int) -> int | None:
     """How many most likely tokens a request's logprobs list at each position (None: it asks
@@ -110,7 +156,22 @@ def requested_top(body: CompletionRequest | ChatCompletionRequest,
         if body.top_logprobs and not body.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs set to true", param=param)
         asked = (body.top_logprobs or 0) if body.logprobs else None
+    _check_cap(param, asked, max_logprobs)
+    return asked
+
+
+def requested_prompt_top(body: CompletionRequest, max_logprobs: int) -> int | None:
+    """How many most likely tokens to list at each prompt position (None: no prompt
+    logprobs): `prompt_logprobs`, or with `echo` the `logprobs` the echoed tokens need."""
+    asked = body.prompt_logprobs
+    if asked is None and body.echo and body.logprobs is not None:
+        asked = body.logprobs
+    _check_cap("prompt_logprobs" if body.prompt_logprobs is not None else "logprobs", asked,
+               max_logprobs)
+    return asked
+
+
+def _check_cap(param: str, asked: int | None, max_logprobs: int) -> None:
     if asked is not None and asked > max_logprobs:
         raise OpenAIError(400, f"{param} {asked} is more than this server's max_logprobs "
                           f"{max_logprobs} (--max-logprobs)", param=param)
-    return asked

@@ -72,7 +72,6 @@ class _SamplingFields(_Request):
     logits_processors: list[Any] | None = Field(None, description="Not supported.")
     bad_words: list[str] | None = Field(None, description="Not supported.")
     allowed_token_ids: list[int] | None = Field(None, description="Not supported.")
-    prompt_logprobs: int | None = Field(None, description="Not supported.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported.")
     return_tokens_as_token_ids: bool = Field(False, description="vLLM's: logprobs name "
                                                                  "tokens 'token_id:<id>'.")
@@ -88,7 +87,11 @@ class CompletionRequest(_SamplingFields):
 
     prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
     max_tokens: int | None = Field(16, ge=1)
-    echo: bool | None = Field(False, description="Must be false.")
+    echo: StrictBool | None = Field(False, description="Prepend the prompt to the text (and "
+                                                       "its tokens to the logprobs).")
+    prompt_logprobs: StrictInt | None = Field(
+        None, ge=0, description="vLLM's: each prompt token's logprob given the tokens before "
+                                "it, and this many most likely tokens'.")
     logprobs: StrictInt | None = Field(None, ge=0, description="Log-probabilities of each "
                                        "output token and of this many most likely tokens at "
                                        "its position.")
@@ -134,6 +137,7 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
                                                           "is opened.")
     continue_final_message: bool = Field(False, description="Not supported.")
     echo: bool = Field(False, description="Not supported.")
+    prompt_logprobs: int | None = Field(None, description="Not supported.")
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; still read.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens.")
     logprobs: StrictBool | None = Field(False, description="Log-probabilities of each output "
@@ -200,15 +204,12 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
         ("bad_words", bool(body.bad_words), "bad_words is not supported"),
         ("allowed_token_ids", body.allowed_token_ids is not None,
          "allowed_token_ids is not supported"),
-        ("prompt_logprobs", body.prompt_logprobs is not None,
-         "prompt_logprobs is not supported"),
         ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
         ("stream_options", body.stream_options is not None and not body.stream,
          "stream_options can only be set when stream is true"),
     ]
     if isinstance(body, CompletionRequest):
         checks += [
-            ("echo", bool(body.echo), "echo is not supported (must be false)"),
             ("best_of", body.best_of not in (None, body.n),
              "best_of must equal n: kvtier does not rank extra samples"),
             ("suffix", body.suffix is not None, "suffix is not supported"),
@@ -226,6 +227,8 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
             ("continue_final_message", body.continue_final_message,
              "continue_final_message is not supported"),
             ("echo", body.echo, "echo is not supported"),
+            ("prompt_logprobs", body.prompt_logprobs is not None,
+             "prompt_logprobs is not supported in chat completions"),
         ]
     return next(((param, message) for param, bad, message in checks if bad), None)
 
@@ -269,6 +272,14 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatLogprobContent] | None = None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one token's entry in `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
@@ -276,6 +287,8 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     """vLLM's extra: the stop string or stop token id that ended the output, if any."""
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+    """vLLM's extra: per prompt token (None for the first), its entry and the top k's."""
 
 
 class CompletionResponse(BaseModel):

@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from kvtier.engine.async_engine import RequestAbortedError, RequestStream
 from kvtier.server.errors import from_engine_error
-from kvtier.server.logprobs import LogprobsFormat
+from kvtier.server.logprobs import LogprobsFormat, TokenStrings, joined, vllm_prompt_logprobs
 from kvtier.server.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChunk,
@@ -47,6 +47,10 @@ class ResponseContext:
     include_usage: bool
     logprobs: LogprobsFormat | None = None
     """Set when the request asked for logprobs."""
+    echo: str | None = None
+    """Completions with `echo`: the prompt's text, which leads each choice's text."""
+    prompt_logprobs: TokenStrings | None = None
+    """Set when the request asked for vLLM's `prompt_logprobs` field (names its tokens)."""
 
 
 class SSEResponse(StreamingResponse):
@@ -62,12 +66,30 @@ class SSEResponse(StreamingResponse):
                 await aclose()
 
 
-def completion_logprobs(ctx: ResponseContext,
-                        output: RequestOutput) -> CompletionLogprobs | None:
-    entries = output.outputs[0].logprobs
-    if ctx.logprobs is None or entries is None:
-        return None
-    return ctx.logprobs.completion(entries)[0]
+def completion_choice(ctx: ResponseContext, index: int, output: RequestOutput,
+                      text: str, new_logprobs: list[TokenLogprobs] | None, text_offset: int,
+                      first: bool) -> tuple[CompletionChoice, int]:
+    """A completions choice (a whole response's, or a stream chunk's) with `text` and the
+    logprobs of `new_logprobs` from `text_offset`; the choice's `first` chunk (or the whole
+    response) leads with the echoed prompt and carries the prompt logprobs. Returns it and
+    the text offset after its tokens."""
+    completion = output.outputs[0]
+    logprobs: CompletionLogprobs | None = None
+    prompt_field = None
+    if first and ctx.echo is not None:
+        text = ctx.echo + text
+        if ctx.logprobs is not None and output.prompt_logprobs is not None:
+            logprobs, text_offset = ctx.logprobs.echoed_prompt(output.prompt_token_ids,
+                                                               output.prompt_logprobs)
+    if ctx.logprobs is not None and new_logprobs is not None:
+        generated, text_offset = ctx.logprobs.completion(new_logprobs, text_offset)
+        logprobs = generated if logprobs is None else joined(logprobs, generated)
+    if first and ctx.prompt_logprobs is not None and output.prompt_logprobs is not None:
+        prompt_field = vllm_prompt_logprobs(ctx.prompt_logprobs, output.prompt_logprobs)
+    choice = CompletionChoice(index=index, text=text, logprobs=logprobs,
+                              finish_reason=completion.finish_reason,
+                              stop_reason=completion.stop_reason, prompt_logprobs=prompt_field)
+    return choice, text_offset
 
 
 def chat_logprobs(ctx: ResponseContext, entries: list[TokenLogprobs] | None,
@@ -143,19 +165,15 @@ async def completion_events(streams: list[RequestStream],
     try:
         async with contextlib.aclosing(merged(streams)) as outputs:
             async for index, output in outputs:
+                first = index not in last
                 last[index] = output
-                completion = output.outputs[0]
-                logprobs = None
-                if ctx.logprobs is not None and output.new_logprobs:
-                    logprobs, text_offsets[index] = ctx.logprobs.completion(
-                        output.new_logprobs, text_offsets.get(index, 0))
-                if output.new_text or output.finished or logprobs is not None:
-                    yield sse(CompletionChunk(
-                        id=ctx.response_id, created=ctx.created, model=ctx.model,
-                        choices=[CompletionChoice(index=index, text=output.new_text,
-                                                  logprobs=logprobs,
-                                                  finish_reason=completion.finish_reason,
-                                                  stop_reason=completion.stop_reason)]), ctx)
+                choice, text_offsets[index] = completion_choice(
+                    ctx, index, output, output.new_text, output.new_logprobs or None,
+                    text_offsets.get(index, 0), first)
+                if (first or output.new_text or output.finished
+                        or choice.logprobs is not None):
+                    yield sse(CompletionChunk(id=ctx.response_id, created=ctx.created,
+                                              model=ctx.model, choices=[choice]), ctx)
     except RequestAbortedError as exc:
         yield error_event(exc)
     else:

@@ -22,13 +22,17 @@ from starlette.responses import Response
 
 from kvtier.engine.async_engine import AsyncEngine, RequestStream
 from kvtier.server.errors import OpenAIError, from_engine_error
-from kvtier.server.logprobs import LogprobsFormat, TokenStrings, requested_top
+from kvtier.server.logprobs import (
+    LogprobsFormat,
+    TokenStrings,
+    requested_prompt_top,
+    requested_top,
+)
 from kvtier.server.protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatResponseMessage,
-    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
@@ -42,8 +46,8 @@ from kvtier.server.responses import (
     SSEResponse,
     chat_events,
     chat_logprobs,
+    completion_choice,
     completion_events,
-    completion_logprobs,
     usage_of,
 )
 from kvtier.types import InvalidRequestError, RequestOutput, SamplingParams
@@ -78,27 +82,33 @@ class OpenAIServing:
         arrival = time.monotonic()
         model = self._check(body)
         num_top = requested_top(body, self.max_logprobs)
+        num_prompt_top = requested_prompt_top(body, self.max_logprobs)
         prompt = _single_prompt(body.prompt)
         if isinstance(prompt, str):
             token_ids = await self._run(self._tokenizer.encode, prompt, param="prompt")
         else:
             token_ids = prompt
         params = self._params(body, body.max_tokens or 16, len(token_ids), "prompt",
-                              explicit=body.max_tokens is not None, logprobs=num_top)
+                              explicit=body.max_tokens is not None, logprobs=num_top,
+                              prompt_logprobs=num_prompt_top)
+        echo = None
+        if body.echo:
+            echo = prompt if isinstance(prompt, str) else await self._off_loop(
+                self._tokenizer.decode, token_ids, param="prompt")
         ctx, headers = _context(request, "cmpl", model, body.include_usage,
                                 self._logprobs_format(body, num_top))
+        ctx = dataclasses.replace(ctx, echo=echo, prompt_logprobs=(
+            self._token_strings if body.prompt_logprobs is not None else None))
         streams = await self._add_choices(token_ids, params, arrival, ctx, body.n)
         if body.stream:
             return SSEResponse(completion_events(streams, ctx), media_type="text/event-stream",
                                headers=headers)
         outputs = await _collect(streams, request)
-        response = CompletionResponse(id=ctx.response_id, model=model, usage=usage_of(outputs),
-                                      choices=[CompletionChoice(
-                                          index=index, text=output.outputs[0].text,
-                                          finish_reason=output.outputs[0].finish_reason,
-                                          stop_reason=output.outputs[0].stop_reason,
-                                          logprobs=completion_logprobs(ctx, output))
-                                          for index, output in enumerate(outputs)])
+        response = CompletionResponse(
+            id=ctx.response_id, model=model, usage=usage_of(outputs),
+            choices=[completion_choice(ctx, index, output, output.outputs[0].text,
+                                       output.outputs[0].logprobs, 0, first=True)[0]
+                     for index, output in enumerate(outputs)])
         return Response(response.model_dump_json(), media_type="application/json",
                         headers=headers)
 
@@ -229,7 +239,8 @@ class OpenAIServing:
 
     def _params(self, body: CompletionRequest | ChatCompletionRequest, max_tokens: int,
                 num_prompt_tokens: int, param: str, explicit: bool,
-                logprobs: int | None = None) -> SamplingParams:
+                logprobs: int | None = None,
+                prompt_logprobs: int | None = None) -> SamplingParams:
         """SamplingParams with max_tokens fitted to the context (refused if asked for)."""
         room = self.max_model_len - num_prompt_tokens
         if room < 1:
@@ -256,7 +267,8 @@ class OpenAIServing:
                 frequency_penalty=body.frequency_penalty or 0.0,
                 repetition_penalty=(1.0 if body.repetition_penalty is None
                                     else body.repetition_penalty),
-                min_p=body.min_p or 0.0, min_tokens=body.min_tokens or 0, logprobs=logprobs)
+                min_p=body.min_p or 0.0, min_tokens=body.min_tokens or 0, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs)
         except InvalidRequestError as exc:
             # SamplingParams' messages start with the field at fault ("min_tokens must ...").
             field = str(exc).split(" ", 1)[0]

@@ -58,7 +58,8 @@ def test_completion_and_usage(engine: AsyncEngine) -> None:
     body = response.json()
     assert body["object"] == "text_completion" and body["model"] == "fake-model"
     assert body["choices"][0] == {"index": 0, "text": "t0 t1 t2 ", "logprobs": None,
-                                  "finish_reason": "length", "stop_reason": None}
+                                  "finish_reason": "length", "stop_reason": None,
+                                  "prompt_logprobs": None}
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
                              "prompt_tokens_details": {"cached_tokens": 0}}
 
@@ -100,7 +101,9 @@ def test_chat_without_max_tokens_fills_the_context(engine: AsyncEngine) -> None:
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": "x", "n": 0}, "n"), ({"prompt": "x", "n": 2, "best_of": 3}, "best_of"),
-    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "echo": 1}, "echo"),
+    ({"prompt": "x", "prompt_logprobs": 99}, "prompt_logprobs"),
+    ({"prompt": "x", "echo": True, "logprobs": 99}, "logprobs"),
     ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
     ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),

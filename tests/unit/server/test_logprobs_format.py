@@ -9,7 +9,13 @@ from pydantic import ValidationError
 
 from kvtier.model.tokenizer import Tokenizer
 from kvtier.server.errors import OpenAIError
-from kvtier.server.logprobs import MIN_LOGPROB, LogprobsFormat, TokenStrings, requested_top
+from kvtier.server.logprobs import (
+    MIN_LOGPROB,
+    LogprobsFormat,
+    TokenStrings,
+    requested_top,
+    vllm_prompt_logprobs,
+)
 from kvtier.server.protocol import ChatCompletionRequest, CompletionRequest
 from kvtier.types import TokenLogprobs
 from kvtier.utils.resources import find_package_file
@@ -90,3 +96,22 @@ def test_logprobs_fields_of_the_wrong_type_are_refused_not_coerced(body: dict) -
     model = CompletionRequest if "prompt" in body else ChatCompletionRequest
     with pytest.raises(ValidationError):
         model.model_validate(body)
+
+
+def test_an_echoed_prompt_leads_with_a_null_entry_and_vllms_field_lists_ranks(
+        strings: TokenStrings) -> None:
+    tokenizer = strings._tokenizer
+    hello, world, bang = tokenizer.encode("Hello world!", add_special_tokens=False)
+    entries = [None, TokenLogprobs(world, -1.5, 4, ((bang, -0.5), (hello, -1.0))),
+               TokenLogprobs(bang, -0.25, 1, ((bang, -0.25),))]
+    logprobs, end = LogprobsFormat(strings, num_top=1).echoed_prompt([hello, world, bang],
+                                                                     entries)
+    assert logprobs.tokens == ["Hello", " world", "!"] and end == 12
+    assert logprobs.token_logprobs == [None, -1.5, -0.25]
+    assert logprobs.top_logprobs == [None, {"!": -0.5, " world": -1.5}, {"!": -0.25}]
+    assert logprobs.text_offset == [0, 5, 11]
+    field = vllm_prompt_logprobs(strings, entries)
+    assert field[0] is None and field[1] is not None and field[2] is not None
+    assert {t: (e.rank, e.decoded_token) for t, e in field[1].items()} == {
+        bang: (1, "!"), hello: (2, "Hello"), world: (4, " world")}
+    assert list(field[2]) == [bang] and field[2][bang].rank == 1

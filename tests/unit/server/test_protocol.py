@@ -44,7 +44,7 @@ def test_unknown_fields_ignored_and_defaults() -> None:
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_fields_we_cannot_honour_are_refused_not_ignored(body: dict, param: str) -> None:
