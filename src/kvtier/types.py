@@ -246,7 +246,8 @@ class RequestOutput:
     """Logprobs of new_token_ids (when the request asked for them)."""
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     """With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first
-    (nothing predicts it), as vLLM's. Set on the first output and the final one."""
+    (nothing predicts it), as vLLM's. Set on the first output and the final one; shorter
+    only in the final output of a request aborted before its prompt was computed."""
 
     @property
     def num_cached_tokens(self) -> int:

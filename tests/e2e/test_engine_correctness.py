@@ -194,16 +194,46 @@ def test_prompt_logprobs_survive_preemption_without_duplicates() -> None:
     # their prompts; each position's entry must be there once, equal to a lone run's.
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
     prompts = [[(7 * i + j) % 900 + 10 for j in range(150)] for i in range(4)]
-    alone = LLM("random:tiny-llama", max_model_len=1024).generate([prompts[0]], params)[0]
+    roomy = _tiny_small_context()
     tight = LLM("random:tiny-llama", max_model_len=1024, num_gpu_blocks_override=24,
                 max_num_batched_tokens=64)
     outputs = tight.generate(prompts, params)
     assert tight.engine.stats.num_preemptions > 0
     for prompt, output in zip(prompts, outputs, strict=True):
         assert output.prompt_logprobs is not None and len(output.prompt_logprobs) == 150
+        alone = roomy.generate([prompt], params)[0].prompt_logprobs
+        assert alone is not None
         assert [e.token_id for e in output.prompt_logprobs[1:]] == prompt[1:]  # type: ignore
-    assert [e.logprob for e in outputs[0].prompt_logprobs[1:]] == pytest.approx(  # type: ignore
-        [e.logprob for e in alone.prompt_logprobs[1:]], abs=1e-4)  # type: ignore
+        assert [e.logprob for e in output.prompt_logprobs[1:]] == pytest.approx(  # type: ignore
+            [e.logprob for e in alone[1:]], abs=1e-4)  # type: ignore[union-attr]
+
+
+def test_prompt_logprobs_of_a_step_longer_than_one_slice_equal_chunked_ones() -> None:
+    # A 700-token prompt in one step is scored in three 256-row slices; 48-token chunks
+    # score it one slice each. The entries must agree (no slice reads another's targets).
+    prompt = [(13 * j) % 900 + 10 for j in range(700)]
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2)
+    whole = _tiny_small_context().generate([prompt], params)[0].prompt_logprobs
+    chunked = LLM("random:tiny-llama", max_model_len=1024, max_num_batched_tokens=48).generate(
+        [prompt], params)[0].prompt_logprobs
+    assert whole is not None and chunked is not None and len(whole) == 700
+    for a, b in zip(whole[1:], chunked[1:], strict=True):
+        assert a is not None and b is not None and a.token_id == b.token_id
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert abs(a.rank - b.rank) <= max(2, a.rank // 100)  # near-ties may reorder
+        assert [lp for _, lp in a.top] == pytest.approx([lp for _, lp in b.top], abs=1e-4)
+
+
+def test_prompts_scored_with_a_shared_preamble_are_prefilled_together() -> None:
+    # Requests scoring their prompts take no cache hit, so they must not wait for each other
+    # to compute a shared preamble (one step for all four, not one each).
+    llm = _tiny_small_context()
+    preamble = list(range(100, 164))
+    prompts = [preamble + [200 + i, 300 + i] for i in range(4)]
+    steps = llm.engine.stats.num_steps
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0))
+    assert llm.engine.stats.num_steps - steps == 1
+    assert all(len(o.prompt_logprobs or []) == 66 for o in outputs)
 
 
 def test_logprobs_go_to_their_own_requests_in_a_mixed_batch() -> None:

@@ -309,6 +309,12 @@ def test_echo_and_prompt_logprobs_score_the_prompt_like_the_offline_engine(
     text = body["choices"][0]["text"]  # no echo: the output alone
     assert text.startswith(offline.outputs[0].text) and not text.startswith(prompt)
 
+    special = min(tokenizer.special_token_ids)  # echoed as given: special tokens kept
+    echoed = httpx.post(f"{server}/v1/completions", json={
+        "prompt": [special, *ids], "max_tokens": 1, "echo": True, "temperature": 0.0}).json()
+    assert echoed["choices"][0]["text"].startswith(
+        tokenizer.decode([special, *ids], skip_special_tokens=False))
+
     chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
                                             echo=True, stream=True, temperature=0.0))
     assert chunks[0].choices[0].text.startswith(prompt)

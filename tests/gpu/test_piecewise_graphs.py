@@ -218,9 +218,9 @@ def test_logprobs_reach_the_host_through_pinned_copies() -> None:
     tokens = Sampler(logits.device, seed=0).sample_async(logits, ["a", "b", "c"], params)
     logprobs.attach(tokens)
     pending = PendingOutput(["a", "b", "c"], tokens, logprobs)
-    assert logprobs.values is not None and logprobs.values.is_pinned()
-    assert logprobs.ranks is not None and logprobs.ranks.is_pinned()
-    assert logprobs.top_ids.is_pinned()
+    scores = logprobs.scores
+    assert scores is not None and scores.values.is_pinned()
+    assert scores.ranks.is_pinned() and scores.top_ids.is_pinned()
     output = pending.result()
     assert sorted(output.logprobs) == ["a", "c"]
     assert output.logprobs["a"].rank == 1 and len(output.logprobs["a"].top) == 5

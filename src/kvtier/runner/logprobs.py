@@ -13,6 +13,7 @@ event the step's one synchronisation waits on; `per_row` / `per_request` then re
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -20,52 +21,72 @@ from kvtier.types import SamplingParams, ScheduledRequest, TokenLogprobs
 from kvtier.utils.device import upload_ids as _upload
 
 
-class StepLogprobs:
-    """Logprobs of one step's rows that asked for them: computed on the logits' device when
-    the step is launched, completed with the sampled tokens, then copied to the host with
-    them (no synchronisation of their own)."""
+@dataclass
+class _Scores:
+    """Scored tokens of m rows: on the device, then (after `to_host_async` and the step's
+    event) in pinned host memory."""
 
-    def __init__(self, logits: torch.Tensor, params: list[SamplingParams]) -> None:
-        self.rows = [row for row, p in enumerate(params) if p.logprobs is not None]
-        self.num_top = [params[row].logprobs or 0 for row in self.rows]
-        self._index = _upload(self.rows, logits.device)
-        # float32 (m, vocab): kept until the tokens are known, for their logprob and rank.
-        self._logprobs: torch.Tensor | None = (
-            logits.index_select(0, self._index).float().log_softmax(-1))
-        k = min(max(self.num_top), logits.shape[-1])
-        top = self._logprobs.topk(k, dim=-1)
-        self._top_values = top.values
-        self.values: torch.Tensor | None = None
-        """(m, 1 + k) float32: the sampled token's logprob, then the top k's."""
-        self.top_ids: torch.Tensor = top.indices
-        """(m, k) int64: the top k's ids, most likely first."""
-        self.ranks: torch.Tensor | None = None
-        """(m,) int64: how many tokens are at least as likely as the sampled one."""
-
-    def attach(self, tokens: torch.Tensor) -> None:
-        """The sampled tokens' logprobs and ranks; the full rows are dropped."""
-        assert self._logprobs is not None, "attach() once"
-        sampled = tokens.index_select(0, self._index)
-        chosen = self._logprobs.gather(1, sampled[:, None])
-        self.ranks = (self._logprobs >= chosen).sum(dim=-1)
-        self.values = torch.cat([chosen, self._top_values], dim=1)
-        self._logprobs = None
+    values: torch.Tensor
+    """(m, 1 + k) float32: the scored token's logprob, then the top k's."""
+    ranks: torch.Tensor
+    """(m,) int64: how many tokens are at least as likely as the scored one."""
+    top_ids: torch.Tensor
+    """(m, k) int64: the top k's ids, most likely first."""
 
     def to_host_async(self) -> None:
         """Start the copies to pinned host memory (CUDA); the caller records the event."""
-        assert self.values is not None and self.ranks is not None, "attach() first"
         if self.values.is_cuda:
             self.values = _pinned_copy(self.values)
             self.ranks = _pinned_copy(self.ranks)
             self.top_ids = _pinned_copy(self.top_ids)
 
+    def entries(self, token_ids: list[int], num_top: list[int]) -> list[TokenLogprobs]:
+        """Row i's TokenLogprobs for token_ids[i] with its num_top[i] best, once copied."""
+        values, ranks, ids = self.values.tolist(), self.ranks.tolist(), self.top_ids.tolist()
+        return [TokenLogprobs(token_id=token, logprob=values[i][0], rank=ranks[i],
+                              top=tuple(zip(ids[i][:k], values[i][1:1 + k], strict=True)))
+                for i, (token, k) in enumerate(zip(token_ids, num_top, strict=True))]
+
+
+def _score(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> _Scores:
+    """logprobs: (m, vocab) float32 log-softmax rows; token_ids: (m,) the token each row
+    scores; k: how many of the best to keep."""
+    chosen = logprobs.gather(1, token_ids[:, None])
+    top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    return _Scores(values=torch.cat([chosen, top.values], dim=1),
+                   ranks=(logprobs >= chosen).sum(dim=-1), top_ids=top.indices)
+
+
+class StepLogprobs:
+    """Logprobs of one step's rows that asked for them: taken from the logits when the step
+    is launched, scored once the tokens are sampled, then copied to the host with them (no
+    synchronisation of their own)."""
+
+    def __init__(self, logits: torch.Tensor, params: list[SamplingParams]) -> None:
+        self.rows = [row for row, p in enumerate(params) if p.logprobs is not None]
+        self.num_top = [params[row].logprobs or 0 for row in self.rows]
+        self._index = _upload(self.rows, logits.device)
+        # float32 (m, vocab): kept until the tokens are known.
+        self._logprobs: torch.Tensor | None = (
+            logits.index_select(0, self._index).float().log_softmax(-1))
+        self.scores: _Scores | None = None
+
+    def attach(self, tokens: torch.Tensor) -> None:
+        """Score the sampled tokens; the full rows are dropped."""
+        assert self._logprobs is not None, "attach() once"
+        self.scores = _score(self._logprobs, tokens.index_select(0, self._index),
+                             max(self.num_top))
+        self._logprobs = None
+
+    def to_host_async(self) -> None:
+        assert self.scores is not None, "attach() first"
+        self.scores.to_host_async()
+
     def per_row(self, tokens: list[int]) -> dict[int, TokenLogprobs]:
         """Row -> its TokenLogprobs, once the copies are done; tokens: the step's samples."""
-        assert self.values is not None and self.ranks is not None
-        values, ranks, ids = self.values.tolist(), self.ranks.tolist(), self.top_ids.tolist()
-        return {row: TokenLogprobs(token_id=tokens[row], logprob=values[i][0], rank=ranks[i],
-                                   top=tuple(zip(ids[i][:k], values[i][1:1 + k], strict=True)))
-                for i, (row, k) in enumerate(zip(self.rows, self.num_top, strict=True))}
+        assert self.scores is not None
+        entries = self.scores.entries([tokens[row] for row in self.rows], self.num_top)
+        return dict(zip(self.rows, entries, strict=True))
 
 
 def step_logprobs(logits: torch.Tensor, params: list[SamplingParams]) -> StepLogprobs | None:
@@ -83,8 +104,10 @@ def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 
 PROMPT_ROWS_PER_SLICE = 256
-"""Prompt rows turned into full-vocabulary logits at a time: (256, 152k) float32 is 155 MB,
-the room the memory plan keeps for a decode batch's logits."""
+"""Prompt rows turned into full-vocabulary logits at a time. A slice holds ~9 bytes per
+(row, vocabulary entry): the float32 logits, their log-softmax and the rank comparison, 350 MB
+at Qwen's 152k; `runner.memory` keeps that room."""
+PROMPT_SLICE_BYTES_PER_ENTRY = 9
 
 
 class PromptLogprobs:
@@ -111,38 +134,28 @@ class PromptLogprobs:
         row_index = _upload(rows, device)
         target_index = _upload([t for targets in self.targets for t in targets], device)
         k = max(self.num_top)
-        values, ranks, top_ids = [], [], []
+        slices = []
         for start in range(0, len(rows), PROMPT_ROWS_PER_SLICE):
             part = slice(start, start + PROMPT_ROWS_PER_SLICE)
             logprobs = compute_logits(hidden[row_index[part]]).float().log_softmax(-1)
-            chosen = logprobs.gather(1, target_index[part, None])
-            ranks.append((logprobs >= chosen).sum(dim=-1))
-            top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-            values.append(torch.cat([chosen, top.values], dim=1))
-            top_ids.append(top.indices)
-        self.values = torch.cat(values)
-        """(rows, 1 + k) float32: the prompt token's logprob, then the top k's."""
-        self.ranks = torch.cat(ranks)
-        self.top_ids = torch.cat(top_ids)
+            slices.append(_score(logprobs, target_index[part], k))
+        self.scores = _Scores(torch.cat([s.values for s in slices]),
+                              torch.cat([s.ranks for s in slices]),
+                              torch.cat([s.top_ids for s in slices]))
 
     def to_host_async(self) -> None:
-        """Start the copies to pinned host memory (CUDA); the caller records the event."""
-        if self.values.is_cuda:
-            self.values = _pinned_copy(self.values)
-            self.ranks = _pinned_copy(self.ranks)
-            self.top_ids = _pinned_copy(self.top_ids)
+        self.scores.to_host_async()
 
     def per_request(self) -> dict[str, list[TokenLogprobs]]:
         """Request id -> its entries in prompt order, once the copies are done."""
-        values, ranks, ids = self.values.tolist(), self.ranks.tolist(), self.top_ids.tolist()
+        entries = self.scores.entries(
+            [t for targets in self.targets for t in targets],
+            [k for targets, k in zip(self.targets, self.num_top, strict=True)
+             for _ in targets])
         result: dict[str, list[TokenLogprobs]] = {}
         row = 0
-        for request_id, targets, k in zip(self.request_ids, self.targets, self.num_top,
-                                          strict=True):
-            result[request_id] = [
-                TokenLogprobs(token_id=token, logprob=values[r][0], rank=ranks[r],
-                              top=tuple(zip(ids[r][:k], values[r][1:1 + k], strict=True)))
-                for r, token in enumerate(targets, start=row)]
+        for request_id, targets in zip(self.request_ids, self.targets, strict=True):
+            result[request_id] = entries[row:row + len(targets)]
             row += len(targets)
         return result
 

@@ -8,6 +8,7 @@ import torch
 
 from kvtier.config import CacheConfig, ConfigError, ModelConfig
 from kvtier.model.spec import ModelSpec
+from kvtier.runner.logprobs import PROMPT_ROWS_PER_SLICE, PROMPT_SLICE_BYTES_PER_ENTRY
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_BYTES = 2 * 1024**3
@@ -64,11 +65,13 @@ def profile_activation_bytes(model: torch.nn.Module, backend: object, device: to
     del runner
     torch.cuda.empty_cache()
     # float32 rows per decode: the graph's logits, the sampler's working copy, and the
-    # log-softmax of requests that ask for logprobs (with its rank comparison); then their top
-    # k (values and ids, twice: topk's result and the copies the host reads).
+    # log-softmax of requests that ask for logprobs (with its rank comparison), or a slice of
+    # prompt logprobs if larger; then their top k (values and ids, twice: topk's result and
+    # the copies the host reads).
     top_k = min(max(max_logprobs, 0), vocab_size)
-    return (peak + 3 * max_batch * vocab_size * 4 + max_batch * vocab_size
-            + 2 * max_batch * (1 + top_k) * (4 + 8))
+    sampling = max(3 * max_batch * vocab_size * 4 + max_batch * vocab_size,
+                   PROMPT_ROWS_PER_SLICE * vocab_size * PROMPT_SLICE_BYTES_PER_ENTRY)
+    return peak + sampling + 2 * max(max_batch, PROMPT_ROWS_PER_SLICE) * (1 + top_k) * (4 + 8)
 
 
 def plan_kv_blocks(cache: CacheConfig, spec: ModelSpec, device: torch.device,

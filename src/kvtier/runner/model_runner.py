@@ -95,7 +95,8 @@ class ModelRunner:
 
     def _can_replay(self, step: SchedulerOutput) -> bool:
         return self.graphs is not None and all(
-            len(s.token_ids) == 1 and s.sample for s in step.requests) and self.graphs.fits(
+            len(s.token_ids) == 1 and s.sample and not s.prompt_logprob_targets
+            for s in step.requests) and self.graphs.fits(
             len(step.requests), max(len(s.block_ids) for s in step.requests))
 
     def _execute_graph(self, step: SchedulerOutput) -> PendingOutput:
@@ -197,7 +198,7 @@ class PendingOutput:
         self.prompt_logprobs = prompt_logprobs
         self._copied: torch.cuda.Event | None = None
         if (tokens is not None and tokens.is_cuda) or (
-                prompt_logprobs is not None and prompt_logprobs.values.is_cuda):
+                prompt_logprobs is not None and prompt_logprobs.scores.values.is_cuda):
             # Copy now, so that `result()` waits for the tokens only, not for work enqueued
             # after them (the next step's tier stores gather blocks on the same stream).
             if tokens is not None:

@@ -360,8 +360,9 @@ class Scheduler:
         if self._admission_blocked(budget):
             return budget, True
         hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
-        if being_computed and self._next_block_being_computed(request, len(hit_blocks),
-                                                             being_computed):
+        # A request scoring its prompt takes no cache hit, so it has nothing to wait for.
+        if being_computed and request.sampling_params.prompt_logprobs is None and \
+                self._next_block_being_computed(request, len(hit_blocks), being_computed):
             self.num_deferred_shared_prefixes += 1
             return budget, False
         if (self.tiers is not None and self.kv.enable_caching

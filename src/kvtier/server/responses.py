@@ -170,8 +170,8 @@ async def completion_events(streams: list[RequestStream],
                 choice, text_offsets[index] = completion_choice(
                     ctx, index, output, output.new_text, output.new_logprobs or None,
                     text_offsets.get(index, 0), first)
-                if (first or output.new_text or output.finished
-                        or choice.logprobs is not None):
+                leads = first and (ctx.echo is not None or choice.prompt_logprobs is not None)
+                if leads or output.new_text or output.finished or choice.logprobs is not None:
                     yield sse(CompletionChunk(id=ctx.response_id, created=ctx.created,
                                               model=ctx.model, choices=[choice]), ctx)
     except RequestAbortedError as exc:

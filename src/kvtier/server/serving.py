@@ -94,7 +94,7 @@ class OpenAIServing:
         echo = None
         if body.echo:
             echo = prompt if isinstance(prompt, str) else await self._off_loop(
-                self._tokenizer.decode, token_ids, param="prompt")
+                self._tokenizer.decode, token_ids, False, param="prompt")  # specials kept
         ctx, headers = _context(request, "cmpl", model, body.include_usage,
                                 self._logprobs_format(body, num_top))
         ctx = dataclasses.replace(ctx, echo=echo, prompt_logprobs=(
