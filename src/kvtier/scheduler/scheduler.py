@@ -29,7 +29,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
 from kvtier.config import SchedulerConfig
 from kvtier.kv.manager import KVCacheManager
@@ -512,6 +511,9 @@ class Scheduler:
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
+        targets, first_row = ((), 0)
+        if request.sampling_params.prompt_logprobs is not None:
+            targets, first_row = self._prompt_logprob_targets(request, start, num_new)
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.all_token_ids[start:start + num_new],
@@ -524,21 +526,22 @@ class Scheduler:
                              if request.sampling_params.has_penalties else None),
             suppressed_token_ids=(self._suppressed(request)
                                   if request.sampling_params.min_tokens else ()),
-            **(self._prompt_logprob_targets(request, start, num_new)
-               if request.sampling_params.prompt_logprobs is not None else {}),
+            prompt_logprob_targets=targets,
+            prompt_logprob_first_row=first_row,
         )
 
     @staticmethod
-    def _prompt_logprob_targets(request: Request, start: int, num_new: int) -> dict[str, Any]:
-        """The prompt positions a chunk [start, start + num_new) scores: position p's token is
-        predicted by the row before it, the last prompt token's row predicts the first output.
-        Positions scored before a preemption are not scored again."""
+    def _prompt_logprob_targets(request: Request, start: int,
+                                num_new: int) -> tuple[tuple[int, ...], int]:
+        """The prompt tokens a chunk [start, start + num_new) scores, and the chunk row that
+        predicts the first: position p's token is predicted by the row before it, the last
+        prompt token's row predicts the first output. Positions scored before a preemption
+        are not scored again."""
         first = max(start + 1, len(request.prompt_logprobs) + 1)
         last = min(start + num_new, request.num_prompt_tokens - 1)
         if first > last:
-            return {}
-        return {"prompt_logprob_targets": tuple(request.prompt_token_ids[first:last + 1]),
-                "prompt_logprob_first_row": first - 1 - start}
+            return (), 0
+        return tuple(request.prompt_token_ids[first:last + 1]), first - 1 - start
 
     @staticmethod
     def _suppressed(request: Request) -> tuple[int, ...]:
