@@ -309,6 +309,15 @@ def test_echo_and_prompt_logprobs_score_the_prompt_like_the_offline_engine(
     text = body["choices"][0]["text"]  # no echo: the output alone
     assert text.startswith(offline.outputs[0].text) and not text.startswith(prompt)
 
+    scored = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True,
+                                       logprobs=0, temperature=0.0)  # score only, generate none
+    assert scored.choices[0].text == prompt and scored.choices[0].logprobs is not None
+    assert scored.choices[0].logprobs.token_logprobs == [None, *logprobs.token_logprobs[1:len(ids)]]
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    streamed_score = list(client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=0, echo=True, stream=True, temperature=0.0))
+    assert "".join(c.choices[0].text for c in streamed_score if c.choices) == prompt
+
     special = min(tokenizer.special_token_ids)  # echoed as given: special tokens kept
     echoed = httpx.post(f"{server}/v1/completions", json={
         "prompt": [special, *ids], "max_tokens": 1, "echo": True, "temperature": 0.0}).json()
@@ -489,6 +498,7 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     (COMPLETIONS, {"prompt": "hi", "guided_regex": "a+"}, 400),
     (COMPLETIONS, {"prompt": "hi", "echo": "yes"}, 400),
     (COMPLETIONS, {"prompt": "hi", "prompt_logprobs": 21}, 400),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, 400),  # 0 only with echo
     (CHAT, {"messages": USER, "prompt_logprobs": 1}, 400),
     (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, 400),  # over --max-logprobs (20)
     (COMPLETIONS, {"prompt": "hi", "logprobs": -1}, 400),

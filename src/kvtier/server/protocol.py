@@ -86,7 +86,8 @@ class CompletionRequest(_SamplingFields):
     """POST /v1/completions. `prompt` is text, token ids, or a one-element list of either."""
 
     prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt, "
+                                                        "generate nothing.")
     echo: StrictBool | None = Field(False, description="Prepend the prompt to the text (and "
                                                        "its tokens to the logprobs).")
     prompt_logprobs: StrictInt | None = Field(

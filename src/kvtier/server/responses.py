@@ -49,6 +49,8 @@ class ResponseContext:
     """Set when the request asked for logprobs."""
     echo: str | None = None
     """Completions with `echo`: the prompt's text, which leads each choice's text."""
+    echo_only: bool = False
+    """Completions with `echo` and max_tokens 0: the sampled token is left out."""
     prompt_logprobs: TokenStrings | None = None
     """Set when the request asked for vLLM's `prompt_logprobs` field (names its tokens)."""
 
@@ -76,6 +78,8 @@ def completion_choice(ctx: ResponseContext, index: int, output: RequestOutput,
     completion = output.outputs[0]
     logprobs: CompletionLogprobs | None = None
     prompt_field = None
+    if ctx.echo_only:
+        text, new_logprobs = "", None
     if first and ctx.echo is not None:
         text = ctx.echo + text
         if ctx.logprobs is not None and output.prompt_logprobs is not None:
@@ -99,10 +103,12 @@ def chat_logprobs(ctx: ResponseContext, entries: list[TokenLogprobs] | None,
     return ctx.logprobs.chat(entries)
 
 
-def usage_of(outputs: list[RequestOutput]) -> Usage:
-    """The prompt once, the completions of every choice."""
+def usage_of(outputs: list[RequestOutput], generated: bool = True) -> Usage:
+    """The prompt once, the completions of every choice (none when `generated` is false:
+    the prompt was only scored)."""
     num_prompt = len(outputs[0].prompt_token_ids)
-    num_completion = sum(len(output.outputs[0].token_ids) for output in outputs)
+    num_completion = (sum(len(output.outputs[0].token_ids) for output in outputs)
+                      if generated else 0)
     return Usage(prompt_tokens=num_prompt, completion_tokens=num_completion,
                  total_tokens=num_prompt + num_completion,
                  prompt_tokens_details=PromptTokensDetails(
@@ -179,7 +185,8 @@ async def completion_events(streams: list[RequestStream],
     else:
         if ctx.include_usage and last:
             yield sse(CompletionChunk(id=ctx.response_id, created=ctx.created, model=ctx.model,
-                                      choices=[], usage=usage_of(list(last.values()))), ctx)
+                                      choices=[], usage=usage_of(list(last.values()),
+                                                                 not ctx.echo_only)), ctx)
     yield DONE
 
 

@@ -88,7 +88,14 @@ class OpenAIServing:
             token_ids = await self._run(self._tokenizer.encode, prompt, param="prompt")
         else:
             token_ids = prompt
-        params = self._params(body, body.max_tokens or 16, len(token_ids), "prompt",
+        # echo with max_tokens 0 scores the prompt only (vLLM's "echo without generation"):
+        # the engine still samples one token, which the response leaves out.
+        echo_only = body.max_tokens == 0
+        if echo_only and not body.echo:
+            raise OpenAIError(400, "max_tokens must be at least 1 (0 only with echo)",
+                              param="max_tokens")
+        max_tokens = 1 if echo_only else 16 if body.max_tokens is None else body.max_tokens
+        params = self._params(body, max_tokens, len(token_ids), "prompt",
                               explicit=body.max_tokens is not None, logprobs=num_top,
                               prompt_logprobs=num_prompt_top)
         echo = None
@@ -97,7 +104,7 @@ class OpenAIServing:
                 self._tokenizer.decode, token_ids, False, param="prompt")  # specials kept
         ctx, headers = _context(request, "cmpl", model, body.include_usage,
                                 self._logprobs_format(body, num_top))
-        ctx = dataclasses.replace(ctx, echo=echo, prompt_logprobs=(
+        ctx = dataclasses.replace(ctx, echo=echo, echo_only=echo_only, prompt_logprobs=(
             self._token_strings if body.prompt_logprobs is not None else None))
         streams = await self._add_choices(token_ids, params, arrival, ctx, body.n)
         if body.stream:
@@ -105,7 +112,7 @@ class OpenAIServing:
                                headers=headers)
         outputs = await _collect(streams, request)
         response = CompletionResponse(
-            id=ctx.response_id, model=model, usage=usage_of(outputs),
+            id=ctx.response_id, model=model, usage=usage_of(outputs, not echo_only),
             choices=[completion_choice(ctx, index, output, output.outputs[0].text,
                                        output.outputs[0].logprobs, 0, first=True)[0]
                      for index, output in enumerate(outputs)])

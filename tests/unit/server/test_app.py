@@ -101,7 +101,7 @@ def test_chat_without_max_tokens_fills_the_context(engine: AsyncEngine) -> None:
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": "x", "n": 0}, "n"), ({"prompt": "x", "n": 2, "best_of": 3}, "best_of"),
-    ({"prompt": "x", "echo": 1}, "echo"),
+    ({"prompt": "x", "echo": 1}, "echo"), ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "prompt_logprobs": 99}, "prompt_logprobs"),
     ({"prompt": "x", "echo": True, "logprobs": 99}, "logprobs"),
     ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "y"}, "suffix"),
