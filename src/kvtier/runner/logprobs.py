@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtier.types import SamplingParams, ScheduledRequest, TokenLogprobs
+from kvtier.utils.device import pinned_copy
 from kvtier.utils.device import upload_ids as _upload
 
 
@@ -36,9 +37,9 @@ class _Scores:
     def to_host_async(self) -> None:
         """Start the copies to pinned host memory (CUDA); the caller records the event."""
         if self.values.is_cuda:
-            self.values = _pinned_copy(self.values)
-            self.ranks = _pinned_copy(self.ranks)
-            self.top_ids = _pinned_copy(self.top_ids)
+            self.values = pinned_copy(self.values)
+            self.ranks = pinned_copy(self.ranks)
+            self.top_ids = pinned_copy(self.top_ids)
 
     def entries(self, token_ids: list[int], num_top: list[int]) -> list[TokenLogprobs]:
         """Row i's TokenLogprobs for token_ids[i] with its num_top[i] best, once copied."""
@@ -95,12 +96,6 @@ def step_logprobs(logits: torch.Tensor, params: list[SamplingParams]) -> StepLog
     if all(p.logprobs is None for p in params):
         return None
     return StepLogprobs(logits, params)
-
-
-def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    return host
 
 
 PROMPT_ROWS_PER_SLICE = 256

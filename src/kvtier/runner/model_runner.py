@@ -19,7 +19,7 @@ from kvtier.runner.logprobs import PromptLogprobs, StepLogprobs, prompt_logprobs
 from kvtier.runner.piecewise_graph import PiecewiseGraphs
 from kvtier.runner.sampler import Sampler
 from kvtier.types import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from kvtier.utils.device import upload, upload_ids
+from kvtier.utils.device import pinned_copy, upload, upload_ids
 
 
 class ModelRunner:
@@ -202,8 +202,7 @@ class PendingOutput:
             # Copy now, so that `result()` waits for the tokens only, not for work enqueued
             # after them (the next step's tier stores gather blocks on the same stream).
             if tokens is not None:
-                self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-                self.tokens.copy_(tokens, non_blocking=True)
+                self.tokens = pinned_copy(tokens)
             if logprobs is not None:
                 logprobs.to_host_async()
             if prompt_logprobs is not None:

@@ -16,6 +16,7 @@ piece reads U+FFFD), it drifts from the offsets in the output text.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -78,13 +79,16 @@ class LogprobsFormat:
                               for token, logprob in entry.top[:self.num_top]])
             for entry in entries])
 
-    def echoed_prompt(self, token_ids: list[int], entries: list[TokenLogprobs | None],
-                      ) -> tuple[CompletionLogprobs, int]:
-        """Completions with `echo`: the prompt's tokens lead the lists, the first with null
-        logprobs (nothing predicts it), as OpenAI's and vLLM's; returns the offset after it."""
-        result, text_offset = CompletionLogprobs(), 0
+    def completion(self, token_ids: list[int], entries: Sequence[TokenLogprobs | None],
+                   text_offset: int = 0) -> tuple[CompletionLogprobs, int]:
+        """Token i's logprobs from entries[i], offsets counted from `text_offset`; an echoed
+        prompt's first token has no entry (nothing predicts it) and gets nulls, as in OpenAI's
+        and vLLM's responses. Returns them and the offset after the last token (where a
+        stream's next chunk starts)."""
+        result = CompletionLogprobs()
         for token_id, entry in zip(token_ids, entries, strict=True):
-            result.tokens.append(self.name(token_id))
+            token = self.name(token_id)
+            result.tokens.append(token)
             result.text_offset.append(text_offset)
             text_offset += len(self.strings.text(token_id))
             if entry is None:
@@ -92,38 +96,14 @@ class LogprobsFormat:
                 result.top_logprobs.append(None)
                 continue
             top = {self.name(t): _finite(lp) for t, lp in entry.top[:self.num_top]}
-            top[result.tokens[-1]] = _finite(entry.logprob)
+            top[token] = _finite(entry.logprob)  # on a name clash, the scored token's value
             result.token_logprobs.append(_finite(entry.logprob))
             result.top_logprobs.append(top)
-        return result, text_offset
-
-    def completion(self, entries: list[TokenLogprobs], text_offset: int = 0,
-                   ) -> tuple[CompletionLogprobs, int]:
-        """The entries' logprobs, offsets counted from `text_offset`; returns them and the
-        offset after the last token (where a stream's next chunk starts)."""
-        result = CompletionLogprobs()
-        for entry in entries:
-            token = self.name(entry.token_id)
-            top = {self.name(t): _finite(lp) for t, lp in entry.top[:self.num_top]}
-            top[token] = _finite(entry.logprob)  # on a name clash, the sampled token's value
-            result.tokens.append(token)
-            result.token_logprobs.append(_finite(entry.logprob))
-            result.top_logprobs.append(top)
-            result.text_offset.append(text_offset)
-            text_offset += len(self.strings.text(entry.token_id))
         return result, text_offset
 
 
 def _finite(logprob: float) -> float:
     return max(logprob, MIN_LOGPROB)
-
-
-def joined(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
-    """Two runs of tokens' logprobs as one (an echoed prompt, then the output)."""
-    return CompletionLogprobs(
-        text_offset=first.text_offset + second.text_offset,
-        token_logprobs=first.token_logprobs + second.token_logprobs,
-        tokens=first.tokens + second.tokens, top_logprobs=first.top_logprobs + second.top_logprobs)
 
 
 def vllm_prompt_logprobs(strings: TokenStrings, entries: list[TokenLogprobs | None],

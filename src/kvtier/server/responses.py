@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from kvtier.engine.async_engine import RequestAbortedError, RequestStream
 from kvtier.server.errors import from_engine_error
-from kvtier.server.logprobs import LogprobsFormat, TokenStrings, joined, vllm_prompt_logprobs
+from kvtier.server.logprobs import LogprobsFormat, TokenStrings, vllm_prompt_logprobs
 from kvtier.server.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChunk,
@@ -80,14 +80,17 @@ def completion_choice(ctx: ResponseContext, index: int, output: RequestOutput,
     prompt_field = None
     if ctx.echo_only:
         text, new_logprobs = "", None
+    token_ids: list[int] = []
+    entries: list[TokenLogprobs | None] = []
     if first and ctx.echo is not None:
         text = ctx.echo + text
-        if ctx.logprobs is not None and output.prompt_logprobs is not None:
-            logprobs, text_offset = ctx.logprobs.echoed_prompt(output.prompt_token_ids,
-                                                               output.prompt_logprobs)
-    if ctx.logprobs is not None and new_logprobs is not None:
-        generated, text_offset = ctx.logprobs.completion(new_logprobs, text_offset)
-        logprobs = generated if logprobs is None else joined(logprobs, generated)
+        if output.prompt_logprobs is not None:
+            token_ids, entries = list(output.prompt_token_ids), list(output.prompt_logprobs)
+    if new_logprobs is not None:
+        token_ids += [entry.token_id for entry in new_logprobs]
+        entries += new_logprobs
+    if ctx.logprobs is not None and (entries or new_logprobs is not None):
+        logprobs, text_offset = ctx.logprobs.completion(token_ids, entries, text_offset)
     if first and ctx.prompt_logprobs is not None and output.prompt_logprobs is not None:
         prompt_field = vllm_prompt_logprobs(ctx.prompt_logprobs, output.prompt_logprobs)
     choice = CompletionChoice(index=index, text=text, logprobs=logprobs,

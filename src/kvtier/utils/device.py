@@ -25,3 +25,11 @@ def upload_ids(values: Sequence[int], device: torch.device,
     if device.type == "cuda":
         return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
     return torch.tensor(values, dtype=dtype)
+
+
+def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A device tensor's copy into pinned host memory, started without blocking the host;
+    read it after an event recorded behind the copy."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host

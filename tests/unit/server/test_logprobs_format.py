@@ -49,13 +49,14 @@ def test_completion_lists_are_parallel_with_the_sampled_token_in_its_top(
         TokenLogprobs(hello, -0.1, 1, ((hello, -0.1), (world, -2.5))),
         TokenLogprobs(world, float("-inf"), 7, ((bang, -0.2), (hello, -3.0))),  # not in top
     ]
-    logprobs, end = LogprobsFormat(strings, num_top=2).completion(entries, text_offset=10)
+    logprobs, end = LogprobsFormat(strings, num_top=2).completion(
+        [e.token_id for e in entries], entries, text_offset=10)
     assert logprobs.tokens == ["Hello", " world"]
     assert logprobs.token_logprobs == [-0.1, MIN_LOGPROB]  # JSON has no -inf
     assert logprobs.text_offset == [10, 15] and end == 21
     assert logprobs.top_logprobs == [{"Hello": -0.1, " world": -2.5},
                                      {"!": -0.2, "Hello": -3.0, " world": MIN_LOGPROB}]
-    zero, _ = LogprobsFormat(strings, num_top=0).completion(entries[:1])
+    zero, _ = LogprobsFormat(strings, num_top=0).completion([hello], entries[:1])
     assert zero.top_logprobs == [{"Hello": -0.1}]  # logprobs=0: the sampled token alone
 
 
@@ -104,8 +105,8 @@ def test_an_echoed_prompt_leads_with_a_null_entry_and_vllms_field_lists_ranks(
     hello, world, bang = tokenizer.encode("Hello world!", add_special_tokens=False)
     entries = [None, TokenLogprobs(world, -1.5, 4, ((bang, -0.5), (hello, -1.0))),
                TokenLogprobs(bang, -0.25, 1, ((bang, -0.25),))]
-    logprobs, end = LogprobsFormat(strings, num_top=1).echoed_prompt([hello, world, bang],
-                                                                     entries)
+    logprobs, end = LogprobsFormat(strings, num_top=1).completion([hello, world, bang],
+                                                                  entries)
     assert logprobs.tokens == ["Hello", " world", "!"] and end == 12
     assert logprobs.token_logprobs == [None, -1.5, -0.25]
     assert logprobs.top_logprobs == [None, {"!": -0.5, " world": -1.5}, {"!": -0.25}]
