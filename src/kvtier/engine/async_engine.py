@@ -76,7 +76,7 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._sink.queue.get()
+        item = await self._sink.next()
         if isinstance(item, BaseException):
             self.finished = True
             raise item

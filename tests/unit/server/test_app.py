@@ -70,8 +70,10 @@ def test_completion_stream_format(engine: AsyncEngine) -> None:
         "stream_options": {"include_usage": True}})
     assert response.headers["content-type"].startswith("text/event-stream")
     events = sse_events(response.text)
-    assert [e["choices"][0]["text"] for e in events[:-1]] == ["t0 ", "t1 "]
-    assert [e["choices"][0]["finish_reason"] for e in events[:-1]] == [None, "length"]
+    # One chunk per step, or fewer where the stream fell behind and steps were merged.
+    choices = [e["choices"][0] for e in events[:-1]]
+    assert "".join(c["text"] for c in choices) == "t0 t1 "
+    assert [c["finish_reason"] for c in choices] == [None] * (len(choices) - 1) + ["length"]
     assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == 4
     no_usage = call(engine, "POST", "/v1/completions",
                     json={"prompt": "x", "max_tokens": 1, "stream": True})

@@ -1,0 +1,92 @@
+"""OutputSink: a lagging consumer gets queued outputs merged, in order, losing nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+from kvtier.engine.async_engine import RequestAbortedError
+from kvtier.engine.async_types import OutputSink
+from kvtier.types import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
+
+PROMPT_LOGPROBS = [None, TokenLogprobs(5, -0.5, 1, ((5, -0.5),))]
+
+
+def step_output(step: int, finished: bool = False, first: bool = False) -> RequestOutput:
+    """The output of the request's step `step`: token 100 + step, text "s<step>"."""
+    token = 100 + step
+    return RequestOutput(
+        "r", "prompt", [1, 5], [CompletionOutput(0, f"text after {step}", [token],
+                                                 "length" if finished else None)],
+        finished, RequestMetrics(arrival_time=0.0), new_text=f"s{step}",
+        new_token_ids=[token], new_logprobs=[TokenLogprobs(token, -float(step), 1)],
+        prompt_logprobs=PROMPT_LOGPROBS if first or finished else None)
+
+
+def drain(sink: OutputSink) -> list[RequestOutput | BaseException]:
+    async def take() -> list[RequestOutput | BaseException]:
+        taken = []
+        while True:
+            item = await sink.next()
+            taken.append(item)
+            if isinstance(item, BaseException) or item.finished:
+                return taken
+    return asyncio.run(take())
+
+
+def new_sink() -> OutputSink:
+    return OutputSink(asyncio.new_event_loop(), asyncio.Queue())
+
+
+def test_outputs_queued_behind_each_other_come_out_as_one() -> None:
+    sink = new_sink()
+    for step in range(4):
+        sink.queue.put_nowait(step_output(step, finished=step == 3, first=step == 0))
+    (merged,) = drain(sink)
+    assert isinstance(merged, RequestOutput)
+    assert merged.new_text == "s0s1s2s3"
+    assert merged.new_token_ids == [100, 101, 102, 103]
+    assert [e.token_id for e in merged.new_logprobs] == [100, 101, 102, 103]
+    assert merged.finished and merged.outputs[0].text == "text after 3"
+    assert merged.prompt_logprobs == PROMPT_LOGPROBS
+
+
+def test_first_output_keeps_its_prompt_logprobs_when_merged_with_later_ones() -> None:
+    sink = new_sink()
+    sink.queue.put_nowait(step_output(0, first=True))
+    sink.queue.put_nowait(step_output(1))
+    merged = asyncio.run(sink.next())
+    assert isinstance(merged, RequestOutput) and not merged.finished
+    assert merged.new_token_ids == [100, 101]
+    assert merged.prompt_logprobs == PROMPT_LOGPROBS
+
+
+def test_a_consumer_keeping_up_sees_every_step() -> None:
+    sink = new_sink()
+    seen = []
+    for step in range(3):
+        sink.queue.put_nowait(step_output(step, finished=step == 2))
+        seen.append(asyncio.run(sink.next()))
+    assert [o.new_token_ids for o in seen] == [[100], [101], [102]]
+
+
+def test_nothing_is_merged_past_the_final_output() -> None:
+    sink = new_sink()
+    sink.queue.put_nowait(step_output(0))
+    sink.queue.put_nowait(step_output(1, finished=True))
+    sink.queue.put_nowait(step_output(2))  # a later stray (never sent by the engine)
+    merged = asyncio.run(sink.next())
+    assert isinstance(merged, RequestOutput) and merged.finished
+    assert merged.new_token_ids == [100, 101]
+
+
+def test_an_error_behind_outputs_comes_after_them() -> None:
+    sink = new_sink()
+    error = RequestAbortedError("timeout", None, "timed out")
+    sink.queue.put_nowait(step_output(0))
+    sink.queue.put_nowait(step_output(1))
+    sink.queue.put_nowait(error)
+    taken = drain(sink)
+    assert len(taken) == 2
+    first, second = taken
+    assert isinstance(first, RequestOutput) and first.new_token_ids == [100, 101]
+    assert second is error
