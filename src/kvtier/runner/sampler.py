@@ -7,10 +7,11 @@ included. Each such request keeps its tokens on the device, as vLLM does: a mask
 seen in its prompt or output and the counts of its output's, built once from its token lists
 and then updated with each sampled token without the host, so a step costs a few small
 kernels per row whatever the prompt's length. Greedy rows are then one argmax over the batch.
-Random rows are filtered and sampled on the logits' device, in vLLM's order (temperature,
-min-p, then top-k and top-p); a request with a seed owns a torch.Generator that lives as long
-as the request (so its tokens do not depend on what else is in the batch, nor on preemption);
-unseeded requests share the engine's generator.
+Random rows are filtered and sampled together on the logits' device, in vLLM's order
+(temperature, min-p, then top-k and top-p), with an exponential race as vLLM samples; a
+request with a seed owns a torch.Generator that lives as long as the request (so its tokens
+do not depend on what else is in the batch, nor on preemption); unseeded requests share the
+engine's generator.
 
 Logprobs (`kvtier.runner.logprobs`) are taken from the logits before `sample_async` changes
 them in place.
@@ -18,7 +19,6 @@ them in place.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -92,13 +92,14 @@ class Sampler:
             inside = [i for i in ids if i < vocab]  # an EOS id past a model's logits: no-op
             if inside:
                 logits[row].index_fill_(0, _upload(inside, logits.device), float("-inf"))
-        tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        for row in random_rows:
-            p = params[row]
-            probs = _filtered_probs(logits[row], p)
-            generator = self._generator(request_ids[row], p)
-            tokens[row] = torch.multinomial(probs, 1, generator=generator)[0]
+        if random_rows and len(random_rows) == len(params):
+            tokens = self._sample_random(logits, random_rows, request_ids, params)
+        else:
+            tokens = logits.argmax(dim=-1)
+            if random_rows:
+                tokens[_upload(random_rows, logits.device)] = self._sample_random(
+                    logits, random_rows, request_ids, params)
         for row, state in penalised:  # the sampled token joins the request's output
             token = tokens[row:row + 1]
             if state.seen is not None:
@@ -107,6 +108,80 @@ class Sampler:
                 state.counts.index_add_(0, token, torch.ones(1, device=token.device))
             state.num_output_tokens += 1
         return tokens
+
+    def _sample_random(self, logits: torch.Tensor, rows: list[int], request_ids: list[str],
+                       params: list[SamplingParams]) -> torch.Tensor:
+        """One token for each of `rows` (requests with a temperature), all rows at once, in
+        vLLM's order: temperature, min-p, then top-k and top-p over the sorted candidates.
+
+        A batch of a few kernels whatever the batch size: row by row, top-p's sort and the
+        sampling cost ~10 launches per request, milliseconds of host time at batch 256.
+        Sampling is an exponential race (argmax of p / q, q ~ Exp(1) per vocabulary id), which
+        picks id i with probability p_i. Each row's q comes from its request's generator (a
+        seeded request's own, else the shared one) over the whole vocabulary in id order, so a
+        seeded request's tokens depend neither on the batch nor on how wide the candidate list
+        is."""
+        device = logits.device
+        chosen = [params[r] for r in rows]
+        x = logits if len(rows) == logits.shape[0] else logits[_upload(rows, device)]
+        x = x / _floats([p.temperature for p in chosen], device)[:, None]
+        vocab = x.shape[-1]
+        if any(p.min_p > 0.0 for p in chosen):
+            # Drop tokens below min_p times the top probability: log p_i < log(min_p) + log
+            # p_max (min_p 0: log 0 = -inf drops nothing).
+            logprobs = x.log_softmax(-1)
+            floor = logprobs.amax(-1, keepdim=True) + _floats(
+                [p.min_p for p in chosen], device).log()[:, None]
+            x = x.masked_fill(logprobs < floor, float("-inf"))
+        noise = self._exponential_noise(rows, request_ids, params, x.shape, device)
+        top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in chosen]
+        filters_top_p = any(p.top_p < 1.0 for p in chosen)
+        if max(top_ks) == vocab and not filters_top_p:
+            return (x.softmax(-1) / noise).argmax(-1)
+        # Candidates sorted by logit, only as many as the widest top-k needs.
+        width = max(top_ks)
+        if width < vocab:
+            candidates, order = x.topk(width, dim=-1)
+        else:
+            candidates, order = x.sort(dim=-1, descending=True)
+        if min(top_ks) < width:
+            beyond_k = (torch.arange(width, device=device)[None, :]
+                        >= _ints(top_ks, device)[:, None])
+            candidates = candidates.masked_fill(beyond_k, float("-inf"))
+        if filters_top_p:
+            # Drop a candidate once the mass before it already reaches top_p. The most likely
+            # one always stays: a top_p that rounds to 0 in float32 (below ~1e-45) would drop
+            # it too, and an all -inf row has no distribution to sample. Rows without top-p
+            # get a bound float32 sums never reach.
+            probs = candidates.softmax(-1)
+            top_p = _floats([p.top_p if p.top_p < 1.0 else 2.0 for p in chosen], device)
+            drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+            drop[:, 0] = False
+            candidates = candidates.masked_fill(drop, float("-inf"))
+        position = (candidates.softmax(-1) / noise.gather(1, order)).argmax(-1)
+        return order.gather(1, position[:, None]).squeeze(1)
+
+    def _exponential_noise(self, rows: list[int], request_ids: list[str],
+                           params: list[SamplingParams], shape: torch.Size,
+                           device: torch.device) -> torch.Tensor:
+        """Exp(1) draws, one per (row, vocabulary id): one call from the shared generator for
+        the unseeded rows, one per seeded row from its own. Kept above 0, where p / q would
+        be inf or NaN."""
+        noise = torch.empty(shape, dtype=torch.float32, device=device)
+        seeded = [i for i, r in enumerate(rows) if params[r].seed is not None]
+        if not seeded:
+            noise.exponential_(generator=self._shared)
+        else:
+            unseeded = [i for i, r in enumerate(rows) if params[r].seed is None]
+            if unseeded:
+                noise[_upload(unseeded, device)] = torch.empty(
+                    (len(unseeded), shape[-1]), dtype=torch.float32,
+                    device=device).exponential_(generator=self._shared)
+            for i in seeded:
+                r = rows[i]
+                noise[i].exponential_(generator=self._generator(request_ids[r], params[r]))
+        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
 
     def _penalty_state(self, request_id: str, params: SamplingParams, prompt: list[int],
                        output: list[int], vocab: int, device: torch.device) -> _PenaltyState:
@@ -143,26 +218,9 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor | None,
     logits.nan_to_num_(nan=0.0).clamp_(-LOGIT_BOUND, LOGIT_BOUND)
 
 
-def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities after temperature, min-p, top-k and top-p (nucleus) filtering."""
-    logits = logits / params.temperature
-    if params.min_p > 0.0:
-        # Drop tokens below min_p times the top probability: log p_i < log(min_p) + log p_max.
-        logprobs = logits.log_softmax(-1)
-        logits = logits.masked_fill(logprobs < logprobs.max() + math.log(params.min_p),
-                                    float("-inf"))
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        # Drop a token once the mass before it already reaches top_p. The most likely token
-        # always stays: a top_p that rounds to 0 in float32 (below ~1e-45) would drop it too,
-        # and an all -inf row makes multinomial fail the whole step.
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
-        drop[..., 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    return logits.softmax(-1)
+def _floats(values: list[float], device: torch.device) -> torch.Tensor:
+    return _upload(values, device, torch.float32)
 
+
+def _ints(values: list[int], device: torch.device) -> torch.Tensor:
+    return _upload(values, device, torch.int64)

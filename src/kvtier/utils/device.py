@@ -19,9 +19,10 @@ def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor
 
 
-def upload_ids(values: Sequence[int], device: torch.device,
+def upload_ids(values: Sequence[int] | Sequence[float], device: torch.device,
                dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """A list of integers on `device` (allocated pinned directly on CUDA: one copy fewer)."""
+    """A list of integers (or of floats, with a float dtype) on `device` (allocated pinned
+    directly on CUDA: one copy fewer)."""
     if device.type == "cuda":
         return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
     return torch.tensor(values, dtype=dtype)

@@ -204,3 +204,90 @@ def test_step_logprobs_are_the_raw_log_softmax_whatever_the_sampler_does() -> No
     assert per_row[2].top == () and per_row[2].rank == 4  # four equal logits
     assert per_row[2].logprob == pytest.approx(-1.3862944)
     assert step_logprobs(raw, [SamplingParams()] * 3) is None
+
+
+LOGITS = [2.0, 1.6, 1.2, 0.9, 0.5, 0.0, -0.4, -1.0, -2.5, -4.0]
+
+
+def reference_distribution(params: SamplingParams) -> list[float]:
+    """vLLM's filters, written plainly in float64 over LOGITS: temperature, min-p, top-k,
+    top-p (a token stays while the mass of those before it is below top_p)."""
+    scaled = [v / params.temperature for v in LOGITS]
+    total = sum(2.718281828459045 ** v for v in scaled)
+    probs = [2.718281828459045 ** v / total for v in scaled]
+    keep = [p >= params.min_p * max(probs) for p in probs]
+    ranked = sorted(range(len(probs)), key=lambda i: -probs[i])
+    if 0 < params.top_k < len(probs):
+        for i in ranked[params.top_k:]:
+            keep[i] = False
+    kept = [i for i in ranked if keep[i]]
+    mass = sum(probs[i] for i in kept)
+    before = 0.0
+    for i in kept:
+        if before >= params.top_p:
+            keep[i] = False
+        before += probs[i] / mass
+    mass = sum(p for p, k in zip(probs, keep, strict=True) if k)
+    return [p / mass if k else 0.0 for p, k in zip(probs, keep, strict=True)]
+
+
+FILTERS = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=3),
+    SamplingParams(temperature=1.3, top_p=0.8),
+    SamplingParams(temperature=1.0, top_k=6, top_p=0.9),
+    SamplingParams(temperature=2.0, min_p=0.05),
+    SamplingParams(temperature=0.9, min_p=0.1, top_k=5, top_p=0.95),
+]
+
+
+def test_batched_sampling_draws_each_rows_filtered_distribution() -> None:
+    """Every filter combination in one batch (rows of different top-k widths and top-p),
+    4,000 rows each: each row's token frequencies match its own filtered distribution, and
+    filtered-out tokens never come up."""
+    rows = 4000
+    params = [p for p in FILTERS for _ in range(rows)]
+    logits = torch.tensor([LOGITS] * len(params))
+    tokens = Sampler(torch.device("cpu"), seed=0).sample_async(
+        logits, [f"r{i}" for i in range(len(params))], params).view(len(FILTERS), rows)
+    for config, drawn in zip(FILTERS, tokens, strict=True):
+        expected = reference_distribution(config)
+        counts = torch.bincount(drawn, minlength=len(LOGITS)).tolist()
+        for token, (count, p) in enumerate(zip(counts, expected, strict=True)):
+            if p == 0.0:
+                assert count == 0, (config, token)
+            else:  # five standard deviations of a binomial frequency
+                tolerance = 5 * (p * (1 - p) / rows) ** 0.5 + 1e-3
+                assert abs(count / rows - p) < tolerance, (config, token, count / rows, p)
+
+
+def test_greedy_rows_beside_random_rows_take_their_argmax() -> None:
+    logits = torch.tensor([LOGITS, LOGITS[::-1], LOGITS])
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=2),
+              SamplingParams(temperature=0.0)]
+    tokens = Sampler(torch.device("cpu"), seed=0).sample_async(logits, ["a", "b", "c"], params)
+    assert tokens[0] == 0 and tokens[2] == 0
+    assert tokens[1] in (len(LOGITS) - 1, len(LOGITS) - 2)
+
+
+def test_a_seeded_rows_token_ignores_its_batch() -> None:
+    """The same seeded request, sampled beside rows that widen the candidate list (top-k 9
+    against its 4), beside unseeded or other seeded rows, or alone: the same token stream."""
+    seeded = SamplingParams(temperature=1.5, top_k=4, top_p=0.9, seed=42)
+    batches = [
+        [seeded],
+        [SamplingParams(temperature=1.0, top_k=9), seeded],
+        [SamplingParams(temperature=1.0, seed=7), seeded, SamplingParams(temperature=0.0)],
+        [seeded, SamplingParams(temperature=1.0, min_p=0.2)],
+    ]
+    streams = []
+    for batch in batches:
+        sampler = Sampler(torch.device("cpu"), seed=len(streams))
+        row = batch.index(seeded)
+        ids = [f"other{i}" for i in range(len(batch))]
+        ids[row] = "seeded"
+        logits = torch.tensor([LOGITS] * len(batch))
+        streams.append([int(sampler.sample_async(logits.clone(), ids, batch)[row])
+                        for _ in range(30)])
+    assert all(stream == streams[0] for stream in streams)
+    assert len(set(streams[0])) > 1  # it samples: not stuck on one token
