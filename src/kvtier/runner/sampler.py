@@ -19,6 +19,7 @@ them in place.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -124,14 +125,15 @@ class Sampler:
         device = logits.device
         chosen = [params[r] for r in rows]
         x = logits if len(rows) == logits.shape[0] else logits[_upload(rows, device)]
-        x = x / _floats([p.temperature for p in chosen], device)[:, None]
+        x = x / _per_row([p.temperature for p in chosen], device)
         vocab = x.shape[-1]
         if any(p.min_p > 0.0 for p in chosen):
             # Drop tokens below min_p times the top probability: log p_i < log(min_p) + log
             # p_max (min_p 0: log 0 = -inf drops nothing).
             logprobs = x.log_softmax(-1)
-            floor = logprobs.amax(-1, keepdim=True) + _floats(
-                [p.min_p for p in chosen], device).log()[:, None]
+            min_p = _per_row([p.min_p for p in chosen], device)
+            floor = logprobs.amax(-1, keepdim=True) + (
+                math.log(min_p) if isinstance(min_p, float) else min_p.log())
             x = x.masked_fill(logprobs < floor, float("-inf"))
         noise = self._exponential_noise(rows, request_ids, params, x.shape, device)
         top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in chosen]
@@ -146,7 +148,7 @@ class Sampler:
             candidates, order = x.sort(dim=-1, descending=True)
         if min(top_ks) < width:
             beyond_k = (torch.arange(width, device=device)[None, :]
-                        >= _ints(top_ks, device)[:, None])
+                        >= _upload(top_ks, device)[:, None])
             candidates = candidates.masked_fill(beyond_k, float("-inf"))
         if filters_top_p:
             # Drop a candidate once the mass before it already reaches top_p. The most likely
@@ -154,8 +156,8 @@ class Sampler:
             # it too, and an all -inf row has no distribution to sample. Rows without top-p
             # get a bound float32 sums never reach.
             probs = candidates.softmax(-1)
-            top_p = _floats([p.top_p if p.top_p < 1.0 else 2.0 for p in chosen], device)
-            drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+            top_p = _per_row([p.top_p if p.top_p < 1.0 else 2.0 for p in chosen], device)
+            drop = (probs.cumsum(-1) - probs) >= top_p
             drop[:, 0] = False
             candidates = candidates.masked_fill(drop, float("-inf"))
         position = (candidates.softmax(-1) / noise.gather(1, order)).argmax(-1)
@@ -218,9 +220,10 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor | None,
     logits.nan_to_num_(nan=0.0).clamp_(-LOGIT_BOUND, LOGIT_BOUND)
 
 
-def _floats(values: list[float], device: torch.device) -> torch.Tensor:
-    return _upload(values, device, torch.float32)
-
-
-def _ints(values: list[int], device: torch.device) -> torch.Tensor:
-    return _upload(values, device, torch.int64)
+def _per_row(values: list[float], device: torch.device) -> float | torch.Tensor:
+    """A per-row factor: a Python float when every row has the same value (the usual batch:
+    no upload), else a (rows, 1) column on the device."""
+    first = values[0]
+    if all(v == first for v in values):
+        return float(first)
+    return _upload(values, device, torch.float32)[:, None]

@@ -291,3 +291,16 @@ def test_a_seeded_rows_token_ignores_its_batch() -> None:
                         for _ in range(30)])
     assert all(stream == streams[0] for stream in streams)
     assert len(set(streams[0])) > 1  # it samples: not stuck on one token
+
+
+@pytest.mark.parametrize("config", FILTERS, ids=lambda p: repr(p)[:60])
+def test_a_batch_sharing_one_setting_draws_its_distribution(config: SamplingParams) -> None:
+    """The usual batch, every row with the same setting (its factors stay Python scalars)."""
+    rows = 3000
+    tokens = Sampler(torch.device("cpu"), seed=1).sample_async(
+        torch.tensor([LOGITS] * rows), [f"r{i}" for i in range(rows)], [config] * rows)
+    counts = torch.bincount(tokens, minlength=len(LOGITS)).tolist()
+    for token, (count, p) in enumerate(zip(counts, reference_distribution(config),
+                                           strict=True)):
+        tolerance = 5 * (p * (1 - p) / rows) ** 0.5 + 1e-3
+        assert (count == 0) if p == 0.0 else abs(count / rows - p) < tolerance, (token, p)
