@@ -60,7 +60,7 @@ class OutputSink:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException] = dataclasses.field(
         default_factory=asyncio.Queue)
-    _held: BaseException | None = None
+    _held: BaseException | None = dataclasses.field(default=None, init=False, repr=False)
     """An error that arrived behind outputs being merged: it goes out next."""
 
     async def next(self) -> RequestOutput | BaseException:

@@ -184,7 +184,6 @@ class Sampler:
                 noise[i].exponential_(generator=self._generator(request_ids[r], params[r]))
         return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
-
     def _penalty_state(self, request_id: str, params: SamplingParams, prompt: list[int],
                        output: list[int], vocab: int, device: torch.device) -> _PenaltyState:
         """The request's state, built from its token lists the first time (or again if the
