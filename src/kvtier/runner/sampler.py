@@ -86,8 +86,9 @@ class Sampler:
                     raise ValueError(f"row {row} asks for penalties but has no token context")
                 state = self._penalty_state(request_ids[row], p, *context, logits.shape[-1],
                                             logits.device)
-                apply_penalties(logits[row], state.seen, state.counts, p)
                 penalised.append((row, state))
+        if penalised:
+            apply_penalties(logits, penalised, params)
         vocab = logits.shape[-1]
         for row, ids in enumerate(suppressed or ()):
             inside = [i for i in ids if i < vocab]  # an EOS id past a model's logits: no-op
@@ -205,18 +206,52 @@ class Sampler:
         return state
 
 
-def apply_penalties(logits: torch.Tensor, seen: torch.Tensor | None,
-                    counts: torch.Tensor | None, params: SamplingParams) -> None:
-    """One row of logits, in place (vLLM's order and formulas): the repetition penalty over
-    the ids in `seen` (prompt or output), then the frequency penalty per occurrence and the
-    presence penalty once over the output's `counts`; then bounded (see LOGIT_BOUND)."""
-    if seen is not None:
-        penalised = torch.where(logits > 0, logits / params.repetition_penalty,
-                                logits * params.repetition_penalty)
-        logits.copy_(torch.where(seen, penalised, logits))
-    if counts is not None:
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
-    logits.nan_to_num_(nan=0.0).clamp_(-LOGIT_BOUND, LOGIT_BOUND)
+def apply_penalties(logits: torch.Tensor, penalised: list[tuple[int, _PenaltyState]],
+                    params: list[SamplingParams]) -> None:
+    """The penalised rows of logits, in place, together (vLLM's order and formulas): the
+    repetition penalty over the ids in each row's `seen` (prompt or output), then the
+    frequency penalty per occurrence and the presence penalty once over its output's
+    `counts`; then bounded (see LOGIT_BOUND). A few kernels for the whole batch: row by row
+    it was ~8 launches per request, milliseconds a step at batch 256 with a model's default
+    repetition penalty. Where every row takes part (the usual batch), nothing is indexed."""
+    device = logits.device
+    index = _subset([row for row, _ in penalised], logits.shape[0], device)
+    rows = logits if index is None else logits[index]
+    repeating = [(i, state.seen) for i, (_, state) in enumerate(penalised)
+                 if state.seen is not None]
+    if repeating:
+        at = _subset([i for i, _ in repeating], len(penalised), device)
+        seen = torch.stack([mask for _, mask in repeating])
+        penalty = _per_row([params[penalised[i][0]].repetition_penalty for i, _ in repeating],
+                           device)
+        values = rows if at is None else rows[at]
+        values = torch.where(seen, torch.where(values > 0, values / penalty, values * penalty),
+                             values)
+        if at is None:
+            rows.copy_(values)
+        else:
+            rows[at] = values
+    counting = [(i, state.counts) for i, (_, state) in enumerate(penalised)
+                if state.counts is not None]
+    if counting:
+        at = _subset([i for i, _ in counting], len(penalised), device)
+        counts = torch.stack([c for _, c in counting])
+        chosen = [params[penalised[i][0]] for i, _ in counting]
+        frequency = _per_row([p.frequency_penalty for p in chosen], device)
+        presence = _per_row([p.presence_penalty for p in chosen], device)
+        penalty = frequency * counts + presence * (counts > 0)
+        if at is None:
+            rows -= penalty
+        else:
+            rows[at] = rows[at] - penalty
+    rows.nan_to_num_(nan=0.0).clamp_(-LOGIT_BOUND, LOGIT_BOUND)
+    if index is not None:
+        logits[index] = rows
+
+
+def _subset(positions: list[int], total: int, device: torch.device) -> torch.Tensor | None:
+    """`positions` (ascending) as an index tensor, or None where they are all of 0..total-1."""
+    return None if len(positions) == total else _upload(positions, device)
 
 
 def _per_row(values: list[float], device: torch.device) -> float | torch.Tensor:

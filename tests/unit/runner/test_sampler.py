@@ -304,3 +304,22 @@ def test_a_batch_sharing_one_setting_draws_its_distribution(config: SamplingPara
                                            strict=True)):
         tolerance = 5 * (p * (1 - p) / rows) ** 0.5 + 1e-3
         assert (count == 0) if p == 0.0 else abs(count / rows - p) < tolerance, (token, p)
+
+
+def test_penalties_of_a_mixed_batch_follow_each_rows_own_settings() -> None:
+    """Rows with different penalties (and one with none) in one step: each row gets its own
+    formulas over its own tokens, the others are untouched."""
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 50, generator=generator) * 2
+    settings = [{}, {"repetition_penalty": 1.3},
+                {"presence_penalty": 1.5, "frequency_penalty": 0.8},
+                {"repetition_penalty": 1.2, "presence_penalty": 0.4, "frequency_penalty": -0.5},
+                {"repetition_penalty": 0.7}]
+    contexts = [None, ([1, 2, 3], [4, 4]), ([5], [6, 6, 6, 7]), ([8, 9, 9], [8, 10, 10]),
+                ([11, 12], [13])]
+    params = [SamplingParams(temperature=0.0, **kwargs) for kwargs in settings]
+    expected = [logits[0].tolist()] + [
+        reference_penalties(logits[i].tolist(), *contexts[i], params[i]) for i in range(1, 5)]
+    Sampler(torch.device("cpu"), seed=0).sample_async(
+        logits, [f"r{i}" for i in range(5)], params, contexts)
+    assert torch.allclose(logits, torch.tensor(expected), atol=1e-6)
