@@ -27,12 +27,15 @@ from kvtier.types import SamplingParams
 VOCAB = 151_936
 SETTINGS = {
     "greedy": SamplingParams(temperature=0.0),
-    "t0.7 top-p 0.8 top-k 20 (Qwen2.5's config)": SamplingParams(temperature=0.7, top_p=0.8,
-                                                                top_k=20),
+    "t0.7 top-p 0.8 top-k 20": SamplingParams(temperature=0.7, top_p=0.8, top_k=20),
     "t1.0 top-p 0.95": SamplingParams(temperature=1.0, top_p=0.95),
     "t1.0": SamplingParams(temperature=1.0),
     "t0.8 seeded": SamplingParams(temperature=0.8, seed=1),
+    "the same + repetition 1.1 (Qwen2.5's config)": SamplingParams(
+        temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.1),
 }
+PROMPT_LEN = 1024
+"""Prompt tokens each penalised row has seen."""
 
 
 def load_sampler(path: str | None) -> Any:
@@ -54,15 +57,21 @@ def time_sampler(sampler_cls: Any, batch: int, params: SamplingParams,
     logits = torch.randn(batch, VOCAB, device=device) * 3
     ids = [f"r{i}" for i in range(batch)]
     rows = [params] * batch
+    contexts = None
+    if params.has_penalties:
+        contexts = [(list(range(i, i + PROMPT_LEN)), []) for i in range(batch)]
     host, total = [], []
     for i in range(repeat + 3):
         work = logits.clone()
         torch.cuda.synchronize()
         started = time.perf_counter()
-        sampler.sample_async(work, ids, rows)
+        tokens = sampler.sample_async(work, ids, rows, contexts)
         launched = time.perf_counter()
         torch.cuda.synchronize()
         finished = time.perf_counter()
+        if contexts is not None:  # the outputs grow as the engine's do (state kept, not rebuilt)
+            for (_, output), token in zip(contexts, tokens.tolist(), strict=True):
+                output.append(token)
         if i >= 3:
             host.append(launched - started)
             total.append(finished - started)
