@@ -64,14 +64,42 @@ def profile_activation_bytes(model: torch.nn.Module, backend: object, device: to
     peak = torch.cuda.max_memory_allocated(device) - base - kv_bytes
     del runner
     torch.cuda.empty_cache()
-    # float32 rows per decode: the graph's logits, the sampler's working copy, and the
-    # log-softmax of requests that ask for logprobs (with its rank comparison), or a slice of
-    # prompt logprobs if larger; then their top k (values and ids, twice: topk's result and
-    # the copies the host reads).
     top_k = min(max(max_logprobs, 0), vocab_size)
-    sampling = max(3 * max_batch * vocab_size * 4 + max_batch * vocab_size,
+    # A full decode batch's logits and sampling (measured), or a slice of prompt logprobs if
+    # larger; then the top k of every scored row (values and ids).
+    sampling = max(_sampling_peak_bytes(device, max_batch, vocab_size, top_k),
                    PROMPT_ROWS_PER_SLICE * vocab_size * PROMPT_SLICE_BYTES_PER_ENTRY)
-    return peak + sampling + 2 * max(max_batch, PROMPT_ROWS_PER_SLICE) * (1 + top_k) * (4 + 8)
+    return peak + sampling + max(max_batch, PROMPT_ROWS_PER_SLICE) * (1 + top_k) * (4 + 8)
+
+
+def _sampling_peak_bytes(device: torch.device, max_batch: int, vocab_size: int,
+                         top_k: int) -> int:
+    """Peak CUDA memory of sampling `max_batch` rows of float32 logits on the costliest path:
+    every row with logprobs (top_k), a repetition penalty, min-p and a top-p without top-k
+    (a full-vocabulary sort of the batch), half of them seeded."""
+    from kvtier.runner.logprobs import step_logprobs
+    from kvtier.runner.sampler import Sampler
+    from kvtier.types import SamplingParams
+
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        logits = torch.zeros(max_batch, vocab_size, dtype=torch.float32, device=device)
+        params = [SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01,
+                                 repetition_penalty=1.1, logprobs=top_k,
+                                 seed=row if row % 2 else None) for row in range(max_batch)]
+        ids = [f"profile-{row}" for row in range(max_batch)]
+        logprobs = step_logprobs(logits, params)
+        tokens = Sampler(device, seed=0).sample_async(logits, ids, params,
+                                                      [([0], [])] * max_batch)
+        if logprobs is not None:
+            logprobs.attach(tokens)
+        torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del logits, logprobs, tokens
+    torch.cuda.empty_cache()
+    return peak
 
 
 def plan_kv_blocks(cache: CacheConfig, spec: ModelSpec, device: torch.device,

@@ -100,8 +100,9 @@ class Sampler:
         else:
             tokens = logits.argmax(dim=-1)
             if random_rows:
-                tokens[_upload(random_rows, logits.device)] = self._sample_random(
-                    logits, random_rows, request_ids, params)
+                index = _upload(random_rows, logits.device)
+                tokens[index] = self._sample_random(logits[index], random_rows, request_ids,
+                                                    params)
         for row, state in penalised:  # the sampled token joins the request's output
             token = tokens[row:row + 1]
             if state.seen is not None:
@@ -113,8 +114,9 @@ class Sampler:
 
     def _sample_random(self, logits: torch.Tensor, rows: list[int], request_ids: list[str],
                        params: list[SamplingParams]) -> torch.Tensor:
-        """One token for each of `rows` (requests with a temperature), all rows at once, in
-        vLLM's order: temperature, min-p, then top-k and top-p over the sorted candidates.
+        """One token for each of `rows` (requests with a temperature; `logits`: their rows),
+        all at once, in vLLM's order: temperature, min-p, then top-k and top-p over the
+        sorted candidates.
 
         A batch of a few kernels whatever the batch size: row by row, top-p's sort and the
         sampling cost ~10 launches per request, milliseconds of host time at batch 256.
@@ -125,8 +127,7 @@ class Sampler:
         is."""
         device = logits.device
         chosen = [params[r] for r in rows]
-        x = logits if len(rows) == logits.shape[0] else logits[_upload(rows, device)]
-        x = x / _per_row([p.temperature for p in chosen], device)
+        x = logits / _per_row([p.temperature for p in chosen], device)
         vocab = x.shape[-1]
         if any(p.min_p > 0.0 for p in chosen):
             # Drop tokens below min_p times the top probability: log p_i < log(min_p) + log
