@@ -223,7 +223,16 @@ class EngineConfig:
     (scheduling still waits for step N's tokens). Off by default: on an H200 it served P
     5-10% faster, but one Q run had a worse TTFT with it (BENCHMARKS.md)."""
 
+    async_scheduling: bool = False
+    """Server engine core: schedule and launch step N+1 before reading step N's tokens (vLLM's
+    --async-scheduling), so the host's scheduling, input staging and output work overlap the
+    device's step. A decode's input is then its previous token still on the device. A request
+    that a stop token or string ends computes one more token, which is dropped."""
+
     def __post_init__(self) -> None:
+        if self.async_scheduling and self.overlap_outputs:
+            raise ConfigError("async_scheduling already overlaps a step's outputs with the "
+                              "next step; drop overlap_outputs")
         if self.max_cudagraph_capture_size < 0:
             raise ConfigError(f"max_cudagraph_capture_size {self.max_cudagraph_capture_size} "
                               "must be >= 0")
@@ -260,7 +269,7 @@ class EngineConfig:
 
 
 _TOP_LEVEL = ("attention_backend", "enforce_eager", "max_cudagraph_capture_size",
-              "overlap_outputs")
+              "overlap_outputs", "async_scheduling")
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
              "tiers": TierConfig}
 _FIELD_SECTION = {f.name: name for name, cls in _SECTIONS.items()

@@ -38,6 +38,12 @@ class Request:
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     """Prompt tokens 1, 2, ... computed so far when sampling_params.prompt_logprobs is set."""
     num_computed_tokens: int = 0
+    num_inflight_tokens: int = 0
+    """Tokens scheduled in launched steps whose results are not applied yet (async
+    scheduling schedules a step while the one before it runs)."""
+    num_pending_outputs: int = 0
+    """Tokens those steps sample, not yet known on the host: the next step's input for this
+    request is the last of them, read by the runner on the device (`PENDING_TOKEN_ID`)."""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
@@ -59,6 +65,12 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_unscheduled_tokens(self) -> int:
+        """Tokens (known or pending) that no step has been given to compute yet."""
+        return (self.num_tokens + self.num_pending_outputs
+                - self.num_computed_tokens - self.num_inflight_tokens)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -135,7 +135,8 @@ class ScheduledRequest:
     `num_computed_tokens .. num_computed_tokens + len(token_ids) - 1`; `block_ids` is the whole
     block table after this step's allocation (the scheduler's own list: read it before the next
     `schedule()`, never modify it). `sample` is set when the step reaches the end of
-    the known tokens, so the runner samples the next one.
+    the request's tokens, so the runner samples the next one. With async scheduling a decode's
+    one token may be `PENDING_TOKEN_ID`: the token the previous launched step samples.
     """
 
     request_id: str
@@ -145,7 +146,8 @@ class ScheduledRequest:
     sample: bool
     sampling_params: SamplingParams
     num_output_tokens: int
-    """Output tokens already generated (seeds per-request RNG streams reproducibly)."""
+    """Output tokens before this step's, counting those still pending (the sampler checks its
+    per-request penalty state against it)."""
     penalty_context: tuple[list[int], list[int]] | None = None
     """(prompt, output) token ids of a request whose sampling has penalties (the request's own
     lists, like `block_ids`: read them before the next `schedule()`); None otherwise."""
@@ -155,6 +157,11 @@ class ScheduledRequest:
     """prompt_logprobs: the prompt tokens whose logprobs this step computes, predicted by
     rows prompt_logprob_first_row, ... of the chunk (row r predicts the token after it)."""
     prompt_logprob_first_row: int = 0
+
+
+PENDING_TOKEN_ID = -1
+"""A decode's input token that the step before it samples and the host has not read yet
+(async scheduling): the runner takes it from that step's sampled tokens on the device."""
 
 
 @dataclass(frozen=True)

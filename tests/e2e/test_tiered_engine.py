@@ -68,12 +68,15 @@ TIER_SETUPS = {
 }
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
 @pytest.mark.parametrize("setup", sorted(TIER_SETUPS))
 def test_greedy_tokens_are_identical_with_and_without_tiers(
-        setup: str, baseline: tuple[list[list[int]], list[list[int]]], tmp_path: Path) -> None:
+        setup: str, async_scheduling: bool, baseline: tuple[list[list[int]], list[list[int]]],
+        tmp_path: Path) -> None:
+    """Also with async scheduling: loads, stores and evictions while a step is in flight."""
     args = dict(TIER_SETUPS[setup])
     args["kv_tiers"] = tuple(t.format(tmp=tmp_path) for t in args["kv_tiers"])  # type: ignore
-    llm = make_llm(**args)
+    llm = make_llm(async_scheduling=async_scheduling, **args)
     sequential = run(llm, workload())
     concurrent = run(llm, workload(seed=1, num_requests=8), concurrent=True)
     stats = llm.engine.tiers.stats

@@ -32,6 +32,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--overlap-outputs", action="store_true",
                    help="server: build and send a step's outputs while the device runs the "
                         "next step")
+    g.add_argument("--async-scheduling", action="store_true",
+                   help="server: schedule and launch the next step before reading this "
+                        "step's tokens, overlapping host work with the device")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True)
@@ -68,7 +71,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 ENGINE_ARG_NAMES = (
     "model", "dtype", "seed", "device", "max_logprobs", "attention_backend", "enforce_eager",
-    "max_cudagraph_capture_size", "overlap_outputs", "block_size",
+    "max_cudagraph_capture_size", "overlap_outputs", "async_scheduling", "block_size",
     "enable_prefix_caching", "kv_cache_memory_bytes", "gpu_memory_utilization",
     "num_gpu_blocks_override", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
     "long_prefill_token_threshold", "short_prefill_first_tokens", "scheduling_policy",

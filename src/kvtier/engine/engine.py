@@ -179,6 +179,8 @@ class LLMEngine:
         self.log_stats_interval_s: float | None = None
         """Log a throughput line this often (the server sets it; offline runs stay quiet)."""
         self._window = _StatsWindow(time.monotonic())
+        self._last_completed = 0.0
+        """perf_counter() when the last step's tokens were read."""
         self._ids = itertools.count()
         logger.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, "
                     "backend %s", time.monotonic() - started, self.source.name, self.device,
@@ -320,15 +322,18 @@ class LLMEngine:
     #     launched = launch_step(); outputs = make_outputs(previous); previous = complete_step(
     #     launched)
     # Scheduling still waits for the previous step's tokens; only output building overlaps.
+    # With async scheduling the caller launches the next step before completing this one:
+    #     launched = launch_step(); updated = complete_step(previous); previous = launched
 
     def launch_step(self) -> LaunchedStep:
         """Schedule a batch and queue it on the device."""
         scheduled = self.scheduler.schedule()
         if not scheduled.requests and self.tiers is not None and \
-                self.tiers.has_inflight_transfers:
+                self.tiers.has_inflight_transfers and not self.scheduler.has_tokens_in_flight():
             # Nothing could run: every request waits for a load, or for blocks that in-flight
             # stores still pin. Sleep on a transfer's completion rather than spin, which would
-            # starve the transfer threads of the GIL.
+            # starve the transfer threads of the GIL. (With a step in flight, whose results
+            # change that, the caller reads it first.)
             self.tiers.wait_for_transfer(timeout_s=0.01)
         started = time.perf_counter()
         pending = self.runner.launch(scheduled)
@@ -341,8 +346,12 @@ class LLMEngine:
         requests that got a token or finished, for `make_outputs`."""
         scheduled = launched.scheduled
         runner_output = launched.pending.result()
-        # Launch to tokens: the step's device time plus any host work done in between.
-        runner_s = time.perf_counter() - launched.started
+        # Launch to tokens: the step's device time plus any host work done in between. A step
+        # launched while the one before it ran (async scheduling) starts when that one's
+        # tokens were read.
+        now = time.perf_counter()
+        runner_s = now - max(launched.started, self._last_completed)
+        self._last_completed = now
         if self.tiers is not None:
             self._observe_prefill(scheduled, runner_s)
         updated = self.scheduler.update_from_output(scheduled, runner_output)

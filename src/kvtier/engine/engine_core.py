@@ -72,7 +72,8 @@ class CommandInbox:
 class EngineCore:
     def __init__(self, engine: LLMEngine, inbox: CommandInbox,
                  emit: Callable[[CoreUpdate], None], *, request_timeout_s: float | None = None,
-                 separate_process: bool = False, overlap_outputs: bool = False) -> None:
+                 separate_process: bool = False, overlap_outputs: bool = False,
+                 async_scheduling: bool = False) -> None:
         """`emit` gets one update per turn. In a `separate_process` the updates are pickled:
         refusals other than InvalidRequestError become RuntimeErrors (which always unpickle)
         and stats are not deep-copied."""
@@ -83,6 +84,8 @@ class EngineCore:
         self.separate_process = separate_process
         self.overlap_outputs = overlap_outputs
         """Turn step N's results into outputs while the device runs step N+1 (see _loop)."""
+        self.async_scheduling = async_scheduling
+        """Schedule and launch step N+1 before reading step N's tokens (see _loop_async)."""
         self._deadlines: dict[str, float | None] = {}
         """Live requests (accepted, not finished) and their timeout deadline, if any."""
         self._announced: set[str] = set()
@@ -97,7 +100,10 @@ class EngineCore:
     def run(self) -> None:
         """Loop until stopped; a crash of the loop itself fails every live request."""
         try:
-            self._loop()
+            if self.async_scheduling:
+                self._loop_async()
+            else:
+                self._loop()
         except BaseException:
             logger.exception("the engine loop died")
             update = self._update(0)
@@ -160,6 +166,45 @@ class EngineCore:
             # on transfers): poll the inbox with a short sleep instead of spinning.
             idle_step = (launched is not None and not produced
                          and time.perf_counter() - started < 0.0005)
+
+    def _loop_async(self) -> None:
+        # Each turn applies commands, launches the next step while the previous one still
+        # runs on the device (the scheduler counts that step's tokens as in flight, and the
+        # runner feeds each pending decode the token the previous step samples), then reads
+        # the previous step's tokens and sends its outputs. The host's work of a turn thus
+        # overlaps the device's step; commands still see a settled engine, because a request
+        # added or aborted meanwhile only changes what the next launch schedules.
+        in_flight: LaunchedStep | None = None
+        idle_step = False
+        while True:
+            has_work = self.engine.has_unfinished_requests() or in_flight is not None
+            wait_s = IDLE_WAIT_S if idle_step else (0 if has_work else None)
+            commands, stop = self.inbox.take(wait_s)
+            update = self._update(sum(isinstance(c, AddRequest) for c in commands))
+            if stop:
+                if in_flight is not None:
+                    self._deliver(update, self._complete(in_flight, update))
+                self._refuse(update, commands)
+                self._fail_all(update, "shutdown")
+                self._finish(update)
+                return
+            self._apply(update, commands)
+            self._expire(update)
+            started = time.perf_counter()
+            launched = None
+            if self.engine.has_unfinished_requests():
+                launched = self._launch(update)
+            worked = False
+            if in_flight is not None:
+                self._deliver(update, self._complete(in_flight, update))
+                worked = bool(in_flight.scheduled.requests)
+            update.snapshot = self._snapshot()
+            self.emit(update)
+            # Neither step had any work, and the launch took no time (requests wait on
+            # transfers): poll the inbox with a short sleep instead of spinning.
+            idle_step = (not worked and (launched is None or not launched.scheduled.requests)
+                         and time.perf_counter() - started < 0.0005)
+            in_flight = launched
 
     def _launch(self, update: CoreUpdate) -> LaunchedStep | None:
         try:

@@ -158,7 +158,8 @@ def run_engine_process(spec: EngineProcessSpec, conn: Connection) -> None:
     logger.info("gc: froze %d start-up objects", frozen)
     inbox = CommandInbox()
     core = EngineCore(engine, inbox, conn.send, request_timeout_s=spec.request_timeout_s,
-                      separate_process=True, overlap_outputs=spec.config.overlap_outputs)
+                      separate_process=True, overlap_outputs=spec.config.overlap_outputs,
+                      async_scheduling=spec.config.async_scheduling)
     conn.send(Ready(engine.model_name, engine.max_model_len))
     conn.send(core.initial_update())
     threading.Thread(target=_read_commands, args=(conn, inbox), name="kvtier-commands",

@@ -53,11 +53,27 @@ class LLM:
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
         pending = set(request_ids)
         finished: dict[str, RequestOutput] = {}
-        while pending:
-            for output in self.engine.step():
+
+        def collect(outputs: list[RequestOutput]) -> None:
+            for output in outputs:
                 if output.finished and output.request_id in pending:
                     finished[output.request_id] = output
                     pending.discard(output.request_id)
+
+        engine = self.engine
+        if not engine.config.async_scheduling:
+            while pending:
+                collect(engine.step())
+            return [finished[r] for r in request_ids]
+        # Async scheduling: launch each step before reading the tokens of the one before.
+        in_flight = None
+        while pending:
+            launched = engine.launch_step()
+            if in_flight is not None:
+                collect(engine.make_outputs(engine.complete_step(in_flight)))
+            in_flight = launched
+        if in_flight is not None:  # only tokens of finished requests, dropped
+            engine.complete_step(in_flight)
         return [finished[r] for r in request_ids]
 
 

@@ -13,11 +13,16 @@ and its `forward` reads only metadata tensors.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from kvtier.attention.base import AttentionBackend, AttentionMetadata
 from kvtier.model.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from kvtier.runner.model_runner import PendingInputs
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +57,14 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_table = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.int32,
                                       device=device)
-        self._host_vectors_t = torch.zeros((4, n), dtype=torch.int64, pin_memory=True)
-        self._host_vectors = self._host_vectors_t.numpy()
-        self._host_table_t = torch.full((n, max_blocks_per_seq), scratch_block,
-                                        dtype=torch.int32, pin_memory=True)
-        self._host_table = self._host_table_t.numpy()
+        # Two sets of pinned staging buffers, used in turn: with async scheduling a step is
+        # staged while the copies of the one before may still be queued on the device.
+        self._staging = [_Staging(n, max_blocks_per_seq, scratch_block) for _ in range(2)]
+        self._next_staging = 0
         # Padding rows: token 0 at position 0, writing the scratch slot, context length 1.
         self._padding = torch.tensor([[0], [0], [scratch_block * block_size], [1]]).expand(
             4, n).numpy()
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        # What each host table row holds: (the block list it was copied from, entries copied).
-        # The KV manager only appends to a request's list while the request holds its blocks
-        # and starts a new list when it frees them, so the same list object means the copied
-        # entries are still right and only the new tail needs writing.
-        self._row_sources: list[tuple[list[int] | None, int]] = [(None, 0)] * n
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
 
@@ -108,26 +107,30 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, token_ids: list[int], positions: list[int], slots: list[int],
-            block_tables: list[list[int]], seq_lens: list[int]) -> torch.Tensor:
-        """Replay for a decode batch; returns logits (n, vocab) for the real rows.
+            block_tables: list[list[int]], seq_lens: list[int],
+            pending: PendingInputs | None = None) -> torch.Tensor:
+        """Replay for a decode batch; returns logits (n, vocab) for the real rows. `pending`:
+        rows whose token the previous step samples (their `token_ids` are placeholders).
 
         Only the block-table columns this batch uses are copied to the device, and only the
-        entries a row gained since the last step are written on the host: the kernels read a
-        row only up to its sequence length. The host staging buffers are reused, which is safe
-        because every step waits for its sampled tokens before the next one starts.
+        entries a row gained since that staging set's last use are written on the host: the
+        kernels read a row only up to its sequence length. A staging set is reused two steps
+        later, when the host has waited for the tokens of the step that used it.
         """
         n = len(token_ids)
         size = next(s for s in self.sizes if s >= n)
         width = max(len(row) for row in block_tables)
-        vectors = self._host_vectors
+        staging = self._staging[self._next_staging]
+        self._next_staging ^= 1
+        vectors = staging.vectors
         vectors[:, n:size] = self._padding[:, :size - n]
         vectors[0, :n] = token_ids
         vectors[1, :n] = positions
         vectors[2, :n] = slots
         vectors[3, :n] = seq_lens
-        table = self._host_table
+        table = staging.table
         table[n:size, 0] = self.scratch_block
-        sources = self._row_sources
+        sources = staging.row_sources
         for i, row in enumerate(block_tables):
             source, copied = sources[i]
             if source is not row or copied > len(row):
@@ -137,8 +140,26 @@ class DecodeGraphs:
                 sources[i] = (row, len(row))
         for i in range(n, size):
             sources[i] = (None, 0)  # padding overwrote column 0
-        self._device_vectors[:, :size].copy_(self._host_vectors_t[:, :size], non_blocking=True)
-        self.block_table[:size, :width].copy_(self._host_table_t[:size, :width],
+        self._device_vectors[:, :size].copy_(staging.vectors_t[:, :size], non_blocking=True)
+        self.block_table[:size, :width].copy_(staging.table_t[:size, :width],
                                               non_blocking=True)
+        if pending is not None:
+            pending.write_into(self.input_ids)
         self._graphs[size].replay()
         return self._logits[size][:n]
+
+
+class _Staging:
+    """Pinned host buffers for one step's graph inputs."""
+
+    def __init__(self, n: int, max_blocks: int, scratch_block: int) -> None:
+        self.vectors_t = torch.zeros((4, n), dtype=torch.int64, pin_memory=True)
+        self.vectors: np.ndarray = self.vectors_t.numpy()
+        self.table_t = torch.full((n, max_blocks), scratch_block, dtype=torch.int32,
+                                  pin_memory=True)
+        self.table: np.ndarray = self.table_t.numpy()
+        self.row_sources: list[tuple[list[int] | None, int]] = [(None, 0)] * n
+        """What each table row holds: (the block list it was copied from, entries copied).
+        The KV manager only appends to a request's list while the request holds its blocks
+        and starts a new list when it frees them, so the same list object means the copied
+        entries are still right and only the new tail needs writing."""

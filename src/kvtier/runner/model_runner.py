@@ -8,6 +8,7 @@ The extra last block is scratch space that no request owns (CUDA-graph padding w
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from kvtier.runner.cuda_graph import DecodeGraphs
 from kvtier.runner.logprobs import PromptLogprobs, StepLogprobs, prompt_logprobs, step_logprobs
 from kvtier.runner.piecewise_graph import PiecewiseGraphs
 from kvtier.runner.sampler import Sampler
-from kvtier.types import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from kvtier.types import PENDING_TOKEN_ID, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from kvtier.utils.device import pinned_copy, upload, upload_ids
 
 
@@ -41,6 +42,9 @@ class ModelRunner:
         self.sampler = Sampler(device, seed)
         self.graphs: DecodeGraphs | None = None
         self.piecewise: PiecewiseGraphs | None = None
+        self._last_sampled: _SampledTokens | None = None
+        """The last launched step's sampled tokens: the inputs of the next step's pending
+        decodes (async scheduling)."""
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture CUDA graphs for decode batches up to `max_batch` (CUDA backends only)."""
@@ -70,13 +74,17 @@ class ModelRunner:
         # Preempted requests keep their seeded generators: resumed, they go on sampling the
         # same stream, so a seed gives the same tokens whatever the KV pressure.
         self.sampler.forget(step.finished_request_ids)
+        previous, self._last_sampled = self._last_sampled, None
         if not step.requests:
             return PendingOutput([], None)
+        pending = _pending_inputs(step.requests, previous)
         if self._can_replay(step):
-            return self._execute_graph(step)
+            return self._execute_graph(step, pending)
         padded = (self.piecewise.size_for(step.num_scheduled_tokens)
                   if self.piecewise is not None else None)
         input_ids, positions, metadata = self._prepare_inputs(step, padded)
+        if pending is not None:
+            pending.write_into(input_ids)
         sampling = [(i, s) for i, s in enumerate(step.requests) if s.sample]
         with torch.inference_mode():
             if padded is not None:
@@ -99,7 +107,8 @@ class ModelRunner:
             for s in step.requests) and self.graphs.fits(
             len(step.requests), max(len(s.block_ids) for s in step.requests))
 
-    def _execute_graph(self, step: SchedulerOutput) -> PendingOutput:
+    def _execute_graph(self, step: SchedulerOutput,
+                       pending: PendingInputs | None) -> PendingOutput:
         assert self.graphs is not None
         bs = self.block_size
         positions = [s.num_computed_tokens for s in step.requests]
@@ -109,7 +118,8 @@ class ModelRunner:
             slots=[s.block_ids[p // bs] * bs + p % bs for s, p in zip(step.requests, positions,
                                                                    strict=True)],
             block_tables=[s.block_ids for s in step.requests],
-            seq_lens=[p + 1 for p in positions])
+            seq_lens=[p + 1 for p in positions],
+            pending=pending)
         return self._sample(logits, step.requests)
 
     @torch.inference_mode()
@@ -122,9 +132,12 @@ class ModelRunner:
         logprobs = step_logprobs(logits, params)  # raw: before the sampler's in-place changes
         tokens = self.sampler.sample_async(logits, ids, params,
                                            [s.penalty_context for s in requests],
-                                           [s.suppressed_token_ids for s in requests])
+                                           [s.suppressed_token_ids for s in requests],
+                                           [s.num_output_tokens for s in requests])
         if logprobs is not None:
             logprobs.attach(tokens)
+        self._last_sampled = _SampledTokens({request_id: row for row, request_id
+                                             in enumerate(ids)}, tokens)
         return PendingOutput(ids, tokens, logprobs, prompt)
 
     def _prepare_inputs(self, step: SchedulerOutput, padded_tokens: int | None = None,
@@ -184,6 +197,54 @@ class ModelRunner:
         self.backend.prepare(metadata)
         return (upload(torch.from_numpy(token_ids), device),
                 upload(torch.from_numpy(positions), device), metadata)
+
+
+@dataclass(frozen=True)
+class _SampledTokens:
+    rows: dict[str, int]
+    """Request id -> its row of `tokens`."""
+    tokens: torch.Tensor
+    """(rows,) int64 on the device, as the sampler returned them."""
+
+
+@dataclass(frozen=True)
+class PendingInputs:
+    """Decode rows whose input is the token the previous launched step samples (async
+    scheduling): written into the step's input ids on the device, without the host."""
+
+    rows: list[int]
+    """Rows of this step's input ids."""
+    sources: list[int]
+    """Their rows of the previous step's sampled tokens."""
+    sampled: torch.Tensor
+
+    def write_into(self, input_ids: torch.Tensor) -> None:
+        n = len(self.rows)
+        if self.rows == self.sources and self.rows[-1] == n - 1:  # rows 0..n-1: a slice
+            input_ids[:n].copy_(self.sampled[:n])
+            return
+        index = upload_ids(self.rows + self.sources, input_ids.device).view(2, n)
+        input_ids.index_copy_(0, index[0], self.sampled.index_select(0, index[1]))
+
+
+def _pending_inputs(requests: list[ScheduledRequest],
+                    previous: _SampledTokens | None) -> PendingInputs | None:
+    """The step's pending decodes (always single-token queries, so decode rows first)."""
+    rows: list[int] = []
+    sources: list[int] = []
+    for row, s in enumerate(requests):
+        if s.token_ids[0] != PENDING_TOKEN_ID:
+            continue
+        source = previous.rows.get(s.request_id) if previous is not None else None
+        if source is None or len(s.token_ids) != 1:
+            raise RuntimeError(f"request {s.request_id!r}: its input token is pending, but "
+                               "the previous step did not sample it")
+        rows.append(row)
+        sources.append(source)
+    if not rows:
+        return None
+    assert previous is not None
+    return PendingInputs(rows, sources, previous.tokens)
 
 
 class PendingOutput:

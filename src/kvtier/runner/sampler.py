@@ -73,19 +73,24 @@ class Sampler:
     def sample_async(self, logits: torch.Tensor, request_ids: list[str],
                      params: list[SamplingParams],
                      penalty_contexts: list[tuple[list[int], list[int]] | None] | None = None,
-                     suppressed: list[tuple[int, ...]] | None = None) -> torch.Tensor:
+                     suppressed: list[tuple[int, ...]] | None = None,
+                     num_output_tokens: list[int] | None = None) -> torch.Tensor:
         """logits: (n, vocab) float32, one row per request -> one token id per row, (n,) int64
         on the logits' device, not yet synchronised with the host. `penalty_contexts[i]`:
         (prompt, output) token ids of row i when its params have penalties; `suppressed[i]`:
-        ids row i cannot sample (min_tokens). Those rows of `logits` are changed in place."""
+        ids row i cannot sample (min_tokens). Those rows of `logits` are changed in place.
+        `num_output_tokens[i]`: row i's output length before this token, when it counts
+        tokens the host has not read yet (async scheduling); default: its output list's."""
         penalised: list[tuple[int, _PenaltyState]] = []
         for row, p in enumerate(params):
             if p.has_penalties:
                 context = penalty_contexts[row] if penalty_contexts is not None else None
                 if context is None:
                     raise ValueError(f"row {row} asks for penalties but has no token context")
-                state = self._penalty_state(request_ids[row], p, *context, logits.shape[-1],
-                                            logits.device)
+                num_outputs = (num_output_tokens[row] if num_output_tokens is not None
+                               else len(context[1]))
+                state = self._penalty_state(request_ids[row], p, *context, num_outputs,
+                                            logits.shape[-1], logits.device)
                 penalised.append((row, state))
         if penalised:
             apply_penalties(logits, penalised, params)
@@ -187,12 +192,18 @@ class Sampler:
         return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
     def _penalty_state(self, request_id: str, params: SamplingParams, prompt: list[int],
-                       output: list[int], vocab: int, device: torch.device) -> _PenaltyState:
+                       output: list[int], num_outputs: int, vocab: int,
+                       device: torch.device) -> _PenaltyState:
         """The request's state, built from its token lists the first time (or again if the
-        lists moved on without this sampler, which the engine never does)."""
+        lists moved on without this sampler, which the engine never does). `num_outputs`:
+        the output's length, pending tokens included; the state folded those in when it
+        sampled them, and only a state that matches can stand for tokens the lists lack."""
         state = self._penalties.get(request_id)
-        if state is not None and state.num_output_tokens == len(output):
+        if state is not None and state.num_output_tokens == num_outputs:
             return state
+        if num_outputs != len(output):
+            raise RuntimeError(f"request {request_id!r}: penalty state for {num_outputs} "
+                               f"output tokens is missing and {len(output)} are known")
         seen = counts = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(vocab, dtype=torch.bool, device=device)

@@ -35,6 +35,7 @@ from kvtier.kv.manager import KVCacheManager
 from kvtier.request import Request, RequestStatus
 from kvtier.tiers.manager import TierManager
 from kvtier.types import (
+    PENDING_TOKEN_ID,
     BlockHash,
     FinishReason,
     ModelRunnerOutput,
@@ -163,6 +164,11 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self.loading)
 
+    def has_tokens_in_flight(self) -> bool:
+        """Whether a launched step's results are still to be applied (async scheduling)."""
+        return any(r.num_inflight_tokens for r in self.running) or any(
+            r.num_inflight_tokens for r in self.waiting)
+
     @property
     def num_running(self) -> int:
         return len(self.running)
@@ -177,7 +183,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         if self.tiers is not None:
             self._finish_loads()
-        running_prefill = any(r.num_tokens - r.num_computed_tokens > 1 for r in self.running)
+        running_prefill = any(r.num_unscheduled_tokens > 1 for r in self.running)
         kinds = self._step_kinds(running_prefill)
         if self.tiers is not None and (not self._stored_ahead
                                        or self.lookahead_after_store_ahead):
@@ -237,7 +243,7 @@ class Scheduler:
         `running_prefill`: a running request still has prompt tokens to compute."""
         if not self.separate_prefill_steps:
             return ("decode", "prefill")
-        has_decodes = any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        has_decodes = any(r.num_unscheduled_tokens == 1 for r in self.running)
         has_prefills = bool(self.waiting) or running_prefill
         if has_prefills and not (has_decodes and self._last_step_prefilled):
             return ("prefill",)
@@ -259,15 +265,30 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            remaining = request.num_tokens - request.num_computed_tokens
+            remaining = request.num_unscheduled_tokens
+            if remaining <= 0 or self._ends_before_next_token(request):
+                continue
             if ("decode" if remaining == 1 else "prefill") not in kinds:
                 continue
             num_new = self._chunk(remaining, budget)
-            if not self._allocate_or_preempt(request, num_new, preempted):
+            # In-flight tokens hold their slots already: allocate past them.
+            if not self._allocate_or_preempt(request, request.num_inflight_tokens + num_new,
+                                             preempted):
                 continue
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         return budget
+
+    @staticmethod
+    def _ends_before_next_token(request: Request) -> bool:
+        """Whether a pending token will end the request by length (async scheduling): no
+        step may compute past it. Stop tokens and strings are only known once read, so a
+        request they end may have one more step in flight, whose token is dropped."""
+        if not request.num_pending_outputs:
+            return False
+        num_outputs = request.num_output_tokens + request.num_pending_outputs
+        return (num_outputs >= request.sampling_params.max_tokens
+                or request.num_tokens + request.num_pending_outputs >= request.max_model_len)
 
     def _chunk(self, remaining: int, budget: int) -> int:
         """Tokens a request computes this step: the rest of its prompt (or its one decode
@@ -358,6 +379,8 @@ class Scheduler:
         left and whether admission stops for this step."""
         if self._admission_blocked(budget):
             return budget, True
+        if request.num_inflight_tokens:
+            return budget, False  # preempted while its last step runs: resumed after it
         hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
         # A request scoring its prompt takes no cache hit, so it has nothing to wait for.
         if being_computed and request.sampling_params.prompt_logprobs is None and \
@@ -510,25 +533,36 @@ class Scheduler:
             self.running.append(request)
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
-        start = request.num_computed_tokens
+        """The request's share of the step; counts its tokens in flight until the step's
+        results are applied (`update_from_output`)."""
+        start = request.num_computed_tokens + request.num_inflight_tokens
+        token_ids = request.all_token_ids[start:start + num_new]
+        if len(token_ids) < num_new:  # async scheduling: a decode of the pending token
+            assert num_new == 1 and request.num_pending_outputs == 1, "one pending decode"
+            token_ids = [PENDING_TOKEN_ID]
         targets, first_row = ((), 0)
         if request.sampling_params.prompt_logprobs is not None:
             targets, first_row = self._prompt_logprob_targets(request, start, num_new)
-        return ScheduledRequest(
+        num_outputs = request.num_output_tokens + request.num_pending_outputs
+        sample = start + num_new == request.num_tokens + request.num_pending_outputs
+        scheduled = ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start:start + num_new],
+            token_ids=token_ids,
             num_computed_tokens=start,
             block_ids=self.kv.block_table(request.request_id),
-            sample=start + num_new == request.num_tokens,
+            sample=sample,
             sampling_params=request.sampling_params,
-            num_output_tokens=request.num_output_tokens,
+            num_output_tokens=num_outputs,
             penalty_context=((request.prompt_token_ids, request.output_token_ids)
                              if request.sampling_params.has_penalties else None),
-            suppressed_token_ids=(self._suppressed(request)
+            suppressed_token_ids=(self._suppressed(request, num_outputs)
                                   if request.sampling_params.min_tokens else ()),
             prompt_logprob_targets=targets,
             prompt_logprob_first_row=first_row,
         )
+        request.num_inflight_tokens += num_new
+        request.num_pending_outputs += sample
+        return scheduled
 
     @staticmethod
     def _prompt_logprob_targets(request: Request, start: int,
@@ -544,11 +578,12 @@ class Scheduler:
         return tuple(request.prompt_token_ids[first:last + 1]), first - 1 - start
 
     @staticmethod
-    def _suppressed(request: Request) -> tuple[int, ...]:
-        """What the next token cannot be while the output is shorter than min_tokens: EOS
-        (with ignore_eos too, as vLLM masks it) and the stop token ids."""
+    def _suppressed(request: Request, num_outputs: int) -> tuple[int, ...]:
+        """What the next token cannot be while the output (`num_outputs` tokens, pending
+        ones included) is shorter than min_tokens: EOS (with ignore_eos too, as vLLM masks
+        it) and the stop token ids."""
         params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
+        if num_outputs >= params.min_tokens:
             return ()
         return tuple(sorted({*request.eos_token_ids, *params.stop_token_ids}))
 
@@ -561,7 +596,20 @@ class Scheduler:
         updated: list[Request] = []
         for scheduled in output.requests:
             request = self.requests.get(scheduled.request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
+            if request is None:
+                continue  # finished (or aborted) since the step was scheduled
+            request.num_inflight_tokens -= len(scheduled.token_ids)
+            request.num_pending_outputs -= scheduled.sample
+            if request.status is not RequestStatus.RUNNING:
+                # Preempted while the step ran (async scheduling): its KV is gone and is
+                # recomputed on resumption, but its sampled token is kept, so that a seeded
+                # request's stream does not depend on when it was preempted.
+                if scheduled.sample:
+                    reason = self._append_sampled(request, runner_output, now)
+                    if reason is not None:
+                        self.waiting.remove(request)
+                        self._finish(request, reason, free_blocks=False)  # freed already
+                    updated.append(request)
                 continue
             request.num_computed_tokens += len(scheduled.token_ids)
             self.kv.cache_computed_blocks(request)
@@ -575,14 +623,21 @@ class Scheduler:
                     request.num_tier_handled_blocks)
             if not scheduled.sample:
                 continue
-            request.append_output_token(runner_output.sampled_token_ids[request.request_id])
-            if request.sampling_params.logprobs is not None:
-                request.output_logprobs.append(runner_output.logprobs[request.request_id])
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = now
-            reason = request.check_stop_token()
+            reason = self._append_sampled(request, runner_output, now)
             if reason is not None:
                 self.running.remove(request)
                 self._finish(request, reason)
             updated.append(request)
         return updated
+
+    @staticmethod
+    def _append_sampled(request: Request, runner_output: ModelRunnerOutput,
+                        now: float) -> FinishReason | None:
+        """Append the step's sampled token (and logprobs); the token-level stop condition
+        that now ends the request, if any."""
+        request.append_output_token(runner_output.sampled_token_ids[request.request_id])
+        if request.sampling_params.logprobs is not None:
+            request.output_logprobs.append(runner_output.logprobs[request.request_id])
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        return request.check_stop_token()

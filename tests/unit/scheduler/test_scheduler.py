@@ -17,7 +17,13 @@ from kvtier.request import Request
 from kvtier.scheduler import Scheduler
 from kvtier.scheduler import scheduler as scheduler_module
 from kvtier.tiers.records import LoadResult
-from kvtier.types import FinishReason, ModelRunnerOutput, SamplingParams, SchedulerOutput
+from kvtier.types import (
+    PENDING_TOKEN_ID,
+    FinishReason,
+    ModelRunnerOutput,
+    SamplingParams,
+    SchedulerOutput,
+)
 
 BLOCK = 4
 
@@ -432,13 +438,19 @@ def test_a_reload_after_preemption_is_not_counted_as_a_second_hit(after_first_to
     pool.reset_prefix_cache()  # the prefix now lives only in the "tier"
     request = make_request("again", prefix + [7, 8, 9, 10], max_tokens=4)
     scheduler.add_request(request)
+    in_flight = None
     if after_first_token:
         run_step(scheduler)
         assert request.num_output_tokens == 1
     else:
-        scheduler.schedule()  # admitted (its load ran inline), preempted before its step
+        # Admitted (its load ran inline), then preempted while that step is in flight
+        # (async scheduling): the step's token is kept when it completes.
+        in_flight = scheduler.schedule()
     assert tiers.loaded_blocks == 3
     scheduler._preempt(request)
+    if in_flight is not None:
+        complete(scheduler, in_flight)
+        assert request.num_output_tokens == 1 and request.num_computed_tokens == 0
     pool.reset_prefix_cache()  # so the second admission loads again
     run_to_end(scheduler)
     assert tiers.loaded_blocks > 3, "the second admission must load from the tier again"
@@ -736,3 +748,112 @@ def test_aborting_the_request_admission_failed_on_lets_the_next_one_in(caching: 
     assert {s.request_id for s in run_step(scheduler).requests} == {"running"}
     scheduler.finish_request("big", FinishReason.ABORT)
     assert "small" in {s.request_id for s in run_step(scheduler).requests}
+
+
+# -- async scheduling: a step scheduled while the one before it is still in flight -----------
+
+
+def complete(scheduler: Scheduler, out: SchedulerOutput) -> None:
+    """Apply a step's results. The 'model' reads a request's tokens when the step completes:
+    by then the step before it has completed too, so they end with this step's input."""
+    sampled = {s.request_id: next_token(scheduler.requests[s.request_id].all_token_ids)
+               for s in out.requests if s.sample and s.request_id in scheduler.requests}
+    scheduler.update_from_output(out, ModelRunnerOutput(sampled))
+    scheduler.kv.pool.check_integrity()
+
+
+def run_async_to_end(scheduler: Scheduler, max_steps: int = 1000) -> list[SchedulerOutput]:
+    steps: list[SchedulerOutput] = []
+    in_flight: SchedulerOutput | None = None
+    while scheduler.has_unfinished_requests() or in_flight is not None:
+        launched = scheduler.schedule() if scheduler.has_unfinished_requests() else None
+        if in_flight is not None:
+            complete(scheduler, in_flight)
+        in_flight = launched
+        if launched is not None:
+            steps.append(launched)
+        assert len(steps) < max_steps, "scheduler made no progress"
+    return steps
+
+
+@pytest.mark.parametrize("num_blocks, budget", [(64, 64), (64, 5), (8, 32), (7, 6)])
+def test_async_scheduling_gives_every_request_the_synchronous_tokens(num_blocks: int,
+                                                                     budget: int) -> None:
+    """Chunked prefills, decodes of pending tokens and preemptions of requests in flight:
+    the same tokens as one step at a time, no leaked block, nothing left in flight."""
+    prompts = {str(i): [i + 1] * 6 + list(range(i, i + 5 + i)) for i in range(6)}
+
+    def outputs(run: object) -> tuple[dict[str, list[int]], Scheduler]:
+        scheduler = make_scheduler(num_blocks=num_blocks, budget=budget)
+        requests = [make_request(rid, p, max_tokens=3 + int(rid))
+                    for rid, p in prompts.items()]
+        for request in requests:
+            scheduler.add_request(request)
+        run(scheduler)  # type: ignore[operator]
+        pool = scheduler.kv.pool
+        assert pool.num_free_blocks == pool.num_blocks, "blocks leaked"
+        assert all(r.num_inflight_tokens == 0 and r.num_pending_outputs == 0 for r in requests)
+        return {r.request_id: r.output_token_ids for r in requests}, scheduler
+
+    expected, _ = outputs(run_to_end)
+    got, scheduler = outputs(run_async_to_end)
+    assert got == expected
+    assert all(len(tokens) == 3 + int(rid) for rid, tokens in got.items())
+    if num_blocks < 64:
+        assert scheduler.num_preemptions > 0
+
+
+def test_a_pending_decode_is_scheduled_but_never_past_max_tokens() -> None:
+    scheduler = make_scheduler()
+    scheduler.add_request(make_request("one", [1] * 5, max_tokens=1))
+    scheduler.add_request(make_request("two", [2] * 5, max_tokens=2))
+    first = scheduler.schedule()
+    assert [(s.request_id, s.sample) for s in first.requests] == [("one", True), ("two", True)]
+    # Scheduled before the first step's tokens are known: "one" ends with its pending token,
+    # "two" decodes it (the runner reads it on the device).
+    second = scheduler.schedule()
+    assert [(s.request_id, s.token_ids, s.num_computed_tokens, s.num_output_tokens)
+            for s in second.requests] == [("two", [PENDING_TOKEN_ID], 5, 1)]
+    complete(scheduler, first)
+    assert "one" not in scheduler.requests  # finished by length
+    third = scheduler.schedule()  # "two" has its second token in flight: nothing to do
+    assert third.requests == [] and third.finished_request_ids == ["one"]
+    complete(scheduler, second)
+    complete(scheduler, third)
+    assert not scheduler.has_unfinished_requests()
+    pool = scheduler.kv.pool
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_a_request_stopped_by_a_token_drops_the_step_it_has_in_flight() -> None:
+    scheduler = make_scheduler()
+    stop = next_token([3] * 5)  # the first token stops it
+    request = Request("r", [3] * 5, SamplingParams(max_tokens=10, temperature=0.0,
+                                                   stop_token_ids=[stop]))
+    scheduler.add_request(request)
+    first = scheduler.schedule()
+    second = scheduler.schedule()  # decodes the pending first token
+    assert [s.token_ids for s in second.requests] == [[PENDING_TOKEN_ID]]
+    complete(scheduler, first)
+    assert request.is_finished and request.output_token_ids == [stop]
+    assert request.stop_reason == stop
+    complete(scheduler, second)  # its token belongs to no live request: dropped
+    assert request.output_token_ids == [stop]
+    pool = scheduler.kv.pool
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_min_tokens_counts_the_pending_token() -> None:
+    """The stop ids are masked while the output, pending tokens included, is shorter than
+    min_tokens: counting only the tokens read would mask one token too many."""
+    scheduler = make_scheduler()
+    request = Request("r", [4] * 5, SamplingParams(max_tokens=5, temperature=0.0, min_tokens=2,
+                                                   stop_token_ids=[7], ignore_eos=True))
+    scheduler.add_request(request)
+    first = scheduler.schedule()
+    second = scheduler.schedule()
+    complete(scheduler, first)
+    third = scheduler.schedule()  # one token read, one pending: min_tokens reached
+    assert [s.suppressed_token_ids for s in (*first.requests, *second.requests,
+                                              *third.requests)] == [(7,), (7,), ()]
+    assert [s.num_output_tokens for s in third.requests] == [2]

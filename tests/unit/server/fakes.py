@@ -83,15 +83,25 @@ class _Completed:
         return self.output.request_id
 
 
+class _Launched(list[RequestOutput]):
+    """A launched fake step: its outputs, and what the core reads of a LaunchedStep."""
+
+    @property
+    def scheduled(self) -> SimpleNamespace:
+        return SimpleNamespace(requests=list(self))
+
+
 class FakeEngine:
     model_name = "fake-model"
     max_model_len = 64
     overlap_outputs = False
-    """The engine core's turn for new fakes (tests run the core both ways)."""
+    """The engine core's turn for new fakes (tests run the core every way)."""
+    async_scheduling = False
 
     def __init__(self, max_running: int = 8, step_delay_s: float = 0.002,
                  fail_steps: int = 0) -> None:
-        self.config = EngineConfig(overlap_outputs=self.overlap_outputs)
+        self.config = EngineConfig(overlap_outputs=self.overlap_outputs,
+                                   async_scheduling=self.async_scheduling)
         self.tokenizer = FakeTokenizer()
         self.pool = SimpleNamespace(num_free_blocks=100, num_blocks=100)
         self.max_running = max_running
@@ -139,7 +149,7 @@ class FakeEngine:
         self._touch()
         return [c.output for c in completed if c.output.request_id not in self.aborted]
 
-    def launch_step(self) -> list[RequestOutput]:
+    def launch_step(self) -> _Launched:
         self._touch()
         if self.fail_steps:
             self.fail_steps -= 1
@@ -157,7 +167,7 @@ class FakeEngine:
                 req.metrics.finished_time = now
             self.stats.num_generation_tokens += 1
             outputs.append(self._output(req, "length" if finished else None))
-        return outputs
+        return _Launched(outputs)
 
     def _output(self, req: _Req, reason: str | None) -> RequestOutput:
         new = req.tokens[req.num_sent:]

@@ -20,12 +20,15 @@ from tests.unit.server.fakes import FakeEngine, start_async_engine
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture(autouse=True, params=[False, True], ids=["sync-turn", "overlapped-turn"])
-def core_turn(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Every test runs with the engine core's synchronous turn and with `overlap_outputs`
-    (a step's outputs sent while the next step runs): delivery, aborts, timeouts and failures
-    must not depend on it."""
-    monkeypatch.setattr(FakeEngine, "overlap_outputs", request.param)
+@pytest.fixture(autouse=True, params=["sync", "overlapped", "async"],
+                ids=["sync-turn", "overlapped-turn", "async-scheduling"])
+def core_turn(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the engine core's synchronous turn, with `overlap_outputs` (a
+    step's outputs sent while the next step runs) and with `async_scheduling` (the next step
+    launched before a step's tokens are read): delivery, aborts, timeouts and failures must
+    not depend on it."""
+    monkeypatch.setattr(FakeEngine, "overlap_outputs", request.param == "overlapped")
+    monkeypatch.setattr(FakeEngine, "async_scheduling", request.param == "async")
     return request.param
 
 

@@ -4,7 +4,8 @@ A client's TTFT ends when its first token leaves the core, and at low concurrenc
 sends its next request only once the previous one finished. So in either turn (synchronous, or
 `overlap_outputs`: outputs made while the next step runs) a first token and a finish must be
 emitted before the core launches another step; later tokens may trail by one launch in the
-overlapped turn, which is the point of it.
+overlapped turn, which is the point of it. With `async_scheduling` every token trails by
+exactly one launch: step s + 1 is launched before step s's tokens are read.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from tests.unit.server.fakes import FakeEngine
 pytestmark = pytest.mark.timeout(30)
 
 
-def run_core(overlap: bool, max_tokens: dict[str, int]) -> list[tuple[str, str, int, bool]]:
+def run_core(overlap: bool, max_tokens: dict[str, int],
+             async_scheduling: bool = False) -> list[tuple[str, str, int, bool]]:
     """Events in order: ("launch", "", step, False) and ("token", request, index, finished)."""
     engine = FakeEngine(step_delay_s=0.0)
     events: list[tuple[str, str, int, bool]] = []
@@ -48,7 +50,8 @@ def run_core(overlap: bool, max_tokens: dict[str, int]) -> list[tuple[str, str, 
             done.set()
 
     inbox = CommandInbox()
-    core = EngineCore(engine, inbox, emit, overlap_outputs=overlap)  # type: ignore[arg-type]
+    core = EngineCore(engine, inbox, emit, overlap_outputs=overlap,  # type: ignore[arg-type]
+                      async_scheduling=async_scheduling)
     for request_id, count in max_tokens.items():
         inbox.put(AddRequest(request_id, "prompt", SamplingParams(max_tokens=count,
                                                                   temperature=0.0),
@@ -84,3 +87,17 @@ def test_first_tokens_and_finishes_leave_before_the_next_launch(overlap: bool) -
     middle = {key: value for key, value in lag.items() if key[1] not in (0, 5) and
               key != ("short", 1)}
     assert set(middle.values()) == ({1} if overlap else {0}), events
+
+
+def test_async_scheduling_sends_each_step_after_launching_the_next() -> None:
+    events = run_core(False, {"short": 2, "long": 6}, async_scheduling=True)
+    tokens = [(i, e) for i, e in enumerate(events) if e[0] == "token"]
+    assert sorted((e[1], e[2]) for _, e in tokens) == sorted(
+        [("short", k) for k in range(2)] + [("long", k) for k in range(6)])
+    # Token k comes from step k + 1; it leaves after launch k + 2 and before launch k + 3
+    # (the last step's, with nothing left to launch, right after it is read).
+    total = launches_before(events, len(events))
+    assert total == 6
+    for index, (_, request_id, token, _) in tokens:
+        expected = min(token + 2, total)
+        assert launches_before(events, index) == expected, (request_id, token, events)

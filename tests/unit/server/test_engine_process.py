@@ -32,19 +32,23 @@ ENGINE_ARGS = {"max_model_len": 256, "num_gpu_blocks_override": 256}
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-def spawn(overlap_outputs: bool = False, **kwargs: object) -> AsyncEngine:
+def spawn(overlap_outputs: bool = False, async_scheduling: bool = False,
+          **kwargs: object) -> AsyncEngine:
     config = EngineConfig.from_kwargs(model=MODEL, overlap_outputs=overlap_outputs,
-                                      **ENGINE_ARGS)
+                                      async_scheduling=async_scheduling, **ENGINE_ARGS)
     engine = AsyncEngine.spawn(config, **kwargs)
     engine.start()
     return engine
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["sync-turn", "overlapped-turn"])
+@pytest.fixture(scope="module", params=["sync", "overlapped", "async"],
+                ids=["sync-turn", "overlapped-turn", "async-scheduling"])
 def engine(request: pytest.FixtureRequest) -> Iterator[AsyncEngine]:
-    """The engine core's synchronous turn, and `overlap_outputs` (a step's outputs are sent
-    while the next step runs): the streams must be the same."""
-    engine = spawn(overlap_outputs=request.param)
+    """The engine core's synchronous turn, `overlap_outputs` (a step's outputs are sent
+    while the next step runs) and `async_scheduling` (the next step launched before a step's
+    tokens are read): the streams must be the same."""
+    engine = spawn(overlap_outputs=request.param == "overlapped",
+                   async_scheduling=request.param == "async")
     yield engine
     asyncio.run(engine.shutdown())
     assert not engine.is_alive

@@ -1,0 +1,121 @@
+"""Async scheduling (each step launched before the previous step's tokens are read) changes
+nothing a request gets: greedy and seeded tokens, logprobs, penalties, stops and finish
+reasons equal the synchronous engine's, under preemption, chunked prefill and prefix caching,
+and no KV block leaks.
+
+The engine core's async turn is exercised through the server's engine process in
+`tests/unit/server/test_engine_process.py`; here `LLM(async_scheduling=True)` drives the
+same launch-before-complete pipeline in-process, and `tests/e2e/test_tiered_engine.py` runs
+its tier setups with it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvtier import LLM, SamplingParams
+from kvtier.config import ConfigError
+from kvtier.types import RequestOutput
+
+TINY = "random:tiny-llama"
+PROMPTS = [[100 + i] * 40 + list(range(300 + i, 340 + i)) for i in range(8)]
+
+
+def both(prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+         **engine_args: object) -> tuple[list[RequestOutput], list[RequestOutput], LLM]:
+    """The outputs of the synchronous and the async engine, and the async one's LLM."""
+    sync = LLM(TINY, **engine_args).generate(prompts, params)
+    llm = LLM(TINY, async_scheduling=True, **engine_args)
+    return sync, llm.generate(prompts, params), llm
+
+
+def tokens(outputs: list[RequestOutput]) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def assert_no_leak(llm: LLM) -> None:
+    pool = llm.engine.pool
+    assert pool.num_free_blocks == pool.num_blocks
+    pool.check_integrity()
+    scheduler = llm.engine.scheduler
+    assert not scheduler.requests and not scheduler.running and not scheduler.waiting
+
+
+def test_greedy_tokens_under_preemption_equal_the_synchronous_engine() -> None:
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    sync, async_, llm = both(PROMPTS, params, num_gpu_blocks_override=16)
+    # The tiny pool preempts running requests, which async scheduling has in flight: their
+    # sampled token is kept and their KV recomputed.
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert tokens(async_) == tokens(sync)
+    assert all(len(t) == 40 for t in tokens(async_))  # no token past max_tokens
+    assert_no_leak(llm)
+
+
+def test_seeded_sampling_under_preemption_equals_the_synchronous_engine() -> None:
+    params = [SamplingParams(max_tokens=40, temperature=1.0, top_p=0.9, seed=1000 + i,
+                             ignore_eos=True) for i in range(8)]
+    sync, async_, llm = both(PROMPTS, params, num_gpu_blocks_override=16)
+    assert any(o.metrics.num_preemptions for o in async_)
+    assert tokens(async_) == tokens(sync)
+    assert_no_leak(llm)
+
+
+def test_chunked_prefill_with_prefix_caching_equals_the_synchronous_engine() -> None:
+    """Prompts sharing a 100-token preamble, prefilled 24 tokens a step: a request's next
+    chunk is scheduled while its previous one runs."""
+    rng = random.Random(5)
+    preamble = [rng.randrange(200, 30_000) for _ in range(100)]
+    prompts = [preamble + [rng.randrange(200, 30_000) for _ in range(rng.randrange(5, 60))]
+               for _ in range(12)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    sync, async_, llm = both(prompts, params, max_num_batched_tokens=64,
+                             long_prefill_token_threshold=24)
+    assert tokens(async_) == tokens(sync)
+    assert [o.metrics.num_cached_tokens for o in async_][-1] >= 96
+    assert_no_leak(llm)
+
+
+def test_penalties_logprobs_stops_and_min_tokens_equal_the_synchronous_engine() -> None:
+    """Everything that reads a request's output so far: penalties (whose device state counts
+    the pending token), min_tokens (which counts it too), logprobs, and the stop conditions
+    that end a request with a step of it still in flight (stop ids, stop strings, EOS)."""
+    free = LLM(TINY).generate(PROMPTS[:1], SamplingParams(max_tokens=30, temperature=0.0,
+                                                          ignore_eos=True))[0].outputs[0]
+    stop_id = free.token_ids[6]
+    stop_text = free.text[len(free.text) // 2:][:3]
+    params = [
+        # Penalties strong enough to change the tiny random model's greedy tokens (it
+        # repeats one token without them): a penalty state that missed the pending token
+        # would let the token just sampled repeat.
+        SamplingParams(max_tokens=30, temperature=0.0, repetition_penalty=3.0, logprobs=3),
+        SamplingParams(max_tokens=30, temperature=0.0, presence_penalty=2.0,
+                       frequency_penalty=1.0),
+        SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True,
+                       stop_token_ids=[stop_id]),
+        SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop=[stop_text]),
+        SamplingParams(max_tokens=30, temperature=0.0, min_tokens=12,
+                       stop_token_ids=[stop_id]),
+        SamplingParams(max_tokens=1, temperature=0.0, logprobs=2),
+        SamplingParams(max_tokens=30, temperature=1.0, seed=3, repetition_penalty=3.0,
+                       presence_penalty=0.5, min_tokens=5, logprobs=1),
+        SamplingParams(max_tokens=7, temperature=0.0),
+    ]
+    sync, async_, llm = both([PROMPTS[0]] * 5 + PROMPTS[5:], params)
+    for expected, got in zip(sync, async_, strict=True):
+        want, have = expected.outputs[0], got.outputs[0]
+        assert have.token_ids == want.token_ids
+        assert have.text == want.text
+        assert (have.finish_reason, have.stop_reason) == (want.finish_reason,
+                                                          want.stop_reason)
+        assert have.logprobs == want.logprobs
+    assert async_[2].outputs[0].finish_reason == "stop"  # the stop id ended it early
+    assert len(async_[2].outputs[0].token_ids) < 30
+    assert async_[3].outputs[0].stop_reason == stop_text
+    assert_no_leak(llm)
+
+
+def test_async_scheduling_and_overlap_outputs_are_exclusive() -> None:
+    with pytest.raises(ConfigError, match="async_scheduling already overlaps"):
+        LLM(TINY, async_scheduling=True, overlap_outputs=True)
