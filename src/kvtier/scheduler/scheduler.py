@@ -22,6 +22,11 @@ Each `schedule()` fills one step's token budget in priority order:
 `update_from_output()` then advances computed-token counts, registers newly full blocks in the
 prefix cache, appends sampled tokens and finishes requests on token-level stop conditions.
 No torch here: the runner receives a `SchedulerOutput` of ids and counts.
+
+With async scheduling `schedule()` runs again before the last step's results are applied: a
+request's tokens of that step count as in flight, a decode of its still unknown sampled token
+gets `PENDING_TOKEN_ID`, and a request that token ends by length is not scheduled again. A
+request preempted while its step runs keeps the token that step samples.
 """
 
 from __future__ import annotations
