@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> dict:
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.scheduler, "update_from_output", "update")
     timer.wrap(engine.outputs, "detokenize", "detokenize")
-    timer.wrap(engine.outputs, "make_output", "make_output")
+    timer.wrap(engine.outputs, "make_delta", "make_delta")
     sent = [0]
 
     def emit(update: Any) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from kvtier.engine.async_types import AbortReason, EngineSnapshot
 from kvtier.types import (
     CompletionOutput,
+    OutputDelta,
     RequestMetrics,
     RequestOutput,
     SamplingParams,
@@ -52,30 +53,6 @@ class Accepted:
 
     request_id: str
     error: BaseException | None = None
-
-
-@dataclass
-class OutputDelta:
-    """One request's progress in one step: what is new since its previous delta."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None
-    stop_reason: str | int | None
-    metrics: RequestMetrics | None
-    """On the first and the last delta (they change in between only when preempted, which
-    the last one reports), so a step's update does not pickle a copy per request."""
-    final_text: str | None = None
-    """The whole output text, on the last delta only."""
-    prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
-    """On the request's first delta only."""
-    new_logprobs: list[TokenLogprobs] | None = None
-    """Logprobs of new_token_ids, when the request asked for them."""
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
-    """On the request's first delta only, when it asked for them."""
 
 
 @dataclass

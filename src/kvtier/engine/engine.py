@@ -39,6 +39,7 @@ from kvtier.tiers.stack import build_tier_manager
 from kvtier.types import (
     FinishReason,
     InvalidRequestError,
+    OutputDelta,
     RequestOutput,
     SamplingParams,
     ScheduledRequest,
@@ -369,6 +370,13 @@ class LLMEngine:
             if request.is_finished:
                 self._count_finished(request)
         return updated
+
+    def make_delta(self, request: Request, with_prompt: bool) -> OutputDelta | None:
+        """The engine core's delta of a completed-step request's new output; None if it was
+        aborted since (its abort returned its final output)."""
+        if not self.outputs.is_tracking(request.request_id):
+            return None
+        return self.outputs.make_delta(request, with_prompt)
 
     def make_outputs(self, updated: list[Request]) -> list[RequestOutput]:
         """RequestOutputs of completed-step requests (those aborted since are skipped: their

@@ -303,13 +303,16 @@ class EngineCore:
         if not completed:
             return
         update.time = time.monotonic()
-        for output in self.engine.make_outputs(completed):
-            request_id = output.request_id
+        for request in completed:
+            request_id = request.request_id
             if request_id not in self._deadlines:
                 continue
-            update.outputs.append(output_delta(output, request_id not in self._announced))
+            delta = self.engine.make_delta(request, request_id not in self._announced)
+            if delta is None:
+                continue
+            update.outputs.append(delta)
             self._announced.add(request_id)
-            if output.finished:
+            if delta.finished:
                 self._forget(request_id)
 
     def _forget(self, request_id: str) -> None:

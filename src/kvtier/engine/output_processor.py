@@ -1,4 +1,5 @@
-"""Turns sampled tokens into text: incremental detokenisation, stop strings, RequestOutputs.
+"""Turns sampled tokens into text: incremental detokenisation, stop strings, and outputs
+(RequestOutputs offline, OutputDeltas for the engine core's updates).
 
 While a request streams, text that could still turn out to be the start of a stop string is
 held back (at most the longest stop string minus one character), so a client never receives
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 from kvtier.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from kvtier.request import Request
-from kvtier.types import CompletionOutput, RequestOutput
+from kvtier.types import CompletionOutput, OutputDelta, RequestOutput, TokenLogprobs
 
 
 @dataclass
@@ -73,8 +74,11 @@ class OutputProcessor:
         state.text = state.text[:index]
         return stop
 
-    def make_output(self, request: Request, finished: bool) -> RequestOutput:
-        state = self._states[request.request_id]
+    def _take_new(self, state: _TextState, request: Request, finished: bool,
+                  ) -> tuple[str, int, list[int], list[TokenLogprobs], bool]:
+        """What the request's output gained since its last output, now marked sent: (new
+        text, visible length of the text, new token ids, their logprobs, whether this is
+        its first output)."""
         visible = len(state.text)
         stops = request.sampling_params.stop
         if not finished and stops:
@@ -82,11 +86,49 @@ class OutputProcessor:
         new_text = state.text[state.num_sent_chars:visible]
         first = state.num_sent_tokens == 0
         new_token_ids = request.output_token_ids[state.num_sent_tokens:]
-        wants_logprobs = request.sampling_params.logprobs is not None
-        new_logprobs = (request.output_logprobs[state.num_sent_tokens:] if wants_logprobs
-                        else [])
+        new_logprobs = (request.output_logprobs[state.num_sent_tokens:]
+                        if request.sampling_params.logprobs is not None else [])
         state.num_sent_chars = visible
         state.num_sent_tokens = request.num_output_tokens
+        return new_text, visible, new_token_ids, new_logprobs, first
+
+    @staticmethod
+    def _prompt_logprobs(request: Request, first: bool,
+                         finished: bool) -> list[TokenLogprobs | None] | None:
+        if (first or finished) and request.sampling_params.prompt_logprobs is not None:
+            return [None, *request.prompt_logprobs]
+        return None
+
+    def make_delta(self, request: Request, with_prompt: bool) -> OutputDelta:
+        """The engine core's delta for the request's new output, the same as
+        `output_delta(make_output(...))` without building the RequestOutput in between (a
+        step's host work scales with its requests)."""
+        state = self._states[request.request_id]
+        finished = request.is_finished
+        new_text, _, new_token_ids, new_logprobs, first = self._take_new(state, request,
+                                                                         finished)
+        if finished:
+            self.drop(request.request_id)
+        return OutputDelta(
+            request_id=request.request_id, new_token_ids=new_token_ids, new_text=new_text,
+            finished=finished,
+            finish_reason=(request.finish_reason.value if finished and request.finish_reason
+                           else None),
+            stop_reason=request.stop_reason if finished else None,
+            metrics=request.metrics if with_prompt or finished else None,
+            final_text=state.text if finished else None,
+            prompt=request.prompt if with_prompt else None,
+            prompt_token_ids=request.prompt_token_ids if with_prompt else None,
+            new_logprobs=(new_logprobs if request.sampling_params.logprobs is not None
+                          else None),
+            prompt_logprobs=(self._prompt_logprobs(request, first, finished) if with_prompt
+                             else None))
+
+    def make_output(self, request: Request, finished: bool) -> RequestOutput:
+        state = self._states[request.request_id]
+        new_text, visible, new_token_ids, new_logprobs, first = self._take_new(state, request,
+                                                                               finished)
+        wants_logprobs = request.sampling_params.logprobs is not None
         reason = request.finish_reason.value if finished and request.finish_reason else None
         completion = CompletionOutput(
             index=0,
@@ -110,7 +152,5 @@ class OutputProcessor:
             new_text=new_text,
             new_token_ids=new_token_ids,
             new_logprobs=new_logprobs,
-            prompt_logprobs=([None, *request.prompt_logprobs]
-                             if (first or finished)
-                             and request.sampling_params.prompt_logprobs is not None else None),
+            prompt_logprobs=self._prompt_logprobs(request, first, finished),
         )

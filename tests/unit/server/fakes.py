@@ -15,10 +15,12 @@ from typing import Any, cast
 
 from kvtier.config import EngineConfig
 from kvtier.engine.async_engine import AsyncEngine
+from kvtier.engine.core_messages import output_delta
 from kvtier.engine.engine import EngineStats, LLMEngine
 from kvtier.types import (
     CompletionOutput,
     InvalidRequestError,
+    OutputDelta,
     RequestMetrics,
     RequestOutput,
     SamplingParams,
@@ -148,6 +150,12 @@ class FakeEngine:
     def make_outputs(self, completed: list[_Completed]) -> list[RequestOutput]:
         self._touch()
         return [c.output for c in completed if c.output.request_id not in self.aborted]
+
+    def make_delta(self, completed: _Completed, with_prompt: bool) -> OutputDelta | None:
+        self._touch()
+        if completed.output.request_id in self.aborted:
+            return None
+        return output_delta(completed.output, with_prompt)
 
     def launch_step(self) -> _Launched:
         self._touch()

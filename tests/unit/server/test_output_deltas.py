@@ -1,0 +1,61 @@
+"""The engine core's deltas, built straight from the output processor's state, equal the
+deltas of the RequestOutputs the offline API builds (`output_delta(make_output(...))`) in
+every field: text held back for stop strings, stops, logprobs, prompt logprobs, finishes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kvtier import LLM, SamplingParams
+from kvtier.engine.core_messages import output_delta
+from kvtier.types import OutputDelta
+
+PROMPTS = [[100 + i] * 20 + list(range(300 + i, 320 + i)) for i in range(6)]
+
+
+def comparable(delta: OutputDelta) -> dict[str, object]:
+    fields = dataclasses.asdict(delta)
+    fields["metrics"] = delta.metrics is not None  # two engines, two clocks
+    return fields
+
+
+def test_deltas_equal_those_of_request_outputs() -> None:
+    reference = LLM("random:tiny-llama")
+    free = reference.generate(PROMPTS[:1], SamplingParams(max_tokens=24, temperature=0.0,
+                                                          ignore_eos=True))[0].outputs[0]
+    stop_text = free.text[len(free.text) // 2:][:2]
+    params = [
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop_text]),
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop_text],
+                       include_stop_str_in_output=True),
+        SamplingParams(max_tokens=10, temperature=0.0, logprobs=2, prompt_logprobs=1),
+        SamplingParams(max_tokens=12, temperature=1.0, seed=5, stop=["zz", "q"],
+                       min_tokens=3),
+        SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
+        SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
+    ]
+    engines = [LLM("random:tiny-llama").engine for _ in range(2)]
+    for engine in engines:
+        for prompt, p in zip(PROMPTS, params, strict=True):
+            engine.add_request(prompt, p)
+    announced: list[set[str]] = [set(), set()]
+    streams: list[list[dict[str, object]]] = [[], []]
+    while engines[0].has_unfinished_requests():
+        by_outputs, by_deltas = engines
+        updated = by_outputs.complete_step(by_outputs.launch_step())
+        for output in by_outputs.make_outputs(updated):
+            streams[0].append(comparable(output_delta(output, output.request_id
+                                                      not in announced[0])))
+            announced[0].add(output.request_id)
+        for request in by_deltas.complete_step(by_deltas.launch_step()):
+            delta = by_deltas.make_delta(request, request.request_id not in announced[1])
+            assert delta is not None
+            streams[1].append(comparable(delta))
+            announced[1].add(request.request_id)
+    assert not engines[1].has_unfinished_requests()
+    assert streams[0] == streams[1]
+    finals = [d for d in streams[1] if d["finished"]]
+    assert len(finals) == len(PROMPTS)
+    assert any(d["stop_reason"] == stop_text for d in finals)  # a stop string cut the text
+    assert any(d["prompt_logprobs"] for d in streams[1])
+    assert any(d["new_logprobs"] for d in streams[1])
