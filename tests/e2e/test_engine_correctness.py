@@ -562,6 +562,13 @@ def test_serve_flags_reach_the_engine_config() -> None:
     assert not config.overlap_outputs and config.tiers.kv_load_timing == "same-step"
     assert config.scheduler.long_prefill_token_threshold == 0
     assert config.scheduler.short_prefill_first_tokens == 0
+    assert not config.async_scheduling
+    config = EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args(
+        ["--async-scheduling"])))
+    assert config.async_scheduling and not config.overlap_outputs
+    with pytest.raises(ConfigError, match="async_scheduling already overlaps"):
+        EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args(
+            ["--async-scheduling", "--overlap-outputs"])))
 
 
 def test_start_up_warm_up_steps_leave_no_trace() -> None:
