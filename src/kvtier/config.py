@@ -224,10 +224,11 @@ class EngineConfig:
     5-10% faster, but one Q run had a worse TTFT with it (BENCHMARKS.md)."""
 
     async_scheduling: bool = False
-    """Server engine core: schedule and launch step N+1 before reading step N's tokens (vLLM's
-    --async-scheduling), so the host's scheduling, input staging and output work overlap the
-    device's step. A decode's input is then its previous token still on the device. A request
-    that a stop token or string ends computes one more token, which is dropped."""
+    """Schedule and launch step N+1 before reading step N's tokens (vLLM's --async-scheduling;
+    the server's engine core and `LLM.generate`), so the host's scheduling, input staging and
+    output work overlap the device's step. A decode's input is then its previous token, still
+    on the device. A request that a stop token or string ends computes one more token, which
+    is dropped."""
 
     def __post_init__(self) -> None:
         if self.async_scheduling and self.overlap_outputs:

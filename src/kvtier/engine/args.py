@@ -33,8 +33,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="server: build and send a step's outputs while the device runs the "
                         "next step")
     g.add_argument("--async-scheduling", action="store_true",
-                   help="server: schedule and launch the next step before reading this "
-                        "step's tokens, overlapping host work with the device")
+                   help="schedule and launch the next step before reading this step's "
+                        "tokens (vLLM's flag), overlapping host work with the device")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True)
