@@ -857,3 +857,20 @@ def test_min_tokens_counts_the_pending_token() -> None:
     assert [s.suppressed_token_ids for s in (*first.requests, *second.requests,
                                               *third.requests)] == [(7,), (7,), ()]
     assert [s.num_output_tokens for s in third.requests] == [2]
+
+
+def test_tokens_in_flight_are_reported_until_their_step_lands() -> None:
+    """The engine sleeps on a tier transfer after an empty step only with nothing in flight:
+    a step in flight (a preempted request's included) lands first and may free the way."""
+    scheduler = make_scheduler()
+    scheduler.add_request(make_request("a", [5] * 6, max_tokens=3))
+    assert not scheduler.has_tokens_in_flight()
+    first = scheduler.schedule()
+    assert scheduler.has_tokens_in_flight()
+    scheduler._preempt(scheduler.requests["a"])  # preempted while its step runs
+    assert scheduler.has_tokens_in_flight()
+    complete(scheduler, first)
+    assert not scheduler.has_tokens_in_flight()
+    assert scheduler.requests["a"].output_token_ids == [next_token([5] * 6)]  # kept
+    run_to_end(scheduler)
+    assert scheduler.kv.pool.num_free_blocks == scheduler.kv.pool.num_blocks
