@@ -119,3 +119,21 @@ def test_penalties_logprobs_stops_and_min_tokens_equal_the_synchronous_engine() 
 def test_async_scheduling_and_overlap_outputs_are_exclusive() -> None:
     with pytest.raises(ConfigError, match="async_scheduling already overlaps"):
         LLM(TINY, async_scheduling=True, overlap_outputs=True)
+
+
+def test_prompt_logprobs_of_chunked_prompts_equal_the_synchronous_engine() -> None:
+    """A prompt scored in chunks, the next chunk scheduled while the one before it runs: the
+    same prompt logprobs, none twice, beside other requests' pending decodes."""
+    rng = random.Random(7)
+    prompts = [[rng.randrange(200, 30_000) for _ in range(70 + 9 * i)] for i in range(4)]
+    params = [SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, prompt_logprobs=2,
+                             logprobs=1),
+              SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)] * 2
+    sync, async_, llm = both(prompts, params, max_num_batched_tokens=32)
+    for expected, got, prompt in zip(sync, async_, prompts, strict=True):
+        assert got.outputs[0].token_ids == expected.outputs[0].token_ids
+        assert got.prompt_logprobs == expected.prompt_logprobs
+        if got.prompt_logprobs is not None:
+            assert len(got.prompt_logprobs) == len(prompt)
+    assert async_[0].prompt_logprobs is not None
+    assert_no_leak(llm)
