@@ -8,7 +8,13 @@ import torch
 
 from kvtier.config import CacheConfig, ConfigError, ModelConfig
 from kvtier.model.spec import ModelSpec
-from kvtier.runner.logprobs import PROMPT_ROWS_PER_SLICE, PROMPT_SLICE_BYTES_PER_ENTRY
+from kvtier.runner.logprobs import (
+    PROMPT_ROWS_PER_SLICE,
+    PROMPT_SLICE_BYTES_PER_ENTRY,
+    step_logprobs,
+)
+from kvtier.runner.sampler import Sampler
+from kvtier.types import SamplingParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_BYTES = 2 * 1024**3
@@ -77,10 +83,6 @@ def _sampling_peak_bytes(device: torch.device, max_batch: int, vocab_size: int,
     """Peak CUDA memory of sampling `max_batch` rows of float32 logits on the costliest path:
     every row with logprobs (top_k), a repetition penalty, min-p and a top-p without top-k
     (a full-vocabulary sort of the batch), half of them seeded."""
-    from kvtier.runner.logprobs import step_logprobs
-    from kvtier.runner.sampler import Sampler
-    from kvtier.types import SamplingParams
-
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)

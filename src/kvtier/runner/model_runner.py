@@ -136,8 +136,7 @@ class ModelRunner:
                                            [s.num_output_tokens for s in requests])
         if logprobs is not None:
             logprobs.attach(tokens)
-        self._last_sampled = _SampledTokens({request_id: row for row, request_id
-                                             in enumerate(ids)}, tokens)
+        self._last_sampled = _SampledTokens(ids, tokens)
         return PendingOutput(ids, tokens, logprobs, prompt)
 
     def _prepare_inputs(self, step: SchedulerOutput, padded_tokens: int | None = None,
@@ -201,8 +200,8 @@ class ModelRunner:
 
 @dataclass(frozen=True)
 class _SampledTokens:
-    rows: dict[str, int]
-    """Request id -> its row of `tokens`."""
+    request_ids: list[str]
+    """Row i of `tokens` is request_ids[i]'s."""
     tokens: torch.Tensor
     """(rows,) int64 on the device, as the sampler returned them."""
 
@@ -229,13 +228,19 @@ class PendingInputs:
 
 def _pending_inputs(requests: list[ScheduledRequest],
                     previous: _SampledTokens | None) -> PendingInputs | None:
-    """The step's pending decodes (always single-token queries, so decode rows first)."""
+    """The step's pending decodes (always single-token queries, so decode rows first). The
+    previous step's rows are looked up only when there are any (never without async
+    scheduling)."""
     rows: list[int] = []
     sources: list[int] = []
+    previous_rows: dict[str, int] | None = None
     for row, s in enumerate(requests):
         if s.token_ids[0] != PENDING_TOKEN_ID:
             continue
-        source = previous.rows.get(s.request_id) if previous is not None else None
+        if previous_rows is None:
+            previous_rows = ({} if previous is None else
+                             {request_id: i for i, request_id in enumerate(previous.request_ids)})
+        source = previous_rows.get(s.request_id)
         if source is None or len(s.token_ids) != 1:
             raise RuntimeError(f"request {s.request_id!r}: its input token is pending, but "
                                "the previous step did not sample it")

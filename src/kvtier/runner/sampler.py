@@ -237,12 +237,8 @@ def apply_penalties(logits: torch.Tensor, penalised: list[tuple[int, _PenaltySta
         penalty = _per_row([params[penalised[i][0]].repetition_penalty for i, _ in repeating],
                            device)
         values = rows if at is None else rows[at]
-        values = torch.where(seen, torch.where(values > 0, values / penalty, values * penalty),
-                             values)
-        if at is None:
-            rows.copy_(values)
-        else:
-            rows[at] = values
+        _assign(rows, at, torch.where(seen, torch.where(values > 0, values / penalty,
+                                                        values * penalty), values))
     counting = [(i, state.counts) for i, (_, state) in enumerate(penalised)
                 if state.counts is not None]
     if counting:
@@ -251,14 +247,19 @@ def apply_penalties(logits: torch.Tensor, penalised: list[tuple[int, _PenaltySta
         chosen = [params[penalised[i][0]] for i, _ in counting]
         frequency = _per_row([p.frequency_penalty for p in chosen], device)
         presence = _per_row([p.presence_penalty for p in chosen], device)
-        penalty = frequency * counts + presence * (counts > 0)
-        if at is None:
-            rows -= penalty
-        else:
-            rows[at] = rows[at] - penalty
+        values = rows if at is None else rows[at]
+        _assign(rows, at, values - (frequency * counts + presence * (counts > 0)))
     rows.nan_to_num_(nan=0.0).clamp_(-LOGIT_BOUND, LOGIT_BOUND)
     if index is not None:
         logits[index] = rows
+
+
+def _assign(rows: torch.Tensor, at: torch.Tensor | None, values: torch.Tensor) -> None:
+    """rows[at] = values, or all of rows where `at` is None (see `_subset`)."""
+    if at is None:
+        rows.copy_(values)
+    else:
+        rows[at] = values
 
 
 def _subset(positions: list[int], total: int, device: torch.device) -> torch.Tensor | None:
