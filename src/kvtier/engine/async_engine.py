@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from multiprocessing.connection import Connection
 
 from kvtier.config import EngineConfig
 from kvtier.engine.async_types import (
@@ -46,7 +47,7 @@ from kvtier.engine.core_messages import (
 )
 from kvtier.engine.engine import LLMEngine
 from kvtier.engine.engine_core import CommandInbox, EngineCore
-from kvtier.engine.engine_process import EngineProcess, EngineProcessSpec
+from kvtier.engine.engine_process import EngineClient, EngineProcess, EngineProcessSpec
 from kvtier.model.tokenizer import Tokenizer
 from kvtier.types import RequestOutput, SamplingParams
 
@@ -103,16 +104,22 @@ class AsyncEngine:
     def __init__(self, engine_factory: Callable[[], LLMEngine] | None, *,
                  max_waiting_requests: int | None = None,
                  request_timeout_s: float | None = None,
-                 process_spec: EngineProcessSpec | None = None) -> None:
-        """Core on a thread built by `engine_factory`, or in a process (`spawn`)."""
+                 process_spec: EngineProcessSpec | None = None,
+                 connection: Connection | None = None) -> None:
+        """Core on a thread built by `engine_factory`, or in a process: spawned by this
+        engine (`spawn`), or shared with other front ends, reached through `connection`
+        (`attach`)."""
         if max_waiting_requests is not None and max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
         if request_timeout_s is not None and request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
         if (engine_factory is None) == (process_spec is None):
             raise ValueError("give either an engine factory or a process spec")
+        if connection is not None and process_spec is None:
+            raise ValueError("an attached engine needs the process spec it was spawned with")
         self._factory = engine_factory
         self._process_spec = process_spec
+        self._connection = connection
         self.max_waiting_requests = max_waiting_requests
         self.request_timeout_s = request_timeout_s
         self._lock = threading.Lock()
@@ -126,7 +133,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[OutputSink, StreamState]] = {}  # dispatch thread only
         self._listeners: tuple[OutputListener, ...] = ()
         self._inbox: CommandInbox | None = None
-        self._process: EngineProcess | None = None
+        self._process: EngineClient | None = None
         self._thread: threading.Thread | None = None
         """The core's thread, or (process mode) the thread that dispatches its updates."""
         self.engine: LLMEngine | None = None
@@ -149,6 +156,16 @@ class AsyncEngine:
             log_level=logging.getLogger().level if log_level is None else log_level)
         return cls(None, max_waiting_requests=max_waiting_requests,
                    request_timeout_s=request_timeout_s, process_spec=spec)
+
+    @classmethod
+    def attach(cls, connection: Connection, spec: EngineProcessSpec, *,
+               max_waiting_requests: int | None = None) -> AsyncEngine:
+        """An AsyncEngine for one of several front ends of an engine process that someone
+        else spawned (`spawn_engine_process`) with `spec`; `connection` is this front end's
+        pipe to it."""
+        return cls(None, max_waiting_requests=max_waiting_requests,
+                   request_timeout_s=spec.request_timeout_s, process_spec=spec,
+                   connection=connection)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -200,7 +217,8 @@ class AsyncEngine:
 
     def _start_process(self, spec: EngineProcessSpec) -> None:
         from kvtier.model.loader import resolve_model
-        process = EngineProcess(spec)
+        process = (EngineProcess(spec) if self._connection is None
+                   else EngineClient(self._connection))
         ready, first = process.start()
         self._process = process
         self.model_name, self.max_model_len = ready.model_name, ready.max_model_len
@@ -265,9 +283,9 @@ class AsyncEngine:
             await loop.run_in_executor(None, self._process.close)
 
     def _has_live(self) -> bool:
-        snapshot = self._snapshot
-        return self._num_pending_adds > 0 or (snapshot is not None
-                                              and snapshot.num_live_requests > 0)
+        # This front end's own requests: with several front ends on one engine, each drains
+        # what it sent.
+        return self._num_pending_adds > 0 or bool(self._streams)
 
     # -- requests -----------------------------------------------------------------------------
 

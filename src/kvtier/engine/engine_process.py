@@ -16,6 +16,7 @@ closes, so it never outlives the server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import pickle
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from kvtier.config import EngineConfig
+from kvtier.engine.core_fanout import CoreFanout
 from kvtier.engine.core_messages import Command, CoreUpdate, StopCore
 from kvtier.engine.engine import LLMEngine
 from kvtier.engine.engine_core import CommandInbox, EngineCore
@@ -66,45 +68,46 @@ class EngineProcessError(RuntimeError):
     """The engine process failed to start (the message carries the child's error)."""
 
 
-class EngineProcess:
-    """Parent side: spawn the child, send commands, iterate its updates."""
+class EngineClient:
+    """A front end's end of the engine process's pipe: the handshake, commands out, updates
+    in. With several front ends (`kvtier serve --api-server-count`) each has its own."""
 
-    def __init__(self, spec: EngineProcessSpec) -> None:
-        self.spec = spec
-        self._conn: Connection | None = None
-        self._process: multiprocessing.process.BaseProcess | None = None
+    def __init__(self, conn: Connection | None = None) -> None:
+        self._conn = conn
         self._send_lock = threading.Lock()
+        self._ended = False
 
     def start(self) -> tuple[Ready, CoreUpdate]:
-        """Spawn and wait until the engine is built; returns its identity and first snapshot.
-        Raises the construction error (or EngineProcessError) if it failed."""
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe()
-        self._process = context.Process(target=run_engine_process, args=(self.spec, child),
-                                        name="kvtier-engine", daemon=True)
-        self._process.start()
-        child.close()
-        self._conn = parent
+        """Wait until the engine is built; returns its identity and first snapshot. Raises
+        the construction error (or EngineProcessError) if it failed."""
+        return self._handshake()
+
+    def _handshake(self) -> tuple[Ready, CoreUpdate]:
+        conn = self._conn
+        assert conn is not None
         try:
-            if not parent.poll(START_TIMEOUT_S):
+            if not conn.poll(START_TIMEOUT_S):
                 raise EngineProcessError("the engine process did not start in time")
-            first = parent.recv()
+            first = conn.recv()
             if isinstance(first, StartFailed):
                 raise first.error or EngineProcessError(first.message)
-            update = parent.recv()
+            update = conn.recv()
         except (EOFError, OSError) as exc:
             raise EngineProcessError(
-                f"the engine process exited during start-up (exit code "
-                f"{self._process.exitcode}); see its log above") from exc
+                f"the engine process exited during start-up ({self._exit_status()}); see "
+                "its log above") from exc
         except BaseException:
             self.close()
             raise
         assert isinstance(first, Ready) and isinstance(update, CoreUpdate)
         return first, update
 
+    def _exit_status(self) -> str:
+        return "its pipe closed"
+
     @property
     def is_alive(self) -> bool:
-        return self._process is not None and self._process.is_alive()
+        return self._conn is not None and not self._ended
 
     def send(self, command: Command | StopCore) -> bool:
         """False if the child is gone (its updates end, and the front end fails what is live)."""
@@ -120,29 +123,77 @@ class EngineProcess:
     def updates(self) -> Iterator[CoreUpdate]:
         """The child's updates until its last (closed) one, or until it dies."""
         assert self._conn is not None
-        while True:
-            try:
-                update = self._conn.recv()
-            except (EOFError, OSError):
-                return
-            yield update
-            if update.closed:
-                return
+        try:
+            while True:
+                try:
+                    update = self._conn.recv()
+                except (EOFError, OSError):
+                    return
+                yield update
+                if update.closed:
+                    return
+        finally:
+            self._ended = True
 
     def close(self) -> None:
-        """Wait for the child to exit (kill it if it does not) and close the pipe."""
-        if self._process is not None:
-            self._process.join(JOIN_TIMEOUT_S)
-            if self._process.is_alive():
-                logger.error("the engine process did not exit; killing it")
-                self._process.kill()
-                self._process.join()
         if self._conn is not None:
             self._conn.close()
 
 
-def run_engine_process(spec: EngineProcessSpec, conn: Connection) -> None:
-    """The child's main: build the engine, then run the core until stopped or orphaned."""
+class EngineProcess(EngineClient):
+    """Parent side: spawn the child and be its only front end."""
+
+    def __init__(self, spec: EngineProcessSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self._process: multiprocessing.process.BaseProcess | None = None
+
+    def start(self) -> tuple[Ready, CoreUpdate]:
+        self._process, (self._conn,) = spawn_engine_process(self.spec, 1)
+        return self._handshake()
+
+    def _exit_status(self) -> str:
+        assert self._process is not None
+        return f"exit code {self._process.exitcode}"
+
+    @property
+    def is_alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    def close(self) -> None:
+        """Wait for the child to exit (kill it if it does not) and close the pipe."""
+        if self._process is not None:
+            join_engine_process(self._process)
+        super().close()
+
+
+def spawn_engine_process(spec: EngineProcessSpec, num_front_ends: int
+                         ) -> tuple[multiprocessing.process.BaseProcess, list[Connection]]:
+    """Start the engine process with one pipe per front end; returns the front ends' ends,
+    each of which gets the handshake (`Ready`, or `StartFailed`, then the first update)."""
+    context = multiprocessing.get_context("spawn")
+    pairs = [context.Pipe() for _ in range(num_front_ends)]
+    process = context.Process(target=run_engine_process,
+                              args=(spec, [child for _, child in pairs]),
+                              name="kvtier-engine", daemon=True)
+    process.start()
+    for _, child in pairs:
+        child.close()
+    return process, [parent for parent, _ in pairs]
+
+
+def join_engine_process(process: multiprocessing.process.BaseProcess) -> None:
+    """Wait for the engine process to exit; kill it if it does not."""
+    process.join(JOIN_TIMEOUT_S)
+    if process.is_alive():
+        logger.error("the engine process did not exit; killing it")
+        process.kill()
+        process.join()
+
+
+def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None:
+    """The child's main: build the engine, then run the core until stopped or orphaned.
+    `conns`: one pipe per front end; the core stops once every front end has stopped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level, format=spec.log_format)
     try:
@@ -150,24 +201,36 @@ def run_engine_process(spec: EngineProcessSpec, conn: Connection) -> None:
         engine.log_stats_interval_s = spec.log_stats_interval_s
     except BaseException as exc:
         logger.exception("engine construction failed")
-        conn.send(StartFailed(f"{type(exc).__name__}: {exc}", _picklable(exc)))
-        conn.close()
+        failed = StartFailed(f"{type(exc).__name__}: {exc}", _picklable(exc))
+        for conn in conns:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(failed)
+            conn.close()
         return
     frozen = freeze_startup_heap()
     log_long_gc_pauses()
     logger.info("gc: froze %d start-up objects", frozen)
     inbox = CommandInbox()
-    core = EngineCore(engine, inbox, conn.send, request_timeout_s=spec.request_timeout_s,
+    fanout = CoreFanout(conns, inbox) if len(conns) > 1 else None
+    core = EngineCore(engine, inbox, conns[0].send if fanout is None else fanout.emit,
+                      request_timeout_s=spec.request_timeout_s,
                       separate_process=True, overlap_outputs=spec.config.overlap_outputs,
                       async_scheduling=spec.config.async_scheduling)
-    conn.send(Ready(engine.model_name, engine.max_model_len))
-    conn.send(core.initial_update())
-    threading.Thread(target=_read_commands, args=(conn, inbox), name="kvtier-commands",
-                     daemon=True).start()
+    ready, first = Ready(engine.model_name, engine.max_model_len), core.initial_update()
+    for conn in conns:
+        with contextlib.suppress(OSError, ValueError):  # a front end that died meanwhile
+            conn.send(ready)
+            conn.send(first)
+    if fanout is None:
+        threading.Thread(target=_read_commands, args=(conns[0], inbox), name="kvtier-commands",
+                         daemon=True).start()
+    else:
+        fanout.start_readers()
     try:
         core.run()
     finally:
-        conn.close()
+        for conn in conns:
+            conn.close()
 
 
 def _read_commands(conn: Connection, inbox: CommandInbox) -> None:

@@ -31,6 +31,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help="abort requests still running this long after arrival (default: none)")
     g.add_argument("--max-request-body-bytes", type=parse_size, default=4 * 1024 * 1024,
                    help="larger request bodies get 413 (default 4MiB)")
+    g.add_argument("--api-server-count", type=_positive_int, default=1, metavar="N",
+                   help="HTTP front-end processes sharing the listening socket and one engine "
+                        "process (vLLM's flag; default 1). More of them keep up with a fast "
+                        "engine's token streams")
     g.add_argument("--shutdown-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long in-flight requests may finish before they "
                         "are aborted")

@@ -17,6 +17,8 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from types import FrameType
 
 import uvicorn
@@ -24,6 +26,7 @@ import uvicorn
 from kvtier.config import EngineConfig
 from kvtier.engine.args import engine_kwargs
 from kvtier.engine.async_engine import AsyncEngine
+from kvtier.engine.engine_process import EngineProcessSpec
 from kvtier.server.app import ServerSettings, create_app
 
 STATS_LOG_INTERVAL_S = 5.0
@@ -41,10 +44,11 @@ class _DrainingServer(uvicorn.Server):
     """
 
     def __init__(self, config: uvicorn.Config, engine: AsyncEngine,
-                 shutdown_timeout_s: float) -> None:
+                 shutdown_timeout_s: float, on_ready: ReadyCallback) -> None:
         super().__init__(config)
         self.async_engine = engine
         self.shutdown_timeout_s = shutdown_timeout_s
+        self.on_ready = on_ready
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
 
@@ -53,9 +57,7 @@ class _DrainingServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         if self.started and not self.should_exit:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
-            print(f"kvtier serve: ready on http://{host}:{port} (model "
-                  f"{self.async_engine.model_name}, max_model_len "
-                  f"{self.async_engine.max_model_len})", file=sys.stderr, flush=True)
+            self.on_ready(host, port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is None:  # still starting: nothing in flight yet
@@ -82,39 +84,89 @@ class _DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+ReadyCallback = Callable[[str, int], None]
+"""Called with the bound host and port once the server accepts connections."""
+
+
 def run_server(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
-    # The engine runs in its own process; here the event loop shares the GIL with the thread
-    # that dispatches the engine's updates. At Python's default 5 ms switch interval a step's
-    # tokens could wait that long behind HTTP work; 0.5 ms keeps the hand-over under a step.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     config = EngineConfig.from_kwargs(**engine_kwargs(args))
     settings = ServerSettings(
         served_model_names=tuple(args.served_model_name or ()),
         api_key=args.api_key or os.environ.get("KVTIER_API_KEY") or None,
         max_request_body_bytes=args.max_request_body_bytes)
-    # A signal while the model loads: nothing is in flight, so just leave.
-    previous = {sig: signal.signal(sig, _exit_now) for sig in (signal.SIGTERM, signal.SIGINT)}
-    engine = AsyncEngine.spawn(config, max_waiting_requests=args.max_waiting_requests,
-                               request_timeout_s=args.request_timeout,
-                               log_stats_interval_s=STATS_LOG_INTERVAL_S)
-    engine.start()
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-    app = create_app(engine, settings)
-    uvicorn_config = uvicorn.Config(
-        app, host=args.host, port=args.port, http="h11", ws="none", lifespan="on",
-        access_log=False, log_config=None, timeout_graceful_shutdown=5)
-    server = _DrainingServer(uvicorn_config, engine, args.shutdown_timeout)
-    try:
-        server.run()
-    finally:
-        if engine.is_alive:  # uvicorn failed to start or stopped on its own: abort what is left
-            asyncio.run(engine.shutdown(drain=False))
-    if not server.started:
+    spec = EngineProcessSpec(config, request_timeout_s=args.request_timeout,
+                             log_stats_interval_s=STATS_LOG_INTERVAL_S,
+                             log_level=logging.getLogger().level)
+    if args.api_server_count > 1:
+        from kvtier.server.api_servers import run_api_servers
+        return run_api_servers(spec, settings, host=args.host, port=args.port,
+                               count=args.api_server_count,
+                               max_waiting_requests=args.max_waiting_requests,
+                               shutdown_timeout_s=args.shutdown_timeout)
+    engine = AsyncEngine(None, max_waiting_requests=args.max_waiting_requests,
+                         request_timeout_s=args.request_timeout, process_spec=spec)
+    _start(engine)
+
+    def announce(host: str, port: int) -> None:
+        print(f"kvtier serve: ready on http://{host}:{port} (model {engine.model_name}, "
+              f"max_model_len {engine.max_model_len})", file=sys.stderr, flush=True)
+
+    started = _serve(engine, settings, args.shutdown_timeout, announce, host=args.host,
+                     port=args.port)
+    if not started:
         return 1
     print("kvtier serve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def serve_front_end(conn: Connection, spec: EngineProcessSpec, settings: ServerSettings, *,
+                    sock: socket.socket, max_waiting_requests: int | None,
+                    shutdown_timeout_s: float, on_ready: Callable[[str, int], None]) -> int:
+    """One of `--api-server-count` front ends: serve on the shared `sock` through the engine
+    process's pipe `conn`; `on_ready(model_name, max_model_len)` once serving."""
+    engine = AsyncEngine.attach(conn, spec, max_waiting_requests=max_waiting_requests)
+    try:
+        _start(engine)
+    except Exception as exc:  # the engine process logged the details
+        print(f"kvtier serve: an API server could not attach to the engine: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    started = _serve(engine, settings, shutdown_timeout_s,
+                     lambda host, port: on_ready(engine.model_name, engine.max_model_len),
+                     sockets=[sock])
+    return 0 if started else 1
+
+
+def _start(engine: AsyncEngine) -> None:
+    """Start the engine (a signal meanwhile just leaves: nothing is in flight yet)."""
+    # The engine runs in its own process; here the event loop shares the GIL with the thread
+    # that dispatches the engine's updates. At Python's default 5 ms switch interval a step's
+    # tokens could wait that long behind HTTP work; 0.5 ms keeps the hand-over under a step.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    previous = {sig: signal.signal(sig, _exit_now) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        engine.start()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout_s: float,
+           on_ready: ReadyCallback, *, host: str = "127.0.0.1", port: int = 0,
+           sockets: list[socket.socket] | None = None) -> bool:
+    """Serve the app until drained; whether uvicorn started at all."""
+    app = create_app(engine, settings)
+    uvicorn_config = uvicorn.Config(
+        app, host=host, port=port, http="h11", ws="none", lifespan="on",
+        access_log=False, log_config=None, timeout_graceful_shutdown=5)
+    server = _DrainingServer(uvicorn_config, engine, shutdown_timeout_s, on_ready)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        if engine.is_alive:  # uvicorn failed to start or stopped on its own: abort what is left
+            asyncio.run(engine.shutdown(drain=False))
+    return server.started
 
 
 def _exit_now(sig: int, frame: FrameType | None) -> None:

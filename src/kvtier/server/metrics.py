@@ -6,15 +6,20 @@ one process, e.g. in tests):
 - counters and gauges are read at scrape time from the engine's last published snapshot
   (`EngineStats`, its tier stats and the KV pool), so they can never drift from the engine;
 - latency histograms (TTFT, inter-token, end-to-end, queue time) are observed by an output
-  listener on the engine thread, before the outputs reach their clients.
+  listener on the engine thread, before the outputs reach their clients. With several
+  front-end processes (`--api-server-count`) each observes its own requests into
+  prometheus_client's multiprocess files (`PROMETHEUS_MULTIPROC_DIR`, set by the
+  supervisor), and any front end's scrape adds them all up.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from kvtier.engine.async_engine import EngineSnapshot
@@ -130,24 +135,30 @@ class ServerMetrics:
     def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_SnapshotCollector(snapshot))
+        shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if shared_dir:  # histograms from every front-end process's files
+            MultiProcessCollector(self.registry, path=shared_dir)
+        # In multiprocess mode the histograms write to their process's file and the collector
+        # reads them; registering them as well would count this process twice.
+        registry = None if shared_dir else self.registry
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
                               "Arrival to first generated token.", buckets=TTFT_BUCKETS,
-                              registry=self.registry)
+                              registry=registry)
         self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
                              "Time between two generated tokens of one request.",
-                             buckets=ITL_BUCKETS, registry=self.registry)
+                             buckets=ITL_BUCKETS, registry=registry)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds",
                              "Arrival to the request's end (any finish reason).",
-                             buckets=E2E_BUCKETS, registry=self.registry)
+                             buckets=E2E_BUCKETS, registry=registry)
         # vLLM's split of the server's TTFT: queued in the engine core -> first scheduled ->
         # first token; what comes before "queued" is the front end's (parsing, tokenisation,
         # the hop to the core's process).
         self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
                                     "Received by the engine core to first scheduled.",
-                                    buckets=TTFT_BUCKETS, registry=self.registry)
+                                    buckets=TTFT_BUCKETS, registry=registry)
         self.prefill_time = Histogram(PREFIX + "request_prefill_time_seconds",
                                       "First scheduled to first token (tier loads included).",
-                                      buckets=TTFT_BUCKETS, registry=self.registry)
+                                      buckets=TTFT_BUCKETS, registry=registry)
         self._last_token_time: dict[str, float] = {}
 
     def observe(self, outputs: list[RequestOutput], now: float) -> None:

@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from multiprocessing.process import BaseProcess
 
 import pytest
 
@@ -22,6 +23,7 @@ from kvtier.engine.async_engine import (
     EngineClosedError,
     RequestAbortedError,
 )
+from kvtier.engine.engine_process import EngineProcessSpec, spawn_engine_process
 from kvtier.model.spec import ModelLoadError
 from kvtier.types import InvalidRequestError, RequestOutput, SamplingParams
 
@@ -157,3 +159,85 @@ def test_construction_error_is_reraised_by_start(tmp_path: object) -> None:
     with pytest.raises(ModelLoadError, match="no such file"):
         engine.start()
     assert not engine.is_alive
+
+
+# -- one engine process, two front ends (`kvtier serve --api-server-count 2`) ----------------
+
+
+def attach_two(model: str = MODEL) -> tuple[list[AsyncEngine], BaseProcess]:
+    spec = EngineProcessSpec(EngineConfig.from_kwargs(model=model, **ENGINE_ARGS))
+    process, conns = spawn_engine_process(spec, 2)
+    return [AsyncEngine.attach(conn, spec) for conn in conns], process
+
+
+def test_two_front_ends_share_one_engine_process() -> None:
+    (first, second), process = attach_two()
+    for engine in (first, second):
+        engine.start()
+    prompts = ["The tiny model says", [5, 17, 99, 3, 250, 7], "another prompt", [9, 8, 7]]
+    offline = LLM(MODEL, **ENGINE_ARGS).generate(prompts, GREEDY)
+
+    async def both() -> list[list[RequestOutput]]:
+        # Interleaved: front end i sends prompts i, i+2, all at once.
+        return await asyncio.gather(*(collect((first, second)[i % 2], p)
+                                      for i, p in enumerate(prompts)))
+
+    for streamed, expected in zip(asyncio.run(both()), offline, strict=True):
+        assert streamed[-1].finished and sum(1 for o in streamed if o.finished) == 1
+        assert streamed[-1].outputs[0].token_ids == expected.outputs[0].token_ids
+        assert "".join(o.new_text for o in streamed) == expected.outputs[0].text
+    wait_idle(first)
+    wait_idle(second)
+
+    async def stop_first_then_use_second() -> list[RequestOutput]:
+        # The first front end stops; the engine keeps serving the second until it stops too.
+        stopping = asyncio.ensure_future(first.shutdown())
+        await asyncio.sleep(0.3)
+        assert not stopping.done() and process.is_alive()
+        with pytest.raises(EngineClosedError):
+            await first.add_request([1], GREEDY)
+        outputs = await collect(second, prompts[0])
+        await second.shutdown()
+        await asyncio.wait_for(stopping, 30)
+        return outputs
+
+    assert asyncio.run(stop_first_then_use_second())[-1].outputs[0].token_ids == (
+        offline[0].outputs[0].token_ids)
+    process.join(30)
+    assert process.exitcode == 0
+
+
+def test_a_front_end_gone_frees_its_requests_blocks() -> None:
+    (doomed, survivor), process = attach_two()
+    for engine in (doomed, survivor):
+        engine.start()
+    params = SamplingParams(max_tokens=240, ignore_eos=True)
+
+    async def scenario() -> None:
+        stream = await doomed.add_request([4, 5, 6], params)
+        await anext(stream)
+        deadline = time.monotonic() + 5
+        while survivor.snapshot().num_live_requests != 1:  # the other front end's stats
+            assert time.monotonic() < deadline, survivor.snapshot()
+            await asyncio.sleep(0.01)
+        assert doomed._process is not None
+        doomed._process.close()  # its pipe closes, as when its process dies
+        with pytest.raises(RequestAbortedError):
+            async for _ in stream:
+                pass
+
+    asyncio.run(scenario())
+    wait_idle(survivor)  # the engine aborted the orphan and freed its blocks
+    assert asyncio.run(collect(survivor, [1, 2, 3]))[-1].finished
+    asyncio.run(survivor.shutdown())
+    process.join(30)
+    assert process.exitcode == 0
+
+
+def test_every_front_end_sees_the_construction_error(tmp_path: object) -> None:
+    engines, process = attach_two(model=f"{tmp_path}/missing")
+    for engine in engines:
+        with pytest.raises(ModelLoadError, match="no such file"):
+            engine.start()
+        assert not engine.is_alive
+    process.join(30)

@@ -1,0 +1,257 @@
+"""`kvtier serve --api-server-count N`: one engine process, N HTTP front ends on one socket.
+
+    this process (supervisor)             api server 0 ─┐               ┌─ engine process
+      binds a listening socket each ────► api server 1 ─┼── pipe each ──┤  (one core, its
+      forwards SIGTERM/SIGINT             ...           ┘               └   fan-out)
+
+One front end's event loop parses, tokenises and streams every request; a fast engine
+outruns it (workload S with async scheduling: streams merged their queued tokens into ever
+fewer chunks). As with vLLM's `--api-server-count`, the HTTP work is spread over processes
+listening on one address (SO_REUSEPORT: the kernel hands each new connection to one of
+them). Each front end sends its requests down its own pipe to the engine process
+(`core_fanout`).
+
+Latency histograms live in prometheus_client's multiprocess files, so any front end's
+`/metrics` counts every request; counters and gauges come from the engine's snapshot, which
+every front end receives.
+
+On the first SIGTERM/SIGINT the supervisor passes SIGTERM on; each front end drains its own
+requests and stops, and the engine process stops once the last one has. If a front end or
+the engine process dies, the supervisor stops the rest and exits 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from kvtier.engine.engine_process import (
+    EngineProcessSpec,
+    join_engine_process,
+    spawn_engine_process,
+)
+from kvtier.server.app import ServerSettings
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import SimpleQueue
+
+logger = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 2048
+"""uvicorn's default."""
+START_TIMEOUT_S = 3600.0
+"""Model loading, warm-up and CUDA-graph capture happen before the front ends are ready."""
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class ApiServerSpec:
+    """What one front-end process needs (all of it pickles)."""
+
+    index: int
+    engine: EngineProcessSpec
+    settings: ServerSettings
+    max_waiting_requests: int | None
+    shutdown_timeout_s: float
+
+
+@dataclass(frozen=True)
+class ApiServerReady:
+    index: int
+    model_name: str
+    max_model_len: int
+
+
+def bind_listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """One listening socket per front end, all on one address (OSError if it is taken).
+
+    With SO_REUSEPORT the kernel spreads new connections over the sockets by a hash of the
+    client's address, so a burst of connections is shared out. One socket shared by every
+    process would not be: asyncio accepts up to its backlog per wake-up, and a burst of 32
+    went to a single front end in two trials of four. Without SO_REUSEPORT (not Linux or
+    BSD) the front ends share the one socket.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    reuse_port = hasattr(socket, "SO_REUSEPORT")
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count if reuse_port else 1):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]  # port 0: the others join the port the first got
+            sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets * count if len(sockets) == 1 else sockets
+
+
+def run_api_servers(spec: EngineProcessSpec, settings: ServerSettings, *, host: str, port: int,
+                    count: int, max_waiting_requests: int | None,
+                    shutdown_timeout_s: float) -> int:
+    """Supervise the engine process and `count` front ends until they stop; the exit code."""
+    try:
+        sockets = bind_listening_sockets(host, port, count)
+    except OSError as exc:
+        print(f"kvtier serve: cannot listen on {host}:{port}: {exc}", file=sys.stderr,
+              flush=True)
+        return 1
+    # prometheus_client picks its multiprocess value files at import, from the environment:
+    # set before the front ends start (they inherit it), so their histograms are shared. A
+    # directory the user chose (as with vLLM) is kept; else a temporary one is made.
+    given_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    metrics_dir = given_dir or tempfile.mkdtemp(prefix="kvtier-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    supervisor = _Supervisor(count)
+    try:
+        return supervisor.run(spec, settings, sockets, max_waiting_requests, shutdown_timeout_s)
+    finally:
+        for sock in sockets:  # closed already once the front ends started; this covers a failure
+            sock.close()
+        if given_dir is None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+class _Supervisor:
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._context = multiprocessing.get_context("spawn")
+        self._front_ends: list[multiprocessing.process.BaseProcess] = []
+        self._engine: multiprocessing.process.BaseProcess | None = None
+        self._stopping = False
+        self._signals = 0
+
+    def run(self, spec: EngineProcessSpec, settings: ServerSettings,
+            sockets: list[socket.socket],
+            max_waiting_requests: int | None, shutdown_timeout_s: float) -> int:
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._engine, conns = spawn_engine_process(spec, self.count)
+            ready_queue = self._context.SimpleQueue()
+            for index, (conn, sock) in enumerate(zip(conns, sockets, strict=True)):
+                front_end = self._context.Process(
+                    target=run_api_server, name=f"kvtier-api-server-{index}",
+                    args=(ApiServerSpec(index, spec, settings, max_waiting_requests,
+                                        shutdown_timeout_s), conn, sock, ready_queue))
+                front_end.start()
+                self._front_ends.append(front_end)
+            # The front ends hold their own copies now. A closed pipe must mean its front
+            # end is gone, and once they have all stopped listening, connecting must fail.
+            address = sockets[0].getsockname()[:2]
+            for conn in conns:
+                conn.close()
+            for sock in sockets:
+                sock.close()
+            started = self._wait_ready(ready_queue, address)
+            failed = not started or self._supervise()
+            self._stop_all(engine_ready=started)
+            return 1 if failed or not started else 0
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            print(f"kvtier serve: {signal.Signals(sig).name}: draining the API servers",
+                  file=sys.stderr, flush=True)
+        # A second SIGINT reaches the front ends as one: they stop at once.
+        self._forward(signal.SIGINT if self._signals > 1 and sig == signal.SIGINT
+                      else signal.SIGTERM)
+        self._stopping = True
+
+    def _forward(self, sig: int) -> None:
+        for front_end in self._front_ends:
+            if front_end.is_alive() and front_end.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(front_end.pid, sig)
+
+    def _wait_ready(self, ready_queue: SimpleQueue[ApiServerReady],
+                    address: tuple[str, int]) -> bool:
+        """Until every front end serves; False if one died first, or a signal came."""
+        ready: list[ApiServerReady] = []
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            while not ready_queue.empty():
+                ready.append(ready_queue.get())
+            if len(ready) == self.count:
+                break
+            if self._stopping:
+                return False
+            if (any(not p.is_alive() for p in self._front_ends)
+                    or time.monotonic() > deadline):
+                print("kvtier serve: an API server failed to start; see its log above",
+                      file=sys.stderr, flush=True)
+                return False
+            wait([p.sentinel for p in self._front_ends], POLL_S)
+        host, port = address
+        first = ready[0]
+        print(f"kvtier serve: ready on http://{host}:{port} (model {first.model_name}, "
+              f"max_model_len {first.max_model_len}, {self.count} API servers)",
+              file=sys.stderr, flush=True)
+        return True
+
+    def _supervise(self) -> bool:
+        """Until the front ends have all stopped; True if one, or the engine, died unasked."""
+        assert self._engine is not None
+        while any(p.is_alive() for p in self._front_ends):
+            wait([p.sentinel for p in self._front_ends] + [self._engine.sentinel], POLL_S)
+            if self._stopping:
+                continue
+            dead = [p for p in self._front_ends if not p.is_alive()]
+            if dead or not self._engine.is_alive():
+                what = (f"API server {dead[0].name} (exit code {dead[0].exitcode})" if dead
+                        else f"the engine process (exit code {self._engine.exitcode})")
+                print(f"kvtier serve: {what} stopped unexpectedly; stopping the rest",
+                      file=sys.stderr, flush=True)
+                self._stopping = True
+                self._forward(signal.SIGTERM)
+                return True
+        return False
+
+    def _stop_all(self, engine_ready: bool) -> None:
+        """The front ends first (each drains, then tells the engine); then the engine."""
+        self._stopping = True
+        self._forward(signal.SIGTERM)
+        for front_end in self._front_ends:
+            front_end.join()
+        if self._engine is not None:
+            if not engine_ready:  # it may still be loading: nobody waits for it
+                self._engine.terminate()
+            join_engine_process(self._engine)
+        print("kvtier serve: stopped", file=sys.stderr, flush=True)
+
+
+def run_api_server(spec: ApiServerSpec, conn: Connection, sock: socket.socket,
+                   ready_queue: SimpleQueue[ApiServerReady]) -> None:
+    """A front end's main: attach to the engine process, serve HTTP on the shared socket."""
+    from kvtier.server.launch import serve_front_end
+
+    logging.basicConfig(level=spec.engine.log_level, format=spec.engine.log_format)
+
+    def announce(model_name: str, max_model_len: int) -> None:
+        ready_queue.put(ApiServerReady(spec.index, model_name, max_model_len))
+
+    code = serve_front_end(conn, spec.engine, spec.settings, sock=sock,
+                           max_waiting_requests=spec.max_waiting_requests,
+                           shutdown_timeout_s=spec.shutdown_timeout_s, on_ready=announce)
+    sys.exit(code)

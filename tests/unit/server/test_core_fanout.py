@@ -1,0 +1,170 @@
+"""CoreFanout: one engine core's updates split among several front ends' pipes.
+
+Each front end must get exactly the acceptances, outputs and aborts of the requests it sent
+(and the count of its adds the core drained, which its admission control subtracts); the
+stats snapshot reaches every front end; the core stops only when every front end has
+stopped; a front end whose pipe closes has its live requests aborted.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+
+import pytest
+
+from kvtier.engine import core_fanout
+from kvtier.engine.async_types import EngineSnapshot
+from kvtier.engine.core_fanout import CoreFanout
+from kvtier.engine.core_messages import (
+    Aborted,
+    AbortRequest,
+    Accepted,
+    AddRequest,
+    CoreUpdate,
+    StopCore,
+)
+from kvtier.engine.engine import EngineStats
+from kvtier.engine.engine_core import CommandInbox
+from kvtier.types import InvalidRequestError, OutputDelta, SamplingParams
+
+PARAMS = SamplingParams(max_tokens=4)
+
+
+class FrontEnds:
+    """Two (or more) front ends' pipe ends, and the fanout over the engine's ends."""
+
+    def __init__(self, count: int) -> None:
+        pairs = [multiprocessing.Pipe() for _ in range(count)]
+        self.front: list[Connection] = [front for front, _ in pairs]
+        self.inbox = CommandInbox()
+        self.fanout = CoreFanout([engine for _, engine in pairs], self.inbox)
+        self.fanout.start_readers()
+
+    def add(self, index: int, request_id: str) -> None:
+        self.front[index].send(AddRequest(request_id, [1, 2, 3], PARAMS, time.monotonic()))
+
+    def take(self, expected: int) -> list[object]:
+        """The commands the core would drain, once `expected` of them arrived."""
+        taken: list[object] = []
+        deadline = time.monotonic() + 5
+        while len(taken) < expected:
+            commands, _ = self.inbox.take(0.05)
+            taken.extend(commands)
+            assert time.monotonic() < deadline, f"only {taken} arrived"
+        return taken
+
+    def received(self, index: int) -> list[CoreUpdate]:
+        updates = []
+        while self.front[index].poll(0.2):
+            updates.append(self.front[index].recv())
+        return updates
+
+
+def snapshot(num_live: int) -> EngineSnapshot:
+    return EngineSnapshot(EngineStats(), 10, 10, num_live_requests=num_live)
+
+
+def delta(request_id: str, finished: bool) -> OutputDelta:
+    return OutputDelta(request_id=request_id, new_token_ids=[7], new_text="x",
+                       finished=finished, finish_reason="length" if finished else None,
+                       stop_reason=None, metrics=None)
+
+
+@pytest.fixture
+def two() -> Iterator[FrontEnds]:
+    front_ends = FrontEnds(2)
+    yield front_ends
+    for conn in front_ends.front:
+        conn.close()
+
+
+def test_each_front_end_gets_only_its_own_requests(two: FrontEnds) -> None:
+    two.add(0, "a1")
+    two.add(1, "b1")
+    two.add(1, "b2")
+    two.add(0, "a2")
+    assert {c.request_id for c in two.take(4)} == {"a1", "a2", "b1", "b2"}  # type: ignore[attr-defined]
+    refused = InvalidRequestError("prompt too long")
+    two.fanout.emit(CoreUpdate(
+        snapshot(3), num_adds_drained=4, time=1.0,
+        accepted=[Accepted("a1"), Accepted("b1"), Accepted("b2", refused), Accepted("a2")],
+        outputs=[delta("b1", False), delta("a1", True)],
+        aborted=[Aborted("a2", "timeout", None)]))
+    (first_a,) = two.received(0)
+    (first_b,) = two.received(1)
+    assert [a.request_id for a in first_a.accepted] == ["a1", "a2"]
+    assert [a.request_id for a in first_b.accepted] == ["b1", "b2"]
+    assert str(first_b.accepted[1].error) == "prompt too long"
+    assert (first_a.num_adds_drained, first_b.num_adds_drained) == (2, 2)
+    assert [d.request_id for d in first_a.outputs] == ["a1"]
+    assert [d.request_id for d in first_b.outputs] == ["b1"]
+    assert [a.request_id for a in first_a.aborted] == ["a2"] and first_b.aborted == []
+    assert first_a.snapshot == first_b.snapshot == snapshot(3)
+    # a1 finished, a2 was aborted and b2 refused: only b1 is still owned, by front end 1.
+    assert two.fanout._owners == {"b1": 1}
+    two.fanout.emit(CoreUpdate(snapshot(1), 0, 2.0, outputs=[delta("b1", True)]))
+    assert [d.request_id for d in two.received(1)[0].outputs] == ["b1"]
+    assert two.fanout._owners == {}
+
+
+def test_snapshots_without_outputs_are_held_back_then_flushed(
+        two: FrontEnds, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core_fanout, "SNAPSHOT_INTERVAL_S", 0.3)
+    two.add(0, "a1")
+    two.take(1)
+    two.fanout.emit(CoreUpdate(snapshot(1), 1, 1.0, accepted=[Accepted("a1")]))
+    for live in range(2, 7):  # turns with outputs for front end 0 only
+        two.fanout.emit(CoreUpdate(snapshot(live), 0, 1.0, outputs=[delta("a1", False)]))
+    assert len(two.front[0].recv().accepted) == 1
+    assert [two.front[0].recv().snapshot.num_live_requests for _ in range(5)] == [2, 3, 4, 5, 6]
+    # Front end 1 got the first snapshot at once; the later ones came within the interval,
+    # so only the newest of them follows, from the flusher, once the interval has passed.
+    assert two.front[1].recv().snapshot == snapshot(1)
+    assert not two.front[1].poll(0.15)
+    assert two.front[1].poll(1.0) and two.front[1].recv().snapshot == snapshot(6)
+    assert not two.front[1].poll(0.5)  # nothing is sent twice
+    two.fanout.emit(CoreUpdate(None, 0, 1.0))  # no snapshot, nothing of anyone's: not sent
+    assert two.received(0) == [] and two.received(1) == []
+    two.fanout.emit(CoreUpdate(snapshot(0), 0, 1.0, closed=True))  # the last goes to all
+    assert [u.closed for u in two.received(0) + two.received(1)] == [True, True]
+
+
+def test_the_core_stops_once_every_front_end_has(two: FrontEnds) -> None:
+    two.front[0].send(StopCore())
+    _, stop = two.inbox.take(0.3)
+    assert not stop  # front end 1 still serves
+    two.add(1, "b1")
+    commands, stop = two.inbox.take(1.0)
+    assert [c.request_id for c in commands] == ["b1"] and not stop  # type: ignore[attr-defined]
+    two.front[1].send(StopCore())
+    _, stop = two.inbox.take(1.0)
+    assert stop
+
+
+def test_a_front_end_gone_has_its_requests_aborted(two: FrontEnds) -> None:
+    two.add(0, "a1")
+    two.add(1, "b1")
+    two.add(0, "a2")
+    two.take(3)
+    two.fanout.emit(CoreUpdate(snapshot(3), 3, 1.0, accepted=[
+        Accepted("a1"), Accepted("b1"), Accepted("a2")]))
+    two.received(0)
+    two.received(1)
+    two.front[0].close()  # front end 0 died
+    aborts = two.take(2)
+    assert all(isinstance(c, AbortRequest) and c.reason is None for c in aborts)
+    assert {c.request_id for c in aborts} == {"a1", "a2"}  # type: ignore[attr-defined]
+    # The core's aborts are dropped for the gone front end; the other one is unaffected.
+    two.fanout.emit(CoreUpdate(snapshot(1), 0, 2.0, outputs=[delta("b1", False)],
+                               aborted=[Aborted("a1", None, None), Aborted("a2", None, None)]))
+    assert [d.request_id for d in two.received(1)[0].outputs] == ["b1"]
+    assert two.fanout._owners == {"b1": 1}
+    _, stop = two.inbox.take(0.1)
+    assert not stop
+    two.front[1].close()
+    deadline = time.monotonic() + 5
+    while not two.inbox.take(0.1)[1]:
+        assert time.monotonic() < deadline, "the core was never told to stop"
