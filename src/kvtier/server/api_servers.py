@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from types import FrameType
-from typing import TYPE_CHECKING
 
 from kvtier.engine.engine_process import (
     EngineProcessSpec,
@@ -43,9 +42,6 @@ from kvtier.engine.engine_process import (
     spawn_engine_process,
 )
 from kvtier.server.app import ServerSettings
-
-if TYPE_CHECKING:
-    from multiprocessing.queues import SimpleQueue
 
 logger = logging.getLogger(__name__)
 
@@ -146,12 +142,15 @@ class _Supervisor:
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._engine, conns = spawn_engine_process(spec, self.count)
-            ready_queue = self._context.SimpleQueue()
+            # A pipe per front end to say it serves (a queue would need a lock, and with it
+            # multiprocessing's resource-tracker process).
+            ready_pipes = [self._context.Pipe(duplex=False) for _ in conns]
             for index, (conn, sock) in enumerate(zip(conns, sockets, strict=True)):
                 front_end = self._context.Process(
                     target=run_api_server, name=f"kvtier-api-server-{index}",
                     args=(ApiServerSpec(index, spec, settings, max_waiting_requests,
-                                        shutdown_timeout_s), conn, sock, ready_queue))
+                                        shutdown_timeout_s), conn, sock,
+                          ready_pipes[index][1]))
                 front_end.start()
                 self._front_ends.append(front_end)
             # The front ends hold their own copies now. A closed pipe must mean its front
@@ -159,9 +158,11 @@ class _Supervisor:
             address = sockets[0].getsockname()[:2]
             for conn in conns:
                 conn.close()
+            for _, ready_writer in ready_pipes:
+                ready_writer.close()
             for sock in sockets:
                 sock.close()
-            started = self._wait_ready(ready_queue, address)
+            started = self._wait_ready([reader for reader, _ in ready_pipes], address)
             failed = not started or self._supervise()
             self._stop_all(engine_ready=started)
             return 1 if failed or not started else 0
@@ -185,24 +186,25 @@ class _Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(front_end.pid, sig)
 
-    def _wait_ready(self, ready_queue: SimpleQueue[ApiServerReady],
-                    address: tuple[str, int]) -> bool:
+    def _wait_ready(self, ready_readers: list[Connection], address: tuple[str, int]) -> bool:
         """Until every front end serves; False if one died first, or a signal came."""
         ready: list[ApiServerReady] = []
+        waiting = list(ready_readers)
         deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            while not ready_queue.empty():
-                ready.append(ready_queue.get())
-            if len(ready) == self.count:
-                break
+        while waiting:
             if self._stopping:
                 return False
-            if (any(not p.is_alive() for p in self._front_ends)
-                    or time.monotonic() > deadline):
+            failed = any(not p.is_alive() for p in self._front_ends)
+            for reader in [] if failed else wait(waiting, POLL_S):
+                waiting.remove(reader)  # type: ignore[arg-type]
+                try:
+                    ready.append(reader.recv())  # type: ignore[union-attr]
+                except EOFError:  # it exited before it served
+                    failed = True
+            if failed or time.monotonic() > deadline:
                 print("kvtier serve: an API server failed to start; see its log above",
                       file=sys.stderr, flush=True)
                 return False
-            wait([p.sentinel for p in self._front_ends], POLL_S)
         host, port = address
         first = ready[0]
         print(f"kvtier serve: ready on http://{host}:{port} (model {first.model_name}, "
@@ -242,14 +244,15 @@ class _Supervisor:
 
 
 def run_api_server(spec: ApiServerSpec, conn: Connection, sock: socket.socket,
-                   ready_queue: SimpleQueue[ApiServerReady]) -> None:
+                   ready_writer: Connection) -> None:
     """A front end's main: attach to the engine process, serve HTTP on the shared socket."""
     from kvtier.server.launch import serve_front_end
 
     logging.basicConfig(level=spec.engine.log_level, format=spec.engine.log_format)
 
     def announce(model_name: str, max_model_len: int) -> None:
-        ready_queue.put(ApiServerReady(spec.index, model_name, max_model_len))
+        ready_writer.send(ApiServerReady(spec.index, model_name, max_model_len))
+        ready_writer.close()
 
     code = serve_front_end(conn, spec.engine, spec.settings, sock=sock,
                            max_waiting_requests=spec.max_waiting_requests,
