@@ -152,6 +152,12 @@ class TierStore(ABC):
         with self._lock:
             return block_hash in self._block_index
 
+    def missing_blocks(self, block_hashes: list[BlockHash]) -> list[BlockHash]:
+        """Those of `block_hashes` that no entry holds (one lock for the whole batch)."""
+        with self._lock:
+            index = self._block_index
+            return [block_hash for block_hash in block_hashes if block_hash not in index]
+
     @property
     def num_entries(self) -> int:
         return len(self._entries)

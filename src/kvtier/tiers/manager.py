@@ -416,9 +416,10 @@ class TierManager:
                     if chunk.key not in held:
                         self.stats.num_stores_at_eviction += 1
                     saved.update(chunk.block_hashes)
-        for block_hash, _ in evicted:
-            if block_hash not in saved and not self.holds_block(block_hash):
-                self.stats.num_evicted_unsaved_blocks += 1
+        unsaved = [block_hash for block_hash, _ in evicted if block_hash not in saved]
+        for store in self.stores:  # a batch per tier: the pool evicts every step under pressure
+            unsaved = store.missing_blocks(unsaved)
+        self.stats.num_evicted_unsaved_blocks += len(unsaved)
 
     def _holds_chunk(self, chunk: Chunk) -> bool:
         """Whether the first tier has the chunk or is storing it."""
