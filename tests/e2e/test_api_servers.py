@@ -207,3 +207,12 @@ def test_api_server_count_must_be_positive() -> None:
                           timeout=60)
     assert done.returncode == 2
     assert "--api-server-count: must be >= 1, got 0" in done.stderr
+
+
+def test_an_engine_that_cannot_start_stops_every_api_server(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "serve", "--model",
+                           str(tmp_path / "missing"), "--api-server-count", "2", "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.count("kvtier serve: the engine did not start: ModelLoadError") == 1
+    assert "ready on" not in done.stderr

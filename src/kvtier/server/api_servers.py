@@ -256,5 +256,6 @@ def run_api_server(spec: ApiServerSpec, conn: Connection, sock: socket.socket,
 
     code = serve_front_end(conn, spec.engine, spec.settings, sock=sock,
                            max_waiting_requests=spec.max_waiting_requests,
-                           shutdown_timeout_s=spec.shutdown_timeout_s, on_ready=announce)
+                           shutdown_timeout_s=spec.shutdown_timeout_s, on_ready=announce,
+                           report_start_error=spec.index == 0)
     sys.exit(code)

@@ -122,15 +122,18 @@ def run_server(args: argparse.Namespace) -> int:
 
 def serve_front_end(conn: Connection, spec: EngineProcessSpec, settings: ServerSettings, *,
                     sock: socket.socket, max_waiting_requests: int | None,
-                    shutdown_timeout_s: float, on_ready: Callable[[str, int], None]) -> int:
-    """One of `--api-server-count` front ends: serve on the shared `sock` through the engine
-    process's pipe `conn`; `on_ready(model_name, max_model_len)` once serving."""
+                    shutdown_timeout_s: float, on_ready: Callable[[str, int], None],
+                    report_start_error: bool = True) -> int:
+    """One of `--api-server-count` front ends: serve on `sock` through the engine process's
+    pipe `conn`; `on_ready(model_name, max_model_len)` once serving. Every front end gets
+    the engine's start-up error; `report_start_error` says whether this one prints it."""
     engine = AsyncEngine.attach(conn, spec, max_waiting_requests=max_waiting_requests)
     try:
         _start(engine)
-    except Exception as exc:  # the engine process logged the details
-        print(f"kvtier serve: an API server could not attach to the engine: "
-              f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    except Exception as exc:  # the engine process logged the traceback
+        if report_start_error:
+            print(f"kvtier serve: the engine did not start: {type(exc).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
         return 1
     started = _serve(engine, settings, shutdown_timeout_s,
                      lambda host, port: on_ready(engine.model_name, engine.max_model_len),
