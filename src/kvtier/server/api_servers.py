@@ -140,6 +140,7 @@ class _Supervisor:
             max_waiting_requests: int | None, shutdown_timeout_s: float) -> int:
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
+        started = False
         try:
             self._engine, conns = spawn_engine_process(spec, self.count)
             # A pipe per front end to say it serves (a queue would need a lock, and with it
@@ -163,10 +164,11 @@ class _Supervisor:
             for sock in sockets:
                 sock.close()
             started = self._wait_ready([reader for reader, _ in ready_pipes], address)
-            failed = not started or self._supervise()
-            self._stop_all(engine_ready=started)
-            return 1 if failed or not started else 0
+            if not started:  # a signal during start-up just leaves, as one front end does
+                return 0 if self._signals else 1
+            return 1 if self._supervise() else 0
         finally:
+            self._stop_all(engine_ready=started)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -201,6 +203,8 @@ class _Supervisor:
                     ready.append(reader.recv())  # type: ignore[union-attr]
                 except EOFError:  # it exited before it served
                     failed = True
+            if self._stopping:  # a signal came meanwhile (and took the front ends down)
+                return False
             if failed or time.monotonic() > deadline:
                 print("kvtier serve: an API server failed to start; see its log above",
                       file=sys.stderr, flush=True)
