@@ -164,14 +164,18 @@ def test_construction_error_is_reraised_by_start(tmp_path: object) -> None:
 # -- one engine process, two front ends (`kvtier serve --api-server-count 2`) ----------------
 
 
-def attach_two(model: str = MODEL) -> tuple[list[AsyncEngine], BaseProcess]:
-    spec = EngineProcessSpec(EngineConfig.from_kwargs(model=model, **ENGINE_ARGS))
+def attach_two(model: str = MODEL, **config: object) -> tuple[list[AsyncEngine], BaseProcess]:
+    spec = EngineProcessSpec(EngineConfig.from_kwargs(model=model, **ENGINE_ARGS, **config))
     process, conns = spawn_engine_process(spec, 2)
     return [AsyncEngine.attach(conn, spec) for conn in conns], process
 
 
-def test_two_front_ends_share_one_engine_process() -> None:
-    (first, second), process = attach_two()
+@pytest.mark.parametrize("mode", ["sync", "overlapped", "async"])
+def test_two_front_ends_share_one_engine_process(mode: str) -> None:
+    # The core's turns emit differently in each mode (overlapped: two updates a turn, the
+    # first without a snapshot); the fan-out must route all of them.
+    (first, second), process = attach_two(overlap_outputs=mode == "overlapped",
+                                          async_scheduling=mode == "async")
     for engine in (first, second):
         engine.start()
     prompts = ["The tiny model says", [5, 17, 99, 3, 250, 7], "another prompt", [9, 8, 7]]
