@@ -54,12 +54,15 @@ def spawned_children(pid: int) -> list[int]:
 @contextlib.contextmanager
 def server(*flags: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
     proc = ServerProcess(*flags, env=env)
+    processes = spawned_children(proc.proc.pid)
     try:
         yield proc
     finally:  # a failed assertion must not leave a server running
-        for pid in spawned_children(proc.proc.pid) if proc.proc.poll() is None else []:
-            os.kill(pid, signal.SIGKILL)
         proc.proc.kill()
+        for pid in processes:  # still ours only while it runs multiprocessing's spawn_main
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
 
 
 def alive(pid: int) -> bool:
@@ -199,6 +202,17 @@ def check_dead_api_server(proc: ServerProcess) -> None:
     assert proc.proc.wait(60) == 1, "".join(proc.lines[-30:])
     wait_gone(processes)
     assert "stopped unexpectedly" in "".join(proc.lines)
+
+
+def test_a_killed_supervisor_leaves_no_process_behind() -> None:
+    with server("--api-server-count", "2") as proc:
+        processes = spawned_children(proc.proc.pid)
+        assert httpx.get(f"{proc.url}/health").status_code == 200
+        proc.proc.kill()  # SIGKILL: nothing of the supervisor runs to stop its children
+        proc.proc.wait(10)
+        wait_gone(processes)  # the front ends drained and stopped, then the engine
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{proc.url}/health")
 
 
 def test_api_server_count_must_be_positive() -> None:

@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -134,6 +135,7 @@ class _Supervisor:
         self._engine: multiprocessing.process.BaseProcess | None = None
         self._stopping = False
         self._signals = 0
+        self._lifeline: Connection | None = None
 
     def run(self, spec: EngineProcessSpec, settings: ServerSettings,
             sockets: list[socket.socket],
@@ -146,12 +148,15 @@ class _Supervisor:
             # A pipe per front end to say it serves (a queue would need a lock, and with it
             # multiprocessing's resource-tracker process).
             ready_pipes = [self._context.Pipe(duplex=False) for _ in conns]
+            # Only this process holds the lifeline's write end: its reader in every front end
+            # sees EOF when this process dies, however it dies (SIGKILL included).
+            lifeline, self._lifeline = self._context.Pipe(duplex=False)
             for index, (conn, sock) in enumerate(zip(conns, sockets, strict=True)):
                 front_end = self._context.Process(
                     target=run_api_server, name=f"kvtier-api-server-{index}",
                     args=(ApiServerSpec(index, spec, settings, max_waiting_requests,
                                         shutdown_timeout_s), conn, sock,
-                          ready_pipes[index][1]))
+                          ready_pipes[index][1], lifeline))
                 front_end.start()
                 self._front_ends.append(front_end)
             # The front ends hold their own copies now. A closed pipe must mean its front
@@ -161,6 +166,7 @@ class _Supervisor:
                 conn.close()
             for _, ready_writer in ready_pipes:
                 ready_writer.close()
+            lifeline.close()
             for sock in sockets:
                 sock.close()
             started = self._wait_ready([reader for reader, _ in ready_pipes], address)
@@ -248,11 +254,13 @@ class _Supervisor:
 
 
 def run_api_server(spec: ApiServerSpec, conn: Connection, sock: socket.socket,
-                   ready_writer: Connection) -> None:
+                   ready_writer: Connection, lifeline: Connection) -> None:
     """A front end's main: attach to the engine process, serve HTTP on the shared socket."""
     from kvtier.server.launch import serve_front_end
 
     logging.basicConfig(level=spec.engine.log_level, format=spec.engine.log_format)
+    threading.Thread(target=_stop_with_supervisor, args=(lifeline,), name="kvtier-lifeline",
+                     daemon=True).start()
 
     def announce(model_name: str, max_model_len: int) -> None:
         ready_writer.send(ApiServerReady(spec.index, model_name, max_model_len))
@@ -263,3 +271,12 @@ def run_api_server(spec: ApiServerSpec, conn: Connection, sock: socket.socket,
                            shutdown_timeout_s=spec.shutdown_timeout_s, on_ready=announce,
                            report_start_error=spec.index == 0)
     sys.exit(code)
+
+
+def _stop_with_supervisor(lifeline: Connection) -> None:
+    """Wait for the supervisor's end of the lifeline to close; then drain and stop as on
+    SIGTERM, so that a supervisor killed outright leaves no server behind (the engine
+    process stops once every front end has)."""
+    with contextlib.suppress(EOFError, OSError):
+        lifeline.recv()
+    os.kill(os.getpid(), signal.SIGTERM)
