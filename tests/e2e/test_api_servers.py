@@ -52,8 +52,9 @@ def spawned_children(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def server(*flags: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-    proc = ServerProcess(*flags, env=env)
+def server(*flags: str, env: dict[str, str] | None = None,
+           new_session: bool = False) -> Iterator[ServerProcess]:
+    proc = ServerProcess(*flags, env=env, new_session=new_session)
     processes = spawned_children(proc.proc.pid)
     try:
         yield proc
@@ -213,6 +214,30 @@ def test_a_killed_supervisor_leaves_no_process_behind() -> None:
         wait_gone(processes)  # the front ends drained and stopped, then the engine
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{proc.url}/health")
+
+
+@pytest.mark.parametrize("count", ["1", "2"])
+def test_sigterm_to_the_process_group_still_drains(count: str) -> None:
+    # As the lab and process managers stop a server: every process of the group gets the
+    # signal, the engine process included. It must leave the stopping to its front ends, so
+    # a stream in flight still finishes.
+    with server("--api-server-count", count, new_session=True) as proc:
+        processes = spawned_children(proc.proc.pid)
+
+        async def scenario() -> str:
+            body = {"prompt": "group", "max_tokens": 200, "ignore_eos": True,
+                    "stream": True, **GREEDY}
+            async with httpx.AsyncClient(timeout=60) as http:
+                task = asyncio.ensure_future(http.post(f"{proc.url}/v1/completions",
+                                                       json=body))
+                await asyncio.sleep(0.5)
+                os.killpg(proc.proc.pid, signal.SIGTERM)
+                return (await task).text
+
+        events, _ = parse_sse(asyncio.run(scenario()))
+        assert events[-1]["choices"][0]["finish_reason"] == "length", events[-1]
+        assert proc.proc.wait(60) == 0, "".join(proc.lines[-30:])
+        wait_gone(processes)
 
 
 def test_api_server_count_must_be_positive() -> None:

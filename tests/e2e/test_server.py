@@ -44,11 +44,14 @@ GREEDY = {"temperature": 0.0}
 class ServerProcess:
     """`python -m kvtier.cli serve` on a free port; stderr is collected by a thread."""
 
-    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *flags: str, env: dict[str, str] | None = None,
+                 new_session: bool = False) -> None:
+        """`new_session`: a process group of its own, which the test may signal whole."""
         command = [sys.executable, "-m", "kvtier.cli", "--log-level", "INFO", "serve",
                    *ENGINE_FLAGS, "--port", "0", *flags]
         self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})},
+                                     start_new_session=new_session)
         self.lines: list[str] = []
         self.ready = threading.Event()
         self.url = ""

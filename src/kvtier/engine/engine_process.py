@@ -10,8 +10,10 @@ parsing, tokenisation and token streaming; on a GPU that doubled the time of eag
 (workload P: 13.3 req/s served over HTTP against 25.8 req/s for the same engine driven
 in-process). Here the core has its own interpreter.
 
-The child ignores SIGINT (the front end drains and then stops it) and leaves when its pipe
-closes, so it never outlives the server.
+The child ignores SIGINT and SIGTERM: its front ends drain and then stop it (a Ctrl-C, or a
+`kill` of the whole process group, reaches it too, and must not cut that drain short or
+skip the tiers' shutdown flush). It leaves when its pipes close, so it never outlives the
+server. With several front ends (`core_fanout`) it stops once the last one has.
 """
 
 from __future__ import annotations
@@ -194,7 +196,8 @@ def join_engine_process(process: multiprocessing.process.BaseProcess) -> None:
 def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None:
     """The child's main: build the engine, then run the core until stopped or orphaned.
     `conns`: one pipe per front end; the core stops once every front end has stopped."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the front ends stop it (module docstring)
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level, format=spec.log_format)
     try:
         engine = LLMEngine(spec.config)
