@@ -154,8 +154,14 @@ class AsyncEngine:
             config, request_timeout_s=request_timeout_s,
             log_stats_interval_s=log_stats_interval_s,
             log_level=logging.getLogger().level if log_level is None else log_level)
+        return cls.from_spec(spec, max_waiting_requests=max_waiting_requests)
+
+    @classmethod
+    def from_spec(cls, spec: EngineProcessSpec, *,
+                  max_waiting_requests: int | None = None) -> AsyncEngine:
+        """An AsyncEngine that spawns its engine process from `spec` when started."""
         return cls(None, max_waiting_requests=max_waiting_requests,
-                   request_timeout_s=request_timeout_s, process_spec=spec)
+                   request_timeout_s=spec.request_timeout_s, process_spec=spec)
 
     @classmethod
     def attach(cls, connection: Connection, spec: EngineProcessSpec, *,

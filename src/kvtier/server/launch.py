@@ -104,8 +104,7 @@ def run_server(args: argparse.Namespace) -> int:
                                count=args.api_server_count,
                                max_waiting_requests=args.max_waiting_requests,
                                shutdown_timeout_s=args.shutdown_timeout)
-    engine = AsyncEngine(None, max_waiting_requests=args.max_waiting_requests,
-                         request_timeout_s=args.request_timeout, process_spec=spec)
+    engine = AsyncEngine.from_spec(spec, max_waiting_requests=args.max_waiting_requests)
     _start(engine)
 
     def announce(host: str, port: int) -> None:
