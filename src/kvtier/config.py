@@ -17,6 +17,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULING_POLICIES = ("fcfs", "lpm")
 STORE_POLICIES = ("lazy", "write-through")
 LOAD_TIMINGS = ("same-step", "next-step")
+AUTO_MIN_REUSE_RATE = 0.05
+"""`kv_store_min_hits auto` stores chunks seen once while at least this share of recent prompt
+blocks had been seen before. ShareGPT without shared prompts stays near 0.1%; a shared-prefix
+workload is far above (P: ~90%)."""
 
 
 class ConfigError(ValueError):
@@ -175,8 +179,11 @@ class TierConfig:
     kv_tiers: tuple[TierSpec, ...] = ()
     kv_tier_chunk_tokens: int = 256
     kv_store_policy: str = "lazy"
-    kv_store_min_hits: int = 1
-    """Store a prefix only once it has been seen this many times."""
+    kv_store_min_hits: int | str = "auto"
+    """Store a chunk only once this many requests have contained it. `auto`: 1 while the
+    workload reuses prefixes, 2 while it does not (under `AUTO_MIN_REUSE_RATE` of the last
+    pool's worth of prompt blocks had been seen before), so a workload without reuse pays
+    for no stores and a prefix that does come back is stored from its second use."""
     kv_load_timing: str = "same-step"
     """CUDA, host-memory tiers: `same-step` enqueues a hit's copy and has the step's forward
     wait for it on the device, so the request's prefill runs in the step that admitted it
@@ -195,8 +202,10 @@ class TierConfig:
                 f"{', '.join(STORE_POLICIES)}")
         if self.kv_tier_chunk_tokens < 1:
             raise ConfigError(f"kv_tier_chunk_tokens {self.kv_tier_chunk_tokens} must be >= 1")
-        if self.kv_store_min_hits < 1:
-            raise ConfigError(f"kv_store_min_hits {self.kv_store_min_hits} must be >= 1")
+        hits = self.kv_store_min_hits
+        if hits != "auto" and not (isinstance(hits, int) and not isinstance(hits, bool)
+                                   and hits >= 1):
+            raise ConfigError(f"kv_store_min_hits {hits!r} must be 'auto' or an integer >= 1")
 
 
 @dataclass(frozen=True)

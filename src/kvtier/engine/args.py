@@ -62,7 +62,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    "--kv-tier disk:/var/kv:100GiB)")
     t.add_argument("--kv-tier-chunk-tokens", type=int, default=256)
     t.add_argument("--kv-store-policy", choices=STORE_POLICIES, default="lazy")
-    t.add_argument("--kv-store-min-hits", type=int, default=1)
+    t.add_argument("--kv-store-min-hits", type=_min_hits, default="auto", metavar="N|auto",
+                   help="store a chunk once this many requests contained it; auto: 1 while the "
+                   "workload reuses prefixes, 2 while it does not")
     t.add_argument("--kv-load-timing", choices=LOAD_TIMINGS, default="same-step",
                    help="CUDA + cpu tier: run a hit's prefill in the step that starts its copy "
                    "(the forward waits for the copy on the device), or in the step after the "
@@ -84,3 +86,16 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {name: getattr(args, name) for name in ENGINE_ARG_NAMES}
     kwargs["kv_tiers"] = tuple(kwargs["kv_tiers"] or ())
     return kwargs
+
+
+def _min_hits(text: str) -> int | str:
+    """`--kv-store-min-hits`: `auto` or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto' or an integer >= 1")
+    return value

@@ -52,7 +52,7 @@ _MANAGER_COUNTERS = (
     ("tier_loads", "num_loads", "Loads from lower tiers into device KV blocks."),
     ("tier_load_seconds", "load_seconds", "Seconds spent loading from lower tiers."),
     ("tier_rejected_min_hits", "num_rejected_min_hits",
-     "Chunks not stored: their prefix was seen fewer than kv_store_min_hits times."),
+     "Chunks not stored: fewer requests than kv_store_min_hits had contained them."),
     ("tier_rejected_cost", "num_rejected_cost",
      "Chunks not stored or hits not loaded because recomputing was predicted cheaper."),
     ("evicted_unsaved_blocks", "num_evicted_unsaved_blocks",
@@ -114,6 +114,11 @@ class _SnapshotCollector(Collector):
         if manager is not None:
             for suffix, field, help_text in _MANAGER_COUNTERS:
                 yield _counter(suffix, help_text, float(getattr(manager, field)))
+            yield _gauge("tier_reuse_rate", "Share of recent prompt blocks that an earlier "
+                         "request had contained.", manager.reuse_rate)
+            yield _gauge("tier_store_min_hits", "Requests that must contain a chunk before "
+                         "it is stored (--kv-store-min-hits auto moves it).",
+                         manager.store_min_hits)
 
 
 def _finished_by_reason(num_finished: dict[str, int]) -> dict[str, int]:

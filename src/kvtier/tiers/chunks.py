@@ -7,7 +7,7 @@ trailing full blocks are not thrown away).
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from kvtier.types import BlockHash
@@ -31,17 +31,50 @@ def chunk_runs(block_hashes: list[BlockHash], start: int, end: int,
 
 
 class ReuseCounter:
-    """How many requests contained each chunk (bounded LRU of chunk keys)."""
+    """How many requests contained each chunk (bounded LRU of chunk keys), and the workload's
+    recent reuse rate: the share of the last `window_blocks` noted blocks whose chunk an
+    earlier request had contained (what `--kv-store-min-hits auto` decides by)."""
 
-    def __init__(self, max_keys: int = 1 << 20) -> None:
+    def __init__(self, max_keys: int = 1 << 20, window_blocks: int = 4096) -> None:
+        if window_blocks < 1:
+            raise ValueError(f"window_blocks {window_blocks} must be >= 1")
         self.max_keys = max_keys
+        self.window_blocks = window_blocks
         self._seen: OrderedDict[BlockHash, int] = OrderedDict()
+        self._recent: deque[tuple[int, int]] = deque()
+        """(blocks, blocks seen before) of each recent `note`, oldest first."""
+        self._recent_blocks = 0
+        self._recent_repeated = 0
 
     def note(self, chunks: list[Chunk]) -> None:
+        blocks = repeated = 0
         for chunk in chunks:
-            self._seen[chunk.key] = self._seen.pop(chunk.key, 0) + 1
+            before = self._seen.pop(chunk.key, 0)
+            self._seen[chunk.key] = before + 1
+            blocks += len(chunk.block_hashes)
+            if before:
+                repeated += len(chunk.block_hashes)
         while len(self._seen) > self.max_keys:
             self._seen.popitem(last=False)
+        self._recent.append((blocks, repeated))
+        self._recent_blocks += blocks
+        self._recent_repeated += repeated
+        # Keep the newest note whole even when it alone is longer than the window.
+        while len(self._recent) > 1 and (
+                self._recent_blocks - self._recent[0][0] >= self.window_blocks):
+            old_blocks, old_repeated = self._recent.popleft()
+            self._recent_blocks -= old_blocks
+            self._recent_repeated -= old_repeated
 
     def count(self, chunk: Chunk) -> int:
         return self._seen.get(chunk.key, 0)
+
+    @property
+    def window_full(self) -> bool:
+        """Whether a whole window of blocks has been noted (the rate means something)."""
+        return self._recent_blocks >= self.window_blocks
+
+    @property
+    def reuse_rate(self) -> float:
+        """Share of the recently noted blocks that an earlier request had contained."""
+        return self._recent_repeated / self._recent_blocks if self._recent_blocks else 0.0

@@ -13,8 +13,9 @@ Stores keep to the store policy and admission gates:
   pool evicts a candidate's blocks (`store_lookahead`, the next blocks in eviction order), the
   whole chunk is copied down;
 - write-through: each chunk is copied down as soon as its last block is computed;
-- admission: chunks of prefixes seen fewer than `kv_store_min_hits` times, and chunks whose load
-  would not beat recomputing them, are never stored.
+- admission: chunks of prefixes seen fewer than `kv_store_min_hits` times (with `auto`: 2 while
+  the workload shows no reuse, else 1), and chunks whose load would not beat recomputing them,
+  are never stored.
 Entries go to the first tier; the first tier's evictions are demoted to the next one.
 """
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier.config import TierConfig
+from kvtier.config import AUTO_MIN_REUSE_RATE, TierConfig
 from kvtier.kv.block_pool import BlockPool
 from kvtier.tiers.base import EntryMeta, StoreHandle, TierError, TierStore
 from kvtier.tiers.chunks import Chunk, ReuseCounter, chunk_runs
@@ -90,7 +91,8 @@ class TierManager:
         """CUDA: memory-tier copies are enqueued here and tracked by events (see transfer)."""
         self._event_loads: list[_EventLoad] = []
         self._event_stores: list[tuple[torch.cuda.Event, StoreHandle, BlockHash]] = []
-        self._reuse = ReuseCounter()
+        # Chunks evicted now were noted about a device pool's worth of blocks ago.
+        self._reuse = ReuseCounter(window_blocks=pool.num_blocks)
         for upper, lower in zip(stores, stores[1:], strict=False):
             upper.on_evict = self._demoter(lower)
 
@@ -107,6 +109,8 @@ class TierManager:
     def note_request(self, block_hashes: list[BlockHash]) -> None:
         """Count one more request containing each of these chunks (admission by reuse)."""
         self._reuse.note(self._chunks(block_hashes, 0, len(block_hashes)))
+        self.stats.reuse_rate = self._reuse.reuse_rate
+        self.stats.store_min_hits = self.min_hits
 
     def lookup(self, block_hashes: list[BlockHash], first_block: int,
                max_blocks: int) -> LoadPlan | None:
@@ -329,10 +333,19 @@ class TierManager:
     def _chunks(self, block_hashes: list[BlockHash], start: int, end: int) -> list[Chunk]:
         return chunk_runs(block_hashes, start, end, self.chunk_blocks)
 
+    @property
+    def min_hits(self) -> int:
+        """Requests that must have contained a chunk before it is stored (now)."""
+        wanted = self.config.kv_store_min_hits
+        if wanted != "auto":
+            return int(wanted)
+        reuse = self._reuse
+        return 2 if reuse.window_full and reuse.reuse_rate < AUTO_MIN_REUSE_RATE else 1
+
     def _admit(self, chunk: Chunk) -> bool:
         if self.holds_block(chunk.key) or chunk.key in self._storing:
             return False
-        if self._reuse.count(chunk) < self.config.kv_store_min_hits:
+        if self._reuse.count(chunk) < self.min_hits:
             self.stats.num_rejected_min_hits += 1
             return False
         store = self.stores[0]
@@ -382,7 +395,13 @@ class TierManager:
             if len(chunks[-1].block_hashes) < self.chunk_blocks:
                 self._store_chunks(chunks[-1:])
             return
+        # Chunks that would not be admitted now are no candidates: the lookahead then skips
+        # a workload without reuse entirely. One that comes back is freed again, and then is.
+        min_hits = self.min_hits
         for chunk in chunks:
+            if min_hits > 1 and self._reuse.count(chunk) < min_hits:
+                self.stats.num_rejected_min_hits += 1
+                continue
             for block_hash in chunk.block_hashes:
                 self._candidates[block_hash] = chunk
 

@@ -51,6 +51,10 @@ class ManagerStats:
     """Device blocks evicted with no copy in any tier."""
     num_stores_at_eviction: int = 0
     """Lazy-store chunks copied down at their eviction: the lookahead had not reached them."""
+    reuse_rate: float = 0.0
+    """Share of the recently noted prompt blocks that an earlier request had contained."""
+    store_min_hits: int = 1
+    """Requests that must contain a chunk before it is stored (`auto` moves it)."""
     hit_tokens: dict[str, int] = field(default_factory=dict)
     """Tokens loaded from each tier, reloads of preempted requests included (the engine's
     `num_tier_hit_tokens` counts prompt tokens served, once per request)."""

@@ -374,7 +374,8 @@ def test_metrics_names_and_tier_labels(engine: AsyncEngine) -> None:
     call(app, "POST", "/v1/completions", json={"prompt": "abc", "max_tokens": 2})
     snapshot = engine.snapshot()
     snapshot.stats.tiers = {"cpu": TierStats(num_loaded_bytes=10, num_errors=1)}
-    snapshot.stats.tier_manager = ManagerStats(hit_tokens={"cpu": 48})  # reloads included
+    snapshot.stats.tier_manager = ManagerStats(hit_tokens={"cpu": 48},  # reloads included
+                                               reuse_rate=0.25, store_min_hits=2)
     snapshot.stats.num_tier_hit_tokens = {"cpu": 32}  # prompt tokens served, once each
     text = call(app, "GET", "/metrics").text
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -386,6 +387,8 @@ def test_metrics_names_and_tier_labels(engine: AsyncEngine) -> None:
     assert samples[("kvtier:tier_hit_tokens_total", (("tier", "cpu"),))] == 32
     assert samples[("kvtier:tier_loaded_bytes_total", (("tier", "cpu"),))] == 10
     assert samples[("kvtier:tier_errors_total", (("tier", "cpu"),))] == 1
+    assert samples[("kvtier:tier_reuse_rate", ())] == 0.25
+    assert samples[("kvtier:tier_store_min_hits", ())] == 2
     assert samples[("kvtier:kv_cache_total_blocks", ())] == 100
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
                  "prefix_cache_hits_total", "prefix_cache_queries_total", "prompt_tokens_total"):

@@ -34,7 +34,8 @@ class CountingTransfer(KVTransfer):
         return super().gather(chunks, now)
 
 
-def make_manager() -> tuple[TierManager, BlockPool, CountingTransfer, CPUStore]:
+def make_manager(min_hits: int | str = "auto",
+                 ) -> tuple[TierManager, BlockPool, CountingTransfer, CPUStore]:
     kv_cache = torch.randn(LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size,
                            LAYOUT.num_kv_heads, LAYOUT.head_dim)
     pool = BlockPool(NUM_BLOCKS, enable_caching=True)
@@ -43,7 +44,8 @@ def make_manager() -> tuple[TierManager, BlockPool, CountingTransfer, CPUStore]:
     transfer = CountingTransfer(kv_cache)
     # Loads always pay: recomputing runs at 1 token/s, the tier at 1 GB/s.
     cost = CostModel(1.0, {"cpu": TierRate(1e9, latency_s=0.0)})
-    config = TierConfig(kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size)
+    config = TierConfig(kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size,
+                        kv_store_min_hits=min_hits)
     manager = TierManager(config, [store], transfer, pool, LAYOUT.block_size, cost)
     pool.eviction_listener = manager
     return manager, pool, transfer, store
@@ -277,4 +279,47 @@ def test_write_down_copies_what_the_lower_tier_lacks_oldest_first(tmp_path: Path
     assert int(disk.read(metas[3])[0]) == 4
     assert cpu.stats.num_loaded_bytes == 0  # copying down is not a load
     disk.check_integrity()
+    manager.close()
+
+
+def stored_after_eviction(manager: TierManager, pool: BlockPool, seed: int) -> list[bool]:
+    """Finish a request over an 8-block prefix (seed), evict the whole pool with the
+    lookahead on, and say which of its blocks the tier holds."""
+    hashes, _ = finished_prefix(pool, manager, seed=seed, num_blocks=8)
+    manager.store_lookahead(NUM_BLOCKS)
+    manager.wait_idle()
+    manager.poll()
+    pool.free(pool.allocate(NUM_BLOCKS))
+    manager.wait_idle()
+    manager.poll()
+    return [manager.stores[0].has_block(h) for h in hashes]
+
+
+def test_auto_min_hits_stops_storing_prefixes_seen_once_when_nothing_is_reused() -> None:
+    # The window is the pool (16 blocks): two distinct 8-block prompts fill it with no
+    # reuse, so from then on a prefix is stored only from its second request.
+    manager, pool, _, _ = make_manager("auto")
+    assert stored_after_eviction(manager, pool, seed=1) == [True] * 8  # window not yet full
+    assert manager.min_hits == 1
+    stored_after_eviction(manager, pool, seed=2)
+    assert manager.min_hits == 2 and manager.stats.store_min_hits == 2
+    assert manager.stats.reuse_rate == 0.0
+    rejected = manager.stats.num_rejected_min_hits
+    assert stored_after_eviction(manager, pool, seed=3) == [False] * 8
+    assert manager.stats.num_rejected_min_hits == rejected + 4  # its four chunks
+    # The same prompt again: seen twice now, so it is stored, and reuse is back in the
+    # window (8 of the last 16 blocks had been seen), so once-seen prefixes are stored again.
+    assert stored_after_eviction(manager, pool, seed=3) == [True] * 8
+    assert manager.stats.reuse_rate == 0.5 and manager.min_hits == 1
+    assert stored_after_eviction(manager, pool, seed=4) == [True] * 8
+    pool.check_integrity()
+    manager.close()
+
+
+@pytest.mark.parametrize("min_hits", [1, 2])
+def test_a_fixed_min_hits_ignores_the_reuse_rate(min_hits: int) -> None:
+    manager, pool, _, _ = make_manager(min_hits)
+    for seed in (1, 2, 3):  # no reuse at all
+        assert stored_after_eviction(manager, pool, seed) == [min_hits == 1] * 8
+    assert manager.min_hits == min_hits
     manager.close()
