@@ -425,7 +425,9 @@ class LLMEngine:
             tier += " (" + ", ".join(
                 f"{name} {rate.bytes_per_s / 1e9:.1f} GB/s" for name, rate in
                 cost.tier_rates.items()) + f"; prefill {cost.prefill_tokens_per_s:.0f} tok/s; " \
-                f"{self.tiers.stats.num_rejected_cost} refused by cost)"
+                f"{self.tiers.stats.num_rejected_cost} refused by cost; " \
+                f"{self.tiers.stores[0].stats.num_stored_entries} stored, min hits " \
+                f"{self.tiers.stats.store_min_hits} at reuse {self.tiers.stats.reuse_rate:.0%})"
         logger.info(
             "%d steps (%.1f ms on the runner; %d decode-only, %.1f ms) | prompt %.0f tok/s, "
             "generation "
