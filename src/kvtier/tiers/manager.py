@@ -400,7 +400,8 @@ class TierManager:
         min_hits = self.min_hits
         for chunk in chunks:
             if min_hits > 1 and self._reuse.count(chunk) < min_hits:
-                self.stats.num_rejected_min_hits += 1
+                if not self._holds_chunk(chunk):  # stored while it took fewer hits
+                    self.stats.num_rejected_min_hits += 1
                 continue
             for block_hash in chunk.block_hashes:
                 self._candidates[block_hash] = chunk
