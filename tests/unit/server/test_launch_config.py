@@ -1,6 +1,6 @@
 """How `kvtier serve` configures uvicorn: uvloop's event loop and httptools' parser (both
-dependencies, as in vLLM), which cut the front end's CPU per streamed token by about a quarter
-against asyncio + h11 on a simulated-device S run (twentieth session)."""
+dependencies, as in vLLM), which cut the front end's CPU per streamed token by 13-21% against
+asyncio + h11 on simulated-device S runs (BENCHMARKS.md, eighteenth-session CPU checks)."""
 
 from __future__ import annotations
 
