@@ -88,9 +88,13 @@ def test_chat_stream_role_first_then_deltas_then_finish(engine: AsyncEngine) -> 
     assert response.headers["x-request-id"] == "r1"
     events = sse_events(response.text)
     assert all(e["id"] == "chatcmpl-r1" for e in events)
-    assert [e["choices"][0]["delta"] for e in events[:-1]] == [
-        {"role": "assistant", "content": ""}, {"content": "t0 "}, {"content": "t1 "}]
-    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    # The role first, then one chunk per step, or fewer where the stream fell behind.
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert all(d.keys() == {"content"} for d in deltas[1:])
+    assert "".join(d["content"] for d in deltas[1:]) == "t0 t1 "
+    assert [e["choices"][0]["finish_reason"] for e in events[1:-1]] == \
+        [None] * (len(events) - 3) + ["length"]
     assert events[-1]["usage"]["prompt_tokens"] == len("<user>hi<assistant>")
 
 
@@ -301,9 +305,13 @@ def test_n_choices_stream_with_their_index_and_one_usage(engine: AsyncEngine) ->
     events = sse_events(response.text)
     for index in (0, 1):
         deltas = [e["choices"][0] for e in events[:-1] if e["choices"][0]["index"] == index]
-        assert [d["delta"] for d in deltas] == [
-            {"role": "assistant", "content": ""}, {"content": "t0 "}, {"content": "t1 "}]
-        assert deltas[-1]["finish_reason"] == "length"
+        # The role first, then one chunk per step, or fewer where the stream fell behind and
+        # steps were merged (a loaded machine): the text is the same either way.
+        assert deltas[0]["delta"] == {"role": "assistant", "content": ""}
+        assert all(d["delta"].keys() == {"content"} for d in deltas[1:])
+        assert "".join(d["delta"]["content"] for d in deltas[1:]) == "t0 t1 "
+        assert [d["finish_reason"] for d in deltas[1:]] == \
+            [None] * (len(deltas) - 2) + ["length"]
     assert events[-1]["choices"] == []
     assert events[-1]["usage"]["completion_tokens"] == 4
     assert events[-1]["usage"]["prompt_tokens"] == len("<user>hi<assistant>")
