@@ -182,8 +182,9 @@ class TierConfig:
     kv_store_min_hits: int | str = "auto"
     """Store a chunk only once this many requests have contained it. `auto`: 1 while the
     workload reuses prefixes, 2 while it does not (under `AUTO_MIN_REUSE_RATE` of the last
-    pool's worth of prompt blocks had been seen before), so a workload without reuse pays
-    for no stores and a prefix that does come back is stored from its second use."""
+    pool's worth of prompt blocks, and at least 32 requests, had been seen before), so a
+    workload without reuse pays for no stores and a prefix that does come back is stored
+    from its second use."""
     kv_load_timing: str = "same-step"
     """CUDA, host-memory tiers: `same-step` enqueues a hit's copy and has the step's forward
     wait for it on the device, so the request's prefill runs in the step that admitted it

@@ -217,12 +217,12 @@ def test_min_hits_two_never_stores_a_prefix_seen_once() -> None:
 
 
 def test_auto_min_hits_stops_storing_once_the_workload_shows_no_reuse() -> None:
-    """Distinct prompts under pressure: `auto` (the default) stores what is evicted while the
-    pool's worth of noted blocks is not yet full, then nothing, where min_hits 1 stores every
-    evicted chunk. The tokens are the same either way, and once prefixes do come back the
-    stores resume."""
+    """Distinct prompts under pressure: `auto` (the default) stores what is evicted until it
+    has seen a window (the pool's blocks and at least 32 requests) without reuse, then
+    nothing, where min_hits 1 stores every evicted chunk. The tokens are the same either
+    way, and once prefixes do come back the stores resume."""
     rng = random.Random(5)
-    distinct = [[rng.randrange(200, 40_000) for _ in range(PREFIX_LEN)] for _ in range(12)]
+    distinct = [[rng.randrange(200, 40_000) for _ in range(PREFIX_LEN)] for _ in range(44)]
     stored, outputs = {}, {}
     for min_hits in ("auto", 1):
         llm = make_llm(kv_tiers=("cpu:64MiB",), kv_store_min_hits=min_hits)
@@ -232,16 +232,16 @@ def test_auto_min_hits_stops_storing_once_the_workload_shows_no_reuse() -> None:
         if min_hits == "auto":
             assert llm.engine.tiers.min_hits == 2
             assert llm.engine.tiers.stats.num_rejected_min_hits > 0
-            run(llm, workload(seed=6, num_requests=3 * NUM_PREFIXES))  # prefixes come back
+            run(llm, workload(seed=6, num_requests=16 * NUM_PREFIXES))  # prefixes come back
             llm.engine.tiers.wait_idle()
             assert llm.engine.tiers.min_hits == 1
             assert llm.engine.tiers.stores[0].stats.num_stored_entries > stored["auto"]
         finish(llm)
     assert outputs["auto"] == outputs[1]
-    # 12 prompts of 4 chunks: with min_hits 1 all but what the pool still holds go down;
-    # with auto only those evicted before the 3 prompts that fill the window.
-    assert stored[1] >= 4 * 8
-    assert stored["auto"] <= 4 * 3
+    # 44 prompts of 4 chunks, the pool holds 3: min_hits 1 stores the chunks of (nearly) all
+    # the 41 evicted; auto only those evicted before the 32nd request filled its window.
+    assert stored[1] >= 4 * 40
+    assert stored["auto"] <= 4 * 32
 
 
 def test_two_requests_needing_the_same_evicted_prefix_share_one_load() -> None:

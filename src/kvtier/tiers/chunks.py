@@ -35,11 +35,16 @@ class ReuseCounter:
     recent reuse rate: the share of the last `window_blocks` noted blocks whose chunk an
     earlier request had contained (what `--kv-store-min-hits auto` decides by)."""
 
-    def __init__(self, max_keys: int = 1 << 20, window_blocks: int = 4096) -> None:
-        if window_blocks < 1:
-            raise ValueError(f"window_blocks {window_blocks} must be >= 1")
+    def __init__(self, max_keys: int = 1 << 20, window_blocks: int = 4096,
+                 min_notes: int = 32) -> None:
+        if window_blocks < 1 or min_notes < 1:
+            raise ValueError(f"window_blocks {window_blocks} and min_notes {min_notes} must "
+                             "be >= 1")
         self.max_keys = max_keys
         self.window_blocks = window_blocks
+        self.min_notes = min_notes
+        """The window also spans at least this many requests: on a small pool a window of
+        its blocks is two or three prompts, whose first uses say nothing about reuse."""
         self._seen: OrderedDict[BlockHash, int] = OrderedDict()
         self._recent: deque[tuple[int, int]] = deque()
         """(blocks, blocks seen before) of each recent `note`, oldest first."""
@@ -60,7 +65,7 @@ class ReuseCounter:
         self._recent_blocks += blocks
         self._recent_repeated += repeated
         # Keep the newest note whole even when it alone is longer than the window.
-        while len(self._recent) > 1 and (
+        while len(self._recent) > self.min_notes and (
                 self._recent_blocks - self._recent[0][0] >= self.window_blocks):
             old_blocks, old_repeated = self._recent.popleft()
             self._recent_blocks -= old_blocks
@@ -71,8 +76,8 @@ class ReuseCounter:
 
     @property
     def window_full(self) -> bool:
-        """Whether a whole window of blocks has been noted (the rate means something)."""
-        return self._recent_blocks >= self.window_blocks
+        """Whether a whole window has been noted (the rate means something)."""
+        return self._recent_blocks >= self.window_blocks and len(self._recent) >= self.min_notes
 
     @property
     def reuse_rate(self) -> float:

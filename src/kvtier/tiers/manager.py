@@ -41,6 +41,9 @@ from kvtier.types import BlockHash
 
 logger = logging.getLogger(__name__)
 
+REUSE_WINDOW_MIN_REQUESTS = 32
+"""`kv_store_min_hits auto` judges reuse over at least this many requests (and at least the
+device pool's blocks)."""
 _MAX_INFLIGHT_STORES = 64
 """Bounds the device memory held by gathered-but-not-yet-copied chunks (CUDA)."""
 INLINE_LOAD_S = 0.01
@@ -92,7 +95,8 @@ class TierManager:
         self._event_loads: list[_EventLoad] = []
         self._event_stores: list[tuple[torch.cuda.Event, StoreHandle, BlockHash]] = []
         # Chunks evicted now were noted about a device pool's worth of blocks ago.
-        self._reuse = ReuseCounter(window_blocks=pool.num_blocks)
+        self._reuse = ReuseCounter(window_blocks=pool.num_blocks,
+                                   min_notes=REUSE_WINDOW_MIN_REQUESTS)
         for upper, lower in zip(stores, stores[1:], strict=False):
             upper.on_evict = self._demoter(lower)
 

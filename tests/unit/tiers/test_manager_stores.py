@@ -10,6 +10,7 @@ import torch
 from kvtier.config import TierConfig
 from kvtier.kv.block_pool import BlockPool
 from kvtier.kv.hashing import hash_block_tokens, root_block_hash
+from kvtier.tiers import manager as manager_module
 from kvtier.tiers.base import EntryMeta, KVLayout
 from kvtier.tiers.cost import CostModel, TierRate
 from kvtier.tiers.cpu import CPUStore
@@ -295,9 +296,12 @@ def stored_after_eviction(manager: TierManager, pool: BlockPool, seed: int) -> l
     return [manager.stores[0].has_block(h) for h in hashes]
 
 
-def test_auto_min_hits_stops_storing_prefixes_seen_once_when_nothing_is_reused() -> None:
-    # The window is the pool (16 blocks): two distinct 8-block prompts fill it with no
-    # reuse, so from then on a prefix is stored only from its second request.
+def test_auto_min_hits_stops_storing_prefixes_seen_once_when_nothing_is_reused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The window is the pool (16 blocks) and at least two requests here: two distinct
+    # 8-block prompts fill it with no reuse, so from then on a prefix is stored only from
+    # its second request.
+    monkeypatch.setattr(manager_module, "REUSE_WINDOW_MIN_REQUESTS", 2)
     manager, pool, _, _ = make_manager("auto")
     assert stored_after_eviction(manager, pool, seed=1) == [True] * 8  # window not yet full
     assert manager.min_hits == 1

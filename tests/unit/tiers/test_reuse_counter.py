@@ -23,7 +23,7 @@ def test_counts_requests_per_chunk() -> None:
 
 
 def test_the_rate_weighs_blocks_and_forgets_notes_older_than_the_window() -> None:
-    counter = ReuseCounter(window_blocks=12)
+    counter = ReuseCounter(window_blocks=12, min_notes=1)
     counter.note([chunk("a", 4)])
     assert counter.reuse_rate == 0.0 and not counter.window_full
     counter.note([chunk("a", 4), chunk("x", 2)])  # 4 of 6 blocks seen before
@@ -40,10 +40,22 @@ def test_the_rate_weighs_blocks_and_forgets_notes_older_than_the_window() -> Non
 
 
 def test_a_note_longer_than_the_window_is_kept_whole() -> None:
-    counter = ReuseCounter(window_blocks=4)
+    counter = ReuseCounter(window_blocks=4, min_notes=1)
     counter.note([chunk("a", 8)])
     counter.note([chunk("a", 8)])
     assert counter.window_full and counter.reuse_rate == 1.0
+
+
+def test_the_window_spans_at_least_min_notes_requests() -> None:
+    # Long prompts on a small pool: two fill its blocks, but two first uses say nothing.
+    counter = ReuseCounter(window_blocks=4, min_notes=3)
+    counter.note([chunk("a", 8)])
+    counter.note([chunk("b", 8)])
+    assert not counter.window_full
+    counter.note([chunk("a", 8)])
+    assert counter.window_full and counter.reuse_rate == pytest.approx(1 / 3)
+    counter.note([chunk("c", 8)])  # the oldest note leaves: three remain
+    assert counter.reuse_rate == pytest.approx(1 / 3)
 
 
 def test_the_oldest_keys_are_forgotten_past_max_keys() -> None:
