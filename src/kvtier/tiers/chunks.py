@@ -32,8 +32,9 @@ def chunk_runs(block_hashes: list[BlockHash], start: int, end: int,
 
 class ReuseCounter:
     """How many requests contained each chunk (bounded LRU of chunk keys), and the workload's
-    recent reuse rate: the share of the last `window_blocks` noted blocks whose chunk an
-    earlier request had contained (what `--kv-store-min-hits auto` decides by)."""
+    recent reuse rate: the share of the blocks noted by the last requests (at least
+    `window_blocks` blocks and `min_notes` requests) whose chunk an earlier request had
+    contained (what `--kv-store-min-hits auto` decides by)."""
 
     def __init__(self, max_keys: int = 1 << 20, window_blocks: int = 4096,
                  min_notes: int = 32) -> None:
