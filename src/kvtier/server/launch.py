@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 from types import FrameType
 
 import uvicorn
-from uvicorn._types import ASGIApplication
+from starlette.types import ASGIApp
 
 from kvtier.config import EngineConfig
 from kvtier.engine.args import engine_kwargs
@@ -170,7 +170,7 @@ def _serve(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout_s: fl
     return server.started
 
 
-def uvicorn_config(app: ASGIApplication, host: str, port: int) -> uvicorn.Config:
+def uvicorn_config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
     """How uvicorn serves the app. `auto` is uvloop's event loop and httptools' parser where
     installed (dependencies, as in vLLM), else asyncio's and h11: the front end's CPU per
     streamed token is what caps one API server."""

@@ -198,9 +198,8 @@ async def completion_events(streams: list[RequestStream],
             async for index, output in outputs:
                 first = index not in last
                 last[index] = output
-                completion = output.outputs[0]
-                if plain and not first and not output.finished and \
-                        completion.finish_reason is None and completion.stop_reason is None:
+                # An output carries finish and stop reasons only once finished.
+                if plain and not first and not output.finished:
                     if output.new_text:
                         if index not in text_events:
                             text_events[index] = TextEvents(
