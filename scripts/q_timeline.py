@@ -23,7 +23,10 @@ and groups requests by what they hit (device prefix cache, cpu tier, nothing).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import random
 import statistics
 import subprocess
@@ -98,6 +101,10 @@ VARIANTS = {
 }
 
 
+LONG_PREFILL_TOKENS = 1024
+"""A step with this many prompt tokens of one request carries a miss's prefill (Q's suffixes
+are 256 tokens); the GPU engine runs such steps eagerly (above its piecewise graphs' sizes)."""
+
 SIMULATED_DECODE_S, SIMULATED_PREFILL_S, SIMULATED_TOKEN_S = 0.0024, 0.004, 5.5e-6
 """The simulated device (`--simulate`): a decode-only step takes 2.4 ms, a step with prompt
 tokens 4 ms + 5.5 us per token, about what the H200 took for Qwen2.5-1.5B here (decode steps
@@ -121,7 +128,7 @@ def simulated_launch(step: Any) -> Any:
 def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: int,
            suffix_len: int, output_len: int, concurrency: int, warmup: int,
            front_end_s: float, num_gpu_blocks: int = 4096, num_prefixes: int = 64,
-           phases: bool = False, simulate: bool = False) -> dict:
+           phases: bool = False, simulate: bool = False, profile: bool = False) -> dict:
     from kvtier import LLM, SamplingParams
     extra: dict[str, Any] = dict(variant.engine)
     if variant.tiers:
@@ -142,6 +149,8 @@ def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: in
     timer = PhaseTimer()
     if phases:
         wrap_host_phases(engine, timer)
+    profilers = ({"schedule": cProfile.Profile(), "launch": cProfile.Profile()}
+                 if profile else None)
     rng = random.Random(0)
     prefixes = [[rng.randrange(1000, 30_000) for _ in range(prefix_len)]
                 for _ in range(num_prefixes)]
@@ -156,7 +165,11 @@ def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: in
     schedule = engine.scheduler.schedule
 
     def recorded_schedule() -> Any:
+        if profilers is not None:
+            profilers["schedule"].enable()
         output = schedule()
+        if profilers is not None:
+            profilers["schedule"].disable()
         steps[-1].scheduled = time.monotonic()
         steps[-1].requests = [(s.request_id, len(s.token_ids)) for s in output.requests]
         return output
@@ -164,7 +177,16 @@ def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: in
     launch = engine.runner.launch
 
     def recorded_launch(output: Any) -> Any:
+        # Only steps with prompt tokens short of a long prefill: decode steps replay one CUDA
+        # graph, and a long prefill's eager launch hides behind its own device time.
+        tokens = [len(s.token_ids) for s in output.requests]
+        profiled = (profilers is not None and max(tokens, default=0) > 1
+                    and sum(tokens) < LONG_PREFILL_TOKENS)
+        if profiled:
+            profilers["launch"].enable()
         pending = launch(output)
+        if profiled:
+            profilers["launch"].disable()
         steps[-1].launched = time.monotonic()
         return pending
     engine.runner.launch = recorded_launch  # type: ignore[method-assign]
@@ -201,6 +223,15 @@ def replay(variant: Variant, num_prompts: int, model: str | None, prefix_len: in
             "load_wall_ms_mean": round(1e3 * stats.load_seconds / max(stats.num_loads, 1), 3)}
         engine.shutdown()
     result = summarize(variant, steps, finished, wall, prefix_len)
+    for name, profiler in (profilers or {}).items():
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("cumulative").print_stats(60)
+        stats.sort_stats("tottime").print_stats(25)
+        result[f"profile_{name}"] = text.getvalue()
+        print(variant.name, f"cProfile of {name} (launch: steps with < {LONG_PREFILL_TOKENS} "
+              "tokens, some of them prompt tokens)",
+              text.getvalue(), flush=True)
     result["tier"] = tier_stats
     if phases:
         result["host_phases"] = timer.per_call()
@@ -261,7 +292,8 @@ def summarize(variant: Variant, steps: list[StepRecord], finished: list[Any],
     sizes: dict[str, list[float]] = {}
     for step in steps:
         if step.kind == "prefill":
-            key = "prefill<1024" if step.prefill_tokens < 1024 else "prefill>=1024"
+            key = ("prefill<1024" if step.prefill_tokens < LONG_PREFILL_TOKENS
+                   else "prefill>=1024")
             sizes.setdefault(key, []).append(1e3 * (step.end - step.start))
     for key, values in sizes.items():
         step_summary[key] = {"n": len(values), "mean_ms": round(statistics.mean(values), 3)}
@@ -274,7 +306,7 @@ def summarize(variant: Variant, steps: list[StepRecord], finished: list[Any],
             continue
         firsts = [cls.get(rid) for rid, _ in step.requests if first_step.get(rid) == index]
         key = (f"tier_hits={firsts.count('tier hit')} device_hits={firsts.count('device hit')}"
-               f" long={int(any(n >= 1024 for _, n in step.requests))}")
+               f" long={int(any(n >= LONG_PREFILL_TOKENS for _, n in step.requests))}")
         groups.setdefault(key, []).append((1e3 * (step.end - step.start),
                                            1e3 * (step.scheduled - step.start),
                                            1e3 * (step.launched - step.scheduled)))
@@ -303,6 +335,9 @@ def main() -> None:
                              "(Q's front end + HTTP on the H200: ~9 + ~4 ms)")
     parser.add_argument("--phases", action="store_true",
                         help="also time the scheduler's and the tier's host calls")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the scheduler's calls and the launches of steps with "
+                             "prompt tokens")
     parser.add_argument("--simulate", action="store_true",
                         help="on the CPU, tiers off only: the embedded model's engine with a "
                              "device that only takes time (SIMULATED_*), to compare schedules")
@@ -338,7 +373,7 @@ def main() -> None:
     print("card:", report["card"], flush=True)
     for variant in variants:
         report[variant.name] = replay(variant, num_prompts, **shape, phases=args.phases,
-                                      simulate=args.simulate)
+                                      simulate=args.simulate, profile=args.profile)
     Path(args.out).write_text(json.dumps(report, indent=1))
 
 
