@@ -211,6 +211,41 @@ def test_n_choices_match_offline_requests_seeded_one_apart(client: openai.OpenAI
     assert response.usage.prompt_tokens == len(llm.get_tokenizer().encode(prompt))
 
 
+def test_a_batch_of_prompts_answers_each_prompt_as_alone(client: openai.OpenAI, server: str,
+                                                        llm: LLM) -> None:
+    # OpenAI's batch: prompt i's choice j is choice i * n + j (vLLM's order); usage counts
+    # every prompt once.
+    prompts = ["The capital of France is", "Once upon a time"]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    offline = [llm.generate(prompt, greedy)[0] for prompt in prompts]
+    response = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, n=2,
+                                         **GREEDY)
+    texts = [c.text for c in sorted(response.choices, key=lambda c: c.index)]
+    assert texts == [o.outputs[0].text for o in offline for _ in range(2)]
+    assert response.usage is not None
+    assert response.usage.prompt_tokens == sum(len(o.prompt_token_ids) for o in offline)
+    assert response.usage.completion_tokens == 4 * 6
+
+    stream = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, n=2,
+                                       stream=True, stream_options={"include_usage": True},
+                                       echo=True, **GREEDY)
+    chunks = list(stream)
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(4)]
+    assert streamed == [p + o.outputs[0].text for p, o in zip(prompts, offline, strict=True)
+                        for _ in range(2)]
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == \
+        response.usage.prompt_tokens
+
+    ids = [list(range(1000, 1020)), list(range(2000, 2030))]
+    by_ids = httpx.post(f"{server}/v1/completions", json={
+        "prompt": ids, "max_tokens": 4, "temperature": 0.0}).json()
+    expected = [llm.generate([i], SamplingParams(max_tokens=4, temperature=0.0))[0]
+                for i in ids]
+    assert [c["text"] for c in by_ids["choices"]] == [e.outputs[0].text for e in expected]
+    assert by_ids["usage"]["prompt_tokens"] == 50
+
+
 def test_penalised_sampling_over_http_matches_offline(client: openai.OpenAI, llm: LLM) -> None:
     prompt = "one two one two one two"
     response = client.completions.create(
@@ -472,7 +507,12 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     (COMPLETIONS, {"prompt": 12}, 400),
     (COMPLETIONS, {"prompt": ""}, 400),
     (COMPLETIONS, {"prompt": []}, 400),
-    (COMPLETIONS, {"prompt": ["a", "b"]}, 400),
+    # A batch runs whole or not at all: one bad prompt refuses it (nothing is added).
+    (COMPLETIONS, {"prompt": ["a", ""]}, 400),
+    (COMPLETIONS, {"prompt": ["a", "word " * 400]}, 400),
+    (COMPLETIONS, {"prompt": [[1, 2], [10**9]]}, 400),
+    (COMPLETIONS, {"prompt": [[1, 2], []]}, 400),
+    (COMPLETIONS, {"prompt": ["a", [1, 2]]}, 400),
     (COMPLETIONS, {"prompt": [1, -5]}, 400),
     (COMPLETIONS, {"prompt": [10**9]}, 400),
     (COMPLETIONS, {"prompt": [1, True]}, 400),

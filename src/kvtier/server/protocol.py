@@ -83,7 +83,9 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    """POST /v1/completions. `prompt` is text, token ids, or a one-element list of either."""
+    """POST /v1/completions. `prompt` is text or token ids, or OpenAI's batch: a list of
+    texts or of token-id lists, whose choices come prompt-major (prompt i's choice j is choice
+    i * n + j, as in vLLM)."""
 
     prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
     max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt, "

@@ -48,12 +48,14 @@ class ResponseContext:
     include_usage: bool
     logprobs: LogprobsFormat | None = None
     """Set when the request asked for logprobs."""
-    echo: str | None = None
-    """Completions with `echo`: the prompt's text, which leads each choice's text."""
+    echo: tuple[str, ...] | None = None
+    """Completions with `echo`: per choice, its prompt's text, which leads the choice's text."""
     echo_only: bool = False
     """Completions with `echo` and max_tokens 0: the sampled token is left out."""
     prompt_logprobs: TokenStrings | None = None
     """Set when the request asked for vLLM's `prompt_logprobs` field (names its tokens)."""
+    choices_per_prompt: int = 1
+    """`n`: choice i answers prompt i // n (completions take a batch of prompts)."""
 
 
 class SSEResponse(StreamingResponse):
@@ -84,7 +86,7 @@ def completion_choice(ctx: ResponseContext, index: int, output: RequestOutput,
     token_ids: list[int] = []
     entries: list[TokenLogprobs | None] = []
     if first and ctx.echo is not None:
-        text = ctx.echo + text
+        text = ctx.echo[index] + text
         if output.prompt_logprobs is not None:
             token_ids, entries = list(output.prompt_token_ids), list(output.prompt_logprobs)
     if new_logprobs is not None:
@@ -107,16 +109,19 @@ def chat_logprobs(ctx: ResponseContext, entries: list[TokenLogprobs] | None,
     return ctx.logprobs.chat(entries)
 
 
-def usage_of(outputs: list[RequestOutput], generated: bool = True) -> Usage:
-    """The prompt once, the completions of every choice (none when `generated` is false:
-    the prompt was only scored)."""
-    num_prompt = len(outputs[0].prompt_token_ids)
+def usage_of(outputs: list[RequestOutput], generated: bool = True,
+             choices_per_prompt: int = 1) -> Usage:
+    """Every prompt once (`outputs` in choice order, `choices_per_prompt` per prompt), the
+    completions of every choice (none when `generated` is false: the prompts were only
+    scored)."""
+    firsts = outputs[::choices_per_prompt]
+    num_prompt = sum(len(output.prompt_token_ids) for output in firsts)
     num_completion = (sum(len(output.outputs[0].token_ids) for output in outputs)
                       if generated else 0)
     return Usage(prompt_tokens=num_prompt, completion_tokens=num_completion,
                  total_tokens=num_prompt + num_completion,
                  prompt_tokens_details=PromptTokensDetails(
-                     cached_tokens=outputs[0].metrics.num_cached_tokens))
+                     cached_tokens=sum(output.metrics.num_cached_tokens for output in firsts)))
 
 
 async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -220,8 +225,9 @@ async def completion_events(streams: list[RequestStream],
     else:
         if ctx.include_usage and last:
             yield sse(CompletionChunk(id=ctx.response_id, created=ctx.created, model=ctx.model,
-                                      choices=[], usage=usage_of(list(last.values()),
-                                                                 not ctx.echo_only)), ctx)
+                                      choices=[], usage=usage_of(
+                                          [last[i] for i in sorted(last)], not ctx.echo_only,
+                                          ctx.choices_per_prompt)), ctx)
     yield DONE
 
 
@@ -268,5 +274,6 @@ async def chat_events(streams: list[RequestStream], ctx: ResponseContext) -> Asy
         if ctx.include_usage and last:
             yield sse(ChatCompletionChunk(id=ctx.response_id, created=ctx.created,
                                           model=ctx.model, choices=[],
-                                          usage=usage_of(list(last.values()))), ctx)
+                                          usage=usage_of([last[i] for i in sorted(last)],
+                                                         True, ctx.choices_per_prompt)), ctx)
     yield DONE

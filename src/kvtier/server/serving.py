@@ -83,11 +83,7 @@ class OpenAIServing:
         model = self._check(body)
         num_top = requested_top(body, self.max_logprobs)
         num_prompt_top = requested_prompt_top(body, self.max_logprobs)
-        prompt = _single_prompt(body.prompt)
-        if isinstance(prompt, str):
-            token_ids = await self._run(self._tokenizer.encode, prompt, param="prompt")
-        else:
-            token_ids = prompt
+        prompts = _prompts(body.prompt)
         # echo with max_tokens 0 scores the prompt only (vLLM's "echo without generation"):
         # the engine still samples one token, which the response leaves out.
         echo_only = body.max_tokens == 0
@@ -95,24 +91,30 @@ class OpenAIServing:
             raise OpenAIError(400, "max_tokens must be at least 1 (0 only with echo)",
                               param="max_tokens")
         max_tokens = 1 if echo_only else 16 if body.max_tokens is None else body.max_tokens
-        params = self._params(body, max_tokens, len(token_ids), "prompt",
-                              explicit=body.max_tokens is not None, logprobs=num_top,
-                              prompt_logprobs=num_prompt_top)
+        token_ids = await asyncio.gather(*(self._prompt_ids(prompt) for prompt in prompts))
+        # Every prompt is checked before any is added: a batch runs whole or not at all.
+        params = [self._params(body, max_tokens, len(ids), "prompt",
+                               explicit=body.max_tokens is not None, logprobs=num_top,
+                               prompt_logprobs=num_prompt_top) for ids in token_ids]
         echo = None
         if body.echo:
-            echo = prompt if isinstance(prompt, str) else await self._off_loop(
-                self._tokenizer.decode, token_ids, False, param="prompt")  # specials kept
-        ctx, headers = _context(request, "cmpl", model, body.include_usage,
+            texts = [prompt if isinstance(prompt, str) else await self._off_loop(
+                self._tokenizer.decode, ids, False, param="prompt")  # specials kept
+                for prompt, ids in zip(prompts, token_ids, strict=True)]
+            echo = tuple(text for text in texts for _ in range(body.n))
+        ctx, headers = _context(request, "cmpl", model, body.include_usage, body.n,
                                 self._logprobs_format(body, num_top))
         ctx = dataclasses.replace(ctx, echo=echo, echo_only=echo_only, prompt_logprobs=(
             self._token_strings if body.prompt_logprobs is not None else None))
-        streams = await self._add_choices(token_ids, params, arrival, ctx, body.n)
+        streams = await self._add_choices(list(zip(token_ids, params, strict=True)), arrival,
+                                          ctx, body.n)
         if body.stream:
             return SSEResponse(completion_events(streams, ctx), media_type="text/event-stream",
                                headers=headers)
         outputs = await _collect(streams, request)
         response = CompletionResponse(
-            id=ctx.response_id, model=model, usage=usage_of(outputs, not echo_only),
+            id=ctx.response_id, model=model,
+            usage=usage_of(outputs, not echo_only, body.n),
             choices=[completion_choice(ctx, index, output, output.outputs[0].text,
                                        output.outputs[0].logprobs, 0, first=True)[0]
                      for index, output in enumerate(outputs)])
@@ -130,14 +132,15 @@ class OpenAIServing:
         requested = body.max_completion_tokens or body.max_tokens
         params = self._params(body, requested or self.max_model_len, len(token_ids), "messages",
                               explicit=requested is not None, logprobs=num_top)
-        ctx, headers = _context(request, "chatcmpl", model, body.include_usage,
+        ctx, headers = _context(request, "chatcmpl", model, body.include_usage, body.n,
                                 self._logprobs_format(body, num_top))
-        streams = await self._add_choices(token_ids, params, arrival, ctx, body.n)
+        streams = await self._add_choices([(token_ids, params)], arrival, ctx, body.n)
         if body.stream:
             return SSEResponse(chat_events(streams, ctx), media_type="text/event-stream",
                                headers=headers)
         outputs = await _collect(streams, request)
-        response = ChatCompletionResponse(id=ctx.response_id, model=model, usage=usage_of(outputs),
+        response = ChatCompletionResponse(id=ctx.response_id, model=model,
+                                          usage=usage_of(outputs, True, body.n),
                                           choices=[ChatChoice(
                                               index=index, message=ChatResponseMessage(
                                                   content=output.outputs[0].text),
@@ -226,6 +229,15 @@ class OpenAIServing:
         # The template already holds any BOS token: encode without adding special tokens.
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
+    async def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A completions prompt's token ids: text tokenised, ids as given (the engine checks
+        them against the vocabulary); an empty prompt is refused (400)."""
+        if isinstance(prompt, str):
+            return await self._run(self._tokenizer.encode, prompt, param="prompt")
+        if not prompt:
+            raise OpenAIError(400, "the prompt is empty", param="prompt")
+        return prompt
+
     async def _run(self, fn: Callable[..., list[int]], *args: object,
                    param: str) -> list[int]:
         """Tokenise for a generation request: an empty result is refused (400)."""
@@ -282,18 +294,20 @@ class OpenAIServing:
             raise OpenAIError(400, str(exc), param=field if field in type(body).model_fields
                               else None) from exc
 
-    async def _add_choices(self, token_ids: list[int], params: SamplingParams, arrival: float,
-                           ctx: ResponseContext, n: int) -> list[RequestStream]:
-        """One engine request per choice (`n`, as vLLM's parallel sampling): they share the
-        prompt, so the prefix cache computes it once. Choice i samples with seed + i, if a
-        seed is given, so the choices differ. If one cannot be added, none stays."""
-        choices = [params if index == 0 or params.seed is None
-                   else dataclasses.replace(params, seed=(params.seed + index) % 2**64)
-                   for index in range(n)]
+    async def _add_choices(self, prompts: list[tuple[list[int], SamplingParams]],
+                           arrival: float, ctx: ResponseContext, n: int) -> list[RequestStream]:
+        """One engine request per choice, `n` per prompt (as vLLM's parallel sampling), in
+        choice order (prompt-major). A prompt's choices share it, so the prefix cache
+        computes it once; choice i of a prompt samples with seed + i, if a seed is given, so
+        the choices differ. If one cannot be added, none stays."""
+        choices = [(token_ids, params if index == 0 or params.seed is None
+                    else dataclasses.replace(params, seed=(params.seed + index) % 2**64))
+                   for token_ids, params in prompts for index in range(n)]
         # Added together: the engine core takes them in one turn (one at a time, each
         # would wait for a step, n=128 for seconds).
         added = await asyncio.gather(*(self._add(token_ids, choice, arrival, ctx)
-                                       for choice in choices), return_exceptions=True)
+                                       for token_ids, choice in choices),
+                                     return_exceptions=True)
         streams = [a for a in added if isinstance(a, RequestStream)]
         failure = next((a for a in added if not isinstance(a, RequestStream)), None)
         if failure is not None:
@@ -311,26 +325,25 @@ class OpenAIServing:
             raise from_engine_error(exc) from exc
 
 
-def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:
-    """OpenAI allows a batch of prompts; we serve one per request (a one-element list too)."""
+def _prompts(prompt: str | list[int] | list[str] | list[list[int]],
+             ) -> list[str] | list[list[int]]:
+    """The prompts of a completions request: one (text or token ids), or OpenAI's batch (a
+    list of texts or of token-id lists)."""
     if isinstance(prompt, str):
-        return prompt
-    if prompt and not isinstance(prompt[0], int):
-        if len(prompt) != 1:
-            raise OpenAIError(400, f"got {len(prompt)} prompts; send one prompt per request",
-                              param="prompt")
-        return prompt[0]  # type: ignore[return-value]
+        return [prompt]
+    if not prompt or isinstance(prompt[0], int):
+        return [list(prompt)]  # type: ignore[arg-type]
     return list(prompt)  # type: ignore[arg-type]
 
 
 def _context(request: Request, kind: str, model: str, include_usage: bool,
-             logprobs: LogprobsFormat | None = None,
+             choices_per_prompt: int, logprobs: LogprobsFormat | None = None,
              ) -> tuple[ResponseContext, dict[str, str]]:
     """Response id from the `x-request-id` header (as vLLM does), echoed back as a header."""
     given = request.headers.get("x-request-id", "")[:128]
     request_id = given or uuid.uuid4().hex
     ctx = ResponseContext(f"{kind}-{request_id}", model, int(time.time()), include_usage,
-                          logprobs)
+                          logprobs, choices_per_prompt=choices_per_prompt)
     return ctx, {"X-Request-Id": request_id}
 
 

@@ -17,6 +17,7 @@ from kvtier.engine.async_engine import AsyncEngine
 from kvtier.server.app import ServerSettings, create_app
 from kvtier.tiers.base import TierStats
 from kvtier.tiers.manager import ManagerStats
+from kvtier.types import InvalidRequestError
 from tests.unit.server.fakes import FakeEngine, start_async_engine
 
 pytestmark = pytest.mark.timeout(60)
@@ -332,6 +333,43 @@ def test_n_choices_all_go_when_one_cannot_be_added() -> None:
         assert len(fake.aborted) == 2 and not fake.requests
     finally:
         asyncio.run(engine.shutdown(drain=False))
+
+
+def test_a_batch_the_engine_refuses_in_part_leaves_nothing_running() -> None:
+    # Prompt 2 is refused only by the engine, after prompt 1's choices were added with it:
+    # the whole request is a 400, and prompt 1's choices are aborted, not left to run.
+    fake = FakeEngine(max_running=0)
+    add_request = fake.add_request
+
+    def refusing_add(prompt: Any, *args: Any, **kwargs: Any) -> str:
+        if 999 in prompt:
+            raise InvalidRequestError("token id 999 is outside the vocabulary")
+        return add_request(prompt, *args, **kwargs)
+
+    fake.add_request = refusing_add  # type: ignore[method-assign]
+    engine = start_async_engine(fake)
+    try:
+        response = call(engine, "POST", "/v1/completions",
+                        json={"prompt": [[5, 6], [999]], "max_tokens": 2, "n": 2})
+        assert response.status_code == 400 and "999" in response.json()["error"]["message"]
+        deadline = time.monotonic() + 5
+        while len(fake.aborted) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(fake.aborted) == 2 and not fake.requests
+    finally:
+        asyncio.run(engine.shutdown(drain=False))
+
+
+def test_a_batch_streams_each_choice_under_its_index(engine: AsyncEngine) -> None:
+    response = call(engine, "POST", "/v1/completions", json={
+        "prompt": ["ab", "cde"], "max_tokens": 2, "n": 2, "stream": True, "echo": True,
+        "stream_options": {"include_usage": True}})
+    events = sse_events(response.text)
+    texts = ["".join(e["choices"][0]["text"] for e in events[:-1]
+                     if e["choices"][0]["index"] == index) for index in range(4)]
+    assert texts == ["abt0 t1 ", "abt0 t1 ", "cdet0 t1 ", "cdet0 t1 "]
+    assert events[-1]["usage"]["prompt_tokens"] == 5  # each prompt once
+    assert events[-1]["usage"]["completion_tokens"] == 8
 
 
 def test_template_failure_is_a_400(engine: AsyncEngine) -> None:
