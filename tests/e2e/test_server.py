@@ -506,6 +506,8 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     (COMPLETIONS, {}, 400),
     (COMPLETIONS, {"prompt": 12}, 400),
     (COMPLETIONS, {"prompt": ""}, 400),
+    (COMPLETIONS, {"prompt": "a\ud800b"}, 400),  # a lone surrogate: not valid Unicode
+    (CHAT, {"messages": [{"role": "user", "content": "\udfff"}]}, 400),
     (COMPLETIONS, {"prompt": []}, 400),
     # A batch runs whole or not at all: one bad prompt refuses it (nothing is added).
     (COMPLETIONS, {"prompt": ["a", ""]}, 400),

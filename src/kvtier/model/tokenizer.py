@@ -127,7 +127,16 @@ class Tokenizer:
         pieces = [text]
         if self.cuts_into_pieces and len(text) >= PARALLEL_MIN_CHARS:
             pieces = cut_pieces(text, PARALLEL_CHUNK_CHARS)
-        encodings = self.backend.encode_batch(pieces, add_special_tokens=add_special_tokens)
+        try:
+            encodings = self.backend.encode_batch(pieces, add_special_tokens=add_special_tokens)
+        except TypeError:
+            # tokenizers refuses a str that is not valid Unicode (a lone surrogate, which JSON
+            # can carry as an escape) with an opaque TypeError: name the character instead.
+            bad = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None)
+            if bad is None:
+                raise
+            raise ValueError(f"the text is not valid Unicode: a lone surrogate "
+                             f"(U+{ord(text[bad]):04X}) at character {bad}") from None
         if len(encodings) == 1:
             return list(encodings[0].ids)
         return [token for encoding in encodings for token in encoding.ids]

@@ -75,6 +75,19 @@ def test_encode_and_decode_equal_autotokenizer(which: str, request: pytest.Fixtu
 
 
 @pytest.mark.parametrize("which", ["smollm", "qwen"])
+def test_a_lone_surrogate_is_named_not_an_opaque_type_error(
+        which: str, request: pytest.FixtureRequest) -> None:
+    """JSON can carry a lone surrogate ("\\ud800"); tokenizers refuses such a str with a
+    TypeError about its input types. The error names the character and where it is, for
+    short texts and for long ones (encoded in pieces) alike."""
+    ours: Tokenizer = request.getfixturevalue(f"{which}_tokenizer")
+    for text, at in (("ab\ud800c", 2), ("word " * 2000 + "\udfff", 10_000)):
+        with pytest.raises(ValueError, match=f"lone surrogate \\(U\\+D[8F]\\w\\w\\) at "
+                                             f"character {at}$"):
+            ours.encode(text)
+
+
+@pytest.mark.parametrize("which", ["smollm", "qwen"])
 def test_special_token_ids_and_vocab_size_equal_autotokenizer(
         which: str, request: pytest.FixtureRequest) -> None:
     """bos/eos ids and the vocabulary size (added tokens included) match len(AutoTokenizer)."""
