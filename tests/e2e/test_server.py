@@ -506,8 +506,9 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     (COMPLETIONS, {}, 400),
     (COMPLETIONS, {"prompt": 12}, 400),
     (COMPLETIONS, {"prompt": ""}, 400),
-    (COMPLETIONS, {"prompt": "a\ud800b"}, 400),  # a lone surrogate: not valid Unicode
-    (CHAT, {"messages": [{"role": "user", "content": "\udfff"}]}, 400),
+    # A lone surrogate (valid JSON, not valid Unicode), sent as the escape a client sends.
+    (COMPLETIONS, b'{"prompt": "a\\ud800b"}', 400),
+    (CHAT, b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400),
     (COMPLETIONS, {"prompt": []}, 400),
     # A batch runs whole or not at all: one bad prompt refuses it (nothing is added).
     (COMPLETIONS, {"prompt": ["a", ""]}, 400),
