@@ -183,6 +183,24 @@ def test_openai_client_chat_matches_offline(client: openai.OpenAI, llm: LLM) -> 
     assert chunks[-1].usage.prompt_tokens == len(expected.prompt_token_ids)
 
 
+def test_chat_continues_a_begun_answer_like_the_offline_engine(client: openai.OpenAI,
+                                                              llm: LLM) -> None:
+    # vLLM's continue_final_message: the model continues the assistant's begun answer.
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "The capital of France is"}]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    expected = llm.chat(messages, greedy, add_generation_prompt=False,
+                        continue_final_message=True)[0]
+    opened = llm.chat(messages, greedy)[0]  # the same messages, a new turn opened
+    assert expected.prompt_token_ids != opened.prompt_token_ids
+    response = client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=6,  # type: ignore[arg-type]
+        extra_body={"add_generation_prompt": False, "continue_final_message": True}, **GREEDY)
+    assert response.choices[0].message.content == expected.outputs[0].text
+    assert response.usage is not None
+    assert response.usage.prompt_tokens == len(expected.prompt_token_ids)
+
+
 def test_models_health_version_and_request_id(server: str) -> None:
     models = httpx.get(f"{server}/v1/models").json()
     assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] == 256

@@ -40,12 +40,15 @@ class LLM:
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             *, add_generation_prompt: bool = True, continue_final_message: bool = False,
              ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them."""
+        """Apply the model's chat template to one conversation or a list of them; with
+        `continue_final_message` (and `add_generation_prompt` false) the model continues
+        each conversation's final message, as in vLLM's `LLM.chat`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.engine.tokenizer.apply_chat_template(list(conv),  # type: ignore[arg-type]
-                                                             add_generation_prompt=True)
-                   for conv in conversations]
+        prompts = [self.engine.tokenizer.apply_chat_template(
+            list(conv), add_generation_prompt=add_generation_prompt,  # type: ignore[arg-type]
+            continue_final_message=continue_final_message) for conv in conversations]
         # The template already holds any BOS token: encode without adding special tokens.
         token_ids = [self.engine.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(token_ids, sampling_params)

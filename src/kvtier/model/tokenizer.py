@@ -159,15 +159,23 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
                             add_generation_prompt: bool = True, *,
+                            continue_final_message: bool = False,
                             tools: Sequence[Mapping[str, Any]] | None = None,
                             template_kwargs: Mapping[str, Any] | None = None) -> str:
         """Render `messages` as transformers' `apply_chat_template(..., tokenize=False)` would.
 
         Keys whose value is None are dropped from each message first (as transformers does), so
         OpenAI-style `{"content": None, "tool_calls": [...]}` messages render correctly.
-        Raises ModelLoadError when the model has no template, and jinja2.TemplateError when the
-        template itself rejects the conversation (its `raise_exception`).
+        `continue_final_message` ends the text right after the last message's content (no
+        end-of-turn), so the model continues that message, e.g. an assistant answer begun by
+        the client; it excludes `add_generation_prompt`.
+        Raises ModelLoadError when the model has no template, ValueError for the two flags
+        together or a final message the rendering does not contain, and jinja2.TemplateError
+        when the template itself rejects the conversation (its `raise_exception`).
         """
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt exclude each "
+                             "other: set add_generation_prompt to false")
         if not self.chat_template:
             raise ModelLoadError("this model's tokenizer has no chat template; use the completions "
                                  "API with a raw prompt instead")
@@ -178,9 +186,12 @@ class Tokenizer:
         variables.update(template_kwargs or {})
         if self._compiled_template is None:  # compiling costs milliseconds; rendering does not
             self._compiled_template = compile_chat_template(self.chat_template)
-        return self._compiled_template.render(
+        rendered = self._compiled_template.render(
             messages=chat, tools=list(tools) if tools is not None else None, documents=None,
             add_generation_prompt=add_generation_prompt, **variables)
+        if continue_final_message:
+            rendered = _cut_after_final_message(rendered, chat[-1].get("content"))
+        return rendered
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -220,6 +231,21 @@ class Tokenizer:
                               (" 're", "'re")):
             text = text.replace(before, after)
         return text
+
+
+def _cut_after_final_message(rendered: str, content: Any) -> str:
+    """The rendering up to the end of the final message's content (transformers' rule: its
+    last occurrence, else that of its stripped text, which templates often trim)."""
+    if isinstance(content, list | tuple):  # OpenAI content parts: the last one's text
+        content = content[-1].get("text", "") if content else ""
+    if not isinstance(content, str) or not content.strip():
+        raise ValueError("continue_final_message needs a final message with text to continue")
+    for text in (content, content.strip()):
+        at = rendered.rfind(text)
+        if at != -1:
+            return rendered[:at + len(text)]
+    raise ValueError("continue_final_message is set, but the chat template does not render "
+                     "the final message's text")
 
 
 class IncrementalDetokenizer:

@@ -136,9 +136,12 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported (no "
                                                                  "tool-call parser).")
     tool_choice: Any = Field(None, description="Only 'none'.")
-    add_generation_prompt: bool = Field(True, description="Only true: the assistant's turn "
-                                                          "is opened.")
-    continue_final_message: bool = Field(False, description="Not supported.")
+    add_generation_prompt: bool = Field(True, description="End with the assistant's turn "
+                                                          "opened.")
+    continue_final_message: bool = Field(False, description="End inside the final message "
+                                                            "(no end of turn), which the model "
+                                                            "continues; needs "
+                                                            "add_generation_prompt false.")
     echo: bool = Field(False, description="Not supported.")
     prompt_logprobs: int | None = Field(None, description="Not supported.")
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; still read.")
@@ -163,7 +166,9 @@ class TokenizeRequest(_ChatTemplateFields):
                           "prompt, false for messages (the template holds them).")
     add_generation_prompt: bool = Field(True, description="messages: end with the assistant's "
                                                           "turn opened.")
-    continue_final_message: bool = Field(False, description="Not supported.")
+    continue_final_message: bool = Field(False, description="messages: end inside the final "
+                                                            "message; needs "
+                                                            "add_generation_prompt false.")
     tools: list[dict[str, Any]] | None = Field(None, description="messages: rendered into the "
                                                                  "template.")
     return_token_strs: bool = Field(False, description="Also return each id's token string.")
@@ -225,10 +230,6 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
              "tool_choice must be 'none': kvtier has no tool-call parser"),
             ("chat_template", body.chat_template is not None,
              "chat_template is not supported: the model's own template renders the messages"),
-            ("add_generation_prompt", not body.add_generation_prompt,
-             "add_generation_prompt must be true"),
-            ("continue_final_message", body.continue_final_message,
-             "continue_final_message is not supported"),
             ("echo", body.echo, "echo is not supported"),
             ("prompt_logprobs", body.prompt_logprobs is not None,
              "prompt_logprobs is not supported in chat completions"),

@@ -126,8 +126,11 @@ class OpenAIServing:
         model = self._check(body)
         num_top = requested_top(body, self.max_logprobs)
         messages = [{"role": m.role, "content": m.text(), "name": m.name} for m in body.messages]
+        _check_template_flags(body.add_generation_prompt, body.continue_final_message)
         token_ids = await self._run(
-            lambda: self._render_chat(messages, template_kwargs=body.chat_template_kwargs),
+            lambda: self._render_chat(messages, body.add_generation_prompt,
+                                      continue_final_message=body.continue_final_message,
+                                      template_kwargs=body.chat_template_kwargs),
             param="messages")
         requested = body.max_completion_tokens or body.max_tokens
         params = self._params(body, requested or self.max_model_len, len(token_ids), "messages",
@@ -159,9 +162,6 @@ class OpenAIServing:
             raise OpenAIError(400, "give either prompt or messages, not "
                               + ("both" if body.prompt is not None else "neither"),
                               param="prompt" if body.prompt is None else "messages")
-        if body.continue_final_message:
-            raise OpenAIError(400, "continue_final_message is not supported",
-                              param="continue_final_message", code="unsupported_parameter")
         if body.chat_template is not None:
             raise OpenAIError(400, "chat_template is not supported: the model's own template "
                               "renders the messages", param="chat_template",
@@ -174,10 +174,12 @@ class OpenAIServing:
             assert body.messages is not None
             messages = [{"role": m.role, "content": m.text(), "name": m.name}
                         for m in body.messages]
+            _check_template_flags(body.add_generation_prompt, body.continue_final_message)
             token_ids = await self._off_loop(
                 lambda: self._render_chat(messages, body.add_generation_prompt,
                                           bool(body.add_special_tokens), body.tools,
-                                          body.chat_template_kwargs), param="messages")
+                                          body.chat_template_kwargs,
+                                          body.continue_final_message), param="messages")
         strings = (await self._off_loop(self._tokenizer.convert_ids_to_tokens, token_ids,
                                         param="tokens")
                    if body.return_token_strs else None)
@@ -222,9 +224,11 @@ class OpenAIServing:
     def _render_chat(self, messages: list[dict[str, str | None]],
                      add_generation_prompt: bool = True, add_special_tokens: bool = False,
                      tools: list[dict[str, Any]] | None = None,
-                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
+                     template_kwargs: dict[str, Any] | None = None,
+                     continue_final_message: bool = False) -> list[int]:
         text = self._tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tools=tools,
+            messages, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tools=tools,
             template_kwargs=template_kwargs)
         # The template already holds any BOS token: encode without adding special tokens.
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -334,6 +338,13 @@ def _prompts(prompt: str | list[int] | list[str] | list[list[int]],
     if not prompt or isinstance(prompt[0], int):
         return [list(prompt)]  # type: ignore[arg-type]
     return list(prompt)  # type: ignore[arg-type]
+
+
+def _check_template_flags(add_generation_prompt: bool, continue_final_message: bool) -> None:
+    if add_generation_prompt and continue_final_message:
+        raise OpenAIError(400, "continue_final_message continues the final message, so it "
+                          "needs add_generation_prompt set to false",
+                          param="continue_final_message")
 
 
 def _context(request: Request, kind: str, model: str, include_usage: bool,

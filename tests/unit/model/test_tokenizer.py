@@ -75,6 +75,28 @@ def test_encode_and_decode_equal_autotokenizer(which: str, request: pytest.Fixtu
 
 
 @pytest.mark.parametrize("which", ["smollm", "qwen"])
+def test_continue_final_message_renders_like_transformers(which: str,
+                                                          request: pytest.FixtureRequest) -> None:
+    """The text ends inside the final message (no end of turn), as transformers' flag does,
+    also where the content has spaces the template trims; and the misuses are errors."""
+    ours: Tokenizer = request.getfixturevalue(f"{which}_tokenizer")
+    hf = request.getfixturevalue(f"hf_{which}")
+    for final in ("The capital of France is", "  Step 1: ", "7"):
+        messages = [{"role": "user", "content": "Say it."},
+                    {"role": "assistant", "content": final}]
+        expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                          continue_final_message=True)
+        rendered = ours.apply_chat_template(messages, False, continue_final_message=True)
+        assert rendered == expected and rendered.endswith((final, final.strip()))
+    with pytest.raises(ValueError, match="exclude each other"):
+        ours.apply_chat_template(CONVERSATIONS[0], True, continue_final_message=True)
+    with pytest.raises(ValueError, match="final message with text"):
+        ours.apply_chat_template([{"role": "user", "content": "x"},
+                                  {"role": "assistant", "content": " "}], False,
+                                 continue_final_message=True)
+
+
+@pytest.mark.parametrize("which", ["smollm", "qwen"])
 def test_a_lone_surrogate_is_named_not_an_opaque_type_error(
         which: str, request: pytest.FixtureRequest) -> None:
     """JSON can carry a lone surrogate ("\\ud800"); tokenizers refuses such a str with a

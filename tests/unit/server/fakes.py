@@ -50,8 +50,13 @@ class FakeTokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True, *,
+                            continue_final_message: bool = False,
                             tools: list[dict[str, Any]] | None = None,
                             template_kwargs: dict[str, Any] | None = None) -> str:
+        """`<role>content` per message: no end of turn, so the text always ends inside the
+        final message (what `continue_final_message` asks of a real template)."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message excludes add_generation_prompt")
         if any(m["role"] == "tool" for m in messages):
             raise ValueError("this template has no tool role")
         rendered = "".join(f"<{m['role']}>{m['content']}" for m in messages)

@@ -173,7 +173,7 @@ def test_template_extras_reach_the_template_or_are_refused(engine: AsyncEngine) 
     assert with_tools.json()["tokens"] == [ord(c) for c in "<tools>1<user>hi<assistant>"]
     for extra, param in (({"tools": tools}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
                          ({"chat_template": "{{ x }}"}, "chat_template"),
-                         ({"add_generation_prompt": False}, "add_generation_prompt"),
+                         # continuing the final message needs the assistant's turn unopened
                          ({"continue_final_message": True}, "continue_final_message"),
                          ({"echo": True}, "echo")):
         refused = call(engine, "POST", "/v1/chat/completions",
@@ -185,6 +185,20 @@ def test_template_extras_reach_the_template_or_are_refused(engine: AsyncEngine) 
     none = call(engine, "POST", "/v1/chat/completions",
                 json={"messages": messages, "tool_choice": "none", "max_completion_tokens": 1})
     assert none.status_code == 200
+
+
+def test_chat_continues_the_final_message_when_asked(engine: AsyncEngine) -> None:
+    # vLLM's continue_final_message: the prompt ends inside the client's begun answer, and
+    # the completion is the continuation only; /tokenize renders the same ids.
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Pa"}]
+    flags = {"add_generation_prompt": False, "continue_final_message": True}
+    chat = call(engine, "POST", "/v1/chat/completions",
+                json={"messages": messages, "max_completion_tokens": 2, **flags})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["prompt_tokens"] == len("<user>hi<assistant>Pa")
+    assert chat.json()["choices"][0]["message"]["content"] == "t0 t1 "
+    tokens = call(engine, "POST", "/tokenize", json={"messages": messages, **flags})
+    assert tokens.json()["tokens"] == [ord(c) for c in "<user>hi<assistant>Pa"]
 
 
 def test_detokenize_keeps_special_tokens(engine: AsyncEngine) -> None:
