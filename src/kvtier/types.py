@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NewType
 
@@ -59,6 +60,9 @@ class SamplingParams:
     """vLLM's: None = none; k >= 0 = each prompt token's (but the first) log-probability and
     rank given the tokens before it, with the k most likely tokens'. Such a request computes
     its whole prompt: it takes no prefix-cache or tier hits."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """OpenAI's: (token id, bias in [-100, 100]) pairs added to those tokens' logits before
+    penalties and sampling, as in vLLM (logprobs stay the raw ones); a mapping is accepted."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +70,10 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        bias = self.logit_bias or ()
+        if isinstance(bias, Mapping):
+            bias = tuple(sorted(bias.items()))
+        object.__setattr__(self, "logit_bias", tuple(tuple(pair) for pair in bias))
         self._validate()
 
     def _validate(self) -> None:
@@ -111,6 +119,15 @@ class SamplingParams:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 0):
                 raise bad(f"{name} must be None or an integer >= 0, got {value!r}")
+        for pair in self.logit_bias:
+            token_id, value = pair if len(pair) == 2 else (None, None)
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+                raise bad(f"logit_bias keys must be token ids (integers >= 0), got {pair!r}")
+            if not _is_number(value) or not -100.0 <= value <= 100.0:
+                raise bad(f"logit_bias values must be in [-100, 100], got {value!r} for "
+                          f"token {token_id}")
+        if len({token_id for token_id, _ in self.logit_bias}) != len(self.logit_bias):
+            raise bad("logit_bias names a token id twice")
 
     @property
     def greedy(self) -> bool:

@@ -275,6 +275,32 @@ def test_penalised_sampling_over_http_matches_offline(client: openai.OpenAI, llm
     assert response.choices[0].text == offline
 
 
+def test_logit_bias_over_http_steers_like_the_offline_engine(client: openai.OpenAI,
+                                                             llm: LLM) -> None:
+    # A +100 bias makes its token every output token; a -100 bias on the greedy choice
+    # changes the text as the offline engine's does; the logprobs stay the model's own.
+    prompt = "The capital of France is"
+    forced = llm.get_tokenizer().encode(" Paris", add_special_tokens=False)[0]
+    response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4,
+                                         temperature=0.0, logit_bias={str(forced): 100},
+                                         logprobs=1, extra_body={"ignore_eos": True})
+    assert response.choices[0].text == llm.get_tokenizer().decode([forced] * 4)
+    logprobs = response.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None
+    assert logprobs.token_logprobs[1] < -1.0  # "Paris Paris": unlikely to the model itself
+    plain = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))[0]
+    banned = plain.outputs[0].token_ids[0]
+    steered = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6,
+                                        temperature=0.0, logit_bias={str(banned): -100})
+    offline = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0,
+                                                    logit_bias={banned: -100.0}))[0]
+    assert steered.choices[0].text == offline.outputs[0].text
+    assert offline.outputs[0].token_ids[0] != banned
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                  logit_bias={str(10**7): 5})
+
+
 def test_logprobs_over_http_equal_the_offline_engines(client: openai.OpenAI, llm: LLM) -> None:
     prompt = "The weather today is"
     offline = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, logprobs=3,

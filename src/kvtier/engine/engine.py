@@ -299,6 +299,10 @@ class LLMEngine:
         if bad_stop is not None:  # min_tokens masks them in the logits
             raise InvalidRequestError(f"stop token id {bad_stop} is outside the vocabulary "
                                       f"(0..{vocab - 1})")
+        bad_bias = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if bad_bias is not None:
+            raise InvalidRequestError(f"logit_bias token id {bad_bias} is outside the "
+                                      f"vocabulary (0..{vocab - 1})")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; returns its final output if it was live."""

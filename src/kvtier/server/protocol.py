@@ -72,7 +72,9 @@ class _SamplingFields(_Request):
     logits_processors: list[Any] | None = Field(None, description="Not supported.")
     bad_words: list[str] | None = Field(None, description="Not supported.")
     allowed_token_ids: list[int] | None = Field(None, description="Not supported.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported.")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="OpenAI's: token id (as a string) -> bias in [-100, 100] added to "
+                          "its logit before sampling.")
     return_tokens_as_token_ids: bool = Field(False, description="vLLM's: logprobs name "
                                                                  "tokens 'token_id:<id>'.")
     user: str | None = None
@@ -212,7 +214,6 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
         ("bad_words", bool(body.bad_words), "bad_words is not supported"),
         ("allowed_token_ids", body.allowed_token_ids is not None,
          "allowed_token_ids is not supported"),
-        ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
         ("stream_options", body.stream_options is not None and not body.stream,
          "stream_options can only be set when stream is true"),
     ]

@@ -291,7 +291,7 @@ class OpenAIServing:
                 repetition_penalty=(1.0 if body.repetition_penalty is None
                                     else body.repetition_penalty),
                 min_p=body.min_p or 0.0, min_tokens=body.min_tokens or 0, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs)
+                prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(body.logit_bias))
         except InvalidRequestError as exc:
             # SamplingParams' messages start with the field at fault ("min_tokens must ...").
             field = str(exc).split(" ", 1)[0]
@@ -338,6 +338,22 @@ def _prompts(prompt: str | list[int] | list[str] | list[list[int]],
     if not prompt or isinstance(prompt[0], int):
         return [list(prompt)]  # type: ignore[arg-type]
     return list(prompt)  # type: ignore[arg-type]
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids written as strings."""
+    parsed: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise OpenAIError(400, f"logit_bias keys must be token ids, got {key!r}",
+                              param="logit_bias") from None
+        if token_id in parsed:  # "7" and "07"
+            raise OpenAIError(400, f"logit_bias names token {token_id} twice",
+                              param="logit_bias")
+        parsed[token_id] = value
+    return parsed
 
 
 def _check_template_flags(add_generation_prompt: bool, continue_final_message: bool) -> None:

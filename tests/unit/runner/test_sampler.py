@@ -169,6 +169,36 @@ def test_suppressed_ids_are_never_sampled() -> None:
     assert int(tokens[0]) == 1 and 0 not in tokens.tolist()
 
 
+def test_logit_bias_shifts_its_rows_logits_before_penalties_and_sampling() -> None:
+    # +100 makes a token certain, greedy or sampled; -100 takes the top token out of a greedy
+    # row's reach; a row without a bias beside them is untouched. The bias comes before the
+    # repetition penalty (vLLM's order): 3 + 2 = 5, then / 2 = 2.5.
+    logits = torch.tensor([[5.0, 4.0, 0.0, 3.0]]).repeat(4, 1)
+    params = [SamplingParams(temperature=0.0, logit_bias={2: 100.0}),
+              SamplingParams(temperature=1.5, seed=3, logit_bias={2: 100.0}),
+              SamplingParams(temperature=0.0, logit_bias={0: -100.0}),
+              SamplingParams(temperature=0.0, logit_bias={3: 2.0}, repetition_penalty=2.0)]
+    tokens = Sampler(torch.device("cpu"), seed=0).sample_async(
+        logits, ["a", "b", "c", "d"], params, [None, None, None, ([3], [])])
+    assert tokens.tolist() == [2, 2, 1, 0]
+    assert logits[2, 0] == -95.0 and logits[3, 3] == 2.5
+    plain = torch.tensor([[5.0, 4.0, 0.0, 3.0]])
+    Sampler(torch.device("cpu"), seed=0).sample_async(plain, ["e"],
+                                                      [SamplingParams(temperature=0.0)])
+    assert plain.tolist() == [[5.0, 4.0, 0.0, 3.0]]
+
+
+@pytest.mark.parametrize(("bias", "message"), [
+    ({-1: 1.0}, "logit_bias keys"), ({True: 1.0}, "logit_bias keys"),
+    ({"3": 1.0}, "logit_bias keys"), ({3: 100.5}, "in \\[-100, 100\\]"),
+    ({3: float("nan")}, "logit_bias values"), (((3, 1.0), (3, 2.0)), "twice"),
+    (((3,),), "logit_bias keys"),
+])
+def test_bad_logit_biases_name_the_value(bias: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(logit_bias=bias)  # type: ignore[arg-type]
+
+
 def test_suppressed_ids_past_the_logits_are_ignored() -> None:
     # An EOS id beyond a model's logits (a tokenizer larger than the head) must not fail
     # the step.

@@ -121,7 +121,10 @@ def test_chat_without_max_tokens_fills_the_context(engine: AsyncEngine) -> None:
     ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
     ({"prompt": "x", "skip_special_tokens": False}, "skip_special_tokens"),
     ({"prompt": "x", "truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
-    ({"prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"five": 1.0}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"-5": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 1, "05": 2}}, "logit_bias"),
     ({"prompt": "x", "max_tokens": 64}, "max_tokens"), ({"prompt": "x" * 64}, "prompt"),
     ({"prompt": "x", "seed": 2**64}, "seed"), ({"prompt": "x", "top_p": 0}, "top_p"),
 ])
@@ -232,7 +235,7 @@ def test_bad_tokenize_bodies_are_openai_errors(engine: AsyncEngine, path: str,
         assert error["param"] == param
 
 
-def test_penalties_and_min_p_reach_the_engine() -> None:
+def test_penalties_min_p_and_logit_bias_reach_the_engine() -> None:
     engine, _, received = recording_engine()
     try:
         for path, body in (("/v1/completions", {"prompt": "ab"}),
@@ -243,12 +246,13 @@ def test_penalties_and_min_p_reach_the_engine() -> None:
                 "repetition_penalty": 1.1, "min_p": 0.05, "response_format": {"type": "text"},
                 # vLLM extras at their defaults are accepted
                 "use_beam_search": None, "skip_special_tokens": True, "min_tokens": 1,
-                "logit_bias": {}, "bad_words": []})
+                "logit_bias": {"9": -100, "3": 2.5}, "bad_words": []})
             assert response.status_code == 200, response.text
             params = received[-1]
             assert (params.presence_penalty, params.frequency_penalty,
                     params.repetition_penalty, params.min_p,
                     params.min_tokens) == (0.5, -0.25, 1.1, 0.05, 1)
+            assert params.logit_bias == ((3, 2.5), (9, -100.0))
     finally:
         asyncio.run(engine.shutdown(drain=False))
 
