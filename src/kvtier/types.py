@@ -60,6 +60,8 @@ class SamplingParams:
     """vLLM's: None = none; k >= 0 = each prompt token's (but the first) log-probability and
     rank given the tokens before it, with the k most likely tokens'. Such a request computes
     its whole prompt: it takes no prefix-cache or tier hits."""
+    allowed_token_ids: tuple[int, ...] | None = None
+    """vLLM's: the only ids the sampler may pick (None: all), before any other filter."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """OpenAI's: (token id, bias in [-100, 100]) pairs added to those tokens' logits before
     penalties and sampling, as in vLLM (logprobs stay the raw ones); a mapping is accepted."""
@@ -70,6 +72,8 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         bias = self.logit_bias or ()
         if isinstance(bias, Mapping):
             bias = tuple(sorted(bias.items()))
@@ -119,6 +123,13 @@ class SamplingParams:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 0):
                 raise bad(f"{name} must be None or an integer >= 0, got {value!r}")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise bad("allowed_token_ids must name at least one token id")
+            for token_id in self.allowed_token_ids:
+                if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+                    raise bad(f"allowed_token_ids must be token ids (integers >= 0), got "
+                              f"{token_id!r}")
         for pair in self.logit_bias:
             token_id, value = pair if len(pair) == 2 else (None, None)
             if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:

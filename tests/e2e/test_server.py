@@ -275,7 +275,7 @@ def test_penalised_sampling_over_http_matches_offline(client: openai.OpenAI, llm
     assert response.choices[0].text == offline
 
 
-def test_logit_bias_over_http_steers_like_the_offline_engine(client: openai.OpenAI,
+def test_logit_bias_and_allowed_ids_over_http_steer_like_the_offline_engine(client: openai.OpenAI,
                                                              llm: LLM) -> None:
     # A +100 bias makes its token every output token; a -100 bias on the greedy choice
     # changes the text as the offline engine's does; the logprobs stay the model's own.
@@ -299,6 +299,20 @@ def test_logit_bias_over_http_steers_like_the_offline_engine(client: openai.Open
     with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
                                   logit_bias={str(10**7): 5})
+    # vLLM's allowed_token_ids: the output holds nothing else, as offline.
+    allowed = llm.get_tokenizer().encode(" yes no maybe", add_special_tokens=False)
+    limited = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5,
+                                        temperature=0.0, extra_body={
+                                            "allowed_token_ids": allowed, "ignore_eos": True})
+    offline = llm.generate([prompt], SamplingParams(max_tokens=5, temperature=0.0,
+                                                    allowed_token_ids=tuple(allowed),
+                                                    ignore_eos=True))[0]
+    assert set(offline.outputs[0].token_ids) <= set(allowed)
+    assert limited.choices[0].text == offline.outputs[0].text
+    eos = llm.get_tokenizer().eos_token_id
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, extra_body={
+            "allowed_token_ids": [eos], "min_tokens": 1})
 
 
 def test_logprobs_over_http_equal_the_offline_engines(client: openai.OpenAI, llm: LLM) -> None:

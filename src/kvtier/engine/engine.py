@@ -299,6 +299,15 @@ class LLMEngine:
         if bad_stop is not None:  # min_tokens masks them in the logits
             raise InvalidRequestError(f"stop token id {bad_stop} is outside the vocabulary "
                                       f"(0..{vocab - 1})")
+        bad_allowed = next((t for t in params.allowed_token_ids or () if t >= vocab), None)
+        if bad_allowed is not None:
+            raise InvalidRequestError(f"allowed_token_ids holds token id {bad_allowed}, outside "
+                                      f"the vocabulary (0..{vocab - 1})")
+        if (params.allowed_token_ids is not None and params.min_tokens
+                and set(params.allowed_token_ids) <= self.eos_token_ids
+                | set(params.stop_token_ids)):  # nothing would be left to sample
+            raise InvalidRequestError("allowed_token_ids holds only EOS and stop token ids, "
+                                      "which min_tokens keeps out of the first outputs")
         bad_bias = next((t for t, _ in params.logit_bias if t >= vocab), None)
         if bad_bias is not None:
             raise InvalidRequestError(f"logit_bias token id {bad_bias} is outside the "

@@ -78,12 +78,16 @@ class Sampler:
         """logits: (n, vocab) float32, one row per request -> one token id per row, (n,) int64
         on the logits' device, not yet synchronised with the host. `penalty_contexts[i]`:
         (prompt, output) token ids of row i when its params have penalties; `suppressed[i]`:
-        ids row i cannot sample (min_tokens). Rows with a logit bias, penalties or
-        suppressed ids are changed in place.
+        ids row i cannot sample (min_tokens). Rows with allowed ids, a logit bias, penalties
+        or suppressed ids are changed in place.
         `num_output_tokens[i]`: row i's output length before this token, when it counts
         tokens the host has not read yet (async scheduling); default: its output list's."""
         penalised: list[tuple[int, _PenaltyState]] = []
         for row, p in enumerate(params):
+            if p.allowed_token_ids is not None:  # first, as vLLM masks them
+                keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                keep[_upload(p.allowed_token_ids, logits.device)] = True
+                logits[row].masked_fill_(~keep, float("-inf"))
             if p.logit_bias:  # before penalties, as vLLM applies it
                 ids, biases = zip(*p.logit_bias, strict=True)
                 logits[row].index_add_(0, _upload(ids, logits.device),

@@ -71,7 +71,8 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool | None = Field(None, description="Only true (the default).")
     logits_processors: list[Any] | None = Field(None, description="Not supported.")
     bad_words: list[str] | None = Field(None, description="Not supported.")
-    allowed_token_ids: list[int] | None = Field(None, description="Not supported.")
+    allowed_token_ids: list[int] | None = Field(None, description="vLLM's: the only token "
+                                                                 "ids the output may hold.")
     logit_bias: dict[str, float] | None = Field(
         None, description="OpenAI's: token id (as a string) -> bias in [-100, 100] added to "
                           "its logit before sampling.")
@@ -212,8 +213,6 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
         ("logits_processors", bool(body.logits_processors),
          "logits_processors are not supported"),
         ("bad_words", bool(body.bad_words), "bad_words is not supported"),
-        ("allowed_token_ids", body.allowed_token_ids is not None,
-         "allowed_token_ids is not supported"),
         ("stream_options", body.stream_options is not None and not body.stream,
          "stream_options can only be set when stream is true"),
     ]

@@ -291,7 +291,8 @@ class OpenAIServing:
                 repetition_penalty=(1.0 if body.repetition_penalty is None
                                     else body.repetition_penalty),
                 min_p=body.min_p or 0.0, min_tokens=body.min_tokens or 0, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(body.logit_bias))
+                prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(body.logit_bias),
+                allowed_token_ids=body.allowed_token_ids)
         except InvalidRequestError as exc:
             # SamplingParams' messages start with the field at fault ("min_tokens must ...").
             field = str(exc).split(" ", 1)[0]

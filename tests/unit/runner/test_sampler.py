@@ -188,6 +188,26 @@ def test_logit_bias_shifts_its_rows_logits_before_penalties_and_sampling() -> No
     assert plain.tolist() == [[5.0, 4.0, 0.0, 3.0]]
 
 
+def test_allowed_token_ids_are_all_a_row_may_pick() -> None:
+    # Greedy and sampled rows pick only allowed ids, even where the others' logits are far
+    # higher; a bias then applies among them; a row without the setting is untouched.
+    logits = torch.tensor([[9.0, 8.0, 0.0, 1.0, -2.0]]).repeat(300, 1)
+    params = ([SamplingParams(temperature=0.0, allowed_token_ids=(2, 3))]
+              + [SamplingParams(temperature=1.0, allowed_token_ids=(2, 3, 4))] * 298
+              + [SamplingParams(temperature=0.0, allowed_token_ids=(3, 4),
+                                logit_bias={4: 10.0})])
+    tokens = Sampler(torch.device("cpu"), seed=0).sample_async(
+        logits, [f"r{i}" for i in range(300)], params).tolist()
+    assert tokens[0] == 3 and tokens[-1] == 4
+    assert set(tokens[1:-1]) <= {2, 3, 4} and len(set(tokens[1:-1])) == 3
+
+
+@pytest.mark.parametrize("allowed", [(), (-1,), (True,), ("3",)])
+def test_bad_allowed_token_ids_are_refused(allowed: tuple) -> None:
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=allowed)
+
+
 @pytest.mark.parametrize(("bias", "message"), [
     ({-1: 1.0}, "logit_bias keys"), ({True: 1.0}, "logit_bias keys"),
     ({"3": 1.0}, "logit_bias keys"), ({3: 100.5}, "in \\[-100, 100\\]"),

@@ -121,6 +121,7 @@ def test_chat_without_max_tokens_fills_the_context(engine: AsyncEngine) -> None:
     ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
     ({"prompt": "x", "skip_special_tokens": False}, "skip_special_tokens"),
     ({"prompt": "x", "truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
+    ({"prompt": "x", "allowed_token_ids": []}, "allowed_token_ids"),
     ({"prompt": "x", "logit_bias": {"five": 1.0}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"-5": 1}}, "logit_bias"),
@@ -235,7 +236,7 @@ def test_bad_tokenize_bodies_are_openai_errors(engine: AsyncEngine, path: str,
         assert error["param"] == param
 
 
-def test_penalties_min_p_and_logit_bias_reach_the_engine() -> None:
+def test_penalties_min_p_logit_bias_and_allowed_ids_reach_the_engine() -> None:
     engine, _, received = recording_engine()
     try:
         for path, body in (("/v1/completions", {"prompt": "ab"}),
@@ -246,13 +247,15 @@ def test_penalties_min_p_and_logit_bias_reach_the_engine() -> None:
                 "repetition_penalty": 1.1, "min_p": 0.05, "response_format": {"type": "text"},
                 # vLLM extras at their defaults are accepted
                 "use_beam_search": None, "skip_special_tokens": True, "min_tokens": 1,
-                "logit_bias": {"9": -100, "3": 2.5}, "bad_words": []})
+                "logit_bias": {"9": -100, "3": 2.5}, "bad_words": [],
+                "allowed_token_ids": [3, 9, 11]})
             assert response.status_code == 200, response.text
             params = received[-1]
             assert (params.presence_penalty, params.frequency_penalty,
                     params.repetition_penalty, params.min_p,
                     params.min_tokens) == (0.5, -0.25, 1.1, 0.05, 1)
             assert params.logit_bias == ((3, 2.5), (9, -100.0))
+            assert params.allowed_token_ids == (3, 9, 11)
     finally:
         asyncio.run(engine.shutdown(drain=False))
 
