@@ -264,6 +264,16 @@ def test_a_batch_of_prompts_answers_each_prompt_as_alone(client: openai.OpenAI, 
     assert by_ids["usage"]["prompt_tokens"] == 50
 
 
+def test_truncated_prompts_run_their_last_tokens(client: openai.OpenAI, llm: LLM) -> None:
+    prompt = "Far away, behind the word mountains, far from the countries Vokalia and"
+    ids = llm.get_tokenizer().encode(prompt)
+    expected = llm.generate([ids[-8:]], SamplingParams(max_tokens=5, temperature=0.0))[0]
+    response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5,
+                                         extra_body={"truncate_prompt_tokens": 8}, **GREEDY)
+    assert response.choices[0].text == expected.outputs[0].text
+    assert response.usage is not None and response.usage.prompt_tokens == 8
+
+
 def test_penalised_sampling_over_http_matches_offline(client: openai.OpenAI, llm: LLM) -> None:
     prompt = "one two one two one two"
     response = client.completions.create(

@@ -67,7 +67,9 @@ class _SamplingFields(_Request):
     guided_grammar: Any = Field(None, description="Not supported.")
     structured_outputs: Any = Field(None, description="Not supported.")
     use_beam_search: bool | None = Field(None, description="Not supported.")
-    truncate_prompt_tokens: int | None = Field(None, description="Not supported.")
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, description="vLLM's: keep only the prompt's last this many tokens (-1: "
+                                 "the model's context length).")
     skip_special_tokens: bool | None = Field(None, description="Only true (the default).")
     logits_processors: list[Any] | None = Field(None, description="Not supported.")
     bad_words: list[str] | None = Field(None, description="Not supported.")
@@ -206,8 +208,6 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
           for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
                        "structured_outputs")),
         ("use_beam_search", bool(body.use_beam_search), "beam search is not supported"),
-        ("truncate_prompt_tokens", body.truncate_prompt_tokens is not None,
-         "truncate_prompt_tokens is not supported"),
         ("skip_special_tokens", body.skip_special_tokens is False,
          "skip_special_tokens must be true: special tokens are always left out of the text"),
         ("logits_processors", bool(body.logits_processors),

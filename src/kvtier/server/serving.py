@@ -91,16 +91,18 @@ class OpenAIServing:
             raise OpenAIError(400, "max_tokens must be at least 1 (0 only with echo)",
                               param="max_tokens")
         max_tokens = 1 if echo_only else 16 if body.max_tokens is None else body.max_tokens
-        token_ids = await asyncio.gather(*(self._prompt_ids(prompt) for prompt in prompts))
+        token_ids = [self._truncated(ids, body.truncate_prompt_tokens) for ids in
+                     await asyncio.gather(*(self._prompt_ids(prompt) for prompt in prompts))]
         # Every prompt is checked before any is added: a batch runs whole or not at all.
         params = [self._params(body, max_tokens, len(ids), "prompt",
                                explicit=body.max_tokens is not None, logprobs=num_top,
                                prompt_logprobs=num_prompt_top) for ids in token_ids]
         echo = None
         if body.echo:
-            texts = [prompt if isinstance(prompt, str) else await self._off_loop(
-                self._tokenizer.decode, ids, False, param="prompt")  # specials kept
-                for prompt, ids in zip(prompts, token_ids, strict=True)]
+            texts = [prompt if isinstance(prompt, str) and body.truncate_prompt_tokens is None
+                     else await self._off_loop(self._tokenizer.decode, ids, False,
+                                               param="prompt")  # specials kept
+                     for prompt, ids in zip(prompts, token_ids, strict=True)]
             echo = tuple(text for text in texts for _ in range(body.n))
         ctx, headers = _context(request, "cmpl", model, body.include_usage, body.n,
                                 self._logprobs_format(body, num_top))
@@ -132,6 +134,7 @@ class OpenAIServing:
                                       continue_final_message=body.continue_final_message,
                                       template_kwargs=body.chat_template_kwargs),
             param="messages")
+        token_ids = self._truncated(token_ids, body.truncate_prompt_tokens)
         requested = body.max_completion_tokens or body.max_tokens
         params = self._params(body, requested or self.max_model_len, len(token_ids), "messages",
                               explicit=requested is not None, logprobs=num_top)
@@ -232,6 +235,18 @@ class OpenAIServing:
             template_kwargs=template_kwargs)
         # The template already holds any BOS token: encode without adding special tokens.
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def _truncated(self, token_ids: list[int], keep: int | None) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the last `keep` ids (-1: the context length)."""
+        if keep is None:
+            return token_ids
+        if keep == -1:
+            keep = self.max_model_len
+        if not 1 <= keep <= self.max_model_len:
+            raise OpenAIError(400, f"truncate_prompt_tokens must be -1 or in [1, "
+                              f"max_model_len={self.max_model_len}], got {keep}",
+                              param="truncate_prompt_tokens")
+        return token_ids[-keep:]
 
     async def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """A completions prompt's token ids: text tokenised, ids as given (the engine checks

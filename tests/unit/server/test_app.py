@@ -120,7 +120,9 @@ def test_chat_without_max_tokens_fills_the_context(engine: AsyncEngine) -> None:
     ({"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
     ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
     ({"prompt": "x", "skip_special_tokens": False}, "skip_special_tokens"),
-    ({"prompt": "x", "truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
+    ({"prompt": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ({"prompt": "x", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    ({"prompt": "x", "truncate_prompt_tokens": 65}, "truncate_prompt_tokens"),  # > context
     ({"prompt": "x", "allowed_token_ids": []}, "allowed_token_ids"),
     ({"prompt": "x", "logit_bias": {"five": 1.0}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
@@ -203,6 +205,21 @@ def test_chat_continues_the_final_message_when_asked(engine: AsyncEngine) -> Non
     assert chat.json()["choices"][0]["message"]["content"] == "t0 t1 "
     tokens = call(engine, "POST", "/tokenize", json={"messages": messages, **flags})
     assert tokens.json()["tokens"] == [ord(c) for c in "<user>hi<assistant>Pa"]
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(engine: AsyncEngine) -> None:
+    # vLLM's: the last k tokens run (the echo shows them), in completions and chat alike.
+    completion = call(engine, "POST", "/v1/completions", json={
+        "prompt": "abcdef", "max_tokens": 1, "echo": True, "truncate_prompt_tokens": 3})
+    assert completion.json()["usage"]["prompt_tokens"] == 3
+    assert completion.json()["choices"][0]["text"] == "deft0 "
+    chat = call(engine, "POST", "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hello"}], "max_completion_tokens": 1,
+        "truncate_prompt_tokens": 5})
+    assert chat.json()["usage"]["prompt_tokens"] == 5
+    whole = call(engine, "POST", "/v1/completions", json={
+        "prompt": "abcdef", "max_tokens": 1, "truncate_prompt_tokens": -1})
+    assert whole.json()["usage"]["prompt_tokens"] == 6  # shorter than the context: all of it
 
 
 def test_detokenize_keeps_special_tokens(engine: AsyncEngine) -> None:
