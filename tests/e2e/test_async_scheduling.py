@@ -116,6 +116,26 @@ def test_penalties_logprobs_stops_and_min_tokens_equal_the_synchronous_engine() 
     assert_no_leak(llm)
 
 
+def test_logit_bias_and_allowed_ids_steer_both_pipelines_alike() -> None:
+    """The sampler's per-row controls through either pipeline (and, on CUDA, the decode
+    graphs): a +100 bias makes its token every output; allowed ids bound the output, with a
+    penalty among them; both engines give the same tokens."""
+    allowed = (301, 302, 303, 999)
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                             logit_bias={777: 100.0}),
+              SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                             allowed_token_ids=allowed, frequency_penalty=2.0),
+              SamplingParams(max_tokens=12, temperature=0.8, seed=4, ignore_eos=True,
+                             allowed_token_ids=allowed, logit_bias={999: -100.0})]
+    sync, async_, llm = both(PROMPTS[:3], params)
+    assert tokens(sync) == tokens(async_)
+    forced, bounded, sampled = tokens(async_)
+    assert forced == [777] * 12
+    assert set(bounded) <= set(allowed) and len(set(bounded)) > 1  # the penalty rotates them
+    assert set(sampled) <= set(allowed) - {999}
+    assert_no_leak(llm)
+
+
 def test_async_scheduling_and_overlap_outputs_are_exclusive() -> None:
     with pytest.raises(ConfigError, match="async_scheduling already overlaps"):
         LLM(TINY, async_scheduling=True, overlap_outputs=True)

@@ -169,34 +169,40 @@ def test_suppressed_ids_are_never_sampled() -> None:
     assert int(tokens[0]) == 1 and 0 not in tokens.tolist()
 
 
-def test_logit_bias_shifts_its_rows_logits_before_penalties_and_sampling() -> None:
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logit_bias_shifts_its_rows_logits_before_penalties_and_sampling(device: str) -> None:
     # +100 makes a token certain, greedy or sampled; -100 takes the top token out of a greedy
     # row's reach; a row without a bias beside them is untouched. The bias comes before the
     # repetition penalty (vLLM's order): 3 + 2 = 5, then / 2 = 2.5.
-    logits = torch.tensor([[5.0, 4.0, 0.0, 3.0]]).repeat(4, 1)
+    logits = torch.tensor([[5.0, 4.0, 0.0, 3.0]], device=device).repeat(4, 1)
     params = [SamplingParams(temperature=0.0, logit_bias={2: 100.0}),
               SamplingParams(temperature=1.5, seed=3, logit_bias={2: 100.0}),
               SamplingParams(temperature=0.0, logit_bias={0: -100.0}),
               SamplingParams(temperature=0.0, logit_bias={3: 2.0}, repetition_penalty=2.0)]
-    tokens = Sampler(torch.device("cpu"), seed=0).sample_async(
+    tokens = Sampler(torch.device(device), seed=0).sample_async(
         logits, ["a", "b", "c", "d"], params, [None, None, None, ([3], [])])
     assert tokens.tolist() == [2, 2, 1, 0]
     assert logits[2, 0] == -95.0 and logits[3, 3] == 2.5
-    plain = torch.tensor([[5.0, 4.0, 0.0, 3.0]])
-    Sampler(torch.device("cpu"), seed=0).sample_async(plain, ["e"],
-                                                      [SamplingParams(temperature=0.0)])
+    plain = torch.tensor([[5.0, 4.0, 0.0, 3.0]], device=device)
+    Sampler(torch.device(device), seed=0).sample_async(plain, ["e"],
+                                                       [SamplingParams(temperature=0.0)])
     assert plain.tolist() == [[5.0, 4.0, 0.0, 3.0]]
 
 
-def test_allowed_token_ids_are_all_a_row_may_pick() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_allowed_token_ids_are_all_a_row_may_pick(device: str) -> None:
     # Greedy and sampled rows pick only allowed ids, even where the others' logits are far
-    # higher; a bias then applies among them; a row without the setting is untouched.
-    logits = torch.tensor([[9.0, 8.0, 0.0, 1.0, -2.0]]).repeat(300, 1)
+    # higher; a bias then applies among them.
+    logits = torch.tensor([[9.0, 8.0, 0.0, 1.0, -2.0]], device=device).repeat(300, 1)
     params = ([SamplingParams(temperature=0.0, allowed_token_ids=(2, 3))]
               + [SamplingParams(temperature=1.0, allowed_token_ids=(2, 3, 4))] * 298
               + [SamplingParams(temperature=0.0, allowed_token_ids=(3, 4),
                                 logit_bias={4: 10.0})])
-    tokens = Sampler(torch.device("cpu"), seed=0).sample_async(
+    tokens = Sampler(torch.device(device), seed=0).sample_async(
         logits, [f"r{i}" for i in range(300)], params).tolist()
     assert tokens[0] == 3 and tokens[-1] == 4
     assert set(tokens[1:-1]) <= {2, 3, 4} and len(set(tokens[1:-1])) == 3
