@@ -36,6 +36,9 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM's: with include_usage, "
+                                                            "every chunk carries the usage so "
+                                                            "far of its choice.")
 
 
 class _SamplingFields(_Request):
@@ -85,6 +88,11 @@ class _SamplingFields(_Request):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options
+                                           and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_SamplingFields):

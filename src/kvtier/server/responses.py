@@ -56,6 +56,8 @@ class ResponseContext:
     """Set when the request asked for vLLM's `prompt_logprobs` field (names its tokens)."""
     choices_per_prompt: int = 1
     """`n`: choice i answers prompt i // n (completions take a batch of prompts)."""
+    continuous_usage: bool = False
+    """vLLM's continuous_usage_stats: every choice chunk carries its choice's usage so far."""
 
 
 class SSEResponse(StreamingResponse):
@@ -107,6 +109,16 @@ def chat_logprobs(ctx: ResponseContext, entries: list[TokenLogprobs] | None,
     if ctx.logprobs is None or entries is None:
         return None
     return ctx.logprobs.chat(entries)
+
+
+def running_usage(output: RequestOutput, num_sent_tokens: int) -> Usage:
+    """One choice's usage so far (vLLM's continuous usage stats): its prompt, and the
+    tokens its chunks have carried."""
+    num_prompt = len(output.prompt_token_ids)
+    return Usage(prompt_tokens=num_prompt, completion_tokens=num_sent_tokens,
+                 total_tokens=num_prompt + num_sent_tokens,
+                 prompt_tokens_details=PromptTokensDetails(
+                     cached_tokens=output.metrics.num_cached_tokens))
 
 
 def usage_of(outputs: list[RequestOutput], generated: bool = True,
@@ -197,12 +209,16 @@ async def completion_events(streams: list[RequestStream],
     last: dict[int, RequestOutput] = {}
     text_offsets: dict[int, int] = {}  # per choice: where its next token's text starts
     text_events: dict[int, TextEvents] = {}
-    plain = ctx.logprobs is None and not ctx.echo_only  # chunks then carry only text
+    sent: dict[int, int] = {}  # per choice: tokens its chunks carried (continuous usage)
+    # Chunks then carry only text (no logprobs, no usage of their own).
+    plain = ctx.logprobs is None and not ctx.echo_only and not ctx.continuous_usage
     try:
         async with contextlib.aclosing(merged(streams)) as outputs:
             async for index, output in outputs:
                 first = index not in last
                 last[index] = output
+                sent[index] = sent.get(index, 0) + (0 if ctx.echo_only
+                                                    else len(output.new_token_ids))
                 # An output carries finish and stop reasons only once finished.
                 if plain and not first and not output.finished:
                     if output.new_text:
@@ -218,8 +234,10 @@ async def completion_events(streams: list[RequestStream],
                     text_offsets.get(index, 0), first)
                 leads = first and (ctx.echo is not None or choice.prompt_logprobs is not None)
                 if leads or output.new_text or output.finished or choice.logprobs is not None:
-                    yield sse(CompletionChunk(id=ctx.response_id, created=ctx.created,
-                                              model=ctx.model, choices=[choice]), ctx)
+                    yield sse(CompletionChunk(
+                        id=ctx.response_id, created=ctx.created, model=ctx.model,
+                        choices=[choice], usage=(running_usage(output, sent[index])
+                                                 if ctx.continuous_usage else None)), ctx)
     except RequestAbortedError as exc:
         yield error_event(exc)
     else:
@@ -234,16 +252,22 @@ async def completion_events(streams: list[RequestStream],
 async def chat_events(streams: list[RequestStream], ctx: ResponseContext) -> AsyncIterator[str]:
     last: dict[int, RequestOutput] = {}
     text_events: dict[int, TextEvents] = {}
+    sent: dict[int, int] = {}  # per choice: tokens its chunks carried (continuous usage)
 
     def chunk(index: int, delta: DeltaMessage, finish: str | None = None,
               stop_reason: str | int | None = None,
               logprobs: ChatChoiceLogprobs | None = None) -> str:
+        usage = (running_usage(last[index], sent.get(index, 0)) if ctx.continuous_usage
+                 else None)
         return sse(ChatCompletionChunk(
             id=ctx.response_id, created=ctx.created, model=ctx.model,
             choices=[ChatStreamChoice(index=index, delta=delta, finish_reason=finish,
-                                      stop_reason=stop_reason, logprobs=logprobs)]), ctx)
+                                      stop_reason=stop_reason, logprobs=logprobs)],
+            usage=usage), ctx)
 
     def text_chunk(index: int, text: str) -> str:
+        if ctx.continuous_usage:  # the usage differs per chunk: no pre-rendered event
+            return chunk(index, DeltaMessage(content=text))
         if index not in text_events:
             text_events[index] = TextEvents(
                 lambda content: chunk(index, DeltaMessage(content=content)))
@@ -253,8 +277,10 @@ async def chat_events(streams: list[RequestStream], ctx: ResponseContext) -> Asy
         async with contextlib.aclosing(merged(streams)) as outputs:
             async for index, output in outputs:
                 if index not in last:
+                    last[index] = output  # the role chunk's usage: the prompt, no token yet
                     yield chunk(index, DeltaMessage(role="assistant", content=""))
                 last[index] = output
+                sent[index] = sent.get(index, 0) + len(output.new_token_ids)
                 completion = output.outputs[0]
                 # A step's tokens carry their logprobs even while their text is held back
                 # (a character split across tokens, a possible stop string).

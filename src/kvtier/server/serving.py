@@ -105,7 +105,7 @@ class OpenAIServing:
                      for prompt, ids in zip(prompts, token_ids, strict=True)]
             echo = tuple(text for text in texts for _ in range(body.n))
         ctx, headers = _context(request, "cmpl", model, body.include_usage, body.n,
-                                self._logprobs_format(body, num_top))
+                                self._logprobs_format(body, num_top), body.continuous_usage)
         ctx = dataclasses.replace(ctx, echo=echo, echo_only=echo_only, prompt_logprobs=(
             self._token_strings if body.prompt_logprobs is not None else None))
         streams = await self._add_choices(list(zip(token_ids, params, strict=True)), arrival,
@@ -139,7 +139,7 @@ class OpenAIServing:
         params = self._params(body, requested or self.max_model_len, len(token_ids), "messages",
                               explicit=requested is not None, logprobs=num_top)
         ctx, headers = _context(request, "chatcmpl", model, body.include_usage, body.n,
-                                self._logprobs_format(body, num_top))
+                                self._logprobs_format(body, num_top), body.continuous_usage)
         streams = await self._add_choices([(token_ids, params)], arrival, ctx, body.n)
         if body.stream:
             return SSEResponse(chat_events(streams, ctx), media_type="text/event-stream",
@@ -381,12 +381,13 @@ def _check_template_flags(add_generation_prompt: bool, continue_final_message: b
 
 def _context(request: Request, kind: str, model: str, include_usage: bool,
              choices_per_prompt: int, logprobs: LogprobsFormat | None = None,
-             ) -> tuple[ResponseContext, dict[str, str]]:
+             continuous_usage: bool = False) -> tuple[ResponseContext, dict[str, str]]:
     """Response id from the `x-request-id` header (as vLLM does), echoed back as a header."""
     given = request.headers.get("x-request-id", "")[:128]
     request_id = given or uuid.uuid4().hex
     ctx = ResponseContext(f"{kind}-{request_id}", model, int(time.time()), include_usage,
-                          logprobs, choices_per_prompt=choices_per_prompt)
+                          logprobs, choices_per_prompt=choices_per_prompt,
+                          continuous_usage=continuous_usage)
     return ctx, {"X-Request-Id": request_id}
 
 

@@ -207,6 +207,34 @@ def test_chat_continues_the_final_message_when_asked(engine: AsyncEngine) -> Non
     assert tokens.json()["tokens"] == [ord(c) for c in "<user>hi<assistant>Pa"]
 
 
+def test_continuous_usage_stats_put_each_choices_usage_in_its_chunks(
+        engine: AsyncEngine) -> None:
+    # vLLM's continuous_usage_stats (with include_usage): each choice chunk carries that
+    # choice's prompt and the tokens its chunks have carried so far; the last chunk sums all.
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for path, body, prompt_tokens in (
+            ("/v1/completions", {"prompt": "abc"}, 3),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+             len("<user>hi<assistant>"))):
+        response = call(engine, "POST", path, json={
+            **body, "max_tokens": 3, "n": 2, "stream": True, "stream_options": options})
+        events = sse_events(response.text)
+        for index in (0, 1):
+            usages = [e["usage"] for e in events[:-1] if e["choices"][0]["index"] == index]
+            assert all(u["prompt_tokens"] == prompt_tokens for u in usages)
+            counts = [u["completion_tokens"] for u in usages]
+            assert counts == sorted(counts) and counts[-1] == 3
+            assert all(u["total_tokens"] == prompt_tokens + u["completion_tokens"]
+                       for u in usages)
+            if "chat" in path:
+                assert counts[0] == 0  # the role chunk: nothing generated yet
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 6
+    plain = call(engine, "POST", "/v1/completions", json={
+        "prompt": "abc", "max_tokens": 2, "stream": True,
+        "stream_options": {"continuous_usage_stats": True}})  # without include_usage: none
+    assert all("usage" not in e for e in sse_events(plain.text))
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_end(engine: AsyncEngine) -> None:
     # vLLM's: the last k tokens run (the echo shows them), in completions and chat alike.
     completion = call(engine, "POST", "/v1/completions", json={
