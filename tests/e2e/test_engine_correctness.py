@@ -435,6 +435,14 @@ def test_stop_strings_stop_token_ids_and_max_tokens() -> None:
         max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_id]))[0].outputs[0]
     assert by_id.finish_reason == "stop" and by_id.stop_reason == stop_id
     assert by_id.token_ids == free.token_ids[:free.token_ids.index(stop_id) + 1]
+    # As in vLLM, the stop token's text is left out unless include_stop_str_in_output.
+    with_stop = llm.generate(["count with me"], SamplingParams(
+        max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_id],
+        include_stop_str_in_output=True))[0].outputs[0]
+    tokenizer = llm.get_tokenizer()
+    assert with_stop.token_ids == by_id.token_ids
+    assert by_id.text == tokenizer.decode(by_id.token_ids[:-1])
+    assert with_stop.text == tokenizer.decode(by_id.token_ids) != by_id.text
     stop_text = free.text[len(free.text) // 2:][:3]
     by_text = llm.generate(["count with me"], SamplingParams(
         max_tokens=20, temperature=0.0, ignore_eos=True, stop=[stop_text]))[0].outputs[0]

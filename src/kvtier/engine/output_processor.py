@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from kvtier.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from kvtier.request import Request
-from kvtier.types import CompletionOutput, OutputDelta, RequestOutput, TokenLogprobs
+from kvtier.types import CompletionOutput, FinishReason, OutputDelta, RequestOutput, TokenLogprobs
 
 
 @dataclass
@@ -48,8 +48,13 @@ class OutputProcessor:
         if any (the text is cut there, and the caller finishes the request)."""
         state = self._states[request.request_id]
         old_len = len(state.text)
-        state.text += state.detokenizer.add(
-            request.output_token_ids[state.num_detokenized_tokens:])
+        new_ids = request.output_token_ids[state.num_detokenized_tokens:]
+        if (new_ids and request.finish_reason is FinishReason.STOP
+                and not request.sampling_params.include_stop_str_in_output):
+            # EOS or a stop token id ended it (a stop string is found below, after this):
+            # as in vLLM, the token stays in the ids but its text is not output.
+            new_ids = new_ids[:-1]
+        state.text += state.detokenizer.add(new_ids)
         state.num_detokenized_tokens = request.num_output_tokens
         if request.is_finished:  # flush text held back for an incomplete character
             state.text += state.detokenizer.finish()
