@@ -6,6 +6,7 @@ the runner answers with a `ModelRunnerOutput`; the engine turns those into `Requ
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 from collections.abc import Mapping
@@ -72,12 +73,14 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
-        if self.allowed_token_ids is not None:
+        if isinstance(self.allowed_token_ids, list | set | frozenset):
             object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
-        bias = self.logit_bias or ()
-        if isinstance(bias, Mapping):
-            bias = tuple(sorted(bias.items()))
-        object.__setattr__(self, "logit_bias", tuple(tuple(pair) for pair in bias))
+        pairs = list(self.logit_bias.items() if isinstance(self.logit_bias, Mapping)
+                     else self.logit_bias or ())
+        with contextlib.suppress(TypeError):  # keys that are no token ids: refused below
+            pairs.sort()
+        object.__setattr__(self, "logit_bias", tuple(
+            tuple(pair) if isinstance(pair, tuple | list) else (pair,) for pair in pairs))
         self._validate()
 
     def _validate(self) -> None:
@@ -124,6 +127,9 @@ class SamplingParams:
                                       or value < 0):
                 raise bad(f"{name} must be None or an integer >= 0, got {value!r}")
         if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, tuple):
+                raise bad(f"allowed_token_ids must be a list of token ids, got "
+                          f"{self.allowed_token_ids!r}")
             if not self.allowed_token_ids:
                 raise bad("allowed_token_ids must name at least one token id")
             for token_id in self.allowed_token_ids:

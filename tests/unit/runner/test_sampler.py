@@ -208,7 +208,7 @@ def test_allowed_token_ids_are_all_a_row_may_pick(device: str) -> None:
     assert set(tokens[1:-1]) <= {2, 3, 4} and len(set(tokens[1:-1])) == 3
 
 
-@pytest.mark.parametrize("allowed", [(), (-1,), (True,), ("3",)])
+@pytest.mark.parametrize("allowed", [(), (-1,), (True,), ("3",), 5, "3"])
 def test_bad_allowed_token_ids_are_refused(allowed: tuple) -> None:
     with pytest.raises(ValueError, match="allowed_token_ids"):
         SamplingParams(allowed_token_ids=allowed)
@@ -218,7 +218,7 @@ def test_bad_allowed_token_ids_are_refused(allowed: tuple) -> None:
     ({-1: 1.0}, "logit_bias keys"), ({True: 1.0}, "logit_bias keys"),
     ({"3": 1.0}, "logit_bias keys"), ({3: 100.5}, "in \\[-100, 100\\]"),
     ({3: float("nan")}, "logit_bias values"), (((3, 1.0), (3, 2.0)), "twice"),
-    (((3,),), "logit_bias keys"),
+    (((3,),), "logit_bias keys"), ((5,), "logit_bias keys"), ({"a": 1.0, 2: 1.0}, "keys"),
 ])
 def test_bad_logit_biases_name_the_value(bias: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):

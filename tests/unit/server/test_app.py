@@ -393,12 +393,17 @@ def test_n_choices_all_go_when_one_cannot_be_added() -> None:
         response = call(engine, "POST", "/v1/completions",
                         json={"prompt": "abc", "max_tokens": 2, "n": 3})
         assert response.status_code == 503, response.text
-        deadline = time.monotonic() + 5
-        while len(fake.aborted) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(fake.aborted) == 2 and not fake.requests
+        assert_all_aborted(fake, 2)
     finally:
         asyncio.run(engine.shutdown(drain=False))
+
+
+def assert_all_aborted(fake: FakeEngine, count: int) -> None:
+    """The engine aborts `count` requests (the dispatch is asynchronous) and keeps none."""
+    deadline = time.monotonic() + 5
+    while len(fake.aborted) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(fake.aborted) == count and not fake.requests
 
 
 def test_a_batch_the_engine_refuses_in_part_leaves_nothing_running() -> None:
@@ -418,10 +423,7 @@ def test_a_batch_the_engine_refuses_in_part_leaves_nothing_running() -> None:
         response = call(engine, "POST", "/v1/completions",
                         json={"prompt": [[5, 6], [999]], "max_tokens": 2, "n": 2})
         assert response.status_code == 400 and "999" in response.json()["error"]["message"]
-        deadline = time.monotonic() + 5
-        while len(fake.aborted) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(fake.aborted) == 2 and not fake.requests
+        assert_all_aborted(fake, 2)
     finally:
         asyncio.run(engine.shutdown(drain=False))
 
