@@ -1,7 +1,9 @@
 """OpenAI wire format: pydantic models of the requests we accept and the responses we send.
 
 Field names, defaults and shapes follow OpenAI's API (and vLLM's extras: `top_k`,
-`stop_token_ids`, `ignore_eos`, `include_stop_str_in_output`, `return_tokens_as_token_ids`).
+`stop_token_ids`, `ignore_eos`, `include_stop_str_in_output`, `return_tokens_as_token_ids`,
+`allowed_token_ids`, `truncate_prompt_tokens`, `continuous_usage_stats`,
+`continue_final_message`, among others).
 Unknown fields are ignored, as OpenAI does. Range checks that pydantic can express live on
 the fields (and so in `/openapi.json`); features we do not implement are refused with a
 clear 400 by `unsupported_fields`, never silently ignored when they would change the output.
