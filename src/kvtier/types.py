@@ -61,6 +61,8 @@ class SamplingParams:
     """vLLM's: None = none; k >= 0 = each prompt token's (but the first) log-probability and
     rank given the tokens before it, with the k most likely tokens'. Such a request computes
     its whole prompt: it takes no prefix-cache or tier hits."""
+    skip_special_tokens: bool = True
+    """vLLM's: special tokens are left out of the output text (false: written out)."""
     allowed_token_ids: tuple[int, ...] | None = None
     """vLLM's: the only ids the sampler may pick (None: all), before any other filter."""
     logit_bias: tuple[tuple[int, float], ...] = ()
@@ -126,6 +128,9 @@ class SamplingParams:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 0):
                 raise bad(f"{name} must be None or an integer >= 0, got {value!r}")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise bad(f"skip_special_tokens must be true or false, got "
+                      f"{self.skip_special_tokens!r}")
         if self.allowed_token_ids is not None:
             if not isinstance(self.allowed_token_ids, tuple):
                 raise bad(f"allowed_token_ids must be a list of token ids, got "

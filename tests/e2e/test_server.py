@@ -264,6 +264,27 @@ def test_a_batch_of_prompts_answers_each_prompt_as_alone(client: openai.OpenAI, 
     assert by_ids["usage"]["prompt_tokens"] == 50
 
 
+def test_special_tokens_stay_in_the_text_when_asked(client: openai.OpenAI, llm: LLM) -> None:
+    # vLLM's skip_special_tokens false: a special token the model writes (forced here by a
+    # bias) is spelled out in the text; by default it is left out.
+    tokenizer = llm.get_tokenizer()
+    special = min(tokenizer.special_token_ids - set(tokenizer.eos_token_ids))
+    body = {"prompt": "Hello", "max_tokens": 3, "temperature": 0.0,
+            "logit_bias": {str(special): 100}}
+    spelled = tokenizer.decode([special], skip_special_tokens=False)
+    kept = client.completions.create(model=MODEL, **body,  # type: ignore[arg-type]
+                                     extra_body={"skip_special_tokens": False,
+                                                 "ignore_eos": True})
+    assert kept.choices[0].text == spelled * 3 and spelled
+    skipped = client.completions.create(model=MODEL, **body,  # type: ignore[arg-type]
+                                        extra_body={"ignore_eos": True})
+    assert skipped.choices[0].text == ""
+    offline = llm.generate(["Hello"], SamplingParams(
+        max_tokens=3, temperature=0.0, ignore_eos=True, logit_bias={special: 100.0},
+        skip_special_tokens=False))[0].outputs[0]
+    assert offline.text == kept.choices[0].text and offline.token_ids == [special] * 3
+
+
 def test_truncated_prompts_run_their_last_tokens(client: openai.OpenAI, llm: LLM) -> None:
     prompt = "Far away, behind the word mountains, far from the countries Vokalia and"
     ids = llm.get_tokenizer().encode(prompt)

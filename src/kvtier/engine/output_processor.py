@@ -33,8 +33,9 @@ class OutputProcessor:
         self._states: dict[str, _TextState] = {}
 
     def add_request(self, request: Request) -> None:
-        self._states[request.request_id] = _TextState(
-            IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids))
+        self._states[request.request_id] = _TextState(IncrementalDetokenizer(
+            self.tokenizer, request.prompt_token_ids,
+            skip_special_tokens=request.sampling_params.skip_special_tokens))
 
     def is_tracking(self, request_id: str) -> bool:
         """Whether the request's final output is still to be made."""

@@ -55,7 +55,8 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer, config: Mapping[str, Any],
                  extra_eos_token_ids: Iterable[int] = ()) -> None:
         self.backend = backend
-        self._token_bytes_table: list[bytes | None] | None = None
+        self._token_bytes_tables: dict[bool, list[bytes | None]] = {}
+        """Per skip_special_tokens: the byte table `token_bytes` builds once."""
         self.chat_template: str | None = _pick_chat_template(config.get("chat_template"))
         self._compiled_template: jinja2.Template | None = None
         self.special_tokens = {name: token for name in _SPECIAL_TOKEN_NAMES
@@ -214,12 +215,16 @@ class Tokenizer:
         self.backend.post_processor = processors.TemplateProcessing(
             single=single, pair=pair, special_tokens=special)
 
-    def token_bytes(self) -> list[bytes | None] | None:
+    def token_bytes(self, skip_special_tokens: bool = True) -> list[bytes | None] | None:
         """The UTF-8 bytes each id decodes to, for byte-level BPE tokenizers (GPT-2 style:
-        Qwen, Llama 3, SmolLM2); None for others. Special tokens map to None. Built once."""
-        if self._token_bytes_table is None:
-            self._token_bytes_table = _byte_level_table(self.backend, self._special_ids)
-        return self._token_bytes_table or None
+        Qwen, Llama 3, SmolLM2); None for others. Special tokens map to None, or with
+        `skip_special_tokens` false to their text. Built once each."""
+        table = self._token_bytes_tables.get(skip_special_tokens)
+        if table is None:
+            table = _byte_level_table(self.backend, self._special_ids if skip_special_tokens
+                                      else frozenset())
+            self._token_bytes_tables[skip_special_tokens] = table
+        return table or None
 
     def _clean_up(self, text: str) -> str:
         # transformers ignores clean_up_tokenization_spaces for BPE models: it corrupts them.
@@ -276,7 +281,7 @@ class IncrementalDetokenizer:
         self._skip_special = skip_special_tokens
         # Byte-level BPE: each id is a fixed byte string, so an incremental UTF-8 decoder gives
         # the same text as decode() at O(1) per token (the window scheme below is general).
-        table = tokenizer.token_bytes() if skip_special_tokens else None
+        table = tokenizer.token_bytes(skip_special_tokens)
         self._bytes = table
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         context = self._to_tokens(prompt_token_ids[-self._NUM_PROMPT_CONTEXT_TOKENS:])

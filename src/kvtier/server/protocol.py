@@ -75,7 +75,9 @@ class _SamplingFields(_Request):
     truncate_prompt_tokens: int | None = Field(
         None, ge=-1, description="vLLM's: keep only the prompt's last this many tokens (-1: "
                                  "the model's context length).")
-    skip_special_tokens: bool | None = Field(None, description="Only true (the default).")
+    skip_special_tokens: bool | None = Field(None, description="vLLM's: leave special tokens "
+                                                               "out of the text (default "
+                                                               "true).")
     logits_processors: list[Any] | None = Field(None, description="Not supported.")
     bad_words: list[str] | None = Field(None, description="Not supported.")
     allowed_token_ids: list[int] | None = Field(None, description="vLLM's: the only token "
@@ -218,8 +220,6 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
           for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
                        "structured_outputs")),
         ("use_beam_search", bool(body.use_beam_search), "beam search is not supported"),
-        ("skip_special_tokens", body.skip_special_tokens is False,
-         "skip_special_tokens must be true: special tokens are always left out of the text"),
         ("logits_processors", bool(body.logits_processors),
          "logits_processors are not supported"),
         ("bad_words", bool(body.bad_words), "bad_words is not supported"),

@@ -44,7 +44,7 @@ class FakeTokenizer:
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
         return [chr(i) for i in ids]
 
-    def token_bytes(self) -> None:
+    def token_bytes(self, skip_special_tokens: bool = True) -> None:
         """Not byte-level BPE (as `Tokenizer.token_bytes` answers for such tokenizers)."""
         return None
 

@@ -119,7 +119,6 @@ def test_chat_without_max_tokens_fills_the_context(engine: AsyncEngine) -> None:
     ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
     ({"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
     ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
-    ({"prompt": "x", "skip_special_tokens": False}, "skip_special_tokens"),
     ({"prompt": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ({"prompt": "x", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
     ({"prompt": "x", "truncate_prompt_tokens": 65}, "truncate_prompt_tokens"),  # > context
@@ -300,7 +299,10 @@ def test_penalties_min_p_logit_bias_and_allowed_ids_reach_the_engine() -> None:
                     params.repetition_penalty, params.min_p,
                     params.min_tokens) == (0.5, -0.25, 1.1, 0.05, 1)
             assert params.logit_bias == ((3, 2.5), (9, -100.0))
-            assert params.allowed_token_ids == (3, 9, 11)
+            assert params.allowed_token_ids == (3, 9, 11) and params.skip_special_tokens
+        kept = call(engine, "POST", "/v1/completions",
+                    json={"prompt": "ab", "max_tokens": 1, "skip_special_tokens": False})
+        assert kept.status_code == 200 and received[-1].skip_special_tokens is False
     finally:
         asyncio.run(engine.shutdown(drain=False))
 
