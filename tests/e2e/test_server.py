@@ -479,6 +479,24 @@ def test_tokenize_and_detokenize_agree_with_generation(server: str) -> None:
     assert back == {"prompt": text}
 
 
+def test_tools_with_tool_choice_none_are_read_not_called(server: str) -> None:
+    # As in vLLM: with tool_choice "none" the tools render into the prompt (the ids /tokenize
+    # gives) and the answer is plain text; any other choice needs a tool-call parser (400).
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    # (SmolLM2's template ignores tools; the fake engine's test shows them rendered.)
+    rendered = httpx.post(f"{server}/tokenize", json={"messages": USER, "tools": tools}).json()
+    chat = httpx.post(f"{server}/v1/chat/completions", json={
+        "messages": USER, "tools": tools, "tool_choice": "none", "max_tokens": 2})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["prompt_tokens"] == rendered["count"]
+    assert isinstance(chat.json()["choices"][0]["message"]["content"], str)
+    auto = httpx.post(f"{server}/v1/chat/completions", json={
+        "messages": USER, "tools": tools, "tool_choice": "auto", "max_tokens": 2})
+    assert auto.status_code == 400 and auto.json()["error"]["param"] == "tools"
+
+
 # -- 2. 64 concurrent streams; metrics match --------------------------------------------------
 
 

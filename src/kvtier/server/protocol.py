@@ -150,8 +150,9 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     """POST /v1/chat/completions, rendered with the model's chat template."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported (no "
-                                                                 "tool-call parser).")
+    tools: list[dict[str, Any]] | None = Field(None, description="Rendered into the prompt "
+                                                                 "with tool_choice 'none' only "
+                                                                 "(no tool-call parser).")
     tool_choice: Any = Field(None, description="Only 'none'.")
     add_generation_prompt: bool = Field(True, description="End with the assistant's turn "
                                                           "opened.")
@@ -234,8 +235,10 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
         ]
     else:
         checks += [
-            ("tools", bool(body.tools), "tools are not supported: kvtier has no tool-call "
-                                        "parser"),
+            # With tool_choice "none" the model only reads the tools (vLLM renders them into
+            # the prompt); any other choice would need a tool-call parser.
+            ("tools", bool(body.tools) and body.tool_choice != "none",
+             "tools need tool_choice 'none': kvtier has no tool-call parser"),
             ("tool_choice", body.tool_choice not in (None, "none"),
              "tool_choice must be 'none': kvtier has no tool-call parser"),
             ("chat_template", body.chat_template is not None,

@@ -131,6 +131,7 @@ class OpenAIServing:
         _check_template_flags(body.add_generation_prompt, body.continue_final_message)
         token_ids = await self._run(
             lambda: self._render_chat(messages, body.add_generation_prompt,
+                                      tools=body.tools,  # tool_choice "none": read only
                                       continue_final_message=body.continue_final_message,
                                       template_kwargs=body.chat_template_kwargs),
             param="messages")

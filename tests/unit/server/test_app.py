@@ -162,8 +162,9 @@ def test_tokenize_matches_what_completions_and_chat_run(engine: AsyncEngine) -> 
 
 def test_template_extras_reach_the_template_or_are_refused(engine: AsyncEngine) -> None:
     # chat_template_kwargs render in chat and /tokenize alike; /tokenize renders tools, as
-    # vLLM's does; a chat request with tools is refused (no tool-call parser), never run
-    # as if they were absent; a request's own template is refused everywhere.
+    # vLLM's does; a chat request with tools that may call them is refused (no tool-call
+    # parser), never run as if they were absent; a request's own template is refused
+    # everywhere.
     messages = [{"role": "user", "content": "hi"}]
     kwargs = {"enable_thinking": False}
     chat = call(engine, "POST", "/v1/chat/completions", json={
@@ -190,6 +191,12 @@ def test_template_extras_reach_the_template_or_are_refused(engine: AsyncEngine) 
     none = call(engine, "POST", "/v1/chat/completions",
                 json={"messages": messages, "tool_choice": "none", "max_completion_tokens": 1})
     assert none.status_code == 200
+    # With tool_choice "none" (vLLM's behaviour) the tools are read, not called: they render
+    # into the prompt exactly as /tokenize renders them.
+    read_only = call(engine, "POST", "/v1/chat/completions", json={
+        "messages": messages, "tools": tools, "tool_choice": "none", "max_completion_tokens": 1})
+    assert read_only.status_code == 200, read_only.text
+    assert read_only.json()["usage"]["prompt_tokens"] == len("<tools>1<user>hi<assistant>")
 
 
 def test_chat_continues_the_final_message_when_asked(engine: AsyncEngine) -> None:
