@@ -14,7 +14,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,8 +221,11 @@ class Tokenizer:
         `skip_special_tokens` false to their text. Built once each."""
         table = self._token_bytes_tables.get(skip_special_tokens)
         if table is None:
-            table = _byte_level_table(self.backend, self._special_ids if skip_special_tokens
-                                      else frozenset())
+            if skip_special_tokens:
+                table = _byte_level_table(self.backend, self._special_ids)
+            else:  # the same table with the special ids filled in: no second pass over all
+                table = _with_special_tokens(self.backend, self.token_bytes(True) or [],
+                                             self._special_ids)
             self._token_bytes_tables[skip_special_tokens] = table
         return table or None
 
@@ -356,25 +359,52 @@ class IncrementalDetokenizer:
 def _byte_level_table(backend: tokenizers.Tokenizer,
                       special_ids: frozenset[int]) -> list[bytes | None]:
     """Per-id bytes for a byte-level BPE tokenizer, or [] when the tokenizer is not one (or has
-    a normalizer/decoder step that a byte table cannot reproduce)."""
+    a normalizer/decoder step that a byte table cannot reproduce). Special ids map to None."""
     if not isinstance(backend.decoder, tokenizers.decoders.ByteLevel) \
             or not isinstance(backend.model, tokenizers.models.BPE):
         return []
-    byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
-    added = {token.content: token for token in backend.get_added_tokens_decoder().values()}
+    spell = _speller(backend)
     table: list[bytes | None] = []
     for token_id in range(backend.get_vocab_size(with_added_tokens=True)):
-        token = backend.id_to_token(token_id)
-        if token is None or token_id in special_ids:
-            table.append(None)
-        elif token in added:
-            table.append(token.encode())
-        else:
-            try:
-                table.append(bytes(byte_of[char] for char in token))
-            except KeyError:
-                return []  # not a pure byte-level vocabulary: use the general path
+        try:
+            table.append(None if token_id in special_ids else spell(token_id))
+        except KeyError:
+            return []  # not a pure byte-level vocabulary: use the general path
     return table
+
+
+def _with_special_tokens(backend: tokenizers.Tokenizer, table: list[bytes | None],
+                         special_ids: frozenset[int]) -> list[bytes | None]:
+    """`_byte_level_table`'s table with the special ids spelled out too (or [] where one of
+    them cannot be)."""
+    if not table:
+        return []
+    spell = _speller(backend)
+    full = list(table)
+    for token_id in special_ids:
+        if token_id < len(full):
+            try:
+                full[token_id] = spell(token_id)
+            except KeyError:
+                return []
+    return full
+
+
+def _speller(backend: tokenizers.Tokenizer) -> Callable[[int], bytes | None]:
+    """An id's bytes in a byte-level vocabulary (added tokens as written); KeyError where its
+    spelling is not byte-level."""
+    byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
+    added = {token.content for token in backend.get_added_tokens_decoder().values()}
+
+    def spell(token_id: int) -> bytes | None:
+        token = backend.id_to_token(token_id)
+        if token is None:
+            return None
+        if token in added:
+            return token.encode()
+        return bytes(byte_of[char] for char in token)
+
+    return spell
 
 
 def _bytes_to_unicode() -> dict[int, str]:

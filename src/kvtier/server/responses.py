@@ -217,8 +217,8 @@ async def completion_events(streams: list[RequestStream],
             async for index, output in outputs:
                 first = index not in last
                 last[index] = output
-                sent[index] = sent.get(index, 0) + (0 if ctx.echo_only
-                                                    else len(output.new_token_ids))
+                if ctx.continuous_usage and not ctx.echo_only:  # only then read: not per token
+                    sent[index] = sent.get(index, 0) + len(output.new_token_ids)
                 # An output carries finish and stop reasons only once finished.
                 if plain and not first and not output.finished:
                     if output.new_text:
@@ -236,7 +236,7 @@ async def completion_events(streams: list[RequestStream],
                 if leads or output.new_text or output.finished or choice.logprobs is not None:
                     yield sse(CompletionChunk(
                         id=ctx.response_id, created=ctx.created, model=ctx.model,
-                        choices=[choice], usage=(running_usage(output, sent[index])
+                        choices=[choice], usage=(running_usage(output, sent.get(index, 0))
                                                  if ctx.continuous_usage else None)), ctx)
     except RequestAbortedError as exc:
         yield error_event(exc)
@@ -276,11 +276,12 @@ async def chat_events(streams: list[RequestStream], ctx: ResponseContext) -> Asy
     try:
         async with contextlib.aclosing(merged(streams)) as outputs:
             async for index, output in outputs:
-                if index not in last:
-                    last[index] = output  # the role chunk's usage: the prompt, no token yet
-                    yield chunk(index, DeltaMessage(role="assistant", content=""))
+                first = index not in last
                 last[index] = output
-                sent[index] = sent.get(index, 0) + len(output.new_token_ids)
+                if first:  # its usage, if asked: the prompt, no token counted yet
+                    yield chunk(index, DeltaMessage(role="assistant", content=""))
+                if ctx.continuous_usage:  # only then read: not per token
+                    sent[index] = sent.get(index, 0) + len(output.new_token_ids)
                 completion = output.outputs[0]
                 # A step's tokens carry their logprobs even while their text is held back
                 # (a character split across tokens, a possible stop string).
