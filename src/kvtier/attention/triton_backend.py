@@ -29,15 +29,20 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kvtier.attention import triton_kernels
 from kvtier.attention.base import AttentionBackend, AttentionMetadata
-from kvtier.attention.triton_kernels import (
-    decode_partial_kernel,
-    decode_reduce_kernel,
-    kv_write_kernel,
-    prefill_kernel,
-    prompt_kernel,
-)
+from kvtier.attention.triton_kernels import prompt_kernel
+from kvtier.triton_launch import CachedKernel
 from kvtier.triton_pdl import launch_options
+
+# Launched straight through their compiled handles after the first call of each shape (see
+# triton_launch): steps outside the decode graphs launch them eagerly, 2-3 per layer.
+# prompt_kernel takes tensor descriptors and stays on Triton's own path (whole long prompts,
+# whose steps are GPU-bound).
+kv_write_kernel = CachedKernel(triton_kernels.kv_write_kernel)
+prefill_kernel = CachedKernel(triton_kernels.prefill_kernel)
+decode_partial_kernel = CachedKernel(triton_kernels.decode_partial_kernel)
+decode_reduce_kernel = CachedKernel(triton_kernels.decode_reduce_kernel)
 
 LOG2E = 1.4426950408889634
 MIN_KEYS_PER_SPLIT = 128
