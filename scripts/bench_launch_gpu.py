@@ -8,7 +8,10 @@ spend most of such a step's host time launching it. Two measurements per path, h
 - one layer's `TritonAttentionBackend.forward` for a Q tier hit's step: a 256-token extend
   after a 4,096-token cached prefix and three decodes of ~4,200 tokens (Qwen2.5-1.5B's
   attention: 12 query heads, 2 KV heads, 128 dims, bf16, 16-token blocks).
-Both paths run in one process (`CachedKernel.enabled` toggled), interleaved over rounds.
+Variants run in one process (`CachedKernel.enabled` toggled), interleaved over rounds: Triton's
+own launches or cached ones; the decodes through the decode kernels or launched with the
+extend (`max_merged_decodes`); the K/V write launched by `forward` or left to the caller (the
+piecewise graphs write it). The device time per layer of each comes from CUDA-graph replays.
 
     PYTHONPATH=src python3 scripts/bench_launch_gpu.py [--out launch.json]
 """
@@ -16,6 +19,7 @@ Both paths run in one process (`CachedKernel.enabled` toggled), interleaved over
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -80,6 +84,33 @@ def host_us(fn, launches: int) -> float:
     return elapsed / launches * 1e6
 
 
+def device_us(fn, layers: int = 28, replays: int = 20) -> float:
+    """GPU time of one call: `layers` calls captured in a CUDA graph, replayed."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        for _ in range(layers):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (replays * layers) * 1e3
+
+
+VARIANTS = {  # name: (cached launches, decodes merged up to, K/V written by the caller)
+    "jit, separate decodes, kv write": (False, 0, False),
+    "cached, separate decodes, kv write": (True, 0, False),
+    "cached, separate decodes": (True, 0, True),
+    "cached, merged decodes": (True, 4, True),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="launch.json")
@@ -91,37 +122,50 @@ def main() -> None:
     metadata, kv_cache, qkv = hit_step(device)
     q, k, v = qkv.split([HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM], dim=-1)
     q, k, v = q.view(-1, HEADS, DIM), k.view(-1, KV_HEADS, DIM), v.view(-1, KV_HEADS, DIM)
-    backend = TritonAttentionBackend()
+    backends = {name: TritonAttentionBackend(max_merged_decodes=merged)
+                for name, (_, merged, _) in VARIANTS.items()}
+    steps = {}
+    for name, backend in backends.items():  # each backend's own step data
+        step = dataclasses.replace(metadata)
+        backend.prepare(step)
+        steps[name] = step
 
-    def layer() -> torch.Tensor:
-        return backend.forward(q, k, v, kv_cache, metadata, DIM ** -0.5)
+    def layer(name: str):  # noqa: ANN202
+        cached, _, written = VARIANTS[name]
+        backend, step = backends[name], steps[name]
+        return lambda: backend.forward(q, k, v, kv_cache, step, DIM ** -0.5, kv_written=written)
 
     def kv_write() -> None:
         write_kv(k[-256:], v[-256:], kv_cache, metadata.slot_mapping[-256:], BLOCK)
 
-    backend.prepare(metadata)
-    results: dict[str, dict[str, list[float]]] = {"kv_write": {}, "layer": {}}
     outputs = {}
-    for on in (False, True):  # compile and warm both paths, and check they agree
-        set_cached(on)
+    for name, (cached, _, _) in VARIANTS.items():  # compile and warm; outputs must agree
+        set_cached(cached)
         for _ in range(3):
-            out = layer()
+            out = layer(name)()
         torch.cuda.synchronize()
-        outputs[on] = out.clone()
+        outputs[name] = out.clone()
+    host: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for on in (False, True):
             set_cached(on)
-            name = "cached" if on else "jit"
-            results["kv_write"].setdefault(name, []).append(host_us(kv_write, args.launches))
-            results["layer"].setdefault(name, []).append(host_us(layer, args.launches))
+            host.setdefault(f"kv_write {'cached' if on else 'jit'}", []).append(
+                host_us(kv_write, args.launches))
+        for name, (cached, _, _) in VARIANTS.items():
+            set_cached(cached)
+            host.setdefault(name, []).append(host_us(layer(name), args.launches))
+    set_cached(True)
+    gpu = {name: round(device_us(layer(name)), 2) for name in VARIANTS}
+    reference = outputs[next(iter(VARIANTS))].float()
     report = {
         "card": torch.cuda.get_device_name(),
-        "outputs_identical": bool(torch.equal(outputs[False], outputs[True])),
-        "median_host_us": {what: {name: round(statistics.median(v), 2)
-                                  for name, v in by.items()} for what, by in results.items()},
-        "rounds": results,
+        "max_abs_diff_to_first": {n: float((o.float() - reference).abs().max())
+                                  for n, o in outputs.items()},
+        "median_host_us": {name: round(statistics.median(v), 2) for name, v in host.items()},
+        "device_us_per_layer": gpu,
+        "rounds": host,
     }
-    print(json.dumps({k: report[k] for k in ("card", "outputs_identical", "median_host_us")}))
+    print(json.dumps({k: v for k, v in report.items() if k != "rounds"}))
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
 

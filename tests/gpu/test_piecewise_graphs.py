@@ -83,6 +83,35 @@ def test_padding_rows_leave_the_cache_alone(llm: LLM) -> None:
     assert changed[written].all()
 
 
+def test_graphs_store_the_kv_the_eager_forward_stores(llm: LLM) -> None:
+    """With the Triton backend each layer's graph ends with its K/V write (no write launched
+    between graphs): the step's slots then hold what the eager forward writes there, in every
+    layer, to bf16 rounding (GEMMs over 256 vs 243 rows), and a zeroed slot shows any miss."""
+    runner = llm.engine.runner
+    graphs = runner.piecewise
+    assert graphs is not None and graphs.writes_kv
+    step = _mixed_step(runner.block_size)
+    runner.kv_cache.normal_()
+    context = runner.kv_cache.clone()
+    stored = []
+    with torch.inference_mode():
+        for padded in (256, None):
+            runner.kv_cache.copy_(context)
+            ids, positions, metadata = runner._prepare_inputs(step, padded)
+            slots = metadata.slot_mapping[:243]
+            flat = runner.kv_cache.view(*runner.kv_cache.shape[:2], -1,
+                                        *runner.kv_cache.shape[4:])
+            flat[:, :, slots] = 0
+            if padded:
+                graphs.run(ids, positions, metadata)
+            else:
+                runner.model(ids, positions, runner.kv_caches, metadata)
+            stored.append(flat[:, :, slots].clone())
+    graph_kv, eager_kv = stored
+    assert graph_kv.ne(0).any(dim=(0, 1, 3, 4)).all(), "every slot written in some layer"
+    torch.testing.assert_close(graph_kv, eager_kv, atol=5e-2, rtol=5e-2)
+
+
 def test_engine_outputs_agree_with_eager_steps(llm: LLM) -> None:
     """Greedy generation through the engine, prompts sharing a prefix (extend steps) and one
     longer than the largest captured size (eager): the same tokens with piecewise graphs off."""

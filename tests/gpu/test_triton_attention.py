@@ -167,13 +167,21 @@ def _shape_id(param: tuple) -> str:
     return f"h{h}-kv{kvh}-d{d}-bs{bs}-{str(dtype).removeprefix('torch.')}"
 
 
-@pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
+@pytest.mark.parametrize("kind", ["decode", "prefill", "mixed", "mixed-merged"])
 @pytest.mark.parametrize("params", SHAPES, ids=_shape_id)
 def test_matches_reference(device: torch.device, params: tuple, kind: str) -> None:
+    """mixed: the decodes through the decode kernels (more than MAX_MERGED_DECODES of them);
+    mixed-merged: the same step with the decodes launched as one-token prefill chunks."""
     shape, block_size, dtype = params
     decodes = DECODES if kind != "prefill" else []
     prefills = PREFILLS if kind != "decode" else []
-    check(make_step(decodes, prefills, shape, block_size, dtype, device, seed=1), device)
+    step = make_step(decodes, prefills, shape, block_size, dtype, device, seed=1)
+    merged = kind == "mixed-merged"
+    backend = TritonAttentionBackend(max_merged_decodes=len(decodes) if merged else 0)
+    metadata = step.metadata(device)
+    backend.prepare(metadata)
+    assert metadata.backend_data.num_decodes == (0 if merged else len(decodes))
+    check(step, device, backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

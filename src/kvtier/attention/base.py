@@ -60,6 +60,13 @@ class AttentionBackend(ABC):
     """`forward(..., kv_written=True)` skips the KV write: the model already stored the step's
     keys and values in kv_cache at slot_mapping (fused into its qkv projection)."""
 
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        """Store key/value (T, KVH, D) at slot_mapping (T,) (a negative slot skips its row),
+        as `forward` would: a backend that `accepts_written_kv` lets callers do it apart, e.g.
+        inside a CUDA graph, then call `forward(..., kv_written=True)`."""
+        raise NotImplementedError(f"the {self.name} backend writes K/V only in forward")
+
     @abstractmethod
     def prepare(self, metadata: AttentionMetadata) -> None:
         """Derive per-step data (stored in `metadata.backend_data`); called once per step."""

@@ -53,6 +53,13 @@ MIN_KEYS_PER_PREFILL_SPLIT = 256
 """A prefill KV split attends at least this many keys (four BLOCK_N=64 tiles of 128 rows):
 the partial outputs it writes and the reduce cost about what two tiles of attention do."""
 MAX_PREFILL_SPLITS = 16
+MAX_MERGED_DECODES = 4
+"""A step with prefill chunks and at most this many decodes launches the decodes with the
+prefills, as one-token chunks: one attention launch (and its reduce) per layer instead of two
+(and two). Such steps are bound by host time (each launch ~30-40 us on an H200's host, see
+`scripts/bench_launch_gpu.py`), and the prefill kernel's cost for a few decodes (K/V read once
+per query head rather than once per KV head, the re-reads from L2) is a few microseconds. Many
+decodes stay with the decode kernel, which reads each KV head's keys once for its group."""
 DEFAULT_NUM_SMS = 132
 """H100 SXM; used only when the device is not CUDA (Triton's interpreter)."""
 
@@ -133,7 +140,8 @@ def choose_prefill_splits(num_programs: int, max_context: int, num_sms: int) -> 
 @dataclass
 class TritonStepData:
     num_decodes: int
-    """Decodes are sequences [0, num_decodes); prefills follow."""
+    """Sequences [0, num_decodes) run through the decode kernels, the rest through the prefill
+    kernel (a few decodes join the prefills: MAX_MERGED_DECODES)."""
     num_prefills: int
     max_prefill_query_len: int
     max_seq_len: int
@@ -160,21 +168,32 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(self, prefill_config: PrefillConfig | None = None,
                  decode_config: DecodeConfig | None = None,
                  num_decode_splits: int | None = None, num_sms: int | None = None,
-                 num_prefill_splits: int | None = None, own_kv_prompts: bool = True) -> None:
+                 num_prefill_splits: int | None = None, own_kv_prompts: bool = True,
+                 max_merged_decodes: int = MAX_MERGED_DECODES) -> None:
         """Configs default per head dim; num_decode_splits / num_prefill_splits fix the split
         counts (else chosen per step by `choose_num_splits` / `choose_prefill_splits`);
         num_sms defaults to the device's. own_kv_prompts: steps of whole prompts read K/V
-        from the step's key/value tensors (`prompt_kernel`) rather than from the cache."""
+        from the step's key/value tensors (`prompt_kernel`) rather than from the cache.
+        max_merged_decodes: steps with prefills and at most this many decodes launch them
+        with the prefills (0: never)."""
         self.prefill_config = prefill_config
         self.decode_config = decode_config
         self.num_decode_splits = num_decode_splits
         self.num_prefill_splits = num_prefill_splits
         self.num_sms = num_sms
         self.own_kv_prompts = own_kv_prompts
+        self.max_merged_decodes = max_merged_decodes
         self.interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        write_kv(_last_dim_contiguous(key), _last_dim_contiguous(value), kv_cache, slot_mapping,
+                 kv_cache.shape[2])
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         nd = metadata.num_decodes
+        if nd < metadata.num_seqs and nd <= self.max_merged_decodes:
+            nd = 0  # the decodes launch with the prefills, as one-token chunks
         starts = metadata.query_start_loc_cpu
         query_lens = tuple(starts[i + 1] - starts[i] for i in range(nd, metadata.num_seqs))
         if self.num_sms is None:

@@ -8,10 +8,15 @@ vLLM's piecewise compilation, the model is cut at attention: for each captured t
 one graph runs embedding .. layer 0's q/k/v, one per layer runs o_proj .. the next layer's
 q/k/v, and a last one ends at the final norm; attention runs eagerly between them.
 
+With a backend that `accepts_written_kv` (Triton), each graph also ends with its layer's K/V
+write, through a static slot mapping: one launch fewer per layer left outside the graphs,
+where each launch costs ~30 us of host time on an H200's host (`scripts/bench_launch_gpu.py`),
+about what a layer of a short extend costs the GPU.
+
 Steps are padded to the next captured size. Padding rows hold token 0 at position 0 and slot
 -1, so attention skips their K/V write and leaves their output unset; every other operation
 is row-wise, so real rows never see them. Static buffers shared by all sizes carry token ids,
-positions, the fused q/k/v projection (read by attention right after its graph) and the
+positions, slots, the fused q/k/v projection (read by attention right after its graph) and the
 attention output (read by the next graph).
 """
 
@@ -62,6 +67,9 @@ class PiecewiseGraphs:
         attn = model.layers[0].self_attn
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.writes_kv = attn.backend.accepts_written_kv
+        # -1 until a step fills it: the warm-up and capture runs write nothing.
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.qkv = torch.zeros(n, attn.q_size + 2 * attn.kv_size, dtype=dtype, device=device)
         # Zeros: padding rows of the first step keep these finite values.
         self.attention = torch.zeros(n, spec.num_attention_heads, spec.head_dim, dtype=dtype,
@@ -81,22 +89,27 @@ class PiecewiseGraphs:
         piece i > 0 reads the attention output of layer i - 1 from the static buffer."""
         model = self.model
         ids, positions = self.input_ids[:n], self.positions[:n]
-        qkv, attention = self.qkv[:n], self.attention[:n]
+        qkv, attention, slots = self.qkv[:n], self.attention[:n], self.slot_mapping[:n]
         layers = model.layers
         state: dict = {}
+
+        def written(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+            if self.writes_kv:
+                layers[i].self_attn.backend.write_kv(k, v, self.kv_caches[i], slots)
+            return q, k, v
 
         def first() -> tuple:
             hidden, state["rotary"] = model.embed(ids, positions)
             q, k, v, state["residual"] = layers[0].pre_attention(hidden, None, state["rotary"],
                                                                 qkv)
-            return q, k, v
+            return written(0, q, k, v)
 
         def middle(i: int):  # noqa: ANN202
             def piece() -> tuple:
                 hidden, residual = layers[i - 1].post_attention(attention, state["residual"])
                 q, k, v, state["residual"] = layers[i].pre_attention(hidden, residual,
                                                                     state["rotary"], qkv)
-                return q, k, v
+                return written(i, q, k, v)
             return piece
 
         def last() -> torch.Tensor:
@@ -138,12 +151,15 @@ class PiecewiseGraphs:
         n = input_ids.shape[0]
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
+        if self.writes_kv:
+            self.slot_mapping[:n].copy_(metadata.slot_mapping)
         graphs = self._graphs[n]
         attention = self.attention[:n]
         for layer, graph, (q, k, v), kv_cache in zip(self.model.layers, graphs,
                                                      self._qkv_views[n], self.kv_caches,
                                                      strict=False):
             graph.replay()
-            layer.self_attn.attend(q, k, v, kv_cache, metadata, out=attention)
+            layer.self_attn.attend(q, k, v, kv_cache, metadata, out=attention,
+                                   kv_written=self.writes_kv)
         graphs[-1].replay()
         return self._hidden[n]
