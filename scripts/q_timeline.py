@@ -71,6 +71,13 @@ def wrap_host_phases(engine: Any, timer: PhaseTimer) -> None:
     timer.wrap(scheduler.kv, "allocate_slots", "kv.allocate_slots")
     timer.wrap(scheduler.kv, "get_computed_blocks", "kv.get_computed_blocks")
     timer.wrap(scheduler.kv, "cache_computed_blocks", "kv.cache_computed_blocks")
+    runner = engine.runner
+    for attr in ("_prepare_inputs", "_sample"):
+        timer.wrap(runner, attr, f"runner.{attr}")
+    if runner.piecewise is not None:  # its run less attention's forwards: the graph replays
+        timer.wrap(runner.piecewise, "run", "runner.piecewise.run")
+    timer.wrap(runner.backend, "forward", "attention.forward")
+    timer.wrap(runner.model, "compute_logits", "model.compute_logits")
     if tiers is None:
         return
     for attr in ("lookup", "start_load", "note_request", "store_lookahead", "poll",

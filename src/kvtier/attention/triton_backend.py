@@ -54,12 +54,13 @@ MIN_KEYS_PER_PREFILL_SPLIT = 256
 the partial outputs it writes and the reduce cost about what two tiles of attention do."""
 MAX_PREFILL_SPLITS = 16
 MAX_MERGED_DECODES = 4
-"""A step with prefill chunks and at most this many decodes launches the decodes with the
-prefills, as one-token chunks: one attention launch (and its reduce) per layer instead of two
-(and two). Such steps are bound by host time (each launch ~30-40 us on an H200's host, see
-`scripts/bench_launch_gpu.py`), and the prefill kernel's cost for a few decodes (K/V read once
-per query head rather than once per KV head, the re-reads from L2) is a few microseconds. Many
-decodes stay with the decode kernel, which reads each KV head's keys once for its group."""
+"""A step with prefill chunks (not all whole prompts) and at most this many decodes launches
+the decodes with the prefills, as one-token chunks: one attention launch (and its reduce) per
+layer instead of two (and two). Such steps are bound by host time: on an H200 host one layer
+of a Q tier hit's step (a 256-token extend after 4,096 cached tokens, three decodes) took 156
+us of host time for 56 us of device time with the decode kernels, 79 us for 68 merged
+(`scripts/bench_launch_gpu.py`): the prefill kernel reads a decode's K/V once per query head,
+not once per KV head (the re-reads come from L2). Many decodes stay with the decode kernel."""
 DEFAULT_NUM_SMS = 132
 """H100 SXM; used only when the device is not CUDA (Triton's interpreter)."""
 
@@ -191,15 +192,23 @@ class TritonAttentionBackend(AttentionBackend):
                  kv_cache.shape[2])
 
     def prepare(self, metadata: AttentionMetadata) -> None:
-        nd = metadata.num_decodes
-        if nd < metadata.num_seqs and nd <= self.max_merged_decodes:
-            nd = 0  # the decodes launch with the prefills, as one-token chunks
-        starts = metadata.query_start_loc_cpu
-        query_lens = tuple(starts[i + 1] - starts[i] for i in range(nd, metadata.num_seqs))
         if self.num_sms is None:
             device = metadata.block_table.device
             self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                             if device.type == "cuda" else DEFAULT_NUM_SMS)
+        data = self._step_data(metadata, metadata.num_decodes)
+        if (data.num_prefills and 0 < data.num_decodes <= self.max_merged_decodes
+                and not (data.whole_prompts and self.own_kv_prompts)):
+            # The decodes launch with the prefills, as one-token chunks. Not with whole
+            # prompts: those read their K/V by TMA from the step's rows (`prompt_kernel`).
+            data = self._step_data(metadata, 0)
+        metadata.backend_data = data
+
+    @staticmethod
+    def _step_data(metadata: AttentionMetadata, nd: int) -> TritonStepData:
+        """Sequences [0, nd) through the decode kernels, the rest through the prefill ones."""
+        starts = metadata.query_start_loc_cpu
+        query_lens = tuple(starts[i + 1] - starts[i] for i in range(nd, metadata.num_seqs))
         data = TritonStepData(nd, len(query_lens), max(query_lens, default=0),
                               metadata.max_seq_len)
         if query_lens:
@@ -209,7 +218,7 @@ class TritonAttentionBackend(AttentionBackend):
             data.max_prefill_context = max(metadata.seq_lens_cpu[nd:])
             data.whole_prompts = all(
                 n == s for n, s in zip(query_lens, metadata.seq_lens_cpu[nd:], strict=True))
-        metadata.backend_data = data
+        return data
 
     def num_splits(self, data: TritonStepData, num_kv_heads: int) -> int:
         if self.num_decode_splits is not None:
