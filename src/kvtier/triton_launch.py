@@ -1,11 +1,10 @@
 """Launch Triton kernels through their compiled handles: the host cost of eager steps.
 
 `kernel[grid](...)` runs `JITFunction.run` on every call: it binds and specialises every
-argument, rebuilds the cache key (a `str` of the options among it), checks the kernel's globals
-and builds launch metadata before the C launcher runs. For the attention kernels' ~20
-arguments that is tens of microseconds of host time per launch on the card, and a prefill step
-outside the full decode graphs launches the attention kernels eagerly, two or three per layer
-(a profile of Q's tier hits: 72 launches per step, most of the step's host time).
+argument, rebuilds the cache key (a `str` of the options among it), checks the kernel's
+globals and builds launch metadata; the C launcher then calls the launch hook chains (empty,
+but Python calls). A prefill step outside the full decode graphs launches the attention
+kernels eagerly, in every layer, and such steps (Q's tier hits) are bound by host time.
 
 `CachedKernel` keeps, per call shape, the compiled kernel that the first call through
 `JITFunction.run` returned, and later calls go straight to its launcher. The key holds what
@@ -57,8 +56,7 @@ class CachedKernel:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict[str, Any]) -> None:
-        if (not self.enabled or len(args) > self._leading_runtime
-                or knobs.runtime.launch_enter_hook is not None):
+        if not self.enabled or len(args) > self._leading_runtime or _launch_hooks_set():
             self.kernel[grid](*args, **kwargs)
             return
         device = driver.active.get_current_device()
@@ -92,3 +90,10 @@ class CachedKernel:
                 raise TypeError(f"{self.kernel.fn.__name__}: missing argument {name!r}")
         return tuple(tail)
 
+
+def _launch_hooks_set() -> bool:
+    """Whether a launch hook is registered (a profiler): Triton 3.6's hooks are chains that
+    are never None, empty unless something added a hook; older ones are None or a function."""
+    runtime = knobs.runtime
+    return any(getattr(hook, "calls", hook)
+               for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
