@@ -57,8 +57,8 @@ MAX_MERGED_DECODES = 4
 """A step with prefill chunks (not all whole prompts) and at most this many decodes launches
 the decodes with the prefills, as one-token chunks: one attention launch (and its reduce) per
 layer instead of two (and two). Such steps are bound by host time: on an H200 host one layer
-of a Q tier hit's step (a 256-token extend after 4,096 cached tokens, three decodes) took 156
-us of host time for 56 us of device time with the decode kernels, 79 us for 68 merged
+of a Q tier hit's step (a 256-token extend after 4,096 cached tokens, three decodes) took 140
+us of host time for 55 us of device time with the decode kernels, 66 us for 68 merged
 (`scripts/bench_launch_gpu.py`): the prefill kernel reads a decode's K/V once per query head,
 not once per KV head (the re-reads come from L2). Many decodes stay with the decode kernel."""
 DEFAULT_NUM_SMS = 132
