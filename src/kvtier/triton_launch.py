@@ -15,8 +15,8 @@ device. Triton's own key can only be coarser (`do_not_specialize` parameters), s
 key maps to is the one `JITFunction.run` would launch. Like vLLM's and triton-dejavu's caches it
 skips the check that the kernel's global values have not changed since compilation: kvtier's
 kernels read only constants. Under Triton's interpreter, with launch hooks set (profilers),
-with a constexpr passed by position, or with `KVTIER_CACHED_LAUNCH=0` (A/B runs), every call
-takes `JITFunction.run`.
+with a constexpr passed by position or a runtime argument by keyword, or with
+`KVTIER_CACHED_LAUNCH=0` (A/B runs), every call takes `JITFunction.run`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class CachedKernel:
         params = kernel.params if isinstance(kernel, JITFunction) else []
         self._param_names = [p.name for p in params]
         self._defaults = [p.default for p in params]
+        self._runtime_names = {p.name for p in params if not p.is_constexpr}
         self._leading_runtime = next((i for i, p in enumerate(params) if p.is_constexpr),
                                      len(params))
         """Positional arguments past this index would be constexprs: their values, not their
@@ -64,7 +65,8 @@ class CachedKernel:
         entry = self._launches.get(key)
         if entry is None:
             compiled = self.kernel[grid](*args, **kwargs)
-            self._launches[key] = (compiled, self._bound_tail(len(args), kwargs))
+            if self._runtime_names.isdisjoint(kwargs):  # a runtime value in the key: no cache
+                self._launches[key] = (compiled, self._bound_tail(len(args), kwargs))
             return
         compiled, tail = entry
         grid_1 = grid[1] if len(grid) > 1 else 1

@@ -117,3 +117,17 @@ def test_positional_constexpr_is_not_cached() -> None:
         torch.cuda.synchronize()
         torch.testing.assert_close(out, x + y)
     assert not cached._launches
+
+
+def test_runtime_argument_by_keyword_is_not_cached() -> None:
+    """A runtime argument passed by keyword would put its value in the key (a cache entry per
+    value): such calls take Triton's own path."""
+    cached = CachedKernel(_scaled_add_kernel)
+    x, y = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
+    for n in (40, 50):
+        out = torch.zeros_like(x)
+        cached[(2,)](x, y, out, n=n, alpha=1.0, stride_x=1, BLOCK=32)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out[:n], (x + y)[:n])
+        assert not out[n:].any()
+    assert not cached._launches
