@@ -65,6 +65,8 @@ class CachedKernel:
         entry = self._launches.get(key)
         if entry is None:
             compiled = self.kernel[grid](*args, **kwargs)
+            if hasattr(compiled, "result"):  # Triton's asynchronous compilation mode
+                compiled = compiled.result()
             if self._runtime_names.isdisjoint(kwargs):  # a runtime value in the key: no cache
                 self._launches[key] = (compiled, self._bound_tail(len(args), kwargs))
             return
