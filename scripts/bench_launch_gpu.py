@@ -25,12 +25,13 @@ import statistics
 import time
 
 import torch
+from tune_attention import make_step  # scripts/ is on sys.path when this runs as a script
 
 from kvtier.attention import triton_backend
 from kvtier.attention.base import AttentionMetadata
 from kvtier.attention.triton_backend import TritonAttentionBackend, write_kv
 
-HEADS, KV_HEADS, DIM, BLOCK = 12, 2, 128, 16
+HEADS, KV_HEADS, DIM, BLOCK = 12, 2, 128, 16  # as tune_attention's steps
 CACHED = (triton_backend.kv_write_kernel, triton_backend.prefill_kernel,
           triton_backend.decode_partial_kernel, triton_backend.decode_reduce_kernel)
 
@@ -42,34 +43,11 @@ def set_cached(on: bool) -> None:
 
 def hit_step(device: torch.device) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
     """Three decodes then one 256-token extend after 4,096 cached tokens, paged at random."""
-    contexts = [4_200, 4_230, 4_260]
-    query_lens = [1, 1, 1, 256]
-    seq_lens = contexts + [4_096 + 256]
-    blocks_per_seq = [-(-n // BLOCK) for n in seq_lens]
-    num_blocks = sum(blocks_per_seq) + 8
-    perm = torch.randperm(num_blocks).tolist()
-    width = max(blocks_per_seq)
-    table, slots, start = [], [], 0
-    for seq_len, query_len, count in zip(seq_lens, query_lens, blocks_per_seq, strict=True):
-        blocks = perm[start:start + count]
-        start += count
-        table.append(blocks + [0] * (width - count))
-        for pos in range(seq_len - query_len, seq_len):
-            slots.append(blocks[pos // BLOCK] * BLOCK + pos % BLOCK)
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
-    metadata = AttentionMetadata(
-        num_tokens=starts[-1], num_seqs=4, num_decodes=3,
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_table=torch.tensor(table, dtype=torch.int32, device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_start_loc_cpu=starts, seq_lens_cpu=seq_lens, max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens), block_size=BLOCK)
-    kv_cache = torch.randn(2, num_blocks, BLOCK, KV_HEADS, DIM, device=device,
-                           dtype=torch.bfloat16)
-    qkv = torch.randn(starts[-1], (HEADS + 2 * KV_HEADS) * DIM, device=device,
+    cached = [4_199, 4_229, 4_259, 4_096]
+    new_tokens = [1, 1, 1, 256]
+    width = max(-(-(c + n) // BLOCK) for c, n in zip(cached, new_tokens, strict=True))
+    metadata, kv_cache = make_step(new_tokens, cached, 3, len(cached) * width, device)
+    qkv = torch.randn(sum(new_tokens), (HEADS + 2 * KV_HEADS) * DIM, device=device,
                       dtype=torch.bfloat16)
     return metadata, kv_cache, qkv
 
