@@ -68,6 +68,13 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     """OpenAI's: (token id, bias in [-100, 100]) pairs added to those tokens' logits before
     penalties and sampling, as in vLLM (logprobs stay the raw ones); a mapping is accepted."""
+    bad_words: tuple[str, ...] = ()
+    """vLLM's: words the output may not hold. The engine tokenises each (alone, and after a
+    space where that is another sequence of as many tokens) into `bad_words_token_ids`."""
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    """Token sequences the output may not end with: the last token of each is not sampled
+    while the output so far ends with the others (a one-token sequence: never). Filled from
+    `bad_words` by the engine; may be given directly."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -77,6 +84,13 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         if isinstance(self.allowed_token_ids, list | set | frozenset):
             object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        if isinstance(self.bad_words, str):
+            object.__setattr__(self, "bad_words", (self.bad_words,))
+        elif isinstance(self.bad_words, list):
+            object.__setattr__(self, "bad_words", tuple(self.bad_words))
+        if isinstance(self.bad_words_token_ids, list):
+            object.__setattr__(self, "bad_words_token_ids", tuple(
+                tuple(ids) if isinstance(ids, list) else ids for ids in self.bad_words_token_ids))
         pairs = list(self.logit_bias.items() if isinstance(self.logit_bias, Mapping)
                      else self.logit_bias or ())
         with contextlib.suppress(TypeError):  # keys that are no token ids: refused below
@@ -150,6 +164,19 @@ class SamplingParams:
                           f"token {token_id}")
         if len({token_id for token_id, _ in self.logit_bias}) != len(self.logit_bias):
             raise bad("logit_bias names a token id twice")
+        if not isinstance(self.bad_words, tuple):
+            raise bad(f"bad_words must be a list of strings, got {self.bad_words!r}")
+        for word in self.bad_words:
+            if not isinstance(word, str) or not word.strip():
+                raise bad(f"bad_words must be strings with a non-space character, got {word!r}")
+        if not isinstance(self.bad_words_token_ids, tuple):
+            raise bad(f"bad_words_token_ids must be a list of token id lists, got "
+                      f"{self.bad_words_token_ids!r}")
+        for ids in self.bad_words_token_ids:
+            if not isinstance(ids, tuple) or not ids or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise bad(f"bad_words_token_ids must hold non-empty lists of token ids "
+                          f"(integers >= 0), got {ids!r}")
 
     @property
     def greedy(self) -> bool:
@@ -160,6 +187,12 @@ class SamplingParams:
         """Whether the logits depend on the tokens seen so far (the sampler needs them)."""
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
+
+    @functools.cached_property
+    def needs_token_context(self) -> bool:
+        """Whether the sampler needs the request's tokens so far: penalties, or bad words
+        longer than one token."""
+        return self.has_penalties or any(len(ids) > 1 for ids in self.bad_words_token_ids)
 
 
 def _is_number(value: object) -> bool:
@@ -188,8 +221,9 @@ class ScheduledRequest:
     """Output tokens before this step's, counting those still pending (the sampler checks its
     per-request penalty state against it)."""
     penalty_context: tuple[list[int], list[int]] | None = None
-    """(prompt, output) token ids of a request whose sampling has penalties (the request's own
-    lists, like `block_ids`: read them before the next `schedule()`); None otherwise."""
+    """(prompt, output) token ids of a request whose sampling needs them (penalties, bad words
+    of several tokens; the request's own lists, like `block_ids`: read them before the next
+    `schedule()`); None otherwise."""
     suppressed_token_ids: tuple[int, ...] = ()
     """Ids the sampled token cannot be (EOS and stop token ids, before min_tokens)."""
     prompt_logprob_targets: tuple[int, ...] = ()

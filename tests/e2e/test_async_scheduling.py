@@ -136,6 +136,53 @@ def test_logit_bias_and_allowed_ids_steer_both_pipelines_alike() -> None:
     assert_no_leak(llm)
 
 
+def test_bad_words_steer_both_pipelines_alike() -> None:
+    """A bad word's last token is not sampled where the output so far ends with its other
+    tokens, in the synchronous engine and under async scheduling (whose host lags the device
+    by a token); a word given as text is banned in the spellings the engine tokenises."""
+    free = tokens(LLM(TINY).generate(PROMPTS[:2], SamplingParams(max_tokens=12, temperature=0.0,
+                                                                 ignore_eos=True)))
+    pair = (free[0][2], free[0][3])  # the 4th token would complete it: something else comes
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                             bad_words_token_ids=(pair,)),
+              SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                             bad_words_token_ids=((free[1][0],),))]
+    sync, async_, llm = both(PROMPTS[:2], params)
+    assert tokens(sync) == tokens(async_)
+    steered, never = tokens(async_)
+    assert steered[:3] == free[0][:3] and steered[3] != free[0][3]
+    assert all(steered[i:i + 2] != list(pair) for i in range(len(steered) - 1))
+    assert free[1][0] not in never
+    assert_no_leak(llm)
+    # As text: the first free token that the engine's reading of its own text bans alone.
+    from kvtier.engine.engine import bad_words_token_ids
+    tokenizer = llm.engine.tokenizer
+    word, banned = next((text, token) for token in free[1]
+                        if (text := tokenizer.decode([token])).strip()
+                        and (token,) in bad_words_token_ids(tokenizer, (text,)))
+    worded = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0.0,
+                                                       ignore_eos=True, bad_words=[word]))
+    assert banned not in worded[0].outputs[0].token_ids
+    assert_no_leak(llm)
+
+
+def test_bad_words_read_as_vllm_does() -> None:
+    """Each word alone (leading spaces dropped), and after a space when that is as many tokens
+    starting with another one."""
+    from kvtier.engine.engine import bad_words_token_ids
+    tokenizer = LLM(TINY).engine.tokenizer
+
+    def encode(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+    assert bad_words_token_ids(tokenizer, ("  hello",)) == (encode("hello"), encode(" hello"))
+    assert encode("hello")[0] != encode(" hello")[0]
+    # Qwen spells digits one by one, and " 1234567" is the space's own token then the same
+    # seven: a longer sequence, so only the bare one is banned.
+    assert len(encode(" 1234567")) == len(encode("1234567")) + 1
+    assert bad_words_token_ids(tokenizer, ("1234567",)) == (encode("1234567"),)
+
+
 def test_async_scheduling_and_overlap_outputs_are_exclusive() -> None:
     with pytest.raises(ConfigError, match="async_scheduling already overlaps"):
         LLM(TINY, async_scheduling=True, overlap_outputs=True)

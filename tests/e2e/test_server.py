@@ -285,6 +285,20 @@ def test_special_tokens_stay_in_the_text_when_asked(client: openai.OpenAI, llm: 
     assert offline.text == kept.choices[0].text and offline.token_ids == [special] * 3
 
 
+def test_bad_words_leave_the_greedy_answer(client: openai.OpenAI, llm: LLM) -> None:
+    # vLLM's bad_words over HTTP (SmolLM2's real tokenizer): the greedy answer's first word,
+    # banned, is not in the new answer, which is what the offline engine gives.
+    prompt = "The capital of France is"
+    free = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, **GREEDY)
+    word = free.choices[0].text.split()[0]
+    steered = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6,
+                                        extra_body={"bad_words": [word]}, **GREEDY)
+    assert word not in steered.choices[0].text.split()
+    offline = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0,
+                                                    bad_words=[word]))[0].outputs[0]
+    assert offline.text == steered.choices[0].text
+
+
 def test_truncated_prompts_run_their_last_tokens(client: openai.OpenAI, llm: LLM) -> None:
     prompt = "Far away, behind the word mountains, far from the countries Vokalia and"
     ids = llm.get_tokenizer().encode(prompt)

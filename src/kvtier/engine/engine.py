@@ -10,6 +10,7 @@ queued, so a bad request never costs other requests anything.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -23,6 +24,7 @@ from kvtier.engine.output_processor import OutputProcessor
 from kvtier.kv import BlockPool, KVCacheManager, root_block_hash
 from kvtier.model.builder import build_model
 from kvtier.model.loader import ModelSource, resolve_model
+from kvtier.model.tokenizer import Tokenizer
 from kvtier.request import Request
 from kvtier.runner.memory import (
     plan_kv_blocks,
@@ -264,6 +266,10 @@ class LLMEngine:
         `queued_time`: when the engine core received it (default: now)."""
         params = params or SamplingParams()
         token_ids = self.tokenize_prompt(prompt)
+        if params.bad_words:
+            params = dataclasses.replace(params, bad_words_token_ids=(
+                params.bad_words_token_ids + bad_words_token_ids(self.tokenizer,
+                                                                 params.bad_words)))
         self._validate(token_ids, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if self.scheduler.request_id_in_use(request_id):
@@ -308,6 +314,11 @@ class LLMEngine:
                 | set(params.stop_token_ids)):  # nothing would be left to sample
             raise InvalidRequestError("allowed_token_ids holds only EOS and stop token ids, "
                                       "which min_tokens keeps out of the first outputs")
+        bad_word = next((t for ids in params.bad_words_token_ids for t in ids if t >= vocab),
+                        None)
+        if bad_word is not None:
+            raise InvalidRequestError(f"bad_words_token_ids holds token id {bad_word}, outside "
+                                      f"the vocabulary (0..{vocab - 1})")
         bad_bias = next((t for t, _ in params.logit_bias if t >= vocab), None)
         if bad_bias is not None:
             raise InvalidRequestError(f"logit_bias token id {bad_bias} is outside the "
@@ -479,3 +490,20 @@ class LLMEngine:
             self.stats.tiers = {store.name: store.stats for store in self.tiers.stores}
             self.stats.tier_manager = self.tiers.stats
         return self.stats
+
+
+def bad_words_token_ids(tokenizer: Tokenizer, words: tuple[str, ...],
+                        ) -> tuple[tuple[int, ...], ...]:
+    """vLLM's reading of `bad_words`: each word (its leading spaces dropped) as the tokenizer
+    encodes it alone, and after a space when that gives as many tokens starting with another
+    one (most BPE vocabularies spell a word differently after a space)."""
+    sequences: list[tuple[int, ...]] = []
+    for word in words:
+        bare = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if not bare:
+            continue
+        sequences.append(tuple(bare))
+        if len(spaced) == len(bare) and spaced[0] != bare[0]:
+            sequences.append(tuple(spaced))
+    return tuple(sequences)

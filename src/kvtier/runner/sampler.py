@@ -45,6 +45,21 @@ class _PenaltyState:
     """Output tokens folded in: the lists are read again when the request's differs."""
 
 
+@dataclass
+class _BadWordsState:
+    """One request's bad words of several tokens on the device, with its output's last tokens,
+    so that a step bans without the host (which, under async scheduling, does not yet know
+    the token sampled last)."""
+
+    prefixes: torch.Tensor
+    """int64 (k, width): each sequence's tokens but its last, right-aligned; -1 pads."""
+    last_ids: torch.Tensor
+    """int64 (k,): each sequence's last token, banned while the output ends with its prefix."""
+    tail: torch.Tensor
+    """int64 (width,): the output's last `width` tokens; -2 before the output's start."""
+    num_output_tokens: int
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
@@ -52,11 +67,13 @@ class Sampler:
         self._shared.manual_seed(seed)
         self._per_request: dict[str, torch.Generator] = {}
         self._penalties: dict[str, _PenaltyState] = {}
+        self._bad_words: dict[str, _BadWordsState] = {}
 
     def forget(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             self._per_request.pop(request_id, None)
             self._penalties.pop(request_id, None)
+            self._bad_words.pop(request_id, None)
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
         if params.seed is None:
@@ -78,11 +95,12 @@ class Sampler:
         """logits: (n, vocab) float32, one row per request -> one token id per row, (n,) int64
         on the logits' device, not yet synchronised with the host. `penalty_contexts[i]`:
         (prompt, output) token ids of row i when its params have penalties; `suppressed[i]`:
-        ids row i cannot sample (min_tokens). Rows with allowed ids, a logit bias, penalties
-        or suppressed ids are changed in place.
+        ids row i cannot sample (min_tokens). Rows with allowed ids, a logit bias, penalties,
+        bad words or suppressed ids are changed in place.
         `num_output_tokens[i]`: row i's output length before this token, when it counts
         tokens the host has not read yet (async scheduling); default: its output list's."""
         penalised: list[tuple[int, _PenaltyState]] = []
+        banning: list[tuple[int, _BadWordsState]] = []
         for row, p in enumerate(params):
             if p.allowed_token_ids is not None:  # first, as vLLM masks them
                 keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
@@ -103,6 +121,26 @@ class Sampler:
                 penalised.append((row, state))
         if penalised:
             apply_penalties(logits, penalised, params)
+        for row, p in enumerate(params):  # after penalties: a ban stays -inf
+            if not p.bad_words_token_ids:
+                continue
+            single = [ids[0] for ids in p.bad_words_token_ids if len(ids) == 1]
+            if single:
+                logits[row].index_fill_(0, _upload(single, logits.device), float("-inf"))
+            if len(single) < len(p.bad_words_token_ids):
+                context = penalty_contexts[row] if penalty_contexts is not None else None
+                if context is None:
+                    raise ValueError(f"row {row} has bad words but no token context")
+                num_outputs = (num_output_tokens[row] if num_output_tokens is not None
+                               else len(context[1]))
+                words = self._bad_words_state(request_ids[row], p, context[1], num_outputs,
+                                              logits.device)
+                # The output ends with a sequence's prefix: its last token gets -inf (adding
+                # 0 elsewhere, so that sequences sharing a last token do not race).
+                match = ((words.prefixes == words.tail) | (words.prefixes < 0)).all(-1)
+                logits[row].index_add_(0, words.last_ids, torch.where(
+                    match, float("-inf"), 0.0).to(logits.dtype))
+                banning.append((row, words))
         vocab = logits.shape[-1]
         for row, ids in enumerate(suppressed or ()):
             inside = [i for i in ids if i < vocab]  # an EOS id past a model's logits: no-op
@@ -124,6 +162,9 @@ class Sampler:
             if state.counts is not None:
                 state.counts.index_add_(0, token, torch.ones(1, device=token.device))
             state.num_output_tokens += 1
+        for row, words in banning:
+            words.tail.copy_(torch.cat((words.tail[1:], tokens[row:row + 1])))
+            words.num_output_tokens += 1
         return tokens
 
     def _sample_random(self, logits: torch.Tensor, rows: list[int], request_ids: list[str],
@@ -224,6 +265,30 @@ class Sampler:
                                   torch.ones(len(output), device=device))
         state = _PenaltyState(seen, counts, len(output))
         self._penalties[request_id] = state
+        return state
+
+
+    def _bad_words_state(self, request_id: str, params: SamplingParams, output: list[int],
+                         num_outputs: int, device: torch.device) -> _BadWordsState:
+        """The request's bad-word state, built from its output the first time (as
+        `_penalty_state`: a state that folded in the pending tokens stands for them)."""
+        state = self._bad_words.get(request_id)
+        if state is not None and state.num_output_tokens == num_outputs:
+            return state
+        if num_outputs != len(output):
+            raise RuntimeError(f"request {request_id!r}: bad-word state for {num_outputs} "
+                               f"output tokens is missing and {len(output)} are known")
+        sequences = [ids for ids in params.bad_words_token_ids if len(ids) > 1]
+        width = max(len(ids) for ids in sequences) - 1
+        prefixes = [[-1] * (width + 1 - len(ids)) + list(ids[:-1]) for ids in sequences]
+        recent = output[-width:]
+        state = _BadWordsState(
+            torch.tensor(prefixes, dtype=torch.int64, device=device),
+            torch.tensor([ids[-1] for ids in sequences], dtype=torch.int64, device=device),
+            torch.tensor([-2] * (width - len(recent)) + recent, dtype=torch.int64,
+                         device=device),
+            len(output))
+        self._bad_words[request_id] = state
         return state
 
 

@@ -559,7 +559,7 @@ class Scheduler:
             sampling_params=request.sampling_params,
             num_output_tokens=num_outputs,
             penalty_context=((request.prompt_token_ids, request.output_token_ids)
-                             if request.sampling_params.has_penalties else None),
+                             if request.sampling_params.needs_token_context else None),
             suppressed_token_ids=(self._suppressed(request, num_outputs)
                                   if request.sampling_params.min_tokens else ()),
             prompt_logprob_targets=targets,

@@ -79,7 +79,10 @@ class _SamplingFields(_Request):
                                                                "out of the text (default "
                                                                "true).")
     logits_processors: list[Any] | None = Field(None, description="Not supported.")
-    bad_words: list[str] | None = Field(None, description="Not supported.")
+    bad_words: list[str] | None = Field(None, description="vLLM's: words the output may not "
+                                                          "hold (the last token of each is "
+                                                          "not sampled where it would "
+                                                          "complete the word).")
     allowed_token_ids: list[int] | None = Field(None, description="vLLM's: the only token "
                                                                  "ids the output may hold.")
     logit_bias: dict[str, float] | None = Field(
@@ -223,7 +226,6 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
         ("use_beam_search", bool(body.use_beam_search), "beam search is not supported"),
         ("logits_processors", bool(body.logits_processors),
          "logits_processors are not supported"),
-        ("bad_words", bool(body.bad_words), "bad_words is not supported"),
         ("stream_options", body.stream_options is not None and not body.stream,
          "stream_options can only be set when stream is true"),
     ]

@@ -308,7 +308,7 @@ class OpenAIServing:
                                     else body.repetition_penalty),
                 min_p=body.min_p or 0.0, min_tokens=body.min_tokens or 0, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(body.logit_bias),
-                allowed_token_ids=body.allowed_token_ids,
+                allowed_token_ids=body.allowed_token_ids, bad_words=tuple(body.bad_words or ()),
                 skip_special_tokens=body.skip_special_tokens is not False)
         except InvalidRequestError as exc:
             # SamplingParams' messages start with the field at fault ("min_tokens must ...").

@@ -225,6 +225,73 @@ def test_bad_logit_biases_name_the_value(bias: object, message: str) -> None:
         SamplingParams(logit_bias=bias)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_words_ban_the_token_that_would_complete_them(device: str) -> None:
+    """A one-token bad word is never sampled; a longer one's last token only where the output
+    so far ends with its other tokens (vLLM's rule), greedy or sampled, beside a row without
+    bad words."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 9.0, 8.0]], device=device).repeat(4, 1)
+    words = ((3,), (1, 4), (2, 1, 4))
+    params = [SamplingParams(temperature=0.0, bad_words_token_ids=words)] * 3 + [
+        SamplingParams(temperature=0.0)]
+    contexts = [([7], [0, 1]), ([7], [2, 0]), ([7], []), None]
+    tokens = Sampler(torch.device(device), seed=0).sample_async(
+        logits, ["ends-1", "ends-0", "empty", "free"], params, contexts).tolist()
+    # 3 is banned everywhere it is a bad word; 4 only after a 1.
+    assert tokens == [2, 4, 4, 3]
+    sampled = torch.tensor([[0.0, 0.0, 0.0, 5.0, 6.0]], device=device).repeat(200, 1)
+    many = Sampler(torch.device(device), seed=0).sample_async(
+        sampled, [f"r{i}" for i in range(200)],
+        [SamplingParams(temperature=1.0, bad_words_token_ids=((1, 4),))] * 200,
+        [([], [1])] * 200).tolist()
+    assert 4 not in many and 3 in many
+
+
+def test_bad_word_state_follows_the_sampled_tokens_without_the_host() -> None:
+    """Under async scheduling the host's output list lags the device by the token in flight:
+    the state folds each sampled token in itself, so the ban after it holds."""
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    params = [SamplingParams(temperature=0.0, bad_words_token_ids=((3, 4), (4, 4)))]
+    first = sampler.sample_async(torch.tensor([[0.0, 0.0, 0.0, 9.0, 1.0]]), ["r"], params,
+                                 [([5], [])], num_output_tokens=[0])
+    assert first.tolist() == [3]
+    # The host has not read token 3 yet (its output list is still empty).
+    second = sampler.sample_async(torch.tensor([[0.0, 0.0, 2.0, 0.0, 9.0]]), ["r"], params,
+                                  [([5], [])], num_output_tokens=[1])
+    assert second.tolist() == [2]
+    third = sampler.sample_async(torch.tensor([[0.0, 0.0, 2.0, 0.0, 9.0]]), ["r"], params,
+                                 [([5], [3, 2])], num_output_tokens=[2])
+    assert third.tolist() == [4]
+    with pytest.raises(RuntimeError, match="bad-word state"):
+        Sampler(torch.device("cpu"), seed=0).sample_async(
+            torch.zeros(1, 5), ["new"], params, [([5], [])], num_output_tokens=[1])
+    with pytest.raises(ValueError, match="no token context"):
+        Sampler(torch.device("cpu"), seed=0).sample_async(torch.zeros(1, 5), ["x"], params)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"bad_words": ("",)}, "bad_words must be strings"),
+    ({"bad_words": ("  ",)}, "bad_words must be strings"),
+    ({"bad_words": (3,)}, "bad_words must be strings"),
+    ({"bad_words": 3}, "bad_words must be a list"),
+    ({"bad_words_token_ids": ((),)}, "non-empty lists"),
+    ({"bad_words_token_ids": ((1, -2),)}, "non-empty lists"),
+    ({"bad_words_token_ids": ((True,),)}, "non-empty lists"),
+    ({"bad_words_token_ids": 5}, "bad_words_token_ids must be a list"),
+])
+def test_bad_bad_words_name_the_value(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_bad_words_lists_become_tuples() -> None:
+    params = SamplingParams(bad_words=["a", "b c"], bad_words_token_ids=[[1, 2], (3,)])
+    assert params.bad_words == ("a", "b c") and params.bad_words_token_ids == ((1, 2), (3,))
+    assert SamplingParams(bad_words="word").bad_words == ("word",)
+    assert not SamplingParams(bad_words_token_ids=((3,),)).needs_token_context
+    assert SamplingParams(bad_words_token_ids=((3, 4),)).needs_token_context
+
+
 def test_suppressed_ids_past_the_logits_are_ignored() -> None:
     # An EOS id beyond a model's logits (a tokenizer larger than the head) must not fail
     # the step.

@@ -287,7 +287,7 @@ def test_bad_tokenize_bodies_are_openai_errors(engine: AsyncEngine, path: str,
         assert error["param"] == param
 
 
-def test_penalties_min_p_logit_bias_and_allowed_ids_reach_the_engine() -> None:
+def test_penalties_min_p_logit_bias_allowed_ids_and_bad_words_reach_the_engine() -> None:
     engine, _, received = recording_engine()
     try:
         for path, body in (("/v1/completions", {"prompt": "ab"}),
@@ -298,7 +298,7 @@ def test_penalties_min_p_logit_bias_and_allowed_ids_reach_the_engine() -> None:
                 "repetition_penalty": 1.1, "min_p": 0.05, "response_format": {"type": "text"},
                 # vLLM extras at their defaults are accepted
                 "use_beam_search": None, "skip_special_tokens": True, "min_tokens": 1,
-                "logit_bias": {"9": -100, "3": 2.5}, "bad_words": [],
+                "logit_bias": {"9": -100, "3": 2.5}, "bad_words": ["no", " way"],
                 "allowed_token_ids": [3, 9, 11]})
             assert response.status_code == 200, response.text
             params = received[-1]
@@ -307,6 +307,10 @@ def test_penalties_min_p_logit_bias_and_allowed_ids_reach_the_engine() -> None:
                     params.min_tokens) == (0.5, -0.25, 1.1, 0.05, 1)
             assert params.logit_bias == ((3, 2.5), (9, -100.0))
             assert params.allowed_token_ids == (3, 9, 11) and params.skip_special_tokens
+            assert params.bad_words == ("no", " way")  # the engine tokenises them
+        blank = call(engine, "POST", "/v1/completions",
+                     json={"prompt": "ab", "max_tokens": 1, "bad_words": ["ok", " "]})
+        assert blank.status_code == 400 and blank.json()["error"]["param"] == "bad_words"
         kept = call(engine, "POST", "/v1/completions",
                     json={"prompt": "ab", "max_tokens": 1, "skip_special_tokens": False})
         assert kept.status_code == 200 and received[-1].skip_special_tokens is False
