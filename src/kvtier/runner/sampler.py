@@ -101,7 +101,10 @@ class Sampler:
         tokens the host has not read yet (async scheduling); default: its output list's."""
         penalised: list[tuple[int, _PenaltyState]] = []
         banning: list[tuple[int, _BadWordsState]] = []
+        with_bad_words: list[int] = []
         for row, p in enumerate(params):
+            if p.bad_words_token_ids:
+                with_bad_words.append(row)  # after penalties, so that a ban stays -inf
             if p.allowed_token_ids is not None:  # first, as vLLM masks them
                 keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
                 keep[_upload(p.allowed_token_ids, logits.device)] = True
@@ -121,9 +124,8 @@ class Sampler:
                 penalised.append((row, state))
         if penalised:
             apply_penalties(logits, penalised, params)
-        for row, p in enumerate(params):  # after penalties: a ban stays -inf
-            if not p.bad_words_token_ids:
-                continue
+        for row in with_bad_words:
+            p = params[row]
             single = [ids[0] for ids in p.bad_words_token_ids if len(ids) == 1]
             if single:
                 logits[row].index_fill_(0, _upload(single, logits.device), float("-inf"))
