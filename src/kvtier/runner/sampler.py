@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -250,12 +251,9 @@ class Sampler:
         lists moved on without this sampler, which the engine never does). `num_outputs`:
         the output's length, pending tokens included; the state folded those in when it
         sampled them, and only a state that matches can stand for tokens the lists lack."""
-        state = self._penalties.get(request_id)
-        if state is not None and state.num_output_tokens == num_outputs:
+        state = _current_state(self._penalties, request_id, num_outputs, output, "penalty")
+        if state is not None:
             return state
-        if num_outputs != len(output):
-            raise RuntimeError(f"request {request_id!r}: penalty state for {num_outputs} "
-                               f"output tokens is missing and {len(output)} are known")
         seen = counts = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(vocab, dtype=torch.bool, device=device)
@@ -269,17 +267,13 @@ class Sampler:
         self._penalties[request_id] = state
         return state
 
-
     def _bad_words_state(self, request_id: str, params: SamplingParams, output: list[int],
                          num_outputs: int, device: torch.device) -> _BadWordsState:
         """The request's bad-word state, built from its output the first time (as
         `_penalty_state`: a state that folded in the pending tokens stands for them)."""
-        state = self._bad_words.get(request_id)
-        if state is not None and state.num_output_tokens == num_outputs:
+        state = _current_state(self._bad_words, request_id, num_outputs, output, "bad-word")
+        if state is not None:
             return state
-        if num_outputs != len(output):
-            raise RuntimeError(f"request {request_id!r}: bad-word state for {num_outputs} "
-                               f"output tokens is missing and {len(output)} are known")
         sequences = [ids for ids in params.bad_words_token_ids if len(ids) > 1]
         width = max(len(ids) for ids in sequences) - 1
         prefixes = [[-1] * (width + 1 - len(ids)) + list(ids[:-1]) for ids in sequences]
@@ -292,6 +286,20 @@ class Sampler:
             len(output))
         self._bad_words[request_id] = state
         return state
+
+
+def _current_state(states: dict[str, Any], request_id: str, num_outputs: int,
+                   output: list[int], what: str) -> Any:
+    """The request's state if it has folded in `num_outputs` output tokens; None if it must be
+    built from the output list, which then has to hold them all (a state lost while tokens
+    were pending cannot be rebuilt)."""
+    state = states.get(request_id)
+    if state is not None and state.num_output_tokens == num_outputs:
+        return state
+    if num_outputs != len(output):
+        raise RuntimeError(f"request {request_id!r}: {what} state for {num_outputs} output "
+                           f"tokens is missing and {len(output)} are known")
+    return None
 
 
 def apply_penalties(logits: torch.Tensor, penalised: list[tuple[int, _PenaltyState]],
