@@ -498,9 +498,9 @@ def bad_words_token_ids(tokenizer: Tokenizer, words: tuple[str, ...],
     encodes it alone, and after a space when that gives as many tokens starting with another
     one (most BPE vocabularies spell a word differently after a space)."""
     sequences: list[tuple[int, ...]] = []
-    for word in words:
-        bare = tokenizer.encode(word.lstrip(), add_special_tokens=False)
-        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+    for word in (w.lstrip() for w in words):
+        bare = tokenizer.encode(word, add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word, add_special_tokens=False)
         if not bare:
             continue
         sequences.append(tuple(bare))
