@@ -37,6 +37,8 @@ from typing import Any
 
 from profile_gpu_engine import PhaseTimer  # scripts/ is on sys.path when this runs as a script
 
+from kvtier.utils.gil import shorten_switch_interval
+
 MODEL = "random:qwen2.5-1.5b"
 
 
@@ -354,6 +356,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check: embedded model, short prompts, few requests")
     args = parser.parse_args()
+    shorten_switch_interval()  # as in the engine process: the tier's threads take the GIL
     names = args.variant or ["off", "cpu"]
     if args.smoke:
         shape = {"model": None, "prefix_len": 64, "suffix_len": 16, "output_len": 4,

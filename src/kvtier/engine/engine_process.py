@@ -34,6 +34,7 @@ from kvtier.engine.core_messages import Command, CoreUpdate, StopCore
 from kvtier.engine.engine import LLMEngine
 from kvtier.engine.engine_core import CommandInbox, EngineCore
 from kvtier.utils.gc_pauses import freeze_startup_heap, log_long_gc_pauses
+from kvtier.utils.gil import shorten_switch_interval
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +200,9 @@ def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None
     for sig in (signal.SIGINT, signal.SIGTERM):  # the front ends stop it (module docstring)
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level, format=spec.log_format)
+    # The pipes' readers hand each command to the core's loop, which runs Python most of a
+    # step (the tier's copy threads too): at the default interval each waits for the GIL.
+    shorten_switch_interval()
     try:
         engine = LLMEngine(spec.config)
         engine.log_stats_interval_s = spec.log_stats_interval_s

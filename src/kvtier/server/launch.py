@@ -29,11 +29,10 @@ from kvtier.engine.args import engine_kwargs
 from kvtier.engine.async_engine import AsyncEngine
 from kvtier.engine.engine_process import EngineProcessSpec
 from kvtier.server.app import ServerSettings, create_app
+from kvtier.utils.gil import shorten_switch_interval
 
 STATS_LOG_INTERVAL_S = 5.0
 """How often the server logs its engine's throughput (at INFO)."""
-SWITCH_INTERVAL_S = 0.0005
-
 logger = logging.getLogger(__name__)
 
 
@@ -144,9 +143,9 @@ def serve_front_end(conn: Connection, spec: EngineProcessSpec, settings: ServerS
 def _start(engine: AsyncEngine) -> None:
     """Start the engine (a signal meanwhile just leaves: nothing is in flight yet)."""
     # The engine runs in its own process; here the event loop shares the GIL with the thread
-    # that dispatches the engine's updates. At Python's default 5 ms switch interval a step's
-    # tokens could wait that long behind HTTP work; 0.5 ms keeps the hand-over under a step.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    # that dispatches the engine's updates: at the default switch interval a step's tokens
+    # could wait 5 ms behind HTTP work.
+    shorten_switch_interval()
     previous = {sig: signal.signal(sig, _exit_now) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         engine.start()
