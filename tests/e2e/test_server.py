@@ -552,7 +552,8 @@ def test_64_concurrent_streams_and_metrics(server: str, llm: LLM) -> None:
     assert after["kvtier:generation_tokens_total"] \
         - before["kvtier:generation_tokens_total"] == 64 * 16
     for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
-                 "request_queue_time_seconds", "request_prefill_time_seconds"):
+                 "request_queue_time_seconds", "request_prefill_time_seconds",
+                 "request_tokenize_time_seconds"):
         count = f"kvtier:{name}_count"
         assert after[count] - before[count] == 64
     # vLLM's split of the TTFT: queued in the core and scheduled-to-first-token are parts of
@@ -562,6 +563,10 @@ def test_64_concurrent_streams_and_metrics(server: str, llm: LLM) -> None:
                                          "request_queue_time_seconds",
                                          "request_prefill_time_seconds"))
     assert queue > 0 and prefill > 0 and queue + prefill <= ttft
+    # Tokenising is the first part of the front end's share.
+    tokenize = (after["kvtier:request_tokenize_time_seconds_sum"]
+                - before["kvtier:request_tokenize_time_seconds_sum"])
+    assert 0 < tokenize <= ttft - queue - prefill
     itl = "kvtier:inter_token_latency_seconds_count"
     assert after[itl] - before[itl] == 64 * 15
 

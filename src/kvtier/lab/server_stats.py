@@ -43,6 +43,11 @@ class KvtierRunStats:
     scheduled (waiting for the step in flight, then for one that takes the request)."""
     prefill_time_s: float = 0.0
     """Sum over requests of first scheduled to first token (tier loads included)."""
+    tokenize_time_s: float = 0.0
+    """Sum over requests of arrival at the HTTP handler to the prompt's token ids: the
+    front end's tokenisation (and chat template), part of its share of the TTFT."""
+    num_tokenized: int = 0
+    """Requests `tokenize_time_s` covers (those refused later included)."""
     num_first_tokens: int = 0
     """Requests the sums cover."""
 
@@ -69,6 +74,10 @@ class KvtierRunStats:
                 else None)
 
     @property
+    def mean_tokenize_ms(self) -> float | None:
+        return 1e3 * self.tokenize_time_s / self.num_tokenized if self.num_tokenized else None
+
+    @property
     def mean_front_end_ms(self) -> float | None:
         """The rest of the server's TTFT: parsing, tokenisation, the hop to the core."""
         if not self.num_first_tokens:
@@ -82,7 +91,8 @@ class KvtierRunStats:
                     mean_server_ttft_ms=self.mean_server_ttft_ms,
                     mean_queue_time_ms=self.mean_queue_time_ms,
                     mean_prefill_time_ms=self.mean_prefill_time_ms,
-                    mean_front_end_ms=self.mean_front_end_ms)
+                    mean_front_end_ms=self.mean_front_end_ms,
+                    mean_tokenize_ms=self.mean_tokenize_ms)
         return data
 
 
@@ -121,12 +131,14 @@ _SCALARS = {
     "prefix_cache_hits_total": "matched_tokens",
     "num_preemptions_total": "num_preemptions",
     "time_to_first_token_seconds_count": "num_first_tokens",
+    "request_tokenize_time_seconds_count": "num_tokenized",
 }
 """Counters of tokens and events: whole numbers."""
 _SECONDS = {
     "time_to_first_token_seconds_sum": "ttft_s",
     "request_queue_time_seconds_sum": "queue_time_s",
     "request_prefill_time_seconds_sum": "prefill_time_s",
+    "request_tokenize_time_seconds_sum": "tokenize_time_s",
 }
 """Latency sums: kept as they are."""
 _PER_TIER = {

@@ -73,6 +73,7 @@ def tier_grid(records: Sequence[RunRecord | None], names: Sequence[str]) -> Grid
     # when the engine core applies the first token (vLLM's split of it below).
     latency_rows = [("Server mean TTFT", "mean_server_ttft_ms"),
                     ("  front end (parse, tokenise, to the core)", "mean_front_end_ms"),
+                    ("    of which tokenise (arrival to token ids)", "mean_tokenize_ms"),
                     ("  queued in the engine core", "mean_queue_time_ms"),
                     ("  first scheduled to first token", "mean_prefill_time_ms")]
     grid = [["kvtier counters", *names]]

@@ -73,7 +73,7 @@ def create_app(async_engine: AsyncEngine, settings: ServerSettings | None = None
     names = settings.served_model_names or (async_engine.model_name,)
     metrics = ServerMetrics(async_engine.snapshot)
     async_engine.add_listener(metrics.observe)
-    serving = OpenAIServing(async_engine, names)
+    serving = OpenAIServing(async_engine, names, on_tokenized=metrics.tokenize_time.observe)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

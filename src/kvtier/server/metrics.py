@@ -161,6 +161,11 @@ class ServerMetrics:
         self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
                                     "Received by the engine core to first scheduled.",
                                     buckets=TTFT_BUCKETS, registry=registry)
+        self.tokenize_time = Histogram(PREFIX + "request_tokenize_time_seconds",
+                                       "Arrival at the HTTP handler to the prompt's token ids "
+                                       "(chat template included): the front end's share "
+                                       "before the hop to the core.",
+                                       buckets=TTFT_BUCKETS, registry=registry)
         self.prefill_time = Histogram(PREFIX + "request_prefill_time_seconds",
                                       "First scheduled to first token (tier loads included).",
                                       buckets=TTFT_BUCKETS, registry=registry)

@@ -58,8 +58,12 @@ TOKENIZER_WORKERS = max(1, min(4, (os.cpu_count() or 1) - 1))
 class OpenAIServing:
     """Turns validated request bodies into engine requests and engine outputs into responses."""
 
-    def __init__(self, engine: AsyncEngine, served_model_names: tuple[str, ...]) -> None:
+    def __init__(self, engine: AsyncEngine, served_model_names: tuple[str, ...],
+                 on_tokenized: Callable[[float], None] | None = None) -> None:
+        """`on_tokenized` gets each generation request's seconds from arrival at the handler
+        to its prompt's token ids."""
         self.engine = engine
+        self._on_tokenized = on_tokenized
         self.model_names = served_model_names
         assert engine.tokenizer is not None, "start() the engine first"
         self.max_model_len = engine.max_model_len
@@ -93,6 +97,7 @@ class OpenAIServing:
         max_tokens = 1 if echo_only else 16 if body.max_tokens is None else body.max_tokens
         token_ids = [self._truncated(ids, body.truncate_prompt_tokens) for ids in
                      await asyncio.gather(*(self._prompt_ids(prompt) for prompt in prompts))]
+        self._tokenized(arrival)
         # Every prompt is checked before any is added: a batch runs whole or not at all.
         params = [self._params(body, max_tokens, len(ids), "prompt",
                                explicit=body.max_tokens is not None, logprobs=num_top,
@@ -136,6 +141,7 @@ class OpenAIServing:
                                       template_kwargs=body.chat_template_kwargs),
             param="messages")
         token_ids = self._truncated(token_ids, body.truncate_prompt_tokens)
+        self._tokenized(arrival)
         requested = body.max_completion_tokens or body.max_tokens
         params = self._params(body, requested or self.max_model_len, len(token_ids), "messages",
                               explicit=requested is not None, logprobs=num_top)
@@ -236,6 +242,10 @@ class OpenAIServing:
             template_kwargs=template_kwargs)
         # The template already holds any BOS token: encode without adding special tokens.
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def _tokenized(self, arrival: float) -> None:
+        if self._on_tokenized is not None:
+            self._on_tokenized(time.monotonic() - arrival)
 
     def _truncated(self, token_ids: list[int], keep: int | None) -> list[int]:
         """vLLM's truncate_prompt_tokens: the last `keep` ids (-1: the context length)."""

@@ -78,6 +78,8 @@ DIFF = {
     "kvtier:time_to_first_token_seconds_sum": 0.4,
     "kvtier:request_queue_time_seconds_sum": 0.1,
     "kvtier:request_prefill_time_seconds_sum": 0.2,
+    "kvtier:request_tokenize_time_seconds_sum": 0.05,
+    "kvtier:request_tokenize_time_seconds_count": 10.0,  # two refused after tokenising
 }
 
 
@@ -93,6 +95,8 @@ def test_summarize_splits_matched_tokens_by_tier():
     assert stats.mean_queue_time_ms == pytest.approx(12.5)
     assert stats.mean_prefill_time_ms == pytest.approx(25.0)
     assert stats.mean_front_end_ms == pytest.approx(12.5)  # 50 - 12.5 - 25
+    assert stats.mean_tokenize_ms == pytest.approx(5.0)  # over the requests it timed
+    assert stats.to_json()["mean_tokenize_ms"] == pytest.approx(5.0)
     assert stats.to_json()["mean_queue_time_ms"] == pytest.approx(12.5)
     text = format_stats(stats, client_prompt_tokens=1000)
     assert "700 (70.0%)" in text and "hit tokens, cpu:" in text and "2.0 / 3.0" in text

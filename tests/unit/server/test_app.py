@@ -499,6 +499,9 @@ def test_api_key_guards_v1_only(engine: AsyncEngine) -> None:
 def test_metrics_names_and_tier_labels(engine: AsyncEngine) -> None:
     app = create_app(engine)
     call(app, "POST", "/v1/completions", json={"prompt": "abc", "max_tokens": 2})
+    chat = call(app, "POST", "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    assert chat.status_code == 200
     snapshot = engine.snapshot()
     snapshot.stats.tiers = {"cpu": TierStats(num_loaded_bytes=10, num_errors=1)}
     snapshot.stats.tier_manager = ManagerStats(hit_tokens={"cpu": 48},  # reloads included
@@ -507,10 +510,14 @@ def test_metrics_names_and_tier_labels(engine: AsyncEngine) -> None:
     text = call(app, "GET", "/metrics").text
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
-    assert samples[("kvtier:generation_tokens_total", ())] == 2
-    assert samples[("kvtier:request_success_total", (("finished_reason", "length"),))] == 1
-    assert samples[("kvtier:time_to_first_token_seconds_count", ())] == 1
+    assert samples[("kvtier:generation_tokens_total", ())] == 3
+    assert samples[("kvtier:request_success_total", (("finished_reason", "length"),))] == 2
+    assert samples[("kvtier:time_to_first_token_seconds_count", ())] == 2
     assert samples[("kvtier:inter_token_latency_seconds_count", ())] == 1
+    # Both routes time their tokenisation (the chat one includes its template).
+    assert samples[("kvtier:request_tokenize_time_seconds_count", ())] == 2
+    assert 0 < samples[("kvtier:request_tokenize_time_seconds_sum", ())] \
+        <= samples[("kvtier:time_to_first_token_seconds_sum", ())]
     assert samples[("kvtier:tier_hit_tokens_total", (("tier", "cpu"),))] == 32
     assert samples[("kvtier:tier_loaded_bytes_total", (("tier", "cpu"),))] == 10
     assert samples[("kvtier:tier_errors_total", (("tier", "cpu"),))] == 1
