@@ -26,6 +26,7 @@ import tokenizers
 from tokenizers import processors
 
 from kvtier.model.chat_template import compile_chat_template
+from kvtier.model.piece_cache import PieceIdsCache
 from kvtier.model.spec import ModelLoadError
 
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
@@ -47,9 +48,10 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus the few settings from `tokenizer_config.json` that matter.
 
     Takes ownership of `backend` (its post-processor may be rebuilt, as transformers does).
-    Immutable after construction; safe to share between threads. `eos_token_id` is the
-    tokenizer config's eos (as in transformers); when that is unset it falls back to the
-    smallest of `eos_token_ids`, the set a generation loop should stop on.
+    Its settings are fixed at construction, and it is safe to share between threads (the
+    piece cache locks). `eos_token_id` is the tokenizer config's eos (as in transformers);
+    when that is unset it falls back to the smallest of `eos_token_ids`, the set a
+    generation loop should stop on.
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, config: Mapping[str, Any],
@@ -70,6 +72,8 @@ class Tokenizer:
                                      bool(config.get("add_eos_token", False)))
         self.cuts_into_pieces = piece_cuts_are_exact(backend)
         """Long texts are tokenised as pieces in parallel (see `cut_pieces`)."""
+        self.piece_ids = PieceIdsCache()
+        """Ids of earlier long texts' pieces (used when `cuts_into_pieces`)."""
         self.bos_token_id = self._token_id(self.special_tokens.get("bos_token"))
         self.eos_token_id = self._token_id(self.special_tokens.get("eos_token"))
         eos_ids = {int(i) for i in extra_eos_token_ids}
@@ -124,12 +128,31 @@ class Tokenizer:
         # (~23 ms for a 4,300-token prompt). The server tokenises on worker threads; with
         # encode, each long prompt froze its event loop, and every stream with it. A long
         # prompt's pre-tokenizer regex dominates that time and runs on one core, so where it
-        # is exact, the text goes in pieces that the library's threads encode at once.
-        pieces = [text]
+        # is exact, the text goes in pieces that the library's threads encode at once, and
+        # pieces an earlier text already had are not encoded again.
         if self.cuts_into_pieces and len(text) >= PARALLEL_MIN_CHARS:
-            pieces = cut_pieces(text, PARALLEL_CHUNK_CHARS)
+            return self._encode_pieces(text, add_special_tokens)
+        return list(self._encode_batch([text], add_special_tokens, text)[0].ids)
+
+    def _encode_pieces(self, text: str, add_special_tokens: bool) -> list[int]:
+        # Under `cuts_into_pieces` the post-processor adds no ids, so a piece's ids do not
+        # depend on `add_special_tokens` nor on where the piece stands: the text is the key.
+        # The last piece is looked up but not kept: what follows a known part of a prompt
+        # is rarely repeated as such.
+        pieces = cut_pieces(text, PARALLEL_CHUNK_CHARS)
+        ids: list[list[int] | None] = [self.piece_ids.get(p) for p in pieces[:-1]] + [None]
+        missing = [i for i, known in enumerate(ids) if known is None]
+        encodings = self._encode_batch([pieces[i] for i in missing], add_special_tokens, text)
+        for i, encoding in zip(missing, encodings, strict=True):
+            ids[i] = encoding.ids
+            if i < len(pieces) - 1:
+                self.piece_ids.put(pieces[i], encoding.ids)
+        return [token for piece in ids for token in piece or ()]
+
+    def _encode_batch(self, pieces: list[str], add_special_tokens: bool,
+                      text: str) -> list[tokenizers.Encoding]:
         try:
-            encodings = self.backend.encode_batch(pieces, add_special_tokens=add_special_tokens)
+            return self.backend.encode_batch(pieces, add_special_tokens=add_special_tokens)
         except TypeError:
             # tokenizers refuses a str that is not valid Unicode (a lone surrogate, which JSON
             # can carry as an escape) with an opaque TypeError: name the character instead.
@@ -138,9 +161,6 @@ class Tokenizer:
                 raise
             raise ValueError(f"the text is not valid Unicode: a lone surrogate "
                              f"(U+{ord(text[bad]):04X}) at character {bad}") from None
-        if len(encodings) == 1:
-            return list(encodings[0].ids)
-        return [token for encoding in encodings for token in encoding.ids]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Ids the tokenizer does not know (e.g. a model's padded vocab rows) decode to nothing."""
