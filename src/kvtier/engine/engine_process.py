@@ -200,8 +200,8 @@ def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None
     for sig in (signal.SIGINT, signal.SIGTERM):  # the front ends stop it (module docstring)
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level, format=spec.log_format)
-    # The pipes' readers hand each command to the core's loop, which runs Python most of a
-    # step (the tier's copy threads too): at the default interval each waits for the GIL.
+    # The pipes' readers hand each command to the core's loop, and the tier's threads their
+    # copies: at the default interval each hand-over may wait 5 ms for the GIL (utils/gil.py).
     shorten_switch_interval()
     try:
         engine = LLMEngine(spec.config)

@@ -45,6 +45,7 @@ def test_the_engine_process_runs_at_the_short_interval(tmp_path: Path) -> None:
                             args=(f"{tmp_path}/missing", engine_end, report_out))
     child.start()
     try:
+        assert front_end.poll(60)
         assert isinstance(front_end.recv(), StartFailed)  # it got as far as building
         assert report_in.poll(60)
         assert report_in.recv() == pytest.approx(SWITCH_INTERVAL_S)
