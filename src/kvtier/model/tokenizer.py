@@ -132,7 +132,7 @@ class Tokenizer:
         # pieces an earlier text already had are not encoded again.
         if self.cuts_into_pieces and len(text) >= PARALLEL_MIN_CHARS:
             return self._encode_pieces(text, add_special_tokens)
-        return list(self._encode_batch([text], add_special_tokens, text)[0].ids)
+        return self._encode_batch([text], add_special_tokens, text)[0].ids  # a fresh list
 
     def _encode_pieces(self, text: str, add_special_tokens: bool) -> list[int]:
         # Under `cuts_into_pieces` the post-processor adds no ids, so a piece's ids do not
