@@ -118,12 +118,22 @@ def default_decode_config(head_dim: int) -> DecodeConfig:
     return DecodeConfig(32, 4, 2)
 
 
+DECODE_PROGRAMS_PER_SM = 3
+"""Programs of the decode partial kernel per SM that the split count aims at. Two left every
+SM with 2 or 3 programs when the grid ran a little over one wave (288 programs on 132 SMs at
+batch 16 and 24), and the SMs with three set the kernel's time. Three per SM was the best
+split count at every batch from 8 to 64 of workload P's ~4,400-token contexts (H200,
+`scripts/decode_split_sweep.py`, 28 layers in one graph): 4-10% less time than two."""
+
+
 def choose_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
                       num_sms: int) -> int:
-    """Splits per decode so that the partial kernel runs about two programs per SM, each over
-    at least MIN_KEYS_PER_SPLIT keys of the longest context; 1 skips the reduce kernel."""
+    """Splits per decode so that the partial kernel runs about DECODE_PROGRAMS_PER_SM programs
+    per SM, each over at least MIN_KEYS_PER_SPLIT keys of the longest context; 1 skips the
+    reduce kernel."""
     useful = triton.cdiv(max(max_seq_len, 1), MIN_KEYS_PER_SPLIT)
-    wanted = triton.cdiv(2 * num_sms, max(num_decodes * num_kv_heads, 1))
+    wanted = triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms,
+                         max(num_decodes * num_kv_heads, 1))
     return max(1, min(useful, wanted, MAX_SPLITS))
 
 
