@@ -3,11 +3,11 @@
 P's steps are ~90% decode-only at batch 16-32 with ~4,400-token contexts, and decode attention
 is the largest kernel of those steps (24 us a layer at batch 16: 2.95 TB/s against a ~4.1 TB/s
 copy rate). Each program of `decode_partial_kernel` covers one split of one (sequence, KV
-head); `choose_num_splits` aims at about two programs per SM, so the grid is often a little
-over one wave (288 programs on 132 SMs at batch 16 and at batch 24) and some SMs get a third
-program. This times the backend's decode forward (KV write, partial and reduce kernels) of
-28 layers, each with its own paged cache, captured in one CUDA graph, for each split count
-and tile config, next to the copy-rate floor of the K/V bytes measured in the same run.
+head); `choose_num_splits` picks the count (two programs per SM until ddb9089, then as many
+as one resident wave of four per SM holds). This times the backend's decode forward (KV
+write, partial and reduce kernels) of 28 layers, each with its own paged cache, captured in
+one CUDA graph, for each split count and tile config, next to the copy-rate floor of the K/V
+bytes measured in the same run.
 
     PYTHONPATH=src:scripts python3 scripts/decode_split_sweep.py --out $OUT/split_sweep.json
     TRITON_INTERPRET=1 PYTHONPATH=src:scripts python3 scripts/decode_split_sweep.py --smoke

@@ -334,8 +334,11 @@ def test_choose_num_splits() -> None:
     assert choose_num_splits(256, 2, 4096, 132) == 1
     assert choose_num_splits(1, 2, 4096, 132) == 32  # capped by 128 keys per split
     assert choose_num_splits(1, 2, 65536, 132) == 128  # capped by MAX_SPLITS
-    assert choose_num_splits(32, 2, 4096, 132) == 7  # about 3 programs per SM
-    assert choose_num_splits(24, 2, 4352, 132) == 9
+    # As many splits as one wave of 4 programs per SM holds (528 on 132 SMs), never more.
+    assert choose_num_splits(32, 2, 4096, 132) == 8
+    assert choose_num_splits(24, 2, 4352, 132) == 11
+    assert choose_num_splits(96, 2, 4352, 132) == 2  # 3 would be 576 programs
+    assert choose_num_splits(192, 2, 4352, 132) == 1
     assert choose_num_splits(4, 2, 100, 132) == 1
 
 

@@ -118,22 +118,25 @@ def default_decode_config(head_dim: int) -> DecodeConfig:
     return DecodeConfig(32, 4, 2)
 
 
-DECODE_PROGRAMS_PER_SM = 3
-"""Programs of the decode partial kernel per SM that the split count aims at. Two left every
-SM with 2 or 3 programs when the grid ran a little over one wave (288 programs on 132 SMs at
-batch 16 and 24), and the SMs with three set the kernel's time. Three per SM was the best
-split count at every batch from 8 to 64 of workload P's ~4,400-token contexts (H200,
-`scripts/decode_split_sweep.py`, 28 layers in one graph): 4-10% less time than two."""
+DECODE_RESIDENT_PROGRAMS_PER_SM = 4
+"""Programs of the decode partial kernel one SM holds at once (d=128 tiles on sm_90: ~120
+registers a thread, 4 warps, 38 KB of shared memory). The split count fills this once: the
+programs past one resident wave start only as others end, and every split of a long context
+is as long as its siblings, so a grid just over a wave takes nearly two. On an H200, 28
+layers at P's ~4,400-token contexts (`scripts/decode_split_sweep.py`): every grid over 528
+programs was slower than the next smaller split count (batch 24: 12 splits 1.114 ms, 10
+splits 1.018; batch 96: 3 splits 4.157 ms, 2 splits 3.182), and the fullest grid under it
+was the best or within 1% of it at every batch from 8 to 192. Aiming at two programs per SM,
+as before, left 4-10% on the table at batches 8-48."""
 
 
 def choose_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
                       num_sms: int) -> int:
-    """Splits per decode so that the partial kernel runs about DECODE_PROGRAMS_PER_SM programs
-    per SM, each over at least MIN_KEYS_PER_SPLIT keys of the longest context; 1 skips the
-    reduce kernel."""
+    """Splits per decode: as many as one resident wave of the partial kernel holds
+    (DECODE_RESIDENT_PROGRAMS_PER_SM), each over at least MIN_KEYS_PER_SPLIT keys of the
+    longest context; 1 skips the reduce kernel."""
     useful = triton.cdiv(max(max_seq_len, 1), MIN_KEYS_PER_SPLIT)
-    wanted = triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms,
-                         max(num_decodes * num_kv_heads, 1))
+    wanted = (DECODE_RESIDENT_PROGRAMS_PER_SM * num_sms) // max(num_decodes * num_kv_heads, 1)
     return max(1, min(useful, wanted, MAX_SPLITS))
 
 
