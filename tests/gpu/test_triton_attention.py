@@ -334,11 +334,12 @@ def test_choose_num_splits() -> None:
     assert choose_num_splits(256, 2, 4096, 132) == 1
     assert choose_num_splits(1, 2, 4096, 132) == 32  # capped by 128 keys per split
     assert choose_num_splits(1, 2, 65536, 132) == 128  # capped by MAX_SPLITS
-    # As many splits as one wave of 4 programs per SM holds (528 on 132 SMs), never more.
-    assert choose_num_splits(32, 2, 4096, 132) == 8
-    assert choose_num_splits(24, 2, 4352, 132) == 11
+    # About 3 programs per SM, never past one wave of 4 per SM (528 programs on 132 SMs).
+    assert choose_num_splits(32, 2, 4096, 132) == 7
+    assert choose_num_splits(24, 2, 4352, 132) == 9
+    assert choose_num_splits(8, 2, 4352, 132) == 25
     assert choose_num_splits(96, 2, 4352, 132) == 2  # 3 would be 576 programs
-    assert choose_num_splits(192, 2, 4352, 132) == 1
+    assert choose_num_splits(192, 2, 4352, 132) == 1  # 2 would be 768
     assert choose_num_splits(4, 2, 100, 132) == 1
 
 

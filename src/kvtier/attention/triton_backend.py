@@ -118,25 +118,33 @@ def default_decode_config(head_dim: int) -> DecodeConfig:
     return DecodeConfig(32, 4, 2)
 
 
+DECODE_PROGRAMS_PER_SM = 3
+"""Programs of the decode partial kernel per SM that the split count aims at."""
 DECODE_RESIDENT_PROGRAMS_PER_SM = 4
 """Programs of the decode partial kernel one SM holds at once (d=128 tiles on sm_90: ~120
-registers a thread, 4 warps, 38 KB of shared memory). The split count fills this once: the
-programs past one resident wave start only as others end, and every split of a long context
-is as long as its siblings, so a grid just over a wave takes nearly two. On an H200, 28
-layers at P's ~4,400-token contexts (`scripts/decode_split_sweep.py`): every grid over 528
-programs was slower than the next smaller split count (batch 24: 12 splits 1.114 ms, 10
-splits 1.018; batch 96: 3 splits 4.157 ms, 2 splits 3.182), and the fullest grid under it
-was the best or within 1% of it at every batch from 8 to 192. Aiming at two programs per SM,
-as before, left 4-10% on the table at batches 8-48."""
+registers a thread, 4 warps, 38 KB of shared memory). The split count never spills past this
+wave: programs beyond it start only as others end, and the splits of a long context are all
+as long, so a grid just over a wave takes nearly two.
+
+Measured on an H200 (`scripts/decode_split_sweep.py`, 28 layers in one graph, P's ~4,400-token
+contexts; three calls agreed within ~1%): every grid over 528 programs was slower than the
+next smaller split count (batch 24: 12 splits 1.114 ms against 10 splits 1.018; batch 96: 3
+splits 4.16 against 2 splits 3.18; batch 192: 2 splits 6.61 against 1 split 5.82), and three
+programs per SM under that cap was the best count or within 1% of it at every batch from 8
+to 192. Aiming at two per SM, as before, was 4-10% slower at batches 8-64 (batch 24: 6
+splits 1.087 ms against 9 splits 1.011); filling the wave to the brim was up to 10% slower
+at batch 8 (33 splits 0.563 ms against 25 splits 0.508: the reduce's tile doubles past 32)."""
 
 
 def choose_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
                       num_sms: int) -> int:
-    """Splits per decode: as many as one resident wave of the partial kernel holds
-    (DECODE_RESIDENT_PROGRAMS_PER_SM), each over at least MIN_KEYS_PER_SPLIT keys of the
-    longest context; 1 skips the reduce kernel."""
+    """Splits per decode: about DECODE_PROGRAMS_PER_SM programs per SM, never more than one
+    resident wave (DECODE_RESIDENT_PROGRAMS_PER_SM) holds, each over at least
+    MIN_KEYS_PER_SPLIT keys of the longest context; 1 skips the reduce kernel."""
+    pairs = max(num_decodes * num_kv_heads, 1)
     useful = triton.cdiv(max(max_seq_len, 1), MIN_KEYS_PER_SPLIT)
-    wanted = (DECODE_RESIDENT_PROGRAMS_PER_SM * num_sms) // max(num_decodes * num_kv_heads, 1)
+    wanted = min(triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms, pairs),
+                 DECODE_RESIDENT_PROGRAMS_PER_SM * num_sms // pairs)
     return max(1, min(useful, wanted, MAX_SPLITS))
 
 
