@@ -127,13 +127,16 @@ wave: programs beyond it start only as others end, and the splits of a long cont
 as long, so a grid just over a wave takes nearly two.
 
 Measured on an H200 (`scripts/decode_split_sweep.py`, 28 layers in one graph, P's ~4,400-token
-contexts; three calls agreed within ~1%): every grid over 528 programs was slower than the
-next smaller split count (batch 24: 12 splits 1.114 ms against 10 splits 1.018; batch 96: 3
-splits 4.16 against 2 splits 3.18; batch 192: 2 splits 6.61 against 1 split 5.82), and three
-programs per SM under that cap was the best count or within 1% of it at every batch from 8
-to 192. Aiming at two per SM, as before, was 4-10% slower at batches 8-64 (batch 24: 6
-splits 1.087 ms against 9 splits 1.011); filling the wave to the brim was up to 10% slower
-at batch 8 (33 splits 0.563 ms against 25 splits 0.508: the reduce's tile doubles past 32)."""
+contexts; three calls agreed within ~1%): at every batch from 16 to 192, every grid over 528
+programs was slower than the best count under it (batch 24: 12 splits 1.114 ms against 10
+splits 1.018; batch 96: 3 splits 4.16 against 2 splits 3.18; batch 192: 2 splits 6.61
+against 1 split 5.82), and three programs per SM under that cap was the best count or within
+1% of it at every batch from 8 to 192. Aiming at two per SM, as before, was 4-10% slower at
+batches 8-64 (batch 24: 6 splits 1.087 ms against 9 splits 1.011); filling the wave to the
+brim was 10% slower at batch 8 (33 splits 0.563 ms against 25 splits 0.508; 33 is where the
+reduce's BLOCK_S doubles to 64). Short contexts (150-1,500 tokens) gained 3-7% from more
+splits than either rule picks, past the wave too: their programs are short, so a second
+wave costs little; decode attention does not bound workload S's steps."""
 
 
 def choose_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
