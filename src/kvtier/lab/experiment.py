@@ -8,7 +8,8 @@ An experiment file (or a built-in preset under `presets/`) looks like this:
     tokenizer = "path/tokenizer.json"   # optional: else resolved from the model name
     restart_per_workload = false        # true: per workload, a fresh server of each config
     repeats = 1                         # >1: run everything that many times, interleaved;
-                                        # the report shows medians (noisy machines); `{repeat}`
+                                        # the report shows medians (noisy machines) and each
+                                        # config against the first, repeat by repeat; `{repeat}`
                                         # in engine values / launch is the run's index
 
     [bench]                             # BenchConfig fields shared by every workload

@@ -8,6 +8,8 @@ A second table gives kvtier's own counters: where the matched prompt tokens came
 
 from __future__ import annotations
 
+import json
+import statistics
 from collections.abc import Sequence
 
 from kvtier.lab.records import RunRecord, combine_repeats, tier_names
@@ -25,6 +27,10 @@ ARTICLE_ROWS: tuple[tuple[str, str, str], ...] = (
 )
 MISSING = "—"
 Grid = list[list[str]]
+PAIRED_METRICS: tuple[tuple[str, str], ...] = (
+    ("request_throughput", "req/s"), ("mean_ttft_ms", "mean TTFT"),
+    ("p99_ttft_ms", "p99 TTFT"), ("p99_itl_ms", "p99 ITL"))
+"""What `paired_lines` compares repeat by repeat."""
 
 
 def format_value(value: float | None, unit: str) -> str:
@@ -141,6 +147,40 @@ def spread_lines(row: Sequence[RunRecord | None]) -> list[str]:
     return lines
 
 
+def paired_lines(records: Sequence[RunRecord], servers: Sequence[str],
+                 workload: str) -> list[str]:
+    """Each configuration against the first, repeat by repeat (where both runs of a repeat
+    succeeded, at least two such pairs): the ratio of each pair's values and their median.
+    The lab interleaves repeats, so a host whose speed drifts over minutes moves both runs of
+    a pair alike; the median of the pairs' ratios can then separate configurations that the
+    ratio of their medians (the table) mixes with that drift."""
+    runs: dict[str, dict[tuple[int, str], RunRecord]] = {}
+    for record in records:
+        if record.workload == workload and record.succeeded and record.repeat >= 0:
+            key = (record.repeat, json.dumps(record.params, sort_keys=True))
+            runs.setdefault(record.server, {})[key] = record
+    if not servers:
+        return []
+    base = runs.get(servers[0], {})
+    lines = []
+    for server in servers[1:]:
+        other = runs.get(server, {})
+        pairs = sorted(base.keys() & other.keys())
+        if len(pairs) < 2:
+            continue
+        parts = []
+        for key, label in PAIRED_METRICS:
+            ratios = [b / a for a, b in ((base[p].metric(key), other[p].metric(key))
+                                         for p in pairs) if a and b is not None]
+            if len(ratios) == len(pairs):
+                parts.append(f"{label} {', '.join(f'{r:.3f}' for r in ratios)} "
+                             f"(median {statistics.median(ratios):.3f})")
+        if parts:
+            lines.append(f"{server} / {servers[0]}, {len(pairs)} repeats pair by pair: "
+                         + "; ".join(parts))
+    return lines
+
+
 def format_tables(records: Sequence[RunRecord], servers: Sequence[str],
                   workloads: Sequence[str], markdown: bool = False) -> str:
     """Every workload's article table (and kvtier counters), as text or Markdown."""
@@ -155,7 +195,7 @@ def format_tables(records: Sequence[RunRecord], servers: Sequence[str],
         tiers = tier_grid(row, servers)
         if tiers is not None:
             blocks.append(render(tiers))
-        spread = spread_lines(row)
+        spread = spread_lines(row) + paired_lines(records, servers, workload)
         if spread:
             blocks.append("\n".join(f"- {line}" if markdown else line for line in spread))
         failures = [f"{r.server}: {r.status}: {r.error}" for r in row

@@ -9,6 +9,7 @@ from kvtier.lab.table import (
     comparison_grid,
     format_tables,
     format_value,
+    paired_lines,
     percent_change,
     render_markdown,
     render_text,
@@ -93,3 +94,23 @@ def test_format_tables_covers_each_workload_and_reports_failures():
     assert "== P ==" in text and "== S ==" in text and "unused" not in text
     markdown = format_tables(records, ["off", "on"], ["P"], markdown=True)
     assert markdown.startswith("### P\n\n| metric |")
+
+
+def test_paired_lines_compare_each_repeat_with_the_first_configurations_same_repeat():
+    # The host drifts between repeats; "on" is 1.25x "off" in two of three pairs, so the
+    # median of the pairs' ratios says 1.25 where the ratio of the medians says 1.0.
+    off = [record("off", "S", [1.0, 1.0], duration_s=d, repeat=i)
+           for i, d in enumerate((10.0, 5.0, 4.0, 4.0))]
+    on = [record("on", "S", [0.5, 0.5], duration_s=d, repeat=i)
+          for i, d in enumerate((8.0, 4.0, 5.0, 1.0))]
+    on[3].status = "failed"  # its pair is left out
+    records = off + on
+    (line,) = paired_lines(records, ["off", "on"], "S")
+    assert line.startswith("on / off, 3 repeats pair by pair: req/s 1.250, 1.250, 0.800 "
+                           "(median 1.250); mean TTFT 0.500, 0.500, 0.500 (median 0.500)")
+    assert "p99 TTFT" in line and "p99 ITL" in line
+    assert "on / off, 3 repeats" in format_tables(records, ["off", "on"], ["S"])
+    # One pair, another workload or a lone configuration: nothing to pair.
+    assert paired_lines(off[:1] + on[:1], ["off", "on"], "S") == []
+    assert paired_lines(records, ["off", "on"], "P") == []
+    assert paired_lines(records, ["off"], "S") == []
