@@ -569,6 +569,10 @@ def test_64_concurrent_streams_and_metrics(server: str, llm: LLM) -> None:
     assert 0 < tokenize <= ttft - queue - prefill
     itl = "kvtier:inter_token_latency_seconds_count"
     assert after[itl] - before[itl] == 64 * 15
+    # A step gives a request at most one token, and with prompts this short every step
+    # samples: the engine's step counter lies between the two.
+    steps = after["kvtier:engine_steps_total"] - before["kvtier:engine_steps_total"]
+    assert 16 <= steps <= 64 * 16
 
 
 # -- 3. clients that leave mid-stream free their KV blocks -----------------------------------

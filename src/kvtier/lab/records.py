@@ -29,7 +29,7 @@ _CSV_METRICS = ("completed", "failed", "duration", "total_input_tokens", "total_
                 "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms",
                 "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms")
 _KVTIER_COLUMNS = ("prompt_tokens", "matched_tokens", "computed_tokens", "num_preemptions",
-                   "mean_server_ttft_ms", "mean_front_end_ms", "mean_tokenize_ms",
+                   "num_steps", "mean_server_ttft_ms", "mean_front_end_ms", "mean_tokenize_ms",
                    "mean_queue_time_ms", "mean_prefill_time_ms")
 
 

@@ -35,6 +35,9 @@ class KvtierRunStats:
     tier_loaded_bytes: dict[str, int] = field(default_factory=dict)
     tier_stored_bytes: dict[str, int] = field(default_factory=dict)
     num_preemptions: int = 0
+    num_steps: int = 0
+    """Engine steps (forward passes) the run took: with equal work, more steps mean smaller
+    batches (admission held back, smaller decode batches)."""
     ttft_s: float = 0.0
     """Sum over requests of the server's TTFT (arrival at the HTTP handler, before
     tokenisation, to the first token applied in the engine core)."""
@@ -130,6 +133,7 @@ _SCALARS = {
     "generation_tokens_total": "generation_tokens",
     "prefix_cache_hits_total": "matched_tokens",
     "num_preemptions_total": "num_preemptions",
+    "engine_steps_total": "num_steps",
     "time_to_first_token_seconds_count": "num_first_tokens",
     "request_tokenize_time_seconds_count": "num_tokenized",
 }
@@ -180,4 +184,5 @@ def format_stats(stats: KvtierRunStats, client_prompt_tokens: int | None = None)
         lines.append(f"{'  ' + tier + ' MiB loaded / stored:':<40} {loaded:.1f} / {stored:.1f}")
     lines.append(f"{'Generated tokens (server):':<40} {stats.generation_tokens}")
     lines.append(f"{'Preemptions:':<40} {stats.num_preemptions}")
+    lines.append(f"{'Engine steps:':<40} {stats.num_steps}")
     return "\n".join(lines)

@@ -74,7 +74,8 @@ def tier_grid(records: Sequence[RunRecord | None], names: Sequence[str]) -> Grid
     rows: list[tuple[str, str]] = [("Prompt tokens (server)", "prompt_tokens"),
                                           ("Matched, all caches", "matched_tokens")]
     rows += [(f"  hit tokens: {t}", t) for t in tiers]
-    rows += [("Computed (prefilled)", "computed_tokens"), ("Preemptions", "num_preemptions")]
+    rows += [("Computed (prefilled)", "computed_tokens"), ("Preemptions", "num_preemptions"),
+             ("Engine steps", "num_steps")]
     # Where a client's TTFT goes: the server's own TTFT starts at the HTTP handler and ends
     # when the engine core applies the first token (vLLM's split of it below).
     latency_rows = [("Server mean TTFT", "mean_server_ttft_ms"),

@@ -91,6 +91,8 @@ class _SnapshotCollector(Collector):
                        "(device and tiers).", stats.num_prefix_cache_hit_tokens)
         yield _counter("num_preemptions", "Requests preempted for KV space.",
                        stats.num_preemptions)
+        yield _counter("engine_steps", "Engine steps run (each one forward pass).",
+                       stats.num_steps)
         finished = CounterMetricFamily(PREFIX + "request_success", "Finished requests by reason.",
                                        labels=["finished_reason"])
         for reason, count in _finished_by_reason(stats.num_finished).items():

@@ -68,6 +68,7 @@ def test_csv_has_one_row_per_run_with_tier_columns(tmp_path: Path):
 DIFF = {
     "kvtier:prompt_tokens_total": 1000.0, "kvtier:generation_tokens_total": 64.0,
     "kvtier:prefix_cache_hits_total": 700.0, "kvtier:num_preemptions_total": 2.0,
+    "kvtier:engine_steps_total": 41.0,
     'kvtier:tier_hit_tokens_total{tier="cpu"}': 400.0,
     'kvtier:tier_hit_tokens_total{tier="disk"}': 100.0,
     'kvtier:tier_loaded_bytes_total{tier="cpu"}': 2.0 * 2**20,
@@ -88,7 +89,7 @@ def test_summarize_splits_matched_tokens_by_tier():
     assert stats is not None
     assert stats.tier_hit_tokens == {"device": 200, "cpu": 400, "disk": 100}
     assert (stats.prompt_tokens, stats.matched_tokens, stats.computed_tokens) == (1000, 700, 300)
-    assert stats.num_requests == 8 and stats.num_preemptions == 2
+    assert stats.num_requests == 8 and stats.num_preemptions == 2 and stats.num_steps == 41
     assert stats.tier_loaded_bytes == {"cpu": 2 * 2**20}
     # Latency sums are seconds (not rounded like the counters), averaged per first token.
     assert stats.mean_server_ttft_ms == pytest.approx(50.0)

@@ -68,10 +68,12 @@ def test_tier_grid_lists_hit_tokens_per_tier():
     assert rows["  hit tokens: device"] == ["200", "200"]
     assert rows["  hit tokens: cpu"] == [MISSING, "600"]
     assert rows["Computed (prefilled)"] == ["800", "200"]
+    assert rows["Engine steps"] == [MISSING, MISSING]  # runs from before the step counter
     # Runs recorded before the server's latency sums were summarised show dashes.
     assert rows["Server mean TTFT"] == [MISSING, MISSING]
-    tier.kvtier.update(mean_server_ttft_ms=42.5, mean_queue_time_ms=7.25)  # type: ignore[union-attr]
+    tier.kvtier.update(mean_server_ttft_ms=42.5, mean_queue_time_ms=7.25, num_steps=1234)  # type: ignore[union-attr]
     rows = {row[0]: row[1:] for row in tier_grid([base, tier], ["off", "on"])[1:]}  # type: ignore[index]
+    assert rows["Engine steps"] == [MISSING, "1,234"]
     assert rows["Server mean TTFT"] == [MISSING, "42.50 ms"]
     assert rows["  queued in the engine core"] == [MISSING, "7.25 ms"]
     assert tier_grid([record("x", "P", [1.0])], ["x"]) is None

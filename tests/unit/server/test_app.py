@@ -507,10 +507,12 @@ def test_metrics_names_and_tier_labels(engine: AsyncEngine) -> None:
     snapshot.stats.tier_manager = ManagerStats(hit_tokens={"cpu": 48},  # reloads included
                                                reuse_rate=0.25, store_min_hits=2)
     snapshot.stats.num_tier_hit_tokens = {"cpu": 32}  # prompt tokens served, once each
+    snapshot.stats.num_steps = 7
     text = call(app, "GET", "/metrics").text
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
     assert samples[("kvtier:generation_tokens_total", ())] == 3
+    assert samples[("kvtier:engine_steps_total", ())] == 7
     assert samples[("kvtier:request_success_total", (("finished_reason", "length"),))] == 2
     assert samples[("kvtier:time_to_first_token_seconds_count", ())] == 2
     assert samples[("kvtier:inter_token_latency_seconds_count", ())] == 1
