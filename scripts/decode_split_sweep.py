@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 
 import torch
 import triton
+from gpu_check import cuda_time  # scripts/ is on sys.path when this runs as a script
 
 from kvtier.attention.base import AttentionMetadata
 from kvtier.attention.torch_ref import TorchAttentionBackend
@@ -65,13 +65,13 @@ class DecodeBatch:
     def kv_bytes(self) -> int:
         return sum(self.contexts) * BYTES_PER_TOKEN * len(self.caches)
 
-    def forward(self, backend: TritonAttentionBackend | TorchAttentionBackend
-                ) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+    def forward(self, backend: TritonAttentionBackend | TorchAttentionBackend,
+                num_layers: int | None = None) -> list[torch.Tensor]:
+        """The decode forward of the first `num_layers` layers (default: all)."""
         metadata = AttentionMetadata(**self.args)
         backend.prepare(metadata)
-        outs = [backend.forward(self.q, self.k, self.v, cache, metadata, HEAD_DIM ** -0.5)
-                for cache in self.caches]
-        return metadata, outs
+        return [backend.forward(self.q, self.k, self.v, cache, metadata, HEAD_DIM ** -0.5)
+                for cache in self.caches[:num_layers]]
 
 
 def graph_ms(batch: DecodeBatch, backend: TritonAttentionBackend, rounds: int) -> float:
@@ -81,41 +81,21 @@ def graph_ms(batch: DecodeBatch, backend: TritonAttentionBackend, rounds: int) -
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         batch.forward(backend)
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_time(graph.replay, repeat=rounds) * 1e3
 
 
 def copy_rate_gbs() -> float:
     """Device copy rate of a 1 GiB buffer: bytes read plus bytes written, over its time."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(6):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 2 * src.numel() / statistics.median(times[1:]) / 1e6
+    return 2 * src.numel() / cuda_time(lambda: dst.copy_(src), repeat=5) / 1e9
 
 
 def check(batch: DecodeBatch, backend: TritonAttentionBackend) -> float:
     """Largest difference from the torch reference on the first layer."""
-    _, outs = batch.forward(backend)
-    ref_batch = DecodeBatch.__new__(DecodeBatch)
-    ref_batch.__dict__.update(batch.__dict__, caches=batch.caches[:1])
-    _, ref = ref_batch.forward(TorchAttentionBackend())
-    return (outs[0].float() - ref[0].float()).abs().max().item()
+    (out,) = batch.forward(backend, num_layers=1)
+    (ref,) = batch.forward(TorchAttentionBackend(), num_layers=1)
+    return (out.float() - ref.float()).abs().max().item()
 
 
 def main() -> None:

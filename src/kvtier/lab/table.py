@@ -155,13 +155,13 @@ def paired_lines(records: Sequence[RunRecord], servers: Sequence[str],
     The lab interleaves repeats, so a host whose speed drifts over minutes moves both runs of
     a pair alike; the median of the pairs' ratios can then separate configurations that the
     ratio of their medians (the table) mixes with that drift."""
+    if not servers:
+        return []
     runs: dict[str, dict[tuple[int, str], RunRecord]] = {}
     for record in records:
         if record.workload == workload and record.succeeded and record.repeat >= 0:
             key = (record.repeat, json.dumps(record.params, sort_keys=True))
             runs.setdefault(record.server, {})[key] = record
-    if not servers:
-        return []
     base = runs.get(servers[0], {})
     lines = []
     for server in servers[1:]:
