@@ -35,6 +35,7 @@ from kvtier.engine.engine import LLMEngine
 from kvtier.engine.engine_core import CommandInbox, EngineCore
 from kvtier.utils.gc_pauses import freeze_startup_heap, log_long_gc_pauses
 from kvtier.utils.gil import shorten_switch_interval
+from kvtier.utils.profiling import engine_profile_dir, profiled
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +205,7 @@ def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None
     # copies: at the default interval each hand-over may wait 5 ms for the GIL (utils/gil.py).
     shorten_switch_interval()
     try:
+        profile_dir = engine_profile_dir()  # a bad value fails the start, not the first step
         engine = LLMEngine(spec.config)
         engine.log_stats_interval_s = spec.log_stats_interval_s
     except BaseException as exc:
@@ -234,7 +236,8 @@ def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None
     else:
         fanout.start_readers()
     try:
-        core.run()
+        with profiled(profile_dir, "engine"):
+            core.run()
     finally:
         for conn in conns:
             conn.close()

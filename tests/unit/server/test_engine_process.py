@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pstats
 import signal
 import time
 from collections.abc import Iterator
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +28,7 @@ from kvtier.engine.async_engine import (
 from kvtier.engine.engine_process import EngineProcessSpec, spawn_engine_process
 from kvtier.model.spec import ModelLoadError
 from kvtier.types import InvalidRequestError, RequestOutput, SamplingParams
+from kvtier.utils.profiling import ENGINE_PROFILE_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -157,6 +160,32 @@ def test_dead_child_ends_every_wait() -> None:
 def test_construction_error_is_reraised_by_start(tmp_path: object) -> None:
     engine = AsyncEngine.spawn(EngineConfig.from_kwargs(model=f"{tmp_path}/missing"))
     with pytest.raises(ModelLoadError, match="no such file"):
+        engine.start()
+    assert not engine.is_alive
+
+
+def test_profile_dir_gets_the_core_loop_profile(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The spawned child inherits the variable; the profile is written when the loop ends.
+    monkeypatch.setenv(ENGINE_PROFILE_ENV, str(tmp_path / "profiles"))
+    engine = spawn()
+    outputs = asyncio.run(collect(engine, "The tiny model says"))
+    asyncio.run(engine.shutdown())
+    assert outputs[-1].finished
+    written = list((tmp_path / "profiles").glob("engine-*.prof"))
+    assert len(written) == 1
+    functions = {(Path(file).name, name) for file, _, name in pstats.Stats(str(written[0])).stats}
+    # The core's loop and the scheduler it drives ran under the profiler.
+    assert ("engine_core.py", "_loop") in functions
+    assert ("scheduler.py", "schedule") in functions
+
+
+def test_unusable_profile_dir_fails_the_start(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(ENGINE_PROFILE_ENV, str(tmp_path / "a-file" / "profiles"))
+    engine = AsyncEngine.spawn(EngineConfig.from_kwargs(model=MODEL, **ENGINE_ARGS))
+    with pytest.raises(ValueError, match=f"{ENGINE_PROFILE_ENV}=.*cannot create"):
         engine.start()
     assert not engine.is_alive
 

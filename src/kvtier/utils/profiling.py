@@ -1,0 +1,57 @@
+"""cProfile of the engine core's loop in a running server, switched on by the environment.
+
+The engine process's host work (scheduling, the tiers' bookkeeping, outputs) is what a served
+workload waits for between steps, and an in-process replay does not always show the same
+costs: it has no front end, no pipe, and its requests arrive differently. With
+KVTIER_ENGINE_PROFILE_DIR set, the engine process profiles its core loop (its main thread;
+the pipe readers are not included) from start to shutdown and writes
+`engine-<pid>.prof` (pstats format) there when the loop ends, like vLLM's
+VLLM_TORCH_PROFILER_DIR for the host side. cProfile roughly doubles Python's cost: compare
+profiles with each other, not with unprofiled timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import cProfile
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ENGINE_PROFILE_ENV = "KVTIER_ENGINE_PROFILE_DIR"
+
+
+def engine_profile_dir() -> Path | None:
+    """The directory KVTIER_ENGINE_PROFILE_DIR names, created; None when it is unset or empty.
+    Raises ValueError naming the variable when the directory cannot be made."""
+    value = os.environ.get(ENGINE_PROFILE_ENV)
+    if not value:
+        return None
+    path = Path(value)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{ENGINE_PROFILE_ENV}={value!r}: cannot create the directory "
+                         f"({exc.strerror})") from exc
+    return path
+
+
+@contextlib.contextmanager
+def profiled(directory: Path | None, name: str) -> Iterator[None]:
+    """Profile the body into `directory`/`name`-<pid>.prof (nothing when `directory` is None);
+    the file is written however the body ends."""
+    if directory is None:
+        yield
+        return
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        path = directory / f"{name}-{os.getpid()}.prof"
+        profiler.dump_stats(path)
+        logger.info("profile of the %s written to %s", name, path)
