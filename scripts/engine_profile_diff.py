@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import pstats
+import re
 import sys
 from pathlib import Path
 
@@ -32,8 +33,14 @@ def load(path: Path) -> pstats.Stats:
 
 
 def own_times(stats: pstats.Stats) -> dict[Key, tuple[int, float]]:
-    """(calls, own seconds) per function."""
-    return {key: (value[1], value[2]) for key, value in stats.stats.items()}  # type: ignore[attr-defined]
+    """(calls, own seconds) per function. A builtin's name can hold its address ("<function
+    Event.synchronize at 0x7f...>"), which differs between processes: it is dropped."""
+    times: dict[Key, tuple[int, float]] = {}
+    for (file, line, name), value in stats.stats.items():  # type: ignore[attr-defined]
+        key = (file, line, re.sub(r" at 0x[0-9a-f]+>$", ">", name))
+        calls, own = times.get(key, (0, 0.0))
+        times[key] = (calls + value[1], own + value[2])
+    return times
 
 
 def label(key: Key) -> str:

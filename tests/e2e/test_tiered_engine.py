@@ -323,3 +323,22 @@ def test_waiting_for_a_transfer_sleeps_until_a_store_lands(
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
     finish(llm)
+
+
+def test_cost_model_observes_prefill_steps_only() -> None:
+    # The engine times every step, but only prefill-dominated ones teach the cost model what
+    # recomputing costs; decode-only steps (one token per row) must not dilute that rate.
+    llm = make_llm(kv_tiers=("cpu:64MiB",))
+    observed: list[int] = []
+    cost = llm.engine.tiers.cost
+    observe = cost.observe_prefill
+    cost.observe_prefill = lambda tokens, seconds: (observed.append(tokens),  # type: ignore[method-assign]
+                                                     observe(tokens, seconds))
+    prompts = workload(num_requests=2)
+    outputs = llm.generate(prompts, GREEDY)
+    finish(llm)
+    assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in outputs)
+    # 276-token prompts in 128-token steps: two full chunks and a 20-token tail each. The
+    # tails (< 32 tokens) and the decodes are not observed.
+    assert observed and all(tokens >= 32 for tokens in observed)
+    assert sum(observed) >= 2 * 256

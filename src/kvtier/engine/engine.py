@@ -411,6 +411,8 @@ class LLMEngine:
     def _observe_prefill(self, scheduled: SchedulerOutput, seconds: float) -> None:
         """Feed the tiers' cost model with prefill-dominated steps."""
         assert self.tiers is not None
+        if scheduled.num_scheduled_tokens == len(scheduled.requests):
+            return  # one token per row: decodes only (most steps), no prefill to observe
         num_prefill = sum(len(s.token_ids) for s in scheduled.requests if len(s.token_ids) > 1)
         if num_prefill >= 32 and 2 * num_prefill >= scheduled.num_scheduled_tokens:
             self.tiers.cost.observe_prefill(num_prefill, seconds)

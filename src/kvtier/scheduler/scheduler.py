@@ -599,6 +599,10 @@ class Scheduler:
         """Apply a step's results; returns the requests that got a new token (some finished)."""
         now = time.monotonic()
         updated: list[Request] = []
+        # Write-through stores: decided once per step, not per request (a busy step is
+        # hundreds of rows, and this loop is on the host's path to the next launch).
+        tiers = (self.tiers if self.tiers is not None and self.tiers.stores_on_compute
+                 and self.kv.enable_caching else None)
         for scheduled in output.requests:
             request = self.requests.get(scheduled.request_id)
             if request is None:
@@ -620,9 +624,8 @@ class Scheduler:
             self.kv.cache_computed_blocks(request)
             if scheduled.prompt_logprob_targets:
                 request.prompt_logprobs.extend(runner_output.prompt_logprobs[request.request_id])
-            if (self.tiers is not None and self.tiers.stores_on_compute
-                    and self.kv.enable_caching):
-                request.num_tier_handled_blocks = self.tiers.on_blocks_computed(
+            if tiers is not None:
+                request.num_tier_handled_blocks = tiers.on_blocks_computed(
                     self.kv.block_hashes(request),
                     request.num_computed_tokens // self.kv.block_size,
                     request.num_tier_handled_blocks)

@@ -417,11 +417,14 @@ class TierManager:
         lookahead did not reach (a step that allocates more than its window, several misses
         and loads admitted together) would otherwise be lost, and their prefix recomputed."""
         rescued: list[Chunk] = []
-        for block_hash, _ in evicted:
-            chunk = self._candidates.pop(block_hash, None)
+        candidates = self._candidates
+        # The pool evicts several times a step under pressure: a workload without reuse (no
+        # candidates) skips the walk.
+        for block_hash, _ in evicted if candidates else ():
+            chunk = candidates.pop(block_hash, None)
             if chunk is not None:
                 for other in chunk.block_hashes:
-                    self._candidates.pop(other, None)
+                    candidates.pop(other, None)
                 rescued.append(chunk)
         saved: set[BlockHash] = set()
         if rescued and reused and self.config.kv_store_policy == "lazy":

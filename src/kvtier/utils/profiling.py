@@ -3,8 +3,9 @@
 The engine process's host work (scheduling, the tiers' bookkeeping, outputs) is what a served
 workload waits for between steps, and an in-process replay does not always show the same
 costs: it has no front end, no pipe, and its requests arrive differently. With
-KVTIER_ENGINE_PROFILE_DIR set, the engine process profiles its core loop (its main thread;
-the pipe readers are not included) from start to shutdown and writes
+KVTIER_ENGINE_PROFILE_DIR set, the engine process profiles its core loop from start to
+shutdown (on Python 3.12+ cProfile sees every thread, so the pipe readers' blocking reads show
+up as `posix.read` and lock waits; before 3.12 only the loop's thread) and writes
 `engine-<pid>.prof` (pstats format) there when the loop ends, like vLLM's
 VLLM_TORCH_PROFILER_DIR for the host side. cProfile roughly doubles Python's cost: compare
 profiles with each other, not with unprofiled timings.
