@@ -374,11 +374,14 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
         num_warps=config.num_warps, num_stages=config.num_stages)
     if not direct:
         prefill_out = out[first_token:first_token + data.num_prefill_tokens]
+        # Without PDL even on steps of <= 2 rows: the prefill kernel before it never lets
+        # its dependents start early, so PDL would gain nothing and only add kernel variants
+        # for the start-up warm-up to compile.
         decode_reduce_kernel[(data.num_prefill_tokens, num_heads)](
             part, lse, prefill_out, splits, prefill_out.stride(0), prefill_out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-            BLOCK_S=triton.next_power_of_2(splits), CHUNK=16, num_warps=4,
-            **launch_options(query))
+            BLOCK_S=triton.next_power_of_2(splits), CHUNK=16, num_warps=4, PDL=False,
+            launch_pdl=False)
 
 
 def own_kv_readable(key: torch.Tensor, value: torch.Tensor) -> bool:

@@ -51,11 +51,15 @@ from kvtier.types import (
 logger = logging.getLogger(__name__)
 
 WARMUP_STEPS = ((0, 4352), (4096, 64), (4096, 256), (4096, 384), (4096, 768), (4096, 1024),
-                (512, 64))
+                (512, 64), (0, 300), (4096, 2048))
 """(cached context, new tokens) of the steps run once at start-up on CUDA, so Triton compiles
-the prefill kernel's variants before the first request does: a whole prompt (long-prompt
-tiles), and extends that run the split tiles split (reduce buckets 16, 8 and 4: 64, 256 and 384
-new tokens after 4,096; 64 after 512) and unsplit (768 and 1,024 after 4,096)."""
+the prefill kernel's variants before the first request does: a whole prompt (read by
+`prompt_kernel`), extends that run the split tiles split (reduce buckets 16, 8 and 4: 64, 256
+and 384 new tokens after 4,096; 64 after 512; bucket 2: a lone 300-token prompt) and unsplit
+(768 and 1,024 after 4,096), and a
+long chunk after a cached context (the paged kernel's long-prompt tiles: 2,048 after 4,096;
+without it a fresh H200 compiled them for 1.7 s in workload S's first steps).
+tests/unit/attention/test_warm_up_variants.py checks that these reach every variant."""
 
 
 @dataclass
