@@ -4,9 +4,10 @@ Triton backend's tile choice can select, so no served request waits for Triton t
 A variant is what Triton compiles apart: the tile config (constexprs, warps, stages), whether
 the KV is split (DIRECT) and which kernel runs (`prompt_kernel` reading the step's own K/V, or
 the paged `prefill_kernel`), and the split count's bucket for the reduce kernel (launched
-without PDL after a prefill, whatever the row count). On an H200 a fresh engine compiled the paged kernel's long-prompt
-tiles during its first ShareGPT steps (1.7 s), because no warm-up step took them. The choice
-is host logic, so this runs without a GPU, for the article's model shape on an H200.
+without PDL after a prefill, whatever the row count). On an H200 a fresh engine compiled the
+paged kernel's long-prompt tiles during its first ShareGPT steps (1.7 s), because no warm-up
+step took them. The choice is host logic, so this runs without a GPU, for the article's model
+shape on an H200.
 """
 
 from __future__ import annotations
