@@ -233,12 +233,20 @@ class EngineConfig:
     (scheduling still waits for step N's tokens). Off by default: on an H200 it served P
     5-10% faster, but one Q run had a worse TTFT with it (BENCHMARKS.md)."""
 
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None
     """Schedule and launch step N+1 before reading step N's tokens (vLLM's --async-scheduling;
     the server's engine core and `LLM.generate`), so the host's scheduling, input staging and
     output work overlap the device's step. A decode's input is then its previous token, still
     on the device. A request that a stop token or string ends computes one more token, which
-    is dropped."""
+    is dropped. None (the default, as in recent vLLM): on where the device runs a step without
+    the host (CUDA) unless `overlap_outputs` is set; off on the CPU, whose forward pass is the
+    host's own work, so there is nothing to overlap (`resolved_async_scheduling`)."""
+
+    def resolved_async_scheduling(self, device_type: str) -> bool:
+        """Whether the engine on a `device_type` device schedules asynchronously."""
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return device_type == "cuda" and not self.overlap_outputs
 
     def __post_init__(self) -> None:
         if self.async_scheduling and self.overlap_outputs:

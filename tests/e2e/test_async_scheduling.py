@@ -200,6 +200,12 @@ def test_bad_words_read_as_vllm_does() -> None:
     assert bad_words_token_ids(tokenizer, ("1234567",)) == (encode("1234567"),)
 
 
+def test_default_on_the_cpu_is_synchronous() -> None:
+    # Nothing to overlap there: the CPU's forward pass is the host's own work.
+    assert not LLM(TINY).engine.async_scheduling
+    assert LLM(TINY, async_scheduling=True).engine.async_scheduling
+
+
 def test_async_scheduling_and_overlap_outputs_are_exclusive() -> None:
     with pytest.raises(ConfigError, match="async_scheduling already overlaps"):
         LLM(TINY, async_scheduling=True, overlap_outputs=True)

@@ -570,10 +570,20 @@ def test_serve_flags_reach_the_engine_config() -> None:
     assert not config.overlap_outputs and config.tiers.kv_load_timing == "same-step"
     assert config.scheduler.long_prefill_token_threshold == 0
     assert config.scheduler.short_prefill_first_tokens == 0
-    assert not config.async_scheduling
+    # Async scheduling by default where the device runs steps without the host (CUDA), as in
+    # recent vLLM; not on the CPU, nor beside --overlap-outputs; either flag decides.
+    assert config.async_scheduling is None
+    assert config.resolved_async_scheduling("cuda")
+    assert not config.resolved_async_scheduling("cpu")
+    config = EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args(["--overlap-outputs"])))
+    assert not config.resolved_async_scheduling("cuda")
+    config = EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args(
+        ["--no-async-scheduling"])))
+    assert config.async_scheduling is False and not config.resolved_async_scheduling("cuda")
     config = EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args(
         ["--async-scheduling"])))
     assert config.async_scheduling and not config.overlap_outputs
+    assert config.resolved_async_scheduling("cpu")
     with pytest.raises(ConfigError, match="async_scheduling already overlaps"):
         EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args(
             ["--async-scheduling", "--overlap-outputs"])))

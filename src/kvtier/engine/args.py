@@ -32,9 +32,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--overlap-outputs", action="store_true",
                    help="server: build and send a step's outputs while the device runs the "
                         "next step")
-    g.add_argument("--async-scheduling", action="store_true",
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and launch the next step before reading this step's "
-                        "tokens (vLLM's flag), overlapping host work with the device")
+                        "tokens (vLLM's flag), overlapping host work with the device "
+                        "(default: on with CUDA unless --overlap-outputs, off on the CPU)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True)

@@ -207,7 +207,7 @@ class AsyncEngine:
             core = EngineCore(self.engine, self._inbox, self._dispatch,
                               request_timeout_s=self.request_timeout_s,
                               overlap_outputs=self.engine.config.overlap_outputs,
-                              async_scheduling=self.engine.config.async_scheduling)
+                              async_scheduling=self.engine.async_scheduling)
             self._dispatch(core.initial_update())
         except BaseException as exc:  # handed to start(), which re-raises it
             failure.append(exc)

@@ -133,6 +133,9 @@ class LLMEngine:
             raise ConfigError(f"max_model_len {requested_len} is more than the model's "
                               f"max_position_embeddings {self.spec.max_position_embeddings}")
         self.device = resolve_device(config.model)
+        self.async_scheduling = config.resolved_async_scheduling(self.device.type)
+        """Whether the engine's callers (`LLM.generate`, the engine core) launch each step
+        before reading the tokens of the one before."""
         self.dtype = resolve_dtype(config.model, self.spec, self.device)
         backend = create_backend(config.attention_backend, self.device.type)
         self.model = build_model(self.source, backend, self.device, self.dtype)
@@ -190,8 +193,9 @@ class LLMEngine:
         """perf_counter() when the last step's tokens were read."""
         self._ids = itertools.count()
         logger.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, "
-                    "backend %s", time.monotonic() - started, self.source.name, self.device,
-                    self.dtype, plan.num_blocks, block_size, backend.name)
+                    "backend %s, %s scheduling", time.monotonic() - started, self.source.name,
+                    self.device, self.dtype, plan.num_blocks, block_size, backend.name,
+                    "async" if self.async_scheduling else "synchronous")
 
     def _piecewise_max_tokens(self) -> int:
         """Largest step captured as piecewise graphs (0: none)."""

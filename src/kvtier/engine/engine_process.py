@@ -224,7 +224,7 @@ def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None
     core = EngineCore(engine, inbox, conns[0].send if fanout is None else fanout.emit,
                       request_timeout_s=spec.request_timeout_s,
                       separate_process=True, overlap_outputs=spec.config.overlap_outputs,
-                      async_scheduling=spec.config.async_scheduling)
+                      async_scheduling=engine.async_scheduling)
     ready, first = Ready(engine.model_name, engine.max_model_len), core.initial_update()
     for conn in conns:
         with contextlib.suppress(OSError, ValueError):  # a front end that died meanwhile

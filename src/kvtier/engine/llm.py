@@ -64,7 +64,7 @@ class LLM:
                     pending.discard(output.request_id)
 
         engine = self.engine
-        if not engine.config.async_scheduling:
+        if not engine.async_scheduling:
             while pending:
                 collect(engine.step())
             return [finished[r] for r in request_ids]
