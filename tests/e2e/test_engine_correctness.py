@@ -601,3 +601,22 @@ def test_start_up_warm_up_steps_leave_no_trace() -> None:
     warmed.engine.warm_up_prefill_kernels()  # the pool (1,024 tokens) caps every step
     assert pool.num_free_blocks == pool.num_blocks and pool.reset_prefix_cache() == 0
     assert [o.outputs[0].token_ids for o in warmed.generate(prompts, params)] == expected
+
+
+def test_the_detokenizer_table_is_built_before_the_first_request(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Built lazily it cost the first request ~0.3 s inside the engine loop (Qwen's 151k ids).
+    from kvtier.model import tokenizer as tokenizer_module
+    built: list[str] = []
+    original = tokenizer_module._byte_level_table
+
+    def recording(*args: object) -> list[bytes | None]:
+        built.append("table")
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tokenizer_module, "_byte_level_table", recording)
+    llm = LLM("random:tiny-llama", num_gpu_blocks_override=64)
+    assert built == ["table"]  # at construction
+    output = llm.generate("hello", SamplingParams(max_tokens=4, temperature=0.0,
+                                                  ignore_eos=True))[0]
+    assert output.outputs[0].text and built == ["table"]  # used, not rebuilt

@@ -184,6 +184,10 @@ class LLMEngine:
             except Exception:  # an optimisation only: the kernels then compile on first use
                 logger.warning("prefill warm-up failed", exc_info=True)
         self.outputs = OutputProcessor(self.tokenizer)
+        # The detokenizer's per-id byte table (~150k ids for Qwen) is built on first use: here,
+        # so that the first request does not wait for it (~0.3 s on an H200's host, inside the
+        # engine loop).
+        self.tokenizer.token_bytes()
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
             self.spec.eos_token_ids)
         self.log_stats_interval_s: float | None = None
