@@ -1,0 +1,59 @@
+"""Greedy tokens on the card under the default async scheduling against the synchronous core,
+with and without the cpu tier (issue 6: "greedy output is token-identical with tiers on and
+off"; async scheduling became the CUDA default in 4e70ddc).
+
+The Qwen2.5-1.5B shape with random weights, a 384-block pool under four 2,048-token prefixes
+(evicted between uses, so the tier serves them), twelve requests of 24 tokens, all at once.
+
+    PYTHONPATH=src:scripts python3 scripts/greedy_async_check_gpu.py --out $OUT/greedy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import torch
+
+MODEL = "random:qwen2.5-1.5b"
+
+
+def main() -> None:
+    from kvtier import LLM, SamplingParams
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="greedy_async.json")
+    parser.add_argument("--model", default=MODEL, help="CPU smoke check: random:tiny-llama")
+    parser.add_argument("--prefix-len", type=int, default=2048)
+    args = parser.parse_args()
+    rng = random.Random(9)
+    vocab = 100_000 if args.model == MODEL else 40_000
+    prefixes = [[rng.randrange(1000, vocab) for _ in range(args.prefix_len)]
+                for _ in range(4)]
+    prompts = [prefixes[i % 4] + [rng.randrange(1000, vocab) for _ in range(64)]
+               for i in range(12)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    report: dict = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    tokens = {}
+    for name, extra in (("sync, off", {"async_scheduling": False}), ("default, off", {}),
+                        ("default, cpu", {"kv_tiers": ("cpu:4GiB",)})):
+        llm = LLM(args.model, num_gpu_blocks_override=384, max_num_batched_tokens=2048,
+                  max_num_seqs=16, **extra)
+        report[f"{name}: async"] = llm.engine.async_scheduling
+        # Twice: all at once (the scheduler mixes them), then one by one (prefix hits).
+        tokens[name] = ([o.outputs[0].token_ids for o in llm.generate(prompts, params)],
+                        [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts])
+        if llm.engine.tiers is not None:
+            report["cpu hit tokens"] = llm.engine.tiers.stats.hit_tokens["cpu"]
+            llm.engine.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+    reference = tokens["sync, off"]
+    report["identical"] = {name: got == reference for name, got in tokens.items()}
+    print(json.dumps(report, indent=1), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
