@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--out", default="greedy_async.json")
     parser.add_argument("--model", default=MODEL, help="CPU smoke check: random:tiny-llama")
     parser.add_argument("--prefix-len", type=int, default=2048)
+    parser.add_argument("--configs", default="sync-off,default-off,default-cpu",
+                        help="comma-separated, the first is the reference; also sync-cpu "
+                             "and default-cpu-next-step (tier loads a step later)")
     args = parser.parse_args()
     rng = random.Random(9)
     vocab = 100_000 if args.model == MODEL else 40_000
@@ -35,8 +38,16 @@ def main() -> None:
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     report: dict = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     tokens = {}
-    for name, extra in (("sync, off", {"async_scheduling": False}), ("default, off", {}),
-                        ("default, cpu", {"kv_tiers": ("cpu:4GiB",)})):
+    configs = {"sync-off": {"async_scheduling": False}, "default-off": {},
+               "default-cpu": {"kv_tiers": ("cpu:4GiB",)},
+               "sync-cpu": {"kv_tiers": ("cpu:4GiB",), "async_scheduling": False},
+               "default-cpu-next-step": {"kv_tiers": ("cpu:4GiB",),
+                                         "kv_load_timing": "next-step"}}
+    for name in args.configs.split(","):
+        if name not in configs:
+            parser.error(f"--configs: unknown configuration {name!r}; known: "
+                         f"{', '.join(configs)}")
+        extra = configs[name]
         llm = LLM(args.model, num_gpu_blocks_override=384, max_num_batched_tokens=2048,
                   max_num_seqs=16, **extra)
         report[f"{name}: async"] = llm.engine.async_scheduling
@@ -44,12 +55,18 @@ def main() -> None:
         tokens[name] = ([o.outputs[0].token_ids for o in llm.generate(prompts, params)],
                         [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts])
         if llm.engine.tiers is not None:
-            report["cpu hit tokens"] = llm.engine.tiers.stats.hit_tokens["cpu"]
+            report[f"{name}: cpu hit tokens"] = llm.engine.tiers.stats.hit_tokens["cpu"]
             llm.engine.shutdown()
         del llm
         torch.cuda.empty_cache()
-    reference = tokens["sync, off"]
+    reference = tokens[next(iter(tokens))]
     report["identical"] = {name: got == reference for name, got in tokens.items()}
+    # Where a configuration differs: (pass, prompt, first differing position).
+    report["first differences"] = {
+        name: [(run, i, next(j for j, (a, b) in enumerate(zip(x, y, strict=True)) if a != b))
+               for run in range(2) for i, (x, y) in enumerate(zip(got[run], reference[run],
+                                                                  strict=True)) if x != y]
+        for name, got in tokens.items() if got != reference}
     print(json.dumps(report, indent=1), flush=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
