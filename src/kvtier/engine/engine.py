@@ -79,6 +79,12 @@ class EngineStats:
     num_preemptions: int = 0
     num_finished: dict[str, int] = field(default_factory=dict)
     num_steps: int = 0
+    num_decode_only_steps: int = 0
+    """Steps whose every row is one sampled decode token; the rest carry prompt tokens."""
+    step_seconds: float = 0.0
+    """Sum over steps of launch to tokens read (under async scheduling a step launched while
+    the one before ran counts from that one's tokens: the step period)."""
+    decode_only_step_seconds: float = 0.0
     num_loading: int = 0
     tiers: dict[str, TierStats] = field(default_factory=dict)
     """Per lower tier (cpu, disk, ...): bytes stored/loaded, evictions, errors, ..."""
@@ -103,12 +109,17 @@ class _StatsWindow:
     def add(self, scheduled: SchedulerOutput, runner_s: float) -> None:
         self.steps += 1
         self.runner_s += runner_s
-        decodes = sum(1 for s in scheduled.requests if len(s.token_ids) == 1 and s.sample)
+        decodes = _num_decodes(scheduled)
         decode_only = bool(scheduled.requests) and decodes == len(scheduled.requests)
         self.decode_only += decode_only
         self.decode_runner_s += runner_s if decode_only else 0.0
         self.prompt_tokens += scheduled.num_scheduled_tokens - decodes
         self.generated_tokens += sum(1 for s in scheduled.requests if s.sample)
+
+
+def _num_decodes(scheduled: SchedulerOutput) -> int:
+    """Rows that are one sampled token (a decode, or a prompt's last token alone)."""
+    return sum(1 for s in scheduled.requests if len(s.token_ids) == 1 and s.sample)
 
 
 @dataclass
@@ -392,7 +403,7 @@ class LLMEngine:
         if self.tiers is not None:
             self._observe_prefill(scheduled, runner_s)
         updated = self.scheduler.update_from_output(scheduled, runner_output)
-        self._count_step(updated)
+        self._count_step(updated, scheduled, runner_s)
         if self.log_stats_interval_s is not None:
             self._window.add(scheduled, runner_s)
             if time.monotonic() - self._window.start >= self.log_stats_interval_s:
@@ -429,9 +440,14 @@ class LLMEngine:
         if num_prefill >= 32 and 2 * num_prefill >= scheduled.num_scheduled_tokens:
             self.tiers.cost.observe_prefill(num_prefill, seconds)
 
-    def _count_step(self, updated: list[Request]) -> None:
+    def _count_step(self, updated: list[Request], scheduled: SchedulerOutput,
+                    runner_s: float) -> None:
         stats = self.stats
         stats.num_steps += 1
+        stats.step_seconds += runner_s
+        if scheduled.requests and _num_decodes(scheduled) == len(scheduled.requests):
+            stats.num_decode_only_steps += 1
+            stats.decode_only_step_seconds += runner_s
         stats.num_generation_tokens += len(updated)
         for request in updated:
             if request.num_output_tokens == 1:  # its prefill just finished

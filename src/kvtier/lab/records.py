@@ -29,8 +29,9 @@ _CSV_METRICS = ("completed", "failed", "duration", "total_input_tokens", "total_
                 "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms",
                 "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms")
 _KVTIER_COLUMNS = ("prompt_tokens", "matched_tokens", "computed_tokens", "num_preemptions",
-                   "num_steps", "mean_server_ttft_ms", "mean_front_end_ms", "mean_tokenize_ms",
-                   "mean_queue_time_ms", "mean_prefill_time_ms")
+                   "num_steps", "num_prompt_steps", "mean_prompt_step_ms",
+                   "mean_decode_step_ms", "mean_server_ttft_ms", "mean_front_end_ms",
+                   "mean_tokenize_ms", "mean_queue_time_ms", "mean_prefill_time_ms")
 
 
 @dataclass

@@ -75,7 +75,11 @@ def tier_grid(records: Sequence[RunRecord | None], names: Sequence[str]) -> Grid
                                           ("Matched, all caches", "matched_tokens")]
     rows += [(f"  hit tokens: {t}", t) for t in tiers]
     rows += [("Computed (prefilled)", "computed_tokens"), ("Preemptions", "num_preemptions"),
-             ("Engine steps", "num_steps")]
+             ("Engine steps", "num_steps"), ("  with prompt tokens", "num_prompt_steps")]
+    # A decoding stream waits through the steps with prompt tokens (decodes and prefills run
+    # in separate steps on CUDA): their length shapes the ITL tail.
+    step_rows = [("  mean step with prompt tokens", "mean_prompt_step_ms"),
+                 ("  mean decode-only step", "mean_decode_step_ms")]
     # Where a client's TTFT goes: the server's own TTFT starts at the HTTP handler and ends
     # when the engine core applies the first token (vLLM's split of it below).
     latency_rows = [("Server mean TTFT", "mean_server_ttft_ms"),
@@ -84,7 +88,7 @@ def tier_grid(records: Sequence[RunRecord | None], names: Sequence[str]) -> Grid
                     ("  queued in the engine core", "mean_queue_time_ms"),
                     ("  first scheduled to first token", "mean_prefill_time_ms")]
     grid = [["kvtier counters", *names]]
-    for label, key in rows + latency_rows:
+    for label, key in rows + step_rows + latency_rows:
         unit = "ms" if key.endswith("_ms") else "count"
         cells = []
         for r in records:

@@ -71,9 +71,13 @@ def test_tier_grid_lists_hit_tokens_per_tier():
     assert rows["Engine steps"] == [MISSING, MISSING]  # runs from before the step counter
     # Runs recorded before the server's latency sums were summarised show dashes.
     assert rows["Server mean TTFT"] == [MISSING, MISSING]
-    tier.kvtier.update(mean_server_ttft_ms=42.5, mean_queue_time_ms=7.25, num_steps=1234)  # type: ignore[union-attr]
+    tier.kvtier.update(mean_server_ttft_ms=42.5, mean_queue_time_ms=7.25, num_steps=1234,  # type: ignore[union-attr]
+                       num_prompt_steps=200, mean_prompt_step_ms=38.5, mean_decode_step_ms=4.25)
     rows = {row[0]: row[1:] for row in tier_grid([base, tier], ["off", "on"])[1:]}  # type: ignore[index]
     assert rows["Engine steps"] == [MISSING, "1,234"]
+    assert rows["  with prompt tokens"] == [MISSING, "200"]
+    assert rows["  mean step with prompt tokens"] == [MISSING, "38.50 ms"]
+    assert rows["  mean decode-only step"] == [MISSING, "4.25 ms"]
     assert rows["Server mean TTFT"] == [MISSING, "42.50 ms"]
     assert rows["  queued in the engine core"] == [MISSING, "7.25 ms"]
     assert tier_grid([record("x", "P", [1.0])], ["x"]) is None
