@@ -274,24 +274,34 @@ def hf_numbers(llm, report: dict) -> None:  # noqa: ANN001
     # The HF model goes with this frame; main() empties the CUDA cache afterwards.
 
 
-def greedy_tiers_identical(report: dict) -> None:
+def greedy_tiers_identical(report: dict, model: str = MODEL, prefix_len: int = 2048,
+                           vocab: int = 100_000) -> None:
     from kvtier import LLM, SamplingParams
     rng = random.Random(9)
-    prefixes = [[rng.randrange(1000, 100_000) for _ in range(2048)] for _ in range(4)]
-    prompts = [prefixes[i % 4] + [rng.randrange(1000, 100_000) for _ in range(64)]
+    prefixes = [[rng.randrange(1000, vocab) for _ in range(prefix_len)] for _ in range(4)]
+    prompts = [prefixes[i % 4] + [rng.randrange(1000, vocab) for _ in range(64)]
                for i in range(12)]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     results = {}
     for name, extra in (("off", {}), ("cpu", {"kv_tiers": ("cpu:4GiB",)})):
-        llm = LLM(MODEL, num_gpu_blocks_override=384, max_num_batched_tokens=2048,
+        llm = LLM(model, num_gpu_blocks_override=384, max_num_batched_tokens=2048,
                   max_num_seqs=16, **extra)
         results[name] = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+        # Then all at once: prefixes computed (and stored) in other step shapes than one by
+        # one (the twenty-fifth session found the tier's tokens differ here; see
+        # greedy_async_check_gpu.py).
+        results[name + " batched"] = [o.outputs[0].token_ids
+                                      for o in llm.generate(prompts, params)]
         if llm.engine.tiers:
             report["greedy_check_cpu_hit_tokens"] = llm.engine.tiers.stats.hit_tokens["cpu"]
             llm.engine.shutdown()
         del llm
         torch.cuda.empty_cache()
     report["greedy_identical_tiers_on_off"] = results["off"] == results["cpu"]
+    report["greedy_identical_tiers_on_off_batched"] = (results["off batched"]
+                                                        == results["cpu batched"])
+    # Tier-off against itself, batched and one by one: kernels' batch variance, no tier.
+    report["greedy_off_batched_equals_one_by_one"] = results["off batched"] == results["off"]
 
 
 def main() -> None:
