@@ -80,11 +80,14 @@ class EngineStats:
     num_finished: dict[str, int] = field(default_factory=dict)
     num_steps: int = 0
     num_decode_only_steps: int = 0
-    """Steps whose every row is one sampled decode token; the rest carry prompt tokens."""
-    step_seconds: float = 0.0
-    """Sum over steps of launch to tokens read (under async scheduling a step launched while
-    the one before ran counts from that one's tokens: the step period)."""
+    """Steps whose every row is one sampled token (decodes)."""
+    num_prompt_steps: int = 0
+    """Steps with prompt tokens (prefill chunks, a hit's suffix), decodes or not beside them.
+    The rest of num_steps ran nothing (every request waiting for a load or for blocks)."""
     decode_only_step_seconds: float = 0.0
+    """Sum over decode-only steps of launch to tokens read (under async scheduling a step
+    launched while the one before ran counts from that one's tokens: the step period)."""
+    prompt_step_seconds: float = 0.0
     num_loading: int = 0
     tiers: dict[str, TierStats] = field(default_factory=dict)
     """Per lower tier (cpu, disk, ...): bytes stored/loaded, evictions, errors, ..."""
@@ -444,10 +447,12 @@ class LLMEngine:
                     runner_s: float) -> None:
         stats = self.stats
         stats.num_steps += 1
-        stats.step_seconds += runner_s
         if scheduled.requests and _num_decodes(scheduled) == len(scheduled.requests):
             stats.num_decode_only_steps += 1
             stats.decode_only_step_seconds += runner_s
+        elif scheduled.requests:
+            stats.num_prompt_steps += 1
+            stats.prompt_step_seconds += runner_s
         stats.num_generation_tokens += len(updated)
         for request in updated:
             if request.num_output_tokens == 1:  # its prefill just finished

@@ -39,10 +39,13 @@ class KvtierRunStats:
     """Engine steps (forward passes) the run took: with equal work, more steps mean smaller
     batches (admission held back, smaller decode batches)."""
     num_decode_only_steps: int = 0
-    """Of num_steps, those of decode tokens only; the rest carry prompt tokens."""
-    step_s: float = 0.0
-    """Sum of the steps' launch-to-tokens times (under async scheduling, step periods)."""
+    """Of num_steps, those of decode tokens only."""
+    num_prompt_steps: int = 0
+    """Of num_steps, those with prompt tokens (the rest ran nothing)."""
     decode_only_step_s: float = 0.0
+    """Sum of the decode-only steps' launch-to-tokens times (under async scheduling, step
+    periods)."""
+    prompt_step_s: float = 0.0
     ttft_s: float = 0.0
     """Sum over requests of the server's TTFT (arrival at the HTTP handler, before
     tokenisation, to the first token applied in the engine core)."""
@@ -69,16 +72,11 @@ class KvtierRunStats:
         return self.matched_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     @property
-    def num_prompt_steps(self) -> int:
-        """Steps that carried prompt tokens (prefill chunks, tier hits' suffixes)."""
-        return self.num_steps - self.num_decode_only_steps
-
-    @property
     def mean_prompt_step_ms(self) -> float | None:
         """A step with prompt tokens, on average: a decoding stream waits through these when
         decodes and prefills run in separate steps, so they shape its ITL tail."""
-        steps = self.num_prompt_steps
-        return 1e3 * (self.step_s - self.decode_only_step_s) / steps if steps > 0 else None
+        return (1e3 * self.prompt_step_s / self.num_prompt_steps if self.num_prompt_steps
+                else None)
 
     @property
     def mean_decode_step_ms(self) -> float | None:
@@ -113,7 +111,6 @@ class KvtierRunStats:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(computed_tokens=self.computed_tokens, matched_fraction=self.matched_fraction,
-                    num_prompt_steps=self.num_prompt_steps,
                     mean_prompt_step_ms=self.mean_prompt_step_ms,
                     mean_decode_step_ms=self.mean_decode_step_ms,
                     mean_server_ttft_ms=self.mean_server_ttft_ms,
@@ -160,6 +157,7 @@ _SCALARS = {
     "num_preemptions_total": "num_preemptions",
     "engine_steps_total": "num_steps",
     "engine_decode_only_steps_total": "num_decode_only_steps",
+    "engine_prompt_steps_total": "num_prompt_steps",
     "time_to_first_token_seconds_count": "num_first_tokens",
     "request_tokenize_time_seconds_count": "num_tokenized",
 }
@@ -169,8 +167,8 @@ _SECONDS = {
     "request_queue_time_seconds_sum": "queue_time_s",
     "request_prefill_time_seconds_sum": "prefill_time_s",
     "request_tokenize_time_seconds_sum": "tokenize_time_s",
-    "engine_step_seconds_total": "step_s",
     "engine_decode_only_step_seconds_total": "decode_only_step_s",
+    "engine_prompt_step_seconds_total": "prompt_step_s",
 }
 """Latency sums: kept as they are."""
 _PER_TIER = {

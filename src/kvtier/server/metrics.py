@@ -93,12 +93,16 @@ class _SnapshotCollector(Collector):
                        stats.num_preemptions)
         yield _counter("engine_steps", "Engine steps run (each one forward pass).",
                        stats.num_steps)
-        yield _counter("engine_decode_only_steps", "Engine steps of decode tokens only (the "
-                       "others carry prompt tokens).", stats.num_decode_only_steps)
-        yield _counter("engine_step_seconds", "Engine steps' time from launch to tokens read "
-                       "(under async scheduling, the step period).", stats.step_seconds)
-        yield _counter("engine_decode_only_step_seconds", "The decode-only steps' part of "
-                       "kvtier:engine_step_seconds.", stats.decode_only_step_seconds)
+        yield _counter("engine_decode_only_steps", "Engine steps of decode tokens only.",
+                       stats.num_decode_only_steps)
+        yield _counter("engine_prompt_steps", "Engine steps with prompt tokens (prefill "
+                       "chunks), decodes or not beside them.", stats.num_prompt_steps)
+        yield _counter("engine_decode_only_step_seconds", "Decode-only steps' time from "
+                       "launch to tokens read (under async scheduling, the step period).",
+                       stats.decode_only_step_seconds)
+        yield _counter("engine_prompt_step_seconds", "Steps with prompt tokens: time from "
+                       "launch to tokens read (under async scheduling, the step period).",
+                       stats.prompt_step_seconds)
         finished = CounterMetricFamily(PREFIX + "request_success", "Finished requests by reason.",
                                        labels=["finished_reason"])
         for reason, count in _finished_by_reason(stats.num_finished).items():

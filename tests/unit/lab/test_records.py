@@ -68,8 +68,9 @@ def test_csv_has_one_row_per_run_with_tier_columns(tmp_path: Path):
 DIFF = {
     "kvtier:prompt_tokens_total": 1000.0, "kvtier:generation_tokens_total": 64.0,
     "kvtier:prefix_cache_hits_total": 700.0, "kvtier:num_preemptions_total": 2.0,
-    "kvtier:engine_steps_total": 41.0, "kvtier:engine_decode_only_steps_total": 36.0,
-    "kvtier:engine_step_seconds_total": 0.3, "kvtier:engine_decode_only_step_seconds_total": 0.1,
+    "kvtier:engine_steps_total": 41.0, "kvtier:engine_decode_only_steps_total": 35.0,
+    "kvtier:engine_prompt_steps_total": 5.0, "kvtier:engine_prompt_step_seconds_total": 0.2,
+    "kvtier:engine_decode_only_step_seconds_total": 0.1,
     'kvtier:tier_hit_tokens_total{tier="cpu"}': 400.0,
     'kvtier:tier_hit_tokens_total{tier="disk"}': 100.0,
     'kvtier:tier_loaded_bytes_total{tier="cpu"}': 2.0 * 2**20,
@@ -99,10 +100,11 @@ def test_summarize_splits_matched_tokens_by_tier():
     assert stats.mean_front_end_ms == pytest.approx(12.5)  # 50 - 12.5 - 25
     assert stats.mean_tokenize_ms == pytest.approx(5.0)  # over the requests it timed
     assert stats.to_json()["mean_tokenize_ms"] == pytest.approx(5.0)
-    # 5 steps carried prompt tokens, in 0.2 s of the 0.3; 36 decode-only steps in 0.1 s.
-    assert stats.num_prompt_steps == 5
+    # 5 steps carried prompt tokens, in 0.2 s; 35 decode-only steps in 0.1 s (one ran
+    # nothing).
+    assert stats.num_prompt_steps == 5 and stats.num_decode_only_steps == 35
     assert stats.mean_prompt_step_ms == pytest.approx(40.0)
-    assert stats.mean_decode_step_ms == pytest.approx(100 / 36)
+    assert stats.mean_decode_step_ms == pytest.approx(100 / 35)
     assert stats.to_json()["mean_prompt_step_ms"] == pytest.approx(40.0)
     assert KvtierRunStats().mean_prompt_step_ms is None  # no steps: no mean
     assert stats.to_json()["mean_queue_time_ms"] == pytest.approx(12.5)

@@ -508,16 +508,17 @@ def test_metrics_names_and_tier_labels(engine: AsyncEngine) -> None:
                                                reuse_rate=0.25, store_min_hits=2)
     snapshot.stats.num_tier_hit_tokens = {"cpu": 32}  # prompt tokens served, once each
     snapshot.stats.num_steps = 7
-    snapshot.stats.num_decode_only_steps = 5
-    snapshot.stats.step_seconds, snapshot.stats.decode_only_step_seconds = 0.25, 0.02
+    snapshot.stats.num_decode_only_steps, snapshot.stats.num_prompt_steps = 5, 2
+    snapshot.stats.decode_only_step_seconds, snapshot.stats.prompt_step_seconds = 0.02, 0.25
     text = call(app, "GET", "/metrics").text
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
     assert samples[("kvtier:generation_tokens_total", ())] == 3
     assert samples[("kvtier:engine_steps_total", ())] == 7
     assert samples[("kvtier:engine_decode_only_steps_total", ())] == 5
-    assert samples[("kvtier:engine_step_seconds_total", ())] == 0.25
+    assert samples[("kvtier:engine_prompt_steps_total", ())] == 2
     assert samples[("kvtier:engine_decode_only_step_seconds_total", ())] == 0.02
+    assert samples[("kvtier:engine_prompt_step_seconds_total", ())] == 0.25
     assert samples[("kvtier:request_success_total", (("finished_reason", "length"),))] == 2
     assert samples[("kvtier:time_to_first_token_seconds_count", ())] == 2
     assert samples[("kvtier:inter_token_latency_seconds_count", ())] == 1
