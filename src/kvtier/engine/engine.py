@@ -381,10 +381,9 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled.requests and self.tiers is not None and \
                 self.tiers.has_inflight_transfers and not self.scheduler.has_tokens_in_flight():
-            # Nothing could run: every request waits for a load, or for blocks that in-flight
-            # stores still pin. Sleep on a transfer's completion rather than spin, which would
-            # starve the transfer threads of the GIL. (With a step in flight, whose results
-            # change that, the caller reads it first.)
+            # Nothing could run: every request waits for a load. Sleep on a transfer's
+            # completion rather than spin, which would starve the transfer threads of the GIL.
+            # (With a step in flight, whose results change that, the caller reads it first.)
             self.tiers.wait_for_transfer(timeout_s=0.01)
         started = time.perf_counter()
         pending = self.runner.launch(scheduled)

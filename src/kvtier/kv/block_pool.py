@@ -8,8 +8,9 @@ Every block is in exactly one state:
 
 Freed blocks keep their hash, so a later request with the same prefix can take them back
 (`touch`) until `allocate` needs the space and evicts them from the LRU head. Eviction first
-tells the `EvictionListener` (the tier stack) which hashes are about to vanish; a block can be
-pinned (`pin`) while a lower tier copies it, and eviction skips pinned blocks.
+tells the `EvictionListener` (the tier stack) which hashes are about to vanish; the tier
+captures what it stores before returning, so an evicted block is free for its new owner at
+once.
 
 Pure Python: no torch. The KV data itself lives in the runner; this class only assigns ids.
 """
@@ -42,8 +43,6 @@ class KVBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: BlockHash | None = None
-    pin_cnt: int = 0
-    """Pins from in-flight tier copies; a pinned free block is not evicted."""
 
 
 class BlockPool:
@@ -61,7 +60,6 @@ class BlockPool:
         self._free_cached: OrderedDict[int, BlockHash] = OrderedDict()
         """Free cached block id -> its hash (so the eviction window's hashes read at C speed)."""
         self._hash_to_block: dict[BlockHash, int] = {}
-        self._num_pinned_free = 0
         self.num_evictions = 0
         self.num_cached_total = 0
         """Blocks ever registered under a new hash: a changed count means new prefix hits."""
@@ -70,8 +68,8 @@ class BlockPool:
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks `allocate` could hand out now (pinned cached blocks excluded)."""
-        return len(self._free_clean) + len(self._free_cached) - self._num_pinned_free
+        """Blocks `allocate` could hand out now."""
+        return len(self._free_clean) + len(self._free_cached)
 
     @property
     def usage(self) -> float:
@@ -114,7 +112,6 @@ class BlockPool:
             block = self.blocks[block_id]
             if block.ref_cnt == 0:
                 del self._free_cached[block_id]
-                self._num_pinned_free -= bool(block.pin_cnt)
             block.ref_cnt += 1
 
     def allocate(self, num_blocks: int) -> list[int]:
@@ -131,12 +128,7 @@ class BlockPool:
         return taken
 
     def _evict(self, num_blocks: int) -> list[int]:
-        victims = []
-        for block_id in self._free_cached:
-            if not self.blocks[block_id].pin_cnt:
-                victims.append(block_id)
-                if len(victims) == num_blocks:
-                    break
+        victims = list(itertools.islice(self._free_cached, num_blocks))
         evicted: list[tuple[BlockHash, int]] = []
         for block_id in victims:
             del self._free_cached[block_id]
@@ -165,7 +157,6 @@ class BlockPool:
             if block.ref_cnt == 0:
                 if block.block_hash is not None:
                     self._free_cached[block_id] = block.block_hash
-                    self._num_pinned_free += bool(block.pin_cnt)
                 else:
                     self._free_clean.append(block_id)
 
@@ -185,27 +176,9 @@ class BlockPool:
         self.num_cached_total += 1
         return True
 
-    def pin(self, block_id: int) -> None:
-        """Protect a cached block from eviction (and its hash from removal) while a tier copies
-        it; a pinned block keeps its LRU position."""
-        block = self.blocks[block_id]
-        if block.block_hash is None:
-            raise ValueError(f"block {block_id} holds no cached prefix: nothing to pin")
-        block.pin_cnt += 1
-        if block.pin_cnt == 1 and block.ref_cnt == 0:
-            self._num_pinned_free += 1
-
-    def unpin(self, block_id: int) -> None:
-        block = self.blocks[block_id]
-        if block.pin_cnt <= 0:
-            raise ValueError(f"block {block_id} unpinned more often than pinned")
-        block.pin_cnt -= 1
-        if block.pin_cnt == 0 and block.ref_cnt == 0:
-            self._num_pinned_free -= 1
-
     def reset_prefix_cache(self) -> int:
         """Forget every free cached block's hash; returns how many were dropped."""
-        dropped = [b for b in self._free_cached if not self.blocks[b].pin_cnt]
+        dropped = list(self._free_cached)
         if dropped and self.eviction_listener is not None:
             self.eviction_listener.on_evict(
                 [(self.blocks[b].block_hash, b) for b in dropped],  # type: ignore[misc]
@@ -228,7 +201,7 @@ class BlockPool:
             assert self.blocks[block_id].block_hash == block_hash, "stale hash in the LRU"
         for block in self.blocks:
             is_free = block.block_id in clean or block.block_id in cached
-            assert block.ref_cnt >= 0 and block.pin_cnt >= 0
+            assert block.ref_cnt >= 0
             assert is_free == (block.ref_cnt == 0), f"block {block.block_id}: ref/free mismatch"
             if block.block_id in clean:
                 assert block.block_hash is None, f"clean block {block.block_id} has a hash"
@@ -237,4 +210,3 @@ class BlockPool:
             if block.block_hash is not None:
                 assert self._hash_to_block.get(block.block_hash) == block.block_id
         assert len(self._hash_to_block) == sum(b.block_hash is not None for b in self.blocks)
-        assert self._num_pinned_free == sum(1 for b in cached if self.blocks[b].pin_cnt)

@@ -95,8 +95,7 @@ class KVCacheManager:
         num_tokens = request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
         num_required = cdiv(num_tokens, self.block_size) - len(table) - len(hits)
         # Touching a free cached hit removes it from the free pool as well.
-        num_free_hits = sum(1 for b in hits if self.pool.is_evictable(b)
-                            and not self.pool.blocks[b].pin_cnt)
+        num_free_hits = sum(1 for b in hits if self.pool.is_evictable(b))
         if num_required + num_free_hits > self.pool.num_free_blocks:
             if not table:
                 del self._block_tables[request.request_id]

@@ -87,8 +87,8 @@ class TierManager:
         self._loading: dict[str, tuple[LoadPlan, list[BlockHash]]] = {}
         self._finished_loads: list[LoadResult] = []
         self._loading_blocks: dict[BlockHash, str] = {}
-        self._storing: dict[BlockHash, list[int]] = {}
-        """Entry key -> device blocks pinned for its copy (released in poll)."""
+        self._storing: set[BlockHash] = set()
+        """Keys of the entries being copied down (done in poll)."""
         self._candidates: dict[BlockHash, Chunk] = {}
         self._inline = transfer.is_cuda
         """CUDA: memory-tier copies are enqueued here and tracked by events (see transfer)."""
@@ -247,7 +247,7 @@ class TierManager:
     def wait_for_transfer(self, timeout_s: float) -> None:
         """Block (without holding the GIL) until a load or store finishes or `timeout_s`
         passes. For a caller with nothing else to do (every request is waiting for a load, or
-        for blocks that in-flight stores still pin): spinning would starve the transfer
+        for the device to run the steps before it): spinning would starve the transfer
         threads of the GIL and delay the very transfer it waits for."""
         if not self.has_inflight_transfers or self._finished_loads:
             return
@@ -296,8 +296,7 @@ class TierManager:
 
     def _handle(self, kind: str, value: object) -> None:
         if kind == "store":
-            for block_id in self._storing.pop(value, []):  # type: ignore[call-overload]
-                self.pool.unpin(block_id)
+            self._storing.discard(value)  # type: ignore[arg-type]
             return
         assert isinstance(value, LoadResult)
         self.stats.load_seconds += value.seconds
@@ -433,7 +432,7 @@ class TierManager:
             room = max(0, _MAX_INFLIGHT_STORES - len(self._storing))
             missing = [c for c in rescued if c.key not in held][:room]
             try:
-                self._store_chunks(missing, evicting=True)
+                self._store_chunks(missing)
             except torch.OutOfMemoryError:
                 # The pool is mid-eviction: it must not fail. These prefixes are recomputed.
                 logger.warning("no memory to copy %d chunks down as they were evicted",
@@ -478,11 +477,11 @@ class TierManager:
         self._store_chunks(list({id(c): c for c in self._candidates.values()}.values()))
         self._candidates.clear()
 
-    def _store_chunks(self, chunks: list[Chunk], evicting: bool = False) -> None:
+    def _store_chunks(self, chunks: list[Chunk]) -> None:
         """Copy admitted chunks, whose blocks are all still on the device, down to the first
-        tier: one gather for all of them (on CUDA one index upload, and one event).
-        `evicting`: the blocks are being handed to new owners; the gather captures them now
-        (on CUDA it always does, ordered before the next forward pass) and pins nothing."""
+        tier: one gather for all of them (on CUDA one index upload, and one event), which
+        captures the blocks before any later forward pass can overwrite them, so blocks
+        being evicted can go to their new owners at once."""
         ready: list[tuple[Chunk, list[int]]] = []
         for chunk in chunks:
             if not self._admit(chunk):
@@ -493,16 +492,12 @@ class TierManager:
             ready.append((chunk, [b for b in block_ids if b is not None]))
         if not ready:
             return
-        gathered_chunks = self.transfer.gather([ids for _, ids in ready], now=evicting)
+        gathered_chunks = self.transfer.gather([ids for _, ids in ready])
         for (chunk, ids), gathered in zip(ready, gathered_chunks, strict=True):
-            self._start_store(chunk, ids, gathered, pin=not evicting)
+            self._start_store(chunk, ids, gathered)
 
-    def _start_store(self, chunk: Chunk, ids: list[int], gathered: GatheredBlocks,
-                     pin: bool = True) -> None:
-        pinned = ids if pin and self.transfer.pins_blocks_during_store else []
-        for block_id in pinned:
-            self.pool.pin(block_id)
-        self._storing[chunk.key] = pinned
+    def _start_store(self, chunk: Chunk, ids: list[int], gathered: GatheredBlocks) -> None:
+        self._storing.add(chunk.key)
         meta = EntryMeta(chunk.key, chunk.block_hashes,
                          len(ids) * self.stores[0].layout.block_bytes)
         if self._inline and self.stores[0].name == "cpu":

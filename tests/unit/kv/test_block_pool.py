@@ -97,22 +97,6 @@ def test_allocating_more_than_free_raises_and_changes_nothing() -> None:
     pool.check_integrity()
 
 
-def test_pinned_block_is_not_evicted_until_unpinned() -> None:
-    pool = BlockPool(2)
-    a, b = pool.allocate(2)
-    pool.cache_block(a, h(1))
-    pool.cache_block(b, h(2))
-    pool.free([a, b])
-    pool.pin(a)
-    assert pool.num_free_blocks == 1
-    assert pool.allocate(1) == [b]
-    with pytest.raises(NoFreeBlocksError):
-        pool.allocate(1)
-    pool.unpin(a)
-    assert pool.allocate(1) == [a]
-    pool.check_integrity()
-
-
 def test_duplicate_hash_is_not_registered_twice() -> None:
     pool = BlockPool(2)
     a, b = pool.allocate(2)
@@ -139,14 +123,13 @@ def test_caching_disabled_registers_nothing() -> None:
 
 
 class BlockPoolMachine(RuleBasedStateMachine):
-    """Random allocate / cache / touch / free / pin / evict sequences against a shadow model."""
+    """Random allocate / cache / touch / free / evict sequences against a shadow model."""
 
     def __init__(self) -> None:
         super().__init__()
         self.listener = RecordingListener()
         self.pool = BlockPool(8, eviction_listener=self.listener)
         self.refs: dict[int, int] = {}  # shadow reference counts of blocks we hold
-        self.pins: dict[int, int] = {}
         self.next_key = 0
 
     @rule(n=st.integers(1, 4))
@@ -161,16 +144,11 @@ class BlockPoolMachine(RuleBasedStateMachine):
         predicted = self.pool.next_evictions(n)  # what lazy tier stores copy down first
         for block in self.pool.allocate(n):
             assert self.refs.get(block, 0) == 0
-            assert self.pins.get(block, 0) == 0, "a pinned block was handed out"
             self.refs[block] = 1
-        for block, pins in self.pins.items():
-            if pins:
-                assert self.pool.blocks[block].block_hash is not None, "pinned block lost its hash"
         for _, block in self.listener.evicted[evicted_before:]:
             assert self.pool.blocks[block].block_hash is None
         evicted = [block_hash for block_hash, _ in self.listener.evicted[evicted_before:]]
-        if not any(self.pins.values()):  # pinned blocks are skipped by eviction only
-            assert evicted == predicted
+        assert evicted == predicted
 
     @precondition(lambda self: any(self.refs.values()))
     @rule(data=st.data())
@@ -195,28 +173,12 @@ class BlockPoolMachine(RuleBasedStateMachine):
         self.pool.touch([block])
         self.refs[block] = self.refs.get(block, 0) + 1
 
-    @rule(data=st.data())
-    def pin_or_unpin(self, data: st.DataObject) -> None:
-        pinned = [b for b, p in self.pins.items() if p]
-        if pinned and data.draw(st.booleans()):
-            block = data.draw(st.sampled_from(pinned))
-            self.pool.unpin(block)
-            self.pins[block] -= 1
-            return
-        candidates = [b.block_id for b in self.pool.blocks if b.block_hash is not None]
-        if candidates:
-            block = data.draw(st.sampled_from(candidates))
-            self.pool.pin(block)
-            self.pins[block] = self.pins.get(block, 0) + 1
-
     @invariant()
     def consistent(self) -> None:
         self.pool.check_integrity()
         for block, refs in self.refs.items():
             assert self.pool.blocks[block].ref_cnt == refs
-        unpinned_free = sum(1 for b in self.pool.blocks
-                            if b.ref_cnt == 0 and not (b.pin_cnt and b.block_hash is not None))
-        assert self.pool.num_free_blocks == unpinned_free
+        assert self.pool.num_free_blocks == sum(1 for b in self.pool.blocks if b.ref_cnt == 0)
 
 
 TestBlockPoolMachine = BlockPoolMachine.TestCase

@@ -30,9 +30,9 @@ class CountingTransfer(KVTransfer):
         super().__init__(kv_cache)
         self.gathers: list[list[list[int]]] = []
 
-    def gather(self, chunks: list[list[int]], now: bool = False) -> list[GatheredBlocks]:
+    def gather(self, chunks: list[list[int]]) -> list[GatheredBlocks]:
         self.gathers.append(chunks)
-        return super().gather(chunks, now)
+        return super().gather(chunks)
 
 
 def make_manager(min_hits: int | str = "auto",
@@ -102,6 +102,30 @@ def test_lookahead_stores_every_chunk_the_next_allocations_evict_in_one_gather()
         stored = transfer.entry_view(store.read(meta), CHUNK_BLOCKS)
         expected = transfer.kv_cache[:, :, blocks[first:first + CHUNK_BLOCKS]]
         assert torch.equal(stored, expected)
+    pool.check_integrity()
+    manager.close()
+
+
+def test_a_store_leaves_its_blocks_free_to_be_reused_at_once() -> None:
+    # The gather captures the blocks when the store starts: the lookahead picks exactly the
+    # blocks the next allocations evict, so holding them until the copy ended (as the CPU
+    # path once did) kept admission from them for a step or more.
+    manager, pool, transfer, store = make_manager()
+    hashes, blocks = finished_prefix(pool, manager, seed=1, num_blocks=8)
+    expected = transfer.kv_cache[:, :, blocks[4:]].clone()
+    manager.store_lookahead(12)  # the prefix's last two chunks are the next evictions
+    assert pool.num_free_blocks == NUM_BLOCKS
+    reused = pool.allocate(12)  # evicts those four blocks before the copies finish
+    assert set(blocks[4:]) <= set(reused)
+    transfer.kv_cache[:, :, reused] = -1.0  # their new owners' KV
+    manager.wait_idle()
+    manager.poll()
+    for first in (4, 6):
+        found = store.locate(hashes[first])
+        assert found is not None
+        stored = transfer.entry_view(store.read(found[0]), CHUNK_BLOCKS)
+        assert torch.equal(stored, expected[:, :, first - 4:first - 4 + CHUNK_BLOCKS])
+    pool.free(reused)
     pool.check_integrity()
     manager.close()
 
