@@ -246,9 +246,9 @@ class TierManager:
 
     def wait_for_transfer(self, timeout_s: float) -> None:
         """Block (without holding the GIL) until a load or store finishes or `timeout_s`
-        passes. For a caller with nothing else to do (every request is waiting for a load, or
-        for the device to run the steps before it): spinning would starve the transfer
-        threads of the GIL and delay the very transfer it waits for."""
+        passes. For a caller with nothing else to do (every request is waiting for a load):
+        spinning would starve the transfer threads of the GIL and delay the very transfer it
+        waits for."""
         if not self.has_inflight_transfers or self._finished_loads:
             return
         if self._event_loads or self._event_stores:
