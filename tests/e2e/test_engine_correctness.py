@@ -620,3 +620,29 @@ def test_the_detokenizer_table_is_built_before_the_first_request(
     output = llm.generate("hello", SamplingParams(max_tokens=4, temperature=0.0,
                                                   ignore_eos=True))[0]
     assert output.outputs[0].text and built == ["table"]  # used, not rebuilt
+
+
+def test_step_trace_has_a_line_per_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtier.utils.profiling import STEP_TRACE_ENV
+    trace = tmp_path / "steps.jsonl"
+    monkeypatch.setenv(STEP_TRACE_ENV, str(trace))
+    llm = LLM("random:tiny-llama", num_gpu_blocks_override=64, max_num_batched_tokens=64)
+    prompts = [[(11 * i + j) % 900 + 10 for j in range(40 + 30 * i)] for i in range(3)]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts, params)
+    llm.engine.shutdown()
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(steps) == llm.engine.stats.num_steps
+    assert {s["kind"] for s in steps} == {"prompt", "decode"}
+    assert [s["t"] for s in steps] == sorted(s["t"] for s in steps)
+    # Every prompt token once (no shared prefixes), then four decodes per request.
+    assert sum(s["tokens"] for s in steps) == sum(map(len, prompts)) + 3 * 4
+    assert all(s["ms"] >= 0 and s["rows"] >= 1 for s in steps)
+
+
+def test_an_unusable_step_trace_path_fails_construction(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtier.utils.profiling import STEP_TRACE_ENV
+    monkeypatch.setenv(STEP_TRACE_ENV, str(tmp_path))  # a directory
+    with pytest.raises(ValueError, match=f"{STEP_TRACE_ENV}=.*cannot open"):
+        LLM("random:tiny-llama", num_gpu_blocks_override=64)

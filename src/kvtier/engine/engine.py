@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from kvtier.types import (
     ScheduledRequest,
     SchedulerOutput,
 )
+from kvtier.utils.profiling import open_step_trace
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +127,14 @@ def _num_decodes(scheduled: SchedulerOutput) -> int:
     return sum(1 for s in scheduled.requests if len(s.token_ids) == 1 and s.sample)
 
 
+def _step_kind(scheduled: SchedulerOutput) -> str:
+    """"decode" (every row one sampled token), "prompt" (prompt tokens, decodes or not beside
+    them) or "empty" (nothing ran: every request waiting for a load)."""
+    if not scheduled.requests:
+        return "empty"
+    return "decode" if _num_decodes(scheduled) == len(scheduled.requests) else "prompt"
+
+
 @dataclass
 class LaunchedStep:
     """A step queued on the device, its tokens not yet read."""
@@ -146,6 +156,8 @@ class LLMEngine:
             # The rotary table ends there: a longer prompt would fail the step it runs in.
             raise ConfigError(f"max_model_len {requested_len} is more than the model's "
                               f"max_position_embeddings {self.spec.max_position_embeddings}")
+        self._step_trace = open_step_trace()
+        """KVTIER_STEP_TRACE's file: a JSON line per step (utils/profiling.py), or None."""
         self.device = resolve_device(config.model)
         self.async_scheduling = config.resolved_async_scheduling(self.device.type)
         """Whether the engine's callers (`LLM.generate`, the engine core) launch each step
@@ -405,7 +417,13 @@ class LLMEngine:
         if self.tiers is not None:
             self._observe_prefill(scheduled, runner_s)
         updated = self.scheduler.update_from_output(scheduled, runner_output)
-        self._count_step(updated, scheduled, runner_s)
+        kind = _step_kind(scheduled)
+        self._count_step(updated, kind, runner_s)
+        if self._step_trace is not None:
+            self._step_trace.write(json.dumps({
+                "t": round(now, 6), "kind": kind, "rows": len(scheduled.requests),
+                "tokens": scheduled.num_scheduled_tokens,
+                "ms": round(1e3 * runner_s, 3)}) + "\n")
         if self.log_stats_interval_s is not None:
             self._window.add(scheduled, runner_s)
             if time.monotonic() - self._window.start >= self.log_stats_interval_s:
@@ -442,14 +460,13 @@ class LLMEngine:
         if num_prefill >= 32 and 2 * num_prefill >= scheduled.num_scheduled_tokens:
             self.tiers.cost.observe_prefill(num_prefill, seconds)
 
-    def _count_step(self, updated: list[Request], scheduled: SchedulerOutput,
-                    runner_s: float) -> None:
+    def _count_step(self, updated: list[Request], kind: str, runner_s: float) -> None:
         stats = self.stats
         stats.num_steps += 1
-        if scheduled.requests and _num_decodes(scheduled) == len(scheduled.requests):
+        if kind == "decode":
             stats.num_decode_only_steps += 1
             stats.decode_only_step_seconds += runner_s
-        elif scheduled.requests:
+        elif kind == "prompt":
             stats.num_prompt_steps += 1
             stats.prompt_step_seconds += runner_s
         stats.num_generation_tokens += len(updated)
@@ -503,6 +520,9 @@ class LLMEngine:
         """Store what lazy tiers still hold only on the device, wait for transfers to finish,
         copy each tier's entries into the tier below (a disk tier then survives the restart
         with everything) and release tier resources."""
+        if self._step_trace is not None:
+            self._step_trace.close()
+            self._step_trace = None
         if self.tiers is not None:
             self.tiers.flush_candidates()
             self.tiers.wait_idle()

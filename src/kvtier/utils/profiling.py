@@ -1,4 +1,5 @@
-"""cProfile of the engine core's loop in a running server, switched on by the environment.
+"""Engine diagnostics switched on by the environment: a cProfile of the engine core's loop in
+a running server, and a per-step trace.
 
 The engine process's host work (scheduling, the tiers' bookkeeping, outputs) is what a served
 workload waits for between steps, and an in-process replay does not always show the same
@@ -9,6 +10,11 @@ up as `posix.read` and lock waits; before 3.12 only the loop's thread) and write
 `engine-<pid>.prof` (pstats format) there when the loop ends, like vLLM's
 VLLM_TORCH_PROFILER_DIR for the host side. cProfile roughly doubles Python's cost: compare
 profiles with each other, not with unprofiled timings.
+
+With KVTIER_STEP_TRACE naming a file, the engine appends one JSON line per step: when its
+tokens were read (`time.perf_counter` seconds), its kind (prompt tokens, decodes only, or
+nothing), rows, tokens and its launch-to-tokens time in ms. Averages hide what a latency tail is made of; the trace shows, for
+instance, how many prompt steps in a row a decoding stream waited through.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 logger = logging.getLogger(__name__)
 
@@ -56,3 +63,20 @@ def profiled(directory: Path | None, name: str) -> Iterator[None]:
         path = directory / f"{name}-{os.getpid()}.prof"
         profiler.dump_stats(path)
         logger.info("profile of the %s written to %s", name, path)
+
+
+STEP_TRACE_ENV = "KVTIER_STEP_TRACE"
+
+
+def open_step_trace() -> TextIO | None:
+    """The file KVTIER_STEP_TRACE names, opened for appending one JSON line per engine step
+    (line-buffered, so a killed server keeps what it wrote); None when the variable is unset
+    or empty. Raises ValueError naming the variable when the file cannot be opened."""
+    value = os.environ.get(STEP_TRACE_ENV)
+    if not value:
+        return None
+    try:
+        return open(value, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - engine-owned
+    except OSError as exc:
+        raise ValueError(f"{STEP_TRACE_ENV}={value!r}: cannot open the file "
+                         f"({exc.strerror})") from exc
