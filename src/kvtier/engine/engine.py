@@ -111,11 +111,12 @@ class _StatsWindow:
     prompt_tokens: int = 0
     generated_tokens: int = 0
 
-    def add(self, scheduled: SchedulerOutput, runner_s: float) -> None:
+    def add(self, scheduled: SchedulerOutput, runner_s: float, kind: str,
+            decodes: int) -> None:
+        """`kind` and `decodes`: the step's `_step_kind` and `_num_decodes`."""
         self.steps += 1
         self.runner_s += runner_s
-        decodes = _num_decodes(scheduled)
-        decode_only = bool(scheduled.requests) and decodes == len(scheduled.requests)
+        decode_only = kind == "decode"
         self.decode_only += decode_only
         self.decode_runner_s += runner_s if decode_only else 0.0
         self.prompt_tokens += scheduled.num_scheduled_tokens - decodes
@@ -127,12 +128,13 @@ def _num_decodes(scheduled: SchedulerOutput) -> int:
     return sum(1 for s in scheduled.requests if len(s.token_ids) == 1 and s.sample)
 
 
-def _step_kind(scheduled: SchedulerOutput) -> str:
-    """"decode" (every row one sampled token), "prompt" (prompt tokens, decodes or not beside
-    them) or "empty" (nothing ran: every request waiting for a load)."""
+def _step_kind(scheduled: SchedulerOutput, decodes: int) -> str:
+    """The step's kind: "decode" (every row one sampled token; `decodes` is
+    `_num_decodes(scheduled)`), "prompt" (prompt tokens, decodes or not beside them) or
+    "empty" (nothing ran: every request waiting for a load)."""
     if not scheduled.requests:
         return "empty"
-    return "decode" if _num_decodes(scheduled) == len(scheduled.requests) else "prompt"
+    return "decode" if decodes == len(scheduled.requests) else "prompt"
 
 
 @dataclass
@@ -417,7 +419,8 @@ class LLMEngine:
         if self.tiers is not None:
             self._observe_prefill(scheduled, runner_s)
         updated = self.scheduler.update_from_output(scheduled, runner_output)
-        kind = _step_kind(scheduled)
+        decodes = _num_decodes(scheduled)  # one pass over the rows, for every count below
+        kind = _step_kind(scheduled, decodes)
         self._count_step(updated, kind, runner_s)
         if self._step_trace is not None:
             self._step_trace.write(json.dumps({
@@ -425,7 +428,7 @@ class LLMEngine:
                 "tokens": scheduled.num_scheduled_tokens,
                 "ms": round(1e3 * runner_s, 3)}) + "\n")
         if self.log_stats_interval_s is not None:
-            self._window.add(scheduled, runner_s)
+            self._window.add(scheduled, runner_s, kind, decodes)
             if time.monotonic() - self._window.start >= self.log_stats_interval_s:
                 self._log_window()
         for request in updated:

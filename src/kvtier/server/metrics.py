@@ -62,6 +62,29 @@ _MANAGER_COUNTERS = (
 )
 
 
+_ENGINE_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("prompt_tokens", "num_prompt_tokens", "Prompt tokens prefilled or served from cache."),
+    ("generation_tokens", "num_generation_tokens", "Generated tokens."),
+    ("prefix_cache_queries", "num_prefix_cache_queried_tokens",
+     "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cache_hits", "num_prefix_cache_hit_tokens",
+     "Prompt tokens served from the prefix cache (device and tiers)."),
+    ("num_preemptions", "num_preemptions", "Requests preempted for KV space."),
+    ("engine_steps", "num_steps", "Engine steps run (each one forward pass)."),
+    ("engine_decode_only_steps", "num_decode_only_steps",
+     "Engine steps of decode tokens only."),
+    ("engine_prompt_steps", "num_prompt_steps",
+     "Engine steps with prompt tokens (prefill chunks), decodes or not beside them."),
+    ("engine_decode_only_step_seconds", "decode_only_step_seconds",
+     "Decode-only steps' time from launch to tokens read (under async scheduling, the step "
+     "period)."),
+    ("engine_prompt_step_seconds", "prompt_step_seconds",
+     "Steps with prompt tokens: time from launch to tokens read (under async scheduling, the "
+     "step period)."),
+)
+"""(kvtier: name before _total, EngineStats field, help) of the engine's counters."""
+
+
 class _SnapshotCollector(Collector):
     """Counters and gauges straight from the engine's published snapshot."""
 
@@ -82,27 +105,8 @@ class _SnapshotCollector(Collector):
                      "unreferenced blocks included).", snap.num_free_blocks)
         yield _gauge("kv_cache_total_blocks", "Device KV blocks in the pool.",
                      snap.num_total_blocks)
-        yield _counter("prompt_tokens", "Prompt tokens prefilled or served from cache.",
-                       stats.num_prompt_tokens)
-        yield _counter("generation_tokens", "Generated tokens.", stats.num_generation_tokens)
-        yield _counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                       stats.num_prefix_cache_queried_tokens)
-        yield _counter("prefix_cache_hits", "Prompt tokens served from the prefix cache "
-                       "(device and tiers).", stats.num_prefix_cache_hit_tokens)
-        yield _counter("num_preemptions", "Requests preempted for KV space.",
-                       stats.num_preemptions)
-        yield _counter("engine_steps", "Engine steps run (each one forward pass).",
-                       stats.num_steps)
-        yield _counter("engine_decode_only_steps", "Engine steps of decode tokens only.",
-                       stats.num_decode_only_steps)
-        yield _counter("engine_prompt_steps", "Engine steps with prompt tokens (prefill "
-                       "chunks), decodes or not beside them.", stats.num_prompt_steps)
-        yield _counter("engine_decode_only_step_seconds", "Decode-only steps' time from "
-                       "launch to tokens read (under async scheduling, the step period).",
-                       stats.decode_only_step_seconds)
-        yield _counter("engine_prompt_step_seconds", "Steps with prompt tokens: time from "
-                       "launch to tokens read (under async scheduling, the step period).",
-                       stats.prompt_step_seconds)
+        for suffix, field, help_text in _ENGINE_COUNTERS:
+            yield _counter(suffix, help_text, getattr(stats, field))
         finished = CounterMetricFamily(PREFIX + "request_success", "Finished requests by reason.",
                                        labels=["finished_reason"])
         for reason, count in _finished_by_reason(stats.num_finished).items():
