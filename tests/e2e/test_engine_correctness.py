@@ -638,6 +638,11 @@ def test_step_trace_has_a_line_per_step(tmp_path: Path, monkeypatch: pytest.Monk
     # Every prompt token once (no shared prefixes), then four decodes per request.
     assert sum(s["tokens"] for s in steps) == sum(map(len, prompts)) + 3 * 4
     assert all(s["ms"] >= 0 and s["rows"] >= 1 for s in steps)
+    assert all(s["decodes"] == s["rows"] for s in steps if s["kind"] == "decode")
+    # Each request's four later tokens come from one-token rows; a prompt whose last chunk is
+    # a single token adds one more.
+    assert 3 * 4 <= sum(s["decodes"] for s in steps) <= 3 * 4 + 3
+    assert all(s["decodes"] <= s["rows"] for s in steps)
 
 
 def test_an_unusable_step_trace_path_fails_construction(

@@ -425,7 +425,7 @@ class LLMEngine:
         if self._step_trace is not None:
             self._step_trace.write(json.dumps({
                 "t": round(now, 6), "kind": kind, "rows": len(scheduled.requests),
-                "tokens": scheduled.num_scheduled_tokens,
+                "decodes": decodes, "tokens": scheduled.num_scheduled_tokens,
                 "ms": round(1e3 * runner_s, 3)}) + "\n")
         if self.log_stats_interval_s is not None:
             self._window.add(scheduled, runner_s, kind, decodes)
