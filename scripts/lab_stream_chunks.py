@@ -1,0 +1,39 @@
+"""Tokens per streamed chunk in a lab run's results.json: when a server's front end falls behind
+its engine, a stream's queued tokens leave in fewer, larger SSE chunks, and the benchmark's ITL
+(vLLM's definition: the gap between two chunks) grows with them, while the engine's own step
+gaps (KVTIER_STEP_TRACE) do not.
+
+    python3 scripts/lab_stream_chunks.py results/lab/<experiment>/results.json
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from kvtier.lab.records import read_results_json
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+        return 2
+    path = Path(sys.argv[1])
+    try:
+        records = read_results_json(path)
+    except (OSError, ValueError) as exc:
+        print(f"lab_stream_chunks: {path}: {exc}", file=sys.stderr)
+        return 2
+    for record in records:
+        completed = record.metric("completed") or 0
+        output = record.metric("total_output_tokens") or 0
+        gaps = len(record.itls_ms)  # a completed stream's chunks after its first
+        per_chunk = (output - completed) / gaps if gaps else float("nan")
+        print(f"{record.server} / {record.workload} / repeat {record.repeat}: "
+              f"{output:.0f} tokens, {gaps} gaps between chunks, "
+              f"{per_chunk:.3f} tokens per chunk after the first")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
