@@ -40,6 +40,11 @@ def main() -> int:
             print(f"  decode gaps over {summary.decode_tokens} tokens: p50 "
                   f"{summary.gap_ms_p50:.2f}, p90 {summary.gap_ms_p90:.2f}, p99 "
                   f"{summary.gap_ms_p99:.2f}, max {summary.gap_ms_max:.2f} ms")
+            if summary.tier_loads or summary.tier_stores:
+                print(f"  tier: {summary.tier_loads} loads, {summary.tier_stores} stores; "
+                      f"steps with prompt tokens {summary.mean_prompt_ms_with_stores:.2f} ms "
+                      f"where stores started, {summary.mean_prompt_ms_without_stores:.2f} ms "
+                      "elsewhere")
             print("  prompt steps in a gap: " + ", ".join(
                 f"{k}: {tokens} tokens ({summary.mean_gap_ms_by_prompt_steps[k]:.1f} ms)"
                 for k, tokens in summary.prompt_steps_in_gap.items()))

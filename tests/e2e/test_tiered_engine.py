@@ -342,3 +342,22 @@ def test_cost_model_observes_prefill_steps_only() -> None:
     # tails (< 32 tokens) and the decodes are not observed.
     assert observed and all(tokens >= 32 for tokens in observed)
     assert sum(observed) >= 2 * 256
+
+
+def test_step_trace_counts_the_tiers_loads_and_stores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVTIER_STEP_TRACE's tier fields add up to the manager's counts: every load finished
+    and every store started appears on exactly one step's line."""
+    from kvtier.utils.profiling import STEP_TRACE_ENV
+    from kvtier.utils.step_trace import read_step_trace
+    trace = tmp_path / "steps.jsonl"
+    monkeypatch.setenv(STEP_TRACE_ENV, str(trace))
+    llm = make_llm(kv_tiers=("cpu:64MiB",))
+    run(llm, workload())
+    stats = llm.engine.tiers.stats
+    loads, stores = stats.num_loads, stats.num_stores_started  # shutdown may store more
+    finish(llm)
+    steps = read_step_trace(trace)
+    assert loads > 0 and stores > 0
+    assert sum(step.loads for step in steps) == loads
+    assert sum(step.stores for step in steps) == stores

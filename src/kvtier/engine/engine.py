@@ -160,6 +160,8 @@ class LLMEngine:
                               f"max_position_embeddings {self.spec.max_position_embeddings}")
         self._step_trace = open_step_trace()
         """KVTIER_STEP_TRACE's file: a JSON line per step (utils/profiling.py), or None."""
+        self._trace_tier_totals = (0, 0)
+        """Tier loads finished and stores started at the last trace line."""
         self.device = resolve_device(config.model)
         self.async_scheduling = config.resolved_async_scheduling(self.device.type)
         """Whether the engine's callers (`LLM.generate`, the engine core) launch each step
@@ -423,10 +425,7 @@ class LLMEngine:
         kind = _step_kind(scheduled, decodes)
         self._count_step(updated, kind, runner_s)
         if self._step_trace is not None:
-            self._step_trace.write(json.dumps({
-                "t": round(now, 6), "kind": kind, "rows": len(scheduled.requests),
-                "decodes": decodes, "tokens": scheduled.num_scheduled_tokens,
-                "ms": round(1e3 * runner_s, 3)}) + "\n")
+            self._trace_step(now, kind, scheduled, decodes, runner_s)
         if self.log_stats_interval_s is not None:
             self._window.add(scheduled, runner_s, kind, decodes)
             if time.monotonic() - self._window.start >= self.log_stats_interval_s:
@@ -462,6 +461,21 @@ class LLMEngine:
         num_prefill = sum(len(s.token_ids) for s in scheduled.requests if len(s.token_ids) > 1)
         if num_prefill >= 32 and 2 * num_prefill >= scheduled.num_scheduled_tokens:
             self.tiers.cost.observe_prefill(num_prefill, seconds)
+
+    def _trace_step(self, now: float, kind: str, scheduled: SchedulerOutput, decodes: int,
+                    runner_s: float) -> None:
+        """One KVTIER_STEP_TRACE line; with tiers, also the loads that finished and the stores
+        that started since the last line (a latency tail can be the tier's work)."""
+        assert self._step_trace is not None
+        line = {"t": round(now, 6), "kind": kind, "rows": len(scheduled.requests),
+                "decodes": decodes, "tokens": scheduled.num_scheduled_tokens,
+                "ms": round(1e3 * runner_s, 3)}
+        if self.tiers is not None:
+            totals = (self.tiers.stats.num_loads, self.tiers.stats.num_stores_started)
+            line["loads"], line["stores"] = (now_ - before for now_, before
+                                             in zip(totals, self._trace_tier_totals, strict=True))
+            self._trace_tier_totals = totals
+        self._step_trace.write(json.dumps(line) + "\n")
 
     def _count_step(self, updated: list[Request], kind: str, runner_s: float) -> None:
         stats = self.stats

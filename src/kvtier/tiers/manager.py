@@ -498,6 +498,7 @@ class TierManager:
 
     def _start_store(self, chunk: Chunk, ids: list[int], gathered: GatheredBlocks) -> None:
         self._storing.add(chunk.key)
+        self.stats.num_stores_started += 1
         meta = EntryMeta(chunk.key, chunk.block_hashes,
                          len(ids) * self.stores[0].layout.block_bytes)
         if self._inline and self.stores[0].name == "cpu":

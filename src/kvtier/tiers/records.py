@@ -49,6 +49,8 @@ class ManagerStats:
     """Chunks not stored, or hits not loaded, because recomputing was predicted cheaper."""
     num_evicted_unsaved_blocks: int = 0
     """Device blocks evicted with no copy in any tier."""
+    num_stores_started: int = 0
+    """Chunks whose copy down to the first tier began (their gather is queued)."""
     num_stores_at_eviction: int = 0
     """Lazy-store chunks copied down at their eviction: the lookahead had not reached them."""
     reuse_rate: float = 0.0

@@ -13,7 +13,8 @@ profiles with each other, not with unprofiled timings.
 
 With KVTIER_STEP_TRACE naming a file, the engine appends one JSON line per step: when its
 tokens were read (`time.perf_counter` seconds), its kind (prompt tokens, decodes only, or
-nothing), rows, decode rows, tokens and its launch-to-tokens time in ms. Averages hide what
+nothing), rows, decode rows, tokens and its launch-to-tokens time in ms (with tiers, also the
+loads finished and the stores started since the line before). Averages hide what
 a latency tail is made of; the trace shows, for instance, how many prompt steps in a row a
 decoding stream waited through (`utils/step_trace.py` reads it, `scripts/step_trace_summary.py`
 prints it).

@@ -37,6 +37,10 @@ class TraceStep:
     decodes: int
     """Rows that sampled one token from one input token: 0 for a line written before the
     field existed, except that a decode step's rows are all decodes."""
+    loads: int = 0
+    """With tiers: tier loads that finished since the previous line."""
+    stores: int = 0
+    """With tiers: chunk stores that started since the previous line."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,12 @@ class StepTraceSummary:
     """Steps with prompt tokens inside a gap (the gap's closing step included) -> decode
     tokens that waited through such a gap."""
     mean_gap_ms_by_prompt_steps: dict[int, float]
+    tier_loads: int
+    tier_stores: int
+    mean_prompt_ms_with_stores: float
+    """Mean step with prompt tokens among those whose line counted started stores (NaN when
+    none did): what the stores' work costs the steps around them."""
+    mean_prompt_ms_without_stores: float
 
 
 def read_step_trace(path: str | Path) -> list[TraceStep]:
@@ -70,7 +80,8 @@ def read_step_trace(path: str | Path) -> list[TraceStep]:
                 rows = int(raw["rows"])
                 decodes = int(raw.get("decodes", rows if kind == "decode" else 0))
                 steps.append(TraceStep(float(raw["t"]), kind, rows, int(raw["tokens"]),
-                                       float(raw["ms"]), decodes))
+                                       float(raw["ms"]), decodes, int(raw.get("loads", 0)),
+                                       int(raw.get("stores", 0))))
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path}:{number}: not a step trace line ({exc})") from exc
     return steps
@@ -124,6 +135,10 @@ def summarize(steps: Iterable[TraceStep]) -> StepTraceSummary:
             gap_ms_by_prompt_steps[prompt_steps] += gap_ms * step.decodes
         last_decode_t, prompt_steps = step.t, 0
     percentile = (lambda f: _weighted_percentile(gaps, f)) if gaps else (lambda f: math.nan)
+    prompt_ms = {True: [], False: []}
+    for step in steps:
+        if step.kind == "prompt":
+            prompt_ms[step.stores > 0].append(step.ms)
     return StepTraceSummary(
         steps=dict(kinds),
         mean_ms={kind: total_ms[kind] / count for kind, count in kinds.items()},
@@ -132,4 +147,12 @@ def summarize(steps: Iterable[TraceStep]) -> StepTraceSummary:
         gap_ms_max=max((gap for gap, _ in gaps), default=math.nan),
         prompt_steps_in_gap=dict(sorted(by_prompt_steps.items())),
         mean_gap_ms_by_prompt_steps={k: gap_ms_by_prompt_steps[k] / by_prompt_steps[k]
-                                     for k in sorted(by_prompt_steps)})
+                                     for k in sorted(by_prompt_steps)},
+        tier_loads=sum(step.loads for step in steps),
+        tier_stores=sum(step.stores for step in steps),
+        mean_prompt_ms_with_stores=_mean(prompt_ms[True]),
+        mean_prompt_ms_without_stores=_mean(prompt_ms[False]))
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan

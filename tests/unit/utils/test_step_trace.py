@@ -63,3 +63,14 @@ def test_read_step_trace_fills_decodes_for_old_lines_and_names_a_bad_line(
     path.write_text(path.read_text() + '{"t": 2.0, "kind": "decode"}\n')
     with pytest.raises(ValueError, match=r"trace.jsonl:4: not a step trace line"):
         read_step_trace(path)
+
+
+def test_prompt_steps_are_split_by_whether_stores_started_around_them() -> None:
+    steps = [TraceStep(0.00, "prompt", 1, 900, 30.0, 0, stores=2),
+             TraceStep(0.03, "prompt", 1, 900, 20.0, 0, loads=1),
+             TraceStep(0.05, "prompt", 1, 900, 26.0, 0, stores=1),
+             TraceStep(0.06, "decode", 2, 2, 4.0, 2, stores=5)]  # not a prompt step
+    summary = summarize(steps)
+    assert (summary.tier_loads, summary.tier_stores) == (1, 8)
+    assert summary.mean_prompt_ms_with_stores == pytest.approx(28.0)
+    assert summary.mean_prompt_ms_without_stores == pytest.approx(20.0)
