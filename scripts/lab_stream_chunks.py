@@ -1,7 +1,8 @@
-"""Tokens per streamed chunk in a lab run's results.json: when a server's front end falls behind
-its engine, a stream's queued tokens leave in fewer, larger SSE chunks, and the benchmark's ITL
-(vLLM's definition: the gap between two chunks) grows with them, while the engine's own step
-gaps (KVTIER_STEP_TRACE) do not.
+"""Tokens per streamed chunk in a lab run's results.json, per run (repeats apart), also for
+results written before the lab's table had the row (`records.stream_tokens_per_chunk`): when a
+server's front end falls behind its engine, a stream's queued tokens leave in fewer, larger SSE
+chunks, and the benchmark's ITL (vLLM's definition: the gap between two chunks) grows with
+them, while the engine's own step gaps (KVTIER_STEP_TRACE) do not.
 
     python3 scripts/lab_stream_chunks.py results/lab/<experiment>/results.json
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kvtier.lab.records import read_results_json
+from kvtier.lab.records import read_results_json, stream_tokens_per_chunk
 
 
 def main() -> int:
@@ -25,13 +26,12 @@ def main() -> int:
         print(f"lab_stream_chunks: {path}: {exc}", file=sys.stderr)
         return 2
     for record in records:
-        completed = record.metric("completed") or 0
-        output = record.metric("total_output_tokens") or 0
+        output = int(record.metric("total_output_tokens") or 0)
         gaps = len(record.itls_ms)  # a completed stream's chunks after its first
-        per_chunk = (output - completed) / gaps if gaps else float("nan")
+        per_chunk = stream_tokens_per_chunk(output, int(record.metric("completed") or 0), gaps)
         print(f"{record.server} / {record.workload} / repeat {record.repeat}: "
-              f"{output:.0f} tokens, {gaps} gaps between chunks, "
-              f"{per_chunk:.3f} tokens per chunk after the first")
+              f"{output} tokens, {gaps} gaps between chunks, "
+              f"{per_chunk or float('nan'):.3f} tokens per chunk after the first")
     return 0
 
 

@@ -27,7 +27,7 @@ _CSV_METRICS = ("completed", "failed", "duration", "total_input_tokens", "total_
                 "request_throughput", "output_throughput", "total_token_throughput",
                 "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
                 "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms",
-                "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms")
+                "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms", "output_tokens_per_chunk")
 _KVTIER_COLUMNS = ("prompt_tokens", "matched_tokens", "computed_tokens", "num_preemptions",
                    "num_steps", "num_prompt_steps", "mean_prompt_step_ms",
                    "mean_decode_step_ms", "mean_server_ttft_ms", "mean_front_end_ms",
@@ -43,7 +43,8 @@ class RunRecord:
     status: str = OK
     error: str = ""
     result: dict[str, Any] = field(default_factory=dict)
-    """vLLM's result JSON without per-request arrays."""
+    """vLLM's result JSON without per-request arrays, and the lab's
+    `output_tokens_per_chunk` (`stream_tokens_per_chunk`)."""
     ttfts_ms: list[float] = field(default_factory=list)
     itls_ms: list[float] = field(default_factory=list)
     kvtier: dict[str, Any] | None = None
@@ -68,7 +69,12 @@ class RunRecord:
         itls = [g * 1000 for gaps, good in zip(per.get("itls", []), ok, strict=False) if good
                 for g in gaps]
         failed_errors = sorted({e for e in per.get("errors", []) if e})
-        return cls(server=server, workload=workload, result=result.to_json(detailed=False),
+        summary = result.to_json(detailed=False)
+        per_chunk = stream_tokens_per_chunk(summary.get("total_output_tokens", 0),
+                                            summary.get("completed", 0), len(itls))
+        if per_chunk is not None:
+            summary["output_tokens_per_chunk"] = per_chunk
+        return cls(server=server, workload=workload, result=summary,
                    ttfts_ms=ttfts, itls_ms=itls,
                    error="; ".join(failed_errors)[:1000], **extra)
 
@@ -80,6 +86,17 @@ class RunRecord:
     @property
     def succeeded(self) -> bool:
         return self.status == OK and bool(self.result.get("completed"))
+
+
+def stream_tokens_per_chunk(output_tokens: int, completed: int, num_gaps: int) -> float | None:
+    """Output tokens per streamed chunk after each stream's first: 1.0 when every token left
+    the server in its own chunk (a token whose text ends mid-character waits for the next, so
+    real text sits a little above). A front end that falls behind its engine sends a stream's
+    queued tokens together, and the benchmark's ITL (vLLM's: the gap between two chunks)
+    then grows with the chunks while the engine's steps do not. None without gaps."""
+    if num_gaps <= 0:
+        return None
+    return (output_tokens - completed) / num_gaps
 
 
 REPEATED_METRICS = ("request_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms")

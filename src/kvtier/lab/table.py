@@ -1,8 +1,10 @@
 """The article's side-by-side table: one column per configuration, % change vs the first.
 
-Rows are the article's (Requests/sec … P99 ITL). Latencies print like the article: milliseconds
-below one second ("924.29 ms"), seconds above ("41.35 s"). Change is (value − first) / first,
-so for latencies a negative change is an improvement and for throughputs a positive one.
+Rows are the article's (Requests/sec … P99 ITL), then the output tokens per streamed chunk,
+which says whether the ITL rows measured the engine or a front end behind it. Latencies print
+like the article: milliseconds below one second ("924.29 ms"), seconds above ("41.35 s").
+Change is (value − first) / first, so for latencies a negative change is an improvement and
+for throughputs a positive one.
 A second table gives kvtier's own counters: where the matched prompt tokens came from.
 """
 
@@ -25,6 +27,11 @@ ARTICLE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("Median ITL", "median_itl_ms", "ms"),
     ("P99 ITL", "p99_itl_ms", "ms"),
 )
+STREAM_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("Output tokens per chunk", "output_tokens_per_chunk", "rate"),
+)
+"""Below the article's rows: above 1.0 the server merged tokens into chunks (its front end
+fell behind), which inflates the ITL rows above it (`records.stream_tokens_per_chunk`)."""
 MISSING = "—"
 Grid = list[list[str]]
 PAIRED_METRICS: tuple[tuple[str, str], ...] = (
@@ -58,7 +65,7 @@ def comparison_grid(records: Sequence[RunRecord | None], names: Sequence[str]) -
     header = ["metric", *names, *changes]
     grid = [header]
     base = records[0]
-    for label, key, unit in ARTICLE_ROWS:
+    for label, key, unit in ARTICLE_ROWS + STREAM_ROWS:
         values = [_metric(r, key) for r in records]
         changes = [percent_change(v, _metric(base, key)) for v in values[1:]]
         grid.append([label, *(format_value(v, unit) for v in values), *changes])

@@ -31,6 +31,20 @@ def test_from_result_keeps_successful_latencies_and_errors():
     assert r.metric("nonexistent") is None
 
 
+def test_tokens_per_chunk_shows_merged_stream_chunks():
+    """Two streams of 9 tokens: one token per chunk, and one whose last 8 tokens came in 2
+    chunks (a front end behind its engine): (18 - 2) tokens over 8 + 2 gaps."""
+    from kvtier.bench.metrics import RequestFuncOutput, compute_result
+    streams = [RequestFuncOutput(success=True, prompt_len=10, output_tokens=9, start_time=0.0,
+                                 ttft=0.1, itl=[0.01] * 8, latency=0.18),
+               RequestFuncOutput(success=True, prompt_len=10, output_tokens=9, start_time=0.0,
+                                 ttft=0.1, itl=[0.04, 0.04], latency=0.18)]
+    r = RunRecord.from_result("a", "S", compute_result(streams, 1.0))
+    assert r.metric("output_tokens_per_chunk") == pytest.approx(16 / 10)
+    single = RunRecord.from_result("a", "S", compute_result(streams[:1], 1.0))
+    assert single.metric("output_tokens_per_chunk") == pytest.approx(1.0)
+
+
 def test_results_json_is_strict_and_reads_back(tmp_path: Path):
     good = record("off", "P", [0.1], kvtier=kvtier_stats(100, 50, 25))
     bad = RunRecord("on", "P", status=SERVER_FAILED, error="exited with code 1")

@@ -6,6 +6,7 @@ from kvtier.lab.records import FAILED
 from kvtier.lab.table import (
     ARTICLE_ROWS,
     MISSING,
+    STREAM_ROWS,
     comparison_grid,
     format_tables,
     format_value,
@@ -40,8 +41,9 @@ def test_comparison_grid_has_the_article_rows_and_changes():
     tier = record("on", "P", [0.5, 1.0, 1.5])
     grid = comparison_grid([base, tier], ["off", "on"])
     assert grid[0] == ["metric", "off", "on", "change"]
-    assert [row[0] for row in grid[1:]] == [label for label, _, _ in ARTICLE_ROWS]
+    assert [row[0] for row in grid[1:]] == [label for label, _, _ in ARTICLE_ROWS + STREAM_ROWS]
     rows = {row[0]: row[1:] for row in grid[1:]}
+    assert rows["Output tokens per chunk"] == ["1.00", "1.00", "+0.0%"]  # one token each
     assert rows["Requests/sec"] == ["0.30", "0.30", "+0.0%"]
     assert rows["Mean TTFT"] == ["2.00 s", "1.00 s", "−50.0%"]
     assert rows["Median TTFT"][2] == "−50.0%"
