@@ -62,7 +62,8 @@ class StepTraceSummary:
     tier_stores: int
     mean_prompt_ms_with_stores: float
     """Mean step with prompt tokens among those whose line counted started stores (NaN when
-    none did): what the stores' work costs the steps around them."""
+    none did). Compare with care: lazy stores start when a long prefill evicts, so these are
+    mostly the longer steps anyway (Q on an H200, BENCHMARKS.md)."""
     mean_prompt_ms_without_stores: float
 
 
