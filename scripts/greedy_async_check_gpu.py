@@ -9,11 +9,11 @@ this one first runs all twelve at once. Whether the cause is the GEMMs' batch va
 loaded prefix holds the bits of its first computation, a recomputed one those of another
 step shape) is what "batched equals one by one" below is for.
 
-The KV witness settles it at the source. On four fresh prefixes (each computed alone first,
-then the twelve requests at once, then one by one) it reads back every block the pool
-registers and compares it bit for bit with the block's earlier versions. A block loaded from
-the tier must equal a version computed before; a recomputed one may differ from its first
-computation where the step shape changed the GEMMs' reduction order.
+The KV witness (`kvtier.utils.kv_witness`) settles it at the source. On four fresh prefixes
+(each computed alone first, then the twelve requests at once, then one by one) it reads back
+every block the pool registers and compares it bit for bit with the block's earlier versions.
+A block loaded from the tier must equal a version computed before; a recomputed one may
+differ from its first computation where the step shape changed the GEMMs' reduction order.
 
 The Qwen2.5-1.5B shape with random weights, a 384-block pool under four 2,048-token prefixes
 (evicted between uses, so the tier serves them), twelve requests of 24 tokens, all at once.
@@ -24,12 +24,14 @@ The Qwen2.5-1.5B shape with random weights, a 384-block pool under four 2,048-to
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import json
 import random
 import tempfile
 
 import torch
+
+from kvtier.utils.kv_witness import KVWitness
 
 MODEL = "random:qwen2.5-1.5b"
 
@@ -97,62 +99,19 @@ def main() -> None:
 
 
 def kv_witness(llm, params, vocab: int, prefix_len: int) -> dict[str, int]:  # noqa: ANN001
-    """Each block the pool registers, read back at registration (its KV is final then: the
-    step that computed it, or the load that wrote it, is done once the device is synchronised)
-    and compared bit for bit with the block's earlier versions (module docstring)."""
-    engine = llm.engine
-    pool, kv_cache = engine.pool, engine.runner.kv_cache
-    register = pool.cache_block
-    versions: dict = {}  # hash -> digests of each time its KV was computed, first first
-    loading: set = set()
-    counts = {"computed first": 0, "recomputed equal": 0, "recomputed differ": 0,
-              "loaded equal to a computed version": 0, "loaded matching none": 0}
-
-    def witnessing_cache_block(block_id: int, block_hash) -> bool:  # noqa: ANN001
-        newly = pool.blocks[block_id].block_hash is None and block_hash not in pool._hash_to_block
-        cached = register(block_id, block_hash)
-        if not (cached and newly):
-            return cached
-        if kv_cache.is_cuda:
-            torch.cuda.synchronize()
-        bits = kv_cache[:, :, block_id].contiguous().view(-1).view(torch.uint8).cpu()
-        digest = hashlib.sha1(bits.numpy().tobytes()).hexdigest()
-        seen = versions.setdefault(block_hash, [])
-        if block_hash in loading:
-            loading.discard(block_hash)
-            counts["loaded equal to a computed version" if digest in seen
-                   else "loaded matching none"] += 1
-            return cached
-        if not seen:
-            counts["computed first"] += 1
-        else:
-            counts["recomputed equal" if digest == seen[0] else "recomputed differ"] += 1
-        seen.append(digest)
-        return cached
-
-    if engine.tiers is not None:
-        start_load = engine.tiers.start_load
-
-        def recording_start_load(request_id, plan, block_ids, block_hashes):  # noqa: ANN001
-            loading.update(block_hashes[:plan.num_blocks])
-            return start_load(request_id, plan, block_ids, block_hashes)
-        engine.tiers.start_load = recording_start_load
-    pool.cache_block = witnessing_cache_block
+    """`KVWitness` counts on four fresh prefixes: each computed alone first, then the twelve
+    requests at once, then one by one."""
     rng = random.Random(17)
     prefixes = [[rng.randrange(1000, vocab) for _ in range(prefix_len)] for _ in range(4)]
     prompts = [prefixes[i % 4] + [rng.randrange(1000, vocab) for _ in range(64)]
                for i in range(12)]
-    try:
-        for prompt in prompts[:4]:  # each prefix's first computation, alone
+    with KVWitness(llm.engine) as witness:
+        for prompt in prompts[:4]:
             llm.generate([prompt], params)
         llm.generate(prompts, params)
         for prompt in prompts:
             llm.generate([prompt], params)
-    finally:
-        pool.cache_block = register
-        if engine.tiers is not None:
-            engine.tiers.start_load = start_load
-    return counts
+    return dataclasses.asdict(witness.counts)
 
 if __name__ == "__main__":
     main()

@@ -96,6 +96,29 @@ def test_greedy_tokens_are_identical_with_and_without_tiers(
         assert stats.num_stores_at_eviction > 0
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
+@pytest.mark.parametrize("setup", sorted(TIER_SETUPS))
+def test_every_loaded_block_holds_the_bits_of_a_computation(
+        setup: str, async_scheduling: bool, tmp_path: Path) -> None:
+    """At the KV itself, where tokens cannot tell a wrong load from the GEMMs' step-shape
+    variance: each block a tier loads equals, bit for bit, a version of that block that a
+    forward pass computed (`KVWitness`), through the stores, demotions to disk and loads of
+    each tier setup."""
+    from kvtier.utils.kv_witness import KVWitness
+    args = dict(TIER_SETUPS[setup])
+    args["kv_tiers"] = tuple(t.format(tmp=tmp_path) for t in args["kv_tiers"])  # type: ignore
+    llm = make_llm(async_scheduling=async_scheduling, **args)
+    with KVWitness(llm.engine) as witness:
+        run(llm, workload())
+        run(llm, workload(seed=1, num_requests=8), concurrent=True)
+    assert "cache_block" not in vars(llm.engine.pool)  # detached: the pool's own method again
+    assert "start_load" not in vars(llm.engine.tiers)
+    finish(llm)
+    counts = witness.counts
+    assert counts.loaded_equal > 0, "nothing was loaded: the check would prove nothing"
+    assert counts.loaded_unmatched == 0, counts
+
+
 def test_evicted_prefix_is_served_from_cpu_instead_of_recomputed() -> None:
     """SmolLM2 (30 layers): an evicted 1,024-token document comes back from the cpu tier, not
     recomputed, with the same tokens. (That loading beats recomputing is a speed claim: the
