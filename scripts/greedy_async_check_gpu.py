@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import random
+import shutil
 import tempfile
 
 import torch
@@ -82,6 +83,7 @@ def main() -> None:
             llm.engine.shutdown()
         del llm
         torch.cuda.empty_cache()
+    shutil.rmtree(disk_dir, ignore_errors=True)
     # The same prompts batched (pass 0) and one by one (pass 1) within one configuration: a
     # difference there is the kernels' batch variance, not a cache feature.
     report["batched equals one by one"] = {name: got[0] == got[1] for name, got in tokens.items()}
@@ -112,6 +114,7 @@ def kv_witness(llm, params, vocab: int, prefix_len: int) -> dict[str, int]:  # n
         for prompt in prompts:
             llm.generate([prompt], params)
     return dataclasses.asdict(witness.counts)
+
 
 if __name__ == "__main__":
     main()
