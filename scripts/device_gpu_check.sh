@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # gpu_check on the GPU machine of the `device` tool, after the Triton kernel tests and the
 # engine's end-to-end tests that run on CUDA: the issue's correctness checks and timings (HF's
-# own speed skipped unless --with-hf), outputs under $OUT.
+# own speed skipped unless --with-hf), then the greedy check with the KV witness per tier
+# setup (scripts/greedy_async_check_gpu.py); outputs under $OUT. About 6 minutes on an H200.
 #
 #   bash scripts/device_gpu_check.sh            (carry [".whl"])
 set -uo pipefail
@@ -14,4 +15,14 @@ python3 scripts/gpu_check.py $hf --out "$out/gpu_check.json" > "$out/gpu_check.t
 status=$?
 grep -E "decode graph|identical|Error|error" "$out/gpu_check.txt" | grep -v '^ *"'
 tail -n 60 "$out/gpu_check.txt" | grep -E '"(prefill|decode_b1|tok_s|tier_load|greedy|argmax|logits_max|speedup|hf_)'
+# Greedy tokens batched and one by one, and the KV witness, per tier setup (a disk one too).
+python3 scripts/greedy_async_check_gpu.py --configs default-off,default-cpu,default-cpu-disk \
+    --out "$out/greedy.json" > "$out/greedy.txt" 2>&1 || status=1
+python3 - "$out/greedy.json" <<'PY'
+import json, sys
+report = json.load(open(sys.argv[1]))
+for key, value in report.items():
+    if key != "first differences":
+        print(key, value)
+PY
 exit $status
