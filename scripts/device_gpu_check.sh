@@ -2,7 +2,8 @@
 # gpu_check on the GPU machine of the `device` tool, after the Triton kernel tests and the
 # engine's end-to-end tests that run on CUDA: the correctness checks and timings (HF's
 # own speed skipped unless --with-hf), then the greedy check with the KV witness per tier
-# setup (scripts/greedy_async_check_gpu.py); outputs under $OUT. About 6 minutes on an H200.
+# setup (scripts/greedy_async_check_gpu.py); outputs under $OUT. Its parts took ~5 minutes
+# together on an H200 (twenty-sixth session, run apart; the async e2e tests not timed there).
 #
 #   bash scripts/device_gpu_check.sh            (carry [".whl"])
 set -uo pipefail
