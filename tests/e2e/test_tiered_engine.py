@@ -116,7 +116,7 @@ def test_every_loaded_block_holds_the_bits_of_a_computation(
     finish(llm)
     counts = witness.counts
     assert counts.loaded_equal > 0, "nothing was loaded: the check would prove nothing"
-    assert counts.loaded_unmatched == 0, counts
+    assert counts.loaded_unmatched == 0 and counts.loaded_unseen == 0, counts
 
 
 def test_evicted_prefix_is_served_from_cpu_instead_of_recomputed() -> None:
@@ -168,17 +168,42 @@ def test_new_engine_serves_a_prefix_computed_by_the_previous_one(
     disk's start-up probe against the prefill rate: on a loaded 2-core CI box the probe can
     read the disk as slower than the tiny model's prefill, and the restart then recomputes
     (one run in five under load). Loads are granted here: this test is about persistence."""
+    from kvtier.utils.kv_witness import KVWitness
     monkeypatch.setattr(CostModel, "load_pays", lambda self, tier, num_bytes, num_tokens: True)
     prompt = workload()[0]
     tiers = (*(("cpu:64MiB",) if with_cpu else ()), f"disk:{tmp_path}:64MiB")
     first = make_llm(kv_tiers=tiers, kv_store_policy=policy)
-    expected = run(first, [prompt])
+    with KVWitness(first.engine) as computed:
+        expected = run(first, [prompt])
     finish(first)
     second = make_llm(kv_tiers=tiers, kv_store_policy=policy)
-    output = second.generate([prompt], GREEDY)[0]
+    with KVWitness(second.engine, known=computed) as restarted:
+        output = second.generate([prompt], GREEDY)[0]
     finish(second)
     assert output.metrics.num_tier_hit_tokens.get("disk", 0) >= PREFIX_LEN
     assert output.outputs[0].token_ids == expected[0]
+    # The blocks read back from the files are the first engine's computed bits.
+    assert restarted.counts.loaded_equal >= PREFIX_LEN // BLOCK
+    assert restarted.counts.loaded_unmatched == restarted.counts.loaded_unseen == 0
+
+
+def test_a_witness_without_the_computations_judges_no_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restarted engine's witness that never saw the blocks computed counts their loads as
+    unseen: neither equal nor wrong."""
+    from kvtier.utils.kv_witness import KVWitness
+    monkeypatch.setattr(CostModel, "load_pays", lambda self, tier, num_bytes, num_tokens: True)
+    prompt = workload()[0]
+    tiers = (f"disk:{tmp_path}:64MiB",)
+    first = make_llm(kv_tiers=tiers)
+    run(first, [prompt])
+    finish(first)
+    second = make_llm(kv_tiers=tiers)
+    with KVWitness(second.engine) as witness:
+        run(second, [prompt])
+    finish(second)
+    assert witness.counts.loaded_unseen >= PREFIX_LEN // BLOCK
+    assert witness.counts.loaded_equal == witness.counts.loaded_unmatched == 0
 
 
 @pytest.mark.parametrize("fault", ["corrupt", "truncated", "missing"])

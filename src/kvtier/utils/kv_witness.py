@@ -32,23 +32,28 @@ _ABSENT = object()
 @dataclass
 class KVWitnessCounts:
     computed_first: int = 0
-    """Blocks registered for the first time (computed: a new hash cannot be loaded)."""
+    """Blocks computed whose hash the witness had not seen before."""
     recomputed_equal: int = 0
     recomputed_differ: int = 0
     """Computed again, with bits other than its first computation's (step-shape variance)."""
     loaded_equal: int = 0
     """Loaded from a tier, equal to a computed version of the block."""
     loaded_unmatched: int = 0
-    """Loaded from a tier, matching no computed version: a wrong load."""
+    """Loaded from a tier, matching none of the block's computed versions: a wrong load."""
+    loaded_unseen: int = 0
+    """Loaded from a tier before the witness saw the block computed (stored before it was
+    attached, e.g. by an earlier engine on the same disk directory): nothing to judge."""
 
 
 class KVWitness:
     """Attach to an engine for the duration of a `with` block (module docstring)."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, known: KVWitness | None = None) -> None:
+        """`known`: a witness of an earlier engine with the same weights, whose computed
+        versions this one judges loads by (a restart's loads from a disk tier)."""
         self.engine = engine
         self.counts = KVWitnessCounts()
-        self._versions: dict[Any, list[str]] = {}
+        self._versions: dict[Any, list[str]] = known._versions if known is not None else {}
         """Block hash -> digests of its computed versions, first first."""
         self._loading: set[Any] = set()
         self._patched: list[tuple[object, str, object]] = []
@@ -98,7 +103,9 @@ class KVWitness:
         versions = self._versions.setdefault(block_hash, [])
         if block_hash in self._loading:
             self._loading.discard(block_hash)
-            if digest in versions:
+            if not versions:
+                self.counts.loaded_unseen += 1
+            elif digest in versions:
                 self.counts.loaded_equal += 1
             else:
                 self.counts.loaded_unmatched += 1
