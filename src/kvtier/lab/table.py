@@ -159,6 +159,24 @@ def spread_lines(row: Sequence[RunRecord | None]) -> list[str]:
     return lines
 
 
+MERGED_CHUNKS_NOTE = 1.2
+"""Output tokens per chunk above which a run's ITL rows get a note. Real text sits near 1.05:
+a token whose text ends mid-character waits for the next."""
+
+
+def merged_stream_lines(row: Sequence[RunRecord | None]) -> list[str]:
+    """A line for each run whose server merged stream tokens into chunks: its ITL rows then
+    measure how far the front end fell behind (`records.stream_tokens_per_chunk`)."""
+    lines = []
+    for record in row:
+        per_chunk = _metric(record, "output_tokens_per_chunk")
+        if record is not None and per_chunk is not None and per_chunk > MERGED_CHUNKS_NOTE:
+            lines.append(f"{record.server}: {per_chunk:.2f} output tokens per chunk: its front "
+                         "end fell behind the engine and merged tokens, so its ITL rows "
+                         "measure the front end (more front ends: --api-server-count)")
+    return lines
+
+
 def paired_lines(records: Sequence[RunRecord], servers: Sequence[str],
                  workload: str) -> list[str]:
     """Each configuration against the first, repeat by repeat (where both runs of a repeat
@@ -207,7 +225,8 @@ def format_tables(records: Sequence[RunRecord], servers: Sequence[str],
         tiers = tier_grid(row, servers)
         if tiers is not None:
             blocks.append(render(tiers))
-        spread = spread_lines(row) + paired_lines(records, servers, workload)
+        spread = (spread_lines(row) + paired_lines(records, servers, workload)
+                  + merged_stream_lines(row))
         if spread:
             blocks.append("\n".join(f"- {line}" if markdown else line for line in spread))
         failures = [f"{r.server}: {r.status}: {r.error}" for r in row

@@ -10,6 +10,7 @@ from kvtier.lab.table import (
     comparison_grid,
     format_tables,
     format_value,
+    merged_stream_lines,
     paired_lines,
     percent_change,
     render_markdown,
@@ -122,3 +123,17 @@ def test_paired_lines_compare_each_repeat_with_the_first_configurations_same_rep
     assert paired_lines(off[:1] + on[:1], ["off", "on"], "S") == []
     assert paired_lines(records, ["off", "on"], "P") == []
     assert paired_lines(records, ["off"], "S") == []
+
+
+def test_a_run_with_merged_stream_chunks_gets_a_note():
+    """Its ITL rows measured a front end that fell behind: the table says so, for that run
+    only."""
+    from dataclasses import replace
+    steady = record("one token a chunk", "S", [0.1, 0.2])
+    merged = replace(record("merged", "S", [0.1, 0.2]),
+                     result={**steady.result, "output_tokens_per_chunk": 1.9})
+    lines = merged_stream_lines([steady, merged, None])
+    assert len(lines) == 1 and lines[0].startswith("merged: 1.90 output tokens per chunk")
+    assert "--api-server-count" in lines[0]
+    assert "merged: 1.90" in format_tables([steady, merged], ["one token a chunk", "merged"],
+                                           ["S"])
