@@ -473,10 +473,10 @@ class LLMEngine:
                 "decodes": decodes, "tokens": scheduled.num_scheduled_tokens,
                 "ms": round(1e3 * runner_s, 3)}
         if self.tiers is not None:
-            totals = (self.tiers.stats.num_loads, self.tiers.stats.num_stores_started)
-            line["loads"], line["stores"] = (now_ - before for now_, before
-                                             in zip(totals, self._trace_tier_totals, strict=True))
-            self._trace_tier_totals = totals
+            loads, stores = self.tiers.stats.num_loads, self.tiers.stats.num_stores_started
+            line["loads"] = loads - self._trace_tier_totals[0]
+            line["stores"] = stores - self._trace_tier_totals[1]
+            self._trace_tier_totals = (loads, stores)
         self._step_trace.write(json.dumps(line) + "\n")
 
     def _count_step(self, updated: list[Request], kind: str, runner_s: float) -> None:

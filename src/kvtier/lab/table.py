@@ -169,8 +169,9 @@ def merged_stream_lines(row: Sequence[RunRecord | None]) -> list[str]:
     measure how far the front end fell behind (`records.stream_tokens_per_chunk`)."""
     lines = []
     for record in row:
-        per_chunk = _metric(record, "output_tokens_per_chunk")
-        if record is not None and per_chunk is not None and per_chunk > MERGED_CHUNKS_NOTE:
+        per_chunk = _metric(record, "output_tokens_per_chunk")  # None without a record
+        if per_chunk is not None and per_chunk > MERGED_CHUNKS_NOTE:
+            assert record is not None
             lines.append(f"{record.server}: {per_chunk:.2f} output tokens per chunk: its front "
                          "end fell behind the engine and merged tokens, so its ITL rows "
                          "measure the front end (more front ends: --api-server-count)")
