@@ -25,6 +25,7 @@ run_kernel_tests() {
 run_engine_e2e_tests() {
     KVTIER_TEST_TINY_MODEL=random:tiny-qwen2 python3 -m pytest -q -p no:cacheprovider \
         tests/e2e/test_tiered_engine.py tests/e2e/test_async_scheduling.py \
-        -k "not served_from_cpu_instead" 2>&1 \
-        | grep -E "^(FAILED|ERROR)|passed|failed" | tee "$out/engine_e2e_tests.txt"
+        -k "not served_from_cpu_instead" > "$out/engine_e2e_tests.log" 2>&1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$out/engine_e2e_tests.log" \
+        | tee "$out/engine_e2e_tests.txt"
 }
