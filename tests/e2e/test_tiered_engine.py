@@ -57,9 +57,17 @@ def finish(llm: LLM) -> None:
         assert all(entry.pins == 0 for entry in store._entries.values()), "tier pins leaked"
 
 
+TOKENS_DTYPE = "float32"
+"""The token checks run in float32, the CPU's default: a loaded block holds the bits of its
+first computation, a recomputed one those of its new step shape, and in bfloat16 on CUDA that
+difference alone changes greedy tokens (nvidia-h200, twenty-seventh session: cpu+disk gave
+other tokens in bf16 with every load bit-exact, the same tokens in float32). The witness test
+below checks the loads' bits in the engine's own dtype."""
+
+
 @pytest.fixture(scope="module")
 def baseline() -> tuple[list[list[int]], list[list[int]]]:
-    llm = make_llm()
+    llm = make_llm(dtype=TOKENS_DTYPE)
     outputs = run(llm, workload()), run(llm, workload(seed=1, num_requests=8), concurrent=True)
     finish(llm)
     return outputs
@@ -83,7 +91,7 @@ def test_greedy_tokens_are_identical_with_and_without_tiers(
     """Also with async scheduling: loads, stores and evictions while a step is in flight."""
     args = dict(TIER_SETUPS[setup])
     args["kv_tiers"] = tuple(t.format(tmp=tmp_path) for t in args["kv_tiers"])  # type: ignore
-    llm = make_llm(async_scheduling=async_scheduling, **args)
+    llm = make_llm(async_scheduling=async_scheduling, dtype=TOKENS_DTYPE, **args)
     sequential = run(llm, workload())
     concurrent = run(llm, workload(seed=1, num_requests=8), concurrent=True)
     stats = llm.engine.tiers.stats
@@ -112,11 +120,36 @@ def test_every_loaded_block_holds_the_bits_of_a_computation(
         run(llm, workload())
         run(llm, workload(seed=1, num_requests=8), concurrent=True)
     assert "cache_block" not in vars(llm.engine.pool)  # detached: the pool's own method again
-    assert "start_load" not in vars(llm.engine.tiers)
+    assert "start_load" not in vars(llm.engine.tiers) and "poll" not in vars(llm.engine.tiers)
+    hit_blocks = sum(llm.engine.tiers.stats.hit_tokens.values()) // BLOCK
     finish(llm)
     counts = witness.counts
     assert counts.loaded_equal > 0, "nothing was loaded: the check would prove nothing"
     assert counts.loaded_unmatched == 0 and counts.loaded_unseen == 0, counts
+    # It judged exactly the blocks the tiers wrote: not those of a plan cut short.
+    assert counts.loaded_equal == hit_blocks, (counts, hit_blocks)
+
+
+def test_the_witness_judges_a_plan_cut_short_by_what_was_loaded() -> None:
+    """A load plan shrinks when an entry goes before `start_load` pins it (a small cpu tier
+    demotes it to make room for a store): the request computes those blocks, and the witness
+    must count them as computed, not as loads (on the card, counting the planned blocks gave
+    14 "wrong loads" that were recomputations in another step shape)."""
+    from kvtier.utils.kv_witness import KVWitness
+    llm = make_llm(kv_tiers=("cpu:64MiB",))
+    run(llm, workload())
+    tiers, store = llm.engine.tiers, llm.engine.tiers.stores[0]
+    loads_before, hits_before = tiers.stats.num_loads, dict(tiers.stats.hit_tokens)
+    store.pin = lambda key: False  # type: ignore[method-assign]  # every plan is cut to nothing
+    with KVWitness(llm.engine) as witness:
+        run(llm, workload())
+    del store.pin
+    loads = tiers.stats.num_loads - loads_before
+    finish(llm)
+    assert loads > 0 and tiers.stats.hit_tokens == hits_before  # planned, and nothing loaded
+    counts = witness.counts
+    assert counts.loaded_equal == counts.loaded_unmatched == counts.loaded_unseen == 0, counts
+    assert counts.recomputed_equal + counts.recomputed_differ >= PREFIX_LEN // BLOCK
 
 
 def test_evicted_prefix_is_served_from_cpu_instead_of_recomputed() -> None:

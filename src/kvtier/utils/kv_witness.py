@@ -55,6 +55,9 @@ class KVWitness:
         self.counts = KVWitnessCounts()
         self._versions: dict[Any, list[str]] = known._versions if known is not None else {}
         """Block hash -> digests of its computed versions, first first."""
+        self._planned: dict[str, list[Any]] = {}
+        """Request id -> the hashes its load plan names, until the load's result says how
+        many of them it wrote."""
         self._loading: set[Any] = set()
         self._patched: list[tuple[object, str, object]] = []
 
@@ -68,18 +71,32 @@ class KVWitness:
             cached = register(block_id, block_hash)
             if cached and new:
                 self._observe(block_id, block_hash)
+            else:  # another request registered it first: this load is not judged, and a
+                self._loading.discard(block_hash)  # later computation of it is no load
             return cached
 
         self._patch(pool, "cache_block", witnessing_cache_block)
         if tiers is not None:
-            start_load = tiers.start_load
+            start_load, poll = tiers.start_load, tiers.poll
 
             def recording_start_load(request_id: str, plan: Any, block_ids: list[int],  # noqa: ANN401
                                      block_hashes: list[Any]) -> bool:
-                self._loading.update(block_hashes[:plan.num_blocks])
+                self._planned[request_id] = list(block_hashes[:plan.num_blocks])
                 return start_load(request_id, plan, block_ids, block_hashes)
 
+            def recording_poll() -> list[Any]:
+                # Only the blocks a result reports written were loaded. A plan can shrink
+                # after the lookup (an entry evicted before `start_load` pinned it, a read
+                # error), and the request computes the rest: judging those as loads would
+                # call step-shape variance a wrong load.
+                results = poll()
+                for result in results:
+                    planned = self._planned.pop(result.request_id, [])
+                    self._loading.update(planned[:result.num_loaded_blocks])
+                return results
+
             self._patch(tiers, "start_load", recording_start_load)
+            self._patch(tiers, "poll", recording_poll)
         return self
 
     def __exit__(self, *exc: object) -> None:
