@@ -22,11 +22,22 @@ TINY = "random:tiny-qwen2"  # Qwen's tokenizer: on the GPU machine too (no llm-s
 PROMPTS = [[100 + i] * 40 + list(range(300 + i, 340 + i)) for i in range(8)]
 
 
+POOL_BLOCKS = 1024
+"""16,384 tokens of KV, far more than these prompts need. Sized by free memory, the tiny
+model's pool on an H200 is millions of blocks, and building it took most of a minute per
+engine."""
+
+
+def tiny(**engine_args: object) -> LLM:
+    engine_args.setdefault("num_gpu_blocks_override", POOL_BLOCKS)
+    return LLM(TINY, **engine_args)
+
+
 def both(prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
          **engine_args: object) -> tuple[list[RequestOutput], list[RequestOutput], LLM]:
     """The outputs of the synchronous and the async engine, and the async one's LLM."""
-    sync = LLM(TINY, **engine_args).generate(prompts, params)
-    llm = LLM(TINY, async_scheduling=True, **engine_args)
+    sync = tiny(**engine_args).generate(prompts, params)
+    llm = tiny(async_scheduling=True, **engine_args)
     return sync, llm.generate(prompts, params), llm
 
 
@@ -98,7 +109,7 @@ def test_penalties_logprobs_stops_and_min_tokens_equal_the_synchronous_engine() 
     """Everything that reads a request's output so far: penalties (whose device state counts
     the pending token), min_tokens (which counts it too), logprobs, and the stop conditions
     that end a request with a step of it still in flight (stop ids, stop strings, EOS)."""
-    free = LLM(TINY).generate(PROMPTS[:1], SamplingParams(max_tokens=30, temperature=0.0,
+    free = tiny().generate(PROMPTS[:1], SamplingParams(max_tokens=30, temperature=0.0,
                                                           ignore_eos=True))[0].outputs[0]
     stop_id = free.token_ids[6]
     stop_text = free.text[len(free.text) // 2:][:3]
@@ -157,7 +168,7 @@ def test_bad_words_steer_both_pipelines_alike() -> None:
     """A bad word's last token is not sampled where the output so far ends with its other
     tokens, in the synchronous engine and under async scheduling (whose host lags the device
     by a token); a word given as text is banned in the spellings the engine tokenises."""
-    free = tokens(LLM(TINY).generate(PROMPTS[:2], SamplingParams(max_tokens=12, temperature=0.0,
+    free = tokens(tiny().generate(PROMPTS[:2], SamplingParams(max_tokens=12, temperature=0.0,
                                                                  ignore_eos=True)))
     pair = (free[0][2], free[0][3])  # the 4th token would complete it: something else comes
     params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
@@ -187,7 +198,7 @@ def test_bad_words_read_as_vllm_does() -> None:
     """Each word alone (leading spaces dropped), and after a space when that is as many tokens
     starting with another one."""
     from kvtier.engine.engine import bad_words_token_ids
-    tokenizer = LLM(TINY).engine.tokenizer
+    tokenizer = tiny().engine.tokenizer
 
     def encode(text: str) -> tuple[int, ...]:
         return tuple(tokenizer.encode(text, add_special_tokens=False))
@@ -202,13 +213,13 @@ def test_bad_words_read_as_vllm_does() -> None:
 
 def test_default_on_the_cpu_is_synchronous() -> None:
     # Nothing to overlap there: the CPU's forward pass is the host's own work.
-    assert not LLM(TINY, device="cpu").engine.async_scheduling
-    assert LLM(TINY, device="cpu", async_scheduling=True).engine.async_scheduling
+    assert not tiny(device="cpu").engine.async_scheduling
+    assert tiny(device="cpu", async_scheduling=True).engine.async_scheduling
 
 
 def test_async_scheduling_and_overlap_outputs_are_exclusive() -> None:
     with pytest.raises(ConfigError, match="async_scheduling already overlaps"):
-        LLM(TINY, async_scheduling=True, overlap_outputs=True)
+        tiny(async_scheduling=True, overlap_outputs=True)
 
 
 def test_prompt_logprobs_of_chunked_prompts_equal_the_synchronous_engine() -> None:

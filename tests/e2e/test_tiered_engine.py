@@ -57,6 +57,14 @@ def finish(llm: LLM) -> None:
         assert all(entry.pins == 0 for entry in store._entries.values()), "tier pins leaked"
 
 
+@pytest.fixture
+def loads_always_pay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tier hit is loaded: the checks below are about what a load writes, and whether
+    one pays is the device's call (on the card the tiny model's recompute beat the disk, and
+    a cpu+disk run loaded nothing)."""
+    monkeypatch.setattr(CostModel, "load_pays", lambda self, tier, num_bytes, num_tokens: True)
+
+
 TOKENS_DTYPE = "float32"
 """The token checks run in float32, the CPU's default: a loaded block holds the bits of its
 first computation, a recomputed one those of its new step shape, and in bfloat16 on CUDA that
@@ -87,7 +95,7 @@ TIER_SETUPS = {
 @pytest.mark.parametrize("setup", sorted(TIER_SETUPS))
 def test_greedy_tokens_are_identical_with_and_without_tiers(
         setup: str, async_scheduling: bool, baseline: tuple[list[list[int]], list[list[int]]],
-        tmp_path: Path) -> None:
+        tmp_path: Path, loads_always_pay: None) -> None:
     """Also with async scheduling: loads, stores and evictions while a step is in flight."""
     args = dict(TIER_SETUPS[setup])
     args["kv_tiers"] = tuple(t.format(tmp=tmp_path) for t in args["kv_tiers"])  # type: ignore
@@ -107,7 +115,7 @@ def test_greedy_tokens_are_identical_with_and_without_tiers(
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
 @pytest.mark.parametrize("setup", sorted(TIER_SETUPS))
 def test_every_loaded_block_holds_the_bits_of_a_computation(
-        setup: str, async_scheduling: bool, tmp_path: Path) -> None:
+        setup: str, async_scheduling: bool, tmp_path: Path, loads_always_pay: None) -> None:
     """At the KV itself, where tokens cannot tell a wrong load from the GEMMs' step-shape
     variance: each block a tier loads equals, bit for bit, a version of that block that a
     forward pass computed (`KVWitness`), through the stores, demotions to disk and loads of
