@@ -2,8 +2,9 @@
 # gpu_check on the GPU machine of the `device` tool, after the Triton kernel tests and the
 # engine's end-to-end tests that run on CUDA: the correctness checks and timings (HF's
 # own speed skipped unless --with-hf), then the greedy check with the KV witness per tier
-# setup (scripts/greedy_async_check_gpu.py); outputs under $OUT. Its parts took ~5 minutes
-# together on an H200 (twenty-sixth session, run apart; the async e2e tests not timed there).
+# setup (scripts/greedy_async_check_gpu.py); outputs under $OUT. On an H200, run apart: the
+# kernel tests 132 s and the engine e2e tests 110 s (twenty-seventh session), gpu_check and the
+# greedy check about 2 minutes more (twenty-sixth).
 #
 #   bash scripts/device_gpu_check.sh            (carry [".whl"])
 set -uo pipefail

@@ -139,19 +139,25 @@ def test_every_loaded_block_holds_the_bits_of_a_computation(
 
 
 def test_the_witness_judges_a_plan_cut_short_by_what_was_loaded() -> None:
-    """A load plan shrinks when an entry goes before `start_load` pins it (a small cpu tier
-    demotes it to make room for a store): the request computes those blocks, and the witness
-    must count them as computed, not as loads (on the card, counting the planned blocks gave
-    14 "wrong loads" that were recomputations in another step shape)."""
+    """A load writes fewer blocks than its plan names after a read error (and, before plans
+    were pinned at lookup, when a small cpu tier demoted a planned entry to make room for a
+    store): the request computes the rest, and the witness must count those blocks as
+    computed, not as loads (on the card, counting the planned blocks gave 14 "wrong loads"
+    that were recomputations in another step shape)."""
+    from kvtier.tiers.base import TierError
     from kvtier.utils.kv_witness import KVWitness
+
+    def failing_read(meta: object) -> None:
+        raise TierError("cpu tier: unreadable (test)")
+
     llm = make_llm(kv_tiers=("cpu:64MiB",))
     run(llm, workload())
     tiers, store = llm.engine.tiers, llm.engine.tiers.stores[0]
     loads_before, hits_before = tiers.stats.num_loads, dict(tiers.stats.hit_tokens)
-    store.pin = lambda key: False  # type: ignore[method-assign]  # every plan is cut to nothing
+    store.read = failing_read  # type: ignore[method-assign]  # every load writes nothing
     with KVWitness(llm.engine) as witness:
         run(llm, workload())
-    del store.pin
+    del store.read
     loads = tiers.stats.num_loads - loads_before
     finish(llm)
     assert loads > 0 and tiers.stats.hit_tokens == hits_before  # planned, and nothing loaded

@@ -509,6 +509,7 @@ class Scheduler:
         if plan is None:
             return False
         if not self.kv.allocate_slots(request, plan.num_blocks * self.kv.block_size, hit_blocks):
+            self.tiers.release_plan(plan)
             return False
         self.waiting.remove(request)
         self._start(request, len(hit_blocks) * self.kv.block_size, RequestStatus.LOADING)

@@ -3,7 +3,8 @@
 Called from the scheduler thread only; data moves in transfer threads, and their completions
 come back through `poll()`, which the scheduler calls at the start of every step.
 
-    lookup(request, after the device hit) -> LoadPlan (consecutive tier hits that pay off)
+    lookup(request, after the device hit) -> LoadPlan (consecutive tier hits that pay off;
+                                             their entries pinned: `release_plan` if unused)
     start_load(plan, destination blocks)  -> transfer thread: read entry, scatter into blocks
                                              (a small host-memory load on a CPU device: inline)
     poll()                                -> finished loads (their blocks are now valid KV)
@@ -118,7 +119,12 @@ class TierManager:
 
     def lookup(self, block_hashes: list[BlockHash], first_block: int,
                max_blocks: int) -> LoadPlan | None:
-        """Consecutive tier hits from `first_block` (below `max_blocks`) whose load pays off."""
+        """Consecutive tier hits from `first_block` (below `max_blocks`) whose load pays off,
+        their entries pinned: the caller passes the plan to `start_load` or `release_plan`.
+        Pinned here, not in `start_load`: allocating the request's blocks in between evicts
+        device blocks, whose stores make room in the first tier, and without the pins a small
+        tier evicted the very entries the plan names (on the card, 62 of 149 planned blocks
+        of a cpu+disk run were then recomputed)."""
         segments: list[Segment] = []
         index = first_block
         while index < max_blocks:
@@ -136,9 +142,15 @@ class TierManager:
                     or self.cost.grant_retry(store.name)):
                 self.stats.num_rejected_cost += 1
                 break
+            if not store.pin(meta.key):
+                break  # evicted since `_locate` (by a transfer thread's store)
             segments.append(Segment(tier, meta, first, count))
             index += count
         return LoadPlan(tuple(segments)) if segments else None
+
+    def release_plan(self, plan: LoadPlan) -> None:
+        """A plan from `lookup` that will not be loaded: unpin its entries."""
+        self._release_entries(plan)
 
     def _locate(self, block_hash: BlockHash) -> tuple[int, EntryMeta, int] | None:
         for tier, store in enumerate(self.stores):
@@ -153,13 +165,8 @@ class TierManager:
         `block_hashes` are the hashes those blocks will hold. Returns True when the request
         may run now (`poll` returns its result at once): a small host-memory load on a CPU
         device that already ran, or on CUDA with `same-step` timing, a copy that the device
-        orders before every later forward pass."""
-        pinned: list[Segment] = []
-        for segment in plan.segments:
-            if not self.stores[segment.tier].pin(segment.meta.key):
-                break  # this entry vanished since lookup: load the consecutive part before it
-            pinned.append(segment)
-        plan = LoadPlan(tuple(pinned))
+        orders before every later forward pass. The plan's entries (pinned by `lookup`) are
+        unpinned when the load no longer reads them."""
         hashes = block_hashes[:plan.num_blocks]
         self._loading[request_id] = (plan, hashes)
         for block_hash in hashes:

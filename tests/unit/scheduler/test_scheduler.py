@@ -391,6 +391,9 @@ class InlineTiers:
         self.held: set[object] = set()
         self.results: list[LoadResult] = []
         self.loaded_blocks = 0
+        self.plans_out = 0
+        """Plans `lookup` gave (their entries pinned) that neither `start_load` took nor
+        `release_plan` gave back."""
 
     def note_request(self, hashes: list[object]) -> None:
         pass
@@ -402,10 +405,15 @@ class InlineTiers:
         n = 0
         while first + n < max_blocks and hashes[first + n] in self.held:
             n += 1
+        self.plans_out += n > 0
         return SimpleNamespace(num_blocks=n) if n else None
+
+    def release_plan(self, plan: SimpleNamespace) -> None:
+        self.plans_out -= 1
 
     def start_load(self, request_id: str, plan: SimpleNamespace, block_ids: list[int],
                    hashes: list[object]) -> bool:
+        self.plans_out -= 1
         self.loaded_blocks += plan.num_blocks
         self.results.append(LoadResult(request_id, plan.num_blocks, {"cpu": plan.num_blocks},
                                        0.0))
@@ -631,6 +639,20 @@ def test_short_request_that_cannot_get_blocks_does_not_hold_an_earlier_long_one(
     first = first_steps(scheduler)
     assert first["long"] == 0 and first["short"] > 0
     assert scheduler.num_long_prefills_held == 0
+
+
+def test_a_tier_hit_that_cannot_get_blocks_gives_its_plan_back() -> None:
+    """`lookup` pins the entries its plan names; a hit whose blocks do not fit gives the plan
+    back, or those entries could never be evicted again."""
+    scheduler, prefix = tier_pressure_scheduler(0)
+    tiers = scheduler.tiers
+    scheduler.add_request(make_request("hit", prefix + [2, 3, 4], max_tokens=2))
+    plans_before = tiers.plans_out
+    run_step(scheduler)
+    assert "hit" in {r.request_id for r in scheduler.waiting}  # the load did not fit
+    assert tiers.plans_out == plans_before == 0
+    run_to_end(scheduler)
+    assert tiers.plans_out == 0 and tiers.loaded_blocks > 0
 
 
 def test_held_long_prefill_ends_an_admission_skip(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -351,3 +351,55 @@ def test_a_fixed_min_hits_ignores_the_reuse_rate(min_hits: int) -> None:
         assert stored_after_eviction(manager, pool, seed) == [min_hits == 1] * 8
     assert manager.min_hits == min_hits
     manager.close()
+
+
+def test_a_planned_entry_outlives_the_stores_that_need_its_room() -> None:
+    """`lookup` pins what its plan names: the stores that allocating the request's blocks
+    sets off (a full first tier evicting by LRU) take the next entries in LRU order, and the
+    load then brings back every planned block. Pinned only in `start_load`, the plan's
+    entry was the LRU victim and the load brought back nothing."""
+    manager, pool, transfer, store = make_manager(min_hits=1)
+    entries = []
+    for seed in range(store.num_slots):  # a full tier; seed 0 is the least recently used
+        hashes = prefix_hashes(seed, CHUNK_BLOCKS)
+        meta = EntryMeta(hashes[-1], tuple(hashes), CHUNK_BLOCKS * LAYOUT.block_bytes)
+        handle = store.prepare_store(meta)
+        assert handle is not None
+        handle.buffer.copy_(torch.randint(0, 256, (meta.num_bytes,), dtype=torch.uint8))
+        store.complete_store(handle, True)
+        entries.append((hashes, handle.buffer.clone()))
+    planned_hashes, planned_bytes = entries[0]
+    plan = manager.lookup(planned_hashes, 0, CHUNK_BLOCKS)
+    assert plan is not None and plan.num_blocks == CHUNK_BLOCKS
+    # Two freed requests' chunks go down as their blocks are evicted: the full tier makes
+    # room for them by evicting seeds 1 and 2, passing over the pinned seed 0.
+    for seed in (100, 101):
+        finished_prefix(pool, manager, seed=seed, num_blocks=CHUNK_BLOCKS)
+    pool.free(pool.allocate(NUM_BLOCKS))
+    manager.wait_idle()
+    manager.poll()
+    assert store.stats.num_evictions == 2
+    assert [store.has(hashes[-1]) for hashes, _ in entries[:3]] == [True, False, False]
+    destination = pool.allocate(CHUNK_BLOCKS)
+    assert manager.start_load("r", plan, destination, planned_hashes)
+    (result,) = manager.poll()
+    assert result.num_loaded_blocks == CHUNK_BLOCKS
+    expected = transfer.entry_view(planned_bytes, CHUNK_BLOCKS)  # random bits: compare bits
+    loaded = transfer.kv_cache[:, :, destination].contiguous()
+    assert torch.equal(loaded.view(torch.uint8), expected.contiguous().view(torch.uint8))
+    assert all(entry.pins == 0 for entry in store._entries.values())  # the load unpinned it
+    manager.close()
+
+
+def test_a_plan_given_back_unpins_its_entries() -> None:
+    manager, pool, _, store = make_manager(min_hits=1)
+    hashes, _ = finished_prefix(pool, manager, seed=3, num_blocks=CHUNK_BLOCKS)
+    manager.store_lookahead(NUM_BLOCKS)
+    manager.wait_idle()
+    manager.poll()
+    plan = manager.lookup(hashes, 0, CHUNK_BLOCKS)
+    assert plan is not None
+    assert store._entries[hashes[-1]].pins == 1
+    manager.release_plan(plan)
+    assert store._entries[hashes[-1]].pins == 0
+    manager.close()
