@@ -110,7 +110,7 @@ def test_penalties_logprobs_stops_and_min_tokens_equal_the_synchronous_engine() 
     the pending token), min_tokens (which counts it too), logprobs, and the stop conditions
     that end a request with a step of it still in flight (stop ids, stop strings, EOS)."""
     free = tiny().generate(PROMPTS[:1], SamplingParams(max_tokens=30, temperature=0.0,
-                                                          ignore_eos=True))[0].outputs[0]
+                                                       ignore_eos=True))[0].outputs[0]
     stop_id = free.token_ids[6]
     stop_text = free.text[len(free.text) // 2:][:3]
     params = [
@@ -169,7 +169,7 @@ def test_bad_words_steer_both_pipelines_alike() -> None:
     tokens, in the synchronous engine and under async scheduling (whose host lags the device
     by a token); a word given as text is banned in the spellings the engine tokenises."""
     free = tokens(tiny().generate(PROMPTS[:2], SamplingParams(max_tokens=12, temperature=0.0,
-                                                                 ignore_eos=True)))
+                                                              ignore_eos=True)))
     pair = (free[0][2], free[0][3])  # the 4th token would complete it: something else comes
     params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
                              bad_words_token_ids=(pair,)),

@@ -85,10 +85,10 @@ class KVWitness:
                 return start_load(request_id, plan, block_ids, block_hashes)
 
             def recording_poll() -> list[Any]:
-                # Only the blocks a result reports written were loaded. A plan can shrink
-                # after the lookup (an entry evicted before `start_load` pinned it, a read
-                # error), and the request computes the rest: judging those as loads would
-                # call step-shape variance a wrong load.
+                # Only the blocks a result reports written were loaded. A load can stop
+                # short of its plan (a read error, a failed copy), and the request computes
+                # the rest: judging those as loads would call step-shape variance a wrong
+                # load.
                 results = poll()
                 for result in results:
                     planned = self._planned.pop(result.request_id, [])
