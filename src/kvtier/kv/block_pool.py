@@ -38,7 +38,7 @@ class EvictionListener(Protocol):
     def on_evict(self, evicted: list[tuple[BlockHash, int]], reused: bool = True) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)  # one per block: a small model on a large card has millions
 class KVBlock:
     block_id: int
     ref_cnt: int = 0
