@@ -13,7 +13,8 @@ Contract (every store, local or networked):
   A prepared entry is invisible to lookups until completed.
 - `read` returns the payload or raises `TierError` (I/O error, corrupt, truncated, checksum
   mismatch); the store drops such an entry itself and counts the error.
-- `pin(key)` protects an entry from eviction while a transfer reads it; `unpin` releases it.
+- `pin(key)` protects an entry from eviction from the lookup that plans its load until the
+  transfer has read it (or the plan is given back); `unpin` releases it.
 - Methods may be called from the scheduler thread and from transfer threads: stores lock.
 """
 
