@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 import test_tiered_engine as scenario  # noqa: E402 - the e2e tests' workload and engine
 
+from kvtier.config import DTYPES  # noqa: E402
 from kvtier.utils.kv_witness import KVWitness  # noqa: E402
 
 
@@ -54,6 +55,9 @@ def main() -> None:
     unknown = [s for s in setups if s not in scenario.TIER_SETUPS]
     if unknown:
         parser.error(f"unknown --setups {unknown}; known: {sorted(scenario.TIER_SETUPS)}")
+    bad_dtypes = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if bad_dtypes:
+        parser.error(f"unknown --dtypes {bad_dtypes}; known: {list(DTYPES)}")
     report: dict = {"card": (torch.cuda.get_device_name() if torch.cuda.is_available()
                              else "cpu"), "model": scenario.TINY_MODEL, "runs": []}
     for dtype in args.dtypes.split(","):
