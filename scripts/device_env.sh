@@ -15,7 +15,8 @@ mkdir -p "$out"
 run_kernel_tests() {
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_small_linear.py \
         tests/gpu/test_fused_ops.py tests/gpu/test_piecewise_graphs.py \
-        tests/gpu/test_triton_attention.py tests/gpu/test_tier_transfer_order.py 2>&1 | tail -n 8 | tee "$out/kernel_tests.txt"
+        tests/gpu/test_triton_attention.py tests/gpu/test_tier_transfer_order.py \
+        tests/gpu/test_batch_invariance.py 2>&1 | tail -n 8 | tee "$out/kernel_tests.txt"
 }
 
 # The engine's end-to-end tests that run on CUDA: the tier stack's (tokens with and without
@@ -28,6 +29,7 @@ run_engine_e2e_tests() {
     KVTIER_TEST_TINY_MODEL=random:tiny-qwen2 timeout 240 python3 -m pytest -q \
         -p no:cacheprovider -o faulthandler_timeout=60 \
         tests/e2e/test_tiered_engine.py tests/e2e/test_async_scheduling.py \
+        tests/e2e/test_batch_invariance.py \
         -k "not served_from_cpu_instead" > "$out/engine_e2e_tests.log" 2>&1
     [ $? = 124 ] && echo "engine e2e tests: stopped after 240 s" >> "$out/engine_e2e_tests.log"
     grep -E "^(FAILED|ERROR)|passed|failed|stopped after" "$out/engine_e2e_tests.log" \

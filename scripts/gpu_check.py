@@ -275,7 +275,7 @@ def hf_numbers(llm, report: dict) -> None:  # noqa: ANN001
 
 
 def greedy_tiers_identical(report: dict, model: str = MODEL, prefix_len: int = 2048,
-                           vocab: int = 100_000) -> None:
+                           vocab: int = 100_000, **engine_args: object) -> None:
     from kvtier import LLM, SamplingParams
     rng = random.Random(9)
     prefixes = [[rng.randrange(1000, vocab) for _ in range(prefix_len)] for _ in range(4)]
@@ -285,7 +285,7 @@ def greedy_tiers_identical(report: dict, model: str = MODEL, prefix_len: int = 2
     results = {}
     for name, extra in (("off", {}), ("cpu", {"kv_tiers": ("cpu:4GiB",)})):
         llm = LLM(model, num_gpu_blocks_override=384, max_num_batched_tokens=2048,
-                  max_num_seqs=16, **extra)
+                  max_num_seqs=16, **extra, **engine_args)
         results[name] = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
         # Then all at once: prefixes computed (and stored) in other step shapes than one by
         # one (the twenty-fifth session found the tier's tokens differ here; see
@@ -312,7 +312,12 @@ def main() -> None:
                         help="floors and the 16,384-token cpu-tier load only")
     parser.add_argument("--only-decode", action="store_true",
                         help="floors, the batch-1 decode step and the fused/unfused graph A/B")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="the engines run batch-invariant: its logits against HF, its "
+                             "speeds, and greedy tokens batched and one by one, tiers on and "
+                             "off (no fusion A/B, no tier-load timing: neither changes)")
     args = parser.parse_args()
+    engine_args = {"batch_invariant": True} if args.batch_invariant else {}
     from kvtier import LLM
 
     report: dict = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -328,8 +333,9 @@ def main() -> None:
         return
 
     llm = LLM(MODEL, max_num_batched_tokens=8192, max_num_seqs=256,
-              gpu_memory_utilization=0.85)
+              gpu_memory_utilization=0.85, **engine_args)
     report["attention_backend"] = llm.engine.runner.backend.name
+    report["batch_invariant"] = args.batch_invariant
     if not args.only_decode:
         check_logits(llm, report)
     spec = llm.engine.spec
@@ -352,7 +358,7 @@ def main() -> None:
     # A copy moves each byte twice; its rate is the memory's total (read + write) bandwidth,
     # which a pure read stream of the weights can use whole.
     report["decode_b1_floor_ms"] = weight_bytes / (report["device_copy_gbs_rw"] * 1e9) * 1e3
-    if graphs is not None:
+    if graphs is not None and not args.batch_invariant:
         decode_fusion_ab(llm, report)
     if args.only_decode:
         write_report(report, args.out)
@@ -366,8 +372,9 @@ def main() -> None:
         report["speedup_vs_hf_32"] = report["tok_s_32"] / report["hf_tok_s_32"]
     del llm
     torch.cuda.empty_cache()
-    tier_load_ms(report)
-    greedy_tiers_identical(report)
+    if not args.batch_invariant:
+        tier_load_ms(report)
+    greedy_tiers_identical(report, **engine_args)
     write_report(report, args.out)
 
 

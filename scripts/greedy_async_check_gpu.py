@@ -48,6 +48,9 @@ def main() -> None:
                         help="comma-separated, the first is the reference; also sync-cpu, "
                              "default-cpu-next-step (tier loads a step later) and "
                              "default-cpu-disk (most loads from a disk tier)")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="every configuration batch-invariant: batched must equal one by "
+                             "one, and the witness's recomputed blocks their first versions")
     args = parser.parse_args()
     rng = random.Random(9)
     vocab = 100_000 if args.model == MODEL else 40_000
@@ -56,7 +59,8 @@ def main() -> None:
     prompts = [prefixes[i % 4] + [rng.randrange(1000, vocab) for _ in range(64)]
                for i in range(12)]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    report: dict = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    report: dict = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                    "batch_invariant": args.batch_invariant}
     tokens = {}
     disk_dir = tempfile.mkdtemp(prefix="kvtier-greedy-disk-")
     configs = {"sync-off": {"async_scheduling": False}, "default-off": {},
@@ -72,7 +76,8 @@ def main() -> None:
                          f"{', '.join(configs)}")
         extra = configs[name]
         llm = LLM(args.model, dtype=args.dtype, num_gpu_blocks_override=384,
-                  max_num_batched_tokens=2048, max_num_seqs=16, **extra)
+                  max_num_batched_tokens=2048, max_num_seqs=16,
+                  batch_invariant=args.batch_invariant, **extra)
         report[f"{name}: async"] = llm.engine.async_scheduling
         # Twice: all at once (the scheduler mixes them), then one by one (prefix hits).
         tokens[name] = ([o.outputs[0].token_ids for o in llm.generate(prompts, params)],

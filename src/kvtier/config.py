@@ -242,6 +242,14 @@ class EngineConfig:
     the host (CUDA) unless `overlap_outputs` is set; off on the CPU, whose forward pass is the
     host's own work, so there is nothing to overlap (`resolved_async_scheduling`)."""
 
+    batch_invariant: bool = False
+    """Greedy output independent of how requests are batched and chunked (vLLM's
+    VLLM_BATCH_INVARIANT, SGLang's --enable-deterministic-inference): every matmul and
+    attention call computes a row the same way whatever step it runs in
+    (`triton_matmul`, `TritonAttentionBackend(batch_invariant=True)`), so tier hits,
+    preemptions and neighbours change no bits. CUDA with the triton backend only; slower
+    than the default kernels (BENCHMARKS.md)."""
+
     def resolved_async_scheduling(self, device_type: str) -> bool:
         """Whether the engine on a `device_type` device schedules asynchronously."""
         if self.async_scheduling is not None:
@@ -252,6 +260,10 @@ class EngineConfig:
         if self.async_scheduling and self.overlap_outputs:
             raise ConfigError("async_scheduling already overlaps a step's outputs with the "
                               "next step; drop overlap_outputs")
+        if self.batch_invariant and self.attention_backend == "torch":
+            raise ConfigError("batch_invariant needs the triton attention backend (the torch "
+                              "backend's kernels depend on the batch); use "
+                              "--attention-backend auto or triton")
         if self.max_cudagraph_capture_size < 0:
             raise ConfigError(f"max_cudagraph_capture_size {self.max_cudagraph_capture_size} "
                               "must be >= 0")
@@ -288,7 +300,7 @@ class EngineConfig:
 
 
 _TOP_LEVEL = ("attention_backend", "enforce_eager", "max_cudagraph_capture_size",
-              "overlap_outputs", "async_scheduling")
+              "overlap_outputs", "async_scheduling", "batch_invariant")
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
              "tiers": TierConfig}
 _FIELD_SECTION = {f.name: name for name, cls in _SECTIONS.items()

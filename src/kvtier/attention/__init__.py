@@ -7,8 +7,11 @@ from kvtier.attention.base import AttentionBackend, AttentionMetadata
 BACKENDS = ("torch", "triton")
 
 
-def create_backend(name: str, device_type: str) -> AttentionBackend:
-    """`auto` picks triton on CUDA when it imports, else the torch reference backend."""
+def create_backend(name: str, device_type: str,
+                   batch_invariant: bool = False) -> AttentionBackend:
+    """`auto` picks triton on CUDA when it imports, else the torch reference backend.
+    batch_invariant: a backend whose output for a query does not depend on the step it runs
+    in (triton only)."""
     if name == "auto":
         name = "torch"
         if device_type == "cuda":
@@ -19,6 +22,9 @@ def create_backend(name: str, device_type: str) -> AttentionBackend:
                 name = "triton"
             except ImportError:
                 name = "torch"
+    if batch_invariant and name != "triton":
+        raise ValueError(f"attention backend {name!r} is not batch-invariant; batch "
+                         "invariance needs the triton backend on a CUDA device")
     if name == "torch":
         from kvtier.attention.torch_ref import TorchAttentionBackend
         # Contiguous decode K/V pays on the CPU, where gathers run at memory speed; on CUDA the
@@ -28,7 +34,7 @@ def create_backend(name: str, device_type: str) -> AttentionBackend:
         if device_type != "cuda":
             raise ValueError("attention backend 'triton' needs a CUDA device")
         from kvtier.attention.triton_backend import TritonAttentionBackend
-        return TritonAttentionBackend()
+        return TritonAttentionBackend(batch_invariant=batch_invariant)
     raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
 
 

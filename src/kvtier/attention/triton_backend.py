@@ -194,13 +194,22 @@ class TritonAttentionBackend(AttentionBackend):
                  decode_config: DecodeConfig | None = None,
                  num_decode_splits: int | None = None, num_sms: int | None = None,
                  num_prefill_splits: int | None = None, own_kv_prompts: bool = True,
-                 max_merged_decodes: int = MAX_MERGED_DECODES) -> None:
+                 max_merged_decodes: int = MAX_MERGED_DECODES,
+                 batch_invariant: bool = False) -> None:
         """Configs default per head dim; num_decode_splits / num_prefill_splits fix the split
         counts (else chosen per step by `choose_num_splits` / `choose_prefill_splits`);
         num_sms defaults to the device's. own_kv_prompts: steps of whole prompts read K/V
         from the step's key/value tensors (`prompt_kernel`) rather than from the cache.
         max_merged_decodes: steps with prefills and at most this many decodes launch them
-        with the prefills (0: never)."""
+        with the prefills (0: never).
+
+        batch_invariant: every query token, decode or prompt, goes through `prefill_kernel`
+        with one tile config and no KV split, so its output is the same online softmax over
+        the same key tiles (aligned at key 0) whatever step it runs in: how its prompt was
+        chunked, how much of it was cached, which requests share the step. Tiles past a
+        query's position are fully masked and leave its sums unchanged. The other settings
+        (splits, merged decodes, own-KV prompts) then do not apply. Slower for decodes
+        (one program per query head reads all of a context, K/V once per query head)."""
         self.prefill_config = prefill_config
         self.decode_config = decode_config
         self.num_decode_splits = num_decode_splits
@@ -208,6 +217,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.num_sms = num_sms
         self.own_kv_prompts = own_kv_prompts
         self.max_merged_decodes = max_merged_decodes
+        self.batch_invariant = batch_invariant
         self.interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -220,6 +230,9 @@ class TritonAttentionBackend(AttentionBackend):
             device = metadata.block_table.device
             self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                             if device.type == "cuda" else DEFAULT_NUM_SMS)
+        if self.batch_invariant:
+            metadata.backend_data = self._step_data(metadata, 0)
+            return
         data = self._step_data(metadata, metadata.num_decodes)
         if (data.num_prefills and 0 < data.num_decodes <= self.max_merged_decodes
                 and not (data.whole_prompts and self.own_kv_prompts)):
@@ -283,6 +296,10 @@ class TritonAttentionBackend(AttentionBackend):
         programs fill the GPU without a KV split, else the split tiles (each with its own split
         count: the tile height sets the program count)."""
         data.reads_own_kv = False
+        if self.batch_invariant:
+            data.prefill_config = self.prefill_config or default_prefill_config(head_dim)
+            data.prefill_splits = 1
+            return
         if self.own_kv_prompts and data.whole_prompts:
             config = self.prefill_config or default_prefill_config(head_dim)
             if self._prefill_splits(data, num_heads, config) == 1:

@@ -17,8 +17,9 @@ do not recompile; what still compiles once each is the reduce per power-of-two b
 split count and the single-split (DIRECT) decode, all met by CUDA-graph warm-up.
 
 `UPCAST` exists for Triton's CPU interpreter only, whose `tl.dot` mis-computes bf16 operands:
-it casts both operands to fp32 after they were rounded to the input dtype, which leaves the
-arithmetic as on tensor cores (exact products, fp32 accumulation). It is False on GPUs.
+it casts both operands to float64 after they were rounded to the input dtype
+(`interpreted_dot`): exact products, sums rounded once to fp32, and no dependence on a row's
+neighbours, as on tensor cores. False on GPUs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from kvtier.triton_pdl import await_previous_kernel
 def _dot(a, b, UPCAST: tl.constexpr):
     """a @ b in fp32."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return interpreted_dot(a, b)
     return tl.dot(a, b)
 
 
@@ -41,8 +42,18 @@ def _dot(a, b, UPCAST: tl.constexpr):
 def _dot_acc(a, b, acc, UPCAST: tl.constexpr):
     """acc + a @ b, accumulated in place (the MMA's C operand)."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return acc + interpreted_dot(a, b)
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def interpreted_dot(a, b):
+    """a @ b for the interpreter, in fp32: its `tl.dot` is numpy's matmul, which rounds a row
+    differently by its position in the tile (and mis-computes bf16 operands). In float64 the
+    operands' products are exact and their sums far below fp32's rounding, so a row's fp32
+    result does not depend on the rows beside it, as on a tensor core (`--batch-invariant`
+    tests), and the arithmetic stays at least as exact as the MMA's."""
+    return tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32)
 
 
 @triton.jit

@@ -36,6 +36,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="schedule and launch the next step before reading this step's "
                         "tokens (vLLM's flag), overlapping host work with the device "
                         "(default: on with CUDA unless --overlap-outputs, off on the CPU)")
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="compute each request the same way whatever it is batched with, so "
+                        "greedy output is reproducible bit for bit (CUDA, triton backend; "
+                        "slower kernels)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True)
@@ -74,7 +78,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 ENGINE_ARG_NAMES = (
     "model", "dtype", "seed", "device", "max_logprobs", "attention_backend", "enforce_eager",
-    "max_cudagraph_capture_size", "overlap_outputs", "async_scheduling", "block_size",
+    "max_cudagraph_capture_size", "overlap_outputs", "async_scheduling", "batch_invariant",
+    "block_size",
     "enable_prefix_caching", "kv_cache_memory_bytes", "gpu_memory_utilization",
     "num_gpu_blocks_override", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
     "long_prefill_token_threshold", "short_prefill_first_tokens", "scheduling_policy",

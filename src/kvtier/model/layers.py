@@ -46,6 +46,38 @@ def small_linear_plan(x: torch.Tensor,
     return None if config is None else (ops, config)
 
 
+class Linear(nn.Linear):
+    """nn.Linear that, with `batch_invariant` set, runs `triton_matmul.invariant_linear`: each
+    row's result then does not depend on the rows it is batched with (CUDA, or Triton's
+    interpreter in tests). `LlamaForCausalLM.set_batch_invariant` sets it."""
+
+    batch_invariant: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.batch_invariant:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = invariant_matmul_ops().invariant_linear(flat, self.weight, self.bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """self(x) for 2-D x, written into out: the same kernel as `forward` (cuBLAS's
+        addmm / mm without batch invariance)."""
+        if self.batch_invariant:
+            return invariant_matmul_ops().invariant_linear(x, self.weight, self.bias, out=out)
+        if self.bias is None:
+            return torch.mm(x, self.weight.t(), out=out)
+        return torch.addmm(self.bias, x, self.weight.t(), out=out)
+
+
+def invariant_matmul_ops() -> ModuleType:
+    """`kvtier.model.triton_matmul`; a clear error where Triton is missing."""
+    ops = _triton_module("triton_matmul")
+    if ops is None:
+        raise RuntimeError("batch-invariant matmuls need Triton")
+    return ops
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -146,8 +178,8 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.activation(self.gate_up_proj(x)))

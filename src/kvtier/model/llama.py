@@ -19,10 +19,12 @@ from torch import nn
 from kvtier.attention.base import AttentionBackend, AttentionMetadata
 from kvtier.model.layers import (
     GatedMLP,
+    Linear,
     RMSNorm,
     RotaryEmbedding,
     RotaryInputs,
     apply_rotary,
+    invariant_matmul_ops,
     small_linear_plan,
 )
 from kvtier.model.spec import ModelLoadError, ModelSpec
@@ -37,11 +39,11 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=spec.attention_bias)
+        self.qkv_proj = Linear(spec.hidden_size, self.q_size + 2 * self.kv_size,
+                               bias=spec.attention_bias)
         # Llama's attention_bias covers o_proj too; Qwen2 biases q/k/v only.
-        self.o_proj = nn.Linear(self.q_size, spec.hidden_size,
-                                bias=spec.attention_bias and spec.model_type != "qwen2")
+        self.o_proj = Linear(self.q_size, spec.hidden_size,
+                             bias=spec.attention_bias and spec.model_type != "qwen2")
         self.backend = backend
 
     def project(self, hidden: torch.Tensor, rotary: RotaryInputs,
@@ -49,8 +51,8 @@ class Attention(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries (T, H, D) and keys, values (T, KVH, D): views of one fused
         projection, written into `qkv_out` (T, q_size + 2 * kv_size) when given."""
-        qkv = self.qkv_proj(hidden) if qkv_out is None else _linear_into(self.qkv_proj, hidden,
-                                                                         qkv_out)
+        qkv = (self.qkv_proj(hidden) if qkv_out is None
+               else self.qkv_proj.forward_into(hidden, qkv_out))
         return self.split_and_rotate(qkv, rotary)
 
     def split_and_rotate(self, qkv: torch.Tensor, rotary: RotaryInputs,
@@ -81,13 +83,6 @@ class Attention(nn.Module):
         return self.output(self.attend(q, k, v, kv_cache, metadata))
 
 
-def _linear_into(linear: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """linear(x) written into out: the same cuBLAS call as F.linear (addmm with bias)."""
-    if linear.bias is None:
-        return torch.mm(x, linear.weight.t(), out=out)
-    return torch.addmm(linear.bias, x, linear.weight.t(), out=out)
-
-
 FUSIONS = ("qkv", "o", "gate_up", "down", "kv_write")
 """What small CUDA batches can fuse (where `small_linear_plan` has a config for the batch):
 the projections named run as `small_linear`; "kv_write": qkv's kernel also stores k and v in
@@ -110,6 +105,9 @@ class DecoderLayer(nn.Module):
     with "kv_write"); gate_up with the residual add, norm and SiLU-and-mul; down with the
     SiLU-and-mul when gate_up did not take it. `LlamaForCausalLM.set_small_batch_fusion`
     changes it, for A/B measurements."""
+
+    batch_invariant: bool = False
+    """No `small_linear` (`LlamaForCausalLM.set_batch_invariant`)."""
 
     def __init__(self, spec: ModelSpec, backend: AttentionBackend) -> None:
         super().__init__()
@@ -195,7 +193,7 @@ class DecoderLayer(nn.Module):
 
     def _small_linear_plan(self, projection: str, x: torch.Tensor,
                            weight: torch.Tensor) -> tuple[ModuleType, Any] | None:
-        if projection not in self.small_batch_fusions:
+        if self.batch_invariant or projection not in self.small_batch_fusions:
             return None
         return small_linear_plan(x, weight)
 
@@ -211,7 +209,8 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings,
                                       spec.rope_theta, spec.rope_scaling)
         self.lm_head = (None if spec.tie_word_embeddings
-                        else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False))
+                        else Linear(spec.hidden_size, spec.vocab_size, bias=False))
+        self.batch_invariant = False
 
     def set_small_batch_fusion(self, fusions: Iterable[str] = SMALL_BATCH_FUSIONS) -> None:
         """Fuse these (of FUSIONS) in small CUDA batches: the projections named run through
@@ -223,6 +222,17 @@ class LlamaForCausalLM(nn.Module):
                              f"choose from {FUSIONS}")
         for layer in self.layers:
             layer.small_batch_fusions = chosen
+
+    def set_batch_invariant(self, enabled: bool = True) -> None:
+        """Compute every row the same way whatever batch it is in: every projection and the
+        logits through `triton_matmul.invariant_linear`, and no `small_linear` (whose
+        numerics differ from the larger batches' kernel). Norms, rotary and SiLU are row-wise
+        already; attention needs a backend built batch-invariant too. Capture CUDA graphs
+        after changing it."""
+        self.batch_invariant = enabled
+        for module in self.modules():
+            if isinstance(module, (Linear, DecoderLayer)):
+                module.batch_invariant = enabled
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:
@@ -241,6 +251,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, hidden_size) -> float32 logits (n, vocab_size)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.batch_invariant:
+            return invariant_matmul_ops().invariant_linear(hidden, weight).float()
         return torch.matmul(hidden, weight.t()).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

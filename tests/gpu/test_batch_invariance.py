@@ -1,0 +1,224 @@
+"""`--batch-invariant`'s kernels: a row computed in different batches comes out with the same
+bits (the invariant matmul; the attention backend built batch-invariant), and still close to
+the float32 reference.
+
+On a GPU: `pytest -m gpu tests/gpu/test_batch_invariance.py`. Without one, under Triton's
+interpreter: `TRITON_INTERPRET=1 pytest --noconftest -m gpu tests/gpu/test_batch_invariance.py`
+(the interpreter's dot sums each element in K's order, as a tensor core does, so it checks
+the kernels' logic: tiles, masks, what a row's arithmetic may depend on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kvtier.attention.base import AttentionMetadata
+
+triton = pytest.importorskip("triton")
+
+from kernel_support import INTERPRET, kernel_device  # noqa: E402
+
+from kvtier.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from kvtier.model.triton_matmul import invariant_linear, invariant_tile  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+ON_GPU = torch.cuda.is_available() and not INTERPRET
+
+
+@pytest.fixture(scope="module")
+def device() -> torch.device:
+    return kernel_device()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_a_matmul_row_has_the_same_bits_in_every_batch(device: torch.device,
+                                                       dtype: torch.dtype,
+                                                       with_bias: bool) -> None:
+    """Rows alone, a few together, at other offsets of the 64-row tile, in a batch spanning
+    several tiles: the same bits as in the batch of all rows. K and N are off the tile sizes
+    (K's last tile is zero-filled, N's last tile masked)."""
+    torch.manual_seed(1)
+    rows, in_features, out_features = (300, 1000, 330) if ON_GPU else (150, 200, 150)
+    x = torch.randn(rows, in_features, device=device).to(dtype)
+    weight = (torch.randn(out_features, in_features, device=device)
+              / in_features ** 0.5).to(dtype)
+    bias = torch.randn(out_features, device=device).to(dtype) if with_bias else None
+    batch = invariant_linear(x, weight, bias)
+    expected = x.double() @ weight.double().t() + (bias.double() if with_bias else 0)
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(batch.double(), expected, atol=tolerance, rtol=tolerance)
+    for count, offset in [(1, 0), (1, 77), (3, 5), (2, 63), (64, 10), (65, 70), (130, 1)]:
+        alone = invariant_linear(x[offset:offset + count], weight, bias)
+        assert torch.equal(alone, batch[offset:offset + count]), (count, offset)
+
+
+def test_out_and_strided_weights_give_the_same_bits(device: torch.device) -> None:
+    """`out=` (the piecewise graphs' static q/k/v buffer) and an input-major weight (how the
+    CPU's builder stores weights) take the same arithmetic."""
+    torch.manual_seed(2)
+    x = torch.randn(9, 96, device=device).to(torch.bfloat16)
+    weight = torch.randn(80, 96, device=device).to(torch.bfloat16)
+    expected = invariant_linear(x, weight)
+    out = torch.empty(9, 80, dtype=torch.bfloat16, device=device)
+    assert invariant_linear(x, weight, out=out) is out
+    assert torch.equal(out, expected)
+    input_major = weight.t().contiguous().t()
+    assert input_major.stride(1) != 1
+    assert torch.equal(invariant_linear(x, input_major), expected)
+
+
+def test_bad_operands_are_refused_by_shape(device: torch.device) -> None:
+    x = torch.randn(4, 32, device=device)
+    with pytest.raises(ValueError, match=r"x \(4, 32\) and weight \(8, 16\)"):
+        invariant_linear(x, torch.randn(8, 16, device=device))
+    with pytest.raises(ValueError, match="must share a dtype"):
+        invariant_linear(x, torch.randn(8, 32, device=device).to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"bias \(4,\) must be \(8,\)"):
+        invariant_linear(x, torch.randn(8, 32, device=device), torch.randn(4, device=device))
+    with pytest.raises(ValueError, match=r"out must be \(4, 8\)"):
+        invariant_linear(x, torch.randn(8, 32, device=device),
+                         out=torch.empty(4, 9, device=device))
+    assert invariant_linear(x[:0], torch.randn(8, 32, device=device)).shape == (0, 8)
+
+
+def test_the_tile_depends_on_the_weight_alone() -> None:
+    """What keeps rows invariant: the tile is a function of (N, K), never of the batch."""
+    assert invariant_tile(17920, 1536).block_n == 128  # gate_up: many column tiles already
+    assert invariant_tile(1536, 8960).block_n == 64  # down: spread over more programs
+    assert {invariant_tile(n, 1536).block_m for n in (256, 2048, 151936)} == {64}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One sequence of a step: `prefix` tokens cached, `query_len` new ones. The sequence
+    under test (`shared`) takes its q/k/v rows from the same per-position tensors in every
+    step; the others are random."""
+
+    prefix: int
+    query_len: int
+    shared: bool = False
+
+
+class Sequences:
+    """Per-position q, k, v of the sequence under test, and steps built around it."""
+
+    def __init__(self, length: int, shape: tuple[int, int, int], block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.num_heads, self.num_kv_heads, self.head_dim = shape
+        self.block_size, self.dtype, self.device = block_size, dtype, device
+        gen = torch.Generator().manual_seed(3)
+        self.q = torch.randn(length, self.num_heads, self.head_dim, generator=gen).to(dtype)
+        self.k = torch.randn(length, self.num_kv_heads, self.head_dim, generator=gen).to(dtype)
+        self.v = torch.randn(length, self.num_kv_heads, self.head_dim, generator=gen).to(dtype)
+        self.gen = gen
+
+    def run(self, chunks: list[Chunk], num_decodes: int) -> torch.Tensor:
+        """The backend's output rows of the shared sequence's chunk, (query_len, H, D)."""
+        bs, kvh, d = self.block_size, self.num_kv_heads, self.head_dim
+        blocks = [-(-(c.prefix + c.query_len) // bs) for c in chunks]
+        order = (torch.randperm(sum(blocks) + 1, generator=self.gen) + 1).tolist()
+        cache = torch.randn(2, sum(blocks) + 2, bs, kvh, d, generator=self.gen).to(self.dtype)
+        flat = cache.view(2, -1, kvh, d)
+        queries, keys, values, starts, tables, slots, shared_rows = [], [], [], [0], [], [], None
+        for chunk, n in zip(chunks, blocks, strict=True):
+            table = [order.pop() for _ in range(n)]
+            new = range(chunk.prefix, chunk.prefix + chunk.query_len)
+            seq_slots = [table[p // bs] * bs + p % bs for p in range(new.stop)]
+            if chunk.shared:
+                flat[0, seq_slots[:chunk.prefix]] = self.k[:chunk.prefix]
+                flat[1, seq_slots[:chunk.prefix]] = self.v[:chunk.prefix]
+                q, k, v = (t[new.start:new.stop] for t in (self.q, self.k, self.v))
+                shared_rows = slice(starts[-1], starts[-1] + chunk.query_len)
+            else:
+                q = torch.randn(chunk.query_len, self.num_heads, d, generator=self.gen)
+                k, v = (torch.randn(chunk.query_len, kvh, d, generator=self.gen)
+                        for _ in range(2))
+            queries.append(q)
+            keys.append(k)
+            values.append(v)
+            slots += seq_slots[chunk.prefix:]
+            tables.append(table)
+            starts.append(starts[-1] + chunk.query_len)
+        width = max(blocks)
+        seq_lens = [c.prefix + c.query_len for c in chunks]
+        dev = self.device
+        metadata = AttentionMetadata(
+            num_tokens=starts[-1], num_seqs=len(chunks), num_decodes=num_decodes,
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                     dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc_cpu=starts, seq_lens_cpu=seq_lens,
+            max_query_len=max(c.query_len for c in chunks), max_seq_len=max(seq_lens),
+            block_size=bs)
+        backend = TritonAttentionBackend(batch_invariant=True)
+        backend.prepare(metadata)
+        assert metadata.backend_data.num_decodes == 0  # decodes too take the one kernel
+        to = dict(dtype=self.dtype, device=dev)
+        out = backend.forward(torch.cat(queries).to(**to), torch.cat(keys).to(**to),
+                              torch.cat(values).to(**to), cache.to(dev), metadata,
+                              self.head_dim ** -0.5)
+        assert shared_rows is not None
+        return out[shared_rows].cpu()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_rows_have_the_same_bits_in_every_step(device: torch.device,
+                                                         dtype: torch.dtype) -> None:
+    """The same tokens attended as a whole prompt alone, as an extend after a cached prefix
+    beside a decode and another prefill, in two chunks, and (the last one) as a decode beside
+    other decodes: the same bits for every row, and close to the torch reference."""
+    length, prefix = (700, 257) if ON_GPU else (150, 37)
+    shape = (12, 2, 128) if ON_GPU else (4, 2, 32)
+    seqs = Sequences(length, shape, block_size=16, dtype=dtype, device=device)
+    whole = seqs.run([Chunk(0, length, shared=True)], num_decodes=0)
+    extend = seqs.run([Chunk(40, 1), Chunk(prefix, length - prefix, shared=True),
+                       Chunk(20, 30)], num_decodes=1)
+    first = seqs.run([Chunk(0, prefix, shared=True), Chunk(5, 60)], num_decodes=0)
+    last = seqs.run([Chunk(90, 1), Chunk(length - 1, 1, shared=True), Chunk(3, 1)],
+                    num_decodes=3)
+    assert torch.equal(extend, whole[prefix:])
+    assert torch.equal(first, whole[:prefix])
+    assert torch.equal(last, whole[length - 1:])
+    # And it is attention: the causal softmax of the float64 reference, per query head.
+    group = shape[0] // shape[1]
+    k = seqs.k.double().repeat_interleave(group, dim=1)
+    v = seqs.v.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", seqs.q.double(), k) * shape[2] ** -0.5
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    expected = torch.einsum("hqk,khd->qhd", scores.masked_fill(~causal, float("-inf"))
+                            .softmax(-1), v)
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(whole.double(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("shape", [(17920, 1536), (1536, 8960)], ids=["gate_up", "down"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_matmul_tiles_compile_for_hopper(shape: tuple[int, int], dtype: str) -> None:
+    """The tiles compile for sm_90 (no GPU needed) without spilling, within shared memory,
+    on wgmma (HGMMA) in bf16; float32 takes full-precision products (no TF32 HMMA)."""
+    from kernel_support import compile_sm90
+
+    from kvtier.model.triton_matmul import _invariant_matmul_kernel
+    if INTERPRET:
+        pytest.skip("compiles for the GPU: run without TRITON_INTERPRET")
+    tile = invariant_tile(*shape, torch.float32 if dtype == "fp32" else torch.bfloat16)
+    pointer = f"*{dtype}"
+    build = compile_sm90(_invariant_matmul_kernel, {
+        "x_ptr": pointer, "w_ptr": pointer, "b_ptr": pointer, "out_ptr": pointer},
+        dict(stride_xk=1, stride_wk=1, HAS_BIAS=True, IEEE=dtype == "fp32", UPCAST=False,
+             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=8),
+        tile.num_warps, tile.num_stages, multiples_of_16=("K", "stride_xm", "stride_wn"))
+    res = build.resources
+    assert res["STACK"] == 0 and res["LOCAL"] == 0, res
+    assert res["shared_dynamic"] <= 227 * 1024, res
+    if dtype == "bf16":
+        assert "HGMMA" in build.sass
+    else:
+        assert "HGMMA" not in build.sass and "HMMA" not in build.sass
