@@ -8,8 +8,9 @@
 #   bash scripts/device_batch_invariance.sh            (carry [".whl"])
 set -uo pipefail
 source scripts/device_env.sh
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_batch_invariance.py 2>&1 \
-    | tail -n 4 | tee "$out/batch_invariance_kernel_tests.txt"
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_batch_invariance.py \
+    > "$out/batch_invariance_kernel_tests.log" 2>&1
+grep -E "^E .*(differ|Error)|passed|failed" "$out/batch_invariance_kernel_tests.log" | tail -n 12
 python3 scripts/gpu_check.py --batch-invariant --skip-hf --out "$out/gpu_check_invariant.json" \
     > "$out/gpu_check_invariant.txt" 2>&1
 status=$?

@@ -9,14 +9,15 @@ export PYTHONPATH=$PWD/src:$PWD/scripts:$PWD:/tmp/site PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 
-# The Triton kernel tests on the card (PDL and the fused kernels included) and the tier's
-# stream order; the summary also goes to $out/kernel_tests.txt (a long call's output tail may
-# not reach back to it).
+# The Triton kernel tests on the card (PDL, the fused and the batch-invariant kernels
+# included) and the tier's stream order; the whole log goes to $out/kernel_tests.log, the
+# summary to $out/kernel_tests.txt too (a long call's output tail may not reach back to it).
 run_kernel_tests() {
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_small_linear.py \
         tests/gpu/test_fused_ops.py tests/gpu/test_piecewise_graphs.py \
         tests/gpu/test_triton_attention.py tests/gpu/test_tier_transfer_order.py \
-        tests/gpu/test_batch_invariance.py 2>&1 | tail -n 8 | tee "$out/kernel_tests.txt"
+        tests/gpu/test_batch_invariance.py > "$out/kernel_tests.log" 2>&1
+    tail -n 8 "$out/kernel_tests.log" | tee "$out/kernel_tests.txt"
 }
 
 # The engine's end-to-end tests that run on CUDA: the tier stack's (tokens with and without

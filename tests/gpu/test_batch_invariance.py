@@ -168,6 +168,14 @@ class Sequences:
         return out[shared_rows].cpu()
 
 
+def assert_same_bits(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    differ = got != expected
+    rows = differ.flatten(1).any(1).nonzero().flatten().tolist()
+    assert not differ.any(), (f"{what}: {int(differ.sum())} of {differ.numel()} values differ, "
+                              f"in rows {rows[:8]}, by up to "
+                              f"{(got.double() - expected.double()).abs().max():.3g}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_attention_rows_have_the_same_bits_in_every_step(device: torch.device,
                                                          dtype: torch.dtype) -> None:
@@ -183,9 +191,9 @@ def test_attention_rows_have_the_same_bits_in_every_step(device: torch.device,
     first = seqs.run([Chunk(0, prefix, shared=True), Chunk(5, 60)], num_decodes=0)
     last = seqs.run([Chunk(90, 1), Chunk(length - 1, 1, shared=True), Chunk(3, 1)],
                     num_decodes=3)
-    assert torch.equal(extend, whole[prefix:])
-    assert torch.equal(first, whole[:prefix])
-    assert torch.equal(last, whole[length - 1:])
+    assert_same_bits(extend, whole[prefix:], "extend after a cached prefix")
+    assert_same_bits(first, whole[:prefix], "first chunk beside another prefill")
+    assert_same_bits(last, whole[length - 1:], "last token as a decode")
     # And it is attention: the causal softmax of the float64 reference, per query head.
     group = shape[0] // shape[1]
     k = seqs.k.double().repeat_interleave(group, dim=1)
@@ -222,3 +230,25 @@ def test_matmul_tiles_compile_for_hopper(shape: tuple[int, int], dtype: str) -> 
         assert "HGMMA" in build.sass
     else:
         assert "HGMMA" not in build.sass and "HMMA" not in build.sass
+
+
+def test_invariant_prefill_tiles_compile_for_hopper() -> None:
+    """The prefill kernel as batch invariance runs it (every tile masked, no split) compiles
+    for sm_90 without spilling, on wgmma."""
+    from kernel_support import compile_sm90
+
+    from kvtier.attention import triton_kernels
+    from kvtier.attention.triton_backend import default_prefill_config
+    if INTERPRET:
+        pytest.skip("compiles for the GPU: run without TRITON_INTERPRET")
+    config = default_prefill_config(128)
+    bf16 = "*bf16"
+    build = compile_sm90(triton_kernels.prefill_kernel, {
+        "q_ptr": bf16, "out_ptr": bf16, "cache_ptr": bf16, "block_table_ptr": "*i32",
+        "query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "part_ptr": "*fp32",
+        "lse_ptr": "*fp32", "qk_scale": "fp32"}, dict(
+        NUM_HEADS=12, GROUP=6, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, DIRECT=True, UPCAST=False, MASK_EVERY_TILE=True),
+        config.num_warps, config.num_stages)
+    assert build.resources["STACK"] == 0 and build.resources["LOCAL"] == 0, build.resources
+    assert "HGMMA" in build.sass

@@ -204,10 +204,11 @@ class TritonAttentionBackend(AttentionBackend):
         with the prefills (0: never).
 
         batch_invariant: every query token, decode or prompt, goes through `prefill_kernel`
-        with one tile config and no KV split, so its output is the same online softmax over
-        the same key tiles (aligned at key 0) whatever step it runs in: how its prompt was
-        chunked, how much of it was cached, which requests share the step. Tiles past a
-        query's position are fully masked and leave its sums unchanged. The other settings
+        with one tile config, no KV split and every tile on the masked path, so its output is
+        the same online softmax over the same key tiles (aligned at key 0) whatever step it
+        runs in: how its prompt was chunked, how much of it was cached, which requests share
+        the step. Tiles past a query's position are fully masked and leave its sums
+        unchanged. The other settings
         (splits, merged decodes, own-KV prompts) then do not apply. Slower for decodes
         (one program per query head reads all of a context, K/V once per query head)."""
         self.prefill_config = prefill_config
@@ -286,7 +287,7 @@ class TritonAttentionBackend(AttentionBackend):
                             self.interpret)
             else:
                 run_prefill(query, kv_cache, metadata, data, out, scale, data.prefill_config,
-                            self.interpret)
+                            self.interpret, mask_every_tile=self.batch_invariant)
         return out
 
     def _choose_prefill_tiles(self, data: TritonStepData, num_heads: int,
@@ -363,8 +364,9 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
 def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 data: TritonStepData, out: torch.Tensor, scale: float, config: PrefillConfig,
-                interpret: bool = False) -> None:
-    """Attention for prefill sequences [num_decodes, num_seqs) into out; (T, H, D) tensors."""
+                interpret: bool = False, mask_every_tile: bool = False) -> None:
+    """Attention for prefill sequences [num_decodes, num_seqs) into out; (T, H, D) tensors.
+    mask_every_tile: the kernel's MASK_EVERY_TILE (batch invariance)."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     group = num_heads // kv_cache.shape[3]
     table = metadata.block_table
@@ -388,7 +390,8 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
         table.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=metadata.block_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, DIRECT=direct, UPCAST=interpret,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        MASK_EVERY_TILE=mask_every_tile, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     if not direct:
         prefill_out = out[first_token:first_token + data.num_prefill_tokens]
         # Without PDL even on steps of <= 2 rows: the prefill kernel before it never lets

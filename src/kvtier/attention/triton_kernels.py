@@ -141,7 +141,8 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
                    stride_kv, stride_block, stride_slot, stride_head, stride_table,
                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DIRECT: tl.constexpr, UPCAST: tl.constexpr):
+                   DIRECT: tl.constexpr, UPCAST: tl.constexpr,
+                   MASK_EVERY_TILE: tl.constexpr = False):
     """Causal attention of prefill/extend chunks over their whole paged context (FA2 style).
 
     Grid: (num_heads, cdiv(max_query_len, BLOCK_M), num_prefill_seqs * num_kv_splits); program
@@ -157,6 +158,11 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
     HEAD_DIM) fp32 and lse: (tokens, NUM_HEADS, num_kv_splits) fp32 in the layout that
     `decode_reduce_kernel` merges. Splitting keeps every SM busy when a few short chunks attend
     to a long cached prefix (an extend of 256 tokens after 4,096 is 24 programs per layer).
+
+    MASK_EVERY_TILE (batch invariance): every key tile takes the masked path. Which tiles a
+    row sees unmasked depends on where its query tile starts, i.e. on the chunking, and the
+    two paths round differently (the compiler fuses the scale into exp2's argument only where
+    no mask sits between them), so a row's bits would follow its chunk.
     """
     head = tl.program_id(0)
     m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -188,6 +194,8 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
     # tile's padding rows.
     first_row_pos = prefix + m_tile * BLOCK_M
     full_end = (first_row_pos + 1) // BLOCK_N * BLOCK_N
+    if MASK_EVERY_TILE:
+        full_end = 0
     causal_end = tl.minimum(seq_len, first_row_pos + BLOCK_M)
     if DIRECT:
         lo = 0
