@@ -202,7 +202,8 @@ def test_attention_rows_have_the_same_bits_in_every_step(device: torch.device,
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     expected = torch.einsum("hqk,khd->qhd", scores.masked_fill(~causal, float("-inf"))
                             .softmax(-1), v)
-    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    # float32 on a GPU: the kernel's dots run in TF32 (10-bit products), as tl.dot does.
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 5e-3 if ON_GPU else 1e-4
     torch.testing.assert_close(whole.double(), expected, atol=tolerance, rtol=tolerance)
 
 
