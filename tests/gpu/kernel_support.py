@@ -47,6 +47,9 @@ def compile_sm90(fn: triton.JITFunction, pointers: dict[str, str], constexprs: d
     from triton.compiler import ASTSource
 
     names = fn.arg_names
+    # Constexprs left out take their defaults, as a launch would.
+    constexprs = {**{p.name: p.default for p in fn.params
+                     if p.is_constexpr and p.has_default}, **constexprs}
     signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
     # Pointers and strides arrive 16-aligned in practice (Triton specialises on that).
     aligned = [(names.index(n),) for n in names

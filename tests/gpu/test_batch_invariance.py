@@ -234,8 +234,8 @@ def test_matmul_tiles_compile_for_hopper(shape: tuple[int, int], dtype: str) -> 
 
 
 def test_invariant_prefill_tiles_compile_for_hopper() -> None:
-    """The prefill kernel as batch invariance runs it (every tile masked, no split) compiles
-    for sm_90 without spilling, on wgmma."""
+    """The prefill kernel as batch invariance runs it (every tile masked, rows packed by KV
+    head, no split) compiles for sm_90 without spilling, on wgmma."""
     from kernel_support import compile_sm90
 
     from kvtier.attention import triton_kernels
@@ -249,7 +249,37 @@ def test_invariant_prefill_tiles_compile_for_hopper() -> None:
         "query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "part_ptr": "*fp32",
         "lse_ptr": "*fp32", "qk_scale": "fp32"}, dict(
         NUM_HEADS=12, GROUP=6, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n, DIRECT=True, UPCAST=False, MASK_EVERY_TILE=True),
+        BLOCK_N=config.block_n, DIRECT=True, UPCAST=False, MASK_EVERY_TILE=True,
+        PACK_GQA=True),
         config.num_warps, config.num_stages)
     assert build.resources["STACK"] == 0 and build.resources["LOCAL"] == 0, build.resources
     assert "HGMMA" in build.sass
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["direct", "kv-splits"])
+def test_rows_packed_by_kv_head_have_the_bits_of_unpacked_ones(device: torch.device,
+                                                               splits: int) -> None:
+    """PACK_GQA regroups the rows of the prefill kernel's tiles (a KV head's query heads
+    together); each row's arithmetic must not change: the same bits as one head per program,
+    with and without a KV split, for an extend, a whole prompt and a one-token chunk."""
+    from test_triton_attention import make_step
+
+    from kvtier.attention.triton_backend import default_prefill_config, run_prefill
+    shape = (12, 2, 128) if ON_GPU else (4, 2, 32)
+    step = make_step([], [(37, 50), (0, 70), (100, 1)], shape, 16, torch.bfloat16, device)
+    metadata = step.metadata(device)
+    backend = TritonAttentionBackend(num_prefill_splits=splits, own_kv_prompts=False)
+    backend.prepare(metadata)
+    config = default_prefill_config(shape[2])
+    data = metadata.backend_data
+    data.prefill_config, data.prefill_splits = config, splits
+    outputs = []
+    for packed in (False, True):
+        cache = step.kv_cache.clone()
+        backend.write_kv(step.key, step.value, cache, metadata.slot_mapping)
+        out = torch.zeros_like(step.query)
+        run_prefill(step.query, cache, metadata, data, out, shape[2] ** -0.5, config,
+                    INTERPRET, mask_every_tile=True, pack_gqa=packed)
+        outputs.append(out)
+    assert outputs[0].abs().sum() > 0
+    assert_same_bits(outputs[1], outputs[0], f"packed rows, {splits} KV splits")

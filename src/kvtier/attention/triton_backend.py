@@ -208,9 +208,10 @@ class TritonAttentionBackend(AttentionBackend):
         the same online softmax over the same key tiles (aligned at key 0) whatever step it
         runs in: how its prompt was chunked, how much of it was cached, which requests share
         the step. Tiles past a query's position are fully masked and leave its sums
-        unchanged. The other settings
-        (splits, merged decodes, own-KV prompts) then do not apply. Slower for decodes
-        (one program per query head reads all of a context, K/V once per query head)."""
+        unchanged. Rows are packed by KV head (PACK_GQA), so a decode's K/V is read once per
+        KV head. The other settings (splits, merged decodes, own-KV prompts) then do not
+        apply. Slower for decodes than the split decode kernels: one program per KV head
+        walks a whole context."""
         self.prefill_config = prefill_config
         self.decode_config = decode_config
         self.num_decode_splits = num_decode_splits
@@ -287,7 +288,8 @@ class TritonAttentionBackend(AttentionBackend):
                             self.interpret)
             else:
                 run_prefill(query, kv_cache, metadata, data, out, scale, data.prefill_config,
-                            self.interpret, mask_every_tile=self.batch_invariant)
+                            self.interpret, mask_every_tile=self.batch_invariant,
+                            pack_gqa=self.batch_invariant)
         return out
 
     def _choose_prefill_tiles(self, data: TritonStepData, num_heads: int,
@@ -364,9 +366,11 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
 def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 data: TritonStepData, out: torch.Tensor, scale: float, config: PrefillConfig,
-                interpret: bool = False, mask_every_tile: bool = False) -> None:
+                interpret: bool = False, mask_every_tile: bool = False,
+                pack_gqa: bool = False) -> None:
     """Attention for prefill sequences [num_decodes, num_seqs) into out; (T, H, D) tensors.
-    mask_every_tile: the kernel's MASK_EVERY_TILE (batch invariance)."""
+    mask_every_tile, pack_gqa: the kernel's MASK_EVERY_TILE and PACK_GQA (batch invariance:
+    decodes run here, and packing reads a decode's K/V once per KV head, not per query head)."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     group = num_heads // kv_cache.shape[3]
     table = metadata.block_table
@@ -380,7 +384,8 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
         rows = data.num_prefill_tokens * num_heads * splits
         workspace = torch.empty(rows * (head_dim + 1), dtype=torch.float32, device=query.device)
         part, lse = workspace[:rows * head_dim], workspace[rows * head_dim:]
-    grid = (num_heads, triton.cdiv(data.max_prefill_query_len, config.block_m),
+    packed = group if pack_gqa else 1
+    grid = (num_heads // packed, triton.cdiv(data.max_prefill_query_len * packed, config.block_m),
             data.num_prefills * splits)
     prefill_kernel[grid](
         query, out, part, lse, kv_cache, table, metadata.query_start_loc, metadata.seq_lens,
@@ -390,7 +395,7 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
         table.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=metadata.block_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, DIRECT=direct, UPCAST=interpret,
-        MASK_EVERY_TILE=mask_every_tile, num_warps=config.num_warps,
+        MASK_EVERY_TILE=mask_every_tile, PACK_GQA=pack_gqa, num_warps=config.num_warps,
         num_stages=config.num_stages)
     if not direct:
         prefill_out = out[first_token:first_token + data.num_prefill_tokens]

@@ -142,7 +142,7 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DIRECT: tl.constexpr, UPCAST: tl.constexpr,
-                   MASK_EVERY_TILE: tl.constexpr = False):
+                   MASK_EVERY_TILE: tl.constexpr = False, PACK_GQA: tl.constexpr = False):
     """Causal attention of prefill/extend chunks over their whole paged context (FA2 style).
 
     Grid: (num_heads, cdiv(max_query_len, BLOCK_M), num_prefill_seqs * num_kv_splits); program
@@ -163,26 +163,47 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
     row sees unmasked depends on where its query tile starts, i.e. on the chunking, and the
     two paths round differently (the compiler fuses the scale into exp2's argument only where
     no mask sits between them), so a row's bits would follow its chunk.
+
+    PACK_GQA: program (g, t, ...) takes KV head g, and row r of its tile is token r // GROUP
+    with query head g * GROUP + r % GROUP: the GROUP heads that share K/V read each tile once,
+    and a one-token query (a decode) fills GROUP rows of the tile instead of one. Grid:
+    (num_kv_heads, cdiv(max_query_len * GROUP, BLOCK_M), ...). Each row's arithmetic is the
+    same as unpacked (rows of an MMA do not mix).
     """
-    head = tl.program_id(0)
     m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
     seq = first_seq + tl.program_id(2) // num_kv_splits
     split = tl.program_id(2) % num_kv_splits
     q_start = tl.load(query_start_ptr + seq)
     query_len = tl.load(query_start_ptr + seq + 1) - q_start
-    if m_tile * BLOCK_M >= query_len:
+    ROWS_PER_TOKEN: tl.constexpr = GROUP if PACK_GQA else 1
+    if m_tile * BLOCK_M >= query_len * ROWS_PER_TOKEN:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     prefix = seq_len - query_len
-    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        kv_head = tl.program_id(0)
+        rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = rows // GROUP  # each row's token, counted from the chunk's first
+        head = kv_head * GROUP + rows % GROUP
+        head_offset = (head * stride_qh)[:, None]
+        out_head_offset = (head * stride_oh)[:, None]
+        tile_first = (m_tile * BLOCK_M) // GROUP
+        tile_end = ((m_tile + 1) * BLOCK_M - 1) // GROUP + 1  # past the tile's last token
+    else:
+        head = tl.program_id(0)
+        offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        head_offset = head * stride_qh
+        out_head_offset = head * stride_oh
+        kv_head = head // GROUP
+        tile_first = m_tile * BLOCK_M
+        tile_end = tile_first + BLOCK_M
     dims = tl.arange(0, HEAD_DIM)
     row_valid = offs_m < query_len
     row_mask = row_valid[:, None]
-    q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + dims[None, :],
+    q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qt + head_offset + dims[None, :],
                 mask=row_mask, other=0.0)
     q_pos = prefix + offs_m
 
-    kv_head = head // GROUP
     k_base = cache_ptr + kv_head * stride_head
     v_base = k_base + stride_kv
     table_row = block_table_ptr + seq.to(tl.int64) * stride_table
@@ -192,11 +213,11 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
     # Keys below full_end are visible to every row of the tile: no mask at all. Keys in
     # [full_end, causal_end) are the diagonal: causal mask, and keys past seq_len for the
     # tile's padding rows.
-    first_row_pos = prefix + m_tile * BLOCK_M
+    first_row_pos = prefix + tile_first
     full_end = (first_row_pos + 1) // BLOCK_N * BLOCK_N
     if MASK_EVERY_TILE:
         full_end = 0
-    causal_end = tl.minimum(seq_len, first_row_pos + BLOCK_M)
+    causal_end = tl.minimum(seq_len, prefix + tile_end)
     if DIRECT:
         lo = 0
         hi = causal_end
@@ -214,7 +235,7 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
                                      True, True, HEAD_DIM, BLOCK_SIZE, BLOCK_N, UPCAST)
     if DIRECT:
         out = acc / l_i[:, None]
-        tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh
+        tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + out_head_offset
                  + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask)
     else:
         # A row that saw no key of this split (it sits before the split's first key) has
