@@ -50,9 +50,10 @@ def _dot_acc(a, b, acc, UPCAST: tl.constexpr):
 def interpreted_dot(a, b):
     """a @ b for the interpreter, in fp32: its `tl.dot` is numpy's matmul, which rounds a row
     differently by its position in the tile (and mis-computes bf16 operands). In float64 the
-    operands' products are exact and their sums far below fp32's rounding, so a row's fp32
-    result does not depend on the rows beside it, as on a tensor core (`--batch-invariant`
-    tests), and the arithmetic stays at least as exact as the MMA's."""
+    operands' products are exact and the sums' rounding ~2^-29 of fp32's, so a row's fp32
+    result depends on the rows beside it only if a sum lands that close to an fp32 rounding
+    boundary: in practice never, as on a tensor core (`--batch-invariant` tests). The
+    arithmetic stays at least as exact as the MMA's."""
     return tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32)
 
 
