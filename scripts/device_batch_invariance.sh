@@ -19,11 +19,5 @@ grep -E "Error|error" "$out/gpu_check_invariant.txt" | tail -n 5
 python3 scripts/greedy_async_check_gpu.py --batch-invariant \
     --configs default-off,default-cpu,default-cpu-disk,sync-off \
     --out "$out/greedy_invariant.json" > "$out/greedy_invariant.txt" 2>&1 || status=1
-python3 - "$out/greedy_invariant.json" <<'PY'
-import json, sys
-report = json.load(open(sys.argv[1]))
-for key, value in report.items():
-    if key != "first differences":
-        print(key, value)
-PY
+print_greedy_report "$out/greedy_invariant.json"
 exit $status

@@ -36,3 +36,15 @@ run_engine_e2e_tests() {
     grep -E "^(FAILED|ERROR)|passed|failed|stopped after" "$out/engine_e2e_tests.log" \
         | tee "$out/engine_e2e_tests.txt"
 }
+
+# The report of scripts/greedy_async_check_gpu.py (its JSON file), without the per-prompt
+# first differences.
+print_greedy_report() {
+    python3 - "$1" <<'PY'
+import json, sys
+report = json.load(open(sys.argv[1]))
+for key, value in report.items():
+    if key != "first differences":
+        print(key, value)
+PY
+}

@@ -20,11 +20,5 @@ tail -n 60 "$out/gpu_check.txt" | grep -E '"(prefill|decode_b1|tok_s|tier_load|g
 # Greedy tokens batched and one by one, and the KV witness, per tier setup (a disk one too).
 python3 scripts/greedy_async_check_gpu.py --configs default-off,default-cpu,default-cpu-disk \
     --out "$out/greedy.json" > "$out/greedy.txt" 2>&1 || status=1
-python3 - "$out/greedy.json" <<'PY'
-import json, sys
-report = json.load(open(sys.argv[1]))
-for key, value in report.items():
-    if key != "first differences":
-        print(key, value)
-PY
+print_greedy_report "$out/greedy.json"
 exit $status
