@@ -246,9 +246,10 @@ class EngineConfig:
     """Greedy output independent of how requests are batched and chunked (vLLM's
     VLLM_BATCH_INVARIANT, SGLang's --enable-deterministic-inference): every matmul and
     attention call computes a row the same way whatever step it runs in
-    (`triton_matmul`, `TritonAttentionBackend(batch_invariant=True)`), so tier hits,
-    preemptions and neighbours change no bits. CUDA with the triton backend only; slower
-    than the default kernels (BENCHMARKS.md)."""
+    (CUDA: `triton_matmul`, `TritonAttentionBackend(batch_invariant=True)`; CPU: padded
+    GEMMs, `InvariantTorchAttentionBackend`), so tier hits, preemptions and neighbours change
+    no bits. Slower than the default kernels (BENCHMARKS.md); on CUDA it needs the triton
+    attention backend."""
 
     def resolved_async_scheduling(self, device_type: str) -> bool:
         """Whether the engine on a `device_type` device schedules asynchronously."""
@@ -260,10 +261,6 @@ class EngineConfig:
         if self.async_scheduling and self.overlap_outputs:
             raise ConfigError("async_scheduling already overlaps a step's outputs with the "
                               "next step; drop overlap_outputs")
-        if self.batch_invariant and self.attention_backend == "torch":
-            raise ConfigError("batch_invariant needs the triton attention backend (the torch "
-                              "backend's kernels depend on the batch); use "
-                              "--attention-backend auto or triton")
         if self.max_cudagraph_capture_size < 0:
             raise ConfigError(f"max_cudagraph_capture_size {self.max_cudagraph_capture_size} "
                               "must be >= 0")

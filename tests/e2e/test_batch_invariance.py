@@ -1,10 +1,12 @@
 """`batch_invariant`: greedy tokens that do not depend on how requests were batched, chunked
-or served from a tier, in the engine's own dtype (bfloat16 on CUDA).
+or served from a tier, in bfloat16.
 
 Without it, bf16 greedy tokens on CUDA change with the step shape: the same prompt run with
 others and run alone can differ, and so can a run with a tier (whose hits change the chunks)
-and one without (nvidia-h200, twenty-sixth session). The engine checks run on CUDA only;
-the configuration checks run everywhere.
+and one without (nvidia-h200, twenty-sixth session). On the CPU the torch kernels vary less,
+but the KV witness still finds recomputed blocks that differ from their first computation.
+These tests run on either device: Triton's kernels on CUDA, the padded torch GEMMs and
+`InvariantTorchAttentionBackend` on the CPU.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from kvtier import LLM
-from kvtier.config import ConfigError, EngineConfig
+from kvtier.attention import create_backend
+from kvtier.attention.invariant_ref import InvariantTorchAttentionBackend
+from kvtier.config import EngineConfig
+from kvtier.utils.kv_witness import KVWitness
 from tests.e2e.test_tiered_engine import (
-    TINY_MODEL,
     finish,
     loads_always_pay,  # noqa: F401 (a fixture)
     make_llm,
@@ -25,25 +27,27 @@ from tests.e2e.test_tiered_engine import (
     workload,
 )
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="batch invariance runs the Triton kernels (CUDA)")
+DTYPE = "bfloat16"
 
 
-@needs_cuda
 def test_bf16_tokens_do_not_depend_on_batching_or_tiers(
         tmp_path: Path, loads_always_pay: None) -> None:  # noqa: F811
-    """Tier-off, the concurrent batch gives the tokens of the same prompts run one by one on a
-    fresh engine; with a cpu tier and with cpu+disk, prefixes come back from the tiers and
-    every token is tier-off's."""
-    off = make_llm(batch_invariant=True)
-    assert off.engine.dtype == torch.bfloat16
-    expected = run(off, workload()), run(off, workload(seed=1, num_requests=8), concurrent=True)
+    """Tier-off, every block recomputed in another step shape has the bits of its first
+    computation, and the concurrent batch gives the tokens of the same prompts run one by
+    one on a fresh engine; with a cpu tier and with cpu+disk, prefixes come back from the
+    tiers and every token is tier-off's."""
+    off = make_llm(batch_invariant=True, dtype=DTYPE)
+    with KVWitness(off.engine) as witness:
+        expected = (run(off, workload()),
+                    run(off, workload(seed=1, num_requests=8), concurrent=True))
     finish(off)
-    alone = make_llm(batch_invariant=True)
+    assert witness.counts.recomputed_equal > 0 and witness.counts.recomputed_differ == 0, \
+        witness.counts
+    alone = make_llm(batch_invariant=True, dtype=DTYPE)
     assert run(alone, workload(seed=1, num_requests=8)) == expected[1]
     finish(alone)
     for tiers in (("cpu:64MiB",), ("cpu:128KiB", f"disk:{tmp_path}:64MiB")):
-        llm = make_llm(batch_invariant=True, kv_tiers=tiers)
+        llm = make_llm(batch_invariant=True, dtype=DTYPE, kv_tiers=tiers)
         got = run(llm, workload()), run(llm, workload(seed=1, num_requests=8), concurrent=True)
         hits = sum(llm.engine.tiers.stats.hit_tokens.values())
         finish(llm)
@@ -51,32 +55,38 @@ def test_bf16_tokens_do_not_depend_on_batching_or_tiers(
         assert got == expected, tiers
 
 
-@needs_cuda
 def test_batch_invariant_engine_runs_the_invariant_kernels() -> None:
     """What the flag switches: every projection and the logits on the invariant matmul, no
-    small-batch GEMV, attention all through one kernel; the default engine keeps its own."""
-    llm = make_llm(batch_invariant=True)
-    model = llm.engine.model
-    assert model.batch_invariant and llm.engine.runner.backend.batch_invariant
+    small-batch GEMV, attention through the device's invariant backend; the default engine
+    keeps its own."""
+    llm = make_llm(batch_invariant=True, dtype=DTYPE)
+    model, backend = llm.engine.model, llm.engine.runner.backend
+    assert model.batch_invariant
     layer = model.layers[0]
     assert layer.batch_invariant and layer.self_attn.qkv_proj.batch_invariant
     assert layer.mlp.down_proj.batch_invariant
+    if llm.engine.device.type == "cuda":
+        assert backend.name == "triton" and backend.batch_invariant
+    else:
+        assert isinstance(backend, InvariantTorchAttentionBackend)
     finish(llm)
-    default = make_llm()
+    default = make_llm(dtype=DTYPE)
     assert not default.engine.model.batch_invariant
     assert not default.engine.model.layers[0].mlp.gate_up_proj.batch_invariant
+    assert not isinstance(default.engine.runner.backend, InvariantTorchAttentionBackend)
     finish(default)
 
 
-def test_batch_invariance_needs_cuda_and_the_triton_backend() -> None:
-    """The torch kernels depend on the batch: asking for invariance there is refused by
-    name, not run quietly without it."""
-    with pytest.raises(ConfigError, match="batch_invariant needs the triton attention backend"):
-        EngineConfig.from_kwargs(batch_invariant=True, attention_backend="torch")
-    assert EngineConfig.from_kwargs(batch_invariant=True).batch_invariant
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="batch_invariant needs a CUDA device .* not cpu"):
-            LLM(TINY_MODEL, batch_invariant=True)
+def test_cuda_batch_invariance_refuses_the_torch_backend() -> None:
+    """On CUDA the torch backend's matmuls pick their kernels by shape: asking for
+    invariance with it is refused by name, not run without it (no GPU needed to refuse)."""
+    with pytest.raises(ValueError, match="batch invariance on CUDA needs the triton"):
+        create_backend("torch", "cuda", batch_invariant=True)
+    assert isinstance(create_backend("torch", "cpu", batch_invariant=True),
+                      InvariantTorchAttentionBackend)
+    assert isinstance(create_backend("auto", "cpu", batch_invariant=True),
+                      InvariantTorchAttentionBackend)
+    assert not isinstance(create_backend("auto", "cpu"), InvariantTorchAttentionBackend)
 
 
 def test_the_flag_reaches_the_engine_config() -> None:

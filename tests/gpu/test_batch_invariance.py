@@ -4,18 +4,16 @@ the float32 reference.
 
 On a GPU: `pytest -m gpu tests/gpu/test_batch_invariance.py`. Without one, under Triton's
 interpreter: `TRITON_INTERPRET=1 pytest --noconftest -m gpu tests/gpu/test_batch_invariance.py`
-(the interpreter's dot sums each element in K's order, as a tensor core does, so it checks
-the kernels' logic: tiles, masks, what a row's arithmetic may depend on).
+(the interpreter's dot runs in float64, so a row's result does not follow its neighbours,
+as on a tensor core: it checks the kernels' logic, tiles, masks, what a row's arithmetic
+may depend on). The CPU's own batch-invariant attention: tests/unit/attention.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
-
-from kvtier.attention.base import AttentionMetadata
+from tests.helpers import Sequences, assert_same_bits, check_rows_are_batch_invariant
 
 triton = pytest.importorskip("triton")
 
@@ -93,118 +91,18 @@ def test_the_tile_depends_on_the_weight_alone() -> None:
     assert {invariant_tile(n, 1536).block_m for n in (256, 2048, 151936)} == {64}
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """One sequence of a step: `prefix` tokens cached, `query_len` new ones. The sequence
-    under test (`shared`) takes its q/k/v rows from the same per-position tensors in every
-    step; the others are random."""
-
-    prefix: int
-    query_len: int
-    shared: bool = False
-
-
-class Sequences:
-    """Per-position q, k, v of the sequence under test, and steps built around it."""
-
-    def __init__(self, length: int, shape: tuple[int, int, int], block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        self.num_heads, self.num_kv_heads, self.head_dim = shape
-        self.block_size, self.dtype, self.device = block_size, dtype, device
-        gen = torch.Generator().manual_seed(3)
-        self.q = torch.randn(length, self.num_heads, self.head_dim, generator=gen).to(dtype)
-        self.k = torch.randn(length, self.num_kv_heads, self.head_dim, generator=gen).to(dtype)
-        self.v = torch.randn(length, self.num_kv_heads, self.head_dim, generator=gen).to(dtype)
-        self.gen = gen
-
-    def run(self, chunks: list[Chunk], num_decodes: int) -> torch.Tensor:
-        """The backend's output rows of the shared sequence's chunk, (query_len, H, D)."""
-        bs, kvh, d = self.block_size, self.num_kv_heads, self.head_dim
-        blocks = [-(-(c.prefix + c.query_len) // bs) for c in chunks]
-        order = (torch.randperm(sum(blocks) + 1, generator=self.gen) + 1).tolist()
-        cache = torch.randn(2, sum(blocks) + 2, bs, kvh, d, generator=self.gen).to(self.dtype)
-        flat = cache.view(2, -1, kvh, d)
-        queries, keys, values, starts, tables, slots, shared_rows = [], [], [], [0], [], [], None
-        for chunk, n in zip(chunks, blocks, strict=True):
-            table = [order.pop() for _ in range(n)]
-            new = range(chunk.prefix, chunk.prefix + chunk.query_len)
-            seq_slots = [table[p // bs] * bs + p % bs for p in range(new.stop)]
-            if chunk.shared:
-                flat[0, seq_slots[:chunk.prefix]] = self.k[:chunk.prefix]
-                flat[1, seq_slots[:chunk.prefix]] = self.v[:chunk.prefix]
-                q, k, v = (t[new.start:new.stop] for t in (self.q, self.k, self.v))
-                shared_rows = slice(starts[-1], starts[-1] + chunk.query_len)
-            else:
-                q = torch.randn(chunk.query_len, self.num_heads, d, generator=self.gen)
-                k, v = (torch.randn(chunk.query_len, kvh, d, generator=self.gen)
-                        for _ in range(2))
-            queries.append(q)
-            keys.append(k)
-            values.append(v)
-            slots += seq_slots[chunk.prefix:]
-            tables.append(table)
-            starts.append(starts[-1] + chunk.query_len)
-        width = max(blocks)
-        seq_lens = [c.prefix + c.query_len for c in chunks]
-        dev = self.device
-        metadata = AttentionMetadata(
-            num_tokens=starts[-1], num_seqs=len(chunks), num_decodes=num_decodes,
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                     dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc_cpu=starts, seq_lens_cpu=seq_lens,
-            max_query_len=max(c.query_len for c in chunks), max_seq_len=max(seq_lens),
-            block_size=bs)
-        backend = TritonAttentionBackend(batch_invariant=True)
-        backend.prepare(metadata)
-        assert metadata.backend_data.num_decodes == 0  # decodes too take the one kernel
-        to = dict(dtype=self.dtype, device=dev)
-        out = backend.forward(torch.cat(queries).to(**to), torch.cat(keys).to(**to),
-                              torch.cat(values).to(**to), cache.to(dev), metadata,
-                              self.head_dim ** -0.5)
-        assert shared_rows is not None
-        return out[shared_rows].cpu()
-
-
-def assert_same_bits(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    differ = got != expected
-    rows = differ.flatten(1).any(1).nonzero().flatten().tolist()
-    assert not differ.any(), (f"{what}: {int(differ.sum())} of {differ.numel()} values differ, "
-                              f"in rows {rows[:8]}, by up to "
-                              f"{(got.double() - expected.double()).abs().max():.3g}")
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_attention_rows_have_the_same_bits_in_every_step(device: torch.device,
                                                          dtype: torch.dtype) -> None:
-    """The same tokens attended as a whole prompt alone, as an extend after a cached prefix
-    beside a decode and another prefill, in two chunks, and (the last one) as a decode beside
-    other decodes: the same bits for every row, and close to the torch reference."""
+    """`check_rows_are_batch_invariant` (tests/helpers.py) for the Triton backend built
+    batch-invariant."""
     length, prefix = (700, 257) if ON_GPU else (150, 37)
     shape = (12, 2, 128) if ON_GPU else (4, 2, 32)
     seqs = Sequences(length, shape, block_size=16, dtype=dtype, device=device)
-    whole = seqs.run([Chunk(0, length, shared=True)], num_decodes=0)
-    extend = seqs.run([Chunk(40, 1), Chunk(prefix, length - prefix, shared=True),
-                       Chunk(20, 30)], num_decodes=1)
-    first = seqs.run([Chunk(0, prefix, shared=True), Chunk(5, 60)], num_decodes=0)
-    last = seqs.run([Chunk(90, 1), Chunk(length - 1, 1, shared=True), Chunk(3, 1)],
-                    num_decodes=3)
-    assert_same_bits(extend, whole[prefix:], "extend after a cached prefix")
-    assert_same_bits(first, whole[:prefix], "first chunk beside another prefill")
-    assert_same_bits(last, whole[length - 1:], "last token as a decode")
-    # And it is attention: the causal softmax of the float64 reference, per query head.
-    group = shape[0] // shape[1]
-    k = seqs.k.double().repeat_interleave(group, dim=1)
-    v = seqs.v.double().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", seqs.q.double(), k) * shape[2] ** -0.5
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    expected = torch.einsum("hqk,khd->qhd", scores.masked_fill(~causal, float("-inf"))
-                            .softmax(-1), v)
     # float32 on a GPU: the kernel's dots run in TF32 (10-bit products), as tl.dot does.
     tolerance = 3e-2 if dtype == torch.bfloat16 else 5e-3 if ON_GPU else 1e-4
-    torch.testing.assert_close(whole.double(), expected, atol=tolerance, rtol=tolerance)
+    check_rows_are_batch_invariant(lambda: TritonAttentionBackend(batch_invariant=True), seqs,
+                                   prefix, tolerance)
 
 
 @pytest.mark.parametrize("shape", [(17920, 1536), (1536, 8960)], ids=["gate_up", "down"])

@@ -11,7 +11,7 @@ def create_backend(name: str, device_type: str,
                    batch_invariant: bool = False) -> AttentionBackend:
     """`auto` picks triton on CUDA when it imports, else the torch reference backend.
     batch_invariant: a backend whose output for a query does not depend on the step it runs
-    in (triton only)."""
+    in (triton on CUDA, `InvariantTorchAttentionBackend` on the CPU)."""
     if name == "auto":
         name = "torch"
         if device_type == "cuda":
@@ -22,9 +22,12 @@ def create_backend(name: str, device_type: str,
                 name = "triton"
             except ImportError:
                 name = "torch"
-    if batch_invariant and name != "triton":
-        raise ValueError(f"attention backend {name!r} is not batch-invariant; batch "
-                         "invariance needs the triton backend on a CUDA device")
+    if batch_invariant and name == "torch":
+        if device_type == "cuda":
+            raise ValueError("batch invariance on CUDA needs the triton attention backend "
+                             "(the torch backend's CUDA matmuls choose their kernels by shape)")
+        from kvtier.attention.invariant_ref import InvariantTorchAttentionBackend
+        return InvariantTorchAttentionBackend()
     if name == "torch":
         from kvtier.attention.torch_ref import TorchAttentionBackend
         # Contiguous decode K/V pays on the CPU, where gathers run at memory speed; on CUDA the

@@ -38,8 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "(default: on with CUDA unless --overlap-outputs, off on the CPU)")
     g.add_argument("--batch-invariant", action="store_true",
                    help="compute each request the same way whatever it is batched with, so "
-                        "greedy output is reproducible bit for bit (CUDA, triton backend; "
-                        "slower kernels)")
+                        "greedy output is reproducible bit for bit (slower kernels; on "
+                        "CUDA with the triton backend)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True)

@@ -168,11 +168,11 @@ class LLMEngine:
         """Whether the engine's callers (`LLM.generate`, the engine core) launch each step
         before reading the tokens of the one before."""
         self.dtype = resolve_dtype(config.model, self.spec, self.device)
-        if config.batch_invariant and self.device.type != "cuda":
-            raise ConfigError(f"batch_invariant needs a CUDA device (its kernels are Triton's), "
-                              f"not {self.device.type}")
-        backend = create_backend(config.attention_backend, self.device.type,
-                                 config.batch_invariant)
+        try:
+            backend = create_backend(config.attention_backend, self.device.type,
+                                     config.batch_invariant)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.model = build_model(self.source, backend, self.device, self.dtype)
         if config.batch_invariant:
             self.model.set_batch_invariant(True)

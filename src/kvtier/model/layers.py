@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvtier.attention.invariant_ref import ROW_QUANTUM
+
 
 @cache
 def _triton_module(name: str) -> ModuleType | None:
@@ -57,25 +59,36 @@ class Linear(nn.Linear):
         if not self.batch_invariant:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
-        out = invariant_matmul_ops().invariant_linear(flat, self.weight, self.bias)
+        out = invariant_linear(flat, self.weight, self.bias)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """self(x) for 2-D x, written into out: the same kernel as `forward` (cuBLAS's
         addmm / mm without batch invariance)."""
         if self.batch_invariant:
-            return invariant_matmul_ops().invariant_linear(x, self.weight, self.bias, out=out)
+            return invariant_linear(x, self.weight, self.bias, out=out)
         if self.bias is None:
             return torch.mm(x, self.weight.t(), out=out)
         return torch.addmm(self.bias, x, self.weight.t(), out=out)
 
 
-def invariant_matmul_ops() -> ModuleType:
-    """`kvtier.model.triton_matmul`; a clear error where Triton is missing."""
-    ops = _triton_module("triton_matmul")
-    if ops is None:
-        raise RuntimeError("batch-invariant matmuls need Triton")
-    return ops
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ weight.T (+ bias), each row's bits independent of the other rows and of M.
+    CUDA: `triton_matmul.invariant_linear`. CPU: torch's GEMM over rows padded to a multiple
+    of ROW_QUANTUM, which BLAS computes with one kernel per row whatever M is (below 4 rows,
+    or in a remainder of its row blocks, MKL rounds a row differently)."""
+    if x.is_cuda:
+        ops = _triton_module("triton_matmul")
+        if ops is None:
+            raise RuntimeError("batch-invariant matmuls on CUDA need Triton")
+        return ops.invariant_linear(x, weight, bias, out=out)
+    rows = x.shape[0]
+    padded = F.pad(x, (0, 0, 0, -rows % ROW_QUANTUM))
+    result = F.linear(padded, weight, bias)[:rows]
+    if out is None:
+        return result
+    return out.copy_(result)
 
 
 class RMSNorm(nn.Module):

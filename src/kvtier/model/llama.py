@@ -24,7 +24,7 @@ from kvtier.model.layers import (
     RotaryEmbedding,
     RotaryInputs,
     apply_rotary,
-    invariant_matmul_ops,
+    invariant_linear,
     small_linear_plan,
 )
 from kvtier.model.spec import ModelLoadError, ModelSpec
@@ -225,7 +225,7 @@ class LlamaForCausalLM(nn.Module):
 
     def set_batch_invariant(self, enabled: bool = True) -> None:
         """Compute every row the same way whatever batch it is in: every projection and the
-        logits through `triton_matmul.invariant_linear`, and no `small_linear` (whose
+        logits through `layers.invariant_linear`, and no `small_linear` (whose
         numerics differ from the larger batches' kernel). Norms, rotary and SiLU are row-wise
         already; attention needs a backend built batch-invariant too. Capture CUDA graphs
         after changing it."""
@@ -252,7 +252,7 @@ class LlamaForCausalLM(nn.Module):
         """(n, hidden_size) -> float32 logits (n, vocab_size)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.batch_invariant:
-            return invariant_matmul_ops().invariant_linear(hidden, weight).float()
+            return invariant_linear(hidden, weight).float()
         return torch.matmul(hidden, weight.t()).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
