@@ -18,7 +18,8 @@ over key tiles of KEY_TILE keys aligned at key 0, with an online softmax:
 - tiles past a row's position are fully masked and leave its sums unchanged, so extra tiles
   that other rows of the batch need cost no bits.
 
-Decodes of a step run batched (one tile loop for all), prefill chunks one sequence at a time.
+Decodes of a step run batched (one tile loop for DECODES_PER_GROUP of them), prefill chunks
+one sequence at a time.
 Slower than the torch backend: it is for reproducibility, not speed.
 """
 
@@ -32,6 +33,10 @@ from kvtier.attention.base import AttentionBackend, AttentionMetadata
 
 KEY_TILE = 64
 ROW_QUANTUM = 32
+DECODES_PER_GROUP = 16
+"""Decodes attended together: each group's contexts are copied into one padded float32
+buffer per layer, so the group size bounds that buffer (16 x 4,096 tokens of SmolLM2's K/V:
+50 MB). Which group a decode lands in changes none of its bits."""
 
 
 @dataclass
@@ -55,7 +60,7 @@ class InvariantTorchAttentionBackend(AttentionBackend):
         device = metadata.block_table.device
         groups = []
         nd = metadata.num_decodes
-        seqs = [range(nd)] if nd else []
+        seqs = [range(i, min(i + DECODES_PER_GROUP, nd)) for i in range(0, nd, DECODES_PER_GROUP)]
         seqs += [range(i, i + 1) for i in range(nd, metadata.num_seqs)]
         for members in seqs:
             rows, positions, blocks, lens = [], [], [], []

@@ -54,3 +54,16 @@ def test_padded_matmul_rows_have_the_same_bits_in_every_batch(dtype: torch.dtype
             assert torch.equal(alone, full[offset:offset + count]), (count, offset)
         out = torch.empty(5, 1728, dtype=dtype)
         assert invariant_linear(x[:5], w, bias, out=out) is out and torch.equal(out, full[:5])
+
+
+def test_a_decode_has_the_same_bits_in_any_decode_group() -> None:
+    """Decodes attend DECODES_PER_GROUP at a time: a decode in the second group of a large
+    step, beside longer contexts, has the bits of its own prompt pass."""
+    from kvtier.attention.invariant_ref import DECODES_PER_GROUP
+    seqs = Sequences(150, (9, 3, 64), block_size=16, dtype=torch.float32, device=CPU)
+    whole = seqs.run(InvariantTorchAttentionBackend(), [Chunk(0, 150, shared=True)],
+                     num_decodes=0)
+    others = [Chunk(20 + 13 * i, 1) for i in range(DECODES_PER_GROUP + 3)]
+    step = others[:DECODES_PER_GROUP + 1] + [Chunk(149, 1, shared=True)] + others[-2:]
+    last = seqs.run(InvariantTorchAttentionBackend(), step, num_decodes=len(step))
+    assert torch.equal(last, whole[149:])
