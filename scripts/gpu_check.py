@@ -10,6 +10,9 @@ One run prints (and writes to --out as JSON):
   pinned-copy floor; HF transformers' prefill and generate on the same card.
 
     PYTHONPATH=src python3 scripts/gpu_check.py --out $OUT/gpu_check.json
+
+`--batch-invariant` runs the engines batch-invariant (their logits, speeds and greedy checks;
+no fusion A/B or tier-load timing, which the mode does not change).
 """
 
 from __future__ import annotations

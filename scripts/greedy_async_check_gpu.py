@@ -19,6 +19,10 @@ The Qwen2.5-1.5B shape with random weights, a 384-block pool under four 2,048-to
 (evicted between uses, so the tier serves them), twelve requests of 24 tokens, all at once.
 
     PYTHONPATH=src:scripts python3 scripts/greedy_async_check_gpu.py --out $OUT/greedy.json
+
+With `--batch-invariant` (twenty-eighth session, nvidia-h200) batched equals one by one,
+every configuration gives the reference's tokens, and the witness finds no recomputed block
+that differs from its first computation.
 """
 
 from __future__ import annotations
