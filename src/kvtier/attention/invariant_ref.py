@@ -2,8 +2,9 @@
 
 A query token's output here is the same bits whatever step it runs in (whole prompt, extend
 after a cached prefix, decode, beside any other requests), as `TritonAttentionBackend` gives
-on CUDA with `batch_invariant`. The torch backend's own kernels do not: SDPA tiles a prompt
-by its length, and decodes attend over the batch's longest context.
+on CUDA with `batch_invariant`. The torch backend does not: its decodes and its prompts run
+through different kernels (SDPA, a masked matmul over the batch's longest context), and a
+token's bits follow whichever ran it (`tests/unit/attention/test_invariant_ref.py`).
 
 Every sequence's rows (its query tokens x the query heads of one KV head) attend in one loop
 over key tiles of KEY_TILE keys aligned at key 0, with an online softmax:
@@ -36,7 +37,7 @@ ROW_QUANTUM = 32
 DECODES_PER_GROUP = 16
 """Decodes attended together: each group's contexts are copied into one padded float32
 buffer per layer, so the group size bounds that buffer (16 x 4,096 tokens of SmolLM2's K/V:
-50 MB). Which group a decode lands in changes none of its bits."""
+50 MB each for K and V). Which group a decode lands in changes none of its bits."""
 
 
 @dataclass
@@ -60,7 +61,8 @@ class InvariantTorchAttentionBackend(AttentionBackend):
         device = metadata.block_table.device
         groups = []
         nd = metadata.num_decodes
-        seqs = [range(i, min(i + DECODES_PER_GROUP, nd)) for i in range(0, nd, DECODES_PER_GROUP)]
+        seqs = [range(i, min(i + DECODES_PER_GROUP, nd))
+                for i in range(0, nd, DECODES_PER_GROUP)]
         seqs += [range(i, i + 1) for i in range(nd, metadata.num_seqs)]
         for members in seqs:
             rows, positions, blocks, lens = [], [], [], []
