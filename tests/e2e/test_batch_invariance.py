@@ -55,6 +55,24 @@ def test_bf16_tokens_do_not_depend_on_batching_or_tiers(
         assert got == expected, tiers
 
 
+def test_seeded_sampling_does_not_depend_on_batching() -> None:
+    """A request with a seed samples from its own generator over its own row of logits, and
+    with batch invariance that row has the same bits in any batch: temperature and top-p
+    sampling give the same tokens all at once as one by one."""
+    from kvtier import SamplingParams
+    prompts = workload(seed=1, num_requests=8)
+    params = [SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=100 + i,
+                             ignore_eos=True) for i in range(len(prompts))]
+    together = make_llm(batch_invariant=True, dtype=DTYPE)
+    batched = [o.outputs[0].token_ids for o in together.generate(prompts, params)]
+    finish(together)
+    alone = make_llm(batch_invariant=True, dtype=DTYPE)
+    one_by_one = [alone.generate([p], [s])[0].outputs[0].token_ids
+                  for p, s in zip(prompts, params, strict=True)]
+    finish(alone)
+    assert batched == one_by_one
+
+
 def test_batch_invariant_engine_runs_the_invariant_kernels() -> None:
     """What the flag switches: every projection and the logits on the invariant matmul, no
     small-batch GEMV, attention through the device's invariant backend; the default engine
