@@ -76,8 +76,8 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) @ weight.T (+ bias), each row's bits independent of the other rows and of M.
     CUDA: `triton_matmul.invariant_linear`. CPU: torch's GEMM over rows padded to a multiple
-    of ROW_QUANTUM, which BLAS computes with one kernel per row whatever M is (below 4 rows,
-    or in a remainder of its row blocks, MKL rounds a row differently)."""
+    of ROW_QUANTUM, which BLAS computes with one kernel per row whatever M is (below 8 rows
+    MKL rounds a row differently: `invariant_ref.ROW_QUANTUM`)."""
     if x.is_cuda:
         ops = _triton_module("triton_matmul")
         if ops is None:
