@@ -49,9 +49,9 @@ def small_linear_plan(x: torch.Tensor,
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, with `batch_invariant` set, runs `triton_matmul.invariant_linear`: each
-    row's result then does not depend on the rows it is batched with (CUDA, or Triton's
-    interpreter in tests). `LlamaForCausalLM.set_batch_invariant` sets it."""
+    """nn.Linear that, with `batch_invariant` set, runs `invariant_linear` (below): each row's
+    result then does not depend on the rows it is batched with.
+    `LlamaForCausalLM.set_batch_invariant` sets it."""
 
     batch_invariant: bool = False
 

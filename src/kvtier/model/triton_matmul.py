@@ -8,16 +8,16 @@ output can change with the step shape: with a tier hit, a request's prompt is co
 other chunks and beside other requests than without it. Here every output element is the
 same chain of MMAs over K, in K's order, whatever M is and whichever rows share its tile:
 
-- the tile (`InvariantTile`) depends only on the weight's shape (N, K), never on M;
+- the tile (`InvariantTile`) depends only on the weight (N, K, dtype), never on M;
 - no split-K: one program owns an output tile for the whole of K;
 - rows past M are loaded as zeros; K's last tile is zero-filled, the same for every M.
 
 This is what vLLM's batch-invariant mode and SGLang's deterministic inference do for their
 GEMMs (there with persistent kernels). It costs speed where cuBLAS would have chosen better
 for the shape: decode batches read the weight through 64-row tiles, and prefill runs with
-mid-size tiles. `kvtier.model.llama` uses it for every projection and the logits when the
-engine runs with `--batch-invariant`. Imported only on CUDA (or under Triton's interpreter in
-tests).
+mid-size tiles. `layers.invariant_linear` runs it for every projection and the logits on
+CUDA when the engine runs with `--batch-invariant`. Imported only on CUDA (or under Triton's
+interpreter in tests).
 """
 
 from __future__ import annotations
