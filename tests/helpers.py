@@ -63,9 +63,12 @@ class Sequences:
         self.v = torch.randn(length, self.num_kv_heads, self.head_dim, generator=gen).to(dtype)
         self.gen = gen
 
-    def run(self, backend: AttentionBackend, chunks: list[Chunk],
-            num_decodes: int) -> torch.Tensor:
-        """The backend's output rows of the shared sequence's chunk, (query_len, H, D)."""
+    def run(self, backend: AttentionBackend, chunks: list[Chunk], num_decodes: int,
+            extra_table_columns: int = 0, context_hint: int | None = None) -> torch.Tensor:
+        """The backend's output rows of the shared sequence's chunk, (query_len, H, D).
+        As a CUDA graph's step (`cuda_graph.DecodeGraphs`): extra_table_columns widen the
+        block table past the longest sequence, and `prepare` sees context_hint as every
+        sequence's length (a horizon, not the lengths)."""
         bs, kvh, d = self.block_size, self.num_kv_heads, self.head_dim
         blocks = [-(-(c.prefix + c.query_len) // bs) for c in chunks]
         order = (torch.randperm(sum(blocks) + 1, generator=self.gen) + 1).tolist()
@@ -91,8 +94,9 @@ class Sequences:
             slots += seq_slots[chunk.prefix:]
             tables.append(table)
             starts.append(starts[-1] + chunk.query_len)
-        width = max(blocks)
+        width = max(blocks) + extra_table_columns
         seq_lens = [c.prefix + c.query_len for c in chunks]
+        seen_lens = seq_lens if context_hint is None else [context_hint] * len(chunks)
         dev = self.device
         metadata = AttentionMetadata(
             num_tokens=starts[-1], num_seqs=len(chunks), num_decodes=num_decodes,
@@ -101,8 +105,8 @@ class Sequences:
             block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables],
                                      dtype=torch.int32, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc_cpu=starts, seq_lens_cpu=seq_lens,
-            max_query_len=max(c.query_len for c in chunks), max_seq_len=max(seq_lens),
+            query_start_loc_cpu=starts, seq_lens_cpu=seen_lens,
+            max_query_len=max(c.query_len for c in chunks), max_seq_len=max(seen_lens),
             block_size=bs)
         backend.prepare(metadata)
         to = dict(dtype=self.dtype, device=dev)

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers import Sequences, assert_same_bits, check_rows_are_batch_invariant
+from tests.helpers import Chunk, Sequences, assert_same_bits, check_rows_are_batch_invariant
 
 triton = pytest.importorskip("triton")
 
 from kernel_support import INTERPRET, kernel_device  # noqa: E402
 
-from kvtier.attention.triton_backend import TritonAttentionBackend  # noqa: E402
-from kvtier.model.triton_matmul import invariant_linear, invariant_tile  # noqa: E402
+from kvtier.attention.triton_backend import (  # noqa: E402
+    INVARIANT_REDUCE_LANES,
+    INVARIANT_SPLIT_KEYS,
+    TritonAttentionBackend,
+)
+from kvtier.model.triton_matmul import SPLIT_K, invariant_linear, invariant_tile  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -34,14 +38,19 @@ def device() -> torch.device:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("long_k", [False, True], ids=["whole-k", "split-k"])
 def test_a_matmul_row_has_the_same_bits_in_every_batch(device: torch.device,
                                                        dtype: torch.dtype,
-                                                       with_bias: bool) -> None:
+                                                       with_bias: bool, long_k: bool) -> None:
     """Rows alone, a few together, at other offsets of the 64-row tile, in a batch spanning
     several tiles: the same bits as in the batch of all rows. K and N are off the tile sizes
-    (K's last tile is zero-filled, N's last tile masked)."""
+    (K's last tile is zero-filled, N's last tile masked); a long K is split (SPLIT_K ranges,
+    the last one shorter) and its partials summed by the second kernel."""
     torch.manual_seed(1)
     rows, in_features, out_features = (300, 1000, 330) if ON_GPU else (150, 200, 150)
+    if long_k:
+        in_features = 9000 if ON_GPU else 4100
+        assert invariant_tile(out_features, in_features, dtype).split_k == SPLIT_K
     x = torch.randn(rows, in_features, device=device).to(dtype)
     weight = (torch.randn(out_features, in_features, device=device)
               / in_features ** 0.5).to(dtype)
@@ -88,21 +97,60 @@ def test_the_tile_depends_on_the_weight_alone() -> None:
     """What keeps rows invariant: the tile is a function of (N, K), never of the batch."""
     assert invariant_tile(17920, 1536).block_n == 128  # gate_up: many column tiles already
     assert invariant_tile(1536, 8960).block_n == 64  # down: spread over more programs
+    assert invariant_tile(1536, 8960).split_k == SPLIT_K  # ... and over K
+    assert {invariant_tile(n, k).split_k for n, k in [(17920, 1536), (2048, 1536),
+                                                     (151936, 1536), (17920, 8960)]} == {1}
     assert {invariant_tile(n, 1536).block_m for n in (256, 2048, 151936)} == {64}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("split_keys", [64, INVARIANT_SPLIT_KEYS],
+                         ids=["several-splits", "default-splits"])
 def test_attention_rows_have_the_same_bits_in_every_step(device: torch.device,
-                                                         dtype: torch.dtype) -> None:
+                                                         dtype: torch.dtype,
+                                                         split_keys: int) -> None:
     """`check_rows_are_batch_invariant` (tests/helpers.py) for the Triton backend built
-    batch-invariant."""
-    length, prefix = (700, 257) if ON_GPU else (150, 37)
+    batch-invariant: with 64-key splits the shared sequence's rows span up to 11 (GPU) or 3
+    (interpreter) fixed splits, with the default one or (GPU) two."""
+    length, prefix = (700 if split_keys == 64 else 1500, 257) if ON_GPU else (150, 37)
     shape = (12, 2, 128) if ON_GPU else (4, 2, 32)
     seqs = Sequences(length, shape, block_size=16, dtype=dtype, device=device)
     # float32 on a GPU: the kernel's dots run in TF32 (10-bit products), as tl.dot does.
     tolerance = 3e-2 if dtype == torch.bfloat16 else 5e-3 if ON_GPU else 1e-4
-    check_rows_are_batch_invariant(lambda: TritonAttentionBackend(batch_invariant=True), seqs,
-                                   prefix, tolerance)
+    check_rows_are_batch_invariant(
+        lambda: TritonAttentionBackend(batch_invariant=True, invariant_split_keys=split_keys),
+        seqs, prefix, tolerance)
+
+
+@pytest.mark.parametrize("context_hint", [1, 64], ids=["one-program", "two-programs"])
+def test_a_graph_step_shorter_than_the_context_keeps_the_bits(device: torch.device,
+                                                              context_hint: int) -> None:
+    """A decode graph is captured for a context horizon and a block table as wide as the
+    longest context: fewer split programs than the row has splits (each program takes every
+    so-many-th split), more splits laid out than used. The decode row keeps its bits."""
+    length = 700 if ON_GPU else 150
+    shape = (12, 2, 128) if ON_GPU else (4, 2, 32)
+    seqs = Sequences(length, shape, block_size=16, dtype=torch.bfloat16, device=device)
+
+    def backend() -> TritonAttentionBackend:
+        return TritonAttentionBackend(batch_invariant=True, invariant_split_keys=64)
+
+    whole = seqs.run(backend(), [Chunk(0, length, shared=True)], num_decodes=0)
+    decodes = [Chunk(90, 1), Chunk(length - 1, 1, shared=True), Chunk(3, 1)]
+    as_graph = seqs.run(backend(), decodes, num_decodes=3, extra_table_columns=9,
+                        context_hint=context_hint)
+    assert_same_bits(as_graph, whole[length - 1:], "decode in a graph-shaped step")
+
+
+def test_invariant_attention_refuses_what_its_splits_cannot_hold(device: torch.device) -> None:
+    """A split length off the tiles, or a block table past the reduce's lanes, by name."""
+    with pytest.raises(ValueError, match="invariant_split_keys 100"):
+        TritonAttentionBackend(batch_invariant=True, invariant_split_keys=100)
+    seqs = Sequences(20, (4, 2, 32), block_size=16, dtype=torch.bfloat16, device=device)
+    too_wide = INVARIANT_REDUCE_LANES * 64 // 16 + 1 - 2  # blocks past the lanes' reach
+    with pytest.raises(ValueError, match="batch-invariant attention's longest context"):
+        seqs.run(TritonAttentionBackend(batch_invariant=True, invariant_split_keys=64),
+                 [Chunk(0, 20, shared=True)], num_decodes=0, extra_table_columns=too_wide)
 
 
 @pytest.mark.parametrize("shape", [(17920, 1536), (1536, 8960)], ids=["gate_up", "down"])
@@ -118,9 +166,11 @@ def test_matmul_tiles_compile_for_hopper(shape: tuple[int, int], dtype: str) -> 
     tile = invariant_tile(*shape, torch.float32 if dtype == "fp32" else torch.bfloat16)
     pointer = f"*{dtype}"
     build = compile_sm90(_invariant_matmul_kernel, {
-        "x_ptr": pointer, "w_ptr": pointer, "b_ptr": pointer, "out_ptr": pointer},
+        "x_ptr": pointer, "w_ptr": pointer, "b_ptr": pointer,
+        "out_ptr": pointer if tile.split_k == 1 else "*fp32"},
         dict(stride_xk=1, stride_wk=1, HAS_BIAS=True, IEEE=dtype == "fp32", UPCAST=False,
-             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=8),
+             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=8,
+             SPLIT_K=tile.split_k),
         tile.num_warps, tile.num_stages, multiples_of_16=("K", "stride_xm", "stride_wn"))
     res = build.resources
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res
@@ -133,7 +183,7 @@ def test_matmul_tiles_compile_for_hopper(shape: tuple[int, int], dtype: str) -> 
 
 def test_invariant_prefill_tiles_compile_for_hopper() -> None:
     """The prefill kernel as batch invariance runs it (every tile masked, rows packed by KV
-    head, no split) compiles for sm_90 without spilling, on wgmma."""
+    head, fixed-position splits) compiles for sm_90 without spilling, on wgmma."""
     from kernel_support import compile_sm90
 
     from kvtier.attention import triton_kernels
@@ -147,8 +197,8 @@ def test_invariant_prefill_tiles_compile_for_hopper() -> None:
         "query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "part_ptr": "*fp32",
         "lse_ptr": "*fp32", "qk_scale": "fp32"}, dict(
         NUM_HEADS=12, GROUP=6, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n, DIRECT=True, UPCAST=False, MASK_EVERY_TILE=True,
-        PACK_GQA=True),
+        BLOCK_N=config.block_n, DIRECT=False, UPCAST=False, MASK_EVERY_TILE=True,
+        PACK_GQA=True, FIXED_SPLITS=True),
         config.num_warps, config.num_stages)
     assert build.resources["STACK"] == 0 and build.resources["LOCAL"] == 0, build.resources
     assert "HGMMA" in build.sass

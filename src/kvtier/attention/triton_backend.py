@@ -53,6 +53,14 @@ MIN_KEYS_PER_PREFILL_SPLIT = 256
 """A prefill KV split attends at least this many keys (four BLOCK_N=64 tiles of 128 rows):
 the partial outputs it writes and the reduce cost about what two tiles of attention do."""
 MAX_PREFILL_SPLITS = 16
+INVARIANT_SPLIT_KEYS = 1024
+"""Keys per KV split in batch-invariant mode: splits sit at fixed key positions, so a long
+context's decode spreads over programs (P's ~4,400-token contexts: 5 per KV head) where one
+program per KV head walked it all. A multiple of every prefill tile's BLOCK_N."""
+INVARIANT_REDUCE_LANES = 128
+"""The batch-invariant reduce sums its log-sum-exp weights over this many lanes whatever the
+step's split count (a sum's order follows its lane count): contexts up to
+INVARIANT_REDUCE_LANES x the split length (131,072 tokens at 1,024 keys per split)."""
 MAX_MERGED_DECODES = 4
 """A step with prefill chunks (not all whole prompts) and at most this many decodes launches
 the decodes with the prefills, as one-token chunks: one attention launch (and its reduce) per
@@ -183,6 +191,9 @@ class TritonStepData:
     prefill_config: PrefillConfig | None = None
     reads_own_kv: bool = False
     """Whole prompts without a KV split: `prompt_kernel` (where the layer's K/V allow TMA)."""
+    layout_splits: int = 0
+    """Batch-invariant mode: fixed-position splits the block table's width can hold, the
+    partial outputs' layout (`prefill_splits` is then the programs per sequence)."""
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -195,7 +206,8 @@ class TritonAttentionBackend(AttentionBackend):
                  num_decode_splits: int | None = None, num_sms: int | None = None,
                  num_prefill_splits: int | None = None, own_kv_prompts: bool = True,
                  max_merged_decodes: int = MAX_MERGED_DECODES,
-                 batch_invariant: bool = False) -> None:
+                 batch_invariant: bool = False,
+                 invariant_split_keys: int = INVARIANT_SPLIT_KEYS) -> None:
         """Configs default per head dim; num_decode_splits / num_prefill_splits fix the split
         counts (else chosen per step by `choose_num_splits` / `choose_prefill_splits`);
         num_sms defaults to the device's. own_kv_prompts: steps of whole prompts read K/V
@@ -204,14 +216,18 @@ class TritonAttentionBackend(AttentionBackend):
         with the prefills (0: never).
 
         batch_invariant: every query token, decode or prompt, goes through `prefill_kernel`
-        with one tile config, no KV split and every tile on the masked path, so its output is
-        the same online softmax over the same key tiles (aligned at key 0) whatever step it
-        runs in: how its prompt was chunked, how much of it was cached, which requests share
-        the step. Tiles past a query's position are fully masked and leave its sums
-        unchanged. Rows are packed by KV head (PACK_GQA), so a decode's K/V is read once per
-        KV head. The other settings (splits, merged decodes, own-KV prompts) then do not
-        apply. Slower for decodes than the split decode kernels: one program per KV head
-        walks a whole context."""
+        with one tile config and every tile on the masked path, its keys cut into splits of
+        invariant_split_keys at fixed positions (FIXED_SPLITS) and merged by the reduce over
+        a fixed lane count. So its output is the same online softmax over the same key tiles
+        (aligned at key 0), merged the same way, whatever step it runs in: how its prompt
+        was chunked, how much of it was cached, which requests share the step. Tiles past a
+        query's position are fully masked and leave its sums unchanged; splits past it are
+        empty and weigh 0. Rows are packed by KV head (PACK_GQA), so a decode's K/V is read
+        once per KV head. The other settings (split counts, merged decodes, own-KV prompts)
+        then do not apply."""
+        if invariant_split_keys <= 0 or invariant_split_keys % 64:
+            raise ValueError(f"invariant_split_keys {invariant_split_keys} must be a positive "
+                             "multiple of 64 (the prefill tiles' key count)")
         self.prefill_config = prefill_config
         self.decode_config = decode_config
         self.num_decode_splits = num_decode_splits
@@ -220,6 +236,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.own_kv_prompts = own_kv_prompts
         self.max_merged_decodes = max_merged_decodes
         self.batch_invariant = batch_invariant
+        self.invariant_split_keys = invariant_split_keys
         self.interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -233,7 +250,18 @@ class TritonAttentionBackend(AttentionBackend):
             self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                             if device.type == "cuda" else DEFAULT_NUM_SMS)
         if self.batch_invariant:
-            metadata.backend_data = self._step_data(metadata, 0)
+            data = self._step_data(metadata, 0)
+            keys = self.invariant_split_keys
+            data.layout_splits = triton.cdiv(
+                max(metadata.block_table.shape[1] * metadata.block_size, 1), keys)
+            if data.layout_splits > INVARIANT_REDUCE_LANES:
+                raise ValueError(
+                    f"a block table of {metadata.block_table.shape[1]} blocks holds more than "
+                    f"{INVARIANT_REDUCE_LANES * keys} tokens, the batch-invariant attention's "
+                    "longest context")
+            data.prefill_splits = min(triton.cdiv(max(data.max_prefill_context, 1), keys),
+                                      data.layout_splits)
+            metadata.backend_data = data
             return
         data = self._step_data(metadata, metadata.num_decodes)
         if (data.num_prefills and 0 < data.num_decodes <= self.max_merged_decodes
@@ -289,7 +317,9 @@ class TritonAttentionBackend(AttentionBackend):
             else:
                 run_prefill(query, kv_cache, metadata, data, out, scale, data.prefill_config,
                             self.interpret, mask_every_tile=self.batch_invariant,
-                            pack_gqa=self.batch_invariant)
+                            pack_gqa=self.batch_invariant,
+                            split_keys=self.invariant_split_keys if self.batch_invariant
+                            else None)
         return out
 
     def _choose_prefill_tiles(self, data: TritonStepData, num_heads: int,
@@ -299,9 +329,8 @@ class TritonAttentionBackend(AttentionBackend):
         programs fill the GPU without a KV split, else the split tiles (each with its own split
         count: the tile height sets the program count)."""
         data.reads_own_kv = False
-        if self.batch_invariant:
+        if self.batch_invariant:  # splits: `prepare`
             data.prefill_config = self.prefill_config or default_prefill_config(head_dim)
-            data.prefill_splits = 1
             return
         if self.own_kv_prompts and data.whole_prompts:
             config = self.prefill_config or default_prefill_config(head_dim)
@@ -367,15 +396,20 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 data: TritonStepData, out: torch.Tensor, scale: float, config: PrefillConfig,
                 interpret: bool = False, mask_every_tile: bool = False,
-                pack_gqa: bool = False) -> None:
+                pack_gqa: bool = False, split_keys: int | None = None) -> None:
     """Attention for prefill sequences [num_decodes, num_seqs) into out; (T, H, D) tensors.
     mask_every_tile, pack_gqa: the kernel's MASK_EVERY_TILE and PACK_GQA (batch invariance:
-    decodes run here, and packing reads a decode's K/V once per KV head, not per query head)."""
+    decodes run here, and packing reads a decode's K/V once per KV head, not per query head).
+    split_keys (batch invariance, with mask_every_tile): FIXED_SPLITS of this many keys,
+    data.layout_splits of them laid out, data.prefill_splits programs per sequence, always
+    merged by the reduce over INVARIANT_REDUCE_LANES lanes (one split too)."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     group = num_heads // kv_cache.shape[3]
     table = metadata.block_table
-    splits = data.prefill_splits or 1
-    direct = splits == 1
+    programs = data.prefill_splits or 1
+    fixed = split_keys is not None
+    splits = data.layout_splits if fixed else programs
+    direct = splits == 1 and not fixed
     first_token = data.first_prefill_token
     if direct:
         part = lse = out  # unused by the kernel
@@ -386,16 +420,17 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
         part, lse = workspace[:rows * head_dim], workspace[rows * head_dim:]
     packed = group if pack_gqa else 1
     grid = (num_heads // packed, triton.cdiv(data.max_prefill_query_len * packed, config.block_m),
-            data.num_prefills * splits)
+            data.num_prefills * programs)
     prefill_kernel[grid](
         query, out, part, lse, kv_cache, table, metadata.query_start_loc, metadata.seq_lens,
         data.num_decodes, first_token, splits, scale * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        table.stride(0),
+        table.stride(0), split_keys or 0, programs,
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=metadata.block_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, DIRECT=direct, UPCAST=interpret,
-        MASK_EVERY_TILE=mask_every_tile, PACK_GQA=pack_gqa, num_warps=config.num_warps,
+        MASK_EVERY_TILE=mask_every_tile, PACK_GQA=pack_gqa, FIXED_SPLITS=fixed,
+        num_warps=config.num_warps,
         num_stages=config.num_stages)
     if not direct:
         prefill_out = out[first_token:first_token + data.num_prefill_tokens]
@@ -405,8 +440,8 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
         decode_reduce_kernel[(data.num_prefill_tokens, num_heads)](
             part, lse, prefill_out, splits, prefill_out.stride(0), prefill_out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-            BLOCK_S=triton.next_power_of_2(splits), CHUNK=16, num_warps=4, PDL=False,
-            launch_pdl=False)
+            BLOCK_S=INVARIANT_REDUCE_LANES if fixed else triton.next_power_of_2(splits),
+            CHUNK=16, num_warps=4, PDL=False, launch_pdl=False)
 
 
 def own_kv_readable(key: torch.Tensor, value: torch.Tensor) -> bool:

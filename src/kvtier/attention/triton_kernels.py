@@ -135,15 +135,18 @@ def _attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start_n, kv_end, q
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["first_seq", "first_token", "num_kv_splits", "stride_table"])
+@triton.jit(do_not_specialize=["first_seq", "first_token", "num_kv_splits", "stride_table",
+                             "split_keys", "split_programs"])
 def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr, query_start_ptr,
                    seq_lens_ptr, first_seq, first_token, num_kv_splits, qk_scale,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_kv, stride_block, stride_slot, stride_head, stride_table,
+                   split_keys, split_programs,
                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DIRECT: tl.constexpr, UPCAST: tl.constexpr,
-                   MASK_EVERY_TILE: tl.constexpr = False, PACK_GQA: tl.constexpr = False):
+                   MASK_EVERY_TILE: tl.constexpr = False, PACK_GQA: tl.constexpr = False,
+                   FIXED_SPLITS: tl.constexpr = False):
     """Causal attention of prefill/extend chunks over their whole paged context (FA2 style).
 
     Grid: (num_heads, cdiv(max_query_len, BLOCK_M), num_prefill_seqs * num_kv_splits); program
@@ -170,10 +173,23 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
     and a one-token query (a decode) fills GROUP rows of the tile instead of one. Grid:
     (num_kv_heads, cdiv(max_query_len * GROUP, BLOCK_M), ...). Each row's arithmetic is the
     same as unpacked (rows of an MMA do not mix).
+
+    FIXED_SPLITS (batch invariance, with MASK_EVERY_TILE and not DIRECT): split k holds the
+    keys [k * split_keys, (k + 1) * split_keys), at the same place for every row in every
+    step, so a row's partial outputs, and the reduce's merge of them, do not depend on the
+    step. num_kv_splits is the partial layout's split count (enough for the longest context
+    the block table holds); split_programs programs per sequence (the grid's third axis is
+    sequences x split_programs) take splits k, k + split_programs, ... in turn, so a CUDA
+    graph captured for a shorter context still serves a longer one.
     """
     m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
-    seq = first_seq + tl.program_id(2) // num_kv_splits
-    split = tl.program_id(2) % num_kv_splits
+    if FIXED_SPLITS:
+        tl.static_assert(MASK_EVERY_TILE and not DIRECT)
+        seq = first_seq + tl.program_id(2) // split_programs
+        split = tl.program_id(2) % split_programs
+    else:
+        seq = first_seq + tl.program_id(2) // num_kv_splits
+        split = tl.program_id(2) % num_kv_splits
     q_start = tl.load(query_start_ptr + seq)
     query_len = tl.load(query_start_ptr + seq + 1) - q_start
     ROWS_PER_TOKEN: tl.constexpr = GROUP if PACK_GQA else 1
@@ -208,6 +224,22 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
     k_base = cache_ptr + kv_head * stride_head
     v_base = k_base + stride_kv
     table_row = block_table_ptr + seq.to(tl.int64) * stride_table
+    if FIXED_SPLITS:
+        keys_end = tl.minimum(seq_len, prefix + tile_end)
+        for fixed in range(split, num_kv_splits, split_programs):
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+            lo = fixed * split_keys
+            for start_n in range(lo, tl.minimum(lo + split_keys, keys_end), BLOCK_N):
+                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row,
+                                             start_n, seq_len, q_pos, qk_scale, stride_block,
+                                             stride_slot, True, True, HEAD_DIM, BLOCK_SIZE,
+                                             BLOCK_N, UPCAST)
+            _store_partial(acc, l_i, m_i, part_ptr, lse_ptr,
+                           ((q_start + offs_m - first_token) * NUM_HEADS + head)
+                           * num_kv_splits + fixed, dims, row_valid, HEAD_DIM)
+        return
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -239,16 +271,23 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
         tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + out_head_offset
                  + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask)
     else:
-        # A row that saw no key of this split (it sits before the split's first key) has
-        # l_i == 0: its lse is -inf and the reduce skips it.
-        has_keys = l_i > 0.0
-        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-        row = ((q_start + offs_m - first_token) * NUM_HEADS + head) * num_kv_splits + split
-        tl.store(part_ptr + row[:, None] * HEAD_DIM + dims[None, :], out,
-                 mask=row_mask & has_keys[:, None])
-        lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)),
-                       float("-inf"))
-        tl.store(lse_ptr + row, lse, mask=row_valid)
+        _store_partial(acc, l_i, m_i, part_ptr, lse_ptr,
+                       ((q_start + offs_m - first_token) * NUM_HEADS + head) * num_kv_splits
+                       + split, dims, row_valid, HEAD_DIM)
+
+
+@triton.jit
+def _store_partial(acc, l_i, m_i, part_ptr, lse_ptr, row, dims, row_valid,
+                   HEAD_DIM: tl.constexpr):
+    """A split's normalised partial output and log-sum-exp for `row` (the reduce's layout).
+    A row that saw no key of this split (it sits before the split's first key) has l_i == 0:
+    its lse is -inf and the reduce skips it."""
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    tl.store(part_ptr + row[:, None] * HEAD_DIM + dims[None, :], out,
+             mask=row_valid[:, None] & has_keys[:, None])
+    lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(lse_ptr + row, lse, mask=row_valid)
 
 
 @triton.jit
