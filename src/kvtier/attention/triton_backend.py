@@ -401,8 +401,8 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
     mask_every_tile, pack_gqa: the kernel's MASK_EVERY_TILE and PACK_GQA (batch invariance:
     decodes run here, and packing reads a decode's K/V once per KV head, not per query head).
     split_keys (batch invariance, with mask_every_tile): FIXED_SPLITS of this many keys,
-    data.layout_splits of them laid out, data.prefill_splits programs per sequence; rows past
-    the first split merged by the reduce over INVARIANT_REDUCE_LANES lanes."""
+    data.layout_splits of them laid out, data.prefill_splits programs per sequence, always
+    merged by the reduce over INVARIANT_REDUCE_LANES lanes (one split too)."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     group = num_heads // kv_cache.shape[3]
     table = metadata.block_table
@@ -432,7 +432,7 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
         MASK_EVERY_TILE=mask_every_tile, PACK_GQA=pack_gqa, FIXED_SPLITS=fixed,
         num_warps=config.num_warps,
         num_stages=config.num_stages)
-    if not direct and splits > 1:  # fixed splits: with one laid out, every row is written
+    if not direct:
         prefill_out = out[first_token:first_token + data.num_prefill_tokens]
         # Without PDL even on steps of <= 2 rows: the prefill kernel before it never lets
         # its dependents start early, so PDL would gain nothing and only add kernel variants
@@ -441,7 +441,7 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
             part, lse, prefill_out, splits, prefill_out.stride(0), prefill_out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim,
             BLOCK_S=INVARIANT_REDUCE_LANES if fixed else triton.next_power_of_2(splits),
-            CHUNK=16, num_warps=4, PDL=False, SKIP_SINGLE=fixed, launch_pdl=False)
+            CHUNK=16, num_warps=4, PDL=False, launch_pdl=False)
 
 
 def own_kv_readable(key: torch.Tensor, value: torch.Tensor) -> bool:

@@ -177,12 +177,10 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
     FIXED_SPLITS (batch invariance, with MASK_EVERY_TILE and not DIRECT): split k holds the
     keys [k * split_keys, (k + 1) * split_keys), at the same place for every row in every
     step, so a row's partial outputs, and the reduce's merge of them, do not depend on the
-    step. Rows before key split_keys have one split: they write their output directly and
-    the reduce (SKIP_SINGLE) skips them. num_kv_splits is the partial layout's split count
-    (enough for the longest context the block table holds); split_programs programs per
-    sequence (the grid's third axis is sequences x split_programs) take splits k,
-    k + split_programs, ... in turn, so a CUDA graph captured for a shorter context still
-    serves a longer one.
+    step. num_kv_splits is the partial layout's split count (enough for the longest context
+    the block table holds); split_programs programs per sequence (the grid's third axis is
+    sequences x split_programs) take splits k, k + split_programs, ... in turn, so a CUDA
+    graph captured for a shorter context still serves a longer one.
     """
     m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
     if FIXED_SPLITS:
@@ -238,18 +236,9 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
                                              start_n, seq_len, q_pos, qk_scale, stride_block,
                                              stride_slot, True, True, HEAD_DIM, BLOCK_SIZE,
                                              BLOCK_N, UPCAST)
-            # A row whose keys all sit in split 0 (it is before key split_keys) writes its
-            # output here, and the reduce leaves it alone (its split 1 is empty): which
-            # rows do depends on their positions alone.
-            single = q_pos < split_keys
-            tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + out_head_offset
-                     + dims[None, :],
-                     (acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]).to(out_ptr.dtype.element_ty),
-                     mask=(row_valid & single & (fixed == 0))[:, None])
             _store_partial(acc, l_i, m_i, part_ptr, lse_ptr,
                            ((q_start + offs_m - first_token) * NUM_HEADS + head)
-                           * num_kv_splits + fixed, dims,
-                           row_valid & ((fixed > 0) | (q_pos >= split_keys)), HEAD_DIM)
+                           * num_kv_splits + fixed, dims, row_valid, HEAD_DIM)
         return
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -440,21 +429,16 @@ def decode_partial_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_ta
 @triton.jit(do_not_specialize=["num_splits"])
 def decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, num_splits, stride_ot, stride_oh,
                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-                         CHUNK: tl.constexpr, PDL: tl.constexpr,
-                         SKIP_SINGLE: tl.constexpr = False):
+                         CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Flash-decoding, second pass: merge the splits of one (row, head). Grid: (rows,
     NUM_HEADS), a row being a decode or a prefill token of a split `prefill_kernel`; shapes as
     in `decode_partial_kernel`, BLOCK_S >= num_splits.
-    Partial outputs are read CHUNK splits at a time so the tile stays in registers.
-    SKIP_SINGLE (FIXED_SPLITS): a row whose split 1 is empty was written by the prefill kernel."""
+    Partial outputs are read CHUNK splits at a time so the tile stays in registers."""
     await_previous_kernel(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     dims = tl.arange(0, HEAD_DIM)
     first_row = (seq * NUM_HEADS + head) * num_splits
-    if SKIP_SINGLE:  # noqa: SIM102 (a constexpr branch: compiled only where set)
-        if tl.load(lse_ptr + first_row + 1) == float("-inf"):
-            return
     splits = tl.arange(0, BLOCK_S)
     lse = tl.load(lse_ptr + first_row + splits, mask=splits < num_splits, other=float("-inf"))
     top = tl.max(lse, 0)
