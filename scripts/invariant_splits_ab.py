@@ -9,9 +9,11 @@ per row and K walked whole (what the mode ran before them). Each variant gets it
 - output tok/s at batch 32 (512-token prompts, 128 tokens each).
 
 The variants compute different bits by design (other sums); each is batch-invariant on its
-own (tests/gpu/test_batch_invariance.py).
+own (tests/gpu/test_batch_invariance.py). One variant per process: an engine's memory is not
+all handed back when it goes, and the next one's KV pool would be sized from what is left.
 
-    PYTHONPATH=src python3 scripts/invariant_splits_ab.py --out $OUT/invariant_splits_ab.json
+    PYTHONPATH=src python3 scripts/invariant_splits_ab.py --variant splits --out splits.json
+    PYTHONPATH=src python3 scripts/invariant_splits_ab.py --variant whole --out whole.json
 """
 
 from __future__ import annotations
@@ -66,22 +68,19 @@ def measure(splits: bool) -> dict:
                                                        warmup=200) * 1e3
     result["decode_b64_ctx4352_step_ms"] = gpu_check.decode_step_ms(llm, 64, context=4352)
     result["tok_s_32"] = gpu_check.decode_tok_s(llm, 32)
-    print(json.dumps(result), flush=True)
-    del llm
-    torch.cuda.empty_cache()
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--variant", choices=["splits", "whole"], required=True)
     parser.add_argument("--out", default="invariant_splits_ab.json")
     args = parser.parse_args()
-    report = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
-    print("card:", report["card"], flush=True)
-    report["splits"] = measure(True)
-    report["whole"] = measure(False)
+    report = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+              "variant": args.variant}
+    report.update(measure(args.variant == "splits"))
     Path(args.out).write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":
