@@ -16,9 +16,10 @@ python3 scripts/greedy_async_check_gpu.py --batch-invariant \
     --out "$out/greedy_invariant.json" > "$out/greedy_invariant.txt" 2>&1
 status=$?
 print_greedy_report "$out/greedy_invariant.json"
-for variant in splits whole splits whole; do  # interleaved, twice
+# The default split length, twice its length, and no splits (one engine per process).
+for variant in "splits" "splits --split-keys 2048" "whole"; do
     python3 scripts/invariant_splits_ab.py --variant $variant \
-        --out "$out/invariant_splits_ab_$variant.json" \
+        --out "$out/invariant_splits_ab_${variant//[ -]/}.json" \
         >> "$out/invariant_splits_ab.txt" 2>&1 || status=1
 done
 grep -E '^\{|Error' "$out/invariant_splits_ab.txt"

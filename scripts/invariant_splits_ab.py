@@ -12,7 +12,8 @@ The variants compute different bits by design (other sums); each is batch-invari
 own (tests/gpu/test_batch_invariance.py). One variant per process: an engine's memory is not
 all handed back when it goes, and the next one's KV pool would be sized from what is left.
 
-    PYTHONPATH=src python3 scripts/invariant_splits_ab.py --variant splits --out splits.json
+    PYTHONPATH=src python3 scripts/invariant_splits_ab.py --variant splits [--split-keys 2048] \
+        --out splits.json
     PYTHONPATH=src python3 scripts/invariant_splits_ab.py --variant whole --out whole.json
 """
 
@@ -36,10 +37,11 @@ WHOLE_KEYS = 1 << 20
 """A split length no context reaches: one split per row, as before the fixed splits."""
 
 
-def use_variant(splits: bool) -> None:
-    """Set the split rules the next engine's backend and matmuls are built with."""
-    triton_matmul.SPLIT_K_MIN_FEATURES = 4096 if splits else 1 << 30
-    keys = triton_backend.INVARIANT_SPLIT_KEYS if splits else WHOLE_KEYS
+def use_variant(split_keys: int | None) -> None:
+    """Set the split rules the next engine's backend and matmuls are built with (None: no
+    KV split, K whole)."""
+    triton_matmul.SPLIT_K_MIN_FEATURES = 4096 if split_keys else 1 << 30
+    keys = split_keys or WHOLE_KEYS
     init = triton_backend.TritonAttentionBackend.__dict__.get("_ab_original_init")
     if init is None:
         init = triton_backend.TritonAttentionBackend.__init__
@@ -52,9 +54,9 @@ def use_variant(splits: bool) -> None:
     triton_backend.TritonAttentionBackend.__init__ = patched
 
 
-def measure(splits: bool) -> dict:
+def measure(split_keys: int | None) -> dict:
     from kvtier import LLM
-    use_variant(splits)
+    use_variant(split_keys)
     llm = LLM(gpu_check.MODEL, max_num_batched_tokens=8192, max_num_seqs=256,
               gpu_memory_utilization=0.85, batch_invariant=True)
     backend = llm.engine.runner.backend
@@ -74,11 +76,13 @@ def measure(splits: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", choices=["splits", "whole"], required=True)
+    parser.add_argument("--split-keys", type=int, default=triton_backend.INVARIANT_SPLIT_KEYS,
+                        help="keys per KV split of the splits variant")
     parser.add_argument("--out", default="invariant_splits_ab.json")
     args = parser.parse_args()
     report = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
               "variant": args.variant}
-    report.update(measure(args.variant == "splits"))
+    report.update(measure(args.split_keys if args.variant == "splits" else None))
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report), flush=True)
 

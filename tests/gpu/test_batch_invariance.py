@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 from kernel_support import INTERPRET, kernel_device  # noqa: E402
 
 from kvtier.attention.triton_backend import (  # noqa: E402
-    INVARIANT_REDUCE_LANES,
+    INVARIANT_REDUCE_ROWS,
     INVARIANT_SPLIT_KEYS,
     TritonAttentionBackend,
 )
@@ -142,15 +142,26 @@ def test_a_graph_step_shorter_than_the_context_keeps_the_bits(device: torch.devi
     assert_same_bits(as_graph, whole[length - 1:], "decode in a graph-shaped step")
 
 
-def test_invariant_attention_refuses_what_its_splits_cannot_hold(device: torch.device) -> None:
-    """A split length off the tiles, or a block table past the reduce's lanes, by name."""
+def test_one_split_laid_out_gives_the_bits_of_the_fold(device: torch.device) -> None:
+    """A step whose block table holds one split runs the direct path (no partials, no
+    reduce); beside a longer sequence the same rows go through the fixed splits and the
+    fold. Their bits must agree: which path a row takes depends on its neighbours."""
+    length = 60
+    shape = (12, 2, 128) if ON_GPU else (4, 2, 32)
+    seqs = Sequences(length, shape, block_size=16, dtype=torch.bfloat16, device=device)
+
+    def backend() -> TritonAttentionBackend:
+        return TritonAttentionBackend(batch_invariant=True, invariant_split_keys=64)
+
+    alone = seqs.run(backend(), [Chunk(0, length, shared=True)], num_decodes=0)
+    beside_long = seqs.run(backend(), [Chunk(0, 200), Chunk(0, length, shared=True)],
+                           num_decodes=0)
+    assert_same_bits(beside_long, alone, "one split laid out against several")
+
+
+def test_a_split_length_off_the_tiles_is_refused() -> None:
     with pytest.raises(ValueError, match="invariant_split_keys 100"):
         TritonAttentionBackend(batch_invariant=True, invariant_split_keys=100)
-    seqs = Sequences(20, (4, 2, 32), block_size=16, dtype=torch.bfloat16, device=device)
-    too_wide = INVARIANT_REDUCE_LANES * 64 // 16 + 1 - 2  # blocks past the lanes' reach
-    with pytest.raises(ValueError, match="batch-invariant attention's longest context"):
-        seqs.run(TritonAttentionBackend(batch_invariant=True, invariant_split_keys=64),
-                 [Chunk(0, 20, shared=True)], num_decodes=0, extra_table_columns=too_wide)
 
 
 @pytest.mark.parametrize("shape", [(17920, 1536), (1536, 8960)], ids=["gate_up", "down"])
@@ -183,7 +194,8 @@ def test_matmul_tiles_compile_for_hopper(shape: tuple[int, int], dtype: str) -> 
 
 def test_invariant_prefill_tiles_compile_for_hopper() -> None:
     """The prefill kernel as batch invariance runs it (every tile masked, rows packed by KV
-    head, fixed-position splits) compiles for sm_90 without spilling, on wgmma."""
+    head, fixed-position splits) compiles for sm_90 without spilling, on wgmma; so does the
+    fold that merges its splits."""
     from kernel_support import compile_sm90
 
     from kvtier.attention import triton_kernels
@@ -202,6 +214,10 @@ def test_invariant_prefill_tiles_compile_for_hopper() -> None:
         config.num_warps, config.num_stages)
     assert build.resources["STACK"] == 0 and build.resources["LOCAL"] == 0, build.resources
     assert "HGMMA" in build.sass
+    fold = compile_sm90(triton_kernels.fixed_split_reduce_kernel, {
+        "part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": bf16},
+        dict(NUM_HEADS=12, HEAD_DIM=128, ROWS=INVARIANT_REDUCE_ROWS), 4, 1)
+    assert fold.resources["STACK"] == 0 and fold.resources["LOCAL"] == 0, fold.resources
 
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["direct", "kv-splits"])

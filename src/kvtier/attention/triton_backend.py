@@ -43,6 +43,7 @@ kv_write_kernel = CachedKernel(triton_kernels.kv_write_kernel)
 prefill_kernel = CachedKernel(triton_kernels.prefill_kernel)
 decode_partial_kernel = CachedKernel(triton_kernels.decode_partial_kernel)
 decode_reduce_kernel = CachedKernel(triton_kernels.decode_reduce_kernel)
+fixed_split_reduce_kernel = CachedKernel(triton_kernels.fixed_split_reduce_kernel)
 
 LOG2E = 1.4426950408889634
 MIN_KEYS_PER_SPLIT = 128
@@ -57,10 +58,9 @@ INVARIANT_SPLIT_KEYS = 1024
 """Keys per KV split in batch-invariant mode: splits sit at fixed key positions, so a long
 context's decode spreads over programs (P's ~4,400-token contexts: 5 per KV head) where one
 program per KV head walked it all. A multiple of every prefill tile's BLOCK_N."""
-INVARIANT_REDUCE_LANES = 128
-"""The batch-invariant reduce sums its log-sum-exp weights over this many lanes whatever the
-step's split count (a sum's order follows its lane count): contexts up to
-INVARIANT_REDUCE_LANES x the split length (131,072 tokens at 1,024 keys per split)."""
+INVARIANT_REDUCE_ROWS = 16
+"""(token, head) rows per program of `fixed_split_reduce_kernel`: an 8,192-token prefill has
+98,304 rows a layer, too many to launch a program each."""
 MAX_MERGED_DECODES = 4
 """A step with prefill chunks (not all whole prompts) and at most this many decodes launches
 the decodes with the prefills, as one-token chunks: one attention launch (and its reduce) per
@@ -217,10 +217,12 @@ class TritonAttentionBackend(AttentionBackend):
 
         batch_invariant: every query token, decode or prompt, goes through `prefill_kernel`
         with one tile config and every tile on the masked path, its keys cut into splits of
-        invariant_split_keys at fixed positions (FIXED_SPLITS) and merged by the reduce over
-        a fixed lane count. So its output is the same online softmax over the same key tiles
-        (aligned at key 0), merged the same way, whatever step it runs in: how its prompt
-        was chunked, how much of it was cached, which requests share the step. Tiles past a
+        invariant_split_keys at fixed positions (FIXED_SPLITS) and folded in split order by
+        `fixed_split_reduce_kernel` (a step whose block table holds one split runs without
+        them: the same tiles, and the same bits). So its output is the same online softmax
+        over the same key tiles (aligned at key 0), merged the same way, whatever step it
+        runs in: how its prompt was chunked, how much of it was cached, which requests share
+        the step. Tiles past a
         query's position are fully masked and leave its sums unchanged; splits past it are
         empty and weigh 0. Rows are packed by KV head (PACK_GQA), so a decode's K/V is read
         once per KV head. The other settings (split counts, merged decodes, own-KV prompts)
@@ -254,11 +256,6 @@ class TritonAttentionBackend(AttentionBackend):
             keys = self.invariant_split_keys
             data.layout_splits = triton.cdiv(
                 max(metadata.block_table.shape[1] * metadata.block_size, 1), keys)
-            if data.layout_splits > INVARIANT_REDUCE_LANES:
-                raise ValueError(
-                    f"a block table of {metadata.block_table.shape[1]} blocks holds more than "
-                    f"{INVARIANT_REDUCE_LANES * keys} tokens, the batch-invariant attention's "
-                    "longest context")
             data.prefill_splits = min(triton.cdiv(max(data.max_prefill_context, 1), keys),
                                       data.layout_splits)
             metadata.backend_data = data
@@ -401,15 +398,15 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
     mask_every_tile, pack_gqa: the kernel's MASK_EVERY_TILE and PACK_GQA (batch invariance:
     decodes run here, and packing reads a decode's K/V once per KV head, not per query head).
     split_keys (batch invariance, with mask_every_tile): FIXED_SPLITS of this many keys,
-    data.layout_splits of them laid out, data.prefill_splits programs per sequence, always
-    merged by the reduce over INVARIANT_REDUCE_LANES lanes (one split too)."""
+    data.layout_splits of them laid out, data.prefill_splits programs per sequence, folded
+    by `fixed_split_reduce_kernel`; with one split laid out, the direct path (no split)."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     group = num_heads // kv_cache.shape[3]
     table = metadata.block_table
     programs = data.prefill_splits or 1
-    fixed = split_keys is not None
+    fixed = split_keys is not None and data.layout_splits > 1
     splits = data.layout_splits if fixed else programs
-    direct = splits == 1 and not fixed
+    direct = splits == 1
     first_token = data.first_prefill_token
     if direct:
         part = lse = out  # unused by the kernel
@@ -432,7 +429,13 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
         MASK_EVERY_TILE=mask_every_tile, PACK_GQA=pack_gqa, FIXED_SPLITS=fixed,
         num_warps=config.num_warps,
         num_stages=config.num_stages)
-    if not direct:
+    if fixed:
+        prefill_out = out[first_token:first_token + data.num_prefill_tokens]
+        rows = data.num_prefill_tokens * num_heads
+        fixed_split_reduce_kernel[(triton.cdiv(rows, INVARIANT_REDUCE_ROWS),)](
+            part, lse, prefill_out, rows, splits, prefill_out.stride(0), prefill_out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, ROWS=INVARIANT_REDUCE_ROWS, num_warps=4)
+    elif not direct:
         prefill_out = out[first_token:first_token + data.num_prefill_tokens]
         # Without PDL even on steps of <= 2 rows: the prefill kernel before it never lets
         # its dependents start early, so PDL would gain nothing and only add kernel variants
@@ -440,8 +443,8 @@ def run_prefill(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
         decode_reduce_kernel[(data.num_prefill_tokens, num_heads)](
             part, lse, prefill_out, splits, prefill_out.stride(0), prefill_out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-            BLOCK_S=INVARIANT_REDUCE_LANES if fixed else triton.next_power_of_2(splits),
-            CHUNK=16, num_warps=4, PDL=False, launch_pdl=False)
+            BLOCK_S=triton.next_power_of_2(splits), CHUNK=16, num_warps=4, PDL=False,
+            launch_pdl=False)
 
 
 def own_kv_readable(key: torch.Tensor, value: torch.Tensor) -> bool:

@@ -459,6 +459,42 @@ def decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, num_splits, stride_ot, stri
              out.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit(do_not_specialize=["num_rows", "num_splits"])
+def fixed_split_reduce_kernel(part_ptr, lse_ptr, out_ptr, num_rows, num_splits, stride_ot,
+                              stride_oh, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              ROWS: tl.constexpr):
+    """Batch invariance's merge of `prefill_kernel`'s FIXED_SPLITS partials: ROWS rows (token,
+    head) a program, each a left fold over its splits in split order (an online softmax over
+    the partials' log-sum-exps). Grid: (cdiv(num_rows, ROWS),); layout as the prefill kernel
+    writes it, (rows, num_splits). A row's arithmetic is elementwise across the program's
+    rows, and the same at any num_splits: a split past its last key has lse -inf and leaves
+    the fold exactly as it was (weight 0, rescale exp2(0) = 1). A row with one split comes
+    out as its partial times 1, divided by 1: the bits of the DIRECT path's output."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = rows < num_rows
+    dims = tl.arange(0, HEAD_DIM)
+    first = rows.to(tl.int64) * num_splits
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    for split in range(0, num_splits):
+        lse = tl.load(lse_ptr + first + split, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m_i, lse)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_sub)
+        weight = tl.math.exp2(lse - m_sub)
+        part = tl.load(part_ptr + (first + split)[:, None] * HEAD_DIM + dims[None, :],
+                       mask=(lse > float("-inf"))[:, None], other=0.0)
+        acc = acc * alpha[:, None] + part * weight[:, None]
+        l_i = l_i * alpha + weight
+        m_i = m_new
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    token = rows // NUM_HEADS
+    head = rows % NUM_HEADS
+    tl.store(out_ptr + (token.to(tl.int64) * stride_ot + head * stride_oh)[:, None]
+             + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
 def fix_interpreter_scalar_index() -> None:
     """Let Triton's CPU interpreter (TRITON_INTERPRET=1) run loops bounded by loaded scalars.
 
