@@ -112,7 +112,7 @@ def test_attention_rows_have_the_same_bits_in_every_step(device: torch.device,
     """`check_rows_are_batch_invariant` (tests/helpers.py) for the Triton backend built
     batch-invariant: with 64-key splits the shared sequence's rows span up to 11 (GPU) or 3
     (interpreter) fixed splits, with the default one or (GPU) two."""
-    length, prefix = (700 if split_keys == 64 else 1500, 257) if ON_GPU else (150, 37)
+    length, prefix = (700 if split_keys == 64 else 2600, 257) if ON_GPU else (150, 37)
     shape = (12, 2, 128) if ON_GPU else (4, 2, 32)
     seqs = Sequences(length, shape, block_size=16, dtype=dtype, device=device)
     # float32 on a GPU: the kernel's dots run in TF32 (10-bit products), as tl.dot does.
