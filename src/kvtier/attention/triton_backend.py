@@ -8,6 +8,11 @@ Per layer `forward` launches, without a host synchronisation:
     prefill_kernel         prefills [nd, n)      grid (num_heads, m_tiles, (n - nd) * kv_splits)
     decode_reduce_kernel   (when kv_splits > 1)  grid (prefill tokens, num_heads)
 
+Batch-invariant (every token a prefill row, packed by KV head; splits at fixed key positions):
+
+    prefill_kernel             all tokens        grid (kv_heads, m_tiles, n * split_programs)
+    fixed_split_reduce_kernel  (> 1 split laid out)  grid (cdiv(tokens * num_heads, 16),)
+
 CUDA graphs (decode-only steps): `prepare` runs once at capture, with `max_seq_len` an upper
 bound on the contexts the graph will serve; it fixes `num_splits` from the batch shape alone.
 Between replays the caller may change, in place: the contents of `block_table` (entries past
