@@ -138,12 +138,15 @@ class TierManager:
                 count += 1
             store = self.stores[tier]
             num_bytes = count * store.layout.block_bytes
-            if not (self.cost.load_pays(store.name, num_bytes, count * self.block_size)
-                    or self.cost.grant_retry(store.name)):
-                self.stats.num_rejected_cost += 1
-                break
+            pays = self.cost.load_pays(store.name, num_bytes, count * self.block_size)
             if not store.pin(meta.key):
                 break  # evicted since `_locate` (by a transfer thread's store)
+            # A retry is granted only to a load that can run (its entry pinned): one spent
+            # on an entry gone since `_locate` would put off the tier's next measurement.
+            if not (pays or self.cost.grant_retry(store.name)):
+                store.unpin(meta.key)
+                self.stats.num_rejected_cost += 1
+                break
             segments.append(Segment(tier, meta, first, count))
             index += count
         return LoadPlan(tuple(segments)) if segments else None

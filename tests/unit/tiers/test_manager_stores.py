@@ -403,3 +403,30 @@ def test_a_plan_given_back_unpins_its_entries() -> None:
     manager.release_plan(plan)
     assert store._entries[hashes[-1]].pins == 0
     manager.close()
+
+
+def test_a_retry_is_not_spent_on_an_entry_evicted_before_its_pin() -> None:
+    """The tier is judged too slow, so a load runs only on a retry grant. An entry that a
+    transfer thread evicts between `lookup`'s locate and its pin (simulated: the pin fails
+    once) gets no load; the grant must stay for the next lookup, which then loads and
+    measures the tier. Spent on the failed pin, it would put the tier off a whole interval."""
+    now = [0.0]
+    manager, pool, _, store = make_manager(min_hits=1)
+    hashes, _ = finished_prefix(pool, manager, seed=3, num_blocks=CHUNK_BLOCKS)
+    manager.store_lookahead(NUM_BLOCKS)
+    manager.wait_idle()
+    manager.poll()
+    assert store.has(hashes[-1])
+    # Then the tier's estimate falls to 1 kB/s, measured just now.
+    manager.cost = CostModel(1e6, {"cpu": TierRate(1e3)}, clock=lambda: now[0])
+    now[0] += 2 * CostModel.RETRY_AFTER_S
+    pin = store.pin
+    store.pin = lambda key: False  # evicted since `_locate`
+    assert manager.lookup(hashes, 0, CHUNK_BLOCKS) is None
+    store.pin = pin
+    plan = manager.lookup(hashes, 0, CHUNK_BLOCKS)
+    assert plan is not None and plan.num_blocks == CHUNK_BLOCKS
+    assert manager.lookup(hashes, 0, CHUNK_BLOCKS) is None  # one grant per interval
+    assert store._entries[hashes[-1]].pins == 1  # the refused lookup unpinned its entry
+    manager.release_plan(plan)
+    manager.close()
