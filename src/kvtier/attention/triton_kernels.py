@@ -227,18 +227,22 @@ def prefill_kernel(q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, block_table_ptr
     if FIXED_SPLITS:
         keys_end = tl.minimum(seq_len, prefix + tile_end)
         for fixed in range(split, num_kv_splits, split_programs):
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
             lo = fixed * split_keys
-            for start_n in range(lo, tl.minimum(lo + split_keys, keys_end), BLOCK_N):
-                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row,
-                                             start_n, seq_len, q_pos, qk_scale, stride_block,
-                                             stride_slot, True, True, HEAD_DIM, BLOCK_SIZE,
-                                             BLOCK_N, UPCAST)
-            _store_partial(acc, l_i, m_i, part_ptr, lse_ptr,
-                           ((q_start + offs_m - first_token) * NUM_HEADS + head)
-                           * num_kv_splits + fixed, dims, row_valid, HEAD_DIM)
+            row = ((q_start + offs_m - first_token) * NUM_HEADS + head) * num_kv_splits + fixed
+            if lo < keys_end:
+                m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+                acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+                for start_n in range(lo, tl.minimum(lo + split_keys, keys_end), BLOCK_N):
+                    acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row,
+                                                 start_n, seq_len, q_pos, qk_scale,
+                                                 stride_block, stride_slot, True, True,
+                                                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, UPCAST)
+                _store_partial(acc, l_i, m_i, part_ptr, lse_ptr, row, dims, row_valid,
+                               HEAD_DIM)
+            else:  # past the tile's last key (a graph lays out the longest context's splits)
+                tl.store(lse_ptr + row, tl.full([BLOCK_M], float("-inf"), tl.float32),
+                         mask=row_valid)
         return
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -468,8 +472,10 @@ def fixed_split_reduce_kernel(part_ptr, lse_ptr, out_ptr, num_rows, num_splits, 
     the partials' log-sum-exps). Grid: (cdiv(num_rows, ROWS),); layout as the prefill kernel
     writes it, (rows, num_splits). A row's arithmetic is elementwise across the program's
     rows, and the same at any num_splits: a split past its last key has lse -inf and leaves
-    the fold exactly as it was (weight 0, rescale exp2(0) = 1). A row with one split comes
-    out as its partial times 1, divided by 1: the bits of the DIRECT path's output."""
+    the fold exactly as it was (weight 0, rescale exp2(0) = 1), so the fold stops at the
+    first split where every row of the program is past its keys (a row's non-empty splits
+    come first). A row with one split comes out as its partial times 1, divided by 1: the
+    bits of the DIRECT path's output."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     ok = rows < num_rows
     dims = tl.arange(0, HEAD_DIM)
@@ -477,8 +483,9 @@ def fixed_split_reduce_kernel(part_ptr, lse_ptr, out_ptr, num_rows, num_splits, 
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-    for split in range(0, num_splits):
-        lse = tl.load(lse_ptr + first + split, mask=ok, other=float("-inf"))
+    split = tl.program_id(0) * 0
+    lse = tl.load(lse_ptr + first, mask=ok, other=float("-inf"))
+    while tl.max(lse, 0) > float("-inf"):
         m_new = tl.maximum(m_i, lse)
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_sub)
@@ -488,6 +495,9 @@ def fixed_split_reduce_kernel(part_ptr, lse_ptr, out_ptr, num_rows, num_splits, 
         acc = acc * alpha[:, None] + part * weight[:, None]
         l_i = l_i * alpha + weight
         m_i = m_new
+        split += 1
+        lse = tl.load(lse_ptr + first + split, mask=ok & (split < num_splits),
+                      other=float("-inf"))
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     token = rows // NUM_HEADS
     head = rows % NUM_HEADS
