@@ -230,11 +230,11 @@ class TritonAttentionBackend(AttentionBackend):
         them: the same tiles, and the same bits). So its output is the same online softmax
         over the same key tiles (aligned at key 0), merged the same way, whatever step it
         runs in: how its prompt was chunked, how much of it was cached, which requests share
-        the step. Tiles past a
-        query's position are fully masked and leave its sums unchanged; splits past it are
-        empty and weigh 0. Rows are packed by KV head (PACK_GQA), so a decode's K/V is read
-        once per KV head. The other settings (split counts, merged decodes, own-KV prompts)
-        then do not apply."""
+        the step. Tiles past a query's position are fully masked and leave its sums
+        unchanged; splits past it are empty and weigh 0. Rows are packed by KV head
+        (PACK_GQA), so a decode's K/V is read once per KV head. The other settings (split
+        counts, merged decodes, own-KV prompts) then do not apply.
+        invariant_split_keys: a multiple of 64 (the prefill tiles' key count)."""
         if invariant_split_keys <= 0 or invariant_split_keys % 64:
             raise ValueError(f"invariant_split_keys {invariant_split_keys} must be a positive "
                              "multiple of 64 (the prefill tiles' key count)")

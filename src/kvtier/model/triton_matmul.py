@@ -77,9 +77,10 @@ def _invariant_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, s
                              IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1):
-    """out = x @ w.T (+ bias) rounded to out's dtype; with SPLIT_K > 1, program (i, s) sums
-    K's tiles [s * T, (s + 1) * T) (T = cdiv(K tiles, SPLIT_K)) into out, then a float32
-    (SPLIT_K, M, N) workspace, unrounded and without the bias (`_sum_splits_kernel`)."""
+    """out = x @ w.T (+ bias) rounded to out's dtype. With SPLIT_K > 1, out_ptr is a float32
+    (SPLIT_K, M, N) workspace: program (i, s) sums K's tiles [s * T, (s + 1) * T)
+    (T = cdiv(K tiles, SPLIT_K)) and writes that partial unrounded, without the bias, for
+    `_sum_splits_kernel` to add."""
     # Grouped order (GROUP_M row tiles walk the column tiles together) for L2 reuse of x's
     # rows; the order of programs does not change any output element's arithmetic.
     pid = tl.program_id(0)
@@ -153,6 +154,8 @@ def _sum_splits_kernel(part_ptr, b_ptr, out_ptr, M, N, stride_out, HAS_BIAS: tl.
 _launch_matmul = CachedKernel(_invariant_matmul_kernel)
 _launch_sum_splits = CachedKernel(_sum_splits_kernel)
 SUM_BLOCK = 1024
+"""Output elements per program of `_sum_splits_kernel` (elementwise: any size gives the same
+bits)."""
 
 
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
