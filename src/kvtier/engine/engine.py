@@ -183,7 +183,8 @@ class LLMEngine:
                 config.scheduler.max_num_batched_tokens, config.cache.block_size,
                 config.scheduler.max_num_seqs, self.spec.vocab_size,
                 self.spec.vocab_size if config.model.max_logprobs == -1
-                else config.model.max_logprobs)
+                else config.model.max_logprobs,
+                max_context=config.scheduler.max_model_len or self.spec.max_position_embeddings)
             if backend.supports_cuda_graphs and not config.enforce_eager:
                 activation_bytes += estimate_piecewise_bytes(
                     self.spec, self._piecewise_max_tokens(),

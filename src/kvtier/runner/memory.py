@@ -48,10 +48,14 @@ class KVPlan:
 
 def profile_activation_bytes(model: torch.nn.Module, backend: object, device: torch.device,
                              dtype: torch.dtype, num_tokens: int, block_size: int,
-                             max_batch: int, vocab_size: int, max_logprobs: int = 0) -> int:
+                             max_batch: int, vocab_size: int, max_logprobs: int = 0,
+                             max_context: int = 0) -> int:
     """Peak CUDA memory of the largest step (a dummy prefill of `num_tokens`) beyond the
     weights, plus room for a full decode batch's logits, sampling and logprobs (up to
-    `max_logprobs` top tokens a row)."""
+    `max_logprobs` top tokens a row). The dummy's block table is as wide as `max_context`
+    tokens (its entries repeat the profile's blocks; the prefill reads only its own): the
+    batch-invariant attention lays out KV splits for the table's width, so a step of
+    `num_tokens` among long contexts allocates more than one among short ones."""
     from kvtier.runner.model_runner import ModelRunner
     from kvtier.types import SamplingParams, ScheduledRequest, SchedulerOutput
 
@@ -62,8 +66,8 @@ def profile_activation_bytes(model: torch.nn.Module, backend: object, device: to
     runner = ModelRunner(model, backend, num_blocks, block_size, device, dtype,  # type: ignore
                          seed=0)
     kv_bytes = runner.kv_cache_bytes
-    step = SchedulerOutput([ScheduledRequest("profile", [0] * num_tokens, 0,
-                                             list(range(num_blocks)), True,
+    table = [i % num_blocks for i in range(-(-max(max_context, num_tokens) // block_size))]
+    step = SchedulerOutput([ScheduledRequest("profile", [0] * num_tokens, 0, table, True,
                                              SamplingParams(max_tokens=1), 0)], num_tokens)
     runner.execute(step)
     torch.cuda.synchronize(device)
