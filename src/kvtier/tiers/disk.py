@@ -1,9 +1,7 @@
 """Disk tier: one checksummed file per entry under `<path>/<layout namespace>/`.
 
-File format (little-endian):
-
-    b"KVTIER01" | u32 header length | JSON header | payload
-    header = {"namespace", "block_hashes": [hex...], "num_bytes", "crc32"}
+Each file holds an entry in `entry_codec`'s self-checking format (header with the layout
+namespace, block hashes and crc32, then the payload).
 
 Files are written to a temporary name and renamed, so a crash never leaves a half entry under a
 real name. The index is rebuilt from the headers on start (oldest first), which is what lets
@@ -14,34 +12,21 @@ header, checksum mismatch) drops the entry and counts an error; the engine recom
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
 import zlib
 from pathlib import Path
 
 import torch
 
+from kvtier.tiers import entry_codec
 from kvtier.tiers.base import EntryMeta, KVLayout, StoreHandle, TierError, TierStore, _Entry
 from kvtier.tiers.policy import EvictionPolicy
 from kvtier.types import BlockHash
 
 logger = logging.getLogger(__name__)
 
-MAGIC = b"KVTIER01"
-_LEN = struct.Struct("<I")
 _SUFFIX = ".kvt"
-
-
-def _header(meta: EntryMeta, namespace: str, crc: int) -> bytes:
-    return json.dumps({"namespace": namespace,
-                       "block_hashes": [h.hex() for h in meta.block_hashes],
-                       "num_bytes": meta.num_bytes, "crc32": crc}).encode()
-
-
-def _header_bytes(meta: EntryMeta, namespace: str) -> int:
-    return len(MAGIC) + _LEN.size + len(_header(meta, namespace, 0xFFFFFFFF))
 
 
 class DiskStore(TierStore):
@@ -67,7 +52,7 @@ class DiskStore(TierStore):
         return self.root / f"{key.hex()}{_SUFFIX}"
 
     def _entry_bytes(self, meta: EntryMeta) -> int:
-        return _header_bytes(meta, self.layout.namespace) + meta.num_bytes
+        return entry_codec.encoded_bytes(meta, self.layout.namespace)
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -96,20 +81,10 @@ class DiskStore(TierStore):
         """Parse and validate a file's header; returns the entry and its crc32. Any damage
         (torn, truncated, a header of the wrong shape) is a TierError."""
         with open(path, "rb") as f:
-            if f.read(len(MAGIC)) != MAGIC:
-                raise TierError(f"{path.name}: bad magic")
-            try:
-                (length,) = _LEN.unpack(f.read(_LEN.size))
-                header = json.loads(f.read(length))
-                namespace = header["namespace"]
-                hashes = tuple(BlockHash(bytes.fromhex(h)) for h in header["block_hashes"])
-                meta = EntryMeta(hashes[-1], hashes, int(header["num_bytes"]))
-                crc = int(header["crc32"])
-            except (struct.error, KeyError, TypeError, IndexError, ValueError) as exc:
-                raise TierError(f"{path.name}: malformed header ({exc!r})") from exc
-        if namespace != self.layout.namespace:
-            raise TierError(f"{path.name}: namespace mismatch")
-        if path.stat().st_size != len(MAGIC) + _LEN.size + length + meta.num_bytes:
+            length = entry_codec.read_preamble(path.name, f.read(entry_codec.PREAMBLE_BYTES))
+            meta, crc = entry_codec.parse_header(path.name, f.read(length),
+                                                 self.layout.namespace)
+        if path.stat().st_size != entry_codec.PREAMBLE_BYTES + length + meta.num_bytes:
             raise TierError(f"{path.name}: truncated")
         if path.name != f"{meta.key.hex()}{_SUFFIX}":
             raise TierError(f"{path.name}: name does not match its key")
@@ -147,10 +122,9 @@ class DiskStore(TierStore):
         path = Path(str(handle.location))
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
         payload = handle.buffer.numpy().data
-        header = _header(handle.meta, self.layout.namespace, zlib.crc32(payload))
         try:
             with open(tmp, "wb") as f:
-                f.write(MAGIC + _LEN.pack(len(header)) + header)
+                f.write(entry_codec.preamble(handle.meta, self.layout.namespace, payload))
                 f.write(payload)
             os.replace(tmp, path)
             return True
