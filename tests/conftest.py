@@ -1,9 +1,14 @@
-"""Suite-wide setup: GPU tests skip cleanly without CUDA."""
+"""Suite-wide setup: GPU tests skip cleanly without CUDA; a real Redis server for the redis tier."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+
 import pytest
 import torch
+
+from tests.helpers import RedisServer
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -13,3 +18,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server of the test's own (see `tests.helpers.RedisServer`), stopped
+    afterwards. Skips where the machine has no redis-server binary."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs the redis-server binary")
+    server = RedisServer.start(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()

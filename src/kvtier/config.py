@@ -165,11 +165,25 @@ class TierSpec:
             return TierSpec("disk", parse_size(parts[-1]), path=":".join(parts[:-1]),
                             eviction=policy)
         if kind == "redis" and len(parts) >= 2:
-            return TierSpec("redis", parse_size(parts[-1]), url=":".join(parts[:-1]),
+            return TierSpec("redis", parse_size(parts[-1]), url=_redis_url(":".join(parts[:-1])),
                             eviction=policy)
         raise ConfigError(
             f"kv tier {text!r}: expected cpu:SIZE, disk:PATH:SIZE or redis:URL:SIZE "
             "(optionally :lru or :s3fifo)")
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(text: str) -> str:
+    """A Redis URL as redis-py takes it; `host:port` alone means `redis://host:port`."""
+    scheme, separator, rest = text.partition("://")
+    if not separator:
+        scheme, rest = "redis", text
+    if scheme.lower() not in REDIS_SCHEMES or not rest.strip("/"):
+        raise ConfigError(f"redis tier URL {text!r}: expected redis://HOST:PORT[/DB], "
+                          f"rediss://... or unix:///PATH")
+    return f"{scheme.lower()}://{rest}"
 
 
 @dataclass(frozen=True)

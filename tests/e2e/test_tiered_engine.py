@@ -88,17 +88,29 @@ TIER_SETUPS = {
     "cpu+disk-write-through": {"kv_tiers": ("cpu:128KiB", "disk:{tmp}:64MiB"),
                                "kv_store_policy": "write-through"},
     "cpu-s3fifo": {"kv_tiers": ("cpu:2MiB:s3fifo",)},
+    "redis-lazy": {"kv_tiers": ("redis:{redis}:64MiB",)},
+    "cpu+redis-write-through": {"kv_tiers": ("cpu:128KiB", "redis:{redis}:64MiB"),
+                                "kv_store_policy": "write-through"},
 }
+
+
+def tier_args(setup: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, object]:
+    """The engine arguments of a tier setup, its disk directory and Redis server filled in
+    (a redis-server of the test's own)."""
+    args = dict(TIER_SETUPS[setup])
+    url = request.getfixturevalue("redis_server").url if "redis" in setup else ""
+    args["kv_tiers"] = tuple(t.format(tmp=tmp_path, redis=url)  # type: ignore[attr-defined]
+                             for t in args["kv_tiers"])  # type: ignore[attr-defined]
+    return args
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
 @pytest.mark.parametrize("setup", sorted(TIER_SETUPS))
 def test_greedy_tokens_are_identical_with_and_without_tiers(
         setup: str, async_scheduling: bool, baseline: tuple[list[list[int]], list[list[int]]],
-        tmp_path: Path, loads_always_pay: None) -> None:
+        tmp_path: Path, loads_always_pay: None, request: pytest.FixtureRequest) -> None:
     """Also with async scheduling: loads, stores and evictions while a step is in flight."""
-    args = dict(TIER_SETUPS[setup])
-    args["kv_tiers"] = tuple(t.format(tmp=tmp_path) for t in args["kv_tiers"])  # type: ignore
+    args = tier_args(setup, tmp_path, request)
     llm = make_llm(async_scheduling=async_scheduling, dtype=TOKENS_DTYPE, **args)
     sequential = run(llm, workload())
     concurrent = run(llm, workload(seed=1, num_requests=8), concurrent=True)
@@ -106,6 +118,8 @@ def test_greedy_tokens_are_identical_with_and_without_tiers(
     finish(llm)
     assert (sequential, concurrent) == baseline
     assert sum(stats.hit_tokens.values()) > 0, "no prefix came back from a tier"
+    if "redis" in setup:
+        assert stats.hit_tokens["redis"] > 0, "nothing came back from redis"
     if args.get("kv_store_policy", "lazy") == "lazy":
         # The concurrent batch evicts more per step than the lookahead covers: the same tokens
         # come back through chunks copied down at their eviction too.
@@ -115,14 +129,14 @@ def test_greedy_tokens_are_identical_with_and_without_tiers(
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
 @pytest.mark.parametrize("setup", sorted(TIER_SETUPS))
 def test_every_loaded_block_holds_the_bits_of_a_computation(
-        setup: str, async_scheduling: bool, tmp_path: Path, loads_always_pay: None) -> None:
+        setup: str, async_scheduling: bool, tmp_path: Path, loads_always_pay: None,
+        request: pytest.FixtureRequest) -> None:
     """At the KV itself, where tokens cannot tell a wrong load from the GEMMs' step-shape
     variance: each block a tier loads equals, bit for bit, a version of that block that a
     forward pass computed (`KVWitness`), through the stores, demotions to disk and loads of
     each tier setup."""
     from kvtier.utils.kv_witness import KVWitness
-    args = dict(TIER_SETUPS[setup])
-    args["kv_tiers"] = tuple(t.format(tmp=tmp_path) for t in args["kv_tiers"])  # type: ignore
+    args = tier_args(setup, tmp_path, request)
     llm = make_llm(async_scheduling=async_scheduling, **args)
     with KVWitness(llm.engine) as witness:
         run(llm, workload())
@@ -232,6 +246,41 @@ def test_new_engine_serves_a_prefix_computed_by_the_previous_one(
     # The blocks read back from the files are the first engine's computed bits.
     assert restarted.counts.loaded_equal >= PREFIX_LEN // BLOCK
     assert restarted.counts.loaded_unmatched == restarted.counts.loaded_unseen == 0
+
+
+@pytest.mark.parametrize("second_starts", ["before", "after-shutdown"])
+def test_a_replica_serves_a_prefix_another_computed_through_redis(
+        second_starts: str, redis_server: object, loads_always_pay: None) -> None:
+    """Two engines on one Redis: what one computes, the other loads with its bits, whether
+    it was already running (it learns of the entries from the store's events) or starts
+    after the first has shut down (it finds them in the shared index)."""
+    import time
+
+    from kvtier.utils.kv_witness import KVWitness
+    prompt = workload()[0]
+    tiers = (f"redis:{redis_server.url}:64MiB",)  # type: ignore[attr-defined]
+    second = make_llm(kv_tiers=tiers) if second_starts == "before" else None
+    first = make_llm(kv_tiers=tiers, kv_store_policy="write-through")
+    with KVWitness(first.engine) as computed:
+        expected = run(first, [prompt])
+    first.engine.tiers.wait_idle()
+    published = {meta.key for meta in first.engine.tiers.stores[0].ready_entries()}
+    assert len(published) >= PREFIX_LEN // BLOCK // first.engine.tiers.chunk_blocks
+    finish(first)
+    if second is None:
+        second = make_llm(kv_tiers=tiers)
+    store = second.engine.tiers.stores[0]
+    deadline = time.monotonic() + 5.0
+    while not all(store.has(key) for key in published) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(store.has(key) for key in published), "the replica never learnt the entries"
+    with KVWitness(second.engine, known=computed) as replica:
+        output = second.generate([prompt], GREEDY)[0]
+    finish(second)
+    assert output.metrics.num_tier_hit_tokens.get("redis", 0) >= PREFIX_LEN
+    assert output.outputs[0].token_ids == expected[0]
+    assert replica.counts.loaded_equal >= PREFIX_LEN // BLOCK
+    assert replica.counts.loaded_unmatched == replica.counts.loaded_unseen == 0
 
 
 def test_a_witness_without_the_computations_judges_no_load(

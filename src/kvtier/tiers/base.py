@@ -205,14 +205,19 @@ class TierStore(ABC):
         while self.used_bytes + size > self.capacity_bytes or not self._has_room(meta):
             if not self._evict_one():
                 return False
-        self._entries[meta.key] = _Entry(meta, location)
+        self._register(meta, location)
+        return True
+
+    def _register(self, meta: EntryMeta, location: object) -> _Entry:
+        """Index a new, not-ready entry and count its bytes (room already made)."""
+        entry = self._entries[meta.key] = _Entry(meta, location)
         for index, block_hash in enumerate(meta.block_hashes):
             if block_hash in self._block_index:
                 self._other_holders.setdefault(block_hash, []).append((meta.key, index))
             else:
                 self._block_index[block_hash] = (meta.key, index)
-        self.used_bytes += size
-        return True
+        self.used_bytes += self._entry_bytes(meta)
+        return entry
 
     def _has_room(self, meta: EntryMeta) -> bool:
         """Store-specific extra condition (a free slot); capacity is checked separately."""
@@ -298,11 +303,14 @@ class TierStore(ABC):
     def close(self) -> None:  # noqa: B027 - most stores hold nothing to release
         """Release resources (files, memory)."""
 
+    def _check_capacity(self) -> None:
+        assert self.used_bytes <= self.capacity_bytes, "capacity exceeded"
+
     def check_integrity(self) -> None:
         with self._lock:
             size = sum(self._entry_bytes(e.meta) for e in self._entries.values())
             assert size == self.used_bytes, f"used_bytes {self.used_bytes} != {size}"
-            assert self.used_bytes <= self.capacity_bytes, "capacity exceeded"
+            self._check_capacity()
             assert all(e.pins >= 0 for e in self._entries.values())
             for block_hash, (key, index) in self._block_index.items():
                 entry = self._entries.get(key)

@@ -17,6 +17,7 @@ from kvtier.tiers.cpu import CPUStore
 from kvtier.tiers.disk import DiskStore
 from kvtier.tiers.manager import TierManager
 from kvtier.tiers.policy import create_policy
+from kvtier.tiers.redis_store import RedisStore
 from kvtier.tiers.transfer import KVTransfer
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ def build_store(spec: TierSpec, layout: KVLayout, chunk_blocks: int,
     if spec.kind == "disk":
         assert spec.path is not None
         return DiskStore(layout, spec.capacity_bytes, policy, spec.path)
+    if spec.kind == "redis":
+        assert spec.url is not None
+        return RedisStore(layout, spec.capacity_bytes, policy, spec.url)
     raise ConfigError(f"kv tier kind {spec.kind!r} is not available in this build")
 
 
@@ -78,6 +82,8 @@ def probe_rate(store: TierStore, transfer: KVTransfer, chunk_blocks: int) -> Tie
         return TierRate(num_bytes / max(seconds, 1e-9), latency_s=0.0)
     if store.name == "disk":
         return _probe_disk(store, transfer, payload, num_blocks)
+    if isinstance(store, RedisStore):
+        return store.probe(payload)
     return TierRate(1e9, latency_s=1e-3)
 
 

@@ -1,21 +1,28 @@
-"""Tier stores: index, capacity and pins stay consistent; every disk fault is a clean miss."""
+"""Tier stores: index, capacity and pins stay consistent; every disk fault is a clean miss.
+The redis store's shared behaviour (replicas, faults) is in test_redis_store.py."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvtier.kv.hashing import hash_block_tokens, root_block_hash
+from kvtier.tiers import entry_codec
 from kvtier.tiers.base import EntryMeta, KVLayout, TierError, TierStore
 from kvtier.tiers.cpu import CPUStore
 from kvtier.tiers.disk import DiskStore
 from kvtier.tiers.policy import create_policy
+from kvtier.tiers.redis_store import RedisStore
+from tests.helpers import RedisServer
 
 LAYOUT = KVLayout("test-model", "float32", num_layers=2, num_kv_heads=1, head_dim=4,
                   block_size=2, dtype_bytes=4)
@@ -56,9 +63,31 @@ def disk_store(path: Path, capacity_entries: int = 4) -> DiskStore:
     return DiskStore(LAYOUT, capacity_entries * per_entry, create_policy("lru"), str(path))
 
 
-@pytest.mark.parametrize("kind", ["cpu", "disk"])
-def test_round_trip_and_block_level_lookup(kind: str, tmp_path: Path) -> None:
-    store = cpu_store() if kind == "cpu" else disk_store(tmp_path)
+def redis_store(url: str, capacity_entries: int = 4, policy: str = "lru",
+                **options: float) -> RedisStore:
+    per_entry = entry_codec.encoded_bytes(make_meta(0), LAYOUT.namespace)
+    return RedisStore(LAYOUT, capacity_entries * per_entry, create_policy(policy), url,
+                      **options)
+
+
+def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+               capacity_entries: int = 4) -> TierStore:
+    if kind == "cpu":
+        return cpu_store(capacity_entries)
+    if kind == "disk":
+        return disk_store(tmp_path, capacity_entries)
+    store = redis_store(request.getfixturevalue("redis_server").url, capacity_entries)
+    request.addfinalizer(store.close)  # before the server stops: set up after it
+    return store
+
+
+KINDS = ["cpu", "disk", "redis"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip_and_block_level_lookup(kind: str, tmp_path: Path,
+                                           request: pytest.FixtureRequest) -> None:
+    store = make_store(kind, tmp_path, request)
     meta = make_meta(1)
     assert put(store, meta)
     assert store.locate(meta.block_hashes[0]) == (meta, 0)
@@ -70,14 +99,14 @@ def test_round_trip_and_block_level_lookup(kind: str, tmp_path: Path) -> None:
     store.check_integrity()
 
 
-@pytest.mark.parametrize("kind", ["cpu", "disk"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dropped", ["partial", "full"])
-def test_entries_sharing_blocks_stay_reachable_when_one_goes(kind: str, dropped: str,
-                                                             tmp_path: Path) -> None:
+def test_entries_sharing_blocks_stay_reachable_when_one_goes(
+        kind: str, dropped: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """A trailing partial chunk (write-through) and later its full chunk hold the same first
     block. Whichever goes first, the other is still found from that block: before, dropping
     the partial one unindexed the block, and the full chunk sat unreachable in capacity."""
-    store = cpu_store() if kind == "cpu" else disk_store(tmp_path)
+    store = make_store(kind, tmp_path, request)
     partial, full = make_meta(5, num_blocks=1), make_meta(5)
     assert partial.block_hashes[0] == full.block_hashes[0]
     assert put(store, partial) and put(store, full)
@@ -92,10 +121,10 @@ def test_entries_sharing_blocks_stay_reachable_when_one_goes(kind: str, dropped:
     store.check_integrity()
 
 
-@pytest.mark.parametrize("kind", ["cpu", "disk"])
-def test_capacity_is_never_exceeded_and_pinned_entries_survive(kind: str,
-                                                               tmp_path: Path) -> None:
-    store = cpu_store(2) if kind == "cpu" else disk_store(tmp_path, 2)
+@pytest.mark.parametrize("kind", KINDS)
+def test_capacity_is_never_exceeded_and_pinned_entries_survive(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    store = make_store(kind, tmp_path, request, capacity_entries=2)
     first, second, third = make_meta(1), make_meta(2), make_meta(3)
     assert put(store, first) and put(store, second)
     store.pin(first.key)
@@ -211,8 +240,11 @@ class StoreMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.store = cpu_store(3, policy="s3fifo")
+        self.store = self.new_store()
         self.pins: dict[bytes, int] = {}
+
+    def new_store(self) -> TierStore:
+        return cpu_store(3, policy="s3fifo")
 
     @rule(seed=st.integers(0, 12), blocks=st.integers(1, CHUNK_BLOCKS))
     def store_entry(self, seed: int, blocks: int) -> None:
@@ -270,3 +302,32 @@ class StoreMachine(RuleBasedStateMachine):
 
 TestStoreMachine = StoreMachine.TestCase
 TestStoreMachine.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
+
+
+class RedisStoreMachine(StoreMachine):
+    """The same sequences on a redis store, each example on an emptied server: the shared
+    index, `used` and the records must agree with the local index at every step."""
+
+    url = ""
+
+    def new_store(self) -> TierStore:
+        redis.Redis.from_url(self.url).flushall()
+        return redis_store(self.url, 3, policy="s3fifo")
+
+    def teardown(self) -> None:
+        self.store.close()
+
+
+@pytest.fixture(scope="class")
+def machine_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs the redis-server binary")
+    server = RedisServer.start(tmp_path_factory.mktemp("redis-machine"))
+    RedisStoreMachine.url = server.url
+    yield
+    server.stop()
+
+
+TestRedisStoreMachine = pytest.mark.usefixtures("machine_redis")(RedisStoreMachine.TestCase)
+TestRedisStoreMachine.settings = settings(max_examples=40, stateful_step_count=30,
+                                          deadline=None)

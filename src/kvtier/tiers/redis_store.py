@@ -1,0 +1,381 @@
+"""Redis tier: a networked store that engine replicas share and that outlives any one engine.
+
+Under `kvtier:{<layout namespace>}:` (the braces keep every key in one Redis Cluster slot, so
+the scripts below may touch them together):
+- `entry:<key hex>`: the entry in `entry_codec`'s self-checking format, read with one GET;
+- `index`: a hash, key hex -> JSON record (block hashes, bytes charged, payload bytes, store
+  time): what a replica learns the shared entries from when it starts or resynchronises;
+- `used`: the bytes the entries of `index` are charged, for the shared capacity;
+- channel `events`: `+<record>` when a replica publishes an entry, `-<record>` when it removes
+  one, so each replica's index (the base class's, which lookups consult without I/O) follows
+  the others' within a round trip; a periodic resync covers messages lost to a reconnect.
+
+Capacity is the store's, not one replica's: publishing is one Lua script that writes the
+entry, its record and its bytes only while `used` stays within the capacity, and removal is
+one that takes all three away, so `used` never counts an entry a crashed replica left half
+done. Each replica picks victims by its own policy among the entries it knows. A replica may
+plan a load of an entry that another has just evicted: the GET finds nothing and the request
+recomputes, as it does after a connection error or a failed checksum (counted as errors).
+Network I/O happens in `complete_store`, `read` (transfer threads) and on the store's own
+threads (events, removals); `prepare_store` and lookups only touch the local index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import redis
+import torch
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from kvtier.tiers import entry_codec
+from kvtier.tiers.base import EntryMeta, KVLayout, StoreHandle, TierError, TierStore, _Entry
+from kvtier.tiers.cost import TierRate
+from kvtier.tiers.policy import EvictionPolicy
+from kvtier.types import BlockHash
+
+logger = logging.getLogger(__name__)
+
+RESYNC_S = 30.0
+"""How often a replica re-reads the shared index, repairing what lost events left stale."""
+PUBLISH_ATTEMPTS = 4
+"""Evictions tried when the shared capacity is full of entries this replica had not seen."""
+
+# KEYS: entry, index, used. ARGV: key hex, encoded entry, record, bytes charged, capacity,
+# channel. 1: published; 0: another replica already had; -1: no room.
+_PUBLISH = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+if used + tonumber(ARGV[4]) > tonumber(ARGV[5]) then return -1 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('INCRBY', KEYS[3], ARGV[4])
+redis.call('PUBLISH', ARGV[6], '+' .. ARGV[3])
+return 1
+"""
+
+# KEYS: entry, index, used. ARGV: key hex, channel, remover. 1: removed; 0: already gone.
+_REMOVE = """
+local record = redis.call('HGET', KEYS[2], ARGV[1])
+if not record then return 0 end
+local fields = cjson.decode(record)
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[1])
+redis.call('DECRBY', KEYS[3], fields['charged'])
+fields['replica'] = ARGV[3]
+redis.call('PUBLISH', ARGV[2], '-' .. cjson.encode(fields))
+return 1
+"""
+
+_GONE = "gone"
+"""An entry's location once the shared store no longer holds it: forgetting it locally must
+not remove it again (another replica may have stored it anew)."""
+
+
+class RedisStore(TierStore):
+    name = "redis"
+
+    def __init__(self, layout: KVLayout, capacity_bytes: int, policy: EvictionPolicy,
+                 url: str, *, resync_s: float = RESYNC_S,
+                 socket_timeout_s: float = 5.0) -> None:
+        super().__init__(layout, capacity_bytes, policy)
+        self.url = url
+        self.replica_id = uuid.uuid4().hex[:12]
+        self.broken: str | None = None
+        self.resync_s = resync_s
+        prefix = f"kvtier:{{{layout.namespace}}}:"
+        self._entry_prefix = prefix + "entry:"
+        self._index_key = prefix + "index"
+        self._used_key = prefix + "used"
+        self._channel = prefix + "events"
+        self._known_since: dict[BlockHash, float] = {}
+        """monotonic() when each ready entry became known here (resync keeps newer ones)."""
+        self._closed = threading.Event()
+        self._removals = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-redis-rm")
+        self._listener: threading.Thread | None = None
+        try:
+            self._client = redis.Redis.from_url(
+                url, socket_timeout=socket_timeout_s,
+                socket_connect_timeout=min(socket_timeout_s, 2.0),
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1))
+            self._client.ping()
+            self._publish_script = self._client.register_script(_PUBLISH)
+            self._remove_script = self._client.register_script(_REMOVE)
+            # Subscribed before the first resync: no entry published in between is missed.
+            self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(self._channel)
+            self._resync()
+        except (redis.RedisError, ValueError, OSError) as exc:
+            self.broken = f"{url}: {exc}"
+            self.stats.num_errors += 1
+            logger.error("redis tier disabled: %s", self.broken)
+            return
+        self._listener = threading.Thread(target=self._follow_events, daemon=True,
+                                          name="kvtier-redis-events")
+        self._listener.start()
+        logger.info("redis tier %s: %d shared entries, %d bytes", url, self.num_entries,
+                    self.used_bytes)
+
+    def _entry_key(self, key: BlockHash) -> str:
+        return self._entry_prefix + key.hex()
+
+    def _entry_bytes(self, meta: EntryMeta) -> int:
+        return entry_codec.encoded_bytes(meta, self.layout.namespace)
+
+    # -- store -------------------------------------------------------------------------------
+
+    def prepare_store(self, meta: EntryMeta) -> StoreHandle | None:
+        with self._lock:
+            if meta.key in self._entries:
+                return None
+            if self.broken or not self._reserve(meta, None):
+                self.stats.num_rejected += 1
+                return None
+        return StoreHandle(meta, torch.empty(meta.num_bytes, dtype=torch.uint8))
+
+    def complete_store(self, handle: StoreHandle, success: bool) -> None:
+        meta = handle.meta
+        if success:
+            success = self._publish(handle)
+        with self._lock:
+            entry = self._entries.get(meta.key)
+            if entry is None:
+                return
+            if not success:
+                entry.location = _GONE  # nothing of it reached the store
+                self._drop(meta.key)
+                return
+            entry.ready = True
+            self._known_since[meta.key] = time.monotonic()
+            self.policy.insert(meta.key)
+            self.stats.num_stored_entries += 1
+            self.stats.num_stored_bytes += meta.num_bytes
+
+    def _publish(self, handle: StoreHandle) -> bool:
+        """Write the entry into the shared store; False where it found no room or failed."""
+        meta = handle.meta
+        payload = handle.buffer.numpy().data
+        blob = entry_codec.preamble(meta, self.layout.namespace, payload) + payload
+        record = self._record(meta)
+        try:
+            for _ in range(PUBLISH_ATTEMPTS):
+                self._await_removals()  # those that made this entry's room locally
+                published = self._publish_script(
+                    keys=[self._entry_key(meta.key), self._index_key, self._used_key],
+                    args=[meta.key.hex(), blob, record, self._entry_bytes(meta),
+                          self.capacity_bytes, self._channel])
+                if published >= 0:
+                    return True
+                # Full of entries this replica had not counted: make room among those it knows.
+                with self._lock:
+                    evicted = self._evict_one()
+                if not evicted:
+                    break
+        except redis.RedisError as exc:
+            logger.warning("redis tier: store of %s failed: %s", meta.key.hex(), exc)
+            with self._lock:
+                self.stats.num_errors += 1
+            return False
+        with self._lock:
+            self.stats.num_rejected += 1
+        return False
+
+    def _record(self, meta: EntryMeta) -> str:
+        return json.dumps({"key": meta.key.hex(), "hashes": [h.hex() for h in meta.block_hashes],
+                           "charged": self._entry_bytes(meta), "num_bytes": meta.num_bytes,
+                           "stored_at": time.time(), "replica": self.replica_id})
+
+    # -- load --------------------------------------------------------------------------------
+
+    def read(self, meta: EntryMeta) -> torch.Tensor:
+        name = f"entry {meta.key.hex()}"
+        if self.broken:
+            raise self._fail(meta, f"{name}: unavailable ({self.broken})")
+        try:
+            blob = self._client.get(self._entry_key(meta.key))
+        except redis.RedisError as exc:
+            # The store may be fine and the entry with it: forget it here only.
+            raise self._lose(meta, f"{name}: {exc}") from exc
+        if blob is None:
+            raise self._lose(meta, f"{name}: no longer in the store")
+        try:
+            payload = entry_codec.decode(name, blob, meta, self.layout.namespace)
+        except TierError as exc:
+            raise self._fail(meta, str(exc)) from exc  # damaged: removed for every replica
+        buffer = torch.empty(meta.num_bytes, dtype=torch.uint8)
+        buffer.numpy()[:] = payload
+        self._mark_read(meta)
+        return buffer
+
+    def _lose(self, meta: EntryMeta, reason: str) -> TierError:
+        """An entry this replica can no longer read, forgotten here without removing it from
+        the store (which may have lost it already, or still hold it for the others)."""
+        with self._lock:
+            self.stats.num_errors += 1
+            self._forget(meta.key)
+        return TierError(f"{self.name} tier: {reason}")
+
+    def _forget(self, key: BlockHash) -> None:
+        """Drop an entry from the local index only (caller holds the lock)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.location = _GONE
+            self._drop(key)
+
+    def _release(self, entry: _Entry) -> None:
+        self._known_since.pop(entry.meta.key, None)
+        if entry.location != _GONE and not self.broken:
+            self._removals.submit(self._remove, entry.meta.key)
+
+    def _await_removals(self) -> None:
+        """Return once the removals queued so far have run (not holding the lock)."""
+        if not self._closed.is_set():  # closing ran them all
+            self._removals.submit(lambda: None).result()
+
+    def _remove(self, key: BlockHash) -> None:
+        try:
+            self._remove_script(keys=[self._entry_key(key), self._index_key, self._used_key],
+                                args=[key.hex(), self._channel, self.replica_id])
+        except redis.RedisError as exc:
+            logger.warning("redis tier: removal of %s failed: %s", key.hex(), exc)
+            with self._lock:
+                self.stats.num_errors += 1
+
+    # -- following the other replicas --------------------------------------------------------
+
+    def _follow_events(self) -> None:
+        next_resync = time.monotonic() + self.resync_s
+        backoff_s = 0.0
+        while not self._closed.is_set():
+            try:
+                message = self._pubsub.get_message(timeout=0.2)
+                if message is not None and message.get("type") == "message":
+                    self._apply(message["data"])
+                if time.monotonic() >= next_resync:
+                    self._resync()
+                    next_resync = time.monotonic() + self.resync_s
+                backoff_s = 0.0
+            except (redis.RedisError, OSError, ValueError) as exc:
+                if self._closed.is_set():
+                    return
+                if backoff_s == 0.0:
+                    logger.warning("redis tier: event stream interrupted (%s); retrying", exc)
+                backoff_s = min(max(2 * backoff_s, 0.25), 5.0)  # a server that is down
+                self._closed.wait(backoff_s)
+                next_resync = time.monotonic()  # messages may have been lost meanwhile
+
+    def _apply(self, data: bytes) -> None:
+        """One event of the channel: another replica published or removed an entry."""
+        text = data.decode() if isinstance(data, bytes) else data
+        try:
+            record = json.loads(text[1:])
+            meta = self._meta_of(record)
+        except (ValueError, KeyError, TypeError, IndexError):
+            logger.warning("redis tier: ignoring a malformed event %.80r", text)
+            return
+        if record.get("replica") == self.replica_id:
+            return
+        with self._lock:
+            entry = self._entries.get(meta.key)
+            if text[0] == "+" and entry is None:
+                self._adopt(meta)
+            elif text[0] == "-" and entry is not None and entry.ready:
+                self._forget(meta.key)
+
+    def _resync(self) -> None:
+        """Match the local index to the shared one: adopt what others stored (oldest first,
+        so the policy sees them in store order) and forget what they removed."""
+        started = time.monotonic()
+        records = self._client.hgetall(self._index_key)
+        shared: dict[BlockHash, tuple[float, EntryMeta]] = {}
+        for raw in records.values():
+            try:
+                record = json.loads(raw)
+                meta = self._meta_of(record)
+                shared[meta.key] = (float(record.get("stored_at", 0.0)), meta)
+            except (ValueError, KeyError, TypeError, IndexError):
+                logger.warning("redis tier: ignoring a malformed index record %.80r", raw)
+        with self._lock:
+            for key, entry in list(self._entries.items()):
+                if (entry.ready and key not in shared
+                        and self._known_since.get(key, started) < started):
+                    self._forget(key)
+            for _, meta in sorted(shared.values(), key=lambda item: item[0]):
+                if meta.key not in self._entries:
+                    self._adopt(meta)
+
+    def _adopt(self, meta: EntryMeta) -> None:
+        """Index an entry another replica published (its bytes already charged to the shared
+        capacity, so nothing is evicted for it here); caller holds the lock."""
+        entry = self._register(meta, None)
+        entry.ready = True
+        self._known_since[meta.key] = time.monotonic()
+        self.policy.insert(meta.key)
+
+    def _meta_of(self, record: dict) -> EntryMeta:
+        hashes = tuple(BlockHash(bytes.fromhex(h)) for h in record["hashes"])
+        meta = EntryMeta(hashes[-1], hashes, int(record["num_bytes"]))
+        if meta.key.hex() != record["key"]:
+            raise ValueError("record key does not match its last block")
+        return meta
+
+    # -- capacity, probe, shutdown -----------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        if not self.broken:
+            self._await_removals()
+        super().check_integrity()
+
+    def _check_capacity(self) -> None:
+        """The shared capacity holds in the store; the local index may briefly count entries
+        the others removed (their events in flight), so it is not checked against it."""
+        if self.broken:
+            return
+        records = self._client.hgetall(self._index_key)
+        charged = sum(int(json.loads(raw)["charged"]) for raw in records.values())
+        used = int(self._client.get(self._used_key) or 0)
+        assert used == charged, f"shared used {used} != the records' {charged}"
+        assert used <= self.capacity_bytes, "shared capacity exceeded"
+
+    def probe(self, payload: torch.Tensor) -> TierRate:
+        """Latency (a GET of a missing key) and rate of a read as `read` does it (GET, checks,
+        copy out) of an entry of `payload`'s size, through a scratch key."""
+        if self.broken:
+            return TierRate(1.0, latency_s=1.0)  # unusable: never worth loading from
+        key = BlockHash(bytes.fromhex(self.replica_id.ljust(32, "0")))
+        meta = EntryMeta(key, (key,), payload.numel())
+        data = payload.numpy().data
+        scratch = f"{self._entry_prefix}probe:{self.replica_id}"
+        try:
+            self._client.set(scratch, entry_codec.preamble(meta, self.layout.namespace, data)
+                             + data)
+            started = time.perf_counter()
+            self._client.get(scratch + ":missing")
+            latency = time.perf_counter() - started
+            started = time.perf_counter()
+            blob = self._client.get(scratch)
+            torch.empty_like(payload).numpy()[:] = entry_codec.decode(
+                "probe", blob, meta, self.layout.namespace)
+            elapsed = time.perf_counter() - started
+            self._client.delete(scratch)
+        except (redis.RedisError, TierError) as exc:
+            logger.warning("redis tier probe failed: %s", exc)
+            return TierRate(1.0, latency_s=1.0)
+        # As `CostModel.observe_load` reads a load: at most twice the naive rate.
+        return TierRate(payload.numel() / max(elapsed - latency, elapsed / 2),
+                        latency_s=latency)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._listener is not None:
+            self._listener.join(timeout=5.0)
+        self._removals.shutdown(wait=True)
+        if not self.broken:
+            self._pubsub.close()
+            self._client.close()

@@ -1,0 +1,244 @@
+"""The redis tier against a real redis-server: replicas share entries and one capacity, a new
+store finds what earlier ones left, and every fault (an entry another replica evicted, a
+damaged value, a server that goes away or was never there) is a clean miss."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+import torch
+
+from kvtier.config import ConfigError, TierSpec
+from kvtier.tiers import entry_codec
+from kvtier.tiers.base import TierError
+from kvtier.tiers.redis_store import RedisStore
+from tests.helpers import RedisServer
+from tests.unit.tiers.test_stores import LAYOUT, make_meta, payload_for, put, redis_store
+
+
+def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def replicas(redis_server: RedisServer) -> list[RedisStore]:
+    """Two stores on one server: two engine replicas' redis tiers."""
+    stores = [redis_store(redis_server.url, 4) for _ in range(2)]
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def raw_client(server: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(server.url)
+
+
+def test_an_entry_one_replica_stores_is_found_and_read_by_the_other(
+        replicas: list[RedisStore]) -> None:
+    first, second = replicas
+    meta = make_meta(1)
+    assert put(first, meta)
+    assert eventually(lambda: second.has(meta.key)), "the event never reached the other"
+    assert second.locate(meta.block_hashes[0]) == (meta, 0)
+    assert second.pin(meta.key)
+    assert torch.equal(second.read(meta), payload_for(meta))
+    second.unpin(meta.key)
+    # Storing what the store already holds is not a second copy.
+    assert second.prepare_store(meta) is None
+    first.remove(meta.key)
+    assert eventually(lambda: not second.has(meta.key)), "the removal never reached the other"
+    for store in replicas:
+        store.check_integrity()
+
+
+def test_a_new_store_finds_the_entries_earlier_ones_left_in_store_order(
+        redis_server: RedisServer) -> None:
+    earlier = redis_store(redis_server.url, 4)
+    metas = [make_meta(seed) for seed in (3, 1, 2)]
+    for meta in metas:
+        assert put(earlier, meta)
+    earlier.close()
+    restarted = redis_store(redis_server.url, 4)
+    try:
+        for meta in metas:
+            assert restarted.locate(meta.block_hashes[-1]) == (meta, len(meta.block_hashes) - 1)
+        assert torch.equal(restarted.read(metas[1]), payload_for(metas[1]))
+        # LRU over store order: the oldest (first stored, never read here) goes first.
+        assert put(restarted, make_meta(4)) and put(restarted, make_meta(5))
+        assert not restarted.has(metas[0].key) and restarted.has(metas[1].key)
+        restarted.check_integrity()
+    finally:
+        restarted.close()
+
+
+def test_replicas_storing_at_once_never_exceed_the_shared_capacity(
+        redis_server: RedisServer) -> None:
+    """Each replica alone would fit 4 entries in its view; together they must share 4."""
+    stores = [redis_store(redis_server.url, 4) for _ in range(3)]
+    stored = [0] * len(stores)
+
+    def fill(index: int) -> None:
+        for seed in range(index * 100, index * 100 + 12):
+            stored[index] += put(stores[index], make_meta(seed))
+
+    threads = [threading.Thread(target=fill, args=(i,)) for i in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert sum(stored) >= 12, "the replicas should mostly evict, not refuse"
+        client = raw_client(redis_server)
+        records = [json.loads(r) for r in client.hgetall(stores[0]._index_key).values()]
+        per_entry = entry_codec.encoded_bytes(make_meta(0), LAYOUT.namespace)
+        assert len(records) <= 4
+        assert int(client.get(stores[0]._used_key)) == len(records) * per_entry
+        assert len(client.keys(f"{stores[0]._entry_prefix}*")) == len(records)
+        for store in stores:
+            store.check_integrity()  # shared used == the records', within capacity
+            assert eventually(lambda s=store: {m.key.hex() for m in s.ready_entries()}
+                              == {r["key"] for r in records}), "a replica's index drifted"
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_an_entry_another_replica_evicted_is_a_miss(replicas: list[RedisStore],
+                                                    redis_server: RedisServer) -> None:
+    first, second = replicas
+    meta = make_meta(1)
+    assert put(first, meta) and eventually(lambda: second.has(meta.key))
+    assert second.pin(meta.key)  # a load planned here ...
+    # ... while the value goes before the event does (the removal as another replica's
+    # script does it, minus its event).
+    client = raw_client(redis_server)
+    client.delete(first._entry_key(meta.key))
+    with pytest.raises(TierError, match="no longer in the store"):
+        second.read(meta)
+    second.unpin(meta.key)
+    assert not second.has(meta.key) and second.stats.num_errors == 1
+    # The entry is forgotten here, not removed again: the other replica still indexes it.
+    assert first.has(meta.key)
+
+
+@pytest.mark.parametrize("damage", ["bit-flip", "truncated", "foreign", "garbage"])
+def test_a_damaged_value_is_a_miss_that_removes_it_for_every_replica(
+        damage: str, replicas: list[RedisStore], redis_server: RedisServer) -> None:
+    first, second = replicas
+    meta, other = make_meta(1), make_meta(2)
+    assert put(first, meta) and put(first, other)
+    assert eventually(lambda: second.has(meta.key))
+    client = raw_client(redis_server)
+    key = first._entry_key(meta.key)
+    blob = bytearray(client.get(key))
+    if damage == "bit-flip":
+        blob[-1] ^= 0x40
+    elif damage == "truncated":
+        del blob[-3:]
+    elif damage == "foreign":  # another entry's bytes under this key
+        blob = bytearray(client.get(first._entry_key(other.key)))
+    else:
+        blob = bytearray(b"not an entry")
+    client.set(key, bytes(blob))
+    assert second.pin(meta.key)
+    with pytest.raises(TierError):
+        second.read(meta)
+    second.unpin(meta.key)
+    assert second.stats.num_errors == 1
+    assert eventually(lambda: not first.has(meta.key)), "the damaged entry stayed shared"
+    assert client.get(key) is None
+    for store in replicas:
+        store.check_integrity()
+
+
+def test_a_server_that_goes_away_costs_misses_not_crashes(redis_server: RedisServer) -> None:
+    store = redis_store(redis_server.url, 4, socket_timeout_s=1.0)
+    try:
+        meta = make_meta(1)
+        assert put(store, meta)
+        redis_server.stop()
+        assert store.pin(meta.key)
+        with pytest.raises(TierError):
+            store.read(meta)
+        store.unpin(meta.key)
+        assert not store.has(meta.key)
+        put(store, make_meta(2))  # prepared locally; publishing fails and drops it
+        assert not store.has(make_meta(2).key) and store.num_entries == 0
+        assert store.stats.num_errors >= 2
+    finally:
+        store.close()
+
+
+def test_an_unreachable_server_disables_the_tier_at_start(tmp_path) -> None:  # noqa: ANN001
+    store = redis_store(f"unix://{tmp_path}/no-such.sock", 4)
+    try:
+        assert store.broken and "no-such.sock" in store.broken
+        assert store.prepare_store(make_meta(1)) is None
+        assert store.stats.num_rejected == 1 and store.stats.num_errors == 1
+        assert store.probe(payload_for(make_meta(1))).latency_s >= 1.0  # never pays
+        store.check_integrity()
+    finally:
+        store.close()
+
+
+def test_a_resync_repairs_an_index_that_missed_events(redis_server: RedisServer) -> None:
+    """Events published while a replica was not listening (a reconnect) are lost; the
+    periodic re-read of the shared index brings its view back."""
+    first = redis_store(redis_server.url, 4)
+    second = redis_store(redis_server.url, 4, resync_s=0.2)
+    try:
+        kept, dropped = make_meta(1), make_meta(2)
+        assert put(first, kept) and put(first, dropped)
+        assert eventually(lambda: second.has(dropped.key))
+        # Removed and added behind the channel's back:
+        client = raw_client(redis_server)
+        charged = json.loads(client.hget(first._index_key, dropped.key.hex()))["charged"]
+        client.hdel(first._index_key, dropped.key.hex())
+        client.delete(first._entry_key(dropped.key))
+        client.decrby(first._used_key, charged)
+        added = make_meta(3)
+        added_record = json.loads(first._record(added))
+        added_record["replica"] = "elsewhere"
+        client.hset(first._index_key, added.key.hex(), json.dumps(added_record))
+        assert eventually(lambda: not second.has(dropped.key) and second.has(added.key))
+        assert second.has(kept.key)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_probe_measures_a_round_trip(redis_server: RedisServer) -> None:
+    store = redis_store(redis_server.url, 4)
+    try:
+        rate = store.probe(torch.zeros(1 << 20, dtype=torch.uint8))
+        assert 0 < rate.latency_s < 0.5 and rate.bytes_per_s > 1e6
+        assert raw_client(redis_server).keys("*probe*") == []
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("text", "url"), [
+    ("redis:redis://cache.internal:6379/2:8GiB", "redis://cache.internal:6379/2"),
+    ("redis:cache.internal:6379:1GiB", "redis://cache.internal:6379"),
+    ("redis:unix:///run/redis.sock:512MiB:s3fifo", "unix:///run/redis.sock"),
+    ("redis:rediss://:secret@cache:6380:1GiB", "rediss://:secret@cache:6380"),
+])
+def test_redis_tier_specs_parse_to_urls(text: str, url: str) -> None:
+    spec = TierSpec.parse(text)
+    assert spec.kind == "redis" and spec.url == url
+
+
+@pytest.mark.parametrize("text", ["redis:ftp://host:21:1GiB", "redis:1GiB", "redis::1GiB"])
+def test_bad_redis_tier_specs_are_refused_by_name(text: str) -> None:
+    with pytest.raises(ConfigError, match="redis"):
+        TierSpec.parse(text)
