@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
 import torch
 
-from tests.helpers import RedisServer
+from kvtier.utils.redis_server import RedisServer, redis_server_available
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -22,9 +21,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A real redis-server of the test's own (see `tests.helpers.RedisServer`), stopped
+    """A real redis-server of the test's own (`kvtier.utils.redis_server`), stopped
     afterwards. Skips where the machine has no redis-server binary."""
-    if shutil.which("redis-server") is None:
+    if not redis_server_available():
         pytest.skip("needs the redis-server binary")
     server = RedisServer.start(tmp_path_factory.mktemp("redis"))
     try:

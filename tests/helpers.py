@@ -1,13 +1,10 @@
 """Shared test helpers: run our model on plain sequences without an engine; steps of
-attention around one sequence, for the batch-invariance checks; a real Redis server."""
+attention around one sequence, for the batch-invariance checks."""
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -16,39 +13,6 @@ from kvtier.attention.torch_ref import TorchAttentionBackend
 from kvtier.model.llama import LlamaForCausalLM
 from kvtier.runner.model_runner import ModelRunner
 from kvtier.types import SamplingParams, ScheduledRequest, SchedulerOutput
-
-
-@dataclass
-class RedisServer:
-    """A redis-server process on a unix socket in its own directory (no port to collide on),
-    persistence off. `url` is what a redis tier takes."""
-
-    process: subprocess.Popen
-    socket: Path
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket}"
-
-    @classmethod
-    def start(cls, directory: Path) -> RedisServer:
-        socket = directory / "redis.sock"
-        process = subprocess.Popen(
-            ["redis-server", "--port", "0", "--unixsocket", str(socket), "--unixsocketperm",
-             "700", "--save", "", "--appendonly", "no", "--dir", str(directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10.0
-        while not socket.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"redis-server did not start (exit {process.poll()})")
-            time.sleep(0.02)
-        return cls(process, socket)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
 
 
 def full_logits(model: LlamaForCausalLM, token_ids: list[int], block_size: int = 16,

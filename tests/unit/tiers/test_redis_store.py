@@ -17,7 +17,7 @@ from kvtier.config import ConfigError, TierSpec
 from kvtier.tiers import entry_codec
 from kvtier.tiers.base import TierError
 from kvtier.tiers.redis_store import RedisStore
-from tests.helpers import RedisServer
+from kvtier.utils.redis_server import RedisServer
 from tests.unit.tiers.test_stores import LAYOUT, make_meta, payload_for, put, redis_store
 
 

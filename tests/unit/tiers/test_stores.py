@@ -4,7 +4,6 @@ The redis store's shared behaviour (replicas, faults) is in test_redis_store.py.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from kvtier.tiers.cpu import CPUStore
 from kvtier.tiers.disk import DiskStore
 from kvtier.tiers.policy import create_policy
 from kvtier.tiers.redis_store import RedisStore
-from tests.helpers import RedisServer
+from kvtier.utils.redis_server import RedisServer, redis_server_available
 
 LAYOUT = KVLayout("test-model", "float32", num_layers=2, num_kv_heads=1, head_dim=4,
                   block_size=2, dtype_bytes=4)
@@ -320,7 +319,7 @@ class RedisStoreMachine(StoreMachine):
 
 @pytest.fixture(scope="class")
 def machine_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    if shutil.which("redis-server") is None:
+    if not redis_server_available():
         pytest.skip("needs the redis-server binary")
     server = RedisServer.start(tmp_path_factory.mktemp("redis-machine"))
     RedisStoreMachine.url = server.url
