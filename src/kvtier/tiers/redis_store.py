@@ -355,6 +355,7 @@ class RedisStore(TierStore):
         try:
             self._client.set(scratch, entry_codec.preamble(meta, self.layout.namespace, data)
                              + data)
+            self._client.get(scratch)  # warm-up: the first large read grows the buffers
             started = time.perf_counter()
             self._client.get(scratch + ":missing")
             latency = time.perf_counter() - started

@@ -1,0 +1,149 @@
+"""Two engine replicas on one Redis: what one computed, the other loads instead of recomputing.
+
+Replica A serves one request per document with a redis tier (write-through: its chunks are
+published as they are computed). Replica B, a second engine started afterwards (as a new
+replica, or A restarted, would be), then asks about each document again with a new question.
+Its TTFT is compared with that of an engine without the tier (the same fresh device cache, so
+it recomputes every document), and its greedy tokens must equal that engine's. Also printed:
+the redis tier's start-up probe (latency, rate) and the tokens B loaded from Redis. Whether a
+load pays is the engine's own cost model's call, as in serving. Writes a JSON results file.
+
+    .venv/bin/python scripts/bench_redis_replicas.py --out results/redis_replicas.json
+    (--model random:qwen2.5-1.5b --dtype bfloat16 on a GPU; --redis-url for a running server)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def documents(count: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(200, 40_000) for _ in range(length)] for _ in range(count)]
+
+
+def serve_one_by_one(llm, prompts: list[list[int]], max_tokens: int) -> list[dict]:  # noqa: ANN001
+    from kvtier import SamplingParams
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    rows = []
+    for prompt in prompts:
+        output = llm.generate([prompt], params)[0]
+        metrics = output.metrics
+        rows.append({"ttft_s": metrics.time_to_first_token,
+                     "tier_hit_tokens": dict(metrics.num_tier_hit_tokens),
+                     "cached_tokens": metrics.num_cached_tokens,
+                     "token_ids": list(output.outputs[0].token_ids)})
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    ttfts = [row["ttft_s"] for row in rows]
+    return {"mean_ttft_ms": 1e3 * statistics.fmean(ttfts),
+            "median_ttft_ms": 1e3 * statistics.median(ttfts),
+            "redis_hit_tokens": sum(row["tier_hit_tokens"].get("redis", 0) for row in rows)}
+
+
+def shut_down(llm) -> None:  # noqa: ANN001
+    llm.engine.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--documents", type=int, default=8)
+    parser.add_argument("--document-tokens", type=int, default=1024)
+    parser.add_argument("--question-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--redis-url", default=None,
+                        help="a running server (default: start a redis-server of our own)")
+    parser.add_argument("--redis-size", default="4GiB")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    from kvtier import LLM
+    from kvtier.utils.redis_server import RedisServer
+
+    server = None
+    url = args.redis_url
+    if url is None:
+        server = RedisServer.start(Path(tempfile.mkdtemp(prefix="kvtier-redis-")))
+        url = server.url
+    try:
+        docs = documents(args.documents, args.document_tokens, seed=0)
+        rng = random.Random(1)
+        first_questions = [[rng.randrange(200, 40_000) for _ in range(args.question_tokens)]
+                           for _ in docs]
+        second_questions = [[rng.randrange(200, 40_000) for _ in range(args.question_tokens)]
+                            for _ in docs]
+        engine_args = {"dtype": args.dtype, **({"model": args.model} if args.model else {})}
+        tier = (f"redis:{url}:{args.redis_size}",)
+
+        replica_a = LLM(kv_tiers=tier, kv_store_policy="write-through", **engine_args)
+        rows_a = serve_one_by_one(replica_a, [d + q for d, q in zip(docs, first_questions,
+                                                                    strict=True)],
+                                  args.max_tokens)
+        replica_a.engine.tiers.wait_idle(timeout=120.0)
+        stored = replica_a.engine.tiers.stores[0].stats.num_stored_bytes
+        shut_down(replica_a)
+
+        prompts_b = [d + q for d, q in zip(docs, second_questions, strict=True)]
+        replica_b = LLM(kv_tiers=tier, **engine_args)
+        probe = replica_b.engine.tiers.cost.tier_rates["redis"]
+        probe = {"latency_ms": 1e3 * probe.latency_s, "gb_per_s": probe.bytes_per_s / 1e9}
+        prefill_rate = replica_b.engine.tiers.cost.prefill_tokens_per_s
+        rows_b = serve_one_by_one(replica_b, prompts_b, args.max_tokens)
+        shut_down(replica_b)
+
+        recompute = LLM(**engine_args)
+        rows_off = serve_one_by_one(recompute, prompts_b, args.max_tokens)
+        shut_down(recompute)
+    finally:
+        if server is not None:
+            server.stop()
+
+    identical = [a["token_ids"] == b["token_ids"] for a, b in zip(rows_b, rows_off, strict=True)]
+    results = {
+        "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True, check=False).stdout.strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "redis_probe": probe, "prefill_tokens_per_s_at_start": prefill_rate,
+        "stored_bytes_by_a": stored,
+        "replica_a_cold": summary(rows_a), "replica_b_redis": summary(rows_b),
+        "no_tier_recompute": summary(rows_off),
+        "tokens_identical": all(identical),
+    }
+    b, off = results["replica_b_redis"], results["no_tier_recompute"]
+    print(f"device {results['device']}, {args.documents} documents of {args.document_tokens} "
+          f"tokens, {stored / 1e6:.0f} MB stored by replica A")
+    print(f"redis probe: latency {probe['latency_ms']:.3f} ms, {probe['gb_per_s']:.2f} GB/s; "
+          f"prefill {prefill_rate:,.0f} tokens/s at start")
+    print(f"{'':28}{'mean TTFT':>12}{'median':>10}{'from redis':>12}")
+    for name, key in (("replica A (cold)", "replica_a_cold"),
+                      ("replica B, redis tier", "replica_b_redis"),
+                      ("no tier (recompute)", "no_tier_recompute")):
+        row = results[key]
+        print(f"{name:28}{row['mean_ttft_ms']:10.1f}ms{row['median_ttft_ms']:8.1f}ms"
+              f"{row['redis_hit_tokens']:12,}")
+    print(f"replica B / recompute mean TTFT: {b['mean_ttft_ms'] / off['mean_ttft_ms']:.3f}x; "
+          f"greedy tokens identical: {results['tokens_identical']}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

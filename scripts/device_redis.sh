@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The redis tier on the GPU machine of the `device` tool: its unit tests and the tier stack's
+# end-to-end tests with redis on CUDA, then two replicas of the Qwen2.5-1.5B shape (bf16) on
+# one Redis (scripts/bench_redis_replicas.py). The card has no redis-server: .gpu/redis holds
+# this repo's box's binary and the libraries it links beyond the C runtime (glibc >= 2.34);
+# .whl/ holds the redis and hiredis wheels. Outputs under $out.
+#
+#   bash scripts/device_redis.sh            (carry [".whl", ".gpu/redis"])
+set -uo pipefail
+source scripts/device_env.sh
+export PATH=$PWD/.gpu/redis:$PATH LD_LIBRARY_PATH=$PWD/.gpu/redis/lib:${LD_LIBRARY_PATH:-}
+redis-server --version || exit 1
+python3 -c "import redis, hiredis; print('redis', redis.__version__, 'hiredis', hiredis.__version__)"
+status=0
+KVTIER_TEST_TINY_MODEL=random:tiny-qwen2 timeout 300 python3 -m pytest -q -p no:cacheprovider \
+    tests/unit/tiers/test_redis_store.py tests/unit/tiers/test_stores.py \
+    tests/e2e/test_tiered_engine.py -k "redis or replica or Redis" > "$out/redis_tests.log" 2>&1 \
+    || status=1
+tail -n 6 "$out/redis_tests.log"
+for tokens in 4096 16384; do
+    python3 scripts/bench_redis_replicas.py --model random:qwen2.5-1.5b --dtype bfloat16 \
+        --documents 8 --document-tokens $tokens --redis-size 16GiB \
+        --out "$out/redis_replicas_$tokens.json" 2>&1 | grep -v Warning | tail -n 8 || status=1
+done
+exit $status
