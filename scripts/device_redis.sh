@@ -17,9 +17,9 @@ KVTIER_TEST_TINY_MODEL=random:tiny-qwen2 timeout 300 python3 -m pytest -q -p no:
     tests/e2e/test_tiered_engine.py -k "redis or replica or Redis" > "$out/redis_tests.log" 2>&1 \
     || status=1
 tail -n 6 "$out/redis_tests.log"
-for tokens in 4096 16384; do
+for tokens in 4096 16384; do  # 8 documents, then 4 of the longer
     python3 scripts/bench_redis_replicas.py --model random:qwen2.5-1.5b --dtype bfloat16 \
-        --documents 8 --document-tokens $tokens --redis-size 16GiB \
+        --documents $(( tokens > 4096 ? 4 : 8 )) --document-tokens $tokens --redis-size 16GiB \
         --out "$out/redis_replicas_$tokens.json" 2>&1 | grep -v Warning | tail -n 8 || status=1
 done
 exit $status
