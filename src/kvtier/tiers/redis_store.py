@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import torch
@@ -78,6 +79,16 @@ _GONE = "gone"
 not remove it again (another replica may have stored it anew)."""
 
 
+def redacted(url: str) -> str:
+    """`url` with the password of its credentials replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+
+
 class RedisStore(TierStore):
     name = "redis"
 
@@ -86,6 +97,8 @@ class RedisStore(TierStore):
                  socket_timeout_s: float = 5.0) -> None:
         super().__init__(layout, capacity_bytes, policy)
         self.url = url
+        self.display_url = redacted(url)
+        """The URL with its password hidden: what logs and errors show."""
         self.replica_id = uuid.uuid4().hex[:12]
         self.broken: str | None = None
         self.resync_s = resync_s
@@ -112,14 +125,15 @@ class RedisStore(TierStore):
             self._pubsub.subscribe(self._channel)
             self._resync()
         except (redis.RedisError, ValueError, OSError) as exc:
-            self.broken = f"{url}: {exc}"
+            self.broken = f"{self.display_url}: {exc}"
             self.stats.num_errors += 1
             logger.error("redis tier disabled: %s", self.broken)
             return
         self._listener = threading.Thread(target=self._follow_events, daemon=True,
                                           name="kvtier-redis-events")
         self._listener.start()
-        logger.info("redis tier %s: %d shared entries, %d bytes", url, self.num_entries,
+        logger.info("redis tier %s: %d shared entries, %d bytes", self.display_url,
+                    self.num_entries,
                     self.used_bytes)
 
     def _entry_key(self, key: BlockHash) -> str:

@@ -16,7 +16,7 @@ import torch
 from kvtier.config import ConfigError, TierSpec
 from kvtier.tiers import entry_codec
 from kvtier.tiers.base import TierError
-from kvtier.tiers.redis_store import RedisStore
+from kvtier.tiers.redis_store import RedisStore, redacted
 from kvtier.utils.redis_server import RedisServer
 from tests.unit.tiers.test_stores import LAYOUT, make_meta, payload_for, put, redis_store
 
@@ -187,6 +187,19 @@ def test_an_unreachable_server_disables_the_tier_at_start(tmp_path) -> None:  # 
         assert store.stats.num_rejected == 1 and store.stats.num_errors == 1
         assert store.probe(payload_for(make_meta(1))).latency_s >= 1.0  # never pays
         store.check_integrity()
+    finally:
+        store.close()
+
+
+def test_a_password_in_the_url_never_reaches_the_log(caplog: pytest.LogCaptureFixture,
+                                                     tmp_path) -> None:  # noqa: ANN001
+    assert redacted("redis://:hunter2@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert redacted("rediss://app:hunter2@cache:6380") == "rediss://app:***@cache:6380"
+    assert redacted("redis://cache:6379") == "redis://cache:6379"
+    store = redis_store("redis://:hunter2@127.0.0.1:1/0", 4, socket_timeout_s=0.5)
+    try:
+        assert store.broken and "hunter2" not in store.broken
+        assert "hunter2" not in caplog.text and "***" in caplog.text
     finally:
         store.close()
 
