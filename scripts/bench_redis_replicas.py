@@ -6,7 +6,9 @@ replica, or A restarted, would be), then asks about each document again with a n
 Its TTFT is compared with that of an engine without the tier (the same fresh device cache, so
 it recomputes every document), and its greedy tokens must equal that engine's. Also printed:
 the redis tier's start-up probe (latency, rate) and the tokens B loaded from Redis. Whether a
-load pays is the engine's own cost model's call, as in serving. Writes a JSON results file.
+load pays is the engine's own cost model's call, as in serving. Each engine runs in a process
+of its own, as replicas do (and on CUDA a second engine in one process would find the first's
+memory taken). Writes a JSON results file.
 
     .venv/bin/python scripts/bench_redis_replicas.py --out results/redis_replicas.json
     (--model random:qwen2.5-1.5b --dtype bfloat16 on a GPU; --redis-url for a running server)
@@ -20,6 +22,7 @@ import platform
 import random
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,8 +56,30 @@ def summary(rows: list[dict]) -> dict:
             "redis_hit_tokens": sum(row["tier_hit_tokens"].get("redis", 0) for row in rows)}
 
 
-def shut_down(llm) -> None:  # noqa: ANN001
+def run_replica(role: str, url: str, prompts_file: Path, rows_file: Path,
+                args: argparse.Namespace) -> None:
+    """One engine's part, in this process: `a` computes and publishes, `b` loads what it can
+    from Redis, `off` has no tier; writes its rows (and b's probe) to rows_file."""
+    from kvtier import LLM
+    engine_args = {"dtype": args.dtype, **({"model": args.model} if args.model else {})}
+    tier = (f"redis:{url}:{args.redis_size}",)
+    if role == "a":
+        llm = LLM(kv_tiers=tier, kv_store_policy="write-through", **engine_args)
+    elif role == "b":
+        llm = LLM(kv_tiers=tier, **engine_args)
+    else:
+        llm = LLM(**engine_args)
+    result: dict = {}
+    if role == "b":
+        rate = llm.engine.tiers.cost.tier_rates["redis"]
+        result["probe"] = {"latency_ms": 1e3 * rate.latency_s, "gb_per_s": rate.bytes_per_s / 1e9}
+        result["prefill_tokens_per_s"] = llm.engine.tiers.cost.prefill_tokens_per_s
+    result["rows"] = serve_one_by_one(llm, json.loads(prompts_file.read_text()), args.max_tokens)
+    if role == "a":
+        llm.engine.tiers.wait_idle(timeout=120.0)
+        result["stored_bytes"] = llm.engine.tiers.stores[0].stats.num_stored_bytes
     llm.engine.shutdown()
+    rows_file.write_text(json.dumps(result))
 
 
 def main() -> None:
@@ -69,49 +94,47 @@ def main() -> None:
                         help="a running server (default: start a redis-server of our own)")
     parser.add_argument("--redis-size", default="4GiB")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--role", choices=("a", "b", "off"), default=None,
+                        help=argparse.SUPPRESS)  # one replica's part, run by main
+    parser.add_argument("--prompts-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--rows-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.role is not None:
+        run_replica(args.role, args.redis_url, args.prompts_file, args.rows_file, args)
+        return
 
-    from kvtier import LLM
     from kvtier.utils.redis_server import RedisServer
 
+    work = Path(tempfile.mkdtemp(prefix="kvtier-replicas-"))
     server = None
     url = args.redis_url
     if url is None:
-        server = RedisServer.start(Path(tempfile.mkdtemp(prefix="kvtier-redis-")))
+        server = RedisServer.start(work)
         url = server.url
+    docs = documents(args.documents, args.document_tokens, seed=0)
+    rng = random.Random(1)
+    for name in ("a", "b"):
+        questions = [[rng.randrange(200, 40_000) for _ in range(args.question_tokens)]
+                     for _ in docs]
+        (work / f"prompts-{name}.json").write_text(
+            json.dumps([d + q for d, q in zip(docs, questions, strict=True)]))
+    parts = {}
     try:
-        docs = documents(args.documents, args.document_tokens, seed=0)
-        rng = random.Random(1)
-        first_questions = [[rng.randrange(200, 40_000) for _ in range(args.question_tokens)]
-                           for _ in docs]
-        second_questions = [[rng.randrange(200, 40_000) for _ in range(args.question_tokens)]
-                            for _ in docs]
-        engine_args = {"dtype": args.dtype, **({"model": args.model} if args.model else {})}
-        tier = (f"redis:{url}:{args.redis_size}",)
-
-        replica_a = LLM(kv_tiers=tier, kv_store_policy="write-through", **engine_args)
-        rows_a = serve_one_by_one(replica_a, [d + q for d, q in zip(docs, first_questions,
-                                                                    strict=True)],
-                                  args.max_tokens)
-        replica_a.engine.tiers.wait_idle(timeout=120.0)
-        stored = replica_a.engine.tiers.stores[0].stats.num_stored_bytes
-        shut_down(replica_a)
-
-        prompts_b = [d + q for d, q in zip(docs, second_questions, strict=True)]
-        replica_b = LLM(kv_tiers=tier, **engine_args)
-        probe = replica_b.engine.tiers.cost.tier_rates["redis"]
-        probe = {"latency_ms": 1e3 * probe.latency_s, "gb_per_s": probe.bytes_per_s / 1e9}
-        prefill_rate = replica_b.engine.tiers.cost.prefill_tokens_per_s
-        rows_b = serve_one_by_one(replica_b, prompts_b, args.max_tokens)
-        shut_down(replica_b)
-
-        recompute = LLM(**engine_args)
-        rows_off = serve_one_by_one(recompute, prompts_b, args.max_tokens)
-        shut_down(recompute)
+        for role, prompts in (("a", "a"), ("b", "b"), ("off", "b")):
+            command = [sys.executable, __file__, "--role", role, "--redis-url", url,
+                       "--prompts-file", str(work / f"prompts-{prompts}.json"),
+                       "--rows-file", str(work / f"rows-{role}.json"),
+                       "--dtype", args.dtype, "--max-tokens", str(args.max_tokens),
+                       "--redis-size", args.redis_size,
+                       *(("--model", args.model) if args.model else ())]
+            subprocess.run(command, check=True)
+            parts[role] = json.loads((work / f"rows-{role}.json").read_text())
     finally:
         if server is not None:
             server.stop()
-
+    rows_b, rows_off = parts["b"]["rows"], parts["off"]["rows"]
+    probe, prefill_rate = parts["b"]["probe"], parts["b"]["prefill_tokens_per_s"]
+    stored = parts["a"]["stored_bytes"]
     identical = [a["token_ids"] == b["token_ids"] for a, b in zip(rows_b, rows_off, strict=True)]
     results = {
         "machine": platform.processor() or platform.machine(),
@@ -122,7 +145,7 @@ def main() -> None:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "redis_probe": probe, "prefill_tokens_per_s_at_start": prefill_rate,
         "stored_bytes_by_a": stored,
-        "replica_a_cold": summary(rows_a), "replica_b_redis": summary(rows_b),
+        "replica_a_cold": summary(parts["a"]["rows"]), "replica_b_redis": summary(rows_b),
         "no_tier_recompute": summary(rows_off),
         "tokens_identical": all(identical),
     }

@@ -5,14 +5,14 @@
 # this repo's box's binary and the libraries it links beyond the C runtime (glibc >= 2.34);
 # .whl/ holds the redis and hiredis wheels. Outputs under $out.
 #
-#   bash scripts/device_redis.sh            (carry [".whl", ".gpu/redis"])
+#   bash scripts/device_redis.sh [--skip-tests]      (carry [".whl", ".gpu/redis"])
 set -uo pipefail
 source scripts/device_env.sh
 export PATH=$PWD/.gpu/redis:$PATH LD_LIBRARY_PATH=$PWD/.gpu/redis/lib:${LD_LIBRARY_PATH:-}
 redis-server --version || exit 1
 python3 -c "import redis, hiredis; print('redis', redis.__version__, 'hiredis', hiredis.__version__)"
 status=0
-KVTIER_TEST_TINY_MODEL=random:tiny-qwen2 timeout 300 python3 -m pytest -q -p no:cacheprovider \
+[ "${1:-}" = "--skip-tests" ] || KVTIER_TEST_TINY_MODEL=random:tiny-qwen2 timeout 300 python3 -m pytest -q -p no:cacheprovider \
     tests/unit/tiers/test_redis_store.py tests/unit/tiers/test_stores.py \
     tests/e2e/test_tiered_engine.py -k "redis or replica or Redis" > "$out/redis_tests.log" 2>&1 \
     || status=1
@@ -20,6 +20,8 @@ tail -n 6 "$out/redis_tests.log"
 for tokens in 4096 16384; do  # 8 documents, then 4 of the longer
     python3 scripts/bench_redis_replicas.py --model random:qwen2.5-1.5b --dtype bfloat16 \
         --documents $(( tokens > 4096 ? 4 : 8 )) --document-tokens $tokens --redis-size 16GiB \
-        --out "$out/redis_replicas_$tokens.json" 2>&1 | grep -v Warning | tail -n 8 || status=1
+        --out "$out/redis_replicas_$tokens.json" > "$out/redis_replicas_$tokens.log" 2>&1 \
+        || status=1
+    grep -v Warning "$out/redis_replicas_$tokens.log" | tail -n 12
 done
 exit $status
