@@ -37,6 +37,7 @@ from kvtier.runner.model_runner import ModelRunner, PendingOutput
 from kvtier.runner.piecewise_graph import estimate_bytes as estimate_piecewise_bytes
 from kvtier.scheduler import Scheduler
 from kvtier.tiers.base import KVLayout, TierStats
+from kvtier.tiers.cost import PrefillRate
 from kvtier.tiers.manager import ManagerStats, TierManager
 from kvtier.tiers.stack import build_tier_manager
 from kvtier.types import (
@@ -253,23 +254,35 @@ class LLMEngine:
                         block_size=self.config.cache.block_size,
                         dtype_bytes=self.runner.kv_cache.element_size())
 
-    def _probe_prefill_rate(self) -> float:
-        """Prefill tokens per second from a short warm-up forward (before any request)."""
+    def _probe_prefill_rate(self) -> PrefillRate:
+        """The marginal prefill rate and a step's fixed cost (`tiers.cost`), from warm-up
+        forwards of two sizes before any request: their difference in time over their
+        difference in tokens. 2,048 tokens on CUDA, where a small step is mostly launches and
+        host work; 256 on the CPU, where a step is nearly all compute and the start-up would
+        otherwise take seconds."""
         block_size = self.config.cache.block_size
-        num_tokens = min(256, self.config.scheduler.max_num_batched_tokens,
-                         self.pool.num_blocks * block_size)
-        blocks = list(range(-(-num_tokens // block_size)))
-        step = SchedulerOutput([ScheduledRequest("warmup", [0] * num_tokens, 0, blocks, True,
-                                                 SamplingParams(max_tokens=1), 0)], num_tokens)
-        rate = 0.0
-        for _ in range(2):  # the first run warms kernels up
-            started = time.perf_counter()
-            self.runner.execute(step)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            rate = num_tokens / max(time.perf_counter() - started, 1e-9)
-        self.runner.sampler.forget(["warmup"])
-        return rate
+        large = min(2048 if self.device.type == "cuda" else 256,
+                    self.config.scheduler.max_num_batched_tokens,
+                    self.pool.num_blocks * block_size)
+        small = max(1, large // 8)
+        seconds = {}
+        for num_tokens in (small, large):
+            blocks = list(range(-(-num_tokens // block_size)))
+            step = SchedulerOutput([ScheduledRequest(
+                "warmup", [0] * num_tokens, 0, blocks, True, SamplingParams(max_tokens=1), 0)],
+                num_tokens)
+            for _ in range(2):  # the first run warms kernels up
+                started = time.perf_counter()
+                self.runner.execute(step)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                seconds[num_tokens] = max(time.perf_counter() - started, 1e-9)
+            self.runner.sampler.forget(["warmup"])
+        marginal_s = seconds[large] - seconds[small]
+        if large <= small or marginal_s <= 0:  # too small or too noisy to tell apart
+            return PrefillRate(large / seconds[large])
+        rate = (large - small) / marginal_s
+        return PrefillRate(rate, step_overhead_s=max(0.0, seconds[small] - small / rate))
 
     def warm_up_prefill_kernels(self) -> None:
         """Run each step of WARMUP_STEPS once (fitted to the pool and the token budget).

@@ -1,6 +1,13 @@
 """Load-or-recompute: predicted load time (latency + bytes over the tier's measured rate) against
 predicted recompute time (tokens over the measured prefill rate).
 
+The prefill rate is the marginal one: what computing N more prompt tokens adds to a step, not
+a step's tokens over its time. A hit's load keeps tokens out of a step that runs anyway (for
+the request's uncached suffix), so the step's fixed cost (launches, host work: ~15 ms of a
+256-token step of a 1.5B model on an H200, whose 8,192-token steps run at ~170k tokens/s) is
+not saved by a load. Counted in, it made a small step's 16k tokens/s the estimate, and a
+Redis tier's 8 ms chunk loads looked cheaper than the 1.5 ms of compute they replaced.
+
 Rates start from a short probe at engine start and follow what the engine observes
 (exponentially weighted), so a slow disk or a busy link stops being used on its own.
 
@@ -23,15 +30,28 @@ class TierRate:
     latency_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class PrefillRate:
+    """The engine's start-up prefill probe: marginal tokens per second, and what a step costs
+    beyond them."""
+
+    tokens_per_s: float
+    step_overhead_s: float = 0.0
+
+
 class CostModel:
     SMOOTHING = 0.2
     RETRY_AFTER_S = 1.0
 
     def __init__(self, prefill_tokens_per_s: float, tier_rates: dict[str, TierRate],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 step_overhead_s: float = 0.0) -> None:
         if prefill_tokens_per_s <= 0:
             raise ValueError("prefill rate must be positive")
         self.prefill_tokens_per_s = prefill_tokens_per_s
+        self.step_overhead_s = max(0.0, step_overhead_s)
+        """A prefill step's time beyond its tokens' marginal cost (from the start-up probe),
+        taken off each observed step before it is read as a rate."""
         self.tier_rates = dict(tier_rates)
         self._clock = clock
         self._last_tried = {tier: clock() for tier in tier_rates}
@@ -63,7 +83,8 @@ class CostModel:
         if num_tokens <= 0 or seconds <= 0:
             return
         with self._lock:
-            rate = num_tokens / seconds
+            # At most twice the naive rate, as a load's latency is taken off in observe_load.
+            rate = num_tokens / max(seconds - self.step_overhead_s, seconds / 2)
             self.prefill_tokens_per_s += self.SMOOTHING * (rate - self.prefill_tokens_per_s)
 
     def observe_load(self, tier: str, num_bytes: int, seconds: float) -> None:

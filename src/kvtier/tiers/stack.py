@@ -12,7 +12,7 @@ import torch
 from kvtier.config import ConfigError, TierConfig, TierSpec
 from kvtier.kv.block_pool import BlockPool
 from kvtier.tiers.base import KVLayout, TierStore
-from kvtier.tiers.cost import CostModel, TierRate
+from kvtier.tiers.cost import CostModel, PrefillRate, TierRate
 from kvtier.tiers.cpu import CPUStore
 from kvtier.tiers.disk import DiskStore
 from kvtier.tiers.manager import TierManager
@@ -38,7 +38,7 @@ def build_store(spec: TierSpec, layout: KVLayout, chunk_blocks: int,
 
 
 def build_tier_manager(config: TierConfig, layout: KVLayout, kv_cache: torch.Tensor,
-                       pool: BlockPool, prefill_tokens_per_s: float) -> TierManager:
+                       pool: BlockPool, prefill: PrefillRate) -> TierManager:
     chunk_blocks = max(1, config.kv_tier_chunk_tokens // layout.block_size)
     stores = [build_store(spec, layout, chunk_blocks, kv_cache.is_cuda)
               for spec in config.kv_tiers]
@@ -48,7 +48,8 @@ def build_tier_manager(config: TierConfig, layout: KVLayout, kv_cache: torch.Ten
         logger.info("tier %s: %.2f GB/s, latency %.3f ms", name, rate.bytes_per_s / 1e9,
                     rate.latency_s * 1e3)
     manager = TierManager(config, stores, transfer, pool, layout.block_size,
-                          CostModel(prefill_tokens_per_s, rates))
+                          CostModel(prefill.tokens_per_s, rates,
+                                    step_overhead_s=prefill.step_overhead_s))
     pool.eviction_listener = manager
     return manager
 

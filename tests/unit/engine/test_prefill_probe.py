@@ -1,0 +1,58 @@
+"""The engine's start-up prefill probe measures the marginal rate and a step's fixed cost."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kvtier.engine.engine import LLMEngine
+
+
+class TimedRunner:
+    """A runner whose steps take `overhead_s` plus their tokens at `tokens_per_s` (on a fake
+    clock), so the probe's arithmetic is checked without timing real forwards."""
+
+    def __init__(self, clock: list[float], overhead_s: float, tokens_per_s: float) -> None:
+        self.clock, self.overhead_s, self.tokens_per_s = clock, overhead_s, tokens_per_s
+        self.sampler = SimpleNamespace(forget=lambda ids: None)
+        self.steps: list[int] = []
+
+    def execute(self, step) -> None:  # noqa: ANN001
+        self.steps.append(step.num_scheduled_tokens)
+        self.clock[0] += self.overhead_s + step.num_scheduled_tokens / self.tokens_per_s
+
+
+def probe(monkeypatch: pytest.MonkeyPatch, device: str, budget: int, overhead_s: float,
+          tokens_per_s: float) -> tuple[object, list[int]]:
+    clock = [0.0]
+    monkeypatch.setattr("kvtier.engine.engine.time.perf_counter", lambda: clock[0])
+    runner = TimedRunner(clock, overhead_s, tokens_per_s)
+    engine = SimpleNamespace(
+        config=SimpleNamespace(cache=SimpleNamespace(block_size=16),
+                               scheduler=SimpleNamespace(max_num_batched_tokens=budget)),
+        pool=SimpleNamespace(num_blocks=4096), device=torch.device(device), runner=runner)
+    if device == "cuda":
+        monkeypatch.setattr("kvtier.engine.engine.torch.cuda.synchronize", lambda device: None)
+    return LLMEngine._probe_prefill_rate(engine), runner.steps  # type: ignore[arg-type]
+
+
+def test_the_probe_separates_a_steps_fixed_cost_from_its_tokens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # An H200-like engine: 15 ms a step, 170k tokens/s at the margin; steps of 256 and 2,048.
+    rate, steps = probe(monkeypatch, "cuda", 8192, 0.015, 170_000)
+    assert steps == [256, 256, 2048, 2048]
+    assert rate.tokens_per_s == pytest.approx(170_000)
+    assert rate.step_overhead_s == pytest.approx(0.015)
+
+
+def test_the_cpu_probes_short_steps_and_falls_back_where_they_cannot_differ(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rate, steps = probe(monkeypatch, "cpu", 8192, 0.002, 800)
+    assert steps == [32, 32, 256, 256]
+    assert rate.tokens_per_s == pytest.approx(800)
+    # A token budget of 1 leaves one size: tokens over step time.
+    rate, steps = probe(monkeypatch, "cpu", 1, 0.002, 800)
+    assert steps == [1, 1, 1, 1] and rate.step_overhead_s == 0.0
+    assert rate.tokens_per_s == pytest.approx(1 / (0.002 + 1 / 800))
