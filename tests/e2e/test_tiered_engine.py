@@ -238,15 +238,23 @@ def test_new_engine_serves_a_prefix_computed_by_the_previous_one(
     with KVWitness(first.engine) as computed:
         expected = run(first, [prompt])
     finish(first)
-    second = make_llm(kv_tiers=tiers, kv_store_policy=policy)
-    with KVWitness(second.engine, known=computed) as restarted:
-        output = second.generate([prompt], GREEDY)[0]
-    finish(second)
-    assert output.metrics.num_tier_hit_tokens.get("disk", 0) >= PREFIX_LEN
-    assert output.outputs[0].token_ids == expected[0]
-    # The blocks read back from the files are the first engine's computed bits.
-    assert restarted.counts.loaded_equal >= PREFIX_LEN // BLOCK
-    assert restarted.counts.loaded_unmatched == restarted.counts.loaded_unseen == 0
+    answers_from_tier(make_llm(kv_tiers=tiers, kv_store_policy=policy), "disk", prompt,
+                      expected[0], computed)
+
+
+def answers_from_tier(llm: LLM, tier: str, prompt: list[int], expected: list[int],
+                      computed: object) -> None:
+    """`llm` (a restarted engine, another replica) answers `prompt` with its prefix loaded
+    from `tier`: the same tokens, and every block read back holds the bits that the other
+    engine computed (`computed`, its KVWitness)."""
+    from kvtier.utils.kv_witness import KVWitness
+    with KVWitness(llm.engine, known=computed) as witness:
+        output = llm.generate([prompt], GREEDY)[0]
+    finish(llm)
+    assert output.metrics.num_tier_hit_tokens.get(tier, 0) >= PREFIX_LEN
+    assert output.outputs[0].token_ids == expected
+    assert witness.counts.loaded_equal >= PREFIX_LEN // BLOCK
+    assert witness.counts.loaded_unmatched == witness.counts.loaded_unseen == 0
 
 
 @pytest.mark.parametrize("second_starts", ["before", "after-shutdown"])
@@ -275,13 +283,7 @@ def test_a_replica_serves_a_prefix_another_computed_through_redis(
     while not all(store.has(key) for key in published) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert all(store.has(key) for key in published), "the replica never learnt the entries"
-    with KVWitness(second.engine, known=computed) as replica:
-        output = second.generate([prompt], GREEDY)[0]
-    finish(second)
-    assert output.metrics.num_tier_hit_tokens.get("redis", 0) >= PREFIX_LEN
-    assert output.outputs[0].token_ids == expected[0]
-    assert replica.counts.loaded_equal >= PREFIX_LEN // BLOCK
-    assert replica.counts.loaded_unmatched == replica.counts.loaded_unseen == 0
+    answers_from_tier(second, "redis", prompt, expected[0], computed)
 
 
 def test_a_witness_without_the_computations_judges_no_load(
