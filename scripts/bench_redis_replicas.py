@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -53,7 +54,9 @@ def summary(rows: list[dict]) -> dict:
     ttfts = [row["ttft_s"] for row in rows]
     return {"mean_ttft_ms": 1e3 * statistics.fmean(ttfts),
             "median_ttft_ms": 1e3 * statistics.median(ttfts),
-            "redis_hit_tokens": sum(row["tier_hit_tokens"].get("redis", 0) for row in rows)}
+            "redis_hit_tokens": sum(row["tier_hit_tokens"].get("redis", 0) for row in rows),
+            "ttft_ms": [round(1e3 * t, 2) for t in ttfts],
+            "redis_hit_tokens_each": [row["tier_hit_tokens"].get("redis", 0) for row in rows]}
 
 
 def run_replica(role: str, url: str, prompts_file: Path, rows_file: Path,
@@ -94,6 +97,8 @@ def main() -> None:
                         help="a running server (default: start a redis-server of our own)")
     parser.add_argument("--redis-size", default="4GiB")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--trace-dir", type=Path, default=None,
+                        help="write each engine's KVTIER_STEP_TRACE here (trace-<role>.jsonl)")
     parser.add_argument("--role", choices=("a", "b", "off"), default=None,
                         help=argparse.SUPPRESS)  # one replica's part, run by main
     parser.add_argument("--prompts-file", type=Path, help=argparse.SUPPRESS)
@@ -127,7 +132,11 @@ def main() -> None:
                        "--dtype", args.dtype, "--max-tokens", str(args.max_tokens),
                        "--redis-size", args.redis_size,
                        *(("--model", args.model) if args.model else ())]
-            subprocess.run(command, check=True)
+            env = dict(os.environ)
+            if args.trace_dir is not None:
+                args.trace_dir.mkdir(parents=True, exist_ok=True)
+                env["KVTIER_STEP_TRACE"] = str(args.trace_dir / f"trace-{role}.jsonl")
+            subprocess.run(command, check=True, env=env)
             parts[role] = json.loads((work / f"rows-{role}.json").read_text())
     finally:
         if server is not None:

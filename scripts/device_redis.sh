@@ -16,11 +16,12 @@ status=0
     tests/unit/tiers/test_redis_store.py tests/unit/tiers/test_stores.py \
     tests/e2e/test_tiered_engine.py -k "redis or replica or Redis" > "$out/redis_tests.log" 2>&1 \
     || status=1
-tail -n 6 "$out/redis_tests.log"
-for tokens in 4096 16384; do  # 8 documents, then 4 of the longer
+[ -f "$out/redis_tests.log" ] && tail -n 6 "$out/redis_tests.log"
+for tokens in ${REDIS_BENCH_TOKENS:-4096 16384}; do  # 8 documents, then 4 of the longer
     python3 scripts/bench_redis_replicas.py --model random:qwen2.5-1.5b --dtype bfloat16 \
         --documents $(( tokens > 4096 ? 4 : 8 )) --document-tokens $tokens --redis-size 16GiB \
-        --out "$out/redis_replicas_$tokens.json" > "$out/redis_replicas_$tokens.log" 2>&1 \
+        --out "$out/redis_replicas_$tokens.json" --trace-dir "$out/traces-$tokens" \
+        > "$out/redis_replicas_$tokens.log" 2>&1 \
         || status=1
     grep -v Warning "$out/redis_replicas_$tokens.log" | tail -n 12
 done

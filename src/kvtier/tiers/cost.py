@@ -1,19 +1,14 @@
 """Load-or-recompute: predicted load time (latency + bytes over the tier's measured rate) against
 predicted recompute time (tokens over the measured prefill rate).
 
-The prefill rate is the marginal one: what computing N more prompt tokens adds to a step, not
-a step's tokens over its time. A hit's load keeps tokens out of a step that runs anyway (for
-the request's uncached suffix), so the step's fixed cost (launches, host work: ~15 ms of a
-256-token step of a 1.5B model on an H200, whose 8,192-token steps run at ~170k tokens/s) is
-not saved by a load. Counted in, it made a small step's 16k tokens/s the estimate, and a
-Redis tier's 8 ms chunk loads looked cheaper than the 1.5 ms of compute they replaced.
-
-Rates start from a short probe at engine start and follow what the engine observes
-(exponentially weighted), so a slow disk or a busy link stops being used on its own.
-
-A tier judged too slow is still tried once every `RETRY_AFTER_S`: its rate is only measured
-by loads, so without a retry one bad estimate (a stall, a busy link) would shut it out for
-the rest of the run.
+The prefill rate is read from steps whose time is their compute's. On CUDA a step's time is
+the host's launching until its tokens' device work outlasts that (on an H200, a 1.5B
+model's 2,048-token step took 1 ms longer than its 256-token one), so a short step says little
+of what its tokens cost, and the tokens a load keeps out of a step that runs anyway cost only
+their compute. Steps no longer than twice the fixed cost (an almost empty step's time, from
+the start-up probe) are not observed. Read from them, the rate was ~16k tokens/s against
+~170k in 8,192-token steps, and a Redis tier's 8 ms chunk loads looked cheaper than the
+1.5 ms of compute they replaced.
 """
 
 from __future__ import annotations
@@ -32,8 +27,8 @@ class TierRate:
 
 @dataclass(frozen=True)
 class PrefillRate:
-    """The engine's start-up prefill probe: marginal tokens per second, and what a step costs
-    beyond them."""
+    """The engine's start-up prefill probe: tokens per second in a large step, and an almost
+    empty step's time."""
 
     tokens_per_s: float
     step_overhead_s: float = 0.0
@@ -50,8 +45,8 @@ class CostModel:
             raise ValueError("prefill rate must be positive")
         self.prefill_tokens_per_s = prefill_tokens_per_s
         self.step_overhead_s = max(0.0, step_overhead_s)
-        """A prefill step's time beyond its tokens' marginal cost (from the start-up probe),
-        taken off each observed step before it is read as a rate."""
+        """An almost empty step's time (the start-up probe): steps up to twice as long are
+        not read as rates."""
         self.tier_rates = dict(tier_rates)
         self._clock = clock
         self._last_tried = {tier: clock() for tier in tier_rates}
@@ -80,11 +75,10 @@ class CostModel:
 
     def observe_prefill(self, num_tokens: int, seconds: float) -> None:
         """A step that computed `num_tokens` prompt tokens (mostly prefill) took `seconds`."""
-        if num_tokens <= 0 or seconds <= 0:
+        if num_tokens <= 0 or seconds <= 0 or seconds <= 2 * self.step_overhead_s:
             return
         with self._lock:
-            # At most twice the naive rate, as a load's latency is taken off in observe_load.
-            rate = num_tokens / max(seconds - self.step_overhead_s, seconds / 2)
+            rate = num_tokens / seconds
             self.prefill_tokens_per_s += self.SMOOTHING * (rate - self.prefill_tokens_per_s)
 
     def observe_load(self, tier: str, num_bytes: int, seconds: float) -> None:

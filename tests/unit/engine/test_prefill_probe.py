@@ -1,4 +1,4 @@
-"""The engine's start-up prefill probe measures the marginal rate and a step's fixed cost."""
+"""The engine's start-up prefill probe: the rate of a large step, an almost empty step's time."""
 
 from __future__ import annotations
 
@@ -38,21 +38,23 @@ def probe(monkeypatch: pytest.MonkeyPatch, device: str, budget: int, overhead_s:
     return LLMEngine._probe_prefill_rate(engine), runner.steps  # type: ignore[arg-type]
 
 
-def test_the_probe_separates_a_steps_fixed_cost_from_its_tokens(
+def test_the_probe_reads_the_rate_from_its_largest_step_and_times_an_empty_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    # An H200-like engine: 15 ms a step, 170k tokens/s at the margin; steps of 256 and 2,048.
+    # An H200-like engine: 15 ms a step, 170k tokens/s of compute on top.
     rate, steps = probe(monkeypatch, "cuda", 8192, 0.015, 170_000)
-    assert steps == [256, 256, 2048, 2048]
-    assert rate.tokens_per_s == pytest.approx(170_000)
-    assert rate.step_overhead_s == pytest.approx(0.015)
+    assert steps == [256, 256, 8192, 8192]
+    assert rate.tokens_per_s == pytest.approx(8192 / (0.015 + 8192 / 170_000))
+    assert rate.step_overhead_s == pytest.approx(0.015 + 256 / 170_000)
+    # A smaller token budget caps both steps.
+    rate, steps = probe(monkeypatch, "cuda", 1024, 0.015, 170_000)
+    assert steps == [128, 128, 1024, 1024]
 
 
-def test_the_cpu_probes_short_steps_and_falls_back_where_they_cannot_differ(
+def test_the_cpu_probes_short_steps_and_one_size_where_the_budget_allows_no_other(
         monkeypatch: pytest.MonkeyPatch) -> None:
     rate, steps = probe(monkeypatch, "cpu", 8192, 0.002, 800)
     assert steps == [32, 32, 256, 256]
-    assert rate.tokens_per_s == pytest.approx(800)
-    # A token budget of 1 leaves one size: tokens over step time.
+    assert rate.tokens_per_s == pytest.approx(256 / (0.002 + 256 / 800))
     rate, steps = probe(monkeypatch, "cpu", 1, 0.002, 800)
     assert steps == [1, 1, 1, 1] and rate.step_overhead_s == 0.0
     assert rate.tokens_per_s == pytest.approx(1 / (0.002 + 1 / 800))
