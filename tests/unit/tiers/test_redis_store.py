@@ -81,6 +81,25 @@ def test_a_new_store_finds_the_entries_earlier_ones_left_in_store_order(
         restarted.close()
 
 
+def test_a_new_store_adopts_many_entries_in_batches_and_skips_foreign_fields(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("kvtier.tiers.redis_store.RESYNC_BATCH", 2)
+    earlier = redis_store(redis_server.url, 8)
+    metas = [make_meta(seed) for seed in range(5)]
+    for meta in metas:
+        assert put(earlier, meta)
+    client = raw_client(redis_server)
+    client.hset(earlier._index_key, "not-a-key", "{}")  # a field no replica wrote
+    client.hset(earlier._index_key, "ab" * 16, "not json")
+    earlier.close()
+    later = redis_store(redis_server.url, 8)
+    try:
+        assert not later.broken
+        assert sorted(m.key for m in later.ready_entries()) == sorted(m.key for m in metas)
+    finally:
+        later.close()
+
+
 def test_replicas_storing_at_once_never_exceed_the_shared_capacity(
         redis_server: RedisServer) -> None:
     """Each replica alone would fit 4 entries in its view; together they must share 4."""
