@@ -104,10 +104,13 @@ def _generate(args: argparse.Namespace) -> int:
                             presence_penalty=args.presence_penalty,
                             frequency_penalty=args.frequency_penalty, logprobs=args.logprobs)
     llm = LLM(**engine_kwargs(args))
-    if args.chat:
-        output = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
-    else:
-        output = llm.generate(args.prompt, params)[0]
+    try:
+        if args.chat:
+            output = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+        else:
+            output = llm.generate(args.prompt, params)[0]
+    finally:
+        llm.shutdown()  # what a disk or redis tier should keep is written before the exit
     completion = output.outputs[0]
     print(completion.text)
     tokenizer = llm.get_tokenizer()

@@ -27,3 +27,33 @@ def test_generate_prints_the_offline_text_and_one_logprob_line_per_token(
 def test_a_bad_logprobs_value_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "hi", "--logprobs", "-3", *MODEL]) == 2
     assert "logprobs must be None or an integer >= 0, got -3" in capsys.readouterr().err
+
+
+def test_a_second_run_over_the_same_disk_tier_reuses_the_first_runs_prefix(
+        tmp_path, capsys: pytest.CaptureFixture[str],  # noqa: ANN001
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kvtier generate` shuts its engine down before it exits: the lazy tier's candidates
+    reach the disk, and the next process's identical prompt loads them. Before, the process
+    ended with them only on the device, and the second run recomputed everything. (Loads
+    are granted: whether the tiny model's recompute beats the disk is the cost model's call.)"""
+    from kvtier.tiers.cost import CostModel
+    monkeypatch.setattr(CostModel, "load_pays", lambda self, tier, num_bytes, num_tokens: True)
+    prompt = " ".join(["alpha beta gamma delta"] * 12)  # several full 16-token blocks
+    args = ["generate", prompt, "--max-tokens", "2", "--kv-tier", f"disk:{tmp_path}:64MiB",
+            *MODEL]
+    assert main(args) == 0
+    first = capsys.readouterr().err
+    assert main(args) == 0
+    second = capsys.readouterr().err
+    assert "(0 cached)" in first
+    cached = int(second.split("(")[1].split(" cached")[0])
+    assert cached >= 32, second
+
+
+def test_an_llm_shut_down_refuses_new_requests_by_name() -> None:
+    with LLM("random:tiny-llama", max_model_len=256, num_gpu_blocks_override=64,
+             device="cpu") as llm:
+        llm.generate("one two", SamplingParams(max_tokens=1))
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate("one two", SamplingParams(max_tokens=1))
+    llm.shutdown()  # a second shutdown is harmless

@@ -162,6 +162,7 @@ class LLMEngine:
                               f"max_position_embeddings {self.spec.max_position_embeddings}")
         self._step_trace = open_step_trace()
         """KVTIER_STEP_TRACE's file: a JSON line per step (utils/profiling.py), or None."""
+        self._shut_down = False
         self._trace_tier_totals = (0, 0)
         """Tier loads finished and stores started at the last trace line."""
         self.device = resolve_device(config.model)
@@ -327,6 +328,8 @@ class LLMEngine:
                     queued_time: float | None = None) -> str:
         """Validate and queue a request; returns its id. Raises InvalidRequestError.
         `queued_time`: when the engine core received it (default: now)."""
+        if self._shut_down:
+            raise RuntimeError("the engine has been shut down: start a new one")
         params = params or SamplingParams()
         token_ids = self.tokenize_prompt(prompt)
         if params.bad_words:
@@ -558,6 +561,9 @@ class LLMEngine:
         """Store what lazy tiers still hold only on the device, wait for transfers to finish,
         copy each tier's entries into the tier below (a disk tier then survives the restart
         with everything) and release tier resources."""
+        if self._shut_down:
+            return
+        self._shut_down = True
         if self._step_trace is not None:
             self._step_trace.close()
             self._step_trace = None
