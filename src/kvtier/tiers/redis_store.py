@@ -15,7 +15,8 @@ entry, its record and its bytes only while `used` stays within the capacity, and
 one that takes all three away, so `used` never counts an entry a crashed replica left half
 done. Each replica picks victims by its own policy among the entries it knows. A replica may
 plan a load of an entry that another has just evicted: the GET finds nothing and the request
-recomputes, as it does after a connection error or a failed checksum (counted as errors).
+recomputes, as it does after a connection error or a failed checksum (counted as errors). A
+value gone while its record stays (Redis evicting on its own) is removed with its record.
 Network I/O happens in `complete_store`, `read` (transfer threads) and on the store's own
 threads (events, removals); `prepare_store` and lookups only touch the local index.
 """
@@ -226,7 +227,10 @@ class RedisStore(TierStore):
             # The store may be fine and the entry with it: forget it here only.
             raise self._lose(meta, f"{name}: {exc}") from exc
         if blob is None:
-            raise self._lose(meta, f"{name}: no longer in the store")
+            # Evicted by another replica (its record went with it, and removing again does
+            # nothing), or lost by Redis itself (maxmemory, a flush): then its record and
+            # bytes would stay charged to the capacity for good, so the removal drops them.
+            raise self._fail(meta, f"{name}: no longer in the store")
         try:
             payload = entry_codec.decode(name, blob, meta, self.layout.namespace)
         except TierError as exc:

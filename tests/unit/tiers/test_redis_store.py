@@ -132,22 +132,38 @@ def test_replicas_storing_at_once_never_exceed_the_shared_capacity(
             store.close()
 
 
-def test_an_entry_another_replica_evicted_is_a_miss(replicas: list[RedisStore],
-                                                    redis_server: RedisServer) -> None:
+def test_an_entry_another_replica_evicted_is_a_miss(replicas: list[RedisStore]) -> None:
     first, second = replicas
     meta = make_meta(1)
     assert put(first, meta) and eventually(lambda: second.has(meta.key))
-    assert second.pin(meta.key)  # a load planned here ...
-    # ... while the value goes before the event does (the removal as another replica's
-    # script does it, minus its event).
-    client = raw_client(redis_server)
-    client.delete(first._entry_key(meta.key))
+    assert second.pin(meta.key)  # a load planned here, while the other evicts the entry
+    first.remove(meta.key)
+    first.check_integrity()  # the removal has run
     with pytest.raises(TierError, match="no longer in the store"):
         second.read(meta)
     second.unpin(meta.key)
     assert not second.has(meta.key) and second.stats.num_errors == 1
-    # The entry is forgotten here, not removed again: the other replica still indexes it.
-    assert first.has(meta.key)
+    for store in replicas:
+        store.check_integrity()
+
+
+def test_a_value_redis_lost_on_its_own_is_removed_with_its_record(
+        replicas: list[RedisStore], redis_server: RedisServer) -> None:
+    """Redis evicting by maxmemory (or a flush of the values) leaves the index record: the
+    read that finds the value gone removes the record and its charge, for every replica,
+    or the capacity would count it for good."""
+    first, second = replicas
+    meta = make_meta(1)
+    assert put(first, meta) and eventually(lambda: second.has(meta.key))
+    client = raw_client(redis_server)
+    client.delete(first._entry_key(meta.key))
+    assert second.pin(meta.key)
+    with pytest.raises(TierError, match="no longer in the store"):
+        second.read(meta)
+    second.unpin(meta.key)
+    second.check_integrity()  # the removal has run; shared used == the records'
+    assert client.hlen(first._index_key) == 0 and int(client.get(first._used_key)) == 0
+    assert eventually(lambda: not first.has(meta.key)), "the other replica kept the entry"
 
 
 @pytest.mark.parametrize("damage", ["bit-flip", "truncated", "foreign", "garbage"])
