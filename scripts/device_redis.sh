@@ -3,7 +3,13 @@
 # end-to-end tests with redis on CUDA, then two replicas of the Qwen2.5-1.5B shape (bf16) on
 # one Redis (scripts/bench_redis_replicas.py). The card has no redis-server: .gpu/redis holds
 # this repo's box's binary and the libraries it links beyond the C runtime (glibc >= 2.34);
-# .whl/ holds the redis and hiredis wheels. Outputs under $out.
+# .whl/ holds the redis and hiredis wheels. Outputs under $out. To fill them (this box: Debian
+# 12, glibc 2.36; the binary asks for glibc >= 2.34):
+#   mkdir -p .gpu/redis/lib && cp /usr/bin/redis-check-rdb .gpu/redis/redis-server
+#   for l in $(ldd /usr/bin/redis-server | awk '/=>/ {print $3}' | grep -v -E 'libc\.|libm\.|libstdc|libgcc_s'); do
+#       cp -L "$l" .gpu/redis/lib/; done
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 -d .whl redis hiredis
 #
 #   bash scripts/device_redis.sh [--skip-tests]      (carry [".whl", ".gpu/redis"])
 set -uo pipefail
