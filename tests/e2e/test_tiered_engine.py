@@ -351,9 +351,11 @@ def test_full_cpu_tier_evicts_and_never_exceeds_capacity() -> None:
     llm = make_llm(kv_tiers=("cpu:600KiB",), kv_store_policy="write-through", dtype="float32")
     run(llm, workload())
     store = llm.engine.tiers.stores[0]
+    reported = llm.engine.get_stats().tiers["cpu"]  # what /metrics' tier gauges show
     finish(llm)
     assert store.stats.num_evictions > 0
     assert store.used_bytes <= store.capacity_bytes <= 600 * 1024
+    assert 0 < reported.used_bytes <= reported.capacity_bytes == store.capacity_bytes
 
 
 def test_min_hits_two_never_stores_a_prefix_seen_once() -> None:

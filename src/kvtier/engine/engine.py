@@ -585,6 +585,9 @@ class LLMEngine:
         self.stats.num_loading = len(self.scheduler.loading)
         self.stats.kv_usage = self.pool.usage
         if self.tiers is not None:
+            for store in self.tiers.stores:
+                store.stats.used_bytes = store.used_bytes
+                store.stats.capacity_bytes = store.capacity_bytes
             self.stats.tiers = {store.name: store.stats for store in self.tiers.stores}
             self.stats.tier_manager = self.tiers.stats
         return self.stats

@@ -48,6 +48,11 @@ _TIER_COUNTERS = (
     ("tier_errors", "num_errors", "Failed tier operations (each cost a recompute)."),
     ("tier_rejected_stores", "num_rejected", "Stores the tier refused."),
 )
+_TIER_GAUGES = (
+    ("tier_used_bytes", "used_bytes", "Bytes the tier's entries occupy (a shared redis tier: "
+     "those this replica knows of)."),
+    ("tier_capacity_bytes", "capacity_bytes", "The tier's capacity in bytes."),
+)
 _MANAGER_COUNTERS = (
     ("tier_loads", "num_loads", "Loads from lower tiers into device KV blocks."),
     ("tier_load_seconds", "load_seconds", "Seconds spent loading from lower tiers."),
@@ -121,6 +126,11 @@ class _SnapshotCollector(Collector):
             for tier, tier_stats in sorted(stats.tiers.items()):
                 family.add_metric([tier], float(getattr(tier_stats, field)))
             yield family
+        for suffix, field, help_text in _TIER_GAUGES:
+            gauge = GaugeMetricFamily(PREFIX + suffix, help_text, labels=["tier"])
+            for tier, tier_stats in sorted(stats.tiers.items()):
+                gauge.add_metric([tier], float(getattr(tier_stats, field)))
+            yield gauge
         hits = CounterMetricFamily(PREFIX + "tier_hit_tokens", "Prompt tokens served from each "
                                    "lower tier.", labels=["tier"])
         for tier, count in sorted(stats.num_tier_hit_tokens.items()):

@@ -87,6 +87,10 @@ class TierStats:
     num_errors: int = 0
     num_rejected: int = 0
     """Stores refused (no evictable capacity, or the tier is unusable)."""
+    used_bytes: int = 0
+    """Bytes the tier's entries occupy, as of the engine's last `get_stats` (a shared tier:
+    the entries this replica knows of). A gauge, unlike the counters above."""
+    capacity_bytes: int = 0
 
 
 @dataclass

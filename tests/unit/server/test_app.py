@@ -503,7 +503,8 @@ def test_metrics_names_and_tier_labels(engine: AsyncEngine) -> None:
                 json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
     assert chat.status_code == 200
     snapshot = engine.snapshot()
-    snapshot.stats.tiers = {"cpu": TierStats(num_loaded_bytes=10, num_errors=1)}
+    snapshot.stats.tiers = {"cpu": TierStats(num_loaded_bytes=10, num_errors=1,
+                                             used_bytes=3 << 20, capacity_bytes=8 << 20)}
     snapshot.stats.tier_manager = ManagerStats(hit_tokens={"cpu": 48},  # reloads included
                                                reuse_rate=0.25, store_min_hits=2)
     snapshot.stats.num_tier_hit_tokens = {"cpu": 32}  # prompt tokens served, once each
@@ -529,6 +530,8 @@ def test_metrics_names_and_tier_labels(engine: AsyncEngine) -> None:
     assert samples[("kvtier:tier_hit_tokens_total", (("tier", "cpu"),))] == 32
     assert samples[("kvtier:tier_loaded_bytes_total", (("tier", "cpu"),))] == 10
     assert samples[("kvtier:tier_errors_total", (("tier", "cpu"),))] == 1
+    assert samples[("kvtier:tier_used_bytes", (("tier", "cpu"),))] == 3 << 20
+    assert samples[("kvtier:tier_capacity_bytes", (("tier", "cpu"),))] == 8 << 20
     assert samples[("kvtier:tier_reuse_rate", ())] == 0.25
     assert samples[("kvtier:tier_store_min_hits", ())] == 2
     assert samples[("kvtier:kv_cache_total_blocks", ())] == 100
