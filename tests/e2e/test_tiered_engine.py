@@ -115,9 +115,13 @@ def test_greedy_tokens_are_identical_with_and_without_tiers(
     sequential = run(llm, workload())
     concurrent = run(llm, workload(seed=1, num_requests=8), concurrent=True)
     stats = llm.engine.tiers.stats
+    tier_stats = {store.name: store.stats for store in llm.engine.tiers.stores}
     finish(llm)
     assert (sequential, concurrent) == baseline
     assert sum(stats.hit_tokens.values()) > 0, "no prefix came back from a tier"
+    # Each tier's own count (kvtier:tier_hit_blocks) agrees with the manager's tokens.
+    assert {name: tier.num_hit_blocks * BLOCK for name, tier in tier_stats.items()} \
+        == stats.hit_tokens
     if "redis" in setup:
         assert stats.hit_tokens["redis"] > 0, "nothing came back from redis"
     if args.get("kv_store_policy", "lazy") == "lazy":

@@ -319,8 +319,10 @@ class TierManager:
         for block_hash in hashes:
             self._loading_blocks.pop(block_hash, None)
         self.stats.num_loads += 1
+        stores = {store.name: store for store in self.stores}
         for name, blocks in result.hit_blocks_per_tier.items():
             self.stats.hit_tokens[name] += blocks * self.block_size
+            stores[name].stats.num_hit_blocks += blocks
         self._finished_loads.append(result)
         return plan
 
