@@ -263,6 +263,21 @@ class TierStore(ABC):
         self.used_bytes -= self._entry_bytes(entry.meta)
         self._release(entry)
 
+    def _finish_store(self, meta: EntryMeta, success: bool) -> _Entry | None:
+        """Publish a prepared entry (ready, in the policy, counted) or drop it (caller holds
+        the lock); returns the published entry, None when dropped or already gone."""
+        entry = self._entries.get(meta.key)
+        if entry is None:
+            return None
+        if not success:
+            self._drop(meta.key)
+            return None
+        entry.ready = True
+        self.policy.insert(meta.key)
+        self.stats.num_stored_entries += 1
+        self.stats.num_stored_bytes += meta.num_bytes
+        return entry
+
     def remove(self, key: BlockHash) -> None:
         with self._lock:
             self._drop(key)

@@ -1,6 +1,13 @@
 """Load-or-recompute: predicted load time (latency + bytes over the tier's measured rate) against
 predicted recompute time (tokens over the measured prefill rate).
 
+Rates start from a short probe at engine start and follow what the engine observes
+(exponentially weighted), so a slow disk or a busy link stops being used on its own.
+
+A tier judged too slow is still tried once every `RETRY_AFTER_S`: its rate is only measured
+by loads, so without a retry one bad estimate (a stall, a busy link) would shut it out for
+the rest of the run.
+
 The prefill rate is read from steps whose time is their compute's. On CUDA a step's time is
 the host's launching until its tokens' device work outlasts that (on an H200, a 1.5B
 model's 2,048-token step took 1 ms longer than its 256-token one), so a short step says little

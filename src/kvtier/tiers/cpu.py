@@ -50,16 +50,7 @@ class CPUStore(TierStore):
 
     def complete_store(self, handle: StoreHandle, success: bool) -> None:
         with self._lock:
-            entry = self._entries.get(handle.meta.key)
-            if entry is None:
-                return
-            if not success:
-                self._drop(handle.meta.key)
-                return
-            entry.ready = True
-            self.policy.insert(handle.meta.key)
-            self.stats.num_stored_entries += 1
-            self.stats.num_stored_bytes += handle.meta.num_bytes
+            self._finish_store(handle.meta, success)
 
     def read(self, meta: EntryMeta) -> torch.Tensor:
         with self._lock:

@@ -107,16 +107,7 @@ class DiskStore(TierStore):
         if success:
             success = self._write(handle)
         with self._lock:
-            entry = self._entries.get(meta.key)
-            if entry is None:
-                return
-            if not success:
-                self._drop(meta.key)
-                return
-            entry.ready = True
-            self.policy.insert(meta.key)
-            self.stats.num_stored_entries += 1
-            self.stats.num_stored_bytes += meta.num_bytes
+            self._finish_store(meta, success)
 
     def _write(self, handle: StoreHandle) -> bool:
         path = Path(str(handle.location))

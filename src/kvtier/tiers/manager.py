@@ -80,6 +80,7 @@ class TierManager:
         self.chunk_blocks = max(1, config.kv_tier_chunk_tokens // block_size)
         self.cost = cost
         self.stats = ManagerStats(hit_tokens={s.name: 0 for s in stores})
+        self._stores_by_name = {store.name: store for store in stores}
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-store")
         self._loaders = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
@@ -319,10 +320,9 @@ class TierManager:
         for block_hash in hashes:
             self._loading_blocks.pop(block_hash, None)
         self.stats.num_loads += 1
-        stores = {store.name: store for store in self.stores}
         for name, blocks in result.hit_blocks_per_tier.items():
             self.stats.hit_tokens[name] += blocks * self.block_size
-            stores[name].stats.num_hit_blocks += blocks
+            self._stores_by_name[name].stats.num_hit_blocks += blocks
         self._finished_loads.append(result)
         return plan
 

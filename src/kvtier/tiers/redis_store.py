@@ -180,17 +180,10 @@ class RedisStore(TierStore):
             success = self._publish(handle)
         with self._lock:
             entry = self._entries.get(meta.key)
-            if entry is None:
-                return
-            if not success:
-                entry.location = _GONE  # nothing of it reached the store
-                self._drop(meta.key)
-                return
-            entry.ready = True
-            self._known_since[meta.key] = time.monotonic()
-            self.policy.insert(meta.key)
-            self.stats.num_stored_entries += 1
-            self.stats.num_stored_bytes += meta.num_bytes
+            if entry is not None and not success:
+                entry.location = _GONE  # nothing of it reached the store: nothing to remove
+            if self._finish_store(meta, success) is not None:
+                self._known_since[meta.key] = time.monotonic()
 
     def _publish(self, handle: StoreHandle) -> bool:
         """Write the entry into the shared store; False where it found no room or failed."""
