@@ -64,6 +64,7 @@ def run_replica(role: str, url: str, prompts_file: Path, rows_file: Path,
     """One engine's part, in this process: `a` computes and publishes, `b` loads what it can
     from Redis, `off` has no tier; writes its rows (and b's probe) to rows_file."""
     from kvtier import LLM
+    from kvtier.utils.host_counters import HostCounters
     engine_args = {"dtype": args.dtype, **({"model": args.model} if args.model else {})}
     tier = (f"redis:{url}:{args.redis_size}",)
     if role == "a":
@@ -77,7 +78,11 @@ def run_replica(role: str, url: str, prompts_file: Path, rows_file: Path,
         rate = llm.engine.tiers.cost.tier_rates["redis"]
         result["probe"] = {"latency_ms": 1e3 * rate.latency_s, "gb_per_s": rate.bytes_per_s / 1e9}
         result["prefill_tokens_per_s"] = llm.engine.tiers.cost.prefill_tokens_per_s
+    before = HostCounters.snapshot()
     result["rows"] = serve_one_by_one(llm, json.loads(prompts_file.read_text()), args.max_tokens)
+    # Engine processes have run up to 2x apart on the card's host for the same work: say
+    # whether the machine (steal, first-touch faults) was the cause.
+    result["host"] = HostCounters.snapshot().since(before).summary()
     if role == "a":
         llm.engine.tiers.wait_idle(timeout=120.0)
         result["stored_bytes"] = llm.engine.tiers.stores[0].stats.num_stored_bytes
@@ -157,6 +162,7 @@ def main() -> None:
         "replica_a_cold": summary(parts["a"]["rows"]), "replica_b_redis": summary(rows_b),
         "no_tier_recompute": summary(rows_off),
         "tokens_identical": all(identical),
+        "host_while_serving": {role: parts[role]["host"] for role in ("a", "b", "off")},
     }
     b, off = results["replica_b_redis"], results["no_tier_recompute"]
     print(f"device {results['device']}, {args.documents} documents of {args.document_tokens} "
@@ -170,6 +176,8 @@ def main() -> None:
         row = results[key]
         print(f"{name:28}{row['mean_ttft_ms']:10.1f}ms{row['median_ttft_ms']:8.1f}ms"
               f"{row['redis_hit_tokens']:12,}")
+    for role, host in results["host_while_serving"].items():
+        print(f"host while {role} served: {host}")
     print(f"replica B / recompute mean TTFT: {b['mean_ttft_ms'] / off['mean_ttft_ms']:.3f}x; "
           f"greedy tokens identical: {results['tokens_identical']}")
     if args.out:

@@ -58,6 +58,10 @@ class RunRecord:
     """Free-form coordinates, e.g. the sweep's {"knob": ..., "value": ...}."""
     repeat: int = 0
     """Which repetition of this configuration × workload (experiments with `repeats`)."""
+    machine_steal_share: float | None = None
+    """Share of the machine's CPU time that its hypervisor gave to other guests during the
+    run (`kvtier.utils.host_counters`): on a shared virtual machine, a run that lost time so
+    says so. None where the kernel does not report steal time."""
 
     @classmethod
     def from_result(cls, server: str, workload: str, result: BenchmarkResult,
@@ -195,7 +199,8 @@ def csv_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
         row.update({f"hit_tokens_{t}": hits.get(t, "") for t in tiers})
         row.update(prefix_working_set_tokens=_blank(r.prefix_working_set_tokens),
                    device_kv_tokens=_blank(r.device_kv_tokens),
-                   server_start_s=round(r.server_start_s, 2), run_s=round(r.run_s, 2))
+                   server_start_s=round(r.server_start_s, 2), run_s=round(r.run_s, 2),
+                   machine_steal_share=_blank(r.machine_steal_share))
         row.update({f"param_{k}": v for k, v in r.params.items()})
         row["error"] = r.error
         rows.append(row)
@@ -213,5 +218,5 @@ def write_results_csv(path: Path, records: list[RunRecord]) -> None:
         writer.writerows(rows)
 
 
-def _blank(value: int | None) -> int | str:
+def _blank(value: float | None) -> float | str:
     return "" if value is None else value

@@ -39,6 +39,7 @@ from kvtier.lab.records import (
 from kvtier.lab.server import RunningServer, ServerStartError, running_server, scrape_gauge
 from kvtier.lab.server_stats import summarize
 from kvtier.lab.tokenizer import resolve_tokenizer
+from kvtier.utils.host_counters import HostCounters
 
 Log = Callable[[str], None]
 
@@ -152,6 +153,7 @@ class _Runner:
         spec = server.spec
         label = f"{spec.name} × {workload.name}"
         start = time.perf_counter()
+        host = HostCounters.snapshot()
         try:
             tokenizer = self.tokenizer(server, workload)
             config = workload.bench_config(server.base_url,
@@ -175,9 +177,12 @@ class _Runner:
             device_kv_tokens=pool, server_start_s=server.start_seconds,
             run_s=time.perf_counter() - start, server_log=str(server.log_path or ""))
         record.status = OK if result.completed else FAILED
+        record.machine_steal_share = HostCounters.snapshot().since(host).summary()["steal_share"]
+        steal = record.machine_steal_share
         self.log(f"[lab] {label}: {result.completed} ok, {result.failed} failed, "
                  f"{result.request_throughput:.2f} req/s, mean TTFT "
-                 f"{result.latency_stats['ttft']['mean']:.0f} ms ({record.run_s:.1f} s)")
+                 f"{result.latency_stats['ttft']['mean']:.0f} ms ({record.run_s:.1f} s"
+                 + (f", {steal:.1%} of the machine's CPU stolen" if steal else "") + ")")
         return record
 
     def tokenizer(self, server: RunningServer, workload: WorkloadSpec) -> TokenizerLike:
