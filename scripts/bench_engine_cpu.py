@@ -58,7 +58,7 @@ def bench_hf(model, batch: list[list[int]], max_tokens: int, pad_id: int) -> flo
 def gemm_rate(weights: list[torch.Tensor], rows: int, repeats: int = 3) -> float:
     """FLOP/s of multiplying `rows` activations by every weight matrix in turn, as one forward
     does (weights stream from memory, they do not sit in cache)."""
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
     flops = sum(2 * rows * w.numel() for w in weights)
     best = float("inf")
     with torch.inference_mode():
@@ -98,13 +98,15 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="both engines' (vLLM's CPU backend defaults to bfloat16)")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
 
     from kvtier import LLM
 
-    llm = LLM()
+    llm = LLM(dtype=args.dtype)
     tokenizer = llm.get_tokenizer()
     single = prompts(tokenizer, 1, args.prompt_len, seed=1)
     batch = prompts(tokenizer, 32, args.prompt_len, seed=2)
@@ -115,7 +117,7 @@ def main() -> None:
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True).stdout.strip(),
         "date": time.strftime("%Y-%m-%d"),
-        "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
+        "dtype": args.dtype, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
         "kvtier_tok_s_1": bench_kvtier(llm, single, args.max_tokens),
         "kvtier_tok_s_32": bench_kvtier(llm, batch, args.max_tokens),
     }
@@ -127,7 +129,7 @@ def main() -> None:
     results["ttft_1024_cached_s"] = ttft(llm, doc)
     if not args.skip_hf:
         path = llm.engine.source.path
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
         pad = tokenizer.eos_token_id or 0
         bench_hf(hf, single, 8, pad)
         results["hf_tok_s_1"] = bench_hf(hf, single, args.max_tokens, pad)
