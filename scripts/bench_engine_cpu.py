@@ -57,15 +57,19 @@ def bench_hf(model, batch: list[list[int]], max_tokens: int, pad_id: int) -> flo
 
 def gemm_rate(weights: list[torch.Tensor], rows: int, repeats: int = 3) -> float:
     """FLOP/s of multiplying `rows` activations by every weight matrix in turn, as one forward
-    does (weights stream from memory, they do not sit in cache)."""
+    does (weights stream from memory, they do not sit in cache), with this machine's fastest
+    GEMM: oneDNN with packed weights where torch has it, else torch.mm."""
+    from kvtier.model import onednn
     inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
     flops = sum(2 * rows * w.numel() for w in weights)
+    packed = onednn.supports(weights[0].device, weights[0].dtype)
+    operands = [(inputs[w.shape[1]], onednn.pack(w) if packed else w.t()) for w in weights]
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
             started = time.perf_counter()
-            for w in weights:
-                torch.mm(inputs[w.shape[1]], w.t())  # (out, in) weights, as F.linear uses them
+            for x, w in operands:
+                onednn.linear(x, w, None) if packed else torch.mm(x, w)
             best = min(best, time.perf_counter() - started)
     return flops / best
 
@@ -74,7 +78,14 @@ def floor_tok_s(model, num_requests: int, prompt_len: int, max_tokens: int) -> d
     """The matmul floor of the batched run: prompt tokens through every linear layer at the
     measured prefill-shaped GEMM rate, plus one decode step per output token at the measured
     rate for `num_requests` rows. Attention, sampling and all else count as zero."""
-    weights = [p.detach() for p in model.parameters() if p.dim() == 2]
+    # The model's own projections are packed (their parameters emptied): the floor packs
+    # dense copies of the same shapes.
+    shapes = [(m.out_features, m.in_features) for m in model.modules()
+              if isinstance(m, torch.nn.Linear)]
+    embedding = model.embed_tokens.weight
+    weights = [torch.randn(shape, dtype=embedding.dtype) * 0.02 for shape in shapes]
+    if model.lm_head is None:
+        weights.append(embedding.detach())
     head = max(weights, key=lambda w: w.numel())  # the (tied) vocabulary projection
     body = sum(w.numel() for w in weights) - head.numel()
     prefill_rate, decode_rate = gemm_rate(weights, 2048), gemm_rate(weights, num_requests)

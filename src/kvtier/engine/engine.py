@@ -175,9 +175,8 @@ class LLMEngine:
                                      config.batch_invariant)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self.model = build_model(self.source, backend, self.device, self.dtype)
-        if config.batch_invariant:
-            self.model.set_batch_invariant(True)
+        self.model = build_model(self.source, backend, self.device, self.dtype,
+                                 batch_invariant=config.batch_invariant)
         activation_bytes = 0
         if self.device.type == "cuda" and config.cache.num_gpu_blocks_override is None:
             activation_bytes = profile_activation_bytes(

@@ -6,20 +6,28 @@ import torch
 from torch import nn
 
 from kvtier.attention.base import AttentionBackend
+from kvtier.model import onednn
 from kvtier.model.llama import LlamaForCausalLM
 from kvtier.model.loader import ModelSource
 
 
 def build_model(source: ModelSource, backend: AttentionBackend, device: torch.device,
-                dtype: torch.dtype) -> LlamaForCausalLM:
-    """Build on the meta device, allocate once on `device` in `dtype`, then load the weights."""
+                dtype: torch.dtype, batch_invariant: bool = False) -> LlamaForCausalLM:
+    """Build on the meta device, allocate once on `device` in `dtype`, then load the weights.
+    On the CPU the projections run through oneDNN with their weights packed once, unless the
+    model is batch-invariant (whose kernel is `invariant_linear`'s) or this torch lacks it."""
     with torch.device("meta"):
         model = LlamaForCausalLM(source.spec, backend)
     model = model.to(dtype).to_empty(device=device)
     model.rotary.materialize(device)
     model.load_weights(source.iter_weights(device, dtype))
+    if batch_invariant:
+        model.set_batch_invariant(True)
     if device.type == "cpu":
-        _store_weights_input_major(model)
+        if not batch_invariant and onednn.supports(device, dtype):
+            model.pack_for_onednn()
+        else:
+            _store_weights_input_major(model)
     return model.eval()
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvtier.attention.invariant_ref import ROW_QUANTUM
+from kvtier.model import onednn
 
 
 @cache
@@ -51,11 +52,24 @@ def small_linear_plan(x: torch.Tensor,
 class Linear(nn.Linear):
     """nn.Linear that, with `batch_invariant` set, runs `invariant_linear` (below): each row's
     result then does not depend on the rows it is batched with.
-    `LlamaForCausalLM.set_batch_invariant` sets it."""
+    `LlamaForCausalLM.set_batch_invariant` sets it. On the CPU the model's builder packs the
+    weight for oneDNN (`pack_for_onednn`)."""
 
     batch_invariant: bool = False
+    packed_weight: torch.Tensor | None = None
+    """The weight reordered for `onednn.linear`; `weight` is then empty."""
+
+    def pack_for_onednn(self) -> None:
+        """Run through oneDNN with the weight reordered once, and free the plain weight (as
+        vLLM's CPU backend does: the model's projections are not kept twice)."""
+        if self.batch_invariant:
+            raise RuntimeError("a batch-invariant Linear keeps its plain weight")
+        self.packed_weight = onednn.pack(self.weight)
+        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return onednn.linear(x, self.packed_weight, self.bias)
         if not self.batch_invariant:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
@@ -65,6 +79,8 @@ class Linear(nn.Linear):
     def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """self(x) for 2-D x, written into out: the same kernel as `forward` (cuBLAS's
         addmm / mm without batch invariance)."""
+        if self.packed_weight is not None:
+            return out.copy_(self.forward(x))
         if self.batch_invariant:
             return invariant_linear(x, self.weight, self.bias, out=out)
         if self.bias is None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kvtier.attention.base import AttentionBackend, AttentionMetadata
+from kvtier.model import onednn
 from kvtier.model.layers import (
     GatedMLP,
     Linear,
@@ -211,6 +212,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (None if spec.tie_word_embeddings
                         else Linear(spec.hidden_size, spec.vocab_size, bias=False))
         self.batch_invariant = False
+        self.packed_logits_weight: torch.Tensor | None = None
+        """The logits' weight reordered for oneDNN (`pack_for_onednn`)."""
 
     def set_small_batch_fusion(self, fusions: Iterable[str] = SMALL_BATCH_FUSIONS) -> None:
         """Fuse these (of FUSIONS) in small CUDA batches: the projections named run through
@@ -229,10 +232,23 @@ class LlamaForCausalLM(nn.Module):
         numerics differ from the larger batches' kernel). Norms, rotary and SiLU are row-wise
         already; attention needs a backend built batch-invariant too. Capture CUDA graphs
         after changing it."""
+        if enabled and self.packed_logits_weight is not None:
+            raise RuntimeError("the projections are packed for oneDNN; build the model "
+                               "batch-invariant instead")
         self.batch_invariant = enabled
         for module in self.modules():
             if isinstance(module, (Linear, DecoderLayer)):
                 module.batch_invariant = enabled
+
+    def pack_for_onednn(self) -> None:
+        """On the CPU: every projection, and the logits', through oneDNN with its weight
+        reordered once (`kvtier.model.onednn`). A tied embedding stays for the lookup, so
+        its packed copy is the one weight kept twice."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack_for_onednn()
+        self.packed_logits_weight = (onednn.pack(self.embed_tokens.weight)
+                                     if self.lm_head is None else self.lm_head.packed_weight)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:
@@ -250,6 +266,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, hidden_size) -> float32 logits (n, vocab_size)."""
+        if self.packed_logits_weight is not None:
+            return onednn.linear(hidden, self.packed_logits_weight, None).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.batch_invariant:
             return invariant_linear(hidden, weight).float()
