@@ -4,6 +4,8 @@ Each test drives two backends, mirror on and off, through the same sequence of s
 identical paged caches: decodes joining and leaving, mixed prefill chunks, steps without decodes,
 a sequence whose paged K/V is rewritten while it is away (preemption by recompute), a budget too
 small for the mirror, and a layer that skips a step. Outputs and caches must agree every step.
+In bfloat16 the mirror attends each row's whole capacity under the mask (stale keys of rows
+that other sequences held included), so the same steps run in bfloat16 too.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ class Seq:
 
 
 class Harness:
-    def __init__(self, num_blocks: int, seed: int, layers: int = 2) -> None:
+    def __init__(self, num_blocks: int, seed: int, layers: int = 2,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self.free = list(range(num_blocks))
         self.rng.shuffle(self.free)
         shape = (2, num_blocks, BLOCK, KV_HEADS, DIM)
-        self.caches = {name: [torch.zeros(shape) for _ in range(layers)]
+        self.caches = {name: [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
                        for name in ("mirror", "gather")}
         self.backends = {"mirror": TorchAttentionBackend(contiguous_decode=True),
                          "gather": TorchAttentionBackend(contiguous_decode=False)}
@@ -64,9 +68,8 @@ class Harness:
                              dtype=torch.int32)
         tokens = starts[-1]
         layers = list(range(len(self.caches["mirror"]))) if layers is None else layers
-        inputs = [(torch.randn(tokens, HEADS, DIM, generator=self.gen),
-                   torch.randn(tokens, KV_HEADS, DIM, generator=self.gen),
-                   torch.randn(tokens, KV_HEADS, DIM, generator=self.gen)) for _ in layers]
+        inputs = [tuple(torch.randn(tokens, heads, DIM, generator=self.gen).to(self.dtype)
+                        for heads in (HEADS, KV_HEADS, KV_HEADS)) for _ in layers]
         outputs = {}
         for name, backend in self.backends.items():
             metadata = AttentionMetadata(
@@ -80,8 +83,9 @@ class Harness:
             backend.prepare(metadata)
             outputs[name] = [backend.forward(q, k, v, self.caches[name][layer], metadata, 0.35)
                              for layer, (q, k, v) in zip(layers, inputs, strict=True)]
+        tolerance = 1e-5 if self.dtype == torch.float32 else 2e-2
         for mirrored, gathered in zip(outputs["mirror"], outputs["gather"], strict=True):
-            torch.testing.assert_close(mirrored, gathered, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mirrored, gathered, rtol=tolerance, atol=tolerance)
         for a, b in zip(self.caches["mirror"], self.caches["gather"], strict=True):
             assert torch.equal(a, b)
 
@@ -91,7 +95,7 @@ class Harness:
         slots = torch.tensor([seq.blocks[p // BLOCK] * BLOCK + p % BLOCK
                               for p in range(seq.length)])
         for layer in range(len(self.caches["mirror"])) if layers is None else layers:
-            values = torch.randn(2, len(slots), KV_HEADS, DIM, generator=self.gen)
+            values = torch.randn(2, len(slots), KV_HEADS, DIM, generator=self.gen).to(self.dtype)
             for name in self.caches:
                 self.caches[name][layer].view(2, -1, KV_HEADS, DIM)[:, slots] = values
 
@@ -102,8 +106,12 @@ def prefilled(h: Harness, name: str, length: int) -> Seq:
     return seq
 
 
-def test_random_membership_changes_match_gathering():
-    h = Harness(num_blocks=400, seed=0)
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+
+
+@DTYPES
+def test_random_membership_changes_match_gathering(dtype: torch.dtype):
+    h = Harness(num_blocks=400, seed=0, dtype=dtype)
     pool = [prefilled(h, f"s{i}", h.rng.randrange(1, 40)) for i in range(6)]
     for _ in range(60):  # lengths cross several capacity growths (64-token quantum)
         decodes = [s for s in pool if h.rng.random() < 0.7]
@@ -116,8 +124,9 @@ def test_random_membership_changes_match_gathering():
             h.step(decodes, prefill)
 
 
-def test_a_sequence_recomputed_while_away_is_gathered_again():
-    h = Harness(num_blocks=64, seed=1)
+@DTYPES
+def test_a_sequence_recomputed_while_away_is_gathered_again(dtype: torch.dtype):
+    h = Harness(num_blocks=64, seed=1, dtype=dtype)
     a, b = prefilled(h, "a", 10), prefilled(h, "b", 7)
     h.step([a, b])
     h.step([a, b])
