@@ -31,7 +31,8 @@ def resolve_device(config: ModelConfig) -> torch.device:
 
 def resolve_dtype(config: ModelConfig, spec: ModelSpec, device: torch.device) -> torch.dtype:
     """auto: the checkpoint's half dtype on CUDA (bfloat16 if it declares float32), float32 on
-    the CPU, where half-precision matmuls are slow."""
+    the CPU (HF's logits to float32 rounding; vLLM's CPU default, bfloat16, is faster on CPUs
+    with AVX512-BF16 but not on those without)."""
     if config.dtype != "auto":
         return _DTYPES[config.dtype]
     if device.type != "cuda":

@@ -23,8 +23,8 @@ def test_the_profile_step_has_a_block_table_as_wide_as_the_longest_context() -> 
     reads only its own blocks)."""
     source = resolve_model("random:tiny-qwen2")
     backend = create_backend("torch", "cpu", True)
-    model = build_model(source, backend, torch.device("cpu"), torch.float32)
-    model.set_batch_invariant(True)
+    model = build_model(source, backend, torch.device("cpu"), torch.float32,
+                        batch_invariant=True)
     seen: list[AttentionMetadata] = []
     prepare = backend.prepare
 
