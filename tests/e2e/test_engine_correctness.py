@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from kvtier import LLM, SamplingParams
 from kvtier.attention.torch_ref import TorchAttentionBackend
 from kvtier.config import ConfigError
+from kvtier.model import onednn
 from kvtier.model.builder import build_model
 from kvtier.model.loader import resolve_model
 from kvtier.utils.resources import find_package_file
@@ -85,6 +86,28 @@ def test_logits_match_transformers_on_the_embedded_smollm2(smollm_dir: Path) -> 
         expected = reference(torch.tensor([token_ids])).logits[0]
     torch.testing.assert_close(full_logits(model, token_ids, chunk=8), expected,
                                atol=2e-4, rtol=2e-4)
+
+
+def test_bfloat16_logits_stay_close_to_transformers_in_bfloat16(smollm_dir: Path) -> None:
+    """bfloat16 on the CPU (vLLM's CPU default) runs the oneDNN-packed projections in bf16:
+    against HF's own bf16 forward the logits agree to bf16 rounding and pick the same next
+    token almost everywhere (the float32 reference bounds both)."""
+    if not onednn.supports(CPU, torch.bfloat16):
+        pytest.skip("no bfloat16 oneDNN on this CPU")
+    source = resolve_model(str(smollm_dir))
+    model = build_model(source, TorchAttentionBackend(), CPU, torch.bfloat16)
+    assert model.packed_logits_weight is not None
+    reference = AutoModelForCausalLM.from_pretrained(smollm_dir, torch_dtype=torch.float32).eval()
+    token_ids = source.tokenizer.encode(PROMPTS[1] + PROMPTS[0])
+    with torch.no_grad():
+        exact = reference(torch.tensor([token_ids])).logits[0]
+        hf_bf16 = reference.to(torch.bfloat16)(torch.tensor([token_ids])).logits[0].float()
+    ours = full_logits(model, token_ids, chunk=8).float()
+    ours_error = (ours - exact).abs().mean()
+    hf_error = (hf_bf16 - exact).abs().mean()
+    assert ours_error < 2 * hf_error  # as close to the float32 model as HF's bf16 is
+    agree = (ours.argmax(-1) == hf_bf16.argmax(-1)).float().mean()
+    assert agree >= 0.9
 
 
 def test_greedy_tokens_equal_transformers_generate(smollm: LLM, smollm_dir: Path) -> None:
