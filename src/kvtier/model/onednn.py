@@ -6,13 +6,13 @@ it again on every call. oneDNN can take a weight reordered once into its own blo
 use). On this repo's 2-core AMD EPYC box, all of SmolLM2-135M's projections took, per forward
 (`scripts/bench_engine_cpu.py`'s shapes, BENCHMARKS.md):
 
-| rows | float32: F.linear* / packed | bfloat16: F.linear / packed |
+| rows | float32: F.linear (*) / packed | bfloat16: F.linear / packed |
 |---:|---:|---:|
 | 1 | 21.3 / 11.0 ms | 13.6 / 5.6 ms |
 | 32 | 59.1 / 23.0 ms | 20.6 / 12.7 ms |
 | 2,048 | 2,053 / 881 ms | 673 / 606 ms |
 
-\* on input-major weights, the layout the CPU used before (faster than (out, in) for MKL).
+(*) on input-major weights, the layout the CPU used before packing.
 
 Results are those of a GEMM with another blocking: within float32 rounding of `F.linear` in
 float32, the same bits in bfloat16 (measured). A row's result did not depend on how many
