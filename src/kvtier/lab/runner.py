@@ -43,6 +43,9 @@ from kvtier.utils.host_counters import HostCounters
 
 Log = Callable[[str], None]
 
+STEAL_WORTH_SAYING = 0.005
+"""A run's log line names the machine's steal share from here up (every run records it)."""
+
 _FLAG_CHECK = """
 import contextlib, io, json, sys
 from kvtier.cli import build_parser
@@ -182,7 +185,8 @@ class _Runner:
         self.log(f"[lab] {label}: {result.completed} ok, {result.failed} failed, "
                  f"{result.request_throughput:.2f} req/s, mean TTFT "
                  f"{result.latency_stats['ttft']['mean']:.0f} ms ({record.run_s:.1f} s"
-                 + (f", {steal:.1%} of the machine's CPU stolen" if steal else "") + ")")
+                 + (f", {steal:.1%} of the machine's CPU stolen"
+                    if steal is not None and steal >= STEAL_WORTH_SAYING else "") + ")")
         return record
 
     def tokenizer(self, server: RunningServer, workload: WorkloadSpec) -> TokenizerLike:
