@@ -50,6 +50,7 @@ from kvtier.types import (
     SchedulerOutput,
 )
 from kvtier.utils.gc_pauses import collector_paused
+from kvtier.utils.host_memory import keep_freed_memory
 from kvtier.utils.profiling import open_step_trace
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,8 @@ class LLMEngine:
         self._trace_tier_totals = (0, 0)
         """Tier loads finished and stores started at the last trace line."""
         self.device = resolve_device(config.model)
+        if self.device.type == "cpu":  # the forward pass allocates its activations on the host
+            keep_freed_memory()
         self.async_scheduling = config.resolved_async_scheduling(self.device.type)
         """Whether the engine's callers (`LLM.generate`, the engine core) launch each step
         before reading the tokens of the one before."""
