@@ -45,6 +45,9 @@ class MirrorStep:
     max_len: int
     row_capacity: int
     length_capacity: int
+    in_order: bool = False
+    """Decode i holds row i and appends (the steady state): attention and the appends skip
+    the gathers by `order`, `rows` and the append index."""
 
 
 @dataclass
@@ -122,9 +125,10 @@ class DecodeMirror:
             append_tensors = tuple(torch.tensor(col, dtype=torch.int64, device=device)
                                    for col in zip(*appends, strict=True))
         padding = (torch.arange(length_capacity)[None, :] >= lens[:, None])[:, None, None, :]
+        in_order = rows == list(range(n)) and [i for i, _, _ in appends] == list(range(n))
         return MirrorStep(self._serial, row_tensor.to(device), order.to(device), lens.to(device),
                           padding.to(device), append_tensors, fills, moves, max_len, row_capacity,
-                          length_capacity)
+                          length_capacity, in_order)
 
     def forget_rows(self) -> None:
         """A step without decodes: no row stays valid across it (keeps the buffers)."""
@@ -150,8 +154,12 @@ class DecodeMirror:
                 kv[:, target].copy_(kv[:, source])
             if step.appends is not None:
                 index, rows, positions = step.appends
-                kv[0][rows, :, positions] = key[index]
-                kv[1][rows, :, positions] = value[index]
+                if step.in_order:  # decode i appends: its key is key[i]
+                    key, value = key[:len(rows)], value[:len(rows)]
+                else:
+                    key, value = key[index], value[index]
+                kv[0][rows, :, positions] = key
+                kv[1][rows, :, positions] = value
         block_size = kv_cache.shape[2]
         for i, row, length in fills:
             blocks = block_table[i, :-(-length // block_size)].to(torch.int64)
@@ -194,8 +202,8 @@ def attend(query: torch.Tensor, kv: torch.Tensor, step: MirrorStep, scale: float
     buffer past a context holds finite values)."""
     n, num_heads, head_dim = query.shape
     num_kv_heads = kv.shape[2]
-    q = query.index_select(0, step.order).view(n, num_kv_heads, num_heads // num_kv_heads,
-                                               head_dim)
+    ordered = query if step.in_order else query.index_select(0, step.order)
+    q = ordered.view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
     length = step.max_len if kv.dtype == torch.float32 else kv.shape[3]
     k = kv[0, :n, :, :length]  # (n, KVH, L, D)
     v = kv[1, :n, :, :length]
@@ -203,4 +211,4 @@ def attend(query: torch.Tensor, kv: torch.Tensor, step: MirrorStep, scale: float
     scores.masked_fill_(step.padding[..., :length], float("-inf"))
     probs = scores.softmax(dim=-1).to(v.dtype)
     out = torch.matmul(probs, v).view(n, num_heads, head_dim)
-    return out.index_select(0, step.rows)
+    return out if step.in_order else out.index_select(0, step.rows)

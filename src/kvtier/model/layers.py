@@ -123,10 +123,10 @@ class RMSNorm(nn.Module):
             return out, (x if residual is None else residual)
         if residual is not None:
             x = x + residual
-        dtype = x.dtype
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype), x
+        # HF's x * rsqrt(mean(x^2) + eps) in float32, in one kernel instead of five (the same
+        # bits, measured over shapes, dtypes and scales; each op costs 5-20 us on the CPU).
+        normed = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype), x
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -194,6 +194,17 @@ def apply_rotary(query: torch.Tensor, key: torch.Tensor,
         return query, key
     cos, sin = rotary.cos, rotary.sin
     return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+
+
+def apply_rotary_qk(qk: torch.Tensor, num_q_heads: int,
+                    rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """qk (T, H + KVH, D): queries then keys, adjacent as in the fused projection's rows ->
+    rotated query (T, H, D) and key (T, KVH, D). The torch path rotates both in one pass (its
+    five ops once, not twice: each costs 5-20 us on the CPU); CUDA runs `apply_rotary`."""
+    if _fused(qk) is not None:
+        return apply_rotary(qk[:, :num_q_heads], qk[:, num_q_heads:], rotary)
+    rotated = qk * rotary.cos + _rotate_half(qk) * rotary.sin
+    return rotated[:, :num_q_heads], rotated[:, num_q_heads:]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

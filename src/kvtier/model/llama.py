@@ -24,7 +24,7 @@ from kvtier.model.layers import (
     RMSNorm,
     RotaryEmbedding,
     RotaryInputs,
-    apply_rotary,
+    apply_rotary_qk,
     invariant_linear,
     small_linear_plan,
 )
@@ -58,9 +58,12 @@ class Attention(nn.Module):
 
     def split_and_rotate(self, qkv: torch.Tensor, rotary: RotaryInputs,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The fused projection's q, k, v as head views, q and k rotated."""
-        q, k, v = self.split_heads(qkv)
-        return (*apply_rotary(q, k, rotary), v)
+        """The fused projection's q, k, v as head views, q and k rotated (together: they
+        are adjacent in each row)."""
+        qk = qkv[:, :self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
+                                                      self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
+        return (*apply_rotary_qk(qk, self.num_heads, rotary), v)
 
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused projection's q (T, H, D), k and v (T, KVH, D), as views."""
