@@ -2,9 +2,12 @@
 
 On the CPU, gathering every decode's paged context each step costs more than the attention math:
 at batch 32 and ~400 tokens of context it copies ~19 MB per layer, twice (index, then the
-transposed matmul operand). The mirror keeps the running decodes' K/V in one
-(2, rows, kv_heads, capacity, head_dim) buffer per layer, so a decode step appends one token per
-sequence and attends straight out of the buffer.
+transposed matmul operand). The mirror keeps the running decodes' K/V in two buffers per layer,
+so a decode step appends one token per sequence and attends straight out of them: keys
+transposed, (rows, kv_heads, head_dim, capacity), values (rows, kv_heads, capacity, head_dim).
+Both products then take an operand whose rows are contiguous, sliced to the longest context:
+torch's CPU matmul copies a transposed operand that is not contiguous first (at batch 32 and
+~350 tokens, cold, 0.74 ms a layer in float32 against 0.37 for the stored transpose).
 
 Rows live only across consecutive steps: a sequence that is not decoded in a step (finished,
 preempted, still prefilling, or skipped by the scheduler) loses its row and is gathered again
@@ -33,11 +36,14 @@ class MirrorStep:
     """(num_decodes,) int64: the decode held by each row (the inverse of `rows`)."""
     seq_lens: torch.Tensor
     """(num_decodes,) int64: context length of each row's sequence after this step."""
-    padding: torch.Tensor
-    """(num_decodes, 1, 1, length_capacity) bool in row order, True = past the row's
-    context."""
+    padding: torch.Tensor | None
+    """(num_decodes, 1, 1, max_len) bool in row order, True = past the row's context; None
+    when every context is max_len long."""
     appends: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-    """(decode index, row, position) of sequences whose row is valid: write one new token."""
+    """(decode index, row, position) of sequences whose row is valid: write one new token.
+    None in the steady state (`in_order`), where decode i appends at row i."""
+    append_positions: torch.Tensor | None
+    """In order: (num_decodes,) int64, where each row's new token goes."""
     fills: list[tuple[int, int, int]]
     """(decode index, row, seq_len) of sequences gathered from the paged cache this step."""
     moves: list[tuple[int, int]]
@@ -51,9 +57,18 @@ class MirrorStep:
 
 
 @dataclass
+class MirrorKV:
+    """One layer's mirror."""
+
+    keys_t: torch.Tensor
+    """(row_capacity, kv_heads, head_dim, length_capacity): keys, transposed."""
+    values: torch.Tensor
+    """(row_capacity, kv_heads, length_capacity, head_dim)."""
+
+
+@dataclass
 class _LayerBuffer:
-    kv: torch.Tensor
-    """(2, row_capacity, kv_heads, length_capacity, head_dim)."""
+    kv: MirrorKV
     serial: int
 
 
@@ -120,15 +135,20 @@ class DecodeMirror:
         order = torch.empty_like(row_tensor)
         order[row_tensor] = torch.arange(n)
         lens = torch.tensor(seq_lens, dtype=torch.int64)[order]
-        append_tensors = None
-        if appends:
+        in_order = rows == list(range(n)) and [i for i, _, _ in appends] == list(range(n))
+        append_tensors = append_positions = None
+        if in_order:
+            append_positions = (lens - 1).to(device)
+        elif appends:
             append_tensors = tuple(torch.tensor(col, dtype=torch.int64, device=device)
                                    for col in zip(*appends, strict=True))
-        padding = (torch.arange(length_capacity)[None, :] >= lens[:, None])[:, None, None, :]
-        in_order = rows == list(range(n)) and [i for i, _, _ in appends] == list(range(n))
+        padding = None
+        if min(seq_lens) < max_len:
+            padding = (torch.arange(max_len)[None, :] >= lens[:, None])[:, None, None, :]
+            padding = padding.to(device)
         return MirrorStep(self._serial, row_tensor.to(device), order.to(device), lens.to(device),
-                          padding.to(device), append_tensors, fills, moves, max_len, row_capacity,
-                          length_capacity, in_order)
+                          padding, append_tensors, append_positions, fills, moves, max_len,
+                          row_capacity, length_capacity, in_order)
 
     def forget_rows(self) -> None:
         """A step without decodes: no row stays valid across it (keeps the buffers)."""
@@ -140,48 +160,55 @@ class DecodeMirror:
         self._row_capacity = self._length_capacity = 0
 
     def update(self, step: MirrorStep, kv_cache: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-        """Bring one layer's buffer up to date after the paged write; returns it as
-        (2, rows, kv_heads, capacity, head_dim)."""
+               value: torch.Tensor, block_table: torch.Tensor) -> MirrorKV:
+        """Bring one layer's buffers up to date after the paged write."""
         buffer = self._buffer(step, kv_cache)
-        kv = buffer.kv
+        keys_t, values = buffer.kv.keys_t, buffer.kv.values
         fills = step.fills
         if buffer.serial != step.serial - 1:  # this layer missed a step: refill every row
             fills = [(i, int(step.rows[i]), int(step.seq_lens[int(step.rows[i])]))
                      for i in range(len(step.rows))]
         else:
             for source, target in step.moves:
-                kv[:, target].copy_(kv[:, source])
-            if step.appends is not None:
+                keys_t[target].copy_(keys_t[source])
+                values[target].copy_(values[source])
+            if step.in_order:  # decode i appends at row i (step.rows is 0..n-1)
+                rows, positions = step.rows, step.append_positions
+                key, value = key[:len(rows)], value[:len(rows)]
+            elif step.appends is not None:
                 index, rows, positions = step.appends
-                if step.in_order:  # decode i appends: its key is key[i]
-                    key, value = key[:len(rows)], value[:len(rows)]
-                else:
-                    key, value = key[index], value[index]
-                kv[0][rows, :, positions] = key
-                kv[1][rows, :, positions] = value
+                key, value = key[index], value[index]
+            else:
+                rows = None
+            if rows is not None:
+                keys_t[rows, :, :, positions] = key  # (appends, kv_heads, head_dim)
+                values[rows, :, positions] = value
         block_size = kv_cache.shape[2]
         for i, row, length in fills:
             blocks = block_table[i, :-(-length // block_size)].to(torch.int64)
             context = kv_cache[:, blocks].flatten(1, 2)[:, :length]  # (2, length, kvh, d)
-            kv[:, row, :, :length].copy_(context.transpose(1, 2))
+            keys_t[row, :, :, :length].copy_(context[0].permute(1, 2, 0))
+            values[row, :, :length].copy_(context[1].transpose(0, 1))
         buffer.serial = step.serial
-        return kv
+        return buffer.kv
 
     def _buffer(self, step: MirrorStep, kv_cache: torch.Tensor) -> _LayerBuffer:
         key = kv_cache.data_ptr()
         buffer = self._buffers.get(key)
         _, _, _, kv_heads, head_dim = kv_cache.shape
-        shape = (2, step.row_capacity, kv_heads, step.length_capacity, head_dim)
-        if buffer is not None and tuple(buffer.kv.shape) == shape:
+        rows, length = step.row_capacity, step.length_capacity
+        if buffer is not None and tuple(buffer.kv.values.shape[:3]) == (rows, kv_heads, length):
             return buffer
         # Finite zeros: rows past a sequence's length are masked but still multiplied.
-        grown = torch.zeros(shape, dtype=kv_cache.dtype, device=kv_cache.device)
+        like = {"dtype": kv_cache.dtype, "device": kv_cache.device}
+        grown = MirrorKV(torch.zeros(rows, kv_heads, head_dim, length, **like),
+                         torch.zeros(rows, kv_heads, length, head_dim, **like))
         if buffer is None:
             buffer = _LayerBuffer(grown, serial=-1)
         else:
-            _, rows, _, length, _ = buffer.kv.shape
-            grown[:, :rows, :, :length].copy_(buffer.kv)
+            old_rows, _, old_length, _ = buffer.kv.values.shape
+            grown.keys_t[:old_rows, ..., :old_length].copy_(buffer.kv.keys_t)
+            grown.values[:old_rows, :, :old_length].copy_(buffer.kv.values)
             buffer.kv = grown
         self._buffers[key] = buffer
         return buffer
@@ -191,24 +218,17 @@ def _round_up(value: int, quantum: int) -> int:
     return -(-value // quantum) * quantum
 
 
-def attend(query: torch.Tensor, kv: torch.Tensor, step: MirrorStep, scale: float) -> torch.Tensor:
+def attend(query: torch.Tensor, kv: MirrorKV, step: MirrorStep, scale: float) -> torch.Tensor:
     """Decode attention straight out of the mirror: (n, H, D) queries in decode order ->
-    (n, H, D). Computed in row order; K is used transposed in place (no copy).
-
-    In float32 the keys attended are the longest context's. In bfloat16 and float16, torch's
-    CPU matmul copies a transposed operand that is not contiguous before multiplying (at
-    batch 32 and ~300 tokens, 0.45 ms a layer where the product takes 0.09), so there every
-    row's whole capacity is attended, contiguous, up to 1.5x the keys, under the mask (the
-    buffer past a context holds finite values)."""
+    (n, H, D). Computed in row order, over the longest context's keys; shorter rows are
+    masked (the buffers past a context hold finite values)."""
     n, num_heads, head_dim = query.shape
-    num_kv_heads = kv.shape[2]
+    num_kv_heads, length = kv.values.shape[1], step.max_len
     ordered = query if step.in_order else query.index_select(0, step.order)
     q = ordered.view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    length = step.max_len if kv.dtype == torch.float32 else kv.shape[3]
-    k = kv[0, :n, :, :length]  # (n, KVH, L, D)
-    v = kv[1, :n, :, :length]
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (n, KVH, G, L)
-    scores.masked_fill_(step.padding[..., :length], float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v).view(n, num_heads, head_dim)
+    scores = torch.matmul(q, kv.keys_t[:n, ..., :length]).float() * scale  # (n, KVH, G, L)
+    if step.padding is not None:
+        scores.masked_fill_(step.padding, float("-inf"))
+    probs = scores.softmax(dim=-1).to(query.dtype)
+    out = torch.matmul(probs, kv.values[:n, :, :length]).view(n, num_heads, head_dim)
     return out if step.in_order else out.index_select(0, step.rows)
