@@ -26,7 +26,9 @@ import itertools
 import logging
 import queue
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Generator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,11 @@ INLINE_LOAD_S = 0.01
 """CPU device: a host-memory load predicted to take less than this runs in the scheduler step.
 It is a memcpy either way; run in the background it costs the request one more step of TTFT
 (and on a machine with few cores it competes with the forward anyway)."""
+READ_AHEAD = 4
+"""Entries of one load read at once from the tiers below host memory (disk, redis). A read
+waits on a file or a socket, so several overlap (redis-py takes a pooled connection per
+thread, and the disk tier's checksum releases the GIL), and later entries arrive while earlier
+ones are copied into the device pool."""
 
 
 @dataclass
@@ -86,6 +93,9 @@ class TierManager:
         self._loaders = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
         """Loads never queue behind stores: a waiting request's TTFT depends on them."""
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-demote")
+        self._read_ahead = READ_AHEAD
+        self._readers = ThreadPoolExecutor(max_workers=self._read_ahead,
+                                           thread_name_prefix="kvtier-read")
         self._loading: dict[str, tuple[LoadPlan, list[BlockHash]]] = {}
         self._finished_loads: list[LoadResult] = []
         self._loading_blocks: dict[BlockHash, str] = {}
@@ -222,11 +232,12 @@ class TierManager:
     def _run_load(self, request_id: str, plan: LoadPlan, block_ids: list[int]) -> None:
         started = time.monotonic()
         done, per_tier, offset = 0, {s.name: 0 for s in self.stores}, 0
+        reads = self._reads(plan)
         try:
             index = self.transfer.load_index(block_ids[:plan.num_blocks])
             for segment in plan.segments:
                 store = self.stores[segment.tier]
-                payload = store.read(segment.meta)
+                payload = next(reads)
                 self.transfer.copy_in(payload, segment.meta.num_blocks, segment.first,
                                       index[offset:offset + segment.num_blocks])
                 offset += segment.num_blocks
@@ -236,6 +247,8 @@ class TierManager:
             logger.warning("load for %s stopped after %d blocks: %s", request_id, done, exc)
         except Exception:  # never lose a request to an unexpected transfer bug
             logger.exception("load for %s failed", request_id)
+        finally:
+            reads.close()  # reads still in flight finish before the plan's entries are unpinned
         try:
             self.transfer.wait_loads()
         except Exception:  # a failed device copy: report nothing loaded, recompute all
@@ -246,6 +259,30 @@ class TierManager:
             if blocks and blocks == done:
                 self.cost.observe_load(tier, blocks * self.stores[0].layout.block_bytes, elapsed)
         self._done.put(("load", LoadResult(request_id, done, per_tier, elapsed)))
+
+    def _reads(self, plan: LoadPlan) -> Generator[torch.Tensor, None, None]:
+        """The plan's payloads in order. Where a segment lies below host memory, up to
+        READ_AHEAD reads run at once in the reader threads. A read's TierError is raised when
+        its payload is due; closing the generator cancels the reads not started and waits for
+        those running."""
+        stores = [self.stores[segment.tier] for segment in plan.segments]
+        if all(store.name == "cpu" for store in stores):  # views of host memory: nothing to wait on
+            for store, segment in zip(stores, plan.segments, strict=True):
+                yield store.read(segment.meta)
+            return
+        pending: deque[Future] = deque()
+        submitted = 0
+        try:
+            while pending or submitted < len(stores):
+                while submitted < len(stores) and len(pending) < self._read_ahead:
+                    pending.append(self._readers.submit(stores[submitted].read,
+                                                        plan.segments[submitted].meta))
+                    submitted += 1
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+            wait(pending)
 
     # -- completions -------------------------------------------------------------------------
 
@@ -564,6 +601,7 @@ class TierManager:
 
     def close(self) -> None:
         self._loaders.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
         self._workers.shutdown(wait=True)
         self._io.shutdown(wait=True)
         for store in self.stores:
