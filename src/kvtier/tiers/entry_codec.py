@@ -69,14 +69,17 @@ def parse_header(name: str, header: bytes, namespace: str) -> tuple[EntryMeta, i
     return meta, crc
 
 
-def decode(name: str, blob: bytes, expected: EntryMeta, namespace: str) -> memoryview:
+def decode(name: str, blob: bytes | memoryview, expected: EntryMeta,
+           namespace: str) -> memoryview:
     """The payload of an encoded entry held whole in memory, after checking that it is
     `expected`, complete and undamaged (TierError otherwise)."""
-    length = read_preamble(name, blob[:PREAMBLE_BYTES])
-    stored, crc = parse_header(name, blob[PREAMBLE_BYTES:PREAMBLE_BYTES + length], namespace)
+    blob = memoryview(blob)
+    length = read_preamble(name, bytes(blob[:PREAMBLE_BYTES]))
+    stored, crc = parse_header(name, bytes(blob[PREAMBLE_BYTES:PREAMBLE_BYTES + length]),
+                               namespace)
     if stored != expected:
         raise TierError(f"{name}: header does not match the index")
-    payload = memoryview(blob)[PREAMBLE_BYTES + length:]
+    payload = blob[PREAMBLE_BYTES + length:]
     if len(payload) != expected.num_bytes:
         raise TierError(f"{name}: truncated")
     if zlib.crc32(payload) != crc:

@@ -37,7 +37,7 @@ import torch
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from kvtier.tiers import entry_codec
+from kvtier.tiers import entry_codec, redis_bulk
 from kvtier.tiers.base import EntryMeta, KVLayout, StoreHandle, TierError, TierStore, _Entry
 from kvtier.tiers.cost import TierRate
 from kvtier.tiers.policy import EvictionPolicy
@@ -94,10 +94,10 @@ def redacted(url: str) -> str:
 
 
 def _payload_tensor(payload: memoryview) -> torch.Tensor:
-    """A uint8 tensor over the reply's own bytes, not a copy: a fresh 12 MB buffer per read
-    cost up to ~30 ms of first-touch page faults on this repo's (virtual) 2-core box, more
-    than the GET. Read-only in fact (bytes are immutable); every reader of a tier's payload
-    only copies from it."""
+    """A uint8 tensor over the reply's own bytes (the bulk reader's buffer, or redis-py's
+    bytes), not a copy: a fresh 12 MB buffer per read cost up to ~30 ms of first-touch page
+    faults on this repo's (virtual) 2-core box, more than the GET. Read-only in fact; every
+    reader of a tier's payload only copies from it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         return torch.frombuffer(payload, dtype=torch.uint8)
@@ -140,6 +140,9 @@ class RedisStore(TierStore):
                 socket_connect_timeout=min(socket_timeout_s, 2.0),
                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1))
             self._client.ping()
+            self._bulk = (redis_bulk.BulkReader(self._client, socket_timeout_s)
+                          if redis_bulk.supports(self._client) else None)
+            """Reads of entries (TLS servers: redis-py's GET)."""
             self._publish_script = self._client.register_script(_PUBLISH)
             self._remove_script = self._client.register_script(_REMOVE)
             # Subscribed before the first resync: no entry published in between is missed.
@@ -226,7 +229,7 @@ class RedisStore(TierStore):
         if self.broken:
             raise self._fail(meta, f"{name}: unavailable ({self.broken})")
         try:
-            blob = self._client.get(self._entry_key(meta.key))
+            blob = self._get(self._entry_key(meta.key))
         except redis.RedisError as exc:
             # The store may be fine and the entry with it: forget it here only.
             raise self._lose(meta, f"{name}: {exc}") from exc
@@ -241,6 +244,13 @@ class RedisStore(TierStore):
             raise self._fail(meta, str(exc)) from exc  # damaged: removed for every replica
         self._mark_read(meta)
         return _payload_tensor(payload)
+
+    def _get(self, key: str) -> bytes | memoryview | None:
+        """An entry's encoded bytes, None where the store has no such key."""
+        if self._bulk is None:
+            return self._client.get(key)
+        value = self._bulk.get(key.encode())
+        return None if value is None else value.numpy().data
 
     def _lose(self, meta: EntryMeta, reason: str) -> TierError:
         """An entry this replica can no longer read, forgotten here without removing it from
@@ -392,12 +402,14 @@ class RedisStore(TierStore):
         try:
             self._client.set(scratch, entry_codec.preamble(meta, self.layout.namespace, data)
                              + data)
-            self._client.get(scratch)  # warm-up: the first large read grows the buffers
+            self._get(scratch)  # warm-up: the first read opens this thread's connection
             started = time.perf_counter()
-            self._client.get(scratch + ":missing")
+            self._get(scratch + ":missing")
             latency = time.perf_counter() - started
             started = time.perf_counter()
-            blob = self._client.get(scratch)
+            blob = self._get(scratch)
+            if blob is None:
+                raise TierError("the probe's value vanished")
             _payload_tensor(entry_codec.decode("probe", blob, meta, self.layout.namespace))
             elapsed = time.perf_counter() - started
             self._client.delete(scratch)
@@ -414,5 +426,7 @@ class RedisStore(TierStore):
             self._listener.join(timeout=5.0)
         self._removals.shutdown(wait=True)
         if not self.broken:
+            if self._bulk is not None:
+                self._bulk.close()
             self._pubsub.close()
             self._client.close()
