@@ -201,6 +201,10 @@ class TierStore(ABC):
         """Capacity an entry occupies (a slot store rounds up to its slot size)."""
         return meta.num_bytes
 
+    def charged_bytes(self, meta: EntryMeta) -> int:
+        """The capacity this store would charge an entry of `meta`."""
+        return self._entry_bytes(meta)
+
     def _reserve(self, meta: EntryMeta, location: object) -> bool:
         """Make room (evicting) and register a not-ready entry; False if it cannot fit."""
         size = self._entry_bytes(meta)

@@ -58,7 +58,7 @@ READ_AHEAD = 8
 waits on a file or a socket, so several overlap (redis-py takes a pooled connection per
 thread, and the disk tier's checksum releases the GIL), and later entries arrive while earlier
 ones are copied into the device pool. A 64-entry load on an H200's host (16 cores,
-`scripts/bench_tier_reads.py`): disk 1.36 GB/s one at a time, 3.27 at 4, 4.30 at 8, 3.69 at
+`scripts/bench_tier_io.py`): disk 1.36 GB/s one at a time, 3.27 at 4, 4.30 at 8, 3.69 at
 16; redis 0.65-0.87 at every setting there (one server thread), 0.35 -> 1.13 on a 2-core box."""
 
 
@@ -581,17 +581,30 @@ class TierManager:
     def write_down(self) -> int:
         """Copy every entry of each tier that the tier below lacks into it, oldest first, so
         the newest survive where the lower tier is smaller (graceful shutdown: a disk tier
-        under a host-memory one then keeps what both held). Returns the entries copied."""
+        under a host-memory one then keeps what both held). Returns the entries copied.
+
+        Only the newest entries that fit in the lower tier are copied: older ones would only
+        be evicted by the newer. So no copy evicts another, and the copies and the writes
+        (files, the network) run READ_AHEAD at a time in the reader threads, as loads' reads
+        do; room is taken in order, here, from what the lower tier held before."""
         copied = 0
         for upper, lower in itertools.pairwise(self.stores):
-            for meta in upper.ready_entries():
-                if lower.has_block(meta.key):
+            missing = [meta for meta in upper.ready_entries() if not lower.has_block(meta.key)]
+            room, newest = lower.capacity_bytes, 0
+            for meta in reversed(missing):
+                room -= lower.charged_bytes(meta)
+                if room < 0:
+                    break
+                newest += 1
+            writes: deque[Future] = deque()
+            for meta in missing[len(missing) - newest:]:
+                handle = lower.prepare_store(meta)
+                if handle is None:
                     continue
-                payload = upper.payload_copy(meta.key)
-                handle = None if payload is None else _staged_copy(lower, meta, payload)
-                if handle is not None:
-                    lower.complete_store(handle, True)
-                    copied += 1
+                if len(writes) >= self._read_ahead:
+                    copied += writes.popleft().result()
+                writes.append(self._readers.submit(_copy_down, upper, lower, handle))
+            copied += sum(write.result() for write in writes)  # before the next pair reads
         return copied
 
     def _demoter(self, lower: TierStore):  # noqa: ANN202 - closure type
@@ -608,6 +621,16 @@ class TierManager:
         self._io.shutdown(wait=True)
         for store in self.stores:
             store.close()
+
+
+def _copy_down(upper: TierStore, lower: TierStore, handle: StoreHandle) -> int:
+    """Fill and complete a lower tier's new entry from the upper tier's; 1 where it was
+    copied, 0 where the upper entry went meanwhile (the lower one is then given up)."""
+    payload = upper.payload_copy(handle.meta.key)
+    if payload is not None:
+        handle.buffer.copy_(payload)
+    lower.complete_store(handle, payload is not None)
+    return int(payload is not None)
 
 
 def _staged_copy(store: TierStore, meta: EntryMeta,

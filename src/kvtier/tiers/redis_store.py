@@ -23,6 +23,7 @@ threads (events, removals); `prepare_store` and lookups only touch the local ind
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -52,16 +53,29 @@ RESYNC_BATCH = 512
 PUBLISH_ATTEMPTS = 4
 """Evictions tried when the shared capacity is full of entries this replica had not seen."""
 
-# KEYS: entry, index, used. ARGV: key hex, encoded entry, record, bytes charged, capacity,
-# channel. 1: published; 0: another replica already had; -1: no room.
+STAGED_TTL_MS = 60_000
+"""An entry's value is first written under a staging key that expires after this long, so a
+replica that dies before publishing it leaves nothing behind."""
+
+# The value is already under the staging key (a plain SET: a value passed to a script as an
+# argument is copied more, 0.21 against 0.52 GB/s on this repo's box).
+# KEYS: staged value, entry, index, used. ARGV: key hex, record, bytes charged, capacity,
+# channel. 1: published (the staged value renamed to the entry); 0: another replica already
+# had it (staged value dropped); -1: no room (staged value kept for a retry); -2: the staged
+# value expired.
 _PUBLISH = """
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
-local used = tonumber(redis.call('GET', KEYS[3]) or '0')
-if used + tonumber(ARGV[4]) > tonumber(ARGV[5]) then return -1 end
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-redis.call('INCRBY', KEYS[3], ARGV[4])
-redis.call('PUBLISH', ARGV[6], '+' .. ARGV[3])
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+local used = tonumber(redis.call('GET', KEYS[4]) or '0')
+if used + tonumber(ARGV[3]) > tonumber(ARGV[4]) then return -1 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
+redis.call('RENAME', KEYS[1], KEYS[2])
+redis.call('PERSIST', KEYS[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('INCRBY', KEYS[4], ARGV[3])
+redis.call('PUBLISH', ARGV[5], '+' .. ARGV[2])
 return 1
 """
 
@@ -126,6 +140,7 @@ class RedisStore(TierStore):
         self.resync_s = resync_s
         prefix = f"kvtier:{{{layout.namespace}}}:"
         self._entry_prefix = prefix + "entry:"
+        self._staged_prefix = prefix + "staged:"
         self._index_key = prefix + "index"
         self._used_key = prefix + "used"
         self._channel = prefix + "events"
@@ -194,24 +209,31 @@ class RedisStore(TierStore):
         payload = handle.buffer.numpy().data
         blob = entry_codec.preamble(meta, self.layout.namespace, payload) + payload
         record = self._record(meta)
+        staged = f"{self._staged_prefix}{self.replica_id}:{meta.key.hex()}"
         try:
+            self._client.set(staged, blob, px=STAGED_TTL_MS)
             for _ in range(PUBLISH_ATTEMPTS):
                 self._await_removals()  # those that made this entry's room locally
                 published = self._publish_script(
-                    keys=[self._entry_key(meta.key), self._index_key, self._used_key],
-                    args=[meta.key.hex(), blob, record, self._entry_bytes(meta),
+                    keys=[staged, self._entry_key(meta.key), self._index_key, self._used_key],
+                    args=[meta.key.hex(), record, self._entry_bytes(meta),
                           self.capacity_bytes, self._channel])
                 if published >= 0:
                     return True
+                if published == -2:
+                    raise redis.RedisError(f"the staged value expired ({STAGED_TTL_MS} ms)")
                 # Full of entries this replica had not counted: make room among those it knows.
                 with self._lock:
                     evicted = self._evict_one()
                 if not evicted:
                     break
+            self._client.delete(staged)
         except redis.RedisError as exc:
             logger.warning("redis tier: store of %s failed: %s", meta.key.hex(), exc)
             with self._lock:
                 self.stats.num_errors += 1
+            with contextlib.suppress(redis.RedisError):
+                self._client.delete(staged)
             return False
         with self._lock:
             self.stats.num_rejected += 1

@@ -123,6 +123,8 @@ def test_replicas_storing_at_once_never_exceed_the_shared_capacity(
         assert len(records) <= 4
         assert int(client.get(stores[0]._used_key)) == len(records) * per_entry
         assert len(client.keys(f"{stores[0]._entry_prefix}*")) == len(records)
+        # Published, refused for room or beaten by another replica: no staged value stays.
+        assert not client.keys(f"{stores[0]._staged_prefix}*")
         for store in stores:
             store.check_integrity()  # shared used == the records', within capacity
             assert eventually(lambda s=store: {m.key.hex() for m in s.ready_entries()}

@@ -1,6 +1,6 @@
 """A load from a tier below host memory reads several entries at once and still lands each
 block where its plan says; a failed read ends the load at the blocks before it, and no read
-outlives the load."""
+outlives the load. The shutdown's write-down writes several entries at once too."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 from kvtier.config import TierConfig
 from kvtier.kv.block_pool import BlockPool
 from kvtier.kv.hashing import hash_block_tokens, root_block_hash
-from kvtier.tiers.base import EntryMeta, KVLayout
+from kvtier.tiers.base import EntryMeta, KVLayout, StoreHandle
 from kvtier.tiers.cost import CostModel, TierRate
+from kvtier.tiers.cpu import CPUStore
 from kvtier.tiers.disk import DiskStore
 from kvtier.tiers.manager import READ_AHEAD, TierManager
 from kvtier.tiers.policy import create_policy
@@ -104,7 +105,7 @@ def test_reads_overlap_and_every_block_lands_in_order(tmp_path: Path) -> None:
     assert result.num_loaded_blocks == len(hashes)
     assert result.hit_blocks_per_tier == {"disk": len(hashes)}
     assert torch.equal(kv_cache[:, :, blocks], torch.cat(payloads, dim=2))
-    assert store.most_at_once == READ_AHEAD > 1
+    assert store.most_at_once == min(READ_AHEAD, NUM_ENTRIES) > 1
 
 
 def test_a_failed_read_ends_the_load_before_it_and_no_read_outlives_the_load(
@@ -123,3 +124,49 @@ def test_a_failed_read_ends_the_load_before_it_and_no_read_outlives_the_load(
     assert running_at_result == 0
     assert not store.has(metas[2].key)  # the damaged entry is dropped
     store.check_integrity()
+
+
+class SlowWritingDiskStore(DiskStore):
+    """A real disk store whose writes take 50 ms more, counting how many run at once."""
+
+    def __init__(self, path: Path, capacity_bytes: int = 1 << 30) -> None:
+        super().__init__(LAYOUT, capacity_bytes, create_policy("lru"), str(path))
+        self._counter = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+
+    def complete_store(self, handle: StoreHandle, success: bool) -> None:
+        with self._counter:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            time.sleep(0.05)
+            super().complete_store(handle, success)
+        finally:
+            with self._counter:
+                self.running -= 1
+
+
+def test_write_down_writes_the_newest_that_fit_several_at_once(
+        tmp_path: Path) -> None:
+    cpu = CPUStore(LAYOUT, 16 * CHUNK_BLOCKS * LAYOUT.block_bytes, create_policy("lru"),
+                   CHUNK_BLOCKS, pin_memory=False)
+    _, payloads, metas = stored_prefix(cpu)
+    probe = DiskStore(LAYOUT, 1 << 30, create_policy("lru"), str(tmp_path / "probe"))
+    room = 4 * probe._entry_bytes(metas[0])  # four of the six entries fit
+    disk = SlowWritingDiskStore(tmp_path / "disk", room)
+    kv_cache = torch.zeros(LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size,
+                           LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    manager = TierManager(TierConfig(kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size),
+                          [cpu, disk], KVTransfer(kv_cache), BlockPool(NUM_BLOCKS),
+                          LAYOUT.block_size, CostModel(1.0, {"cpu": TierRate(1e9),
+                                                             "disk": TierRate(1e9)}))
+    # Only the newest four are written (the two oldest would be evicted by them), at once.
+    assert manager.write_down() == 4
+    assert disk.most_at_once == 4
+    assert disk.running == 0
+    assert [disk.has(meta.key) for meta in metas] == [False, False, True, True, True, True]
+    for meta, payload in zip(metas[2:], payloads[2:], strict=True):
+        assert torch.equal(disk.read(meta), payload.view(-1).view(torch.uint8))
+    disk.check_integrity()
+    manager.close()

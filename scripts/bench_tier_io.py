@@ -1,20 +1,25 @@
-"""How fast a load comes in from the tiers below host memory, by how many entries are read at
-once (`kvtier.tiers.manager.READ_AHEAD`).
+"""How fast the tiers below host memory take part in a load and in the shutdown's write-down,
+by how many entries are moved at once (`kvtier.tiers.manager.READ_AHEAD`).
 
-One plan of `--entries` chunks (Qwen2.5-1.5B's KV layout by default: 256-token chunks of
-7.3 MB in bfloat16) is stored in a disk tier and in a redis tier (a redis-server of the
+Loads: one plan of `--entries` chunks (Qwen2.5-1.5B's KV layout by default: 256-token chunks
+of 7.3 MB in bfloat16) is stored in a disk tier and in a redis tier (a redis-server of the
 script's own on a unix socket, or `--redis-url`), then loaded through the tier manager into a
 device KV pool (CUDA where there is one), with each read-ahead in turn, interleaved over
 `--rounds`. The figure is the load's wall time, from `start_load` to the result in `poll`: the
 reads, the checks and the copy into the pool. The disk tier's files are in the page cache
-(written just before), as a hot disk tier's are. Writes a JSON results file.
+(written just before), as a hot disk tier's are.
 
-    .venv/bin/python scripts/bench_tier_reads.py --out results/tier_reads.json
+Write-down: a cpu tier holding the same entries is written down into an empty disk (or redis)
+tier, as a graceful shutdown does (`TierManager.write_down`), timed whole. Writes a JSON
+results file.
+
+    .venv/bin/python scripts/bench_tier_io.py --out results/tier_io.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -24,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import redis
 import torch
 
 from kvtier.config import TierConfig
@@ -32,6 +38,7 @@ from kvtier.kv.hashing import hash_block_tokens, root_block_hash
 from kvtier.tiers import manager as manager_module
 from kvtier.tiers.base import EntryMeta, KVLayout, TierStore
 from kvtier.tiers.cost import CostModel, TierRate
+from kvtier.tiers.cpu import CPUStore
 from kvtier.tiers.disk import DiskStore
 from kvtier.tiers.policy import create_policy
 from kvtier.tiers.redis_store import RedisStore
@@ -39,7 +46,7 @@ from kvtier.tiers.transfer import KVTransfer
 from kvtier.utils.redis_server import RedisServer, redis_server_available
 
 # Qwen2.5-1.5B: 28 layers, 2 KV heads of 128, bfloat16, 16-token blocks.
-LAYOUT = KVLayout("bench-tier-reads", "bfloat16", num_layers=28, num_kv_heads=2, head_dim=128,
+LAYOUT = KVLayout("bench-tier-io", "bfloat16", num_layers=28, num_kv_heads=2, head_dim=128,
                   block_size=16, dtype_bytes=2)
 
 
@@ -62,15 +69,29 @@ def store_prefix(store: TierStore, num_entries: int, chunk_blocks: int) -> list[
     return hashes
 
 
-def tier_manager(store: TierStore, kv_cache: torch.Tensor, chunk_blocks: int,
+def tier_manager(stores: list[TierStore], kv_cache: torch.Tensor, chunk_blocks: int,
                  read_ahead: int) -> manager_module.TierManager:
-    """A tier manager over `store` alone that reads `read_ahead` entries at once; loading
-    from it always pays."""
+    """A tier manager over `stores` that moves `read_ahead` entries at once; loading from
+    them always pays."""
     manager_module.READ_AHEAD = read_ahead  # what a manager takes when it is built
     return manager_module.TierManager(
-        TierConfig(kv_tier_chunk_tokens=chunk_blocks * LAYOUT.block_size), [store],
+        TierConfig(kv_tier_chunk_tokens=chunk_blocks * LAYOUT.block_size), stores,
         KVTransfer(kv_cache), BlockPool(kv_cache.shape[2]), LAYOUT.block_size,
-        CostModel(1.0, {store.name: TierRate(1e12, latency_s=0.0)}))
+        CostModel(1.0, {store.name: TierRate(1e12, latency_s=0.0) for store in stores}))
+
+
+def timed_write_down(name: str, make_lower, cpu: CPUStore, kv_cache: torch.Tensor,  # noqa: ANN001
+                     chunk_blocks: int, read_ahead: int) -> float:
+    """Seconds for a write-down of every cpu entry into a fresh, empty lower tier."""
+    lower = make_lower()
+    manager = tier_manager([cpu, lower], kv_cache, chunk_blocks, read_ahead)
+    started = time.perf_counter()
+    copied = manager.write_down()
+    elapsed = time.perf_counter() - started
+    if copied != cpu.num_entries:
+        raise SystemExit(f"{name} write-down copied {copied} of {cpu.num_entries} entries")
+    lower.close()
+    return elapsed
 
 
 def timed_load(manager: manager_module.TierManager, hashes: list[bytes]) -> float:
@@ -125,9 +146,13 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="kvtier-tier-reads-"))
     server = None
     stores: dict[str, TierStore] = {}
+    capacity = 2 * total_bytes + (64 << 20)
+    lowers = {}  # a fresh, empty lower tier for each write-down
     if "disk" in tiers:
-        stores["disk"] = DiskStore(LAYOUT, 2 * total_bytes + (64 << 20), create_policy("lru"),
-                                   str(scratch / "disk"))
+        stores["disk"] = DiskStore(LAYOUT, capacity, create_policy("lru"), str(scratch / "disk"))
+        fresh_dirs = itertools.count()
+        lowers["disk"] = lambda: DiskStore(LAYOUT, capacity, create_policy("lru"),
+                                           str(scratch / f"write-down-{next(fresh_dirs)}"))
     if "redis" in tiers:
         url = args.redis_url
         if url is None:
@@ -135,10 +160,14 @@ def main() -> None:
                 raise SystemExit("no redis-server on the PATH (or pass --redis-url)")
             server = RedisServer.start(scratch)
             url = server.url
-        stores["redis"] = RedisStore(LAYOUT, 2 * total_bytes + (64 << 20),
-                                     create_policy("lru"), url)
+        stores["redis"] = RedisStore(LAYOUT, capacity, create_policy("lru"), url)
         if stores["redis"].broken:
             raise SystemExit(f"redis tier unusable: {stores['redis'].broken}")
+
+        def fresh_redis(url: str = url) -> RedisStore:
+            redis.Redis.from_url(url).flushdb()
+            return RedisStore(LAYOUT, capacity, create_policy("lru"), url)
+        lowers["redis"] = fresh_redis
 
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     results: dict = {
@@ -153,7 +182,7 @@ def main() -> None:
     try:
         for name, store in stores.items():
             hashes = store_prefix(store, args.entries, chunk_blocks)
-            managers = {n: tier_manager(store, kv_cache, chunk_blocks, n) for n in read_aheads}
+            managers = {n: tier_manager([store], kv_cache, chunk_blocks, n) for n in read_aheads}
             seconds: dict[int, list[float]] = {n: [] for n in read_aheads}
             timed_load(managers[read_aheads[0]], hashes)  # warm-up
             for _ in range(args.rounds):
@@ -169,6 +198,24 @@ def main() -> None:
                 print(f"  {name:5s} read-ahead {read_ahead}: {1e3 * best:8.1f} ms  "
                       f"{total_bytes / best / 1e9:5.2f} GB/s")
             results["tiers"][name] = rows
+        cpu = CPUStore(LAYOUT, total_bytes + (64 << 20), create_policy("lru"), chunk_blocks,
+                       pin_memory=False)
+        store_prefix(cpu, args.entries, chunk_blocks)
+        results["write_down"] = {}
+        for name, make_lower in lowers.items():
+            seconds = {n: [] for n in read_aheads}
+            for _ in range(args.rounds):
+                for read_ahead in read_aheads:
+                    seconds[read_ahead].append(timed_write_down(
+                        name, make_lower, cpu, kv_cache, chunk_blocks, read_ahead))
+            rows = {}
+            for read_ahead, times in seconds.items():
+                best = statistics.median(times)
+                rows[read_ahead] = {"median_s": best, "gb_s": total_bytes / best / 1e9,
+                                    "seconds": times}
+                print(f"  write-down cpu -> {name:5s} at {read_ahead}: {1e3 * best:8.1f} ms  "
+                      f"{total_bytes / best / 1e9:5.2f} GB/s")
+            results["write_down"][name] = rows
     finally:
         for store in stores.values():
             store.close()  # a store whose managers were closed is closed already
