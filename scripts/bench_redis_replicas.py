@@ -8,7 +8,8 @@ it recomputes every document), and its greedy tokens must equal that engine's. A
 the redis tier's start-up probe (latency, rate) and the tokens B loaded from Redis. Whether a
 load pays is the engine's own cost model's call, as in serving. Each engine runs in a process
 of its own, as replicas do (and on CUDA a second engine in one process would find the first's
-memory taken). Writes a JSON results file.
+memory taken). With `--tier-kind disk` the two share a disk tier's directory instead: B is
+then an engine restarted over what A left on disk. Writes a JSON results file.
 
     .venv/bin/python scripts/bench_redis_replicas.py --out results/redis_replicas.json
     (--model random:qwen2.5-1.5b --dtype bfloat16 on a GPU; --redis-url for a running server)
@@ -50,13 +51,13 @@ def serve_one_by_one(llm, prompts: list[list[int]], max_tokens: int) -> list[dic
     return rows
 
 
-def summary(rows: list[dict]) -> dict:
+def summary(rows: list[dict], kind: str) -> dict:
     ttfts = [row["ttft_s"] for row in rows]
     return {"mean_ttft_ms": 1e3 * statistics.fmean(ttfts),
             "median_ttft_ms": 1e3 * statistics.median(ttfts),
-            "redis_hit_tokens": sum(row["tier_hit_tokens"].get("redis", 0) for row in rows),
+            f"{kind}_hit_tokens": sum(row["tier_hit_tokens"].get(kind, 0) for row in rows),
             "ttft_ms": [round(1e3 * t, 2) for t in ttfts],
-            "redis_hit_tokens_each": [row["tier_hit_tokens"].get("redis", 0) for row in rows]}
+            f"{kind}_hit_tokens_each": [row["tier_hit_tokens"].get(kind, 0) for row in rows]}
 
 
 def run_replica(role: str, url: str, prompts_file: Path, rows_file: Path,
@@ -66,7 +67,7 @@ def run_replica(role: str, url: str, prompts_file: Path, rows_file: Path,
     from kvtier import LLM
     from kvtier.utils.host_counters import HostCounters
     engine_args = {"dtype": args.dtype, **({"model": args.model} if args.model else {})}
-    tier = (f"redis:{url}:{args.redis_size}",)
+    tier = (f"{args.tier_kind}:{url}:{args.redis_size}",)
     if role == "a":
         llm = LLM(kv_tiers=tier, kv_store_policy="write-through", **engine_args)
     elif role == "b":
@@ -75,7 +76,7 @@ def run_replica(role: str, url: str, prompts_file: Path, rows_file: Path,
         llm = LLM(**engine_args)
     result: dict = {}
     if role == "b":
-        rate = llm.engine.tiers.cost.tier_rates["redis"]
+        rate = llm.engine.tiers.cost.tier_rates[args.tier_kind]
         result["probe"] = {"latency_ms": 1e3 * rate.latency_s, "gb_per_s": rate.bytes_per_s / 1e9}
         result["prefill_tokens_per_s"] = llm.engine.tiers.cost.prefill_tokens_per_s
     before = HostCounters.snapshot()
@@ -100,7 +101,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--redis-url", default=None,
                         help="a running server (default: start a redis-server of our own)")
-    parser.add_argument("--redis-size", default="4GiB")
+    parser.add_argument("--redis-size", default="4GiB", help="the shared tier's size")
+    parser.add_argument("--tier-kind", choices=("redis", "disk"), default="redis",
+                        help="disk: the replicas share a directory instead (B is then an "
+                             "engine restarted over A's disk tier)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--trace-dir", type=Path, default=None,
                         help="write each engine's KVTIER_STEP_TRACE here (trace-<role>.jsonl)")
@@ -118,7 +122,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kvtier-replicas-"))
     server = None
     url = args.redis_url
-    if url is None:
+    if args.tier_kind == "disk":
+        url = str(work / "disk-tier")
+    elif url is None:
         server = RedisServer.start(work)
         url = server.url
     docs = documents(args.documents, args.document_tokens, seed=0)
@@ -135,7 +141,7 @@ def main() -> None:
                        "--prompts-file", str(work / f"prompts-{prompts}.json"),
                        "--rows-file", str(work / f"rows-{role}.json"),
                        "--dtype", args.dtype, "--max-tokens", str(args.max_tokens),
-                       "--redis-size", args.redis_size,
+                       "--redis-size", args.redis_size, "--tier-kind", args.tier_kind,
                        *(("--model", args.model) if args.model else ())]
             env = dict(os.environ)
             if args.trace_dir is not None:
@@ -146,6 +152,7 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
+    kind = args.tier_kind
     rows_b, rows_off = parts["b"]["rows"], parts["off"]["rows"]
     probe, prefill_rate = parts["b"]["probe"], parts["b"]["prefill_tokens_per_s"]
     stored = parts["a"]["stored_bytes"]
@@ -157,25 +164,27 @@ def main() -> None:
                                  text=True, check=False).stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "redis_probe": probe, "prefill_tokens_per_s_at_start": prefill_rate,
+        "tier_kind": args.tier_kind,
+        f"{args.tier_kind}_probe": probe, "prefill_tokens_per_s_at_start": prefill_rate,
         "stored_bytes_by_a": stored,
-        "replica_a_cold": summary(parts["a"]["rows"]), "replica_b_redis": summary(rows_b),
-        "no_tier_recompute": summary(rows_off),
+        "replica_a_cold": summary(parts["a"]["rows"], kind),
+        f"replica_b_{kind}": summary(rows_b, kind),
+        "no_tier_recompute": summary(rows_off, kind),
         "tokens_identical": all(identical),
         "host_while_serving": {role: parts[role]["host"] for role in ("a", "b", "off")},
     }
-    b, off = results["replica_b_redis"], results["no_tier_recompute"]
+    b, off = results[f"replica_b_{kind}"], results["no_tier_recompute"]
     print(f"device {results['device']}, {args.documents} documents of {args.document_tokens} "
           f"tokens, {stored / 1e6:.0f} MB stored by replica A")
-    print(f"redis probe: latency {probe['latency_ms']:.3f} ms, {probe['gb_per_s']:.2f} GB/s; "
+    print(f"{kind} probe: latency {probe['latency_ms']:.3f} ms, {probe['gb_per_s']:.2f} GB/s; "
           f"prefill {prefill_rate:,.0f} tokens/s at start")
-    print(f"{'':28}{'mean TTFT':>12}{'median':>10}{'from redis':>12}")
+    print(f"{'':28}{'mean TTFT':>12}{'median':>10}{'from ' + kind:>12}")
     for name, key in (("replica A (cold)", "replica_a_cold"),
-                      ("replica B, redis tier", "replica_b_redis"),
+                      (f"replica B, {kind} tier", f"replica_b_{kind}"),
                       ("no tier (recompute)", "no_tier_recompute")):
         row = results[key]
         print(f"{name:28}{row['mean_ttft_ms']:10.1f}ms{row['median_ttft_ms']:8.1f}ms"
-              f"{row['redis_hit_tokens']:12,}")
+              f"{row[f'{kind}_hit_tokens']:12,}")
     for role, host in results["host_while_serving"].items():
         print(f"host while {role} served: {host}")
     print(f"replica B / recompute mean TTFT: {b['mean_ttft_ms'] / off['mean_ttft_ms']:.3f}x; "

@@ -412,34 +412,43 @@ class RedisStore(TierStore):
         assert used == charged, f"shared used {used} != the records' {charged}"
         assert used <= self.capacity_bytes, "shared capacity exceeded"
 
-    def probe(self, payload: torch.Tensor) -> TierRate:
-        """Latency (a GET of a missing key) and rate of a read as `read` does it (GET, checks,
-        copy out) of an entry of `payload`'s size, through a scratch key."""
+    def probe(self, payload: torch.Tensor, reads_at_once: int = 1) -> TierRate:
+        """Latency (a GET of a missing key) and rate of `reads_at_once` reads of an entry of
+        `payload`'s size as `read` does them (GET, checks, copy out) in as many threads, as
+        a load reads its entries, through scratch keys."""
         if self.broken:
             return TierRate(1.0, latency_s=1.0)  # unusable: never worth loading from
         key = BlockHash(bytes.fromhex(self.replica_id.ljust(32, "0")))
         meta = EntryMeta(key, (key,), payload.numel())
         data = payload.numpy().data
-        scratch = f"{self._entry_prefix}probe:{self.replica_id}"
+        blob = entry_codec.preamble(meta, self.layout.namespace, data) + data
+        scratch = [f"{self._entry_prefix}probe:{self.replica_id}:{i}"
+                   for i in range(reads_at_once)]
+
+        def read(name: str) -> None:
+            value = self._get(name)
+            if value is None:
+                raise TierError("a probe value vanished")
+            _payload_tensor(entry_codec.decode("probe", value, meta, self.layout.namespace))
+
         try:
-            self._client.set(scratch, entry_codec.preamble(meta, self.layout.namespace, data)
-                             + data)
-            self._get(scratch)  # warm-up: the first read opens this thread's connection
-            started = time.perf_counter()
-            self._get(scratch + ":missing")
-            latency = time.perf_counter() - started
-            started = time.perf_counter()
-            blob = self._get(scratch)
-            if blob is None:
-                raise TierError("the probe's value vanished")
-            _payload_tensor(entry_codec.decode("probe", blob, meta, self.layout.namespace))
-            elapsed = time.perf_counter() - started
-            self._client.delete(scratch)
+            with ThreadPoolExecutor(reads_at_once, thread_name_prefix="kvtier-probe") as pool:
+                for name in scratch:
+                    self._client.set(name, blob)
+                # Warm-up: each thread's connection opened, the first large reads done.
+                list(pool.map(read, scratch))
+                started = time.perf_counter()
+                self._get(scratch[0] + ":missing")
+                latency = time.perf_counter() - started
+                started = time.perf_counter()
+                list(pool.map(read, scratch))
+                elapsed = time.perf_counter() - started
+            self._client.delete(*scratch)
         except (redis.RedisError, TierError) as exc:
             logger.warning("redis tier probe failed: %s", exc)
             return TierRate(1.0, latency_s=1.0)
         # As `CostModel.observe_load` reads a load: at most twice the naive rate.
-        return TierRate(payload.numel() / max(elapsed - latency, elapsed / 2),
+        return TierRate(reads_at_once * payload.numel() / max(elapsed - latency, elapsed / 2),
                         latency_s=latency)
 
     def close(self) -> None:

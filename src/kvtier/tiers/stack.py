@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from kvtier.config import ConfigError, TierConfig, TierSpec
 from kvtier.kv.block_pool import BlockPool
+from kvtier.tiers import manager as manager_module
 from kvtier.tiers.base import KVLayout, TierStore
 from kvtier.tiers.cost import CostModel, PrefillRate, TierRate
 from kvtier.tiers.cpu import CPUStore
@@ -84,31 +87,45 @@ def probe_rate(store: TierStore, transfer: KVTransfer, chunk_blocks: int) -> Tie
     if store.name == "disk":
         return _probe_disk(store, transfer, payload, num_blocks)
     if isinstance(store, RedisStore):
-        return store.probe(payload)
+        return store.probe(payload, reads_at_once=manager_module.READ_AHEAD)
     return TierRate(1e9, latency_s=1e-3)
 
 
 def _probe_disk(store: TierStore, transfer: KVTransfer, payload: torch.Tensor,
                 num_blocks: int) -> TierRate:
+    """Latency: a 4 kB read. Rate: READ_AHEAD chunk files read at once and checksummed, in
+    reader threads, each copied into the device cache as it comes: as a load reads them."""
     root = getattr(store, "root", None)
     if getattr(store, "broken", None) or root is None:
         return TierRate(1.0, latency_s=1.0)  # unusable: never worth loading from
+    reads = manager_module.READ_AHEAD
+    index = transfer.load_index(list(range(num_blocks)))
     try:
-        with tempfile.NamedTemporaryFile(dir=Path(root), suffix=".probe") as f:
-            f.write(payload.numpy().tobytes())
-            f.flush()
+        with tempfile.TemporaryDirectory(dir=Path(root), prefix=".probe-") as scratch, \
+                ThreadPoolExecutor(reads, thread_name_prefix="kvtier-probe") as readers:
+            paths = [Path(scratch) / f"{i}.probe" for i in range(reads)]
+            for path in paths:
+                path.write_bytes(payload.numpy().data)
+            list(readers.map(lambda _: None, range(reads)))  # threads started before timing
             started = time.perf_counter()
-            f.seek(0)
-            f.read(4096)
+            with open(paths[0], "rb") as f:
+                f.read(4096)
             latency = time.perf_counter() - started
             started = time.perf_counter()
-            f.seek(0)
-            data = f.read()
-            transfer.copy_in(torch.frombuffer(bytearray(data), dtype=torch.uint8), num_blocks,
-                             0, transfer.load_index(list(range(num_blocks))))
+            for data in readers.map(_read_checked, paths):
+                transfer.copy_in(data, num_blocks, 0, index)
             transfer.wait_loads()
             elapsed = time.perf_counter() - started
     except OSError as exc:
         logger.warning("disk tier probe failed: %s", exc)
         return TierRate(1.0, latency_s=1.0)
-    return TierRate(payload.numel() / max(elapsed, 1e-9), latency_s=latency)
+    return TierRate(reads * payload.numel() / max(elapsed, 1e-9), latency_s=latency)
+
+
+def _read_checked(path: Path) -> torch.Tensor:
+    """A file read whole into a new buffer and checksummed, as the disk tier reads an entry."""
+    buffer = torch.empty(path.stat().st_size, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        f.readinto(buffer.numpy().data)
+    zlib.crc32(buffer.numpy().data)
+    return buffer

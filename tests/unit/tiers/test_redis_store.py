@@ -267,10 +267,11 @@ def test_a_resync_repairs_an_index_that_missed_events(redis_server: RedisServer)
         second.close()
 
 
-def test_probe_measures_a_round_trip(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("reads_at_once", [1, 4])
+def test_probe_measures_a_round_trip(redis_server: RedisServer, reads_at_once: int) -> None:
     store = redis_store(redis_server.url, 4)
     try:
-        rate = store.probe(torch.zeros(1 << 20, dtype=torch.uint8))
+        rate = store.probe(torch.zeros(1 << 20, dtype=torch.uint8), reads_at_once)
         assert 0 < rate.latency_s < 0.5 and rate.bytes_per_s > 1e6
         assert raw_client(redis_server).keys("*probe*") == []
     finally:

@@ -1,0 +1,38 @@
+"""The disk tier's start-up probe reads as a load does (several chunk files at once, each
+checksummed and copied into the device cache) and leaves nothing in the tier's directory;
+an unusable disk tier is never worth loading from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kvtier.tiers.disk import DiskStore
+from kvtier.tiers.policy import create_policy
+from kvtier.tiers.stack import probe_rate
+from kvtier.tiers.transfer import KVTransfer
+from tests.unit.tiers.test_stores import CHUNK_BLOCKS, LAYOUT
+
+
+def kv_cache() -> torch.Tensor:
+    return torch.zeros(LAYOUT.num_layers, 2, 4 * CHUNK_BLOCKS, LAYOUT.block_size,
+                       LAYOUT.num_kv_heads, LAYOUT.head_dim)
+
+
+def test_the_disk_probe_measures_and_leaves_no_file_behind(tmp_path: Path) -> None:
+    store = DiskStore(LAYOUT, 1 << 30, create_policy("lru"), str(tmp_path))
+    before = sorted(store.root.iterdir())
+    rate = probe_rate(store, KVTransfer(kv_cache()), CHUNK_BLOCKS)
+    assert 0 < rate.latency_s < 0.5 and rate.bytes_per_s > 1e5
+    assert sorted(store.root.iterdir()) == before
+    assert store.num_entries == 0
+
+
+def test_an_unusable_disk_tier_probes_as_never_worth_loading(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    store = DiskStore(LAYOUT, 1 << 30, create_policy("lru"), str(blocked))
+    assert store.broken
+    rate = probe_rate(store, KVTransfer(kv_cache()), CHUNK_BLOCKS)
+    assert rate.latency_s >= 1.0 and rate.bytes_per_s <= 1.0
