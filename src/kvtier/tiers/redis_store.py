@@ -413,9 +413,10 @@ class RedisStore(TierStore):
         assert used <= self.capacity_bytes, "shared capacity exceeded"
 
     def probe(self, payload: torch.Tensor, reads_at_once: int = 1) -> TierRate:
-        """Latency (a GET of a missing key) and rate of `reads_at_once` reads of an entry of
-        `payload`'s size as `read` does them (GET, checks, copy out) in as many threads, as
-        a load reads its entries, through scratch keys."""
+        """Latency (a GET of a missing key) and rate of reads of entries of `payload`'s size
+        as `read` does them (GET, checks, copy out), `reads_at_once` at a time as a load
+        reads its entries (twice as many values as threads, past the first wave), through
+        scratch keys."""
         if self.broken:
             return TierRate(1.0, latency_s=1.0)  # unusable: never worth loading from
         key = BlockHash(bytes.fromhex(self.replica_id.ljust(32, "0")))
@@ -423,7 +424,7 @@ class RedisStore(TierStore):
         data = payload.numpy().data
         blob = entry_codec.preamble(meta, self.layout.namespace, data) + data
         scratch = [f"{self._entry_prefix}probe:{self.replica_id}:{i}"
-                   for i in range(reads_at_once)]
+                   for i in range(2 * reads_at_once)]
 
         def read(name: str) -> None:
             value = self._get(name)
@@ -448,7 +449,7 @@ class RedisStore(TierStore):
             logger.warning("redis tier probe failed: %s", exc)
             return TierRate(1.0, latency_s=1.0)
         # As `CostModel.observe_load` reads a load: at most twice the naive rate.
-        return TierRate(reads_at_once * payload.numel() / max(elapsed - latency, elapsed / 2),
+        return TierRate(len(scratch) * payload.numel() / max(elapsed - latency, elapsed / 2),
                         latency_s=latency)
 
     def close(self) -> None:

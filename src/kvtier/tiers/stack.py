@@ -93,20 +93,22 @@ def probe_rate(store: TierStore, transfer: KVTransfer, chunk_blocks: int) -> Tie
 
 def _probe_disk(store: TierStore, transfer: KVTransfer, payload: torch.Tensor,
                 num_blocks: int) -> TierRate:
-    """Latency: a 4 kB read. Rate: READ_AHEAD chunk files read at once and checksummed, in
-    reader threads, each copied into the device cache as it comes: as a load reads them."""
+    """Latency: a 4 kB read. Rate: 2 x READ_AHEAD chunk files read READ_AHEAD at a time and
+    checksummed, in reader threads, each copied into the device cache as it comes: as a load
+    reads them."""
     root = getattr(store, "root", None)
     if getattr(store, "broken", None) or root is None:
         return TierRate(1.0, latency_s=1.0)  # unusable: never worth loading from
-    reads = manager_module.READ_AHEAD
+    threads = manager_module.READ_AHEAD
+    reads = 2 * threads  # past the first wave: a long load's steady state
     index = transfer.load_index(list(range(num_blocks)))
     try:
         with tempfile.TemporaryDirectory(dir=Path(root), prefix=".probe-") as scratch, \
-                ThreadPoolExecutor(reads, thread_name_prefix="kvtier-probe") as readers:
+                ThreadPoolExecutor(threads, thread_name_prefix="kvtier-probe") as readers:
             paths = [Path(scratch) / f"{i}.probe" for i in range(reads)]
             for path in paths:
                 path.write_bytes(payload.numpy().data)
-            list(readers.map(lambda _: None, range(reads)))  # threads started before timing
+            list(readers.map(lambda _: None, range(threads)))  # threads started before timing
             started = time.perf_counter()
             with open(paths[0], "rb") as f:
                 f.read(4096)

@@ -5,6 +5,8 @@ leaves the connection usable, and a dropped one is replaced."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
@@ -44,11 +46,21 @@ def test_threads_read_at_once_each_on_its_own_connection(redis_server: RedisServ
     for key, value in values.items():
         client.set(key, value)
     before = client.info("clients")["connected_clients"]
+    keys = list(values)
+    together = threading.Barrier(4)
+
+    def read_a_quarter(part: int) -> list[bytes]:
+        together.wait()  # four threads, each reading at the same time
+        return [bytes(reader.get(key).numpy()) for key in keys[part::4] * 3]
+
     with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda key: bytes(reader.get(key).numpy()), list(values) * 3))
-    assert got == list(values.values()) * 3
+        got = list(pool.map(read_a_quarter, range(4)))
+    assert got == [[values[key] for key in keys[part::4] * 3] for part in range(4)]
     assert client.info("clients")["connected_clients"] == before + 4
     reader.close()
+    deadline = time.monotonic() + 5.0  # the server notices the closes in its own time
+    while client.info("clients")["connected_clients"] != before and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert client.info("clients")["connected_clients"] == before
 
 
