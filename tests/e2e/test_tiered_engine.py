@@ -493,10 +493,16 @@ def test_cost_model_observes_prefill_steps_only() -> None:
     # recomputing costs; decode-only steps (one token per row) must not dilute that rate.
     llm = make_llm(kv_tiers=("cpu:64MiB",))
     observed: list[int] = []
+    positions: list[float] = []
     cost = llm.engine.tiers.cost
     observe = cost.observe_prefill
-    cost.observe_prefill = lambda tokens, seconds: (observed.append(tokens),  # type: ignore[method-assign]
-                                                     observe(tokens, seconds))
+
+    def observe_and_note(tokens: int, seconds: float, mean_position: float = 0.0) -> None:
+        observed.append(tokens)
+        positions.append(mean_position)
+        observe(tokens, seconds, mean_position)
+
+    cost.observe_prefill = observe_and_note  # type: ignore[method-assign]
     prompts = workload(num_requests=2)
     outputs = llm.generate(prompts, GREEDY)
     finish(llm)
@@ -505,6 +511,8 @@ def test_cost_model_observes_prefill_steps_only() -> None:
     # tails (< 32 tokens) and the decodes are not observed.
     assert observed and all(tokens >= 32 for tokens in observed)
     assert sum(observed) >= 2 * 256
+    # Each step at its tokens' mean position: the first chunks from 0, the second from 128.
+    assert min(positions) == pytest.approx(63.5) and max(positions) > 128
 
 
 def test_step_trace_counts_the_tiers_loads_and_stores(

@@ -37,7 +37,7 @@ from kvtier.runner.model_runner import ModelRunner, PendingOutput
 from kvtier.runner.piecewise_graph import estimate_bytes as estimate_piecewise_bytes
 from kvtier.scheduler import Scheduler
 from kvtier.tiers.base import KVLayout, TierStats
-from kvtier.tiers.cost import PrefillRate
+from kvtier.tiers.cost import PrefillRate, attention_per_key, token_weight
 from kvtier.tiers.manager import ManagerStats, TierManager
 from kvtier.tiers.stack import build_tier_manager
 from kvtier.types import (
@@ -283,8 +283,13 @@ class LLMEngine:
                     torch.cuda.synchronize(self.device)
                 seconds[num_tokens] = max(time.perf_counter() - started, 1e-9)
             self.runner.sampler.forget(["warmup"])
-        return PrefillRate(large / seconds[large],
-                           step_overhead_s=seconds[small] if small < large else 0.0)
+        spec = self.spec
+        per_key = attention_per_key(spec.num_hidden_layers, spec.hidden_size,
+                                    spec.intermediate_size, spec.num_attention_heads,
+                                    spec.num_key_value_heads, spec.head_dim)
+        return PrefillRate(token_weight(per_key, 0, large) / seconds[large],
+                           step_overhead_s=seconds[small] if small < large else 0.0,
+                           attention_per_key=per_key)
 
     def warm_up_prefill_kernels(self) -> None:
         """Run each step of WARMUP_STEPS once (fitted to the pool and the token budget).
@@ -484,9 +489,12 @@ class LLMEngine:
         assert self.tiers is not None
         if scheduled.num_scheduled_tokens == len(scheduled.requests):
             return  # one token per row: decodes only (most steps), no prefill to observe
-        num_prefill = sum(len(s.token_ids) for s in scheduled.requests if len(s.token_ids) > 1)
+        prefills = [s for s in scheduled.requests if len(s.token_ids) > 1]
+        num_prefill = sum(len(s.token_ids) for s in prefills)
         if num_prefill >= 32 and 2 * num_prefill >= scheduled.num_scheduled_tokens:
-            self.tiers.cost.observe_prefill(num_prefill, seconds)
+            positions = sum(len(s.token_ids) * (s.num_computed_tokens + (len(s.token_ids) - 1) / 2)
+                            for s in prefills)
+            self.tiers.cost.observe_prefill(num_prefill, seconds, positions / num_prefill)
 
     def _trace_step(self, now: float, kind: str, scheduled: SchedulerOutput, decodes: int,
                     runner_s: float) -> None:

@@ -16,6 +16,9 @@ from kvtier.types import BlockHash
 @dataclass(frozen=True)
 class Chunk:
     block_hashes: tuple[BlockHash, ...]
+    prefix_blocks: int = 0
+    """Blocks of the prompt it was cut from (0: its own): what a later load of this chunk
+    is part of, for admission."""
 
     @property
     def key(self) -> BlockHash:
@@ -26,7 +29,7 @@ def chunk_runs(block_hashes: list[BlockHash], start: int, end: int,
                chunk_blocks: int) -> list[Chunk]:
     """Chunk-aligned runs covering blocks [start, end) (from the chunk holding `start`)."""
     first = start - start % chunk_blocks
-    return [Chunk(tuple(block_hashes[i:min(i + chunk_blocks, end)]))
+    return [Chunk(tuple(block_hashes[i:min(i + chunk_blocks, end)]), len(block_hashes))
             for i in range(first, end, chunk_blocks) if i < end]
 
 

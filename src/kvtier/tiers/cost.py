@@ -1,5 +1,15 @@
 """Load-or-recompute: predicted load time (latency + bytes over the tier's measured rate) against
-predicted recompute time (tokens over the measured prefill rate).
+predicted recompute time (tokens over the measured prefill rate, each weighted by the keys it
+attends).
+
+A prompt token at position p costs its projections plus attention over p keys: relative to
+the projections alone, 1 + attention_per_key * p, where `attention_per_key` is the model's
+FLOPs per attended key over its projections' FLOPs per token (1/15,200 for Qwen2.5-1.5B). The
+measured rate is kept as that of tokens at position 0, so one rate predicts a short prompt
+and the end of a 16k-token one (on an H200 a 16k-token prompt recomputed at ~110k tokens/s,
+against ~170k in the start-up probe's 8,192-token step). FLOPs leave out that attention runs
+at a lower rate than the projections, so a long prefix's recompute is estimated low, never
+high: a load judged to pay does.
 
 Rates start from a short probe at engine start and follow what the engine observes
 (exponentially weighted), so a slow disk or a busy link stops being used on its own.
@@ -34,11 +44,28 @@ class TierRate:
 
 @dataclass(frozen=True)
 class PrefillRate:
-    """The engine's start-up prefill probe: tokens per second in a large step, and an almost
-    empty step's time."""
+    """The engine's start-up prefill probe: tokens per second at position 0 (from a large
+    step), an almost empty step's time, and the model's `attention_per_key`."""
 
     tokens_per_s: float
     step_overhead_s: float = 0.0
+    attention_per_key: float = 0.0
+
+
+def attention_per_key(num_layers: int, hidden_size: int, intermediate_size: int,
+                      num_heads: int, num_kv_heads: int, head_dim: int) -> float:
+    """FLOPs of attending one more key (scores and values, every query head of every layer)
+    over FLOPs of a token's projections (q, k, v, o and a gated MLP)."""
+    projections = num_layers * (hidden_size * (num_heads + 2 * num_kv_heads) * head_dim
+                                + num_heads * head_dim * hidden_size
+                                + 3 * hidden_size * intermediate_size)
+    return (4 * num_layers * num_heads * head_dim) / (2 * projections)
+
+
+def token_weight(attention_per_key: float, first_token: int, num_tokens: int) -> float:
+    """Prompt tokens at positions first_token .. first_token + num_tokens - 1, counted in
+    tokens at position 0."""
+    return num_tokens * (1.0 + attention_per_key * (first_token + (num_tokens - 1) / 2))
 
 
 class CostModel:
@@ -47,10 +74,12 @@ class CostModel:
 
     def __init__(self, prefill_tokens_per_s: float, tier_rates: dict[str, TierRate],
                  clock: Callable[[], float] = time.monotonic,
-                 step_overhead_s: float = 0.0) -> None:
+                 step_overhead_s: float = 0.0, attention_per_key: float = 0.0) -> None:
         if prefill_tokens_per_s <= 0:
             raise ValueError("prefill rate must be positive")
         self.prefill_tokens_per_s = prefill_tokens_per_s
+        """Prompt tokens per second at position 0 (attending nothing)."""
+        self.attention_per_key = max(0.0, attention_per_key)
         self.step_overhead_s = max(0.0, step_overhead_s)
         """An almost empty step's time (the start-up probe): steps up to twice as long are
         not read as rates."""
@@ -60,8 +89,10 @@ class CostModel:
         """When each tier was last measured, or last granted a retry."""
         self._lock = threading.Lock()
 
-    def recompute_s(self, num_tokens: int) -> float:
-        return num_tokens / self.prefill_tokens_per_s
+    def recompute_s(self, num_tokens: int, first_token: int = 0) -> float:
+        """Computing a prompt's tokens first_token .. first_token + num_tokens - 1."""
+        return token_weight(self.attention_per_key, first_token, num_tokens) \
+            / self.prefill_tokens_per_s
 
     def load_s(self, tier: str, num_bytes: int) -> float:
         rate = self.tier_rates[tier]
@@ -80,12 +111,14 @@ class CostModel:
             self._last_tried[tier] = now
         return True
 
-    def observe_prefill(self, num_tokens: int, seconds: float) -> None:
-        """A step that computed `num_tokens` prompt tokens (mostly prefill) took `seconds`."""
+    def observe_prefill(self, num_tokens: int, seconds: float,
+                        mean_position: float = 0.0) -> None:
+        """A step that computed `num_tokens` prompt tokens (mostly prefill), at this mean
+        position, took `seconds`."""
         if num_tokens <= 0 or seconds <= 0 or seconds <= 2 * self.step_overhead_s:
             return
         with self._lock:
-            rate = num_tokens / seconds
+            rate = num_tokens * (1.0 + self.attention_per_key * mean_position) / seconds
             self.prefill_tokens_per_s += self.SMOOTHING * (rate - self.prefill_tokens_per_s)
 
     def observe_load(self, tier: str, num_bytes: int, seconds: float) -> None:

@@ -138,7 +138,7 @@ class TierManager:
         device blocks, whose stores make room in the first tier, and without the pins a small
         tier evicted the very entries the plan names (on the card, 62 of 149 planned blocks
         of a cpu+disk run were then recomputed)."""
-        segments: list[Segment] = []
+        hits: list[tuple[Segment, TierStore, int]] = []  # (segment, store, first block)
         index = first_block
         while index < max_blocks:
             found = self._locate(block_hashes[index])
@@ -150,18 +150,30 @@ class TierManager:
                    and meta.block_hashes[first + count] == block_hashes[index + count]):
                 count += 1
             store = self.stores[tier]
-            num_bytes = count * store.layout.block_bytes
-            pays = self.cost.load_pays(store.name, num_bytes, count * self.block_size)
             if not store.pin(meta.key):
                 break  # evicted since `_locate` (by a transfer thread's store)
-            # A retry is granted only to a load that can run (its entry pinned): one spent
-            # on an entry gone since `_locate` would put off the tier's next measurement.
-            if not (pays or self.cost.grant_retry(store.name)):
-                store.unpin(meta.key)
-                self.stats.num_rejected_cost += 1
-                break
-            segments.append(Segment(tier, meta, first, count))
+            hits.append((Segment(tier, meta, first, count), store, index))
             index += count
+        # The run is loaded as far as it saves the most time: later tokens attend more keys,
+        # so a run's end can pay for its start, and only a prefix of it can be loaded.
+        saved, best_saved, take = 0.0, 0.0, 0
+        for k, (segment, store, start) in enumerate(hits, 1):
+            num_tokens = segment.num_blocks * self.block_size
+            saved += (self.cost.recompute_s(num_tokens, start * self.block_size)
+                      - self.cost.load_s(store.name,
+                                         segment.num_blocks * store.layout.block_bytes))
+            if saved > best_saved:
+                best_saved, take = saved, k
+        # A retry (granted only to a load that can run: its entries pinned) measures one
+        # wave of reads, as loads read them.
+        if hits and not take:
+            if self.cost.grant_retry(hits[0][1].name):
+                take = min(len(hits), self._read_ahead)
+            else:
+                self.stats.num_rejected_cost += 1
+        for segment, store, _ in hits[take:]:
+            store.unpin(segment.meta.key)
+        segments = [segment for segment, _, _ in hits[:take]]
         return LoadPlan(tuple(segments)) if segments else None
 
     def release_plan(self, plan: LoadPlan) -> None:
@@ -403,11 +415,14 @@ class TierManager:
             self.stats.num_rejected_min_hits += 1
             return False
         store = self.stores[0]
-        num_bytes = len(chunk.block_hashes) * store.layout.block_bytes
+        # Judged as part of its prompt, which a later load brings in whole: every chunk of
+        # a prompt is admitted or none (a chunk alone, early in a long prompt, would not
+        # pay, and without it the chunks after it could not be loaded).
+        prompt_blocks = max(chunk.prefix_blocks, len(chunk.block_hashes))
+        num_bytes = prompt_blocks * store.layout.block_bytes
         # The retry matters here too: a tier refused every store is never loaded from, so
         # a pessimistic first estimate would otherwise never be measured again.
-        if not (self.cost.load_pays(store.name, num_bytes,
-                                    len(chunk.block_hashes) * self.block_size)
+        if not (self.cost.load_pays(store.name, num_bytes, prompt_blocks * self.block_size)
                 or self.cost.grant_retry(store.name)):
             self.stats.num_rejected_cost += 1
             return False

@@ -52,7 +52,8 @@ def build_tier_manager(config: TierConfig, layout: KVLayout, kv_cache: torch.Ten
                     rate.latency_s * 1e3)
     manager = TierManager(config, stores, transfer, pool, layout.block_size,
                           CostModel(prefill.tokens_per_s, rates,
-                                    step_overhead_s=prefill.step_overhead_s))
+                                    step_overhead_s=prefill.step_overhead_s,
+                                    attention_per_key=prefill.attention_per_key))
     pool.eviction_listener = manager
     return manager
 
