@@ -164,11 +164,16 @@ class TierManager:
                                          segment.num_blocks * store.layout.block_bytes))
             if saved > best_saved:
                 best_saved, take = saved, k
-        # A retry (granted only to a load that can run: its entries pinned) measures one
-        # wave of reads, as loads read them.
+        # A load from below host memory runs in the background: the request waits at least
+        # one more step for it, so it must save more than a step's fixed cost.
+        if take and best_saved <= self.cost.step_overhead_s and any(
+                store.name != "cpu" for _, store, _ in hits[:take]):
+            take = 0
+        # A retry is granted only to a load that can run (its entries pinned): one spent on
+        # an entry gone since `_locate` would put off the tier's next measurement.
         if hits and not take:
             if self.cost.grant_retry(hits[0][1].name):
-                take = min(len(hits), self._read_ahead)
+                take = 1
             else:
                 self.stats.num_rejected_cost += 1
         for segment, store, _ in hits[take:]:

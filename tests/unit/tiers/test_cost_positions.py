@@ -4,15 +4,18 @@ for its start), and admission judges a chunk as part of its whole prompt."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from kvtier.config import TierConfig
 from kvtier.kv.block_pool import BlockPool
-from kvtier.tiers.base import EntryMeta
+from kvtier.tiers.base import EntryMeta, TierStore
 from kvtier.tiers.chunks import chunk_runs
 from kvtier.tiers.cost import CostModel, TierRate, attention_per_key
 from kvtier.tiers.cpu import CPUStore
+from kvtier.tiers.disk import DiskStore
 from kvtier.tiers.manager import TierManager
 from kvtier.tiers.policy import create_policy
 from kvtier.tiers.transfer import KVTransfer
@@ -44,13 +47,14 @@ def test_a_step_far_into_a_prompt_is_read_as_the_rate_at_position_0() -> None:
     assert cost.prefill_tokens_per_s < 1000.0
 
 
-def manager_over(num_chunks: int, min_hits: int = 1) -> tuple[TierManager, CPUStore,
-                                                                list[bytes]]:
-    """A cpu tier holding a prompt's first `num_chunks` chunks, where loading one chunk takes
-    8 ms and recomputing chunk j takes 4 * (1 + 0.1 * (4j + 1.5)) ms: the first three alone
-    do not pay (4.6, 6.2, 7.8 ms), from the fourth on they do (9.4, 11.0, 12.6 ms)."""
-    store = CPUStore(LAYOUT, 8 * CHUNK_BLOCKS * LAYOUT.block_bytes, create_policy("lru"),
-                     CHUNK_BLOCKS, pin_memory=False)
+def manager_over(num_chunks: int, min_hits: int = 1, store: TierStore | None = None,
+                 step_overhead_s: float = 0.0) -> tuple[TierManager, TierStore, list[bytes]]:
+    """A tier (cpu unless given) holding a prompt's first `num_chunks` chunks, where loading
+    one chunk takes 8 ms and recomputing chunk j takes 4 * (1 + 0.1 * (4j + 1.5)) ms: the
+    first three alone do not pay (4.6, 6.2, 7.8 ms), from the fourth on they do (9.4, 11.0,
+    12.6 ms)."""
+    store = store or CPUStore(LAYOUT, 8 * CHUNK_BLOCKS * LAYOUT.block_bytes,
+                              create_policy("lru"), CHUNK_BLOCKS, pin_memory=False)
     hashes = prefix_hashes(3, num_chunks * CHUNK_BLOCKS)
     for chunk in chunk_runs(hashes, 0, len(hashes), CHUNK_BLOCKS):
         handle = store.prepare_store(EntryMeta(chunk.key, chunk.block_hashes,
@@ -59,8 +63,8 @@ def manager_over(num_chunks: int, min_hits: int = 1) -> tuple[TierManager, CPUSt
         store.complete_store(handle, True)
     chunk_bytes = CHUNK_BLOCKS * LAYOUT.block_bytes
     clock = lambda: 0.0  # noqa: E731 - no retry is ever due
-    cost = CostModel(1000.0, {"cpu": TierRate(chunk_bytes / 0.008, latency_s=0.0)},
-                     clock=clock, attention_per_key=ATTENTION)
+    cost = CostModel(1000.0, {store.name: TierRate(chunk_bytes / 0.008, latency_s=0.0)},
+                     clock=clock, attention_per_key=ATTENTION, step_overhead_s=step_overhead_s)
     kv_cache = torch.zeros(LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size,
                            LAYOUT.num_kv_heads, LAYOUT.head_dim)
     manager = TierManager(TierConfig(kv_tier_chunk_tokens=CHUNK_TOKENS,
@@ -98,3 +102,17 @@ def test_a_chunk_is_admitted_as_part_of_its_whole_prompt() -> None:
     # would not pay (8 against 4.6 ms), the short prompt's only chunk does not.
     assert manager._admit(first_of_long)
     assert not manager._admit(only_of_short)
+
+
+@pytest.mark.parametrize(("step_overhead_s", "loaded"), [(0.001, True), (0.005, False)])
+def test_a_background_load_must_save_more_than_a_step(tmp_path: Path, step_overhead_s: float,
+                                                      loaded: bool) -> None:
+    # From disk the request waits for the load a step longer: the six chunks' 3.6 ms saved
+    # pays for a 1 ms step, not for a 5 ms one.
+    disk = DiskStore(LAYOUT, 1 << 30, create_policy("lru"), str(tmp_path))
+    manager, _, hashes = manager_over(6, store=disk, step_overhead_s=step_overhead_s)
+    plan = manager.lookup(hashes, 0, len(hashes))
+    assert (plan is not None) == loaded
+    if plan is not None:
+        assert plan.num_blocks == len(hashes)
+        manager.release_plan(plan)
