@@ -37,7 +37,8 @@ def test_a_second_run_over_the_same_disk_tier_reuses_the_first_runs_prefix(
     ended with them only on the device, and the second run recomputed everything. (Loads
     are granted: whether the tiny model's recompute beats the disk is the cost model's call.)"""
     from kvtier.tiers.cost import CostModel
-    monkeypatch.setattr(CostModel, "load_pays", lambda self, tier, num_bytes, num_tokens: True)
+    # Recomputing anything takes 1,000 s: every store and load pays.
+    monkeypatch.setattr(CostModel, "recompute_s", lambda self, num_tokens, first_token=0: 1e3)
     prompt = " ".join(["alpha beta gamma delta"] * 12)  # several full 16-token blocks
     args = ["generate", prompt, "--max-tokens", "2", "--kv-tier", f"disk:{tmp_path}:64MiB",
             *MODEL]

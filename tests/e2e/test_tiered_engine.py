@@ -62,7 +62,7 @@ def loads_always_pay(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every tier hit is loaded: the checks below are about what a load writes, and whether
     one pays is the device's call (on the card the tiny model's recompute beat the disk, and
     a cpu+disk run loaded nothing)."""
-    monkeypatch.setattr(CostModel, "load_pays", lambda self, tier, num_bytes, num_tokens: True)
+    monkeypatch.setattr(CostModel, "recompute_s", lambda self, num_tokens, first_token=0: 1e3)
 
 
 TOKENS_DTYPE = "float32"
@@ -235,7 +235,7 @@ def test_new_engine_serves_a_prefix_computed_by_the_previous_one(
     read the disk as slower than the tiny model's prefill, and the restart then recomputes
     (one run in five under load). Loads are granted here: this test is about persistence."""
     from kvtier.utils.kv_witness import KVWitness
-    monkeypatch.setattr(CostModel, "load_pays", lambda self, tier, num_bytes, num_tokens: True)
+    monkeypatch.setattr(CostModel, "recompute_s", lambda self, num_tokens, first_token=0: 1e3)
     prompt = workload()[0]
     tiers = (*(("cpu:64MiB",) if with_cpu else ()), f"disk:{tmp_path}:64MiB")
     first = make_llm(kv_tiers=tiers, kv_store_policy=policy)
@@ -295,7 +295,7 @@ def test_a_witness_without_the_computations_judges_no_load(
     """A restarted engine's witness that never saw the blocks computed counts their loads as
     unseen: neither equal nor wrong."""
     from kvtier.utils.kv_witness import KVWitness
-    monkeypatch.setattr(CostModel, "load_pays", lambda self, tier, num_bytes, num_tokens: True)
+    monkeypatch.setattr(CostModel, "recompute_s", lambda self, num_tokens, first_token=0: 1e3)
     prompt = workload()[0]
     tiers = (f"disk:{tmp_path}:64MiB",)
     first = make_llm(kv_tiers=tiers)
