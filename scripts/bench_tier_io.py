@@ -112,6 +112,18 @@ def timed_load(manager: manager_module.TierManager, hashes: list[bytes]) -> floa
     return elapsed
 
 
+def summarised(seconds: dict[int, list[float]], total_bytes: int, label: str) -> dict:
+    """Median time and rate per read-ahead, printed one line each."""
+    rows = {}
+    for read_ahead, times in seconds.items():
+        best = statistics.median(times)
+        rows[read_ahead] = {"median_s": best, "gb_s": total_bytes / best / 1e9,
+                            "seconds": times}
+        print(f"  {label} {read_ahead}: {1e3 * best:8.1f} ms  "
+              f"{total_bytes / best / 1e9:5.2f} GB/s")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="results/tier_reads.json")
@@ -190,14 +202,8 @@ def main() -> None:
                     seconds[read_ahead].append(timed_load(managers[read_ahead], hashes))
             for manager in managers.values():
                 manager.close()  # closes the store too (more than once: that is harmless)
-            rows = {}
-            for read_ahead, times in seconds.items():
-                best = statistics.median(times)
-                rows[read_ahead] = {"median_s": best, "gb_s": total_bytes / best / 1e9,
-                                    "seconds": times}
-                print(f"  {name:5s} read-ahead {read_ahead}: {1e3 * best:8.1f} ms  "
-                      f"{total_bytes / best / 1e9:5.2f} GB/s")
-            results["tiers"][name] = rows
+            results["tiers"][name] = summarised(seconds, total_bytes,
+                                                f"{name:5s} read-ahead")
         cpu = CPUStore(LAYOUT, total_bytes + (64 << 20), create_policy("lru"), chunk_blocks,
                        pin_memory=False)
         store_prefix(cpu, args.entries, chunk_blocks)
@@ -208,14 +214,8 @@ def main() -> None:
                 for read_ahead in read_aheads:
                     seconds[read_ahead].append(timed_write_down(
                         name, make_lower, cpu, kv_cache, chunk_blocks, read_ahead))
-            rows = {}
-            for read_ahead, times in seconds.items():
-                best = statistics.median(times)
-                rows[read_ahead] = {"median_s": best, "gb_s": total_bytes / best / 1e9,
-                                    "seconds": times}
-                print(f"  write-down cpu -> {name:5s} at {read_ahead}: {1e3 * best:8.1f} ms  "
-                      f"{total_bytes / best / 1e9:5.2f} GB/s")
-            results["write_down"][name] = rows
+            results["write_down"][name] = summarised(seconds, total_bytes,
+                                                     f"write-down cpu -> {name:5s} at")
     finally:
         for store in stores.values():
             store.close()  # a store whose managers were closed is closed already
