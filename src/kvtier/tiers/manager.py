@@ -132,8 +132,10 @@ class TierManager:
 
     def lookup(self, block_hashes: list[BlockHash], first_block: int,
                max_blocks: int) -> LoadPlan | None:
-        """Consecutive tier hits from `first_block` (below `max_blocks`) whose load pays off,
-        their entries pinned: the caller passes the plan to `start_load` or `release_plan`.
+        """Consecutive tier hits from `first_block` (below `max_blocks`), as far as loading
+        them saves the most time over recomputing them (none where nothing is saved, but for
+        a retry's one segment), their entries pinned: the caller passes the plan to
+        `start_load` or `release_plan`.
         Pinned here, not in `start_load`: allocating the request's blocks in between evicts
         device blocks, whose stores make room in the first tier, and without the pins a small
         tier evicted the very entries the plan names (on the card, 62 of 149 planned blocks
