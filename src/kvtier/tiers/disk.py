@@ -12,8 +12,11 @@ header, checksum mismatch) drops the entry and counts an error; the engine recom
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import time
 import zlib
 from pathlib import Path
 
@@ -27,6 +30,8 @@ from kvtier.types import BlockHash
 logger = logging.getLogger(__name__)
 
 _SUFFIX = ".kvt"
+STALE_PROBE_S = 600.0
+"""A probe's scratch directory older than this was left by a process that died."""
 
 
 class DiskStore(TierStore):
@@ -59,6 +64,12 @@ class DiskStore(TierStore):
     def _rebuild_index(self) -> None:
         for tmp in self.root.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+        # Scratch directories of start-up probes (`tiers.stack`) that a process left when it
+        # died; a probe takes well under a second, so an older one is nobody's.
+        for scratch in self.root.glob(".probe-*"):
+            with contextlib.suppress(OSError):
+                if time.time() - scratch.stat().st_mtime > STALE_PROBE_S:
+                    shutil.rmtree(scratch, ignore_errors=True)
         files = sorted(self.root.glob(f"*{_SUFFIX}"), key=lambda p: p.stat().st_mtime)
         for path in files:
             try:

@@ -4,11 +4,13 @@ an unusable disk tier is never worth loading from."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import torch
 
-from kvtier.tiers.disk import DiskStore
+from kvtier.tiers.disk import STALE_PROBE_S, DiskStore
 from kvtier.tiers.policy import create_policy
 from kvtier.tiers.stack import probe_rate
 from kvtier.tiers.transfer import KVTransfer
@@ -36,3 +38,17 @@ def test_an_unusable_disk_tier_probes_as_never_worth_loading(tmp_path: Path) -> 
     assert store.broken
     rate = probe_rate(store, KVTransfer(kv_cache()), CHUNK_BLOCKS)
     assert rate.latency_s >= 1.0 and rate.bytes_per_s <= 1.0
+
+
+def test_a_dead_process_probe_scratch_is_removed_and_a_running_one_kept(
+        tmp_path: Path) -> None:
+    root = DiskStore(LAYOUT, 1 << 30, create_policy("lru"), str(tmp_path)).root
+    stale, running = root / ".probe-stale", root / ".probe-running"
+    for scratch in (stale, running):
+        scratch.mkdir()
+        (scratch / "0.probe").write_bytes(b"x" * 100)
+    old = time.time() - 2 * STALE_PROBE_S
+    os.utime(stale, (old, old))
+    DiskStore(LAYOUT, 1 << 30, create_policy("lru"), str(tmp_path))  # a restart
+    assert not stale.exists()
+    assert (running / "0.probe").exists()
