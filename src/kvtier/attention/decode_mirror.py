@@ -173,16 +173,11 @@ class DecodeMirror:
                 keys_t[target].copy_(keys_t[source])
                 values[target].copy_(values[source])
             if step.in_order:  # decode i appends at row i (step.rows is 0..n-1)
-                rows, positions = step.rows, step.append_positions
-                key, value = key[:len(rows)], value[:len(rows)]
+                n = len(step.rows)
+                _append(buffer.kv, step.rows, step.append_positions, key[:n], value[:n])
             elif step.appends is not None:
                 index, rows, positions = step.appends
-                key, value = key[index], value[index]
-            else:
-                rows = None
-            if rows is not None:
-                keys_t[rows, :, :, positions] = key  # (appends, kv_heads, head_dim)
-                values[rows, :, positions] = value
+                _append(buffer.kv, rows, positions, key[index], value[index])
         block_size = kv_cache.shape[2]
         for i, row, length in fills:
             blocks = block_table[i, :-(-length // block_size)].to(torch.int64)
@@ -212,6 +207,13 @@ class DecodeMirror:
             buffer.kv = grown
         self._buffers[key] = buffer
         return buffer
+
+
+def _append(kv: MirrorKV, rows: torch.Tensor, positions: torch.Tensor, key: torch.Tensor,
+            value: torch.Tensor) -> None:
+    """Write one token per row: key[i] and value[i] (kv_heads, head_dim) at positions[i]."""
+    kv.keys_t[rows, :, :, positions] = key
+    kv.values[rows, :, positions] = value
 
 
 def _round_up(value: int, quantum: int) -> int:

@@ -151,10 +151,7 @@ class TierManager:
             while (index + count < max_blocks and first + count < meta.num_blocks
                    and meta.block_hashes[first + count] == block_hashes[index + count]):
                 count += 1
-            store = self.stores[tier]
-            if not store.pin(meta.key):
-                break  # evicted since `_locate` (by a transfer thread's store)
-            hits.append((Segment(tier, meta, first, count), store, index))
+            hits.append((Segment(tier, meta, first, count), self.stores[tier], index))
             index += count
         # The run is loaded as far as it saves the most time: later tokens attend more keys,
         # so a run's end can pay for its start, and only a prefix of it can be loaded.
@@ -171,16 +168,19 @@ class TierManager:
         if take and best_saved <= self.cost.step_overhead_s and any(
                 store.name != "cpu" for _, store, _ in hits[:take]):
             take = 0
-        # A retry is granted only to a load that can run (its entries pinned): one spent on
-        # an entry gone since `_locate` would put off the tier's next measurement.
-        if hits and not take:
-            if self.cost.grant_retry(hits[0][1].name):
-                take = 1
-            else:
-                self.stats.num_rejected_cost += 1
-        for segment, store, _ in hits[take:]:
-            store.unpin(segment.meta.key)
-        segments = [segment for segment, _, _ in hits[:take]]
+        retry = bool(hits) and not take
+        # Only what is taken is pinned; an entry evicted since `_locate` (by a transfer
+        # thread's store) ends the plan there.
+        segments: list[Segment] = []
+        for segment, store, _ in hits[:max(take, int(retry))]:
+            if not store.pin(segment.meta.key):
+                break
+            segments.append(segment)
+        # A retry is granted only to a load that can run (its entry pinned): one spent on an
+        # entry gone since `_locate` would put off the tier's next measurement.
+        if retry and segments and not self.cost.grant_retry(hits[0][1].name):
+            hits[0][1].unpin(segments.pop().meta.key)
+            self.stats.num_rejected_cost += 1
         return LoadPlan(tuple(segments)) if segments else None
 
     def release_plan(self, plan: LoadPlan) -> None:
