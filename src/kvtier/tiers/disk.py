@@ -13,9 +13,11 @@ header, checksum mismatch) drops the entry and counts an error; the engine recom
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import shutil
+import stat
 import time
 import zlib
 from pathlib import Path
@@ -63,21 +65,25 @@ class DiskStore(TierStore):
 
     def _rebuild_index(self) -> None:
         for tmp in self.root.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         # Scratch directories of start-up probes (`tiers.stack`) that a process left when it
         # died; a probe takes well under a second, so an older one is nobody's.
         for scratch in self.root.glob(".probe-*"):
             with contextlib.suppress(OSError):
                 if time.time() - scratch.stat().st_mtime > STALE_PROBE_S:
                     shutil.rmtree(scratch, ignore_errors=True)
-        files = sorted(self.root.glob(f"*{_SUFFIX}"), key=lambda p: p.stat().st_mtime)
+        # A name may be gone by the time it is looked at (a dangling link, another process's
+        # clean-up), or be no file at all: dropped below as unreadable, never fatal.
+        files = sorted(self.root.glob(f"*{_SUFFIX}"), key=_mtime)
         for path in files:
             try:
                 meta, _ = self._read_header(path)
             except (OSError, TierError, ValueError) as exc:
                 logger.warning("disk tier: dropping unreadable %s: %s", path.name, exc)
                 self.stats.num_errors += 1
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a directory of that name stays
+                    path.unlink(missing_ok=True)
                 continue
             with self._lock:
                 if not self._reserve(meta, path):
@@ -91,11 +97,12 @@ class DiskStore(TierStore):
     def _read_header(self, path: Path) -> tuple[EntryMeta, int]:
         """Parse and validate a file's header; returns the entry and its crc32. Any damage
         (torn, truncated, a header of the wrong shape) is a TierError."""
-        with open(path, "rb") as f:
+        with _open_entry(path) as f:
             length = entry_codec.read_preamble(path.name, f.read(entry_codec.PREAMBLE_BYTES))
             meta, crc = entry_codec.parse_header(path.name, f.read(length),
                                                  self.layout.namespace)
-        if path.stat().st_size != entry_codec.PREAMBLE_BYTES + length + meta.num_bytes:
+            size = os.fstat(f.fileno()).st_size
+        if size != entry_codec.PREAMBLE_BYTES + length + meta.num_bytes:
             raise TierError(f"{path.name}: truncated")
         if path.name != f"{meta.key.hex()}{_SUFFIX}":
             raise TierError(f"{path.name}: name does not match its key")
@@ -147,7 +154,7 @@ class DiskStore(TierStore):
                 raise TierError("header does not match the index")
             buffer = torch.empty(meta.num_bytes, dtype=torch.uint8)
             view = buffer.numpy().data
-            with open(path, "rb") as f:
+            with _open_entry(path) as f:
                 f.seek(-meta.num_bytes, os.SEEK_END)
                 if f.readinto(view) != meta.num_bytes:
                     raise TierError("short read")
@@ -163,3 +170,24 @@ class DiskStore(TierStore):
             Path(str(entry.location)).unlink(missing_ok=True)
         except OSError as exc:
             logger.warning("disk tier: cannot delete %s: %s", entry.location, exc)
+
+
+def _mtime(path: Path) -> float:
+    """When the file at `path` was written; 0 for a name that is already gone."""
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _open_entry(path: Path) -> io.BufferedReader:
+    """`path` opened for reading; TierError where it is not a regular file (a directory, a
+    FIFO: opened plainly, a FIFO would block until some writer came)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TierError(f"{path.name}: not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -4,6 +4,8 @@ The redis store's shared behaviour (replicas, faults) is in test_redis_store.py.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -207,6 +209,40 @@ def test_corrupt_files_are_dropped_when_the_index_is_rebuilt(damage: str,
     assert reopened.has(good.key) and not reopened.has(bad.key)
     assert reopened.stats.num_errors == 1
     assert not entry_file(reopened, bad).exists()
+
+
+@pytest.mark.parametrize("odd", ["dangling-link", "directory", "fifo"])
+def test_entries_that_are_no_files_are_skipped_when_the_index_is_rebuilt(
+        odd: str, tmp_path: Path) -> None:
+    """A name of an entry that is gone when it is looked at (a dangling link, another
+    process's clean-up), a directory or a FIFO: a restart keeps the good entries and starts.
+    Before, the first two raised out of the store's constructor (the engine did not start)
+    and the FIFO's open blocked start-up for good."""
+    store = disk_store(tmp_path)
+    good, odd_meta = make_meta(1), make_meta(2)
+    assert put(store, good)
+    path = entry_file(store, odd_meta)
+    if odd == "dangling-link":
+        path.symlink_to(tmp_path / "nowhere")
+    elif odd == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    started: list[DiskStore] = []
+    opening = threading.Thread(target=lambda: started.append(disk_store(tmp_path)),
+                               daemon=True)
+    opening.start()
+    opening.join(timeout=5)
+    blocked = opening.is_alive()
+    if blocked and odd == "fifo":  # end the blocked open: a writer comes
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        opening.join(timeout=5)
+    assert not blocked and started, "the store did not start"
+    reopened = started[0]
+    assert reopened.has(good.key) and not reopened.has(odd_meta.key)
+    assert reopened.stats.num_errors == 1
+    assert torch.equal(reopened.read(good), payload_for(good))
+    reopened.check_integrity()
 
 
 def test_a_path_that_is_a_file_disables_the_tier_without_crashing(tmp_path: Path) -> None:
