@@ -435,7 +435,8 @@ class RedisStore(TierStore):
         try:
             with ThreadPoolExecutor(reads_at_once, thread_name_prefix="kvtier-probe") as pool:
                 for name in scratch:
-                    self._client.set(name, blob)
+                    # Expiring: a probe that dies before its clean-up leaves nothing for good.
+                    self._client.set(name, blob, px=STAGED_TTL_MS)
                 # Warm-up: each thread's connection opened, the first large reads done.
                 list(pool.map(read, scratch))
                 started = time.perf_counter()
@@ -444,10 +445,12 @@ class RedisStore(TierStore):
                 started = time.perf_counter()
                 list(pool.map(read, scratch))
                 elapsed = time.perf_counter() - started
-            self._client.delete(*scratch)
         except (redis.RedisError, TierError) as exc:
             logger.warning("redis tier probe failed: %s", exc)
             return TierRate(1.0, latency_s=1.0)
+        finally:  # a probe that failed half way (a full server) takes its values too
+            with contextlib.suppress(redis.RedisError):
+                self._client.delete(*scratch)
         # As `CostModel.observe_load` reads a load: at most twice the naive rate.
         return TierRate(len(scratch) * payload.numel() / max(elapsed - latency, elapsed / 2),
                         latency_s=latency)

@@ -278,6 +278,24 @@ def test_probe_measures_a_round_trip(redis_server: RedisServer, reads_at_once: i
         store.close()
 
 
+def test_a_probe_that_fails_half_way_leaves_no_value_behind(redis_server: RedisServer) -> None:
+    """A server without room for all of the probe's values (maxmemory, noeviction) refuses
+    its later writes: the probe judges the tier unusable, and the values it did write go
+    too. Before, they stayed in the shared server for good, outside every capacity."""
+    client = raw_client(redis_server)
+    payload = torch.zeros(1 << 20, dtype=torch.uint8)
+    store = redis_store(redis_server.url, 4)
+    try:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", client.info("memory")["used_memory"] + (6 << 20))
+        rate = store.probe(payload, reads_at_once=8)  # 16 values of 1 MiB: some fit
+        assert rate.latency_s >= 1.0  # never worth loading from
+        assert client.keys("*probe*") == []
+    finally:
+        client.config_set("maxmemory", 0)
+        store.close()
+
+
 @pytest.mark.parametrize(("text", "url"), [
     ("redis:redis://cache.internal:6379/2:8GiB", "redis://cache.internal:6379/2"),
     ("redis:cache.internal:6379:1GiB", "redis://cache.internal:6379"),
