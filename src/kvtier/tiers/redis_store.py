@@ -165,6 +165,7 @@ class RedisStore(TierStore):
             self._pubsub.subscribe(self._channel)
             self._resync()
         except (redis.RedisError, ValueError, OSError) as exc:
+            self._close_connections()  # those opened before the failure
             self.broken = f"{self.display_url}: {exc}"
             self.stats.num_errors += 1
             logger.error("redis tier disabled: %s", self.broken)
@@ -461,7 +462,12 @@ class RedisStore(TierStore):
             self._listener.join(timeout=5.0)
         self._removals.shutdown(wait=True)
         if not self.broken:
-            if self._bulk is not None:
-                self._bulk.close()
-            self._pubsub.close()
-            self._client.close()
+            self._close_connections()
+
+    def _close_connections(self) -> None:
+        """Close the connections opened so far (a start may fail after some)."""
+        for name in ("_bulk", "_pubsub", "_client"):
+            connection = getattr(self, name, None)
+            if connection is not None:
+                with contextlib.suppress(redis.RedisError, OSError):
+                    connection.close()

@@ -228,6 +228,26 @@ def test_an_unreachable_server_disables_the_tier_at_start(tmp_path) -> None:  # 
         store.close()
 
 
+def test_a_start_that_fails_after_connecting_closes_its_connections(
+        redis_server: RedisServer) -> None:
+    """The server answers, but reading the shared index fails (here a key of the wrong
+    type under the index's name): the tier is disabled, and the connections it opened
+    (its client's, the event subscription's) are closed. Before, they stayed open."""
+    client = raw_client(redis_server)
+    store = redis_store(redis_server.url, 4)
+    index_key = store._index_key
+    store.close()
+    client.set(index_key, "not a hash")
+    own = client.client_id()
+    store = redis_store(redis_server.url, 4)
+    try:
+        assert store.broken and "WRONGTYPE" in store.broken
+        others = [c for c in client.client_list() if int(c["id"]) != own]
+        assert others == [], [c["cmd"] for c in others]
+    finally:
+        store.close()
+
+
 def test_a_password_in_the_url_never_reaches_the_log(caplog: pytest.LogCaptureFixture,
                                                      tmp_path) -> None:  # noqa: ANN001
     assert redacted("redis://:hunter2@cache:6379/0") == "redis://:***@cache:6379/0"
