@@ -150,6 +150,13 @@ class TierSpec:
     url: str | None = None
     eviction: str = "lru"
 
+    def __post_init__(self) -> None:
+        if self.capacity_bytes < 1:
+            raise ConfigError(f"kv tier {self.kind}: size {self.capacity_bytes} bytes must be "
+                              f"positive")
+        if self.kind == "disk" and not (self.path or "").strip():
+            raise ConfigError("kv tier disk: the path is empty (expected disk:PATH:SIZE)")
+
     @staticmethod
     def parse(text: str) -> TierSpec:
         """Parse `cpu:SIZE[:policy]`, `disk:PATH:SIZE[:policy]`, `redis:URL:SIZE[:policy]`."""
@@ -159,14 +166,17 @@ class TierSpec:
         policy = "lru"
         if parts and parts[-1].lower() in ("lru", "s3fifo"):
             policy = parts.pop().lower()
-        if kind == "cpu" and len(parts) == 1:
-            return TierSpec("cpu", parse_size(parts[0]), eviction=policy)
-        if kind == "disk" and len(parts) >= 2:
-            return TierSpec("disk", parse_size(parts[-1]), path=":".join(parts[:-1]),
-                            eviction=policy)
-        if kind == "redis" and len(parts) >= 2:
-            return TierSpec("redis", parse_size(parts[-1]), url=_redis_url(":".join(parts[:-1])),
-                            eviction=policy)
+        try:
+            if kind == "cpu" and len(parts) == 1:
+                return TierSpec("cpu", parse_size(parts[0]), eviction=policy)
+            if kind == "disk" and len(parts) >= 2:
+                return TierSpec("disk", parse_size(parts[-1]), path=":".join(parts[:-1]),
+                                eviction=policy)
+            if kind == "redis" and len(parts) >= 2:
+                return TierSpec("redis", parse_size(parts[-1]),
+                                url=_redis_url(":".join(parts[:-1])), eviction=policy)
+        except ConfigError as exc:  # named with the whole spec, as given
+            raise ConfigError(f"kv tier {text!r}: {exc}") from None
         raise ConfigError(
             f"kv tier {text!r}: expected cpu:SIZE, disk:PATH:SIZE or redis:URL:SIZE "
             "(optionally :lru or :s3fifo)")
