@@ -13,8 +13,10 @@ import torch
 
 from kvtier.config import ConfigError, TierConfig, TierSpec
 from kvtier.kv.block_pool import BlockPool
+from kvtier.kv.hashing import root_block_hash
+from kvtier.tiers import entry_codec
 from kvtier.tiers import manager as manager_module
-from kvtier.tiers.base import KVLayout, TierStore
+from kvtier.tiers.base import EntryMeta, KVLayout, TierStore
 from kvtier.tiers.cost import CostModel, PrefillRate, TierRate
 from kvtier.tiers.cpu import CPUStore
 from kvtier.tiers.disk import DiskStore
@@ -28,6 +30,12 @@ logger = logging.getLogger(__name__)
 
 def build_store(spec: TierSpec, layout: KVLayout, chunk_blocks: int,
                 pin_memory: bool) -> TierStore:
+    if spec.kind in ("disk", "redis"):  # the cpu tier checks its slots itself
+        chunk_bytes = _encoded_chunk_bytes(layout, chunk_blocks)
+        if spec.capacity_bytes < chunk_bytes:
+            raise ConfigError(f"{spec.kind} tier of {spec.capacity_bytes} bytes cannot hold "
+                              f"one chunk of {chunk_bytes} bytes (kv_tier_chunk_tokens "
+                              f"{chunk_blocks * layout.block_size})")
     policy = create_policy(spec.eviction)
     if spec.kind == "cpu":
         return CPUStore(layout, spec.capacity_bytes, policy, chunk_blocks, pin_memory)
@@ -38,6 +46,13 @@ def build_store(spec: TierSpec, layout: KVLayout, chunk_blocks: int,
         assert spec.url is not None
         return RedisStore(layout, spec.capacity_bytes, policy, spec.url)
     raise ConfigError(f"kv tier kind {spec.kind!r} is not available in this build")
+
+
+def _encoded_chunk_bytes(layout: KVLayout, chunk_blocks: int) -> int:
+    """What a disk or redis tier charges one full chunk (its payload and header)."""
+    block_hash = root_block_hash("kv tier capacity check")
+    meta = EntryMeta(block_hash, (block_hash,) * chunk_blocks, chunk_blocks * layout.block_bytes)
+    return entry_codec.encoded_bytes(meta, layout.namespace)
 
 
 def build_tier_manager(config: TierConfig, layout: KVLayout, kv_cache: torch.Tensor,

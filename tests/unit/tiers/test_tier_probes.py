@@ -8,13 +8,15 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
+from kvtier.config import ConfigError, TierSpec
 from kvtier.tiers.disk import STALE_PROBE_S, DiskStore
 from kvtier.tiers.policy import create_policy
-from kvtier.tiers.stack import probe_rate
+from kvtier.tiers.stack import build_store, probe_rate
 from kvtier.tiers.transfer import KVTransfer
-from tests.unit.tiers.test_stores import CHUNK_BLOCKS, LAYOUT
+from tests.unit.tiers.test_stores import CHUNK_BLOCKS, LAYOUT, make_meta, put
 
 
 def kv_cache() -> torch.Tensor:
@@ -52,3 +54,19 @@ def test_a_dead_process_probe_scratch_is_removed_and_a_running_one_kept(
     DiskStore(LAYOUT, 1 << 30, create_policy("lru"), str(tmp_path))  # a restart
     assert not stale.exists()
     assert (running / "0.probe").exists()
+
+
+@pytest.mark.parametrize("kind", ["disk", "redis"])
+def test_a_tier_too_small_for_one_chunk_is_refused_at_start(kind: str, tmp_path: Path) -> None:
+    """Before, a disk or redis tier smaller than one chunk entry started and refused every
+    store without a word (the cpu tier already refused to start)."""
+    one_chunk = DiskStore(LAYOUT, 1 << 30, create_policy("lru"),
+                          str(tmp_path / "sizer"))._entry_bytes(make_meta(0))
+    where = {"path": str(tmp_path / "kv")} if kind == "disk" else {
+        "url": f"unix://{tmp_path}/no-such.sock"}
+    with pytest.raises(ConfigError, match=f"{kind} tier of {one_chunk - 1} bytes cannot hold "
+                                          f"one chunk of {one_chunk} bytes"):
+        build_store(TierSpec(kind, one_chunk - 1, **where), LAYOUT, CHUNK_BLOCKS, False)
+    if kind == "disk":  # exactly one chunk is enough
+        store = build_store(TierSpec(kind, one_chunk, **where), LAYOUT, CHUNK_BLOCKS, False)
+        assert put(store, make_meta(1)) and store.has(make_meta(1).key)
