@@ -58,17 +58,23 @@ def _encoded_chunk_bytes(layout: KVLayout, chunk_blocks: int) -> int:
 def build_tier_manager(config: TierConfig, layout: KVLayout, kv_cache: torch.Tensor,
                        pool: BlockPool, prefill: PrefillRate) -> TierManager:
     chunk_blocks = max(1, config.kv_tier_chunk_tokens // layout.block_size)
-    stores = [build_store(spec, layout, chunk_blocks, kv_cache.is_cuda)
-              for spec in config.kv_tiers]
-    transfer = KVTransfer(kv_cache)
-    rates = {store.name: probe_rate(store, transfer, chunk_blocks) for store in stores}
-    for name, rate in rates.items():
-        logger.info("tier %s: %.2f GB/s, latency %.3f ms", name, rate.bytes_per_s / 1e9,
-                    rate.latency_s * 1e3)
-    manager = TierManager(config, stores, transfer, pool, layout.block_size,
-                          CostModel(prefill.tokens_per_s, rates,
-                                    step_overhead_s=prefill.step_overhead_s,
-                                    attention_per_key=prefill.attention_per_key))
+    stores: list[TierStore] = []
+    try:
+        for spec in config.kv_tiers:
+            stores.append(build_store(spec, layout, chunk_blocks, kv_cache.is_cuda))
+        transfer = KVTransfer(kv_cache)
+        rates = {store.name: probe_rate(store, transfer, chunk_blocks) for store in stores}
+        for name, rate in rates.items():
+            logger.info("tier %s: %.2f GB/s, latency %.3f ms", name, rate.bytes_per_s / 1e9,
+                        rate.latency_s * 1e3)
+        manager = TierManager(config, stores, transfer, pool, layout.block_size,
+                              CostModel(prefill.tokens_per_s, rates,
+                                        step_overhead_s=prefill.step_overhead_s,
+                                        attention_per_key=prefill.attention_per_key))
+    except BaseException:  # a later tier refused: the ones started close (threads, sockets)
+        for store in stores:
+            store.close()
+        raise
     pool.eviction_listener = manager
     return manager
 

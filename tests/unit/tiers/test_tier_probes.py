@@ -5,17 +5,22 @@ an unusable disk tier is never worth loading from."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
-from kvtier.config import ConfigError, TierSpec
+from kvtier.config import ConfigError, TierConfig, TierSpec
+from kvtier.kv.block_pool import BlockPool
+from kvtier.tiers.cost import PrefillRate
 from kvtier.tiers.disk import STALE_PROBE_S, DiskStore
 from kvtier.tiers.policy import create_policy
-from kvtier.tiers.stack import build_store, probe_rate
+from kvtier.tiers.stack import build_store, build_tier_manager, probe_rate
 from kvtier.tiers.transfer import KVTransfer
+from kvtier.utils.redis_server import RedisServer
 from tests.unit.tiers.test_stores import CHUNK_BLOCKS, LAYOUT, make_meta, put
 
 
@@ -70,3 +75,23 @@ def test_a_tier_too_small_for_one_chunk_is_refused_at_start(kind: str, tmp_path:
     if kind == "disk":  # exactly one chunk is enough
         store = build_store(TierSpec(kind, one_chunk, **where), LAYOUT, CHUNK_BLOCKS, False)
         assert put(store, make_meta(1)) and store.has(make_meta(1).key)
+
+
+def test_a_tier_refused_at_start_closes_the_tiers_started_before_it(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """A redis tier (its event thread and connections running) above a disk tier that is
+    refused: building the stack fails, and the redis tier is closed. Before, its thread and
+    connections outlived the failed start (an `LLM(...)` that raised kept them)."""
+    client = redis.Redis.from_url(redis_server.url)
+    config = TierConfig(kv_tiers=(TierSpec("redis", 1 << 30, url=redis_server.url),
+                                  TierSpec("disk", 1, path=str(tmp_path / "kv"))),
+                        kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size)
+    with pytest.raises(ConfigError, match="disk tier of 1 bytes"):
+        build_tier_manager(config, LAYOUT, kv_cache(), BlockPool(8), PrefillRate(1e4))
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and (
+            any(t.name.startswith("kvtier-redis") for t in threading.enumerate())
+            or len(client.client_list()) > 1):
+        time.sleep(0.01)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("kvtier-redis")] == []
+    assert [c["cmd"] for c in client.client_list()] == ["client|list"]
