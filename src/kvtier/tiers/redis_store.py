@@ -368,7 +368,8 @@ class RedisStore(TierStore):
                     continue  # removed since the keys were read
                 try:
                     record = json.loads(raw)
-                    adopted.append((float(record.get("stored_at", 0.0)), self._meta_of(record)))
+                    meta = self._meta_of(record)  # first: it checks the record's shape
+                    adopted.append((float(record.get("stored_at", 0.0)), meta))
                 except (ValueError, KeyError, TypeError, IndexError):
                     logger.warning("redis tier: ignoring a malformed index record %.80r", raw)
         with self._lock:
@@ -389,6 +390,8 @@ class RedisStore(TierStore):
         self.policy.insert(meta.key)
 
     def _meta_of(self, record: dict) -> EntryMeta:
+        if not isinstance(record, dict):
+            raise ValueError("a record is a JSON object")
         hashes = tuple(BlockHash(bytes.fromhex(h)) for h in record["hashes"])
         meta = EntryMeta(hashes[-1], hashes, int(record["num_bytes"]))
         if meta.key.hex() != record["key"]:

@@ -100,6 +100,32 @@ def test_a_new_store_adopts_many_entries_in_batches_and_skips_foreign_fields(
         later.close()
 
 
+@pytest.mark.parametrize("record", ["[1]", "null", "3", '"text"'])
+def test_an_index_record_that_is_no_object_is_skipped_at_start_and_in_a_resync(
+        redis_server: RedisServer, record: str) -> None:
+    """A record of valid JSON that is no object (a foreign writer, another version). Before,
+    its AttributeError escaped the start (the engine did not start) and, met by a resync,
+    ended the replica's event thread for good, silently."""
+    earlier = redis_store(redis_server.url, 8)
+    kept = make_meta(1)
+    assert put(earlier, kept)
+    client = raw_client(redis_server)
+    client.hset(earlier._index_key, make_meta(2).key.hex(), record)
+    later = redis_store(redis_server.url, 8, resync_s=0.1)
+    try:
+        assert not later.broken
+        assert [m.key for m in later.ready_entries()] == [kept.key]
+        client.hset(earlier._index_key, make_meta(3).key.hex(), record)  # met by a resync
+        time.sleep(0.5)
+        assert later._listener is not None and later._listener.is_alive()
+        added = make_meta(4)
+        assert put(earlier, added)
+        assert eventually(lambda: later.has(added.key))  # still following the others
+    finally:
+        later.close()
+        earlier.close()
+
+
 def test_replicas_storing_at_once_never_exceed_the_shared_capacity(
         redis_server: RedisServer) -> None:
     """Each replica alone would fit 4 entries in its view; together they must share 4."""
