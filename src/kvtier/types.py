@@ -169,6 +169,9 @@ class SamplingParams:
         for word in self.bad_words:
             if not isinstance(word, str) or not word.strip():
                 raise bad(f"bad_words must be strings with a non-space character, got {word!r}")
+            if not _is_unicode(word):  # the engine could not tokenise it
+                raise bad(f"bad_words must be valid Unicode text (no lone surrogates), got "
+                          f"{word!r}")
         if not isinstance(self.bad_words_token_ids, tuple):
             raise bad(f"bad_words_token_ids must be a list of token id lists, got "
                       f"{self.bad_words_token_ids!r}")
@@ -193,6 +196,16 @@ class SamplingParams:
         """Whether the sampler needs the request's tokens so far: penalties, or bad words
         longer than one token."""
         return self.has_penalties or any(len(ids) > 1 for ids in self.bad_words_token_ids)
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether `text` encodes as UTF-8: a lone surrogate (which JSON can carry as an escape)
+    does not, and tokenizers refuse it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_number(value: object) -> bool:

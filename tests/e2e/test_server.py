@@ -646,6 +646,10 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     # A lone surrogate (valid JSON, not valid Unicode), sent as the escape a client sends.
     (COMPLETIONS, b'{"prompt": "a\\ud800b"}', 400),
     (CHAT, b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400),
+    # The engine tokenises bad_words: one it cannot is the request's fault, not a 500.
+    (COMPLETIONS, b'{"prompt": "hi", "bad_words": ["\\ud800"]}', 400),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "bad_words": ["a\\udc80"]}',
+     400),
     (COMPLETIONS, {"prompt": []}, 400),
     # A batch runs whole or not at all: one bad prompt refuses it (nothing is added).
     (COMPLETIONS, {"prompt": ["a", ""]}, 400),

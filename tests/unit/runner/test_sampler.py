@@ -274,6 +274,7 @@ def test_bad_word_state_follows_the_sampled_tokens_without_the_host() -> None:
     ({"bad_words": ("  ",)}, "bad_words must be strings"),
     ({"bad_words": (3,)}, "bad_words must be strings"),
     ({"bad_words": 3}, "bad_words must be a list"),
+    ({"bad_words": ("a\ud800",)}, "bad_words must be valid Unicode"),  # tokenizers refuse it
     ({"bad_words_token_ids": ((),)}, "non-empty lists"),
     ({"bad_words_token_ids": ((1, -2),)}, "non-empty lists"),
     ({"bad_words_token_ids": ((True,),)}, "non-empty lists"),
