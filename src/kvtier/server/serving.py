@@ -335,6 +335,13 @@ class OpenAIServing:
         choices = [(token_ids, params if index == 0 or params.seed is None
                     else dataclasses.replace(params, seed=(params.seed + index) % 2**64))
                    for token_ids, params in prompts for index in range(n)]
+        limit = self.engine.max_waiting_requests
+        if limit is not None and len(choices) > limit:
+            # Never accepted, however idle the server: a 503 "retry later" would be a lie.
+            raise OpenAIError(400, f"this request has {len(choices)} choices ({len(prompts)} "
+                              f"prompt(s), n={n}), more than this server accepts at once "
+                              f"({limit}, --max-waiting-requests)",
+                              param="n" if len(prompts) == 1 else "prompt")
         # Added together: the engine core takes them in one turn (one at a time, each
         # would wait for a step, n=128 for seconds).
         added = await asyncio.gather(*(self._add(token_ids, choice, arrival, ctx)

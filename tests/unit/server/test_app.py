@@ -17,7 +17,7 @@ from kvtier.engine.async_engine import AsyncEngine
 from kvtier.server.app import ServerSettings, create_app
 from kvtier.tiers.base import TierStats
 from kvtier.tiers.manager import ManagerStats
-from kvtier.types import InvalidRequestError
+from kvtier.types import InvalidRequestError, SamplingParams
 from tests.unit.server.fakes import FakeEngine, start_async_engine
 
 pytestmark = pytest.mark.timeout(60)
@@ -398,15 +398,52 @@ def test_n_choices_stream_with_their_index_and_one_usage(engine: AsyncEngine) ->
 
 
 def test_n_choices_all_go_when_one_cannot_be_added() -> None:
-    # The queue holds two waiting requests: the third choice is refused, and the two added
-    # before it must not run on for nobody.
+    # The queue holds three waiting requests and one waits already: the third choice is
+    # refused, and the two added before it must not run on for nobody.
     fake = FakeEngine(max_running=0)
+    engine = start_async_engine(fake, max_waiting_requests=3)
+    app = create_app(engine)
+
+    async def go() -> httpx.Response:
+        waiting = await engine.add_request([5, 6], SamplingParams(max_tokens=2))
+        while engine.snapshot().stats.num_waiting < 1:
+            await asyncio.sleep(0.01)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.post("/v1/completions",
+                                         json={"prompt": "abc", "max_tokens": 2, "n": 3})
+        waiting.close()
+        return response
+
+    try:
+        response = asyncio.run(go())
+        assert response.status_code == 503, response.text
+        assert_all_aborted(fake, 3)  # the two choices, and the request that waited
+    finally:
+        asyncio.run(engine.shutdown(drain=False))
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "abc", "n": 3}, "n"), ({"prompt": ["a", "b"], "n": 2}, "prompt"),
+    ({"prompt": [[5], [6], [7]]}, "prompt")])
+def test_more_choices_than_the_queue_ever_takes_are_a_400(body: dict[str, Any],
+                                                          param: str) -> None:
+    # However idle the server, it never accepts them: a 503 "retry later" would be a lie
+    # (OpenAI's client retries a 503). Nothing reaches the engine.
+    fake = FakeEngine()
     engine = start_async_engine(fake, max_waiting_requests=2)
     try:
-        response = call(engine, "POST", "/v1/completions",
-                        json={"prompt": "abc", "max_tokens": 2, "n": 3})
-        assert response.status_code == 503, response.text
-        assert_all_aborted(fake, 2)
+        response = call(engine, "POST", "/v1/completions", json={**body, "max_tokens": 2})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and "--max-waiting-requests" in error["message"]
+        assert not fake.requests and not fake.aborted
+        chat = call(engine, "POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 3})
+        assert chat.status_code == 400 and chat.json()["error"]["param"] == "n"
+        fits = call(engine, "POST", "/v1/completions", json={"prompt": "abc", "n": 2,
+                                                             "max_tokens": 1})
+        assert fits.status_code == 200 and len(fits.json()["choices"]) == 2
     finally:
         asyncio.run(engine.shutdown(drain=False))
 
