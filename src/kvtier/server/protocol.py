@@ -46,7 +46,8 @@ class StreamOptions(_Request):
 class _SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
 
-    model: str | None = Field(None, description="A name from /v1/models; omitted = the first.")
+    model: str | None = Field(None, description="A name from /v1/models; omitted or empty: "
+                                                "the first.")
     temperature: float | None = Field(None, ge=0, description="0 = greedy; default 1.")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="-1 or 0 = all tokens.")
@@ -179,7 +180,8 @@ class TokenizeRequest(_ChatTemplateFields):
     template (exactly one of them). The ids are those a completion or chat request would
     run, so a client can count or align its prompts with the server's tokenizer."""
 
-    model: str | None = Field(None, description="A name from /v1/models; omitted = the first.")
+    model: str | None = Field(None, description="A name from /v1/models; omitted or empty: "
+                                                "the first.")
     prompt: StrictStr | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool | None = Field(
@@ -205,7 +207,8 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(_Request):
     """POST /detokenize, vLLM's: the text of token ids (special tokens included)."""
 
-    model: str | None = Field(None, description="A name from /v1/models; omitted = the first.")
+    model: str | None = Field(None, description="A name from /v1/models; omitted or empty: "
+                                                "the first.")
     tokens: list[TokenId]
 
 

@@ -210,8 +210,9 @@ class OpenAIServing:
     # -- request preparation ------------------------------------------------------------------
 
     def _served_model(self, model: str | None) -> str:
-        """The served model name to answer with; refuses unknown models (404)."""
-        if model is not None and model not in self.model_names:
+        """The served model name to answer with; refuses unknown models (404). No name or an
+        empty one means the first, as in vLLM."""
+        if model and model not in self.model_names:
             raise OpenAIError(404, f"the model {model!r} does not exist; see /v1/models",
                               param="model", code="model_not_found")
         return model or self.model_names[0]

@@ -65,6 +65,23 @@ def test_completion_and_usage(engine: AsyncEngine) -> None:
                              "prompt_tokens_details": {"cached_tokens": 0}}
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/completions", {"prompt": "abc", "max_tokens": 1}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "max_tokens": 1}),
+    ("/tokenize", {"prompt": "abc"}), ("/detokenize", {"tokens": [97]})])
+def test_an_empty_model_name_means_the_served_model(engine: AsyncEngine, path: str,
+                                                    body: dict[str, Any]) -> None:
+    # As vLLM's _is_model_supported: no name or "" is the default model (clients that send
+    # an unset model field as ""); any other unknown name is a 404.
+    response = call(engine, "POST", path, json={**body, "model": ""})
+    assert response.status_code == 200, response.text
+    if path.startswith("/v1/"):
+        assert response.json()["model"] == "fake-model"
+    unknown = call(engine, "POST", path, json={**body, "model": "other"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+
+
 def test_completion_stream_format(engine: AsyncEngine) -> None:
     response = call(engine, "POST", "/v1/completions", json={
         "prompt": [5, 6], "max_tokens": 2, "stream": True,
