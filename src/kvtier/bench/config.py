@@ -170,7 +170,19 @@ class BenchConfig:
 
     @property
     def percentiles(self) -> list[float]:
-        return [float(p) for p in self.metric_percentiles.split(",") if p.strip()]
+        values = []
+        for item in self.metric_percentiles.split(","):
+            if not item.strip():
+                continue
+            try:
+                value = float(item)
+            except ValueError:
+                value = math.nan
+            if not 0 <= value <= 100:
+                raise ValueError(f"metric_percentiles {self.metric_percentiles!r}: {item.strip()!r}"
+                                 " is not a percentile from 0 to 100")
+            values.append(value)
+        return values
 
     @property
     def selected_percentile_metrics(self) -> list[str]:
@@ -185,9 +197,13 @@ class BenchConfig:
         if not self.long_doc_qa_hit_miss_ratio:
             return None
         hit, _, miss = self.long_doc_qa_hit_miss_ratio.partition(":")
-        ratio = (int(hit), int(miss))
+        try:
+            ratio = (int(hit), int(miss))
+        except ValueError:
+            ratio = (-1, -1)
         if min(ratio) < 0 or sum(ratio) == 0:
-            raise ValueError(f"hit_miss_ratio {self.long_doc_qa_hit_miss_ratio!r} is not h:m")
+            raise ValueError(f"long_doc_qa_hit_miss_ratio {self.long_doc_qa_hit_miss_ratio!r} is "
+                             "not h:m")
         return ratio
 
     def _out(self, dataset_value: int) -> int:

@@ -94,7 +94,11 @@ def parse_goodput(slos: Iterable[str] | str | Mapping[str, float] | None) -> dic
             name, sep, value = item.partition(":")
             if not sep:
                 raise ValueError(f"goodput SLO {item!r} is not KEY:VALUE (value in ms)")
-            pairs.append((name.strip(), float(value)))
+            try:
+                pairs.append((name.strip(), float(value)))
+            except ValueError:
+                raise ValueError(f"goodput SLO {item!r}: {value!r} is not a number of ms") \
+                    from None
     for name, value in pairs:
         if name not in GOODPUT_METRICS:
             raise ValueError(f"goodput metric {name!r} is not one of {', '.join(GOODPUT_METRICS)}")

@@ -51,6 +51,11 @@ def test_flags_map_to_the_config():
     (["--header", "novalue"], "--header: 'novalue' is not KEY=VALUE"),
     (["--extra-body", "[1]"], "--extra-body: expected a JSON object"),
     (["--goodput", "ttft"], "goodput SLO 'ttft' is not KEY:VALUE"),
+    (["--goodput", "ttft:abc"], "--goodput SLO 'ttft:abc': 'abc' is not a number"),
+    (["--metric-percentiles", "50,150"],
+     "--metric-percentiles '50,150': '150' is not a percentile"),
+    (["--metric-percentiles", "p99"], "--metric-percentiles 'p99': 'p99' is not a percentile"),
+    (["--long-doc-qa-hit-miss-ratio", "x"], "--long-doc-qa-hit-miss-ratio 'x' is not h:m"),
 ])
 def test_bad_values_are_named(argv: list[str], message: str):
     with pytest.raises(ValueError, match=message):
