@@ -14,6 +14,7 @@ says why; the others are kept), 2 a malformed experiment or bad options.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -117,15 +118,45 @@ def _subset(items: Sequence[Any], wanted: str | None, what: str) -> tuple[Any, .
     return tuple(known[n] for n in names)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, turned into an exception so started servers are stopped on the way."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    for other in (signal.SIGTERM, signal.SIGHUP):  # a second one must not cut the teardown
+        signal.signal(other, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def _execute(experiment: Any, out_dir: Path, no_progress: bool) -> Any:
+    """Run the experiment; on Ctrl-C, SIGTERM or SIGHUP stop its servers and keep the results.
+
+    Without a handler SIGTERM/SIGHUP would end Python without unwinding, leaving the servers
+    the lab started (each in its own session) running.
+    """
     from kvtier.lab.progress import bench_progress
     from kvtier.lab.runner import run_experiment
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    with bench_progress(not no_progress and sys.stderr.isatty()) as new_task:
-        return run_experiment(experiment, out_dir, new_task=new_task, log=log)
+    previous = {signum: signal.signal(signum, _interrupt)
+                for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with bench_progress(not no_progress and sys.stderr.isatty()) as new_task:
+            return run_experiment(experiment, out_dir, new_task=new_task, log=log)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"kvtier lab: interrupted ({signal.Signals(signum).name}); servers stopped, the "
+              f"runs that finished are in {out_dir}", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run(ns: argparse.Namespace) -> int:

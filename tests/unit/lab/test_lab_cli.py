@@ -1,0 +1,72 @@
+"""lab_cli.py: `kvtier lab` run as a user runs it, against fake servers it starts itself."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.unit.lab.test_runner import FAKE, TOKENIZER
+
+EXPERIMENT = f"""
+name = "cli"
+[[servers]]
+name = "slow"
+launch = "{sys.executable} {FAKE} --port {{port}} --delay-ms 200"
+startup_timeout_s = 30
+[[workloads]]
+name = "quick"
+dataset_name = "random"
+num_prompts = 2
+random_input_len = 16
+random_output_len = 2
+tokenizer = "{TOKENIZER}"
+[[workloads]]
+name = "long"
+dataset_name = "random"
+num_prompts = 2
+random_input_len = 16
+random_output_len = 200
+tokenizer = "{TOKENIZER}"
+"""
+
+
+def lab(*argv: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "kvtier.cli", "lab", *argv, "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_stops_the_started_server_and_keeps_the_finished_runs(tmp_path: Path,
+                                                                      signum: int):
+    (tmp_path / "e.toml").write_text(EXPERIMENT)
+    out = tmp_path / "out"
+    process = lab(str(tmp_path / "e.toml"), "--output", str(out))
+    assert process.stderr is not None
+    url, lines = None, []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        lines.append(line)
+        if match := re.search(r"healthy at (http://\S+)", line):
+            url = match.group(1)
+        if "quick:" in line:  # the first workload finished; the long one is running
+            break
+    assert url is not None, "".join(lines)
+    time.sleep(0.5)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err and "interrupted" in err
+    with pytest.raises(httpx.ConnectError):  # the server the lab started is gone
+        httpx.get(url + "/health", timeout=2)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["workload"], r["status"]) for r in runs] == [("quick", "ok")]
+    assert (out / "report.md").is_file()
