@@ -158,6 +158,7 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         metadata = _pairs(args.metadata, "--metadata")
+        _check_result_dir(args)
     except ValueError as exc:
         print(f"kvtier bench: error: {exc}", file=sys.stderr)
         return 2
@@ -166,6 +167,20 @@ def run_bench(args: argparse.Namespace) -> int:
     except BenchSetupError as exc:
         print(f"kvtier bench: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _check_result_dir(args: argparse.Namespace) -> None:
+    """Create --result-dir before the run, so a bad one cannot cost the run's result."""
+    if not (args.save_result or args.save_detailed or args.result_filename):
+        return
+    from kvtier.lab.records import path_problem
+
+    directory = result_path(args, BenchConfig(), "model").parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--result-dir: cannot create {str(directory)!r}: "
+                         f"{path_problem(directory, exc)}") from exc
 
 
 def result_path(args: argparse.Namespace, config: BenchConfig, model_id: str) -> Path:

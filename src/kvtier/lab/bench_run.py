@@ -78,9 +78,13 @@ def execute(config: BenchConfig, args: argparse.Namespace, metadata: dict[str, s
     print_result(config, result)
     if args.save_result or args.save_detailed or args.result_filename:
         path = result_path(args, config, model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result_json(result, metadata, args.save_detailed), indent=1),
-                        encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result_json(result, metadata, args.save_detailed),
+                                       indent=1), encoding="utf-8")
+        except OSError as exc:
+            raise BenchSetupError(f"cannot write the result to {str(path)!r}: "
+                                  f"{exc.strerror or exc}") from exc
         print(f"kvtier bench: result written to {path}", file=sys.stderr)
     if not result.completed:
         print(f"kvtier bench: error: all {result.failed} requests failed", file=sys.stderr)

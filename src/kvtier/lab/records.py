@@ -159,6 +159,14 @@ def write_results_json(path: Path, experiment: dict[str, Any], records: list[Run
     tmp.replace(path)
 
 
+def path_problem(path: Path, exc: OSError) -> str:
+    """Why `path` could not be created or written, in words (a file in a directory's place)."""
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return f"{str(blocker)!r} is a file, not a directory"
+    return exc.strerror or str(exc)
+
+
 def read_results_json(path: Path) -> list[RunRecord]:
     data = json.loads(path.read_text(encoding="utf-8"))
     return [RunRecord(**run) for run in data["runs"]]

@@ -33,6 +33,7 @@ from kvtier.lab.records import (
     OK,
     SERVER_FAILED,
     RunRecord,
+    path_problem,
     write_results_csv,
     write_results_json,
 )
@@ -244,9 +245,13 @@ def run_experiment(experiment: Experiment, out_dir: Path, new_task: TaskFactory 
     start = time.perf_counter()
     if check_flags:
         check_engine_flags(experiment)
-    out_dir.mkdir(parents=True, exist_ok=True)
     runner = _Runner(experiment, out_dir, new_task, log)
-    runner.save()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        runner.save()
+    except OSError as exc:
+        raise ExperimentError(f"cannot write the report directory {str(out_dir)!r}: "
+                              f"{path_problem(out_dir, exc)}") from exc
     try:
         if experiment.restart_per_workload:
             # Workload-major: the runs compared with each other are adjacent in time, so a

@@ -86,6 +86,15 @@ def test_unreachable_server_is_one_clear_line():
     assert "Traceback" not in done.stderr
 
 
+def test_a_result_dir_that_cannot_be_made_is_refused_before_the_run(tmp_path: Path):
+    (tmp_path / "taken").write_text("")
+    done = bench("--base-url", "http://127.0.0.1:9", "--save-result", "--result-dir",
+                 str(tmp_path / "taken"))
+    assert done.returncode == 2, done.stderr
+    assert f"--result-dir: cannot create {str(tmp_path / 'taken')!r}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_run_against_a_fake_kvtier_server(tmp_path: Path):
     spec = ServerSpec("fake", launch=f"{sys.executable} {FAKE} --port {{port}} --kvtier "
                                      "--fail-every 4", startup_timeout_s=30)

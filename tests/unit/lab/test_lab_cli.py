@@ -70,3 +70,16 @@ def test_sigterm_stops_the_started_server_and_keeps_the_finished_runs(tmp_path: 
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [(r["workload"], r["status"]) for r in runs] == [("quick", "ok")]
     assert (out / "report.md").is_file()
+
+
+def test_an_output_path_that_is_a_file_is_one_clear_line(tmp_path: Path):
+    (tmp_path / "e.toml").write_text(
+        'name = "x"\n[[servers]]\nname = "given"\nbase_url = "http://127.0.0.1:9"\n'
+        '[[workloads]]\nname = "w"\nnum_prompts = 1\n')
+    (tmp_path / "taken").write_text("")
+    for output in ("taken", "taken/sub"):
+        process = lab(str(tmp_path / "e.toml"), "--output", str(tmp_path / output))
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 2, err
+        assert "Traceback" not in err
+        assert f"{str(tmp_path / 'taken')!r} is a file, not a directory" in err
