@@ -238,11 +238,18 @@ def build_workload(config: BenchConfig, tokenizer: TokenizerLike) -> Workload:
     else:
         entries = shuffled_conversations(load_sharegpt_records(config.dataset_path), seed,
                                          shuffle=not config.disable_shuffle)
+        if not entries:
+            raise ValueError(f"{config.dataset_path or 'the ShareGPT file'} holds no "
+                             "conversation of two or more turns")
         output_len = config.output_len if config.output_len is not None \
             else config.sharegpt_output_len
         requests = sample_sharegpt(tokenizer, entries, n, output_len, config.request_id_prefix)
         if not config.no_oversample:
             requests = oversample(requests, n, seed, config.request_id_prefix)
+        if not requests:
+            raise ValueError(f"no conversation in {config.dataset_path or 'the ShareGPT file'} "
+                             "passes vLLM's length filters (prompt and output 4 to 1024 "
+                             "tokens, 2048 together)")
     return Workload(requests=[
         r if r.request_id is not None else replace(r, request_id=f"{config.request_id_prefix}{i}")
         for i, r in enumerate(requests)])

@@ -76,10 +76,30 @@ def load_sharegpt_records(path: str | os.PathLike[str] | None = None) -> list[di
 def shuffled_conversations(records: list[dict[str, Any]], seed: int = 0,
                            shuffle: bool = True) -> list[dict[str, Any]]:
     """vLLM's `load_data`: keep records with >= 2 turns, then `random.seed(seed); shuffle`."""
-    entries = [r for r in records if len(r.get("conversations") or ()) >= 2]
+    entries = [r for i, r in enumerate(records) if len(_turns(r, i)) >= 2]
     if shuffle:
         random.Random(seed).shuffle(entries)
     return entries
+
+
+def _turns(record: Any, index: int) -> list[Any]:
+    """A record's `conversations` list; ValueError naming the record when it has none."""
+    if not isinstance(record, dict):
+        raise ValueError(f"record {index} is not a ShareGPT conversation (a JSON object with "
+                         f"'conversations'): {str(record)[:80]!r}")
+    turns = record.get("conversations") or []
+    if not isinstance(turns, list):
+        raise ValueError(f"record {index} ({record.get('id', 'no id')}): 'conversations' is "
+                         f"not a list: {str(turns)[:80]!r}")
+    return turns
+
+
+def _text(entry: dict[str, Any], turn: int) -> str:
+    item = entry["conversations"][turn]
+    if not isinstance(item, dict) or "value" not in item:
+        raise ValueError(f"conversation {entry.get('id', '(no id)')}: turn {turn} has no "
+                         f"'value': {str(item)[:80]!r}")
+    return str(item["value"])
 
 
 def is_valid_sequence(prompt_len: int, output_len: int, min_len: int = 4,
@@ -110,8 +130,8 @@ def sample_sharegpt(
         size = min(max(2 * (num_requests - len(samples)), 16), _TOKENIZE_WINDOW)
         window = entries[start:start + size]
         start += size
-        prompts = [str(e["conversations"][0]["value"]) for e in window]
-        completions = [str(e["conversations"][1]["value"]) for e in window]
+        prompts = [_text(e, 0) for e in window]
+        completions = [_text(e, 1) for e in window]
         prompt_ids = _encode_many(tokenizer, prompts)
         completion_ids = _encode_many(tokenizer, completions) if output_len is None else None
         for i, prompt in enumerate(prompts):

@@ -65,7 +65,7 @@ def execute(config: BenchConfig, args: argparse.Namespace, metadata: dict[str, s
         raise BenchSetupError(str(exc)) from exc
     try:
         workload = build_workload(config, tokenizer)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing file, a directory, a malformed dump
         raise BenchSetupError(f"dataset {config.dataset_name}: {exc}") from exc
     print(f"kvtier bench: {workload.num_measured} requests of {config.dataset_name} to "
           f"{config.api_url} (model {model})", file=sys.stderr)

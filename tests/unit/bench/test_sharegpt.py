@@ -105,3 +105,22 @@ def test_oversample_fills_with_seeded_picks(qwen):
     assert [s.request_id for s in filled] == [f"x{i}" for i in range(7)]
     assert {s.prompt for s in filled} <= {s.prompt for s in samples}
     assert oversample(samples, 7, seed=1, request_id_prefix="x") == filled
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('["a", 1]', r"record 0 is not a ShareGPT conversation .*'a'"),
+    ('[{"id": "x", "conversations": 5}]', r"record 0 \(x\): 'conversations' is not a list"),
+    ('[{"id": "x", "conversations": [{"value": "a b c d e"}, {"from": "gpt"}]}]',
+     r"conversation x: turn 1 has no 'value'"),
+    ("[]", r"holds no conversation of two or more turns"),
+    ('[{"conversations": [{"value": "hi"}, {"value": "yo"}]}]',
+     r"no conversation in .* passes vLLM's length filters"),
+])
+def test_a_malformed_dump_is_a_value_error_naming_the_record(qwen, tmp_path, content, message):
+    from kvtier.bench.config import BenchConfig, build_workload
+
+    path = tmp_path / "dump.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        build_workload(BenchConfig(dataset_name="sharegpt", dataset_path=str(path),
+                                   num_prompts=2), qwen)

@@ -95,6 +95,17 @@ def test_a_result_dir_that_cannot_be_made_is_refused_before_the_run(tmp_path: Pa
     assert "Traceback" not in done.stderr
 
 
+def test_a_sharegpt_path_that_is_a_directory_is_one_clear_line(tmp_path: Path):
+    spec = ServerSpec("fake", launch=f"{sys.executable} {FAKE} --port {{port}}",
+                      startup_timeout_s=30)
+    with running_server(spec, tmp_path / "logs") as server:
+        done = bench("--base-url", server.base_url, "--dataset-name", "sharegpt",
+                     "--dataset-path", str(tmp_path), "--tokenizer", TOKENIZER)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"dataset sharegpt: [Errno 21] Is a directory: {str(tmp_path)!r}" in done.stderr
+
+
 def test_run_against_a_fake_kvtier_server(tmp_path: Path):
     spec = ServerSpec("fake", launch=f"{sys.executable} {FAKE} --port {{port}} --kvtier "
                                      "--fail-every 4", startup_timeout_s=30)
