@@ -111,7 +111,9 @@ def _subset(items: Sequence[Any], wanted: str | None, what: str) -> tuple[Any, .
         return tuple(items)
     names = [n.strip() for n in wanted.split(",")]
     known = {item.name: item for item in items}
-    for name in names:
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ExperimentError(f"--{what}: {name!r} is named twice")
         if name not in known:
             raise ExperimentError(f"--{what}: no {what[:-1]} named {name!r} (have: "
                                   f"{', '.join(known)})")

@@ -83,3 +83,18 @@ def test_an_output_path_that_is_a_file_is_one_clear_line(tmp_path: Path):
         assert process.returncode == 2, err
         assert "Traceback" not in err
         assert f"{str(tmp_path / 'taken')!r} is a file, not a directory" in err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--workloads", "w,w"], "--workloads: 'w' is named twice"),
+    (["--servers", "given,given"], "--servers: 'given' is named twice"),
+    (["--workloads", "nope"], "--workloads: no workload named 'nope' (have: w)"),
+])
+def test_bad_subsets_are_refused(tmp_path: Path, argv: list[str], message: str):
+    (tmp_path / "e.toml").write_text(
+        'name = "x"\n[[servers]]\nname = "given"\nbase_url = "http://127.0.0.1:9"\n'
+        '[[workloads]]\nname = "w"\nnum_prompts = 1\n')
+    process = lab(str(tmp_path / "e.toml"), *argv, "--output", str(tmp_path / "out"))
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 2 and message in err, err
+    assert not (tmp_path / "out").exists()
