@@ -63,6 +63,8 @@ def parse_values(text: str) -> tuple[int, ...]:
             raise ExperimentError(f"--values: {item!r} is not an integer") from None
         if value < 1:
             raise ExperimentError(f"--values: {value} must be >= 1")
+        if value in values:
+            raise ExperimentError(f"--values: {value} is given twice")
         values.append(value)
     if not values:
         raise ExperimentError("--values: give at least one value")

@@ -21,6 +21,8 @@ def test_parse_values():
         parse_values("1,x")
     with pytest.raises(ExperimentError, match=r"--values: 0 must be >= 1"):
         parse_values("0")
+    with pytest.raises(ExperimentError, match=r"--values: 2 is given twice"):
+        parse_values("2,4,2")
 
 
 def test_workload_knob_makes_one_workload_per_value_with_its_own_seed():
