@@ -205,8 +205,13 @@ def _show(argv: list[str]) -> int:
     path = Path(argv[0]) / "results.json"
     if not path.is_file():
         raise ExperimentError(f"{path} does not exist")
-    meta = json.loads(path.read_text(encoding="utf-8"))["experiment"]
-    servers = [s["name"] if isinstance(s, dict) else s for s in meta["servers"]]
-    workloads = [w["name"] if isinstance(w, dict) else w for w in meta["workloads"]]
-    print(format_tables(read_results_json(path), servers, workloads))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))["experiment"]
+        servers = [s["name"] if isinstance(s, dict) else s for s in meta["servers"]]
+        workloads = [w["name"] if isinstance(w, dict) else w for w in meta["workloads"]]
+        records = read_results_json(path)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExperimentError(f"{path}: not a kvtier lab results.json "
+                              f"({type(exc).__name__}: {exc})") from exc
+    print(format_tables(records, servers, workloads))
     return 0

@@ -98,3 +98,19 @@ def test_bad_subsets_are_refused(tmp_path: Path, argv: list[str], message: str):
     _, err = process.communicate(timeout=60)
     assert process.returncode == 2 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    ("{", "JSONDecodeError"),
+    ('{"runs": []}', "KeyError: 'experiment'"),
+    ('{"experiment": {"servers": [], "workloads": []}, "runs": [{"bogus": 1}]}', "TypeError"),
+])
+def test_show_of_a_malformed_results_json_names_the_file(tmp_path: Path, content: str,
+                                                         why: str):
+    (tmp_path / "results.json").write_text(content)
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "lab", "show", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    err = done.stderr
+    assert done.returncode == 2, err
+    assert "Traceback" not in err
+    assert f"{tmp_path / 'results.json'}: not a kvtier lab results.json ({why}" in err
