@@ -272,15 +272,24 @@ def _parse_server(table: Mapping[str, Any], where: str, model: str | None) -> Se
     if not all(isinstance(a, str) for a in args):
         raise ExperimentError(f"{where}.args: expected a list of strings, got {args!r}")
     env = _typed(table, "env", dict, where, default={})
+    for key, value in env.items():
+        if isinstance(value, dict | list):
+            raise ExperimentError(f"{where}.env.{key}: expected a string or number, got "
+                                  f"{value!r}")
+    startup_timeout_s = _typed(table, "startup_timeout_s", (int, float), where, default=600.0)
+    device_kv_tokens = _typed(table, "device_kv_tokens", int, where, default=None)
+    block_size = _typed(table, "block_size", int, where, default=16)
+    for key, value in (("startup_timeout_s", startup_timeout_s),
+                       ("device_kv_tokens", device_kv_tokens), ("block_size", block_size)):
+        if value is not None and not value > 0:
+            raise ExperimentError(f"{where}.{key}: expected a positive number, got {value!r}")
     return ServerSpec(
         name=name, engine=(*flags, *args), base_url=base_url, launch=launch,
         model=_typed(table, "model", str, where, default=model) or None,
         env={str(k): str(v) for k, v in env.items()},
         health_path=_typed(table, "health_path", str, where, default="/health"),
-        startup_timeout_s=float(_typed(table, "startup_timeout_s", (int, float), where,
-                                       default=600.0)),
-        device_kv_tokens=_typed(table, "device_kv_tokens", int, where, default=None),
-        block_size=_typed(table, "block_size", int, where, default=16))
+        startup_timeout_s=float(startup_timeout_s), device_kv_tokens=device_kv_tokens,
+        block_size=block_size)
 
 
 def engine_flags(engine: Any, where: str) -> list[str]:
@@ -344,6 +353,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     for kind in allowed:
         origin = typing.get_origin(kind) or kind
         if origin is Mapping and isinstance(value, Mapping):
+            if typing.get_args(kind)[1:] == (str,) and not all(
+                    isinstance(v, str) for v in value.values()):
+                raise ExperimentError(f"{where}: expected a table of strings, got {value!r}")
             return dict(value)
         if isinstance(origin, type) and isinstance(value, origin) and not (
                 isinstance(value, bool) and origin is not bool):

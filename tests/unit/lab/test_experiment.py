@@ -109,6 +109,15 @@ def test_false_becomes_no_flag_and_host_port_are_refused():
     ('name = "demo"', 'name = "demo"\nrepeats = 0', r"experiment\.repeats: .* got 0"),
     ('name = "demo"', 'name = "demo"\nrepeats = "3"', r"experiment\.repeats: .* got '3'"),
     ('name = "demo"', 'name = "demo"\nrepeats = true', r"experiment\.repeats: .* got True"),
+    ('name = "remote"', 'name = "remote"\nstartup_timeout_s = -5',
+     r"servers\[3\]\.startup_timeout_s: expected a positive number, got -5"),
+    ('name = "remote"', 'name = "remote"\nblock_size = 0',
+     r"servers\[3\]\.block_size: expected a positive number, got 0"),
+    ('name = "remote"', 'name = "remote"\ndevice_kv_tokens = -1',
+     r"servers\[3\]\.device_kv_tokens: expected a positive number, got -1"),
+    ('name = "remote"', 'name = "remote"\nenv = { A = [1] }', r"servers\[3\]\.env\.A: expected"),
+    ("num_prompts = 8", "num_prompts = 8\nheader = { x-a = 1 }",
+     r"workloads\[0\]\.header: expected a table of strings, got \{'x-a': 1\}"),
 ])
 def test_malformed_experiments_name_the_field(old: str, new: str, message: str):
     with pytest.raises(ExperimentError, match=message):
