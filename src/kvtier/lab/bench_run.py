@@ -61,7 +61,7 @@ def execute(config: BenchConfig, args: argparse.Namespace, metadata: dict[str, s
     model = preflight(config)
     try:
         tokenizer = resolve_tokenizer(config.tokenizer, model)
-    except (FileNotFoundError, OSError) as exc:
+    except (OSError, ValueError) as exc:
         raise BenchSetupError(str(exc)) from exc
     try:
         workload = build_workload(config, tokenizer)

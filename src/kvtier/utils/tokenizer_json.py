@@ -45,7 +45,11 @@ class HFTokenizer:
         if config_path.is_file():
             config = json.loads(config_path.read_text(encoding="utf-8"))
             clean_up = bool(config.get("clean_up_tokenization_spaces", False))
-        return cls(Tokenizer.from_file(str(path)), clean_up, name=str(path))
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"{path} is not a readable tokenizer.json: {exc}") from exc
+        return cls(tokenizer, clean_up, name=str(path))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

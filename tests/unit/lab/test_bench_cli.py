@@ -106,6 +106,18 @@ def test_a_sharegpt_path_that_is_a_directory_is_one_clear_line(tmp_path: Path):
     assert f"dataset sharegpt: [Errno 21] Is a directory: {str(tmp_path)!r}" in done.stderr
 
 
+def test_a_tokenizer_file_that_is_no_tokenizer_is_one_clear_line(tmp_path: Path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"not": "a tokenizer"')
+    spec = ServerSpec("fake", launch=f"{sys.executable} {FAKE} --port {{port}}",
+                      startup_timeout_s=30)
+    with running_server(spec, tmp_path / "logs") as server:
+        done = bench("--base-url", server.base_url, "--tokenizer", str(bad))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"error: {bad} is not a readable tokenizer.json" in done.stderr
+
+
 def test_run_against_a_fake_kvtier_server(tmp_path: Path):
     spec = ServerSpec("fake", launch=f"{sys.executable} {FAKE} --port {{port}} --kvtier "
                                      "--fail-every 4", startup_timeout_s=30)
