@@ -136,6 +136,9 @@ class BenchConfig:
         check(self.max_concurrency is None or self.max_concurrency >= 1,
               f"max_concurrency must be >= 1, got {self.max_concurrency}")
         check(self.num_warmups >= 0, f"num_warmups must be >= 0, got {self.num_warmups}")
+        # aiohttp takes a timeout <= 0 as none at all
+        check(self.request_timeout_s > 0,
+              f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         check(self.long_doc_qa_repeat_mode in ("random", "tile", "interleave"),
               f"long_doc_qa_repeat_mode {self.long_doc_qa_repeat_mode!r} is not "
               "random, tile or interleave")

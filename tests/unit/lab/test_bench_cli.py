@@ -48,6 +48,7 @@ def test_flags_map_to_the_config():
 @pytest.mark.parametrize(("argv", "message"), [
     (["--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
     (["--burstiness", "-1"], "--burstiness must be > 0"),
+    (["--request-timeout-s", "0"], "--request-timeout-s must be > 0, got 0.0"),
     (["--header", "novalue"], "--header: 'novalue' is not KEY=VALUE"),
     (["--extra-body", "[1]"], "--extra-body: expected a JSON object"),
     (["--goodput", "ttft"], "goodput SLO 'ttft' is not KEY:VALUE"),
