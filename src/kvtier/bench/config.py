@@ -139,6 +139,17 @@ class BenchConfig:
         # aiohttp takes a timeout <= 0 as none at all
         check(self.request_timeout_s > 0,
               f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        for name in ("prefix_repetition_num_prefixes", "multi_turn_num_turns",
+                     "long_doc_qa_num_documents", "long_doc_qa_document_length",
+                     "long_doc_qa_repeat_count"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("random_prefix_len", "prefix_repetition_prefix_len",
+                     "prefix_repetition_suffix_len", "multi_turn_system_prompt_len",
+                     "long_doc_qa_question_len"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("random_range_ratio", "multi_turn_range_ratio"):
+            check(0 <= getattr(self, name) < 1,
+                  f"{name} must be in [0, 1), got {getattr(self, name)}")
         check(self.long_doc_qa_repeat_mode in ("random", "tile", "interleave"),
               f"long_doc_qa_repeat_mode {self.long_doc_qa_repeat_mode!r} is not "
               "random, tile or interleave")
