@@ -53,6 +53,9 @@ class FusedMLPConfig:
     num_stages: int
     programs_per_sm: int = 1
     prefetch: bool = False
+    split_k: bool = False
+    """K as a power-of-two tile and the rest (`_fused_mlp_split_kernel`), not one padded
+    tile (no prefetch then)."""
     """Load each program's first tile before waiting for the previous kernel (under PDL,
     while that kernel finishes)."""
     sum_block_k: int = 32
@@ -94,6 +97,55 @@ def _fused_mlp_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, wgu_ptr, wdt_ptr,
                              offs_k, k_ok, F, stride_wgu, stride_wdt)
         acc += _tile_product(g, u, d, xn, dtype)
     tl.store(partial_ptr + pid * K + offs_k, tl.sum(acc, axis=0), mask=k_ok)
+
+
+@triton.jit
+def _fused_mlp_split_kernel(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, wgu_ptr, wdt_ptr,
+                            partial_ptr, K, F, stride_wgu, stride_wdt, eps,
+                            HAS_RESIDUAL: tl.constexpr, BLOCK_F: tl.constexpr,
+                            BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                            STAGES: tl.constexpr, PDL: tl.constexpr):
+    """`_fused_mlp_kernel` with K as two tiles, BLOCK_A (a power of two <= K) and BLOCK_B
+    (the rest, rounded up to a power of two): K = 1,536 pads nothing, where one
+    2,048-wide tile pads each weight row (and its pipeline stage) by a third."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    my_tiles = tl.cdiv(tl.cdiv(F, BLOCK_F) - pid, programs)
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_b = BLOCK_A + tl.arange(0, BLOCK_B)
+    a_ok = offs_a < K
+    b_ok = offs_b < K
+    dtype = wgu_ptr.dtype.element_ty
+    await_previous_kernel(PDL)
+
+    rows = tl.arange(0, 1)
+    xa = _projection_input(x_ptr, res_ptr, res_out_ptr, rows, rows < 1, offs_a, a_ok, K, 0, 0,
+                           0, pid == 0, HAS_RESIDUAL, False)
+    xb = _projection_input(x_ptr, res_ptr, res_out_ptr, rows, rows < 1, offs_b, b_ok, K, 0, 0,
+                           0, pid == 0, HAS_RESIDUAL, False)
+    rstd = tl.rsqrt((tl.sum(xa * xa, axis=1) + tl.sum(xb * xb, axis=1)) / K + eps)
+    wa = tl.load(norm_w_ptr + offs_a, mask=a_ok, other=0.0).to(tl.float32)
+    wb = tl.load(norm_w_ptr + offs_b, mask=b_ok, other=0.0).to(tl.float32)
+    xna = tl.sum(xa * wa[None, :] * rstd[:, None], axis=0)
+    xnb = tl.sum(xb * wb[None, :] * rstd[:, None], axis=0)
+
+    acc_a = tl.zeros([BLOCK_F, BLOCK_A], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_F, BLOCK_B], dtype=tl.float32)
+    for i in tl.range(0, my_tiles, num_stages=STAGES):
+        fs = (pid + i * programs) * BLOCK_F + offs_f
+        f_ok = fs < F
+        ga, ua, da = _load_tile(wgu_ptr, wdt_ptr, fs, offs_a, a_ok, F, stride_wgu, stride_wdt)
+        gb, ub, db = _load_tile(wgu_ptr, wdt_ptr, fs, offs_b, b_ok, F, stride_wgu, stride_wdt)
+        gate = (tl.sum(ga.to(tl.float32) * xna[None, :], axis=1)
+                + tl.sum(gb.to(tl.float32) * xnb[None, :], axis=1)).to(dtype)
+        up = (tl.sum(ua.to(tl.float32) * xna[None, :], axis=1)
+              + tl.sum(ub.to(tl.float32) * xnb[None, :], axis=1)).to(dtype)
+        act = tl.where(f_ok, _silu_and_mul(gate, up).to(tl.float32), 0.0)
+        acc_a += act[:, None] * da.to(tl.float32)
+        acc_b += act[:, None] * db.to(tl.float32)
+    tl.store(partial_ptr + pid * K + offs_a, tl.sum(acc_a, axis=0), mask=a_ok)
+    tl.store(partial_ptr + pid * K + offs_b, tl.sum(acc_b, axis=0), mask=b_ok)
 
 
 @triton.jit
@@ -157,14 +209,25 @@ def fused_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     partials = torch.empty((programs, hidden), dtype=torch.float32, device=x.device)
     residual_out = torch.empty_like(x) if residual is not None else None
     options = launch_options(x)
-    _fused_mlp_kernel[(programs,)](
-        x, residual if residual is not None else x,
-        residual_out if residual_out is not None else x, norm_weight, gate_up_weight,
-        down_weight_t, partials, hidden, inter, gate_up_weight.stride(0),
-        down_weight_t.stride(0), eps, HAS_RESIDUAL=residual is not None,
-        BLOCK_F=config.block_f, BLOCK_K=triton.next_power_of_2(hidden),
-        STAGES=config.num_stages, PREFETCH=config.prefetch, num_warps=config.num_warps,
-        **options)
+    if config.split_k:
+        block_a = 1 << (hidden.bit_length() - 1)
+        _fused_mlp_split_kernel[(programs,)](
+            x, residual if residual is not None else x,
+            residual_out if residual_out is not None else x, norm_weight, gate_up_weight,
+            down_weight_t, partials, hidden, inter, gate_up_weight.stride(0),
+            down_weight_t.stride(0), eps, HAS_RESIDUAL=residual is not None,
+            BLOCK_F=config.block_f, BLOCK_A=block_a,
+            BLOCK_B=triton.next_power_of_2(max(1, hidden - block_a)),
+            STAGES=config.num_stages, num_warps=config.num_warps, **options)
+    else:
+        _fused_mlp_kernel[(programs,)](
+            x, residual if residual is not None else x,
+            residual_out if residual_out is not None else x, norm_weight, gate_up_weight,
+            down_weight_t, partials, hidden, inter, gate_up_weight.stride(0),
+            down_weight_t.stride(0), eps, HAS_RESIDUAL=residual is not None,
+            BLOCK_F=config.block_f, BLOCK_K=triton.next_power_of_2(hidden),
+            STAGES=config.num_stages, PREFETCH=config.prefetch, num_warps=config.num_warps,
+            **options)
     out = torch.empty_like(x)
     _sum_partials_kernel[(triton.cdiv(hidden, config.sum_block_k),)](
         partials, out, programs, hidden, BLOCK_P=min(64, triton.next_power_of_2(programs)),
@@ -183,14 +246,14 @@ def _multiprocessors(device: torch.device) -> int:
 LAYERS = 28
 HIDDEN, INTERMEDIATE = 1536, 8960
 EPS = 1e-6
-CONFIGS = [FusedMLPConfig(f, w, s, p, prefetch) for f, w, s, p, prefetch in [
-    (4, 8, 4, 1, False), (4, 8, 4, 1, True), (4, 16, 4, 1, False), (4, 16, 4, 1, True),
-    (8, 8, 3, 1, False), (8, 8, 3, 1, True), (8, 16, 3, 1, True), (8, 8, 4, 1, True),
-    (2, 8, 6, 1, True), (2, 8, 8, 1, True), (2, 4, 8, 1, True), (4, 4, 4, 1, True)]]
-"""(intermediate columns per step, warps, pipeline stages, programs per SM, first tile before
-the PDL wait). Call 5 of 2026-11-30 (the thirty-third session) swept 12 without the
-prefetch: the deepest pipelines won (4 x 8 warps x 4 stages 28.8 us per layer, current 29.9;
-2-column tiles at 4 stages and 8-column at 2 stages 37-54)."""
+CONFIGS = [FusedMLPConfig(f, w, s, p, split_k=split) for f, w, s, p, split in [
+    (4, 8, 4, 1, False), (4, 8, 4, 1, True), (4, 8, 5, 1, True), (4, 8, 6, 1, True),
+    (4, 4, 6, 1, True), (2, 8, 8, 1, True), (2, 4, 10, 1, True), (2, 8, 12, 1, True),
+    (8, 8, 3, 1, True), (8, 16, 3, 1, True), (4, 16, 5, 1, True), (2, 4, 6, 2, True)]]
+"""(intermediate columns per step, warps, pipeline stages, programs per SM, K split in two
+tiles). Calls 5-6 of 2026-11-30 (thirty-third session) swept one padded K tile, with and
+without the first tile loaded before the PDL wait: the deepest pipeline won (4 columns x 8
+warps x 4 stages, 28.8 us per layer against the current 29.9; the prefetch lost everywhere)."""
 
 
 class Layer:
