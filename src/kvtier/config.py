@@ -27,6 +27,32 @@ class ConfigError(ValueError):
     """An engine argument has a bad value; the message names the argument and the value."""
 
 
+_TYPE_CHECKS: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "bool": ((bool,), "True or False"),
+    "str": ((str,), "a string"),
+}
+
+
+def _check_field_types(config: object) -> None:
+    """Refuse a value of the wrong type (`LLM(max_num_seqs="8")`, `enforce_eager="no"`) by
+    its argument's name, before a comparison fails without one or a truthy string turns a
+    switch on. Fields typed `int`, `float`, `bool` or `str` (or one of them `| None`) are
+    checked; a bool is no integer here."""
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        kind, _, optional = str(f.type).partition(" | ")
+        if kind not in _TYPE_CHECKS or optional not in ("", "None"):
+            continue
+        value = getattr(config, f.name)
+        if value is None and optional:
+            continue
+        types, expected = _TYPE_CHECKS[kind]
+        if not isinstance(value, types) or (kind != "bool" and isinstance(value, bool)):
+            raise ConfigError(f"{f.name} {value!r} must be {expected}"
+                              + (" or None" if optional else ""))
+
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
           "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
@@ -61,8 +87,11 @@ class ModelConfig:
     -1 = the vocabulary size."""
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not -2**63 <= self.seed < 2**64:  # what a torch generator takes
+            raise ConfigError(f"seed {self.seed} must be in -2**63..2**64-1")
         if self.max_logprobs < -1:
             raise ConfigError(f"max_logprobs {self.max_logprobs} must be >= -1")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -84,6 +113,7 @@ class CacheConfig:
     """Exact number of device KV blocks, to create pressure on purpose (also on the CPU)."""
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ConfigError(f"block_size {self.block_size} must be a power of two in 1..128")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -122,6 +152,7 @@ class SchedulerConfig:
     extend, not after a long prefill that shares their step. 0 = off."""
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.short_prefill_first_tokens < 0:
             raise ConfigError(f"short_prefill_first_tokens {self.short_prefill_first_tokens} "
                               f"must be >= 0")
@@ -151,6 +182,7 @@ class TierSpec:
     eviction: str = "lru"
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.capacity_bytes < 1:
             raise ConfigError(f"kv tier {self.kind}: size {self.capacity_bytes} bytes must be "
                               f"positive")
@@ -218,6 +250,7 @@ class TierConfig:
     Disk and remote tiers always load in the background."""
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.kv_load_timing not in LOAD_TIMINGS:
             raise ConfigError(
                 f"kv_load_timing {self.kv_load_timing!r} is not one of {', '.join(LOAD_TIMINGS)}")
@@ -282,6 +315,7 @@ class EngineConfig:
         return device_type == "cuda" and not self.overlap_outputs
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.async_scheduling and self.overlap_outputs:
             raise ConfigError("async_scheduling already overlaps a step's outputs with the "
                               "next step; drop overlap_outputs")
@@ -305,12 +339,14 @@ class EngineConfig:
             sections[section][key] = value
         tiers = sections["tiers"]
         if "kv_tiers" in tiers:
-            tiers["kv_tiers"] = tuple(
-                spec if isinstance(spec, TierSpec) else TierSpec.parse(spec)
-                for spec in tiers["kv_tiers"] or ())
+            tiers["kv_tiers"] = _tier_specs(tiers["kv_tiers"])
         cache = sections["cache"]
-        if cache.get("kv_cache_memory_bytes") is not None:
-            cache["kv_cache_memory_bytes"] = parse_size(cache["kv_cache_memory_bytes"])
+        size = cache.get("kv_cache_memory_bytes")
+        if size is not None and not isinstance(size, bool):
+            try:
+                cache["kv_cache_memory_bytes"] = parse_size(size)
+            except ConfigError as exc:
+                raise ConfigError(f"kv_cache_memory_bytes: {exc}") from None
         return EngineConfig(
             model=ModelConfig(**sections["model"]),
             cache=CacheConfig(**cache),
@@ -318,6 +354,21 @@ class EngineConfig:
             tiers=TierConfig(**tiers),
             **top,
         )
+
+
+def _tier_specs(specs: Any) -> tuple[TierSpec, ...]:
+    """`kv_tiers`: a list of specs (`["cpu:8GiB"]`) or TierSpecs, in tier order."""
+    if specs is None:
+        return ()
+    if isinstance(specs, (str, TierSpec)) or not isinstance(specs, (list, tuple)):
+        raise ConfigError(f"kv_tiers {specs!r} must be a list of tier specs, e.g. "
+                          "['cpu:8GiB']")
+    for spec in specs:
+        if not isinstance(spec, (str, TierSpec)):
+            raise ConfigError(f"kv_tiers: tier {spec!r} must be a spec string (e.g. "
+                              "'cpu:8GiB') or a TierSpec")
+    return tuple(spec if isinstance(spec, TierSpec) else TierSpec.parse(spec)
+                 for spec in specs)
 
 
 _TOP_LEVEL = ("attention_backend", "enforce_eager", "max_cudagraph_capture_size",
