@@ -93,23 +93,19 @@ def bind_listening_sockets(host: str, port: int, count: int) -> list[socket.sock
             sock.bind((host, port))
             port = sock.getsockname()[1]  # port 0: the others join the port the first got
             sock.listen(LISTEN_BACKLOG)
-    except OSError:
+    except (OSError, OverflowError):
         for sock in sockets:
             sock.close()
         raise
     return sockets * count if len(sockets) == 1 else sockets
 
 
-def run_api_servers(spec: EngineProcessSpec, settings: ServerSettings, *, host: str, port: int,
-                    count: int, max_waiting_requests: int | None,
+def run_api_servers(spec: EngineProcessSpec, settings: ServerSettings,
+                    sockets: list[socket.socket], *, max_waiting_requests: int | None,
                     shutdown_timeout_s: float) -> int:
-    """Supervise the engine process and `count` front ends until they stop; the exit code."""
-    try:
-        sockets = bind_listening_sockets(host, port, count)
-    except OSError as exc:
-        print(f"kvtier serve: cannot listen on {host}:{port}: {exc}", file=sys.stderr,
-              flush=True)
-        return 1
+    """Supervise the engine process and a front end per socket of `sockets` (from
+    `bind_listening_sockets`) until they stop; the exit code."""
+    count = len(sockets)
     # prometheus_client picks its multiprocess value files at import, from the environment:
     # set before the front ends start (they inherit it), so their histograms are shared. A
     # directory the user chose (as with vLLM) is kept; else a temporary one is made.

@@ -16,7 +16,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server)")
-    g.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged)")
+    g.add_argument("--port", type=_port, default=8000, help="0 picks a free port (logged)")
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="names clients may send as `model` (first one answers); default: the "
                         "model's name")
@@ -38,6 +38,14 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long in-flight requests may finish before they "
                         "are aborted")
+
+
+def _port(text: str) -> int:
+    """A TCP port, 0..65535 (past it the OS would wrap: 70000 listened on 4464)."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -24,10 +24,11 @@ from types import FrameType
 import uvicorn
 from starlette.types import ASGIApp
 
-from kvtier.config import EngineConfig
+from kvtier.config import ConfigError, EngineConfig
 from kvtier.engine.args import engine_kwargs
 from kvtier.engine.async_engine import AsyncEngine
 from kvtier.engine.engine_process import EngineProcessSpec
+from kvtier.server.api_servers import bind_listening_sockets, run_api_servers
 from kvtier.server.app import ServerSettings, create_app
 from kvtier.utils.gil import shorten_switch_interval
 
@@ -98,21 +99,29 @@ def run_server(args: argparse.Namespace) -> int:
     spec = EngineProcessSpec(config, request_timeout_s=args.request_timeout,
                              log_stats_interval_s=STATS_LOG_INTERVAL_S,
                              log_level=logging.getLogger().level)
-    if args.api_server_count > 1:
-        from kvtier.server.api_servers import run_api_servers
-        return run_api_servers(spec, settings, host=args.host, port=args.port,
-                               count=args.api_server_count,
-                               max_waiting_requests=args.max_waiting_requests,
-                               shutdown_timeout_s=args.shutdown_timeout)
-    engine = AsyncEngine.from_spec(spec, max_waiting_requests=args.max_waiting_requests)
-    _start(engine)
+    # Listen before the engine starts (as vLLM does): an address taken or unknown is then a
+    # usage error, not a model load followed by uvicorn's exit.
+    try:
+        sockets = bind_listening_sockets(args.host, args.port, args.api_server_count)
+    except (OSError, OverflowError) as exc:
+        raise ConfigError(f"cannot listen on --host {args.host} --port {args.port}: "
+                          f"{exc}") from None
+    try:
+        if args.api_server_count > 1:
+            return run_api_servers(spec, settings, sockets,
+                                   max_waiting_requests=args.max_waiting_requests,
+                                   shutdown_timeout_s=args.shutdown_timeout)
+        engine = AsyncEngine.from_spec(spec, max_waiting_requests=args.max_waiting_requests)
+        _start(engine)
 
-    def announce(host: str, port: int) -> None:
-        print(f"kvtier serve: ready on http://{host}:{port} (model {engine.model_name}, "
-              f"max_model_len {engine.max_model_len})", file=sys.stderr, flush=True)
+        def announce(host: str, port: int) -> None:
+            print(f"kvtier serve: ready on http://{host}:{port} (model {engine.model_name}, "
+                  f"max_model_len {engine.max_model_len})", file=sys.stderr, flush=True)
 
-    started = _serve(engine, settings, args.shutdown_timeout, announce, host=args.host,
-                     port=args.port)
+        started = _serve(engine, settings, args.shutdown_timeout, announce, sockets=sockets)
+    finally:
+        for sock in set(sockets):
+            sock.close()
     if not started:
         return 1
     print("kvtier serve: stopped", file=sys.stderr, flush=True)
