@@ -119,9 +119,13 @@ def plan_kv_blocks(cache: CacheConfig, spec: ModelSpec, device: torch.device,
     element = torch.empty(0, dtype=dtype).element_size()
     block_bytes = spec.kv_bytes_per_token(element) * cache.block_size
     if cache.num_gpu_blocks_override is not None:
+        _check_fits(f"num_gpu_blocks_override {cache.num_gpu_blocks_override}",
+                    cache.num_gpu_blocks_override, block_bytes, device)
         return KVPlan(cache.num_gpu_blocks_override, block_bytes)
     if cache.kv_cache_memory_bytes is not None:
         budget = cache.kv_cache_memory_bytes
+        _check_fits(f"kv_cache_memory_bytes {budget}", budget // block_bytes, block_bytes,
+                    device)
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         budget = int(total * cache.gpu_memory_utilization) - (total - free) - activation_bytes
@@ -132,3 +136,31 @@ def plan_kv_blocks(cache: CacheConfig, spec: ModelSpec, device: torch.device,
         raise ConfigError(f"no memory left for the KV cache (budget {budget} bytes); raise "
                           "gpu_memory_utilization or kv_cache_memory_bytes")
     return KVPlan(int(num_blocks), block_bytes)
+
+
+def _check_fits(argument: str, num_blocks: int, block_bytes: int,
+                device: torch.device) -> None:
+    """Refuse by its `argument` (name and value) a KV pool larger than the device's free
+    memory: allocating it would end in an allocator's traceback (or, for billions of blocks,
+    hang building the block pool's bookkeeping first)."""
+    needed = (num_blocks + 1) * block_bytes  # + the runner's scratch block
+    free = available_bytes(device)
+    if free is not None and needed > free:
+        raise ConfigError(
+            f"{argument}: a KV pool of {num_blocks} blocks needs {needed / 1024**3:.1f} GiB, "
+            f"more than the {free / 1024**3:.1f} GiB free on {device.type}")
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes the device can still allocate: CUDA's free memory, the host's MemAvailable
+    (None where the host does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
