@@ -28,11 +28,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from kvtier.config import EngineConfig
+from kvtier.config import ConfigError, EngineConfig
 from kvtier.engine.core_fanout import CoreFanout
 from kvtier.engine.core_messages import Command, CoreUpdate, StopCore
 from kvtier.engine.engine import LLMEngine
 from kvtier.engine.engine_core import CommandInbox, EngineCore
+from kvtier.model.spec import ModelLoadError
 from kvtier.utils.gc_pauses import freeze_startup_heap, log_long_gc_pauses
 from kvtier.utils.gil import shorten_switch_interval
 from kvtier.utils.profiling import engine_profile_dir, profiled
@@ -209,7 +210,11 @@ def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None
         engine = LLMEngine(spec.config)
         engine.log_stats_interval_s = spec.log_stats_interval_s
     except BaseException as exc:
-        logger.exception("engine construction failed")
+        if isinstance(exc, (ConfigError, ModelLoadError)):
+            # A bad argument: its message says it all, and the front end prints it once.
+            logger.debug("engine construction failed", exc_info=True)
+        else:
+            logger.exception("engine construction failed")
         failed = StartFailed(f"{type(exc).__name__}: {exc}", _picklable(exc))
         for conn in conns:
             with contextlib.suppress(OSError, ValueError):

@@ -51,6 +51,9 @@ LISTEN_BACKLOG = 2048
 START_TIMEOUT_S = 3600.0
 """Model loading, warm-up and CUDA-graph capture happen before the front ends are ready."""
 POLL_S = 0.2
+REFUSED_EXIT_WAIT_S = 10.0
+"""How long the supervisor waits for the front ends to exit after one failed to start (each
+gets the engine's start-up error), to tell a refused argument (exit code 2) from a crash."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ class _Supervisor:
         self._stopping = False
         self._signals = 0
         self._lifeline: Connection | None = None
+        self._refused = False
+        """The engine refused an argument: the front ends printed it; exit 2, quietly."""
 
     def run(self, spec: EngineProcessSpec, settings: ServerSettings,
             sockets: list[socket.socket],
@@ -167,7 +172,7 @@ class _Supervisor:
                 sock.close()
             started = self._wait_ready([reader for reader, _ in ready_pipes], address)
             if not started:  # a signal during start-up just leaves, as one front end does
-                return 0 if self._signals else 1
+                return 0 if self._signals else 2 if self._refused else 1
             return 1 if self._supervise() else 0
         finally:
             self._stop_all(engine_ready=started)
@@ -208,6 +213,8 @@ class _Supervisor:
             if self._stopping:  # a signal came meanwhile (and took the front ends down)
                 return False
             if failed or time.monotonic() > deadline:
+                if failed and self._front_ends_refused_an_argument():
+                    return False
                 print("kvtier serve: an API server failed to start; see its log above",
                       file=sys.stderr, flush=True)
                 return False
@@ -217,6 +224,15 @@ class _Supervisor:
               f"max_model_len {first.max_model_len}, {self.count} API servers)",
               file=sys.stderr, flush=True)
         return True
+
+    def _front_ends_refused_an_argument(self) -> bool:
+        """Whether the front ends exited 2: the engine refused a bad argument, which the
+        first of them printed as one line (`serve_front_end`)."""
+        deadline = time.monotonic() + REFUSED_EXIT_WAIT_S
+        for front_end in self._front_ends:
+            front_end.join(max(0.0, deadline - time.monotonic()))
+        self._refused = any(p.exitcode == 2 for p in self._front_ends)
+        return self._refused
 
     def _supervise(self) -> bool:
         """Until the front ends have all stopped; True if one, or the engine, died unasked."""
@@ -246,7 +262,8 @@ class _Supervisor:
             if not engine_ready:  # it may still be loading: nobody waits for it
                 self._engine.terminate()
             join_engine_process(self._engine)
-        print("kvtier serve: stopped", file=sys.stderr, flush=True)
+        if not self._refused:
+            print("kvtier serve: stopped", file=sys.stderr, flush=True)
 
 
 def run_api_server(spec: ApiServerSpec, conn: Connection, sock: socket.socket,

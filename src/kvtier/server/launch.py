@@ -134,10 +134,15 @@ def serve_front_end(conn: Connection, spec: EngineProcessSpec, settings: ServerS
                     report_start_error: bool = True) -> int:
     """One of `--api-server-count` front ends: serve on `sock` through the engine process's
     pipe `conn`; `on_ready(model_name, max_model_len)` once serving. Every front end gets
-    the engine's start-up error; `report_start_error` says whether this one prints it."""
+    the engine's start-up error; `report_start_error` says whether this one prints it. The
+    exit code: 2 for an argument the engine refused, else 1 if it did not serve."""
     engine = AsyncEngine.attach(conn, spec, max_waiting_requests=max_waiting_requests)
     try:
         _start(engine)
+    except (ValueError, FileNotFoundError) as exc:  # a bad argument, as `kvtier.cli.main` has it
+        if report_start_error:
+            print(f"kvtier serve: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except Exception as exc:  # the engine process logged the traceback
         if report_start_error:
             print(f"kvtier serve: the engine did not start: {type(exc).__name__}: {exc}",
