@@ -221,8 +221,11 @@ def _redis_url(text: str) -> str:
     """A Redis URL as redis-py takes it; `host:port` alone means `redis://host:port`."""
     scheme, separator, rest = text.partition("://")
     if not separator:
-        scheme, rest = "redis", text
-    if scheme.lower() not in REDIS_SCHEMES or not rest.strip("/"):
+        # `redis://HOST:PORT:SIZE` comes here as `//HOST:PORT`: the tier's kind was the URL's
+        # scheme. Read as `redis:////HOST:PORT`, redis-py would connect to localhost:6379.
+        scheme, rest = "redis", text.removeprefix("//")
+    host_missing = scheme.lower() != "unix" and rest.startswith("/")
+    if scheme.lower() not in REDIS_SCHEMES or not rest.strip("/") or host_missing:
         raise ConfigError(f"redis tier URL {text!r}: expected redis://HOST:PORT[/DB], "
                           f"rediss://... or unix:///PATH")
     return f"{scheme.lower()}://{rest}"

@@ -38,3 +38,23 @@ def test_a_spec_built_in_code_is_checked_too() -> None:
                                   "redis:cache:6379:1B"])
 def test_sizes_and_paths_that_can_work_are_taken(text: str) -> None:
     assert TierSpec.parse(text).capacity_bytes >= 1
+
+
+@pytest.mark.parametrize(("text", "url"), [
+    ("redis://127.0.0.1:1:1GiB", "redis://127.0.0.1:1"),
+    ("redis://cache:6379/2:1GiB:s3fifo", "redis://cache:6379/2"),
+    ("redis:redis://cache:6379/0:1GiB", "redis://cache:6379/0"),
+    ("redis:cache:6379:1GiB", "redis://cache:6379"),
+    ("redis:unix:///run/redis.sock:1GiB", "unix:///run/redis.sock"),
+])
+def test_a_redis_url_given_as_the_whole_spec_keeps_its_host(text: str, url: str) -> None:
+    """Before, `redis://127.0.0.1:1:1GiB` became the URL `redis:////127.0.0.1:1`, which
+    redis-py reads as localhost:6379: the tier silently used another server."""
+    assert TierSpec.parse(text).url == url
+
+
+@pytest.mark.parametrize("text", ["redis:redis:////cache:6379:1GiB", "redis:///cache:1GiB"])
+def test_a_redis_url_without_a_host_is_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="expected redis://HOST:PORT") as error:
+        TierSpec.parse(text)
+    assert repr(text) in str(error.value)
