@@ -28,14 +28,21 @@ from kvtier.tiers.transfer import KVTransfer
 logger = logging.getLogger(__name__)
 
 
+def check_capacity(spec: TierSpec, layout: KVLayout, chunk_blocks: int) -> None:
+    """Refuse a tier too small for one chunk (before any tier creates anything)."""
+    if spec.kind in ("disk", "redis"):
+        chunk_bytes = _encoded_chunk_bytes(layout, chunk_blocks)
+    else:  # a cpu tier's slot
+        chunk_bytes = chunk_blocks * layout.block_bytes
+    if spec.capacity_bytes < chunk_bytes:
+        raise ConfigError(f"{spec.kind} tier of {spec.capacity_bytes} bytes cannot hold "
+                          f"one chunk of {chunk_bytes} bytes (kv_tier_chunk_tokens "
+                          f"{chunk_blocks * layout.block_size})")
+
+
 def build_store(spec: TierSpec, layout: KVLayout, chunk_blocks: int,
                 pin_memory: bool) -> TierStore:
-    if spec.kind in ("disk", "redis"):  # the cpu tier checks its slots itself
-        chunk_bytes = _encoded_chunk_bytes(layout, chunk_blocks)
-        if spec.capacity_bytes < chunk_bytes:
-            raise ConfigError(f"{spec.kind} tier of {spec.capacity_bytes} bytes cannot hold "
-                              f"one chunk of {chunk_bytes} bytes (kv_tier_chunk_tokens "
-                              f"{chunk_blocks * layout.block_size})")
+    check_capacity(spec, layout, chunk_blocks)
     policy = create_policy(spec.eviction)
     if spec.kind == "cpu":
         return CPUStore(layout, spec.capacity_bytes, policy, chunk_blocks, pin_memory)
@@ -58,6 +65,10 @@ def _encoded_chunk_bytes(layout: KVLayout, chunk_blocks: int) -> int:
 def build_tier_manager(config: TierConfig, layout: KVLayout, kv_cache: torch.Tensor,
                        pool: BlockPool, prefill: PrefillRate) -> TierManager:
     chunk_blocks = max(1, config.kv_tier_chunk_tokens // layout.block_size)
+    # Every tier's size first: a disk tier creates its directory, which a later tier's
+    # refusal would otherwise leave behind.
+    for spec in config.kv_tiers:
+        check_capacity(spec, layout, chunk_blocks)
     stores: list[TierStore] = []
     try:
         for spec in config.kv_tiers:

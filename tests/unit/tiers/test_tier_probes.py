@@ -95,3 +95,17 @@ def test_a_tier_refused_at_start_closes_the_tiers_started_before_it(
         time.sleep(0.01)
     assert [t.name for t in threading.enumerate() if t.name.startswith("kvtier-redis")] == []
     assert [c["cmd"] for c in client.client_list()] == ["client|list"]
+
+
+@pytest.mark.parametrize("small", ["cpu", "disk"])
+def test_a_tier_refused_at_start_leaves_no_directory_of_a_disk_tier_above_it(
+        small: str, tmp_path: Path) -> None:
+    """`--kv-tier disk:NEW:1GiB --kv-tier cpu:1B`: before, the disk tier had created NEW and
+    its namespace directory by the time the cpu tier below it was refused, and they stayed."""
+    new = tmp_path / "new"
+    below = TierSpec(small, 1, **({"path": str(tmp_path / "other")} if small == "disk" else {}))
+    config = TierConfig(kv_tiers=(TierSpec("disk", 1 << 30, path=str(new)), below),
+                        kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size)
+    with pytest.raises(ConfigError, match=f"^{small} tier of 1 bytes cannot hold one chunk"):
+        build_tier_manager(config, LAYOUT, kv_cache(), BlockPool(8), PrefillRate(1e4))
+    assert list(tmp_path.iterdir()) == []
