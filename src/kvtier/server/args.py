@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvtier.config import parse_size
+from kvtier.config import ConfigError, parse_size
 
 DEFAULT_MAX_WAITING_REQUESTS = 4096
 
@@ -29,7 +29,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         "get 503 with Retry-After (default %(default)s)")
     g.add_argument("--request-timeout", type=_positive_float, default=None, metavar="SECONDS",
                    help="abort requests still running this long after arrival (default: none)")
-    g.add_argument("--max-request-body-bytes", type=parse_size, default=4 * 1024 * 1024,
+    g.add_argument("--max-request-body-bytes", type=_positive_size, default=4 * 1024 * 1024,
                    help="larger request bodies get 413 (default 4MiB)")
     g.add_argument("--api-server-count", type=_positive_int, default=1, metavar="N",
                    help="HTTP front-end processes sharing the listening socket and one engine "
@@ -38,6 +38,17 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long in-flight requests may finish before they "
                         "are aborted")
+
+
+def _positive_size(text: str) -> int:
+    """A size in bytes (`4MiB`, `1000000`) of at least one byte."""
+    try:
+        value = parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return value
 
 
 def _port(text: str) -> int:

@@ -1,0 +1,30 @@
+"""`kvtier serve --max-request-body-bytes`: a bad size is a usage error naming the flag and
+the value. Before, `abc` read "invalid parse_size value: 'abc'", and `0` passed the parser
+and failed later as "max_request_body_bytes must be >= 1", without the value."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.cli import build_parser
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("abc", "cannot parse size 'abc' (expected e.g. 8GiB, 512MB or 1000000)"),
+    ("1XB", "cannot parse size '1XB'"),
+    ("0", "must be at least 1 byte, got '0'"),
+    ("0.5", "must be at least 1 byte, got '0.5'"),
+    ("0KiB", "must be at least 1 byte, got '0KiB'"),
+])
+def test_a_bad_body_size_is_a_usage_error(value: str, message: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--max-request-body-bytes", value])
+    assert exited.value.code == 2
+    assert f"argument --max-request-body-bytes: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("value", "size"), [("1", 1), ("4MiB", 4 << 20), ("1.5KB", 1500)])
+def test_body_sizes_are_read_with_units(value: str, size: int) -> None:
+    args = build_parser().parse_args(["serve", "--max-request-body-bytes", value])
+    assert args.max_request_body_bytes == size
