@@ -26,6 +26,11 @@ def resolve_device(config: ModelConfig) -> torch.device:
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {config.device!r} asked for, but CUDA is not available")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:  # else CUDA's "invalid device ordinal" on first use
+            raise ConfigError(f"device {config.device!r}: this machine has {count} CUDA "
+                              f"device(s), cuda:0..cuda:{count - 1}")
     return device
 
 
