@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvtier import LLM, SamplingParams
 from kvtier.tiers.cost import CostModel
@@ -535,3 +536,36 @@ def test_step_trace_counts_the_tiers_loads_and_stores(
     assert loads > 0 and stores > 0
     assert sum(step.loads for step in steps) == loads
     assert sum(step.stores for step in steps) == stores
+
+
+@pytest.mark.parametrize("tiers", [("cpu:1MiB",), ("cpu:64KiB", "disk:{tmp}:16MiB")],
+                         ids=["cpu", "cpu+disk"])
+def test_tier_probes_leave_the_device_pool_finite(
+        tiers: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tier rate probes at start-up copy a scratch payload into device blocks, which keep
+    it. It was `torch.empty`: uninitialised bytes, NaN or inf as floats. A block's unwritten
+    slots are masked in the torch backend's paged decode but still multiplied (0 * NaN), so a
+    lone 93-token prompt decoded NaN logits, token 0 on every step after the first (found by
+    tests/e2e/test_engine_stress.py, one run in three, as malloc's recycled memory allowed).
+    Here every uninitialised allocation of the start-up holds NaN, to make that certain."""
+    prompt = [random.Random(0).randrange(200, 40_000) for _ in range(93)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine_args = {"dtype": "float32", "num_gpu_blocks_override": 10}
+    alone = LLM(TINY_MODEL, **engine_args).generate([prompt], params)[0].outputs[0].token_ids
+    real_empty = torch.empty
+
+    def dirty_empty(*args: object, **kwargs: object) -> torch.Tensor:
+        tensor = real_empty(*args, **kwargs)  # type: ignore[call-overload]
+        if tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+        elif tensor.dtype == torch.uint8:
+            tensor.fill_(0xFF)  # NaN as any float dtype
+        return tensor
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "empty", dirty_empty)
+        llm = LLM(TINY_MODEL, kv_tiers=tuple(t.format(tmp=tmp_path) for t in tiers),
+                  kv_tier_chunk_tokens=32, **engine_args)
+    assert torch.isfinite(llm.engine.runner.kv_cache).all()
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == alone
+    finish(llm)

@@ -100,7 +100,11 @@ def probe_rate(store: TierStore, transfer: KVTransfer, chunk_blocks: int) -> Tie
     num_blocks = min(chunk_blocks * (PROBE_CHUNKS if store.name == "cpu" else 1),
                      transfer.kv_cache.shape[2])
     num_bytes = num_blocks * store.layout.block_bytes
-    payload = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=transfer.is_cuda)
+    # Zeros, not torch.empty: the probe copies the payload into real device blocks, which keep
+    # it. Uninitialised bytes read as float can be NaN or inf, and a block's unwritten slots
+    # are masked in attention but still multiplied (0 * NaN = NaN): a later request that got
+    # such a block decoded NaN logits (token 0 on every step). The pool must stay finite.
+    payload = torch.zeros(num_bytes, dtype=torch.uint8, pin_memory=transfer.is_cuda)
     index = transfer.load_index(list(range(num_blocks)))
     if store.name == "cpu":
         transfer.copy_in(payload, num_blocks, 0, index)  # warm-up
