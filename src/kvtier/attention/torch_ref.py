@@ -125,7 +125,11 @@ def _decode(query: torch.Tensor, kv_cache: torch.Tensor, data: _StepData,
     per query head."""
     assert data.decode_blocks is not None and data.decode_mask is not None
     n, num_heads, head_dim = query.shape
-    kv = gather_context(kv_cache, data.decode_blocks)  # (2, n, L, KVH, D)
+    kv = gather_context(kv_cache, data.decode_blocks)  # (2, n, L, KVH, D), a copy
+    # The slots past each sequence's length hold whatever their blocks held (another
+    # sequence's K/V, start-up scratch): masked scores give them probability 0, but 0 * NaN
+    # is NaN, so their values are zeroed in the gathered copy.
+    kv[1].masked_fill_(~data.decode_mask.view(n, -1, 1, 1), 0)
     num_kv_heads = kv.shape[-2]
     q = query.view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
     k = kv[0].permute(0, 2, 3, 1)  # (n, KVH, D, L)
