@@ -9,6 +9,7 @@ blocks, the model's shape) live in the objects that compute them, never back in 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +29,8 @@ class ConfigError(ValueError):
 
 
 _TYPE_CHECKS: dict[str, tuple[tuple[type, ...], str]] = {
-    "int": ((int,), "an integer"),
-    "float": ((int, float), "a number"),
+    "int": ((numbers.Integral,), "an integer"),  # numpy's integers too
+    "float": ((numbers.Real,), "a number"),
     "bool": ((bool,), "True or False"),
     "str": ((str,), "a string"),
 }
