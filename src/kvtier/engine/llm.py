@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvtier.config import EngineConfig
 from kvtier.engine.engine import LLMEngine
-from kvtier.types import RequestOutput, SamplingParams
+from kvtier.types import InvalidRequestError, RequestOutput, SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int] | Mapping[str, Any]
+"""Text, token ids, or vLLM's `{"prompt": text}` / `{"prompt_token_ids": ids}` dicts."""
 Message = dict[str, Any]
 
 
@@ -92,13 +93,26 @@ class LLM:
         return [finished[r] for r in request_ids]
 
 
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[str | list[int]]:
+    if isinstance(prompts, (str, Mapping)):  # one prompt (a dict is not a list of its keys)
+        return [_prompt_of(prompts)]
     if isinstance(prompts, (list, tuple)) and prompts and all(
             isinstance(t, int) for t in prompts):
         return [list(prompts)]  # type: ignore[arg-type]
-    return list(prompts)  # type: ignore[arg-type]
+    return [_prompt_of(p) for p in prompts]  # type: ignore[union-attr]
+
+
+def _prompt_of(prompt: Prompt) -> Any:
+    """vLLM's TextPrompt and TokensPrompt dicts as the text or ids they hold; anything else
+    as given (the engine checks it)."""
+    if not isinstance(prompt, Mapping):
+        return prompt
+    if set(prompt) == {"prompt"}:
+        return prompt["prompt"]
+    if set(prompt) == {"prompt_token_ids"}:
+        return prompt["prompt_token_ids"]
+    raise InvalidRequestError(f"a prompt dict must hold only 'prompt' (text) or only "
+                              f"'prompt_token_ids', got the keys {sorted(map(str, prompt))}")
 
 
 def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None,

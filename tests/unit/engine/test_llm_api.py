@@ -1,0 +1,38 @@
+"""The offline `kvtier.LLM` API against a real tiny engine: the prompt and message shapes
+vLLM's `LLM.generate` and `LLM.chat` take."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from kvtier import LLM, InvalidRequestError, SamplingParams
+
+MODEL = "random:tiny-llama"
+GREEDY = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[LLM]:
+    with LLM(MODEL, max_model_len=128, num_gpu_blocks_override=64) as engine:
+        yield engine
+
+
+def test_vllm_prompt_dicts_are_read_as_their_prompt_not_their_keys(llm: LLM) -> None:
+    text = llm.generate("Hello there", GREEDY)[0]
+    ids = llm.generate([[5, 6, 7]], GREEDY)[0]
+    one = llm.generate({"prompt": "Hello there"}, GREEDY)
+    many = llm.generate([{"prompt": "Hello there"}, {"prompt_token_ids": [5, 6, 7]}], GREEDY)
+    assert len(one) == 1 and len(many) == 2
+    for output, expected in ((one[0], text), (many[0], text), (many[1], ids)):
+        assert output.prompt_token_ids == expected.prompt_token_ids
+        assert output.outputs[0].token_ids == expected.outputs[0].token_ids
+    assert one[0].prompt == "Hello there" and many[1].prompt is None
+
+
+def test_a_prompt_dict_with_other_keys_is_refused(llm: LLM) -> None:
+    with pytest.raises(InvalidRequestError, match="prompt_token_ids"):
+        llm.generate({"text": "Hello"}, GREEDY)
+    with pytest.raises(InvalidRequestError, match="prompt_token_ids"):
+        llm.generate([{"prompt": "a", "prompt_token_ids": [5]}], GREEDY)
