@@ -60,7 +60,8 @@ class LLM:
         each conversation's final message, as in vLLM's `LLM.chat`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.engine.tokenizer.apply_chat_template(
-            list(conv), add_generation_prompt=add_generation_prompt,  # type: ignore[arg-type]
+            [_text_message(m) for m in conv],  # type: ignore[union-attr]
+            add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message) for conv in conversations]
         # The template already holds any BOS token: encode without adding special tokens.
         token_ids = [self.engine.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
@@ -113,6 +114,23 @@ def _prompt_of(prompt: Prompt) -> Any:
         return prompt["prompt_token_ids"]
     raise InvalidRequestError(f"a prompt dict must hold only 'prompt' (text) or only "
                               f"'prompt_token_ids', got the keys {sorted(map(str, prompt))}")
+
+
+def _text_message(message: Message) -> Message:
+    """An OpenAI message whose content is a list of text parts with that content as one
+    string, the parts joined by newlines (as vLLM's `LLM.chat` renders them for a template
+    that reads a string)."""
+    content = message.get("content") if isinstance(message, Mapping) else None
+    if not isinstance(content, list):
+        return message
+    texts = []
+    for part in content:
+        if not isinstance(part, Mapping) or part.get("type") != "text" \
+                or not isinstance(part.get("text"), str):
+            raise InvalidRequestError(f"message content parts must be text parts "
+                                      f"({{'type': 'text', 'text': ...}}), got {part!r}")
+        texts.append(part["text"])
+    return {**message, "content": "\n".join(texts)}
 
 
 def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None,

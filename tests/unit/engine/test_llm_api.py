@@ -36,3 +36,17 @@ def test_a_prompt_dict_with_other_keys_is_refused(llm: LLM) -> None:
         llm.generate({"text": "Hello"}, GREEDY)
     with pytest.raises(InvalidRequestError, match="prompt_token_ids"):
         llm.generate([{"prompt": "a", "prompt_token_ids": [5]}], GREEDY)
+
+
+def test_chat_takes_openai_text_content_parts(llm: LLM) -> None:
+    """vLLM's `LLM.chat` takes a message's content as a list of text parts, joined by
+    newlines for a template that reads a string."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"},
+                                          {"type": "text", "text": "there"}]}]
+    joined = [{"role": "user", "content": "Hello\nthere"}]
+    out, expected = llm.chat(parts, GREEDY)[0], llm.chat(joined, GREEDY)[0]
+    assert out.prompt_token_ids == expected.prompt_token_ids
+    assert out.outputs[0].token_ids == expected.outputs[0].token_ids
+    with pytest.raises(InvalidRequestError, match="text parts"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+                 GREEDY)
