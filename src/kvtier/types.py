@@ -86,8 +86,8 @@ class SamplingParams:
             object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         if isinstance(self.bad_words, str):
             object.__setattr__(self, "bad_words", (self.bad_words,))
-        elif isinstance(self.bad_words, list):
-            object.__setattr__(self, "bad_words", tuple(self.bad_words))
+        elif self.bad_words is None or isinstance(self.bad_words, list):  # None: vLLM's default
+            object.__setattr__(self, "bad_words", tuple(self.bad_words or ()))
         if isinstance(self.bad_words_token_ids, list):
             object.__setattr__(self, "bad_words_token_ids", tuple(
                 tuple(ids) if isinstance(ids, list) else ids for ids in self.bad_words_token_ids))

@@ -50,3 +50,11 @@ def test_chat_takes_openai_text_content_parts(llm: LLM) -> None:
     with pytest.raises(InvalidRequestError, match="text parts"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
                  GREEDY)
+
+
+def test_sampling_params_take_vllms_none_for_bad_words(llm: LLM) -> None:
+    """vLLM's SamplingParams default `bad_words` is None; passing it means no bad words."""
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, bad_words=None)
+    assert params.bad_words == ()
+    out = llm.generate([[5, 6, 7]], params)[0]
+    assert out.outputs[0].token_ids == llm.generate([[5, 6, 7]], GREEDY)[0].outputs[0].token_ids
