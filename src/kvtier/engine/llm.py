@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,18 +39,20 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
-        """Outputs in prompt order. A bad prompt raises before any request runs."""
+        """Outputs in prompt order. A bad prompt raises before any request runs; an error or
+        interrupt (Ctrl-C) while they run aborts those not finished, so none stays in the
+        engine holding KV blocks and steps of later calls."""
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
         request_ids: list[str] = []
         try:
             for prompt, p in zip(prompt_list, params, strict=True):
                 request_ids.append(self.engine.add_request(prompt, p))
-        except Exception:
-            for request_id in request_ids:
+            return self._run(request_ids)
+        except BaseException:
+            for request_id in request_ids:  # a finished one is not found: nothing to abort
                 self.engine.abort_request(request_id)
             raise
-        return self._run(request_ids)
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -84,11 +87,17 @@ class LLM:
             return [finished[r] for r in request_ids]
         # Async scheduling: launch each step before reading the tokens of the one before.
         in_flight = None
-        while pending:
-            launched = engine.launch_step()
+        try:
+            while pending:
+                launched = engine.launch_step()
+                previous, in_flight = in_flight, launched
+                if previous is not None:
+                    collect(engine.make_outputs(engine.complete_step(previous)))
+        except BaseException:  # read the step still in flight before generate aborts
             if in_flight is not None:
-                collect(engine.make_outputs(engine.complete_step(in_flight)))
-            in_flight = launched
+                with contextlib.suppress(Exception):
+                    engine.complete_step(in_flight)
+            raise
         if in_flight is not None:  # only tokens of finished requests, dropped
             engine.complete_step(in_flight)
         return [finished[r] for r in request_ids]

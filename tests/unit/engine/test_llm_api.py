@@ -58,3 +58,30 @@ def test_sampling_params_take_vllms_none_for_bad_words(llm: LLM) -> None:
     assert params.bad_words == ()
     out = llm.generate([[5, 6, 7]], params)[0]
     assert out.outputs[0].token_ids == llm.generate([[5, 6, 7]], GREEDY)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_an_interrupted_generate_leaves_no_request_in_the_engine(async_scheduling: bool) -> None:
+    """Ctrl-C (here raised by the engine's third launch) while generate runs: its requests
+    are aborted, their KV blocks freed, and the next call runs its own prompts only."""
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    prompts = [list(range(100, 160)), list(range(300, 340))]
+    with LLM(MODEL, max_model_len=128, num_gpu_blocks_override=64,
+             async_scheduling=async_scheduling) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        engine, launch, launches = llm.engine, llm.engine.launch_step, [0]
+
+        def interrupted_launch():  # type: ignore[no-untyped-def]
+            launches[0] += 1
+            if launches[0] == 3:
+                raise KeyboardInterrupt
+            return launch()
+
+        engine.launch_step = interrupted_launch  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(prompts, params)
+        assert not engine.has_unfinished_requests()
+        assert engine.pool.num_free_blocks == engine.pool.num_blocks
+        again = llm.generate(prompts, params)
+        assert [o.outputs[0].token_ids for o in again] == expected
+        assert not engine.has_unfinished_requests()
