@@ -116,6 +116,14 @@ def test_chat_stream_role_first_then_deltas_then_finish(engine: AsyncEngine) -> 
     assert events[-1]["usage"]["prompt_tokens"] == len("<user>hi<assistant>")
 
 
+def test_chat_text_parts_are_joined_by_newlines_as_in_vllm(engine: AsyncEngine) -> None:
+    response = call(engine, "POST", "/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": [
+                        {"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}],
+                          "max_completion_tokens": 1})
+    assert response.json()["usage"]["prompt_tokens"] == len("<user>hi\nthere<assistant>")
+
+
 def test_chat_without_max_tokens_fills_the_context(engine: AsyncEngine) -> None:
     response = call(engine, "POST", "/v1/chat/completions",
                     json={"messages": [{"role": "user", "content": "hi"}]})
