@@ -3,7 +3,8 @@
 
 While a request streams, text that could still turn out to be the start of a stop string is
 held back (at most the longest stop string minus one character), so a client never receives
-text that is later cut off.
+text that is later cut off; with include_stop_str_in_output nothing is (the text is cut after a
+stop string, which ends in the newest text: never before text already sent), as in vLLM.
 """
 
 from __future__ import annotations
@@ -86,8 +87,11 @@ class OutputProcessor:
         text, visible length of the text, new token ids, their logprobs, whether this is
         its first output)."""
         visible = len(state.text)
-        stops = request.sampling_params.stop
-        if not finished and stops:
+        params = request.sampling_params
+        stops = params.stop
+        # A stop string kept in the output never takes text back, so (as vLLM) only an
+        # excluded one holds back the text that may be its start.
+        if not finished and stops and not params.include_stop_str_in_output:
             visible = max(state.num_sent_chars, visible - (max(len(s) for s in stops) - 1))
         new_text = state.text[state.num_sent_chars:visible]
         first = state.num_sent_tokens == 0
