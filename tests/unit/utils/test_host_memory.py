@@ -31,9 +31,10 @@ def forward(x):
         x = x + torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down_w)
     return x
 x = torch.randn(2048, 576)
-forward(x)
+for _ in range(2):  # the heap grows to its working size (with keep: once for all)
+    forward(x)
 before = HostCounters.snapshot()
-for _ in range(3):
+for _ in range(4):
     forward(x)
 print(HostCounters.snapshot().since(before).minor_faults)
 """
@@ -50,4 +51,7 @@ def test_a_prefill_like_loop_takes_far_fewer_page_faults() -> None:
     if not keep_freed_memory():
         pytest.skip("the C library is not glibc")
     default, kept = faults("default"), faults("keep")
-    assert kept * 3 < default, (kept, default)  # measured: ~6,000 against ~50,000
+    # Measured (4 forwards after 2): kept 0-1,200 against 10,000-90,000 by default (glibc
+    # raises its own thresholds as it goes, so the default's count varies). After one warm-up
+    # forward kept was up to 7,700, and one run of the suite failed at 7,680 against 22,624.
+    assert kept * 3 < default, (kept, default)
