@@ -264,6 +264,14 @@ class TierConfig:
                 f"{', '.join(STORE_POLICIES)}")
         if self.kv_tier_chunk_tokens < 1:
             raise ConfigError(f"kv_tier_chunk_tokens {self.kv_tier_chunk_tokens} must be >= 1")
+        kinds = [spec.kind for spec in self.kv_tiers]
+        for kind in dict.fromkeys(kinds):
+            if kinds.count(kind) > 1:
+                # The stack knows its tiers by kind (hit counts, the cost model's rates, the
+                # metrics' labels): a second tier of a kind would be merged into the first.
+                raise ConfigError(
+                    f"kv_tiers: {kinds.count(kind)} {kind!r} tiers given; each kind may "
+                    "appear once (one cpu, one disk and one redis tier at most)")
         hits = self.kv_store_min_hits
         if hits != "auto" and not (isinstance(hits, int) and not isinstance(hits, bool)
                                    and hits >= 1):

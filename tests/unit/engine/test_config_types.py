@@ -66,3 +66,16 @@ def test_an_unparsable_kv_cache_size_names_the_argument(text: str) -> None:
     with pytest.raises(ConfigError, match=rf"^kv_cache_memory_bytes: cannot parse size "
                                           rf"'{text}'"):
         EngineConfig.from_kwargs(kv_cache_memory_bytes=text)
+
+
+@pytest.mark.parametrize("specs,kind", [
+    (["cpu:1GiB", "cpu:2GiB"], "cpu"),
+    (["cpu:1GiB", "disk:/tmp/a:1GiB", "disk:/tmp/b:1GiB"], "disk"),
+])
+def test_two_tiers_of_one_kind_are_refused(specs: list[str], kind: str) -> None:
+    """Before, the stack keyed its tiers' stats and load rates by kind: the second tier of a
+    kind was silently counted as the first."""
+    with pytest.raises(ConfigError, match=rf"^kv_tiers: 2 '{kind}' tiers given; each kind "):
+        EngineConfig.from_kwargs(kv_tiers=specs)
+    assert len(EngineConfig.from_kwargs(
+        kv_tiers=["cpu:1GiB", "disk:/tmp/a:1GiB"]).tiers.kv_tiers) == 2
