@@ -9,6 +9,7 @@ H200 (BENCHMARKS.md), that replays the workload under several admission policies
   their load at admission and compute their suffix once the load is in;
 - ``miss-alone``: like lpm, but a miss never shares a prefill step with other prompt work;
 - ``hits-first``: miss-alone, and a miss also waits while any tier load is in flight;
+- ``one-long``: at most one miss prefilling at a time (vLLM's max_long_partial_prefills=1);
 - ``chunked-N``: misses computed N tokens per step, short remainders always first.
 
 Prefill and decode steps alternate while both are pending, as the engine does on CUDA.
@@ -16,7 +17,8 @@ The model leaves out everything the engine's host does between steps, so it is o
 about the tier. Against the lab's measured numbers, lpm tiers off comes out at 82 ms
 (measured 79.5) and with the cpu tier at 40 ms (measured 51.8).
 
-    python3 scripts/q_schedule_model.py [--front-end-ms 7.3 --return-ms 3.0 ...]
+    python3 scripts/q_schedule_model.py [--front-end-ms 7.3 --hit-front-end-ms 1.5
+        --back-ms 1.0 --policy lpm ...]
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import random
 import statistics
 from dataclasses import dataclass, field
 
-POLICIES = ("lpm", "miss-alone", "hits-first", "chunked-256", "chunked-512", "chunked-1024",
-            "chunked-2048")
+POLICIES = ("lpm", "miss-alone", "hits-first", "one-long", "chunked-256", "chunked-512",
+            "chunked-1024", "chunked-2048")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class Costs:
 
     front_end: float = 7.3
     """Arrival at the server to token ids (the lab's "tokenise" share on the card)."""
+    hit_front_end: float | None = None
+    """The same for a prefix's later uses, where it differs (a tokenizer cache)."""
     back: float = 3.0
     """First token computed to the client's TTFT (the client's TTFT is ~3 ms above the server's)."""
     prefill_base: float = 1.4
@@ -126,8 +130,11 @@ def simulate(policy: str, tier: bool, costs: Costs, wl: Workload) -> Result:
     def send(now: float) -> None:
         nonlocal next_index
         if next_index < len(requests):
-            requests[next_index].sent = now
-            heapq.heappush(arrivals, (now + costs.front_end, next_index))
+            request = requests[next_index]
+            request.sent = now
+            front_end = (costs.front_end if request.first_use or costs.hit_front_end is None
+                         else costs.hit_front_end)
+            heapq.heappush(arrivals, (now + front_end, next_index))
             next_index += 1
 
     for _ in range(wl.concurrency):
@@ -164,6 +171,10 @@ def simulate(policy: str, tier: bool, costs: Costs, wl: Workload) -> Result:
                     continue
                 if budget <= 0:
                     break
+                if k == "miss" and policy == "one-long" and (
+                        any(r.remaining > wl.suffix_len for r in prefills)
+                        or any(n > wl.suffix_len for _, n in step)):
+                    continue
                 if k == "miss" and ((policy == "miss-alone" and step)
                                     or (policy == "hits-first" and (step or loading))):
                     break
