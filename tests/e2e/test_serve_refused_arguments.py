@@ -6,6 +6,7 @@ server exited 1 after "an API server failed to start; see its log above" and "st
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,36 @@ def test_a_model_directory_without_config_is_one_line(tmp_path: Path, count: str
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.splitlines() == [
         f"kvtier serve: error: {tmp_path}: not a model directory (no config.json)"]
+
+
+def test_a_disk_tier_folder_another_server_holds_is_one_line(tmp_path: Path) -> None:
+    """Two servers on one disk-tier folder would delete each other's entries behind each
+    other's index: the second is refused while the first runs (the folder's flock)."""
+    tier = f"disk:{tmp_path}:64MiB"
+    first = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "serve", "--device", "cpu",
+                              "--port", "0", "--model", "random:tiny-llama", "--kv-tier", tier],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stderr is not None
+        for line in first.stderr:  # until it serves (its tier holds the folder)
+            if line.startswith("kvtier serve: ready on"):
+                break
+        else:
+            pytest.fail(f"the first server exited {first.wait()} before it served")
+        [folder] = [p for p in tmp_path.iterdir() if p.is_dir()]
+        for count in ("1", "2"):
+            done = _serve("--model", "random:tiny-llama", "--kv-tier", tier,
+                          "--api-server-count", count)
+            assert done.returncode == 2, done.stderr[-2000:]
+            [line] = done.stderr.splitlines()
+            holder = re.fullmatch(
+                re.escape(f"kvtier serve: error: disk tier folder {folder} is in use by "
+                          f"another kvtier process (lock file {folder}/.kvtier.lock, held by "
+                          "pid ") + r"(\d+)\)", line)
+            assert holder is not None, line
+            # The first server's engine process holds it.
+            ppid = Path(f"/proc/{holder[1]}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            assert int(ppid) == first.pid
+    finally:
+        first.terminate()
+        first.wait(timeout=60)

@@ -8,11 +8,20 @@ real name. The index is rebuilt from the headers on start (oldest first), which 
 cached prefixes survive an engine restart. Any failure to read (missing, truncated, corrupt
 header, checksum mismatch) drops the entry and counts an error; the engine recomputes.
 `complete_store` and `read` do blocking I/O: call them from a transfer thread.
+
+One store owns a folder at a time: it holds an exclusive `flock` on `LOCK_NAME` inside it
+from start to `close()`, and a second opener (another engine, or a second store in this
+process) is refused with a ConfigError naming the folder. Two owners would delete each
+other's files (start-up clears temporaries, eviction unlinks) behind each other's index. The
+kernel drops the lock when its process dies, however it dies, so a crash never leaves the
+folder locked; the lock file itself stays (removing it would race with a new opener).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import io
 import logging
 import os
@@ -24,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from kvtier.config import ConfigError
 from kvtier.tiers import entry_codec
 from kvtier.tiers.base import EntryMeta, KVLayout, StoreHandle, TierError, TierStore, _Entry
 from kvtier.tiers.policy import EvictionPolicy
@@ -32,6 +42,9 @@ from kvtier.types import BlockHash
 logger = logging.getLogger(__name__)
 
 _SUFFIX = ".kvt"
+LOCK_NAME = ".kvtier.lock"
+"""The lock file inside the tier's folder (a dot name without the entry suffix, so the index
+scan never reads it as an entry)."""
 STALE_PROBE_S = 600.0
 """A probe's scratch directory older than this was left by a process that died."""
 
@@ -44,6 +57,7 @@ class DiskStore(TierStore):
         super().__init__(layout, capacity_bytes, policy)
         self.root = Path(path) / layout.namespace
         self.broken: str | None = None
+        self._lock_file: io.TextIOWrapper | None = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             if not os.access(self.root, os.W_OK):
@@ -53,6 +67,7 @@ class DiskStore(TierStore):
             self.stats.num_errors += 1
             logger.error("disk tier disabled: %s", exc)
             return
+        self._lock_file = _lock_folder(self.root)
         self._rebuild_index()
 
     def _path(self, key: BlockHash) -> Path:
@@ -165,11 +180,51 @@ class DiskStore(TierStore):
         self._mark_read(meta)
         return buffer
 
+    def close(self) -> None:
+        """Release the folder's lock (another store may then open it)."""
+        lock_file, self._lock_file = self._lock_file, None
+        if lock_file is not None:
+            lock_file.close()  # closing the descriptor drops its flock
+
     def _release(self, entry: _Entry) -> None:
         try:
             Path(str(entry.location)).unlink(missing_ok=True)
         except OSError as exc:
             logger.warning("disk tier: cannot delete %s: %s", entry.location, exc)
+
+
+def _lock_folder(root: Path) -> io.TextIOWrapper | None:
+    """The open lock file of `root`, exclusively flocked, with this process's id in it (for
+    people); ConfigError where another store holds it. A file system without flock (some
+    network mounts) runs the tier unguarded, as before there was a lock, with a warning."""
+    path = root / LOCK_NAME
+    try:
+        lock_file = open(path, "a+", encoding="ascii")  # noqa: SIM115 - held until close()
+    except OSError as exc:
+        logger.warning("disk tier %s: cannot open the lock file %s (%s): running without "
+                       "the guard against a second kvtier process", root, path, exc)
+        return None
+    try:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):  # the pid is only a courtesy
+            lock_file.seek(0)
+            holder = lock_file.read(32).strip()
+        lock_file.close()
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ConfigError(f"disk tier folder {root} is in use by another kvtier process "
+                              f"(lock file {path}"
+                              f"{', held by pid ' + holder if holder.isdigit() else ''})"
+                              ) from None
+        logger.warning("disk tier %s: cannot lock %s (%s): running without the guard "
+                       "against a second kvtier process", root, path, exc)
+        return None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(f"{os.getpid()}\n")
+    lock_file.flush()
+    return lock_file
 
 
 def _mtime(path: Path) -> float:

@@ -140,7 +140,9 @@ def test_capacity_is_never_exceeded_and_pinned_entries_survive(
 
 def test_disk_index_survives_a_restart(tmp_path: Path) -> None:
     meta = make_meta(7)
-    assert put(disk_store(tmp_path), meta)
+    first = disk_store(tmp_path)
+    assert put(first, meta)
+    first.close()  # the engine's shutdown; the restart then takes the folder's lock
     reopened = disk_store(tmp_path)
     assert reopened.locate(meta.block_hashes[0]) == (meta, 0)
     assert torch.equal(reopened.read(meta), payload_for(meta))
@@ -205,6 +207,7 @@ def test_corrupt_files_are_dropped_when_the_index_is_rebuilt(damage: str,
     assert put(store, good) and put(store, bad)
     entry_file(store, bad).write_bytes(b"KVTIER01\x05\x00\x00\x00{oops" if damage == "bad-json"
                                        else odd_header(damage, store, bad))
+    store.close()
     reopened = disk_store(tmp_path)
     assert reopened.has(good.key) and not reopened.has(bad.key)
     assert reopened.stats.num_errors == 1
@@ -228,6 +231,7 @@ def test_entries_that_are_no_files_are_skipped_when_the_index_is_rebuilt(
         path.mkdir()
     else:
         os.mkfifo(path)
+    store.close()
     started: list[DiskStore] = []
     opening = threading.Thread(target=lambda: started.append(disk_store(tmp_path)),
                                daemon=True)

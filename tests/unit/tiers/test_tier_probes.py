@@ -49,7 +49,9 @@ def test_an_unusable_disk_tier_probes_as_never_worth_loading(tmp_path: Path) -> 
 
 def test_a_dead_process_probe_scratch_is_removed_and_a_running_one_kept(
         tmp_path: Path) -> None:
-    root = DiskStore(LAYOUT, 1 << 30, create_policy("lru"), str(tmp_path)).root
+    first = DiskStore(LAYOUT, 1 << 30, create_policy("lru"), str(tmp_path))
+    root = first.root
+    first.close()
     stale, running = root / ".probe-stale", root / ".probe-running"
     for scratch in (stale, running):
         scratch.mkdir()
