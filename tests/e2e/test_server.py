@@ -77,11 +77,15 @@ class ServerProcess:
 
 
 def metrics(url: str) -> dict[str, float]:
+    """/metrics keyed `name{label=value,...}`, leaving out the model_name label, which must
+    be on every series and name the served model (as vLLM's)."""
     text = httpx.get(f"{url}/metrics").text
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            others = dict(sample.labels)
+            assert others.pop("model_name", None) == MODEL, sample
+            labels = ",".join(f"{k}={v}" for k, v in sorted(others.items()))
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
 

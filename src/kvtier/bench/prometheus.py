@@ -2,7 +2,8 @@
 
 Server-side counters (prefix-cache hits, tier hit tokens, bytes moved, preemptions) explain the
 client-side figures; the run scrapes before and after the measured phase and keeps the change.
-Keys are the sample name plus its sorted labels, e.g. `kvtier:tier_hit_tokens_total{tier="cpu"}`.
+Keys are the sample name plus its sorted labels, e.g.
+`kvtier:tier_hit_tokens_total{model_name="m",tier="cpu"}`.
 """
 
 from __future__ import annotations

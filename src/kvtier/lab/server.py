@@ -145,8 +145,11 @@ def stop_process(process: subprocess.Popen[bytes], grace_s: float = TERM_GRACE_S
 
 
 def scrape_gauge(base_url: str, name: str) -> float | None:
-    """One sample's current value from /metrics (e.g. kvtier:kv_cache_total_blocks)."""
+    """A sample's current value from /metrics (e.g. kvtier:kv_cache_total_blocks): the one
+    keyed `name` exactly, else the sum of the series named `name` whatever their labels
+    (kvtier's, as vLLM's, carry `model_name`); None when there is none."""
     from kvtier.bench.prometheus import parse_metrics_text
+    from kvtier.lab.server_stats import split_key
 
     try:
         response = httpx.get(base_url + "/metrics", timeout=5.0)
@@ -154,9 +157,14 @@ def scrape_gauge(base_url: str, name: str) -> float | None:
         return None
     if response.status_code != 200:
         return None
-    with contextlib.suppress(ValueError):
-        return parse_metrics_text(response.text).get(name)
-    return None
+    try:
+        samples = parse_metrics_text(response.text)
+    except ValueError:
+        return None
+    if name in samples:
+        return samples[name]
+    matching = [value for key, value in samples.items() if split_key(key)[0] == name]
+    return sum(matching) if matching else None
 
 
 def slug(name: str) -> str:

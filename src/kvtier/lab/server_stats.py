@@ -1,10 +1,12 @@
 """What a kvtier server says a run did: prompt tokens matched per tier, bytes moved, preemptions.
 
 Input is the change of every Prometheus sample over the measured phase (`BenchmarkResult.
-server_metrics`, keys like `kvtier:tier_hit_tokens_total{tier="cpu"}`). The names are the ones
-`kvtier.server.metrics` exports: `prefix_cache_hits` counts every matched prompt token (device
-and tiers), `tier_hit_tokens{tier=}` the part each lower tier served, so the device's share is
-the difference. Servers without `kvtier:` series (vLLM, SGLang) get no summary.
+server_metrics`, keys like `kvtier:tier_hit_tokens_total{model_name="m",tier="cpu"}`). The
+names are the ones `kvtier.server.metrics` exports: `prefix_cache_hits` counts every matched
+prompt token (device and tiers), `tier_hit_tokens{tier=}` the part each lower tier served, so
+the device's share is the difference. Servers without `kvtier:` series (vLLM, SGLang) get no
+summary. Labels other than `tier` and `finished_reason` (the `model_name` every series
+carries, as vLLM's do) are summed over.
 """
 
 from __future__ import annotations
@@ -179,15 +181,21 @@ _PER_TIER = {
 
 
 def _fold(stats: KvtierRunStats, name: str, labels: dict[str, str], sample: float) -> None:
+    """Add one sample into `stats` (series that differ in other labels add up)."""
     tier = labels.get("tier", "")
     if name in _SCALARS:
-        setattr(stats, _SCALARS[name], int(round(sample)))
+        field_name = _SCALARS[name]
+        setattr(stats, field_name, getattr(stats, field_name) + int(round(sample)))
     elif name in _SECONDS:
-        setattr(stats, _SECONDS[name], sample)
+        field_name = _SECONDS[name]
+        setattr(stats, field_name, getattr(stats, field_name) + sample)
     elif name in _PER_TIER and tier:
-        getattr(stats, _PER_TIER[name])[tier] = int(round(sample))
+        per_tier = getattr(stats, _PER_TIER[name])
+        per_tier[tier] = per_tier.get(tier, 0) + int(round(sample))
     elif name == "request_success_total":
-        stats.finished_by_reason[labels.get("finished_reason", "?")] = int(round(sample))
+        reason = labels.get("finished_reason", "?")
+        stats.finished_by_reason[reason] = (stats.finished_by_reason.get(reason, 0)
+                                            + int(round(sample)))
 
 
 def format_stats(stats: KvtierRunStats, client_prompt_tokens: int | None = None) -> str:

@@ -71,7 +71,7 @@ def create_app(async_engine: AsyncEngine, settings: ServerSettings | None = None
     """Build the app around a started AsyncEngine; registers the app's metrics listener."""
     settings = settings or ServerSettings()
     names = settings.served_model_names or (async_engine.model_name,)
-    metrics = ServerMetrics(async_engine.snapshot)
+    metrics = ServerMetrics(async_engine.snapshot, model_name=names[0])  # vLLM's label value
     async_engine.add_listener(metrics.observe)
     serving = OpenAIServing(async_engine, names, on_tokenized=metrics.tokenize_time.observe)
 

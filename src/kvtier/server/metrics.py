@@ -1,5 +1,10 @@
 """Prometheus metrics for `/metrics`, named like vLLM's with a `kvtier:` prefix.
 
+Every series carries vLLM's `model_name` label (the served model name, the first of
+--served-model-name), before any label of its own (`tier`, `finished_reason`), so dashboards
+and alerts that select or aggregate by `model_name` work on kvtier too. vLLM's `engine` label
+(its data-parallel engine index) is left out: kvtier runs one engine.
+
 Two sources, one per-app `CollectorRegistry` (no global registry, so several apps can live in
 one process, e.g. in tests):
 
@@ -26,6 +31,7 @@ from kvtier.engine.async_engine import EngineSnapshot
 from kvtier.types import RequestOutput
 
 PREFIX = "kvtier:"
+MODEL_NAME_LABEL = "model_name"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # vLLM's buckets, so dashboards built for vLLM read ours the same way.
@@ -93,58 +99,71 @@ _ENGINE_COUNTERS: tuple[tuple[str, str, str], ...] = (
 class _SnapshotCollector(Collector):
     """Counters and gauges straight from the engine's published snapshot."""
 
-    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], model_name: str) -> None:
         self._snapshot = snapshot
+        self._model_name = model_name
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
         stats = snap.stats
-        yield _gauge("num_requests_running", "Requests in the running batch.", stats.num_running)
-        yield _gauge("num_requests_waiting", "Requests waiting to be scheduled.",
-                     stats.num_waiting)
-        yield _gauge("num_requests_loading", "Requests waiting for KV from a lower tier.",
-                     stats.num_loading)
-        yield _gauge("kv_cache_usage_perc", "Fraction of device KV blocks held by requests "
-                     "(1 = full).", stats.kv_usage)
-        yield _gauge("kv_cache_free_blocks", "Device KV blocks free to allocate (cached but "
-                     "unreferenced blocks included).", snap.num_free_blocks)
-        yield _gauge("kv_cache_total_blocks", "Device KV blocks in the pool.",
-                     snap.num_total_blocks)
+        gauge, counter = self._gauge, self._counter
+        yield gauge("num_requests_running", "Requests in the running batch.", stats.num_running)
+        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.",
+                    stats.num_waiting)
+        yield gauge("num_requests_loading", "Requests waiting for KV from a lower tier.",
+                    stats.num_loading)
+        yield gauge("kv_cache_usage_perc", "Fraction of device KV blocks held by requests "
+                    "(1 = full).", stats.kv_usage)
+        yield gauge("kv_cache_free_blocks", "Device KV blocks free to allocate (cached but "
+                    "unreferenced blocks included).", snap.num_free_blocks)
+        yield gauge("kv_cache_total_blocks", "Device KV blocks in the pool.",
+                    snap.num_total_blocks)
         for suffix, field, help_text in _ENGINE_COUNTERS:
-            yield _counter(suffix, help_text, getattr(stats, field))
+            yield counter(suffix, help_text, getattr(stats, field))
         finished = CounterMetricFamily(PREFIX + "request_success", "Finished requests by reason.",
-                                       labels=["finished_reason"])
+                                       labels=[MODEL_NAME_LABEL, "finished_reason"])
         for reason, count in _finished_by_reason(stats.num_finished).items():
-            finished.add_metric([reason], count)
+            finished.add_metric([self._model_name, reason], count)
         yield finished
         yield from self._tiers(snap)
 
     def _tiers(self, snap: EngineSnapshot) -> Iterator[Metric]:
         stats = snap.stats
+        labels = [MODEL_NAME_LABEL, "tier"]
         for suffix, field, help_text in _TIER_COUNTERS:
-            family = CounterMetricFamily(PREFIX + suffix, help_text, labels=["tier"])
+            family = CounterMetricFamily(PREFIX + suffix, help_text, labels=labels)
             for tier, tier_stats in sorted(stats.tiers.items()):
-                family.add_metric([tier], float(getattr(tier_stats, field)))
+                family.add_metric([self._model_name, tier], float(getattr(tier_stats, field)))
             yield family
         for suffix, field, help_text in _TIER_GAUGES:
-            gauge = GaugeMetricFamily(PREFIX + suffix, help_text, labels=["tier"])
+            gauge = GaugeMetricFamily(PREFIX + suffix, help_text, labels=labels)
             for tier, tier_stats in sorted(stats.tiers.items()):
-                gauge.add_metric([tier], float(getattr(tier_stats, field)))
+                gauge.add_metric([self._model_name, tier], float(getattr(tier_stats, field)))
             yield gauge
         hits = CounterMetricFamily(PREFIX + "tier_hit_tokens", "Prompt tokens served from each "
-                                   "lower tier.", labels=["tier"])
+                                   "lower tier.", labels=labels)
         for tier, count in sorted(stats.num_tier_hit_tokens.items()):
-            hits.add_metric([tier], float(count))
+            hits.add_metric([self._model_name, tier], float(count))
         yield hits
         manager = stats.tier_manager
         if manager is not None:
             for suffix, field, help_text in _MANAGER_COUNTERS:
-                yield _counter(suffix, help_text, float(getattr(manager, field)))
-            yield _gauge("tier_reuse_rate", "Share of recent prompt blocks that an earlier "
-                         "request had contained.", manager.reuse_rate)
-            yield _gauge("tier_store_min_hits", "Requests that must contain a chunk before "
-                         "it is stored (--kv-store-min-hits auto moves it).",
-                         manager.store_min_hits)
+                yield self._counter(suffix, help_text, float(getattr(manager, field)))
+            yield self._gauge("tier_reuse_rate", "Share of recent prompt blocks that an earlier "
+                              "request had contained.", manager.reuse_rate)
+            yield self._gauge("tier_store_min_hits", "Requests that must contain a chunk "
+                              "before it is stored (--kv-store-min-hits auto moves it).",
+                              manager.store_min_hits)
+
+    def _gauge(self, name: str, help_text: str, value: float) -> GaugeMetricFamily:
+        gauge = GaugeMetricFamily(PREFIX + name, help_text, labels=[MODEL_NAME_LABEL])
+        gauge.add_metric([self._model_name], float(value))
+        return gauge
+
+    def _counter(self, name: str, help_text: str, value: float) -> CounterMetricFamily:
+        counter = CounterMetricFamily(PREFIX + name, help_text, labels=[MODEL_NAME_LABEL])
+        counter.add_metric([self._model_name], float(value))
+        return counter
 
 
 def _finished_by_reason(num_finished: dict[str, int]) -> dict[str, int]:
@@ -152,49 +171,45 @@ def _finished_by_reason(num_finished: dict[str, int]) -> dict[str, int]:
     return {"stop": 0, "length": 0, "abort": 0, **num_finished}
 
 
-def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(PREFIX + name, help_text, value=float(value))
-
-
-def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(PREFIX + name, help_text, value=float(value))
-
-
 class ServerMetrics:
     """The app's registry: snapshot collector plus latency histograms."""
 
-    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], model_name: str) -> None:
+        """`model_name`: the served model name, every series' `model_name` label."""
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_SnapshotCollector(snapshot))
+        self.registry.register(_SnapshotCollector(snapshot, model_name))
         shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if shared_dir:  # histograms from every front-end process's files
             MultiProcessCollector(self.registry, path=shared_dir)
         # In multiprocess mode the histograms write to their process's file and the collector
         # reads them; registering them as well would count this process twice.
         registry = None if shared_dir else self.registry
-        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
-                              "Arrival to first generated token.", buckets=TTFT_BUCKETS,
-                              registry=registry)
-        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
-                             "Time between two generated tokens of one request.",
-                             buckets=ITL_BUCKETS, registry=registry)
-        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds",
-                             "Arrival to the request's end (any finish reason).",
-                             buckets=E2E_BUCKETS, registry=registry)
+
+        def histogram(name: str, help_text: str, buckets: tuple[float, ...]) -> Histogram:
+            """The histogram's one child, labelled with the model (made now: its zero series
+            shows from the first scrape, as an unlabelled histogram's would)."""
+            return Histogram(PREFIX + name, help_text, labelnames=[MODEL_NAME_LABEL],
+                             buckets=buckets, registry=registry).labels(model_name)
+
+        self.ttft = histogram("time_to_first_token_seconds",
+                              "Arrival to first generated token.", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds",
+                             "Time between two generated tokens of one request.", ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds",
+                             "Arrival to the request's end (any finish reason).", E2E_BUCKETS)
         # vLLM's split of the server's TTFT: queued in the engine core -> first scheduled ->
         # first token; what comes before "queued" is the front end's (parsing, tokenisation,
         # the hop to the core's process).
-        self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
+        self.queue_time = histogram("request_queue_time_seconds",
                                     "Received by the engine core to first scheduled.",
-                                    buckets=TTFT_BUCKETS, registry=registry)
-        self.tokenize_time = Histogram(PREFIX + "request_tokenize_time_seconds",
+                                    TTFT_BUCKETS)
+        self.tokenize_time = histogram("request_tokenize_time_seconds",
                                        "Arrival at the HTTP handler to the prompt's token ids "
                                        "(chat template included): the front end's share "
-                                       "before the hop to the core.",
-                                       buckets=TTFT_BUCKETS, registry=registry)
-        self.prefill_time = Histogram(PREFIX + "request_prefill_time_seconds",
+                                       "before the hop to the core.", TTFT_BUCKETS)
+        self.prefill_time = histogram("request_prefill_time_seconds",
                                       "First scheduled to first token (tier loads included).",
-                                      buckets=TTFT_BUCKETS, registry=registry)
+                                      TTFT_BUCKETS)
         self._last_token_time: dict[str, float] = {}
 
     def observe(self, outputs: list[RequestOutput], now: float) -> None:

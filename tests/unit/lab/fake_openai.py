@@ -31,12 +31,14 @@ class Fake:
         if not self.kvtier:
             return web.Response(text=f"fake_requests_total {self.requests}\n")
         hits = self.prompt_tokens // 2
-        lines = [f"kvtier:prompt_tokens_total {self.prompt_tokens}",
-                 f"kvtier:generation_tokens_total {self.generated}",
-                 f"kvtier:prefix_cache_hits_total {hits + self.prompt_tokens // 4}",
-                 f'kvtier:tier_hit_tokens_total{{tier="cpu"}} {self.prompt_tokens // 4}',
-                 f'kvtier:request_success_total{{finished_reason="length"}} {self.succeeded}',
-                 "kvtier:kv_cache_total_blocks 64"]
+        model = 'model_name="random:tiny-llama"'  # on every series, as kvtier's and vLLM's
+        lines = [f"kvtier:prompt_tokens_total{{{model}}} {self.prompt_tokens}",
+                 f"kvtier:generation_tokens_total{{{model}}} {self.generated}",
+                 f"kvtier:prefix_cache_hits_total{{{model}}} {hits + self.prompt_tokens // 4}",
+                 f'kvtier:tier_hit_tokens_total{{{model},tier="cpu"}} {self.prompt_tokens // 4}',
+                 f'kvtier:request_success_total{{{model},finished_reason="length"}} '
+                 f'{self.succeeded}',
+                 f"kvtier:kv_cache_total_blocks{{{model}}} 64"]
         return web.Response(text="\n".join(lines) + "\n")
 
     async def generate(self, request: web.Request) -> web.StreamResponse:

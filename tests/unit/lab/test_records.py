@@ -128,6 +128,30 @@ def test_summarize_splits_matched_tokens_by_tier():
     assert summarize(None) is None
 
 
+def labelled(diff: dict[str, float], model: str) -> dict[str, float]:
+    """`diff` as a kvtier server scrapes it: every series labelled with its model_name
+    (first, as bench.prometheus sorts the labels)."""
+    out = {}
+    for key, value in diff.items():
+        name, labels = split_key(key)
+        inner = ",".join(f'{k}="{v}"' for k, v in sorted({**labels, "model_name": model}.items()))
+        out[f"{name}{{{inner}}}"] = value
+    return out
+
+
+def test_summarize_sums_over_the_model_name_label():
+    """kvtier labels every series with model_name, as vLLM does: the summary is the same as
+    without it, and series of two model names add up."""
+    plain = summarize(DIFF)
+    assert plain is not None
+    assert summarize(labelled(DIFF, "tiny")) == plain
+    both = summarize({**labelled(DIFF, "a"), **labelled(DIFF, "b")})
+    assert both is not None
+    assert (both.prompt_tokens, both.matched_tokens, both.num_requests) == (2000, 1400, 16)
+    assert both.tier_hit_tokens == {"device": 400, "cpu": 800, "disk": 200}
+    assert both.ttft_s == pytest.approx(0.8)
+
+
 def test_split_key_reads_labels():
     assert split_key('a{tier="cpu",x="1"}') == ("a", {"tier": "cpu", "x": "1"})
     assert split_key("plain") == ("plain", {})

@@ -574,7 +574,8 @@ def test_metrics_names_and_tier_labels(engine: AsyncEngine) -> None:
     snapshot.stats.num_decode_only_steps, snapshot.stats.num_prompt_steps = 5, 2
     snapshot.stats.decode_only_step_seconds, snapshot.stats.prompt_step_seconds = 0.02, 0.25
     text = call(app, "GET", "/metrics").text
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+    samples = {(s.name, tuple(sorted((k, v) for k, v in s.labels.items()
+                                     if k != "model_name"))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
     assert samples[("kvtier:generation_tokens_total", ())] == 3
     assert samples[("kvtier:engine_steps_total", ())] == 7
@@ -600,6 +601,30 @@ def test_metrics_names_and_tier_labels(engine: AsyncEngine) -> None:
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
                  "prefix_cache_hits_total", "prefix_cache_queries_total", "prompt_tokens_total"):
         assert ("kvtier:" + name, ()) in samples, name
+
+
+@pytest.mark.parametrize(("served", "label"), [((), "fake-model"),
+                                                (("alias", "other"), "alias")])
+def test_every_metric_is_labelled_with_the_served_model_name(
+        engine: AsyncEngine, served: tuple[str, ...], label: str) -> None:
+    """As vLLM's `model_name` label: the served model name (the first of several), on every
+    series. Before, kvtier's series had no model_name label."""
+    app = create_app(engine, ServerSettings(served_model_names=served))
+    assert call(app, "POST", "/v1/completions",
+                json={"prompt": "abc", "max_tokens": 2}).status_code == 200
+    engine.snapshot().stats.tiers = {"cpu": TierStats()}
+    engine.snapshot().stats.tier_manager = ManagerStats()
+    families = list(text_string_to_metric_families(call(app, "GET", "/metrics").text))
+    names = {f.name for f in families}
+    assert {"kvtier:num_requests_running", "kvtier:tier_hit_tokens",
+            "kvtier:time_to_first_token_seconds", "kvtier:request_success"} <= names
+    samples = [s for f in families for s in f.samples]
+    assert samples and all(s.labels.get("model_name") == label for s in samples), \
+        [s for s in samples if s.labels.get("model_name") != label][:3]
+    ttft = {s.name: s.value for s in samples if s.name.startswith("kvtier:time_to_first")}
+    assert ttft["kvtier:time_to_first_token_seconds_count"] == 1
+    tier = [s for s in samples if s.name == "kvtier:tier_used_bytes"]
+    assert [s.labels for s in tier] == [{"model_name": label, "tier": "cpu"}]
 
 
 def test_health_turns_503_when_the_engine_stops(engine: AsyncEngine) -> None:
