@@ -60,7 +60,8 @@ class KvtierRunStats:
     """Sum over requests of arrival at the HTTP handler to the prompt's token ids: the
     front end's tokenisation (and chat template), part of its share of the TTFT."""
     num_tokenized: int = 0
-    """Requests `tokenize_time_s` covers (those refused later included)."""
+    """Requests `tokenize_time_s` covers: those the engine took (one per HTTP request, whatever
+    its number of choices), refused ones left out."""
     num_first_tokens: int = 0
     """Requests the sums cover."""
 

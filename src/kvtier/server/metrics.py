@@ -206,7 +206,8 @@ class ServerMetrics:
         self.tokenize_time = histogram("request_tokenize_time_seconds",
                                        "Arrival at the HTTP handler to the prompt's token ids "
                                        "(chat template included): the front end's share "
-                                       "before the hop to the core.", TTFT_BUCKETS)
+                                       "before the hop to the core. Requests the engine took "
+                                       "only.", TTFT_BUCKETS)
         self.prefill_time = histogram("request_prefill_time_seconds",
                                       "First scheduled to first token (tier loads included).",
                                       TTFT_BUCKETS)

@@ -61,7 +61,9 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, served_model_names: tuple[str, ...],
                  on_tokenized: Callable[[float], None] | None = None) -> None:
         """`on_tokenized` gets each generation request's seconds from arrival at the handler
-        to its prompt's token ids."""
+        to its prompt's token ids, once the request is in the engine: as vLLM's per-request
+        histograms, it leaves out requests refused (a prompt too long, a bad parameter, the
+        engine's refusal) after their tokenisation."""
         self.engine = engine
         self._on_tokenized = on_tokenized
         self.model_names = served_model_names
@@ -97,7 +99,7 @@ class OpenAIServing:
         max_tokens = 1 if echo_only else 16 if body.max_tokens is None else body.max_tokens
         token_ids = [self._truncated(ids, body.truncate_prompt_tokens) for ids in
                      await asyncio.gather(*(self._prompt_ids(prompt) for prompt in prompts))]
-        self._tokenized(arrival)
+        tokenized = time.monotonic()
         # Every prompt is checked before any is added: a batch runs whole or not at all.
         params = [self._params(body, max_tokens, len(ids), "prompt",
                                explicit=body.max_tokens is not None, logprobs=num_top,
@@ -115,6 +117,7 @@ class OpenAIServing:
             self._token_strings if body.prompt_logprobs is not None else None))
         streams = await self._add_choices(list(zip(token_ids, params, strict=True)), arrival,
                                           ctx, body.n)
+        self._tokenized(tokenized - arrival)
         if body.stream:
             return SSEResponse(completion_events(streams, ctx), media_type="text/event-stream",
                                headers=headers)
@@ -141,13 +144,14 @@ class OpenAIServing:
                                       template_kwargs=body.chat_template_kwargs),
             param="messages")
         token_ids = self._truncated(token_ids, body.truncate_prompt_tokens)
-        self._tokenized(arrival)
+        tokenized = time.monotonic()
         requested = body.max_completion_tokens or body.max_tokens
         params = self._params(body, requested or self.max_model_len, len(token_ids), "messages",
                               explicit=requested is not None, logprobs=num_top)
         ctx, headers = _context(request, "chatcmpl", model, body.include_usage, body.n,
                                 self._logprobs_format(body, num_top), body.continuous_usage)
         streams = await self._add_choices([(token_ids, params)], arrival, ctx, body.n)
+        self._tokenized(tokenized - arrival)
         if body.stream:
             return SSEResponse(chat_events(streams, ctx), media_type="text/event-stream",
                                headers=headers)
@@ -244,9 +248,10 @@ class OpenAIServing:
         # The template already holds any BOS token: encode without adding special tokens.
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def _tokenized(self, arrival: float) -> None:
+    def _tokenized(self, seconds: float) -> None:
+        """A request whose choices the engine took had tokenised in `seconds`."""
         if self._on_tokenized is not None:
-            self._on_tokenized(time.monotonic() - arrival)
+            self._on_tokenized(seconds)
 
     def _truncated(self, token_ids: list[int], keep: int | None) -> list[int]:
         """vLLM's truncate_prompt_tokens: the last `keep` ids (-1: the context length)."""

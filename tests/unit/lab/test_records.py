@@ -96,7 +96,7 @@ DIFF = {
     "kvtier:request_queue_time_seconds_sum": 0.1,
     "kvtier:request_prefill_time_seconds_sum": 0.2,
     "kvtier:request_tokenize_time_seconds_sum": 0.05,
-    "kvtier:request_tokenize_time_seconds_count": 10.0,  # two refused after tokenising
+    "kvtier:request_tokenize_time_seconds_count": 10.0,  # two aborted before a first token
 }
 
 

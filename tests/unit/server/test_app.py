@@ -627,6 +627,38 @@ def test_every_metric_is_labelled_with_the_served_model_name(
     assert [s.labels for s in tier] == [{"model_name": label, "tier": "cpu"}]
 
 
+def tokenize_count(app: FastAPI) -> float:
+    text = call(app, "GET", "/metrics").text
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "kvtier:request_tokenize_time_seconds_count")
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"prompt": "x" * 80}, "prompt"),  # 81 tokens past max_model_len 64
+    ("/v1/completions", {"prompt": "abc", "max_tokens": 100}, "max_tokens"),
+    ("/v1/completions", {"prompt": "abc", "logit_bias": {"seven": 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "y" * 80}]},
+     "messages"),
+])
+def test_requests_refused_after_tokenising_are_not_timed(
+        engine: AsyncEngine, path: str, body: dict[str, Any], param: str) -> None:
+    """The tokenisation histogram counts the requests the engine took, as vLLM's per-request
+    histograms count only requests that reach its engine. Before, a request refused (400)
+    after its tokenisation was counted too."""
+    app = create_app(engine)
+    refused = call(app, "POST", path, json=body)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == param, \
+        refused.text
+    assert tokenize_count(app) == 0
+    accepted = call(app, "POST", path, json={
+        **{k: v for k, v in body.items() if k not in ("max_tokens", "logit_bias")},
+        "prompt" if "prompt" in body else "messages":
+            "abc" if "prompt" in body else [{"role": "user", "content": "hi"}],
+        "max_tokens": 2})
+    assert accepted.status_code == 200, accepted.text
+    assert tokenize_count(app) == 1
+
+
 def test_health_turns_503_when_the_engine_stops(engine: AsyncEngine) -> None:
     assert call(engine, "GET", "/health").status_code == 200
     asyncio.run(engine.shutdown(drain=False))
