@@ -13,7 +13,10 @@ them). Each front end sends its requests down its own pipe to the engine process
 
 Latency histograms live in prometheus_client's multiprocess files, so any front end's
 `/metrics` counts every request; counters and gauges come from the engine's snapshot, which
-every front end receives.
+every front end receives. Unless the user names a directory for them (as with vLLM, it is
+then theirs to wipe), the supervisor makes `kvtier-metrics-<its pid>-*` in the temporary
+directory and removes it when it stops. A supervisor killed outright (SIGKILL) cannot, so
+each start first removes the directories whose supervisor is dead.
 
 On the first SIGTERM/SIGINT the supervisor passes SIGTERM on; each front end drains its own
 requests and stops, and the engine process stops once the last one has. If a front end or
@@ -26,15 +29,18 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from types import FrameType
 
 from kvtier.engine.engine_process import (
@@ -51,6 +57,9 @@ LISTEN_BACKLOG = 2048
 START_TIMEOUT_S = 3600.0
 """Model loading, warm-up and CUDA-graph capture happen before the front ends are ready."""
 POLL_S = 0.2
+METRICS_DIR_PREFIX = "kvtier-metrics-"
+_METRICS_DIR_NAME = re.compile(re.escape(METRICS_DIR_PREFIX) + r"(\d+)-[a-z0-9_]+")
+"""A directory `run_api_servers` made: its supervisor's pid, then mkdtemp's random part."""
 REFUSED_EXIT_WAIT_S = 10.0
 """How long the supervisor waits for the front ends to exit after one failed to start (each
 gets the engine's start-up error), to tell a refused argument (exit code 2) from a crash."""
@@ -113,7 +122,7 @@ def run_api_servers(spec: EngineProcessSpec, settings: ServerSettings,
     # set before the front ends start (they inherit it), so their histograms are shared. A
     # directory the user chose (as with vLLM) is kept; else a temporary one is made.
     given_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    metrics_dir = given_dir or tempfile.mkdtemp(prefix="kvtier-metrics-")
+    metrics_dir = given_dir or _new_metrics_dir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     supervisor = _Supervisor(count)
     try:
@@ -124,6 +133,51 @@ def run_api_servers(spec: EngineProcessSpec, settings: ServerSettings,
         if given_dir is None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _new_metrics_dir() -> str:
+    """A fresh multiprocess-metrics directory named with this process's id, after removing
+    those that killed supervisors left."""
+    parent = tempfile.gettempdir()
+    for stale in remove_stale_metrics_dirs(parent):
+        logger.info("removed %s: its kvtier serve process is gone", stale)
+    return tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-", dir=parent)
+
+
+def remove_stale_metrics_dirs(parent: str | Path) -> list[Path]:
+    """Remove the metrics directories under `parent` whose supervisor (the pid in the name)
+    no longer runs, and that this user owns; the ones removed. A live pid keeps its
+    directory, even where the pid was reused (a directory kept too long, never one lost).
+    Names without a pid (other programs', or from before the pid was in the name) are
+    left alone."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for path in Path(parent).iterdir():
+            match = _METRICS_DIR_NAME.fullmatch(path.name)
+            if match is None or _pid_alive(int(match[1])):
+                continue
+            with contextlib.suppress(OSError):
+                info = path.lstat()  # a link is not followed: never a directory here
+                if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                    continue
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of that id exists (one of another user's counts)."""
+    if pid <= 0:
+        return True  # 0 and negatives name process groups: never judged dead
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:
+        return False  # no such pid can exist
+    return True
 
 
 class _Supervisor:
