@@ -521,6 +521,32 @@ def test_template_failure_is_a_400(engine: AsyncEngine) -> None:
     assert response.status_code == 400 and "messages" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(("extra", "status"), [
+    ({"top_logprobs": 2}, 400), ({"logprobs": False, "top_logprobs": 2}, 400),
+    ({"logprobs": None, "top_logprobs": 1}, 400),
+    ({"top_logprobs": 2, "stream": True}, 400),
+    ({"top_logprobs": 0}, 200), ({"logprobs": False, "top_logprobs": 0}, 200),
+    ({"logprobs": True, "top_logprobs": 0}, 200),
+])
+def test_chat_top_logprobs_needs_logprobs_true_unless_zero(engine: AsyncEngine,
+                                                           extra: dict[str, Any],
+                                                           status: int) -> None:
+    """vLLM's ChatCompletionRequest.check_logprobs refuses `top_logprobs` without
+    `logprobs: true` only when it would list something: its condition is
+    `(top_logprobs == -1 or top_logprobs > 0) and not data.get("logprobs")`. So a positive
+    value with `logprobs` false, null or absent is a 400 naming top_logprobs (streamed or
+    not), while `top_logprobs: 0` is accepted whatever `logprobs` says and, without it,
+    returns no logprobs. (kvtier refuses -1 earlier, as a negative count.)"""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **extra}
+    response = call(engine, "POST", "/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert response.json()["error"]["type"] == "invalid_request_error"
+        assert response.json()["error"]["param"] == "top_logprobs"
+    elif not extra.get("logprobs"):
+        assert response.json()["choices"][0]["logprobs"] is None
+
+
 def test_timeouts_are_408_or_an_error_event() -> None:
     engine = start_async_engine(FakeEngine(step_delay_s=0.01), request_timeout_s=0.1)
     plain = call(engine, "POST", "/v1/completions", json={"prompt": "x", "max_tokens": 60})
