@@ -17,7 +17,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server)")
     g.add_argument("--port", type=_port, default=8000, help="0 picks a free port (logged)")
-    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+    g.add_argument("--served-model-name", nargs="+", type=_model_name, default=None,
+                   metavar="NAME",
                    help="names clients may send as `model` (first one answers); default: the "
                         "model's name")
     g.add_argument("--api-key", default=None,
@@ -49,6 +50,14 @@ def _positive_size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
     return value
+
+
+def _model_name(text: str) -> str:
+    """A served model name: not empty or blank (a client sending `model: ""` gets the default
+    model anyway, so a blank name could never be asked for by itself)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    return text
 
 
 def _port(text: str) -> int:

@@ -28,3 +28,21 @@ def test_a_bad_body_size_is_a_usage_error(value: str, message: str,
 def test_body_sizes_are_read_with_units(value: str, size: int) -> None:
     args = build_parser().parse_args(["serve", "--max-request-body-bytes", value])
     assert args.max_request_body_bytes == size
+
+
+@pytest.mark.parametrize("names", [[""], ["served", ""], ["  "]])
+def test_an_empty_served_model_name_is_a_usage_error(names: list[str],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`--served-model-name ''` was accepted and served a model under a name no client can
+    pick out (an empty `model` already means the default one); now it exits 2 naming it."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--served-model-name", *names])
+    assert exited.value.code == 2
+    bad = next(name for name in names if not name.strip())
+    assert (f"argument --served-model-name: must not be empty, got {bad!r}"
+            in capsys.readouterr().err)
+
+
+def test_served_model_names_are_kept_as_given() -> None:
+    args = build_parser().parse_args(["serve", "--served-model-name", "a", "org/b"])
+    assert args.served_model_name == ["a", "org/b"]
