@@ -128,14 +128,20 @@ class CacheConfig:
                 f"kv_cache_memory_bytes {self.kv_cache_memory_bytes} must be positive")
 
 
+DEFAULT_MAX_NUM_SEQS = 256
+"""max_num_seqs when not given (and max_num_batched_tokens is at least this)."""
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching limits."""
 
     max_num_batched_tokens: int = 2048
     """Token budget of one step (prefill chunks + decodes)."""
-    max_num_seqs: int = 256
-    """Most requests running at once."""
+    max_num_seqs: int | None = None
+    """Most requests running at once; None (not given) = DEFAULT_MAX_NUM_SEQS, lowered to
+    max_num_batched_tokens when that is smaller, as vLLM's EngineArgs default it. Always an
+    int once the config is built; one given larger than max_num_batched_tokens is refused."""
     max_model_len: int | None = None
     """Longest prompt + output; None = the model's context length."""
     scheduling_policy: str = "fcfs"
@@ -166,8 +172,17 @@ class SchedulerConfig:
         if self.max_num_batched_tokens < 1:
             raise ConfigError(
                 f"max_num_batched_tokens {self.max_num_batched_tokens} must be >= 1")
+        if self.max_num_seqs is None:
+            object.__setattr__(self, "max_num_seqs",
+                               min(DEFAULT_MAX_NUM_SEQS, self.max_num_batched_tokens))
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs {self.max_num_seqs} must be >= 1")
+        # vLLM's SchedulerConfig.verify_max_model_len: every running request needs at least
+        # one token of a step's budget.
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be greater than "
+                f"or equal to max_num_seqs ({self.max_num_seqs})")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len {self.max_model_len} must be >= 1")
 

@@ -326,7 +326,7 @@ def make_engine(setup: str, async_scheduling: bool, seed: int, tmp_path: Path) -
                      "kv_store_policy": rng.choice(["lazy", "write-through"])}
     llm = LLM(MODEL, dtype="float32", num_gpu_blocks_override=POOL_BLOCKS,
               max_num_batched_tokens=rng.choice([16, 24, 48]),
-              max_num_seqs=rng.choice([4, 8, 256]),
+              max_num_seqs=rng.choice([4, 8, None]),  # None: the budget (256 is refused)
               long_prefill_token_threshold=rng.choice([0, 0, 8]),
               scheduling_policy=rng.choice(["fcfs", "lpm"]),
               short_prefill_first_tokens=rng.choice([0, 0, 24]),

@@ -50,7 +50,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpu-blocks-override", type=int, default=None,
                    help="exact number of device KV blocks (to create pressure on purpose)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="most requests running at once (default 256, or "
+                        "--max-num-batched-tokens when smaller; must not exceed it)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--long-prefill-token-threshold", type=int, default=0,
                    help="most prompt tokens one request prefills per step (0: the step budget)")

@@ -806,7 +806,7 @@ def test_async_scheduling_gives_every_request_the_synchronous_tokens(num_blocks:
     prompts = {str(i): [i + 1] * 6 + list(range(i, i + 5 + i)) for i in range(6)}
 
     def outputs(run: object) -> tuple[dict[str, list[int]], Scheduler]:
-        scheduler = make_scheduler(num_blocks=num_blocks, budget=budget)
+        scheduler = make_scheduler(num_blocks=num_blocks, budget=budget, max_seqs=min(8, budget))
         requests = [make_request(rid, p, max_tokens=3 + int(rid))
                     for rid, p in prompts.items()]
         for request in requests:
