@@ -99,13 +99,14 @@ def test_a_tier_refused_at_start_closes_the_tiers_started_before_it(
     assert [c["cmd"] for c in client.client_list()] == ["client|list"]
 
 
-@pytest.mark.parametrize("small", ["cpu", "disk"])
+@pytest.mark.parametrize("small", ["cpu", "redis"])
 def test_a_tier_refused_at_start_leaves_no_directory_of_a_disk_tier_above_it(
         small: str, tmp_path: Path) -> None:
     """`--kv-tier disk:NEW:1GiB --kv-tier cpu:1B`: before, the disk tier had created NEW and
-    its namespace directory by the time the cpu tier below it was refused, and they stayed."""
+    its namespace directory by the time the cpu tier below it was refused, and they stayed.
+    The redis tier is refused by its size before any connection (no server listens here)."""
     new = tmp_path / "new"
-    below = TierSpec(small, 1, **({"path": str(tmp_path / "other")} if small == "disk" else {}))
+    below = TierSpec(small, 1, **({"url": "redis://127.0.0.1:1"} if small == "redis" else {}))
     config = TierConfig(kv_tiers=(TierSpec("disk", 1 << 30, path=str(new)), below),
                         kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size)
     with pytest.raises(ConfigError, match=f"^{small} tier of 1 bytes cannot hold one chunk"):
