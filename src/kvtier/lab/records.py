@@ -62,6 +62,11 @@ class RunRecord:
     """Share of the machine's CPU time that its hypervisor gave to other guests during the
     run (`kvtier.utils.host_counters`): on a shared virtual machine, a run that lost time so
     says so. None where the kernel does not report steal time."""
+    server_cpu: dict[str, Any] | None = None
+    """CPU seconds the server's processes used during the run, per process (`server` for the
+    one the lab started, `child <pid>` for its engine process or other front ends) and its
+    busiest threads (`ProcessTreeCPU.since`). None for a server the lab did not start, or
+    off Linux."""
 
     @classmethod
     def from_result(cls, server: str, workload: str, result: BenchmarkResult,
@@ -209,6 +214,11 @@ def csv_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
                    device_kv_tokens=_blank(r.device_kv_tokens),
                    server_start_s=round(r.server_start_s, 2), run_s=round(r.run_s, 2),
                    machine_steal_share=_blank(r.machine_steal_share))
+        cpu = (r.server_cpu or {}).get("cpu_s", {})
+        row.update(server_cpu_s=_blank(cpu.get("server")),
+                   server_children_cpu_s=_blank(
+                       round(sum(v for k, v in cpu.items() if k != "server"), 2)
+                       if cpu else None))
         row.update({f"param_{k}": v for k, v in r.params.items()})
         row["error"] = r.error
         rows.append(row)

@@ -40,7 +40,7 @@ from kvtier.lab.records import (
 from kvtier.lab.server import RunningServer, ServerStartError, running_server, scrape_gauge
 from kvtier.lab.server_stats import summarize
 from kvtier.lab.tokenizer import resolve_tokenizer
-from kvtier.utils.host_counters import HostCounters
+from kvtier.utils.host_counters import HostCounters, ProcessTreeCPU
 
 Log = Callable[[str], None]
 
@@ -166,6 +166,8 @@ class _Runner:
             if key not in self._workloads:
                 self._workloads[key] = build_workload(config, tokenizer)
             progress = self.new_task(label) if self.new_task else None
+            cpu_before = (ProcessTreeCPU.snapshot(server.process.pid)
+                          if server.process is not None else None)
             result = asyncio.run(run_benchmark(config, progress, tokenizer=tokenizer,
                                                workload=self._workloads[key]))
         except Exception as exc:  # noqa: BLE001 - one failed run must not stop the experiment
@@ -182,6 +184,12 @@ class _Runner:
             run_s=time.perf_counter() - start, server_log=str(server.log_path or ""))
         record.status = OK if result.completed else FAILED
         record.machine_steal_share = HostCounters.snapshot().since(host).summary()["steal_share"]
+        cpu_after = (ProcessTreeCPU.snapshot(server.process.pid)
+                     if cpu_before is not None and server.process is not None else None)
+        if cpu_before is not None and cpu_after is not None:
+            record.server_cpu = cpu_after.since(cpu_before)
+            self.log(f"[lab] {label}: server CPU s {record.server_cpu['cpu_s']}, busiest "
+                     f"threads {record.server_cpu['busiest_threads']}")
         steal = record.machine_steal_share
         self.log(f"[lab] {label}: {result.completed} ok, {result.failed} failed, "
                  f"{result.request_throughput:.2f} req/s, mean TTFT "

@@ -76,3 +76,103 @@ def _steal_seconds() -> float | None:
     if len(first) < 9 or first[0] != "cpu":
         return None
     return int(first[8]) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ThreadCPU:
+    """One thread of a process tree and the CPU seconds (user + system) it had used."""
+
+    role: str
+    """`server` (the tree's root: `kvtier serve`'s front end, or its supervisor) or
+    `child <pid>` (an engine process, another front end)."""
+    name: str
+    """The thread's `comm` (Python threads keep the process's name; CUDA's and the
+    tokenizer's pools have their own)."""
+    cpu_s: float
+
+
+@dataclass(frozen=True)
+class ProcessTreeCPU:
+    """CPU time of a process and its descendants, per thread (Linux `/proc`), so that a run
+    can say which process (front end or engine) and which of its threads took the host's
+    CPU. Threads and processes that ended between two snapshots are not counted."""
+
+    threads: dict[tuple[int, int], ThreadCPU]
+    """(pid, tid) -> the thread's CPU so far."""
+
+    @classmethod
+    def snapshot(cls, root_pid: int) -> ProcessTreeCPU | None:
+        """None off Linux or when the process is gone."""
+        parents = _parent_pids()
+        if root_pid not in parents:
+            return None
+        tree, frontier = {root_pid: "server"}, [root_pid]
+        while frontier:
+            parent = frontier.pop()
+            for pid, ppid in parents.items():
+                if ppid == parent and pid not in tree:
+                    tree[pid] = f"child {pid}"
+                    frontier.append(pid)
+        ticks = os.sysconf("SC_CLK_TCK")
+        threads = {}
+        for pid, role in tree.items():
+            with_tasks = Path(f"/proc/{pid}/task")
+            try:
+                tids = [int(t.name) for t in with_tasks.iterdir()]
+            except OSError:
+                continue  # ended meanwhile
+            for tid in tids:
+                stat = _read_stat(with_tasks / str(tid) / "stat")
+                if stat is not None:
+                    name, fields = stat
+                    # After the name: state is field 3, utime 14 and stime 15 (proc(5)).
+                    threads[(pid, tid)] = ThreadCPU(
+                        role, name, (int(fields[11]) + int(fields[12])) / ticks)
+        return cls(threads)
+
+    def since(self, earlier: ProcessTreeCPU) -> dict[str, object]:
+        """CPU seconds used between the snapshots: per role, and the busiest threads."""
+        used: dict[tuple[int, int], ThreadCPU] = {}
+        for key, thread in self.threads.items():
+            before = earlier.threads.get(key)
+            # A thread first seen now started meanwhile: all its time is new.
+            used[key] = ThreadCPU(thread.role, thread.name,
+                                  thread.cpu_s - (before.cpu_s if before else 0.0))
+        per_role: dict[str, float] = {}
+        for thread in used.values():
+            per_role[thread.role] = per_role.get(thread.role, 0.0) + thread.cpu_s
+        busiest = sorted(used.values(), key=lambda t: -t.cpu_s)[:BUSIEST_THREADS]
+        return {"cpu_s": {role: round(s, 2) for role, s in sorted(per_role.items())},
+                "busiest_threads": [[t.role, t.name, round(t.cpu_s, 2)] for t in busiest
+                                    if t.cpu_s > 0]}
+
+
+BUSIEST_THREADS = 6
+
+
+def _parent_pids() -> dict[int, int]:
+    """pid -> parent pid of every process in /proc ({} off Linux)."""
+    parents = {}
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return {}
+    for entry in entries:
+        if entry.name.isdigit():
+            stat = _read_stat(entry / "stat")
+            if stat is not None:
+                parents[int(entry.name)] = int(stat[1][1])
+    return parents
+
+
+def _read_stat(path: Path) -> tuple[str, list[str]] | None:
+    """A `stat` file's name (between the parentheses, which may hold spaces) and the fields
+    after it (state first); None when unreadable (the process or thread ended)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    open_at, close_at = text.find("("), text.rfind(")")
+    if open_at < 0 or close_at < open_at:
+        return None
+    return text[open_at + 1:close_at], text[close_at + 2:].split()

@@ -95,6 +95,14 @@ def test_experiment_keeps_going_past_failures_and_writes_everything(tmp_path: Pa
     assert ok.device_kv_tokens == 64 * 16  # kvtier:kv_cache_total_blocks × block size
     if sys.platform.startswith("linux"):  # each run says how much CPU the hypervisor took
         assert ok.machine_steal_share is not None and 0 <= ok.machine_steal_share <= 1
+        # ... and how much the server's processes used: the launcher's shell and the fake
+        # server under it (a few requests take it under the kernel's 10 ms tick, so no
+        # amount is asserted: test_host_counters checks the accounting)
+        assert ok.server_cpu is not None
+        roles = ok.server_cpu["cpu_s"]
+        assert "server" in roles and any(r.startswith("child ") for r in roles)
+        assert all(v >= 0 for v in roles.values())
+        assert any(m.startswith("[lab] kvtier-like × R: server CPU s {") for m in messages)
     flaky = got[("flaky", "R")]
     assert flaky.status == "ok" and flaky.result["failed"] >= 1 and "HTTP 500" in flaky.error
     assert got[("broken", "R")].status == "server-failed"
@@ -102,6 +110,9 @@ def test_experiment_keeps_going_past_failures_and_writes_everything(tmp_path: Pa
     assert any("broken" in m for m in messages)
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert len(rows) == 6 and "machine_steal_share" in rows[0]
+    if sys.platform.startswith("linux"):
+        row = next(r for r in rows if (r["server"], r["workload"]) == ("kvtier-like", "R"))
+        assert float(row["server_cpu_s"]) >= 0 and float(row["server_children_cpu_s"]) >= 0
     assert len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 6
     report = (tmp_path / "report.md").read_text()
     assert "### R" in report and "server-failed" in report

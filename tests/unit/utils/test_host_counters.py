@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import mmap
+import os
+import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from kvtier.utils.host_counters import HostCounters
+from kvtier.utils.host_counters import HostCounters, ProcessTreeCPU
 
 
 def test_busy_loop_counts_as_cpu_time_and_a_difference_is_non_negative() -> None:
@@ -46,3 +50,54 @@ def test_steal_time_is_read_on_linux() -> None:
     assert before.steal_s is not None and before.steal_s >= 0
     share = HostCounters.snapshot().since(before).summary()["steal_share"]
     assert share is not None and share >= 0
+
+
+SPIN_THEN_SLEEP = """
+import subprocess, sys, time
+def spin(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+if sys.argv[1] == "parent":
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[2], "child", sys.argv[2]])
+    spin(0.3)
+    print("spun", flush=True)
+    child.wait()
+else:
+    spin(0.9)
+    print("spun", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_process_tree_cpu_splits_the_servers_time_from_its_childrens() -> None:
+    """The lab's record of which process of a server (front end or engine) used the CPU: a
+    parent that burns 0.3 s of CPU and a child that burns 0.9 s, snapshotted before and after,
+    come out per role with the child's thread the busiest."""
+    parent = subprocess.Popen([sys.executable, "-c", SPIN_THEN_SLEEP, "parent", SPIN_THEN_SLEEP],
+                              stdout=subprocess.PIPE, text=True)
+    after = None
+    try:
+        before = ProcessTreeCPU.snapshot(parent.pid)
+        assert before is not None
+        assert parent.stdout is not None
+        assert [parent.stdout.readline() for _ in range(2)] == ["spun\n", "spun\n"]
+        after = ProcessTreeCPU.snapshot(parent.pid)
+        assert after is not None
+        used = after.since(before)
+    finally:
+        children = {pid for pid, _ in after.threads} - {parent.pid} if after else set()
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+    cpu = used["cpu_s"]
+    assert len(children) == 1
+    child_role = f"child {children.pop()}"
+    assert set(cpu) == {"server", child_role}
+    # Interpreter start-up adds some time to each; the spins bound them from below.
+    assert 0.25 <= cpu["server"] < 0.8
+    assert 0.85 <= cpu[child_role] < 1.6
+    assert used["busiest_threads"][0][0] == child_role
+    assert ProcessTreeCPU.snapshot(2**22 + 12345) is None  # no such process
