@@ -143,7 +143,10 @@ def _from_dir(path: Path, name: str) -> ModelSource:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise ModelLoadError(f"{config_file}: not valid JSON: {exc}") from exc
-    spec = ModelSpec.from_hf_config(config)
+    try:
+        spec = ModelSpec.from_hf_config(config)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{config_file}: {exc}") from None
     files = _weight_files(path)
     _check_weights(spec, files)
     tokenizer = Tokenizer.from_dir(path, extra_eos_token_ids=spec.eos_token_ids)

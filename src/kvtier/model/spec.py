@@ -7,6 +7,7 @@ model is an ordinary HF directory that transformers can load too).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,47 +44,85 @@ class ModelSpec:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """Other config.json keys, kept so to_hf_config round-trips."""
 
+    def __post_init__(self) -> None:
+        """Refuse shapes no model can have, whichever reader built the spec (config.json or
+        GGUF metadata): the message names the HF config key."""
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim",
+                    "max_position_embeddings"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelLoadError(f"{key} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ModelLoadError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:  # rotary embeddings rotate the two halves of each head
+            raise ModelLoadError(f"head_dim must be even, got {self.head_dim}")
+        if not 0 <= self.rms_norm_eps < math.inf:
+            raise ModelLoadError(f"rms_norm_eps must be a number >= 0, got {self.rms_norm_eps!r}")
+        if not 0 < self.rope_theta < math.inf:
+            raise ModelLoadError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+
     @staticmethod
-    def from_hf_config(config: dict[str, Any]) -> ModelSpec:
+    def from_hf_config(config: Any) -> ModelSpec:
+        """The spec of an HF `config.json` (already parsed); a value that is missing, of the
+        wrong type or out of range raises ModelLoadError naming the key (the caller adds the
+        file)."""
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"expected a JSON object, got {type(config).__name__}")
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelLoadError(
-                f"model_type {model_type!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        try:
-            num_heads = int(config["num_attention_heads"])
-            hidden = int(config["hidden_size"])
-            eos = config.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-            # transformers 5 folds rope_theta and rope_scaling into `rope_parameters`.
-            rope_parameters = config.get("rope_parameters") or {}
-            rope_theta = config.get("rope_theta", rope_parameters.get("rope_theta", 10000.0))
-            rope_scaling = config.get("rope_scaling") or rope_parameters or None
-            if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (
-                    "default", None):
-                rope_scaling = None
-            return ModelSpec(
-                model_type=model_type,
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(config["intermediate_size"]),
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                num_attention_heads=num_heads,
-                num_key_value_heads=int(config.get("num_key_value_heads") or num_heads),
-                head_dim=int(config.get("head_dim") or hidden // num_heads),
-                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope_theta),
-                max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
-                rope_scaling=rope_scaling,
-                bos_token_id=config.get("bos_token_id"),
-                eos_token_ids=tuple(int(e) for e in eos_ids),
-                torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
-                extra={k: v for k, v in config.items() if k not in _OWN_KEYS},
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelLoadError(f"config.json is missing or has a bad value: {exc}") from exc
+            problem = ("model_type is missing" if model_type is None
+                       else f"model_type {model_type!r} is not supported")
+            raise ModelLoadError(f"{problem} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        num_heads = _int(config, "num_attention_heads")
+        hidden = _int(config, "hidden_size")
+        head_dim = _int(config, "head_dim", default=None)
+        if head_dim is None:
+            if hidden % num_heads:
+                raise ModelLoadError(f"hidden_size {hidden} is not a multiple of "
+                                     f"num_attention_heads {num_heads}, and there is no head_dim")
+            head_dim = hidden // num_heads
+        eos = config.get("eos_token_id")
+        eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        if not all(_is_int(e) and e >= 0 for e in eos_ids):
+            raise ModelLoadError(f"eos_token_id must be a token id or a list of them, "
+                                 f"got {eos!r}")
+        bos = config.get("bos_token_id")
+        if bos is not None and not (_is_int(bos) and bos >= 0):
+            raise ModelLoadError(f"bos_token_id must be a token id, got {bos!r}")
+        # transformers 5 folds rope_theta and rope_scaling into `rope_parameters`.
+        rope_parameters = config.get("rope_parameters") or {}
+        if not isinstance(rope_parameters, dict):
+            raise ModelLoadError(f"rope_parameters must be an object, got {rope_parameters!r}")
+        rope_theta = config.get("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+        rope_scaling = config.get("rope_scaling") or rope_parameters or None
+        if rope_scaling is not None and not isinstance(rope_scaling, dict):
+            raise ModelLoadError(f"rope_scaling must be an object or null, got {rope_scaling!r}")
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (
+                "default", None):
+            rope_scaling = None
+        return ModelSpec(
+            model_type=model_type,
+            vocab_size=_int(config, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_int(config, "intermediate_size"),
+            num_hidden_layers=_int(config, "num_hidden_layers"),
+            num_attention_heads=num_heads,
+            num_key_value_heads=_int(config, "num_key_value_heads", default=num_heads),
+            head_dim=head_dim,
+            rms_norm_eps=_float(config, "rms_norm_eps", 1e-6),
+            rope_theta=_float({"rope_theta": rope_theta}, "rope_theta", 10000.0),
+            max_position_embeddings=_int(config, "max_position_embeddings", default=4096),
+            tie_word_embeddings=_bool(config, "tie_word_embeddings", False),
+            attention_bias=_bool(config, "attention_bias", model_type == "qwen2"),
+            rope_scaling=rope_scaling,
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+            extra={k: v for k, v in config.items() if k not in _OWN_KEYS},
+        )
 
     def to_hf_config(self) -> dict[str, Any]:
         architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -138,3 +177,42 @@ _OWN_KEYS = {
     "rope_scaling", "rope_parameters", "bos_token_id", "eos_token_id", "torch_dtype", "dtype",
     "hidden_act",
 }
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer (4096, or 4096.0 as some exporters write it), not a bool."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer())
+
+
+_REQUIRED: Any = object()
+
+
+def _int(config: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """config[key] as an int (range checks are `__post_init__`'s); null counts as absent."""
+    value = config.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ModelLoadError(f"{key} is missing")
+        return default
+    if not _is_int(value):
+        raise ModelLoadError(f"{key} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _float(config: dict[str, Any], key: str, default: float) -> float:
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ModelLoadError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _bool(config: dict[str, Any], key: str, default: bool) -> bool:
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ModelLoadError(f"{key} must be true or false, got {value!r}")
+    return value

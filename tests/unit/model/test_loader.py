@@ -191,6 +191,44 @@ def test_unsupported_model_type_and_wrong_shapes_are_rejected(tiny_dir: Path) ->
         resolve_model(str(tiny_dir))
 
 
+TINY_CONFIG = dict(ARCHITECTURES["tiny-llama"].config)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ([1, 2], "config.json: expected a JSON object, got list"),
+    (None, "config.json: expected a JSON object, got NoneType"),
+    ({"hidden_size": None}, "config.json: hidden_size is missing"),
+    ({"num_hidden_layers": None}, "config.json: num_hidden_layers is missing"),
+    ({"hidden_size": "abc"}, "config.json: hidden_size must be an integer, got 'abc'"),
+    ({"hidden_size": 64.5}, "config.json: hidden_size must be an integer, got 64.5"),
+    ({"hidden_size": -64}, "config.json: hidden_size must be a positive integer, got -64"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer, got 0"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),
+    ({"num_attention_heads": 3},
+     "hidden_size 64 is not a multiple of num_attention_heads 3, and there is no head_dim"),
+    ({"num_key_value_heads": 3},
+     "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ({"head_dim": 15}, "head_dim must be even, got 15"),
+    ({"rms_norm_eps": "tiny"}, "rms_norm_eps must be a number, got 'tiny'"),
+    ({"rope_scaling": "linear"}, "rope_scaling must be an object or null, got 'linear'"),
+    ({"rope_parameters": [1]}, "rope_parameters must be an object, got \\[1\\]"),
+    ({"eos_token_id": "</s>"}, "eos_token_id must be a token id or a list of them"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    ({"model_type": None}, "model_type is missing \\(supported: llama, qwen2, mistral\\)"),
+])
+def test_bad_config_json_values_are_named_with_the_file(tmp_path: Path, edit: object,
+                                                         message: str) -> None:
+    """config.json is checked key by key before any weight is looked at: a value of the wrong
+    type, a size that is not positive, or heads that do not divide raise ModelLoadError naming
+    the file and the key. (Before, a list raised AttributeError, a zero layer count built a
+    model without layers, 64.5 was truncated, "false" meant true, and "abc" was reported
+    without its key or file.)"""
+    config = {**TINY_CONFIG, **edit} if isinstance(edit, dict) else edit
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=message):
+        resolve_model(str(tmp_path))
+
+
 def test_truncated_and_corrupt_safetensors_are_detected_at_resolve(tiny_dir: Path) -> None:
     """A download cut short, a garbage header, or a file too short for its header all fail
     when resolving, before any tensor is read."""
