@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kvtier import LLM, SamplingParams
 from kvtier.cli import main
+from kvtier.model.architectures import ARCHITECTURES
 
 MODEL = ["--model", "random:tiny-llama", "--max-model-len", "256",
          "--num-gpu-blocks-override", "64", "--device", "cpu"]
@@ -58,3 +61,18 @@ def test_an_llm_shut_down_refuses_new_requests_by_name() -> None:
     with pytest.raises(RuntimeError, match="shut down"):
         llm.generate("one two", SamplingParams(max_tokens=1))
     llm.shutdown()  # a second shutdown is harmless
+
+
+def test_a_model_of_an_unsupported_architecture_exits_2_naming_it(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    """`kvtier generate --model DIR` for a Mixtral checkpoint: one error line, exit 2, no
+    traceback; `LLM(model=DIR)` raises the same message."""
+    config = {**ARCHITECTURES["tiny-llama"].config, "architectures": ["MixtralForCausalLM"],
+              "model_type": "mixtral"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["generate", "hi", "--model", str(tmp_path), "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kvtier generate: error: "), err
+    assert "['MixtralForCausalLM'] are not supported (supported: LlamaForCausalLM" in err
+    with pytest.raises(ValueError, match="MixtralForCausalLM'\\] are not supported"):
+        LLM(model=str(tmp_path))

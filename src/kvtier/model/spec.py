@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_ARCHITECTURE_ALIASES = ("LLaMAForCausalLM",)
+"""Early HF Llama conversions' spelling, which vLLM's registry accepts too."""
 
 
 class ModelLoadError(ValueError):
@@ -71,6 +74,7 @@ class ModelSpec:
         file)."""
         if not isinstance(config, dict):
             raise ModelLoadError(f"expected a JSON object, got {type(config).__name__}")
+        _check_architectures(config.get("architectures"))
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             problem = ("model_type is missing" if model_type is None
@@ -177,6 +181,20 @@ _OWN_KEYS = {
     "rope_scaling", "rope_parameters", "bos_token_id", "eos_token_id", "torch_dtype", "dtype",
     "hidden_act",
 }
+
+
+def _check_architectures(architectures: Any) -> None:
+    """As vLLM: a config that names architectures needs one of ours among them (a config
+    without the key is judged by its model_type alone)."""
+    if architectures is None:
+        return
+    if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise ModelLoadError(f"architectures must be a list of class names, "
+                             f"got {architectures!r}")
+    known = (*SUPPORTED_ARCHITECTURES, *_ARCHITECTURE_ALIASES)
+    if architectures and not any(a in known for a in architectures):
+        raise ModelLoadError(f"model architectures {architectures} are not supported "
+                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
 
 
 def _is_int(value: Any) -> bool:

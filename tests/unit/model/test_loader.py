@@ -229,6 +229,23 @@ def test_bad_config_json_values_are_named_with_the_file(tmp_path: Path, edit: ob
         resolve_model(str(tmp_path))
 
 
+@pytest.mark.parametrize("architectures", [["MixtralForCausalLM"], ["FooBarForCausalLM"],
+                                           ["LlamaForSequenceClassification"]])
+def test_an_unsupported_architecture_is_named_with_the_supported_ones(
+        tmp_path: Path, architectures: list[str]) -> None:
+    """As in vLLM, `architectures` decides: a Mixtral, a made-up class or a classifier whose
+    model_type is llama is refused by name (before, each loaded as a causal Llama)."""
+    config = {**TINY_CONFIG, "architectures": architectures}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=(
+            f"config.json: model architectures \\['{architectures[0]}'\\] are not supported "
+            "\\(supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM\\)")):
+        resolve_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": "Llama"}))
+    with pytest.raises(ModelLoadError, match="architectures must be a list"):
+        resolve_model(str(tmp_path))
+
+
 def test_truncated_and_corrupt_safetensors_are_detected_at_resolve(tiny_dir: Path) -> None:
     """A download cut short, a garbage header, or a file too short for its header all fail
     when resolving, before any tensor is read."""
