@@ -80,6 +80,9 @@ class ModelSpec:
             problem = ("model_type is missing" if model_type is None
                        else f"model_type {model_type!r} is not supported")
             raise ModelLoadError(f"{problem} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        hidden_act = config.get("hidden_act", "silu")
+        if hidden_act not in ("silu", "swish"):  # transformers' ACT2FN: swish is SiLU
+            raise ModelLoadError(f"hidden_act {hidden_act!r} is not supported (supported: silu)")
         num_heads = _int(config, "num_attention_heads")
         hidden = _int(config, "hidden_size")
         head_dim = _int(config, "head_dim", default=None)

@@ -246,6 +246,15 @@ def test_an_unsupported_architecture_is_named_with_the_supported_ones(
         resolve_model(str(tmp_path))
 
 
+def test_an_activation_other_than_silu_is_refused(tmp_path: Path) -> None:
+    """The MLP computes SiLU whatever config.json says; a gelu checkpoint is refused, as vLLM's
+    LlamaMLP refuses it (before, it loaded and generated with the wrong activation)."""
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_CONFIG, "hidden_act": "gelu"}))
+    with pytest.raises(ModelLoadError,
+                       match="config.json: hidden_act 'gelu' is not supported \\(supported: silu"):
+        resolve_model(str(tmp_path))
+
+
 def test_truncated_and_corrupt_safetensors_are_detected_at_resolve(tiny_dir: Path) -> None:
     """A download cut short, a garbage header, or a file too short for its header all fail
     when resolving, before any tensor is read."""
