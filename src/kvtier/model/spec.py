@@ -110,6 +110,8 @@ class ModelSpec:
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (
                 "default", None):
             rope_scaling = None
+        if rope_scaling is not None:
+            _check_rope_scaling(rope_scaling)
         return ModelSpec(
             model_type=model_type,
             vocab_size=_int(config, "vocab_size"),
@@ -198,6 +200,27 @@ def _check_architectures(architectures: Any) -> None:
     if architectures and not any(a in known for a in architectures):
         raise ModelLoadError(f"model architectures {architectures} are not supported "
                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+
+def _check_rope_scaling(scaling: dict[str, Any]) -> None:
+    """Only Llama 3.1's frequency scaling is implemented (layers.RotaryEmbedding); its factors
+    must be numbers the formula can use."""
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type != "llama3":
+        raise ModelLoadError(f"rope_scaling type {rope_type!r} is not supported (supported: "
+                             f"llama3, or none): {scaling!r}")
+    values = {"factor": scaling.get("factor"),
+              "low_freq_factor": scaling.get("low_freq_factor", 1.0),
+              "high_freq_factor": scaling.get("high_freq_factor", 4.0),
+              "original_max_position_embeddings": scaling.get(
+                  "original_max_position_embeddings", 8192)}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                0 < value < math.inf):
+            raise ModelLoadError(f"rope_scaling's {key} must be a positive number, got {value!r}")
+    if values["low_freq_factor"] >= values["high_freq_factor"]:
+        raise ModelLoadError(f"rope_scaling's low_freq_factor {values['low_freq_factor']} must be "
+                             f"below its high_freq_factor {values['high_freq_factor']}")
 
 
 def _is_int(value: Any) -> bool:

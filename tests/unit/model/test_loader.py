@@ -255,6 +255,23 @@ def test_an_activation_other_than_silu_is_refused(tmp_path: Path) -> None:
         resolve_model(str(tmp_path))
 
 
+@pytest.mark.parametrize(("rope_scaling", "message"), [
+    ({"rope_type": "yarn", "factor": 4.0},
+     "rope_scaling type 'yarn' is not supported \\(supported: llama3, or none\\)"),
+    ({"rope_type": "llama3"}, "rope_scaling's factor must be a positive number, got None"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0},
+     "rope_scaling.s low_freq_factor 4.0 must be below its high_freq_factor 4.0"),
+])
+def test_unsupported_or_incomplete_rope_scaling_is_named_at_resolve(
+        tmp_path: Path, rope_scaling: dict, message: str) -> None:
+    """Before, yarn was refused only when the model was built, without the file, and a llama3
+    scaling without its factor raised KeyError('factor') from the rotary table."""
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_CONFIG,
+                                                      "rope_scaling": rope_scaling}))
+    with pytest.raises(ModelLoadError, match="config.json: " + message):
+        resolve_model(str(tmp_path))
+
+
 def test_truncated_and_corrupt_safetensors_are_detected_at_resolve(tiny_dir: Path) -> None:
     """A download cut short, a garbage header, or a file too short for its header all fail
     when resolving, before any tensor is read."""
