@@ -203,13 +203,17 @@ def _weight_files(path: Path) -> list[Path]:
             weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"{index_file}: not a valid safetensors index: {exc}") from exc
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(n, str) for n in weight_map.values())):
+            raise ModelLoadError(f"{index_file}: not a valid safetensors index: weight_map must "
+                                 f"map tensor names to shard file names, got {weight_map!r:.80}")
+        names = sorted(set(weight_map.values()))
+        missing = [name for name in names if not (path / name).is_file()]
         if missing:
             raise ModelLoadError(f"{path}: shards named in {index_file.name} are missing: "
                                  f"{', '.join(missing)}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
+        return [path / name for name in names]
+    files = sorted(f for f in path.glob("*.safetensors") if f.is_file())
     if not files:
         others = sorted(p.name for p in path.glob("*.bin")) + sorted(
             p.name for p in path.glob("*.pt"))
@@ -236,12 +240,25 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]
             header = json.loads(f.read(header_len))
         except ValueError as exc:
             raise ModelLoadError(f"{file}: corrupt safetensors header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{file}: corrupt safetensors header: not a JSON object")
     header.pop("__metadata__", None)
-    data_end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    for name, t in header.items():
+        if not (isinstance(t, dict) and isinstance(t.get("dtype"), str)
+                and _int_list(t.get("shape")) and _int_list(t.get("data_offsets"), 2)):
+            raise ModelLoadError(f"{file}: corrupt safetensors header: tensor {name!r} needs "
+                                 f"a dtype, a shape and two data_offsets, got {t!r:.120}")
+    data_end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + header_len + data_end > size:
         raise ModelLoadError(f"{file}: truncated safetensors file: data ends at byte "
                              f"{8 + header_len + data_end} but the file has {size}")
     return {name: (t["dtype"], tuple(t["shape"])) for name, t in header.items()}
+
+
+def _int_list(value: object, length: int | None = None) -> bool:
+    """A JSON list of integers >= 0 (of `length` items if given)."""
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
 
 
 def _check_weights(spec: ModelSpec, files: list[Path]) -> None:

@@ -288,6 +288,46 @@ def test_truncated_and_corrupt_safetensors_are_detected_at_resolve(tiny_dir: Pat
         resolve_model(str(tiny_dir))
 
 
+def _rewrite_header(weights: Path, header: object) -> None:
+    data = weights.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    encoded = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + header_len:])
+
+
+def test_malformed_safetensors_header_entries_are_named(tiny_dir: Path) -> None:
+    """A header that is JSON but not safetensors' shape (a list, an entry without
+    data_offsets, an entry that is a number) fails at resolve naming the file and tensor;
+    before, these raised TypeError and KeyError from the size check."""
+    weights = tiny_dir / "model.safetensors"
+    data = weights.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])
+    _rewrite_header(weights, [1, 2])
+    with pytest.raises(ModelLoadError, match="corrupt safetensors header: not a JSON object"):
+        resolve_model(str(tiny_dir))
+    without_offsets = {"dtype": "F32", "shape": [64]}
+    for entry in (without_offsets, 5, {**header["model.norm.weight"], "shape": "64"}):
+        weights.write_bytes(data)
+        _rewrite_header(weights, {**header, "model.norm.weight": entry})
+        with pytest.raises(ModelLoadError, match="model.safetensors: corrupt safetensors header: "
+                                                 "tensor 'model.norm.weight' needs a dtype"):
+            resolve_model(str(tiny_dir))
+
+
+@pytest.mark.parametrize("weight_map", [[1], {"model.norm.weight": 1}, {}])
+def test_an_index_whose_weight_map_is_malformed_is_named(tmp_path: Path, smollm_dir: Path,
+                                                         weight_map: object) -> None:
+    """Before: AttributeError (a list), TypeError (a number for a file name) and IndexError
+    (an empty map) from deep in the loader."""
+    directory = write_tiny_model_dir(tmp_path / "sharded", smollm_dir, num_shards=2)
+    index = directory / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(ModelLoadError, match="index.json: not a valid safetensors index: "
+                                             "weight_map must map tensor names to shard"):
+        resolve_model(str(directory))
+
+
 def test_unreadable_tensor_data_fails_while_streaming_weights(tiny_dir: Path) -> None:
     """A header whose offsets are inconsistent passes the size check but fails in
     iter_weights with the file named."""
