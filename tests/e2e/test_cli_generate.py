@@ -76,3 +76,16 @@ def test_a_model_of_an_unsupported_architecture_exits_2_naming_it(
     assert "['MixtralForCausalLM'] are not supported (supported: LlamaForCausalLM" in err
     with pytest.raises(ValueError, match="MixtralForCausalLM'\\] are not supported"):
         LLM(model=str(tmp_path))
+
+
+def test_a_chat_template_that_is_not_valid_jinja_exits_2_on_one_line(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kvtier generate --chat` with a model whose template is malformed Jinja: one error line
+    and exit 2 (before: TemplateSyntaxError's traceback)."""
+    from kvtier.model import tokenizer as tokenizer_module
+    monkeypatch.setattr(tokenizer_module, "_pick_chat_template",
+                        lambda value: "{% for m in messages %}{{ m.content }")
+    assert main(["generate", "hi", "--chat", "--max-tokens", "2", *MODEL]) == 2
+    err = capsys.readouterr().err
+    assert err == ("kvtier generate: error: the model's chat template is not valid Jinja: "
+                   "unexpected '}' (line 1)\n"), err

@@ -51,8 +51,14 @@ class _TemplateNamespace(jinja2.utils.Namespace):
                 f"chat templates cannot store underscore attributes on a namespace: {name!r}")
 
 
+class ChatTemplateError(ValueError, jinja2.exceptions.TemplateError):
+    """The model's chat template is not valid Jinja, fails while rendering, or refuses the
+    conversation (its `raise_exception`). A ValueError, so the CLI reports it on one line (exit
+    2) and the server as a 400; still a jinja2.TemplateError for callers that caught that."""
+
+
 def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
+    raise ChatTemplateError(message)
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,

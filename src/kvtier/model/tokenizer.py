@@ -25,7 +25,7 @@ import jinja2.parser
 import tokenizers
 from tokenizers import processors
 
-from kvtier.model.chat_template import compile_chat_template
+from kvtier.model.chat_template import ChatTemplateError, compile_chat_template
 from kvtier.model.piece_cache import PieceIdsCache
 from kvtier.model.spec import ModelLoadError
 
@@ -199,8 +199,9 @@ class Tokenizer:
         end-of-turn), so the model continues that message, e.g. an assistant answer begun by
         the client; it excludes `add_generation_prompt`.
         Raises ModelLoadError when the model has no template, ValueError for the two flags
-        together or a final message the rendering does not contain, and jinja2.TemplateError
-        when the template itself rejects the conversation (its `raise_exception`).
+        together or a final message the rendering does not contain, and ChatTemplateError (a
+        ValueError and a jinja2.TemplateError) when the template is not valid Jinja, fails to
+        render, or rejects the conversation (its `raise_exception`).
         """
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt exclude each "
@@ -214,10 +215,21 @@ class Tokenizer:
         variables: dict[str, Any] = dict(self.special_tokens)
         variables.update(template_kwargs or {})
         if self._compiled_template is None:  # compiling costs milliseconds; rendering does not
-            self._compiled_template = compile_chat_template(self.chat_template)
-        rendered = self._compiled_template.render(
-            messages=chat, tools=list(tools) if tools is not None else None, documents=None,
-            add_generation_prompt=add_generation_prompt, **variables)
+            try:
+                self._compiled_template = compile_chat_template(self.chat_template)
+            except jinja2.TemplateSyntaxError as exc:
+                raise ChatTemplateError(f"the model's chat template is not valid Jinja: "
+                                        f"{exc.message} (line {exc.lineno})") from exc
+        try:
+            rendered = self._compiled_template.render(
+                messages=chat, tools=list(tools) if tools is not None else None,
+                documents=None, add_generation_prompt=add_generation_prompt, **variables)
+        except ChatTemplateError as exc:  # the template's raise_exception: its own words
+            raise ChatTemplateError(f"the model's chat template refused the conversation: "
+                                    f"{exc}") from None
+        except Exception as exc:  # an undefined name, a sandbox refusal, a TypeError...
+            raise ChatTemplateError(f"the model's chat template failed on this conversation: "
+                                    f"{type(exc).__name__}: {exc}") from exc
         if continue_final_message:
             rendered = _cut_after_final_message(rendered, chat[-1].get("content"))
         return rendered

@@ -18,6 +18,7 @@ from kvtier.model.architectures import (
     get_architecture,
     load_architecture_tokenizer,
 )
+from kvtier.model.chat_template import ChatTemplateError
 from kvtier.model.spec import ModelLoadError
 from kvtier.model.tokenizer import Tokenizer
 from kvtier.utils.resources import find_package_file
@@ -219,11 +220,28 @@ def test_chat_template_file_sandbox_and_helpers(smollm_dir: Path, tmp_path: Path
     tokenizer = Tokenizer.from_dir(tmp_path)
     assert tokenizer.apply_chat_template([{"role": "user", "content": "<é>"}]) == (
         '"<é>"<|im_end|>\n')
-    with pytest.raises(jinja2.TemplateError, match="role not allowed"):
+    with pytest.raises(jinja2.TemplateError, match="refused the conversation: role not allowed"):
         tokenizer.apply_chat_template([{"role": "bad", "content": "x"}])
     evil = Tokenizer(tokenizer.backend, {"chat_template": "{{ messages.__class__.__mro__ }}"})
-    with pytest.raises(jinja2.exceptions.SecurityError):
+    with pytest.raises(ChatTemplateError, match="SecurityError: access to attribute '__class__'"):
         evil.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    ("{% for m in messages %}{{ m.content }", "is not valid Jinja: unexpected '}' \\(line 1\\)"),
+    ("{{ messages[0].content + 1 }}", "failed on this conversation: TypeError: can only"),
+    ("{{ nothing.here }}", "failed on this conversation: UndefinedError: 'nothing' is undefined"),
+    ("{% for i in range(10**9) %}x{% endfor %}", "failed on this conversation: OverflowError"),
+])
+def test_a_broken_chat_template_raises_a_value_error_naming_it(smollm_tokenizer: Tokenizer,
+                                                               template: str,
+                                                               message: str) -> None:
+    """Malformed Jinja, or a template that fails on a conversation, raises ChatTemplateError,
+    a ValueError saying what went wrong (before: jinja2's TemplateSyntaxError, UndefinedError,
+    a bare TypeError or OverflowError, which `kvtier generate --chat` printed as tracebacks)."""
+    broken = Tokenizer(smollm_tokenizer.backend, {"chat_template": template})
+    with pytest.raises(ValueError, match="the model's chat template " + message):
+        broken.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
 def test_eos_ids_collect_tokenizer_config_and_generation_config(smollm_dir: Path,
