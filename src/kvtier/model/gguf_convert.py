@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
-from kvtier.model.spec import ModelLoadError, ModelSpec
+from kvtier.model.spec import ModelLoadError, ModelSpec, expected_weight_shapes
 
 if TYPE_CHECKING:  # gguf is imported only when a GGUF is converted (GPU hosts may lack it)
     from gguf import GGUFReader
@@ -106,6 +106,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> ModelSpec:
     meta = _Metadata(reader, gguf_path)
     spec = _spec_from_metadata(meta, reader)
     tensors = _hf_tensors(reader, spec, gguf_path)
+    # Checked here, not by the loader after the copy: the message names the GGUF, and no
+    # unusable conversion is left in the cache.
+    missing = [name for name in expected_weight_shapes(spec) if name not in tensors]
+    if missing:
+        raise ModelLoadError(f"{gguf_path}: the GGUF has no tensor for {missing[0]}"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out_dir / "config.json", spec.to_hf_config())
     _write_json(out_dir / "generation_config.json", {
@@ -160,13 +166,31 @@ def _spec_from_metadata(meta: _Metadata, reader: GGUFReader) -> ModelSpec:
         raise ModelLoadError(f"{meta.path}: GGUF architecture {meta.arch!r} is not supported "
                              "(supported: llama)")
     a = meta.arch
+    experts = meta.get(f"{a}.expert_count")
+    if experts:  # llama.cpp writes Mixtral-style models as "llama" with experts
+        raise ModelLoadError(f"{meta.path}: a mixture-of-experts GGUF ({a}.expert_count = "
+                             f"{experts}) is not supported")
+    try:
+        fields = _spec_fields(meta, reader, a)
+    except ModelLoadError:
+        raise
+    except (TypeError, ValueError) as exc:  # a count that is a string or a per-layer array
+        raise ModelLoadError(f"{meta.path}: GGUF metadata has a value of the wrong type: "
+                             f"{exc}") from None
+    try:
+        return ModelSpec(**fields)
+    except ModelLoadError as exc:  # a size below 1, heads that do not divide...
+        raise ModelLoadError(f"{meta.path}: GGUF metadata: {exc}") from None
+
+
+def _spec_fields(meta: _Metadata, reader: GGUFReader, a: str) -> dict[str, Any]:
     num_heads = int(meta.require(f"{a}.attention.head_count"))
     hidden = int(meta.require(f"{a}.embedding_length"))
     tokens = meta.require("tokenizer.ggml.tokens")
     head_dim = meta.get(f"{a}.rope.dimension_count") or meta.get(f"{a}.attention.key_length")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     names = {t.name for t in reader.tensors}
-    return ModelSpec(
+    return dict(
         model_type="llama",
         vocab_size=int(meta.get(f"{a}.vocab_size") or len(tokens)),
         hidden_size=hidden,
@@ -174,7 +198,7 @@ def _spec_from_metadata(meta: _Metadata, reader: GGUFReader) -> ModelSpec:
         num_hidden_layers=int(meta.require(f"{a}.block_count")),
         num_attention_heads=num_heads,
         num_key_value_heads=int(meta.get(f"{a}.attention.head_count_kv") or num_heads),
-        head_dim=int(head_dim or hidden // num_heads),
+        head_dim=int(head_dim or hidden // max(num_heads, 1)),
         # GGUF stores eps as float32; round so config.json shows 1e-05, not 9.99999974e-06.
         rms_norm_eps=float(np.format_float_positional(
             np.float32(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)), unique=True)),
@@ -222,8 +246,12 @@ def _hf_tensors(reader: GGUFReader, spec: ModelSpec, path: Path) -> dict[str, np
     from gguf.quants import dequantize
 
     out: dict[str, np.ndarray] = {}
+    wanted = expected_weight_shapes(spec)
     for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
+        try:
+            name = hf_tensor_name(tensor.name)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from None
         if name is None:
             continue
         try:
@@ -236,6 +264,9 @@ def _hf_tensors(reader: GGUFReader, spec: ModelSpec, path: Path) -> dict[str, np
         if weight.shape != expected:
             raise ModelLoadError(f"{path}: tensor {tensor.name} has shape {weight.shape}, "
                                  f"expected {expected}")
+        if name in wanted and weight.shape != wanted[name]:
+            raise ModelLoadError(f"{path}: tensor {tensor.name} has shape {weight.shape}, the "
+                                 f"GGUF's metadata implies {wanted[name]}")
         if ".self_attn.q_proj." in name:
             weight = unpermute_rotary_rows(weight, spec.num_attention_heads)
         elif ".self_attn.k_proj." in name:

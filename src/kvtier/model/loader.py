@@ -32,7 +32,7 @@ from kvtier.model.architectures import (
     load_architecture_tokenizer,
 )
 from kvtier.model.gguf_convert import ensure_converted
-from kvtier.model.spec import ModelLoadError, ModelSpec
+from kvtier.model.spec import ModelLoadError, ModelSpec, expected_weight_shapes
 from kvtier.model.tokenizer import Tokenizer
 
 __all__ = ["ModelSource", "cache_dir", "embedded_gguf_path", "expected_weight_shapes",
@@ -97,35 +97,6 @@ def resolve_model(model: str | None, *, seed: int = 0) -> ModelSource:
     if path.suffix.lower() == ".gguf":
         return _from_gguf(path, name=_QUANT_SUFFIX.sub("", path.stem))
     raise ModelLoadError(f"{model}: expected an HF model directory or a .gguf file")
-
-
-def expected_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Every HF parameter name a checkpoint of `spec` must provide, with its shape."""
-    h, f, v, d = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.head_dim
-    q, kv = spec.num_attention_heads * d, spec.num_key_value_heads * d
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    mlp_bias = bool(spec.extra.get("mlp_bias", False))
-    for i in range(spec.num_hidden_layers):
-        p = f"model.layers.{i}."
-        layer: dict[str, tuple[int, ...]] = {
-            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-            "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-            "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-            "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
-            "mlp.down_proj.weight": (h, f)}
-        if spec.attention_bias:
-            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-                          "self_attn.v_proj.bias": (kv,)})
-            if spec.model_type != "qwen2":  # Llama's attention_bias covers o_proj too
-                layer["self_attn.o_proj.bias"] = (h,)
-        if mlp_bias:
-            layer.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,),
-                          "mlp.down_proj.bias": (h,)})
-        shapes.update({p + k: s for k, s in layer.items()})
-    shapes["model.norm.weight"] = (h,)
-    if not spec.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, h)
-    return shapes
 
 
 # -- sources ------------------------------------------------------------------------------------

@@ -179,6 +179,35 @@ class ModelSpec:
         return self.num_hidden_layers * per_layer + embed + h
 
 
+def expected_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every HF parameter name a checkpoint of `spec` must provide, with its shape."""
+    h, f, v, d = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.head_dim
+    q, kv = spec.num_attention_heads * d, spec.num_key_value_heads * d
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    mlp_bias = bool(spec.extra.get("mlp_bias", False))
+    for i in range(spec.num_hidden_layers):
+        p = f"model.layers.{i}."
+        layer: dict[str, tuple[int, ...]] = {
+            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+            "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+            "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
+            "mlp.down_proj.weight": (h, f)}
+        if spec.attention_bias:
+            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                          "self_attn.v_proj.bias": (kv,)})
+            if spec.model_type != "qwen2":  # Llama's attention_bias covers o_proj too
+                layer["self_attn.o_proj.bias"] = (h,)
+        if mlp_bias:
+            layer.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,),
+                          "mlp.down_proj.bias": (h,)})
+        shapes.update({p + k: s for k, s in layer.items()})
+    shapes["model.norm.weight"] = (h,)
+    if not spec.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
 _OWN_KEYS = {
     "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",

@@ -189,3 +189,81 @@ def test_unknown_tensor_names_are_rejected() -> None:
     assert gguf_convert.hf_tensor_name("rope_freqs.weight") is None
     with pytest.raises(ModelLoadError, match="no known HF name"):
         gguf_convert.hf_tensor_name("blk.0.ffn_gate_exps.weight")
+
+
+def _write_tiny_llama_gguf(path: Path, skip: tuple[str, ...] = (),
+                           extra_tensors: tuple[str, ...] = (),
+                           metadata: dict[str, int | str] | None = None) -> Path:
+    """A complete one-layer llama GGUF (64 wide, 4 heads, 2 KV heads, 260 byte-level ids)
+    that converts in milliseconds; `skip` leaves tensors out, `metadata` overrides keys."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    values: dict[str, int | str] = {
+        "llama.block_count": 1, "llama.embedding_length": 64, "llama.feed_forward_length": 128,
+        "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
+        "llama.context_length": 256, **(metadata or {})}
+    for key, value in values.items():
+        (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
+    writer.add_tokenizer_model("gpt2")
+    alphabet = gguf_convert.byte_level_alphabet()
+    writer.add_token_list([alphabet[b] for b in range(256)] + ["<s>", "</s>", "ab", "cd"])
+    writer.add_token_merges(["a b", "c d"])
+    writer.add_token_types([1] * 256 + [3, 3, 1, 1])
+    writer.add_eos_token_id(257)
+    shapes = {"token_embd.weight": (260, 64), "output_norm.weight": (64,),
+              "blk.0.attn_norm.weight": (64,), "blk.0.ffn_norm.weight": (64,),
+              "blk.0.attn_q.weight": (64, 64), "blk.0.attn_k.weight": (32, 64),
+              "blk.0.attn_v.weight": (32, 64), "blk.0.attn_output.weight": (64, 64),
+              "blk.0.ffn_gate.weight": (128, 64), "blk.0.ffn_up.weight": (128, 64),
+              "blk.0.ffn_down.weight": (64, 128), **{name: (4, 64) for name in extra_tensors}}
+    for name, shape in shapes.items():
+        if name not in skip:
+            writer.add_tensor(name, np.full(shape, 0.01, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_missing_a_tensor_is_named_and_leaves_no_cache_entry(tmp_path: Path) -> None:
+    """Checked while converting: the message names the GGUF (before, the converted copy in the
+    cache, which stayed there, broken)."""
+    assert (ensure_converted(_write_tiny_llama_gguf(tmp_path / "whole.gguf"), tmp_path / "c")
+            / "model.safetensors").is_file()
+    gguf_file = _write_tiny_llama_gguf(tmp_path / "holed.gguf", skip=("blk.0.ffn_up.weight",))
+    with pytest.raises(ModelLoadError, match="holed.gguf: the GGUF has no tensor for "
+                                             "model.layers.0.mlp.up_proj.weight"):
+        ensure_converted(gguf_file, tmp_path / "c")
+    assert [p.name.split("-")[0] for p in (tmp_path / "c" / "gguf").iterdir()] == ["whole"]
+
+
+def test_a_mixture_of_experts_gguf_and_unknown_tensors_are_named(tmp_path: Path) -> None:
+    """llama.cpp writes Mixtral as general.architecture = llama with experts: refused by what
+    it is, naming the file (before: "GGUF tensor 'blk.0.ffn_gate_exps.weight' has no known HF
+    name", without the file)."""
+    moe = _write_tiny_llama_gguf(tmp_path / "moe.gguf", metadata={"llama.expert_count": 8},
+                                 extra_tensors=("blk.0.ffn_gate_exps.weight",))
+    with pytest.raises(ModelLoadError, match="moe.gguf: a mixture-of-experts GGUF "
+                                             "\\(llama.expert_count = 8\\) is not supported"):
+        ensure_converted(moe, tmp_path / "c")
+    odd = _write_tiny_llama_gguf(tmp_path / "odd.gguf",
+                                 extra_tensors=("blk.0.ffn_gate_exps.weight",))
+    with pytest.raises(ModelLoadError, match="odd.gguf: GGUF tensor 'blk.0.ffn_gate_exps.weight' "
+                                             "has no known HF name"):
+        ensure_converted(odd, tmp_path / "c")
+
+
+@pytest.mark.parametrize(("metadata", "message"), [
+    ({"llama.attention.head_count": 0},
+     "GGUF metadata: num_attention_heads must be a positive integer, got 0"),
+    ({"llama.attention.head_count_kv": 3},
+     "GGUF metadata: num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ({"llama.block_count": "two"}, "GGUF metadata has a value of the wrong type"),
+])
+def test_gguf_metadata_out_of_range_or_of_the_wrong_type_is_named(
+        tmp_path: Path, metadata: dict[str, int | str], message: str) -> None:
+    """Before: ZeroDivisionError, a reshape error from the q/k unpermutation, and int()'s
+    ValueError, none naming the file."""
+    bad = _write_tiny_llama_gguf(tmp_path / "bad.gguf", metadata=metadata)
+    with pytest.raises(ModelLoadError, match="bad.gguf: " + message):
+        ensure_converted(bad, tmp_path / "c")
