@@ -88,7 +88,13 @@ def resolve_model(model: str | None, *, seed: int = 0) -> ModelSource:
         return _from_gguf(embedded_gguf_path(), name=EMBEDDED_MODEL_NAME)
     if model.startswith(RANDOM_PREFIX):
         return _from_random(model[len(RANDOM_PREFIX):], seed)
-    path = Path(model).expanduser()
+    if not model.strip():
+        raise ModelLoadError(f"model {model!r} is empty (give an HF model directory, a .gguf "
+                             f"file, or {RANDOM_PREFIX}<architecture>)")
+    try:
+        path = Path(model).expanduser()
+    except RuntimeError:  # ~name of a user this machine does not have
+        path = Path(model)
     if not path.exists():
         raise ModelLoadError(f"{model}: no such file or directory (give an HF model directory, "
                              f"a .gguf file, or {RANDOM_PREFIX}<architecture>)")

@@ -160,6 +160,10 @@ def test_missing_path_and_unknown_architecture_are_named(tmp_path: Path) -> None
         resolve_model(str(tmp_path / "nope"))
     with pytest.raises(ModelLoadError, match="unknown architecture 'gpt-5'.*qwen2.5-1.5b"):
         resolve_model("random:gpt-5")
+    with pytest.raises(ModelLoadError, match="model '' is empty"):
+        resolve_model("")  # before: the current directory, "not a model directory"
+    with pytest.raises(ModelLoadError, match="~no-such-user-kvtier/m: no such file"):
+        resolve_model("~no-such-user-kvtier/m")  # before: RuntimeError from expanduser
     text_file = tmp_path / "weights.txt"
     text_file.write_text("hello")
     with pytest.raises(ModelLoadError, match="expected an HF model directory or a .gguf"):
