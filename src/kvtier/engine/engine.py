@@ -157,10 +157,16 @@ class LLMEngine:
         self.tokenizer = self.source.tokenizer
         self.spec = self.source.spec
         requested_len = config.scheduler.max_model_len
-        if requested_len is not None and requested_len > self.spec.max_position_embeddings:
-            # The rotary table ends there: a longer prompt would fail the step it runs in.
+        if requested_len is not None and requested_len > self.spec.max_context_len:
+            # The rotary table ends there (a longer prompt would fail the step it runs in), or
+            # the model's sliding window does (this engine's attention would see too much).
+            key, limit, note = "max_position_embeddings", self.spec.max_position_embeddings, ""
+            if self.spec.max_context_len < limit:
+                key, limit = "sliding_window", self.spec.max_context_len
+                note = (" (sliding-window attention is not implemented: contexts are capped "
+                        "at the window)")
             raise ConfigError(f"max_model_len {requested_len} is more than the model's "
-                              f"max_position_embeddings {self.spec.max_position_embeddings}")
+                              f"{key} {limit}{note}")
         self._step_trace = open_step_trace()
         """KVTIER_STEP_TRACE's file: a JSON line per step (utils/profiling.py), or None."""
         self._shut_down = False
@@ -188,7 +194,7 @@ class LLMEngine:
                 config.scheduler.max_num_seqs, self.spec.vocab_size,
                 self.spec.vocab_size if config.model.max_logprobs == -1
                 else config.model.max_logprobs,
-                max_context=config.scheduler.max_model_len or self.spec.max_position_embeddings)
+                max_context=config.scheduler.max_model_len or self.spec.max_context_len)
             if backend.supports_cuda_graphs and not config.enforce_eager:
                 activation_bytes += estimate_piecewise_bytes(
                     self.spec, self._piecewise_max_tokens(),
@@ -199,7 +205,7 @@ class LLMEngine:
         root = root_block_hash(self.source.model_id, str(self.dtype).removeprefix("torch."),
                                f"block_size={block_size}")
         self.kv_manager = KVCacheManager(self.pool, block_size, root)
-        model_len = config.scheduler.max_model_len or self.spec.max_position_embeddings
+        model_len = config.scheduler.max_model_len or self.spec.max_context_len
         # One request must always fit in the pool by itself, or preemption could never end.
         self.max_model_len = min(model_len, plan.num_blocks * block_size)
         self.runner = ModelRunner(self.model, backend, plan.num_blocks, block_size, self.device,

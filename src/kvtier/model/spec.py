@@ -163,6 +163,29 @@ class ModelSpec:
             config["rope_scaling"] = dict(self.rope_scaling)
         return config
 
+    @property
+    def sliding_window(self) -> int | None:
+        """The attention window config.json declares, if any layer uses one: Mistral's
+        `sliding_window`, Qwen2's when `use_sliding_window` is on (Qwen2.5's is off)."""
+        window = self.extra.get("sliding_window")
+        if not (_is_int(window) and window > 0):
+            return None
+        if self.model_type == "mistral":
+            return int(window)
+        if self.model_type == "qwen2" and self.extra.get("use_sliding_window"):
+            first = self.extra.get("max_window_layers")  # layers from this one on slide
+            return int(window) if not _is_int(first) or first < self.num_hidden_layers else None
+        return None
+
+    @property
+    def max_context_len(self) -> int:
+        """The longest context this engine computes as the model does: the rotary table's
+        end, or a sliding window's width (attention here always sees the whole context, which
+        equals windowed attention only while the context fits the window; vLLM's
+        --disable-sliding-window caps max_model_len the same way)."""
+        window = self.sliding_window
+        return min(self.max_position_embeddings, window or self.max_position_embeddings)
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """K and V of every layer for one token."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes

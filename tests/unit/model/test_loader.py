@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from kvtier.model.architectures import ARCHITECTURES
 from kvtier.model.loader import cache_dir, expected_weight_shapes, resolve_model
-from kvtier.model.spec import ModelLoadError
+from kvtier.model.spec import ModelLoadError, ModelSpec
 from tests.unit.model.conftest import write_tiny_model_dir
 
 CPU = torch.device("cpu")
@@ -274,6 +274,34 @@ def test_unsupported_or_incomplete_rope_scaling_is_named_at_resolve(
                                                       "rope_scaling": rope_scaling}))
     with pytest.raises(ModelLoadError, match="config.json: " + message):
         resolve_model(str(tmp_path))
+
+
+def test_a_sliding_window_caps_the_context(tiny_dir: Path) -> None:
+    """Attention here always sees the whole context, which is Mistral's sliding-window
+    attention only while the context fits the window: a longer max_model_len is refused naming
+    the window, and the default is the window (as vLLM's --disable-sliding-window does).
+    Before, Mistral-7B-v0.1 (window 4096 of 32768 positions) ran past its window, silently
+    computing other attention than the model's."""
+    from kvtier import LLM
+    from kvtier.config import ConfigError
+    config = json.loads((tiny_dir / "config.json").read_text())
+    mistral = {**config, "model_type": "mistral", "architectures": ["MistralForCausalLM"],
+               "sliding_window": 64}
+    (tiny_dir / "config.json").write_text(json.dumps(mistral))
+    assert resolve_model(str(tiny_dir)).spec.max_context_len == 64
+    with pytest.raises(ConfigError, match="max_model_len 256 is more than the model's "
+                                          "sliding_window 64 \\(sliding-window attention"):
+        LLM(str(tiny_dir), max_model_len=256, device="cpu", num_gpu_blocks_override=64)
+    with LLM(str(tiny_dir), device="cpu", num_gpu_blocks_override=64) as llm:
+        assert llm.engine.max_model_len == 64
+    qwen = json.loads(QWEN_REFERENCE_CONFIG.read_text())  # sliding_window 32768, but off
+    spec = ModelSpec.from_hf_config(qwen)
+    assert spec.sliding_window is None and spec.max_context_len == 32768
+    on = {**qwen, "use_sliding_window": True, "sliding_window": 4096}
+    assert ModelSpec.from_hf_config(on).max_context_len == 4096
+    # Qwen2 slides only from layer max_window_layers on: none of 28 layers at 28.
+    assert ModelSpec.from_hf_config({**on, "max_window_layers": 28}).sliding_window is None
+    assert ModelSpec.from_hf_config({**mistral, "sliding_window": None}).sliding_window is None
 
 
 def test_truncated_and_corrupt_safetensors_are_detected_at_resolve(tiny_dir: Path) -> None:
