@@ -69,11 +69,18 @@ def ensure_converted(gguf_path: Path, cache_root: Path) -> Path:
     renamed into place, so a crash never leaves a half-written entry that a later run would trust.
     Concurrent converters race benignly: the first rename wins and the loser's copy is removed.
     """
-    target = cache_root / "gguf" / f"{gguf_path.stem}-{gguf_digest(gguf_path)}"
+    try:
+        digest = gguf_digest(gguf_path)
+    except OSError as exc:
+        raise ModelLoadError(f"{gguf_path}: cannot be read: {exc}") from exc
+    target = cache_root / "gguf" / f"{gguf_path.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    except OSError as exc:
+        raise _cache_error(gguf_path, target, exc) from exc
     try:
         convert_gguf(gguf_path, tmp)
         try:
@@ -81,9 +88,16 @@ def ensure_converted(gguf_path: Path, cache_root: Path) -> Path:
         except OSError:
             if not (target / "config.json").is_file():
                 raise
+    except OSError as exc:  # the cache's disk full or read-only
+        raise _cache_error(gguf_path, target, exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _cache_error(gguf_path: Path, target: Path, exc: OSError) -> ModelLoadError:
+    return ModelLoadError(f"{gguf_path}: cannot write its conversion to {target.parent}: {exc} "
+                          f"(KVTIER_CACHE_DIR chooses where conversions go)")
 
 
 def gguf_digest(path: Path, sample_bytes: int = 1 << 20) -> str:

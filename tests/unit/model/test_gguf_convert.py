@@ -267,3 +267,14 @@ def test_gguf_metadata_out_of_range_or_of_the_wrong_type_is_named(
     bad = _write_tiny_llama_gguf(tmp_path / "bad.gguf", metadata=metadata)
     with pytest.raises(ModelLoadError, match="bad.gguf: " + message):
         ensure_converted(bad, tmp_path / "c")
+
+
+def test_an_unwritable_conversion_cache_is_named(tmp_path: Path) -> None:
+    """KVTIER_CACHE_DIR naming a file (or a full or read-only disk): ModelLoadError naming the
+    GGUF, the cache and the variable (before: NotADirectoryError's traceback from mkdir)."""
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    whole = _write_tiny_llama_gguf(tmp_path / "whole.gguf")
+    with pytest.raises(ModelLoadError, match="whole.gguf: cannot write its conversion to "
+                                             ".*a-file/gguf: .*KVTIER_CACHE_DIR"):
+        ensure_converted(whole, not_a_dir)
