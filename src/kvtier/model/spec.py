@@ -173,6 +173,9 @@ class ModelSpec:
         if self.model_type == "mistral":
             return int(window)
         if self.model_type == "qwen2" and self.extra.get("use_sliding_window"):
+            layer_types = self.extra.get("layer_types")  # transformers 5 writes them out
+            if isinstance(layer_types, list):
+                return int(window) if "sliding_attention" in layer_types else None
             first = self.extra.get("max_window_layers")  # layers from this one on slide
             return int(window) if not _is_int(first) or first < self.num_hidden_layers else None
         return None

@@ -301,6 +301,8 @@ def test_a_sliding_window_caps_the_context(tiny_dir: Path) -> None:
     assert ModelSpec.from_hf_config(on).max_context_len == 4096
     # Qwen2 slides only from layer max_window_layers on: none of 28 layers at 28.
     assert ModelSpec.from_hf_config({**on, "max_window_layers": 28}).sliding_window is None
+    full = {**on, "layer_types": ["full_attention"] * 28}  # as transformers 5 writes them
+    assert ModelSpec.from_hf_config(full).sliding_window is None
     assert ModelSpec.from_hf_config({**mistral, "sliding_window": None}).sliding_window is None
 
 
