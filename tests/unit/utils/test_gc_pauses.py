@@ -24,7 +24,10 @@ def unfrozen():
 def test_freeze_moves_live_objects_out_of_collection(unfrozen: None) -> None:
     survivor = [[i] for i in range(1000)]
     frozen = freeze_startup_heap()
-    assert frozen == gc.get_freeze_count() >= len(survivor)
+    # A frozen object that dies leaves the permanent generation: in a process whose other
+    # threads (earlier tests' daemons) free objects, the count may fall a little after the
+    # call, never rise.
+    assert frozen >= gc.get_freeze_count() >= max(len(survivor), frozen - 1000)
     assert not any(obj is survivor for obj in gc.get_objects())  # no generation scans it
 
 
