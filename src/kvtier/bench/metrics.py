@@ -102,7 +102,7 @@ def parse_goodput(slos: Iterable[str] | str | Mapping[str, float] | None) -> dic
     for name, value in pairs:
         if name not in GOODPUT_METRICS:
             raise ValueError(f"goodput metric {name!r} is not one of {', '.join(GOODPUT_METRICS)}")
-        if value < 0:
+        if not value >= 0:  # NaN too: no request would meet it
             raise ValueError(f"goodput SLO {name}:{value} must be non-negative")
     return dict(pairs)
 

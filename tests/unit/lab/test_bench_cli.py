@@ -60,6 +60,7 @@ def test_flags_map_to_the_config():
     (["--extra-body", "[1]"], "--extra-body: expected a JSON object"),
     (["--goodput", "ttft"], "goodput SLO 'ttft' is not KEY:VALUE"),
     (["--goodput", "ttft:abc"], "--goodput SLO 'ttft:abc': 'abc' is not a number"),
+    (["--goodput", "ttft:nan"], "--goodput SLO ttft:nan must be non-negative"),
     (["--metric-percentiles", "50,150"],
      "--metric-percentiles '50,150': '150' is not a percentile"),
     (["--metric-percentiles", "p99"], "--metric-percentiles 'p99': 'p99' is not a percentile"),
