@@ -136,6 +136,8 @@ class BenchConfig:
         check(self.max_concurrency is None or self.max_concurrency >= 1,
               f"max_concurrency must be >= 1, got {self.max_concurrency}")
         check(self.num_warmups >= 0, f"num_warmups must be >= 0, got {self.num_warmups}")
+        # numpy's legacy generator (the arrival gaps, prefix_repetition) takes no other seed
+        check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32 - 1], got {self.seed}")
         # aiohttp takes a timeout <= 0 as none at all
         check(self.request_timeout_s > 0,
               f"request_timeout_s must be > 0, got {self.request_timeout_s}")

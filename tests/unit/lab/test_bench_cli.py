@@ -47,6 +47,8 @@ def test_flags_map_to_the_config():
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
+    (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32 - 1\], got -1"),
+    (["--seed", str(2**32)], r"--seed must be in \[0, 2\*\*32 - 1\], got 4294967296"),
     (["--burstiness", "-1"], "--burstiness must be > 0"),
     (["--request-timeout-s", "0"], "--request-timeout-s must be > 0, got 0.0"),
     (["--prefix-repetition-num-prefixes", "0"],
