@@ -145,6 +145,20 @@ class BenchConfig:
                      "long_doc_qa_num_documents", "long_doc_qa_document_length",
                      "long_doc_qa_repeat_count"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("random_output_len", "prefix_repetition_output_len", "multi_turn_input_len",
+                     "multi_turn_output_len", "long_doc_qa_output_len"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("input_len", "output_len", "sharegpt_output_len"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"{name} must be >= 1, got {value}")
+        check(self.random_input_len >= 0,
+              f"random_input_len must be >= 0, got {self.random_input_len}")
+        check(self.random_prefix_len + (self.input_len or self.random_input_len) >= 1,
+              "random_input_len must be >= 1 when random_prefix_len is 0 (a prompt needs a "
+              "token)")
+        check(self.prefix_repetition_prefix_len + self.prefix_repetition_suffix_len >= 1,
+              "prefix_repetition_prefix_len and prefix_repetition_suffix_len are both 0 (a prompt "
+              "needs a token)")
         for name in ("random_prefix_len", "prefix_repetition_prefix_len",
                      "prefix_repetition_suffix_len", "multi_turn_system_prompt_len",
                      "long_doc_qa_question_len"):
