@@ -128,6 +128,10 @@ class BenchConfig:
                 raise ValueError(message)
 
         check(self.backend in BACKENDS, f"backend {self.backend!r} not in {sorted(BACKENDS)}")
+        check(not self.base_url or self.base_url.lower().startswith(("http://", "https://")),
+              f"base_url {self.base_url!r} is not an http:// or https:// URL")
+        check(self.base_url or (self.host and 1 <= self.port <= 65535),
+              f"host {self.host!r} and port {self.port} name no server (port 1 to 65535)")
         check(self.dataset_name in DATASETS, f"dataset_name {self.dataset_name!r} not in "
                                              f"{DATASETS}")
         check(self.num_prompts >= 1, f"num_prompts must be >= 1, got {self.num_prompts}")

@@ -46,6 +46,11 @@ def test_flags_map_to_the_config():
 
 
 @pytest.mark.parametrize(("argv", "message"), [
+    (["--base-url", "localhost:8000"],
+     "--base-url 'localhost:8000' is not an http:// or https:// URL"),
+    (["--port", "70000"], "--host '127.0.0.1' and --port 70000 name no server"),
+    (["--port", "0"], "--host '127.0.0.1' and --port 0 name no server"),
+    (["--host", ""], "--host '' and --port 8000 name no server"),
     (["--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
     (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32 - 1\], got -1"),
     (["--seed", str(2**32)], r"--seed must be in \[0, 2\*\*32 - 1\], got 4294967296"),
