@@ -18,6 +18,7 @@ import json
 import math
 import re
 import sys
+import tempfile
 import typing
 from datetime import datetime
 from pathlib import Path
@@ -158,7 +159,7 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         metadata = _pairs(args.metadata, "--metadata")
-        _check_result_dir(args)
+        _check_result_dir(args, config)
     except ValueError as exc:
         print(f"kvtier bench: error: {exc}", file=sys.stderr)
         return 2
@@ -169,18 +170,28 @@ def run_bench(args: argparse.Namespace) -> int:
         return 1
 
 
-def _check_result_dir(args: argparse.Namespace) -> None:
-    """Create --result-dir before the run, so a bad one cannot cost the run's result."""
+def _check_result_dir(args: argparse.Namespace, config: BenchConfig) -> None:
+    """Create --result-dir and try writing there before the run, so a bad one cannot cost
+    the run's result."""
     if not (args.save_result or args.save_detailed or args.result_filename):
         return
     from kvtier.lab.records import path_problem
 
-    directory = result_path(args, BenchConfig(), "model").parent
+    path = result_path(args, config, "model")
+    directory = path.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"--result-dir: cannot create {str(directory)!r}: "
                          f"{path_problem(directory, exc)}") from exc
+    if args.result_filename and path.is_dir():
+        raise ValueError(f"--result-filename: {str(path)!r} is a directory")
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--result-dir: cannot write in {str(directory)!r}: "
+                         f"{exc.strerror or exc}") from exc
 
 
 def result_path(args: argparse.Namespace, config: BenchConfig, model_id: str) -> Path:

@@ -126,6 +126,15 @@ def test_a_result_dir_that_cannot_be_made_is_refused_before_the_run(tmp_path: Pa
     assert "Traceback" not in done.stderr
 
 
+def test_a_result_filename_that_is_a_directory_is_refused_before_the_run(tmp_path: Path):
+    (tmp_path / "r.json").mkdir()
+    done = bench("--base-url", "http://127.0.0.1:9", "--save-result", "--result-dir",
+                 str(tmp_path), "--result-filename", "r.json")
+    assert done.returncode == 2, done.stderr
+    assert f"--result-filename: {str(tmp_path / 'r.json')!r} is a directory" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_sharegpt_path_that_is_a_directory_is_one_clear_line(tmp_path: Path):
     spec = ServerSpec("fake", launch=f"{sys.executable} {FAKE} --port {{port}}",
                       startup_timeout_s=30)
