@@ -56,7 +56,9 @@ def delta(before: dict[str, float], after: dict[str, float], name: str) -> int:
 
 def test_client_counts_equal_server_counts(server: RunningServer, tmp_path: Path):
     before = scrape(server.base_url)
-    done = bench("--base-url", server.base_url, "--dataset-name", "prefix_repetition",
+    # no initial test request: the server counts only the run's requests
+    done = bench("--base-url", server.base_url, "--ready-check-timeout-sec", "0",
+                 "--dataset-name", "prefix_repetition",
                  "--prefix-repetition-prefix-len", "64", "--prefix-repetition-suffix-len", "16",
                  "--prefix-repetition-num-prefixes", "3", "--prefix-repetition-output-len", "6",
                  "--num-prompts", "12", "--max-concurrency", "3", "--ignore-eos",
@@ -83,13 +85,19 @@ def test_unknown_dataset_and_unreachable_server_are_clear_errors(server: Running
     assert done.returncode == 1
     assert "cannot reach the server at http://127.0.0.1:9" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+    done = bench("--base-url", server.base_url, "--served-model-name", "nope",
+                 "--num-prompts", "2", "--random-input-len", "8")
+    assert done.returncode == 1 and "Serving Benchmark Result" not in done.stdout
+    assert ("the initial test request to /v1/completions failed: HTTP 404 Not Found: "
+            in done.stderr and "nope" in done.stderr), done.stderr
 
 
 def test_rejected_requests_are_failed_requests(server: RunningServer):
     # Prompts of 75..225 tokens against a 192-token context: some are rejected with HTTP 400.
     before = scrape(server.base_url)
-    done = bench("--base-url", server.base_url, "--dataset-name", "random",
-                 "--random-input-len", "150", "--random-range-ratio", "0.5",
+    done = bench("--base-url", server.base_url, "--ready-check-timeout-sec", "0",
+                 "--dataset-name", "random", "--random-input-len", "150",
+                 "--random-range-ratio", "0.5",
                  "--random-output-len", "4", "--num-prompts", "12", "--max-concurrency", "4")
     after = scrape(server.base_url)
     assert done.returncode == 0, done.stderr
@@ -105,8 +113,9 @@ def test_a_server_dying_mid_run_leaves_failed_requests_and_a_result(tmp_path: Pa
         assert dying.process is not None
         run = subprocess.Popen(
             [sys.executable, "-m", "kvtier.cli", "bench", "--disable-tqdm", "--base-url",
-             dying.base_url, "--dataset-name", "random", "--random-input-len", "32",
-             "--random-output-len", "32", "--ignore-eos", "--num-prompts", "40",
+             dying.base_url, "--ready-check-timeout-sec", "0", "--dataset-name", "random",
+             "--random-input-len", "32", "--random-output-len", "32", "--ignore-eos",
+             "--num-prompts", "40",
              "--max-concurrency", "1", "--save-result", "--result-dir", str(tmp_path),
              "--result-filename", "r.json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)

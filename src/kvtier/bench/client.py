@@ -210,8 +210,31 @@ async def _ready_check(session: _Session, probe: SampleRequest, timeout_s: float
         if out.success:
             return
         if time.perf_counter() > deadline:
-            raise RuntimeError(f"endpoint not ready after {timeout_s:.0f} s: {out.error}")
+            raise RuntimeError(f"endpoint not ready after {timeout_s:.0f} s: "
+                               f"{_one_line(out.error)}")
         await asyncio.sleep(1.0)
+
+
+TEST_PROMPT = "Hello, my name is"
+"""The initial test request's prompt: its own, so no workload prompt is cached before the run."""
+
+
+async def _initial_test(session: _Session, first: SampleRequest) -> None:
+    """vLLM's initial test run, tried once: one short request of the run's shape (endpoint,
+    model, headers, sampling, extra body, the first request's max_tokens) must succeed
+    before any load is sent, so a wrong endpoint, model or server fails in seconds rather
+    than after every request has failed."""
+    out = await session.send(TEST_PROMPT, 0, first.expected_output_len, None)
+    if not out.success:
+        path = session.config.api_url.removeprefix(session.config.root_url)
+        raise RuntimeError(f"the initial test request to {path} failed: "
+                           f"{_one_line(out.error)} (check --model, --endpoint and --backend)")
+
+
+def _one_line(error: str, limit: int = 300) -> str:
+    """A request's error as one line (an HTML error page's lines joined), cut at `limit`."""
+    text = " ".join((error or "no answer").split())
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _first_sample(workload: Workload) -> SampleRequest:
@@ -256,12 +279,14 @@ async def _measure(session: _Session,
 
 async def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None, *,
                         tokenizer: TokenizerLike | None = None,
-                        workload: Workload | None = None) -> BenchmarkResult:
+                        workload: Workload | None = None,
+                        initial_test: bool = False) -> BenchmarkResult:
     """Run one benchmark against `config.base_url` and return its figures.
 
     `tokenizer` and `workload` default to `load_tokenizer(config.tokenizer or model)` and
     `build_workload(config, tokenizer)`. Raises only for setup failures (no model listed,
-    endpoint not ready within `ready_check_timeout_sec`); request failures are counted.
+    endpoint not ready within `ready_check_timeout_sec`, or with `initial_test` and no
+    ready check, a failed initial test request); request failures are counted.
     """
     timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
     connector = aiohttp.TCPConnector(limit=config.max_concurrency or 0)
@@ -272,6 +297,8 @@ async def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None,
         workload = workload or build_workload(config, tokenizer)
         if config.ready_check_timeout_sec > 0:
             await _ready_check(session, _first_sample(workload), config.ready_check_timeout_sec)
+        elif initial_test:
+            await _initial_test(session, _first_sample(workload))
         warmup = await _warm_up(session, workload)
         before = await scrape_metrics(http, config.root_url) if config.scrape_metrics else None
         session.progress = progress

@@ -103,6 +103,8 @@ class BenchConfig:
     max_concurrency: int | None = None
     num_warmups: int = 0
     ready_check_timeout_sec: int = 0
+    """Retry the first request this long until it succeeds (vLLM's); 0 skips it (`kvtier bench`
+    then sends one short test request, unless the flag is given)."""
     request_timeout_s: float = 6 * 3600.0
     # -- sampling
     ignore_eos: bool = False
@@ -144,6 +146,8 @@ class BenchConfig:
         check(self.max_concurrency is None or self.max_concurrency >= 1,
               f"max_concurrency must be >= 1, got {self.max_concurrency}")
         check(self.num_warmups >= 0, f"num_warmups must be >= 0, got {self.num_warmups}")
+        check(self.ready_check_timeout_sec >= 0,
+              f"ready_check_timeout_sec must be >= 0, got {self.ready_check_timeout_sec}")
         # numpy's legacy generator (the arrival gaps, prefix_repetition) takes no other seed
         check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32 - 1], got {self.seed}")
         # aiohttp takes a timeout <= 0 as none at all

@@ -51,6 +51,9 @@ _HELP = {
     "percentile_metrics": "metrics to print percentiles for (default ttft,tpot,itl)",
     "metric_percentiles": "comma-separated percentiles, e.g. 50,90,99",
     "scrape_metrics": "diff the server's /metrics over the measured phase",
+    "ready_check_timeout_sec": "retry the first request this long until the server answers it "
+                               "(vLLM's); 0 skips the check; default: one short test request "
+                               "(vLLM's initial test run) that must succeed",
 }
 
 
@@ -75,6 +78,8 @@ def _add_field(group: argparse._ArgumentGroup, field: dataclasses.Field[Any], hi
         group.add_argument(*names, nargs="+", default=None, metavar="KEY=VALUE", help=text)
     elif field.name == "extra_body":
         group.add_argument(*names, type=json.loads, default=None, metavar="JSON", help=text)
+    elif field.name == "ready_check_timeout_sec":  # None: the CLI's one-try initial test
+        group.add_argument(*names, type=int, default=None, metavar="SECONDS", help=text)
     elif field.name == "goodput":
         group.add_argument(*names, nargs="+", default=None, metavar="METRIC:MS", help=text)
     else:
@@ -128,6 +133,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}
     values["header"] = _pairs(args.header, "--header") or None
     values["goodput"] = tuple(args.goodput) if args.goodput else None
+    values["ready_check_timeout_sec"] = args.ready_check_timeout_sec or 0
     if values["extra_body"] is not None and not isinstance(values["extra_body"], dict):
         raise ValueError(f"--extra-body: expected a JSON object, got {args.extra_body!r}")
     try:

@@ -2,9 +2,10 @@
 
 Preflight turns the usual setup mistakes into one clear line before any load is sent: a server
 that does not answer (named by URL), a model the server does not list, a tokenizer that cannot
-be found. During the run every request failure is counted (the client never raises for them);
-afterwards the distinct errors are printed so a failing server is visible, and the result JSON
-is still written.
+be found, and (vLLM's initial test run, unless --ready-check-timeout-sec is given) an endpoint
+that does not answer one short request with an OpenAI stream. During the run every request
+failure is counted (the client never raises for them); afterwards the distinct errors are
+printed so a failing server is visible, and the result JSON is still written.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def execute(config: BenchConfig, args: argparse.Namespace, metadata: dict[str, s
     with bench_progress(not args.disable_tqdm) as new_task:
         try:
             result = asyncio.run(run_benchmark(config, new_task(config.dataset_name),
-                                               tokenizer=tokenizer, workload=workload))
+                                               tokenizer=tokenizer, workload=workload,
+                                               initial_test=args.ready_check_timeout_sec
+                                               is None))
         except (RuntimeError, OSError) as exc:
             raise BenchSetupError(f"{config.root_url}: {exc}") from exc
     print_result(config, result)

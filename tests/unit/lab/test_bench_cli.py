@@ -135,6 +135,27 @@ def test_a_result_filename_that_is_a_directory_is_refused_before_the_run(tmp_pat
     assert "Traceback" not in done.stderr
 
 
+def test_a_server_that_speaks_no_openai_fails_the_initial_test_request(tmp_path: Path):
+    """vLLM's initial test run: one short request must succeed before the load is sent, so a
+    plain HTTP server (given --model, /v1/models is not asked) is one clear line in seconds,
+    not ten requests failed one a second. --ready-check-timeout-sec 0 skips it (vLLM's)."""
+    spec = ServerSpec("plain", launch=f"{sys.executable} -m http.server {{port}} --bind "
+                                      "127.0.0.1", health_path="/", startup_timeout_s=30)
+    argv = ("--model", "m", "--tokenizer", TOKENIZER, "--random-input-len", "16",
+            "--random-output-len", "2", "--num-prompts", "10", "--request-rate", "1")
+    with running_server(spec, tmp_path / "logs") as server:
+        done = bench("--base-url", server.base_url, *argv)
+        skipped = bench("--base-url", server.base_url, *argv, "--num-prompts", "1",
+                        "--ready-check-timeout-sec", "0")
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "Serving Benchmark Result" not in done.stdout
+    error = done.stderr.splitlines()[-1]
+    assert error.startswith(f"kvtier bench: error: {server.base_url}: the initial test request "
+                            "to /v1/completions failed: HTTP 501 Unsupported method ('POST'): ")
+    assert error.endswith("(check --model, --endpoint and --backend)")
+    assert skipped.returncode == 1 and "all 1 requests failed" in skipped.stderr
+
+
 def test_a_sharegpt_path_that_is_a_directory_is_one_clear_line(tmp_path: Path):
     spec = ServerSpec("fake", launch=f"{sys.executable} {FAKE} --port {{port}}",
                       startup_timeout_s=30)
