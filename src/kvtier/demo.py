@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import TYPE_CHECKING
 
 from kvtier.engine.args import engine_kwargs
 from kvtier.types import SamplingParams
+
+if TYPE_CHECKING:
+    from kvtier import LLM
 
 _QUESTIONS = [
     "What is the capital of France?",
@@ -25,6 +29,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     llm = LLM(**engine_kwargs(args))
+    try:
+        _demo(llm, started)
+    finally:
+        llm.shutdown()  # what a disk or redis tier should keep is written before the exit
+    return 0
+
+
+def _demo(llm: LLM, started: float) -> None:
     print(f"Loaded {llm.engine.model_name} on {llm.engine.device} in "
           f"{time.monotonic() - started:.1f}s "
           f"({llm.engine.pool.num_blocks} KV blocks of {llm.engine.config.cache.block_size})\n")
@@ -53,4 +65,3 @@ def run_demo(args: argparse.Namespace) -> int:
     generated = sum(len(r.outputs[0].token_ids) for r in results)
     print(f"\nThroughput: {batch} concurrent requests, {generated} output tokens in "
           f"{elapsed:.1f}s = {generated / elapsed:.1f} output tok/s")
-    return 0

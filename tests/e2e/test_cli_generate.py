@@ -89,3 +89,13 @@ def test_a_chat_template_that_is_not_valid_jinja_exits_2_on_one_line(
     err = capsys.readouterr().err
     assert err == ("kvtier generate: error: the model's chat template is not valid Jinja: "
                    "unexpected '}' (line 1)\n"), err
+
+
+def test_demo_writes_what_its_disk_tier_keeps_before_it_exits(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    """`kvtier demo` shuts its engine down as `kvtier generate` does: the long document's
+    blocks reach the disk tier. Before, the demo exited with them only on the device."""
+    assert main(["demo", "--model", "random:tiny-llama", "--device", "cpu", "--max-num-seqs",
+                 "4", "--kv-tier", f"disk:{tmp_path}:64MiB"]) == 0
+    assert "Throughput:" in capsys.readouterr().out
+    assert list(tmp_path.rglob("*.kvt")), "the demo's disk tier holds no block"
