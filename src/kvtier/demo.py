@@ -18,6 +18,7 @@ _QUESTIONS = [
     "In one sentence, why do language models cache keys and values?",
 ]
 
+_DOCUMENT_QUESTIONS = ("Which region holds section 3?", "How long is section 10 kept?")
 _DOCUMENT = " ".join(
     f"Section {i}: the service stores request logs in region {i % 7}, keeps them for "
     f"{30 + i} days, and replicates them to {2 + i % 3} standby sites every {5 + i} minutes."
@@ -36,7 +37,24 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _document_chat(question: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": _DOCUMENT}, {"role": "user", "content": question}]
+
+
+def _check_context(llm: LLM) -> None:
+    """The long-document prompts must fit, checked before the demo prints anything."""
+    tokenizer = llm.get_tokenizer()
+    longest = max(len(tokenizer.encode(tokenizer.apply_chat_template(
+        _document_chat(q), add_generation_prompt=True), add_special_tokens=False))
+        for q in _DOCUMENT_QUESTIONS)
+    if longest >= llm.engine.max_model_len:
+        raise ValueError(f"the demo's long-document prompt has {longest} tokens, but "
+                         f"max_model_len is {llm.engine.max_model_len}: give --max-model-len "
+                         f"{longest + 16} or more (and KV cache blocks for it)")
+
+
 def _demo(llm: LLM, started: float) -> None:
+    _check_context(llm)
     print(f"Loaded {llm.engine.model_name} on {llm.engine.device} in "
           f"{time.monotonic() - started:.1f}s "
           f"({llm.engine.pool.num_blocks} KV blocks of {llm.engine.config.cache.block_size})\n")
@@ -47,10 +65,9 @@ def _demo(llm: LLM, started: float) -> None:
         print(f"Q: {question}\nA: {output.outputs[0].text.strip()}\n")
 
     print("Prefix caching: two questions about the same long document")
-    for question in ("Which region holds section 3?", "How long is section 10 kept?"):
-        conversation = [{"role": "system", "content": _DOCUMENT},
-                        {"role": "user", "content": question}]
-        output = llm.chat(conversation, SamplingParams(max_tokens=16, temperature=0.0))[0]
+    for question in _DOCUMENT_QUESTIONS:
+        output = llm.chat(_document_chat(question),
+                          SamplingParams(max_tokens=16, temperature=0.0))[0]
         m = output.metrics
         print(f"  {question!r}: {m.num_prompt_tokens} prompt tokens, "
               f"{m.num_cached_tokens} from the prefix cache, "

@@ -99,3 +99,13 @@ def test_demo_writes_what_its_disk_tier_keeps_before_it_exits(
                  "4", "--kv-tier", f"disk:{tmp_path}:64MiB"]) == 0
     assert "Throughput:" in capsys.readouterr().out
     assert list(tmp_path.rglob("*.kvt")), "the demo's disk tier holds no block"
+
+
+def test_demo_with_too_short_a_context_says_so_before_it_starts(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--model", "random:tiny-llama", "--device", "cpu",
+                 "--max-model-len", "256"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # nothing of the demo ran
+    assert "kvtier demo: error: the demo's long-document prompt has 896 tokens, but " \
+           "max_model_len is 256: give --max-model-len 912 or more" in err
