@@ -168,6 +168,11 @@ class BenchConfig:
         check(self.random_prefix_len + (self.input_len or self.random_input_len) >= 1,
               "random_input_len must be >= 1 when random_prefix_len is 0 (a prompt needs a "
               "token)")
+        check(self.dataset_name != "prefix_repetition"
+              or self.num_prompts >= self.prefix_repetition_num_prefixes,
+              f"num_prompts ({self.num_prompts}) must be >= prefix_repetition_num_prefixes "
+              f"({self.prefix_repetition_num_prefixes}): each prefix takes num_prompts // "
+              "prefix_repetition_num_prefixes requests")
         check(self.prefix_repetition_prefix_len + self.prefix_repetition_suffix_len >= 1,
               "prefix_repetition_prefix_len and prefix_repetition_suffix_len are both 0 (a prompt "
               "needs a token)")

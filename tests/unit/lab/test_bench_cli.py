@@ -77,6 +77,8 @@ def test_flags_map_to_the_config():
     (["--random-input-len", "0"], "--random-input-len must be >= 1 when --random-prefix-len is 0"),
     (["--prefix-repetition-prefix-len", "0", "--prefix-repetition-suffix-len", "0"],
      "--prefix-repetition-prefix-len and --prefix-repetition-suffix-len are both 0"),
+    (["--dataset-name", "prefix_repetition", "--num-prompts", "4"],
+     r"--num-prompts \(4\) must be >= --prefix-repetition-num-prefixes \(10\)"),
     (["--random-range-ratio", "2"], r"--random-range-ratio must be in \[0, 1\), got 2.0"),
     (["--header", "novalue"], "--header: 'novalue' is not KEY=VALUE"),
     (["--extra-body", "[1]"], "--extra-body: expected a JSON object"),
