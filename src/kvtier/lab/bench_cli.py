@@ -7,7 +7,8 @@ reporting flags (`--save-result`, `--result-dir`, `--result-filename`, `--save-d
 the prompt tokens it matched per tier over the run (from /metrics before and after).
 
 Exit codes: 0 done (failed requests are counted, not fatal), 1 nothing succeeded or the run
-could not start (unreachable server, no tokenizer), 2 bad options.
+could not start (unreachable server, no tokenizer, a failed initial test request), 2 bad
+options.
 """
 
 from __future__ import annotations
