@@ -37,6 +37,7 @@ from kvtier.model.spec import ModelLoadError
 from kvtier.utils.gc_pauses import freeze_startup_heap, log_long_gc_pauses
 from kvtier.utils.gil import shorten_switch_interval
 from kvtier.utils.profiling import engine_profile_dir, profiled
+from kvtier.utils.thread_names import name_os_threads
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None
     # The pipes' readers hand each command to the core's loop, and the tier's threads their
     # copies: at the default interval each hand-over may wait 5 ms for the GIL (utils/gil.py).
     shorten_switch_interval()
+    name_os_threads("kvtier-engine")  # per-thread tools then tell the core from its helpers
     try:
         profile_dir = engine_profile_dir()  # a bad value fails the start, not the first step
         engine = LLMEngine(spec.config)

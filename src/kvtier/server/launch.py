@@ -31,6 +31,7 @@ from kvtier.engine.engine_process import EngineProcessSpec
 from kvtier.server.api_servers import bind_listening_sockets, run_api_servers
 from kvtier.server.app import ServerSettings, create_app
 from kvtier.utils.gil import shorten_switch_interval
+from kvtier.utils.thread_names import name_os_threads
 
 STATS_LOG_INTERVAL_S = 5.0
 """How often the server logs its engine's throughput (at INFO)."""
@@ -160,6 +161,9 @@ def _start(engine: AsyncEngine) -> None:
     # that dispatches the engine's updates: at the default switch interval a step's tokens
     # could wait 5 ms behind HTTP work.
     shorten_switch_interval()
+    # Per-thread tools (top -H, py-spy, the lab's CPU record) then tell its event loop from
+    # the engine's update dispatcher and the tokenizer pool.
+    name_os_threads("kvtier-api")
     previous = {sig: signal.signal(sig, _exit_now) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         engine.start()
