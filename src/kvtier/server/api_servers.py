@@ -26,6 +26,7 @@ the engine process dies, the supervisor stops the rest and exits 1.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 from kvtier.engine.engine_process import (
     EngineProcessSpec,
@@ -58,6 +60,9 @@ START_TIMEOUT_S = 3600.0
 """Model loading, warm-up and CUDA-graph capture happen before the front ends are ready."""
 POLL_S = 0.2
 METRICS_DIR_PREFIX = "kvtier-metrics-"
+OWNER_LOCK = ".owner.lock"
+"""Inside a metrics directory: flocked by its supervisor while it runs (prometheus_client
+reads only the *.db files there)."""
 _METRICS_DIR_NAME = re.compile(re.escape(METRICS_DIR_PREFIX) + r"(\d+)-[a-z0-9_]+")
 """A directory `run_api_servers` made: its supervisor's pid, then mkdtemp's random part."""
 REFUSED_EXIT_WAIT_S = 10.0
@@ -122,7 +127,7 @@ def run_api_servers(spec: EngineProcessSpec, settings: ServerSettings,
     # set before the front ends start (they inherit it), so their histograms are shared. A
     # directory the user chose (as with vLLM) is kept; else a temporary one is made.
     given_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    metrics_dir = given_dir or _new_metrics_dir()
+    metrics_dir, owner = (given_dir, None) if given_dir else _new_metrics_dir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     supervisor = _Supervisor(count)
     try:
@@ -133,36 +138,68 @@ def run_api_servers(spec: EngineProcessSpec, settings: ServerSettings,
         if given_dir is None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
             shutil.rmtree(metrics_dir, ignore_errors=True)
+            if owner is not None:
+                owner.close()
 
 
-def _new_metrics_dir() -> str:
-    """A fresh multiprocess-metrics directory named with this process's id, after removing
-    those that killed supervisors left."""
+def _new_metrics_dir() -> tuple[str, IO[bytes] | None]:
+    """A fresh multiprocess-metrics directory named with this process's id, and its owner
+    lock (held until the file is closed), after removing those that killed supervisors
+    left."""
     parent = tempfile.gettempdir()
     for stale in remove_stale_metrics_dirs(parent):
         logger.info("removed %s: its kvtier serve process is gone", stale)
-    return tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-", dir=parent)
+    path = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-", dir=parent)
+    lock_path = os.path.join(path, OWNER_LOCK)
+    try:
+        owner = open(lock_path, "wb")  # noqa: SIM115 - held while serving
+    except OSError:
+        return path, None  # no lock file: the pid in the name tells
+    try:
+        fcntl.flock(owner.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a file system without flock: an unheld lock would read as stale
+        owner.close()
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        return path, None
+    return path, owner
 
 
 def remove_stale_metrics_dirs(parent: str | Path) -> list[Path]:
-    """Remove the metrics directories under `parent` whose supervisor (the pid in the name)
-    no longer runs, and that this user owns; the ones removed. A live pid keeps its
-    directory, even where the pid was reused (a directory kept too long, never one lost).
-    Names without a pid (other programs', or from before the pid was in the name) are
-    left alone."""
+    """Remove the metrics directories under `parent` whose supervisor no longer runs, and
+    that this user owns; the ones removed. A directory with an owner lock is stale when
+    the lock can be taken (the kernel dropped it with its holder, whichever process
+    namespace that ran in); one without (its supervisor is creating it, or flock failed
+    there) when the pid in its name is not alive. A reused pid keeps a directory too long,
+    never loses a live one. Names without a pid (other programs') are left alone."""
     removed = []
     with contextlib.suppress(OSError):
         for path in Path(parent).iterdir():
             match = _METRICS_DIR_NAME.fullmatch(path.name)
-            if match is None or _pid_alive(int(match[1])):
+            if match is None:
                 continue
             with contextlib.suppress(OSError):
                 info = path.lstat()  # a link is not followed: never a directory here
                 if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
                     continue
+                if not _supervisor_gone(path, int(match[1])):
+                    continue
                 shutil.rmtree(path)
                 removed.append(path)
     return removed
+
+
+def _supervisor_gone(path: Path, pid: int) -> bool:
+    try:
+        lock = open(path / OWNER_LOCK, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return not _pid_alive(pid)
+    with lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # held: its supervisor runs
+        return True  # closing the file releases the probe's lock
 
 
 def _pid_alive(pid: int) -> bool:

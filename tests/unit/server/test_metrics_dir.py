@@ -1,11 +1,13 @@
 """`kvtier serve --api-server-count N`'s multiprocess-metrics directory: named with the
-supervisor's pid, and the ones that killed supervisors left are removed at the next start.
+supervisor's pid and flocked by it while it runs; the ones that killed supervisors left are
+removed at the next start.
 
 Before, the directory was `kvtier-metrics-<random>`: a supervisor killed with SIGKILL left it
 in the temporary directory for good, and nothing could tell whose it was."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kvtier.server import api_servers
-from kvtier.server.api_servers import remove_stale_metrics_dirs, run_api_servers
+from kvtier.server.api_servers import OWNER_LOCK, remove_stale_metrics_dirs, run_api_servers
 
 
 def dead_pid() -> int:
@@ -55,6 +57,10 @@ def test_a_start_clears_stale_directories_and_names_its_own_with_its_pid(
     def supervise(self: object, *args: object) -> int:  # the front ends would start here
         seen.append(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
         assert not stale.exists() and seen[0].is_dir()
+        # The owner lock is held while the supervisor runs.
+        with (seen[0] / OWNER_LOCK).open("rb") as probe, pytest.raises(BlockingIOError):
+            fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert remove_stale_metrics_dirs(tmp_path) == []
         return 0
 
     monkeypatch.setattr(api_servers._Supervisor, "run", supervise)
@@ -63,3 +69,24 @@ def test_a_start_clears_stale_directories_and_names_its_own_with_its_pid(
     [made] = seen
     assert made.parent == tmp_path and made.name.startswith(f"kvtier-metrics-{os.getpid()}-")
     assert not made.exists() and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+
+
+def test_the_owner_lock_decides_over_the_pid(tmp_path: Path) -> None:
+    """A supervisor in another pid namespace (a container sharing /tmp) has a pid that reads
+    as dead here, but holds its lock: its directory stays. A lock nobody holds marks a
+    directory stale even where the pid in its name was reused by a live process."""
+    held = metrics_dir(tmp_path, f"kvtier-metrics-{dead_pid()}-held1")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'wb'); "
+         "fcntl.flock(f.fileno(), fcntl.LOCK_EX); print('locked', flush=True); "
+         "time.sleep(60)", str(held / OWNER_LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        unheld = metrics_dir(tmp_path, f"kvtier-metrics-{os.getpid()}-unheld")
+        (unheld / OWNER_LOCK).write_bytes(b"")
+        assert remove_stale_metrics_dirs(tmp_path) == [unheld]
+        assert held.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert remove_stale_metrics_dirs(tmp_path) == [held]  # its holder died: the kernel let go
