@@ -191,12 +191,13 @@ def _fold(stats: KvtierRunStats, name: str, labels: dict[str, str], sample: floa
         field_name = _SECONDS[name]
         setattr(stats, field_name, getattr(stats, field_name) + sample)
     elif name in _PER_TIER and tier:
-        per_tier = getattr(stats, _PER_TIER[name])
-        per_tier[tier] = per_tier.get(tier, 0) + int(round(sample))
+        _add(getattr(stats, _PER_TIER[name]), tier, sample)
     elif name == "request_success_total":
-        reason = labels.get("finished_reason", "?")
-        stats.finished_by_reason[reason] = (stats.finished_by_reason.get(reason, 0)
-                                            + int(round(sample)))
+        _add(stats.finished_by_reason, labels.get("finished_reason", "?"), sample)
+
+
+def _add(counts: dict[str, int], key: str, sample: float) -> None:
+    counts[key] = counts.get(key, 0) + int(round(sample))
 
 
 def format_stats(stats: KvtierRunStats, client_prompt_tokens: int | None = None) -> str:

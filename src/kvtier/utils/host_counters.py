@@ -106,13 +106,14 @@ class ProcessTreeCPU:
         parents = _parent_pids()
         if root_pid not in parents:
             return None
+        children: dict[int, list[int]] = {}
+        for pid, ppid in parents.items():
+            children.setdefault(ppid, []).append(pid)
         tree, frontier = {root_pid: "server"}, [root_pid]
         while frontier:
-            parent = frontier.pop()
-            for pid, ppid in parents.items():
-                if ppid == parent and pid not in tree:
-                    tree[pid] = f"child {pid}"
-                    frontier.append(pid)
+            for pid in children.get(frontier.pop(), ()):
+                tree[pid] = f"child {pid}"
+                frontier.append(pid)
         ticks = os.sysconf("SC_CLK_TCK")
         threads = {}
         for pid, role in tree.items():
