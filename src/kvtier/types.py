@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import operator
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NewType
 
 BlockId = NewType("BlockId", int)
@@ -369,3 +370,12 @@ class OutputDelta:
     """Logprobs of new_token_ids, when the request asked for them."""
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     """On the request's first delta only, when it asked for them."""
+
+    def __reduce__(self) -> tuple[type[OutputDelta], tuple[object, ...]]:
+        # A step's update pickles one delta per running request on the engine's loop and
+        # unpickles it on the front end's: positional fields cost a quarter of the default
+        # (a __dict__ per object) to load and half to dump.
+        return type(self), _output_delta_fields(self)
+
+
+_output_delta_fields = operator.attrgetter(*(f.name for f in fields(OutputDelta)))

@@ -5,6 +5,7 @@ every field: text held back for stop strings, stops, logprobs, prompt logprobs, 
 from __future__ import annotations
 
 import dataclasses
+import pickle
 
 from kvtier import LLM, SamplingParams
 from kvtier.engine.core_messages import output_delta
@@ -59,3 +60,23 @@ def test_deltas_equal_those_of_request_outputs() -> None:
     assert any(d["stop_reason"] == stop_text for d in finals)  # a stop string cut the text
     assert any(d["prompt_logprobs"] for d in streams[1])
     assert any(d["new_logprobs"] for d in streams[1])
+
+
+def test_a_delta_crosses_the_engine_pipe_with_every_field() -> None:
+    """OutputDelta pickles its fields by position (the engine process's wire format): each
+    field, set to a distinct value, comes back in its own place."""
+    from kvtier.types import RequestMetrics, TokenLogprobs
+    values: dict[str, object] = {
+        "request_id": "req-1", "new_token_ids": [5, 6], "new_text": "ab", "finished": True,
+        "finish_reason": "stop", "stop_reason": 7,
+        "metrics": RequestMetrics(arrival_time=1.5, num_prompt_tokens=3,
+                                  num_tier_hit_tokens={"cpu": 16}),
+        "final_text": "final", "prompt": "the prompt", "prompt_token_ids": [1, 2, 3],
+        "new_logprobs": [TokenLogprobs(token_id=5, logprob=-0.5, rank=1, top=((5, -0.5),))],
+        "prompt_logprobs": [None, TokenLogprobs(token_id=2, logprob=-1.0, rank=2,
+                                                top=((9, -0.1),))]}
+    assert set(values) == {f.name for f in dataclasses.fields(OutputDelta)}
+    delta = OutputDelta(**values)
+    back = pickle.loads(pickle.dumps(delta, protocol=pickle.HIGHEST_PROTOCOL))
+    assert type(back) is OutputDelta
+    assert dataclasses.asdict(back) == dataclasses.asdict(delta)
