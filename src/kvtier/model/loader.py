@@ -7,8 +7,8 @@
     random:<arch>         a real architecture (see architectures.py) with seeded random weights
 
 Problems are found when resolving, not halfway through loading: missing files, unknown
-architectures, unsupported model types, and truncated or corrupt safetensors/GGUF files all raise
-`ModelLoadError` naming the path and the problem.
+architectures, unsupported model types, truncated or corrupt safetensors/GGUF files, and weights
+of a dtype kvtier cannot load all raise `ModelLoadError` naming the path and the problem.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ RANDOM_PREFIX = "random:"
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _RANDOM_STD = 0.02
 _MAX_SAFETENSORS_HEADER_BYTES = 100 << 20
+_LOADABLE_SAFETENSORS_DTYPES = ("BF16", "F16", "F32", "F64")
+"""Float dtypes whose values cast to the model's dtype as they are. Integers, bools and FP8
+cast too, silently, into wrong weights: quantised checkpoints need scales kvtier never applies."""
 _QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d\w*|F16|BF16|F32)$", re.IGNORECASE)
 
 
@@ -239,15 +242,29 @@ def _int_list(value: object, length: int | None = None) -> bool:
 
 
 def _check_weights(spec: ModelSpec, files: list[Path]) -> None:
+    wanted = expected_weight_shapes(spec)
     found: dict[str, tuple[int, ...]] = {}
     for file in files:
-        found.update({name: shape for name, (_, shape) in read_safetensors_header(file).items()})
-    for name, shape in expected_weight_shapes(spec).items():
+        header = read_safetensors_header(file)
+        _check_dtypes(file, header, wanted)
+        found.update({name: shape for name, (_, shape) in header.items()})
+    for name, shape in wanted.items():
         if name not in found:
             raise ModelLoadError(f"{files[0].parent}: weight {name} is missing")
         if tuple(found[name]) != shape:
             raise ModelLoadError(f"{files[0].parent}: weight {name} has shape "
                                  f"{tuple(found[name])}, config.json implies {shape}")
+
+
+def _check_dtypes(file: Path, header: dict[str, tuple[str, tuple[int, ...]]],
+                  wanted: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a weight the model uses whose dtype is not a plain float. Tensors it skips may be
+    anything (some checkpoints keep int64 buffers)."""
+    for name, (dtype, _) in header.items():
+        if name in wanted and dtype not in _LOADABLE_SAFETENSORS_DTYPES:
+            raise ModelLoadError(f"{file}: tensor {name!r} has dtype {dtype:.20}, which kvtier "
+                                 f"cannot load (supported: "
+                                 f"{', '.join(_LOADABLE_SAFETENSORS_DTYPES)})")
 
 
 def _checkpoint_weights(spec: ModelSpec, files: tuple[Path, ...], device: torch.device,

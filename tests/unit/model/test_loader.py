@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from kvtier.model.architectures import ARCHITECTURES
 from kvtier.model.loader import cache_dir, expected_weight_shapes, resolve_model
@@ -347,6 +347,47 @@ def test_malformed_safetensors_header_entries_are_named(tiny_dir: Path) -> None:
         with pytest.raises(ModelLoadError, match="model.safetensors: corrupt safetensors header: "
                                                  "tensor 'model.norm.weight' needs a dtype"):
             resolve_model(str(tiny_dir))
+
+
+UP_PROJ = "model.layers.0.mlp.up_proj.weight"
+
+
+@pytest.mark.parametrize(("dtype", "name"), [(torch.float8_e4m3fn, "F8_E4M3"),
+                                             (torch.int64, "I64"), (torch.bool, "BOOL"),
+                                             (None, "X9")])
+def test_a_weight_of_a_dtype_kvtier_cannot_load_is_named_at_resolve(
+        tiny_dir: Path, dtype: torch.dtype | None, name: str) -> None:
+    """Before, FP8, integer and bool weights were cast to floats without a word (an FP8
+    checkpoint without its scales, a bool mask as 0/1), and a dtype safetensors does not know
+    failed only while streaming, with its list of twenty-odd variants."""
+    weights_file = tiny_dir / "model.safetensors"
+    weights = load_file(weights_file)
+    if dtype is not None:
+        weights[UP_PROJ] = weights[UP_PROJ].to(dtype)
+        save_file(weights, str(weights_file), metadata={"format": "pt"})
+    else:
+        data = weights_file.read_bytes()
+        (header_len,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + header_len])
+        _rewrite_header(weights_file, {**header, UP_PROJ: {**header[UP_PROJ], "dtype": name}})
+    with pytest.raises(ModelLoadError, match=(
+            f"model.safetensors: tensor '{UP_PROJ}' has dtype {name}, which kvtier cannot load "
+            "\\(supported: BF16, F16, F32, F64\\)")):
+        resolve_model(str(tiny_dir))
+
+
+def test_float64_weights_load_and_unused_integer_tensors_are_skipped(tiny_dir: Path) -> None:
+    """F64 casts to the model's dtype as it is; a tensor the model does not use (an int64
+    buffer some exporters keep) may have any dtype."""
+    weights_file = tiny_dir / "model.safetensors"
+    weights = load_file(weights_file)
+    expected = weights[UP_PROJ].clone()
+    weights[UP_PROJ] = weights[UP_PROJ].double()
+    weights["model.position_ids"] = torch.arange(8)
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    loaded = dict(resolve_model(str(tiny_dir)).iter_weights(CPU, torch.float32))
+    assert "model.position_ids" not in loaded
+    assert torch.equal(loaded[UP_PROJ], expected)
 
 
 @pytest.mark.parametrize("weight_map", [[1], {"model.norm.weight": 1}, {}])
