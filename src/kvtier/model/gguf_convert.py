@@ -11,6 +11,7 @@ check it against transformers' own GGUF loader.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from kvtier.model.spec import ModelLoadError, ModelSpec, expected_weight_shapes
 
 if TYPE_CHECKING:  # gguf is imported only when a GGUF is converted (GPU hosts may lack it)
-    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType, GGUFReader
 
 CONVERTER_VERSION = 1
 """Bumped when the output changes, so stale cache entries are not reused."""
@@ -119,6 +120,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> ModelSpec:
     reader = open_gguf(gguf_path)
     meta = _Metadata(reader, gguf_path)
     spec = _spec_from_metadata(meta, reader)
+    _check_tensor_types(reader, gguf_path)
     tensors = _hf_tensors(reader, spec, gguf_path)
     # Checked here, not by the loader after the copy: the message names the GGUF, and no
     # unusable conversion is left in the cache.
@@ -254,6 +256,33 @@ def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     head_dim = weight.shape[0] // num_heads
     rows = weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
     return np.ascontiguousarray(rows.swapaxes(1, 2).reshape(weight.shape))
+
+
+def _check_tensor_types(reader: GGUFReader, path: Path) -> None:
+    """Refuse a tensor type gguf cannot dequantise before dequantising anything, so a big
+    model does not first spend minutes on its other tensors."""
+    from gguf import GGMLQuantizationType
+
+    for tensor in reader.tensors:
+        if tensor.name not in _SKIPPED_TENSORS and not _dequantisable(tensor.tensor_type):
+            supported = [t.name for t in GGMLQuantizationType if _dequantisable(t)]
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} has type "
+                                 f"{tensor.tensor_type.name}, which kvtier cannot dequantise "
+                                 f"(supported: {', '.join(supported)})")
+
+
+@functools.cache
+def _dequantisable(qtype: GGMLQuantizationType) -> bool:
+    """Whether the installed gguf dequantises `qtype`, asked of one zero block: its
+    `dequantize` raises NotImplementedError for the rest (integers, F64, Q8_1, Q8_K...)."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    try:
+        dequantize(np.zeros(GGML_QUANT_SIZES[qtype][1], dtype=np.uint8), qtype)
+    except Exception:  # NotImplementedError, or a type this gguf knows but cannot decode
+        return False
+    return True
 
 
 def _hf_tensors(reader: GGUFReader, spec: ModelSpec, path: Path) -> dict[str, np.ndarray]:

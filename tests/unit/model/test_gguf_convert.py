@@ -193,9 +193,12 @@ def test_unknown_tensor_names_are_rejected() -> None:
 
 def _write_tiny_llama_gguf(path: Path, skip: tuple[str, ...] = (),
                            extra_tensors: tuple[str, ...] = (),
-                           metadata: dict[str, int | str] | None = None) -> Path:
+                           metadata: dict[str, int | str] | None = None,
+                           tensor_types: dict[str, gguf.GGMLQuantizationType] | None = None,
+                           ) -> Path:
     """A complete one-layer llama GGUF (64 wide, 4 heads, 2 KV heads, 260 byte-level ids)
-    that converts in milliseconds; `skip` leaves tensors out, `metadata` overrides keys."""
+    that converts in milliseconds; `skip` leaves tensors out, `metadata` overrides keys,
+    `tensor_types` stores tensors as zero bytes of another type than F32."""
     writer = gguf.GGUFWriter(str(path), "llama")
     values: dict[str, int | str] = {
         "llama.block_count": 1, "llama.embedding_length": 64, "llama.feed_forward_length": 128,
@@ -216,7 +219,13 @@ def _write_tiny_llama_gguf(path: Path, skip: tuple[str, ...] = (),
               "blk.0.ffn_gate.weight": (128, 64), "blk.0.ffn_up.weight": (128, 64),
               "blk.0.ffn_down.weight": (64, 128), **{name: (4, 64) for name in extra_tensors}}
     for name, shape in shapes.items():
-        if name not in skip:
+        if name in (tensor_types or {}):
+            qtype = tensor_types[name]
+            block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            row_bytes = shape[-1] // block_size * type_size
+            writer.add_tensor(name, np.zeros((*shape[:-1], row_bytes), dtype=np.uint8),
+                              raw_dtype=qtype)
+        elif name not in skip:
             writer.add_tensor(name, np.full(shape, 0.01, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -251,6 +260,21 @@ def test_a_mixture_of_experts_gguf_and_unknown_tensors_are_named(tmp_path: Path)
     with pytest.raises(ModelLoadError, match="odd.gguf: GGUF tensor 'blk.0.ffn_gate_exps.weight' "
                                              "has no known HF name"):
         ensure_converted(odd, tmp_path / "c")
+
+
+@pytest.mark.parametrize("qtype", ["I32", "F64", "Q8_1"])
+def test_a_tensor_type_gguf_cannot_dequantise_is_named_and_leaves_no_cache_entry(
+        tmp_path: Path, qtype: str) -> None:
+    """Checked before any tensor is dequantised, with the types that can be (before: gguf's
+    "Dequantization for Q8_1 is not yet implemented", once the tensors before it were
+    dequantised)."""
+    bad = _write_tiny_llama_gguf(tmp_path / "bad.gguf", tensor_types={
+        "blk.0.ffn_up.weight": gguf.GGMLQuantizationType[qtype]})
+    with pytest.raises(ModelLoadError, match=(
+            f"bad.gguf: tensor 'blk.0.ffn_up.weight' has type {qtype}, which kvtier cannot "
+            "dequantise \\(supported: F32, F16, Q4_0, .*Q8_0, .*BF16")):
+        ensure_converted(bad, tmp_path / "c")
+    assert list((tmp_path / "c" / "gguf").iterdir()) == []
 
 
 @pytest.mark.parametrize(("metadata", "message"), [
