@@ -15,6 +15,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _ARCHITECTURE_ALIASES = ("LLaMAForCausalLM",)
 """Early HF Llama conversions' spelling, which vLLM's registry accepts too."""
+_CONFIG_DTYPES = ("float16", "bfloat16", "float32", "float64", "auto")
+"""torch_dtype values a config.json may declare: float types, and "auto" (transformers'
+"as saved", which declares nothing). --dtype auto reads it (runner/memory.py)."""
 
 
 class ModelLoadError(ValueError):
@@ -129,7 +132,7 @@ class ModelSpec:
             rope_scaling=rope_scaling,
             bos_token_id=None if bos is None else int(bos),
             eos_token_ids=tuple(int(e) for e in eos_ids),
-            torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+            torch_dtype=_torch_dtype(config),
             extra={k: v for k, v in config.items() if k not in _OWN_KEYS},
         )
 
@@ -276,6 +279,19 @@ def _check_rope_scaling(scaling: dict[str, Any]) -> None:
     if values["low_freq_factor"] >= values["high_freq_factor"]:
         raise ModelLoadError(f"rope_scaling's low_freq_factor {values['low_freq_factor']} must be "
                              f"below its high_freq_factor {values['high_freq_factor']}")
+
+
+def _torch_dtype(config: dict[str, Any]) -> str:
+    """The dtype the checkpoint declares: transformers 4's torch_dtype, else 5's dtype, else
+    HF's default float32. An integer or unknown one is refused, not read as bfloat16."""
+    key = "torch_dtype" if config.get("torch_dtype") is not None else "dtype"
+    value = config.get(key)
+    if value is None:
+        return "float32"
+    if value not in _CONFIG_DTYPES:
+        raise ModelLoadError(f"{key} {value!r:.40} is not supported "
+                             f"(supported: {', '.join(_CONFIG_DTYPES)})")
+    return str(value)
 
 
 def _is_int(value: Any) -> bool:

@@ -219,18 +219,32 @@ TINY_CONFIG = dict(ARCHITECTURES["tiny-llama"].config)
     ({"eos_token_id": "</s>"}, "eos_token_id must be a token id or a list of them"),
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
     ({"model_type": None}, "model_type is missing \\(supported: llama, qwen2, mistral\\)"),
+    ({"torch_dtype": "int8"}, "config.json: torch_dtype 'int8' is not supported \\(supported: "
+                              "float16, bfloat16, float32, float64, auto\\)"),
+    ({"torch_dtype": None, "dtype": "bool"}, "config.json: dtype 'bool' is not supported"),
+    ({"torch_dtype": "float8"}, "config.json: torch_dtype 'float8' is not supported"),
+    ({"torch_dtype": 16}, "config.json: torch_dtype 16 is not supported"),
 ])
 def test_bad_config_json_values_are_named_with_the_file(tmp_path: Path, edit: object,
                                                          message: str) -> None:
     """config.json is checked key by key before any weight is looked at: a value of the wrong
     type, a size that is not positive, or heads that do not divide raise ModelLoadError naming
     the file and the key. (Before, a list raised AttributeError, a zero layer count built a
-    model without layers, 64.5 was truncated, "false" meant true, and "abc" was reported
-    without its key or file.)"""
+    model without layers, 64.5 was truncated, "false" meant true, "abc" was reported
+    without its key or file, and an int8 or unknown torch_dtype meant bfloat16.)"""
     config = {**TINY_CONFIG, **edit} if isinstance(edit, dict) else edit
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=message):
         resolve_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(("config", "declared"), [
+    ({"torch_dtype": "float16"}, "float16"), ({"dtype": "bfloat16"}, "bfloat16"),
+    ({"torch_dtype": "float64"}, "float64"), ({"torch_dtype": "auto"}, "auto"), ({}, "float32")])
+def test_a_float_or_auto_torch_dtype_is_read(config: dict, declared: str) -> None:
+    """transformers 4 writes torch_dtype, 5 dtype; without either HF's default is float32."""
+    base = {k: v for k, v in TINY_CONFIG.items() if k not in ("torch_dtype", "dtype")}
+    assert ModelSpec.from_hf_config({**base, **config}).torch_dtype == declared
 
 
 @pytest.mark.parametrize("architectures", [["MixtralForCausalLM"], ["FooBarForCausalLM"],
