@@ -1,4 +1,4 @@
-"""The `kvtier` command: generate, serve, demo (and, as they land, bench, lab)."""
+"""The `kvtier` command: generate, serve, demo, bench, lab."""
 
 from __future__ import annotations
 
