@@ -74,6 +74,9 @@ def run_lab(args: argparse.Namespace) -> int:
         if not argv or argv[0] in ("-h", "--help"):
             print(__doc__)
             return 0 if argv else 2
+        if argv[0] in ("list", "show") and any(a in ("-h", "--help") for a in argv[1:]):
+            print(USAGE)  # not a directory named --help, nor the list
+            return 0
         if argv[0] == "list":
             return _list()
         if argv[0] == "show":

@@ -114,3 +114,16 @@ def test_show_of_a_malformed_results_json_names_the_file(tmp_path: Path, content
     assert done.returncode == 2, err
     assert "Traceback" not in err
     assert f"{tmp_path / 'results.json'}: not a kvtier lab results.json ({why}" in err
+
+
+@pytest.mark.parametrize("argv", [["show", "--help"], ["show", "-h"], ["list", "--help"]])
+def test_help_of_show_and_list_prints_the_usage(argv: list[str],
+                                                capsys: pytest.CaptureFixture[str]):
+    import argparse
+
+    from kvtier.lab.lab_cli import USAGE, run_lab
+
+    assert run_lab(argparse.Namespace(lab_args=argv)) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == USAGE.strip() and "kvtier lab show DIR" in out
+    assert not err
