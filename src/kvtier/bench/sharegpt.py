@@ -35,7 +35,8 @@ def iter_json_array(path: str | os.PathLike[str]) -> Iterator[Any]:
     """Yield the elements of a top-level JSON array, stopping quietly at a truncated tail.
 
     Reads `_CHUNK_BYTES` at a time; a record that fails to decode is retried with more text
-    until end of file, where the incomplete record is dropped.
+    until end of file, where the incomplete record is dropped. A file holding no array is a
+    ValueError that does not name the file (the caller does).
     """
     decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -46,7 +47,8 @@ def iter_json_array(path: str | os.PathLike[str]) -> Iterator[Any]:
                 pos = _SEPARATORS.match(buffer, pos).end()
                 if pos < len(buffer):
                     if buffer[pos] != "[":
-                        raise ValueError(f"{path}: not a JSON array")
+                        raise ValueError("not a JSON array (a ShareGPT dump is a list of "
+                                         "conversations)")
                     started, pos = True, pos + 1
             if started:
                 pos = _SEPARATORS.match(buffer, pos).end()
@@ -61,6 +63,9 @@ def iter_json_array(path: str | os.PathLike[str]) -> Iterator[Any]:
                     yield item
                     continue
             if eof:
+                if not started:
+                    raise ValueError("empty, not a JSON array (a ShareGPT dump is a list of "
+                                     "conversations)")
                 return
             chunk = f.read(_CHUNK_BYTES)
             eof = not chunk

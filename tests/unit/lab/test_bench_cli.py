@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,15 +159,50 @@ def test_a_server_that_speaks_no_openai_fails_the_initial_test_request(tmp_path:
     assert skipped.returncode == 1 and "all 1 requests failed" in skipped.stderr
 
 
-def test_a_sharegpt_path_that_is_a_directory_is_one_clear_line(tmp_path: Path):
+A_TURN = {"from": "human", "value": "one two three four five six"}
+
+
+@pytest.mark.parametrize(("make", "problem"), [
+    pytest.param(lambda p: None, "no such file", id="missing"),
+    pytest.param(lambda p: p.mkdir(), "is a directory, not a ShareGPT JSON file", id="directory"),
+    pytest.param(lambda p: (p.write_text("[]"), p.chmod(0)), "cannot be read: Permission denied",
+                 id="unreadable"),
+    pytest.param(lambda p: p.write_text(""), "empty, not a JSON array", id="empty-file"),
+    pytest.param(lambda p: p.write_text("hello"), "not a JSON array", id="not-json"),
+    pytest.param(lambda p: p.write_text('{"conversations": []}'), "not a JSON array",
+                 id="json-object"),
+    pytest.param(lambda p: p.write_text("[1, 2]"), "record 0 is not a ShareGPT conversation",
+                 id="not-sharegpt"),
+    pytest.param(lambda p: p.write_text(json.dumps([{"conversations": [A_TURN]}])),
+                 "holds no conversation of two or more turns", id="one-turn-only"),
+])
+def test_a_bad_dataset_path_is_a_usage_error_before_any_request(tmp_path: Path, make, problem):
+    """Missing, a directory, unreadable, not JSON, not ShareGPT-shaped: one line naming the
+    flag and the file, exit 2 as for any bad option, and the server is never asked (the one
+    here does not exist: asking it would be "cannot reach the server")."""
+    path = tmp_path / "sg.json"
+    make(path)
+    if problem.startswith("cannot be read") and os.access(path, os.R_OK):
+        pytest.skip("root reads any file")
+    done = bench("--base-url", "http://127.0.0.1:9", "--dataset-name", "sharegpt",
+                 "--dataset-path", str(path), "--tokenizer", TOKENIZER)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"kvtier bench: error: --dataset-path {str(path)!r}: {problem}")
+
+
+def test_a_dataset_path_with_nothing_past_the_length_filters_is_a_usage_error(tmp_path: Path):
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps([{"conversations": [{"value": "hi"}, {"value": "yo"}]}]))
     spec = ServerSpec("fake", launch=f"{sys.executable} {FAKE} --port {{port}}",
                       startup_timeout_s=30)
     with running_server(spec, tmp_path / "logs") as server:
         done = bench("--base-url", server.base_url, "--dataset-name", "sharegpt",
-                     "--dataset-path", str(tmp_path), "--tokenizer", TOKENIZER)
-    assert done.returncode == 1, done.stderr
-    assert "Traceback" not in done.stderr
-    assert f"dataset sharegpt: [Errno 21] Is a directory: {str(tmp_path)!r}" in done.stderr
+                     "--dataset-path", str(path), "--tokenizer", TOKENIZER)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"kvtier bench: error: --dataset-path {str(path)!r}: no conversation passes vLLM's "
+        "length filters (prompt and output 4 to 1024 tokens, 2048 together)"]
 
 
 def test_a_tokenizer_file_that_is_no_tokenizer_is_one_clear_line(tmp_path: Path):
