@@ -141,6 +141,7 @@ class BenchConfig:
         check(self.dataset_path is None or self.dataset_name == "sharegpt",
               f"dataset_path is read by the sharegpt dataset only, not {self.dataset_name}")
         check(self.dataset_path != "", "dataset_path is empty")
+        check(self.tokenizer != "", "tokenizer is empty")
         check(self.num_prompts >= 1, f"num_prompts must be >= 1, got {self.num_prompts}")
         check(self.request_rate > 0, f"request_rate must be > 0, got {self.request_rate}")
         check(self.burstiness > 0, f"burstiness must be > 0, got {self.burstiness}")

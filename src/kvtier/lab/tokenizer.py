@@ -40,10 +40,11 @@ def smollm2_tokenizer_file() -> Path | None:
 def resolve_tokenizer(tokenizer: str | None, model: str | None) -> TokenizerLike:
     """The tokenizer for an explicit `tokenizer`, else for the model name.
 
-    Raises FileNotFoundError with a hint to pass --tokenizer when nothing matches.
+    Raises FileNotFoundError with a hint to pass --tokenizer when nothing matches, and for an
+    explicit `tokenizer` FileNotFoundError or ValueError whose message starts with the value.
     """
     if tokenizer:
-        return load_tokenizer(tokenizer)
+        return load_explicit_tokenizer(tokenizer)
     name = (model or "SmolLM2-135M-Instruct").lower()
     if any(key in name for key in _SMOLLM2_NAMES):
         path = smollm2_tokenizer_file()
@@ -56,3 +57,25 @@ def resolve_tokenizer(tokenizer: str | None, model: str | None) -> TokenizerLike
         return load_tokenizer(model)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{exc}; pass --tokenizer PATH/tokenizer.json") from exc
+
+
+def load_explicit_tokenizer(value: str) -> TokenizerLike:
+    """A tokenizer the user named: a tokenizer.json, a directory holding one, or a model name.
+
+    Stricter than `load_tokenizer`, which also resolves served model names (vLLM's are often
+    paths on the server's machine, so a missing path falls back to the name's tokenizer): here
+    a directory without tokenizer.json, or a value that can only be a path (absolute, ./ ../
+    ~, *.json, two or more /) but names nothing, is an error, not another tokenizer.
+    """
+    path = Path(value).expanduser()
+    if path.is_dir() and not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{value!r} is a directory without a tokenizer.json")
+    if not path.exists() and _reads_as_path(value):
+        raise FileNotFoundError(f"{value!r}: no such file or directory")
+    return load_tokenizer(path if path.exists() else value)
+
+
+def _reads_as_path(value: str) -> bool:
+    """Whether `value` can only be a path: a hub model id is `org/name`, nothing more."""
+    return (value.startswith(("/", "./", "../", "~")) or value in (".", "..")
+            or value.endswith(".json") or value.count("/") >= 2 or "\\" in value)

