@@ -202,31 +202,60 @@ async def _gather_after_schedule(items: Sequence[Any], times: Sequence[float],
     return list(await asyncio.gather(*tasks))
 
 
+async def _bounded(session: _Session, prompt: str | list[int] | Messages, prompt_len: int,
+                   max_tokens: int, timeout_s: float) -> RequestFuncOutput | None:
+    """One request that may take at most `timeout_s` (None when it has not finished by then,
+    the request then cancelled): the session's own timeout is the whole run's, hours long."""
+    try:
+        return await asyncio.wait_for(session.send(prompt, prompt_len, max_tokens, None),
+                                      timeout_s)
+    except TimeoutError:
+        return None
+
+
 async def _ready_check(session: _Session, probe: SampleRequest, timeout_s: float) -> None:
-    """Retry the first request until it succeeds (server still starting) or time runs out."""
+    """Retry the first request until it succeeds (server still starting) or time runs out.
+
+    As vLLM's ready check: `timeout_s` bounds the whole wait, the request in flight included,
+    so a server that accepts the connection and never answers fails it at the timeout."""
+    path = session.config.api_url.removeprefix(session.config.root_url)
     deadline = time.perf_counter() + timeout_s
-    while True:
-        out = await session.send(probe.prompt, probe.prompt_len, probe.expected_output_len, None)
+    error = "no answer"
+    while (left := deadline - time.perf_counter()) > 0:
+        out = await _bounded(session, probe.prompt, probe.prompt_len, probe.expected_output_len,
+                             left)
+        if out is None:
+            raise RuntimeError(f"the test request to {path} got no answer within {timeout_s:g} s "
+                               f"(--ready-check-timeout-sec {timeout_s:g})")
         if out.success:
             return
-        if time.perf_counter() > deadline:
-            raise RuntimeError(f"endpoint not ready after {timeout_s:.0f} s: "
-                               f"{_one_line(out.error)}")
-        await asyncio.sleep(1.0)
+        error = out.error
+        await asyncio.sleep(min(1.0, max(0.0, deadline - time.perf_counter())))
+    raise RuntimeError(f"endpoint {path} not ready after {timeout_s:g} s "
+                       f"(--ready-check-timeout-sec): {_one_line(error)}")
 
 
 TEST_PROMPT = "Hello, my name is"
 """The initial test request's prompt: its own, so no workload prompt is cached before the run."""
 
+INITIAL_TEST_TIMEOUT_S = 600.0
+"""How long the one-try initial test request may go unanswered: vLLM's default
+`--ready-check-timeout-sec`, the bound its users get when they give none."""
 
-async def _initial_test(session: _Session, first: SampleRequest) -> None:
+
+async def _initial_test(session: _Session, first: SampleRequest,
+                        timeout_s: float = INITIAL_TEST_TIMEOUT_S) -> None:
     """vLLM's initial test run, tried once: one short request of the run's shape (endpoint,
     model, headers, sampling, extra body, the first request's max_tokens) must succeed
     before any load is sent, so a wrong endpoint, model or server fails in seconds rather
-    than after every request has failed."""
-    out = await session.send(TEST_PROMPT, 0, first.expected_output_len, None)
+    than after every request has failed; one with no answer fails after `timeout_s`."""
+    path = session.config.api_url.removeprefix(session.config.root_url)
+    out = await _bounded(session, TEST_PROMPT, 0, first.expected_output_len, timeout_s)
+    if out is None:
+        raise RuntimeError(f"the initial test request to {path} got no answer within "
+                           f"{timeout_s:g} s (vLLM's default wait; set it with "
+                           "--ready-check-timeout-sec)")
     if not out.success:
-        path = session.config.api_url.removeprefix(session.config.root_url)
         raise RuntimeError(f"the initial test request to {path} failed: "
                            f"{_one_line(out.error)} (check --model, --endpoint and --backend)")
 
@@ -280,13 +309,16 @@ async def _measure(session: _Session,
 async def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None, *,
                         tokenizer: TokenizerLike | None = None,
                         workload: Workload | None = None,
-                        initial_test: bool = False) -> BenchmarkResult:
+                        initial_test: bool = False,
+                        initial_test_timeout_s: float = INITIAL_TEST_TIMEOUT_S,
+                        ) -> BenchmarkResult:
     """Run one benchmark against `config.base_url` and return its figures.
 
     `tokenizer` and `workload` default to `load_tokenizer(config.tokenizer or model)` and
     `build_workload(config, tokenizer)`. Raises only for setup failures (no model listed,
     endpoint not ready within `ready_check_timeout_sec`, or with `initial_test` and no
-    ready check, a failed initial test request); request failures are counted.
+    ready check, a failed initial test request, or one unanswered after
+    `initial_test_timeout_s`); request failures are counted.
     """
     timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
     connector = aiohttp.TCPConnector(limit=config.max_concurrency or 0)
@@ -298,7 +330,7 @@ async def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None,
         if config.ready_check_timeout_sec > 0:
             await _ready_check(session, _first_sample(workload), config.ready_check_timeout_sec)
         elif initial_test:
-            await _initial_test(session, _first_sample(workload))
+            await _initial_test(session, _first_sample(workload), initial_test_timeout_s)
         warmup = await _warm_up(session, workload)
         before = await scrape_metrics(http, config.root_url) if config.scrape_metrics else None
         session.progress = progress

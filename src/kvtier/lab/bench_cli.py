@@ -54,8 +54,9 @@ _HELP = {
     "metric_percentiles": "comma-separated percentiles, e.g. 50,90,99",
     "scrape_metrics": "diff the server's /metrics over the measured phase",
     "ready_check_timeout_sec": "retry the first request this long until the server answers it "
-                               "(vLLM's); 0 skips the check; default: one short test request "
-                               "(vLLM's initial test run) that must succeed",
+                               "(vLLM's; a request in flight counts); 0 skips the check; "
+                               "default: one short test request (vLLM's initial test run) that "
+                               "must succeed within 600 s (vLLM's default wait)",
 }
 
 

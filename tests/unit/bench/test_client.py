@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +18,12 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from kvtier.bench.client import arrival_times, run_benchmark, stream_request
+from kvtier.bench.client import (
+    INITIAL_TEST_TIMEOUT_S,
+    arrival_times,
+    run_benchmark,
+    stream_request,
+)
 from kvtier.bench.config import BenchConfig, build_workload
 from kvtier.bench.datasets import Conversation, SampleRequest, Workload
 
@@ -210,6 +216,64 @@ def test_multi_turn_failure_skips_later_turns(qwen):
                                           backend="openai-chat", model="m"))
     assert (result.completed, result.failed) == (1, 2)
     assert "skipped" in result.per_request["errors"][2]
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[str]:
+    """A real TCP server that accepts every connection, reads, and never answers."""
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+def test_the_ready_check_gives_up_at_its_timeout_on_a_server_that_never_answers(qwen):
+    """vLLM's ready check bounds the request in flight too: a server that accepts and never
+    answers fails it after --ready-check-timeout-sec, not after the 6-hour request timeout."""
+    async def go() -> tuple[BaseException, float]:
+        async with silent_server() as url:
+            config = BenchConfig(base_url=url, model="m", ready_check_timeout_sec=1)
+            start = time.perf_counter()
+            with pytest.raises(RuntimeError) as caught:
+                await asyncio.wait_for(run_benchmark(config, tokenizer=qwen,
+                                                     workload=requests("a")), 4)
+            return caught.value, time.perf_counter() - start
+
+    error, took = asyncio.run(go())
+    assert str(error) == ("the test request to /v1/completions got no answer within 1 s "
+                          "(--ready-check-timeout-sec 1)")
+    assert took < 2.5
+
+
+def test_the_initial_test_request_gives_up_on_a_server_that_never_answers(qwen):
+    """Without a ready check the one-try initial test waits INITIAL_TEST_TIMEOUT_S (vLLM's
+    default ready-check timeout, 600 s), not the whole request timeout."""
+    async def go() -> BaseException:
+        async with silent_server() as url:
+            config = BenchConfig(base_url=url, model="m")
+            with pytest.raises(RuntimeError) as caught:
+                await asyncio.wait_for(run_benchmark(
+                    config, tokenizer=qwen, workload=requests("a"), initial_test=True,
+                    initial_test_timeout_s=0.5), 4)
+            return caught.value
+
+    assert str(asyncio.run(go())) == (
+        "the initial test request to /v1/completions got no answer within 0.5 s (vLLM's "
+        "default wait; set it with --ready-check-timeout-sec)")
+    assert INITIAL_TEST_TIMEOUT_S == 600
+
+
+def test_a_ready_check_against_an_answering_server_sends_one_probe_then_the_run(qwen):
+    fake = FakeOpenAI()
+    result = asyncio.run(run_against_fake(fake, requests("a", "b"), qwen,
+                                          ready_check_timeout_sec=5, model="m"))
+    assert (result.completed, result.failed) == (2, 0)
+    assert [b["prompt"] for b in fake.bodies] == ["a", "a", "b"]  # the probe is the first
 
 
 def test_config_validation_and_derived_values():

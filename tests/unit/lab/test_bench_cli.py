@@ -9,8 +9,11 @@ import dataclasses
 import json
 import os
 import shutil
+import socketserver
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -248,6 +251,47 @@ def test_a_tokenizer_name_that_resolves_to_nothing_is_a_usage_error():
     assert done.stderr.splitlines() == [
         "kvtier bench: error: --tokenizer 'no-org/no-such-model' names no tokenizer.json: not a "
         "file, a directory holding one, a model in the local Hugging Face cache, nor a Qwen name"]
+
+
+class _ListsModelsNeverAnswers(socketserver.BaseRequestHandler):
+    """GET /v1/models gets a model list; any other request is read and never answered."""
+
+    def handle(self) -> None:
+        if self.request.recv(65536).startswith(b"GET /v1/models"):
+            body = b'{"object": "list", "data": [{"id": "m"}]}'
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                                 % (len(body), body))
+            return
+        while self.request.recv(65536):  # hold the connection until the client hangs up
+            pass
+
+
+class _ThreadedServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True  # a held connection must not block the shutdown
+
+
+def test_a_server_that_never_answers_fails_the_ready_check_at_its_timeout():
+    """A real socket server that accepts the request and never replies: the ready check gives
+    up after --ready-check-timeout-sec with one line naming the URL and the timeout, instead
+    of waiting out --request-timeout-s (6 hours by default)."""
+    with _ThreadedServer(("127.0.0.1", 0), _ListsModelsNeverAnswers) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "kvtier.cli", "bench", "--disable-tqdm", "--base-url",
+                 url, "--tokenizer", TOKENIZER, "--random-input-len", "8", "--num-prompts", "2",
+                 "--ready-check-timeout-sec", "1"], capture_output=True, text=True, timeout=6)
+        finally:
+            server.shutdown()
+    assert time.perf_counter() - start < 4
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"kvtier bench: error: {url}: the test request to /v1/completions got no answer within "
+        "1 s (--ready-check-timeout-sec 1)")
 
 
 def test_run_against_a_fake_kvtier_server(tmp_path: Path):
