@@ -4,12 +4,18 @@ Front end -> core: `AddRequest`, `AbortRequest` (and, to end, `StopCore`).
 Core -> front end: one `CoreUpdate` per turn of the core's loop: acceptances, output deltas,
 aborts, and a stats snapshot. Everything here pickles, so the same messages serve the
 in-thread core and the engine process; outputs travel as deltas (new tokens and text, the
-prompt only once) so a step's message stays small however long the prompts are.
+prompt only once) so a step's message stays small however long the prompts are. On the pipe
+an update's deltas go as columns (`CoreUpdate.__reduce__`): pickling the update is the engine
+loop's work in every step.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from kvtier.engine.async_types import AbortReason, EngineSnapshot
 from kvtier.types import (
@@ -77,6 +83,48 @@ class CoreUpdate:
     aborted: list[Aborted] = field(default_factory=list)
     closed: bool = False
     """The core's last update: it stopped and shut its engine down."""
+
+    def __reduce__(self) -> tuple[Callable[..., CoreUpdate], tuple[object, ...]]:
+        # The engine process pickles one update per step, on its loop, with a delta per
+        # running request; most carry only new tokens and text, which travel as columns.
+        return _update_from_wire, (self.snapshot, self.num_adds_drained, self.time,
+                                   self.accepted, _deltas_to_wire(self.outputs), self.aborted,
+                                   self.closed)
+
+
+_DELTA_COLUMNS = ("request_id", "new_token_ids", "new_text")
+"""OutputDelta's first fields: all a plain delta (one that only streams) has."""
+_DELTA_REST = operator.attrgetter(
+    *(f.name for f in dataclasses.fields(OutputDelta) if f.name not in _DELTA_COLUMNS))
+_request_ids, _new_token_ids, _new_texts = (operator.attrgetter(name) for name in _DELTA_COLUMNS)
+DeltaWire = tuple[list[str], list[list[int]], list[str], list[tuple[int, tuple[object, ...]]]]
+
+
+def _deltas_to_wire(deltas: list[OutputDelta]) -> DeltaWire:
+    """Three columns, and the rest of the fields of each delta that has any (its index)."""
+    rest = [(i, _DELTA_REST(d)) for i, d in enumerate(deltas)
+            if d.finished or d.finish_reason is not None or d.stop_reason is not None
+            or d.metrics is not None or d.final_text is not None or d.prompt is not None
+            or d.prompt_token_ids is not None or d.new_logprobs is not None
+            or d.prompt_logprobs is not None]
+    return (list(map(_request_ids, deltas)), list(map(_new_token_ids, deltas)),
+            list(map(_new_texts, deltas)), rest)
+
+
+def _deltas_from_wire(wire: DeltaWire) -> list[OutputDelta]:
+    ids, token_ids, texts, rest = wire
+    deltas = list(map(OutputDelta, ids, token_ids, texts, repeat(False), repeat(None),
+                      repeat(None), repeat(None)))
+    for i, fields in rest:
+        deltas[i] = OutputDelta(ids[i], token_ids[i], texts[i], *fields)  # type: ignore[arg-type]
+    return deltas
+
+
+def _update_from_wire(snapshot: EngineSnapshot | None, num_adds_drained: int, time: float,
+                      accepted: list[Accepted], outputs: DeltaWire, aborted: list[Aborted],
+                      closed: bool) -> CoreUpdate:
+    return CoreUpdate(snapshot, num_adds_drained, time, accepted, _deltas_from_wire(outputs),
+                      aborted, closed)
 
 
 def output_delta(output: RequestOutput, with_prompt: bool) -> OutputDelta:

@@ -80,3 +80,38 @@ def test_a_delta_crosses_the_engine_pipe_with_every_field() -> None:
     back = pickle.loads(pickle.dumps(delta, protocol=pickle.HIGHEST_PROTOCOL))
     assert type(back) is OutputDelta
     assert dataclasses.asdict(back) == dataclasses.asdict(delta)
+
+
+def test_an_update_crosses_the_engine_pipe_with_every_delta_as_it_was() -> None:
+    """CoreUpdate pickles its deltas as columns plus the other fields of the deltas that
+    have any: plain, finished, first (prompt, metrics) and logprob deltas, in any order,
+    come back equal, and so do the update's other fields."""
+    from kvtier.engine.core_messages import Aborted, Accepted, CoreUpdate
+    from kvtier.types import RequestMetrics, TokenLogprobs
+    metrics = RequestMetrics(arrival_time=2.0, num_prompt_tokens=2)
+
+    def plain(i: int) -> OutputDelta:
+        return OutputDelta(f"r{i}", [i], f"t{i}", False, None, None, None)
+
+    outputs = [plain(0),
+               OutputDelta("first", [1], "", False, None, None, metrics, prompt="hi",
+                           prompt_token_ids=[4, 5]),
+               plain(1),
+               OutputDelta("done", [2, 3], "ab", True, "stop", "ab", metrics, final_text="xab"),
+               OutputDelta("lp", [6], "c", False, None, None, None,
+                           new_logprobs=[TokenLogprobs(6, -0.1, 1, ((6, -0.1),))]),
+               plain(2)]
+    update = CoreUpdate(snapshot=None, num_adds_drained=3, time=7.5,
+                        accepted=[Accepted("first"), Accepted("bad", ValueError("no"))],
+                        outputs=outputs,
+                        aborted=[Aborted("gone", "timeout", plain(9))], closed=True)
+    back = pickle.loads(pickle.dumps(update, protocol=pickle.HIGHEST_PROTOCOL))
+    assert type(back) is CoreUpdate
+    assert [dataclasses.asdict(d) for d in back.outputs] == [dataclasses.asdict(d)
+                                                             for d in outputs]
+    assert all(type(d) is OutputDelta for d in back.outputs)
+    assert (back.num_adds_drained, back.time, back.closed, back.snapshot) == (3, 7.5, True, None)
+    assert [a.request_id for a in back.accepted] == ["first", "bad"]
+    assert str(back.accepted[1].error) == "no" and back.aborted == update.aborted
+    empty = CoreUpdate(snapshot=None, num_adds_drained=0, time=0.0)
+    assert pickle.loads(pickle.dumps(empty)).outputs == []
