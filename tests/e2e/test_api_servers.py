@@ -107,6 +107,8 @@ def check_two_api_servers(proc: ServerProcess, tmp_path: Path) -> None:
     url = proc.url
     processes = spawned_children(proc.proc.pid)
     assert len(processes) == 3  # the engine process and two front ends, nothing else
+    # Each front end froze its start-up heap before it announced itself ready.
+    assert sum("start-up objects (front end)" in line for line in proc.lines) == 2
     rng = random.Random(7)
     prompts: list[Any] = [f"Request {i}: a {rng.choice(['small', 'large'])} "
                           f"{rng.choice(['boat', 'cloud', 'stone'])} was" for i in range(24)]

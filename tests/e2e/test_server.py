@@ -115,10 +115,15 @@ def parse_sse(body: str) -> tuple[list[dict[str, Any]], bool]:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
+def server_process() -> Iterator[ServerProcess]:
     proc = ServerProcess("--max-request-body-bytes", "65536")
-    yield proc.url
+    yield proc
     assert proc.stop() == 0, "".join(proc.lines[-30:])
+
+
+@pytest.fixture(scope="module")
+def server(server_process: ServerProcess) -> str:
+    return server_process.url
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +134,18 @@ def llm() -> LLM:
 @pytest.fixture(scope="module")
 def client(server: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+FRONT_END_FROZE = re.compile(r"gc: froze (\d+) start-up objects \(front end\)")
+
+
+def test_the_front_end_freezes_its_start_up_heap(server_process: ServerProcess) -> None:
+    """Torch, the tokenizer and the app are out of the collector's full passes, which would
+    otherwise stall every stream for each walk over them (as vLLM's API server freezes)."""
+    frozen = [int(m.group(1)) for line in server_process.lines
+              if (m := FRONT_END_FROZE.search(line))]
+    assert len(frozen) == 1, "".join(server_process.lines[-30:])
+    assert frozen[0] > 50_000  # the imports alone: far more than an empty interpreter's
 
 
 # -- 1. the official client; text equals the offline API -------------------------------------

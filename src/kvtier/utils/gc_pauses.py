@@ -1,12 +1,12 @@
-"""The engine core's garbage collector: freeze what start-up built, log long pauses, and keep
-it out of CUDA graph capture.
+"""The garbage collector of the engine core and the HTTP front ends: freeze what start-up
+built, log long pauses, and keep it out of CUDA graph capture.
 
 A full collection walks every object the collector tracks, and it stops the engine core's
-thread while it does: every running request waits. After start-up most of those objects are
-torch, the model and the tokenizer, which live until the process exits. Freezing them (as
-vLLM's engine core does once it has started) leaves later full passes only what serving
-created. Passes of LONG_GC_PAUSE_S or more are logged, so a stall in a latency tail can be told
-apart from a slow step.
+thread (or a front end's event loop) while it does: every running request waits. After
+start-up most of those objects are torch, the model, the tokenizer and the app, which live
+until the process exits. Freezing them (as vLLM's engine core and API server do once they
+have started) leaves later full passes only what serving created. Passes of LONG_GC_PAUSE_S or
+more are logged, so a stall in a latency tail can be told apart from a slow step.
 """
 
 from __future__ import annotations
