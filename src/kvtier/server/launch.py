@@ -179,7 +179,7 @@ def _serve(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout_s: fl
     """Serve the app until drained; whether uvicorn started at all."""
     app = create_app(engine, settings)
     # What start-up built (torch, the tokenizer, the app) lives as long as the process. Frozen,
-    # the collector's full passes stop walking it: unfrozen, each took 0.3-0.4 s of the event
+    # the collector's full passes stop walking it: unfrozen, each took 0.2-0.4 s of the event
     # loop on the 2-core box while every stream waited. vLLM's API server freezes it too.
     logger.info("gc: froze %d start-up objects (front end)", freeze_startup_heap())
     log_long_gc_pauses()
