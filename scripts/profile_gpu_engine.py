@@ -182,7 +182,7 @@ def sharegpt_shaped(num_prompts: int, rng: random.Random, path: str | None = Non
         sample_sharegpt,
         shuffled_conversations,
     )
-    from kvtier.lab.tokenizer import resolve_tokenizer
+    from kvtier.bench.tokenizer import resolve_tokenizer
     tokenizer = resolve_tokenizer("Qwen/Qwen2.5-1.5B-Instruct", None)
     records = shuffled_conversations(load_sharegpt_records(path), seed=0)
     return [([rng.randrange(1000, 30_000) for _ in range(s.prompt_len)],

@@ -24,7 +24,7 @@ from kvtier.bench.datasets import Conversation, SampleRequest, TokenizerLike, Wo
 from kvtier.bench.metrics import BenchmarkResult, RequestFuncOutput, compute_result, stats_ms
 from kvtier.bench.prometheus import diff_samples, scrape_metrics
 from kvtier.bench.sse import SSEParser, StreamRecorder
-from kvtier.utils.tokenizer_json import load_tokenizer
+from kvtier.bench.tokenizer import resolve_tokenizer
 
 ProgressFn = Callable[[int, int], None]
 """Called as progress(num_finished, num_total) as measured requests finish."""
@@ -314,18 +314,19 @@ async def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None,
                         ) -> BenchmarkResult:
     """Run one benchmark against `config.base_url` and return its figures.
 
-    `tokenizer` and `workload` default to `load_tokenizer(config.tokenizer or model)` and
-    `build_workload(config, tokenizer)`. Raises only for setup failures (no model listed,
-    endpoint not ready within `ready_check_timeout_sec`, or with `initial_test` and no
-    ready check, a failed initial test request, or one unanswered after
-    `initial_test_timeout_s`); request failures are counted.
+    `tokenizer` and `workload` default to `resolve_tokenizer(config.tokenizer, model)` (which
+    also finds kvtier's embedded model's tokenizer) and `build_workload(config, tokenizer)`.
+    Raises only for setup failures (no model listed, no tokenizer found, endpoint not ready
+    within `ready_check_timeout_sec`, or with `initial_test` and no ready check, a failed
+    initial test request, or one unanswered after `initial_test_timeout_s`); request failures
+    are counted.
     """
     timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
     connector = aiohttp.TCPConnector(limit=config.max_concurrency or 0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
         model = config.model or await first_model(http, config.root_url, base_headers(config))
         session = _Session(config, http, config.served_model_name or model)
-        tokenizer = tokenizer or load_tokenizer(config.tokenizer or model)
+        tokenizer = tokenizer or resolve_tokenizer(config.tokenizer, model)
         workload = workload or build_workload(config, tokenizer)
         if config.ready_check_timeout_sec > 0:
             await _ready_check(session, _first_sample(workload), config.ready_check_timeout_sec)

@@ -25,11 +25,11 @@ from kvtier.bench.client import run_benchmark
 from kvtier.bench.config import BenchConfig, DatasetPathError, build_workload, sharegpt_entries
 from kvtier.bench.datasets import TokenizerLike, Workload
 from kvtier.bench.metrics import BenchmarkResult, format_summary
+from kvtier.bench.tokenizer import load_explicit_tokenizer, resolve_tokenizer
 from kvtier.lab.bench_cli import result_path
 from kvtier.lab.progress import bench_progress
 from kvtier.lab.records import finite
 from kvtier.lab.server_stats import format_stats, summarize
-from kvtier.lab.tokenizer import load_explicit_tokenizer, resolve_tokenizer
 
 
 class BenchSetupError(RuntimeError):

@@ -26,6 +26,7 @@ import httpx
 from kvtier.bench.client import run_benchmark
 from kvtier.bench.config import build_workload
 from kvtier.bench.datasets import TokenizerLike, Workload
+from kvtier.bench.tokenizer import resolve_tokenizer
 from kvtier.lab.experiment import Experiment, ExperimentError, ServerSpec, WorkloadSpec
 from kvtier.lab.progress import TaskFactory
 from kvtier.lab.records import (
@@ -39,7 +40,6 @@ from kvtier.lab.records import (
 )
 from kvtier.lab.server import RunningServer, ServerStartError, running_server, scrape_gauge
 from kvtier.lab.server_stats import summarize
-from kvtier.lab.tokenizer import resolve_tokenizer
 from kvtier.utils.host_counters import HostCounters, ProcessTreeCPU
 
 Log = Callable[[str], None]

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import math
+import shutil
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,6 +27,8 @@ from kvtier.bench.client import (
 )
 from kvtier.bench.config import BenchConfig, build_workload
 from kvtier.bench.datasets import Conversation, SampleRequest, Workload
+from kvtier.utils.resources import find_package_file
+from kvtier.utils.tokenizer_json import QWEN_TOKENIZER
 
 
 class FakeOpenAI:
@@ -190,6 +193,40 @@ def test_model_discovery_and_request_rate(qwen):
     assert result.duration >= 0.25
     assert result.server_metrics is None
     assert result.mean_tpot_ms == 0.0  # one-token outputs have no TPOT
+
+
+class FakeEmbeddedModel(FakeOpenAI):
+    """Lists the embedded model's served name, as `kvtier serve` with no --model does."""
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "SmolLM2-135M-Instruct"}]})
+
+
+def test_without_a_tokenizer_the_embedded_models_is_found_in_kvtiers_cache(
+        tmp_path, monkeypatch):
+    # The converted GGUF's tokenizer.json lies in kvtier's cache once a server has loaded it;
+    # any real tokenizer.json stands in for it here. `load_tokenizer` alone cannot find it
+    # from the served name (no file, no HF cache entry, no Qwen name).
+    converted = tmp_path / "gguf" / "SmolLM2-135M-Instruct-Q8_0"
+    converted.mkdir(parents=True)
+    shutil.copy(find_package_file(*QWEN_TOKENIZER), converted / "tokenizer.json")
+    monkeypatch.setenv("KVTIER_CACHE_DIR", str(tmp_path))
+    fake = FakeEmbeddedModel()
+
+    async def run() -> Any:
+        async with serving(fake) as url:
+            config = BenchConfig(base_url=url, dataset_name="random", num_prompts=3,
+                                 random_input_len=16, random_output_len=2,
+                                 scrape_metrics=False)
+            return await run_benchmark(config)
+
+    result = asyncio.run(run())
+    assert result.completed == 3
+    assert {b["model"] for b in fake.bodies} == {"SmolLM2-135M-Instruct"}
+
+    shutil.rmtree(tmp_path / "gguf")  # no converted model: the error says what to pass
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        asyncio.run(run())
 
 
 def test_multi_turn_sends_the_real_answers(qwen):

