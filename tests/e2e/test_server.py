@@ -146,6 +146,9 @@ def test_the_front_end_freezes_its_start_up_heap(server_process: ServerProcess) 
               if (m := FRONT_END_FROZE.search(line))]
     assert len(frozen) == 1, "".join(server_process.lines[-30:])
     assert frozen[0] > 50_000  # the imports alone: far more than an empty interpreter's
+    deferred = [line for line in server_process.lines
+                if "gc: full passes wait for an idle moment (or 1000 middle passes)" in line]
+    assert len(deferred) == 1, "".join(server_process.lines[-30:])
 
 
 # -- 1. the official client; text equals the offline API -------------------------------------

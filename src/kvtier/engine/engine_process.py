@@ -224,7 +224,7 @@ def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None
             conn.close()
         return
     frozen = freeze_startup_heap()
-    log_long_gc_pauses()
+    log_long_gc_pauses(role="engine core")
     logger.info("gc: froze %d start-up objects", frozen)
     inbox = CommandInbox()
     fanout = CoreFanout(conns, inbox) if len(conns) > 1 else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -30,7 +31,12 @@ from kvtier.engine.async_engine import AsyncEngine
 from kvtier.engine.engine_process import EngineProcessSpec
 from kvtier.server.api_servers import bind_listening_sockets, run_api_servers
 from kvtier.server.app import ServerSettings, create_app
-from kvtier.utils.gc_pauses import freeze_startup_heap, log_long_gc_pauses
+from kvtier.utils.gc_pauses import (
+    collect_when_idle,
+    defer_full_collections,
+    freeze_startup_heap,
+    log_long_gc_pauses,
+)
 from kvtier.utils.gil import shorten_switch_interval
 from kvtier.utils.thread_names import name_os_threads
 
@@ -54,13 +60,22 @@ class _DrainingServer(uvicorn.Server):
         self.on_ready = on_ready
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        self._idle_collector: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         self._loop = asyncio.get_running_loop()
         if self.started and not self.should_exit:
+            # uvicorn holds a task per request being answered: none means no stream waits.
+            self._idle_collector = asyncio.ensure_future(
+                collect_when_idle(lambda: not self.server_state.tasks))
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             self.on_ready(host, port)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._idle_collector is not None:
+            self._idle_collector.cancel()
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is None:  # still starting: nothing in flight yet
@@ -182,7 +197,13 @@ def _serve(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout_s: fl
     # the collector's full passes stop walking it: unfrozen, each took 0.2-0.4 s of the event
     # loop on the 2-core box while every stream waited. vLLM's API server freezes it too.
     logger.info("gc: froze %d start-up objects (front end)", freeze_startup_heap())
-    log_long_gc_pauses()
+    # What serving creates, the streams in flight, outlives the young passes; CPython's full
+    # passes over it stalled every stream for up to 61 ms a second on S. They wait for an idle
+    # moment instead (`_DrainingServer.startup`).
+    defer_full_collections()
+    logger.info("gc: full passes wait for an idle moment (or %d middle passes) (front end)",
+                gc.get_threshold()[2])
+    log_long_gc_pauses(role="front end")
     server = _DrainingServer(uvicorn_config(app, host, port), engine, shutdown_timeout_s,
                              on_ready)
     try:
