@@ -391,7 +391,7 @@ class AsyncEngine:
         for loop, batch in batches.items():
             _call_soon(loop, _put_all, batch)
         for sink, error in failures:
-            _call_soon(sink.loop, sink.queue.put_nowait, error)
+            _call_soon(sink.loop, sink.put, error)
 
     def _notify_listeners(self, outputs: list[RequestOutput], now: float) -> None:
         for listener in self._listeners if outputs else ():
@@ -415,7 +415,7 @@ class AsyncEngine:
         if streams:
             logger.error("the engine stopped with %d requests live", len(streams))
         for sink, _ in streams.values():
-            _call_soon(sink.loop, sink.queue.put_nowait,
+            _call_soon(sink.loop, sink.put,
                        RequestAbortedError("error", None, ABORT_MESSAGES["error"]))
 
 
@@ -436,4 +436,4 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
 
 def _put_all(batch: OutputBatch) -> None:
     for sink, output in batch:
-        sink.queue.put_nowait(output)
+        sink.put(output)

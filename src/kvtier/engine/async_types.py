@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,34 +54,42 @@ class EngineSnapshot:
     """Requests accepted and not yet finished (waiting, loading or running)."""
 
 
-@dataclass
 class OutputSink:
-    """Where a request's outputs go: its stream's queue, on the loop that awaits it."""
+    """Where a request's outputs go: held for its stream on the loop that awaits them.
 
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException] = dataclasses.field(
-        default_factory=asyncio.Queue)
-    _held: BaseException | None = dataclasses.field(default=None, init=False, repr=False)
-    """An error that arrived behind outputs being merged: it goes out next."""
+    An output put while the one before it still waits is merged into it, as vLLM's output
+    collector does. A consumer that fell behind (a busy event loop: 1,000 streams at once)
+    thereby catches up in one response chunk instead of one per step, and the sink holds
+    one output instead of one per step behind: the collector's young passes, which walk
+    whatever is alive, find ~one object per stream. A consumer keeping up sees each step's
+    output on its own. Nothing merges past a final output, and an error goes out after the
+    outputs before it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: deque[RequestOutput | BaseException] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Hold `item` for `next` (call on `loop`)."""
+        last = self._items[-1] if self._items else None
+        if (isinstance(item, RequestOutput) and isinstance(last, RequestOutput)
+                and not last.finished):
+            self._items[-1] = merge_outputs(last, item)
+        else:
+            self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def next(self) -> RequestOutput | BaseException:
-        """The next output, merged with every output queued behind it (then an error, if one
-        followed them). A consumer that fell behind (a busy event loop: 1,000 streams at once)
-        thereby catches up in one response chunk instead of one per step, as vLLM's output
-        collector does, instead of falling further behind. A consumer keeping up sees each
-        step's output on its own."""
-        if self._held is not None:
-            held, self._held = self._held, None
-            return held
-        item = await self.queue.get()
-        while not isinstance(item, BaseException) and not item.finished and \
-                not self.queue.empty():
-            later = self.queue.get_nowait()
-            if isinstance(later, BaseException):
-                self._held = later
-                break
-            item = merge_outputs(item, later)
-        return item
+        """The next output (every output put since the last call, merged), or an error."""
+        while not self._items:
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
 
 
 def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:

@@ -1,4 +1,4 @@
-"""OutputSink: a lagging consumer gets queued outputs merged, in order, losing nothing."""
+"""OutputSink: a lagging consumer gets held outputs merged, in order, losing nothing."""
 
 from __future__ import annotations
 
@@ -34,13 +34,13 @@ def drain(sink: OutputSink) -> list[RequestOutput | BaseException]:
 
 
 def new_sink() -> OutputSink:
-    return OutputSink(asyncio.new_event_loop(), asyncio.Queue())
+    return OutputSink(asyncio.new_event_loop())
 
 
 def test_outputs_queued_behind_each_other_come_out_as_one() -> None:
     sink = new_sink()
     for step in range(4):
-        sink.queue.put_nowait(step_output(step, finished=step == 3, first=step == 0))
+        sink.put(step_output(step, finished=step == 3, first=step == 0))
     (merged,) = drain(sink)
     assert isinstance(merged, RequestOutput)
     assert merged.new_text == "s0s1s2s3"
@@ -52,8 +52,8 @@ def test_outputs_queued_behind_each_other_come_out_as_one() -> None:
 
 def test_first_output_keeps_its_prompt_logprobs_when_merged_with_later_ones() -> None:
     sink = new_sink()
-    sink.queue.put_nowait(step_output(0, first=True))
-    sink.queue.put_nowait(step_output(1))
+    sink.put(step_output(0, first=True))
+    sink.put(step_output(1))
     merged = asyncio.run(sink.next())
     assert isinstance(merged, RequestOutput) and not merged.finished
     assert merged.new_token_ids == [100, 101]
@@ -64,16 +64,16 @@ def test_a_consumer_keeping_up_sees_every_step() -> None:
     sink = new_sink()
     seen = []
     for step in range(3):
-        sink.queue.put_nowait(step_output(step, finished=step == 2))
+        sink.put(step_output(step, finished=step == 2))
         seen.append(asyncio.run(sink.next()))
     assert [o.new_token_ids for o in seen] == [[100], [101], [102]]
 
 
 def test_nothing_is_merged_past_the_final_output() -> None:
     sink = new_sink()
-    sink.queue.put_nowait(step_output(0))
-    sink.queue.put_nowait(step_output(1, finished=True))
-    sink.queue.put_nowait(step_output(2))  # a later stray (never sent by the engine)
+    sink.put(step_output(0))
+    sink.put(step_output(1, finished=True))
+    sink.put(step_output(2))  # a later stray (never sent by the engine)
     merged = asyncio.run(sink.next())
     assert isinstance(merged, RequestOutput) and merged.finished
     assert merged.new_token_ids == [100, 101]
@@ -82,11 +82,40 @@ def test_nothing_is_merged_past_the_final_output() -> None:
 def test_an_error_behind_outputs_comes_after_them() -> None:
     sink = new_sink()
     error = RequestAbortedError("timeout", None, "timed out")
-    sink.queue.put_nowait(step_output(0))
-    sink.queue.put_nowait(step_output(1))
-    sink.queue.put_nowait(error)
+    sink.put(step_output(0))
+    sink.put(step_output(1))
+    sink.put(error)
     taken = drain(sink)
     assert len(taken) == 2
     first, second = taken
     assert isinstance(first, RequestOutput) and first.new_token_ids == [100, 101]
     assert second is error
+
+
+def test_a_lagging_stream_holds_one_output_however_far_behind() -> None:
+    """Merged as they arrive: the sink never holds a step's output per step behind."""
+    sink = new_sink()
+    for step in range(50):
+        sink.put(step_output(step))
+        assert len(sink._items) == 1
+    (merged,) = [asyncio.run(sink.next())]
+    assert merged.new_token_ids == [100 + step for step in range(50)]
+
+
+def test_a_waiting_consumer_wakes_for_the_next_output() -> None:
+    async def scenario() -> list[RequestOutput | BaseException]:
+        sink = OutputSink(asyncio.get_running_loop())
+        taker = asyncio.ensure_future(sink.next())
+        await asyncio.sleep(0)
+        assert not taker.done()
+        sink.put(step_output(0))
+        first = await taker
+        later = asyncio.ensure_future(sink.next())
+        await asyncio.sleep(0)
+        later.cancel()  # a consumer cancelled while waiting leaves the sink usable
+        await asyncio.gather(later, return_exceptions=True)
+        sink.put(step_output(1, finished=True))
+        return [first, await sink.next()]
+
+    first, last = asyncio.run(scenario())
+    assert first.new_token_ids == [100] and last.new_token_ids == [101] and last.finished
