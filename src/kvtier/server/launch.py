@@ -198,8 +198,8 @@ def _serve(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout_s: fl
     # loop on the 2-core box while every stream waited. vLLM's API server freezes it too.
     logger.info("gc: froze %d start-up objects (front end)", freeze_startup_heap())
     # What serving creates, the streams in flight, outlives the young passes; CPython's full
-    # passes over it stalled every stream for up to 61 ms a second on S. They wait for an idle
-    # moment instead (`_DrainingServer.startup`).
+    # passes over it stalled every stream for up to 107 ms a second on S. They wait for an
+    # idle moment instead (`_DrainingServer.startup`).
     defer_full_collections()
     logger.info("gc: full passes wait for an idle moment (or %d middle passes) (front end)",
                 gc.get_threshold()[2])

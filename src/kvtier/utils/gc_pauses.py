@@ -24,12 +24,13 @@ logger = logging.getLogger(__name__)
 
 LONG_GC_PAUSE_S = 0.005
 
-# CPython runs a full pass after 10 middle-generation passes once the objects promoted since
-# the last one reach a quarter of the old generation. A front end serving ~1,000 streams
-# promotes each request's ~200 tracked objects (coroutines, closures, uvicorn's protocol and
-# transport) and met that every ~1 s on S, each pass walking them all for 17-61 ms on the
-# card (nvidia-h200) while every stream waited; none collected anything. Deferred, a full
-# pass under continuous load comes only after this many middle passes (minutes apart).
+# CPython's generational collector (to 3.13) runs a full pass after 10 middle-generation
+# passes once the objects promoted since the last one reach a quarter of the old generation.
+# A front end serving ~1,000 streams promotes each request's ~200 tracked objects
+# (coroutines, closures, uvicorn's protocol and transport) and met that every ~1 s on S, each
+# pass walking them all for 13-107 ms on the card (nvidia-h200) while every stream waited;
+# none collected anything. Deferred, a full pass under continuous load comes only after this
+# many middle passes (minutes apart).
 DEFERRED_FULL_PASS_AFTER = 1_000
 # An idle front end catches up after as many middle passes as CPython's default asks for.
 IDLE_FULL_PASS_AFTER = 10
