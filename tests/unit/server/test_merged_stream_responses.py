@@ -2,25 +2,33 @@
 stream) carry exactly what one chunk per step carries: every token's text, logprob entry
 and text offset once and in order, usage counts that match the tokens sent, the prompt's
 echo and logprobs once, the final text of a stop string, and an error behind held outputs
-after them. Each request's outputs are fed to its sink in groups (one per step, all at once,
+after them; a client that leaves while its stream holds outputs still has its request
+aborted. Each request's outputs are fed to its sink in groups (one per step, all at once,
 random splits), as the dispatcher would hand them to a stream that fell that far behind."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 from typing import Any
 
 import pytest
+from starlette.requests import ClientDisconnect
 
 from kvtier.engine.async_engine import RequestStream
 from kvtier.engine.async_types import OutputSink, RequestAbortedError
 from kvtier.engine.core_messages import StreamState
 from kvtier.server.logprobs import LogprobsFormat, TokenStrings
-from kvtier.server.responses import ResponseContext, chat_events, completion_events
-from kvtier.types import OutputDelta, RequestMetrics, TokenLogprobs
-from tests.unit.server.fakes import FakeTokenizer
+from kvtier.server.responses import (
+    ResponseContext,
+    SSEResponse,
+    chat_events,
+    completion_events,
+)
+from kvtier.types import OutputDelta, RequestMetrics, RequestOutput, SamplingParams, TokenLogprobs
+from tests.unit.server.fakes import FakeEngine, FakeTokenizer, start_async_engine
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -305,3 +313,53 @@ def test_an_abort_behind_held_outputs_follows_them(kind: str, reason: str, code:
         assert "".join(texts) == "Hello, wor"  # every output before the error, then it
         assert all(c["finish_reason"] is None for c in chunks)
         assert engine.aborted == []  # ended by the engine: nothing left to abort
+
+
+@pytest.mark.parametrize("spec", ["2.0", "2.4"], ids=["disconnect-message", "send-fails"])
+def test_a_client_gone_while_its_stream_holds_outputs_aborts_the_request(spec: str) -> None:
+    """The client stops reading (its socket's buffer is full: the SSE send blocks), the
+    engine's outputs pile up in the sink, merged, and then the client goes: the response
+    closes the stream, which aborts the request, so the engine frees it."""
+    fake = FakeEngine(step_delay_s=0.01)
+    engine = start_async_engine(fake)
+
+    async def scenario() -> int:
+        stream = await engine.add_request(
+            "left", SamplingParams(max_tokens=10_000, temperature=0.0), "gone")
+        response = SSEResponse(completion_events([stream], context(logprobs=None)),
+                               media_type="text/event-stream")
+        stuck, gone = asyncio.Event(), asyncio.Event()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                stuck.set()
+                await gone.wait()
+                if spec == "2.4":  # ASGI 2.4: a send to a closed connection fails
+                    raise OSError("the client is gone")
+                await asyncio.Event().wait()  # 2.0: it never returns; receive says gone
+
+        async def receive() -> dict[str, Any]:
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        task = asyncio.ensure_future(response({"type": "http", "asgi": {"spec_version": spec}},
+                                              receive, send))
+        await stuck.wait()
+        await asyncio.sleep(0.1)  # steps arrive while nothing reads: held, merged
+        (held,) = stream._sink._items
+        assert isinstance(held, RequestOutput) and not held.finished
+        gone.set()
+        with contextlib.suppress(ClientDisconnect):
+            await task
+        for _ in range(500):
+            if not fake.requests and engine.snapshot().num_live_requests == 0:
+                break
+            await asyncio.sleep(0.01)
+        return len(held.new_token_ids)
+
+    try:
+        assert asyncio.run(scenario()) > 1
+        assert fake.aborted == ["gone"] and not fake.requests
+        assert engine.snapshot().num_live_requests == 0
+    finally:
+        asyncio.run(engine.shutdown(drain=False))
