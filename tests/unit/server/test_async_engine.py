@@ -142,6 +142,45 @@ def test_request_timeout_aborts_with_partial_output() -> None:
     asyncio.run(engine.shutdown())
 
 
+@pytest.mark.parametrize("reason", ["timeout", "error", "shutdown"])
+def test_an_abort_behind_outputs_a_lagging_stream_holds_comes_after_them(reason: str) -> None:
+    """A stream that stops reading holds its outputs merged; a timeout, a failed step or a
+    shutdown then aborts the request: the stream gives the held tokens, then the error."""
+    fake = FakeEngine(step_delay_s=0.01)
+    engine = start_async_engine(fake, request_timeout_s=0.2 if reason == "timeout" else None)
+
+    async def scenario() -> tuple[list[int], int, RequestAbortedError]:
+        stream = await engine.add_request("lagging", params(10_000), "lag")
+        tokens = list((await anext(stream)).new_token_ids)
+        await asyncio.sleep(0.05)  # steps arrive while nothing reads
+        if reason == "error":
+            fake.fail_steps = 1
+        stopping = (asyncio.ensure_future(engine.shutdown(drain=False))
+                    if reason == "shutdown" else None)
+        for _ in range(300):
+            if any(isinstance(item, BaseException) for item in stream._sink._items):
+                break
+            await asyncio.sleep(0.01)
+        held = list(stream._sink._items)
+        assert [type(item) for item in held] == [RequestOutput, RequestAbortedError]
+        merged = await anext(stream)
+        tokens += merged.new_token_ids
+        with pytest.raises(RequestAbortedError) as info:
+            await anext(stream)
+        with pytest.raises(StopAsyncIteration):
+            await anext(stream)
+        if stopping is not None:
+            await stopping
+        return tokens, len(merged.new_token_ids), info.value
+
+    tokens, num_merged, error = asyncio.run(scenario())
+    assert tokens == list(range(len(tokens))) and num_merged > 1
+    assert error.reason == reason and not fake.requests
+    if reason == "timeout":  # the error's output is what the stream gave
+        assert error.output is not None and error.output.outputs[0].token_ids == tokens
+    asyncio.run(engine.shutdown(drain=False))
+
+
 def test_failed_step_fails_live_requests_and_engine_keeps_serving() -> None:
     fake = FakeEngine(fail_steps=1)
     engine = start_async_engine(fake)
