@@ -550,6 +550,36 @@ async def _stream_completion(http: httpx.AsyncClient, url: str, prompt: Any,
     return text, events[-1]["usage"]
 
 
+def test_streams_cut_by_stop_strings_send_the_non_streamed_text(server: str) -> None:
+    # A stop string cuts text the engine held back; concurrent streams may fall behind and
+    # get steps merged: either way each stream's text is the non-streamed answer's.
+    base = {"model": MODEL, "prompt": "The weather today is", "max_tokens": 24,
+            "ignore_eos": True, **GREEDY}
+    free = httpx.post(f"{server}/v1/completions", json=base).json()["choices"][0]["text"]
+    assert len(free) >= 16
+    cases = [{"stop": [stop, "\x07" * 6], "include_stop_str_in_output": include}
+             for stop in (free[4:7], free[10:14]) for include in (False, True)]
+    expected = []
+    for case in cases:
+        choice = httpx.post(f"{server}/v1/completions", json={**base, **case}).json()["choices"][0]
+        assert choice["finish_reason"] == "stop" and choice["stop_reason"] == case["stop"][0]
+        expected.append((choice["text"], choice["stop_reason"]))
+
+    async def stream(http: httpx.AsyncClient, case: dict[str, Any]) -> tuple[str, Any]:
+        async with http.stream("POST", f"{server}/v1/completions",
+                               json={**base, **case, "stream": True}) as response:
+            events, _ = parse_sse((await response.aread()).decode())
+        choices = [e["choices"][0] for e in events]
+        assert [c["finish_reason"] for c in choices] == [None] * (len(choices) - 1) + ["stop"]
+        return "".join(c["text"] for c in choices), choices[-1]["stop_reason"]
+
+    async def run_all() -> list[tuple[str, Any]]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            return await asyncio.gather(*(stream(http, case) for case in cases * 8))
+
+    assert asyncio.run(run_all()) == expected * 8
+
+
 def test_64_concurrent_streams_and_metrics(server: str, llm: LLM) -> None:
     rng = random.Random(4)
     prompts: list[Any] = [f"Story {i}: the {rng.choice(['red', 'blue', 'green'])} "
