@@ -69,13 +69,18 @@ class OutputSink:
         self.loop = loop
         self._items: deque[RequestOutput | BaseException] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._own_merge: RequestOutput | None = None
+        """The held output this sink merged, whose lists nobody else has seen."""
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """Hold `item` for `next` (call on `loop`)."""
         last = self._items[-1] if self._items else None
         if (isinstance(item, RequestOutput) and isinstance(last, RequestOutput)
                 and not last.finished):
-            self._items[-1] = merge_outputs(last, item)
+            # Extending its own merge's lists, not copying them, keeps a stream whose reader
+            # stopped (a client not reading) at each step's own tokens, not its whole backlog.
+            merged = merge_outputs(last, item, extend_earlier=last is self._own_merge)
+            self._items[-1] = self._own_merge = merged
         else:
             self._items.append(item)
         if self._waiter is not None and not self._waiter.done():
@@ -89,18 +94,27 @@ class OutputSink:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.popleft()
+        item = self._items.popleft()
+        if item is self._own_merge:  # the reader's now: never extended again
+            self._own_merge = None
+        return item
 
 
-def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+def merge_outputs(earlier: RequestOutput, later: RequestOutput, *,
+                  extend_earlier: bool = False) -> RequestOutput:
     """One output standing for two consecutive ones of a request: `later`'s state (text,
-    tokens, finish, metrics) with both steps' new text, tokens and logprobs."""
+    tokens, finish, metrics) with both steps' new text, tokens and logprobs. With
+    `extend_earlier`, the result takes over `earlier`'s new-token and logprob lists and
+    extends them (the caller owns them); else both outputs stay as they were."""
     prompt_logprobs = (later.prompt_logprobs if later.prompt_logprobs is not None
                        else earlier.prompt_logprobs)  # set on the first and final outputs
+    token_ids = earlier.new_token_ids if extend_earlier else list(earlier.new_token_ids)
+    logprobs = earlier.new_logprobs if extend_earlier else list(earlier.new_logprobs)
+    token_ids.extend(later.new_token_ids)
+    logprobs.extend(later.new_logprobs)
     return dataclasses.replace(
-        later, new_text=earlier.new_text + later.new_text,
-        new_token_ids=earlier.new_token_ids + later.new_token_ids,
-        new_logprobs=earlier.new_logprobs + later.new_logprobs, prompt_logprobs=prompt_logprobs)
+        later, new_text=earlier.new_text + later.new_text, new_token_ids=token_ids,
+        new_logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 OutputBatch = list[tuple[OutputSink, RequestOutput]]

@@ -119,3 +119,34 @@ def test_a_waiting_consumer_wakes_for_the_next_output() -> None:
 
     first, last = asyncio.run(scenario())
     assert first.new_token_ids == [100] and last.new_token_ids == [101] and last.finished
+
+
+def test_merging_leaves_every_output_it_was_given_as_it_was() -> None:
+    """Listeners (metrics) saw each step's output before the sink: a merge copies their lists
+    once and then extends only its own, and hands nothing it will extend to the reader."""
+    sink = new_sink()
+    given = [step_output(step) for step in range(4)]
+    for output in given[:3]:
+        sink.put(output)
+    first = asyncio.run(sink.next())
+    sink.put(given[3])
+    sink.put(step_output(4, finished=True))
+    second = asyncio.run(sink.next())
+    assert [o.new_token_ids for o in given] == [[100], [101], [102], [103]]
+    assert [len(o.new_logprobs) for o in given] == [1, 1, 1, 1]
+    assert first.new_token_ids == [100, 101, 102]  # not extended after the reader took it
+    assert second.new_token_ids == [103, 104] and second.finished
+
+
+def test_a_stream_that_stops_reading_costs_each_step_its_own_tokens() -> None:
+    """The held merge's lists are extended in place: one list object across the backlog."""
+    sink = new_sink()
+    sink.put(step_output(0))
+    sink.put(step_output(1))
+    held = sink._items[-1]
+    token_list, logprob_list = held.new_token_ids, held.new_logprobs
+    for step in range(2, 200):
+        sink.put(step_output(step))
+    merged = asyncio.run(sink.next())
+    assert merged.new_token_ids is token_list and merged.new_logprobs is logprob_list
+    assert merged.new_token_ids == [100 + step for step in range(200)]
