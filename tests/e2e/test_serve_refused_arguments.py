@@ -41,9 +41,12 @@ def test_a_disk_tier_folder_another_server_holds_is_one_line(tmp_path: Path) -> 
     """Two servers on one disk-tier folder would delete each other's entries behind each
     other's index: the second is refused while the first runs (the folder's flock)."""
     tier = f"disk:{tmp_path}:64MiB"
+    # A small device pool: sized from host memory, the CPU pool's allocation took most of
+    # each start's ~17 s on a 2-core box, and the folder's lock is what is tested.
+    small_pool = ("--num-gpu-blocks-override", "64")
     first = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "serve", "--device", "cpu",
-                              "--port", "0", "--model", "random:tiny-llama", "--kv-tier", tier],
-                             stderr=subprocess.PIPE, text=True)
+                              "--port", "0", "--model", "random:tiny-llama", "--kv-tier", tier,
+                              *small_pool], stderr=subprocess.PIPE, text=True)
     try:
         assert first.stderr is not None
         for line in first.stderr:  # until it serves (its tier holds the folder)
@@ -54,7 +57,7 @@ def test_a_disk_tier_folder_another_server_holds_is_one_line(tmp_path: Path) -> 
         [folder] = [p for p in tmp_path.iterdir() if p.is_dir()]
         for count in ("1", "2"):
             done = _serve("--model", "random:tiny-llama", "--kv-tier", tier,
-                          "--api-server-count", count)
+                          "--api-server-count", count, *small_pool)
             assert done.returncode == 2, done.stderr[-2000:]
             [line] = done.stderr.splitlines()
             holder = re.fullmatch(
