@@ -16,19 +16,13 @@ server's machine it exists by then.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from kvtier.bench.datasets import TokenizerLike
+from kvtier.utils.resources import kvtier_cache_dir
 from kvtier.utils.tokenizer_json import load_tokenizer
 
 _SMOLLM2_NAMES = ("smollm2", "tiny-llama")
-
-
-def kvtier_cache_dir() -> Path:
-    """kvtier's cache: $KVTIER_CACHE_DIR, else ~/.cache/kvtier (as the model loader uses)."""
-    configured = os.environ.get("KVTIER_CACHE_DIR")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "kvtier"
 
 
 def smollm2_tokenizer_file() -> Path | None:

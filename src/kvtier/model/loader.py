@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
 import warnings
@@ -34,6 +33,7 @@ from kvtier.model.architectures import (
 from kvtier.model.gguf_convert import ensure_converted
 from kvtier.model.spec import ModelLoadError, ModelSpec, expected_weight_shapes
 from kvtier.model.tokenizer import Tokenizer
+from kvtier.utils.resources import kvtier_cache_dir as cache_dir
 
 __all__ = ["ModelSource", "cache_dir", "embedded_gguf_path", "expected_weight_shapes",
            "resolve_model"]
@@ -77,12 +77,6 @@ class ModelSource:
             yield from _random_weights(self.spec, self.seed, device, dtype)
         else:
             yield from _checkpoint_weights(self.spec, self.weight_files, device, dtype)
-
-
-def cache_dir() -> Path:
-    """Where converted GGUFs live: $KVTIER_CACHE_DIR, else ~/.cache/kvtier."""
-    configured = os.environ.get("KVTIER_CACHE_DIR")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "kvtier"
 
 
 def resolve_model(model: str | None, *, seed: int = 0) -> ModelSource:

@@ -1,4 +1,4 @@
-"""Find data files inside installed packages without importing them.
+"""Find data files inside installed packages without importing them, and kvtier's cache.
 
 Some data ships as pip packages whose `__init__` has side effects or heavy imports (the ShareGPT
 dump, tokenizer files). `importlib.util.find_spec` on a top-level name locates a package without
@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 from pathlib import Path
+
+
+def kvtier_cache_dir() -> Path:
+    """kvtier's cache (converted GGUFs and their tokenizers): $KVTIER_CACHE_DIR, else
+    ~/.cache/kvtier."""
+    configured = os.environ.get("KVTIER_CACHE_DIR")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "kvtier"
 
 
 def find_package_file(package: str, relative_path: str) -> Path:
