@@ -62,11 +62,10 @@ def test_deltas_equal_those_of_request_outputs() -> None:
     assert any(d["new_logprobs"] for d in streams[1])
 
 
-def test_a_delta_crosses_the_engine_pipe_with_every_field() -> None:
-    """OutputDelta pickles its fields by position (the engine process's wire format): each
-    field, set to a distinct value, comes back in its own place."""
+def every_field_set() -> dict[str, object]:
+    """A distinct, non-default value for each of OutputDelta's fields."""
     from kvtier.types import RequestMetrics, TokenLogprobs
-    values: dict[str, object] = {
+    return {
         "request_id": "req-1", "new_token_ids": [5, 6], "new_text": "ab", "finished": True,
         "finish_reason": "stop", "stop_reason": 7,
         "metrics": RequestMetrics(arrival_time=1.5, num_prompt_tokens=3,
@@ -75,6 +74,12 @@ def test_a_delta_crosses_the_engine_pipe_with_every_field() -> None:
         "new_logprobs": [TokenLogprobs(token_id=5, logprob=-0.5, rank=1, top=((5, -0.5),))],
         "prompt_logprobs": [None, TokenLogprobs(token_id=2, logprob=-1.0, rank=2,
                                                 top=((9, -0.1),))]}
+
+
+def test_a_delta_crosses_the_engine_pipe_with_every_field() -> None:
+    """OutputDelta pickles its fields by position (the engine process's wire format): each
+    field, set to a distinct value, comes back in its own place."""
+    values = every_field_set()
     assert set(values) == {f.name for f in dataclasses.fields(OutputDelta)}
     delta = OutputDelta(**values)
     back = pickle.loads(pickle.dumps(delta, protocol=pickle.HIGHEST_PROTOCOL))
@@ -115,3 +120,17 @@ def test_an_update_crosses_the_engine_pipe_with_every_delta_as_it_was() -> None:
     assert str(back.accepted[1].error) == "no" and back.aborted == update.aborted
     empty = CoreUpdate(snapshot=None, num_adds_drained=0, time=0.0)
     assert pickle.loads(pickle.dumps(empty)).outputs == []
+
+
+def test_any_one_field_beyond_the_columns_makes_a_delta_send_its_other_fields() -> None:
+    """`_deltas_to_wire` names, field by field (for the engine loop's speed), what makes a
+    delta more than plain: a field it missed, one added later included, would come back as
+    its default."""
+    from kvtier.engine.core_messages import _DELTA_COLUMNS, CoreUpdate
+    values = every_field_set()
+    for name in set(values) - set(_DELTA_COLUMNS):
+        delta = OutputDelta("r", [1], "t", False, None, None, None)
+        setattr(delta, name, values[name])
+        update = CoreUpdate(snapshot=None, num_adds_drained=0, time=0.0, outputs=[delta])
+        back = pickle.loads(pickle.dumps(update, protocol=pickle.HIGHEST_PROTOCOL))
+        assert dataclasses.asdict(back.outputs[0]) == dataclasses.asdict(delta), name
