@@ -16,10 +16,10 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -43,6 +43,7 @@ from kvtier.lab.server_stats import summarize
 from kvtier.utils.host_counters import HostCounters, ProcessTreeCPU
 
 Log = Callable[[str], None]
+T = TypeVar("T")
 
 STEAL_WORTH_SAYING = 0.005
 """A run's log line names the machine's steal share from here up (every run records it)."""
@@ -60,6 +61,26 @@ for flags in json.load(sys.stdin):
         lines = err.getvalue().strip().splitlines()
         print(json.dumps(lines[-1] if lines else "rejected"))
 """
+
+
+def _run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run`, less one duplicate traceback. `kvtier lab`'s SIGTERM/SIGHUP handler
+    raises `Interrupted` (a KeyboardInterrupt) wherever the signal lands. Landing in a task's
+    step, it is stored in that task as well as raised out of the loop, and asyncio logged the
+    stored copy when the task was collected: "Task exception was never retrieved" and a
+    traceback, under the lab's one-line "interrupted" message."""
+
+    async def main() -> T:
+        loop = asyncio.get_running_loop()
+
+        def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            if not isinstance(context.get("exception"), KeyboardInterrupt):
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handle)
+        return await coroutine
+
+    return asyncio.run(main())
 
 
 @dataclass
@@ -168,8 +189,8 @@ class _Runner:
             progress = self.new_task(label) if self.new_task else None
             cpu_before = (ProcessTreeCPU.snapshot(server.process.pid)
                           if server.process is not None else None)
-            result = asyncio.run(run_benchmark(config, progress, tokenizer=tokenizer,
-                                               workload=self._workloads[key]))
+            result = _run_async(run_benchmark(config, progress, tokenizer=tokenizer,
+                                              workload=self._workloads[key]))
         except Exception as exc:  # noqa: BLE001 - one failed run must not stop the experiment
             self.log(f"[lab] {label}: failed: {type(exc).__name__}: {exc}")
             record = self._failure(spec, workload, FAILED, f"{type(exc).__name__}: {exc}",
