@@ -36,10 +36,10 @@ from kvtier.runner.memory import (
 from kvtier.runner.model_runner import ModelRunner, PendingOutput
 from kvtier.runner.piecewise_graph import estimate_bytes as estimate_piecewise_bytes
 from kvtier.scheduler import Scheduler
-from kvtier.tiers.base import KVLayout, TierStats
+from kvtier.tiers.base import KVLayout, TierStats, TierStore
 from kvtier.tiers.cost import PrefillRate, attention_per_key, token_weight
 from kvtier.tiers.manager import ManagerStats, TierManager
-from kvtier.tiers.stack import build_tier_manager
+from kvtier.tiers.stack import build_tier_manager, close_stores, open_disk_tiers
 from kvtier.types import (
     FinishReason,
     InvalidRequestError,
@@ -179,6 +179,21 @@ class LLMEngine:
         """Whether the engine's callers (`LLM.generate`, the engine core) launch each step
         before reading the tokens of the one before."""
         self.dtype = resolve_dtype(config.model, self.spec, self.device)
+        disk_tiers = open_disk_tiers(config.tiers, self._kv_layout())
+        self.tiers: TierManager | None = None
+        try:
+            self._build(config, started, disk_tiers)
+        except BaseException:
+            # A start that failed (a backend refused, no memory for the pool) lets go of the
+            # disk tiers' folders: an `LLM(...)` that raised held them until collected.
+            if self.tiers is not None:
+                self.tiers.close()
+            close_stores(disk_tiers.values())
+            raise
+
+    def _build(self, config: EngineConfig, started: float,
+               disk_tiers: dict[int, TierStore]) -> None:
+        """The model, the KV pool, the tiers and the graphs (`__init__`'s heavy part)."""
         try:
             backend = create_backend(config.attention_backend, self.device.type,
                                      config.batch_invariant)
@@ -210,10 +225,9 @@ class LLMEngine:
         self.max_model_len = min(model_len, plan.num_blocks * block_size)
         self.runner = ModelRunner(self.model, backend, plan.num_blocks, block_size, self.device,
                                   self.dtype, config.model.seed)
-        self.tiers: TierManager | None = None
         if config.tiers.kv_tiers:
             self.tiers = build_tier_manager(config.tiers, self._kv_layout(), self.runner.kv_cache,
-                                            self.pool, self._probe_prefill_rate())
+                                            self.pool, self._probe_prefill_rate(), disk_tiers)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.tiers)
         self.stats = EngineStats()
         if self.tiers is not None:
@@ -261,7 +275,7 @@ class LLMEngine:
                         num_layers=self.spec.num_hidden_layers,
                         num_kv_heads=self.spec.num_key_value_heads, head_dim=self.spec.head_dim,
                         block_size=self.config.cache.block_size,
-                        dtype_bytes=self.runner.kv_cache.element_size())
+                        dtype_bytes=torch.empty((), dtype=self.dtype).element_size())
 
     def _probe_prefill_rate(self) -> PrefillRate:
         """The prefill rate and a step's fixed cost (`tiers.cost`), from warm-up forwards

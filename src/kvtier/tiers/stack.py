@@ -6,6 +6,7 @@ import logging
 import tempfile
 import time
 import zlib
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -62,17 +63,56 @@ def _encoded_chunk_bytes(layout: KVLayout, chunk_blocks: int) -> int:
     return entry_codec.encoded_bytes(meta, layout.namespace)
 
 
-def build_tier_manager(config: TierConfig, layout: KVLayout, kv_cache: torch.Tensor,
-                       pool: BlockPool, prefill: PrefillRate) -> TierManager:
-    chunk_blocks = max(1, config.kv_tier_chunk_tokens // layout.block_size)
-    # Every tier's size first: a disk tier creates its directory, which a later tier's
-    # refusal would otherwise leave behind.
+def open_disk_tiers(config: TierConfig, layout: KVLayout) -> dict[int, TierStore]:
+    """The disk tiers, opened before the engine loads its model, by their index in
+    `config.kv_tiers`: a folder another process holds is refused in a moment, not after the
+    weights and the KV pool are built (~17 s on a 2-core box). Every tier's size is checked
+    first: a disk tier creates its directory, which a later tier's refusal would otherwise
+    leave behind. The cpu tier waits for the pool, whose size is planned from the host
+    memory its pinned slots would take; a redis tier that cannot connect is not fatal."""
+    chunk_blocks = _chunk_blocks(config, layout)
     for spec in config.kv_tiers:
         check_capacity(spec, layout, chunk_blocks)
-    stores: list[TierStore] = []
+    opened: dict[int, TierStore] = {}
+    try:
+        for index, spec in enumerate(config.kv_tiers):
+            if spec.kind == "disk":
+                opened[index] = build_store(spec, layout, chunk_blocks, pin_memory=False)
+    except BaseException:
+        close_stores(opened.values())
+        raise
+    return opened
+
+
+def close_stores(stores: Iterable[TierStore]) -> None:
+    for store in stores:
+        store.close()
+
+
+def _chunk_blocks(config: TierConfig, layout: KVLayout) -> int:
+    return max(1, config.kv_tier_chunk_tokens // layout.block_size)
+
+
+def build_tier_manager(config: TierConfig, layout: KVLayout, kv_cache: torch.Tensor,
+                       pool: BlockPool, prefill: PrefillRate,
+                       opened: dict[int, TierStore] | None = None) -> TierManager:
+    """The tier stack in `config.kv_tiers` order over `kv_cache`, with its probed rates.
+    `opened`: the stores `open_disk_tiers` started, which it takes over (and closes along
+    with the others if a later one is refused)."""
+    opened = dict(opened or {})
+    chunk_blocks = _chunk_blocks(config, layout)
     try:
         for spec in config.kv_tiers:
-            stores.append(build_store(spec, layout, chunk_blocks, kv_cache.is_cuda))
+            check_capacity(spec, layout, chunk_blocks)
+    except BaseException:
+        close_stores(opened.values())
+        raise
+    stores: list[TierStore] = []
+    try:
+        for index, spec in enumerate(config.kv_tiers):
+            store = opened.pop(index, None)
+            stores.append(store if store is not None else
+                          build_store(spec, layout, chunk_blocks, kv_cache.is_cuda))
         transfer = KVTransfer(kv_cache)
         rates = {store.name: probe_rate(store, transfer, chunk_blocks) for store in stores}
         for name, rate in rates.items():
@@ -83,8 +123,7 @@ def build_tier_manager(config: TierConfig, layout: KVLayout, kv_cache: torch.Ten
                                         step_overhead_s=prefill.step_overhead_s,
                                         attention_per_key=prefill.attention_per_key))
     except BaseException:  # a later tier refused: the ones started close (threads, sockets)
-        for store in stores:
-            store.close()
+        close_stores([*stores, *opened.values()])
         raise
     pool.eviction_listener = manager
     return manager
