@@ -37,18 +37,12 @@ from tests.e2e.test_server import (
     _stream_completion,
     finished_total,
     parse_sse,
+    spawned_children,
     wait_idle,
 )
 
 pytestmark = pytest.mark.slow
 assert "--model" in ENGINE_FLAGS
-
-
-def spawned_children(pid: int) -> list[int]:
-    """The processes `pid` spawned with multiprocessing (not its resource tracker)."""
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        pids = [int(p) for p in f.read().split()]
-    return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 @contextlib.contextmanager
@@ -107,6 +101,9 @@ def check_two_api_servers(proc: ServerProcess, tmp_path: Path) -> None:
     url = proc.url
     processes = spawned_children(proc.proc.pid)
     assert len(processes) == 3  # the engine process and two front ends, nothing else
+    # Torch is loaded by the engine process alone: not by the front ends or the supervisor.
+    assert sorted("libtorch" in Path(f"/proc/{pid}/maps").read_text()
+                  for pid in [proc.proc.pid, *processes]) == [False, False, False, True]
     # Each front end froze its start-up heap before it announced itself ready.
     assert sum("start-up objects (front end)" in line for line in proc.lines) == 2
     rng = random.Random(7)

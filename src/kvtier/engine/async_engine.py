@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from kvtier.config import EngineConfig
 from kvtier.engine.async_types import (
@@ -45,11 +46,13 @@ from kvtier.engine.core_messages import (
     StopCore,
     StreamState,
 )
-from kvtier.engine.engine import LLMEngine
-from kvtier.engine.engine_core import CommandInbox, EngineCore
 from kvtier.engine.engine_process import EngineClient, EngineProcess, EngineProcessSpec
 from kvtier.model.tokenizer import Tokenizer
 from kvtier.types import RequestOutput, SamplingParams
+
+if TYPE_CHECKING:  # the core's modules (torch, the model) load only where the core runs
+    from kvtier.engine.engine import LLMEngine
+    from kvtier.engine.engine_core import CommandInbox
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +189,8 @@ class AsyncEngine:
             self._accepting = True
 
     def _start_thread(self) -> None:
+        from kvtier.engine.engine_core import CommandInbox
+
         ready = threading.Event()
         failure: list[BaseException] = []
         self._inbox = CommandInbox()
@@ -201,6 +206,8 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
 
     def _thread_main(self, ready: threading.Event, failure: list[BaseException]) -> None:
+        from kvtier.engine.engine_core import EngineCore
+
         assert self._factory is not None and self._inbox is not None
         try:
             self.engine = self._factory()

@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-from kvtier.engine.engine import EngineStats
+from kvtier.engine.stats import EngineStats
 from kvtier.types import RequestOutput
 
 AbortReason = Literal["timeout", "shutdown", "error"]

@@ -15,13 +15,14 @@ import itertools
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from kvtier.attention import create_backend
 from kvtier.config import ConfigError, EngineConfig
 from kvtier.engine.output_processor import OutputProcessor
+from kvtier.engine.stats import EngineStats
 from kvtier.kv import BlockPool, KVCacheManager, root_block_hash
 from kvtier.model.builder import build_model
 from kvtier.model.loader import ModelSource, resolve_model
@@ -36,9 +37,9 @@ from kvtier.runner.memory import (
 from kvtier.runner.model_runner import ModelRunner, PendingOutput
 from kvtier.runner.piecewise_graph import estimate_bytes as estimate_piecewise_bytes
 from kvtier.scheduler import Scheduler
-from kvtier.tiers.base import KVLayout, TierStats, TierStore
+from kvtier.tiers.base import KVLayout, TierStore
 from kvtier.tiers.cost import PrefillRate, attention_per_key, token_weight
-from kvtier.tiers.manager import ManagerStats, TierManager
+from kvtier.tiers.manager import TierManager
 from kvtier.tiers.stack import build_tier_manager, close_stores, open_disk_tiers
 from kvtier.types import (
     FinishReason,
@@ -65,39 +66,6 @@ and 384 new tokens after 4,096; 64 after 512; bucket 2: a lone 300-token prompt)
 long-prompt tiles: 2,048 after 4,096; without it a fresh H200 compiled them for 1.7 s in
 workload S's first steps). tests/unit/attention/test_warm_up_variants.py checks that these
 reach every variant."""
-
-
-@dataclass
-class EngineStats:
-    """Counters since start (monotonic) and gauges (now), for logs and /metrics."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    num_prompt_tokens: int = 0
-    num_generation_tokens: int = 0
-    num_prefix_cache_queried_tokens: int = 0
-    num_prefix_cache_hit_tokens: int = 0
-    num_tier_hit_tokens: dict[str, int] = field(default_factory=dict)
-    """Per lower tier: the part of num_prefix_cache_hit_tokens that tier served (counted at
-    each request's first token, like the hits; reloads after a preemption are not hits)."""
-    num_preemptions: int = 0
-    num_finished: dict[str, int] = field(default_factory=dict)
-    num_steps: int = 0
-    num_decode_only_steps: int = 0
-    """Steps whose every row is one sampled token (decodes)."""
-    num_prompt_steps: int = 0
-    """Steps with prompt tokens (prefill chunks, a hit's suffix), decodes or not beside them.
-    The rest of num_steps ran nothing (every request waiting for a load or for blocks)."""
-    decode_only_step_seconds: float = 0.0
-    """Sum over decode-only steps of launch to tokens read (under async scheduling a step
-    launched while the one before ran counts from that one's tokens: the step period)."""
-    prompt_step_seconds: float = 0.0
-    num_loading: int = 0
-    tiers: dict[str, TierStats] = field(default_factory=dict)
-    """Per lower tier (cpu, disk, ...): bytes stored/loaded, evictions, errors, ..."""
-    tier_manager: ManagerStats | None = None
-    """Hit tokens per tier, loads, admission rejections, device evictions without a copy."""
 
 
 @dataclass

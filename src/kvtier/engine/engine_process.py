@@ -27,17 +27,18 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from kvtier.config import ConfigError, EngineConfig
-from kvtier.engine.core_fanout import CoreFanout
 from kvtier.engine.core_messages import Command, CoreUpdate, StopCore
-from kvtier.engine.engine import LLMEngine
-from kvtier.engine.engine_core import CommandInbox, EngineCore
 from kvtier.model.spec import ModelLoadError
 from kvtier.utils.gc_pauses import freeze_startup_heap, log_long_gc_pauses
 from kvtier.utils.gil import shorten_switch_interval
 from kvtier.utils.profiling import engine_profile_dir, profiled
 from kvtier.utils.thread_names import name_os_threads
+
+if TYPE_CHECKING:
+    from kvtier.engine.engine_core import CommandInbox
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,12 @@ def join_engine_process(process: multiprocessing.process.BaseProcess) -> None:
 def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None:
     """The child's main: build the engine, then run the core until stopped or orphaned.
     `conns`: one pipe per front end; the core stops once every front end has stopped."""
+    # The core's modules load here, in the child: the front ends import this module for
+    # EngineClient and never need torch or the model's code.
+    from kvtier.engine.core_fanout import CoreFanout
+    from kvtier.engine.engine import LLMEngine
+    from kvtier.engine.engine_core import CommandInbox, EngineCore
+
     for sig in (signal.SIGINT, signal.SIGTERM):  # the front ends stop it (module docstring)
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level, format=spec.log_format)

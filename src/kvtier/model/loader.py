@@ -21,9 +21,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING
 
 from kvtier.model.architectures import (
     embedded_gguf_path,
@@ -35,12 +33,14 @@ from kvtier.model.spec import ModelLoadError, ModelSpec, expected_weight_shapes
 from kvtier.model.tokenizer import Tokenizer
 from kvtier.utils.resources import kvtier_cache_dir as cache_dir
 
+if TYPE_CHECKING:  # `weights` imports torch when weights are read, which a front end never does
+    import torch
+
 __all__ = ["ModelSource", "cache_dir", "embedded_gguf_path", "expected_weight_shapes",
            "resolve_model"]
 
 RANDOM_PREFIX = "random:"
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
-_RANDOM_STD = 0.02
 _MAX_SAFETENSORS_HEADER_BYTES = 100 << 20
 _LOADABLE_SAFETENSORS_DTYPES = ("BF16", "F16", "F32", "F64")
 """Float dtypes whose values cast to the model's dtype as they are. Integers, bools and FP8
@@ -73,10 +73,12 @@ class ModelSource:
         be built on a GPU without staging it in host memory; values depend on (seed, name, device
         type), not on the order of iteration.
         """
+        from kvtier.model.weights import checkpoint_weights, random_weights  # torch
+
         if self.path is None:
-            yield from _random_weights(self.spec, self.seed, device, dtype)
+            yield from random_weights(self.spec, self.seed, device, dtype)
         else:
-            yield from _checkpoint_weights(self.spec, self.weight_files, device, dtype)
+            yield from checkpoint_weights(self.spec, self.weight_files, device, dtype)
 
 
 def resolve_model(model: str | None, *, seed: int = 0) -> ModelSource:
@@ -259,45 +261,3 @@ def _check_dtypes(file: Path, header: dict[str, tuple[str, tuple[int, ...]]],
             raise ModelLoadError(f"{file}: tensor {name!r} has dtype {dtype:.20}, which kvtier "
                                  f"cannot load (supported: "
                                  f"{', '.join(_LOADABLE_SAFETENSORS_DTYPES)})")
-
-
-def _checkpoint_weights(spec: ModelSpec, files: tuple[Path, ...], device: torch.device,
-                        dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    wanted = expected_weight_shapes(spec)
-    # Loading straight onto the GPU skips a host copy; safetensors accepts "cuda:N" strings.
-    load_device = str(device) if device.type == "cuda" else "cpu"
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device=load_device) as f:
-                for name in f.keys():  # noqa: SIM118 -- safe_open is not a dict
-                    if name in wanted:
-                        yield name, f.get_tensor(name).to(device=device, dtype=dtype)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # safetensors raises its own SafetensorError
-            raise ModelLoadError(f"{file}: cannot read weights: {exc}") from exc
-
-
-# -- random weights -----------------------------------------------------------------------------
-
-def _random_weights(spec: ModelSpec, seed: int, device: torch.device,
-                    dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """N(0, 0.02) matrices, ones for norm weights, zeros for biases (HF's initialisation).
-
-    Each tensor gets its own generator seeded from (seed, name), so one tensor's values do not
-    depend on which others were generated; they are drawn in float32, then cast.
-    """
-    for name, shape in expected_weight_shapes(spec).items():
-        if name.endswith(".bias"):
-            yield name, torch.zeros(shape, device=device, dtype=dtype)
-        elif "norm" in name:
-            yield name, torch.ones(shape, device=device, dtype=dtype)
-        else:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(_tensor_seed(seed, name))
-            values = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-            yield name, values.mul_(_RANDOM_STD).to(dtype)
-
-
-def _tensor_seed(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1

@@ -26,11 +26,13 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvtier.tiers.policy import EvictionPolicy
 from kvtier.types import BlockHash
+
+if TYPE_CHECKING:  # annotations only: the front ends read TierStats without torch
+    import torch
 
 
 class TierError(Exception):
@@ -113,7 +115,7 @@ class StoreHandle:
     extra: dict = field(default_factory=dict)
 
 
-EvictCallback = Callable[[EntryMeta, torch.Tensor], None]
+EvictCallback = Callable[[EntryMeta, "torch.Tensor"], None]
 """Called with an entry and its payload as it is evicted (demotion to the next tier)."""
 
 

@@ -16,7 +16,8 @@ from typing import Any, cast
 from kvtier.config import EngineConfig
 from kvtier.engine.async_engine import AsyncEngine
 from kvtier.engine.core_messages import output_delta
-from kvtier.engine.engine import EngineStats, LLMEngine
+from kvtier.engine.engine import LLMEngine
+from kvtier.engine.stats import EngineStats
 from kvtier.types import (
     CompletionOutput,
     InvalidRequestError,

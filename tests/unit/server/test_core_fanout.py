@@ -26,8 +26,8 @@ from kvtier.engine.core_messages import (
     CoreUpdate,
     StopCore,
 )
-from kvtier.engine.engine import EngineStats
 from kvtier.engine.engine_core import CommandInbox
+from kvtier.engine.stats import EngineStats
 from kvtier.types import InvalidRequestError, OutputDelta, SamplingParams
 
 PARAMS = SamplingParams(max_tokens=4)
