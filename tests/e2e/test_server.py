@@ -160,16 +160,6 @@ def test_the_front_end_freezes_its_start_up_heap(server_process: ServerProcess) 
     assert len(deferred) == 1, "".join(server_process.lines[-30:])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_the_front_end_never_loads_torch(server_process: ServerProcess) -> None:
-    """The front end resolves the model for its tokenizer only; torch and the model's code
-    load in the engine process. Before, importing them took ~4 s of each front end's ~11.7 s
-    start on a 2-core box (a second front end's too) and ~190 MB of its memory."""
-    [engine] = spawned_children(server_process.proc.pid)
-    assert "libtorch" in Path(f"/proc/{engine}/maps").read_text()  # seen where it is loaded
-    assert "libtorch" not in Path(f"/proc/{server_process.proc.pid}/maps").read_text()
-
-
 # -- 1. the official client; text equals the offline API -------------------------------------
 
 
@@ -978,3 +968,14 @@ def test_sigterm_drains_then_aborts_and_exits_zero() -> None:
     assert short_plain.status_code == 200
     assert long_plain.status_code == 503
     assert proc.proc.wait(30) == 0, "".join(proc.lines[-30:])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_front_end_never_loads_torch(server_process: ServerProcess) -> None:
+    """The front end resolves the model for its tokenizer only; torch and the model's code
+    load in the engine process. Before, importing them took ~4 s of each front end's ~11.7 s
+    start on a 2-core box (a second front end's too) and ~190 MB of its memory. Last in this
+    file: by then the module's server has served every kind of request the tests send."""
+    [engine] = spawned_children(server_process.proc.pid)
+    assert "libtorch" in Path(f"/proc/{engine}/maps").read_text()  # seen where it is loaded
+    assert "libtorch" not in Path(f"/proc/{server_process.proc.pid}/maps").read_text()
