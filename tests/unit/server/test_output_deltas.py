@@ -12,6 +12,9 @@ from kvtier.engine.core_messages import output_delta
 from kvtier.types import OutputDelta
 
 PROMPTS = [[100 + i] * 20 + list(range(300 + i, 320 + i)) for i in range(6)]
+# 6 requests of at most 40 + 24 tokens (4 blocks each) fit with room to spare; the CPU's
+# default pool (262,144 blocks) cost seconds to build per engine
+ENGINE_ARGS = {"num_gpu_blocks_override": 64}
 
 
 def comparable(delta: OutputDelta) -> dict[str, object]:
@@ -21,7 +24,7 @@ def comparable(delta: OutputDelta) -> dict[str, object]:
 
 
 def test_deltas_equal_those_of_request_outputs() -> None:
-    reference = LLM("random:tiny-llama")
+    reference = LLM("random:tiny-llama", **ENGINE_ARGS)
     free = reference.generate(PROMPTS[:1], SamplingParams(max_tokens=24, temperature=0.0,
                                                           ignore_eos=True))[0].outputs[0]
     stop_text = free.text[len(free.text) // 2:][:2]
@@ -35,7 +38,7 @@ def test_deltas_equal_those_of_request_outputs() -> None:
         SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
         SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
     ]
-    engines = [LLM("random:tiny-llama").engine for _ in range(2)]
+    engines = [LLM("random:tiny-llama", **ENGINE_ARGS).engine for _ in range(2)]
     for engine in engines:
         for prompt, p in zip(PROMPTS, params, strict=True):
             engine.add_request(prompt, p)
