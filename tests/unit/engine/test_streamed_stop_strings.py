@@ -21,7 +21,8 @@ PROMPT = [100] * 5 + list(range(3000, 3040, 3))
 
 @pytest.fixture(scope="module")
 def llm() -> Iterator[LLM]:
-    with LLM("random:tiny-llama") as llm:
+    # one request at a time, of 19 + 24 tokens: 64 blocks (not the CPU default of 262,144)
+    with LLM("random:tiny-llama", num_gpu_blocks_override=64) as llm:
         yield llm
 
 
