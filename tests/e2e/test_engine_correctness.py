@@ -29,11 +29,17 @@ PROMPTS = [
     "Les cerises du jardin sont",
     "Q: What is 17 + 25?\nA:",
 ]
+# Pools for engines whose pool size is not the point: the CPU default (2 GiB: 2,912 SmolLM2
+# blocks, 262,144 tiny-llama ones) cost ~1-3 s to build per engine. 512 SmolLM2 blocks (8,192
+# tokens, its whole context) hold every batch here with no eviction (at most 32 prompts of
+# ~92 tokens, 6 blocks each); 128 tiny-llama blocks (2,048 tokens) hold a 1,024-token context.
+SMOLLM_BLOCKS = 512
+TINY_BLOCKS = 128
 
 
 @pytest.fixture(scope="module")
 def smollm() -> LLM:
-    return LLM()
+    return LLM(num_gpu_blocks_override=SMOLLM_BLOCKS)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +202,8 @@ def test_prompt_logprobs_are_transformers_log_softmax_over_the_prompt(smollm: LL
     prompt = smollm.get_tokenizer().encode(PROMPTS[1] + PROMPTS[0])
     with torch.no_grad():
         expected = reference(torch.tensor([prompt])).logits[0].log_softmax(-1)
-    chunked = LLM(smollm_dir.as_posix(), max_num_batched_tokens=16)
+    chunked = LLM(smollm_dir.as_posix(), max_num_batched_tokens=16,
+                  num_gpu_blocks_override=SMOLLM_BLOCKS)
     params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3)
     for llm in (chunked, chunked, smollm):
         output = llm.generate([prompt], params)[0]
@@ -237,8 +244,8 @@ def test_prompt_logprobs_of_a_step_longer_than_one_slice_equal_chunked_ones() ->
     prompt = [(13 * j) % 900 + 10 for j in range(700)]
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2)
     whole = _tiny_small_context().generate([prompt], params)[0].prompt_logprobs
-    chunked = LLM("random:tiny-llama", max_model_len=1024, max_num_batched_tokens=48).generate(
-        [prompt], params)[0].prompt_logprobs
+    chunked = LLM("random:tiny-llama", max_model_len=1024, max_num_batched_tokens=48,
+                  num_gpu_blocks_override=TINY_BLOCKS).generate([prompt], params)[0].prompt_logprobs
     assert whole is not None and chunked is not None and len(whole) == 700
     for a, b in zip(whole[1:], chunked[1:], strict=True):
         assert a is not None and b is not None and a.token_id == b.token_id
@@ -336,7 +343,8 @@ def test_greedy_output_is_invariant_to_caching_chunking_and_batching(
         budget: int, prefix_caching: bool,
         invariance_reference: tuple[list[list[int]], list[list[int]]]) -> None:
     prompts, alone = invariance_reference
-    llm = LLM(enable_prefix_caching=prefix_caching, max_num_batched_tokens=budget)
+    llm = LLM(enable_prefix_caching=prefix_caching, max_num_batched_tokens=budget,
+              num_gpu_blocks_override=SMOLLM_BLOCKS)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     outputs = llm.generate(prompts, params)
     together = [o.outputs[0].token_ids for o in outputs]
@@ -360,7 +368,8 @@ def test_greedy_output_is_invariant_to_a_long_prefill_threshold(
     """Prompts of ~80 tokens prefilled 24 at a time, beside others' decodes: the same tokens
     as each prompt alone, and no leaked block."""
     prompts, alone = invariance_reference
-    llm = LLM(max_num_batched_tokens=512, long_prefill_token_threshold=24)
+    llm = LLM(max_num_batched_tokens=512, long_prefill_token_threshold=24,
+              num_gpu_blocks_override=SMOLLM_BLOCKS)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts[:8], params)][:4] == alone
     pool = llm.engine.pool
@@ -379,7 +388,8 @@ def test_greedy_output_is_invariant_to_short_prefills_first(
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     outputs = {}
     for short in (0, 64):
-        llm = LLM(max_num_batched_tokens=512, short_prefill_first_tokens=short)
+        llm = LLM(max_num_batched_tokens=512, short_prefill_first_tokens=short,
+                  num_gpu_blocks_override=SMOLLM_BLOCKS)
         outputs[short] = [o.outputs[0].token_ids for o in llm.generate(mixed, params)]
         assert (llm.engine.scheduler.num_long_prefills_held > 0) == (short > 0)
         pool = llm.engine.pool
@@ -435,7 +445,7 @@ def test_max_model_len_beyond_the_models_positions_is_refused() -> None:
 
 
 def test_sampling_with_a_seed_is_reproducible_and_batch_independent() -> None:
-    llm = LLM("random:tiny-llama")
+    llm = LLM("random:tiny-llama", num_gpu_blocks_override=TINY_BLOCKS)
     params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=1234)
     alone = llm.generate(["a seeded request"], params)[0].outputs[0].token_ids
     batch = llm.generate(["a seeded request", "noise one", "noise two"],
@@ -449,7 +459,7 @@ def test_sampling_with_a_seed_is_reproducible_and_batch_independent() -> None:
 
 
 def test_stop_strings_stop_token_ids_and_max_tokens() -> None:
-    llm = LLM("random:tiny-llama")
+    llm = LLM("random:tiny-llama", num_gpu_blocks_override=TINY_BLOCKS)
     free = llm.generate(["count with me"], SamplingParams(max_tokens=20, temperature=0.0,
                                                           ignore_eos=True))[0].outputs[0]
     assert free.finish_reason == "length" and len(free.token_ids) == 20
@@ -506,7 +516,8 @@ _TINY: list[LLM] = []
 
 def _tiny_small_context() -> LLM:
     if not _TINY:
-        _TINY.append(LLM("random:tiny-llama", max_model_len=1024))
+        _TINY.append(LLM("random:tiny-llama", max_model_len=1024,
+                         num_gpu_blocks_override=TINY_BLOCKS))
     return _TINY[0]
 
 
