@@ -50,6 +50,8 @@ def test_a_matmul_row_has_the_same_bits_in_every_batch(device: torch.device,
     rows, in_features, out_features = (300, 1000, 330) if ON_GPU else (150, 200, 150)
     if long_k:
         in_features = 9000 if ON_GPU else 4100
+        if not ON_GPU:  # two column tiles, the last masked: the interpreter's time is per tile
+            out_features = 80
         assert invariant_tile(out_features, in_features, dtype).split_k == SPLIT_K
     x = torch.randn(rows, in_features, device=device).to(dtype)
     weight = (torch.randn(out_features, in_features, device=device)
