@@ -26,11 +26,15 @@ from kvtier.lab.server import RunningServer, running_server
 pytestmark = pytest.mark.slow
 
 MAX_MODEL_LEN = 192
+NUM_BLOCKS = 128
+"""2,048 tokens of KV: 8 running requests of at most 192 tokens need 96 blocks. The CPU's
+default pool (262,144 blocks) took seconds of each server's start."""
 
 
 def tiny_server(name: str) -> ServerSpec:
     return ServerSpec(name, model="random:tiny-llama", startup_timeout_s=180,
-                      engine=("--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8"))
+                      engine=("--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8",
+                              "--num-gpu-blocks-override", str(NUM_BLOCKS)))
 
 
 @pytest.fixture(scope="module")
