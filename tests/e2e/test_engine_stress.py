@@ -138,8 +138,10 @@ class Reference:
     """Each prompt alone, on an engine with neither prefix caching nor tiers (memoised)."""
 
     def __init__(self) -> None:
+        # One request at a time, of at most MAX_MODEL_LEN tokens: 4 x POOL_BLOCKS blocks keep
+        # it clear of preemption (the CPU's default pool, 262,144 blocks, took seconds to build)
         self.llm = LLM(MODEL, dtype="float32", enable_prefix_caching=False,
-                       max_model_len=MAX_MODEL_LEN)
+                       max_model_len=MAX_MODEL_LEN, num_gpu_blocks_override=4 * POOL_BLOCKS)
         self._cache: dict[tuple, tuple[list[int], list[float]]] = {}
 
     def output(self, prompt: list[int], params: SamplingParams) -> tuple[list[int], list[float]]:
