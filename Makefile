@@ -27,20 +27,8 @@ run: $(VENV)/.base
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q
-	@# The decode path's GEMV and fused-op kernels and the batch-invariant kernels under
-	@# Triton's CPU interpreter, and the
-	@# attention kernels' cases that run there in ~1 minute (the whole file takes ~10): every
-	@# decode shape, mixed batches in both dtypes, splits, small and causal-boundary tiles,
-	@# an extend over a split prefix, whole prompts (the rest: on the device and by hand).
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --noconftest -m gpu tests/gpu/test_small_linear.py \
-		tests/gpu/test_fused_ops.py tests/gpu/test_batch_invariance.py
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --noconftest -m gpu tests/gpu/test_triton_attention.py \
-		-k "decode or both_dtypes or small_tiles or causal_tile or sharp_softmax or \
-		negative_slots or long_prompt_config or split_steps or choose or \
-		test_extend_kv_splits[1] or test_whole_prompts_read_their_own_kv[default]"
-	@# The kernels' sm_90 builds (Triton's bundled ptxas, no GPU): no spills, 16-byte loads, PDL.
-	$(PY) -m pytest -q --noconftest -m gpu tests/gpu/test_small_linear.py \
-		tests/gpu/test_triton_attention.py tests/gpu/test_batch_invariance.py -k compile_for_hopper
+	@# The kernels' checks that need no GPU (the Triton interpreter, sm_90 builds), side by side.
+	bash scripts/kernel_checks_cpu.sh $(PY)
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests
