@@ -68,8 +68,9 @@ def open_disk_tiers(config: TierConfig, layout: KVLayout) -> dict[int, TierStore
     `config.kv_tiers`: a folder another process holds is refused in a moment, not after the
     weights and the KV pool are built (~17 s on a 2-core box). Every tier's size is checked
     first: a disk tier creates its directory, which a later tier's refusal would otherwise
-    leave behind. The cpu tier waits for the pool, whose size is planned from the host
-    memory its pinned slots would take; a redis tier that cannot connect is not fatal."""
+    leave behind. The cpu tier waits for the KV pool: on the CPU both take host memory, and
+    the pool is checked against what is free. A redis tier that cannot connect is not fatal
+    (it runs disabled), so it has nothing to refuse early."""
     chunk_blocks = _chunk_blocks(config, layout)
     for spec in config.kv_tiers:
         check_capacity(spec, layout, chunk_blocks)
