@@ -102,14 +102,10 @@ def build_tier_manager(config: TierConfig, layout: KVLayout, kv_cache: torch.Ten
     with the others if a later one is refused)."""
     opened = dict(opened or {})
     chunk_blocks = _chunk_blocks(config, layout)
-    try:
-        for spec in config.kv_tiers:
-            check_capacity(spec, layout, chunk_blocks)
-    except BaseException:
-        close_stores(opened.values())
-        raise
     stores: list[TierStore] = []
     try:
+        for spec in config.kv_tiers:  # every size before any tier creates anything
+            check_capacity(spec, layout, chunk_blocks)
         for index, spec in enumerate(config.kv_tiers):
             store = opened.pop(index, None)
             stores.append(store if store is not None else
