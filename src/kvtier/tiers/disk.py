@@ -56,17 +56,16 @@ class DiskStore(TierStore):
                  path: str) -> None:
         super().__init__(layout, capacity_bytes, policy)
         self.root = Path(path) / layout.namespace
-        self.broken: str | None = None
         self._lock_file: io.TextIOWrapper | None = None
+        # A folder that cannot be made or written is the operator's to fix: refused at start
+        # (as LMCache's disk backend does), not served as a tier that stores nothing.
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            if not os.access(self.root, os.W_OK):
-                raise PermissionError(f"{self.root} is not writable")
         except OSError as exc:
-            self.broken = str(exc)
-            self.stats.num_errors += 1
-            logger.error("disk tier disabled: %s", exc)
-            return
+            raise ConfigError(f"disk tier folder {path}: cannot create {self.root} "
+                              f"({exc.strerror or exc})") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise ConfigError(f"disk tier folder {path}: {self.root} is not writable")
         self._lock_file = _lock_folder(self.root)
         self._rebuild_index()
 
@@ -129,7 +128,7 @@ class DiskStore(TierStore):
         with self._lock:
             if meta.key in self._entries:
                 return None
-            if self.broken or not self._reserve(meta, self._path(meta.key)):
+            if not self._reserve(meta, self._path(meta.key)):
                 self.stats.num_rejected += 1
                 return None
         return StoreHandle(meta, torch.empty(meta.num_bytes, dtype=torch.uint8),

@@ -157,26 +157,23 @@ def probe_rate(store: TierStore, transfer: KVTransfer, chunk_blocks: int) -> Tie
             transfer.wait_loads()
             seconds = time.perf_counter() - started_s
         return TierRate(num_bytes / max(seconds, 1e-9), latency_s=0.0)
-    if store.name == "disk":
+    if isinstance(store, DiskStore):
         return _probe_disk(store, transfer, payload, num_blocks)
     if isinstance(store, RedisStore):
         return store.probe(payload, reads_at_once=manager_module.READ_AHEAD)
     return TierRate(1e9, latency_s=1e-3)
 
 
-def _probe_disk(store: TierStore, transfer: KVTransfer, payload: torch.Tensor,
+def _probe_disk(store: DiskStore, transfer: KVTransfer, payload: torch.Tensor,
                 num_blocks: int) -> TierRate:
     """Latency: a 4 kB read. Rate: 2 x READ_AHEAD chunk files read READ_AHEAD at a time and
     checksummed, in reader threads, each copied into the device cache as it comes: as a load
     reads them."""
-    root = getattr(store, "root", None)
-    if getattr(store, "broken", None) or root is None:
-        return TierRate(1.0, latency_s=1.0)  # unusable: never worth loading from
     threads = manager_module.READ_AHEAD
     reads = 2 * threads  # past the first wave: a long load's steady state
     index = transfer.load_index(list(range(num_blocks)))
     try:
-        with tempfile.TemporaryDirectory(dir=Path(root), prefix=".probe-") as scratch, \
+        with tempfile.TemporaryDirectory(dir=store.root, prefix=".probe-") as scratch, \
                 ThreadPoolExecutor(threads, thread_name_prefix="kvtier-probe") as readers:
             paths = [Path(scratch) / f"{i}.probe" for i in range(reads)]
             for path in paths:

@@ -61,3 +61,15 @@ def test_a_start_that_fails_after_the_folder_is_taken_lets_go_of_it(
     assert (folder / LOCK_NAME).exists()  # it had been taken
     with LLM(MODEL, kv_tiers=(tier,), **SMALL) as engine:  # and is free again
         assert engine.engine.tiers is not None
+
+
+def test_a_folder_that_cannot_be_made_fails_the_start_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kvtier serve --kv-tier disk:<typo>:...` used to log an error and serve with no disk
+    tier; now the start fails (the CLI prints the ConfigError as its one line) before the
+    model is built."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(engine_module, "build_model", None)  # called: a TypeError
+    with pytest.raises(ConfigError, match=f"^disk tier folder {blocker}/kv: cannot create "):
+        LLM(MODEL, kv_tiers=("cpu:64MiB", f"disk:{blocker}/kv:64MiB"), **SMALL)

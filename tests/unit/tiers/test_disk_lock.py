@@ -87,5 +87,28 @@ def test_a_lock_held_by_a_killed_process_blocks_nobody(tmp_path: Path) -> None:
         holder.send_signal(signal.SIGKILL)  # no close(), no clean-up: the kernel drops it
         holder.wait(timeout=30)
     store = open_store(tmp_path)
-    assert store.broken is None
+    assert put(store, make_meta(1))  # taken, and it stores
     store.close()
+
+
+def test_a_folder_that_cannot_be_made_is_refused_naming_it(tmp_path: Path) -> None:
+    """Before, the store logged an error and ran as a tier that stored nothing, so a typo in
+    --kv-tier served with no disk tier at all."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError) as refused:
+        open_store(blocker / "kv")
+    root = blocker / "kv" / LAYOUT.namespace
+    assert str(refused.value) == (f"disk tier folder {blocker / 'kv'}: cannot create {root} "
+                                  "(Not a directory)")
+
+
+def test_a_folder_it_cannot_write_is_refused(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.access decides (a root test runner writes anywhere, so it is told no here)."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False
+                        if Path(path).is_relative_to(tmp_path) else real_access(path, mode))
+    with pytest.raises(ConfigError, match=f"^disk tier folder {tmp_path}: .* is not writable$"):
+        open_store(tmp_path)
+    assert not (tmp_path / LAYOUT.namespace / LOCK_NAME).exists()  # nothing taken

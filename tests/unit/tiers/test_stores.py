@@ -249,15 +249,6 @@ def test_entries_that_are_no_files_are_skipped_when_the_index_is_rebuilt(
     reopened.check_integrity()
 
 
-def test_a_path_that_is_a_file_disables_the_tier_without_crashing(tmp_path: Path) -> None:
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("x")
-    store = disk_store(blocker)
-    assert store.broken is not None
-    assert not put(store, make_meta(1))
-    assert store.stats.num_errors == 1 and store.stats.num_rejected == 1
-
-
 def test_failed_write_is_counted_and_leaves_no_entry(tmp_path: Path) -> None:
     store = disk_store(tmp_path)
     meta = make_meta(3)

@@ -38,11 +38,10 @@ def test_the_disk_probe_measures_and_leaves_no_file_behind(tmp_path: Path) -> No
     assert store.num_entries == 0
 
 
-def test_an_unusable_disk_tier_probes_as_never_worth_loading(tmp_path: Path) -> None:
-    blocked = tmp_path / "a-file"
-    blocked.write_text("not a directory")
-    store = DiskStore(LAYOUT, 1 << 30, create_policy("lru"), str(blocked))
-    assert store.broken
+def test_a_disk_tier_whose_probe_fails_is_never_worth_loading(tmp_path: Path) -> None:
+    """The folder went away between the store's start and its probe."""
+    store = DiskStore(LAYOUT, 1 << 30, create_policy("lru"), str(tmp_path))
+    store.root.rename(tmp_path / "moved-away")
     rate = probe_rate(store, KVTransfer(kv_cache()), CHUNK_BLOCKS)
     assert rate.latency_s >= 1.0 and rate.bytes_per_s <= 1.0
 
