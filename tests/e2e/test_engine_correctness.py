@@ -444,6 +444,25 @@ def test_max_model_len_beyond_the_models_positions_is_refused() -> None:
         LLM("random:tiny-llama", max_model_len=4096)
 
 
+@pytest.mark.parametrize("asked", [None, 1000])
+def test_a_pool_smaller_than_max_model_len_lowers_it_with_a_warning(
+        asked: int | None, caplog: pytest.LogCaptureFixture) -> None:
+    """One request must fit in the pool alone (or preemption could never end), so a pool of
+    4 blocks caps max_model_len at 64 tokens: said in the log, which before was silent while
+    a request asking for more tokens ended at 64 with finish_reason "length"."""
+    with caplog.at_level("WARNING", logger="kvtier.engine.engine"):
+        llm = LLM("random:tiny-llama", max_model_len=asked, num_gpu_blocks_override=4)
+    origin = "asked for: 1000" if asked else "the model's context length: 2048"
+    assert llm.engine.max_model_len == 64
+    assert [r.getMessage() for r in caplog.records] == [
+        f"max_model_len lowered to 64 ({origin}): the KV pool holds 4 blocks of 16 tokens, "
+        "and one request must fit in it alone"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kvtier.engine.engine"):
+        LLM("random:tiny-llama", max_model_len=64, num_gpu_blocks_override=4)
+    assert caplog.records == []  # it fits: nothing to say
+
+
 def test_sampling_with_a_seed_is_reproducible_and_batch_independent() -> None:
     llm = LLM("random:tiny-llama", num_gpu_blocks_override=TINY_BLOCKS)
     params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=1234)

@@ -191,6 +191,12 @@ class LLMEngine:
         model_len = config.scheduler.max_model_len or self.spec.max_context_len
         # One request must always fit in the pool by itself, or preemption could never end.
         self.max_model_len = min(model_len, plan.num_blocks * block_size)
+        if self.max_model_len < model_len:
+            origin = ("asked for" if config.scheduler.max_model_len
+                      else "the model's context length")
+            logger.warning("max_model_len lowered to %d (%s: %d): the KV pool holds %d "
+                           "blocks of %d tokens, and one request must fit in it alone",
+                           self.max_model_len, origin, model_len, plan.num_blocks, block_size)
         self.runner = ModelRunner(self.model, backend, plan.num_blocks, block_size, self.device,
                                   self.dtype, config.model.seed)
         if config.tiers.kv_tiers:
