@@ -341,12 +341,16 @@ def test_damaged_disk_entries_cost_a_recompute_not_a_wrong_token(
     assert store.stats.num_errors >= 1
 
 
-def test_unusable_disk_directory_leaves_the_engine_correct(tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    llm = make_llm(kv_tiers=(f"disk:{blocker}:64MiB",), kv_store_policy="write-through")
-    outputs = run(llm, workload()[:4])
+def test_a_disk_directory_lost_while_serving_leaves_the_engine_correct(
+        tmp_path: Path) -> None:
+    """The tier's folder is replaced by a file once the engine runs: every write fails, and
+    is counted, and the tokens are the tier-off engine's. (A folder unusable at start fails
+    the start: tests/unit/engine/test_disk_tier_start.py.)"""
+    llm = make_llm(kv_tiers=(f"disk:{tmp_path / 'kv'}:64MiB",), kv_store_policy="write-through")
     store = llm.engine.tiers.stores[0]
+    store.root.rename(tmp_path / "moved-away")
+    store.root.write_text("not a directory")
+    outputs = run(llm, workload()[:4])
     finish(llm)
     reference = make_llm()
     assert outputs == run(reference, workload()[:4])
