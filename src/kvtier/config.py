@@ -349,6 +349,11 @@ class EngineConfig:
         if self.max_cudagraph_capture_size < 0:
             raise ConfigError(f"max_cudagraph_capture_size {self.max_cudagraph_capture_size} "
                               "must be >= 0")
+        chunk, block = self.tiers.kv_tier_chunk_tokens, self.cache.block_size
+        if self.tiers.kv_tiers and chunk % block:
+            # A tier entry holds whole KV blocks: another chunk would be silently rounded.
+            raise ConfigError(f"kv_tier_chunk_tokens {chunk} must be a multiple of block_size "
+                              f"{block}")
 
     @staticmethod
     def from_kwargs(**kwargs: Any) -> EngineConfig:

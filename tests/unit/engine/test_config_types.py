@@ -79,3 +79,14 @@ def test_two_tiers_of_one_kind_are_refused(specs: list[str], kind: str) -> None:
         EngineConfig.from_kwargs(kv_tiers=specs)
     assert len(EngineConfig.from_kwargs(
         kv_tiers=["cpu:1GiB", "disk:/tmp/a:1GiB"]).tiers.kv_tiers) == 2
+
+
+def test_a_tier_chunk_of_part_blocks_is_refused() -> None:
+    """A tier entry holds whole KV blocks: 24 tokens at block_size 16 used to become 16 with
+    nothing said. Without a tier the value is unused, so it is not judged."""
+    with pytest.raises(ConfigError, match=r"^kv_tier_chunk_tokens 24 must be a multiple of "
+                                          r"block_size 16$"):
+        EngineConfig.from_kwargs(kv_tiers=["cpu:1GiB"], kv_tier_chunk_tokens=24)
+    assert EngineConfig.from_kwargs(kv_tiers=["cpu:1GiB"], kv_tier_chunk_tokens=48,
+                                    block_size=16).tiers.kv_tier_chunk_tokens == 48
+    assert EngineConfig.from_kwargs(kv_tier_chunk_tokens=24).tiers.kv_tier_chunk_tokens == 24
