@@ -57,8 +57,8 @@ class DiskStore(TierStore):
         super().__init__(layout, capacity_bytes, policy)
         self.root = Path(path) / layout.namespace
         self._lock_file: io.TextIOWrapper | None = None
-        # A folder that cannot be made or written is the operator's to fix: refused at start
-        # (as LMCache's disk backend does), not served as a tier that stores nothing.
+        # A folder that cannot be made or written is the operator's to fix: refused at start,
+        # not served as a tier that stores nothing.
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
