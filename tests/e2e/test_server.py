@@ -928,6 +928,39 @@ def test_api_key_required_on_v1(guarded: str) -> None:
     assert finished_total(metrics(guarded)) == finished_total(before) + 1
 
 
+def test_reset_prefix_cache_needs_the_key_and_makes_the_next_prompt_cold(guarded: str) -> None:
+    """vLLM's POST /reset_prefix_cache, behind the API key as an admin route: 200 with what
+    was forgotten, then the same prompt is computed afresh (0 cached tokens, the same text); a
+    bad or unsupported parameter is a 400 naming it. (The tiny model finishes a request
+    before a reset sent after its first token arrives: test_app checks the 409.)"""
+    url = f"{guarded}/reset_prefix_cache"
+    assert httpx.post(url).status_code == 401
+    assert httpx.post(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    body = {"prompt": "a prompt that fills a few blocks of the KV cache " * 6, "max_tokens": 3,
+            **GREEDY}
+
+    def complete() -> dict[str, Any]:
+        response = httpx.post(f"{guarded}{COMPLETIONS}", json=body, headers=AUTH, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    first, warm = complete(), complete()
+    assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+    reset = httpx.post(url, headers=AUTH)
+    assert reset.status_code == 200, reset.text
+    assert reset.json()["device_blocks"] >= 1 and reset.json()["tier_entries"] == 0
+    cold = complete()
+    assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert cold["choices"][0]["text"] == warm["choices"][0]["text"] == first["choices"][0]["text"]
+    for params, param in (({"reset_external": "maybe"}, "reset_external"),
+                          ({"reset_running_requests": "true"}, "reset_running_requests")):
+        refused = httpx.post(url, params=params, headers=AUTH)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == param, refused.text
+    wait_idle(guarded)
+    assert httpx.post(url, params={"reset_external": "true"}, headers=AUTH).status_code == 200
+
+
 def test_sigterm_drains_then_aborts_and_exits_zero() -> None:
     # A 2 s grace period: the 40-token requests finish well within it, and the 1,900-token
     # ones cannot (on this repo's 2-core box they take ~4.5 s; with a 5 s grace period they

@@ -2,7 +2,7 @@
 asyncio, on a thread of this process or in an engine process of its own.
 
     asyncio side (any loop)                     engine core (thread, or process via a pipe)
-    add_request ──admission──► AddRequest ────►  take commands: add / abort
+    add_request ──admission──► AddRequest ────►  take commands: add / abort / reset
         ▲                                        step() while there is work
         │ acceptance future                      expire timed-out requests
         └── RequestStream ◄── dispatch ◄──────── CoreUpdate: accepted, output deltas, aborts,
@@ -43,12 +43,13 @@ from kvtier.engine.core_messages import (
     AddRequest,
     Command,
     CoreUpdate,
+    ResetPrefixCache,
     StopCore,
     StreamState,
 )
 from kvtier.engine.engine_process import EngineClient, EngineProcess, EngineProcessSpec
 from kvtier.model.tokenizer import Tokenizer
-from kvtier.types import RequestOutput, SamplingParams
+from kvtier.types import PrefixCacheReset, RequestOutput, SamplingParams
 
 if TYPE_CHECKING:  # the core's modules (torch, the model) load only where the core runs
     from kvtier.engine.engine import LLMEngine
@@ -132,6 +133,8 @@ class AsyncEngine:
         self._num_pending_adds = 0  # sent to the core, not yet taken by it
         self._num_waiting = 0  # the scheduler's waiting queue, last snapshot
         self._pending: dict[str, tuple[OutputSink, asyncio.Future[None]]] = {}
+        self._resets: dict[str, asyncio.Future[PrefixCacheReset]] = {}
+        """Cache resets sent to the core, by call id, not yet answered."""
         self._snapshot: EngineSnapshot | None = None
         self._streams: dict[str, tuple[OutputSink, StreamState]] = {}  # dispatch thread only
         self._listeners: tuple[OutputListener, ...] = ()
@@ -339,6 +342,23 @@ class AsyncEngine:
             async for output in stream:
                 yield output
 
+    async def reset_prefix_cache(self, reset_tiers: bool = False) -> PrefixCacheReset:
+        """Forget the device prefix cache (and, with `reset_tiers`, the KV tiers' entries)
+        between two of the core's steps. Not done, with the reason, while requests are
+        unfinished (any front end's). Raises EngineClosedError once the engine stops."""
+        future: asyncio.Future[PrefixCacheReset] = asyncio.get_running_loop().create_future()
+        call_id = f"reset-{uuid.uuid4().hex}"
+        with self._lock:
+            if self._closed or not self.is_alive:
+                raise EngineClosedError("the server is shutting down")
+            self._resets[call_id] = future
+        self._send(ResetPrefixCache(call_id, reset_tiers))
+        try:
+            return await future
+        finally:
+            with self._lock:
+                self._resets.pop(call_id, None)
+
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it already finished); its blocks are freed on the core's
         next turn, which this call wakes."""
@@ -355,6 +375,10 @@ class AsyncEngine:
     def _dispatch(self, update: CoreUpdate) -> None:
         with self._lock:
             accepted = [(a, self._pending.pop(a.request_id, None)) for a in update.accepted]
+            resets = [(r, self._resets.pop(r.call_id, None)) for r in update.resets]
+        for reset, waiting in resets:
+            if waiting is not None:
+                _call_soon(waiting.get_loop(), _resolve, waiting, reset.result)
         for acceptance, pending in accepted:
             if pending is None:
                 continue
@@ -414,9 +438,13 @@ class AsyncEngine:
             self._accepting = False
             self._closed = True
             pending, self._pending = self._pending, {}
+            resets, self._resets = self._resets, {}
             self._num_pending_adds = 0
         for sink, future in pending.values():
             _call_soon(sink.loop, _settle, future,
+                       EngineClosedError("the server is shutting down"))
+        for waiting in resets.values():
+            _call_soon(waiting.get_loop(), _settle, waiting,
                        EngineClosedError("the server is shutting down"))
         streams, self._streams = self._streams, {}
         if streams:
@@ -439,6 +467,11 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
+
+
+def _resolve(future: asyncio.Future[PrefixCacheReset], result: PrefixCacheReset) -> None:
+    if not future.done():  # the caller was cancelled meanwhile
+        future.set_result(result)
 
 
 def _put_all(batch: OutputBatch) -> None:

@@ -19,7 +19,13 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
-from kvtier.engine.core_messages import AbortRequest, AddRequest, CoreUpdate, StopCore
+from kvtier.engine.core_messages import (
+    AbortRequest,
+    AddRequest,
+    CoreUpdate,
+    ResetPrefixCache,
+    StopCore,
+)
 from kvtier.engine.engine_core import CommandInbox
 
 logger = logging.getLogger(__name__)
@@ -38,7 +44,8 @@ class CoreFanout:
         self._conns = conns
         self._inbox = inbox
         self._owners: dict[str, int] = {}
-        """Live request id -> the front end that sent it (readers add, the core removes)."""
+        """Live request id (or a cache reset's call id) -> the front end that sent it
+        (readers add, the core removes)."""
         self._lock = threading.Lock()
         self._stopped = [False] * len(conns)
         """Sent StopCore or closed its pipe."""
@@ -75,6 +82,8 @@ class CoreFanout:
             if isinstance(command, AddRequest):
                 # Before the inbox: the core's acceptance must find its owner.
                 self._owners[command.request_id] = index
+            elif isinstance(command, ResetPrefixCache):
+                self._owners[command.call_id] = index
             self._inbox.put(command)
 
     def _stop(self, index: int, gone: bool) -> None:
@@ -86,7 +95,7 @@ class CoreFanout:
         if gone:  # nobody reads these requests' outputs any more: free their KV blocks now
             self._unreachable[index] = True
             for request_id, owner in list(self._owners.items()):
-                if owner == index:
+                if owner == index:  # a reset's call id among them: the core ignores it
                     self._inbox.put(AbortRequest(request_id, None))
         if everyone:
             self._inbox.stop()
@@ -120,6 +129,10 @@ class CoreFanout:
             target = part(aborted.request_id, finished=True)
             if target is not None:
                 target.aborted.append(aborted)
+        for reset in update.resets:
+            target = part(reset.call_id, finished=True)
+            if target is not None:
+                target.resets.append(reset)
         self._turn += 1
         now = time.monotonic()
         for index in range(len(self._conns)):

@@ -1,12 +1,12 @@
 """What crosses between the serving front end and the engine core (a thread or a process).
 
-Front end -> core: `AddRequest`, `AbortRequest` (and, to end, `StopCore`).
+Front end -> core: `AddRequest`, `AbortRequest`, `ResetPrefixCache` (and, to end, `StopCore`).
 Core -> front end: one `CoreUpdate` per turn of the core's loop: acceptances, output deltas,
-aborts, and a stats snapshot. Everything here pickles, so the same messages serve the
-in-thread core and the engine process; outputs travel as deltas (new tokens and text, the
-prompt only once) so a step's message stays small however long the prompts are. On the pipe
-an update's deltas go as columns (`CoreUpdate.__reduce__`): pickling the update is the engine
-loop's work in every step.
+aborts, answered cache resets, and a stats snapshot. Everything here pickles, so the same
+messages serve the in-thread core and the engine process; outputs travel as deltas (new tokens
+and text, the prompt only once) so a step's message stays small however long the prompts are.
+On the pipe an update's deltas go as columns (`CoreUpdate.__reduce__`): pickling the update is
+the engine loop's work in every step.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from kvtier.engine.async_types import AbortReason, EngineSnapshot
 from kvtier.types import (
     CompletionOutput,
     OutputDelta,
+    PrefixCacheReset,
     RequestMetrics,
     RequestOutput,
     SamplingParams,
@@ -46,11 +47,20 @@ class AbortRequest:
 
 
 @dataclass
+class ResetPrefixCache:
+    """Forget the device prefix cache, and with `tiers` the KV tiers' entries; answered by a
+    `CacheReset` with the same `call_id`."""
+
+    call_id: str
+    tiers: bool = False
+
+
+@dataclass
 class StopCore:
     """Refuse what is queued, abort what is live ("shutdown"), shut the engine down."""
 
 
-Command = AddRequest | AbortRequest
+Command = AddRequest | AbortRequest | ResetPrefixCache
 
 
 @dataclass
@@ -71,6 +81,12 @@ class Aborted:
 
 
 @dataclass
+class CacheReset:
+    call_id: str
+    result: PrefixCacheReset
+
+
+@dataclass
 class CoreUpdate:
     snapshot: EngineSnapshot | None
     """Set just before the update is emitted."""
@@ -83,13 +99,14 @@ class CoreUpdate:
     aborted: list[Aborted] = field(default_factory=list)
     closed: bool = False
     """The core's last update: it stopped and shut its engine down."""
+    resets: list[CacheReset] = field(default_factory=list)
 
     def __reduce__(self) -> tuple[Callable[..., CoreUpdate], tuple[object, ...]]:
         # The engine process pickles one update per step, on its loop, with a delta per
         # running request; most carry only new tokens and text, which travel as columns.
         return _update_from_wire, (self.snapshot, self.num_adds_drained, self.time,
                                    self.accepted, _deltas_to_wire(self.outputs), self.aborted,
-                                   self.closed)
+                                   self.closed, self.resets)
 
 
 _DELTA_COLUMNS = ("request_id", "new_token_ids", "new_text")
@@ -124,9 +141,9 @@ def _deltas_from_wire(wire: DeltaWire) -> list[OutputDelta]:
 
 def _update_from_wire(snapshot: EngineSnapshot | None, num_adds_drained: int, time: float,
                       accepted: list[Accepted], outputs: DeltaWire, aborted: list[Aborted],
-                      closed: bool) -> CoreUpdate:
+                      closed: bool, resets: list[CacheReset]) -> CoreUpdate:
     return CoreUpdate(snapshot, num_adds_drained, time, accepted, _deltas_from_wire(outputs),
-                      aborted, closed)
+                      aborted, closed, resets)
 
 
 def output_delta(output: RequestOutput, with_prompt: bool) -> OutputDelta:

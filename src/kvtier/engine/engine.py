@@ -45,6 +45,7 @@ from kvtier.types import (
     FinishReason,
     InvalidRequestError,
     OutputDelta,
+    PrefixCacheReset,
     RequestOutput,
     SamplingParams,
     ScheduledRequest,
@@ -579,9 +580,28 @@ class LLMEngine:
                 logger.info("tiers: copied %d entries into lower tiers at shutdown", copied)
             self.tiers.close()
 
-    def reset_prefix_cache(self) -> int:
-        """Forget the device prefix cache (lower tiers keep theirs); returns blocks dropped."""
-        return self.pool.reset_prefix_cache()
+    def reset_prefix_cache(self, reset_tiers: bool = False) -> PrefixCacheReset:
+        """Forget the device prefix cache, and with `reset_tiers` what the KV tiers hold, so
+        the next requests compute their prompts afresh (benchmarks' cold runs, new weights).
+        Refused while requests are unfinished, as vLLM's: their blocks would stay cached."""
+        unfinished = len(self.scheduler.requests) + len(self.scheduler.loading)
+        if unfinished:
+            return PrefixCacheReset(False, reason=f"requests are unfinished ({unfinished}): "
+                                    "their blocks would stay cached")
+        tier_entries = 0
+        if self.tiers is not None:
+            if not reset_tiers:  # the tiers get what an eviction would have copied down
+                self.tiers.flush_candidates()
+            self.tiers.wait_idle()  # stores still reading device blocks hold them
+        held = self.pool.num_blocks - self.pool.num_free_blocks
+        if held:
+            return PrefixCacheReset(False, reason=f"{held} KV blocks are still in use")
+        device_blocks = self.pool.reset_prefix_cache()
+        if reset_tiers and self.tiers is not None:
+            tier_entries = self.tiers.clear_stores()
+        logger.info("prefix cache reset: %d device blocks%s forgotten", device_blocks,
+                    f" and {tier_entries} tier entries" if reset_tiers else "")
+        return PrefixCacheReset(True, device_blocks, tier_entries)
 
     def get_stats(self) -> EngineStats:
         self.stats.num_running = self.scheduler.num_running

@@ -1,6 +1,7 @@
 """The engine core's loop: take commands, step while there is work, report each turn.
 
-    inbox (AddRequest / AbortRequest / stop) ─► EngineCore.run ─► emit(CoreUpdate)
+    inbox (AddRequest / AbortRequest / ResetPrefixCache / stop)
+        ─► EngineCore.run ─► emit(CoreUpdate)
 
 It runs on the AsyncEngine's engine thread, or as the main loop of the engine process
 (`engine_process`), where it has a GIL of its own: there the HTTP front end's parsing,
@@ -23,13 +24,15 @@ from kvtier.engine.core_messages import (
     AbortRequest,
     Accepted,
     AddRequest,
+    CacheReset,
     Command,
     CoreUpdate,
+    ResetPrefixCache,
     output_delta,
 )
 from kvtier.engine.engine import LaunchedStep, LLMEngine
 from kvtier.request import Request
-from kvtier.types import InvalidRequestError
+from kvtier.types import InvalidRequestError, PrefixCacheReset
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +265,18 @@ class EngineCore:
         for command in commands:
             if isinstance(command, AddRequest):
                 self._add(update, command)
+            elif isinstance(command, ResetPrefixCache):
+                self._reset(update, command)
             else:
                 self._abort(update, command)
+
+    def _reset(self, update: CoreUpdate, command: ResetPrefixCache) -> None:
+        try:
+            result = self.engine.reset_prefix_cache(command.tiers)
+        except Exception as exc:  # the caller gets the reason; the engine keeps serving
+            logger.exception("prefix cache reset failed")
+            result = PrefixCacheReset(False, reason=f"{type(exc).__name__}: {exc}")
+        update.resets.append(CacheReset(command.call_id, result))
 
     def _add(self, update: CoreUpdate, command: AddRequest) -> None:
         try:
@@ -334,3 +347,6 @@ class EngineCore:
             if isinstance(command, AddRequest):
                 update.accepted.append(Accepted(
                     command.request_id, EngineClosedError("the server is shutting down")))
+            elif isinstance(command, ResetPrefixCache):
+                update.resets.append(CacheReset(command.call_id, PrefixCacheReset(
+                    False, reason="the server is shutting down")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +15,8 @@ Prompt = str | list[int] | Mapping[str, Any]
 """Text, token ids, or vLLM's `{"prompt": text}` / `{"prompt_token_ids": ids}` dicts."""
 Message = dict[str, Any]
 
+logger = logging.getLogger(__name__)
+
 
 class LLM:
     """Generate offline with continuous batching; `model=None` is the embedded default."""
@@ -23,6 +26,15 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    def reset_prefix_cache(self, reset_tiers: bool = False) -> bool:
+        """Forget the device prefix cache (and, with `reset_tiers`, the KV tiers' entries):
+        the next prompts are computed afresh. False, with a warning, if it could not (as
+        vLLM's); between `generate` calls it always can."""
+        result = self.engine.reset_prefix_cache(reset_tiers)
+        if not result.reset:
+            logger.warning("prefix cache not reset: %s", result.reason)
+        return result.reset
 
     def shutdown(self) -> None:
         """Finish the tiers' work and release them: lazy candidates still only on the device

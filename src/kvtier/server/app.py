@@ -1,8 +1,9 @@
 """`create_app(async_engine, settings)`: the FastAPI app of `kvtier serve`.
 
-Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models` (behind the API
-key when one is set), and `POST /tokenize`, `/detokenize`, `GET /health`, `/version`,
-`/metrics`, `/openapi.json` (always open, as vLLM's API key guards only `/v1`).
+Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models` and
+`POST /reset_prefix_cache` (behind the API key when one is set), and `POST /tokenize`,
+`/detokenize`, `GET /health`, `/version`, `/metrics`, `/openapi.json` (always open, as vLLM's
+API key guards only `/v1`).
 The app holds no global state: its metrics live in its own registry, so tests may build
 several apps in one process.
 """
@@ -18,8 +19,8 @@ from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
 from kvtier import __version__
-from kvtier.engine.async_engine import AsyncEngine
-from kvtier.server.errors import install_error_handlers
+from kvtier.engine.async_engine import AsyncEngine, EngineClosedError
+from kvtier.server.errors import OpenAIError, from_engine_error, install_error_handlers
 from kvtier.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvtier.server.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware
 from kvtier.server.protocol import (
@@ -32,6 +33,7 @@ from kvtier.server.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    PrefixCacheResetResponse,
     TokenizeRequest,
     TokenizeResponse,
 )
@@ -61,6 +63,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "Malformed request, bad value, or prompt too long."),
         (401, "Missing or wrong API key."),
         (404, "Unknown model."),
+        (409, "Requests are unfinished: the prefix cache was not reset."),
         (413, "Request body too large."),
         (503, "Waiting queue full (see Retry-After) or shutting down."))}
 _STREAM_DOC: dict[str, Any] = {"content": {"text/event-stream": {}},
@@ -114,6 +117,28 @@ def create_app(async_engine: AsyncEngine, settings: ServerSettings | None = None
         return ModelList(data=[ModelCard(id=name, root=root,
                                          max_model_len=async_engine.max_model_len)
                                for name in names])
+
+    @app.post("/reset_prefix_cache", response_model=PrefixCacheResetResponse,
+              responses={k: _ERRORS[k] for k in (400, 401, 409, 503)})
+    async def reset_prefix_cache(reset_external: bool = False,
+                                 reset_running_requests: bool = False,
+                                 ) -> PrefixCacheResetResponse:
+        """Forget the device prefix cache, so the next prompts are computed afresh (vLLM's
+        route; SGLang's is /flush_cache); `reset_external=true` also empties the KV tiers
+        (for a shared Redis tier, every replica's). 409 while requests are unfinished."""
+        if reset_running_requests:
+            raise OpenAIError(400, "reset_running_requests is not supported: the cache is "
+                                   "reset between requests; retry once they have finished",
+                              param="reset_running_requests")
+        try:
+            result = await async_engine.reset_prefix_cache(reset_external)
+        except EngineClosedError as exc:
+            raise from_engine_error(exc) from exc
+        if not result.reset:
+            raise OpenAIError(409, f"prefix cache not reset: {result.reason}",
+                              code="requests_unfinished", error_type="conflict_error")
+        return PrefixCacheResetResponse(device_blocks=result.device_blocks,
+                                        tier_entries=result.tier_entries)
 
     @app.get("/health")
     async def health() -> Response:

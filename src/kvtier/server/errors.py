@@ -74,9 +74,16 @@ _UNION_BRANCH = re.compile(r"\[|^(str|int|float|bool|list|dict|none)$")
 `list[int]`), not a field: dropped from the parameter users see."""
 
 
+_LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
+"""Where FastAPI found the value (the first part of an error's location): not a parameter."""
+
+
 def _param_parts(error: Any) -> list[str]:
-    return [str(part) for part in error.get("loc", ())
-            if part != "body" and not (isinstance(part, str) and _UNION_BRANCH.search(part))]
+    loc = list(error.get("loc", ()))
+    if loc and loc[0] in _LOCATIONS:
+        loc = loc[1:]
+    return [str(part) for part in loc
+            if not (isinstance(part, str) and _UNION_BRANCH.search(part))]
 
 
 def _most_telling(errors: Sequence[Any]) -> Any:

@@ -13,9 +13,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvtier.server.errors import OpenAIError
 
+ADMIN_PATHS = frozenset({"/reset_prefix_cache"})
+"""Outside `/v1` but behind the API key too: they change what the server holds."""
+
 
 class ApiKeyMiddleware:
-    """Every `/v1/*` request must carry `Authorization: Bearer <key>` (401 otherwise).
+    """Every `/v1/*` request, and the admin routes, must carry `Authorization: Bearer <key>`
+    (401 otherwise).
 
     Compared with `hmac.compare_digest`, so the time taken says nothing about the key.
     """
@@ -25,7 +29,8 @@ class ApiKeyMiddleware:
         self._expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path.startswith("/v1") or path in ADMIN_PATHS):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")

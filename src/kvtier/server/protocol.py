@@ -216,6 +216,13 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class PrefixCacheResetResponse(BaseModel):
+    """POST /reset_prefix_cache: what was forgotten."""
+
+    device_blocks: int
+    tier_entries: int
+
+
 def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple[str, str] | None:
     """(param, message) for the first field set to something we cannot honour, else None."""
     checks: list[tuple[str, bool, str]] = [

@@ -288,6 +288,16 @@ class TierStore(ABC):
         with self._lock:
             self._drop(key)
 
+    def clear(self) -> int:
+        """Drop every ready entry that no load holds (a cache reset); returns how many. A
+        shared store's (Redis) entries go for every replica."""
+        with self._lock:
+            keys = [key for key, entry in self._entries.items()
+                    if entry.ready and entry.pins == 0]
+            for key in keys:
+                self._drop(key)
+        return len(keys)
+
     # -- store-specific ----------------------------------------------------------------------
 
     @abstractmethod

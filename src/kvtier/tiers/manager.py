@@ -388,6 +388,12 @@ class TierManager:
         for segment in plan.segments:
             self.stores[segment.tier].unpin(segment.meta.key)
 
+    def clear_stores(self) -> int:
+        """Let every transfer finish, then drop what each tier holds; returns the entries
+        dropped. Only while no request runs: a load would lose its source."""
+        self.wait_idle()
+        return sum(store.clear() for store in self.stores)
+
     @property
     def has_inflight_transfers(self) -> bool:
         return bool(self._loading or self._storing or self._event_loads)
@@ -546,7 +552,7 @@ class TierManager:
 
     def flush_candidates(self) -> None:
         """Store every lazy candidate still on the device (graceful shutdown: a disk tier
-        then keeps what the device held)."""
+        then keeps what the device held; a prefix-cache reset: the tiers keep it)."""
         self._store_chunks(list({id(c): c for c in self._candidates.values()}.values()))
         self._candidates.clear()
 

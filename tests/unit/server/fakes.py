@@ -22,6 +22,7 @@ from kvtier.types import (
     CompletionOutput,
     InvalidRequestError,
     OutputDelta,
+    PrefixCacheReset,
     RequestMetrics,
     RequestOutput,
     SamplingParams,
@@ -121,10 +122,19 @@ class FakeEngine:
         self.num_calls = 0
         self.aborted: list[str] = []
         self.shut_down = False
+        self.reset_result = PrefixCacheReset(True)
+        """What `reset_prefix_cache` answers."""
+        self.resets: list[bool] = []
+        """`reset_tiers` of every reset asked for."""
 
     def _touch(self) -> None:
         self.threads.add(threading.get_ident())
         self.num_calls += 1
+
+    def reset_prefix_cache(self, reset_tiers: bool = False) -> PrefixCacheReset:
+        self._touch()
+        self.resets.append(reset_tiers)
+        return self.reset_result
 
     def add_request(self, prompt: str | list[int], params: SamplingParams,
                     request_id: str | None = None, arrival_time: float | None = None,

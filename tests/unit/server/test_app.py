@@ -17,7 +17,7 @@ from kvtier.engine.async_engine import AsyncEngine
 from kvtier.server.app import ServerSettings, create_app
 from kvtier.tiers.base import TierStats
 from kvtier.tiers.manager import ManagerStats
-from kvtier.types import InvalidRequestError, SamplingParams
+from kvtier.types import InvalidRequestError, PrefixCacheReset, SamplingParams
 from tests.unit.server.fakes import FakeEngine, start_async_engine
 
 pytestmark = pytest.mark.timeout(60)
@@ -582,6 +582,29 @@ def test_api_key_guards_v1_only(engine: AsyncEngine) -> None:
                 headers={"Authorization": "Bearer k"}).status_code == 200
     for path in ("/health", "/metrics", "/version", "/openapi.json"):
         assert call(engine, "GET", path, settings).status_code == 200, path
+
+
+def test_reset_prefix_cache_answers_what_the_engine_did() -> None:
+    fake = FakeEngine()
+    engine = start_async_engine(fake)
+    fake.reset_result = PrefixCacheReset(True, device_blocks=7, tier_entries=2)
+    done = call(engine, "POST", "/reset_prefix_cache?reset_external=true")
+    assert done.status_code == 200 and done.json() == {"device_blocks": 7, "tier_entries": 2}
+    fake.reset_result = PrefixCacheReset(False, reason="requests are unfinished (2)")
+    busy = call(engine, "POST", "/reset_prefix_cache")
+    assert busy.status_code == 409
+    assert busy.json()["error"] == {
+        "message": "prefix cache not reset: requests are unfinished (2)",
+        "type": "conflict_error", "param": None, "code": "requests_unfinished"}
+    assert fake.resets == [True, False]
+    settings = ServerSettings(api_key="k")  # an admin route: behind the key, unlike /health
+    assert call(engine, "POST", "/reset_prefix_cache", settings).status_code == 401
+    assert call(engine, "POST", "/reset_prefix_cache", settings,
+                headers={"Authorization": "Bearer k"}).status_code == 409
+    assert fake.resets == [True, False, False]
+    asyncio.run(engine.shutdown(drain=False))
+    gone = call(engine, "POST", "/reset_prefix_cache")
+    assert gone.status_code == 503 and gone.json()["error"]["code"] == "shutting_down"
 
 
 def test_metrics_names_and_tier_labels(engine: AsyncEngine) -> None:

@@ -23,12 +23,14 @@ from kvtier.engine.core_messages import (
     AbortRequest,
     Accepted,
     AddRequest,
+    CacheReset,
     CoreUpdate,
+    ResetPrefixCache,
     StopCore,
 )
 from kvtier.engine.engine_core import CommandInbox
 from kvtier.engine.stats import EngineStats
-from kvtier.types import InvalidRequestError, OutputDelta, SamplingParams
+from kvtier.types import InvalidRequestError, OutputDelta, PrefixCacheReset, SamplingParams
 
 PARAMS = SamplingParams(max_tokens=4)
 
@@ -168,3 +170,14 @@ def test_a_front_end_gone_has_its_requests_aborted(two: FrontEnds) -> None:
     deadline = time.monotonic() + 5
     while not two.inbox.take(0.1)[1]:
         assert time.monotonic() < deadline, "the core was never told to stop"
+
+
+def test_a_cache_reset_is_answered_to_the_front_end_that_asked(two: FrontEnds) -> None:
+    two.front[1].send(ResetPrefixCache("reset-b", tiers=True))
+    assert two.take(1) == [ResetPrefixCache("reset-b", tiers=True)]
+    done = CacheReset("reset-b", PrefixCacheReset(True, device_blocks=5, tier_entries=2))
+    two.fanout.emit(CoreUpdate(snapshot(0), 0, 1.0, resets=[done]))
+    (to_b,) = two.received(1)
+    assert to_b.resets == [done]
+    assert [u.resets for u in two.received(0)] == [[]]  # the snapshot only
+    assert two.fanout._owners == {}

@@ -118,6 +118,29 @@ def test_closing_a_stream_aborts_and_frees_its_blocks(engine: AsyncEngine) -> No
     wait_idle(engine)
 
 
+def test_a_prefix_cache_reset_crosses_the_pipe(engine: AsyncEngine) -> None:
+    prompt = list(range(5, 45))  # two full blocks and a part
+
+    async def scenario() -> None:
+        await collect(engine, prompt)
+        warm = (await collect(engine, prompt))[-1]
+        assert warm.num_cached_tokens >= 32
+        result = await engine.reset_prefix_cache()
+        assert result.reset and result.device_blocks >= 2, result
+        cold = (await collect(engine, prompt))[-1]
+        assert cold.num_cached_tokens == 0
+        assert cold.outputs[0].token_ids == warm.outputs[0].token_ids
+        stream = await engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=200,
+                                                                        ignore_eos=True))
+        await anext(stream)
+        refused = await engine.reset_prefix_cache()
+        stream.close()
+        assert not refused.reset and "unfinished" in str(refused.reason), refused
+
+    asyncio.run(scenario())
+    wait_idle(engine)
+
+
 def test_timeout_aborts_with_partial_output() -> None:
     engine = spawn(request_timeout_s=0.05)
 
@@ -151,6 +174,8 @@ def test_dead_child_ends_every_wait() -> None:
         assert info.value.reason == "error"
         with pytest.raises(EngineClosedError):
             await engine.add_request([7], params)
+        with pytest.raises(EngineClosedError):
+            await engine.reset_prefix_cache()
 
     asyncio.run(killed())
     assert not engine.is_alive

@@ -94,8 +94,8 @@ def test_an_update_crosses_the_engine_pipe_with_every_delta_as_it_was() -> None:
     """CoreUpdate pickles its deltas as columns plus the other fields of the deltas that
     have any: plain, finished, first (prompt, metrics) and logprob deltas, in any order,
     come back equal, and so do the update's other fields."""
-    from kvtier.engine.core_messages import Aborted, Accepted, CoreUpdate
-    from kvtier.types import RequestMetrics, TokenLogprobs
+    from kvtier.engine.core_messages import Aborted, Accepted, CacheReset, CoreUpdate
+    from kvtier.types import PrefixCacheReset, RequestMetrics, TokenLogprobs
     metrics = RequestMetrics(arrival_time=2.0, num_prompt_tokens=2)
 
     def plain(i: int) -> OutputDelta:
@@ -112,7 +112,9 @@ def test_an_update_crosses_the_engine_pipe_with_every_delta_as_it_was() -> None:
     update = CoreUpdate(snapshot=None, num_adds_drained=3, time=7.5,
                         accepted=[Accepted("first"), Accepted("bad", ValueError("no"))],
                         outputs=outputs,
-                        aborted=[Aborted("gone", "timeout", plain(9))], closed=True)
+                        aborted=[Aborted("gone", "timeout", plain(9))], closed=True,
+                        resets=[CacheReset("reset-1", PrefixCacheReset(True, 12, 3)),
+                                CacheReset("reset-2", PrefixCacheReset(False, reason="busy"))])
     back = pickle.loads(pickle.dumps(update, protocol=pickle.HIGHEST_PROTOCOL))
     assert type(back) is CoreUpdate
     assert [dataclasses.asdict(d) for d in back.outputs] == [dataclasses.asdict(d)
@@ -121,6 +123,7 @@ def test_an_update_crosses_the_engine_pipe_with_every_delta_as_it_was() -> None:
     assert (back.num_adds_drained, back.time, back.closed, back.snapshot) == (3, 7.5, True, None)
     assert [a.request_id for a in back.accepted] == ["first", "bad"]
     assert str(back.accepted[1].error) == "no" and back.aborted == update.aborted
+    assert back.resets == update.resets
     empty = CoreUpdate(snapshot=None, num_adds_drained=0, time=0.0)
     assert pickle.loads(pickle.dumps(empty)).outputs == []
 

@@ -83,6 +83,10 @@ def test_validation_message_points_at_the_param() -> None:
     assert validation_message([{"type": "json_invalid", "loc": ("body", 3)}])[1] is None
     assert validation_message([{"type": "missing", "loc": ("body", "prompt")}]) == (
         "missing required parameter 'prompt'", "prompt")
+    # A query parameter (POST /reset_prefix_cache?reset_external=maybe) is named as sent.
+    assert validation_message([{"type": "bool_parsing", "loc": ("query", "reset_external"),
+                                "msg": "Input should be a valid boolean"}]) == (
+        "reset_external: Input should be a valid boolean", "reset_external")
 
 
 @pytest.mark.parametrize(("body", "expected"), [

@@ -138,6 +138,33 @@ def test_capacity_is_never_exceeded_and_pinned_entries_survive(
     store.check_integrity()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_clear_drops_every_entry_but_those_a_load_holds(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A prefix-cache reset with the tiers: every ready entry goes, with its storage (a disk
+    file, a Redis key), except one pinned by a load in flight."""
+    store = make_store(kind, tmp_path, request, capacity_entries=4)
+    metas = [make_meta(seed) for seed in (1, 2, 3)]
+    assert all(put(store, meta) for meta in metas)
+    store.pin(metas[0].key)
+    assert store.clear() == 2
+    assert store.has(metas[0].key) and not any(store.has(m.key) for m in metas[1:])
+    assert store.used_bytes == store.charged_bytes(metas[0])
+    store.check_integrity()
+    if isinstance(store, DiskStore):
+        assert [entry_file(store, m).exists() for m in metas] == [True, False, False]
+    if kind == "redis":
+        store._await_removals()  # type: ignore[attr-defined]
+        other = redis_store(request.getfixturevalue("redis_server").url)
+        try:
+            assert [other.has(m.key) for m in metas] == [True, False, False]
+        finally:
+            other.close()
+    store.unpin(metas[0].key)
+    assert store.clear() == 1 and store.num_entries == 0 and store.used_bytes == 0
+    store.check_integrity()
+
+
 def test_disk_index_survives_a_restart(tmp_path: Path) -> None:
     meta = make_meta(7)
     first = disk_store(tmp_path)
