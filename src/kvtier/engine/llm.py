@@ -27,10 +27,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def reset_prefix_cache(self, reset_tiers: bool = False) -> bool:
+    def reset_prefix_cache(self, *, reset_tiers: bool = False) -> bool:
         """Forget the device prefix cache (and, with `reset_tiers`, the KV tiers' entries):
         the next prompts are computed afresh. False, with a warning, if it could not (as
-        vLLM's); between `generate` calls it always can."""
+        vLLM's); between `generate` calls it always can. Keyword-only: vLLM's first
+        positional flag (`reset_running_requests`) means something else."""
         result = self.engine.reset_prefix_cache(reset_tiers)
         if not result.reset:
             logger.warning("prefix cache not reset: %s", result.reason)
