@@ -130,9 +130,10 @@ def test_a_prefix_cache_reset_crosses_the_pipe(engine: AsyncEngine) -> None:
         cold = (await collect(engine, prompt))[-1]
         assert cold.num_cached_tokens == 0
         assert cold.outputs[0].token_ids == warm.outputs[0].token_ids
+        # Accepted: the core holds the request, which needs 200 steps; the reset follows at
+        # once, a turn or two later.
         stream = await engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=200,
                                                                         ignore_eos=True))
-        await anext(stream)
         refused = await engine.reset_prefix_cache()
         stream.close()
         assert not refused.reset and "unfinished" in str(refused.reason), refused
