@@ -1,5 +1,6 @@
 """`kvtier lab` end to end on random:tiny-llama: two kvtier servers started by the lab, a short
-prefix-pressure workload and a failing configuration; the report directory must be complete."""
+prefix-pressure workload and a failing configuration; the report directory must be complete.
+The servers' caches are reset before the run (`reset_path`), the warm-up's KV included."""
 
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ temperature = 0.0
 name = "prefix cache only"
 engine = { num_gpu_blocks_override = 24, kv_tier_chunk_tokens = 32 }
 startup_timeout_s = 180
+reset_path = "/reset_prefix_cache?reset_external=true"
 [[servers]]
 name = "+ cpu tier"
 engine = { num_gpu_blocks_override = 24, kv_tier_chunk_tokens = 32, kv_tier = ["cpu:16MiB"] }
 startup_timeout_s = 180
+reset_path = "/reset_prefix_cache?reset_external=true"
 [[servers]]
 name = "broken"
 launch = "echo no such server on {port}; exit 7"
@@ -71,6 +74,9 @@ def test_lab_run_writes_the_report_with_plots(tmp_path: Path):
     assert plots == {"ttft_cdf_p.png", "itl_p.png", "throughput.png", "regime_map.png"}
     assert {p.name for p in (out / "logs").iterdir()} == {
         "prefix-cache-only.log", "cpu-tier.log", "broken.log"}
+    for log in ("prefix-cache-only.log", "cpu-tier.log"):
+        text = (out / "logs" / log).read_text()
+        assert "prefix cache reset: " in text and " tier entries forgotten" in text, log
 
 
 def test_malformed_experiment_names_the_field(tmp_path: Path):

@@ -24,6 +24,9 @@ An experiment file (or a built-in preset under `presets/`) looks like this:
     name = "vllm"
     launch = "vllm serve {model} --port {port}"  # any server, started by the lab
     model = "Qwen/Qwen2.5-1.5B-Instruct"
+    reset_path = "/reset_prefix_cache"  # optional: POSTed before each run (a cold cache);
+                                        # vLLM needs VLLM_SERVER_DEV_MODE=1 for it, SGLang's
+                                        # is /flush_cache
 
     [[workloads]]                       # BenchConfig fields (vLLM's option names)
     name = "P"
@@ -53,7 +56,7 @@ PRESETS_PACKAGE = "kvtier.lab.presets"
 _EXPERIMENT_KEYS = {"name", "description", "model", "tokenizer", "bench", "servers",
                     "workloads", "restart_per_workload", "repeats"}
 _SERVER_KEYS = {"name", "engine", "args", "base_url", "launch", "model", "env", "health_path",
-                "startup_timeout_s", "device_kv_tokens", "block_size"}
+                "startup_timeout_s", "device_kv_tokens", "block_size", "reset_path"}
 _PLACEHOLDERS = ("{host}", "{port}", "{model}")
 # Fields the lab sets itself: where to send, and what to do with results.
 _LAB_OWNED = {"base_url", "host", "port"}
@@ -83,6 +86,10 @@ class ServerSpec:
     device_kv_tokens: int | None = None
     """Device KV pool in tokens, for the regime map; None = read from kvtier's /metrics."""
     block_size: int = 16
+    reset_path: str | None = None
+    """POSTed before each run, so that no run starts from what an earlier one cached (a
+    server the lab does not restart: `base_url`, repeats, several workloads); a run whose
+    reset is not answered 2xx fails. None: no reset."""
 
     @property
     def kind(self) -> str:
@@ -276,6 +283,10 @@ def _parse_server(table: Mapping[str, Any], where: str, model: str | None) -> Se
         if isinstance(value, dict | list):
             raise ExperimentError(f"{where}.env.{key}: expected a string or number, got "
                                   f"{value!r}")
+    reset_path = _typed(table, "reset_path", str, where, default=None)
+    if reset_path is not None and not reset_path.startswith("/"):
+        raise ExperimentError(f"{where}.reset_path: expected a path such as "
+                              f"'/reset_prefix_cache', got {reset_path!r}")
     startup_timeout_s = _typed(table, "startup_timeout_s", (int, float), where, default=600.0)
     device_kv_tokens = _typed(table, "device_kv_tokens", int, where, default=None)
     block_size = _typed(table, "block_size", int, where, default=16)
@@ -289,7 +300,7 @@ def _parse_server(table: Mapping[str, Any], where: str, model: str | None) -> Se
         env={str(k): str(v) for k, v in env.items()},
         health_path=_typed(table, "health_path", str, where, default="/health"),
         startup_timeout_s=float(startup_timeout_s), device_kv_tokens=device_kv_tokens,
-        block_size=block_size)
+        block_size=block_size, reset_path=reset_path)
 
 
 def engine_flags(engine: Any, where: str) -> list[str]:

@@ -186,6 +186,8 @@ class _Runner:
             key = (workload.name, id(tokenizer))
             if key not in self._workloads:
                 self._workloads[key] = build_workload(config, tokenizer)
+            if spec.reset_path is not None:
+                reset_cache(server.base_url, spec.reset_path)
             progress = self.new_task(label) if self.new_task else None
             cpu_before = (ProcessTreeCPU.snapshot(server.process.pid)
                           if server.process is not None else None)
@@ -243,6 +245,22 @@ def warm_up(base_url: str) -> None:
             **({"model": model} if model else {})}
     with contextlib.suppress(httpx.HTTPError):
         httpx.post(base_url + "/v1/completions", json=body, timeout=120.0)
+
+
+class CacheResetError(RuntimeError):
+    """The server did not answer its cache reset (`reset_path`) with 2xx."""
+
+
+def reset_cache(base_url: str, path: str) -> None:
+    """POST the server's cache reset, so the run starts cold (its KV tiers included only where
+    the path asks, e.g. kvtier's `/reset_prefix_cache?reset_external=true`)."""
+    try:
+        response = httpx.post(base_url + path, timeout=120.0)
+    except httpx.HTTPError as exc:
+        raise CacheResetError(f"cache reset {path}: {type(exc).__name__}: {exc}") from exc
+    if not response.is_success:
+        raise CacheResetError(f"cache reset {path} answered HTTP {response.status_code}: "
+                              f"{response.text.strip()[:200]}")
 
 
 def served_model(base_url: str) -> str | None:

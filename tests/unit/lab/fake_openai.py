@@ -1,10 +1,13 @@
 """A tiny OpenAI-compatible streaming server for lab tests, run as a subprocess by `launch`.
 
     python fake_openai.py --port P [--delay-ms D] [--fail-every N] [--kvtier]
+                          [--reset-status S]
 
 Streams one word per max_tokens with `delay-ms` between chunks and a final usage chunk; every
 N-th request answers HTTP 500; with --kvtier, /metrics exposes kvtier-named counters (prompt
 tokens = prompt words, half of them counted as device hits, a quarter as cpu-tier hits).
+POST /reset_prefix_cache answers `reset-status` (200) and prints "reset after N requests" to
+stdout (the lab's server log).
 """
 
 from __future__ import annotations
@@ -17,9 +20,15 @@ from aiohttp import web
 
 
 class Fake:
-    def __init__(self, delay_s: float, fail_every: int, kvtier: bool) -> None:
+    def __init__(self, delay_s: float, fail_every: int, kvtier: bool,
+                 reset_status: int = 200) -> None:
         self.delay_s, self.fail_every, self.kvtier = delay_s, fail_every, kvtier
+        self.reset_status = reset_status
         self.requests = self.succeeded = self.prompt_tokens = self.generated = 0
+
+    async def reset(self, request: web.Request) -> web.Response:
+        print(f"reset after {self.requests} requests", flush=True)
+        return web.Response(status=self.reset_status, text="reset answer")
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "random:tiny-llama"}]})
@@ -70,14 +79,16 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=1.0)
     parser.add_argument("--fail-every", type=int, default=0)
     parser.add_argument("--kvtier", action="store_true")
+    parser.add_argument("--reset-status", type=int, default=200)
     args = parser.parse_args()
-    fake = Fake(args.delay_ms / 1000, args.fail_every, args.kvtier)
+    fake = Fake(args.delay_ms / 1000, args.fail_every, args.kvtier, args.reset_status)
     app = web.Application()
     app.router.add_post("/v1/completions", fake.generate)
     app.router.add_post("/v1/chat/completions", fake.generate)
     app.router.add_get("/v1/models", fake.models)
     app.router.add_get("/health", fake.health)
     app.router.add_get("/metrics", fake.metrics)
+    app.router.add_post("/reset_prefix_cache", fake.reset)
     web.run_app(app, host="127.0.0.1", port=args.port, print=None)
 
 

@@ -116,6 +116,11 @@ def test_false_becomes_no_flag_and_host_port_are_refused():
     ('name = "remote"', 'name = "remote"\ndevice_kv_tokens = -1',
      r"servers\[3\]\.device_kv_tokens: expected a positive number, got -1"),
     ('name = "remote"', 'name = "remote"\nenv = { A = [1] }', r"servers\[3\]\.env\.A: expected"),
+    ('name = "remote"', 'name = "remote"\nreset_path = "flush_cache"',
+     r"servers\[3\]\.reset_path: expected a path such as '/reset_prefix_cache', got "
+     r"'flush_cache'"),
+    ('name = "remote"', 'name = "remote"\nreset_path = 1',
+     r"servers\[3\]\.reset_path: expected str"),
     ("num_prompts = 8", "num_prompts = 8\nheader = { x-a = 1 }",
      r"workloads\[0\]\.header: expected a table of strings, got \{'x-a': 1\}"),
 ])
@@ -164,6 +169,12 @@ def test_seed_gpu_is_the_peers_setup():
         "sharegpt", 1000, True)
     assert (q["prefix_repetition_output_len"], q["num_prompts"], q["max_concurrency"]) == (
         32, 256, 4)
+
+
+def test_reset_path_defaults_to_none_and_parses():
+    assert all(s.reset_path is None for s in parse(VALID).servers)
+    changed = with_change('name = "remote"', 'name = "remote"\nreset_path = "/flush_cache"')
+    assert parse(changed).servers[3].reset_path == "/flush_cache"
 
 
 def test_repeats_default_to_one_and_parse():

@@ -8,6 +8,7 @@ command exits at once. Failures must be recorded while the other runs go on.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -159,3 +160,26 @@ def test_engine_flags_are_checked_by_kvtiers_own_parser():
     bad = good.replace(servers=(good.servers[0], ServerSpec("b", engine=("--bogus-flag", "1"))))
     with pytest.raises(ValueError, match=r"servers\[1\] \('b'\)\.engine: .*--bogus-flag"):
         check_engine_flags(bad)
+
+
+def test_reset_path_is_posted_before_every_run_and_a_refused_reset_fails_the_run(
+        tmp_path: Path):
+    """One server, two workloads, two repeats: four runs, each after a reset of its own (the
+    fake logs how many requests it had seen: the warm-up's, then each run's six). A server
+    that refuses the reset gets failed runs naming the path and the status, no benchmark."""
+    resets = dataclasses.replace(fake("resets"), reset_path="/reset_prefix_cache")
+    refuses = dataclasses.replace(fake("refuses", "--reset-status", "409"),
+                                  reset_path="/reset_prefix_cache")
+    experiment = Experiment(name="unit", tokenizer=TOKENIZER, servers=(resets, refuses),
+                            workloads=(workload("R"), workload("R2")), repeats=2)
+    lab = run_experiment(experiment, tmp_path, log=lambda _: None)
+    logs = sorted((tmp_path / "logs").glob("resets*.log"))
+    seen = [line for log in logs for line in log.read_text().splitlines()
+            if line.startswith("reset after")]
+    assert seen == ["reset after 1 requests", "reset after 7 requests"] * 2, seen
+    by_server = {name: [r for r in lab.records if r.server == name]
+                 for name in ("resets", "refuses")}
+    assert [r.status for r in by_server["resets"]] == ["ok"] * 4
+    assert [r.status for r in by_server["refuses"]] == ["failed"] * 4
+    assert all("cache reset /reset_prefix_cache answered HTTP 409: reset answer" in r.error
+               for r in by_server["refuses"])
