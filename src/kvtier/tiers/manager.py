@@ -389,9 +389,8 @@ class TierManager:
             self.stores[segment.tier].unpin(segment.meta.key)
 
     def clear_stores(self) -> int:
-        """Let every transfer finish, then drop what each tier holds; returns the entries
-        dropped. Only while no request runs: a load would lose its source."""
-        self.wait_idle()
+        """Drop what each tier holds; returns the entries dropped. Only once `wait_idle` has
+        returned with no request running: a store in flight would land after the clear."""
         return sum(store.clear() for store in self.stores)
 
     @property
