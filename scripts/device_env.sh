@@ -6,6 +6,11 @@ date -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD/src:$PWD/scripts:$PWD:/tmp/site PYTHONUNBUFFERED=1
+# The card has no redis-server: the call carries this box's binary and the libraries it links
+# in .gpu/redis (how to fill it: scripts/device_redis.sh); without it the redis tests skip.
+if [ -x .gpu/redis/redis-server ]; then
+    export PATH=$PWD/.gpu/redis:$PATH LD_LIBRARY_PATH=$PWD/.gpu/redis/lib:${LD_LIBRARY_PATH:-}
+fi
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 

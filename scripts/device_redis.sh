@@ -14,7 +14,6 @@
 #   bash scripts/device_redis.sh [--skip-tests]      (carry [".whl", ".gpu/redis"])
 set -uo pipefail
 source scripts/device_env.sh
-export PATH=$PWD/.gpu/redis:$PATH LD_LIBRARY_PATH=$PWD/.gpu/redis/lib:${LD_LIBRARY_PATH:-}
 redis-server --version || exit 1
 python3 -c "import redis, hiredis; print('redis', redis.__version__, 'hiredis', hiredis.__version__)"
 status=0
