@@ -33,13 +33,11 @@ from kvtier.attention.base import AttentionBackend, AttentionMetadata
 
 KEY_TILE = 64
 ROW_QUANTUM = 8
-"""GEMM rows are padded to a multiple of this (here and in `layers.invariant_linear`). On this
-repo's CPU box MKL rounds a GEMM with fewer than 8 rows differently (1-3 rows, and rows 4-6 of
-7); at every multiple of 8 from 8 to 1,024 rows, and at every offset, each row had the same
-bits, in fp32 and bf16, for the model's projection shapes and the attention tiles'
-(`tests/unit/attention/test_invariant_ref.py` checks it wherever the suite runs). 32 was as
-invariant and cost 1.4x the time of 8 in decode steps (SmolLM2, batch of eight: 9.1 s
-against 6.4 s)."""
+"""The attention tiles' GEMM rows are padded to a multiple of this. MKL rounds a GEMM with
+fewer than 8 rows differently (1-3 rows, and rows 4-6 of 7); at every multiple of 8 each row
+had the same bits for these tiles' shapes on every box so far
+(`tests/unit/attention/test_invariant_ref.py` checks it wherever the suite runs). The
+projections need calls of one fixed shape instead (`layers.ROWS_PER_CALL`)."""
 DECODES_PER_GROUP = 16
 """Decodes attended together: each group's contexts are copied into one padded float32
 buffer per layer, so the group size bounds that buffer (16 x 4,096 tokens of SmolLM2's K/V:

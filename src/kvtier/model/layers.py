@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvtier.attention.invariant_ref import ROW_QUANTUM
 from kvtier.model import onednn
 
 
@@ -88,20 +87,36 @@ class Linear(nn.Linear):
         return torch.addmm(self.bias, x, self.weight.t(), out=out)
 
 
+ROWS_PER_CALL = 8
+"""On the CPU, `invariant_linear` puts rows through the GEMM in calls of exactly this many.
+BLAS picks its kernel, and how its threads split the work, by the call's shape, and the
+choices round differently. `scripts/probe_cpu_gemm_invariance.py` (BENCHMARKS.md, forty-first
+session) on two Intel Xeons with AMX: one call padded to a multiple of 8 rows (the rule
+before, enough on the AVX2 and AVX-512 boxes of earlier sessions) gave rows that changed
+with the batch in fp32 and bf16 on both; calls of 16, 32 or 64 rows held on the 2-core box but
+not on the card host's 16 threads (fp32, K = 1,536); calls of 8 held everywhere (fewer than
+8 rows MKL rounds differently again: `invariant_ref.ROW_QUANTUM`). Decode's few rows take one
+call as before; long prefills pay 3x (fp32) to 8x (bf16) in the projections: this mode is
+for reproducibility, not speed."""
+
+
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) @ weight.T (+ bias), each row's bits independent of the other rows and of M.
-    CUDA: `triton_matmul.invariant_linear`. CPU: torch's GEMM over rows padded to a multiple
-    of ROW_QUANTUM, which BLAS computes with one kernel per row whatever M is (below 8 rows
-    MKL rounds a row differently: `invariant_ref.ROW_QUANTUM`)."""
+    CUDA: `triton_matmul.invariant_linear`. CPU: torch's GEMM over the rows padded to a
+    multiple of ROWS_PER_CALL, in calls of that many rows."""
     if x.is_cuda:
         ops = _triton_module("triton_matmul")
         if ops is None:
             raise RuntimeError("batch-invariant matmuls on CUDA need Triton")
         return ops.invariant_linear(x, weight, bias, out=out)
     rows = x.shape[0]
-    padded = F.pad(x, (0, 0, 0, -rows % ROW_QUANTUM))
-    result = F.linear(padded, weight, bias)[:rows]
+    if rows == 0:
+        result = F.linear(x, weight, bias)
+    else:
+        padded = F.pad(x, (0, 0, 0, -rows % ROWS_PER_CALL))
+        result = torch.cat([F.linear(chunk, weight, bias)
+                            for chunk in padded.split(ROWS_PER_CALL)])[:rows]
     if out is None:
         return result
     return out.copy_(result)

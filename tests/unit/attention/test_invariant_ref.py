@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kvtier.attention.invariant_ref import ROW_QUANTUM, InvariantTorchAttentionBackend
 from kvtier.attention.torch_ref import TorchAttentionBackend
-from kvtier.model.layers import invariant_linear
+from kvtier.model.layers import ROWS_PER_CALL, invariant_linear
 from tests.helpers import Chunk, Sequences, check_rows_are_batch_invariant
 
 CPU = torch.device("cpu")
@@ -37,23 +37,28 @@ def test_the_torch_backend_is_not_invariant_where_this_one_is() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_padded_matmul_rows_have_the_same_bits_in_every_batch(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("out_features,in_features", [(1728, 576), (576, 1536), (49152, 576)])
+def test_padded_matmul_rows_have_the_same_bits_in_every_batch(
+        dtype: torch.dtype, out_features: int, in_features: int) -> None:
     """The CPU's `invariant_linear`: a row alone, in a few, at other offsets and in a long
     batch has the bits it has in the full batch, with a bias and with the input-major weights
-    the CPU builder stores."""
+    the CPU builder stores, for SmolLM2's projection shapes (gate_up's, down's, the logits')."""
     torch.manual_seed(0)
-    x = torch.randn(300, 576).to(dtype)
-    weight = (torch.randn(1728, 576) / 24).to(dtype)
-    bias = torch.randn(1728).to(dtype)
+    x = torch.randn(300, in_features).to(dtype)
+    weight = (torch.randn(out_features, in_features) / 24).to(dtype)
+    bias = torch.randn(out_features).to(dtype)
+    batches = [(1, 0), (1, 77), (3, 5), (7, 40), (ROW_QUANTUM + 1, 3),
+               (ROWS_PER_CALL + 3, 30), (35, 30), (64, 1), (200, 99)]
     for w in (weight, weight.t().contiguous().t()):
         full = invariant_linear(x, w, bias)
         torch.testing.assert_close(full.float(), F.linear(x.float(), w.float(), bias.float()),
                                    atol=5e-2, rtol=5e-2)
-        for count, offset in [(1, 0), (1, 77), (3, 5), (7, 40), (ROW_QUANTUM + 1, 3), (200, 99)]:
+        for count, offset in batches:
             alone = invariant_linear(x[offset:offset + count], w, bias)
             assert torch.equal(alone, full[offset:offset + count]), (count, offset)
-        out = torch.empty(5, 1728, dtype=dtype)
+        out = torch.empty(5, out_features, dtype=dtype)
         assert invariant_linear(x[:5], w, bias, out=out) is out and torch.equal(out, full[:5])
+    assert invariant_linear(x[:0], weight, bias).shape == (0, out_features)
 
 
 def test_a_decode_has_the_same_bits_in_any_decode_group() -> None:
