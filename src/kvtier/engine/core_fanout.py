@@ -10,6 +10,11 @@ end gets the stats snapshot. A front end whose pipe closes (it died) has its liv
 aborted, so their KV blocks are freed. The core stops once every front end has sent
 `StopCore` or gone: each front end drains its own requests first, so the last one to stop
 decides when.
+
+Each front end's updates go out through its own queue and sender thread: a front end that
+stops reading (frozen, or stopped under a debugger) fills its pipe, and only its own sender
+then waits, not the core's loop, so the other front ends keep being served. Its updates wait
+in memory, as vLLM's engine core keeps outputs queued for a slow front end.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from multiprocessing.connection import Connection
 
 from kvtier.engine.core_messages import (
@@ -51,22 +57,40 @@ class CoreFanout:
         """Sent StopCore or closed its pipe."""
         self._unreachable = [False] * len(conns)
         """Gone, or a send to it failed: nothing more is sent there."""
-        self._send_locks = [threading.Lock() for _ in conns]
-        """The core's loop and the flusher both send."""
+        self._outboxes: list[deque[tuple[int, CoreUpdate]]] = [deque() for _ in conns]
+        """Per front end: (turn, update) not sent yet, in the order posted (the core's loop
+        and the flusher post; the front end's sender thread sends)."""
+        self._outbox_conds = [threading.Condition() for _ in conns]
         self._turn = 0
         self._sent_turn = [0] * len(conns)
-        """The turn of the newest update sent to each front end (under its send lock)."""
+        """The turn of the newest update sent to each front end (its sender's own)."""
         self._last_sent = [0.0] * len(conns)
         self._held: dict[int, tuple[int, CoreUpdate]] = {}
         """Front end -> the newest snapshot-only update held back, and its turn."""
         self._held_cond = threading.Condition()
 
     def start_readers(self) -> None:
-        """The pipes' readers, and the flusher of held-back snapshots."""
+        """The pipes' readers and senders, and the flusher of held-back snapshots."""
         for index in range(len(self._conns)):
             threading.Thread(target=self._read, args=(index,), name=f"kvtier-commands-{index}",
                              daemon=True).start()
+            threading.Thread(target=self._send_posted, args=(index,),
+                             name=f"kvtier-updates-{index}", daemon=True).start()
         threading.Thread(target=self._flush_held, name="kvtier-snapshots", daemon=True).start()
+
+    def close(self, timeout_s: float) -> bool:
+        """Once the core has stopped: wait up to timeout_s for every reachable front end's
+        posted updates to be sent (a front end that stopped reading must not keep the engine
+        process from exiting). True when all went out."""
+        deadline = time.monotonic() + timeout_s
+        drained = True
+        for index, cond in enumerate(self._outbox_conds):
+            with cond:
+                cond.notify_all()
+                drained &= cond.wait_for(
+                    lambda i=index: self._unreachable[i] or not self._outboxes[i],
+                    max(0.0, deadline - time.monotonic()))
+        return drained
 
     def _read(self, index: int) -> None:
         conn = self._conns[index]
@@ -148,19 +172,36 @@ class CoreFanout:
                         self._held[index] = (self._turn, message)
                         self._held_cond.notify()
                     continue
-            self._send(index, self._turn, message)
+            self._post(index, self._turn, message)
             self._last_sent[index] = now
 
-    def _send(self, index: int, turn: int, message: CoreUpdate) -> None:
-        with self._send_locks[index]:
-            if self._unreachable[index] or turn <= self._sent_turn[index]:
-                return  # a newer update went out already (the flusher lost a race)
-            try:
-                self._conns[index].send(message)
-            except (OSError, ValueError):
-                self._unreachable[index] = True
-                return
-            self._sent_turn[index] = turn
+    def _post(self, index: int, turn: int, message: CoreUpdate) -> None:
+        cond = self._outbox_conds[index]
+        with cond:
+            self._outboxes[index].append((turn, message))
+            cond.notify_all()
+
+    def _send_posted(self, index: int) -> None:
+        """Front end `index`'s sender: its posted updates, in order, each newer than the last
+        sent (a held-back snapshot that a newer update overtook is dropped)."""
+        conn, cond, outbox = self._conns[index], self._outbox_conds[index], self._outboxes[index]
+        while True:
+            with cond:
+                cond.wait_for(lambda: bool(outbox))
+                turn, message = outbox[0]
+            if turn > self._sent_turn[index]:
+                try:
+                    conn.send(message)
+                except (OSError, ValueError):
+                    self._unreachable[index] = True
+                    with cond:
+                        outbox.clear()
+                        cond.notify_all()
+                    return
+                self._sent_turn[index] = turn
+            with cond:
+                outbox.popleft()  # only after the send: `close` waits for an empty outbox
+                cond.notify_all()
 
     def _flush_held(self) -> None:
         while True:
@@ -170,4 +211,5 @@ class CoreFanout:
             with self._held_cond:
                 held, self._held = self._held, {}
             for index, (turn, message) in held.items():
-                self._send(index, turn, message)
+                if not self._unreachable[index]:
+                    self._post(index, turn, message)

@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 3600.0
 """Model loading, warm-up and CUDA-graph capture happen before the child reports ready."""
 JOIN_TIMEOUT_S = 60.0
+FANOUT_CLOSE_TIMEOUT_S = 10.0
+"""With several front ends, how long the stopped core waits for its last updates to go out
+(`CoreFanout.close`) before it closes the pipes of those that stopped reading."""
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,8 @@ def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None
         with profiled(profile_dir, "engine"):
             core.run()
     finally:
+        if fanout is not None and not fanout.close(FANOUT_CLOSE_TIMEOUT_S):
+            logger.warning("a front end stopped reading: its last updates were not sent")
         for conn in conns:
             conn.close()
 

@@ -9,6 +9,7 @@ stopped; a front end whose pipe closes has its live requests aborted.
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -181,3 +182,37 @@ def test_a_cache_reset_is_answered_to_the_front_end_that_asked(two: FrontEnds) -
     assert to_b.resets == [done]
     assert [u.resets for u in two.received(0)] == [[]]  # the snapshot only
     assert two.fanout._owners == {}
+
+
+def test_a_front_end_that_stops_reading_stalls_neither_the_core_nor_the_others(
+        two: FrontEnds) -> None:
+    """Front end 0 stops reading while its request streams updates far larger than a pipe
+    holds: the core's emits still return at once, front end 1 gets every update of its own,
+    and front end 0, reading again, gets all of its own in order."""
+    two.add(0, "a1")
+    two.add(1, "b1")
+    two.take(2)
+    turns = 40
+    big = "y" * 64 * 1024  # 40 turns of 64 KiB: many times what a pipe buffers
+
+    def core_loop() -> None:
+        two.fanout.emit(CoreUpdate(snapshot(2), 2, 1.0,
+                                   accepted=[Accepted("a1"), Accepted("b1")]))
+        for turn in range(turns):
+            two.fanout.emit(CoreUpdate(snapshot(2), 0, 1.0, outputs=[
+                OutputDelta(request_id="a1", new_token_ids=[turn], new_text=big,
+                            finished=False, finish_reason=None, stop_reason=None,
+                            metrics=None),
+                delta("b1", turn == turns - 1)]))
+
+    core = threading.Thread(target=core_loop, daemon=True)
+    core.start()
+    core.join(10)
+    assert not core.is_alive(), "the core's loop blocked on front end 0's full pipe"
+    to_b = two.received(1)
+    assert [d.finished for u in to_b for d in u.outputs] == [False] * (turns - 1) + [True]
+    assert not two.fanout.close(0.3)  # front end 0 still holds the rest back
+    to_a = [two.front[0].recv() for _ in range(turns + 1)]
+    assert [d.new_token_ids[0] for u in to_a[1:] for d in u.outputs] == list(range(turns))
+    assert all(d.new_text == big for u in to_a[1:] for d in u.outputs)
+    assert two.fanout.close(5.0)  # everything went out
