@@ -13,8 +13,9 @@ decides when.
 
 Each front end's updates go out through its own queue and sender thread: a front end that
 stops reading (frozen, or stopped under a debugger) fills its pipe, and only its own sender
-then waits, not the core's loop, so the other front ends keep being served. Its updates wait
-in memory, as vLLM's engine core keeps outputs queued for a slow front end.
+then waits, not the core's loop, so the other front ends keep being served. Its outputs wait
+in memory, as vLLM's engine core keeps outputs queued for a slow front end; its stats
+snapshots collapse into the newest.
 """
 
 from __future__ import annotations
@@ -178,7 +179,16 @@ class CoreFanout:
     def _post(self, index: int, turn: int, message: CoreUpdate) -> None:
         cond = self._outbox_conds[index]
         with cond:
-            self._outboxes[index].append((turn, message))
+            outbox = self._outboxes[index]
+            # Snapshots are cumulative: of two unsent snapshot-only updates at the tail only
+            # the newer turn's is kept (the flusher may post an older one late), so a front
+            # end that stops reading holds one snapshot, not one per 5 ms of the others'
+            # work. Never the head: its sender may be sending it.
+            if len(outbox) >= 2 and _snapshot_only(message) and _snapshot_only(outbox[-1][1]):
+                if turn > outbox[-1][0]:
+                    outbox[-1] = (turn, message)
+            else:
+                outbox.append((turn, message))
             cond.notify_all()
 
     def _send_posted(self, index: int) -> None:
@@ -213,3 +223,9 @@ class CoreFanout:
             for index, (turn, message) in held.items():
                 if not self._unreachable[index]:
                     self._post(index, turn, message)
+
+
+def _snapshot_only(update: CoreUpdate) -> bool:
+    """Carries the stats snapshot and nothing a front end must see one by one."""
+    return not (update.accepted or update.outputs or update.aborted or update.resets
+                or update.closed or update.num_adds_drained)

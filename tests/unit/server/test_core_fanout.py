@@ -216,3 +216,29 @@ def test_a_front_end_that_stops_reading_stalls_neither_the_core_nor_the_others(
     assert [d.new_token_ids[0] for u in to_a[1:] for d in u.outputs] == list(range(turns))
     assert all(d.new_text == big for u in to_a[1:] for d in u.outputs)
     assert two.fanout.close(5.0)  # everything went out
+
+
+def test_a_front_end_that_stops_reading_holds_only_the_newest_snapshot(
+        two: FrontEnds) -> None:
+    """While front end 1 stops reading (its pipe full with one large update), front end 0's
+    request runs 50 more turns: front end 1 then gets its own updates and one snapshot, the
+    newest, instead of one per turn (which grew without bound while it was frozen)."""
+    two.add(0, "a1")
+    two.add(1, "b1")
+    two.take(2)
+    two.fanout.emit(CoreUpdate(snapshot(2), 2, 1.0, accepted=[Accepted("a1"), Accepted("b1")]))
+    huge = OutputDelta(request_id="b1", new_token_ids=[1], new_text="z" * 8 * 1024 * 1024,
+                       finished=False, finish_reason=None, stop_reason=None, metrics=None)
+    two.fanout.emit(CoreUpdate(snapshot(2), 0, 2.0, outputs=[huge, delta("a1", False)]))
+    turns = 50
+    for turn in range(turns):
+        two.fanout.emit(CoreUpdate(snapshot(100 + turn), 0, 3.0 + turn,
+                                   outputs=[delta("a1", turn == turns - 1)]))
+        time.sleep(0.01)  # past SNAPSHOT_INTERVAL_S: posted at once or by the flusher
+    assert len(two.received(0)) == turns + 2  # front end 0 was served all along
+    to_b = two.received(1)
+    assert [u.accepted[0].request_id for u in to_b[:1]] == ["b1"]
+    assert to_b[1].outputs[0].new_text == huge.new_text
+    snapshots = [u.snapshot for u in to_b[2:]]
+    assert snapshots == [snapshot(100 + turns - 1)]
+    assert all(not (u.outputs or u.accepted) for u in to_b[2:])
