@@ -11,20 +11,25 @@ aborted, so their KV blocks are freed. The core stops once every front end has s
 `StopCore` or gone: each front end drains its own requests first, so the last one to stop
 decides when.
 
-Each front end's updates go out through its own queue and sender thread: a front end that
-stops reading (frozen, or stopped under a debugger) fills its pipe, and only its own sender
-then waits, not the core's loop, so the other front ends keep being served. Its outputs wait
-in memory, as vLLM's engine core keeps outputs queued for a slow front end; its stats
-snapshots collapse into the newest.
+An update goes out on the core's loop while its front end's pipe has room, as a plain send
+would, but never blocks there: a front end that stops reading (frozen, or stopped under a
+debugger) fills its pipe, and from then on its updates queue for its own sender thread, so the
+core's loop and the other front ends go on. Its outputs wait in memory, as vLLM's engine core
+keeps outputs queued for a slow front end; its stats snapshots collapse into the newest.
+Handing every update to a sender thread instead cost S with four front ends ~11% in decode
+step time on an H200 (BENCHMARKS.md, 2026-12-02): threads waking for the GIL each step.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from collections import deque
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
+from typing import NamedTuple
 
 from kvtier.engine.core_messages import (
     AbortRequest,
@@ -43,6 +48,20 @@ from the core's loop (pickling every turn's snapshot once per front end would co
 loop's time); a snapshot held back is sent this long later by the fanout's flusher thread,
 so that a front end's stats settle once the engine goes idle."""
 
+DIRECT_SEND_MAX_BYTES = 32 * 1024
+"""An update up to this size is written by the thread that posts it (the core's loop or the
+flusher) when nothing of its front end's is queued and the pipe polls writable. Linux reports
+a unix socket writable while at most a quarter of its send buffer (208 KiB by default) is in
+use, so such a write cannot block. Larger ones go through the front end's sender thread."""
+
+
+class _Posted(NamedTuple):
+    """An update waiting for its front end's sender thread, pickled as `Connection.send` would."""
+
+    turn: int
+    snapshot_only: bool
+    payload: memoryview
+
 
 class CoreFanout:
     """Engine-process side: the readers of every front end's pipe and the core's `emit`."""
@@ -58,13 +77,19 @@ class CoreFanout:
         """Sent StopCore or closed its pipe."""
         self._unreachable = [False] * len(conns)
         """Gone, or a send to it failed: nothing more is sent there."""
-        self._outboxes: list[deque[tuple[int, CoreUpdate]]] = [deque() for _ in conns]
-        """Per front end: (turn, update) not sent yet, in the order posted (the core's loop
-        and the flusher post; the front end's sender thread sends)."""
+        self._outboxes: list[deque[_Posted]] = [deque() for _ in conns]
+        """Per front end: updates that could not be written at once, in the order posted;
+        its sender thread writes them. While one is queued, every later one queues too."""
         self._outbox_conds = [threading.Condition() for _ in conns]
+        """Per front end: guards its outbox and its direct writes (loop and flusher)."""
+        self._writable = []
+        for conn in conns:
+            poller = select.poll()
+            poller.register(conn.fileno(), select.POLLOUT)
+            self._writable.append(poller)
         self._turn = 0
         self._sent_turn = [0] * len(conns)
-        """The turn of the newest update sent to each front end (its sender's own)."""
+        """The turn of the newest update sent to each front end."""
         self._last_sent = [0.0] * len(conns)
         self._held: dict[int, tuple[int, CoreUpdate]] = {}
         """Front end -> the newest snapshot-only update held back, and its turn."""
@@ -177,40 +202,61 @@ class CoreFanout:
             self._last_sent[index] = now
 
     def _post(self, index: int, turn: int, message: CoreUpdate) -> None:
-        cond = self._outbox_conds[index]
+        """Write the update now if that cannot block, else queue it for the sender thread."""
+        payload = ForkingPickler.dumps(message)
+        posted = _Posted(turn, _snapshot_only(message), payload)
+        cond, outbox = self._outbox_conds[index], self._outboxes[index]
         with cond:
-            outbox = self._outboxes[index]
-            # Snapshots are cumulative: of two unsent snapshot-only updates at the tail only
-            # the newer turn's is kept (the flusher may post an older one late), so a front
-            # end that stops reading holds one snapshot, not one per 5 ms of the others'
-            # work. Never the head: its sender may be sending it.
-            if len(outbox) >= 2 and _snapshot_only(message) and _snapshot_only(outbox[-1][1]):
-                if turn > outbox[-1][0]:
-                    outbox[-1] = (turn, message)
-            else:
-                outbox.append((turn, message))
+            if self._unreachable[index]:
+                return
+            if not outbox:
+                if turn <= self._sent_turn[index]:
+                    return  # a newer update went out already (the flusher lost a race)
+                if len(payload) <= DIRECT_SEND_MAX_BYTES and self._has_room(index):
+                    self._write(index, posted)
+                    return
+            elif len(outbox) >= 2 and posted.snapshot_only and outbox[-1].snapshot_only:
+                # Snapshots are cumulative: of two queued snapshot-only updates only the newer
+                # turn's is kept (the flusher may post an older one late), so a front end that
+                # stops reading holds one snapshot, not one per 5 ms of the others' work.
+                # Never the head: its sender may be writing it.
+                if turn > outbox[-1].turn:
+                    outbox[-1] = posted
+                return
+            outbox.append(posted)
             cond.notify_all()
+
+    def _has_room(self, index: int) -> bool:
+        return any(events & select.POLLOUT for _, events in self._writable[index].poll(0))
+
+    def _write(self, index: int, posted: _Posted) -> bool:
+        """Send one update (the caller holds the front end's turn to write); False when its
+        pipe is gone."""
+        try:
+            self._conns[index].send_bytes(posted.payload)
+        except (OSError, ValueError):
+            self._unreachable[index] = True
+            return False
+        self._sent_turn[index] = posted.turn
+        return True
 
     def _send_posted(self, index: int) -> None:
         """Front end `index`'s sender: its posted updates, in order, each newer than the last
         sent (a held-back snapshot that a newer update overtook is dropped)."""
-        conn, cond, outbox = self._conns[index], self._outbox_conds[index], self._outboxes[index]
+        cond, outbox = self._outbox_conds[index], self._outboxes[index]
         while True:
             with cond:
                 cond.wait_for(lambda: bool(outbox))
-                turn, message = outbox[0]
-            if turn > self._sent_turn[index]:
-                try:
-                    conn.send(message)
-                except (OSError, ValueError):
-                    self._unreachable[index] = True
-                    with cond:
-                        outbox.clear()
-                        cond.notify_all()
-                    return
-                self._sent_turn[index] = turn
+                posted = outbox[0]
+            # Outside the lock (the write may block for as long as the front end does not
+            # read); nobody else writes while the outbox is not empty.
+            if posted.turn > self._sent_turn[index] and not self._write(index, posted):
+                with cond:
+                    outbox.clear()
+                    cond.notify_all()
+                return
             with cond:
-                outbox.popleft()  # only after the send: `close` waits for an empty outbox
+                outbox.popleft()  # only after the write: `close` waits for an empty outbox
                 cond.notify_all()
 
     def _flush_held(self) -> None:
