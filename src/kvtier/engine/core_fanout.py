@@ -16,7 +16,7 @@ would, but never blocks there: a front end that stops reading (frozen, or stoppe
 debugger) fills its pipe, and from then on its updates queue for its own sender thread, so the
 core's loop and the other front ends go on. Its outputs wait in memory, as vLLM's engine core
 keeps outputs queued for a slow front end; its stats snapshots collapse into the newest.
-Handing every update to a sender thread instead cost S with four front ends ~11% in decode
+Handing every update to a sender thread instead cost S with four front ends 12-14% in decode
 step time on an H200 (BENCHMARKS.md, 2026-12-02): threads waking for the GIL each step.
 """
 

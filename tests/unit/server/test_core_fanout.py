@@ -248,7 +248,7 @@ def test_a_front_end_that_stops_reading_holds_only_the_newest_snapshot(
 def test_small_updates_to_a_reading_front_end_are_written_by_the_core_itself(
         two: FrontEnds, monkeypatch: pytest.MonkeyPatch) -> None:
     """The common case stays a plain send on the core's loop: waking a sender thread for
-    every step's update cost S ~11% in decode step time with four front ends. An update too
+    every step's update cost S 12-14% in decode step time with four front ends. An update too
     large to be sure of the pipe's room goes through the sender thread."""
     writers: list[str] = []
     conn = two.fanout._conns[0]
