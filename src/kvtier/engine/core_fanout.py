@@ -56,7 +56,7 @@ use, so such a write cannot block. Larger ones go through the front end's sender
 
 
 class _Posted(NamedTuple):
-    """An update waiting for its front end's sender thread, pickled as `Connection.send` would."""
+    """One front end's update, pickled as `Connection.send` would pickle it."""
 
     turn: int
     snapshot_only: bool
