@@ -35,8 +35,8 @@ assert source.count(old) == 1, "engine_process.py changed: update this script"
 open(path, "w").write(source.replace(old, new))
 PY
 gunzip -kf .gpu/sharegpt3000.json.gz
-source scripts/device_env.sh
 bash scripts/device_lab.sh benchmarks/single-send-timing.toml | grep -E "^==|Requests/sec|decode-only"
+out=${OUT:-/tmp/out}  # device_lab.sh made it
 for log in /tmp/lab-single-send-timing/logs/*.log; do
     echo "== $log"
     grep send-timing "$log" | tail -n 3

@@ -203,12 +203,14 @@ class CoreFanout:
 
     def _post(self, index: int, turn: int, message: CoreUpdate) -> None:
         """Write the update now if that cannot block, else queue it for the sender thread."""
+        if self._unreachable[index]:
+            return
         payload = ForkingPickler.dumps(message)
         posted = _Posted(turn, _snapshot_only(message), payload)
         cond, outbox = self._outbox_conds[index], self._outboxes[index]
         with cond:
             if self._unreachable[index]:
-                return
+                return  # its pipe failed while this update was pickled
             if not outbox:
                 if turn <= self._sent_turn[index]:
                     return  # a newer update went out already (the flusher lost a race)
@@ -267,8 +269,7 @@ class CoreFanout:
             with self._held_cond:
                 held, self._held = self._held, {}
             for index, (turn, message) in held.items():
-                if not self._unreachable[index]:
-                    self._post(index, turn, message)
+                self._post(index, turn, message)
 
 
 def _snapshot_only(update: CoreUpdate) -> bool:

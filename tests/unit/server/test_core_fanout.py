@@ -70,8 +70,8 @@ def snapshot(num_live: int) -> EngineSnapshot:
     return EngineSnapshot(EngineStats(), 10, 10, num_live_requests=num_live)
 
 
-def delta(request_id: str, finished: bool) -> OutputDelta:
-    return OutputDelta(request_id=request_id, new_token_ids=[7], new_text="x",
+def delta(request_id: str, finished: bool, text: str = "x", token_id: int = 7) -> OutputDelta:
+    return OutputDelta(request_id=request_id, new_token_ids=[token_id], new_text=text,
                        finished=finished, finish_reason="length" if finished else None,
                        stop_reason=None, metrics=None)
 
@@ -201,10 +201,7 @@ def test_a_front_end_that_stops_reading_stalls_neither_the_core_nor_the_others(
                                    accepted=[Accepted("a1"), Accepted("b1")]))
         for turn in range(turns):
             two.fanout.emit(CoreUpdate(snapshot(2), 0, 1.0, outputs=[
-                OutputDelta(request_id="a1", new_token_ids=[turn], new_text=big,
-                            finished=False, finish_reason=None, stop_reason=None,
-                            metrics=None),
-                delta("b1", turn == turns - 1)]))
+                delta("a1", False, text=big, token_id=turn), delta("b1", turn == turns - 1)]))
 
     core = threading.Thread(target=core_loop, daemon=True)
     core.start()
@@ -228,8 +225,7 @@ def test_a_front_end_that_stops_reading_holds_only_the_newest_snapshot(
     two.add(1, "b1")
     two.take(2)
     two.fanout.emit(CoreUpdate(snapshot(2), 2, 1.0, accepted=[Accepted("a1"), Accepted("b1")]))
-    huge = OutputDelta(request_id="b1", new_token_ids=[1], new_text="z" * 8 * 1024 * 1024,
-                       finished=False, finish_reason=None, stop_reason=None, metrics=None)
+    huge = delta("b1", False, text="z" * 8 * 1024 * 1024)
     two.fanout.emit(CoreUpdate(snapshot(2), 0, 2.0, outputs=[huge, delta("a1", False)]))
     turns = 50
     for turn in range(turns):
@@ -262,9 +258,7 @@ def test_small_updates_to_a_reading_front_end_are_written_by_the_core_itself(
     two.add(0, "a1")
     two.take(1)
     two.fanout.emit(CoreUpdate(snapshot(1), 1, 1.0, accepted=[Accepted("a1")]))
-    large = OutputDelta(request_id="a1", new_token_ids=[1],
-                        new_text="z" * (core_fanout.DIRECT_SEND_MAX_BYTES + 1), finished=False,
-                        finish_reason=None, stop_reason=None, metrics=None)
+    large = delta("a1", False, text="z" * (core_fanout.DIRECT_SEND_MAX_BYTES + 1))
     two.fanout.emit(CoreUpdate(snapshot(1), 0, 2.0, outputs=[large]))
     two.fanout.emit(CoreUpdate(snapshot(1), 0, 3.0, outputs=[delta("a1", True)]))
     received = two.received(0)
