@@ -11,6 +11,7 @@ clear 400 by `unsupported_fields`, never silently ignored when they would change
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -22,6 +23,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    field_validator,
     model_serializer,
 )
 
@@ -128,10 +130,41 @@ class TextContentPart(_Request):
     text: StrictStr
 
 
+class FunctionCall(_Request):
+    name: StrictStr
+    arguments: Any = Field(description="OpenAI's JSON string (or the object it holds).")
+
+    @field_validator("arguments")
+    @classmethod
+    def _parsed(cls, value: Any) -> Any:
+        # Templates (transformers' convention) read the arguments as an object, so the JSON
+        # string OpenAI sends is parsed, as vLLM does.
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError("tool call arguments must be a JSON string") from None
+
+
+class ToolCall(_Request):
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def for_template(self) -> dict[str, Any]:
+        call: dict[str, Any] = {"type": self.type, "function": {
+            "name": self.function.name, "arguments": self.function.arguments}}
+        return call if self.id is None else {"id": self.id, **call}
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextContentPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant: the tool calls "
+                                                                "it made (history only).")
+    tool_call_id: StrictStr | None = Field(None, description="tool: the call it answers.")
 
     def text(self) -> str:
         if self.content is None:
@@ -139,6 +172,15 @@ class ChatMessage(_Request):
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)  # as vLLM joins text parts
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it; unset keys are None (the tokenizer drops
+        them). Tool calls and the id a tool answers are kept: tool-aware templates render
+        them, and without them a tool's answer follows a call the prompt never shows."""
+        return {"role": self.role, "content": self.text(), "name": self.name,
+                "tool_call_id": self.tool_call_id,
+                "tool_calls": None if self.tool_calls is None
+                else [call.for_template() for call in self.tool_calls]}
 
 
 class _ChatTemplateFields(_Request):

@@ -135,7 +135,7 @@ class OpenAIServing:
         arrival = time.monotonic()
         model = self._check(body)
         num_top = requested_top(body, self.max_logprobs)
-        messages = [{"role": m.role, "content": m.text(), "name": m.name} for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
         _check_template_flags(body.add_generation_prompt, body.continue_final_message)
         token_ids = await self._run(
             lambda: self._render_chat(messages, body.add_generation_prompt,
@@ -186,8 +186,7 @@ class OpenAIServing:
                                              param="prompt")
         else:
             assert body.messages is not None
-            messages = [{"role": m.role, "content": m.text(), "name": m.name}
-                        for m in body.messages]
+            messages = [m.for_template() for m in body.messages]
             _check_template_flags(body.add_generation_prompt, body.continue_final_message)
             token_ids = await self._off_loop(
                 lambda: self._render_chat(messages, body.add_generation_prompt,
@@ -236,7 +235,7 @@ class OpenAIServing:
             return None
         return LogprobsFormat(self._token_strings, num_top, body.return_tokens_as_token_ids)
 
-    def _render_chat(self, messages: list[dict[str, str | None]],
+    def _render_chat(self, messages: list[dict[str, Any]],
                      add_generation_prompt: bool = True, add_special_tokens: bool = False,
                      tools: list[dict[str, Any]] | None = None,
                      template_kwargs: dict[str, Any] | None = None,

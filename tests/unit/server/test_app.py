@@ -224,6 +224,40 @@ def test_template_extras_reach_the_template_or_are_refused(engine: AsyncEngine) 
     assert read_only.json()["usage"]["prompt_tokens"] == len("<tools>1<user>hi<assistant>")
 
 
+def test_tool_calls_and_tool_call_ids_reach_the_template(engine: AsyncEngine) -> None:
+    # A conversation that called a tool: the assistant turn's tool_calls (content null) and
+    # the tool turn's tool_call_id are what tool-aware templates (Qwen's, Llama 3.1's)
+    # render; dropping them would run a prompt in which the tool answers a call never made.
+    # Arguments come as OpenAI's JSON string and reach the template as the object
+    # transformers' templates expect (as vLLM parses them).
+    seen: list[list[dict[str, Any]]] = []
+    render = engine.tokenizer.apply_chat_template  # type: ignore[union-attr]
+
+    def recording(messages: list[dict[str, Any]], *args: Any, **kwargs: Any) -> str:
+        seen.append(messages)
+        return render([{**m, "role": "user"} for m in messages], *args, **kwargs)
+
+    engine.tokenizer.apply_chat_template = recording  # type: ignore[union-attr]
+    call_ = {"id": "call_1", "type": "function",
+             "function": {"name": "weather", "arguments": '{"city": "Z\u00fcrich"}'}}
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [call_]},
+                {"role": "tool", "content": "21", "tool_call_id": "call_1"}]
+    for path, extra in (("/v1/chat/completions", {"max_completion_tokens": 1}),
+                        ("/tokenize", {})):
+        response = call(engine, "POST", path, json={"messages": messages, **extra})
+        assert response.status_code == 200, response.text
+        assistant, tool = seen[-1][1], seen[-1][2]
+        assert assistant["tool_calls"] == [{"id": "call_1", "type": "function", "function": {
+            "name": "weather", "arguments": {"city": "Zürich"}}}]
+        assert tool["tool_call_id"] == "call_1"
+    bad = {**call_, "function": {"name": "weather", "arguments": "{not json"}}
+    refused = call(engine, "POST", "/v1/chat/completions", json={"messages": [
+        messages[0], {"role": "assistant", "tool_calls": [bad]}]})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "messages.1.tool_calls.0.function.arguments"
+
+
 def test_chat_continues_the_final_message_when_asked(engine: AsyncEngine) -> None:
     # vLLM's continue_final_message: the prompt ends inside the client's begun answer, and
     # the completion is the continuation only; /tokenize renders the same ids.
