@@ -19,7 +19,14 @@ BlockHash = NewType("BlockHash", bytes)
 
 
 class InvalidRequestError(ValueError):
-    """A request cannot be served as given; the message names the bad value. Nothing was queued."""
+    """A request cannot be served as given; the message names the bad value. Nothing was queued.
+
+    `param`, when known, is the request field at fault (the OpenAI error's `param`). It is an
+    instance attribute, so it survives pickling (a refusal crosses the engine's pipe)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class FinishReason(enum.StrEnum):

@@ -354,43 +354,46 @@ class LLMEngine:
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
-            raise InvalidRequestError("prompt is empty")
+            raise InvalidRequestError("prompt is empty", param="prompt")
         if len(token_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(token_ids)} tokens, but max_model_len is {self.max_model_len} "
-                "(prompt + at least one output token must fit)")
+                "(prompt + at least one output token must fit)", param="prompt")
         vocab = self.spec.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             bad = next(t for t in token_ids if not 0 <= t < vocab)
-            raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                                      param="prompt")
         max_logprobs = self.config.model.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             asked = getattr(params, name)
             if asked is not None and max_logprobs != -1 and asked > max_logprobs:
                 raise InvalidRequestError(f"{name} {asked} is more than this server's "
-                                          f"max_logprobs {max_logprobs}")
+                                          f"max_logprobs {max_logprobs}", param=name)
         bad_stop = next((t for t in params.stop_token_ids if t >= vocab), None)
         if bad_stop is not None:  # min_tokens masks them in the logits
             raise InvalidRequestError(f"stop token id {bad_stop} is outside the vocabulary "
-                                      f"(0..{vocab - 1})")
+                                      f"(0..{vocab - 1})", param="stop_token_ids")
         bad_allowed = next((t for t in params.allowed_token_ids or () if t >= vocab), None)
         if bad_allowed is not None:
             raise InvalidRequestError(f"allowed_token_ids holds token id {bad_allowed}, outside "
-                                      f"the vocabulary (0..{vocab - 1})")
+                                      f"the vocabulary (0..{vocab - 1})",
+                                      param="allowed_token_ids")
         if (params.allowed_token_ids is not None and params.min_tokens
                 and set(params.allowed_token_ids) <= self.eos_token_ids
                 | set(params.stop_token_ids)):  # nothing would be left to sample
             raise InvalidRequestError("allowed_token_ids holds only EOS and stop token ids, "
-                                      "which min_tokens keeps out of the first outputs")
+                                      "which min_tokens keeps out of the first outputs",
+                                      param="allowed_token_ids")
         bad_word = next((t for ids in params.bad_words_token_ids for t in ids if t >= vocab),
                         None)
         if bad_word is not None:
             raise InvalidRequestError(f"bad_words_token_ids holds token id {bad_word}, outside "
-                                      f"the vocabulary (0..{vocab - 1})")
+                                      f"the vocabulary (0..{vocab - 1})", param="bad_words")
         bad_bias = next((t for t, _ in params.logit_bias if t >= vocab), None)
         if bad_bias is not None:
             raise InvalidRequestError(f"logit_bias token id {bad_bias} is outside the "
-                                      f"vocabulary (0..{vocab - 1})")
+                                      f"vocabulary (0..{vocab - 1})", param="logit_bias")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; returns its final output if it was live."""

@@ -54,7 +54,7 @@ class OpenAIError(Exception):
 def from_engine_error(exc: Exception) -> OpenAIError:
     """Map what `AsyncEngine.add_request` and a request's stream raise to an HTTP error."""
     if isinstance(exc, InvalidRequestError):
-        return OpenAIError(400, str(exc))
+        return OpenAIError(400, str(exc), param=exc.param)
     if isinstance(exc, QueueFullError):
         return OpenAIError(503, f"{exc}; retry later", code="queue_full",
                            error_type="server_overloaded",

@@ -515,6 +515,29 @@ def assert_all_aborted(fake: FakeEngine, count: int) -> None:
     assert len(fake.aborted) == count and not fake.requests
 
 
+def test_an_engine_refusal_names_its_param() -> None:
+    # The engine checks what only it knows (its vocabulary): its refusal's field is the
+    # error's param, as for the refusals the front end finds itself.
+    fake = FakeEngine()
+    add_request = fake.add_request
+
+    def refusing_add(prompt: Any, params: SamplingParams, *args: Any, **kwargs: Any) -> str:
+        if params.logit_bias:
+            raise InvalidRequestError("logit_bias token id 999 is outside the vocabulary",
+                                      param="logit_bias")
+        return add_request(prompt, params, *args, **kwargs)
+
+    fake.add_request = refusing_add  # type: ignore[method-assign]
+    engine = start_async_engine(fake)
+    try:
+        response = call(engine, "POST", "/v1/completions",
+                        json={"prompt": "x", "logit_bias": {"999": 1}})
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == "logit_bias"
+    finally:
+        asyncio.run(engine.shutdown(drain=False))
+
+
 def test_a_batch_the_engine_refuses_in_part_leaves_nothing_running() -> None:
     # Prompt 2 is refused only by the engine, after prompt 1's choices were added with it:
     # the whole request is a 400, and prompt 1's choices are aborted, not left to run.

@@ -100,10 +100,21 @@ def test_streams_rebuild_the_offline_outputs(engine: AsyncEngine) -> None:
 
 
 def test_bad_request_is_refused_before_any_output(engine: AsyncEngine) -> None:
-    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+    # Each refusal names the field at fault (the server's error `param`), across the pipe.
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary") as refused:
         asyncio.run(collect(engine, [10**9]))
-    with pytest.raises(InvalidRequestError, match="max_model_len"):
+    assert refused.value.param == "prompt"
+    with pytest.raises(InvalidRequestError, match="max_model_len") as refused:
         asyncio.run(collect(engine, list(range(300))))
+    assert refused.value.param == "prompt"
+    out_of_vocab = 10**9
+    for field, value in (("stop_token_ids", (out_of_vocab,)),
+                         ("allowed_token_ids", (out_of_vocab,)),
+                         ("logit_bias", {out_of_vocab: 1.0})):
+        params = SamplingParams(max_tokens=2, **{field: value})  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="outside") as refused:
+            asyncio.run(collect(engine, [1, 2], params))
+        assert refused.value.param == field
     wait_idle(engine)
 
 
