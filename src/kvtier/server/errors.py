@@ -113,12 +113,24 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
 
 
+def _not_parsed_as_json(error: Any) -> bool:
+    """The whole body failed validation as raw bytes: FastAPI did not parse it as JSON."""
+    return tuple(error.get("loc", ())) == ("body",) and isinstance(error.get("input"), bytes)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Replace FastAPI's 422 and Starlette's plain-text errors by OpenAI error bodies."""
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        message, param = validation_message(exc.errors())
+        errors = exc.errors()
+        if any(_not_parsed_as_json(error) for error in errors):
+            # FastAPI parses only JSON media types; any other body reaches the model as bytes,
+            # whose error ("a valid dictionary") hides the cause (e.g. `curl -d`'s form type).
+            content_type = request.headers.get("content-type", "")
+            return OpenAIError(400, f"the request body must be JSON sent with Content-Type: "
+                                    f"application/json, not {content_type!r}").response()
+        message, param = validation_message(errors)
         return OpenAIError(400, message, param=param).response()
 
     async def on_http(request: Request, exc: Exception) -> Response:

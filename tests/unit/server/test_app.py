@@ -632,6 +632,25 @@ def test_body_cap_with_and_without_content_length(engine: AsyncEngine) -> None:
     assert small.status_code == 200
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
+def test_a_body_not_sent_as_json_is_told_so(engine: AsyncEngine, path: str,
+                                            content_type: str) -> None:
+    # FastAPI hands a body of another media type to the model as raw bytes, whose error
+    # ("Input should be a valid dictionary...") says nothing of the cause: a JSON body sent
+    # as text/plain, or as a form by `curl -d`. As vLLM, name the content type.
+    body = (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}' if "chat" in path
+            else b'{"prompt": "x", "max_tokens": 1}')
+    response = call(engine, "POST", path, content=body, headers={"content-type": content_type})
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert "application/json" in message and content_type in message
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    for json_type in ("application/json", "application/json; charset=utf-8"):
+        sent = call(engine, "POST", path, content=body, headers={"content-type": json_type})
+        assert sent.status_code == 200, sent.text
+
+
 def test_api_key_guards_v1_only(engine: AsyncEngine) -> None:
     settings = ServerSettings(api_key="k")
     assert call(engine, "GET", "/v1/models", settings).status_code == 401
