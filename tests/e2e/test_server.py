@@ -730,6 +730,13 @@ BAD_REQUESTS: list[tuple[str, Any, int]] = [
     (COMPLETIONS, {"prompt": "hi", "max_tokens": -3}, 400),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": 10**6}, 400),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": "many"}, 400),
+    # JSON's own types only: no bool for a count, no string for a number or a flag.
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": "3"}, 400),
+    (COMPLETIONS, {"prompt": "hi", "top_k": True}, 400),
+    (COMPLETIONS, {"prompt": "hi", "n": True}, 400),
+    (COMPLETIONS, {"prompt": "hi", "stream": "yes"}, 400),
+    (CHAT, {"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {
+        "name": "f", "arguments": "{not json"}}]}]}, 400),
     (COMPLETIONS, {"prompt": "hi", "temperature": -1}, 400),
     (COMPLETIONS, {"prompt": "hi", "top_p": 0}, 400),
     (COMPLETIONS, {"prompt": "hi", "top_p": 1.5}, 400),

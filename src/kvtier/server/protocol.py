@@ -35,7 +35,9 @@ StopList = Annotated[list[StrictStr], Field(max_length=MAX_STOP_SEQUENCES)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # strict: JSON's own types only, as OpenAI checks them. pydantic's lax mode took `true`
+    # as the count 1 (`"top_k": true` sampled greedily), "3" as 3 and "yes" as true.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Request):

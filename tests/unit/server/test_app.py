@@ -162,6 +162,46 @@ def test_bad_completion_params_name_the_param(engine: AsyncEngine, body: dict[st
     assert response.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize(("path", "body", "param"), [
+    # OpenAI's types, strictly (as OpenAI checks them): a bool is no count, a string no
+    # number nor flag, a float no count. Coerced, `"top_k": true` sampled greedily as top_k 1,
+    # `"n": true` gave one choice, `"stream": "no"` streamed nothing but `"stream": "yes"`...
+    ("/v1/completions", {"n": True}, "n"),
+    ("/v1/completions", {"max_tokens": True}, "max_tokens"),
+    ("/v1/completions", {"max_tokens": "3"}, "max_tokens"),
+    ("/v1/completions", {"max_tokens": 3.0}, "max_tokens"),
+    ("/v1/completions", {"top_k": True}, "top_k"),
+    ("/v1/completions", {"seed": True}, "seed"),
+    ("/v1/completions", {"seed": "5"}, "seed"),
+    ("/v1/completions", {"temperature": "0.5"}, "temperature"),
+    ("/v1/completions", {"temperature": True}, "temperature"),
+    ("/v1/completions", {"stream": "yes"}, "stream"),
+    ("/v1/completions", {"stream": 1}, "stream"),
+    ("/v1/completions", {"ignore_eos": "true"}, "ignore_eos"),
+    ("/v1/completions", {"stream": True, "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage"),
+    ("/v1/completions", {"logit_bias": {"5": "1"}}, "logit_bias.5"),
+    ("/v1/completions", {"stop_token_ids": ["1"]}, "stop_token_ids.0"),
+    ("/v1/chat/completions", {"max_completion_tokens": "5"}, "max_completion_tokens"),
+    ("/v1/chat/completions", {"add_generation_prompt": "false"}, "add_generation_prompt"),
+    ("/tokenize", {"add_special_tokens": "no"}, "add_special_tokens"),
+])
+def test_values_of_the_wrong_json_type_are_refused(engine: AsyncEngine, path: str,
+                                                   body: dict[str, Any], param: str) -> None:
+    core: dict[str, Any] = ({"messages": [{"role": "user", "content": "x"}]}
+                            if "chat" in path else {"prompt": "x"})
+    response = call(engine, "POST", path, json={**core, **body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_ints_are_numbers(engine: AsyncEngine) -> None:
+    response = call(engine, "POST", "/v1/completions", json={
+        "prompt": "x", "max_tokens": 1, "temperature": 1, "top_p": 1, "logit_bias": {"5": 1},
+        "presence_penalty": 0, "stream": False})
+    assert response.status_code == 200, response.text
+
+
 def test_tokenize_matches_what_completions_and_chat_run(engine: AsyncEngine) -> None:
     engine.tokenizer.adds_bos = True  # type: ignore[union-attr]
     prompt = call(engine, "POST", "/tokenize", json={"prompt": "abc", "model": "fake-model"})
