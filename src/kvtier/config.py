@@ -9,6 +9,7 @@ blocks, the model's shape) live in the objects that compute them, never back in 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -68,7 +69,10 @@ def parse_size(text: str | int) -> int:
         raise ConfigError(f"cannot parse size {text!r} (expected e.g. 8GiB, 512MB or 1000000)")
     number, unit = match.groups()
     unit = (unit or "").lower().rstrip("b")
-    return int(float(number) * _UNITS[unit])
+    value = float(number) * _UNITS[unit]
+    if not math.isfinite(value):  # int(inf) would raise OverflowError, not a ConfigError
+        raise ConfigError(f"size {text!r} is too large")
+    return int(value)
 
 
 @dataclass(frozen=True)

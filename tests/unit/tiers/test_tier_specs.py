@@ -58,3 +58,14 @@ def test_a_redis_url_without_a_host_is_refused(text: str) -> None:
     with pytest.raises(ConfigError, match="expected redis://HOST:PORT") as error:
         TierSpec.parse(text)
     assert repr(text) in str(error.value)
+
+
+@pytest.mark.parametrize("text", ["cpu:" + "9" * 400, "disk:/var/kv:" + "9" * 320 + "TiB"])
+def test_a_size_too_large_for_a_number_is_refused_naming_the_spec(text: str) -> None:
+    """Before, `float` overflowed to infinity and `int(inf)` raised OverflowError: a
+    traceback out of `kvtier serve`, which reports only ConfigError/ValueError in one line."""
+    with pytest.raises(ConfigError, match="too large") as error:
+        TierSpec.parse(text)
+    assert repr(text) in str(error.value)
+    with pytest.raises(ConfigError, match="kv_cache_memory_bytes"):
+        EngineConfig.from_kwargs(kv_cache_memory_bytes="9" * 400)
