@@ -14,6 +14,7 @@ import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULING_POLICIES = ("fcfs", "lpm")
@@ -208,6 +209,8 @@ class TierSpec:
                               f"positive")
         if self.kind == "disk" and not (self.path or "").strip():
             raise ConfigError("kv tier disk: the path is empty (expected disk:PATH:SIZE)")
+        if self.kind == "redis":
+            _check_redis_url(self.url or "")
 
     @staticmethod
     def parse(text: str) -> TierSpec:
@@ -249,6 +252,29 @@ def _redis_url(text: str) -> str:
         raise ConfigError(f"redis tier URL {text!r}: expected redis://HOST:PORT[/DB], "
                           f"rediss://... or unix:///PATH")
     return f"{scheme.lower()}://{rest}"
+
+
+def _check_redis_url(url: str) -> None:
+    """Refuse a URL redis-py would misread or fail on only when the tier connects: there a
+    bad port or option disabled the tier with a log line (or a TypeError, for an unknown
+    `?option`, ended the start), and a database that is not a number (`/kv`) or port 0 was
+    silently replaced by redis-py's default (db 0, port 6379): a store not asked for."""
+    import redis  # here: the front ends import this module, and most runs have no redis tier
+
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"redis tier URL {url!r}: {exc}") from None
+    if port == 0:
+        raise ConfigError(f"redis tier URL {url!r}: port 0")
+    if parts.scheme != "unix" and not re.fullmatch(r"/?(\d+)?", parts.path):
+        raise ConfigError(f"redis tier URL {url!r}: the database "
+                          f"{parts.path.lstrip('/')!r} is not a number")
+    try:  # builds a connection object, which checks every `?option`; connects to nothing
+        redis.ConnectionPool.from_url(url).make_connection()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"redis tier URL {url!r}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from kvtier.config import ConfigError, EngineConfig, TierSpec
@@ -69,3 +71,30 @@ def test_a_size_too_large_for_a_number_is_refused_naming_the_spec(text: str) -> 
     assert repr(text) in str(error.value)
     with pytest.raises(ConfigError, match="kv_cache_memory_bytes"):
         EngineConfig.from_kwargs(kv_cache_memory_bytes="9" * 400)
+
+
+@pytest.mark.parametrize(("url", "bad"), [
+    ("redis://cache:notaport", "Port could not be cast"),
+    ("redis://cache:99999", "out of range"),
+    ("redis://cache:0", "port 0"),  # redis-py: port 6379
+    ("redis://cache:6379/kv", "the database 'kv' is not a number"),  # redis-py: db 0
+    ("redis://cache:6379/0?sockettimeout=1", "unexpected keyword argument"),
+    ("unix:///run/redis.sock?db=x", "Invalid value for 'db'"),
+])
+def test_a_redis_url_redis_py_would_misread_is_refused(url: str, bad: str) -> None:
+    """Before, these were taken: at start the tier was disabled with a log line (a bad port),
+    the start ended in a TypeError traceback (an unknown `?option`), or redis-py silently
+    used its default database or port instead."""
+    text = f"redis:{url}:1GiB"
+    with pytest.raises(ConfigError, match=re.escape(bad)) as error:
+        TierSpec.parse(text)
+    assert repr(text) in str(error.value)
+    with pytest.raises(ConfigError, match=re.escape(bad)):  # a spec built in code too
+        TierSpec("redis", 1 << 30, url=url)
+
+
+@pytest.mark.parametrize("text", ["redis://cache:6379/15:1GiB", "redis://cache/:1GiB",
+                                  "redis:rediss://u:p@cache:6380/2?ssl_cert_reqs=none:1GiB",
+                                  "redis:unix:///run/redis.sock?db=3:1GiB"])
+def test_redis_urls_with_options_redis_py_takes_are_taken(text: str) -> None:
+    assert TierSpec.parse(text).kind == "redis"
