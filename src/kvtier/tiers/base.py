@@ -136,6 +136,11 @@ class TierStore(ABC):
         self._other_holders: dict[BlockHash, list[tuple[BlockHash, int]]] = {}
         """Entries that hold a block the index already names for another entry (a trailing
         partial chunk, then its full chunk): the index falls back to them when that one goes."""
+        self._orphan_pins: dict[BlockHash, int] = {}
+        """Pins of entries dropped while loads held them (a failed read, another replica's
+        removal). Those loads unpin later: a new entry of the key inherits the pins, so the
+        unpins never take one that a later load holds (before, its count went below zero:
+        an AssertionError out of the scheduler's poll)."""
         self.used_bytes = 0
 
     # -- index -------------------------------------------------------------------------------
@@ -196,6 +201,10 @@ class TierStore(ABC):
             if entry is not None:
                 entry.pins -= 1
                 assert entry.pins >= 0
+            elif key in self._orphan_pins:  # dropped while pinned, not stored again since
+                self._orphan_pins[key] -= 1
+                if not self._orphan_pins[key]:
+                    del self._orphan_pins[key]
 
     # -- capacity ----------------------------------------------------------------------------
 
@@ -220,7 +229,8 @@ class TierStore(ABC):
 
     def _register(self, meta: EntryMeta, location: object) -> _Entry:
         """Index a new, not-ready entry and count its bytes (room already made)."""
-        entry = self._entries[meta.key] = _Entry(meta, location)
+        entry = self._entries[meta.key] = _Entry(meta, location,
+                                                 pins=self._orphan_pins.pop(meta.key, 0))
         for index, block_hash in enumerate(meta.block_hashes):
             if block_hash in self._block_index:
                 self._other_holders.setdefault(block_hash, []).append((meta.key, index))
@@ -254,6 +264,8 @@ class TierStore(ABC):
         entry = self._entries.pop(key, None)
         if entry is None:
             return
+        if entry.pins:  # the loads holding it unpin later: not a new entry's pins
+            self._orphan_pins[key] = entry.pins
         for index, block_hash in enumerate(entry.meta.block_hashes):
             others = self._other_holders.get(block_hash)
             if self._block_index.get(block_hash, (None,))[0] == key:
@@ -347,6 +359,7 @@ class TierStore(ABC):
             assert size == self.used_bytes, f"used_bytes {self.used_bytes} != {size}"
             self._check_capacity()
             assert all(e.pins >= 0 for e in self._entries.values())
+            assert all(n > 0 and k not in self._entries for k, n in self._orphan_pins.items())
             for block_hash, (key, index) in self._block_index.items():
                 entry = self._entries.get(key)
                 assert entry is not None, "index points at a missing entry"

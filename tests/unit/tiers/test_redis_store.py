@@ -357,3 +357,23 @@ def test_redis_tier_specs_parse_to_urls(text: str, url: str) -> None:
 def test_bad_redis_tier_specs_are_refused_by_name(text: str) -> None:
     with pytest.raises(ConfigError, match="redis"):
         TierSpec.parse(text)
+
+
+def test_an_entry_removed_and_stored_again_while_a_load_holds_it_keeps_its_pins_whole(
+        replicas: list[RedisStore]) -> None:
+    """A load here pins an entry; another replica removes it (the event drops it here
+    although pinned) and stores it again (adopted here anew). Before, the load's unpin then
+    took the new entry's count below zero: an AssertionError in the scheduler's poll."""
+    first, second = replicas
+    meta = make_meta(1)
+    assert put(first, meta) and eventually(lambda: second.has(meta.key))
+    assert second.pin(meta.key)
+    first.remove(meta.key)
+    assert eventually(lambda: not second.has(meta.key))
+    assert put(first, meta) and eventually(lambda: second.has(meta.key))
+    second.unpin(meta.key)
+    assert second.pin(meta.key)  # a later load's pin is the entry's only one
+    second.unpin(meta.key)
+    assert second._entries[meta.key].pins == 0
+    for store in replicas:
+        store.check_integrity()

@@ -225,6 +225,26 @@ def test_disk_faults_are_misses_that_drop_the_entry(fault: str, tmp_path: Path) 
     store.check_integrity()
 
 
+def test_an_entry_dropped_by_a_failed_read_then_stored_again_keeps_its_pins_whole(
+        tmp_path: Path) -> None:
+    """A load's read finds the file damaged (the entry is dropped, still pinned), and a store
+    of the same prefix lands before the load gives its plan back. Before, that unpin took the
+    new entry's pin count below zero: an AssertionError in the scheduler's poll."""
+    store = disk_store(tmp_path)
+    meta = make_meta(9)
+    assert put(store, meta) and store.pin(meta.key)
+    entry_file(store, meta).write_bytes(b"garbage")
+    with pytest.raises(TierError):
+        store.read(meta)
+    assert put(store, meta)  # the prefix, recomputed by another request, stored again
+    store.unpin(meta.key)  # the failed load gives its plan back
+    assert store.pin(meta.key)
+    store.unpin(meta.key)
+    assert store._entries[meta.key].pins == 0
+    store.check_integrity()
+    assert store.clear() == 1
+
+
 @pytest.mark.parametrize("damage", ["bad-json", *ODD_HEADERS])
 def test_corrupt_files_are_dropped_when_the_index_is_rebuilt(damage: str,
                                                              tmp_path: Path) -> None:
