@@ -22,6 +22,8 @@ Entries go to the first tier; the first tier's evictions are demoted to the next
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import itertools
 import logging
 import queue
@@ -95,6 +97,7 @@ class TierManager:
         self._loaders = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
         """Loads never queue behind stores: a waiting request's TTFT depends on them."""
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-demote")
+        self._closed = False
         self._read_ahead = READ_AHEAD
         self._readers = ThreadPoolExecutor(max_workers=self._read_ahead,
                                            thread_name_prefix="kvtier-read")
@@ -405,6 +408,13 @@ class TierManager:
         while self.has_inflight_transfers and time.monotonic() < deadline:
             time.sleep(0.001)
             self._absorb()
+        # Demotions the stores above started (an upper tier's evictions, written below in
+        # `_io`): a reset's `clear_stores` skips an entry still being written, which would
+        # land after it. The one worker runs them in order, so a no-op queued last waits
+        # for all of them.
+        if not self._closed:  # closing waited for them
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                self._io.submit(lambda: None).result(max(0.0, deadline - time.monotonic()))
 
     # -- stores ------------------------------------------------------------------------------
 
@@ -642,6 +652,7 @@ class TierManager:
         return demote
 
     def close(self) -> None:
+        self._closed = True
         self._loaders.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self._workers.shutdown(wait=True)

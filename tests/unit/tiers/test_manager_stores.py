@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -430,3 +431,39 @@ def test_a_retry_is_not_spent_on_an_entry_evicted_before_its_pin() -> None:
     assert store._entries[hashes[-1]].pins == 1  # the refused lookup unpinned its entry
     manager.release_plan(plan)
     manager.close()
+
+
+def test_a_reset_of_the_tiers_waits_for_the_demotions_in_flight(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cpu (one slot) over disk: storing a second chunk demotes the first to disk, whose
+    write runs in the background. `wait_idle` (what a prefix-cache reset with reset_tiers
+    calls before `clear_stores`) must cover that write: before, it returned while the disk
+    entry was still unpublished, the clear skipped it, and it landed after the reset."""
+    slow_write = DiskStore._write
+
+    def write(self: DiskStore, handle: object) -> bool:
+        time.sleep(0.3)
+        return slow_write(self, handle)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DiskStore, "_write", write)
+    kv_cache = torch.randn(LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size,
+                           LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    pool = BlockPool(NUM_BLOCKS, enable_caching=True)
+    cpu = CPUStore(LAYOUT, CHUNK_BLOCKS * LAYOUT.block_bytes, create_policy("lru"),
+                   CHUNK_BLOCKS, pin_memory=False)
+    disk = DiskStore(LAYOUT, 1 << 20, create_policy("lru"), str(tmp_path))
+    cost = CostModel(1.0, {"cpu": TierRate(1e9), "disk": TierRate(1e9)})
+    manager = TierManager(TierConfig(kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size),
+                          [cpu, disk], KVTransfer(kv_cache), pool, LAYOUT.block_size, cost)
+    pool.eviction_listener = manager
+    first, _ = finished_prefix(pool, manager, seed=1, num_blocks=CHUNK_BLOCKS)
+    manager.store_lookahead(NUM_BLOCKS)
+    manager.wait_idle()
+    second, _ = finished_prefix(pool, manager, seed=2, num_blocks=CHUNK_BLOCKS)
+    manager.store_lookahead(NUM_BLOCKS)  # the first chunk goes down to disk
+    manager.wait_idle()
+    assert cpu.has(second[-1]) and disk.has(first[-1]), "the demotion has not landed"
+    manager.clear_stores()
+    manager.close()  # every write the manager started has finished
+    assert not cpu.has_block(second[-1]) and not disk.has_block(first[-1])
+    assert list(tmp_path.glob("*/*.kvt")) == []
