@@ -379,6 +379,13 @@ class EngineConfig:
         if self.max_cudagraph_capture_size < 0:
             raise ConfigError(f"max_cudagraph_capture_size {self.max_cudagraph_capture_size} "
                               "must be >= 0")
+        if self.tiers.kv_tiers and not self.cache.enable_prefix_caching:
+            # Tier entries are found by the prefix cache's block hashes: without it the
+            # scheduler never looks the tiers up or stores into them, and they would hold host
+            # memory, a disk folder's lock and a Redis connection for nothing, silently.
+            raise ConfigError("kv_tiers need enable_prefix_caching (the tiers extend the "
+                              "prefix cache); drop --no-enable-prefix-caching or the "
+                              "--kv-tier flags")
         chunk, block = self.tiers.kv_tier_chunk_tokens, self.cache.block_size
         if self.tiers.kv_tiers and chunk % block:
             # A tier entry holds whole KV blocks: another chunk would be silently rounded.

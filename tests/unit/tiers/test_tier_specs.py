@@ -98,3 +98,11 @@ def test_a_redis_url_redis_py_would_misread_is_refused(url: str, bad: str) -> No
                                   "redis:unix:///run/redis.sock?db=3:1GiB"])
 def test_redis_urls_with_options_redis_py_takes_are_taken(text: str) -> None:
     assert TierSpec.parse(text).kind == "redis"
+
+
+def test_tiers_without_the_prefix_cache_are_refused() -> None:
+    """The tiers are looked up and filled through the prefix cache's block hashes: with it
+    off they did nothing, silently, while a cpu tier still took its host memory."""
+    with pytest.raises(ConfigError, match="kv_tiers need enable_prefix_caching"):
+        EngineConfig.from_kwargs(kv_tiers=("cpu:1GiB",), enable_prefix_caching=False)
+    EngineConfig.from_kwargs(enable_prefix_caching=False)  # without tiers: fine
