@@ -55,7 +55,9 @@ class DiskStore(TierStore):
     def __init__(self, layout: KVLayout, capacity_bytes: int, policy: EvictionPolicy,
                  path: str) -> None:
         super().__init__(layout, capacity_bytes, policy)
-        self.root = Path(path) / layout.namespace
+        # `--kv-tier disk:~/kv:SIZE`: the shell leaves a `~` after `disk:` alone, and taken
+        # literally it made a folder named `~` in the working directory.
+        self.root = Path(path).expanduser() / layout.namespace
         self._lock_file: io.TextIOWrapper | None = None
         # A folder that cannot be made or written is the operator's to fix: refused at start,
         # not served as a tier that stores nothing.

@@ -112,3 +112,17 @@ def test_a_folder_it_cannot_write_is_refused(tmp_path: Path,
     with pytest.raises(ConfigError, match=f"^disk tier folder {tmp_path}: .* is not writable$"):
         open_store(tmp_path)
     assert not (tmp_path / LAYOUT.namespace / LOCK_NAME).exists()  # nothing taken
+
+
+def test_a_folder_under_the_home_directory_is_found_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--kv-tier disk:~/kv:SIZE`: the shell does not expand a `~` after `disk:`. Before, the
+    store made a folder named `~` in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    store = DiskStore(LAYOUT, 1 << 20, create_policy("lru"), "~/kv")
+    try:
+        assert store.root == tmp_path / "home" / "kv" / LAYOUT.namespace
+        assert store.root.is_dir() and not (tmp_path / "~").exists()
+    finally:
+        store.close()
