@@ -634,7 +634,15 @@ class TierManager:
                     break
                 newest += 1
             writes: deque[Future] = deque()
+            errors = lower.stats.num_errors
             for meta in missing[len(missing) - newest:]:
+                if lower.stats.num_errors > errors:
+                    # A write failed: a Redis server that stops answering costs each write
+                    # its timeouts (~10 s), so copying on would hold the shutdown for many
+                    # minutes, only to fail the same way.
+                    logger.warning("tier %s: a write failed; not copying the rest into it",
+                                   lower.name)
+                    break
                 handle = lower.prepare_store(meta)
                 if handle is None:
                     continue
@@ -663,12 +671,13 @@ class TierManager:
 
 def _copy_down(upper: TierStore, lower: TierStore, handle: StoreHandle) -> int:
     """Fill and complete a lower tier's new entry from the upper tier's; 1 where it was
-    copied, 0 where the upper entry went meanwhile (the lower one is then given up)."""
+    copied, 0 where the upper entry went meanwhile (the lower one is then given up) or the
+    lower tier's write failed."""
     payload = upper.payload_copy(handle.meta.key)
     if payload is not None:
         handle.buffer.copy_(payload)
     lower.complete_store(handle, payload is not None)
-    return int(payload is not None)
+    return int(payload is not None and lower.has(handle.meta.key))
 
 
 def _staged_copy(store: TierStore, meta: EntryMeta,

@@ -170,3 +170,31 @@ def test_write_down_writes_the_newest_that_fit_several_at_once(
         assert torch.equal(disk.read(meta), payload.view(-1).view(torch.uint8))
     disk.check_integrity()
     manager.close()
+
+
+def test_write_down_stops_copying_into_a_tier_whose_writes_fail(tmp_path: Path) -> None:
+    """A lower tier that stopped taking writes (its folder gone here; a Redis server that
+    stopped answering costs each write its timeouts, ~10 s): the shutdown's copy gives up on
+    it after the writes already in flight, and counts nothing as copied. Before, it tried
+    every entry (minutes against a hung server) and reported them all copied."""
+    cpu = CPUStore(LAYOUT, 32 * CHUNK_BLOCKS * LAYOUT.block_bytes, create_policy("lru"),
+                   CHUNK_BLOCKS, pin_memory=False)
+    parent = root_block_hash("test-model")
+    for i in range(32):
+        parent = hash_block_tokens(parent, [3, i])
+        handle = cpu.prepare_store(EntryMeta(parent, (parent,), LAYOUT.block_bytes))
+        assert handle is not None
+        cpu.complete_store(handle, True)
+    disk = SlowWritingDiskStore(tmp_path / "disk")
+    disk.root.rename(tmp_path / "moved-away")  # every write fails
+    kv_cache = torch.zeros(LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size,
+                           LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    manager = TierManager(TierConfig(kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size),
+                          [cpu, disk], KVTransfer(kv_cache), BlockPool(NUM_BLOCKS),
+                          LAYOUT.block_size, CostModel(1.0, {"cpu": TierRate(1e9),
+                                                             "disk": TierRate(1e9)}))
+    assert manager.write_down() == 0
+    assert 1 <= disk.stats.num_errors <= READ_AHEAD + 1
+    assert disk.num_entries == 0
+    disk.check_integrity()
+    manager.close()
