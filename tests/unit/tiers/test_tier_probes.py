@@ -111,3 +111,16 @@ def test_a_tier_refused_at_start_leaves_no_directory_of_a_disk_tier_above_it(
     with pytest.raises(ConfigError, match=f"^{small} tier of 1 bytes cannot hold one chunk"):
         build_tier_manager(config, LAYOUT, kv_cache(), BlockPool(8), PrefillRate(1e4))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cpu_tier_larger_than_the_free_host_memory_is_refused_naming_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the KV pool is: before, `cpu:100GiB` on a smaller host ended the start in the
+    allocator's RuntimeError traceback (or, with overcommit, in the OOM killer later)."""
+    chunk_bytes = CHUNK_BLOCKS * LAYOUT.block_bytes
+    monkeypatch.setattr("kvtier.tiers.stack.available_bytes", lambda device: 10 * chunk_bytes)
+    with pytest.raises(ConfigError, match=rf"cpu tier of {100 * chunk_bytes} bytes: more than"):
+        build_store(TierSpec("cpu", 100 * chunk_bytes), LAYOUT, CHUNK_BLOCKS, pin_memory=False)
+    store = build_store(TierSpec("cpu", 10 * chunk_bytes), LAYOUT, CHUNK_BLOCKS,
+                        pin_memory=False)
+    assert store.capacity_bytes == 10 * chunk_bytes
