@@ -101,7 +101,8 @@ class StreamRecorder:
     error: str = ""
 
     def on_event(self, payload: str, now: float) -> None:
-        """Record one `data:` payload. Raises json.JSONDecodeError on a malformed one."""
+        """Record one `data:` payload. Raises ValueError (json.JSONDecodeError among them) on a
+        malformed one."""
         if payload.strip() == "[DONE]":
             self.done = True
             return
@@ -116,7 +117,7 @@ class StreamRecorder:
             self.chunk_times.append(now)
             self.text_parts.append(_choice_text(choices[0], self.chat))
         elif data.get("usage"):  # vLLM's client reads usage only from a chunk without choices
-            self.usage = data["usage"]
+            self.usage = _checked_usage(data["usage"])
 
     def result(self, prompt_len: int) -> RequestFuncOutput:
         """The request's record; failed when no choice arrived. As in vLLM's client, an error
@@ -140,6 +141,17 @@ class StreamRecorder:
             out.error = out.stream_error or "Never received a valid chunk to calculate TTFT."
         out.success = not out.error
         return out
+
+
+def _checked_usage(usage: Any) -> dict[str, Any]:
+    """`usage` if its token counts are whole numbers (or absent); else ValueError, so the
+    request fails like any other garbled chunk instead of `result` raising out of the run."""
+    counts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens")] \
+        if isinstance(usage, dict) else None
+    if counts is None or not all(c is None or (isinstance(c, int) and not isinstance(c, bool))
+                                 for c in counts):
+        raise ValueError(f"malformed usage in stream: {str(usage)[:200]}")
+    return usage
 
 
 def _choice_text(choice: Any, chat: bool) -> str:

@@ -171,6 +171,37 @@ def test_failures_are_recorded_and_the_run_goes_on(qwen):
     assert result.per_request["output_lens"] == [3, 0, 0]
 
 
+class FakeBadUsage(FakeOpenAI):
+    """Streams its choices, then a usage chunk whose `usage` is whatever the prompt names."""
+
+    USAGES: dict[str, Any] = {"str-count": {"completion_tokens": "many"},
+                              "list-count": {"completion_tokens": [3]},
+                              "str-prompt": {"completion_tokens": 3, "prompt_tokens": "x"},
+                              "not-a-table": "lots"}
+
+    async def _stream(self, request: web.Request, body: dict[str, Any],
+                      chat: bool) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(body["max_tokens"]):
+            chunk = {"choices": [{"index": 0, "text": f"w{i} "}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        usage = self.USAGES.get(body["prompt"], {"completion_tokens": body["max_tokens"]})
+        await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+                             "data: [DONE]\n\n".encode())
+        return response
+
+
+def test_a_malformed_usage_chunk_fails_its_request_not_the_run(qwen):
+    """A server's garbled usage (a count that is no number, usage that is no object) is that
+    request's failure, as every other server fault is; it once escaped and ended the run."""
+    result = asyncio.run(run_against_fake(FakeBadUsage(), requests("ok", *FakeBadUsage.USAGES),
+                                          qwen, model="m"))
+    assert (result.completed, result.failed) == (1, 4)
+    errors = result.per_request["errors"]
+    assert errors[0] == "" and all(errors[1:])
+
+
 def test_connection_refused_is_a_failed_request():
     async def go():
         import aiohttp
