@@ -139,9 +139,16 @@ def stop_process(process: subprocess.Popen[bytes], grace_s: float = TERM_GRACE_S
     try:
         return process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
+        pass
+    except KeyboardInterrupt:
+        # a second Ctrl-C during the grace period: the server is in its own session, so no
+        # SIGINT reaches it; kill it now rather than leave it running, then keep unwinding
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        return process.wait(timeout=10)
+        raise
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    return process.wait(timeout=10)
 
 
 def scrape_gauge(base_url: str, name: str) -> float | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -78,6 +79,33 @@ def test_stop_process_kills_what_ignores_sigterm():
     start = time.perf_counter()
     assert stop_process(process, grace_s=0.5) == -9
     assert time.perf_counter() - start < 5
+
+
+def test_a_second_ctrl_c_during_teardown_still_kills_the_server():
+    """Users press Ctrl-C again while a slow server stops: that KeyboardInterrupt used to
+    land in the SIGTERM grace wait and skip the SIGKILL, leaving the server (in its own
+    session, so the terminal's SIGINT never reaches it) running."""
+    process = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal("
+                                "signal.SIGTERM, signal.SIG_IGN); print('x', flush=True); "
+                                "time.sleep(60)"], stdout=subprocess.PIPE,
+                               start_new_session=True)
+    assert process.stdout is not None and process.stdout.readline()
+
+    def second_ctrl_c(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, second_ctrl_c)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stop_process(process, grace_s=30)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    try:
+        assert process.wait(timeout=5) == -9
+    finally:
+        process.kill()
 
 
 def test_experiment_keeps_going_past_failures_and_writes_everything(tmp_path: Path):
