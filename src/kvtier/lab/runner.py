@@ -38,7 +38,13 @@ from kvtier.lab.records import (
     write_results_csv,
     write_results_json,
 )
-from kvtier.lab.server import RunningServer, ServerStartError, running_server, scrape_gauge
+from kvtier.lab.server import (
+    RunningServer,
+    ServerStartError,
+    running_server,
+    scrape_gauge,
+    slug,
+)
 from kvtier.lab.server_stats import summarize
 from kvtier.utils.host_counters import HostCounters, ProcessTreeCPU
 
@@ -126,6 +132,7 @@ class _Runner:
         self.lab = LabRun(experiment, out_dir)
         self._tokenizers: dict[tuple[str | None, str | None], TokenizerLike] = {}
         self._workloads: dict[tuple[str, int], Workload] = {}
+        self._log_names: set[str] = set()
         self.repeat = 0
 
     def save(self) -> None:
@@ -150,7 +157,8 @@ class _Runner:
             launch=spec.launch.replace("{repeat}", tag) if spec.launch else spec.launch)
         self.log(f"[lab] starting {spec.name!r} ({spec.kind})")
         try:
-            with running_server(spec, self.out_dir / "logs", log_name) as server:
+            with running_server(spec, self.out_dir / "logs",
+                                self._unique_log_name(log_name or spec.name)) as server:
                 self.log(f"[lab] {spec.name!r} healthy at {server.base_url} after "
                          f"{server.start_seconds:.1f} s")
                 warm_up(server.base_url)
@@ -165,6 +173,17 @@ class _Runner:
             self.log(f"[lab] {exc}")
             for workload in workloads:
                 self.add(self._failure(spec, workload, SERVER_FAILED, str(exc), None))
+
+    def _unique_log_name(self, name: str) -> str:
+        """`slug(name)`, numbered where an earlier server of this run had the same slug:
+        distinct names ("CPU tier", "cpu-tier") must not write (and point at) one log file."""
+        base = candidate = slug(name)
+        number = 1
+        while candidate in self._log_names:
+            number += 1
+            candidate = f"{base}-{number}"
+        self._log_names.add(candidate)
+        return candidate
 
     def _failure(self, spec: ServerSpec, workload: WorkloadSpec, status: str, error: str,
                  server: RunningServer | None) -> RunRecord:

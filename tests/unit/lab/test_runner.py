@@ -149,6 +149,19 @@ def test_experiment_keeps_going_past_failures_and_writes_everything(tmp_path: Pa
         "ttft_cdf_r.png", "itl_r.png", "throughput.png", "regime_map.png"}
 
 
+def test_servers_whose_names_slug_alike_keep_their_own_logs(tmp_path: Path):
+    """"Fake A" and "fake-a" are different names but one slug: the second server's log used
+    to overwrite the first's, whose record then pointed at the other server's log."""
+    servers = (fake("Fake A", "--fail-every", "1"), fake("fake-a"))
+    lab = run_experiment(Experiment(name="unit", tokenizer=TOKENIZER, servers=servers,
+                                    workloads=(workload("R", 2),)),
+                         tmp_path, log=lambda _: None, check_flags=False)
+    logs = {r.server: r.server_log for r in lab.records}
+    assert len(set(logs.values())) == 2, logs
+    for name, log in logs.items():
+        assert ("--fail-every 1" in Path(log).read_text()) == (name == "Fake A")
+
+
 def test_restart_per_workload_runs_workload_major_on_fresh_servers(tmp_path: Path):
     experiment = Experiment(name="unit", tokenizer=TOKENIZER, restart_per_workload=True,
                             servers=(fake("s1", "--kvtier"), fake("s2")),
