@@ -347,6 +347,11 @@ def validate_bench_fields(fields: Mapping[str, Any], where: str) -> dict[str, An
         BenchConfig(**out)
     except (ValueError, TypeError) as exc:
         raise ExperimentError(f"{where}: {exc}") from exc
+    # as `kvtier bench` does, before any server is started for runs that could only fail
+    path = out.get("dataset_path")
+    if path is not None and not Path(path).is_file():
+        problem = "is a directory" if Path(path).is_dir() else "no such file"
+        raise ExperimentError(f"{where}.dataset_path: {path!r}: {problem}")
     return out
 
 
@@ -360,6 +365,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tuple[str, ...] in allowed and isinstance(value, list | str):
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ExperimentError(f"{where}: expected a string or a list of strings, got "
+                                  f"{value!r}")
         return tuple(value.split() if isinstance(value, str) else value)
     for kind in allowed:
         origin = typing.get_origin(kind) or kind
