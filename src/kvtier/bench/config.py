@@ -185,6 +185,13 @@ class BenchConfig:
         for name in ("random_range_ratio", "multi_turn_range_ratio"):
             check(0 <= getattr(self, name) < 1,
                   f"{name} must be in [0, 1), got {getattr(self, name)}")
+        # vLLM's own check (before its tokenizer's special tokens, which sample_random adds)
+        length_field = "input_len" if self.input_len else "random_input_len"
+        shortest = math.floor(getattr(self, length_field) * (1 - self.random_range_ratio))
+        check(self.dataset_name != "random" or self.random_prefix_len + shortest >= 1,
+              f"{length_field} {getattr(self, length_field)} with "
+              f"random_range_ratio {self.random_range_ratio:g} and random_prefix_len "
+              f"{self.random_prefix_len} allows prompts of 0 tokens")
         check(self.long_doc_qa_repeat_mode in ("random", "tile", "interleave"),
               f"long_doc_qa_repeat_mode {self.long_doc_qa_repeat_mode!r} is not "
               "random, tile or interleave")

@@ -87,6 +87,11 @@ def test_flags_map_to_the_config():
     (["--dataset-name", "prefix_repetition", "--num-prompts", "4"],
      r"--num-prompts \(4\) must be >= --prefix-repetition-num-prefixes \(10\)"),
     (["--random-range-ratio", "2"], r"--random-range-ratio must be in \[0, 1\), got 2.0"),
+    # the shortest prompt, floor(1 × 0.5) = 0 tokens, was found only once the workload was
+    # built: exit 1 and a message that named no flag
+    (["--random-input-len", "1", "--random-range-ratio", "0.5"],
+     r"--random-input-len 1 with --random-range-ratio 0.5 and --random-prefix-len 0 allows "
+     r"prompts of 0 tokens"),
     (["--header", "novalue"], "--header: 'novalue' is not KEY=VALUE"),
     (["--extra-body", "[1]"], "--extra-body: expected a JSON object"),
     (["--goodput", "ttft"], "goodput SLO 'ttft' is not KEY:VALUE"),
