@@ -103,6 +103,9 @@ def plan_sweep(base: Experiment, knob: str, values: tuple[int, ...], off: str | 
     if knob not in KNOBS:
         raise ExperimentError(f"--knob: {knob!r} is not one of {', '.join(KNOBS)}")
     off_spec, on_spec = _pick_server(base, off, 0, "--off"), _pick_server(base, on, 1, "--on")
+    if off_spec.name == on_spec.name:  # its records would share one name, its gains be noise
+        raise ExperimentError(f"--off and --on both name {off_spec.name!r}: a sweep compares "
+                              "two server configurations")
     chosen = _pick_workload(base, workload)
     seed = int(chosen.fields.get("seed", 0))
     name = f"{base.name}-sweep-{knob}"

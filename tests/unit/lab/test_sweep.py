@@ -55,6 +55,12 @@ def test_bad_sweeps_name_the_flag():
         plan_sweep(base, "num_prefixes", (1,), on="x")
     with pytest.raises(ExperimentError, match=r"--workload: no workload named 'x'"):
         plan_sweep(base, "num_prefixes", (1,), workload="x")
+    # used to plan a sweep of one configuration against itself, both records under one name
+    first = base.servers[0].name
+    with pytest.raises(ExperimentError, match=rf"--off and --on both name {first!r}"):
+        plan_sweep(base, "num_prefixes", (1,), off=first, on=first)
+    with pytest.raises(ExperimentError, match=rf"--off and --on both name {first!r}"):
+        plan_sweep(base, "num_gpu_blocks", (8,), on=first)
     remote = base.replace(servers=(base.servers[0].__class__("r", base_url="http://h:1"),
                                    base.servers[1]))
     with pytest.raises(ExperimentError, match=r"server 'r' is not a kvtier configuration"):
