@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import string
 import tomllib
 import types
 import typing
@@ -271,6 +272,8 @@ def _parse_server(table: Mapping[str, Any], where: str, model: str | None) -> Se
     if launch is not None and "{port}" not in launch:
         raise ExperimentError(f"{where}.launch: the command must contain {{port}} (placeholders: "
                               f"{', '.join(_PLACEHOLDERS)}), got {launch!r}")
+    if launch is not None:
+        _check_placeholders(launch, f"{where}.launch")
     base_url = _typed(table, "base_url", str, where, default=None)
     if base_url is not None and not base_url.startswith(("http://", "https://")):
         raise ExperimentError(f"{where}.base_url: expected http(s)://host:port, got {base_url!r}")
@@ -301,6 +304,22 @@ def _parse_server(table: Mapping[str, Any], where: str, model: str | None) -> Se
         health_path=_typed(table, "health_path", str, where, default="/health"),
         startup_timeout_s=float(startup_timeout_s), device_kv_tokens=device_kv_tokens,
         block_size=block_size, reset_path=reset_path)
+
+
+def _check_placeholders(template: str, where: str) -> None:
+    """The lab fills a launch command with str.format: any other brace (a JSON option,
+    ${VAR}) would raise there, as a traceback once servers before it had run."""
+    hint = "write {{ and }} for a literal brace"
+    try:
+        fields = [(name, spec) for _, name, spec, _ in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:
+        raise ExperimentError(f"{where}: {exc}; {hint}") from None
+    for name, spec in fields:
+        if f"{{{name}}}" not in (*_PLACEHOLDERS, "{repeat}") or spec:
+            text = f"{{{name}{':' + spec if spec else ''}}}"
+            raise ExperimentError(f"{where}: unknown placeholder {text!r} (placeholders: "
+                                  f"{', '.join(_PLACEHOLDERS)}, {{repeat}}); {hint}")
 
 
 def engine_flags(engine: Any, where: str) -> list[str]:

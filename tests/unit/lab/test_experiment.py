@@ -121,6 +121,15 @@ def test_false_becomes_no_flag_and_host_port_are_refused():
      r"'flush_cache'"),
     ('name = "remote"', 'name = "remote"\nreset_path = 1',
      r"servers\[3\]\.reset_path: expected str"),
+    # literal braces (a JSON option, ${VAR}) used to escape as a KeyError traceback when the
+    # lab formatted the command, after the servers before it had run
+    ('launch = "vllm serve {model} --port {port}"',
+     "launch = \"\"\"vllm serve {model} --port {port} --kv-config '{\"a\": 1}'\"\"\"",
+     r"servers\[2\]\.launch: unknown placeholder '\{\"a\": 1\}' .* write \{\{ and \}\} for a "
+     r"literal brace"),
+    ('launch = "vllm serve {model} --port {port}"',
+     'launch = "cd ${HOME} && vllm serve {model} --port {port}"',
+     r"servers\[2\]\.launch: .*'\{HOME\}'"),
     ("num_prompts = 8", "num_prompts = 8\nheader = { x-a = 1 }",
      r"workloads\[0\]\.header: expected a table of strings, got \{'x-a': 1\}"),
     # used to escape as an AttributeError traceback from the goodput parser
