@@ -366,11 +366,6 @@ def validate_bench_fields(fields: Mapping[str, Any], where: str) -> dict[str, An
         BenchConfig(**out)
     except (ValueError, TypeError) as exc:
         raise ExperimentError(f"{where}: {exc}") from exc
-    # as `kvtier bench` does, before any server is started for runs that could only fail
-    path = out.get("dataset_path")
-    if path is not None and not Path(path).is_file():
-        problem = "is a directory" if Path(path).is_dir() else "no such file"
-        raise ExperimentError(f"{where}.dataset_path: {path!r}: {problem}")
     return out
 
 

@@ -120,6 +120,18 @@ def check_engine_flags(experiment: Experiment) -> None:
                                   f"{' '.join(spec.engine)!r}: {message}")
 
 
+def check_dataset_files(experiment: Experiment) -> None:
+    """Refuse a workload whose `dataset_path` is no file, before any server starts for runs
+    that could only fail (as `kvtier bench` refuses it). Only the workloads selected run, so
+    only theirs are checked: `--workloads P` needs no copy of S's file."""
+    for workload in experiment.workloads:
+        path = workload.fields.get("dataset_path")
+        if path is not None and not Path(path).is_file():
+            problem = "is a directory" if Path(path).is_dir() else "no such file"
+            raise ExperimentError(f"workload {workload.name!r}: dataset_path {path!r}: "
+                                  f"{problem}")
+
+
 class _Runner:
     """Mutable state of one experiment run: records, caches, output paths."""
 
@@ -309,6 +321,7 @@ def run_experiment(experiment: Experiment, out_dir: Path, new_task: TaskFactory 
     from kvtier.lab.report import write_report
 
     start = time.perf_counter()
+    check_dataset_files(experiment)
     if check_flags:
         check_engine_flags(experiment)
     runner = _Runner(experiment, out_dir, new_task, log)

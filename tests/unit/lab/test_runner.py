@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.lab.experiment import Experiment, ServerSpec, WorkloadSpec
+from kvtier.lab.experiment import Experiment, ExperimentError, ServerSpec, WorkloadSpec
 from kvtier.lab.runner import check_engine_flags, run_experiment
 from kvtier.lab.server import (
     ServerStartError,
@@ -201,6 +201,27 @@ def test_engine_flags_are_checked_by_kvtiers_own_parser():
     bad = good.replace(servers=(good.servers[0], ServerSpec("b", engine=("--bogus-flag", "1"))))
     with pytest.raises(ValueError, match=r"servers\[1\] \('b'\)\.engine: .*--bogus-flag"):
         check_engine_flags(bad)
+
+
+@pytest.mark.parametrize("path, problem", [("/no/such.json", "no such file"),
+                                           ("/", "is a directory")])
+def test_a_missing_dataset_file_is_refused_before_any_server_starts(tmp_path: Path, path: str,
+                                                                     problem: str):
+    """It used to be found only at run time, after every server had been started for runs that
+    could only fail. Only the selected workloads' files count: `--workloads R` runs without
+    a copy of S's file."""
+    marker = tmp_path / "started"
+    started = ServerSpec("s", launch=f"touch {marker} && {fake('s').launch}",
+                         startup_timeout_s=30)
+    sharegpt = WorkloadSpec("S", {"dataset_name": "sharegpt", "dataset_path": path,
+                                  "num_prompts": 2})
+    experiment = Experiment(name="x", servers=(started,), workloads=(workload(), sharegpt))
+    with pytest.raises(ExperimentError, match=rf"workload 'S': dataset_path '{path}': {problem}"):
+        run_experiment(experiment, tmp_path / "out", log=lambda _: None, check_flags=False)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    run = run_experiment(experiment.replace(workloads=(workload(num_prompts=2),)),
+                         tmp_path / "out", log=lambda _: None, check_flags=False)
+    assert marker.exists() and [r.status for r in run.records] == ["ok"]
 
 
 def test_reset_path_is_posted_before_every_run_and_a_refused_reset_fails_the_run(
