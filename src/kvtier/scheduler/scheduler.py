@@ -96,6 +96,9 @@ class Scheduler:
         self.loading: dict[str, Request] = {}
         self.requests: dict[str, Request] = {}
         self._freed_since_last_step: list[str] = []
+        self._finished_in_flight: dict[str, Request] = {}
+        """Finished requests (aborted, stopped) still in a launched step (async scheduling):
+        that step's results are theirs, so their ids stay in use until it is applied."""
         self.num_preemptions = 0
         self.num_deferred_shared_prefixes = 0
         """Admissions passed over because another request was computing their next block."""
@@ -121,8 +124,10 @@ class Scheduler:
 
     def request_id_in_use(self, request_id: str) -> bool:
         """A live request has it, or an aborted one whose tier load has yet to report (its
-        blocks, found by id, are freed then: a new request with the id would lose its own)."""
-        return request_id in self.requests or request_id in self.loading
+        blocks, found by id, are freed then: a new request with the id would lose its own),
+        or a finished one with a step in flight (`_finished_in_flight`)."""
+        return (request_id in self.requests or request_id in self.loading
+                or request_id in self._finished_in_flight)
 
     def add_request(self, request: Request) -> None:
         if self.request_id_in_use(request.request_id):
@@ -157,6 +162,9 @@ class Scheduler:
         request.metrics.finished_time = time.monotonic()
         if free_blocks:
             self._free_blocks(request)
+        if request.num_inflight_tokens:
+            # A new request reusing the id would otherwise be given this one's results.
+            self._finished_in_flight[request.request_id] = request
         del self.requests[request.request_id]
         self._freed_since_last_step.append(request.request_id)
 
@@ -605,9 +613,16 @@ class Scheduler:
         tiers = (self.tiers if self.tiers is not None and self.tiers.stores_on_compute
                  and self.kv.enable_caching else None)
         for scheduled in output.requests:
+            finished = self._finished_in_flight.get(scheduled.request_id)
+            if finished is not None:  # finished (or aborted) since the step was scheduled
+                finished.num_inflight_tokens -= len(scheduled.token_ids)
+                finished.num_pending_outputs -= scheduled.sample
+                if not finished.num_inflight_tokens:
+                    del self._finished_in_flight[scheduled.request_id]
+                continue
             request = self.requests.get(scheduled.request_id)
             if request is None:
-                continue  # finished (or aborted) since the step was scheduled
+                continue
             request.num_inflight_tokens -= len(scheduled.token_ids)
             request.num_pending_outputs -= scheduled.sample
             if request.status is not RequestStatus.RUNNING:

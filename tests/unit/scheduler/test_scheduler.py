@@ -896,3 +896,37 @@ def test_tokens_in_flight_are_reported_until_their_step_lands() -> None:
     assert scheduler.requests["a"].output_token_ids == [next_token([5] * 6)]  # kept
     run_to_end(scheduler)
     assert scheduler.kv.pool.num_free_blocks == scheduler.kv.pool.num_blocks
+
+
+@pytest.mark.parametrize("ended_by", ["abort", "stop token"])
+def test_a_finished_request_keeps_its_id_while_a_step_of_it_is_in_flight(ended_by: str) -> None:
+    """Aborted, or stopped by a token, while a step of it is in flight (async scheduling),
+    a request keeps its id until that step's results are applied: they are its own. A new
+    request with the id used to be given them: the old request's token and in-flight
+    counts gone negative, which kept it out of admission forever."""
+    scheduler = make_scheduler()
+    stop = next_token([1] * 5)
+    scheduler.add_request(Request("x", [1] * 5, SamplingParams(
+        max_tokens=4, temperature=0.0, ignore_eos=True, stop_token_ids=[stop])))
+    first = scheduler.schedule()
+    second = scheduler.schedule()  # decodes the pending first token
+    if ended_by == "abort":
+        scheduler.finish_request("x", FinishReason.ABORT)
+    else:
+        complete(scheduler, first)  # its first token stops it; `second` is still in flight
+    assert "x" not in scheduler.requests
+    assert scheduler.request_id_in_use("x")
+    with pytest.raises(ValueError, match="already in use"):
+        scheduler.add_request(make_request("x", [9, 9, 9], max_tokens=3))
+    if ended_by == "abort":
+        complete(scheduler, first)
+    complete(scheduler, second)
+    assert not scheduler.request_id_in_use("x")
+    again = make_request("x", [9, 9, 9], max_tokens=3)
+    scheduler.add_request(again)
+    run_async_to_end(scheduler)
+    assert again.output_token_ids == [next_token([9, 9, 9])] + again.output_token_ids[1:]
+    assert len(again.output_token_ids) == 3
+    assert again.num_inflight_tokens == 0 and again.num_pending_outputs == 0
+    pool = scheduler.kv.pool
+    assert pool.num_free_blocks == pool.num_blocks
