@@ -49,7 +49,7 @@ from kvtier.engine.core_messages import (
 )
 from kvtier.engine.engine_process import EngineClient, EngineProcess, EngineProcessSpec
 from kvtier.model.tokenizer import Tokenizer
-from kvtier.types import PrefixCacheReset, RequestOutput, SamplingParams
+from kvtier.types import InvalidRequestError, PrefixCacheReset, RequestOutput, SamplingParams
 
 if TYPE_CHECKING:  # the core's modules (torch, the model) load only where the core runs
     from kvtier.engine.engine import LLMEngine
@@ -323,6 +323,10 @@ class AsyncEngine:
             num_waiting = self._num_pending_adds + self._num_waiting
             if limit is not None and num_waiting >= limit:
                 raise QueueFullError(num_waiting)
+            # Acceptances and outputs are routed by id: a second add with a live id would
+            # take the first one's (whose caller then waited forever).
+            if request_id in self._pending or request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
             self._num_pending_adds += 1
             self._pending[request_id] = (sink, accepted)
         self._send(AddRequest(request_id, prompt, params, arrival_time or time.monotonic()))

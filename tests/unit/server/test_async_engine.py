@@ -254,3 +254,24 @@ def test_idle_engine_thread_sleeps() -> None:
     threading.Event().wait(0.2)
     assert fake.num_calls == calls  # no polling while there is nothing to do
     asyncio.run(engine.shutdown())
+
+
+def test_a_second_request_with_a_live_id_is_refused() -> None:
+    """Acceptances and outputs are routed by request id: two live requests with one id used
+    to leave the first caller waiting forever, and give the second the first one's tokens."""
+    engine = start_async_engine(FakeEngine())
+
+    async def both() -> list[object]:
+        async def one(prompt: str) -> object:
+            try:
+                return [o.finished async for o in engine.generate(prompt, params(),
+                                                                  request_id="same")]
+            except InvalidRequestError as exc:
+                return exc
+
+        return await asyncio.wait_for(asyncio.gather(one("a"), one("b")), 10)
+
+    first, second = asyncio.run(both())
+    assert first == [False] * (len(first) - 1) + [True]  # type: ignore[arg-type]
+    assert isinstance(second, InvalidRequestError) and "already in use" in str(second)
+    asyncio.run(engine.shutdown())
