@@ -1,14 +1,15 @@
 """Property-based runs of the scheduler against a simulated KV pool, without a model.
 
-The simulated runner writes each scheduled token into the slot its block table names and,
-for every row, reads the whole context back through the table: a request must see exactly
-its own tokens (a block freed too early, shared wrongly or loaded into the wrong place shows
-up as a foreign token). Its "model" is a function of that context, so every request's output
-must equal what it gets alone, whatever the schedule: chunked prefill, prefix hits, tier loads
-(finishing inline or some polls later), preemption, aborts in every phase, async scheduling
-(a step launched before the previous one's tokens are applied) and idle prefix-cache resets.
-Every step checks the pool's invariants and that each block's reference count is the number of
-block tables holding it; once idle, every block is free.
+The simulated runner (at launch, as the device orders it) writes each scheduled token into
+the slot its block table names and, for every row, reads the whole context back through the
+table: a request must see exactly its own tokens (a block freed too early, shared wrongly or
+loaded into the wrong place shows up as a foreign token). Its "model" is a function of that
+context, so every request's output must equal what it gets alone, whatever the schedule:
+chunked prefill, prefix hits, tier loads (finishing inline or some polls later), preemption,
+aborts in every phase, ids used again, async scheduling (a step launched before the previous
+one's tokens are applied) and idle prefix-cache resets. Every step checks the pool's
+invariants and that each block's reference count is the number of block tables holding it;
+once idle, every block is free.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ class SimKV:
 
 class Harness:
     def __init__(self, num_blocks: int, budget: int, max_seqs: int, threshold: int,
-                 policy: str, caching: bool, tiers: bool, delays: list[int],
+                 policy: str, short: int, separate: bool, caching: bool, tiers: bool,
+                 delays: list[int],
                  stores_on_compute: bool, async_scheduling: bool, max_model_len: int) -> None:
         pool = BlockPool(num_blocks, enable_caching=caching)
         self.kv = KVCacheManager(pool, BLOCK, root_block_hash("m"))
@@ -149,11 +151,12 @@ class Harness:
         self.tiers = SimTiers(self.sim, delays, stores_on_compute) if tiers else None
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_batched_tokens=budget, max_num_seqs=max_seqs,
-            long_prefill_token_threshold=threshold, scheduling_policy=policy),
-            self.kv, self.tiers)  # type: ignore[arg-type]
+            long_prefill_token_threshold=threshold, scheduling_policy=policy,
+            short_prefill_first_tokens=short), self.kv, self.tiers)  # type: ignore[arg-type]
+        self.scheduler.separate_prefill_steps = separate
         self.async_scheduling = async_scheduling
         self.max_model_len = max_model_len
-        self.in_flight: tuple[SchedulerOutput, list[list[int]]] | None = None
+        self.in_flight: tuple[SchedulerOutput, dict[str, int]] | None = None
         self.last_sampled: dict[str, int] = {}
         self.context: dict[str, list[int]] = {}
         """Each launched request's tokens as the device knows them (pending ones included)."""
@@ -191,7 +194,9 @@ class Harness:
         self.last_sampled = sampled  # what the next step's pending decodes read (the runner)
         return sampled
 
-    def _launch(self) -> tuple[SchedulerOutput, list[list[int]]]:
+    def _launch(self) -> tuple[SchedulerOutput, dict[str, int]]:
+        """Schedule a step and run it on the simulated device at once: the device runs steps
+        in launch order, and orders tier loads after the steps launched before them."""
         out = self.scheduler.schedule()
         for scheduled in out.requests:
             rid = scheduled.request_id
@@ -205,12 +210,10 @@ class Harness:
                 known = request.all_token_ids
                 context = self.context[rid]
                 assert context[:len(known)] == known
-        # The device reads the block tables at launch.
-        return out, [list(s.block_ids) for s in out.requests]
+        return out, self._execute(out, [s.block_ids for s in out.requests])
 
-    def _complete(self, launched: tuple[SchedulerOutput, list[list[int]]]) -> None:
-        out, tables = launched
-        sampled = self._execute(out, tables)
+    def _complete(self, launched: tuple[SchedulerOutput, dict[str, int]]) -> None:
+        out, sampled = launched
         self.scheduler.update_from_output(out, ModelRunnerOutput(sampled))
 
     def step(self) -> None:
@@ -291,6 +294,8 @@ def scenarios(draw: st.DrawFn) -> tuple[dict, list[tuple]]:
         max_seqs=draw(st.integers(1, 6)),
         threshold=draw(st.sampled_from([0, 0, 3, 5])),
         policy=draw(st.sampled_from(["fcfs", "lpm"])),
+        short=draw(st.sampled_from([0, 0, 6])),
+        separate=draw(st.booleans()),
         caching=draw(st.booleans()),
         tiers=draw(st.booleans()),
         delays=draw(st.lists(st.integers(0, 4), max_size=8)),
@@ -360,9 +365,9 @@ def test_the_harness_sees_preemptions_loads_and_hits() -> None:
     """What the scenarios stress happens in the harness: a prefix computed, forgotten by a
     reset, loaded from the tier (two polls late) for four requests that preempt each other."""
     prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9]
-    config = dict(num_blocks=6, budget=8, max_seqs=4, threshold=0, policy="fcfs", caching=True,
-                  tiers=True, delays=[2], stores_on_compute=False, async_scheduling=True,
-                  max_model_len=24)
+    config = dict(num_blocks=6, budget=8, max_seqs=4, threshold=0, policy="fcfs", short=0,
+                  separate=False, caching=True, tiers=True, delays=[2], stores_on_compute=False,
+                  async_scheduling=True, max_model_len=24)
     ops = [("add", f"r{i}", prompt + [i], 10, ()) for i in range(4)]
     harness = run_scenario(config, [ops[0], ("drain", True), *ops[1:]])
     assert harness.scheduler.num_preemptions > 0
