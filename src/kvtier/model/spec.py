@@ -115,6 +115,15 @@ class ModelSpec:
             rope_scaling = None
         if rope_scaling is not None:
             _check_rope_scaling(rope_scaling)
+        # As transformers' modeling code: only Llama reads attention_bias and mlp_bias; Qwen2's
+        # q/k/v always carry a bias and Mistral's projections never do, whatever config says.
+        if model_type == "llama":
+            attention_bias = _bool(config, "attention_bias", False)
+            if _bool(config, "mlp_bias", False):
+                raise ModelLoadError("mlp_bias true is not supported (the MLP projections "
+                                     "here have no bias)")
+        else:
+            attention_bias = model_type == "qwen2"
         return ModelSpec(
             model_type=model_type,
             vocab_size=_int(config, "vocab_size"),
@@ -128,7 +137,7 @@ class ModelSpec:
             rope_theta=_float({"rope_theta": rope_theta}, "rope_theta", 10000.0),
             max_position_embeddings=_int(config, "max_position_embeddings", default=4096),
             tie_word_embeddings=_bool(config, "tie_word_embeddings", False),
-            attention_bias=_bool(config, "attention_bias", model_type == "qwen2"),
+            attention_bias=attention_bias,
             rope_scaling=rope_scaling,
             bos_token_id=None if bos is None else int(bos),
             eos_token_ids=tuple(int(e) for e in eos_ids),
@@ -213,7 +222,6 @@ def expected_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     h, f, v, d = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.head_dim
     q, kv = spec.num_attention_heads * d, spec.num_key_value_heads * d
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    mlp_bias = bool(spec.extra.get("mlp_bias", False))
     for i in range(spec.num_hidden_layers):
         p = f"model.layers.{i}."
         layer: dict[str, tuple[int, ...]] = {
@@ -227,9 +235,6 @@ def expected_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
                           "self_attn.v_proj.bias": (kv,)})
             if spec.model_type != "qwen2":  # Llama's attention_bias covers o_proj too
                 layer["self_attn.o_proj.bias"] = (h,)
-        if mlp_bias:
-            layer.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,),
-                          "mlp.down_proj.bias": (h,)})
         shapes.update({p + k: s for k, s in layer.items()})
     shapes["model.norm.weight"] = (h,)
     if not spec.tie_word_embeddings:

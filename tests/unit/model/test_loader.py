@@ -273,6 +273,30 @@ def test_an_activation_other_than_silu_is_refused(tmp_path: Path) -> None:
         resolve_model(str(tmp_path))
 
 
+def test_an_mlp_bias_is_refused_at_resolve(tmp_path: Path) -> None:
+    """The MLP here has no bias; a Llama with mlp_bias true was accepted by the resolve
+    (its biases were even expected in the checkpoint) and failed only when the weights were
+    copied, with "weight 'model.layers.0.mlp.down_proj.bias' does not fit this model"."""
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_CONFIG, "mlp_bias": True}))
+    with pytest.raises(ModelLoadError, match="config.json: mlp_bias true is not supported"):
+        resolve_model(str(tmp_path))
+    assert "model.layers.0.mlp.down_proj.bias" not in expected_weight_shapes(
+        ModelSpec.from_hf_config({**TINY_CONFIG, "mlp_bias": False}))
+
+
+def test_attention_bias_is_read_only_where_transformers_reads_it() -> None:
+    """transformers' Qwen2 always has q/k/v biases and Mistral never has any, whatever
+    config.json says; only Llama reads attention_bias. Before, a Qwen2 config stating
+    attention_bias false dropped the checkpoint's biases without a word (wrong logits), and
+    a Mistral one stating true asked for biases its checkpoint does not have."""
+    qwen = json.loads(QWEN_REFERENCE_CONFIG.read_text())
+    assert ModelSpec.from_hf_config({**qwen, "attention_bias": False}).attention_bias
+    mistral = {**TINY_CONFIG, "model_type": "mistral", "architectures": ["MistralForCausalLM"],
+               "attention_bias": True}
+    assert not ModelSpec.from_hf_config(mistral).attention_bias
+    assert ModelSpec.from_hf_config({**TINY_CONFIG, "attention_bias": True}).attention_bias
+
+
 @pytest.mark.parametrize(("rope_scaling", "message"), [
     ({"rope_type": "yarn", "factor": 4.0},
      "rope_scaling type 'yarn' is not supported \\(supported: llama3, or none\\)"),
