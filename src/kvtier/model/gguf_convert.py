@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -31,8 +32,9 @@ from kvtier.model.spec import ModelLoadError, ModelSpec, expected_weight_shapes
 if TYPE_CHECKING:  # gguf is imported only when a GGUF is converted (GPU hosts may lack it)
     from gguf import GGMLQuantizationType, GGUFReader
 
-CONVERTER_VERSION = 1
-"""Bumped when the output changes, so stale cache entries are not reused."""
+CONVERTER_VERSION = 2
+"""Bumped when the output changes, so stale cache entries are not reused (2: Llama 3 GGUFs'
+rope scaling, which version 1 left out)."""
 
 _GGUF_MAGIC = b"GGUF"
 _TOKEN_TYPE_CONTROL = 3
@@ -55,7 +57,12 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _SKIPPED_TENSORS = {"rope_freqs.weight"}
-"""Llama-3 GGUFs store precomputed rope frequencies; HF recomputes them from rope_scaling."""
+"""Llama-3 GGUFs store precomputed rope frequency factors; the converted config.json states
+the rope_scaling they come from instead (`_rope_scaling`), from which HF recomputes them."""
+_LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}
+"""What every Llama 3.x uses, and what llama.cpp's converter assumes where the HF config
+leaves them out; a GGUF records only the factors they produce."""
 
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -206,6 +213,8 @@ def _spec_fields(meta: _Metadata, reader: GGUFReader, a: str) -> dict[str, Any]:
     head_dim = meta.get(f"{a}.rope.dimension_count") or meta.get(f"{a}.attention.key_length")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     names = {t.name for t in reader.tensors}
+    head_dim = int(head_dim or hidden // max(num_heads, 1))
+    rope_theta = float(meta.get(f"{a}.rope.freq_base", 10000.0))
     return dict(
         model_type="llama",
         vocab_size=int(meta.get(f"{a}.vocab_size") or len(tokens)),
@@ -214,11 +223,12 @@ def _spec_fields(meta: _Metadata, reader: GGUFReader, a: str) -> dict[str, Any]:
         num_hidden_layers=int(meta.require(f"{a}.block_count")),
         num_attention_heads=num_heads,
         num_key_value_heads=int(meta.get(f"{a}.attention.head_count_kv") or num_heads),
-        head_dim=int(head_dim or hidden // max(num_heads, 1)),
+        head_dim=head_dim,
         # GGUF stores eps as float32; round so config.json shows 1e-05, not 9.99999974e-06.
         rms_norm_eps=float(np.format_float_positional(
             np.float32(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)), unique=True)),
-        rope_theta=float(meta.get(f"{a}.rope.freq_base", 10000.0)),
+        rope_theta=rope_theta,
+        rope_scaling=_rope_scaling(meta, reader, a, head_dim, rope_theta),
         max_position_embeddings=int(meta.get(f"{a}.context_length", 4096)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
@@ -226,6 +236,45 @@ def _spec_fields(meta: _Metadata, reader: GGUFReader, a: str) -> dict[str, Any]:
         eos_token_ids=() if eos is None else (int(eos),),
         torch_dtype="float32",
     )
+
+
+def _rope_scaling(meta: _Metadata, reader: GGUFReader, a: str, head_dim: int,
+                  theta: float) -> dict[str, Any] | None:
+    """The HF rope_scaling of the GGUF: Llama 3's, recovered from the factors llama.cpp stores
+    as `rope_freqs.weight`; a scaling kvtier does not implement (linear, yarn...) is refused.
+    Ignoring either converts into a model whose rotary embedding differs from the GGUF's."""
+    kind = meta.get(f"{a}.rope.scaling.type")
+    factor = meta.get(f"{a}.rope.scaling.factor")
+    if kind not in (None, "none") and not (kind == "linear" and factor in (None, 1.0)):
+        raise ModelLoadError(f"{meta.path}: GGUF rope scaling {kind!r} (factor {factor}) is "
+                             f"not supported (supported: Llama 3's rope_freqs, or none)")
+    tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return None
+    factors = np.asarray(tensor.data, dtype=np.float64).reshape(-1)
+    if factors.shape == (head_dim // 2,) and np.all(factors == 1.0):
+        return None
+    scaling = {"rope_type": "llama3", "factor": float(factors.max(initial=0.0)),
+               **_LLAMA3_ROPE_DEFAULTS}
+    if factors.shape != (head_dim // 2,) or scaling["factor"] <= 1.0 or not np.allclose(
+            factors, _llama3_rope_factors(head_dim, theta, scaling), rtol=1e-5):
+        raise ModelLoadError(f"{meta.path}: the GGUF's rope_freqs.weight holds rope frequency "
+                             f"factors that are not Llama 3's rope scaling (not supported)")
+    return scaling
+
+
+def _llama3_rope_factors(head_dim: int, theta: float, scaling: dict[str, Any]) -> np.ndarray:
+    """What divides each rotary frequency under Llama 3's rope scaling (HF's
+    `_compute_llama3_parameters`, as llama.cpp's converter writes it into rope_freqs)."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    factor, low, high = (scaling["factor"], scaling["low_freq_factor"],
+                         scaling["high_freq_factor"])
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freqs.astype(np.float64)
+    smooth = (old_len / wavelen - low) / (high - low)
+    medium = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < old_len / high, 1.0,
+                    np.where(wavelen > old_len / low, factor, medium))
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:

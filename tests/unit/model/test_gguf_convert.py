@@ -193,19 +193,22 @@ def test_unknown_tensor_names_are_rejected() -> None:
 
 def _write_tiny_llama_gguf(path: Path, skip: tuple[str, ...] = (),
                            extra_tensors: tuple[str, ...] = (),
-                           metadata: dict[str, int | str] | None = None,
+                           metadata: dict[str, int | float | str] | None = None,
                            tensor_types: dict[str, gguf.GGMLQuantizationType] | None = None,
-                           ) -> Path:
+                           arrays: dict[str, np.ndarray] | None = None) -> Path:
     """A complete one-layer llama GGUF (64 wide, 4 heads, 2 KV heads, 260 byte-level ids)
     that converts in milliseconds; `skip` leaves tensors out, `metadata` overrides keys,
-    `tensor_types` stores tensors as zero bytes of another type than F32."""
+    `tensor_types` stores tensors as zero bytes of another type than F32, `arrays` adds
+    tensors with the given values."""
     writer = gguf.GGUFWriter(str(path), "llama")
-    values: dict[str, int | str] = {
+    values: dict[str, int | float | str] = {
         "llama.block_count": 1, "llama.embedding_length": 64, "llama.feed_forward_length": 128,
         "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
         "llama.context_length": 256, **(metadata or {})}
     for key, value in values.items():
-        (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
+        add = (writer.add_string if isinstance(value, str)
+               else writer.add_float32 if isinstance(value, float) else writer.add_uint32)
+        add(key, value)
     writer.add_tokenizer_model("gpt2")
     alphabet = gguf_convert.byte_level_alphabet()
     writer.add_token_list([alphabet[b] for b in range(256)] + ["<s>", "</s>", "ab", "cd"])
@@ -227,6 +230,8 @@ def _write_tiny_llama_gguf(path: Path, skip: tuple[str, ...] = (),
                               raw_dtype=qtype)
         elif name not in skip:
             writer.add_tensor(name, np.full(shape, 0.01, dtype=np.float32))
+    for name, array in (arrays or {}).items():
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -302,3 +307,45 @@ def test_an_unwritable_conversion_cache_is_named(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="whole.gguf: cannot write its conversion to "
                                              ".*a-file/gguf: .*KVTIER_CACHE_DIR"):
         ensure_converted(whole, not_a_dir)
+
+
+def _hf_llama3_rope_factors(theta: float, head_dim: int, scaling: dict) -> np.ndarray:
+    """What llama.cpp's converter stores as rope_freqs.weight for an HF Llama 3 config: each
+    frequency's divisor, taken here from transformers' own llama3 rope parameters."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=head_dim,
+                         rope_theta=theta, rope_scaling=dict(scaling),  # it adds keys
+                         max_position_embeddings=131072)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    return (plain / scaled).numpy().astype(np.float32)
+
+
+def test_a_llama3_gguf_keeps_its_rope_scaling_and_other_scalings_are_refused(
+        tmp_path: Path) -> None:
+    """A Llama 3.x GGUF carries its rope scaling only as the factors in rope_freqs.weight.
+    Before, the converter dropped that tensor and wrote no rope_scaling, so the converted model
+    rotated queries and keys unscaled (other logits than the GGUF's at every position); a
+    linear or yarn scaling in the metadata was ignored the same way."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    factors = _hf_llama3_rope_factors(500000.0, 16, scaling)
+    assert 1.0 < factors[4] < 8.0  # one frequency in the smoothed band, to check it too
+    llama3 = _write_tiny_llama_gguf(tmp_path / "llama3.gguf",
+                                    metadata={"llama.rope.freq_base": 500000.0},
+                                    arrays={"rope_freqs.weight": factors})
+    config = json.loads((ensure_converted(llama3, tmp_path / "c") / "config.json").read_text())
+    assert config["rope_scaling"] == scaling
+    odd = _write_tiny_llama_gguf(tmp_path / "odd.gguf", arrays={
+        "rope_freqs.weight": np.linspace(1, 3, 8, dtype=np.float32)})
+    with pytest.raises(ModelLoadError, match="odd.gguf: the GGUF's rope_freqs.weight holds "
+                                             "rope frequency factors that are not Llama 3's"):
+        ensure_converted(odd, tmp_path / "c")
+    yarn = _write_tiny_llama_gguf(tmp_path / "yarn.gguf", metadata={
+        "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0})
+    with pytest.raises(ModelLoadError, match="yarn.gguf: GGUF rope scaling 'yarn' \\(factor "
+                                             "4.0\\) is not supported"):
+        ensure_converted(yarn, tmp_path / "c")
+    assert [p.name.split("-")[0] for p in (tmp_path / "c" / "gguf").iterdir()] == ["llama3"]
