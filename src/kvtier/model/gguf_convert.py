@@ -11,6 +11,7 @@ check it against transformers' own GGUF loader.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -20,7 +21,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -75,7 +76,8 @@ def ensure_converted(gguf_path: Path, cache_root: Path) -> Path:
 
     The directory is `cache_root/gguf/<stem>-<digest>`; it is written under a temporary name and
     renamed into place, so a crash never leaves a half-written entry that a later run would trust.
-    Concurrent converters race benignly: the first rename wins and the loser's copy is removed.
+    Converters of one GGUF take turns on a lock file (the later ones find the entry made), and
+    the one holding it removes what killed converters left: their temporary directories.
     """
     try:
         digest = gguf_digest(gguf_path)
@@ -86,6 +88,36 @@ def ensure_converted(gguf_path: Path, cache_root: Path) -> Path:
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        locks = cache_root / "locks"  # not among the entries: listing them shows no lock
+        locks.mkdir(exist_ok=True)
+        lock = open(locks / f"gguf-{target.name}", "ab")  # noqa: SIM115 -- the with below
+    except OSError as exc:
+        raise _cache_error(gguf_path, target, exc) from exc
+    with lock:  # closing it releases the flock
+        if _flock(lock):
+            if (target / "config.json").is_file():  # converted while this one waited
+                return target
+            # No other converter of this GGUF runs: each such directory is a killed one's
+            # (its `finally` never ran), as large as the model, and nothing else removes it.
+            for stale in [*target.parent.glob(f".tmp-{target.name}-*"), target]:
+                shutil.rmtree(stale, ignore_errors=True)
+        return _convert_into(gguf_path, target)
+
+
+def _flock(lock: BinaryIO) -> bool:
+    """Wait for an exclusive flock on `lock`; False where the file system has no flock (the
+    converters then race benignly, as `_convert_into` allows)."""
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    except OSError:
+        return False
+    return True
+
+
+def _convert_into(gguf_path: Path, target: Path) -> Path:
+    """Convert under a temporary name next to `target`, then rename it into place; a
+    concurrent converter's rename that came first wins."""
+    try:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     except OSError as exc:
         raise _cache_error(gguf_path, target, exc) from exc

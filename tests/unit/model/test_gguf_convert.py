@@ -7,6 +7,7 @@ import json
 import os
 import time
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gguf
@@ -349,3 +350,40 @@ def test_a_llama3_gguf_keeps_its_rope_scaling_and_other_scalings_are_refused(
                                              "4.0\\) is not supported"):
         ensure_converted(yarn, tmp_path / "c")
     assert [p.name.split("-")[0] for p in (tmp_path / "c" / "gguf").iterdir()] == ["llama3"]
+
+
+def test_what_a_killed_conversion_left_is_removed_by_the_next_one(tmp_path: Path) -> None:
+    """A converter killed mid-write (SIGKILL, the OOM killer: its `finally` never runs) left
+    its temporary directory, as large as the model, and nothing ever removed it; an entry
+    without its config.json (half deleted) made every later conversion fail on the rename."""
+    whole = _write_tiny_llama_gguf(tmp_path / "whole.gguf")
+    entry = tmp_path / "c" / "gguf" / f"whole-{gguf_convert.gguf_digest(whole)}"
+    left = entry.parent / f".tmp-{entry.name}-killed"
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"half" * 1000)
+    entry.mkdir()
+    (entry / "model.safetensors").write_bytes(b"half")
+    assert ensure_converted(whole, tmp_path / "c") == entry
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]
+    assert (entry / "config.json").is_file()
+
+
+def test_concurrent_first_conversions_of_one_gguf_convert_it_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes (here threads) starting on an unconverted GGUF: the second waits for the
+    first's entry instead of converting it again (before, both did: twice the time, memory
+    and disk of a conversion)."""
+    whole = _write_tiny_llama_gguf(tmp_path / "whole.gguf")
+    calls = []
+    convert = gguf_convert.convert_gguf
+
+    def slow_convert(path: Path, out_dir: Path) -> object:
+        calls.append(path)
+        time.sleep(0.3)
+        return convert(path, out_dir)
+
+    monkeypatch.setattr(gguf_convert, "convert_gguf", slow_convert)
+    with ThreadPoolExecutor(2) as pool:
+        entries = list(pool.map(lambda _: ensure_converted(whole, tmp_path / "c"), range(2)))
+    assert entries[0] == entries[1] and (entries[0] / "config.json").is_file()
+    assert len(calls) == 1
