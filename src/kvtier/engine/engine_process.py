@@ -24,7 +24,7 @@ import multiprocessing
 import pickle
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
@@ -171,10 +171,12 @@ class EngineProcess(EngineClient):
         return self._process is not None and self._process.is_alive()
 
     def close(self) -> None:
-        """Wait for the child to exit (kill it if it does not) and close the pipe."""
+        """Close the pipe, then wait for the child to exit (kill it if it does not). Closed
+        first: a child that has not sent its last update (a signal during start-up) then
+        stops as soon as it reads the pipe's end, instead of at the join's timeout."""
+        super().close()
         if self._process is not None:
             join_engine_process(self._process)
-        super().close()
 
 
 def spawn_engine_process(spec: EngineProcessSpec, num_front_ends: int
@@ -238,7 +240,7 @@ def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None
     logger.info("gc: froze %d start-up objects", frozen)
     inbox = CommandInbox()
     fanout = CoreFanout(conns, inbox) if len(conns) > 1 else None
-    core = EngineCore(engine, inbox, conns[0].send if fanout is None else fanout.emit,
+    core = EngineCore(engine, inbox, _sender(conns[0]) if fanout is None else fanout.emit,
                       request_timeout_s=spec.request_timeout_s,
                       separate_process=True, overlap_outputs=spec.config.overlap_outputs,
                       async_scheduling=engine.async_scheduling)
@@ -260,6 +262,16 @@ def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None
             logger.warning("a front end stopped reading: its last updates were not sent")
         for conn in conns:
             conn.close()
+
+
+def _sender(conn: Connection) -> Callable[[CoreUpdate], None]:
+    """The one front end's emit. A front end that is gone (closed its pipe during start-up,
+    or died) has nobody to tell: the core stops on the pipe's end (`_read_commands`), and
+    its last update must not fail the core with BrokenPipeError."""
+    def send(update: CoreUpdate) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(update)
+    return send
 
 
 def _read_commands(conn: Connection, inbox: CommandInbox) -> None:
