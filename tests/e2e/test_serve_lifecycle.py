@@ -3,14 +3,20 @@ starting, and an engine process that dies while the server serves."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
-from tests.e2e.test_server import ENGINE_FLAGS, spawned_children
+from tests.e2e.test_api_servers import server, wait_gone
+from tests.e2e.test_server import ENGINE_FLAGS, GREEDY, spawned_children
 
 pytestmark = pytest.mark.slow
 
@@ -52,3 +58,36 @@ def _engine_process(proc: subprocess.Popen[str]) -> int:
                 [engine] = children
                 return engine
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize("count", ["1", "2"])
+def test_a_killed_engine_process_stops_the_server(count: str) -> None:
+    # The engine process dies (the OOM killer, a crashed kernel) with a stream in flight: the
+    # stream ends with an error and [DONE], and the server exits 1 (as vLLM's API server
+    # exits on its engine's death) so that whatever supervises it restarts it. Before, one
+    # API server answered /health with 503 for ever and never exited.
+    with server("--api-server-count", count) as proc:
+        processes = spawned_children(proc.proc.pid)
+        engine = min(processes)  # spawned first: before the front ends (several)
+
+        async def scenario() -> str:
+            body = {"prompt": "die", "max_tokens": 200, "ignore_eos": True, "stream": True,
+                    **GREEDY}
+            async with (httpx.AsyncClient(timeout=60) as http,
+                        http.stream("POST", f"{proc.url}/v1/completions",
+                                    json=body) as response):
+                lines = response.aiter_lines()
+                text = await anext(lines)  # streaming now
+                os.kill(engine, signal.SIGKILL)
+                async for line in lines:
+                    text += line + "\n"
+                return text
+
+        events = [line.removeprefix("data: ") for line in asyncio.run(scenario()).split("\n")
+                  if line]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "request_error", events[-2]
+        assert proc.proc.wait(60) == 1, "".join(proc.lines[-30:])
+        wait_gone(processes)
+        said = "".join(proc.lines)
+        assert "stopped unexpectedly" in said and "(exit code -9)" in said, said[-3000:]

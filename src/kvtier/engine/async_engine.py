@@ -266,6 +266,11 @@ class AsyncEngine:
         alive = self._thread is not None and self._thread.is_alive()
         return alive and (self._process is None or self._process.is_alive)
 
+    def exit_status(self) -> str:
+        """How the core ended, for messages: its process's exit code where this front end
+        spawned it."""
+        return "its thread ended" if self._process is None else self._process.exit_status()
+
     @property
     def is_accepting(self) -> bool:
         return self._accepting and self.is_alive

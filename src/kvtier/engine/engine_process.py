@@ -104,7 +104,7 @@ class EngineClient:
             update = conn.recv()
         except (EOFError, OSError) as exc:
             raise EngineProcessError(
-                f"the engine process exited during start-up ({self._exit_status()}); see "
+                f"the engine process exited during start-up ({self.exit_status()}); see "
                 "its log above") from exc
         except BaseException:
             self.close()
@@ -112,7 +112,7 @@ class EngineClient:
         assert isinstance(first, Ready) and isinstance(update, CoreUpdate)
         return first, update
 
-    def _exit_status(self) -> str:
+    def exit_status(self) -> str:
         return "its pipe closed"
 
     @property
@@ -162,7 +162,7 @@ class EngineProcess(EngineClient):
         self._process, (self._conn,) = spawn_engine_process(self.spec, 1)
         return self._handshake()
 
-    def _exit_status(self) -> str:
+    def exit_status(self) -> str:
         assert self._process is not None
         return f"exit code {self._process.exitcode}"
 

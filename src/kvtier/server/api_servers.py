@@ -334,8 +334,10 @@ class _Supervisor:
                 continue
             dead = [p for p in self._front_ends if not p.is_alive()]
             if dead or not self._engine.is_alive():
-                what = (f"API server {dead[0].name} (exit code {dead[0].exitcode})" if dead
-                        else f"the engine process (exit code {self._engine.exitcode})")
+                # The engine first: its death also stops every front end (exit code 1).
+                what = (f"the engine process (exit code {self._engine.exitcode})"
+                        if not self._engine.is_alive()
+                        else f"API server {dead[0].name} (exit code {dead[0].exitcode})")
                 print(f"kvtier serve: {what} stopped unexpectedly; stopping the rest",
                       file=sys.stderr, flush=True)
                 self._stopping = True

@@ -42,6 +42,8 @@ from kvtier.utils.thread_names import name_os_threads
 
 STATS_LOG_INTERVAL_S = 5.0
 """How often the server logs its engine's throughput (at INFO)."""
+ENGINE_WATCH_S = 0.5
+"""How often a front end checks that its engine still runs (vLLM's watchdog: 5 s)."""
 logger = logging.getLogger(__name__)
 
 
@@ -61,6 +63,9 @@ class _DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self._idle_collector: asyncio.Task[None] | None = None
+        self._engine_watch: asyncio.Task[None] | None = None
+        self.engine_died = False
+        """The engine stopped unasked (its process died): the server stopped, exit 1."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -69,13 +74,28 @@ class _DrainingServer(uvicorn.Server):
             # uvicorn holds a task per request being answered: none means no stream waits.
             self._idle_collector = asyncio.ensure_future(
                 collect_when_idle(lambda: not self.server_state.tasks))
+            self._engine_watch = asyncio.ensure_future(self._watch_engine())
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             self.on_ready(host, port)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        if self._idle_collector is not None:
-            self._idle_collector.cancel()
+        for task in (self._idle_collector, self._engine_watch):
+            if task is not None:
+                task.cancel()
         await super().shutdown(sockets)
+
+    async def _watch_engine(self) -> None:
+        """Stop serving once the engine is gone unasked: /health's 503 alone left a process
+        that a supervisor (systemd, the lab) never restarts, as vLLM's API server exits."""
+        while self._drain_task is None:  # a drain stops the engine itself
+            if not self.async_engine.is_alive:
+                print(f"kvtier serve: the engine stopped unexpectedly "
+                      f"({self.async_engine.exit_status()}); stopping the server",
+                      file=sys.stderr, flush=True)
+                self.engine_died = True
+                self.should_exit = True
+                return
+            await asyncio.sleep(ENGINE_WATCH_S)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is None:  # still starting: nothing in flight yet
@@ -191,7 +211,7 @@ def _start(engine: AsyncEngine) -> None:
 def _serve(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout_s: float,
            on_ready: ReadyCallback, *, host: str = "127.0.0.1", port: int = 0,
            sockets: list[socket.socket] | None = None) -> bool:
-    """Serve the app until drained; whether uvicorn started at all."""
+    """Serve the app until drained; whether uvicorn started and the engine did not die."""
     app = create_app(engine, settings)
     # What start-up built (torch, the tokenizer, the app) lives as long as the process. Frozen,
     # the collector's full passes stop walking it: unfrozen, each took 0.2-0.4 s of the event
@@ -211,7 +231,7 @@ def _serve(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout_s: fl
     finally:
         if engine.is_alive:  # uvicorn failed to start or stopped on its own: abort what is left
             asyncio.run(engine.shutdown(drain=False))
-    return server.started
+    return server.started and not server.engine_died
 
 
 def uvicorn_config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
