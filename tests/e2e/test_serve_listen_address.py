@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from kvtier.cli import build_parser
+from kvtier.server.api_servers import bind_listening_sockets
 
 ENGINE_FLAGS = ["--model", "random:tiny-llama", "--device", "cpu"]
 
@@ -54,3 +55,22 @@ def test_a_port_outside_the_tcp_range_is_a_usage_error(
 def test_the_tcp_range_ends_are_taken() -> None:
     for port in ("0", "65535"):
         assert build_parser().parse_args(["serve", "--port", port]).port == int(port)
+
+
+@pytest.mark.parametrize("count", ["1", "2"])
+def test_a_port_another_server_listens_on_is_in_use(count: str) -> None:
+    # Another kvtier (or vLLM) server holds the port with SO_REUSEPORT, as the front ends'
+    # sockets are bound. Before, this server's own SO_REUSEPORT sockets joined that group
+    # without an error, and the kernel then split the clients' connections between two
+    # servers (maybe of two models).
+    taken = bind_listening_sockets("127.0.0.1", 0, 2)
+    port = taken[0].getsockname()[1]
+    try:
+        done = _serve("--port", str(port), "--api-server-count", count)
+    finally:
+        for sock in taken:
+            sock.close()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        f"kvtier serve: error: cannot listen on --host 127.0.0.1 --port {port}: "
+        "[Errno 98] Address already in use"]

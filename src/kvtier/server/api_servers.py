@@ -96,10 +96,16 @@ def bind_listening_sockets(host: str, port: int, count: int) -> list[socket.sock
     process would not be: asyncio accepts up to its backlog per wake-up, and a burst of 32
     went to a single front end in two trials of four. Without SO_REUSEPORT (not Linux or
     BSD) the front ends share the one socket.
+
+    A socket of another process on the address (another server's, SO_REUSEPORT or not) is
+    an error: the sockets here would join its SO_REUSEPORT group without one, and the
+    kernel would split the connections between the two servers.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    reuse_port = hasattr(socket, "SO_REUSEPORT")
+    reuse_port = hasattr(socket, "SO_REUSEPORT") and count > 1
     sockets: list[socket.socket] = []
+    if reuse_port:
+        port = _free_port(family, host, port)
     try:
         for _ in range(count if reuse_port else 1):
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -115,6 +121,15 @@ def bind_listening_sockets(host: str, port: int, count: int) -> list[socket.sock
             sock.close()
         raise
     return sockets * count if len(sockets) == 1 else sockets
+
+
+def _free_port(family: socket.AddressFamily, host: str, port: int) -> int:
+    """`port` (a free one for 0) once a bind without SO_REUSEPORT shows that nothing listens
+    there; OSError (EADDRINUSE) if something does."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        probe.bind((host, port))
+        return int(probe.getsockname()[1])
 
 
 def run_api_servers(spec: EngineProcessSpec, settings: ServerSettings,
