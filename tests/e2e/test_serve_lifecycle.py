@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -91,3 +92,30 @@ def test_a_killed_engine_process_stops_the_server(count: str) -> None:
         wait_gone(processes)
         said = "".join(proc.lines)
         assert "stopped unexpectedly" in said and "(exit code -9)" in said, said[-3000:]
+
+
+@pytest.mark.parametrize("count", ["1", "2"])
+def test_sigterm_stops_the_server_after_its_log_reader_left(count: str) -> None:
+    # Whoever read stderr is gone (a closed terminal, a log pipe whose reader died). Before,
+    # the drain's first line raised BrokenPipeError before the drain began: SIGTERM never
+    # stopped the server, and with several API servers nothing stopped at all.
+    proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "serve", *ENGINE_FLAGS,
+                             "--port", "0", "--api-server-count", count],
+                            stderr=subprocess.PIPE, text=True)
+    processes: list[int] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "ready on" in line:
+                break
+        processes = spawned_children(proc.pid)
+        proc.stderr.close()
+        proc.terminate()
+        assert proc.wait(60) == 0
+        wait_gone(processes)
+    finally:
+        proc.kill()
+        for pid in processes:  # still ours only while it runs multiprocessing's spawn_main
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)

@@ -88,6 +88,21 @@ class ApiServerReady:
     max_model_len: int
 
 
+def say(message: str) -> None:
+    """One line of `kvtier serve`'s own on stderr. A reader of stderr that is gone (a closed
+    terminal, a dead log pipe) must not stop a shutdown midway: a failed print raised
+    BrokenPipeError in the drain, which then never stopped the server. From then on stderr
+    goes to /dev/null (Python's advice for a broken stdout), so logging and the exit's
+    flush do not fail either."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stderr.fileno())
+            os.close(devnull)
+
+
 def bind_listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     """One listening socket per front end, all on one address (OSError if it is taken).
 
@@ -288,8 +303,7 @@ class _Supervisor:
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self._signals += 1
         if self._signals == 1:
-            print(f"kvtier serve: {signal.Signals(sig).name}: draining the API servers",
-                  file=sys.stderr, flush=True)
+            say(f"kvtier serve: {signal.Signals(sig).name}: draining the API servers")
         # A second SIGINT reaches the front ends as one: they stop at once.
         self._forward(signal.SIGINT if self._signals > 1 and sig == signal.SIGINT
                       else signal.SIGTERM)
@@ -321,14 +335,12 @@ class _Supervisor:
             if failed or time.monotonic() > deadline:
                 if failed and self._front_ends_refused_an_argument():
                     return False
-                print("kvtier serve: an API server failed to start; see its log above",
-                      file=sys.stderr, flush=True)
+                say("kvtier serve: an API server failed to start; see its log above")
                 return False
         host, port = address
         first = ready[0]
-        print(f"kvtier serve: ready on http://{host}:{port} (model {first.model_name}, "
-              f"max_model_len {first.max_model_len}, {self.count} API servers)",
-              file=sys.stderr, flush=True)
+        say(f"kvtier serve: ready on http://{host}:{port} (model {first.model_name}, "
+            f"max_model_len {first.max_model_len}, {self.count} API servers)")
         return True
 
     def _front_ends_refused_an_argument(self) -> bool:
@@ -353,8 +365,7 @@ class _Supervisor:
                 what = (f"the engine process (exit code {self._engine.exitcode})"
                         if not self._engine.is_alive()
                         else f"API server {dead[0].name} (exit code {dead[0].exitcode})")
-                print(f"kvtier serve: {what} stopped unexpectedly; stopping the rest",
-                      file=sys.stderr, flush=True)
+                say(f"kvtier serve: {what} stopped unexpectedly; stopping the rest")
                 self._stopping = True
                 self._forward(signal.SIGTERM)
                 return True
@@ -371,7 +382,7 @@ class _Supervisor:
                 self._engine.terminate()
             join_engine_process(self._engine)
         if not self._refused:
-            print("kvtier serve: stopped", file=sys.stderr, flush=True)
+            say("kvtier serve: stopped")
 
 
 def run_api_server(spec: ApiServerSpec, conn: Connection, sock: socket.socket,

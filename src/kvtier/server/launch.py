@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from types import FrameType
@@ -29,7 +28,7 @@ from kvtier.config import ConfigError, EngineConfig
 from kvtier.engine.args import engine_kwargs
 from kvtier.engine.async_engine import AsyncEngine
 from kvtier.engine.engine_process import EngineProcessSpec
-from kvtier.server.api_servers import bind_listening_sockets, run_api_servers
+from kvtier.server.api_servers import bind_listening_sockets, run_api_servers, say
 from kvtier.server.app import ServerSettings, create_app
 from kvtier.utils.gc_pauses import (
     collect_when_idle,
@@ -89,9 +88,8 @@ class _DrainingServer(uvicorn.Server):
         that a supervisor (systemd, the lab) never restarts, as vLLM's API server exits."""
         while self._drain_task is None:  # a drain stops the engine itself
             if not self.async_engine.is_alive:
-                print(f"kvtier serve: the engine stopped unexpectedly "
-                      f"({self.async_engine.exit_status()}); stopping the server",
-                      file=sys.stderr, flush=True)
+                say(f"kvtier serve: the engine stopped unexpectedly "
+                    f"({self.async_engine.exit_status()}); stopping the server")
                 self.engine_died = True
                 self.should_exit = True
                 return
@@ -112,8 +110,8 @@ class _DrainingServer(uvicorn.Server):
             self._drain_task = asyncio.ensure_future(self._drain(sig))
 
     async def _drain(self, sig: int) -> None:
-        print(f"kvtier serve: {signal.Signals(sig).name}: draining in-flight requests (up to "
-              f"{self.shutdown_timeout_s:g}s)", file=sys.stderr, flush=True)
+        say(f"kvtier serve: {signal.Signals(sig).name}: draining in-flight requests (up to "
+            f"{self.shutdown_timeout_s:g}s)")
         for server in self.servers:
             server.close()
         try:
@@ -152,8 +150,8 @@ def run_server(args: argparse.Namespace) -> int:
         _start(engine)
 
         def announce(host: str, port: int) -> None:
-            print(f"kvtier serve: ready on http://{host}:{port} (model {engine.model_name}, "
-                  f"max_model_len {engine.max_model_len})", file=sys.stderr, flush=True)
+            say(f"kvtier serve: ready on http://{host}:{port} (model {engine.model_name}, "
+                f"max_model_len {engine.max_model_len})")
 
         started = _serve(engine, settings, args.shutdown_timeout, announce, sockets=sockets)
     finally:
@@ -161,7 +159,7 @@ def run_server(args: argparse.Namespace) -> int:
             sock.close()
     if not started:
         return 1
-    print("kvtier serve: stopped", file=sys.stderr, flush=True)
+    say("kvtier serve: stopped")
     return 0
 
 
@@ -178,12 +176,11 @@ def serve_front_end(conn: Connection, spec: EngineProcessSpec, settings: ServerS
         _start(engine)
     except (ValueError, FileNotFoundError) as exc:  # a bad argument, as `kvtier.cli.main` has it
         if report_start_error:
-            print(f"kvtier serve: error: {exc}", file=sys.stderr, flush=True)
+            say(f"kvtier serve: error: {exc}")
         return 2
     except Exception as exc:  # the engine process logged the traceback
         if report_start_error:
-            print(f"kvtier serve: the engine did not start: {type(exc).__name__}: {exc}",
-                  file=sys.stderr, flush=True)
+            say(f"kvtier serve: the engine did not start: {type(exc).__name__}: {exc}")
         return 1
     started = _serve(engine, settings, shutdown_timeout_s,
                      lambda host, port: on_ready(engine.model_name, engine.max_model_len),
