@@ -72,6 +72,16 @@ def stored_prefix(store: DiskStore) -> tuple[list[bytes], list[torch.Tensor], li
     return hashes, payloads, metas
 
 
+def cpu_over_disk(cpu: CPUStore, disk: DiskStore) -> TierManager:
+    """A manager of a cpu tier over a disk tier, both fast enough to be worth storing in."""
+    kv_cache = torch.zeros(LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size,
+                           LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    return TierManager(TierConfig(kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size),
+                       [cpu, disk], KVTransfer(kv_cache), BlockPool(NUM_BLOCKS),
+                       LAYOUT.block_size, CostModel(1.0, {"cpu": TierRate(1e9),
+                                                          "disk": TierRate(1e9)}))
+
+
 def load_all(store: DiskStore, hashes: list[bytes]
              ) -> tuple[LoadResult, torch.Tensor, list[int], int]:
     """Plan and run a load of the whole prefix; (its result, the KV cache, the destination
@@ -155,12 +165,7 @@ def test_write_down_writes_the_newest_that_fit_several_at_once(
     probe = DiskStore(LAYOUT, 1 << 30, create_policy("lru"), str(tmp_path / "probe"))
     room = 4 * probe._entry_bytes(metas[0])  # four of the six entries fit
     disk = SlowWritingDiskStore(tmp_path / "disk", room)
-    kv_cache = torch.zeros(LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size,
-                           LAYOUT.num_kv_heads, LAYOUT.head_dim)
-    manager = TierManager(TierConfig(kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size),
-                          [cpu, disk], KVTransfer(kv_cache), BlockPool(NUM_BLOCKS),
-                          LAYOUT.block_size, CostModel(1.0, {"cpu": TierRate(1e9),
-                                                             "disk": TierRate(1e9)}))
+    manager = cpu_over_disk(cpu, disk)
     # Only the newest four are written (the two oldest would be evicted by them), at once.
     assert manager.write_down() == 4
     assert disk.most_at_once == 4
@@ -187,12 +192,7 @@ def test_write_down_stops_copying_into_a_tier_whose_writes_fail(tmp_path: Path) 
         cpu.complete_store(handle, True)
     disk = SlowWritingDiskStore(tmp_path / "disk")
     disk.root.rename(tmp_path / "moved-away")  # every write fails
-    kv_cache = torch.zeros(LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.block_size,
-                           LAYOUT.num_kv_heads, LAYOUT.head_dim)
-    manager = TierManager(TierConfig(kv_tier_chunk_tokens=CHUNK_BLOCKS * LAYOUT.block_size),
-                          [cpu, disk], KVTransfer(kv_cache), BlockPool(NUM_BLOCKS),
-                          LAYOUT.block_size, CostModel(1.0, {"cpu": TierRate(1e9),
-                                                             "disk": TierRate(1e9)}))
+    manager = cpu_over_disk(cpu, disk)
     assert manager.write_down() == 0
     assert 1 <= disk.stats.num_errors <= READ_AHEAD + 1
     assert disk.num_entries == 0
