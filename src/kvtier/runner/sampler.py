@@ -200,28 +200,28 @@ class Sampler:
         filters_top_p = any(p.top_p < 1.0 for p in chosen)
         if max(top_ks) == vocab and not filters_top_p:
             return (x.softmax(-1) / noise).argmax(-1)
-        # Candidates sorted by logit, only as many as the widest top-k needs.
+        # Candidates sorted by logit, only as many as the widest top-k needs. They give each
+        # row a floor value; every token at or above it is kept, so tokens tied with the
+        # k-th best are kept with it, as vLLM's and HF's top-k keep them.
         width = max(top_ks)
         if width < vocab:
-            candidates, order = x.topk(width, dim=-1)
+            candidates = x.topk(width, dim=-1).values
         else:
-            candidates, order = x.sort(dim=-1, descending=True)
-        if min(top_ks) < width:
-            beyond_k = (torch.arange(width, device=device)[None, :]
-                        >= _upload(top_ks, device)[:, None])
-            candidates = candidates.masked_fill(beyond_k, float("-inf"))
+            candidates = x.sort(dim=-1, descending=True).values
+        kth = candidates.gather(1, _upload([k - 1 for k in top_ks], device)[:, None])
+        x = x.masked_fill(x < kth, float("-inf"))
         if filters_top_p:
-            # Drop a candidate once the mass before it already reaches top_p. The most likely
-            # one always stays: a top_p that rounds to 0 in float32 (below ~1e-45) would drop
-            # it too, and an all -inf row has no distribution to sample. Rows without top-p
-            # get a bound float32 sums never reach.
-            probs = candidates.softmax(-1)
+            # Drop a candidate once the mass before it already reaches top_p; the floor
+            # becomes the last candidate kept (ties at it stay too). Masses are over the whole
+            # top-k set, ties beyond the candidates included. The most likely one always
+            # stays: a top_p that rounds to 0 in float32 (below ~1e-45) would drop it too,
+            # and an all -inf row has no distribution to sample. Rows without top-p get a
+            # bound float32 sums never reach.
+            probs = (candidates - x.logsumexp(-1, keepdim=True)).exp()
             top_p = _per_row([p.top_p if p.top_p < 1.0 else 2.0 for p in chosen], device)
-            drop = (probs.cumsum(-1) - probs) >= top_p
-            drop[:, 0] = False
-            candidates = candidates.masked_fill(drop, float("-inf"))
-        position = (candidates.softmax(-1) / noise.gather(1, order)).argmax(-1)
-        return order.gather(1, position[:, None]).squeeze(1)
+            kept = ((probs.cumsum(-1) - probs) < top_p).sum(-1, keepdim=True).clamp_(min=1)
+            x = x.masked_fill(x < candidates.gather(1, kept - 1), float("-inf"))
+        return (x.softmax(-1) / noise).argmax(-1)
 
     def _exponential_noise(self, rows: list[int], request_ids: list[str],
                            params: list[SamplingParams], shape: torch.Size,

@@ -333,24 +333,28 @@ def test_step_logprobs_are_the_raw_log_softmax_whatever_the_sampler_does() -> No
 LOGITS = [2.0, 1.6, 1.2, 0.9, 0.5, 0.0, -0.4, -1.0, -2.5, -4.0]
 
 
-def reference_distribution(params: SamplingParams) -> list[float]:
-    """vLLM's filters, written plainly in float64 over LOGITS: temperature, min-p, top-k,
-    top-p (a token stays while the mass of those before it is below top_p)."""
-    scaled = [v / params.temperature for v in LOGITS]
+def reference_distribution(params: SamplingParams,
+                           logits: list[float] = LOGITS) -> list[float]:
+    """vLLM's filters, written plainly in float64: temperature, min-p, top-k (every token tied
+    with the k-th best stays, as in vLLM and HF), top-p (a token stays while the mass of those
+    before it is below top_p; the tokens tied with the last one kept stay with it)."""
+    scaled = [v / params.temperature for v in logits]
     total = sum(2.718281828459045 ** v for v in scaled)
     probs = [2.718281828459045 ** v / total for v in scaled]
     keep = [p >= params.min_p * max(probs) for p in probs]
     ranked = sorted(range(len(probs)), key=lambda i: -probs[i])
     if 0 < params.top_k < len(probs):
-        for i in ranked[params.top_k:]:
-            keep[i] = False
+        kth = probs[ranked[params.top_k - 1]]
+        keep = [k and p >= kth for p, k in zip(probs, keep, strict=True)]
     kept = [i for i in ranked if keep[i]]
     mass = sum(probs[i] for i in kept)
-    before = 0.0
+    before, floor = 0.0, probs[kept[0]]
     for i in kept:
         if before >= params.top_p:
-            keep[i] = False
+            break
+        floor = probs[i]
         before += probs[i] / mass
+    keep = [k and p >= floor for p, k in zip(probs, keep, strict=True)]
     mass = sum(p for p, k in zip(probs, keep, strict=True) if k)
     return [p / mass if k else 0.0 for p, k in zip(probs, keep, strict=True)]
 
@@ -383,6 +387,33 @@ def test_batched_sampling_draws_each_rows_filtered_distribution() -> None:
             else:  # five standard deviations of a binomial frequency
                 tolerance = 5 * (p * (1 - p) / rows) ** 0.5 + 1e-3
                 assert abs(count / rows - p) < tolerance, (config, token, count / rows, p)
+
+
+TIED = [3.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.0]
+
+
+@pytest.mark.parametrize("config", [
+    SamplingParams(temperature=1.0, top_k=2),  # token 2 ties with the 2nd best
+    SamplingParams(temperature=1.0, top_k=4),  # tokens 4 and 5 tie with the 4th best
+    SamplingParams(temperature=1.0, top_k=4, top_p=0.99),
+    SamplingParams(temperature=1.0, top_p=0.7),  # the cut falls between tokens 1 and 2
+    SamplingParams(temperature=1.0, top_k=5, top_p=0.93),  # between 4 and 5, tied
+], ids=lambda p: f"top_k={p.top_k},top_p={p.top_p}")
+def test_tokens_tied_with_the_last_one_kept_are_kept_too(config: SamplingParams) -> None:
+    """Tied logits are common in bf16. Top-k kept exactly k candidates, so a token tied with
+    the k-th best was cut or kept by where the sort put it (logits [3, 1, 1, ...] at top-k 2
+    never gave token 2, where vLLM and HF give tokens 1 and 2 alike). Now every token at or
+    above the last one kept stays, beside rows of other settings."""
+    rows = 4000
+    params = [config] * rows + [SamplingParams(temperature=1.0, top_k=1)] * 8
+    tokens = Sampler(torch.device("cpu"), seed=2).sample_async(
+        torch.tensor([TIED] * len(params)), [f"r{i}" for i in range(len(params))],
+        params)[:rows]
+    expected = reference_distribution(config, TIED)
+    counts = torch.bincount(tokens, minlength=len(TIED)).tolist()
+    for token, (count, p) in enumerate(zip(counts, expected, strict=True)):
+        tolerance = 5 * (p * (1 - p) / rows) ** 0.5 + 1e-3
+        assert (count == 0) if p == 0.0 else abs(count / rows - p) < tolerance, (token, p)
 
 
 def test_greedy_rows_beside_random_rows_take_their_argmax() -> None:
