@@ -208,8 +208,12 @@ class Sampler:
             candidates = x.topk(width, dim=-1).values
         else:
             candidates = x.sort(dim=-1, descending=True).values
-        kth = candidates.gather(1, _upload([k - 1 for k in top_ks], device)[:, None])
-        x = x.masked_fill(x < kth, float("-inf"))
+        if min(top_ks) == width:  # the usual batch: one top-k, no index to upload
+            floor = candidates[:, width - 1:]
+        else:
+            floor = candidates.gather(1, _upload([k - 1 for k in top_ks], device)[:, None])
+        # The race needs each kept token's probability only up to a factor per row.
+        weights = (x - candidates[:, :1]).exp_().masked_fill_(x < floor, 0.0)
         if filters_top_p:
             # Drop a candidate once the mass before it already reaches top_p; the floor
             # becomes the last candidate kept (ties at it stay too). Masses are over the whole
@@ -217,11 +221,11 @@ class Sampler:
             # stays: a top_p that rounds to 0 in float32 (below ~1e-45) would drop it too,
             # and an all -inf row has no distribution to sample. Rows without top-p get a
             # bound float32 sums never reach.
-            probs = (candidates - x.logsumexp(-1, keepdim=True)).exp()
+            probs = (candidates - candidates[:, :1]).exp_().div_(weights.sum(-1, keepdim=True))
             top_p = _per_row([p.top_p if p.top_p < 1.0 else 2.0 for p in chosen], device)
             kept = ((probs.cumsum(-1) - probs) < top_p).sum(-1, keepdim=True).clamp_(min=1)
-            x = x.masked_fill(x < candidates.gather(1, kept - 1), float("-inf"))
-        return (x.softmax(-1) / noise).argmax(-1)
+            weights.masked_fill_(x < candidates.gather(1, kept - 1), 0.0)
+        return weights.div_(noise).argmax(-1)
 
     def _exponential_noise(self, rows: list[int], request_ids: list[str],
                            params: list[SamplingParams], shape: torch.Size,
