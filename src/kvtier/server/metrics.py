@@ -200,9 +200,11 @@ class ServerMetrics:
         # vLLM's split of the server's TTFT: queued in the engine core -> first scheduled ->
         # first token; what comes before "queued" is the front end's (parsing, tokenisation,
         # the hop to the core's process).
+        # vLLM gives these two its request-latency buckets (the e2e ones): queueing under
+        # load runs to minutes, past the TTFT buckets' fine steps.
         self.queue_time = histogram("request_queue_time_seconds",
                                     "Received by the engine core to first scheduled.",
-                                    TTFT_BUCKETS)
+                                    E2E_BUCKETS)
         self.tokenize_time = histogram("request_tokenize_time_seconds",
                                        "Arrival at the HTTP handler to the prompt's token ids "
                                        "(chat template included): the front end's share "
@@ -210,7 +212,7 @@ class ServerMetrics:
                                        "only.", TTFT_BUCKETS)
         self.prefill_time = histogram("request_prefill_time_seconds",
                                       "First scheduled to first token (tier loads included).",
-                                      TTFT_BUCKETS)
+                                      E2E_BUCKETS)
         self._last_token_time: dict[str, float] = {}
 
     def observe(self, outputs: list[RequestOutput], now: float) -> None:
