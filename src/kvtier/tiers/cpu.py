@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from kvtier.config import ConfigError
+from kvtier.runner.memory import available_bytes
 from kvtier.tiers.base import EntryMeta, KVLayout, StoreHandle, TierError, TierStore, _Entry
 from kvtier.tiers.policy import EvictionPolicy
 
@@ -24,6 +26,12 @@ class CPUStore(TierStore):
         if num_slots < 1:
             raise ValueError(f"cpu tier of {capacity_bytes} bytes cannot hold one chunk of "
                              f"{self.slot_bytes} bytes")
+        # Refused as the KV pool is: allocating more than the host has ended the start in an
+        # allocator's traceback or, where the kernel overcommits, in the OOM killer later.
+        free = available_bytes(torch.device("cpu"))
+        if free is not None and self.capacity_bytes > free:
+            raise ConfigError(f"cpu tier of {capacity_bytes} bytes: more than the "
+                              f"{free / 1024**3:.1f} GiB of host memory free")
         self.num_slots = num_slots
         self.pool = torch.empty((num_slots, self.slot_bytes), dtype=torch.uint8,
                                 pin_memory=pin_memory)

@@ -15,7 +15,6 @@ import torch
 from kvtier.config import ConfigError, TierConfig, TierSpec
 from kvtier.kv.block_pool import BlockPool
 from kvtier.kv.hashing import root_block_hash
-from kvtier.runner.memory import available_bytes
 from kvtier.tiers import entry_codec
 from kvtier.tiers import manager as manager_module
 from kvtier.tiers.base import EntryMeta, KVLayout, TierStore
@@ -47,7 +46,6 @@ def build_store(spec: TierSpec, layout: KVLayout, chunk_blocks: int,
     check_capacity(spec, layout, chunk_blocks)
     policy = create_policy(spec.eviction)
     if spec.kind == "cpu":
-        _check_host_memory(spec, layout, chunk_blocks)
         return CPUStore(layout, spec.capacity_bytes, policy, chunk_blocks, pin_memory)
     if spec.kind == "disk":
         assert spec.path is not None
@@ -56,18 +54,6 @@ def build_store(spec: TierSpec, layout: KVLayout, chunk_blocks: int,
         assert spec.url is not None
         return RedisStore(layout, spec.capacity_bytes, policy, spec.url)
     raise ConfigError(f"kv tier kind {spec.kind!r} is not available in this build")
-
-
-def _check_host_memory(spec: TierSpec, layout: KVLayout, chunk_blocks: int) -> None:
-    """Refuse a cpu tier larger than the host memory free now (the KV pool already taken),
-    as the pool itself is refused: its allocation ended the start in an allocator's
-    traceback, or, where the kernel overcommits, the tier filled until the OOM killer came."""
-    slot_bytes = chunk_blocks * layout.block_bytes
-    needed = spec.capacity_bytes // slot_bytes * slot_bytes  # what CPUStore allocates
-    free = available_bytes(torch.device("cpu"))
-    if free is not None and needed > free:
-        raise ConfigError(f"cpu tier of {spec.capacity_bytes} bytes: more than the "
-                          f"{free / 1024**3:.1f} GiB of host memory free")
 
 
 def _encoded_chunk_bytes(layout: KVLayout, chunk_blocks: int) -> int:

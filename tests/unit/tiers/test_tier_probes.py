@@ -118,7 +118,7 @@ def test_a_cpu_tier_larger_than_the_free_host_memory_is_refused_naming_it(
     """As the KV pool is: before, `cpu:100GiB` on a smaller host ended the start in the
     allocator's RuntimeError traceback (or, with overcommit, in the OOM killer later)."""
     chunk_bytes = CHUNK_BLOCKS * LAYOUT.block_bytes
-    monkeypatch.setattr("kvtier.tiers.stack.available_bytes", lambda device: 10 * chunk_bytes)
+    monkeypatch.setattr("kvtier.tiers.cpu.available_bytes", lambda device: 10 * chunk_bytes)
     with pytest.raises(ConfigError, match=rf"cpu tier of {100 * chunk_bytes} bytes: more than"):
         build_store(TierSpec("cpu", 100 * chunk_bytes), LAYOUT, CHUNK_BLOCKS, pin_memory=False)
     store = build_store(TierSpec("cpu", 10 * chunk_bytes), LAYOUT, CHUNK_BLOCKS,
