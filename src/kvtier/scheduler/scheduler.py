@@ -621,7 +621,7 @@ class Scheduler:
                     del self._finished_in_flight[scheduled.request_id]
                 continue
             request = self.requests.get(scheduled.request_id)
-            if request is None:
+            if request is None:  # gone with nothing of it left in flight
                 continue
             request.num_inflight_tokens -= len(scheduled.token_ids)
             request.num_pending_outputs -= scheduled.sample
