@@ -91,9 +91,23 @@ class ModelConfig:
     max_logprobs: int = 20
     """Most `logprobs` (top tokens per output position) a request may ask for, as vLLM's;
     -1 = the vocabulary size."""
+    generation_config: str = "auto"
+    """Where requests' default sampling comes from, as vLLM's: `auto`, the model directory's
+    generation_config.json; `vllm`, the API's own defaults; or a folder holding such a file
+    (`kvtier.model.generation_config`)."""
+    override_generation_config: dict[str, Any] | None = None
+    """Sampling defaults set over the generation config's (vLLM's names: temperature, top_p,
+    top_k, min_p, repetition_penalty, max_new_tokens)."""
 
     def __post_init__(self) -> None:
         _check_field_types(self)
+        overrides = self.override_generation_config
+        if overrides is not None and not (isinstance(overrides, dict)
+                                          and all(isinstance(k, str) for k in overrides)):
+            raise ConfigError(f"override_generation_config {overrides!r} must be a dict of "
+                              "field names to values, e.g. {'temperature': 0.5}")
+        if not self.generation_config:
+            raise ConfigError("generation_config is empty (give auto, vllm or a folder)")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not -2**63 <= self.seed < 2**64:  # what a torch generator takes

@@ -7,6 +7,7 @@ Flag names are the config field names with dashes (vLLM's names where vLLM has t
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from kvtier.config import DTYPES, LOAD_TIMINGS, SCHEDULING_POLICIES, STORE_POLICIES
@@ -23,6 +24,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-logprobs", type=int, default=20,
                    help="most logprobs (top tokens per output token) a request may ask for; "
                         "-1: the vocabulary size")
+    g.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
+                   help="default sampling of requests that set none: auto, the model's "
+                        "generation_config.json (as vLLM); vllm, the API's defaults; or a "
+                        "folder's generation_config.json")
+    g.add_argument("--override-generation-config", type=_json_object, default=None,
+                   metavar="JSON", help="sampling defaults over the generation config's, e.g. "
+                   "'{\"temperature\": 0.5}'")
     g.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
     g.add_argument("--enforce-eager", action="store_true",
                    help="never capture CUDA graphs")
@@ -79,7 +87,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 ENGINE_ARG_NAMES = (
-    "model", "dtype", "seed", "device", "max_logprobs", "attention_backend", "enforce_eager",
+    "model", "dtype", "seed", "device", "max_logprobs", "generation_config",
+    "override_generation_config", "attention_backend", "enforce_eager",
     "max_cudagraph_capture_size", "overlap_outputs", "async_scheduling", "batch_invariant",
     "block_size",
     "enable_prefix_caching", "kv_cache_memory_bytes", "gpu_memory_utilization",
@@ -94,6 +103,17 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {name: getattr(args, name) for name in ENGINE_ARG_NAMES}
     kwargs["kv_tiers"] = tuple(kwargs["kv_tiers"] or ())
     return kwargs
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """`--override-generation-config`: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
 
 
 def _min_hits(text: str) -> int | str:

@@ -48,6 +48,7 @@ from kvtier.engine.core_messages import (
     StreamState,
 )
 from kvtier.engine.engine_process import EngineClient, EngineProcess, EngineProcessSpec
+from kvtier.model.generation_config import SamplingDefaults
 from kvtier.model.tokenizer import Tokenizer
 from kvtier.types import InvalidRequestError, PrefixCacheReset, RequestOutput, SamplingParams
 
@@ -149,6 +150,9 @@ class AsyncEngine:
         self.max_logprobs = 0
         """The engine's cap on a request's logprobs (-1: the vocabulary), once started."""
         self.tokenizer: Tokenizer | None = None
+        self.sampling_defaults = SamplingDefaults()
+        """Values for the sampling fields a request leaves unset (the model's generation
+        config, as vLLM's --generation-config)."""
         """Read-only (encode, chat template), so the server may use it from any thread."""
 
     @classmethod
@@ -207,6 +211,7 @@ class AsyncEngine:
         self.model_name, self.max_model_len = self.engine.model_name, self.engine.max_model_len
         self.max_logprobs = self.engine.config.model.max_logprobs
         self.tokenizer = self.engine.tokenizer
+        self.sampling_defaults = self.engine.sampling_defaults
 
     def _thread_main(self, ready: threading.Event, failure: list[BaseException]) -> None:
         from kvtier.engine.engine_core import EngineCore
@@ -239,6 +244,7 @@ class AsyncEngine:
         self._process = process
         self.model_name, self.max_model_len = ready.model_name, ready.max_model_len
         self.max_logprobs = spec.config.model.max_logprobs
+        self.sampling_defaults = ready.sampling_defaults
         # After the child is ready: it converted (and cached) the model files, if needed.
         self.tokenizer = resolve_model(spec.config.model.model,
                                        seed=spec.config.model.seed).tokenizer

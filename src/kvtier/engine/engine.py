@@ -25,6 +25,7 @@ from kvtier.engine.output_processor import OutputProcessor
 from kvtier.engine.stats import EngineStats
 from kvtier.kv import BlockPool, KVCacheManager, root_block_hash
 from kvtier.model.builder import build_model
+from kvtier.model.generation_config import load_sampling_defaults
 from kvtier.model.loader import ModelSource, resolve_model
 from kvtier.model.tokenizer import Tokenizer
 from kvtier.request import Request
@@ -125,6 +126,16 @@ class LLMEngine:
         self.source: ModelSource = resolve_model(config.model.model, seed=config.model.seed)
         self.tokenizer = self.source.tokenizer
         self.spec = self.source.spec
+        self.sampling_defaults = load_sampling_defaults(
+            config.model.generation_config, self.source.path,
+            config.model.override_generation_config)
+        if self.sampling_defaults.items():
+            # vLLM's warning: a request's unset fields no longer mean the API's defaults.
+            logger.warning("default sampling of requests that set none: %s (from %s; "
+                           "--generation-config vllm for the API's own defaults)",
+                           ", ".join(f"{name} {value}" for name, value
+                                     in self.sampling_defaults.items().items()),
+                           self.sampling_defaults.source)
         requested_len = config.scheduler.max_model_len
         if requested_len is not None and requested_len > self.spec.max_context_len:
             # The rotary table ends there (a longer prompt would fail the step it runs in), or

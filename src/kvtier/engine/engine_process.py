@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from kvtier.config import ConfigError, EngineConfig
 from kvtier.engine.core_messages import Command, CoreUpdate, StopCore
+from kvtier.model.generation_config import SamplingDefaults
 from kvtier.model.spec import ModelLoadError
 from kvtier.utils.gc_pauses import freeze_startup_heap, log_long_gc_pauses
 from kvtier.utils.gil import shorten_switch_interval
@@ -65,6 +66,7 @@ class EngineProcessSpec:
 class Ready:
     model_name: str
     max_model_len: int
+    sampling_defaults: SamplingDefaults
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,8 @@ def run_engine_process(spec: EngineProcessSpec, conns: list[Connection]) -> None
                       request_timeout_s=spec.request_timeout_s,
                       separate_process=True, overlap_outputs=spec.config.overlap_outputs,
                       async_scheduling=engine.async_scheduling)
-    ready, first = Ready(engine.model_name, engine.max_model_len), core.initial_update()
+    ready, first = Ready(engine.model_name, engine.max_model_len,
+                         engine.sampling_defaults), core.initial_update()
     for conn in conns:
         with contextlib.suppress(OSError, ValueError):  # a front end that died meanwhile
             conn.send(ready)

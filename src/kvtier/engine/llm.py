@@ -27,6 +27,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The sampling `generate` and `chat` use when given none: the model's generation
+        config (`generation_config`, `override_generation_config`) over vLLM's defaults."""
+        return self.engine.sampling_defaults.sampling_params()
+
     def reset_prefix_cache(self, *, reset_tiers: bool = False) -> bool:
         """Forget the device prefix cache (and, with `reset_tiers`, the KV tiers' entries):
         the next prompts are computed afresh. False, with a warning, if it could not (as
@@ -56,7 +61,8 @@ class LLM:
         interrupt (Ctrl-C) while they run aborts those not finished, so none stays in the
         engine holding KV blocks and steps of later calls."""
         prompt_list = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params, len(prompt_list))
+        params = _as_params_list(sampling_params if sampling_params is not None
+                                 else self.get_default_sampling_params(), len(prompt_list))
         request_ids: list[str] = []
         try:
             for prompt, p in zip(prompt_list, params, strict=True):
@@ -155,10 +161,8 @@ def _text_message(message: Message) -> Message:
     return {**message, "content": "\n".join(texts)}
 
 
-def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None,
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams],
                     n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
     if len(params) != n:

@@ -309,19 +309,23 @@ class OpenAIServing:
                               f"{max_tokens} to generate)", param="max_tokens",
                               code="context_length_exceeded")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        # Fields the request leaves unset take the model's generation config, then the API's
+        # defaults; its max_new_tokens also caps max_tokens (vLLM's get_max_tokens).
+        default = self.engine.sampling_defaults
         try:
             return SamplingParams(
-                max_tokens=min(max_tokens, room),
-                temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p,
-                top_k=-1 if body.top_k is None else body.top_k, seed=body.seed, stop=stop,
+                max_tokens=default.cap_max_tokens(min(max_tokens, room)),
+                temperature=default.pick("temperature", body.temperature, 1.0),
+                top_p=default.pick("top_p", body.top_p, 1.0),
+                top_k=default.pick("top_k", body.top_k, -1), seed=body.seed, stop=stop,
                 stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
                 include_stop_str_in_output=body.include_stop_str_in_output,
                 presence_penalty=body.presence_penalty or 0.0,
                 frequency_penalty=body.frequency_penalty or 0.0,
-                repetition_penalty=(1.0 if body.repetition_penalty is None
-                                    else body.repetition_penalty),
-                min_p=body.min_p or 0.0, min_tokens=body.min_tokens or 0, logprobs=logprobs,
+                repetition_penalty=default.pick("repetition_penalty", body.repetition_penalty,
+                                                1.0),
+                min_p=default.pick("min_p", body.min_p, 0.0), min_tokens=body.min_tokens or 0,
+                logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(body.logit_bias),
                 allowed_token_ids=body.allowed_token_ids, bad_words=tuple(body.bad_words or ()),
                 skip_special_tokens=body.skip_special_tokens is not False)

@@ -3,11 +3,14 @@ vLLM's `LLM.generate` and `LLM.chat` take."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from kvtier import LLM, InvalidRequestError, SamplingParams
+from kvtier.config import ConfigError
 
 MODEL = "random:tiny-llama"
 GREEDY = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
@@ -85,3 +88,24 @@ def test_an_interrupted_generate_leaves_no_request_in_the_engine(async_schedulin
         again = llm.generate(prompts, params)
         assert [o.outputs[0].token_ids for o in again] == expected
         assert not engine.has_unfinished_requests()
+
+
+def test_generate_without_params_samples_as_the_generation_config_says(tmp_path: Path) -> None:
+    """As vLLM's `LLM`: no sampling params means `get_default_sampling_params()`, which is
+    the generation config (here a folder's, greedy and 4 tokens long) under the overrides."""
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.0, "max_new_tokens": 4, "eos_token_id": 2}))
+    with LLM(MODEL, max_model_len=128, num_gpu_blocks_override=64,
+             generation_config=str(tmp_path),
+             override_generation_config={"repetition_penalty": 1.2}) as llm:
+        defaults = llm.get_default_sampling_params()
+        assert defaults == SamplingParams(max_tokens=4, temperature=0.0, repetition_penalty=1.2)
+        outputs = llm.generate(["Hello there", "Hello there"])
+        greedy = llm.generate("Hello there", defaults)[0].outputs[0].token_ids
+        assert [o.outputs[0].token_ids for o in outputs] == [greedy, greedy]
+        assert 1 <= len(greedy) <= 4
+
+
+def test_a_bad_generation_config_fails_the_engines_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="the folder has no generation_config.json"):
+        LLM(MODEL, generation_config=str(tmp_path))

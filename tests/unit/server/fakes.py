@@ -18,6 +18,7 @@ from kvtier.engine.async_engine import AsyncEngine
 from kvtier.engine.core_messages import output_delta
 from kvtier.engine.engine import LLMEngine
 from kvtier.engine.stats import EngineStats
+from kvtier.model.generation_config import SamplingDefaults
 from kvtier.types import (
     CompletionOutput,
     InvalidRequestError,
@@ -112,6 +113,7 @@ class FakeEngine:
         self.config = EngineConfig(overlap_outputs=self.overlap_outputs,
                                    async_scheduling=self.async_scheduling)
         self.tokenizer = FakeTokenizer()
+        self.sampling_defaults = SamplingDefaults()
         self.pool = SimpleNamespace(num_free_blocks=100, num_blocks=100)
         self.max_running = max_running
         self.step_delay_s = step_delay_s

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvtier.engine.async_engine import AsyncEngine
+from kvtier.model.generation_config import SamplingDefaults
 from kvtier.server.app import ServerSettings, create_app
 from kvtier.tiers.base import TierStats
 from kvtier.tiers.manager import ManagerStats
@@ -429,6 +430,39 @@ def recording_engine() -> tuple[AsyncEngine, FakeEngine, list[Any]]:
 
     fake.add_request = recording_add  # type: ignore[method-assign]
     return start_async_engine(fake), fake, received
+
+
+def test_unset_sampling_fields_take_the_models_generation_config() -> None:
+    """As vLLM's --generation-config auto: a request's own values win, the fields it leaves
+    out take the model's recommended ones, and max_new_tokens caps max_tokens."""
+    fake = FakeEngine()
+    fake.sampling_defaults = SamplingDefaults(temperature=0.7, top_p=0.8, top_k=20, min_p=0.05,
+                                              repetition_penalty=1.1, max_tokens=5)
+    add_request = fake.add_request
+    received: list[SamplingParams] = []
+    fake.add_request = lambda prompt, params, *a, **k: (  # type: ignore[method-assign]
+        received.append(params) or add_request(prompt, params, *a, **k))
+    engine = start_async_engine(fake)
+    chat = {"messages": [{"role": "user", "content": "ab"}]}
+    try:
+        for path, body in (("/v1/completions", {"prompt": "ab"}), ("/v1/chat/completions", chat)):
+            assert call(engine, "POST", path, json=body).status_code == 200
+            params = received[-1]
+            assert (params.temperature, params.top_p, params.top_k, params.min_p,
+                    params.repetition_penalty, params.max_tokens) == (0.7, 0.8, 20, 0.05, 1.1, 5)
+            own = call(engine, "POST", path, json={
+                **body, "temperature": 0, "top_p": 1, "top_k": -1, "min_p": 0,
+                "repetition_penalty": 1, "max_tokens": 12})
+            assert own.status_code == 200, own.text
+            params = received[-1]
+            assert (params.temperature, params.top_p, params.top_k, params.min_p,
+                    params.repetition_penalty, params.max_tokens) == (0, 1, -1, 0, 1, 5)
+        # A min_tokens beyond the capped max_tokens is the request's error, by name.
+        refused = call(engine, "POST", "/v1/completions",
+                       json={"prompt": "ab", "min_tokens": 8, "max_tokens": 10})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "min_tokens"
+    finally:
+        asyncio.run(engine.shutdown(drain=False))
 
 
 def test_n_choices_are_engine_requests_sharing_the_prompt() -> None:

@@ -311,3 +311,21 @@ def test_every_front_end_sees_the_construction_error(tmp_path: object) -> None:
             engine.start()
         assert not engine.is_alive
     process.join(30)
+
+
+def test_every_front_end_gets_the_engines_sampling_defaults() -> None:
+    """The engine process reads the generation config; its front ends fill requests' unset
+    sampling fields from what its Ready message carries."""
+    engines, process = attach_two(generation_config="vllm",
+                                  override_generation_config={"temperature": 0.0,
+                                                              "max_new_tokens": 3})
+    for engine in engines:
+        engine.start()
+        assert engine.sampling_defaults.items() == {"temperature": 0.0, "max_tokens": 3}
+
+    async def shut_down() -> None:  # the engine stops once its last front end does
+        await asyncio.gather(*(engine.shutdown() for engine in engines))
+
+    asyncio.run(shut_down())
+    process.join(30)
+    assert process.exitcode == 0
