@@ -71,3 +71,24 @@ def test_a_disk_tier_folder_another_server_holds_is_one_line(tmp_path: Path) -> 
     finally:
         first.terminate()
         first.wait(timeout=60)
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    ("no/such/template.jinja", "--chat-template: chat template 'no/such/template.jinja' looks "
+                               "like a file path, but it cannot be read: "),
+    ("{% if %}", "--chat-template: the chat template is not valid Jinja: "),
+])
+def test_an_unusable_chat_template_is_one_line(template: str, message: str) -> None:
+    done = _serve("--model", "random:tiny-llama", "--chat-template", template)
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"kvtier serve: error: {message}"), line
+
+
+def test_a_generation_config_folder_without_the_file_is_one_line(tmp_path: Path) -> None:
+    done = _serve("--model", "random:tiny-llama", "--generation-config", str(tmp_path),
+                  "--num-gpu-blocks-override", "64")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        f"kvtier serve: error: generation_config {str(tmp_path)!r}: the folder has no "
+        "generation_config.json"]

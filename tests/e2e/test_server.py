@@ -859,6 +859,39 @@ def test_fuzzed_bodies_never_5xx(server: str, path: str, body: dict[str, Any], p
 
 
 
+def test_chat_template_and_generation_config_flags_reach_every_front_end(tmp_path: Path,
+                                                                        llm: LLM) -> None:
+    """`--chat-template` renders the messages instead of the model's template, and
+    `--generation-config` (here a folder: greedy, 4 tokens) fills the sampling a request
+    leaves out, on each of two API servers: the answers are the offline engine's with the
+    same template and sampling."""
+    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+    (tmp_path / "chat.jinja").write_text(template)
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.0, "max_new_tokens": 4}))
+    messages = [{"role": "user", "content": "Name a colour."}]
+    expected = llm.chat(messages, SamplingParams(max_tokens=4, temperature=0.0),
+                        chat_template=template)[0]
+    assert expected.prompt_token_ids == llm.get_tokenizer().encode(
+        "[user] Name a colour.\n[assistant] ", add_special_tokens=False)
+    proc = ServerProcess("--chat-template", str(tmp_path / "chat.jinja"),
+                         "--generation-config", str(tmp_path), "--api-server-count", "2")
+    try:
+        for _ in range(4):  # new connections: the kernel spreads them over both servers
+            response = httpx.post(f"{proc.url}/v1/chat/completions",
+                                  json={"model": MODEL, "messages": messages}, timeout=60)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["usage"]["prompt_tokens"] == len(expected.prompt_token_ids)
+            assert body["choices"][0]["message"]["content"] == expected.outputs[0].text
+            assert body["usage"]["completion_tokens"] == len(expected.outputs[0].token_ids)
+        assert any("default sampling of requests that set none: temperature 0.0, "
+                   "max_tokens 4" in line for line in proc.lines)
+    finally:
+        assert proc.stop() == 0, "".join(proc.lines[-30:])
+
+
 # -- 5. queue overflow -> 503 + Retry-After, then recovery; SIGTERM drains ---------------------
 
 

@@ -76,12 +76,15 @@ class LLM:
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              *, add_generation_prompt: bool = True, continue_final_message: bool = False,
-             ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them; with
-        `continue_final_message` (and `add_generation_prompt` false) the model continues
-        each conversation's final message, as in vLLM's `LLM.chat`."""
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template (or `chat_template`, a Jinja template) to one
+        conversation or a list of them; with `continue_final_message` (and
+        `add_generation_prompt` false) the model continues each conversation's final
+        message, as in vLLM's `LLM.chat`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.engine.tokenizer.apply_chat_template(
+        tokenizer = (self.engine.tokenizer if chat_template is None
+                     else self.engine.tokenizer.with_chat_template(chat_template))
+        prompts = [tokenizer.apply_chat_template(
             [_text_message(m) for m in conv],  # type: ignore[union-attr]
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message) for conv in conversations]

@@ -80,3 +80,27 @@ def compile_chat_template(source: str) -> jinja2.Template:
     env.globals["strftime_now"] = _strftime_now
     env.globals["namespace"] = _TemplateNamespace
     return env.from_string(source)
+
+
+def read_chat_template(value: str) -> str:
+    """A `--chat-template` value as vLLM reads it: a file's text if `value` opens as one,
+    else the template itself if it holds a Jinja character (`{`, `}` or a newline; escapes
+    such as `\\n` decoded). A value that is neither raises ValueError naming it."""
+    try:
+        with open(value, encoding="utf-8") as file:
+            return file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        if not any(char in value for char in "{}\n"):
+            raise ValueError(f"chat template {value!r} looks like a file path, but it cannot "
+                             f"be read: {exc}") from None
+    # Escapes decoded, other characters kept (vLLM's codecs.decode would garble non-ASCII).
+    return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def check_chat_template(source: str) -> None:
+    """Raise ChatTemplateError if `source` is not valid Jinja (line named)."""
+    try:
+        compile_chat_template(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ChatTemplateError(f"the chat template is not valid Jinja: {exc.message} "
+                                f"(line {exc.lineno})") from exc

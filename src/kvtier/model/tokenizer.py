@@ -12,6 +12,7 @@ Parity with `AutoTokenizer` is what the tests check; where transformers has a ru
 from __future__ import annotations
 
 import codecs
+import copy
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,7 +26,11 @@ import jinja2.parser
 import tokenizers
 from tokenizers import processors
 
-from kvtier.model.chat_template import ChatTemplateError, compile_chat_template
+from kvtier.model.chat_template import (
+    ChatTemplateError,
+    check_chat_template,
+    compile_chat_template,
+)
 from kvtier.model.piece_cache import PieceIdsCache
 from kvtier.model.spec import ModelLoadError
 
@@ -185,6 +190,14 @@ class Tokenizer:
         return self._clean_up(text)
 
     # -- chat ---------------------------------------------------------------------------------
+
+    def with_chat_template(self, template: str) -> Tokenizer:
+        """This tokenizer, rendering chats with `template` instead of the model's (vLLM's
+        `--chat-template`); a template that is not valid Jinja raises ChatTemplateError."""
+        check_chat_template(template)
+        other = copy.copy(self)  # shares the backend and its caches; only the template differs
+        other.chat_template, other._compiled_template = template, None
+        return other
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
                             add_generation_prompt: bool = True, *,

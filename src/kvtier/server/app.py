@@ -50,6 +50,9 @@ class ServerSettings:
     api_key: str | None = None
     """When set, `/v1/*` needs `Authorization: Bearer <api_key>`."""
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    chat_template: str | None = None
+    """A Jinja chat template that replaces the model's (`--chat-template`); None: the
+    model's."""
 
     def __post_init__(self) -> None:
         if self.max_request_body_bytes < 1:
@@ -76,7 +79,8 @@ def create_app(async_engine: AsyncEngine, settings: ServerSettings | None = None
     names = settings.served_model_names or (async_engine.model_name,)
     metrics = ServerMetrics(async_engine.snapshot, model_name=names[0])  # vLLM's label value
     async_engine.add_listener(metrics.observe)
-    serving = OpenAIServing(async_engine, names, on_tokenized=metrics.tokenize_time.observe)
+    serving = OpenAIServing(async_engine, names, on_tokenized=metrics.tokenize_time.observe,
+                            chat_template=settings.chat_template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -21,6 +21,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    metavar="NAME",
                    help="names clients may send as `model` (first one answers); default: the "
                         "model's name")
+    g.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                   help="render chats with this Jinja template (a file, or the template "
+                        "itself) instead of the model's, as vLLM's flag")
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: the "
                         "KVTIER_API_KEY environment variable, else no key)")

@@ -28,6 +28,7 @@ from kvtier.config import ConfigError, EngineConfig
 from kvtier.engine.args import engine_kwargs
 from kvtier.engine.async_engine import AsyncEngine
 from kvtier.engine.engine_process import EngineProcessSpec
+from kvtier.model.chat_template import check_chat_template, read_chat_template
 from kvtier.server.api_servers import bind_listening_sockets, run_api_servers, say
 from kvtier.server.app import ServerSettings, create_app
 from kvtier.utils.gc_pauses import (
@@ -124,13 +125,26 @@ ReadyCallback = Callable[[str, int], None]
 """Called with the bound host and port once the server accepts connections."""
 
 
+def _chat_template(value: str | None) -> str | None:
+    """`--chat-template`'s template, read and checked before the engine loads."""
+    if value is None:
+        return None
+    try:
+        template = read_chat_template(value)
+        check_chat_template(template)
+    except ValueError as exc:  # ChatTemplateError is one
+        raise ConfigError(f"--chat-template: {exc}") from None
+    return template
+
+
 def run_server(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     config = EngineConfig.from_kwargs(**engine_kwargs(args))
     settings = ServerSettings(
         served_model_names=tuple(args.served_model_name or ()),
         api_key=args.api_key or os.environ.get("KVTIER_API_KEY") or None,
-        max_request_body_bytes=args.max_request_body_bytes)
+        max_request_body_bytes=args.max_request_body_bytes,
+        chat_template=_chat_template(args.chat_template))
     spec = EngineProcessSpec(config, request_timeout_s=args.request_timeout,
                              log_stats_interval_s=STATS_LOG_INTERVAL_S,
                              log_level=logging.getLogger().level)

@@ -298,7 +298,8 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
             ("tool_choice", body.tool_choice not in (None, "none"),
              "tool_choice must be 'none': kvtier has no tool-call parser"),
             ("chat_template", body.chat_template is not None,
-             "chat_template is not supported: the model's own template renders the messages"),
+             "chat_template is not supported: the server's template (the model's, or "
+             "--chat-template) renders the messages"),
             ("echo", body.echo, "echo is not supported"),
             ("prompt_logprobs", body.prompt_logprobs is not None,
              "prompt_logprobs is not supported in chat completions"),

@@ -59,17 +59,19 @@ class OpenAIServing:
     """Turns validated request bodies into engine requests and engine outputs into responses."""
 
     def __init__(self, engine: AsyncEngine, served_model_names: tuple[str, ...],
-                 on_tokenized: Callable[[float], None] | None = None) -> None:
+                 on_tokenized: Callable[[float], None] | None = None,
+                 chat_template: str | None = None) -> None:
         """`on_tokenized` gets each generation request's seconds from arrival at the handler
         to its prompt's token ids, once the request is in the engine: as vLLM's per-request
         histograms, it leaves out requests refused (a prompt too long, a bad parameter, the
-        engine's refusal) after their tokenisation."""
+        engine's refusal) after their tokenisation. `chat_template` replaces the model's."""
         self.engine = engine
         self._on_tokenized = on_tokenized
         self.model_names = served_model_names
         assert engine.tokenizer is not None, "start() the engine first"
         self.max_model_len = engine.max_model_len
-        self._tokenizer = engine.tokenizer
+        self._tokenizer = (engine.tokenizer if chat_template is None
+                           else engine.tokenizer.with_chat_template(chat_template))
         self._token_strings = TokenStrings(engine.tokenizer)
         self.max_logprobs = (engine.max_logprobs if engine.max_logprobs != -1
                              else engine.tokenizer.vocab_size)
@@ -177,9 +179,9 @@ class OpenAIServing:
                               + ("both" if body.prompt is not None else "neither"),
                               param="prompt" if body.prompt is None else "messages")
         if body.chat_template is not None:
-            raise OpenAIError(400, "chat_template is not supported: the model's own template "
-                              "renders the messages", param="chat_template",
-                              code="unsupported_parameter")
+            raise OpenAIError(400, "chat_template is not supported: the server's template "
+                              "(the model's, or --chat-template) renders the messages",
+                              param="chat_template", code="unsupported_parameter")
         if body.prompt is not None:
             special = True if body.add_special_tokens is None else body.add_special_tokens
             token_ids = await self._off_loop(self._tokenizer.encode, body.prompt, special,
