@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from kvtier import __version__
@@ -53,6 +54,11 @@ class ServerSettings:
     chat_template: str | None = None
     """A Jinja chat template that replaces the model's (`--chat-template`); None: the
     model's."""
+    allowed_origins: tuple[str, ...] = ("*",)
+    """CORS, with vLLM's defaults: browser pages on these origins may call the API."""
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
     def __post_init__(self) -> None:
         if self.max_request_body_bytes < 1:
@@ -162,6 +168,12 @@ def create_app(async_engine: AsyncEngine, settings: ServerSettings | None = None
 
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)  # outermost: runs first
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    # Outermost: a browser's preflight (OPTIONS, no API key) is answered here, and every
+    # response, a 401 or 413 included, carries the CORS headers the browser needs to read it.
+    app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                       allow_methods=list(settings.allowed_methods),
+                       allow_headers=list(settings.allowed_headers),
+                       allow_credentials=settings.allow_credentials)
     app.state.metrics = metrics
     return app

@@ -6,6 +6,7 @@ Kept free of heavy imports so that building the CLI parser stays cheap.
 from __future__ import annotations
 
 import argparse
+import json
 
 from kvtier.config import ConfigError, parse_size
 
@@ -27,6 +28,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: the "
                         "KVTIER_API_KEY environment variable, else no key)")
+    for name in ("origins", "methods", "headers"):
+        # vLLM's CORS flags and defaults: a browser page on any origin may call the API.
+        g.add_argument(f"--allowed-{name}", nargs="+", type=_cors_values, default=[["*"]],
+                       metavar="VALUE", help=f"CORS: allowed {name}, as values or a JSON "
+                       "list (default: *)")
+    g.add_argument("--allow-credentials", action="store_true",
+                   help="CORS: allow credentials (cookies, authorization headers)")
     g.add_argument("--max-waiting-requests", type=_positive_int,
                    default=DEFAULT_MAX_WAITING_REQUESTS,
                    help="requests allowed to wait for their first schedule; past it new ones "
@@ -53,6 +61,26 @@ def _positive_size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
     return value
+
+
+def _cors_values(text: str) -> list[str]:
+    """One `--allowed-*` value, or a JSON list of them (vLLM's form: '["http://a"]')."""
+    if text.startswith("["):
+        try:
+            values = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list: {exc}") from None
+        if not (isinstance(values, list) and all(isinstance(v, str) and v for v in values)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of strings")
+        return values
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    return [text]
+
+
+def cors_list(values: list[list[str]]) -> tuple[str, ...]:
+    """An `--allowed-*` flag's values, flattened."""
+    return tuple(value for group in values for value in group)
 
 
 def _model_name(text: str) -> str:

@@ -31,6 +31,7 @@ from kvtier.engine.engine_process import EngineProcessSpec
 from kvtier.model.chat_template import check_chat_template, read_chat_template
 from kvtier.server.api_servers import bind_listening_sockets, run_api_servers, say
 from kvtier.server.app import ServerSettings, create_app
+from kvtier.server.args import cors_list
 from kvtier.utils.gc_pauses import (
     collect_when_idle,
     defer_full_collections,
@@ -144,7 +145,11 @@ def run_server(args: argparse.Namespace) -> int:
         served_model_names=tuple(args.served_model_name or ()),
         api_key=args.api_key or os.environ.get("KVTIER_API_KEY") or None,
         max_request_body_bytes=args.max_request_body_bytes,
-        chat_template=_chat_template(args.chat_template))
+        chat_template=_chat_template(args.chat_template),
+        allowed_origins=cors_list(args.allowed_origins),
+        allowed_methods=cors_list(args.allowed_methods),
+        allowed_headers=cors_list(args.allowed_headers),
+        allow_credentials=args.allow_credentials)
     spec = EngineProcessSpec(config, request_timeout_s=args.request_timeout,
                              log_stats_interval_s=STATS_LOG_INTERVAL_S,
                              log_level=logging.getLogger().level)

@@ -734,6 +734,32 @@ def test_api_key_guards_v1_only(engine: AsyncEngine) -> None:
         assert call(engine, "GET", path, settings).status_code == 200, path
 
 
+def test_browsers_on_other_origins_may_call_as_vllms_defaults_allow(engine: AsyncEngine) -> None:
+    """CORS as vLLM sets it up: a preflight is answered without the API key, and every
+    response (a 401 too) tells the browser it may read it; narrowed origins are kept to."""
+    settings = ServerSettings(api_key="k")
+    preflight = call(engine, "OPTIONS", "/v1/completions", settings, headers={
+        "Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    for headers, status in (({}, 401), ({"Authorization": "Bearer k"}, 200)):
+        response = call(engine, "GET", "/v1/models", settings,
+                        headers={"Origin": "http://ui.example", **headers})
+        assert response.status_code == status
+        assert response.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-origin" not in call(engine, "GET", "/health").headers
+    narrow = ServerSettings(allowed_origins=("http://ui.example",), allow_credentials=True)
+    mine = call(engine, "GET", "/v1/models", narrow, headers={"Origin": "http://ui.example"})
+    assert mine.headers["access-control-allow-origin"] == "http://ui.example"
+    assert mine.headers["access-control-allow-credentials"] == "true"
+    other = call(engine, "OPTIONS", "/v1/models", narrow, headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "GET"})
+    assert other.status_code == 400
+    assert "access-control-allow-origin" not in other.headers
+
+
 def test_reset_prefix_cache_answers_what_the_engine_did() -> None:
     fake = FakeEngine()
     engine = start_async_engine(fake)

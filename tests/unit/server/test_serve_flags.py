@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from kvtier.cli import build_parser
+from kvtier.server.args import cors_list
 
 
 @pytest.mark.parametrize(("value", "message"), [
@@ -46,3 +47,29 @@ def test_an_empty_served_model_name_is_a_usage_error(names: list[str],
 def test_served_model_names_are_kept_as_given() -> None:
     args = build_parser().parse_args(["serve", "--served-model-name", "a", "org/b"])
     assert args.served_model_name == ["a", "org/b"]
+
+
+def test_cors_flags_take_values_or_vllms_json_lists() -> None:
+    parser = build_parser()
+    default = parser.parse_args(["serve"])
+    assert [cors_list(default.allowed_origins), cors_list(default.allowed_methods),
+            cors_list(default.allowed_headers), default.allow_credentials] == [
+        ("*",), ("*",), ("*",), False]
+    args = parser.parse_args(["serve", "--allowed-origins", '["http://a", "http://b"]',
+                              "--allowed-methods", "GET", "POST", "--allow-credentials"])
+    assert cors_list(args.allowed_origins) == ("http://a", "http://b")
+    assert cors_list(args.allowed_methods) == ("GET", "POST")
+    assert args.allow_credentials
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ('["http://a",', """'["http://a",' is not a JSON list"""),
+    ("[1, 2]", "'[1, 2]' is not a JSON list of strings"),
+    (" ", "must not be empty, got ' '"),
+])
+def test_a_bad_cors_value_is_a_usage_error(value: str, message: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--allowed-origins", value])
+    assert exited.value.code == 2
+    assert f"argument --allowed-origins: {message}" in capsys.readouterr().err
