@@ -92,3 +92,13 @@ def test_a_generation_config_folder_without_the_file_is_one_line(tmp_path: Path)
     assert done.stderr.splitlines() == [
         f"kvtier serve: error: generation_config {str(tmp_path)!r}: the folder has no "
         "generation_config.json"]
+
+
+@pytest.mark.parametrize("flags", [["--enable-auto-tool-choice"],
+                                   ["--tool-call-parser", "hermes"]])
+def test_tool_call_flags_alone_are_one_line(flags: list[str]) -> None:
+    done = _serve("--model", "random:tiny-llama", *flags)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        "kvtier serve: error: --enable-auto-tool-choice and --tool-call-parser go together: "
+        "give both (e.g. --enable-auto-tool-choice --tool-call-parser hermes) or neither"]

@@ -54,6 +54,9 @@ class ServerSettings:
     chat_template: str | None = None
     """A Jinja chat template that replaces the model's (`--chat-template`); None: the
     model's."""
+    tool_call_parser: str | None = None
+    """Set (`--enable-auto-tool-choice --tool-call-parser`): chat answers to requests with
+    tools have their tool calls read out."""
     allowed_origins: tuple[str, ...] = ("*",)
     """CORS, with vLLM's defaults: browser pages on these origins may call the API."""
     allowed_methods: tuple[str, ...] = ("*",)
@@ -86,7 +89,8 @@ def create_app(async_engine: AsyncEngine, settings: ServerSettings | None = None
     metrics = ServerMetrics(async_engine.snapshot, model_name=names[0])  # vLLM's label value
     async_engine.add_listener(metrics.observe)
     serving = OpenAIServing(async_engine, names, on_tokenized=metrics.tokenize_time.observe,
-                            chat_template=settings.chat_template)
+                            chat_template=settings.chat_template,
+                            tool_parser=settings.tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

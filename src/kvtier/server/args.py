@@ -9,6 +9,7 @@ import argparse
 import json
 
 from kvtier.config import ConfigError, parse_size
+from kvtier.server.tool_calls import TOOL_CALL_PARSERS
 
 DEFAULT_MAX_WAITING_REQUESTS = 4096
 
@@ -25,6 +26,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
                    help="render chats with this Jinja template (a file, or the template "
                         "itself) instead of the model's, as vLLM's flag")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="chat requests with tools may call them (tool_choice 'auto'): the "
+                        "answers' tool calls are read with --tool-call-parser")
+    g.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                   help="the format the model writes tool calls in (hermes: Qwen2.5 and "
+                        "Hermes models' <tool_call> blocks)")
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: the "
                         "KVTIER_API_KEY environment variable, else no key)")

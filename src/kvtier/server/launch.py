@@ -138,6 +138,15 @@ def _chat_template(value: str | None) -> str | None:
     return template
 
 
+def _tool_call_parser(args: argparse.Namespace) -> str | None:
+    """The parser tool calls are read with: the two flags go together (as in vLLM)."""
+    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
+        raise ConfigError("--enable-auto-tool-choice and --tool-call-parser go together: "
+                          "give both (e.g. --enable-auto-tool-choice --tool-call-parser "
+                          "hermes) or neither")
+    return args.tool_call_parser
+
+
 def run_server(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     config = EngineConfig.from_kwargs(**engine_kwargs(args))
@@ -146,6 +155,7 @@ def run_server(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("KVTIER_API_KEY") or None,
         max_request_body_bytes=args.max_request_body_bytes,
         chat_template=_chat_template(args.chat_template),
+        tool_call_parser=_tool_call_parser(args),
         allowed_origins=cors_list(args.allowed_origins),
         allowed_methods=cors_list(args.allowed_methods),
         allowed_headers=cors_list(args.allowed_headers),

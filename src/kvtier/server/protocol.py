@@ -198,10 +198,12 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     """POST /v1/chat/completions, rendered with the model's chat template."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    tools: list[dict[str, Any]] | None = Field(None, description="Rendered into the prompt "
-                                                                 "with tool_choice 'none' only "
-                                                                 "(no tool-call parser).")
-    tool_choice: Any = Field(None, description="Only 'none'.")
+    tools: list[dict[str, Any]] | None = Field(None, description="Rendered into the prompt; "
+                                                                 "called only with a tool-call "
+                                                                 "parser (--tool-call-parser).")
+    tool_choice: Any = Field(None, description="'none' (the tools are only read) or 'auto' "
+                                               "(the default with tools; needs "
+                                               "--enable-auto-tool-choice).")
     add_generation_prompt: bool = Field(True, description="End with the assistant's turn "
                                                           "opened.")
     continue_final_message: bool = Field(False, description="End inside the final message "
@@ -267,8 +269,10 @@ class PrefixCacheResetResponse(BaseModel):
     tier_entries: int
 
 
-def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple[str, str] | None:
-    """(param, message) for the first field set to something we cannot honour, else None."""
+def unsupported_fields(body: CompletionRequest | ChatCompletionRequest,
+                       tool_parser: str | None = None) -> tuple[str, str] | None:
+    """(param, message) for the first field set to something we cannot honour, else None.
+    `tool_parser`: the server's (`--tool-call-parser`), if it reads tool calls."""
     checks: list[tuple[str, bool, str]] = [
         ("response_format", body.response_format is not None
          and body.response_format.get("type", "text") != "text",
@@ -292,11 +296,17 @@ def unsupported_fields(body: CompletionRequest | ChatCompletionRequest) -> tuple
     else:
         checks += [
             # With tool_choice "none" the model only reads the tools (vLLM renders them into
-            # the prompt); any other choice would need a tool-call parser.
-            ("tools", bool(body.tools) and body.tool_choice != "none",
-             "tools need tool_choice 'none': kvtier has no tool-call parser"),
-            ("tool_choice", body.tool_choice not in (None, "none"),
-             "tool_choice must be 'none': kvtier has no tool-call parser"),
+            # the prompt); "auto" (the default with tools) needs a tool-call parser, and
+            # "required" or a named function guided decoding, which kvtier does not have.
+            ("tool_choice", body.tool_choice not in (None, "none", "auto"),
+             "tool_choice must be 'none' or 'auto': 'required' and named functions need "
+             "guided decoding, which kvtier does not have"),
+            ("tools", bool(body.tools) and body.tool_choice != "none" and tool_parser is None,
+             "tools need tool_choice 'none', or a server started with "
+             "--enable-auto-tool-choice --tool-call-parser hermes"),
+            ("tool_choice", body.tool_choice == "auto" and tool_parser is None,
+             "tool_choice 'auto' needs a server started with --enable-auto-tool-choice "
+             "--tool-call-parser hermes"),
             ("chat_template", body.chat_template is not None,
              "chat_template is not supported: the server's template (the model's, or "
              "--chat-template) renders the messages"),
@@ -374,9 +384,39 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+    """A JSON string, as OpenAI's."""
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+    """Calls the tool-call parser read from the answer (left out when there are none)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+class DeltaToolCall(BaseModel):
+    """A whole call in one chunk: its index in the message, id, name and arguments."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
 
 
 class ChatChoice(BaseModel):
@@ -402,6 +442,7 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

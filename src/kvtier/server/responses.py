@@ -23,16 +23,22 @@ from kvtier.engine.async_engine import RequestAbortedError, RequestStream
 from kvtier.server.errors import from_engine_error
 from kvtier.server.logprobs import LogprobsFormat, TokenStrings, vllm_prompt_logprobs
 from kvtier.server.protocol import (
+    ChatChoice,
     ChatChoiceLogprobs,
     ChatCompletionChunk,
+    ChatResponseMessage,
     ChatStreamChoice,
     CompletionChoice,
     CompletionChunk,
     CompletionLogprobs,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCallOut,
     PromptTokensDetails,
+    ToolCallOut,
     Usage,
 )
+from kvtier.server.tool_calls import ParsedToolCall, ToolCallStream, parse_tool_calls
 from kvtier.types import RequestOutput, TokenLogprobs
 
 DONE = "data: [DONE]\n\n"
@@ -58,6 +64,8 @@ class ResponseContext:
     """`n`: choice i answers prompt i // n (completions take a batch of prompts)."""
     continuous_usage: bool = False
     """vLLM's continuous_usage_stats: every choice chunk carries its choice's usage so far."""
+    tool_calls: bool = False
+    """Chat: tool calls are read out of each answer (`kvtier.server.tool_calls`)."""
 
 
 class SSEResponse(StreamingResponse):
@@ -102,6 +110,25 @@ def completion_choice(ctx: ResponseContext, index: int, output: RequestOutput,
                               finish_reason=completion.finish_reason,
                               stop_reason=completion.stop_reason, prompt_logprobs=prompt_field)
     return choice, text_offset
+
+
+def chat_choice(ctx: ResponseContext, index: int, output: RequestOutput) -> ChatChoice:
+    """A finished chat choice; with tool calls read, its content is the text before the
+    first call, and a choice that calls tools finishes with "tool_calls" (as vLLM's)."""
+    completion = output.outputs[0]
+    message = ChatResponseMessage(content=completion.text)
+    finish_reason = completion.finish_reason
+    if ctx.tool_calls:
+        answer = parse_tool_calls(completion.text)
+        if answer.tool_calls:
+            message = ChatResponseMessage(content=answer.content, tool_calls=[
+                ToolCallOut(id=call.id, function=FunctionCallOut(name=call.name,
+                                                                 arguments=call.arguments))
+                for call in answer.tool_calls])
+            finish_reason = "tool_calls"
+    return ChatChoice(index=index, message=message, finish_reason=finish_reason,
+                      stop_reason=completion.stop_reason,
+                      logprobs=chat_logprobs(ctx, completion.logprobs))
 
 
 def chat_logprobs(ctx: ResponseContext, entries: list[TokenLogprobs] | None,
@@ -253,6 +280,7 @@ async def chat_events(streams: list[RequestStream], ctx: ResponseContext) -> Asy
     last: dict[int, RequestOutput] = {}
     text_events: dict[int, TextEvents] = {}
     sent: dict[int, int] = {}  # per choice: tokens its chunks carried (continuous usage)
+    readers: dict[int, ToolCallStream] = {}  # per choice, when tool calls are read
 
     def chunk(index: int, delta: DeltaMessage, finish: str | None = None,
               stop_reason: str | int | None = None,
@@ -287,14 +315,28 @@ async def chat_events(streams: list[RequestStream], ctx: ResponseContext) -> Asy
                 # (a character split across tokens, a possible stop string).
                 logprobs = (chat_logprobs(ctx, output.new_logprobs)
                             if output.new_logprobs else None)
+                text, calls, finish = output.new_text, [], completion.finish_reason
+                if ctx.tool_calls:
+                    reader = readers.setdefault(index, ToolCallStream())
+                    text, calls = reader.feed(text)
+                    if output.finished:
+                        rest, more = reader.finish()
+                        text, calls = text + rest, calls + more
+                        finish = "tool_calls" if reader.num_calls else finish
+                    if calls:
+                        first_call = reader.num_calls - len(calls)
+                        yield chunk(index, DeltaMessage(content=text or None,
+                                                        tool_calls=_call_deltas(calls,
+                                                                                first_call)),
+                                    logprobs=logprobs)
+                        text, logprobs = "", None
                 if output.finished:
-                    delta = DeltaMessage(content=output.new_text or None)
-                    yield chunk(index, delta, completion.finish_reason, completion.stop_reason,
-                                logprobs)
+                    delta = DeltaMessage(content=text or None)
+                    yield chunk(index, delta, finish, completion.stop_reason, logprobs)
                 elif logprobs is not None:
-                    yield chunk(index, DeltaMessage(content=output.new_text), logprobs=logprobs)
-                elif output.new_text:
-                    yield text_chunk(index, output.new_text)
+                    yield chunk(index, DeltaMessage(content=text), logprobs=logprobs)
+                elif text:
+                    yield text_chunk(index, text)
     except RequestAbortedError as exc:
         yield error_event(exc)
     else:
@@ -304,3 +346,9 @@ async def chat_events(streams: list[RequestStream], ctx: ResponseContext) -> Asy
                                           usage=usage_of([last[i] for i in sorted(last)],
                                                          True, ctx.choices_per_prompt)), ctx)
     yield DONE
+
+
+def _call_deltas(calls: list[ParsedToolCall], first_index: int) -> list[DeltaToolCall]:
+    return [DeltaToolCall(index=first_index + i, id=call.id,
+                          function=FunctionCallOut(name=call.name, arguments=call.arguments))
+            for i, call in enumerate(calls)]

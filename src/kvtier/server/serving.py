@@ -29,10 +29,8 @@ from kvtier.server.logprobs import (
     requested_top,
 )
 from kvtier.server.protocol import (
-    ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatResponseMessage,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
@@ -44,8 +42,8 @@ from kvtier.server.protocol import (
 from kvtier.server.responses import (
     ResponseContext,
     SSEResponse,
+    chat_choice,
     chat_events,
-    chat_logprobs,
     completion_choice,
     completion_events,
     usage_of,
@@ -60,11 +58,14 @@ class OpenAIServing:
 
     def __init__(self, engine: AsyncEngine, served_model_names: tuple[str, ...],
                  on_tokenized: Callable[[float], None] | None = None,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, tool_parser: str | None = None) -> None:
         """`on_tokenized` gets each generation request's seconds from arrival at the handler
         to its prompt's token ids, once the request is in the engine: as vLLM's per-request
         histograms, it leaves out requests refused (a prompt too long, a bad parameter, the
-        engine's refusal) after their tokenisation. `chat_template` replaces the model's."""
+        engine's refusal) after their tokenisation. `chat_template` replaces the model's;
+        `tool_parser` (`--tool-call-parser`) reads tool calls out of answers to requests with
+        tools."""
+        self._tool_parser = tool_parser
         self.engine = engine
         self._on_tokenized = on_tokenized
         self.model_names = served_model_names
@@ -152,22 +153,19 @@ class OpenAIServing:
                               explicit=requested is not None, logprobs=num_top)
         ctx, headers = _context(request, "chatcmpl", model, body.include_usage, body.n,
                                 self._logprobs_format(body, num_top), body.continuous_usage)
+        # Tool calls are read out of the answer when the model may make them (vLLM's "auto").
+        calls_tools = bool(body.tools) and body.tool_choice != "none" \
+            and self._tool_parser is not None
+        ctx = dataclasses.replace(ctx, tool_calls=calls_tools)
         streams = await self._add_choices([(token_ids, params)], arrival, ctx, body.n)
         self._tokenized(tokenized - arrival)
         if body.stream:
             return SSEResponse(chat_events(streams, ctx), media_type="text/event-stream",
                                headers=headers)
         outputs = await _collect(streams, request)
-        response = ChatCompletionResponse(id=ctx.response_id, model=model,
-                                          usage=usage_of(outputs, True, body.n),
-                                          choices=[ChatChoice(
-                                              index=index, message=ChatResponseMessage(
-                                                  content=output.outputs[0].text),
-                                              finish_reason=output.outputs[0].finish_reason,
-                                              stop_reason=output.outputs[0].stop_reason,
-                                              logprobs=chat_logprobs(ctx, output.outputs[0]
-                                                                      .logprobs))
-                                              for index, output in enumerate(outputs)])
+        response = ChatCompletionResponse(
+            id=ctx.response_id, model=model, usage=usage_of(outputs, True, body.n),
+            choices=[chat_choice(ctx, index, output) for index, output in enumerate(outputs)])
         return Response(response.model_dump_json(), media_type="application/json",
                         headers=headers)
 
@@ -225,7 +223,7 @@ class OpenAIServing:
     def _check(self, body: CompletionRequest | ChatCompletionRequest) -> str:
         """The served model name to answer with; refuses unknown models and features."""
         model = self._served_model(body.model)
-        unsupported = unsupported_fields(body)
+        unsupported = unsupported_fields(body, self._tool_parser)
         if unsupported is not None:
             param, message = unsupported
             raise OpenAIError(400, message, param=param, code="unsupported_parameter")

@@ -128,6 +128,9 @@ class FakeEngine:
         """What `reset_prefix_cache` answers."""
         self.resets: list[bool] = []
         """`reset_tiers` of every reset asked for."""
+        self.reply: list[str] | None = None
+        """When set, output token n's text is reply[n] (not `t<n> `), and a request ends with
+        "stop" after the last (a model's scripted answer)."""
 
     def _touch(self) -> None:
         self.threads.add(threading.get_ident())
@@ -187,24 +190,29 @@ class FakeEngine:
             req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or now
             req.metrics.first_token_time = req.metrics.first_token_time or now
             req.tokens.append(len(req.tokens))
-            finished = len(req.tokens) >= req.params.max_tokens
+            stopped = self.reply is not None and len(req.tokens) >= len(self.reply)
+            finished = stopped or len(req.tokens) >= req.params.max_tokens
             if finished:
                 del self.requests[req.request_id]
                 req.metrics.finished_time = now
             self.stats.num_generation_tokens += 1
-            outputs.append(self._output(req, "length" if finished else None))
+            outputs.append(self._output(req, "stop" if stopped else "length" if finished
+                                        else None))
         return _Launched(outputs)
 
     def _output(self, req: _Req, reason: str | None) -> RequestOutput:
         new = req.tokens[req.num_sent:]
         req.num_sent = len(req.tokens)
-        text = "".join(f"t{t} " for t in req.tokens)
+        text = "".join(self._text(t) for t in req.tokens)
         if reason is not None:
             self.stats.num_finished[reason] = self.stats.num_finished.get(reason, 0) + 1
         return RequestOutput(req.request_id, None, req.prompt_ids,
                              [CompletionOutput(0, text, list(req.tokens), reason)],
                              finished=reason is not None, metrics=req.metrics,
-                             new_text="".join(f"t{t} " for t in new), new_token_ids=new)
+                             new_text="".join(self._text(t) for t in new), new_token_ids=new)
+
+    def _text(self, token: int) -> str:
+        return f"t{token} " if self.reply is None else self.reply[token]
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         self._touch()

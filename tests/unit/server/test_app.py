@@ -265,6 +265,58 @@ def test_template_extras_reach_the_template_or_are_refused(engine: AsyncEngine) 
     assert read_only.json()["usage"]["prompt_tokens"] == len("<tools>1<user>hi<assistant>")
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+CALLING_REPLY = ["Let me ", "check.", "\n<tool", "_call>", '\n{"name": "get_weather", ',
+                 '"arguments": {"city": ', '"Paris"}}\n', "</tool_call>", "\n<tool_call>",
+                 '{"name": "get_weather", "arguments": {"city": "Oslo"}}', "</tool_call>"]
+
+
+def test_auto_tool_choice_reads_the_answers_tool_calls() -> None:
+    """With --enable-auto-tool-choice --tool-call-parser hermes, as vLLM: the calls come out
+    as `tool_calls` (whole, one delta each when streamed), the text before them as content,
+    and the finish reason is "tool_calls"; without tools the answer stays text."""
+    fake = FakeEngine()
+    fake.reply = CALLING_REPLY
+    engine = start_async_engine(fake)
+    settings = ServerSettings(tool_call_parser="hermes")
+    body = {"messages": [{"role": "user", "content": "weather?"}], "tools": TOOLS,
+            "max_tokens": 20}
+    try:
+        whole = call(engine, "POST", "/v1/chat/completions", settings, json=body)
+        assert whole.status_code == 200, whole.text
+        choice = whole.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] == "Let me check.\n"
+        calls = choice["message"]["tool_calls"]
+        assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                for c in calls] == [("function", "get_weather", {"city": "Paris"}),
+                                    ("function", "get_weather", {"city": "Oslo"})]
+        streamed = call(engine, "POST", "/v1/chat/completions", settings,
+                        json={**body, "stream": True, "tool_choice": "auto"})
+        events = sse_events(streamed.text)
+        deltas = [e["choices"][0]["delta"] for e in events]
+        assert "".join(d.get("content") or "" for d in deltas) == "Let me check.\n"
+        streamed_calls = [c for d in deltas for c in d.get("tool_calls", [])]
+        assert [(c["index"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                for c in streamed_calls] == [(0, "get_weather", {"city": "Paris"}),
+                                             (1, "get_weather", {"city": "Oslo"})]
+        assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        assert not any("<tool" in (d.get("content") or "") for d in deltas)
+        plain = call(engine, "POST", "/v1/chat/completions", settings,
+                     json={**body, "tools": None})
+        assert plain.json()["choices"][0]["message"] == {
+            "role": "assistant", "content": "".join(CALLING_REPLY)}
+        assert plain.json()["choices"][0]["finish_reason"] == "stop"
+        for choice_value in ("required", {"type": "function", "function": {"name": "f"}}):
+            refused = call(engine, "POST", "/v1/chat/completions", settings,
+                           json={**body, "tool_choice": choice_value})
+            assert refused.status_code == 400
+            assert refused.json()["error"]["param"] == "tool_choice"
+            assert "guided decoding" in refused.json()["error"]["message"]
+    finally:
+        asyncio.run(engine.shutdown(drain=False))
+
+
 def test_tool_calls_and_tool_call_ids_reach_the_template(engine: AsyncEngine) -> None:
     # A conversation that called a tool: the assistant turn's tool_calls (content null) and
     # the tool turn's tool_call_id are what tool-aware templates (Qwen's, Llama 3.1's)
