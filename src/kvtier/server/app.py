@@ -57,6 +57,8 @@ class ServerSettings:
     tool_call_parser: str | None = None
     """Set (`--enable-auto-tool-choice --tool-call-parser`): chat answers to requests with
     tools have their tool calls read out."""
+    reasoning_parser: str | None = None
+    """Set (`--reasoning-parser`): chat answers' thinking comes out as `reasoning`."""
     allowed_origins: tuple[str, ...] = ("*",)
     """CORS, with vLLM's defaults: browser pages on these origins may call the API."""
     allowed_methods: tuple[str, ...] = ("*",)
@@ -90,7 +92,8 @@ def create_app(async_engine: AsyncEngine, settings: ServerSettings | None = None
     async_engine.add_listener(metrics.observe)
     serving = OpenAIServing(async_engine, names, on_tokenized=metrics.tokenize_time.observe,
                             chat_template=settings.chat_template,
-                            tool_parser=settings.tool_call_parser)
+                            tool_parser=settings.tool_call_parser,
+                            reasoning_parser=settings.reasoning_parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

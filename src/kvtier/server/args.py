@@ -9,6 +9,7 @@ import argparse
 import json
 
 from kvtier.config import ConfigError, parse_size
+from kvtier.server.reasoning import REASONING_PARSERS
 from kvtier.server.tool_calls import TOOL_CALL_PARSERS
 
 DEFAULT_MAX_WAITING_REQUESTS = 4096
@@ -32,6 +33,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                    help="the format the model writes tool calls in (hermes: Qwen2.5 and "
                         "Hermes models' <tool_call> blocks)")
+    g.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="split reasoning models' thinking (<think>...</think>) from chat "
+                        "answers into `reasoning` (deepseek_r1: DeepSeek-R1 and its distills; "
+                        "qwen3: also honours enable_thinking false)")
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: the "
                         "KVTIER_API_KEY environment variable, else no key)")

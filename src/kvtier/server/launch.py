@@ -156,6 +156,7 @@ def run_server(args: argparse.Namespace) -> int:
         max_request_body_bytes=args.max_request_body_bytes,
         chat_template=_chat_template(args.chat_template),
         tool_call_parser=_tool_call_parser(args),
+        reasoning_parser=args.reasoning_parser,
         allowed_origins=cors_list(args.allowed_origins),
         allowed_methods=cors_list(args.allowed_methods),
         allowed_headers=cors_list(args.allowed_headers),

@@ -167,6 +167,11 @@ class ChatMessage(_Request):
     tool_calls: list[ToolCall] | None = Field(None, description="assistant: the tool calls "
                                                                 "it made (history only).")
     tool_call_id: StrictStr | None = Field(None, description="tool: the call it answers.")
+    reasoning: StrictStr | None = Field(None, description="assistant: its thinking (history; "
+                                                          "templates read it as "
+                                                          "reasoning_content).")
+    reasoning_content: StrictStr | None = Field(None, description="The same, under its "
+                                                                  "former name.")
 
     def text(self) -> str:
         if self.content is None:
@@ -181,6 +186,7 @@ class ChatMessage(_Request):
         them, and without them a tool's answer follows a call the prompt never shows."""
         return {"role": self.role, "content": self.text(), "name": self.name,
                 "tool_call_id": self.tool_call_id,
+                "reasoning_content": self.reasoning_content or self.reasoning,
                 "tool_calls": None if self.tool_calls is None
                 else [call.for_template() for call in self.tool_calls]}
 
@@ -399,15 +405,18 @@ class ToolCallOut(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning: str | None = None
+    """The thinking a reasoning parser split off (vLLM's field)."""
+    reasoning_content: str | None = None
+    """The same, under vLLM's former name (DeepSeek's, which many clients read)."""
     tool_calls: list[ToolCallOut] | None = None
-    """Calls the tool-call parser read from the answer (left out when there are none)."""
+    """Calls the tool-call parser read from the answer."""
 
     @model_serializer(mode="wrap")
-    def _drop_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("tool_calls") is None:
-            data.pop("tool_calls", None)
-        return data
+    def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Left out when there are none; content stays, null where the calls replace it.
+        return {key: value for key, value in handler(self).items()
+                if value is not None or key == "content"}
 
 
 class DeltaToolCall(BaseModel):
@@ -442,6 +451,8 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")

@@ -38,6 +38,7 @@ from kvtier.server.protocol import (
     ToolCallOut,
     Usage,
 )
+from kvtier.server.reasoning import ReasoningStream, split_reasoning
 from kvtier.server.tool_calls import ParsedToolCall, ToolCallStream, parse_tool_calls
 from kvtier.types import RequestOutput, TokenLogprobs
 
@@ -66,6 +67,8 @@ class ResponseContext:
     """vLLM's continuous_usage_stats: every choice chunk carries its choice's usage so far."""
     tool_calls: bool = False
     """Chat: tool calls are read out of each answer (`kvtier.server.tool_calls`)."""
+    reasoning: bool = False
+    """Chat: each answer's thinking is split from its content (`kvtier.server.reasoning`)."""
 
 
 class SSEResponse(StreamingResponse):
@@ -113,18 +116,26 @@ def completion_choice(ctx: ResponseContext, index: int, output: RequestOutput,
 
 
 def chat_choice(ctx: ResponseContext, index: int, output: RequestOutput) -> ChatChoice:
-    """A finished chat choice; with tool calls read, its content is the text before the
-    first call, and a choice that calls tools finishes with "tool_calls" (as vLLM's)."""
+    """A finished chat choice; with reasoning split off, its content is the text after the
+    thinking; with tool calls read, the text before the first call, and a choice that calls
+    tools finishes with "tool_calls" (as vLLM's)."""
     completion = output.outputs[0]
-    message = ChatResponseMessage(content=completion.text)
+    content: str | None = completion.text
+    reasoning = None
+    if ctx.reasoning:
+        split = split_reasoning(completion.text)
+        reasoning, content = split.reasoning, split.content
+    message = ChatResponseMessage(content=content, reasoning=reasoning,
+                                  reasoning_content=reasoning)
     finish_reason = completion.finish_reason
-    if ctx.tool_calls:
-        answer = parse_tool_calls(completion.text)
+    if ctx.tool_calls and content is not None:
+        answer = parse_tool_calls(content)
         if answer.tool_calls:
-            message = ChatResponseMessage(content=answer.content, tool_calls=[
+            message.content = answer.content
+            message.tool_calls = [
                 ToolCallOut(id=call.id, function=FunctionCallOut(name=call.name,
                                                                  arguments=call.arguments))
-                for call in answer.tool_calls])
+                for call in answer.tool_calls]
             finish_reason = "tool_calls"
     return ChatChoice(index=index, message=message, finish_reason=finish_reason,
                       stop_reason=completion.stop_reason,
@@ -281,6 +292,7 @@ async def chat_events(streams: list[RequestStream], ctx: ResponseContext) -> Asy
     text_events: dict[int, TextEvents] = {}
     sent: dict[int, int] = {}  # per choice: tokens its chunks carried (continuous usage)
     readers: dict[int, ToolCallStream] = {}  # per choice, when tool calls are read
+    thinkers: dict[int, ReasoningStream] = {}  # per choice, when reasoning is split off
 
     def chunk(index: int, delta: DeltaMessage, finish: str | None = None,
               stop_reason: str | int | None = None,
@@ -316,6 +328,17 @@ async def chat_events(streams: list[RequestStream], ctx: ResponseContext) -> Asy
                 logprobs = (chat_logprobs(ctx, output.new_logprobs)
                             if output.new_logprobs else None)
                 text, calls, finish = output.new_text, [], completion.finish_reason
+                if ctx.reasoning:  # the thinking first, then the answer's text
+                    thinking = thinkers.setdefault(index, ReasoningStream())
+                    thought, text = thinking.feed(text)
+                    if output.finished:
+                        rest_thought, rest = thinking.finish()
+                        thought, text = thought + rest_thought, text + rest
+                    if thought:
+                        yield chunk(index, DeltaMessage(reasoning=thought,
+                                                        reasoning_content=thought),
+                                    logprobs=logprobs)
+                        logprobs = None
                 if ctx.tool_calls:
                     reader = readers.setdefault(index, ToolCallStream())
                     text, calls = reader.feed(text)

@@ -39,6 +39,7 @@ from kvtier.server.protocol import (
     TokenizeResponse,
     unsupported_fields,
 )
+from kvtier.server.reasoning import thinks
 from kvtier.server.responses import (
     ResponseContext,
     SSEResponse,
@@ -58,14 +59,16 @@ class OpenAIServing:
 
     def __init__(self, engine: AsyncEngine, served_model_names: tuple[str, ...],
                  on_tokenized: Callable[[float], None] | None = None,
-                 chat_template: str | None = None, tool_parser: str | None = None) -> None:
+                 chat_template: str | None = None, tool_parser: str | None = None,
+                 reasoning_parser: str | None = None) -> None:
         """`on_tokenized` gets each generation request's seconds from arrival at the handler
         to its prompt's token ids, once the request is in the engine: as vLLM's per-request
         histograms, it leaves out requests refused (a prompt too long, a bad parameter, the
         engine's refusal) after their tokenisation. `chat_template` replaces the model's;
         `tool_parser` (`--tool-call-parser`) reads tool calls out of answers to requests with
-        tools."""
+        tools; `reasoning_parser` (`--reasoning-parser`) splits thinking from answers."""
         self._tool_parser = tool_parser
+        self._reasoning_parser = reasoning_parser
         self.engine = engine
         self._on_tokenized = on_tokenized
         self.model_names = served_model_names
@@ -156,7 +159,8 @@ class OpenAIServing:
         # Tool calls are read out of the answer when the model may make them (vLLM's "auto").
         calls_tools = bool(body.tools) and body.tool_choice != "none" \
             and self._tool_parser is not None
-        ctx = dataclasses.replace(ctx, tool_calls=calls_tools)
+        ctx = dataclasses.replace(ctx, tool_calls=calls_tools, reasoning=thinks(
+            self._reasoning_parser, body.chat_template_kwargs))
         streams = await self._add_choices([(token_ids, params)], arrival, ctx, body.n)
         self._tokenized(tokenized - arrival)
         if body.stream:

@@ -317,6 +317,46 @@ def test_auto_tool_choice_reads_the_answers_tool_calls() -> None:
         asyncio.run(engine.shutdown(drain=False))
 
 
+THINKING_REPLY = ["<think>", "\nWeather needs", " a tool.\n</th", "ink>\n\n",
+                  "<tool_call>", '{"name": "get_weather", "arguments": {"city": "Oslo"}}',
+                  "</tool_call>"]
+
+
+def test_a_reasoning_parser_splits_the_thinking_from_the_answer() -> None:
+    """--reasoning-parser qwen3 with hermes tool calls, as vLLM serves Qwen3: the thinking
+    comes out as `reasoning` (and `reasoning_content`), whole and streamed, the calls after
+    it as tool_calls; `enable_thinking: false` leaves the answer unsplit."""
+    fake = FakeEngine()
+    fake.reply = THINKING_REPLY
+    engine = start_async_engine(fake)
+    settings = ServerSettings(tool_call_parser="hermes", reasoning_parser="qwen3")
+    body = {"messages": [{"role": "user", "content": "weather?"}], "tools": TOOLS,
+            "max_tokens": 20}
+    try:
+        message = call(engine, "POST", "/v1/chat/completions", settings,
+                       json=body).json()["choices"][0]["message"]
+        assert message["reasoning"] == message["reasoning_content"] == (
+            "\nWeather needs a tool.\n")
+        assert message["content"] == "\n\n"
+        assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"]
+        events = sse_events(call(engine, "POST", "/v1/chat/completions", settings,
+                                 json={**body, "stream": True}).text)
+        deltas = [e["choices"][0]["delta"] for e in events]
+        assert "".join(d.get("reasoning", "") for d in deltas) == "\nWeather needs a tool.\n"
+        assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
+        assert "".join(d.get("content") or "" for d in deltas) == "\n\n"
+        assert [c["function"]["name"] for d in deltas for c in d.get("tool_calls", [])] == [
+            "get_weather"]
+        assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        off = call(engine, "POST", "/v1/chat/completions", settings, json={
+            **body, "tools": None, "max_tokens": 8,
+            "chat_template_kwargs": {"enable_thinking": False}})
+        assert off.json()["choices"][0]["message"] == {
+            "role": "assistant", "content": "".join(THINKING_REPLY)}
+    finally:
+        asyncio.run(engine.shutdown(drain=False))
+
+
 def test_tool_calls_and_tool_call_ids_reach_the_template(engine: AsyncEngine) -> None:
     # A conversation that called a tool: the assistant turn's tool_calls (content null) and
     # the tool turn's tool_call_id are what tool-aware templates (Qwen's, Llama 3.1's)

@@ -11,6 +11,7 @@ from kvtier.engine.async_engine import EngineClosedError, QueueFullError, Reques
 from kvtier.server.errors import from_engine_error, validation_message
 from kvtier.server.protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     DeltaMessage,
     unsupported_fields,
@@ -113,3 +114,14 @@ def test_engine_errors_map_to_statuses() -> None:
     assert from_engine_error(RuntimeError("bug")).status == 500
     body = from_engine_error(InvalidRequestError("\ud800 lone surrogate")).response().body
     assert json.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+def test_an_assistant_turns_reasoning_reaches_the_template_as_reasoning_content() -> None:
+    """Qwen3's template renders earlier thinking from `reasoning_content`; clients send it
+    under vLLM's new name or the old one."""
+    for field in ("reasoning", "reasoning_content"):
+        message = ChatMessage.model_validate({"role": "assistant", "content": "4",
+                                              field: "2 + 2"})
+        assert message.for_template()["reasoning_content"] == "2 + 2"
+    assert ChatMessage.model_validate({"role": "user", "content": "hi"}).for_template()[
+        "reasoning_content"] is None
