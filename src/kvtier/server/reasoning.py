@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kvtier.server.tags import partial_tag_length
+
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 START_TAG, END_TAG = "<think>", "</think>"
 
@@ -69,7 +71,7 @@ class ReasoningStream:
             reasoning, content = self._pending[:end], self._pending[end + len(END_TAG):]
             self._pending, self._thinking = "", False
             return reasoning, content
-        keep = _partial_end_length(self._pending)
+        keep = partial_tag_length(self._pending, END_TAG)
         reasoning = self._pending[:len(self._pending) - keep]
         self._pending = self._pending[len(self._pending) - keep:]
         return reasoning, ""
@@ -81,10 +83,3 @@ class ReasoningStream:
             pending = pending.removeprefix(START_TAG)
         return (pending, "") if self._thinking else ("", pending)
 
-
-def _partial_end_length(text: str) -> int:
-    """Length of the longest end of `text` that begins an end tag."""
-    for length in range(min(len(text), len(END_TAG) - 1), 0, -1):
-        if END_TAG.startswith(text[-length:]):
-            return length
-    return 0

@@ -18,6 +18,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from kvtier.server.tags import partial_tag_length
+
 TOOL_CALL_PARSERS = ("hermes",)
 START_TAG, END_TAG = "<tool_call>", "</tool_call>"
 
@@ -100,7 +102,7 @@ class ToolCallStream:
             if not self._in_call:
                 start = self._pending.find(START_TAG)
                 if start < 0:
-                    keep = _partial_tag_length(self._pending)
+                    keep = partial_tag_length(self._pending, START_TAG)
                     if self.num_calls == 0:  # text between or after calls is not content
                         content += self._pending[:len(self._pending) - keep]
                     self._pending = self._pending[len(self._pending) - keep:]
@@ -138,11 +140,3 @@ class ToolCallStream:
         self._pending = ""
         return text
 
-
-def _partial_tag_length(text: str) -> int:
-    """Length of the longest end of `text` that begins a start tag (held back: the next delta
-    may complete the tag)."""
-    for length in range(min(len(text), len(START_TAG) - 1), 0, -1):
-        if START_TAG.startswith(text[-length:]):
-            return length
-    return 0
