@@ -30,6 +30,9 @@ class Request:
     max_model_len: int = 1 << 30
     arrival_time: float = field(default_factory=time.monotonic)
     prompt: str | None = None
+    hash_root: BlockHash | None = None
+    """Parent of the request's first block hash: None = the engine's; salted by vLLM's
+    `cache_salt`, so only requests with the same salt share cached KV (device and tiers)."""
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

@@ -318,8 +318,10 @@ class AsyncEngine:
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams,
                           request_id: str | None = None,
-                          arrival_time: float | None = None) -> RequestStream:
-        """Queue a request and return its stream once the engine accepted it.
+                          arrival_time: float | None = None,
+                          cache_salt: str | None = None) -> RequestStream:
+        """Queue a request and return its stream once the engine accepted it. `cache_salt`
+        (vLLM's): only requests with the same salt share its cached KV.
 
         Raises InvalidRequestError (bad prompt or parameters), QueueFullError, EngineClosedError.
         """
@@ -340,7 +342,8 @@ class AsyncEngine:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
             self._num_pending_adds += 1
             self._pending[request_id] = (sink, accepted)
-        self._send(AddRequest(request_id, prompt, params, arrival_time or time.monotonic()))
+        self._send(AddRequest(request_id, prompt, params, arrival_time or time.monotonic(),
+                              cache_salt=cache_salt))
         try:
             await accepted
         except asyncio.CancelledError:

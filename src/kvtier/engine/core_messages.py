@@ -37,6 +37,7 @@ class AddRequest:
     arrival_time: float
     received_time: float | None = None
     """Stamped by the core's inbox when it takes the command (its metrics' queued time)."""
+    cache_salt: str | None = None
 
 
 @dataclass

@@ -23,7 +23,7 @@ from kvtier.attention import create_backend
 from kvtier.config import ConfigError, EngineConfig
 from kvtier.engine.output_processor import OutputProcessor
 from kvtier.engine.stats import EngineStats
-from kvtier.kv import BlockPool, KVCacheManager, root_block_hash
+from kvtier.kv import BlockPool, KVCacheManager, root_block_hash, salted_root_hash
 from kvtier.model.builder import build_model
 from kvtier.model.generation_config import load_sampling_defaults
 from kvtier.model.loader import ModelSource, resolve_model
@@ -338,9 +338,10 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None,
-                    queued_time: float | None = None) -> str:
+                    queued_time: float | None = None, cache_salt: str | None = None) -> str:
         """Validate and queue a request; returns its id. Raises InvalidRequestError.
-        `queued_time`: when the engine core received it (default: now)."""
+        `queued_time`: when the engine core received it (default: now). `cache_salt`
+        (vLLM's): only requests with the same salt share this one's cached KV."""
         if self._shut_down:
             raise RuntimeError("the engine has been shut down: start a new one")
         params = params or SamplingParams()
@@ -350,12 +351,17 @@ class LLMEngine:
                 params.bad_words_token_ids + bad_words_token_ids(self.tokenizer,
                                                                  params.bad_words)))
         self._validate(token_ids, params)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidRequestError(f"cache_salt must be a non-empty string, got "
+                                      f"{cache_salt!r}")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if self.scheduler.request_id_in_use(request_id):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids,
                           max_model_len=self.max_model_len,
-                          prompt=prompt if isinstance(prompt, str) else None)
+                          prompt=prompt if isinstance(prompt, str) else None,
+                          hash_root=None if cache_salt is None
+                          else salted_root_hash(self.kv_manager.root_hash, cache_salt))
         if arrival_time is not None:
             request.arrival_time = request.metrics.arrival_time = arrival_time
         request.metrics.queued_time = time.monotonic() if queued_time is None else queued_time

@@ -281,7 +281,8 @@ class EngineCore:
     def _add(self, update: CoreUpdate, command: AddRequest) -> None:
         try:
             self.engine.add_request(command.prompt, command.params, command.request_id,
-                                    command.arrival_time, command.received_time)
+                                    command.arrival_time, command.received_time,
+                                    cache_salt=command.cache_salt)
         except Exception as exc:  # InvalidRequestError and anything unexpected: to the caller
             update.accepted.append(Accepted(command.request_id, self._portable(exc)))
             return

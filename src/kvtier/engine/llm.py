@@ -65,8 +65,8 @@ class LLM:
                                  else self.get_default_sampling_params(), len(prompt_list))
         request_ids: list[str] = []
         try:
-            for prompt, p in zip(prompt_list, params, strict=True):
-                request_ids.append(self.engine.add_request(prompt, p))
+            for (prompt, salt), p in zip(prompt_list, params, strict=True):
+                request_ids.append(self.engine.add_request(prompt, p, cache_salt=salt))
             return self._run(request_ids)
         except BaseException:
             for request_id in request_ids:  # a finished one is not found: nothing to abort
@@ -125,26 +125,29 @@ class LLM:
         return [finished[r] for r in request_ids]
 
 
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[str | list[int]]:
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[tuple[Any, str | None]]:
+    """(prompt, cache salt) of each prompt."""
     if isinstance(prompts, (str, Mapping)):  # one prompt (a dict is not a list of its keys)
         return [_prompt_of(prompts)]
     if isinstance(prompts, (list, tuple)) and prompts and all(
             isinstance(t, int) for t in prompts):
-        return [list(prompts)]  # type: ignore[arg-type]
+        return [(list(prompts), None)]  # type: ignore[arg-type]
     return [_prompt_of(p) for p in prompts]  # type: ignore[union-attr]
 
 
-def _prompt_of(prompt: Prompt) -> Any:
-    """vLLM's TextPrompt and TokensPrompt dicts as the text or ids they hold; anything else
-    as given (the engine checks it)."""
+def _prompt_of(prompt: Prompt) -> tuple[Any, str | None]:
+    """vLLM's TextPrompt and TokensPrompt dicts as the text or ids they hold, with their
+    `cache_salt`; anything else as given (the engine checks it)."""
     if not isinstance(prompt, Mapping):
-        return prompt
-    if set(prompt) == {"prompt"}:
-        return prompt["prompt"]
-    if set(prompt) == {"prompt_token_ids"}:
-        return prompt["prompt_token_ids"]
+        return prompt, None
+    keys = set(prompt) - {"cache_salt"}
+    if keys == {"prompt"}:
+        return prompt["prompt"], prompt.get("cache_salt")
+    if keys == {"prompt_token_ids"}:
+        return prompt["prompt_token_ids"], prompt.get("cache_salt")
     raise InvalidRequestError(f"a prompt dict must hold only 'prompt' (text) or only "
-                              f"'prompt_token_ids', got the keys {sorted(map(str, prompt))}")
+                              f"'prompt_token_ids' (and optionally 'cache_salt'), got the "
+                              f"keys {sorted(map(str, prompt))}")
 
 
 def _text_message(message: Message) -> Message:

@@ -26,6 +26,13 @@ def root_block_hash(*identity: str) -> BlockHash:
                                      digest_size=_DIGEST_BYTES).digest())
 
 
+def salted_root_hash(root: BlockHash, salt: str) -> BlockHash:
+    """The root of a request with vLLM's `cache_salt`: its blocks' hashes differ from every
+    other salt's (and from unsalted ones), so only requests with the same salt share KV."""
+    return BlockHash(hashlib.blake2b(root + b"\x1fcache_salt\x1f" + salt.encode(),
+                                     digest_size=_DIGEST_BYTES).digest())
+
+
 def hash_block_tokens(parent: BlockHash, token_ids: Sequence[int],
                       extra_keys: bytes = b"") -> BlockHash:
     """Hash of one full block given its parent's hash, its token ids and optional extra keys."""

@@ -37,8 +37,8 @@ class KVCacheManager:
 
     def block_hashes(self, request: Request) -> list[BlockHash]:
         """Hashes of every full block of the request's tokens (memoised on the request)."""
-        return hash_request_blocks(self.root_hash, request.all_token_ids, self.block_size,
-                                   request.block_hashes)
+        return hash_request_blocks(request.hash_root or self.root_hash, request.all_token_ids,
+                                   self.block_size, request.block_hashes)
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Cached blocks covering the longest prefix of the request, and how many tokens that is.

@@ -52,6 +52,10 @@ class _SamplingFields(_Request):
 
     model: str | None = Field(None, description="A name from /v1/models; omitted or empty: "
                                                 "the first.")
+    cache_salt: StrictStr | None = Field(None, min_length=1, description=(
+        "vLLM's: only requests with the same salt share this one's cached KV (on the device "
+        "and in the tiers); for tenants who must not learn, by timing, what others sent. "
+        "Long and random (e.g. 256 bits in base64)."))
     temperature: float | None = Field(None, ge=0, description="0 = greedy; default 1.")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="-1 or 0 = all tokens.")

@@ -122,7 +122,7 @@ class OpenAIServing:
         ctx = dataclasses.replace(ctx, echo=echo, echo_only=echo_only, prompt_logprobs=(
             self._token_strings if body.prompt_logprobs is not None else None))
         streams = await self._add_choices(list(zip(token_ids, params, strict=True)), arrival,
-                                          ctx, body.n)
+                                          ctx, body.n, body.cache_salt)
         self._tokenized(tokenized - arrival)
         if body.stream:
             return SSEResponse(completion_events(streams, ctx), media_type="text/event-stream",
@@ -161,7 +161,8 @@ class OpenAIServing:
             and self._tool_parser is not None
         ctx = dataclasses.replace(ctx, tool_calls=calls_tools, reasoning=thinks(
             self._reasoning_parser, body.chat_template_kwargs))
-        streams = await self._add_choices([(token_ids, params)], arrival, ctx, body.n)
+        streams = await self._add_choices([(token_ids, params)], arrival, ctx, body.n,
+                                          body.cache_salt)
         self._tokenized(tokenized - arrival)
         if body.stream:
             return SSEResponse(chat_events(streams, ctx), media_type="text/event-stream",
@@ -340,7 +341,8 @@ class OpenAIServing:
                               else None) from exc
 
     async def _add_choices(self, prompts: list[tuple[list[int], SamplingParams]],
-                           arrival: float, ctx: ResponseContext, n: int) -> list[RequestStream]:
+                           arrival: float, ctx: ResponseContext, n: int,
+                           cache_salt: str | None = None) -> list[RequestStream]:
         """One engine request per choice, `n` per prompt (as vLLM's parallel sampling), in
         choice order (prompt-major). A prompt's choices share it, so the prefix cache
         computes it once; choice i of a prompt samples with seed + i, if a seed is given, so
@@ -357,7 +359,7 @@ class OpenAIServing:
                               param="n" if len(prompts) == 1 else "prompt")
         # Added together: the engine core takes them in one turn (one at a time, each
         # would wait for a step, n=128 for seconds).
-        added = await asyncio.gather(*(self._add(token_ids, choice, arrival, ctx)
+        added = await asyncio.gather(*(self._add(token_ids, choice, arrival, ctx, cache_salt)
                                        for token_ids, choice in choices),
                                      return_exceptions=True)
         streams = [a for a in added if isinstance(a, RequestStream)]
@@ -369,10 +371,11 @@ class OpenAIServing:
         return streams
 
     async def _add(self, token_ids: list[int], params: SamplingParams, arrival: float,
-                   ctx: ResponseContext) -> RequestStream:
+                   ctx: ResponseContext, cache_salt: str | None) -> RequestStream:
         engine_id = f"{ctx.response_id}-{uuid.uuid4().hex[:8]}"
         try:
-            return await self.engine.add_request(token_ids, params, engine_id, arrival)
+            return await self.engine.add_request(token_ids, params, engine_id, arrival,
+                                                 cache_salt=cache_salt)
         except Exception as exc:
             raise from_engine_error(exc) from exc
 

@@ -109,3 +109,19 @@ def test_generate_without_params_samples_as_the_generation_config_says(tmp_path:
 def test_a_bad_generation_config_fails_the_engines_start(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="the folder has no generation_config.json"):
         LLM(MODEL, generation_config=str(tmp_path))
+
+
+def test_a_cache_salt_shares_cached_kv_only_with_the_same_salt(llm: LLM) -> None:
+    """vLLM's `cache_salt`: a salted prompt takes no prefix-cache hit from unsalted or
+    other-salt runs of the same tokens, and hits its own salt's; the tokens never change."""
+    prompt = list(range(200, 260))  # 3 full blocks of 16 and then some
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    llm.reset_prefix_cache()
+    runs = [llm.generate({"prompt_token_ids": prompt, **salt}, params)[0] for salt in (
+        {}, {}, {"cache_salt": "tenant-a"}, {"cache_salt": "tenant-a"},
+        {"cache_salt": "tenant-b"})]
+    assert [r.num_cached_tokens for r in runs] == [0, 48, 0, 48, 0]
+    assert len({tuple(r.outputs[0].token_ids) for r in runs}) == 1
+    for bad in ("", 7):
+        with pytest.raises(InvalidRequestError, match="cache_salt must be a non-empty string"):
+            llm.generate({"prompt_token_ids": prompt, "cache_salt": bad}, params)

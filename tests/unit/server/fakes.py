@@ -128,6 +128,8 @@ class FakeEngine:
         """What `reset_prefix_cache` answers."""
         self.resets: list[bool] = []
         """`reset_tiers` of every reset asked for."""
+        self.cache_salts: list[str | None] = []
+        """`cache_salt` of every request added."""
         self.reply: list[str] | None = None
         """When set, output token n's text is reply[n] (not `t<n> `), and a request ends with
         "stop" after the last (a model's scripted answer)."""
@@ -143,8 +145,9 @@ class FakeEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams,
                     request_id: str | None = None, arrival_time: float | None = None,
-                    queued_time: float | None = None) -> str:
+                    queued_time: float | None = None, cache_salt: str | None = None) -> str:
         self._touch()
+        self.cache_salts.append(cache_salt)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidRequestError("prompt is empty")

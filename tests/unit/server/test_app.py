@@ -557,6 +557,29 @@ def test_unset_sampling_fields_take_the_models_generation_config() -> None:
         asyncio.run(engine.shutdown(drain=False))
 
 
+def test_a_cache_salt_reaches_the_engine_with_every_choice() -> None:
+    fake = FakeEngine()
+    engine = start_async_engine(fake)
+    chat = {"messages": [{"role": "user", "content": "ab"}]}
+    try:
+        for path, body in (("/v1/completions", {"prompt": ["ab", "cd"]}),
+                           ("/v1/chat/completions", chat)):
+            done = call(engine, "POST", path, json={**body, "max_tokens": 1, "n": 2,
+                                                    "cache_salt": "s3cret"})
+            assert done.status_code == 200, done.text
+        assert fake.cache_salts == ["s3cret"] * 6
+        assert call(engine, "POST", "/v1/completions",
+                    json={"prompt": "ab", "max_tokens": 1}).status_code == 200
+        assert fake.cache_salts[-1] is None
+        for bad in ("", 5):
+            refused = call(engine, "POST", "/v1/completions",
+                           json={"prompt": "ab", "cache_salt": bad})
+            assert refused.status_code == 400
+            assert refused.json()["error"]["param"] == "cache_salt"
+    finally:
+        asyncio.run(engine.shutdown(drain=False))
+
+
 def test_n_choices_are_engine_requests_sharing_the_prompt() -> None:
     engine, _, received = recording_engine()
     try:

@@ -329,3 +329,19 @@ def test_every_front_end_gets_the_engines_sampling_defaults() -> None:
     asyncio.run(shut_down())
     process.join(30)
     assert process.exitcode == 0
+
+
+def test_a_cache_salt_crosses_the_pipe(engine: AsyncEngine) -> None:
+    """The engine process salts the request's block hashes: a second run with the same salt
+    hits the cache, one with another salt does not."""
+    prompt = list(range(300, 340))  # two full blocks of 16 and then some
+
+    async def run(salt: str) -> RequestOutput:
+        stream = await engine.add_request(prompt, GREEDY, cache_salt=salt)
+        outputs = [out async for out in stream]
+        return outputs[-1]
+
+    async def three() -> list[int]:
+        return [(await run(salt)).num_cached_tokens for salt in ("x", "x", "y")]
+
+    assert asyncio.run(three()) == [0, 32, 0]
