@@ -76,9 +76,12 @@ class LLM:
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              *, add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template: str | None = None) -> list[RequestOutput]:
+             chat_template: str | None = None,
+             chat_template_kwargs: Mapping[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
         """Apply the model's chat template (or `chat_template`, a Jinja template) to one
-        conversation or a list of them; with `continue_final_message` (and
+        conversation or a list of them, with `tools` and `chat_template_kwargs` (e.g.
+        `enable_thinking`) passed to it; with `continue_final_message` (and
         `add_generation_prompt` false) the model continues each conversation's final
         message, as in vLLM's `LLM.chat`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -87,7 +90,8 @@ class LLM:
         prompts = [tokenizer.apply_chat_template(
             [_text_message(m) for m in conv],  # type: ignore[union-attr]
             add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message) for conv in conversations]
+            continue_final_message=continue_final_message, tools=tools,
+            template_kwargs=chat_template_kwargs) for conv in conversations]
         # The template already holds any BOS token: encode without adding special tokens.
         token_ids = [self.engine.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(token_ids, sampling_params)

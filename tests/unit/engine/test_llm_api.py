@@ -125,3 +125,15 @@ def test_a_cache_salt_shares_cached_kv_only_with_the_same_salt(llm: LLM) -> None
     for bad in ("", 7):
         with pytest.raises(InvalidRequestError, match="cache_salt must be a non-empty string"):
             llm.generate({"prompt_token_ids": prompt, "cache_salt": bad}, params)
+
+
+def test_chat_passes_tools_and_template_kwargs_to_the_template(llm: LLM) -> None:
+    template = ("{% if tools %}[{{ tools | length }} tools]{% endif %}"
+                "{% if enable_thinking is false %}[no thinking]{% endif %}"
+                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    out = llm.chat([{"role": "user", "content": "hi"}], params, chat_template=template,
+                   tools=tools, chat_template_kwargs={"enable_thinking": False})[0]
+    assert out.prompt_token_ids == llm.get_tokenizer().encode(
+        "[1 tools][no thinking]hi", add_special_tokens=False)
