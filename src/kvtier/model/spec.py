@@ -211,8 +211,8 @@ class ModelSpec:
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
         per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
-        if self.attention_bias:
-            per_layer += q + 2 * kv
+        if self.attention_bias:  # Llama's covers o_proj too (`expected_weight_shapes`)
+            per_layer += q + 2 * kv + (h if self.model_type != "qwen2" else 0)
         embed = v * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + embed + h
 

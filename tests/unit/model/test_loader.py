@@ -109,6 +109,15 @@ def test_random_architectures_have_the_real_models_shapes(name: str) -> None:
     assert ("lm_head.weight" in shapes) == (not spec.tie_word_embeddings)
 
 
+def test_the_parameter_count_is_the_checkpoints_with_attention_biases() -> None:
+    """A Llama with attention_bias has an o_proj bias too (before, num_parameters left it
+    out and disagreed with the weights the checkpoint must hold)."""
+    spec = ModelSpec.from_hf_config({**TINY_CONFIG, "attention_bias": True})
+    shapes = expected_weight_shapes(spec)
+    assert "model.layers.0.self_attn.o_proj.bias" in shapes
+    assert spec.num_parameters == sum(math.prod(s) for s in shapes.values())
+
+
 def test_qwen25_15b_config_is_the_real_one() -> None:
     """random:qwen2.5-1.5b carries Qwen2.5-1.5B-Instruct's config.json values exactly."""
     real = json.loads(QWEN_REFERENCE_CONFIG.read_text())
