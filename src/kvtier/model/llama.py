@@ -1,4 +1,5 @@
-"""One decoder for the Llama family (Llama 2/3, SmolLM2, Mistral) and Qwen2 (q/k/v bias).
+"""One decoder for the Llama family (Llama 2/3, SmolLM2, Mistral), Qwen2 (q/k/v bias) and
+Qwen3 (per-head q/k norms).
 
 Runs a flattened batch: `input_ids` and `positions` are (num_tokens,), every sequence's tokens
 concatenated; attention goes through the backend given at construction, which reads and writes
@@ -42,9 +43,12 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.qkv_proj = Linear(spec.hidden_size, self.q_size + 2 * self.kv_size,
                                bias=spec.attention_bias)
-        # Llama's attention_bias covers o_proj too; Qwen2 biases q/k/v only.
+        # Llama's and Qwen3's attention_bias cover o_proj too; Qwen2 biases q/k/v only.
         self.o_proj = Linear(self.q_size, spec.hidden_size,
                              bias=spec.attention_bias and spec.model_type != "qwen2")
+        # Qwen3: an RMSNorm over each query and key head, between projection and rotary.
+        self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.backend = backend
 
     def project(self, hidden: torch.Tensor, rotary: RotaryInputs,
@@ -58,12 +62,19 @@ class Attention(nn.Module):
 
     def split_and_rotate(self, qkv: torch.Tensor, rotary: RotaryInputs,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The fused projection's q, k, v as head views, q and k rotated (together: they
-        are adjacent in each row)."""
+        """The fused projection's q, k, v as head views, q and k normalised (with q/k norms)
+        and rotated (together: they are adjacent in each row)."""
         qk = qkv[:, :self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
                                                       self.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            qk = torch.cat((_norm_heads(self.q_norm, qk[:, :self.num_heads]),
+                            _norm_heads(self.k_norm, qk[:, self.num_heads:])), dim=1)
         return (*apply_rotary_qk(qk, self.num_heads, rotary), v)
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return self.q_norm is not None
 
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused projection's q (T, H, D), k and v (T, KVH, D), as views."""
@@ -85,6 +96,12 @@ class Attention(nn.Module):
                 metadata: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.project(hidden, rotary)
         return self.output(self.attend(q, k, v, kv_cache, metadata))
+
+
+def _norm_heads(norm: RMSNorm, heads: torch.Tensor) -> torch.Tensor:
+    """norm over each head of heads (T, H, D). As rows (T * H, D): the fused CUDA kernel
+    takes 2-D input only."""
+    return norm(heads.reshape(-1, heads.shape[-1]))[0].view(heads.shape)
 
 
 FUSIONS = ("qkv", "o", "gate_up", "down", "kv_write")
@@ -198,6 +215,10 @@ class DecoderLayer(nn.Module):
     def _small_linear_plan(self, projection: str, x: torch.Tensor,
                            weight: torch.Tensor) -> tuple[ModuleType, Any] | None:
         if self.batch_invariant or projection not in self.small_batch_fusions:
+            return None
+        # The fused qkv kernel rotates (and may store K/V) straight after the projection,
+        # with no room for q/k norms in between: such models project through nn.Linear.
+        if projection == "qkv" and self.self_attn.has_qk_norm:
             return None
         return small_linear_plan(x, weight)
 

@@ -1,4 +1,5 @@
-"""The shape of a decoder model (Llama family, with the switches Qwen2 needs), read from HF config.
+"""The shape of a decoder model (Llama family, with the switches Qwen2 and Qwen3 need), read from
+HF config.
 
 `ModelSpec` is what the model, the runner (KV layout) and the KV-size arithmetic need; it is built
 from a Hugging Face `config.json` dict and can be written back as one (so a converted or random
@@ -11,8 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM")
 _ARCHITECTURE_ALIASES = ("LLaMAForCausalLM",)
 """Early HF Llama conversions' spelling, which vLLM's registry accepts too."""
 _CONFIG_DTYPES = ("float16", "bfloat16", "float32", "float64", "auto")
@@ -27,7 +29,7 @@ class ModelLoadError(ValueError):
 @dataclass(frozen=True)
 class ModelSpec:
     model_type: str
-    """HF model_type: llama, qwen2 or mistral."""
+    """HF model_type: llama, qwen2, qwen3 or mistral."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -40,7 +42,7 @@ class ModelSpec:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
-    """q/k/v projections carry a bias (Qwen2)."""
+    """q/k/v projections carry a bias (Qwen2); o_proj too, except in Qwen2."""
     rope_scaling: dict[str, Any] | None = None
     """Llama-3 style frequency scaling ({"rope_type": "llama3", ...}) or None."""
     bos_token_id: int | None = None
@@ -115,11 +117,12 @@ class ModelSpec:
             rope_scaling = None
         if rope_scaling is not None:
             _check_rope_scaling(rope_scaling)
-        # As transformers' modeling code: only Llama reads attention_bias and mlp_bias; Qwen2's
-        # q/k/v always carry a bias and Mistral's projections never do, whatever config says.
-        if model_type == "llama":
+        # As transformers' modeling code: Llama and Qwen3 read attention_bias (only Llama
+        # mlp_bias); Qwen2's q/k/v always carry a bias and Mistral's projections never do,
+        # whatever config says.
+        if model_type in ("llama", "qwen3"):
             attention_bias = _bool(config, "attention_bias", False)
-            if _bool(config, "mlp_bias", False):
+            if model_type == "llama" and _bool(config, "mlp_bias", False):
                 raise ModelLoadError("mlp_bias true is not supported (the MLP projections "
                                      "here have no bias)")
         else:
@@ -147,6 +150,7 @@ class ModelSpec:
 
     def to_hf_config(self) -> dict[str, Any]:
         architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                        "qwen3": "Qwen3ForCausalLM",
                         "mistral": "MistralForCausalLM"}[self.model_type]
         config: dict[str, Any] = dict(self.extra)
         config.update({
@@ -176,15 +180,22 @@ class ModelSpec:
         return config
 
     @property
+    def qk_norm(self) -> bool:
+        """Attention normalises each query and key head (RMSNorm over head_dim, before
+        rotary): Qwen3's q_norm and k_norm."""
+        return self.model_type == "qwen3"
+
+    @property
     def sliding_window(self) -> int | None:
         """The attention window config.json declares, if any layer uses one: Mistral's
-        `sliding_window`, Qwen2's when `use_sliding_window` is on (Qwen2.5's is off)."""
+        `sliding_window`, Qwen2's or Qwen3's when `use_sliding_window` is on (Qwen2.5's and
+        Qwen3's are off)."""
         window = self.extra.get("sliding_window")
         if not (_is_int(window) and window > 0):
             return None
         if self.model_type == "mistral":
             return int(window)
-        if self.model_type == "qwen2" and self.extra.get("use_sliding_window"):
+        if self.model_type in ("qwen2", "qwen3") and self.extra.get("use_sliding_window"):
             layer_types = self.extra.get("layer_types")  # transformers 5 writes them out
             if isinstance(layer_types, list):
                 return int(window) if "sliding_attention" in layer_types else None
@@ -211,8 +222,10 @@ class ModelSpec:
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
         per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
-        if self.attention_bias:  # Llama's covers o_proj too (`expected_weight_shapes`)
+        if self.attention_bias:  # all but Qwen2's cover o_proj too (`expected_weight_shapes`)
             per_layer += q + 2 * kv + (h if self.model_type != "qwen2" else 0)
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
         embed = v * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + embed + h
 
@@ -233,8 +246,10 @@ def expected_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         if spec.attention_bias:
             layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
                           "self_attn.v_proj.bias": (kv,)})
-            if spec.model_type != "qwen2":  # Llama's attention_bias covers o_proj too
+            if spec.model_type != "qwen2":  # Llama's and Qwen3's cover o_proj too
                 layer["self_attn.o_proj.bias"] = (h,)
+        if spec.qk_norm:
+            layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
         shapes.update({p + k: s for k, s in layer.items()})
     shapes["model.norm.weight"] = (h,)
     if not spec.tie_word_embeddings:

@@ -63,13 +63,15 @@ def qwen_tokenizer(qwen_dir: Path) -> Tokenizer:
     return Tokenizer.from_dir(qwen_dir)
 
 
-def write_tiny_model_dir(directory: Path, tokenizer_dir: Path, num_shards: int = 1) -> Path:
-    """An HF directory with random:tiny-llama weights (optionally sharded) and SmolLM2's
-    tokenizer files, for loader tests that need a real checkpoint to break."""
+def write_tiny_model_dir(directory: Path, tokenizer_dir: Path, num_shards: int = 1,
+                         architecture: str = "tiny-llama") -> Path:
+    """An HF directory with random:<architecture> weights (optionally sharded) and the
+    tokenizer files of tokenizer_dir (SmolLM2's for tiny-llama), for loader tests that need a
+    real checkpoint to break."""
     directory.mkdir(parents=True, exist_ok=True)
-    source = resolve_model("random:tiny-llama", seed=3)
+    source = resolve_model(f"random:{architecture}", seed=3)
     weights = dict(source.iter_weights(torch.device("cpu"), torch.float32))
-    config = get_architecture("tiny-llama").spec.to_hf_config()
+    config = get_architecture(architecture).spec.to_hf_config()
     (directory / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, directory / name)

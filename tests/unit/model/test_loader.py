@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kvtier.attention.torch_ref import TorchAttentionBackend
 from kvtier.model.architectures import ARCHITECTURES
+from kvtier.model.llama import LlamaForCausalLM
 from kvtier.model.loader import cache_dir, expected_weight_shapes, resolve_model
 from kvtier.model.spec import ModelLoadError, ModelSpec
 from tests.unit.model.conftest import write_tiny_model_dir
@@ -23,7 +25,8 @@ QWEN_REFERENCE_CONFIG = Path(__file__).parents[2] / "data" / "qwen2.5-1.5b-confi
 """Qwen2.5-1.5B-Instruct's config.json as published (copied from shared/peer-vllm/tools)."""
 REAL_PARAMETER_COUNTS = {
     "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
-    "smollm2-135m": 134_515_008, "llama-3.1-8b": 8_030_261_248}
+    "smollm2-135m": 134_515_008, "llama-3.1-8b": 8_030_261_248,
+    "qwen3-0.6b": 596_049_920}  # transformers' Qwen3ForCausalLM of its config counts this
 
 
 @pytest.fixture()
@@ -118,6 +121,34 @@ def test_the_parameter_count_is_the_checkpoints_with_attention_biases() -> None:
     assert spec.num_parameters == sum(math.prod(s) for s in shapes.values())
 
 
+def test_qwen3_has_per_head_q_and_k_norms_and_its_own_head_dim() -> None:
+    """random:qwen3-0.6b is Qwen3-0.6B's shape: 16 heads of 128 in a 1,024-wide model, one
+    q_norm and one k_norm of head_dim per layer, no biases, tied logits, 40,960 positions.
+    Only the Qwen3 shapes have q/k norms."""
+    spec = ARCHITECTURES["qwen3-0.6b"].spec
+    assert spec.qk_norm and spec.head_dim == 128 != spec.hidden_size // spec.num_attention_heads
+    shapes = expected_weight_shapes(spec)
+    for layer in (0, 27):
+        for norm in ("q_norm", "k_norm"):
+            assert shapes[f"model.layers.{layer}.self_attn.{norm}.weight"] == (128,)
+    assert not any(name.endswith(".bias") for name in shapes)
+    assert spec.tie_word_embeddings and spec.max_context_len == 40960
+    assert spec.eos_token_ids == (151645,) and spec.rms_norm_eps == 1e-6
+    assert {name for name, arch in ARCHITECTURES.items() if arch.spec.qk_norm} == {
+        "qwen3-0.6b", "tiny-qwen3"}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_a_spec_round_trips_through_its_hf_config(name: str) -> None:
+    """to_hf_config writes what from_hf_config reads back: the same spec, q/k norms (Qwen3's,
+    named by its architecture and model_type) and other keys included."""
+    spec = ARCHITECTURES[name].spec
+    config = spec.to_hf_config()
+    again = ModelSpec.from_hf_config(config)
+    assert again == spec and again.extra == spec.extra and again.qk_norm == spec.qk_norm
+    assert (config["architectures"] == ["Qwen3ForCausalLM"]) == spec.qk_norm
+
+
 def test_qwen25_15b_config_is_the_real_one() -> None:
     """random:qwen2.5-1.5b carries Qwen2.5-1.5B-Instruct's config.json values exactly."""
     real = json.loads(QWEN_REFERENCE_CONFIG.read_text())
@@ -152,6 +183,26 @@ def test_random_weights_are_seeded_per_tensor_and_initialised_like_hf() -> None:
         "random:tiny-llama", seed=7).model_id
     half = dict(source.iter_weights(CPU, torch.float16))
     assert torch.equal(half["lm_head.weight"], first["lm_head.weight"].half())
+    qwen3 = dict(resolve_model("random:tiny-qwen3", seed=7).iter_weights(CPU, torch.float32))
+    assert torch.equal(qwen3["model.layers.1.self_attn.q_norm.weight"], torch.ones(32))
+    assert torch.equal(qwen3["model.layers.1.self_attn.k_norm.weight"], torch.ones(32))
+
+
+def test_a_qwen3_checkpoint_without_a_q_norm_weight_is_refused(tmp_path: Path,
+                                                                qwen_dir: Path) -> None:
+    """At resolve, naming the weight; and by the model's own check of what it was given."""
+    directory = write_tiny_model_dir(tmp_path / "qwen3", qwen_dir, architecture="tiny-qwen3")
+    weights = load_file(directory / "model.safetensors")
+    del weights["model.layers.1.self_attn.q_norm.weight"]
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError,
+                       match="weight model.layers.1.self_attn.q_norm.weight is missing"):
+        resolve_model(str(directory))
+    model = LlamaForCausalLM(ARCHITECTURES["tiny-qwen3"].spec, TorchAttentionBackend())
+    with pytest.raises(ModelLoadError, match=(
+            "1 weights missing from the checkpoint, e.g. "
+            "\\['layers.1.self_attn.q_norm.weight:None'\\]")):
+        model.load_weights(weights.items())
 
 
 def test_cache_dir_honours_the_environment(monkeypatch: pytest.MonkeyPatch,
@@ -227,7 +278,8 @@ TINY_CONFIG = dict(ARCHITECTURES["tiny-llama"].config)
     ({"rope_parameters": [1]}, "rope_parameters must be an object, got \\[1\\]"),
     ({"eos_token_id": "</s>"}, "eos_token_id must be a token id or a list of them"),
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
-    ({"model_type": None}, "model_type is missing \\(supported: llama, qwen2, mistral\\)"),
+    ({"model_type": None},
+     "model_type is missing \\(supported: llama, qwen2, qwen3, mistral\\)"),
     ({"torch_dtype": "int8"}, "config.json: torch_dtype 'int8' is not supported \\(supported: "
                               "float16, bfloat16, float32, float64, auto\\)"),
     ({"torch_dtype": None, "dtype": "bool"}, "config.json: dtype 'bool' is not supported"),
@@ -266,7 +318,8 @@ def test_an_unsupported_architecture_is_named_with_the_supported_ones(
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=(
             f"config.json: model architectures \\['{architectures[0]}'\\] are not supported "
-            "\\(supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM\\)")):
+            "\\(supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+            "Qwen3ForCausalLM\\)")):
         resolve_model(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": "Llama"}))
     with pytest.raises(ModelLoadError, match="architectures must be a list"):
@@ -295,7 +348,7 @@ def test_an_mlp_bias_is_refused_at_resolve(tmp_path: Path) -> None:
 
 def test_attention_bias_is_read_only_where_transformers_reads_it() -> None:
     """transformers' Qwen2 always has q/k/v biases and Mistral never has any, whatever
-    config.json says; only Llama reads attention_bias. Before, a Qwen2 config stating
+    config.json says; Llama and Qwen3 read attention_bias. Before, a Qwen2 config stating
     attention_bias false dropped the checkpoint's biases without a word (wrong logits), and
     a Mistral one stating true asked for biases its checkpoint does not have."""
     qwen = json.loads(QWEN_REFERENCE_CONFIG.read_text())
@@ -304,6 +357,24 @@ def test_attention_bias_is_read_only_where_transformers_reads_it() -> None:
                "attention_bias": True}
     assert not ModelSpec.from_hf_config(mistral).attention_bias
     assert ModelSpec.from_hf_config({**TINY_CONFIG, "attention_bias": True}).attention_bias
+    # Qwen3 reads it, for q/k/v and o_proj alike (Qwen3-0.6B's is false).
+    qwen3 = dict(ARCHITECTURES["qwen3-0.6b"].config)
+    assert not ModelSpec.from_hf_config(qwen3).attention_bias
+    biased = ModelSpec.from_hf_config({**qwen3, "attention_bias": True})
+    assert {n.rsplit(".", 2)[1] for n in expected_weight_shapes(biased) if n.endswith(".bias")} == {
+        "q_proj", "k_proj", "v_proj", "o_proj"}
+    assert biased.num_parameters == sum(math.prod(s)
+                                        for s in expected_weight_shapes(biased).values())
+
+
+def test_qwen3_slides_its_window_only_where_use_sliding_window_says_so() -> None:
+    """As Qwen2: Qwen3's configs carry use_sliding_window false (sliding_window null or a
+    number, unused); on, the layers from max_window_layers on slide."""
+    qwen3 = dict(ARCHITECTURES["qwen3-0.6b"].config)
+    assert ModelSpec.from_hf_config({**qwen3, "sliding_window": 4096}).sliding_window is None
+    on = {**qwen3, "use_sliding_window": True, "sliding_window": 4096}
+    assert ModelSpec.from_hf_config({**on, "max_window_layers": 20}).max_context_len == 4096
+    assert ModelSpec.from_hf_config({**on, "max_window_layers": 28}).sliding_window is None
 
 
 @pytest.mark.parametrize(("rope_scaling", "message"), [
