@@ -268,6 +268,25 @@ def test_a_mixture_of_experts_gguf_and_unknown_tensors_are_named(tmp_path: Path)
         ensure_converted(odd, tmp_path / "c")
 
 
+def test_a_qwen3_gguf_is_refused_naming_its_architecture(tmp_path: Path) -> None:
+    """Qwen3 loads from an HF directory, not from a GGUF: the converter (llama only) refuses
+    llama.cpp's qwen3 architecture by name, before reading a tensor or leaving a cache
+    entry (its per-head blk.N.attn_q_norm tensors have no mapping here)."""
+    path = tmp_path / "Qwen3-0.6B-Q8_0.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen3")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((8, 4), dtype=np.float32))
+    writer.add_tensor("blk.0.attn_q_norm.weight", np.ones(2, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="Qwen3-0.6B-Q8_0.gguf: GGUF architecture 'qwen3' "
+                                             "is not supported \\(supported: llama\\)"):
+        ensure_converted(path, tmp_path / "c")
+    assert list((tmp_path / "c" / "gguf").iterdir()) == []
+
+
 @pytest.mark.parametrize("qtype", ["I32", "F64", "Q8_1"])
 def test_a_tensor_type_gguf_cannot_dequantise_is_named_and_leaves_no_cache_entry(
         tmp_path: Path, qtype: str) -> None:
