@@ -213,27 +213,29 @@ def test_small_linear_refuses_what_it_cannot_fuse(device: torch.device) -> None:
 @pytest.mark.parametrize("fused_projections", [("qkv", "o", "gate_up", "down"),
                                                ("qkv", "o", "down")],
                          ids=["all", "down-activates"])
+@pytest.mark.parametrize("architecture", ["qwen2.5-1.5b", "qwen3-0.6b"])
 def test_a_decoder_layer_gives_the_same_outputs_with_and_without_fusion(
-        rows: int, fused_projections: tuple[str, ...]) -> None:
-    """One decoder layer of Qwen2.5-1.5B's shape (random weights, bf16) around attention: the
-    fused path (qkv with its norm, residual add and bias; o; gate_up with its norm, residual
-    add and SiLU, or else down with the SiLU), launched with PDL where the card has it, and
-    the unfused one
-    (nn.Linear and the separate kernels) agree within bf16 rounding, in q, k, v, the residual
-    stream and the layer's output. One layer, so that rounding cannot compound through 28
-    random ones."""
+        rows: int, fused_projections: tuple[str, ...], architecture: str) -> None:
+    """One decoder layer of Qwen2.5-1.5B's or Qwen3-0.6B's shape (random weights, bf16)
+    around attention: the fused path (qkv with its norm, residual add and bias; o; gate_up
+    with its norm, residual add and SiLU, or else down with the SiLU), launched with PDL where
+    the card has it, and the unfused one (nn.Linear and the separate kernels) agree within
+    bf16 rounding, in q, k, v, the residual stream and the layer's output. Qwen3's q/k norms
+    have no place in the fused qkv kernel: its layer projects q/k/v unfused whatever the
+    fusions. One layer, so that rounding cannot compound through 28 random ones."""
     from kvtier.attention.torch_ref import TorchAttentionBackend
     from kvtier.model.architectures import get_architecture
-    from kvtier.model.layers import RotaryEmbedding, small_linear_plan
+    from kvtier.model.layers import RMSNorm, RotaryEmbedding, small_linear_plan
     from kvtier.model.llama import DecoderLayer
 
     torch.manual_seed(rows)
-    spec = get_architecture("qwen2.5-1.5b").spec
+    spec = get_architecture(architecture).spec
     layer = DecoderLayer(spec, TorchAttentionBackend()).to("cuda", torch.bfloat16)
     for parameter in layer.parameters():
         torch.nn.init.normal_(parameter, std=0.02)
-    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-        norm.weight.data.add_(1.0)
+    for norm in layer.modules():
+        if isinstance(norm, RMSNorm):
+            norm.weight.data.add_(1.0)
     rotary_table = RotaryEmbedding(spec.head_dim, 4096, spec.rope_theta, spec.rope_scaling)
     rotary_table.materialize(torch.device("cuda"))
     hidden = torch.randn(rows, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
@@ -243,6 +245,8 @@ def test_a_decoder_layer_gives_the_same_outputs_with_and_without_fusion(
     rotary = rotary_table(torch.arange(300, 300 + rows, device="cuda"), torch.bfloat16)
     assert small_linear_plan(hidden, layer.self_attn.qkv_proj.weight) is not None, \
         "this batch would not take the fused path: the test would compare nothing"
+    refused = layer._small_linear_plan("qkv", hidden, layer.self_attn.qkv_proj.weight) is None
+    assert refused == spec.qk_norm
 
     results = {}
     with torch.inference_mode():
