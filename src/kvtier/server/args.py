@@ -31,8 +31,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help="chat requests with tools may call them (tool_choice 'auto'): the "
                         "answers' tool calls are read with --tool-call-parser")
     g.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
-                   help="the format the model writes tool calls in (hermes: Qwen2.5 and "
-                        "Hermes models' <tool_call> blocks)")
+                   help="the format the model writes tool calls in (hermes: Qwen2.5's, "
+                        "Qwen3's and Hermes models' <tool_call> blocks; llama3_json: Llama "
+                        "3.1-3.3's JSON answers)")
     g.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="split reasoning models' thinking (<think>...</think>) from chat "
                         "answers into `reasoning` (deepseek_r1: DeepSeek-R1 and its distills; "

@@ -39,7 +39,13 @@ from kvtier.server.protocol import (
     Usage,
 )
 from kvtier.server.reasoning import ReasoningStream, split_reasoning
-from kvtier.server.tool_calls import ParsedToolCall, ToolCallStream, parse_tool_calls
+from kvtier.server.tool_calls import (
+    JsonAnswerStream,
+    ParsedToolCall,
+    ToolCallStream,
+    parse_tool_calls,
+    tool_call_stream,
+)
 from kvtier.types import RequestOutput, TokenLogprobs
 
 DONE = "data: [DONE]\n\n"
@@ -65,8 +71,9 @@ class ResponseContext:
     """`n`: choice i answers prompt i // n (completions take a batch of prompts)."""
     continuous_usage: bool = False
     """vLLM's continuous_usage_stats: every choice chunk carries its choice's usage so far."""
-    tool_calls: bool = False
-    """Chat: tool calls are read out of each answer (`kvtier.server.tool_calls`)."""
+    tool_parser: str | None = None
+    """Chat: the format tool calls are read out of each answer in (`kvtier.server.tool_calls`);
+    None: they are not."""
     reasoning: bool = False
     """Chat: each answer's thinking is split from its content (`kvtier.server.reasoning`)."""
 
@@ -128,8 +135,8 @@ def chat_choice(ctx: ResponseContext, index: int, output: RequestOutput) -> Chat
     message = ChatResponseMessage(content=content, reasoning=reasoning,
                                   reasoning_content=reasoning)
     finish_reason = completion.finish_reason
-    if ctx.tool_calls and content is not None:
-        answer = parse_tool_calls(content)
+    if ctx.tool_parser is not None and content is not None:
+        answer = parse_tool_calls(content, ctx.tool_parser)
         if answer.tool_calls:
             message.content = answer.content
             message.tool_calls = [
@@ -291,7 +298,7 @@ async def chat_events(streams: list[RequestStream], ctx: ResponseContext) -> Asy
     last: dict[int, RequestOutput] = {}
     text_events: dict[int, TextEvents] = {}
     sent: dict[int, int] = {}  # per choice: tokens its chunks carried (continuous usage)
-    readers: dict[int, ToolCallStream] = {}  # per choice, when tool calls are read
+    readers: dict[int, ToolCallStream | JsonAnswerStream] = {}  # per choice, if calls are read
     thinkers: dict[int, ReasoningStream] = {}  # per choice, when reasoning is split off
 
     def chunk(index: int, delta: DeltaMessage, finish: str | None = None,
@@ -339,8 +346,8 @@ async def chat_events(streams: list[RequestStream], ctx: ResponseContext) -> Asy
                                                         reasoning_content=thought),
                                     logprobs=logprobs)
                         logprobs = None
-                if ctx.tool_calls:
-                    reader = readers.setdefault(index, ToolCallStream())
+                if ctx.tool_parser is not None:
+                    reader = readers.setdefault(index, tool_call_stream(ctx.tool_parser))
                     text, calls = reader.feed(text)
                     if output.finished:
                         rest, more = reader.finish()

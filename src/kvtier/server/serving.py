@@ -159,8 +159,9 @@ class OpenAIServing:
         # Tool calls are read out of the answer when the model may make them (vLLM's "auto").
         calls_tools = bool(body.tools) and body.tool_choice != "none" \
             and self._tool_parser is not None
-        ctx = dataclasses.replace(ctx, tool_calls=calls_tools, reasoning=thinks(
-            self._reasoning_parser, body.chat_template_kwargs))
+        ctx = dataclasses.replace(
+            ctx, tool_parser=self._tool_parser if calls_tools else None,
+            reasoning=thinks(self._reasoning_parser, body.chat_template_kwargs))
         streams = await self._add_choices([(token_ids, params)], arrival, ctx, body.n,
                                           body.cache_salt)
         self._tokenized(tokenized - arrival)

@@ -9,6 +9,12 @@ end tag is still a call if its JSON is complete.
 A stream is read as it comes (`ToolCallStream`): text goes out as content until a start tag
 begins (a possible tag's first characters are held back), and each call goes out whole, in
 one delta, once its end tag (or the answer's end) arrives.
+
+`llama3_json` is Llama 3.1-3.3's format (its JSON-based tool calling): the whole answer is one
+JSON object `{"name": ..., "parameters": {...}}`, or several separated by `;`, after an
+optional `<|python_tag|>`. An answer that starts otherwise is content; one that starts with
+`{` but is not such calls is content too. Streamed, such an answer is held until its end
+(`JsonAnswerStream`), as its calls can only be told from text there.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from typing import Any
 
 from kvtier.server.tags import partial_tag_length
 
-TOOL_CALL_PARSERS = ("hermes",)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 START_TAG, END_TAG = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
 
 
 @dataclass(frozen=True)
@@ -39,8 +46,10 @@ class ParsedAnswer:
     tool_calls: tuple[ParsedToolCall, ...]
 
 
-def parse_tool_calls(text: str) -> ParsedAnswer:
-    """The content and tool calls of a whole answer (hermes format)."""
+def parse_tool_calls(text: str, parser: str = "hermes") -> ParsedAnswer:
+    """The content and tool calls of a whole answer, in `parser`'s format."""
+    if parser == "llama3_json":
+        return _parse_json_answer(text)
     start = text.find(START_TAG)
     if start < 0:
         return ParsedAnswer(text, ())
@@ -73,6 +82,11 @@ def _parse_call(body: str) -> ParsedToolCall | None:
         call: Any = json.loads(body)
     except ValueError:
         return None
+    return _call_of(call)
+
+
+def _call_of(call: Any) -> ParsedToolCall | None:
+    """A decoded `{"name": ..., "arguments" (or "parameters"): ...}` as a call, else None."""
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return None
     arguments = call.get("arguments", call.get("parameters", {}))
@@ -81,8 +95,70 @@ def _parse_call(body: str) -> ParsedToolCall | None:
                           else json.dumps(arguments, ensure_ascii=False))
 
 
+def _parse_json_answer(text: str) -> ParsedAnswer:
+    """llama3_json: the answer as `;`-separated call objects, or as content."""
+    body = text.strip().removeprefix(PYTHON_TAG).strip()
+    if not body.startswith("{"):
+        return ParsedAnswer(text, ())
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while at < len(body):
+        try:
+            decoded, at = decoder.raw_decode(body, at)
+        except ValueError:
+            return ParsedAnswer(text, ())
+        call = _call_of(decoded)
+        if call is None:
+            return ParsedAnswer(text, ())
+        calls.append(call)
+        rest = body[at:].lstrip()
+        if rest.startswith(";"):
+            rest = rest[1:].lstrip()
+        elif rest:  # text after the calls: not a tool answer
+            return ParsedAnswer(text, ())
+        at = len(body) - len(rest)
+    return ParsedAnswer(None, tuple(calls))
+
+
+def tool_call_stream(parser: str) -> ToolCallStream | JsonAnswerStream:
+    """A stream reader for `parser`'s format."""
+    return JsonAnswerStream() if parser == "llama3_json" else ToolCallStream()
+
+
+class JsonAnswerStream:
+    """llama3_json, streamed: text goes out as it comes unless the answer starts with `{` (or
+    the python tag), which is held to the end and then read as calls or sent as content."""
+
+    def __init__(self) -> None:
+        self._held = ""
+        self._holding: bool | None = None
+        """None until the answer's first visible characters decide."""
+        self.num_calls = 0
+
+    def feed(self, text: str) -> tuple[str, list[ParsedToolCall]]:
+        if self._holding is False:
+            return text, []
+        self._held += text
+        if self._holding is None:
+            head = self._held.lstrip()
+            if not head or PYTHON_TAG.startswith(head):
+                return "", []  # only whitespace, or a tag's beginning, so far
+            self._holding = head.startswith(("{", PYTHON_TAG))
+            if not self._holding:
+                held, self._held = self._held, ""
+                return held, []
+        return "", []
+
+    def finish(self) -> tuple[str, list[ParsedToolCall]]:
+        held, self._held = self._held, ""
+        if not self._holding:
+            return held, []
+        answer = _parse_json_answer(held)
+        self.num_calls += len(answer.tool_calls)
+        return answer.content or "", list(answer.tool_calls)
+
+
 class ToolCallStream:
-    """One streamed choice: text deltas in, (content, completed calls) out."""
+    """hermes, streamed: text deltas in, (content, completed calls) out."""
 
     def __init__(self) -> None:
         self._pending = ""

@@ -317,6 +317,30 @@ def test_auto_tool_choice_reads_the_answers_tool_calls() -> None:
         asyncio.run(engine.shutdown(drain=False))
 
 
+def test_llama3_json_tool_calls_come_out_whole_and_streamed() -> None:
+    fake = FakeEngine()
+    fake.reply = ['{"name": "get_weather", ', '"parameters": {"city": ', '"Oslo"}}']
+    engine = start_async_engine(fake)
+    settings = ServerSettings(tool_call_parser="llama3_json")
+    body = {"messages": [{"role": "user", "content": "weather?"}], "tools": TOOLS,
+            "max_tokens": 10}
+    try:
+        choice = call(engine, "POST", "/v1/chat/completions", settings,
+                      json=body).json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                for c in choice["message"]["tool_calls"]] == [("get_weather", {"city": "Oslo"})]
+        events = sse_events(call(engine, "POST", "/v1/chat/completions", settings,
+                                 json={**body, "stream": True}).text)
+        deltas = [e["choices"][0]["delta"] for e in events]
+        assert not any(d.get("content") for d in deltas)
+        assert [c["function"]["name"] for d in deltas for c in d.get("tool_calls", [])] == [
+            "get_weather"]
+        assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    finally:
+        asyncio.run(engine.shutdown(drain=False))
+
+
 THINKING_REPLY = ["<think>", "\nWeather needs", " a tool.\n</th", "ink>\n\n",
                   "<tool_call>", '{"name": "get_weather", "arguments": {"city": "Oslo"}}',
                   "</tool_call>"]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvtier.server.tool_calls import ToolCallStream, parse_tool_calls
+from kvtier.server.tool_calls import ToolCallStream, parse_tool_calls, tool_call_stream
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TIME = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
@@ -89,3 +89,46 @@ def test_a_possible_start_tag_is_held_back_until_it_is_not_one() -> None:
     assert reader.feed("Sure <tool") == ("Sure ", [])
     assert reader.feed("box> done") == ("<toolbox> done", [])
     assert reader.finish() == ("", [])
+
+
+LLAMA_ONE = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+LLAMA_TWO = LLAMA_ONE + '; {"name": "get_time", "parameters": {"zone": "CET"}}'
+
+
+def test_llama3_json_answers_are_calls_and_other_answers_are_content() -> None:
+    for text in (LLAMA_ONE, "  " + LLAMA_ONE + "\n", "<|python_tag|>" + LLAMA_ONE):
+        answer = parse_tool_calls(text, "llama3_json")
+        assert answer.content is None
+        assert calls_of(answer.tool_calls) == [("get_weather", {"city": "Paris"})]
+    assert calls_of(parse_tool_calls(LLAMA_TWO, "llama3_json").tool_calls) == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
+    for text in ("The weather is fine.", '{"answer": 4}', LLAMA_ONE + " and then some",
+                 '{"name": "f", "parameters": {', "<|python_tag|>print(1)"):
+        answer = parse_tool_calls(text, "llama3_json")
+        assert (answer.content, answer.tool_calls) == (text, ()), text
+
+
+@given(st.sampled_from([LLAMA_ONE, LLAMA_TWO, "  " + LLAMA_TWO, "<|python_tag|>" + LLAMA_ONE,
+                        "plain {text}", '{"not": "a call"}', "  ", "<|python",
+                        LLAMA_ONE + " trailing"]),
+       st.lists(st.integers(0, 120), max_size=10))
+def test_a_llama3_json_stream_cut_anywhere_reads_what_the_whole_answer_reads(
+        text: str, cuts: list[int]) -> None:
+    reader = tool_call_stream("llama3_json")
+    content, calls = "", []
+    edges = [0, *sorted({c for c in cuts if c <= len(text)}), len(text)]
+    for start, end in zip(edges, edges[1:], strict=False):
+        piece, new = reader.feed(text[start:end])
+        content, calls = content + piece, calls + new
+    piece, new = reader.finish()
+    whole = parse_tool_calls(text, "llama3_json")
+    assert calls_of(calls + new) == calls_of(whole.tool_calls)
+    assert reader.num_calls == len(whole.tool_calls)
+    assert content + piece == (whole.content or "")
+
+
+def test_a_llama3_answer_of_text_streams_as_it_comes() -> None:
+    reader = tool_call_stream("llama3_json")
+    assert reader.feed("  ") == ("", [])
+    assert reader.feed("Hello") == ("  Hello", [])
+    assert reader.feed(" there") == (" there", [])
